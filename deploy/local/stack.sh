@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The local infrastructure: Kafka + PostgreSQL, the same for `make run`, `make test` and `.ci/run`.
+#   stack.sh up | down | status | env
+# BUBUH_KAFKA_BOOTSTRAP / BUBUH_DATABASE_URL point at an existing broker / server: that part is not started.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+
+case "${1:-}" in
+  up)
+    if [ -z "${BUBUH_KAFKA_BOOTSTRAP:-}" ]; then "$here/kafka.sh" start; else echo "kafka: using BUBUH_KAFKA_BOOTSTRAP=$BUBUH_KAFKA_BOOTSTRAP"; fi
+    if [ -z "${BUBUH_DATABASE_URL:-}" ]; then "$here/postgres.sh" start; else echo "postgres: using BUBUH_DATABASE_URL"; fi
+    ;;
+  down)
+    [ -n "${BUBUH_KAFKA_BOOTSTRAP:-}" ] || "$here/kafka.sh" stop
+    [ -n "${BUBUH_DATABASE_URL:-}" ] || "$here/postgres.sh" stop
+    ;;
+  status)
+    rc=0
+    [ -n "${BUBUH_KAFKA_BOOTSTRAP:-}" ] || "$here/kafka.sh" status || rc=1
+    [ -n "${BUBUH_DATABASE_URL:-}" ] || "$here/postgres.sh" status || rc=1
+    exit $rc
+    ;;
+  env)  # the settings a process needs to reach this stack, as shell exports
+    echo "export BUBUH_KAFKA_BOOTSTRAP=${BUBUH_KAFKA_BOOTSTRAP:-$("$here/kafka.sh" bootstrap)}"
+    echo "export BUBUH_DATABASE_URL=${BUBUH_DATABASE_URL:-$("$here/postgres.sh" url)}"
+    ;;
+  *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
+esac
