@@ -1,0 +1,4 @@
+"""Generated protobuf code lives below this package (``make proto``; never edited by hand, not committed).
+
+``services.contracts.bubuh.v1.*_pb2`` come from ``proto/bubuh/v1/*.proto``.
+"""
