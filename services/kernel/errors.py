@@ -1,0 +1,125 @@
+"""The one catalogue of error codes.
+
+A code is a stable string a channel can act on. The same code appears in HTTP
+answers, in events (``*.rejected`` / ``*.failed``), in dead-letter entries and
+in metric labels. ``docs/errors.md`` is generated from this table
+(``bubuh errors --markdown``), so the two never drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    code: str
+    http_status: int
+    meaning: str
+    action: str
+    retryable: bool = False
+
+
+_CATALOGUE: dict[str, ErrorCode] = {}
+
+
+def _code(code: str, http_status: int, meaning: str, action: str, retryable: bool = False) -> ErrorCode:
+    entry = ErrorCode(code, http_status, meaning, action, retryable)
+    _CATALOGUE[code] = entry
+    return entry
+
+
+# --- requests in general -------------------------------------------------------------------
+UNAUTHENTICATED = _code("UNAUTHENTICATED", 401, "No or unknown API key.", "Send `Authorization: Bearer <api key>`.")
+CHANNEL_INACTIVE = _code("CHANNEL_INACTIVE", 403, "The channel is suspended.", "Contact the issuer's operations.")
+NOT_FOUND = _code("NOT_FOUND", 404, "No such resource for this channel.", "Check the id; a channel sees only its own.")
+BODY_INVALID = _code("BODY_INVALID", 422, "The body is not valid JSON of the documented shape.",
+                     "Fix the field named in `detail`; do not retry unchanged.")
+BODY_TOO_LARGE = _code("BODY_TOO_LARGE", 413, "The body exceeds the route's size limit.", "Send a smaller body.")
+UNSUPPORTED_MEDIA_TYPE = _code("UNSUPPORTED_MEDIA_TYPE", 415, "Wrong Content-Type for this route.",
+                               "Send `application/json` (or multipart for stamps).")
+IDEMPOTENCY_MISMATCH = _code("IDEMPOTENCY_MISMATCH", 409,
+                             "The idempotency key was used before with a different body.",
+                             "Use a new key for a new order; never reuse one with other values.")
+HANDLER_CRASHED = _code("HANDLER_CRASHED", 500, "A consumer raised an unexpected error on this record.",
+                        "Operations: read the dead-letter entry's detail, fix, then `bubuh replay`.")
+UNAVAILABLE = _code("UNAVAILABLE", 503, "A dependency (Kafka) did not acknowledge in time.",
+                    "Retry with the same idempotency key after `Retry-After` seconds.", retryable=True)
+
+# --- purchases -----------------------------------------------------------------------------
+AMOUNT_MISMATCH = _code("AMOUNT_MISMATCH", 422, "`amount` is not `quantity` x 10000 (Rp).", "Send the exact amount.")
+QUANTITY_OUT_OF_RANGE = _code("QUANTITY_OUT_OF_RANGE", 422, "`quantity` must be 1..10000.", "Split large orders.")
+ACCOUNT_ID_INVALID = _code("ACCOUNT_ID_INVALID", 422,
+                           "`account_id` must be 1-64 characters of A-Z a-z 0-9 . _ : @ -.",
+                           "Send the channel's own account identifier in that alphabet.")
+PAID_AT_IN_FUTURE = _code("PAID_AT_IN_FUTURE", 422, "`paid_at` lies in the future.", "Send the real payment time.")
+CHANNEL_UNKNOWN = _code("CHANNEL_UNKNOWN", 403, "The event names a channel the platform does not know.",
+                        "Register the channel first (`bubuh channel add`).")
+SIGNATURE_MISSING = _code("SIGNATURE_MISSING", 401, "A channel event carries no HMAC header.",
+                          "Add the `bubuh-hmac` header: hex HMAC-SHA256 of the value with the channel secret.")
+SIGNATURE_INVALID = _code("SIGNATURE_INVALID", 401, "A channel event's HMAC does not match.",
+                          "Sign with the current (or, during a rotation, the previous) channel secret.")
+EVENT_MALFORMED = _code("EVENT_MALFORMED", 400, "A Kafka record is not a valid protobuf envelope.",
+                        "Publish with the contracts in `proto/`.")
+EVENT_TYPE_UNKNOWN = _code("EVENT_TYPE_UNKNOWN", 400, "The envelope's type is not expected on this topic.",
+                           "Publish each event type to its documented topic.")
+
+# --- quota ---------------------------------------------------------------------------------
+QUOTA_INSUFFICIENT = _code("QUOTA_INSUFFICIENT", 402, "The account has no available unit.",
+                           "Buy quota; the request is not charged.")
+RESERVATION_UNKNOWN = _code("RESERVATION_UNKNOWN", 409, "Commit or release for a reservation that does not exist.",
+                            "Operations: inspect the dead-letter entry.")
+RESERVATION_VOIDED = _code("RESERVATION_VOIDED", 409,
+                           "Commit for a reservation already voided (expired or released).",
+                           "The unit was returned; the stamp must be requested again.")
+RESERVATION_EXPIRED = _code("RESERVATION_EXPIRED", 409, "The reservation passed its deadline before stamping.",
+                            "The unit was returned; request the stamp again.")
+
+# --- stamping ------------------------------------------------------------------------------
+PDF_INVALID = _code("PDF_INVALID", 422, "The file is not a PDF.", "Upload a PDF document.")
+PDF_MALFORMED = _code("PDF_MALFORMED", 422, "The PDF cannot be parsed.", "Re-export the document and upload again.")
+PDF_ENCRYPTED = _code("PDF_ENCRYPTED", 422, "The PDF is encrypted or password protected.",
+                      "Upload an unprotected copy.")
+PDF_TOO_LARGE = _code("PDF_TOO_LARGE", 413, "The PDF exceeds the profile's size limit.",
+                      "Compress the document (the `cpns` profile allows 800 KB).")
+PROFILE_VIOLATION = _code("PROFILE_VIOLATION", 422,
+                          "The document breaks its profile's rules (page size, PDF version).",
+                          "See `detail`; for `cpns`: A4 pages, PDF 1.6 or later.")
+PROFILE_UNKNOWN = _code("PROFILE_UNKNOWN", 422, "No such document profile.", "Use `standard` or `cpns`.")
+PLACEMENT_INVALID = _code("PLACEMENT_INVALID", 422, "The page does not exist or the box lies outside it.",
+                          "Send a page number and a box (PDF points) inside that page.")
+SIGNING_FAILED = _code("SIGNING_FAILED", 500, "The signer could not stamp this document.",
+                       "The unit was returned; contact operations with the request id.")
+STORAGE_HANDLER_CRASHED = _code("HANDLER_CRASHED", 500, "A consumer raised an unexpected error on this record.",
+                        "Operations: read the dead-letter entry's detail, fix, then `bubuh replay`.")
+UNAVAILABLE = _code("STORAGE_UNAVAILABLE", 503, "The document store did not answer.",
+                            "Retried automatically.", retryable=True)
+TSA_HANDLER_CRASHED = _code("HANDLER_CRASHED", 500, "A consumer raised an unexpected error on this record.",
+                        "Operations: read the dead-letter entry's detail, fix, then `bubuh replay`.")
+UNAVAILABLE = _code("TSA_UNAVAILABLE", 503, "The time-stamp authority did not answer.",
+                        "Retried automatically.", retryable=True)
+TOKEN_BUSY = _code("TOKEN_BUSY", 503, "The signing token (HSM) was busy.", "Retried automatically.", retryable=True)
+
+
+class BubuhError(Exception):
+    """An error with a catalogued code; ``detail`` says what exactly was wrong."""
+
+    def __init__(self, code: ErrorCode, detail: str = "") -> None:
+        super().__init__(f"{code.code}: {detail or code.meaning}")
+        self.code = code
+        self.detail = detail or code.meaning
+
+
+def lookup(code: str) -> ErrorCode:
+    return _CATALOGUE[code]
+
+
+def catalogue() -> list[ErrorCode]:
+    return list(_CATALOGUE.values())
+
+
+def markdown() -> str:
+    rows = ["| code | HTTP | meaning | what the caller should do | retried by Bubuh |", "|---|---|---|---|---|"]
+    for e in _CATALOGUE.values():
+        rows.append(f"| `{e.code}` | {e.http_status} | {e.meaning} | {e.action} | {'yes' if e.retryable else 'no'} |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,43 @@
+"""Structured logs: one JSON object per line, always with the current trace id."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+from services.kernel import tracing
+
+
+def _add_trace_id(_logger, _name, event_dict):
+    trace_id = tracing.current()
+    if trace_id and "trace_id" not in event_dict:
+        event_dict["trace_id"] = trace_id
+    return event_dict
+
+
+def configure(service: str, level: str = "info", fmt: str = "json") -> None:
+    lvl = getattr(logging, level.upper(), logging.INFO)
+    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _add_trace_id,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.bind_contextvars(service=service)
+    # Libraries (aiokafka, uvicorn) log through stdlib logging: keep their warnings, as plain lines.
+    logging.basicConfig(level=max(lvl, logging.WARNING), stream=sys.stderr,
+                        format='{"level":"%(levelname)s","logger":"%(name)s","event":"%(message)s"}')
+
+
+def get(name: str | None = None):
+    return structlog.get_logger(name)

@@ -1,0 +1,30 @@
+"""Prometheus metrics of the kernel (consumers, outbox, HTTP) and the ``/metrics`` endpoint.
+
+Names are ``bubuh_*`` with the unit in the name. Each service declares its domain metrics in its
+own package; they all land in the default registry and are served by the same endpoint.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+CONSUMED = Counter("bubuh_consumer_records_total", "Records handled by a consumer, by outcome",
+                   ["consumer", "topic", "outcome"])
+HANDLE_SECONDS = Histogram("bubuh_consumer_handle_seconds", "Time to handle one record",
+                           ["consumer", "topic"], buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+LAG = Gauge("bubuh_consumer_lag_records", "Records between the committed offset and the end of a partition",
+            ["consumer", "topic", "partition"])
+DEAD_LETTERED = Counter("bubuh_dead_letter_records_total", "Records sent to a dead-letter topic, by reason",
+                        ["consumer", "reason"])
+OUTAGE_PAUSES = Counter("bubuh_consumer_outage_pauses_total", "Times a consumer paused for a dependency outage",
+                        ["consumer"])
+OUTBOX_PUBLISHED = Counter("bubuh_outbox_published_records_total", "Outbox rows published to Kafka", ["schema"])
+OUTBOX_LAG_SECONDS = Histogram("bubuh_outbox_lag_seconds", "Age of the oldest row of a published outbox batch",
+                               ["schema"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+HTTP_REQUESTS = Counter("bubuh_http_requests_total", "HTTP requests by route and status", ["route", "status"])
+HTTP_SECONDS = Histogram("bubuh_http_request_seconds", "HTTP request latency by route", ["route"],
+                         buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
+
+
+def exposition() -> tuple[bytes, str]:
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,119 @@
+"""The outbox: publish what a transaction decided, after it committed, at least once.
+
+``add`` writes a record in the caller's transaction; the ``Relay`` publishes due rows in id order,
+waits for Kafka's acknowledgement and only then deletes them. A crash between the two publishes a
+row again with the same event id, which every consumer's inbox recognises.
+
+Rows with ``available_at`` in the future are durable delayed retries (see ``retry.py``): nothing
+sleeps in a consumer; the relay publishes them when they fall due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+
+import asyncpg
+
+from services.kernel import database, logs
+from services.kernel.events import Outgoing
+from services.kernel.metrics import OUTBOX_PUBLISHED, OUTBOX_LAG_SECONDS
+from services.kernel.producer import Producer
+
+log = logs.get(__name__)
+
+
+async def add(conn: asyncpg.Connection, records: list[Outgoing], *, available_at: dt.datetime | None = None,
+              notify: bool = True) -> None:
+    """Queue ``records`` for publishing, inside the caller's transaction."""
+    if not records:
+        return
+    await conn.executemany(
+        "INSERT INTO outbox (event_id, topic, key, value, headers, available_at) "
+        "VALUES ($1, $2, $3, $4, $5::jsonb, COALESCE($6, now()))",
+        [
+            (r.event_id, r.topic, r.key, r.value,
+             json.dumps([[k, v.decode("latin-1")] for k, v in r.headers]), available_at)
+            for r in records
+        ],
+    )
+    if notify and available_at is None:
+        # wakes the relay at commit time (NOTIFY is transactional), so latency is not a poll interval
+        await conn.execute("SELECT pg_notify(current_schema() || '_outbox', '')")
+
+
+class Relay:
+    """Publishes a service's outbox. Several instances may run: rows are claimed with SKIP LOCKED."""
+
+    def __init__(self, pool: asyncpg.Pool, producer: Producer, schema: str, *, batch: int = 500,
+                 idle_poll_s: float = 0.5) -> None:
+        self._pool = pool
+        self._producer = producer
+        self._schema = schema
+        self._batch = batch
+        self._idle_poll_s = idle_poll_s
+        self._wake = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        listener: asyncpg.Connection | None = None
+        backoff = 0.2
+        while not stop.is_set():
+            try:
+                if listener is None or listener.is_closed():
+                    listener = await self._pool.acquire()
+                    await listener.add_listener(f"{self._schema}_outbox", lambda *_: self._wake.set())
+                published = await self.publish_due()
+                backoff = 0.2
+                if published >= self._batch:
+                    continue
+                self._wake.clear()
+                await _wait_any(stop, self._wake, self._idle_poll_s)
+            except Exception as exc:  # noqa: BLE001 - an outage of Kafka or PostgreSQL: wait and go on
+                if listener is not None:
+                    await _release(self._pool, listener)
+                    listener = None
+                log.warning("outbox relay waiting", schema=self._schema, error=repr(exc),
+                            outage=database.is_outage(exc))
+                await _wait_any(stop, asyncio.Event(), backoff)
+                backoff = min(backoff * 2, 5.0)
+        if listener is not None:
+            await _release(self._pool, listener)
+
+    async def publish_due(self) -> int:
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT id, event_id, topic, key, value, headers, created_at FROM outbox "
+                "WHERE available_at <= now() ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                self._batch,
+            )
+            if not rows:
+                return 0
+            records = [
+                Outgoing(topic=r["topic"], key=r["key"], value=r["value"], event_id=r["event_id"],
+                         headers=[(k, v.encode("latin-1")) for k, v in json.loads(r["headers"])])
+                for r in rows
+            ]
+            await self._producer.publish_many(records)
+            await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
+        now = dt.datetime.now(dt.timezone.utc)
+        OUTBOX_PUBLISHED.labels(schema=self._schema).inc(len(rows))
+        OUTBOX_LAG_SECONDS.labels(schema=self._schema).observe(
+            max(0.0, (now - rows[0]["created_at"]).total_seconds()))
+        return len(rows)
+
+
+async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+    try:
+        await pool.release(conn)
+    except Exception:  # noqa: BLE001 - the connection is already gone
+        conn.terminate()
+
+
+async def _wait_any(stop: asyncio.Event, other: asyncio.Event, timeout: float) -> None:
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(other.wait())]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

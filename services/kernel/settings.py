@@ -1,0 +1,101 @@
+"""All settings in one place, read from the environment (prefix ``BUBUH_``).
+
+Defaults match the local stack (``deploy/local/``), so ``make run`` needs no configuration.
+Tests isolate themselves with ``topic_prefix`` and ``schema_prefix`` instead of new brokers.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BUBUH_", extra="ignore")
+
+    # --- infrastructure ---
+    kafka_bootstrap: str = "127.0.0.1:19092"
+    database_url: str = "postgresql://bubuh:bubuh-local@127.0.0.1:15432/bubuh"
+    local_dir: Path = REPO_ROOT / ".local"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    public_base_url: str = ""  # where channels and the public reach the API; default http://host:port
+
+    # --- isolation (tests, several stacks on one broker) ---
+    topic_prefix: str = ""      # prepended to every topic and consumer group
+    schema_prefix: str = ""     # prepended to every service's PostgreSQL schema
+
+    # --- platform key: seals channel HMAC secrets on the channel topic (32 bytes, urlsafe base64) ---
+    secret_key: str = ""
+
+    # --- logging ---
+    log_level: str = "info"
+    log_format: str = "json"    # "json" | "console"
+
+    # --- Kafka behaviour ---
+    default_partitions: int = 4
+    replication_factor: int = 1
+    consumer_max_batch: int = 500
+    producer_linger_ms: int = 5
+    kafka_request_timeout_ms: int = 15000
+
+    # --- database ---
+    db_pool_min: int = 1
+    db_pool_max: int = 10
+    db_command_timeout_s: float = 10.0
+
+    # --- purchase ---
+    purchase_max_body_bytes: int = 16 * 1024
+    purchase_max_quantity: int = 10_000
+    stamp_price_rupiah: int = 10_000
+
+    # --- quota ---
+    reservation_ttl_s: int = 24 * 3600
+    expiry_interval_s: float = 5.0
+
+    # --- outbox relay ---
+    outbox_batch: int = 500
+    outbox_idle_poll_s: float = 0.5
+
+    @property
+    def public_url(self) -> str:
+        return self.public_base_url or f"http://{self.http_host}:{self.http_port}"
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def group(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def schema(self, service: str) -> str:
+        return f"{self.schema_prefix}{service}"
+
+    def platform_key(self) -> bytes:
+        """The 32-byte platform key; for local runs one is generated once into ``.local/secret.key``."""
+        raw = self.secret_key
+        if not raw:
+            path = self.local_dir / "secret.key"
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
+            raw = path.read_text().strip()
+        key = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+        if len(key) != 32:
+            raise ValueError("BUBUH_SECRET_KEY must be 32 bytes in urlsafe base64 (`bubuh keys platform` makes one)")
+        return key
+
+
+@lru_cache(maxsize=1)
+def settings() -> Settings:
+    return Settings()
+
+
