@@ -1,0 +1,48 @@
+"""Fixtures shared by every test tier: the real stack, started once per run, and isolation per test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import asyncpg
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+
+from services.kernel import logs
+from tests import stack
+
+
+@pytest.fixture(scope="session")
+def local_stack():
+    """Kafka + PostgreSQL from deploy/local (or the ones BUBUH_KAFKA_BOOTSTRAP / BUBUH_DATABASE_URL name)."""
+    stack.stack_up()
+    logs.configure("tests", level="warning", fmt="console")
+    return True
+
+
+@pytest.fixture
+async def settings(local_stack):
+    s = stack.isolated_settings()
+    yield s
+    await _cleanup(s)
+
+
+async def _cleanup(s) -> None:
+    with contextlib.suppress(Exception):
+        conn = await asyncpg.connect(s.database_url)
+        try:
+            for schema in await conn.fetch("SELECT nspname FROM pg_namespace WHERE nspname LIKE $1",
+                                           s.schema_prefix + "%"):
+                await conn.execute(f'DROP SCHEMA "{schema["nspname"]}" CASCADE')
+        finally:
+            await conn.close()
+    with contextlib.suppress(Exception):
+        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+        await admin.start()
+        try:
+            names = [t for t in await admin.list_topics() if t.startswith(s.topic_prefix)]
+            if names:
+                await asyncio.wait_for(admin.delete_topics(names), 20)
+        finally:
+            await admin.close()

@@ -1,0 +1,69 @@
+"""The test harness's handle on the real local stack (deploy/local): start once, isolate per test.
+
+Each test gets its own topic prefix, consumer groups and PostgreSQL schemas through ``Settings``,
+so tests never see each other's records and need no broker or database of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+from services.kernel.settings import REPO_ROOT, Settings
+
+LOCAL = REPO_ROOT / "deploy" / "local"
+
+
+def managed_kafka() -> bool:
+    return not os.environ.get("BUBUH_KAFKA_BOOTSTRAP")
+
+
+def managed_postgres() -> bool:
+    return not os.environ.get("BUBUH_DATABASE_URL")
+
+
+def sh(*args: str, timeout: float = 600) -> str:
+    out = subprocess.run([str(LOCAL / args[0]), *args[1:]], check=True, capture_output=True, text=True,
+                         timeout=timeout)
+    return out.stdout.strip()
+
+
+def stack_up() -> None:
+    sh("stack.sh", "up")
+
+
+def kafka_stop() -> None:
+    sh("kafka.sh", "stop")
+
+
+def kafka_start() -> None:
+    sh("kafka.sh", "start")
+
+
+def postgres_stop() -> None:
+    sh("postgres.sh", "stop")
+
+
+def postgres_start() -> None:
+    sh("postgres.sh", "start")
+
+
+def kafka_meta_properties() -> Path:
+    local = Path(os.environ.get("BUBUH_LOCAL_DIR", REPO_ROOT / ".local"))
+    return local / "kafka" / "data" / "meta.properties"
+
+
+def isolated_settings(**overrides) -> Settings:
+    """Settings with a unique topic prefix and schema prefix; everything else from the environment."""
+    tag = uuid.uuid4().hex[:10]
+    base = Settings()
+    values = {
+        "topic_prefix": f"t{tag}.",
+        "schema_prefix": f"t{tag}_",
+        "default_partitions": 4,
+        "log_format": "console",
+    }
+    values.update(overrides)
+    return base.model_copy(update=values)
