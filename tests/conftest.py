@@ -46,3 +46,25 @@ async def _cleanup(s) -> None:
                 await asyncio.wait_for(admin.delete_topics(names), 20)
         finally:
             await admin.close()
+
+
+@pytest.fixture
+async def platform(settings):
+    """The whole platform (all services, one process) on the test's isolated topics and schemas."""
+    from tests.platform import PlatformProcess
+    proc = await PlatformProcess(settings).start()
+    yield proc
+    await proc.stop()
+
+
+@pytest.fixture
+async def api(platform, settings):
+    import httpx
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+def channel(settings, local_stack):
+    from tests.platform import add_channel
+    return add_channel(settings)

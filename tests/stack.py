@@ -55,6 +55,13 @@ def kafka_meta_properties() -> Path:
     return local / "kafka" / "data" / "meta.properties"
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def isolated_settings(**overrides) -> Settings:
     """Settings with a unique topic prefix and schema prefix; everything else from the environment."""
     tag = uuid.uuid4().hex[:10]
@@ -64,6 +71,7 @@ def isolated_settings(**overrides) -> Settings:
         "schema_prefix": f"t{tag}_",
         "default_partitions": 4,
         "log_format": "console",
+        "http_port": _free_port(),
     }
     values.update(overrides)
     return base.model_copy(update=values)

@@ -72,6 +72,8 @@ RESERVATION_UNKNOWN = _code("RESERVATION_UNKNOWN", 409, "Commit or release for a
 RESERVATION_VOIDED = _code("RESERVATION_VOIDED", 409,
                            "Commit for a reservation already voided (expired or released).",
                            "The unit was returned; the stamp must be requested again.")
+RESERVATION_POSTED = _code("RESERVATION_POSTED", 409, "Release for a reservation already committed.",
+                           "Nothing to do: the stamp was issued and charged once.")
 RESERVATION_EXPIRED = _code("RESERVATION_EXPIRED", 409, "The reservation passed its deadline before stamping.",
                             "The unit was returned; request the stamp again.")
 

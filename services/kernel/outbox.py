@@ -54,6 +54,10 @@ class Relay:
         self._batch = batch
         self._idle_poll_s = idle_poll_s
         self._wake = asyncio.Event()
+        self._channel = f"{schema}_outbox"
+
+    def _on_notify(self, *_args) -> None:
+        self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         listener: asyncpg.Connection | None = None
@@ -62,7 +66,7 @@ class Relay:
             try:
                 if listener is None or listener.is_closed():
                     listener = await self._pool.acquire()
-                    await listener.add_listener(f"{self._schema}_outbox", lambda *_: self._wake.set())
+                    await listener.add_listener(self._channel, self._on_notify)
                 published = await self.publish_due()
                 backoff = 0.2
                 if published >= self._batch:
@@ -71,14 +75,14 @@ class Relay:
                 await _wait_any(stop, self._wake, self._idle_poll_s)
             except Exception as exc:  # noqa: BLE001 - an outage of Kafka or PostgreSQL: wait and go on
                 if listener is not None:
-                    await _release(self._pool, listener)
+                    await _release(self._pool, listener, self._channel, self._on_notify)
                     listener = None
                 log.warning("outbox relay waiting", schema=self._schema, error=repr(exc),
                             outage=database.is_outage(exc))
                 await _wait_any(stop, asyncio.Event(), backoff)
                 backoff = min(backoff * 2, 5.0)
         if listener is not None:
-            await _release(self._pool, listener)
+            await _release(self._pool, listener, self._channel, self._on_notify)
 
     async def publish_due(self) -> int:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -103,8 +107,9 @@ class Relay:
         return len(rows)
 
 
-async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection, channel: str, callback) -> None:
     try:
+        await conn.remove_listener(channel, callback)
         await pool.release(conn)
     except Exception:  # noqa: BLE001 - the connection is already gone
         conn.terminate()

@@ -119,14 +119,19 @@ async def run_until_stopped(rt: Runtime, tasks: list[Task], *, ready: Callable[[
         ready()
     stopper = asyncio.create_task(rt.stop.wait())
     try:
-        done, _ = await asyncio.wait(running + [stopper], return_when=asyncio.FIRST_COMPLETED)
-        failed = [t for t in done if t is not stopper and t.exception() is not None]
+        waiting: set[asyncio.Task] = set(running) | {stopper}
+        failed: BaseException | None = None
+        while not rt.stop.is_set() and failed is None:
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            # a task that simply finished (a one-off start-up step) is fine; one that failed stops all
+            failed = next((t.exception() for t in done if t is not stopper and not t.cancelled()
+                           and t.exception() is not None), None)
         rt.stop.set()
         _, pending = await asyncio.wait(running, timeout=15)
         for t in pending:
             t.cancel()
-        if failed:
-            raise failed[0].exception()
+        if failed is not None:
+            raise failed
     finally:
         stopper.cancel()
         await rt.close()

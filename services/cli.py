@@ -1,0 +1,166 @@
+"""``bubuh``: run the platform, manage channels, reconcile, read the catalogues.
+
+Every command that fails for a reason the operator can fix prints one line, ``bubuh: ...``, and
+exits 2; nothing prints a traceback for bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from services.kernel import errors, logs, topics
+from services.kernel.runtime import ConfigError
+from services.kernel.settings import Settings
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except Exception as exc:  # noqa: BLE001 - pydantic's message names the variable
+        raise ConfigError(f"bad setting: {exc}".replace("\n", " ")) from None
+
+
+def cmd_serve(args) -> None:
+    from services import platform
+
+    s = _settings()
+    logs.configure("bubuh", s.log_level, s.log_format)
+    api, workers = platform.parse_names(args.api), platform.parse_names(args.workers)
+    if not api and not workers:
+        raise ConfigError("nothing to run: give --api and/or --workers")
+    ready = None
+    if args.ready_file:
+        def ready() -> None:
+            with open(args.ready_file, "w") as fh:
+                fh.write("ready\n")
+    asyncio.run(platform.serve(s, api, workers, on_ready=ready))
+
+
+def cmd_up(args) -> None:
+    from services import local_processes
+    local_processes.up(_settings(), timeout=args.timeout)
+
+
+def cmd_down(args) -> None:
+    from services import local_processes
+    local_processes.down(_settings())
+
+
+def cmd_status(args) -> None:
+    from services import local_processes
+    sys.exit(0 if local_processes.status(_settings()) else 3)
+
+
+def cmd_channel(args) -> None:
+    from services.purchase import admin
+    asyncio.run(admin.channel_command(_settings(), args))
+
+
+def cmd_reconcile(args) -> None:
+    from services.purchase import reconciliation
+    code = asyncio.run(reconciliation.command(_settings(), args.orders, args.channel, as_json=args.json))
+    sys.exit(code)
+
+
+def cmd_demo(args) -> None:
+    from services import walkthrough
+    sys.exit(asyncio.run(walkthrough.run(_settings())))
+
+
+def cmd_errors(args) -> None:
+    if args.markdown:
+        print(errors.markdown(), end="")
+    else:
+        for e in errors.catalogue():
+            print(f"{e.code:24} {e.http_status}  {e.meaning}")
+
+
+def cmd_topics(args) -> None:
+    s = _settings()
+    if args.markdown:
+        print(topics.markdown(s), end="")
+    else:
+        for t in topics.ALL:
+            print(f"{s.topic(t.name):28} key={t.key:22} {t.events}")
+
+
+def cmd_keys(args) -> None:
+    import base64
+    import secrets
+
+    if args.what == "platform":
+        print(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bubuh", description="Bubuh e-Meterai platform")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("serve", help="run services in the foreground (default: everything, one process)")
+    sp.add_argument("--api", default="all", help="services whose HTTP routes to serve: all, none, or a list")
+    sp.add_argument("--workers", default="all", help="services whose consumers/timers to run: all, none, or a list")
+    sp.add_argument("--ready-file", help="write this file once ready (for scripts)")
+    sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("up", help="start the platform in the background (local stack must be up)")
+    sp.add_argument("--timeout", type=float, default=90)
+    sp.set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop the background platform").set_defaults(func=cmd_down)
+    sub.add_parser("status", help="is the background platform running?").set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("channel", help="manage distribution channels")
+    csub = sp.add_subparsers(dest="channel_command", required=True)
+    c = csub.add_parser("add", help="register a channel; prints its API key and HMAC secret once")
+    c.add_argument("name")
+    c.add_argument("--webhook", default="", help="callback URL for notifications")
+    c.add_argument("--profile", default="standard", help="default document profile: standard or cpns")
+    c.add_argument("--json", action="store_true")
+    c = csub.add_parser("list", help="list channels")
+    c.add_argument("--json", action="store_true")
+    for name, helptext in (("rotate-key", "issue a new API key (the old one stops working)"),
+                           ("rotate-secret", "issue a new HMAC secret (the old one works for a grace period)"),
+                           ("suspend", "stop accepting the channel's requests"),
+                           ("activate", "accept the channel's requests again")):
+        c = csub.add_parser(name, help=helptext)
+        c.add_argument("channel_id")
+        c.add_argument("--json", action="store_true")
+        if name == "rotate-secret":
+            c.add_argument("--grace-hours", type=float, default=24.0)
+    sp.set_defaults(func=cmd_channel)
+
+    sp = sub.add_parser("reconcile", help="compare a channel's paid orders (CSV) with what was credited")
+    sp.add_argument("orders", help="CSV with header: channel_order_id,account_id,quantity,amount")
+    sp.add_argument("--channel", required=True)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_reconcile)
+
+    sub.add_parser("demo", help="walk through a purchase against the running platform").set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("errors", help="the error-code catalogue")
+    sp.add_argument("--markdown", action="store_true")
+    sp.set_defaults(func=cmd_errors)
+    sp = sub.add_parser("topics", help="the topic catalogue")
+    sp.add_argument("--markdown", action="store_true")
+    sp.set_defaults(func=cmd_topics)
+    sp = sub.add_parser("keys", help="generate keys")
+    sp.add_argument("what", choices=["platform"], help="platform: a new BUBUH_SECRET_KEY")
+    sp.set_defaults(func=cmd_keys)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as exc:
+        print(f"bubuh: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The whole platform in one process, or one tier per process: which service runs what here.
+
+``bubuh serve`` runs every service's HTTP routes and workers (the local all-in-one mode);
+``--api`` and ``--workers`` pick a subset, which is how production runs a tier per deployment
+and how the tests kill one service without the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import uvicorn
+
+from services.kernel import http, logs, runtime
+from services.kernel.runtime import ConfigError, Runtime
+from services.kernel.settings import Settings
+from services.purchase import service as purchase_service
+from services.quota import service as quota_service
+
+log = logs.get(__name__)
+
+SERVICES = {
+    "purchase": purchase_service,
+    "quota": quota_service,
+}
+
+
+def parse_names(value: str) -> list[str]:
+    if value in ("", "none"):
+        return []
+    names = list(SERVICES) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in SERVICES]
+    if unknown:
+        raise ConfigError(f"unknown service {', '.join(unknown)}: choose from {', '.join(SERVICES)}, all or none")
+    return names
+
+
+async def serve(settings: Settings, api: list[str], workers: list[str],
+                on_ready: Callable[[], None] | None = None) -> None:
+    if api:
+        runtime.check_port_free(settings.http_host, settings.http_port)
+    rt = await runtime.start(settings, client_id="bubuh-" + "-".join(sorted(set(api) | set(workers))))
+    tasks: list[runtime.Task] = [rt.channels.run]
+    try:
+        for name in workers:
+            tasks += await SERVICES[name].workers(rt)
+        if api:
+            routers = [await SERVICES[name].router(rt) for name in api]
+            tasks.append(_http_task(rt, routers))
+    except BaseException:
+        await rt.close()
+        await rt.producer.stop()
+        raise
+
+    async def ready_when_loaded(stop: asyncio.Event) -> None:
+        await _wait_or_stop(rt.channels.loaded, stop)
+        log.info("platform ready", api=api, workers=workers,
+                 http=f"http://{settings.http_host}:{settings.http_port}" if api else None)
+        if on_ready:
+            on_ready()
+
+    await runtime.run_until_stopped(rt, tasks + [ready_when_loaded])
+
+
+def _http_task(rt: Runtime, routers) -> runtime.Task:
+    app = http.create_app("Bubuh", routers)
+
+    async def run_http(stop: asyncio.Event) -> None:
+        await _wait_or_stop(rt.channels.loaded, stop)   # authenticate only once the channel view is whole
+        config = uvicorn.Config(app, host=rt.settings.http_host, port=rt.settings.http_port, log_level="warning",
+                                access_log=False, lifespan="off", timeout_keep_alive=30, backlog=4096)
+        server = uvicorn.Server(config)
+        server.install_signal_handlers = lambda: None
+        serving = asyncio.create_task(server.serve())
+        await _wait_either(stop, serving)
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(serving, 10)
+
+    return run_http
+
+
+async def _wait_or_stop(event: asyncio.Event, stop: asyncio.Event) -> None:
+    waiter = asyncio.create_task(event.wait())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    stopper.cancel()
+
+
+async def _wait_either(stop: asyncio.Event, task: asyncio.Task) -> None:
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([stopper, task], return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()

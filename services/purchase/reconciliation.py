@@ -1,0 +1,103 @@
+"""``bubuh reconcile``: a channel's own list of paid orders against what Bubuh credited.
+
+The channel's CSV (``channel_order_id,account_id,quantity,amount``) is compared with the purchase
+service's confirmed purchases and the quota ledger's credit transfers. Reported:
+- missing:    paid at the channel, not credited here (or not even received);
+- duplicated: an order listed twice in the CSV, or credited more than once here;
+- mismatched: credited with another account, quantity or amount than the channel lists;
+- unexpected: credited here, absent from the channel's list.
+Exit code 0 when everything matches, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from services.kernel import runtime
+from services.kernel.settings import Settings
+from services.quota import ledger
+
+
+@dataclass
+class Report:
+    checked: int = 0
+    matched: int = 0
+    missing: list[dict] = field(default_factory=list)
+    duplicated: list[dict] = field(default_factory=list)
+    mismatched: list[dict] = field(default_factory=list)
+    unexpected: list[dict] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing or self.duplicated or self.mismatched or self.unexpected)
+
+
+def read_orders(path: str) -> list[dict]:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        need = {"channel_order_id", "account_id", "quantity", "amount"}
+        if not reader.fieldnames or not need <= set(reader.fieldnames):
+            raise runtime.ConfigError(f"{path}: the header must have {', '.join(sorted(need))}")
+        rows = []
+        for i, r in enumerate(reader, start=2):
+            try:
+                rows.append({"channel_order_id": r["channel_order_id"].strip(), "account_id": r["account_id"].strip(),
+                             "quantity": int(r["quantity"]), "amount": int(r["amount"])})
+            except ValueError:
+                raise runtime.ConfigError(f"{path}:{i}: quantity and amount must be whole numbers") from None
+        return rows
+
+
+def compare(orders: list[dict], confirmed: dict[str, dict], credits: Counter) -> Report:
+    """``confirmed``: order id -> confirmed purchase; ``credits``: purchase id -> credit transfers."""
+    rep = Report(checked=len(orders))
+    seen = Counter(o["channel_order_id"] for o in orders)
+    for oid, n in seen.items():
+        if n > 1:
+            rep.duplicated.append({"channel_order_id": oid, "where": "csv", "count": n})
+    for o in {o["channel_order_id"]: o for o in orders}.values():
+        got = confirmed.get(o["channel_order_id"])
+        if got is None or credits[got["purchase_id"]] == 0:
+            rep.missing.append({**o, "state": got["status"] if got else "not received"})
+            continue
+        if credits[got["purchase_id"]] > 1:
+            rep.duplicated.append({"channel_order_id": o["channel_order_id"], "where": "ledger",
+                                   "count": credits[got["purchase_id"]]})
+        diffs = {k: {"channel": o[k], "bubuh": got[k]} for k in ("account_id", "quantity", "amount") if o[k] != got[k]}
+        if diffs:
+            rep.mismatched.append({"channel_order_id": o["channel_order_id"], "differences": diffs})
+        else:
+            rep.matched += 1
+    for oid, got in confirmed.items():
+        if oid not in seen and credits[got["purchase_id"]]:
+            rep.unexpected.append({"channel_order_id": oid, "purchase_id": got["purchase_id"],
+                                   "account_id": got["account_id"], "quantity": got["quantity"]})
+    return rep
+
+
+async def command(settings: Settings, path: str, channel_id: str, *, as_json: bool) -> int:
+    orders = read_orders(path)
+    purchase_pool = await runtime.connect_database(settings, "purchase")
+    quota_pool = await runtime.connect_database(settings, "quota")
+    try:
+        rows = await purchase_pool.fetch(
+            "SELECT purchase_id, channel_order_id, account_id, quantity, amount, status FROM purchases "
+            "WHERE channel_id = $1 AND status <> 'rejected'", channel_id)
+        confirmed = {r["channel_order_id"]: dict(r) for r in rows}
+        credits = await ledger.credits_by_purchase(quota_pool, channel_id)
+    finally:
+        await purchase_pool.close()
+        await quota_pool.close()
+    rep = compare(orders, confirmed, credits)
+    if as_json:
+        print(json.dumps({**asdict(rep), "clean": rep.clean}, indent=2, default=str))
+    else:
+        print(f"checked {rep.checked} orders of {channel_id}: {rep.matched} matched, {len(rep.missing)} missing, "
+              f"{len(rep.duplicated)} duplicated, {len(rep.mismatched)} mismatched, {len(rep.unexpected)} unexpected")
+        for kind in ("missing", "duplicated", "mismatched", "unexpected"):
+            for item in getattr(rep, kind):
+                print(f"  {kind:10} {json.dumps(item, default=str)}")
+    return 0 if rep.clean else 1

@@ -1,0 +1,161 @@
+"""The ledger's operations. Each runs inside the caller's transaction and is idempotent by id.
+
+Two-phase, as TigerBeetle's transfers:
+- credit:  a transfer with id = purchase id; inserting it twice is impossible (primary key).
+- reserve: a pending transfer with id = stamp request id and a deadline; refused when nothing is
+           available (and the refusal is recorded, so a redelivery is refused the same way).
+- commit:  posts the pending transfer; release / expire: voids it. A pending transfer has at most
+           one resolution (unique ``pending_id``): a commit after a void is refused, never applied.
+
+Concurrency: the account row is locked (``FOR UPDATE``) for the length of one operation, so
+concurrent reservations from several instances serialise per account and never oversell; the
+``available_never_negative`` constraint is the last line of defence.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from dataclasses import dataclass
+
+import asyncpg
+
+from services.kernel import errors
+
+
+@dataclass(frozen=True)
+class Balance:
+    credited: int
+    pending: int
+    committed: int
+
+    @property
+    def available(self) -> int:
+        return self.credited - self.committed - self.pending
+
+    def as_dict(self) -> dict[str, int]:
+        return {"credited": self.credited, "pending": self.pending, "committed": self.committed,
+                "available": self.available}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an operation did: ``applied``, ``duplicate`` (already done: no effect), or ``refused``."""
+
+    result: str
+    balance: Balance | None = None
+    code: str = ""
+    deadline: dt.datetime | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self.result == "applied"
+
+
+async def _lock_account(conn: asyncpg.Connection, channel_id: str, account_id: str) -> Balance:
+    await conn.execute("INSERT INTO accounts (channel_id, account_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                       channel_id, account_id)
+    row = await conn.fetchrow("SELECT credited, pending, committed FROM accounts WHERE channel_id = $1 AND "
+                              "account_id = $2 FOR UPDATE", channel_id, account_id)
+    return Balance(row["credited"], row["pending"], row["committed"])
+
+
+async def _move(conn: asyncpg.Connection, channel_id: str, account_id: str, *, credited: int = 0, pending: int = 0,
+                committed: int = 0) -> Balance:
+    row = await conn.fetchrow(
+        "UPDATE accounts SET credited = credited + $3, pending = pending + $4, committed = committed + $5 "
+        "WHERE channel_id = $1 AND account_id = $2 RETURNING credited, pending, committed",
+        channel_id, account_id, credited, pending, committed)
+    return Balance(row["credited"], row["pending"], row["committed"])
+
+
+async def balance(conn: asyncpg.Connection | asyncpg.Pool, channel_id: str, account_id: str) -> Balance | None:
+    row = await conn.fetchrow("SELECT credited, pending, committed FROM accounts WHERE channel_id = $1 AND "
+                              "account_id = $2", channel_id, account_id)
+    return Balance(row["credited"], row["pending"], row["committed"]) if row else None
+
+
+async def credit(conn: asyncpg.Connection, *, purchase_id: str, channel_id: str, account_id: str, quantity: int,
+                 event_id: str) -> Outcome:
+    await _lock_account(conn, channel_id, account_id)
+    inserted = await conn.fetchval(
+        "INSERT INTO transfers (id, kind, channel_id, account_id, amount, event_id) VALUES ($1, 'credit', $2, $3, $4, $5) "
+        "ON CONFLICT (id) DO NOTHING RETURNING 1", purchase_id, channel_id, account_id, quantity, event_id)
+    if not inserted:
+        return Outcome("duplicate")
+    return Outcome("applied", await _move(conn, channel_id, account_id, credited=quantity))
+
+
+async def reserve(conn: asyncpg.Connection, *, request_id: str, channel_id: str, account_id: str,
+                  deadline: dt.datetime, event_id: str) -> Outcome:
+    bal = await _lock_account(conn, channel_id, account_id)
+    prior = await conn.fetchrow("SELECT kind, code, deadline FROM transfers WHERE id = $1", request_id)
+    if prior is not None:
+        return Outcome("duplicate", bal, prior["code"] or "", prior["deadline"])
+    if bal.available < 1:
+        await conn.execute(
+            "INSERT INTO transfers (id, kind, channel_id, account_id, amount, code, event_id) "
+            "VALUES ($1, 'rejected', $2, $3, 0, $4, $5)",
+            request_id, channel_id, account_id, errors.QUOTA_INSUFFICIENT.code, event_id)
+        return Outcome("refused", bal, errors.QUOTA_INSUFFICIENT.code)
+    await conn.execute(
+        "INSERT INTO transfers (id, kind, channel_id, account_id, amount, deadline, event_id) "
+        "VALUES ($1, 'pending', $2, $3, 1, $4, $5)", request_id, channel_id, account_id, deadline, event_id)
+    await conn.execute("INSERT INTO open_reservations VALUES ($1, $2, $3, $4)", request_id, channel_id, account_id,
+                       deadline)
+    return Outcome("applied", await _move(conn, channel_id, account_id, pending=1), deadline=deadline)
+
+
+async def _resolve(conn: asyncpg.Connection, kind: str, request_id: str, code: str, event_id: str) -> Outcome:
+    pending = await conn.fetchrow("SELECT channel_id, account_id, kind FROM transfers WHERE id = $1", request_id)
+    if pending is None or pending["kind"] != "pending":
+        return Outcome("refused", code=errors.RESERVATION_UNKNOWN.code)
+    await _lock_account(conn, pending["channel_id"], pending["account_id"])
+    resolution = await conn.fetchval("SELECT kind FROM transfers WHERE pending_id = $1", request_id)
+    if resolution == kind:
+        return Outcome("duplicate")
+    if resolution is not None:   # posted when voiding, or voided when posting
+        return Outcome("refused", code=errors.RESERVATION_VOIDED.code if resolution == "void"
+                       else errors.RESERVATION_POSTED.code)
+    await conn.execute(
+        "INSERT INTO transfers (id, kind, channel_id, account_id, amount, pending_id, code, event_id) "
+        "VALUES ($1, $2, $3, $4, 1, $5, $6, $7)",
+        f"{request_id}:{kind}", kind, pending["channel_id"], pending["account_id"], request_id, code or None, event_id)
+    await conn.execute("DELETE FROM open_reservations WHERE request_id = $1", request_id)
+    moved = await _move(conn, pending["channel_id"], pending["account_id"], pending=-1,
+                        committed=1 if kind == "post" else 0)
+    return Outcome("applied", moved, code)
+
+
+async def commit(conn: asyncpg.Connection, *, request_id: str, event_id: str) -> Outcome:
+    return await _resolve(conn, "post", request_id, "", event_id)
+
+
+async def release(conn: asyncpg.Connection, *, request_id: str, code: str, event_id: str) -> Outcome:
+    return await _resolve(conn, "void", request_id, code, event_id)
+
+
+async def due_expiries(conn: asyncpg.Connection, now: dt.datetime, limit: int = 200) -> list[str]:
+    """Reservations past their deadline, locked for this sweeper (others skip them)."""
+    rows = await conn.fetch("SELECT request_id FROM open_reservations WHERE deadline <= $1 ORDER BY deadline "
+                            "LIMIT $2 FOR UPDATE SKIP LOCKED", now, limit)
+    return [r["request_id"] for r in rows]
+
+
+async def pending_deadline(conn: asyncpg.Connection | asyncpg.Pool, request_id: str) -> tuple[str, dt.datetime | None]:
+    """The state of a reservation: 'open' (with deadline), 'posted', 'voided', 'rejected' or 'unknown'."""
+    row = await conn.fetchrow("SELECT kind, deadline FROM transfers WHERE id = $1", request_id)
+    if row is None:
+        return "unknown", None
+    if row["kind"] == "rejected":
+        return "rejected", None
+    resolution = await conn.fetchval("SELECT kind FROM transfers WHERE pending_id = $1", request_id)
+    if resolution is None:
+        return "open", row["deadline"]
+    return ("posted" if resolution == "post" else "voided"), row["deadline"]
+
+
+async def credits_by_purchase(pool: asyncpg.Pool, channel_id: str) -> Counter:
+    """How many credit transfers each purchase of a channel has (1 everywhere, by construction)."""
+    rows = await pool.fetch("SELECT id FROM transfers WHERE kind = 'credit' AND channel_id = $1", channel_id)
+    return Counter(r["id"] for r in rows)

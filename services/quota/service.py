@@ -1,0 +1,37 @@
+"""The quota service, top-down.
+
+Consumes: ``purchase.events`` (PurchaseConfirmed -> credit), ``stamp.requested`` (reserve),
+          ``stamp.events`` (StampCompleted -> commit, StampFailed -> release).
+Publishes: ``quota.events`` (QuotaCredited, QuotaReserved, QuotaRejected, QuotaCommitted,
+           QuotaReleased, QuotaRefused), ``quota.dead-letter``.
+Stores:   schema ``quota``: ``accounts``, ``transfers``, ``open_reservations``, inbox, outbox.
+Timers:   the expiry sweep voids reservations past their deadline.
+HTTP:     ``GET /v1/accounts/{account_id}/quota``.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from services.kernel import topics
+from services.kernel.consumer import ConsumerLoop
+from services.kernel.outbox import Relay
+from services.kernel.runtime import Runtime, Task
+from services.quota import NAME, api
+from services.quota.handlers import CONSUMER, QuotaHandlers
+
+
+async def router(rt: Runtime) -> APIRouter:
+    return api.router(rt.channels, await rt.pool(NAME))
+
+
+async def workers(rt: Runtime) -> list[Task]:
+    s = rt.settings
+    pool = await rt.pool(NAME)
+    handlers = QuotaHandlers(pool, s)
+    loop = ConsumerLoop(s, rt.producer, name=CONSUMER,
+                        topics=[s.topic(t.name) for t in (topics.PURCHASE_EVENTS, topics.STAMP_REQUESTED,
+                                                          topics.STAMP_EVENTS)],
+                        handler=handlers.handle, dead_letter_topic=s.topic(topics.QUOTA_DLQ.name))
+    relay = Relay(pool, rt.producer, s.schema(NAME), batch=s.outbox_batch, idle_poll_s=s.outbox_idle_poll_s)
+    return [loop.run, relay.run, handlers.run_expiry]

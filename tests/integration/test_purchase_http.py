@@ -1,0 +1,111 @@
+"""The HTTP door for purchases, against the running platform (real Kafka, real PostgreSQL)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from tests.flows import Db, auth, order_body, post_until_accepted, wait_for
+from tests.platform import add_channel
+
+
+async def quota(api, channel, account="acct-1"):
+    r = await api.get(f"/v1/accounts/{account}/quota", headers=auth(channel))
+    return r.json() if r.status_code == 200 else None
+
+
+async def test_purchase_is_accepted_visible_at_once_and_credited(api, channel):
+    body = order_body(quantity=3)
+    r = await post_until_accepted(api, channel, body)
+    assert r.status_code == 202, r.text
+    accepted = r.json()
+    assert accepted["status"] == "accepted"
+    assert accepted["status_url"].endswith(f"/v1/purchases/{accepted['purchase_id']}")
+    # visible the moment it was accepted: never a 404 while in flight
+    first = await api.get(f"/v1/purchases/{accepted['purchase_id']}", headers=auth(channel))
+    assert first.status_code == 200 and first.json()["status"] in ("accepted", "confirmed")
+    await wait_for(lambda: _status_is(api, channel, accepted["purchase_id"], "confirmed"), what="confirmed")
+    q = await wait_for(lambda: quota(api, channel), what="quota")
+    assert q == {"account_id": "acct-1", "credited": 3, "pending": 0, "committed": 0, "available": 3}
+    assert r.headers["traceparent"].startswith("00-")
+
+
+async def _status_is(api, channel, purchase_id, status):
+    r = await api.get(f"/v1/purchases/{purchase_id}", headers=auth(channel))
+    return r.status_code == 200 and r.json()["status"] == status
+
+
+async def test_same_order_same_body_gets_the_original_answer_other_body_409(api, channel):
+    body = order_body(quantity=2)
+    r1 = await post_until_accepted(api, channel, body)
+    r2 = await api.post("/v1/purchases", json=body, headers=auth(channel))
+    assert r1.status_code == r2.status_code == 202
+    assert r1.json()["purchase_id"] == r2.json()["purchase_id"]
+    changed = dict(body, quantity=5, amount=50_000)
+    r3 = await api.post("/v1/purchases", json=changed, headers=auth(channel))
+    assert r3.status_code == 409 and r3.json()["code"] == "IDEMPOTENCY_MISMATCH"
+    q = await wait_for(lambda: quota(api, channel), what="quota")
+    assert q["credited"] == 2
+
+
+async def test_validation_answers_with_stable_codes_and_moves_nothing(api, channel, settings):
+    await post_until_accepted(api, channel, order_body(quantity=1))  # the channel is known from here on
+    future = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)).isoformat()
+    cases = [
+        (order_body(quantity=2, amount=10_000), 422, "AMOUNT_MISMATCH"),
+        (order_body(quantity=0, amount=0), 422, "QUANTITY_OUT_OF_RANGE"),
+        (order_body(quantity=-3, amount=-30_000), 422, "QUANTITY_OUT_OF_RANGE"),
+        (order_body(quantity=10_001), 422, "QUANTITY_OUT_OF_RANGE"),
+        (order_body(quantity=10**12), 422, "QUANTITY_OUT_OF_RANGE"),
+        (order_body(account="bad account/with spaces"), 422, "ACCOUNT_ID_INVALID"),
+        (order_body(paid_at=future), 422, "PAID_AT_IN_FUTURE"),
+        ({"channel_order_id": "x"}, 422, "BODY_INVALID"),
+        (order_body(extra_field=1), 422, "BODY_INVALID"),
+    ]
+    for body, status, code in cases:
+        r = await api.post("/v1/purchases", json=body, headers=auth(channel))
+        assert (r.status_code, r.json()["code"]) == (status, code), (body, r.text)
+        assert r.json()["detail"] and r.json()["trace_id"]
+    r = await api.post("/v1/purchases", content=b"{not json", headers={**auth(channel), "Content-Type": "application/json"})
+    assert (r.status_code, r.json()["code"]) == (422, "BODY_INVALID")
+    r = await api.post("/v1/purchases", content=b"a=b", headers={**auth(channel), "Content-Type": "text/plain"})
+    assert (r.status_code, r.json()["code"]) == (415, "UNSUPPORTED_MEDIA_TYPE")
+    big = order_body(payment_ref="x" * 40_000)
+    r = await api.post("/v1/purchases", json=big, headers=auth(channel))
+    assert (r.status_code, r.json()["code"]) == (413, "BODY_TOO_LARGE")
+    r = await api.post("/v1/purchases", json=order_body(), headers={"Authorization": "Bearer nope"})
+    assert (r.status_code, r.json()["code"]) == (401, "UNAUTHENTICATED")
+    r = await api.post("/v1/purchases", json=order_body())
+    assert (r.status_code, r.json()["code"]) == (401, "UNAUTHENTICATED")
+    # nothing else moved: only the first, valid purchase was credited
+    q = await wait_for(lambda: quota(api, channel), what="quota")
+    assert q["credited"] == 1
+    assert await Db(settings).val("purchase", "SELECT count(*) FROM purchases") == 1
+
+
+async def test_a_channel_sees_only_its_own_purchases_and_accounts(api, channel, settings):
+    other = add_channel(settings, "other-channel")
+    r = await post_until_accepted(api, channel, order_body(account="shared-name"))
+    pid = r.json()["purchase_id"]
+    await wait_for(lambda: quota(api, channel, "shared-name"), what="quota")
+    await post_until_accepted(api, other, order_body(quantity=1, account="unrelated"))
+    assert (await api.get(f"/v1/purchases/{pid}", headers=auth(other))).status_code == 404
+    r = await api.get("/v1/accounts/shared-name/quota", headers=auth(other))
+    assert (r.status_code, r.json()["code"]) == (404, "NOT_FOUND")
+
+
+async def test_rotated_api_key_replaces_the_old_one(api, channel, settings):
+    from tests.platform import cli
+    import json
+    await post_until_accepted(api, channel, order_body())
+    new = json.loads(cli(settings, "channel", "rotate-key", channel["channel_id"], "--json").stdout)
+    rotated = dict(channel, api_key=new["api_key"])
+    r = await post_until_accepted(api, rotated, order_body())
+    assert r.status_code == 202
+    r = await api.post("/v1/purchases", json=order_body(), headers=auth(channel))
+    assert r.status_code == 401
+
+
+async def test_openapi_document_is_served(api):
+    doc = (await api.get("/openapi.json")).json()
+    assert "/v1/purchases" in doc["paths"] and "/v1/accounts/{account_id}/quota" in doc["paths"]
+    assert "202" in doc["paths"]["/v1/purchases"]["post"]["responses"]

@@ -1,0 +1,109 @@
+"""Bubuh processes for tests: the real CLI, started as subprocesses on the isolated settings.
+
+A test can kill one with SIGKILL and start it again, exactly as an operator's machine would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from services.kernel.settings import REPO_ROOT, Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for(settings: Settings, **extra) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "BUBUH_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "BUBUH_DATABASE_URL": settings.database_url,
+        "BUBUH_TOPIC_PREFIX": settings.topic_prefix,
+        "BUBUH_SCHEMA_PREFIX": settings.schema_prefix,
+        "BUBUH_HTTP_PORT": str(settings.http_port),
+        "BUBUH_LOG_FORMAT": "json",
+        "BUBUH_DEFAULT_PARTITIONS": str(settings.default_partitions),
+    })
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class PlatformProcess:
+    def __init__(self, settings: Settings, *, api: str = "all", workers: str = "all", name: str = "bubuh",
+                 **env) -> None:
+        self.settings = settings
+        self.api, self.workers, self.name = api, workers, name
+        self.env = env_for(settings, **env)
+        self.proc: subprocess.Popen | None = None
+        self._dir = Path(tempfile.mkdtemp(prefix="bubuh-test-"))
+        self.log_path = self._dir / f"{name}.log"
+
+    async def start(self, timeout: float = 60) -> "PlatformProcess":
+        ready = self._dir / f"{self.name}.ready"
+        ready.unlink(missing_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "serve", "--api", self.api, "--workers", self.workers,
+             "--ready-file", str(ready)], cwd=REPO_ROOT, env=self.env, stdout=log, stderr=log,
+            stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}): {self.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} not ready in {timeout}s: {self.tail()}")
+            await asyncio.sleep(0.1)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, no flush, no commit."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    async def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            for _ in range(200):
+                if self.proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.1)
+            self.kill()
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+    def log_records(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+
+def cli(settings: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=REPO_ROOT, env=env_for(settings),
+                          capture_output=True, text=True, timeout=120, check=check)
+
+
+def add_channel(settings: Settings, name: str = "test-channel", webhook: str = "") -> dict:
+    args = ["channel", "add", name, "--json"] + (["--webhook", webhook] if webhook else [])
+    return json.loads(cli(settings, *args).stdout)
