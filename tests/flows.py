@@ -75,3 +75,61 @@ class Db:
     async def val(self, service: str, sql: str, *args):
         rows = await self.fetch(service, sql, *args)
         return rows[0][0] if rows else None
+
+
+async def read_topic(settings: Settings, name: str, *, at_least: int = 0, timeout: float = 30,
+                     settle: float = 0.5) -> list:
+    """Every record of a topic (from the beginning, no consumer group), waiting for ``at_least``."""
+    from aiokafka import AIOKafkaConsumer
+    consumer = AIOKafkaConsumer(settings.topic(name), bootstrap_servers=settings.kafka_bootstrap,
+                                auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    records = []
+    deadline = time.monotonic() + timeout
+    quiet_since = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            got = [r for rs in batch.values() for r in rs]
+            records += got
+            if got:
+                quiet_since = time.monotonic()
+            if len(records) >= at_least and time.monotonic() - quiet_since >= settle:
+                break
+    finally:
+        await consumer.stop()
+    return records
+
+
+def decoded(records) -> list:
+    from services.kernel import events
+    out = []
+    for r in records:
+        try:
+            out.append(events.decode(r.value)[1])
+        except Exception:  # noqa: BLE001 - poison in a topic under test
+            pass
+    return out
+
+
+def stamp_requested(settings: Settings, channel_id: str, account_id: str, request_id: str | None = None):
+    """A stamp request as the stamping intake publishes it (the quota tests drive reservations with it)."""
+    import uuid
+    from services.contracts.bubuh.v1 import stamp_pb2
+    from services.kernel import events, topics
+    rid = request_id or str(uuid.uuid4())
+    msg = stamp_pb2.StampRequested(request_id=rid, channel_id=channel_id, account_id=account_id)
+    env = events.envelope(msg, producer="stamping")
+    return events.outgoing(settings.topic(topics.STAMP_REQUESTED.name), rid, env)
+
+
+def stamp_outcome(settings: Settings, channel_id: str, account_id: str, request_id: str, *, completed: bool):
+    from services.contracts.bubuh.v1 import stamp_pb2
+    from services.kernel import events, topics
+    if completed:
+        msg = stamp_pb2.StampCompleted(request_id=request_id, channel_id=channel_id, account_id=account_id, sn="X")
+    else:
+        msg = stamp_pb2.StampFailed(request_id=request_id, channel_id=channel_id, account_id=account_id,
+                                    code="PDF_MALFORMED", permanent=True)
+    env = events.envelope(msg, producer="stamping")
+    return events.outgoing(settings.topic(topics.STAMP_EVENTS.name), request_id, env)

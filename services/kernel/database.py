@@ -24,6 +24,7 @@ _OUTAGE_TYPES: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.SerializationError,     # a retry of the same transaction will succeed
     asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.InternalClientError,    # connection left mid-operation by a cancelled call
 )
 
 

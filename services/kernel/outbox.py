@@ -20,6 +20,7 @@ from services.kernel import database, logs
 from services.kernel.events import Outgoing
 from services.kernel.metrics import OUTBOX_PUBLISHED, OUTBOX_LAG_SECONDS
 from services.kernel.producer import Producer
+from services.kernel.settings import Settings
 
 log = logs.get(__name__)
 
@@ -44,20 +45,29 @@ async def add(conn: asyncpg.Connection, records: list[Outgoing], *, available_at
 
 
 class Relay:
-    """Publishes a service's outbox. Several instances may run: rows are claimed with SKIP LOCKED."""
+    """Publishes a service's outbox. Several instances may run: rows are claimed with SKIP LOCKED.
 
-    def __init__(self, pool: asyncpg.Pool, producer: Producer, schema: str, *, batch: int = 500,
-                 idle_poll_s: float = 0.5) -> None:
+    It wakes on NOTIFY from a connection of its own (not from the pool: a LISTEN connection lives as
+    long as the relay), and polls every ``idle_poll_s`` anyway, for due retries and lost notifications.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, producer: Producer, settings: Settings, service: str) -> None:
         self._pool = pool
         self._producer = producer
-        self._schema = schema
-        self._batch = batch
-        self._idle_poll_s = idle_poll_s
+        self._settings = settings
+        self._schema = settings.schema(service)
+        self._batch = settings.outbox_batch
+        self._idle_poll_s = settings.outbox_idle_poll_s
         self._wake = asyncio.Event()
-        self._channel = f"{schema}_outbox"
+        self._channel = f"{self._schema}_outbox"
 
     def _on_notify(self, *_args) -> None:
         self._wake.set()
+
+    async def _listen(self) -> asyncpg.Connection:
+        conn = await asyncio.wait_for(asyncpg.connect(self._settings.database_url), 5)
+        await conn.add_listener(self._channel, self._on_notify)
+        return conn
 
     async def run(self, stop: asyncio.Event) -> None:
         listener: asyncpg.Connection | None = None
@@ -65,8 +75,7 @@ class Relay:
         while not stop.is_set():
             try:
                 if listener is None or listener.is_closed():
-                    listener = await self._pool.acquire()
-                    await listener.add_listener(self._channel, self._on_notify)
+                    listener = await self._listen()
                 published = await self.publish_due()
                 backoff = 0.2
                 if published >= self._batch:
@@ -74,15 +83,13 @@ class Relay:
                 self._wake.clear()
                 await _wait_any(stop, self._wake, self._idle_poll_s)
             except Exception as exc:  # noqa: BLE001 - an outage of Kafka or PostgreSQL: wait and go on
-                if listener is not None:
-                    await _release(self._pool, listener, self._channel, self._on_notify)
-                    listener = None
+                await _close(listener)
+                listener = None
                 log.warning("outbox relay waiting", schema=self._schema, error=repr(exc),
                             outage=database.is_outage(exc))
                 await _wait_any(stop, asyncio.Event(), backoff)
                 backoff = min(backoff * 2, 5.0)
-        if listener is not None:
-            await _release(self._pool, listener, self._channel, self._on_notify)
+        await _close(listener)
 
     async def publish_due(self) -> int:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -107,11 +114,12 @@ class Relay:
         return len(rows)
 
 
-async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection, channel: str, callback) -> None:
+async def _close(conn: asyncpg.Connection | None) -> None:
+    if conn is None:
+        return
     try:
-        await conn.remove_listener(channel, callback)
-        await pool.release(conn)
-    except Exception:  # noqa: BLE001 - the connection is already gone
+        await asyncio.wait_for(conn.close(), 2)
+    except Exception:  # noqa: BLE001 - the server is gone; drop the socket
         conn.terminate()
 
 

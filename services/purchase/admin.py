@@ -75,7 +75,7 @@ async def _publish_now(settings: Settings, pool) -> None:
         return
     try:
         await topics.ensure(settings, (topics.CHANNEL,))
-        while await Relay(pool, producer, settings.schema(NAME)).publish_due():
+        while await Relay(pool, producer, settings, NAME).publish_due():
             pass
     finally:
         with contextlib.suppress(Exception):

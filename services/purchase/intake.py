@@ -30,6 +30,7 @@ from services.purchase.validation import PurchaseOrder, validate
 log = logs.get(__name__)
 
 DB_CHECK_TIMEOUT_S = 0.5
+DB_RETRY_AFTER_S = 2.0   # after an outage, answer without the database for this long (latency stays flat)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,21 @@ class Intake:
         self._pool = pool
         # purchases this process accepted, for reads while PostgreSQL is away (bounded)
         self._recent: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._db_down_until = 0.0
+
+    async def _db(self, call):
+        """Run ``call`` against PostgreSQL unless it is known to be away; None when it is."""
+        loop = asyncio.get_running_loop()
+        if self._pool is None or loop.time() < self._db_down_until:
+            return None
+        try:
+            return await asyncio.wait_for(call(self._pool), DB_CHECK_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001
+            if not database.is_outage(exc):
+                raise
+            self._db_down_until = loop.time() + DB_RETRY_AFTER_S
+            log.warning("intake continues without PostgreSQL; de-duplication happens downstream", error=repr(exc))
+            return None
 
     async def submit(self, channel: ChannelInfo, order: PurchaseOrder) -> Accepted:
         try:
@@ -103,16 +119,10 @@ class Intake:
         return Accepted(purchase_id, "accepted", replayed=existing is not None)
 
     async def status(self, channel_id: str, purchase_id: str) -> dict | None:
-        row = None
-        if self._pool is not None:
-            try:
-                row = await asyncio.wait_for(self._pool.fetchrow(
-                    "SELECT purchase_id, channel_order_id, account_id, quantity, amount, status, code, detail, "
-                    "accepted_at, decided_at FROM purchases WHERE purchase_id = $1 AND channel_id = $2",
-                    purchase_id, channel_id), DB_CHECK_TIMEOUT_S)
-            except Exception as exc:  # noqa: BLE001 - database away: answer from memory
-                if not database.is_outage(exc):
-                    raise
+        row = await self._db(lambda pool: pool.fetchrow(
+            "SELECT purchase_id, channel_order_id, account_id, quantity, amount, status, code, detail, "
+            "accepted_at, decided_at FROM purchases WHERE purchase_id = $1 AND channel_id = $2",
+            purchase_id, channel_id))
         if row is not None:
             out = {k: row[k] for k in ("purchase_id", "channel_order_id", "account_id", "quantity", "amount",
                                        "status")}
@@ -128,45 +138,25 @@ class Intake:
         return None
 
     async def _check_existing(self, order: PurchaseOrder, purchase_id: str) -> tuple[str, bool] | None:
-        if self._pool is None:
-            return None
-        try:
-            row = await asyncio.wait_for(self._pool.fetchrow(
-                "SELECT purchase_id, status FROM purchases WHERE channel_id = $1 AND channel_order_id = $2 "
-                "AND status <> 'rejected'", order.channel_id, order.channel_order_id), DB_CHECK_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001
-            if not database.is_outage(exc):
-                raise
-            log.info("intake without database: de-duplication happens downstream", error=repr(exc))
-            return None
+        row = await self._db(lambda pool: pool.fetchrow(
+            "SELECT purchase_id, status FROM purchases WHERE channel_id = $1 AND channel_order_id = $2 "
+            "AND status <> 'rejected'", order.channel_id, order.channel_order_id))
         if row is None:
             return None
         return row["status"], row["purchase_id"] == purchase_id
 
     async def _insert_accepted(self, order: PurchaseOrder, purchase_id: str) -> bool:
-        if self._pool is None:
-            return False
-        try:
-            done = await asyncio.wait_for(self._pool.execute(
-                "INSERT INTO purchases (purchase_id, channel_id, channel_order_id, account_id, quantity, amount, "
-                "paid_at, payment_ref, body_sha256, status) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,'accepted') "
-                "ON CONFLICT DO NOTHING", purchase_id, order.channel_id, order.channel_order_id, order.account_id,
-                order.quantity, order.amount, order.paid_at, order.payment_ref, order.body_sha256()),
-                DB_CHECK_TIMEOUT_S)
-            return done.endswith(" 1")
-        except Exception as exc:  # noqa: BLE001
-            if not database.is_outage(exc):
-                raise
-            return False
+        done = await self._db(lambda pool: pool.execute(
+            "INSERT INTO purchases (purchase_id, channel_id, channel_order_id, account_id, quantity, amount, "
+            "paid_at, payment_ref, body_sha256, status) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,'accepted') "
+            "ON CONFLICT DO NOTHING", purchase_id, order.channel_id, order.channel_order_id, order.account_id,
+            order.quantity, order.amount, order.paid_at, order.payment_ref, order.body_sha256()))
+        return bool(done and done.endswith(" 1"))
 
     async def _forget(self, purchase_id: str) -> None:
         """Kafka refused: the purchase was not accepted, so it must not linger as ``accepted``."""
-        try:
-            await asyncio.wait_for(self._pool.execute(
-                "DELETE FROM purchases WHERE purchase_id = $1 AND status = 'accepted'", purchase_id),
-                DB_CHECK_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - the consumer never sees it; a retry re-inserts it
-            log.warning("could not remove unaccepted purchase", purchase_id=purchase_id, error=repr(exc))
+        await self._db(lambda pool: pool.execute(
+            "DELETE FROM purchases WHERE purchase_id = $1 AND status = 'accepted'", purchase_id))
 
     async def _publish_rejected(self, order: PurchaseOrder, exc: errors.BubuhError) -> None:
         msg = purchase_pb2.PurchaseRejected(purchase_id=order.purchase_id(), channel_id=order.channel_id,

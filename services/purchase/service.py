@@ -32,5 +32,5 @@ async def workers(rt: Runtime) -> list[Task]:
     confirmation = Confirmation(pool, Registry(pool, s), s)
     loop = ConsumerLoop(s, rt.producer, name=CONSUMER, topics=[s.topic(topics.PURCHASE_SUBMITTED.name)],
                         handler=confirmation.handle, dead_letter_topic=s.topic(topics.PURCHASE_DLQ.name))
-    relay = Relay(pool, rt.producer, s.schema(NAME), batch=s.outbox_batch, idle_poll_s=s.outbox_idle_poll_s)
+    relay = Relay(pool, rt.producer, s, NAME)
     return [loop.run, relay.run]

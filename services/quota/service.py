@@ -33,5 +33,5 @@ async def workers(rt: Runtime) -> list[Task]:
                         topics=[s.topic(t.name) for t in (topics.PURCHASE_EVENTS, topics.STAMP_REQUESTED,
                                                           topics.STAMP_EVENTS)],
                         handler=handlers.handle, dead_letter_topic=s.topic(topics.QUOTA_DLQ.name))
-    relay = Relay(pool, rt.producer, s.schema(NAME), batch=s.outbox_batch, idle_poll_s=s.outbox_idle_poll_s)
+    relay = Relay(pool, rt.producer, s, NAME)
     return [loop.run, relay.run, handlers.run_expiry]

@@ -1,0 +1,136 @@
+"""Paid means credited, exactly once, while processes die and the database disappears.
+
+Each test keeps its own list of every purchase that got a 202 and checks the ledger against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import httpx
+import pytest
+
+from tests import stack
+from tests.flows import Db, auth, order_body, post_until_accepted, wait_for
+from tests.platform import PlatformProcess, add_channel
+
+pytestmark = pytest.mark.slow
+
+
+class Load:
+    """Posts purchases with bounded concurrency and records every 202."""
+
+    def __init__(self, api: httpx.AsyncClient, channel: dict, accounts: int = 50) -> None:
+        self.api, self.channel, self.accounts = api, channel, accounts
+        self.accepted: list[dict] = []
+        self.other: list[tuple[int, str]] = []
+        self.latencies: list[float] = []
+
+    async def post(self, body: dict) -> None:
+        started = time.perf_counter()
+        r = await self.api.post("/v1/purchases", json=body, headers=auth(self.channel))
+        self.latencies.append(time.perf_counter() - started)
+        if r.status_code == 202:
+            self.accepted.append(body)
+        else:
+            self.other.append((r.status_code, r.text[:200]))
+
+    async def run(self, n: int, concurrency: int = 16, rate_per_s: float | None = None) -> None:
+        queue: asyncio.Queue = asyncio.Queue()
+        for i in range(n):
+            queue.put_nowait(order_body(quantity=1 + i % 5, account=f"acct-{i % self.accounts}"))
+        interval = concurrency / rate_per_s if rate_per_s else 0
+
+        async def worker():
+            while not queue.empty():
+                await self.post(queue.get_nowait())
+                if interval:
+                    await asyncio.sleep(interval)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+    def expected_per_account(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for b in self.accepted:
+            out[b["account_id"]] = out.get(b["account_id"], 0) + b["quantity"]
+        return out
+
+
+async def assert_credited_exactly_once(db: Db, load: Load, timeout: float = 240) -> None:
+    expected = sum(b["quantity"] for b in load.accepted)
+
+    async def drained():
+        return (await db.val("quota", "SELECT coalesce(sum(credited), 0) FROM accounts")) == expected
+    await wait_for(drained, timeout=timeout, interval=1, what=f"{expected} units credited")
+    rows = await db.fetch("quota", "SELECT account_id, credited, pending, committed FROM accounts")
+    assert {r["account_id"]: r["credited"] for r in rows} == load.expected_per_account()
+    assert all(r["credited"] - r["committed"] - r["pending"] >= 0 and r["pending"] >= 0 for r in rows)
+    # each accepted purchase is exactly one credit transfer, and no credit exists without one
+    credits = await db.val("quota", "SELECT count(*) FROM transfers WHERE kind = 'credit'")
+    assert credits == len(load.accepted)
+    confirmed = await db.val("purchase", "SELECT count(*) FROM purchases WHERE status = 'confirmed'")
+    assert confirmed == len(load.accepted)
+
+
+async def test_quota_service_killed_three_times_while_5000_purchases_flow(settings):
+    front = await PlatformProcess(settings, api="all", workers="purchase", name="front").start()
+    quota = await PlatformProcess(settings, api="none", workers="quota", name="quota").start()
+    channel = add_channel(settings)
+    db = Db(settings)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30,
+                                     limits=httpx.Limits(max_connections=32)) as api:
+            await post_until_accepted(api, channel, order_body(quantity=1, account="warmup"))
+            load = Load(api, channel)
+            load.accepted.append(order_body(quantity=1, account="warmup"))  # replaced below by the real one
+            load.accepted.pop()
+            flow = asyncio.create_task(load.run(5000, concurrency=16))
+            rng = random.Random()
+            for _ in range(3):
+                await asyncio.sleep(rng.uniform(1.0, 4.0))
+                quota.kill()
+                await asyncio.sleep(rng.uniform(0.2, 1.5))
+                await quota.start()
+            await flow
+            assert load.other == [], load.other[:5]
+            assert len(load.accepted) == 5000
+            load.accepted.append({"account_id": "warmup", "quantity": 1})
+            await assert_credited_exactly_once(db, load)
+    finally:
+        await quota.stop()
+        await front.stop()
+
+
+async def test_postgres_down_30s_intake_keeps_answering_and_backlog_drains(settings):
+    if not stack.managed_postgres():
+        pytest.skip("needs the local PostgreSQL to stop it")
+    proc = await PlatformProcess(settings).start()
+    channel = add_channel(settings)
+    db = Db(settings)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30) as api:
+            await post_until_accepted(api, channel, order_body(quantity=1, account="warmup"))
+            before = Load(api, channel)
+            await before.run(200, concurrency=8)
+            during = Load(api, channel)
+            await asyncio.to_thread(stack.postgres_stop)
+            try:
+                started = time.monotonic()
+                while time.monotonic() - started < 30:
+                    await during.run(40, concurrency=4)
+            finally:
+                await asyncio.to_thread(stack.postgres_start)
+            after = Load(api, channel)
+            await after.run(200, concurrency=8)
+            assert during.other == [] and before.other == [] and after.other == [], during.other[:5]
+            assert len(during.accepted) > 100
+            during.latencies.sort()
+            assert during.latencies[int(len(during.latencies) * 0.99)] < 2.0
+            everything = Load(api, channel)
+            everything.accepted = before.accepted + during.accepted + after.accepted + [
+                {"account_id": "warmup", "quantity": 1}]
+            await assert_credited_exactly_once(db, everything)
+    finally:
+        await proc.stop()

@@ -1,0 +1,134 @@
+"""The quota ledger: concurrency across instances, expiry, and refusing what must not apply."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka.admin import AIOKafkaAdminClient
+
+from services.kernel import topics
+from services.kernel.producer import Producer
+from tests.flows import (Db, auth, decoded, order_body, post_until_accepted, read_topic, stamp_outcome,
+                         stamp_requested, wait_for)
+from tests.platform import PlatformProcess, add_channel
+
+
+async def _balance(api, channel, account):
+    r = await api.get(f"/v1/accounts/{account}/quota", headers=auth(channel))
+    return r.json() if r.status_code == 200 else None
+
+
+async def _group_members(settings, group: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_consumer_groups([settings.group(group)])
+    finally:
+        await admin.close()
+    return len(described[0].groups[0][-1]) if described and described[0].groups else 0
+
+
+async def test_200_concurrent_reservations_against_50_units_on_two_instances(settings):
+    import httpx
+    front = await PlatformProcess(settings, api="all", workers="purchase", name="front").start()
+    quotas = [await PlatformProcess(settings, api="none", workers="quota", name=f"quota-{i}").start()
+              for i in range(2)]
+    channel = add_channel(settings)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30) as api:
+            await post_until_accepted(api, channel, order_body(quantity=50, account="surge"))
+            await wait_for(lambda: _balance(api, channel, "surge"), what="credit")
+            await wait_for(lambda: _members_are(settings, 2), what="two quota members in the group")
+            producer = Producer(settings)
+            await producer.start()
+            try:
+                await asyncio.gather(*(producer.publish(stamp_requested(settings, channel["channel_id"], "surge"))
+                                       for _ in range(200)))
+            finally:
+                await producer.stop()
+            outcomes = await read_topic(settings, topics.QUOTA_EVENTS.name, at_least=201, timeout=60, settle=1.5)
+            kinds = [type(m).__name__ for m in decoded(outcomes)]
+            assert kinds.count("QuotaReserved") == 50
+            assert kinds.count("QuotaRejected") == 150
+            assert {m.code for m in decoded(outcomes) if type(m).__name__ == "QuotaRejected"} == {"QUOTA_INSUFFICIENT"}
+            bal = await _balance(api, channel, "surge")
+            assert bal == {"account_id": "surge", "credited": 50, "pending": 50, "committed": 0, "available": 0}
+    finally:
+        for p in quotas + [front]:
+            await p.stop()
+
+
+async def _members_are(settings, n):
+    return await _group_members(settings, "quota.ledger") == n
+
+
+async def test_expired_reservation_is_voided_and_a_late_commit_is_refused(settings):
+    import httpx
+    proc = await PlatformProcess(settings, BUBUH_RESERVATION_TTL_S=2, BUBUH_EXPIRY_INTERVAL_S=0.3).start()
+    channel = add_channel(settings)
+    db = Db(settings)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30) as api:
+            await post_until_accepted(api, channel, order_body(quantity=2, account="slow"))
+            await wait_for(lambda: _balance(api, channel, "slow"), what="credit")
+            producer = Producer(settings)
+            await producer.start()
+            try:
+                late = stamp_requested(settings, channel["channel_id"], "slow")
+                on_time = stamp_requested(settings, channel["channel_id"], "slow")
+                await producer.publish(late)
+                await producer.publish(on_time)
+                on_time_id = on_time.key.decode()
+                await wait_for(lambda: _pending_is(api, channel, 2), what="two reservations")
+                await producer.publish(stamp_outcome(settings, channel["channel_id"], "slow", on_time_id,
+                                                     completed=True))
+                await wait_for(lambda: _pending_is(api, channel, 0), timeout=20, what="expiry of the other")
+                late_id = late.key.decode()
+                await producer.publish(stamp_outcome(settings, channel["channel_id"], "slow", late_id, completed=True))
+            finally:
+                await producer.stop()
+            evs = decoded(await read_topic(settings, topics.QUOTA_EVENTS.name, at_least=6, timeout=30, settle=1))
+            released = [m for m in evs if type(m).__name__ == "QuotaReleased"]
+            assert [(m.request_id, m.code) for m in released] == [(late_id, "RESERVATION_EXPIRED")]
+            refused = [m for m in evs if type(m).__name__ == "QuotaRefused"]
+            assert [(m.request_id, m.operation, m.code) for m in refused] == [(late_id, "commit", "RESERVATION_VOIDED")]
+            bal = await _balance(api, channel, "slow")
+            assert bal == {"account_id": "slow", "credited": 2, "pending": 0, "committed": 1, "available": 1}
+            kinds = await db.fetch("quota", "SELECT kind FROM transfers WHERE pending_id = $1", late_id)
+            assert [r["kind"] for r in kinds] == ["void"]
+    finally:
+        await proc.stop()
+
+
+async def _pending_is(api, channel, n):
+    bal = await _balance(api, channel, "slow")
+    return bal is not None and bal["pending"] == n
+
+
+async def test_release_returns_the_unit_and_redelivered_outcomes_change_nothing(platform, api, channel, settings):
+    await post_until_accepted(api, channel, order_body(quantity=3, account="r"))
+    await wait_for(lambda: _balance(api, channel, "r"), what="credit")
+    producer = Producer(settings)
+    await producer.start()
+    try:
+        a, b = (stamp_requested(settings, channel["channel_id"], "r") for _ in range(2))
+        for rec in (a, a, b):       # a delivered twice: one reservation
+            await producer.publish(rec)
+        a_id, b_id = a.key.decode(), b.key.decode()
+        done = stamp_outcome(settings, channel["channel_id"], "r", a_id, completed=True)
+        failed = stamp_outcome(settings, channel["channel_id"], "r", b_id, completed=False)
+        for rec in (done, done, failed, failed):
+            await producer.publish(rec)
+        # a release after a commit must not give the unit back
+        await producer.publish(stamp_outcome(settings, channel["channel_id"], "r", a_id, completed=False))
+    finally:
+        await producer.stop()
+    await wait_for(lambda: _committed(api, channel), what="commit")
+    await asyncio.sleep(1.0)
+    assert await _balance(api, channel, "r") == {"account_id": "r", "credited": 3, "pending": 0, "committed": 1,
+                                                 "available": 2}
+
+
+async def _committed(api, channel):
+    bal = await _balance(api, channel, "r")
+    return bal and bal["committed"] == 1 and bal["pending"] == 0
