@@ -47,8 +47,12 @@ def create_app(title: str, routers: Sequence[APIRouter], lifespan=None, version:
         finally:
             route = request.scope.get("route")
             path = getattr(route, "path", "unmatched")
+            elapsed = time.perf_counter() - started
             metrics.HTTP_REQUESTS.labels(path, str(status)).inc()
-            metrics.HTTP_SECONDS.labels(path).observe(time.perf_counter() - started)
+            metrics.HTTP_SECONDS.labels(path).observe(elapsed)
+            if path not in ("/metrics", "/healthz"):
+                log.info("http", method=request.method, route=path, status=status,
+                         duration_ms=round(elapsed * 1000, 2))
             tracing.reset(token)
 
     @app.exception_handler(errors.BubuhError)

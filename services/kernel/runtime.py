@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -76,10 +77,23 @@ async def connect_database(settings: Settings, service: str) -> asyncpg.Pool:
             "start the local stack with `make up`, or fix BUBUH_DATABASE_URL") from None
 
 
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """While probing a dependency, its client library's own error lines would bury our one line."""
+    lib = logging.getLogger(logger_name)
+    level = lib.level
+    lib.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        lib.setLevel(level)
+
+
 async def connect_kafka(settings: Settings, client_id: str) -> Producer:
     producer = Producer(settings, client_id=client_id)
     try:
-        await asyncio.wait_for(producer.start(), 20)
+        with _quiet("aiokafka"):
+            await asyncio.wait_for(producer.start(), 20)
     except (KafkaError, OSError, asyncio.TimeoutError) as exc:
         with contextlib.suppress(Exception):
             await producer.stop()

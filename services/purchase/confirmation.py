@@ -83,7 +83,9 @@ class Confirmation:
                 buyer_email=order.buyer_email)
             confirmed.paid_at.CopyFrom(msg.paid_at)
             await self._emit(conn, confirmed, order, purchase_id, "confirmed", event)
-            PURCHASES.labels("confirmed").inc()
+        PURCHASES.labels("confirmed").inc()
+        log.info("purchase confirmed", purchase_id=purchase_id, channel_id=order.channel_id,
+                 account_id=order.account_id, quantity=order.quantity)
 
     async def _authenticate(self, conn: asyncpg.Connection, event: Event, msg) -> None:
         signature = event.headers.get(HEADER_HMAC)

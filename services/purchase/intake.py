@@ -116,6 +116,8 @@ class Intake:
             raise
         self._remember(purchase_id, channel.channel_id)
         PURCHASES.labels("accepted").inc()
+        log.info("purchase accepted", purchase_id=purchase_id, channel_id=channel.channel_id,
+                 account_id=order.account_id, quantity=order.quantity)
         return Accepted(purchase_id, "accepted", replayed=existing is not None)
 
     async def status(self, channel_id: str, purchase_id: str) -> dict | None:

@@ -63,6 +63,9 @@ class QuotaHandlers:
             outcome = await op(conn, event)
         LEDGER_SECONDS.labels(operation).observe(time.perf_counter() - started)
         LEDGER_OPERATIONS.labels(operation, outcome.result).inc()
+        log.info("ledger", operation=operation, result=outcome.result, code=outcome.code or None,
+                 subject=getattr(event.payload, "request_id", "") or getattr(event.payload, "purchase_id", ""),
+                 balance=outcome.balance.as_dict() if outcome.balance else None)
 
     async def _emit(self, conn, msg, key: str, event_id: str, cause: Event | None) -> None:
         env = events.envelope(msg, producer=NAME, event_id=event_id,

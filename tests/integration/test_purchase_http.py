@@ -109,3 +109,18 @@ async def test_openapi_document_is_served(api):
     doc = (await api.get("/openapi.json")).json()
     assert "/v1/purchases" in doc["paths"] and "/v1/accounts/{account_id}/quota" in doc["paths"]
     assert "202" in doc["paths"]["/v1/purchases"]["post"]["responses"]
+
+
+async def test_one_trace_id_follows_a_purchase_through_every_service(platform, api, channel):
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    body = order_body(quantity=1, account="traced")
+    await post_until_accepted(api, channel, order_body(quantity=1, account="warm"))
+    r = await api.post("/v1/purchases", json=body, headers={**auth(channel),
+                                                           "traceparent": f"00-{trace}-00f067aa0ba902b7-01"})
+    assert r.status_code == 202 and r.headers["traceparent"].split("-")[1] == trace
+    await wait_for(lambda: quota(api, channel, "traced"), what="credit")
+
+    async def logged():
+        lines = [rec for rec in platform.log_records() if rec.get("trace_id") == trace]
+        return {rec["event"] for rec in lines} >= {"http", "purchase accepted", "purchase confirmed", "ledger"}
+    await wait_for(logged, timeout=10, what="trace id in intake, confirmation and ledger logs")

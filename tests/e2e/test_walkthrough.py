@@ -1,0 +1,75 @@
+"""The README's walkthrough, end to end: `bubuh up`, `bubuh demo`, `bubuh down` leaves nothing running."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from services.kernel.settings import REPO_ROOT
+from tests.platform import env_for
+
+
+def _run(env, *args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is not running: only its exit status is left
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().split(") ", 1)[1][0] != "Z"
+
+
+def test_up_demo_down(settings, tmp_path):
+    env = env_for(settings, BUBUH_LOCAL_DIR=str(tmp_path))
+    up = _run(env, "up")
+    assert up.returncode == 0, up.stderr
+    pid = int((tmp_path / "run" / "bubuh.pid").read_text())
+    assert _alive(pid)
+    again = _run(env, "up")
+    assert "already running" in again.stdout
+    demo = _run(env, "demo")
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "-> 202" in demo.stdout
+    assert '"status": "confirmed"' in demo.stdout
+    assert "paid means credited: yes" in demo.stdout
+    down = _run(env, "down")
+    assert down.returncode == 0 and "stopped" in down.stdout
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid)
+    assert _run(env, "status").returncode == 3
+    # the JSON log of the run carries trace ids
+    log = (tmp_path / "logs" / "bubuh.log").read_text()
+    assert '"trace_id"' in log
+
+
+async def test_reconcile_reports_a_clean_channel_and_a_missing_order(platform, api, channel, settings, tmp_path):
+    import asyncio
+    from tests.flows import order_body, post_until_accepted, wait_for
+    from tests.platform import cli
+    bodies = [order_body(quantity=q, account="rc") for q in (1, 2)]
+    for b in bodies:
+        await post_until_accepted(api, channel, b)
+    csv_path = tmp_path / "orders.csv"
+    rows = ["channel_order_id,account_id,quantity,amount"] + [
+        f"{b['channel_order_id']},{b['account_id']},{b['quantity']},{b['amount']}" for b in bodies]
+    csv_path.write_text("\n".join(rows) + "\n")
+
+    async def clean():
+        return (await asyncio.to_thread(cli, settings, "reconcile", str(csv_path), "--channel",
+                                        channel["channel_id"], check=False)).returncode == 0
+    await wait_for(clean, what="reconcile clean")
+    csv_path.write_text("\n".join(rows + ["NEVER-PAID-HERE,rc,1,10000"]) + "\n")
+    out = cli(settings, "reconcile", str(csv_path), "--channel", channel["channel_id"], "--json", check=False)
+    assert out.returncode == 1
+    import json
+    report = json.loads(out.stdout)
+    assert report["matched"] == 2 and [m["channel_order_id"] for m in report["missing"]] == ["NEVER-PAID-HERE"]
