@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import datetime as dt
+import io
 import json
 import secrets
 import time
@@ -32,7 +32,7 @@ async def run(settings: Settings) -> int:
     print(f"   channel {creds['channel_id']}, api key {creds['api_key'][:10]}...")
     auth = {"Authorization": f"Bearer {creds['api_key']}"}
     order = {"channel_order_id": f"POS-{secrets.token_hex(4)}", "account_id": "applicant-3171",
-             "quantity": 2, "amount": 20000, "paid_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+             "quantity": 2, "amount": 20000, "paid_at": dt.datetime.now(dt.UTC).isoformat(),
              "payment_ref": "VA-8808-1234"}
     async with httpx.AsyncClient(base_url=base, timeout=10) as client:
         print(f"== 2. post a purchase\n   curl -X POST {base}/v1/purchases -H 'Authorization: Bearer …' "
@@ -56,7 +56,8 @@ async def run(settings: Settings) -> int:
                 break
             await asyncio.sleep(0.2)
         print(f"   -> {json.dumps(status)}")
-        print(f"== 4. read the quota\n   curl {base}/v1/accounts/{order['account_id']}/quota -H 'Authorization: Bearer …'")
+        print(f"== 4. read the quota\n   curl {base}/v1/accounts/{order['account_id']}/quota "
+              "-H 'Authorization: Bearer …'")
         quota = {}
         while time.monotonic() < deadline:
             q = await client.get(f"/v1/accounts/{order['account_id']}/quota", headers=auth)

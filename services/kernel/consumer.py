@@ -61,7 +61,7 @@ def dead_letter_record(record: ConsumerRecord, dlq_topic: str, consumer: str, co
         (DLQ_DETAIL, detail[:2000].encode()),
         (DLQ_SOURCE, f"{record.topic}/{record.partition}/{record.offset}".encode()),
         (DLQ_CONSUMER, consumer.encode()),
-        (DLQ_AT, dt.datetime.now(dt.timezone.utc).isoformat().encode()),
+        (DLQ_AT, dt.datetime.now(dt.UTC).isoformat().encode()),
     ]
     return Outgoing(topic=dlq_topic, key=record.key, value=record.value or b"", headers=headers)
 
@@ -135,7 +135,7 @@ class ConsumerLoop:
                                        return_exceptions=True)
         commits: dict[TopicPartition, int] = {}
         outages: list[_Outage] = []
-        for tp, result in zip(tps, results):
+        for tp, result in zip(tps, results, strict=True):
             if isinstance(result, _Outage):
                 outages.append(result)
                 consumer.seek(tp, result.offset)

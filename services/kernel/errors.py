@@ -102,6 +102,24 @@ UNAVAILABLE = _code("TSA_UNAVAILABLE", 503, "The time-stamp authority did not an
                         "Retried automatically.", retryable=True)
 TOKEN_BUSY = _code("TOKEN_BUSY", 503, "The signing token (HSM) was busy.", "Retried automatically.", retryable=True)
 
+# --- notification ----------------------------------------------------------------------------
+QUERY_INVALID = _code("QUERY_INVALID", 422, "The query parameters do not select anything.",
+                      "Give `event_id=<id>` or `since=<RFC 3339 time>` (see `detail`).")
+WEBHOOK_REJECTED = _code("WEBHOOK_REJECTED", 502, "The channel's webhook endpoint answered with a non-2xx status.",
+                         "Answer 2xx once the event is stored; Bubuh retries with backoff until the horizon.",
+                         retryable=True)
+WEBHOOK_TIMEOUT = _code("WEBHOOK_TIMEOUT", 504, "The channel's webhook endpoint did not answer in time.",
+                        "Answer within the timeout (10 s); do slow work after answering 2xx.", retryable=True)
+WEBHOOK_UNREACHABLE = _code("WEBHOOK_UNREACHABLE", 502, "The channel's webhook endpoint refused or dropped the "
+                            "connection.", "Check the URL registered for the channel and that it is up.",
+                            retryable=True)
+WEBHOOK_NO_ENDPOINT = _code("WEBHOOK_NO_ENDPOINT", 409, "The channel has no webhook URL (or is unknown).",
+                            "Register a webhook URL for the channel.", retryable=True)
+EMAIL_REFUSED = _code("EMAIL_REFUSED", 502, "The mail server refused the message permanently (5xx).",
+                      "Check the buyer's address; the email is not retried.")
+EMAIL_UNAVAILABLE = _code("EMAIL_UNAVAILABLE", 503, "The mail server did not accept the message for now.",
+                          "Retried automatically until the horizon.", retryable=True)
+
 
 class BubuhError(Exception):
     """An error with a catalogued code; ``detail`` says what exactly was wrong."""

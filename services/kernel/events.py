@@ -80,7 +80,7 @@ def envelope(payload: Message, *, producer: str, causation_id: str = "", event_i
         type=type_name(payload),
         payload=payload.SerializeToString(),
     )
-    env.occurred_at.FromDatetime(occurred_at or dt.datetime.now(dt.timezone.utc))
+    env.occurred_at.FromDatetime(occurred_at or dt.datetime.now(dt.UTC))
     return env
 
 

@@ -11,7 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 CONSUMED = Counter("bubuh_consumer_records_total", "Records handled by a consumer, by outcome",
                    ["consumer", "topic", "outcome"])
 HANDLE_SECONDS = Histogram("bubuh_consumer_handle_seconds", "Time to handle one record",
-                           ["consumer", "topic"], buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+                           ["consumer", "topic"],
+                           buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
 LAG = Gauge("bubuh_consumer_lag_records", "Records between the committed offset and the end of a partition",
             ["consumer", "topic", "partition"])
 DEAD_LETTERED = Counter("bubuh_dead_letter_records_total", "Records sent to a dead-letter topic, by reason",

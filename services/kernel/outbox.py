@@ -18,7 +18,7 @@ import asyncpg
 
 from services.kernel import database, logs
 from services.kernel.events import Outgoing
-from services.kernel.metrics import OUTBOX_PUBLISHED, OUTBOX_LAG_SECONDS
+from services.kernel.metrics import OUTBOX_LAG_SECONDS, OUTBOX_PUBLISHED
 from services.kernel.producer import Producer
 from services.kernel.settings import Settings
 
@@ -107,7 +107,7 @@ class Relay:
             ]
             await self._producer.publish_many(records)
             await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         OUTBOX_PUBLISHED.labels(schema=self._schema).inc(len(rows))
         OUTBOX_LAG_SECONDS.labels(schema=self._schema).observe(
             max(0.0, (now - rows[0]["created_at"]).total_seconds()))

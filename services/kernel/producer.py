@@ -46,5 +46,5 @@ class Producer:
                 await self._producer.send(r.topic, r.value, key=r.key, headers=r.headers) for r in records
             ]
             await asyncio.wait_for(asyncio.gather(*futures), timeout=self._timeout_s)
-        except (KafkaError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, KafkaError) as exc:
             raise errors.BubuhError(errors.UNAVAILABLE, f"Kafka did not acknowledge: {exc!r}") from exc

@@ -40,6 +40,6 @@ class Backoff:
 
 async def schedule(conn: asyncpg.Connection, record: Outgoing, delay_s: float) -> dt.datetime:
     """Publish ``record`` again after ``delay_s``; runs inside the caller's transaction."""
-    due = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=delay_s)
+    due = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay_s)
     await outbox.add(conn, [record], available_at=due)
     return due

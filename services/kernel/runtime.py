@@ -70,8 +70,9 @@ async def connect_database(settings: Settings, service: str) -> asyncpg.Pool:
     except asyncpg.InvalidPasswordError:
         raise ConfigError(f"PostgreSQL at {where} refused the password: check BUBUH_DATABASE_URL") from None
     except asyncpg.InvalidCatalogNameError:
-        raise ConfigError(f"PostgreSQL at {where} has no such database: create it or fix BUBUH_DATABASE_URL") from None
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, ValueError) as exc:
+        raise ConfigError(
+            f"PostgreSQL at {where} has no such database: create it or fix BUBUH_DATABASE_URL") from None
+    except (TimeoutError, OSError, asyncpg.PostgresError, ValueError) as exc:
         raise ConfigError(
             f"cannot connect to PostgreSQL at {where} ({type(exc).__name__}: {exc}): "
             "start the local stack with `make up`, or fix BUBUH_DATABASE_URL") from None
@@ -94,7 +95,7 @@ async def connect_kafka(settings: Settings, client_id: str) -> Producer:
     try:
         with _quiet("aiokafka"):
             await asyncio.wait_for(producer.start(), 20)
-    except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, KafkaError, OSError) as exc:
         with contextlib.suppress(Exception):
             await producer.stop()
         raise ConfigError(
@@ -109,14 +110,15 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError:
-            raise ConfigError(f"port {host}:{port} is taken by another process: stop it, or set BUBUH_HTTP_PORT") from None
+            raise ConfigError(
+                f"port {host}:{port} is taken by another process: stop it, or set BUBUH_HTTP_PORT") from None
 
 
 async def start(settings: Settings, client_id: str) -> Runtime:
     producer = await connect_kafka(settings, client_id)
     try:
         await asyncio.wait_for(topics.ensure(settings), 30)
-    except (KafkaError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, KafkaError) as exc:
         await producer.stop()
         raise ConfigError(f"Kafka at {settings.kafka_bootstrap} did not create the topics ({exc!r})") from None
     return Runtime(settings=settings, producer=producer, channels=ChannelView(settings))

@@ -64,6 +64,32 @@ class Settings(BaseSettings):
     outbox_batch: int = 500
     outbox_idle_poll_s: float = 0.5
 
+    # --- notification --- (webhooks and email; services/notification, docs/webhooks.md)
+    webhook_concurrency: int = 32          # webhook requests in flight per instance, all endpoints together
+    webhook_per_endpoint: int = 4          # requests in flight per endpoint (scheme://host:port) per instance
+    webhook_connect_timeout_s: float = 2.0
+    webhook_timeout_s: float = 10.0        # the whole request, connect to last byte of the status line
+    webhook_lease_s: float = 30.0          # a claimed delivery's lease; must exceed webhook_timeout_s
+    webhook_backoff_base_s: float = 10.0   # first retry after base/2..base, then doubling (full jitter, floor 1/2)
+    webhook_backoff_factor: float = 2.0
+    webhook_backoff_max_s: float = 3600.0
+    webhook_horizon_s: float = 24 * 3600   # retried until then; then dead-lettered (DeliveryAbandoned)
+    webhook_breaker_failures: int = 5      # consecutive failures that open an endpoint's circuit
+    webhook_breaker_cooldown_s: float = 30.0   # open -> half-open (one probe) after this
+    notification_idle_poll_s: float = 1.0  # longest sleep of the dispatchers without a NOTIFY
+    notification_retention_s: float = 30 * 24 * 3600   # delivered / dead rows are deleted after this
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 1025
+    smtp_security: str = "none"            # "none" | "starttls" | "tls"
+    smtp_username: str = ""
+    smtp_password: str = ""
+    smtp_timeout_s: float = 10.0
+    email_sender: str = "Bubuh e-Meterai <no-reply@bubuh.local>"
+    email_locale: str = "id"               # "id" | "en" | "id+en" (one bilingual message, Indonesian first)
+    email_concurrency: int = 4
+    email_backoff_base_s: float = 30.0
+    email_horizon_s: float = 24 * 3600
+
     @property
     def public_url(self) -> str:
         return self.public_base_url or f"http://{self.http_host}:{self.http_port}"

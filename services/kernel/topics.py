@@ -48,7 +48,8 @@ def markdown(settings: Settings) -> str:
     rows = ["| topic | written by | key | events | partitions |", "|---|---|---|---|---|"]
     for t in ALL:
         parts = t.partitions or settings.default_partitions
-        rows.append(f"| `{t.name}` | {t.owner} | {t.key} | {t.events} | {parts}{' (compacted)' if t.compacted else ''} |")
+        compacted = " (compacted)" if t.compacted else ""
+        rows.append(f"| `{t.name}` | {t.owner} | {t.key} | {t.events} | {parts}{compacted} |")
     return "\n".join(rows) + "\n"
 
 

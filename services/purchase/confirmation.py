@@ -30,7 +30,7 @@ CONSUMER = "purchase.confirmation"
 def order_of(msg: purchase_pb2.PurchaseSubmitted) -> PurchaseOrder:
     return PurchaseOrder(channel_id=msg.channel_id, channel_order_id=msg.channel_order_id,
                          account_id=msg.account_id, quantity=msg.quantity, amount=msg.amount,
-                         paid_at=msg.paid_at.ToDatetime(tzinfo=dt.timezone.utc), payment_ref=msg.payment_ref,
+                         paid_at=msg.paid_at.ToDatetime(tzinfo=dt.UTC), payment_ref=msg.payment_ref,
                          buyer_email=msg.buyer_email)
 
 
@@ -55,7 +55,7 @@ class Confirmation:
             try:
                 validate(order, price=self._settings.stamp_price_rupiah,
                          max_quantity=self._settings.purchase_max_quantity,
-                         now=event.envelope.occurred_at.ToDatetime(tzinfo=dt.timezone.utc))
+                         now=event.envelope.occurred_at.ToDatetime(tzinfo=dt.UTC))
             except errors.BubuhError as exc:
                 await self._reject(conn, order, purchase_id, exc.code.code, exc.detail, event)
                 return

@@ -52,12 +52,13 @@ def submitted_record(settings: Settings, order: PurchaseOrder, secret: bytes, *,
         purchase_id=order.purchase_id(), channel_id=order.channel_id, channel_order_id=order.channel_order_id,
         account_id=order.account_id, quantity=order.quantity, amount=order.amount, payment_ref=order.payment_ref,
         buyer_email=order.buyer_email)
-    msg.paid_at.FromDatetime(order.paid_at.astimezone(dt.timezone.utc))
+    msg.paid_at.FromDatetime(order.paid_at.astimezone(dt.UTC))
     env = events.envelope(msg, producer=producer, event_id=event_id or submitted_event_id(order.purchase_id()))
     value = env.SerializeToString()
     rec = events.outgoing(settings.topic(topics.PURCHASE_SUBMITTED.name),
                           events.account_key(order.channel_id, order.account_id), env,
-                          [(HEADER_CHANNEL, order.channel_id.encode()), (HEADER_HMAC, hmac_hex(secret, value).encode())])
+                          [(HEADER_CHANNEL, order.channel_id.encode()),
+                           (HEADER_HMAC, hmac_hex(secret, value).encode())])
     return rec
 
 

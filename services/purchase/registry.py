@@ -76,7 +76,7 @@ class Registry:
     async def rotate_secret(self, channel_id: str, grace: dt.timedelta = dt.timedelta(hours=24)) -> Credentials:
         """A new HMAC secret; the old one is still accepted for ``grace`` so channels can roll over."""
         secret = _new_secret()
-        until = dt.datetime.now(dt.timezone.utc) + grace
+        until = dt.datetime.now(dt.UTC) + grace
         async with self._pool.acquire() as conn, conn.transaction():
             await self._update(conn, channel_id,
                                "previous_secret_sealed = hmac_secret_sealed, previous_secret_valid_until = $3, "
@@ -103,7 +103,7 @@ class Registry:
         ctx = channel_id.encode()
         out = [sealed.unseal(self._key, row["hmac_secret_sealed"], ctx)]
         until = row["previous_secret_valid_until"]
-        if row["previous_secret_sealed"] and until and until > dt.datetime.now(dt.timezone.utc):
+        if row["previous_secret_sealed"] and until and until > dt.datetime.now(dt.UTC):
             out.append(sealed.unseal(self._key, row["previous_secret_sealed"], ctx))
         return row["status"], out
 

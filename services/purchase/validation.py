@@ -33,7 +33,7 @@ class PurchaseOrder:
 
     def body_sha256(self) -> str:
         """Fingerprint of what the channel asserted; the same order id with another fingerprint is a mismatch."""
-        paid = self.paid_at.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        paid = self.paid_at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         canon = "\x1f".join([self.channel_order_id, self.account_id, str(self.quantity), str(self.amount), paid,
                              self.payment_ref])
         return hashlib.sha256(canon.encode()).hexdigest()
@@ -54,7 +54,7 @@ def validate(order: PurchaseOrder, *, price: int, max_quantity: int, now: dt.dat
     if order.amount != order.quantity * price:
         raise errors.BubuhError(errors.AMOUNT_MISMATCH,
                                 f"amount {order.amount} != {order.quantity} x {price} = {order.quantity * price}")
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     if order.paid_at.tzinfo is None:
         raise errors.BubuhError(errors.BODY_INVALID, "paid_at needs a time zone (e.g. 2024-09-05T10:00:00+07:00)")
     if order.paid_at > now + CLOCK_SKEW:

@@ -87,7 +87,7 @@ class QuotaHandlers:
 
     async def _reserve(self, conn, event: Event) -> ledger.Outcome:
         m: stamp_pb2.StampRequested = event.payload
-        deadline = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self._settings.reservation_ttl_s)
+        deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self._settings.reservation_ttl_s)
         out = await ledger.reserve(conn, request_id=m.request_id, channel_id=m.channel_id, account_id=m.account_id,
                                    deadline=deadline, event_id=event.event_id)
         key = events.account_key(m.channel_id, m.account_id)
@@ -130,14 +130,15 @@ class QuotaHandlers:
         elif out.result == "refused":
             # reported, never silently applied
             log.warning("ledger refused", operation=operation, request_id=m.request_id, code=out.code)
-            await self._emit(conn, quota_pb2.QuotaRefused(channel_id=m.channel_id, account_id=m.account_id,
-                                                          request_id=m.request_id, operation=operation, code=out.code),
-                             key, derived_event_id(m.request_id, f"refused-{operation}-{cause.event_id if cause else ''}"),
+            refused = quota_pb2.QuotaRefused(channel_id=m.channel_id, account_id=m.account_id,
+                                             request_id=m.request_id, operation=operation, code=out.code)
+            cause_id = cause.event_id if cause else ""
+            await self._emit(conn, refused, key, derived_event_id(m.request_id, f"refused-{operation}-{cause_id}"),
                              cause)
 
     async def expire_due(self, now: dt.datetime | None = None) -> int:
         """Void every reservation past its deadline; returns how many."""
-        now = now or dt.datetime.now(dt.timezone.utc)
+        now = now or dt.datetime.now(dt.UTC)
         async with self._pool.acquire() as conn, conn.transaction():
             due = await ledger.due_expiries(conn, now)
             for request_id in due:
@@ -161,5 +162,5 @@ class QuotaHandlers:
                 log.warning("expiry sweep failed", error=repr(exc))
             try:
                 await asyncio.wait_for(stop.wait(), self._settings.expiry_interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass

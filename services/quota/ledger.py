@@ -79,7 +79,8 @@ async def credit(conn: asyncpg.Connection, *, purchase_id: str, channel_id: str,
                  event_id: str) -> Outcome:
     await _lock_account(conn, channel_id, account_id)
     inserted = await conn.fetchval(
-        "INSERT INTO transfers (id, kind, channel_id, account_id, amount, event_id) VALUES ($1, 'credit', $2, $3, $4, $5) "
+        "INSERT INTO transfers (id, kind, channel_id, account_id, amount, event_id) "
+        "VALUES ($1, 'credit', $2, $3, $4, $5) "
         "ON CONFLICT (id) DO NOTHING RETURNING 1", purchase_id, channel_id, account_id, quantity, event_id)
     if not inserted:
         return Outcome("duplicate")

@@ -53,6 +53,7 @@ def test_up_demo_down(settings, tmp_path):
 
 async def test_reconcile_reports_a_clean_channel_and_a_missing_order(platform, api, channel, settings, tmp_path):
     import asyncio
+
     from tests.flows import order_body, post_until_accepted, wait_for
     from tests.platform import cli
     bodies = [order_body(quantity=q, account="rc") for q in (1, 2)]

@@ -49,7 +49,7 @@ async def test_same_order_same_body_gets_the_original_answer_other_body_409(api,
 
 async def test_validation_answers_with_stable_codes_and_moves_nothing(api, channel, settings):
     await post_until_accepted(api, channel, order_body(quantity=1))  # the channel is known from here on
-    future = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)).isoformat()
+    future = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)).isoformat()
     cases = [
         (order_body(quantity=2, amount=10_000), 422, "AMOUNT_MISMATCH"),
         (order_body(quantity=0, amount=0), 422, "QUANTITY_OUT_OF_RANGE"),
@@ -65,7 +65,8 @@ async def test_validation_answers_with_stable_codes_and_moves_nothing(api, chann
         r = await api.post("/v1/purchases", json=body, headers=auth(channel))
         assert (r.status_code, r.json()["code"]) == (status, code), (body, r.text)
         assert r.json()["detail"] and r.json()["trace_id"]
-    r = await api.post("/v1/purchases", content=b"{not json", headers={**auth(channel), "Content-Type": "application/json"})
+    r = await api.post("/v1/purchases", content=b"{not json",
+                       headers={**auth(channel), "Content-Type": "application/json"})
     assert (r.status_code, r.json()["code"]) == (422, "BODY_INVALID")
     r = await api.post("/v1/purchases", content=b"a=b", headers={**auth(channel), "Content-Type": "text/plain"})
     assert (r.status_code, r.json()["code"]) == (415, "UNSUPPORTED_MEDIA_TYPE")
@@ -94,8 +95,9 @@ async def test_a_channel_sees_only_its_own_purchases_and_accounts(api, channel, 
 
 
 async def test_rotated_api_key_replaces_the_old_one(api, channel, settings):
-    from tests.platform import cli
     import json
+
+    from tests.platform import cli
     await post_until_accepted(api, channel, order_body())
     new = json.loads(cli(settings, "channel", "rotate-key", channel["channel_id"], "--json").stdout)
     rotated = dict(channel, api_key=new["api_key"])

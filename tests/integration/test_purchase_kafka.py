@@ -3,13 +3,24 @@ ones are dead-lettered with their reason and never credited; the consumer keeps 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 from services.kernel import events, topics
 from services.kernel.consumer import DLQ_REASON
 from services.kernel.producer import Producer
 from services.kernel.signatures import HEADER_CHANNEL, HEADER_HMAC
-from tests.flows import Db, auth, decoded, kafka_submission, order_body, post_until_accepted, read_topic, wait_for
+from services.purchase.validation import PurchaseOrder
+from tests.flows import (
+    Db,
+    auth,
+    decoded,
+    kafka_submission,
+    order_body,
+    post_until_accepted,
+    read_topic,
+    wait_for,
+)
 from tests.platform import cli
 
 
@@ -103,3 +114,27 @@ async def test_every_purchase_delivered_three_times_is_credited_once(platform, a
     assert {r["account_id"]: r["credited"] for r in per_account} == want
     assert await db.val("quota", "SELECT count(*) FROM transfers WHERE kind = 'credit'") == len(bodies) + 1
     assert await db.val("purchase", "SELECT count(*) FROM purchases WHERE status = 'confirmed'") == len(bodies) + 1
+
+
+async def test_a_body_mismatch_found_downstream_rejects_the_later_purchase(platform, api, channel, settings):
+    """What happens when intake could not check (PostgreSQL away, or two doors): the consumer decides."""
+    db = Db(settings)
+    first = order_body(quantity=2, account="m", order_id="SAME-ORDER")
+    second = dict(first, quantity=3, amount=30_000)
+    producer = Producer(settings)
+    await producer.start()
+    try:
+        await producer.publish(kafka_submission(settings, channel, first))
+        await producer.publish(kafka_submission(settings, channel, second))
+    finally:
+        await producer.stop()
+    second_id = PurchaseOrder(channel_id=channel["channel_id"], channel_order_id="SAME-ORDER", account_id="m",
+                              quantity=3, amount=30_000, paid_at=dt.datetime.fromisoformat(second["paid_at"]),
+                              payment_ref=second["payment_ref"]).purchase_id()
+
+    async def rejected():
+        r = await api.get(f"/v1/purchases/{second_id}", headers=auth(channel))
+        return r.status_code == 200 and r.json()["status"] == "rejected" and r.json()
+    status = await wait_for(rejected, what="second body rejected")
+    assert status["code"] == "IDEMPOTENCY_MISMATCH"
+    assert await _credited(db, channel["channel_id"]) == 2

@@ -8,8 +8,17 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from services.kernel import topics
 from services.kernel.producer import Producer
-from tests.flows import (Db, auth, decoded, order_body, post_until_accepted, read_topic, stamp_outcome,
-                         stamp_requested, wait_for)
+from tests.flows import (
+    Db,
+    auth,
+    decoded,
+    order_body,
+    post_until_accepted,
+    read_topic,
+    stamp_outcome,
+    stamp_requested,
+    wait_for,
+)
 from tests.platform import PlatformProcess, add_channel
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from cryptography.exceptions import InvalidTag
 
 from services.contracts.bubuh.v1 import quota_pb2
 from services.kernel import errors, events, retry, sealed, signatures, tracing
@@ -45,7 +46,7 @@ def test_sealed_secret_is_bound_to_its_channel():
     key = bytes(range(32))
     box = sealed.seal(key, b"secret", b"ch_1")
     assert sealed.unseal(key, box, b"ch_1") == b"secret"
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidTag):
         sealed.unseal(key, box, b"ch_2")
 
 
@@ -62,7 +63,7 @@ def test_backoff_grows_and_is_capped():
     rng = random.Random(7)
     delays = [b.delay(n, rng) for n in range(1, 9)]
     ceilings = [min(30, 2 ** (n - 1)) for n in range(1, 9)]
-    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings))
+    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True))
     assert delays[3] > delays[0]
     assert retry.Backoff(base_s=1, jitter=False).delay(4) == 8
 

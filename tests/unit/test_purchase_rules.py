@@ -11,7 +11,7 @@ from services.kernel import errors
 from services.purchase.reconciliation import compare
 from services.purchase.validation import PurchaseOrder, validate
 
-NOW = dt.datetime(2024, 9, 5, 3, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2024, 9, 5, 3, 0, tzinfo=dt.UTC)
 
 
 def order(**over) -> PurchaseOrder:
