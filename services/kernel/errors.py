@@ -24,6 +24,8 @@ _CATALOGUE: dict[str, ErrorCode] = {}
 
 
 def _code(code: str, http_status: int, meaning: str, action: str, retryable: bool = False) -> ErrorCode:
+    if code in _CATALOGUE:
+        raise ValueError(f"error code {code} is catalogued twice")
     entry = ErrorCode(code, http_status, meaning, action, retryable)
     _CATALOGUE[code] = entry
     return entry
@@ -92,13 +94,9 @@ PLACEMENT_INVALID = _code("PLACEMENT_INVALID", 422, "The page does not exist or 
                           "Send a page number and a box (PDF points) inside that page.")
 SIGNING_FAILED = _code("SIGNING_FAILED", 500, "The signer could not stamp this document.",
                        "The unit was returned; contact operations with the request id.")
-STORAGE_HANDLER_CRASHED = _code("HANDLER_CRASHED", 500, "A consumer raised an unexpected error on this record.",
-                        "Operations: read the dead-letter entry's detail, fix, then `bubuh replay`.")
-UNAVAILABLE = _code("STORAGE_UNAVAILABLE", 503, "The document store did not answer.",
+STORAGE_UNAVAILABLE = _code("STORAGE_UNAVAILABLE", 503, "The document store did not answer.",
                             "Retried automatically.", retryable=True)
-TSA_HANDLER_CRASHED = _code("HANDLER_CRASHED", 500, "A consumer raised an unexpected error on this record.",
-                        "Operations: read the dead-letter entry's detail, fix, then `bubuh replay`.")
-UNAVAILABLE = _code("TSA_UNAVAILABLE", 503, "The time-stamp authority did not answer.",
+TSA_UNAVAILABLE = _code("TSA_UNAVAILABLE", 503, "The time-stamp authority did not answer.",
                         "Retried automatically.", retryable=True)
 TOKEN_BUSY = _code("TOKEN_BUSY", 503, "The signing token (HSM) was busy.", "Retried automatically.", retryable=True)
 

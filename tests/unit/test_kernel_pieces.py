@@ -72,3 +72,10 @@ def test_error_catalogue_codes_are_unique_and_documented():
     codes = [e.code for e in errors.catalogue()]
     assert len(codes) == len(set(codes))
     assert all(e.meaning and e.action and 400 <= e.http_status < 600 for e in errors.catalogue())
+
+
+def test_every_catalogued_constant_is_named_after_its_code():
+    named = {name: value for name, value in vars(errors).items() if isinstance(value, errors.ErrorCode)}
+    assert all(name == value.code for name, value in named.items()), \
+        [(n, v.code) for n, v in named.items() if n != v.code]
+    assert {v.code for v in named.values()} == {e.code for e in errors.catalogue()}
