@@ -1,0 +1,194 @@
+"""Test documents for the stamping tier: what channels really send, and what they should not.
+
+Why generated instead of checked in: the interesting properties (an 800 KB scan that
+does not compress, a document already signed by an applicant with a key we do not
+own, a 50 MB upload) are cheap to build and expensive to store, and a generator keeps
+every test and benchmark on identical, reproducible bytes (seeded).
+
+Used by ``tests/unit/stamping`` and ``loadtests/bench_engine.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import zlib
+from dataclasses import dataclass
+
+import pikepdf
+
+A4 = (595.276, 841.89)
+
+_LOREM = (
+    "Yang bertanda tangan di bawah ini menyatakan dengan sesungguhnya bahwa data yang "
+    "saya sampaikan dalam pendaftaran seleksi calon aparatur sipil negara adalah benar "
+    "dan saya bersedia menerima sanksi apabila di kemudian hari terbukti tidak benar."
+).split()
+
+
+def _escape(text: str) -> bytes:
+    return text.encode("latin-1").replace(b"\\", b"\\\\").replace(b"(", b"\\(").replace(b")", b"\\)")
+
+
+def _save(pdf: pikepdf.Pdf, version: str | None, object_streams: bool) -> bytes:
+    out = io.BytesIO()
+    pdf.save(
+        out,
+        force_version=version,
+        object_stream_mode=(
+            pikepdf.ObjectStreamMode.generate if object_streams else pikepdf.ObjectStreamMode.disable
+        ),
+        deterministic_id=True,
+    )
+    return out.getvalue()
+
+
+def a4_text(seed: int = 0, *, pages: int = 1, version: str = "1.7", object_streams: bool = False,
+            page_size: tuple[float, float] = A4, lines: int = 40) -> bytes:
+    """A plain text statement letter ("surat pernyataan") on A4, Helvetica, ``pages`` pages."""
+    rng = random.Random(seed)
+    pdf = pikepdf.new()
+    font = pdf.make_indirect(pikepdf.Dictionary(
+        Type=pikepdf.Name.Font, Subtype=pikepdf.Name.Type1, BaseFont=pikepdf.Name.Helvetica,
+        Encoding=pikepdf.Name.WinAnsiEncoding,
+    ))
+    for n in range(pages):
+        page = pdf.add_blank_page(page_size=page_size)
+        page.Resources = pikepdf.Dictionary(Font=pikepdf.Dictionary(F1=font))
+        body = [b"BT /F1 11 Tf 14 TL 56 %.2f Td" % (page_size[1] - 72)]
+        body.append(b"(SURAT PERNYATAAN - halaman %d) Tj T*" % (n + 1))
+        for _ in range(lines):
+            words = " ".join(rng.choice(_LOREM) for _ in range(rng.randint(6, 12)))
+            body.append(b"(" + _escape(words) + b") Tj T*")
+        body.append(b"ET")
+        page.Contents = pdf.make_stream(b"\n".join(body))
+    return _save(pdf, version, object_streams)
+
+
+def scan_800k(seed: int = 0, *, target_bytes: int = 790_000, version: str = "1.7") -> bytes:
+    """A one-page A4 "scan": a noise image that does not compress, about ``target_bytes`` long.
+
+    Just under 800 KB so that it passes the ``cpns`` profile; the point is the hashing and
+    copying cost of a large input, not its image quality.
+    """
+    rng = random.Random(seed)
+    width = 1000
+    height = max(1, (target_bytes - 2500) // width)
+    raw = rng.randbytes(width * height)
+    pdf = pikepdf.new()
+    page = pdf.add_blank_page(page_size=A4)
+    image = pdf.make_stream(
+        zlib.compress(raw, 1),
+        Type=pikepdf.Name.XObject, Subtype=pikepdf.Name.Image, Width=width, Height=height,
+        ColorSpace=pikepdf.Name.DeviceGray, BitsPerComponent=8, Filter=pikepdf.Name.FlateDecode,
+    )
+    page.Resources = pikepdf.Dictionary(XObject=pikepdf.Dictionary(Im1=image))
+    page.Contents = pdf.make_stream(b"q %.3f 0 0 %.3f 0 0 cm /Im1 Do Q" % A4)
+    return _save(pdf, version, False)
+
+
+@dataclass(frozen=True)
+class Presigned:
+    data: bytes
+    ca_cert_pem: bytes  # trust anchor of the applicant's (test) signature
+    field_name: str
+
+
+def presigned(seed: int = 0, key_type: str = "rsa2048") -> Presigned:
+    """An A4 letter already signed by an "applicant" (CPNS asks applicants to sign first).
+
+    The applicant key and CA are generated here, separate from the issuer's dev CA, so a
+    test can tell the two signatures apart and check that ours leaves theirs valid.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
+    from pyhanko.sign import fields, signers
+
+    from services.stamping.signing.keys import Pkcs12Key, _to_asn1_cert, make_certificate_pair
+
+    _ca_key, ca_cert, key, cert = make_certificate_pair(
+        key_type, ca_name="Applicant Test CA", subject_name="Calon Pelamar Uji",
+        organisation="Applicant Test (NOT FOR PRODUCTION)",
+    )
+    applicant = Pkcs12Key(key, _to_asn1_cert(cert), (_to_asn1_cert(ca_cert),),
+                          "rsa" if key_type == "rsa2048" else "ec")
+    writer = IncrementalPdfFileWriter(io.BytesIO(a4_text(seed)))
+    out = signers.PdfSigner(
+        signers.PdfSignatureMetadata(field_name="Pelamar", reason="Saya menyetujui isi dokumen ini",
+                                     md_algorithm="sha256"),
+        applicant.pyhanko_signer(),
+        new_field_spec=fields.SigFieldSpec("Pelamar", box=(380, 60, 540, 110), on_page=0),
+    ).sign_pdf(writer)
+    return Presigned(out.getvalue(), ca_cert.public_bytes(serialization.Encoding.PEM), "Pelamar")
+
+
+def _raw_pdf(objects: list[bytes], version: bytes = b"1.7") -> bytes:
+    """Serialise numbered objects (1..n; 1 must be the catalog) with a correct xref table."""
+    out = bytearray(b"%PDF-" + version + b"\n%\xe2\xe3\xcf\xd3\n")
+    offsets = []
+    for i, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    for off in offsets:
+        out += b"%010d 00000 n \n" % off
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+def deeply_nested(depth: int = 50_000) -> bytes:
+    """A syntactically valid PDF whose page carries an array nested ``depth`` levels deep."""
+    nested = b"[" * depth + b"]" * depth
+    return _raw_pdf([
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595.276 841.89] /Bomb " + nested + b" >>",
+    ])
+
+
+def large(size: int = 50 * 1024 * 1024) -> bytes:
+    """A valid PDF of about ``size`` bytes (one page plus a big unreferenced stream of zeros)."""
+    small = _raw_pdf([b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+                      b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595.276 841.89] /Resources << >> >>"])
+    pad = max(0, size - len(small) - 64)
+    return _raw_pdf([
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595.276 841.89] /Resources << >> >>",
+        b"<< /Length %d >>\nstream\n" % pad + bytes(pad) + b"\nendstream",
+    ])
+
+
+@dataclass(frozen=True)
+class PoisonItem:
+    name: str
+    data: bytes
+    expected_code: str  # the services.kernel.errors code inspection must answer
+    profile: str = "standard"
+
+
+def encrypted(user_password: str = "rahasia") -> bytes:
+    pdf = pikepdf.open(io.BytesIO(a4_text(7)))
+    out = io.BytesIO()
+    pdf.save(out, encryption=pikepdf.Encryption(owner="pemilik", user=user_password, R=6))
+    return out.getvalue()
+
+
+def poison() -> list[PoisonItem]:
+    """Inputs that must be refused with a clear code, never crash a worker."""
+    good = a4_text(3)
+    return [
+        PoisonItem("zero-bytes", b"", "PDF_INVALID"),
+        PoisonItem("not-a-pdf", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8, "PDF_INVALID"),
+        PoisonItem("header-late", b" " * 2048 + good, "PDF_INVALID"),
+        PoisonItem("truncated", good[: len(good) * 6 // 10], "PDF_MALFORMED"),
+        PoisonItem("garbage-after-header", b"%PDF-1.7\n" + random.Random(1).randbytes(4096), "PDF_MALFORMED"),
+        PoisonItem("encrypted", encrypted(), "PDF_ENCRYPTED"),
+        PoisonItem("encrypted-empty-user-password", encrypted(""), "PDF_ENCRYPTED"),
+        PoisonItem("deeply-nested", deeply_nested(), "PDF_MALFORMED"),
+        PoisonItem("50mb", large(), "PDF_TOO_LARGE"),
+        PoisonItem("cpns-over-800k", scan_800k(target_bytes=900_000), "PDF_TOO_LARGE", "cpns"),
+        PoisonItem("cpns-letter-size", a4_text(4, page_size=(612, 792)), "PROFILE_VIOLATION", "cpns"),
+        PoisonItem("cpns-pdf-1.4", a4_text(5, version="1.4"), "PROFILE_VIOLATION", "cpns"),
+    ]

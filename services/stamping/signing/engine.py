@@ -1,0 +1,263 @@
+"""The production stamping engine: one PDF in, the same PDF plus one signed stamp out.
+
+Why not simply call ``PdfSigner.sign_pdf`` (see ``reference.py``): the documented
+path is built for signing one document now and then. At surge rates its fixed costs
+dominate: it re-opens the key, starts an event loop, signs a dummy CMS to guess the
+signature size, re-encodes the certificate chain with asn1crypto, lets ``qrcode``
+try eight masks and lays out text through generic machinery, all per document.
+
+The engine keeps pyHanko as the PDF and CMS library (its incremental writer, its
+signature-field and ``/ByteRange`` machinery through ``PdfCMSEmbedder``, and a CMS
+layout pyHanko itself produced) and removes only the waste:
+
+* the key, or the PKCS#11 session, is opened once per process (``keys.py``);
+* the space for the signature is fixed (``bytes_reserved``), so nothing is signed twice;
+* the CMS object is a template serialised once (``cms_template.py``);
+* the appearance is drawn by ``StampArtist`` with resources built once and a fast QR;
+* the input is parsed once, by pyHanko's incremental writer (inspection ran at intake).
+
+What it always does: an incremental update (earlier signatures stay valid), a detached
+CMS (``ETSI.CAdES.detached``, PAdES B-B), B-T when a TSA is configured, the reason
+``"[SN] <reason>"``. Failures become catalogue codes: TSA unreachable ->
+``TSA_UNAVAILABLE`` and token trouble -> ``TOKEN_BUSY`` (both retried by the worker),
+an unreadable input -> ``PDF_MALFORMED``, a page or box that does not fit ->
+``PLACEMENT_INVALID``, anything else -> ``SIGNING_FAILED``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from pyhanko.pdf_utils import generic
+from pyhanko.pdf_utils.generic import pdf_name
+from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
+from pyhanko.sign.fields import SigFieldSpec, SigSeedSubFilter
+from pyhanko.sign.signers import constants as sig_constants
+from pyhanko.sign.signers.cms_embedder import PdfCMSEmbedder, SigIOSetup, SigObjSetup
+from pyhanko.sign.signers.pdf_byterange import SignatureObject
+
+from services.kernel import errors
+from services.kernel.errors import BubuhError
+from services.stamping.document.appearance import StampArtist
+from services.stamping.signing import keys
+from services.stamping.signing.cms_template import CmsTemplate, timestamp_attribute
+from services.stamping.signing.request import StampRequest
+
+# Looked up by its catalogue string (the contract channels see) rather than by attribute name.
+TSA_UNAVAILABLE = errors.lookup("TSA_UNAVAILABLE")
+
+# Room for a time-stamp token (TSA certificate chain included) in the signature placeholder.
+TSA_TOKEN_ALLOWANCE = 8192
+
+
+@dataclass(frozen=True)
+class SignerConfig:
+    """Where the key is, and how to sign. Exactly one of PKCS#12 or PKCS#11 must be given."""
+
+    p12_path: str | None = None
+    p12_password: str | None = None
+    pkcs11_module: str | None = None
+    pkcs11_token_label: str | None = None
+    pkcs11_pin: str | None = None
+    pkcs11_key_label: str | None = None
+    md_algorithm: str = "sha256"
+    tsa_url: str | None = None  # None: PAdES B-B; set: B-T with a signature time-stamp
+    tsa_timeout_s: float = 5.0
+    bytes_reserved: int | None = None  # hex digits kept for the CMS; None: derived from the key
+
+    def open_key(self) -> keys.SigningKey:
+        if self.p12_path and self.pkcs11_module:
+            raise ValueError("configure either a PKCS#12 file or a PKCS#11 token, not both")
+        if self.p12_path:
+            return keys.load_pkcs12(self.p12_path, self.p12_password)
+        if self.pkcs11_module:
+            return keys.open_pkcs11(self.pkcs11_module, self.pkcs11_token_label, self.pkcs11_pin,
+                                    self.pkcs11_key_label)
+        raise ValueError("no signing key configured")
+
+
+def _pkcs11_error_types() -> tuple[type[BaseException], ...]:
+    try:
+        from pkcs11.exceptions import PKCS11Error
+    except ImportError:  # python-pkcs11 not installed: no token errors possible
+        return ()
+    return (PKCS11Error,)
+
+
+class StampingEngine:
+    """One per worker process. Not for concurrent use from several threads (a lock enforces it)."""
+
+    def __init__(self, config: SignerConfig, verify_base_url: str, *, timestamper=None) -> None:
+        self.config = config
+        self.verify_base_url = verify_base_url
+        self._token_errors = _pkcs11_error_types()
+        try:
+            self.key = config.open_key()
+            self.template = CmsTemplate(self.key, config.md_algorithm)
+        except self._token_errors as exc:
+            raise BubuhError(errors.TOKEN_BUSY, f"signing token: {exc!r}") from exc
+        self.artist = StampArtist(verify_base_url)
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.timestamper = timestamper
+        self._tsa_session = None
+        if self.timestamper is None and config.tsa_url:
+            from pyhanko.sign.timestamps import HTTPTimeStamper
+            from pyhanko_certvalidator.fetchers.aiohttp_fetchers.util import LazySession
+
+            # one HTTP session per process, on the engine's own event loop: keep-alive to the TSA
+            self._tsa_session = LazySession()
+            self.timestamper = HTTPTimeStamper(config.tsa_url, timeout=config.tsa_timeout_s,
+                                               session=self._tsa_session)
+        # signature value (<= 512 bytes even for RSA-4096) + DER overhead, doubled for hex
+        reserve = 2 * (self.template.sample_size + 600)
+        if self.timestamper is not None:
+            reserve += 2 * TSA_TOKEN_ALLOWANCE
+        self.bytes_reserved = config.bytes_reserved or reserve
+
+    # -- public -----------------------------------------------------------------------------
+
+    def stamp(self, data: bytes, request: StampRequest) -> bytes:
+        """Return ``data`` with one incremental update that adds the visible, signed e-Meterai."""
+        with self._lock:
+            try:
+                try:
+                    return self._stamp(data, request)
+                except _PlaceholderTooSmall as small:
+                    # a TSA answered with a bigger token than allowed for: grow the reservation
+                    # for this and every later stamp, and sign again (a rare, one-off cost)
+                    self.bytes_reserved = small.needed + 4096
+                    return self._stamp(data, request)
+            except _PlaceholderTooSmall as small:
+                raise BubuhError(errors.SIGNING_FAILED, str(small)) from small
+            except BubuhError:
+                raise
+            except RecursionError as exc:
+                raise BubuhError(errors.PDF_MALFORMED, "object nesting is too deep") from exc
+            except self._token_errors as exc:
+                self._forget_token()
+                raise BubuhError(errors.TOKEN_BUSY, f"signing token: {exc!r}") from exc
+            except Exception as exc:
+                raise _classify(exc) from exc
+
+    def close(self) -> None:
+        if self._loop is not None:
+            if self._tsa_session is not None:
+                self._loop.run_until_complete(self._tsa_session.close())
+            self._loop.run_until_complete(asyncio.sleep(0))
+            self._loop.close()
+            self._loop = None
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def _stamp(self, data: bytes, request: StampRequest) -> bytes:
+        writer = _open_writer(data)
+        llx, lly, urx, ury = (float(v) for v in request.box)
+        if not (urx > llx and ury > lly):
+            raise BubuhError(errors.PLACEMENT_INVALID, "the box is degenerate")
+        # PAdES: declare the ESIC extension, as pyHanko's PdfSigner does
+        writer.ensure_output_version(version=(1, 7))
+        if writer.output_version < (2, 0):
+            writer.register_extension(sig_constants.ESIC_EXTENSION_1)
+
+        _check_page(writer, request.page)
+
+        field_spec = SigFieldSpec(request.field_name, box=(llx, lly, urx, ury), on_page=request.page - 1)
+        embedder = PdfCMSEmbedder(new_field_spec=field_spec).write_cms(
+            field_name=request.field_name, writer=writer)
+        field_ref = next(embedder)
+        widget = field_ref.get_object()  # field and widget are one dictionary (combine_annotation)
+        appearance = self.artist.xobject(request.sn, urx - llx, ury - lly)
+        widget[pdf_name("/AP")] = generic.DictionaryObject({pdf_name("/N"): writer.add_object(appearance)})
+
+        embedder.send(SigObjSetup(sig_placeholder=SignatureObject(
+            timestamp=datetime.now(UTC),
+            subfilter=SigSeedSubFilter.PADES,
+            location=request.location,
+            reason=request.signature_reason,
+            bytes_reserved=self.bytes_reserved,
+        )))
+        prepared, output = embedder.send(SigIOSetup(md_algorithm=self.config.md_algorithm, output=io.BytesIO()))
+        cms_der = self._cms(prepared.document_digest)
+        if 2 * len(cms_der) > self.bytes_reserved:
+            raise _PlaceholderTooSmall(2 * len(cms_der), self.bytes_reserved)
+        embedder.send(cms_der)
+        return output.getvalue()
+
+    def _cms(self, document_digest: bytes) -> bytes:
+        _attrs, signature = self.template.sign(document_digest)
+        unsigned = None
+        if self.timestamper is not None:
+            unsigned = timestamp_attribute(self._timestamp(signature))
+        return self.template.assemble(document_digest, signature, unsigned)
+
+    def _timestamp(self, signature: bytes):
+        from pyhanko.sign.timestamps import TimestampRequestError
+
+        md = self.config.md_algorithm
+        digest = hashlib.new(md, signature).digest()
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        try:
+            return self._loop.run_until_complete(self.timestamper.async_timestamp(digest, md))
+        except (TimeoutError, TimestampRequestError, OSError) as exc:
+            raise BubuhError(TSA_UNAVAILABLE, f"time-stamp authority: {exc}") from exc
+        except Exception as exc:
+            if type(exc).__module__.startswith("aiohttp"):
+                raise BubuhError(TSA_UNAVAILABLE, f"time-stamp authority: {exc!r}") from exc
+            raise
+
+    def _forget_token(self) -> None:
+        c = self.config
+        if c.pkcs11_module:
+            keys.forget_pkcs11(c.pkcs11_module, c.pkcs11_token_label, c.pkcs11_key_label)
+            try:
+                self.key = c.open_key()
+                self.template.key = self.key
+            except Exception:  # noqa: BLE001 - token still away: the next stamp retries
+                pass
+
+
+class _PlaceholderTooSmall(Exception):
+    def __init__(self, needed: int, reserved: int) -> None:
+        super().__init__(f"signature needs {needed} hex digits, {reserved} reserved")
+        self.needed = needed
+
+
+def _open_writer(data: bytes) -> IncrementalPdfFileWriter:
+    from pyhanko.pdf_utils.misc import PdfError
+
+    try:
+        writer = IncrementalPdfFileWriter(io.BytesIO(data))
+    except PdfError as exc:
+        raise BubuhError(errors.PDF_MALFORMED, f"cannot parse: {exc}") from exc
+    if writer.prev.encrypted:  # intake refuses these; a stamp needs the owner's credentials
+        raise BubuhError(errors.PDF_ENCRYPTED, "the PDF is encrypted")
+    return writer
+
+
+def _check_page(writer: IncrementalPdfFileWriter, page: int) -> None:
+    from pyhanko.pdf_utils.misc import PdfError
+
+    # pyHanko reads negative indices from the end; channels number pages from 1
+    ok = isinstance(page, int) and not isinstance(page, bool) and page >= 1
+    if ok:
+        try:
+            writer.find_page_for_modification(page - 1)
+        except (PdfError, IndexError, KeyError, ValueError):
+            ok = False
+    if not ok:
+        raise BubuhError(errors.PLACEMENT_INVALID, f"page {page!r} does not exist")
+
+
+def _classify(exc: Exception) -> BubuhError:
+    from pyhanko.pdf_utils.misc import PdfError
+
+    if isinstance(exc, PdfError):
+        return BubuhError(errors.PDF_MALFORMED, f"cannot read the document: {exc}")
+    return BubuhError(errors.SIGNING_FAILED, f"{type(exc).__name__}: {exc}")
