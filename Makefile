@@ -26,7 +26,12 @@ $(GEN): $(PROTOS) $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -I proto --python_out=services/contracts --pyi_out=services/contracts $(PROTOS)
 	@touch $@
 
-setup: $(VENV)/.installed $(GEN) ## virtualenv in .venv, generated protobuf code (idempotent)
+DEVCA  := .local/keys/issuer-rsa2048.p12
+
+$(DEVCA): | $(VENV)/.installed $(GEN)
+	$(BUBUH) keys dev-ca --if-missing
+
+setup: $(VENV)/.installed $(GEN) $(DEVCA) ## virtualenv in .venv, generated protobuf code, dev signing keys (idempotent)
 
 proto: $(GEN) ## generate Python code from proto/ (never edit the output)
 

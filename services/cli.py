@@ -92,6 +92,25 @@ def cmd_keys(args) -> None:
 
     if args.what == "platform":
         print(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
+        return
+    from services.stamping.signing import keys
+
+    s = _settings()
+    out = args.out or str(s.keys_dir)
+    for key_type in args.key_type:
+        from pathlib import Path
+        if args.if_missing and (Path(out) / f"issuer-{key_type}.p12").exists():
+            continue
+        ca = keys.dev_ca(out, key_type)
+        print(f"dev CA ({key_type}): issuer {ca.p12_path} (password {ca.password!r}), trust anchor {ca.ca_cert_pem}")
+        print("  test keys only: never use them for real stamps")
+
+
+def cmd_replay(args) -> None:
+    from services.kernel import replay
+    result = replay.run(_settings(), args.topic, key=args.key, reason=args.reason, dry_run=args.dry_run,
+                        from_start=args.from_start)
+    sys.exit(0 if result.seen == 0 or result.replayed or args.dry_run else 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,8 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--markdown", action="store_true")
     sp.set_defaults(func=cmd_topics)
     sp = sub.add_parser("keys", help="generate keys")
-    sp.add_argument("what", choices=["platform"], help="platform: a new BUBUH_SECRET_KEY")
+    sp.add_argument("what", choices=["platform", "dev-ca"],
+                    help="platform: a new BUBUH_SECRET_KEY; dev-ca: a test CA and issuer (PKCS#12) for development")
+    sp.add_argument("--out", help="dev-ca: where to write (default .local/keys)")
+    sp.add_argument("--key-type", nargs="+", default=["rsa2048"], choices=["rsa2048", "p256"])
+    sp.add_argument("--if-missing", action="store_true", help="dev-ca: keep an existing one")
     sp.set_defaults(func=cmd_keys)
+
+    sp = sub.add_parser("replay", help="send dead-lettered records back to their source topic")
+    sp.add_argument("topic", help="a dead-letter topic, e.g. stamp.dead-letter")
+    sp.add_argument("--key", help="only the entry with this key (a request id)")
+    sp.add_argument("--reason", help="only entries with this reason code")
+    sp.add_argument("--dry-run", action="store_true")
+    sp.add_argument("--from-start", action="store_true", help="replay entries replayed before, too")
+    sp.set_defaults(func=cmd_replay)
     return p
 
 

@@ -18,12 +18,14 @@ from services.kernel.runtime import ConfigError, Runtime
 from services.kernel.settings import Settings
 from services.purchase import service as purchase_service
 from services.quota import service as quota_service
+from services.stamping import service as stamping_service
 
 log = logs.get(__name__)
 
 SERVICES = {
     "purchase": purchase_service,
     "quota": quota_service,
+    "stamping": stamping_service,
 }
 
 

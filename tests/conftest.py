@@ -18,7 +18,17 @@ def local_stack():
     """Kafka + PostgreSQL from deploy/local (or the ones BUBUH_KAFKA_BOOTSTRAP / BUBUH_DATABASE_URL name)."""
     stack.stack_up()
     logs.configure("tests", level="warning", fmt="console")
+    _dev_ca()
     return True
+
+
+def _dev_ca() -> None:
+    """The stamping workers sign with the dev CA's issuer key (as `make setup` makes it)."""
+    from services.kernel.settings import Settings
+    from services.stamping.signing import keys
+    where = Settings().keys_dir
+    if not (where / "issuer-rsa2048.p12").exists():
+        keys.dev_ca(where, "rsa2048")
 
 
 @pytest.fixture

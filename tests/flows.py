@@ -18,7 +18,7 @@ from services.purchase.validation import PurchaseOrder
 def order_body(quantity: int = 1, account: str = "acct-1", order_id: str | None = None, **over) -> dict:
     body = {"channel_order_id": order_id or f"o-{secrets.token_hex(6)}", "account_id": account,
             "quantity": quantity, "amount": quantity * 10_000,
-            "paid_at": (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1)).isoformat(),
+            "paid_at": (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)).isoformat(),
             "payment_ref": "VA-1"}
     body.update(over)
     return body
@@ -115,6 +115,7 @@ def decoded(records) -> list:
 def stamp_requested(settings: Settings, channel_id: str, account_id: str, request_id: str | None = None):
     """A stamp request as the stamping intake publishes it (the quota tests drive reservations with it)."""
     import uuid
+
     from services.contracts.bubuh.v1 import stamp_pb2
     from services.kernel import events, topics
     rid = request_id or str(uuid.uuid4())
@@ -133,3 +134,36 @@ def stamp_outcome(settings: Settings, channel_id: str, account_id: str, request_
                                     code="PDF_MALFORMED", permanent=True)
     env = events.envelope(msg, producer="stamping")
     return events.outgoing(settings.topic(topics.STAMP_EVENTS.name), request_id, env)
+
+
+def stamp_meta(account: str = "acct-1", **over) -> dict:
+    meta = {"account_id": account, "page": 1, "llx": 400, "lly": 50, "urx": 560, "ury": 210,
+            "doc_type": "3", "doc_number": "SP-1", "doc_date": "2024-09-05", "reason": "Surat Pernyataan",
+            "location": "Jakarta"}
+    meta.update(over)
+    return meta
+
+
+async def post_stamp(api: httpx.AsyncClient, channel: dict, pdf: bytes, meta: dict,
+                     idempotency_key: str | None = None) -> httpx.Response:
+    import json
+    headers = auth(channel) | ({"Idempotency-Key": idempotency_key} if idempotency_key else {})
+    return await api.post("/v1/stamps", headers=headers, files={"file": ("doc.pdf", pdf, "application/pdf")},
+                          data={"meta": json.dumps(meta)})
+
+
+async def stamp_finished(api: httpx.AsyncClient, channel: dict, request_id: str, timeout: float = 60) -> dict:
+    async def done():
+        r = await api.get(f"/v1/stamps/{request_id}", headers=auth(channel))
+        return r.json() if r.status_code == 200 and r.json()["status"] in ("completed", "failed") else None
+    return await wait_for(done, timeout=timeout, what=f"stamp {request_id} finished")
+
+
+async def buy(api: httpx.AsyncClient, channel: dict, account: str, quantity: int) -> None:
+    """Credit ``quantity`` units to ``account`` and wait until the ledger shows them."""
+    await post_until_accepted(api, channel, order_body(quantity=quantity, account=account))
+
+    async def credited():
+        r = await api.get(f"/v1/accounts/{account}/quota", headers=auth(channel))
+        return r.status_code == 200 and r.json()["credited"] >= quantity
+    await wait_for(credited, what="credit")

@@ -50,7 +50,7 @@ class PlatformProcess:
         self._dir = Path(tempfile.mkdtemp(prefix="bubuh-test-"))
         self.log_path = self._dir / f"{name}.log"
 
-    async def start(self, timeout: float = 60) -> "PlatformProcess":
+    async def start(self, timeout: float = 60) -> PlatformProcess:
         ready = self._dir / f"{self.name}.ready"
         ready.unlink(missing_ok=True)
         log = open(self.log_path, "ab")

@@ -64,6 +64,24 @@ class Settings(BaseSettings):
     outbox_batch: int = 500
     outbox_idle_poll_s: float = 0.5
 
+    # --- stamping --- (services/stamping)
+    document_store_root: Path | None = None      # default: <local_dir>/documents
+    signing_p12_path: str = ""                   # default: <local_dir>/keys/issuer-rsa2048.p12 (`bubuh keys dev-ca`)
+    signing_p12_password: str = "bubuh-dev"
+    signing_pkcs11_module: str = ""              # set to sign with an HSM through PKCS#11 instead
+    signing_pkcs11_token_label: str = ""
+    signing_pkcs11_pin: str = ""
+    signing_pkcs11_key_label: str = ""
+    signing_md_algorithm: str = "sha256"
+    signing_tsa_url: str = ""                    # set: PAdES B-T with a time-stamp from this RFC 3161 TSA
+    trust_roots: str = ""                        # PEM files (comma separated) verification trusts; default: dev CA
+    stamp_max_attempts: int = 5                  # transient failures before the dead-letter topic
+    stamp_retry_base_s: float = 2.0
+    stamp_retry_max_s: float = 600.0
+    stamp_max_deliveries: int = 3                # a request that took its worker down this often is poison
+    stamp_node_id: int | None = None             # unique per live worker process (SN field); default: random
+    stamp_eta_window_s: float = 60.0             # throughput window behind queue positions' expected times
+
     # --- notification --- (webhooks and email; services/notification, docs/webhooks.md)
     webhook_concurrency: int = 32          # webhook requests in flight per instance, all endpoints together
     webhook_per_endpoint: int = 4          # requests in flight per endpoint (scheme://host:port) per instance
@@ -102,6 +120,14 @@ class Settings(BaseSettings):
 
     def schema(self, service: str) -> str:
         return f"{self.schema_prefix}{service}"
+
+    @property
+    def documents_root(self) -> Path:
+        return self.document_store_root or self.local_dir / "documents"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.local_dir / "keys"
 
     def platform_key(self) -> bytes:
         """The 32-byte platform key; for local runs one is generated once into ``.local/secret.key``."""

@@ -109,6 +109,8 @@ async def reserve(conn: asyncpg.Connection, *, request_id: str, channel_id: str,
 
 async def _resolve(conn: asyncpg.Connection, kind: str, request_id: str, code: str, event_id: str) -> Outcome:
     pending = await conn.fetchrow("SELECT channel_id, account_id, kind FROM transfers WHERE id = $1", request_id)
+    if pending is not None and pending["kind"] == "rejected" and kind == "void":
+        return Outcome("duplicate")   # never reserved: nothing to release (the failed stamp was refused quota)
     if pending is None or pending["kind"] != "pending":
         return Outcome("refused", code=errors.RESERVATION_UNKNOWN.code)
     await _lock_account(conn, pending["channel_id"], pending["account_id"])

@@ -1,0 +1,100 @@
+"""``bubuh replay``: send dead-lettered records back to where they came from, once fixed.
+
+A dead-letter entry is the original record plus ``bubuh-dlq-*`` headers. Replay strips those
+headers, marks the record ``bubuh-replay: 1`` (consumers reset their attempt counters for it) and
+publishes it to its source topic. Progress is the ``replay`` consumer group's committed offset, so
+an entry is replayed once; ``--from-start`` replays everything again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from services.kernel.consumer import DLQ_REASON, DLQ_SOURCE
+from services.kernel.events import Outgoing
+from services.kernel.producer import Producer
+from services.kernel.settings import Settings
+
+HEADER_REPLAY = "bubuh-replay"
+DROP = ("bubuh-attempt",)
+
+
+@dataclass
+class ReplayResult:
+    seen: int = 0
+    replayed: int = 0
+    skipped: int = 0
+
+
+async def replay(settings: Settings, producer: Producer, dead_letter_topic: str, *, key: str | None = None,
+                 reason: str | None = None, dry_run: bool = False, from_start: bool = False,
+                 progress=print) -> ReplayResult:
+    topic = settings.topic(dead_letter_topic)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                                group_id=settings.group(f"replay.{dead_letter_topic}"),
+                                enable_auto_commit=False, auto_offset_reset="earliest")
+    await consumer.start()
+    result = ReplayResult()
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        if not parts:
+            await consumer._client.force_metadata_update()  # noqa: SLF001
+            parts = consumer.partitions_for_topic(topic) or set()
+        if not parts:
+            progress(f"replay: no topic {topic}")
+            return result
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        if from_start:
+            await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+
+        async def remaining() -> int:
+            return sum([end[tp] - await consumer.position(tp) for tp in tps])
+
+        total = await remaining()
+        progress(f"replay: {total} entries waiting in {topic}")
+        while await remaining() > 0:
+            batch = await consumer.getmany(timeout_ms=1000)
+            for tp, records in batch.items():
+                for rec in records:
+                    if rec.offset >= end[tp]:
+                        continue
+                    result.seen += 1
+                    headers = dict(rec.headers or ())
+                    if (key and (rec.key or b"").decode() != key) or (
+                            reason and headers.get(DLQ_REASON, b"").decode() != reason):
+                        result.skipped += 1
+                        continue
+                    source = headers.get(DLQ_SOURCE, b"").decode().rsplit("/", 2)[0]
+                    if not source:
+                        result.skipped += 1
+                        continue
+                    out_headers = [(k, v) for k, v in (rec.headers or ()) if not k.startswith("bubuh-dlq-")
+                                   and k not in DROP and k != HEADER_REPLAY] + [(HEADER_REPLAY, b"1")]
+                    if not dry_run:
+                        await producer.publish(Outgoing(source, rec.key, rec.value or b"", out_headers))
+                    result.replayed += 1
+                    if result.seen % 100 == 0:
+                        progress(f"replay: {result.seen}/{total} read, {result.replayed} replayed")
+            if not dry_run and batch:
+                await consumer.commit()
+        progress(f"replay: done, {result.replayed} replayed, {result.skipped} skipped"
+                 + (" (dry run: nothing sent)" if dry_run else ""))
+    finally:
+        await consumer.stop()
+    return result
+
+
+def run(settings: Settings, topic: str, **kw) -> ReplayResult:
+    async def _main() -> ReplayResult:
+        from services.kernel import runtime
+        producer = await runtime.connect_kafka(settings, "bubuh-replay")
+        try:
+            return await replay(settings, producer, topic, **kw)
+        finally:
+            await producer.stop()
+    return asyncio.run(_main())

@@ -1,0 +1,141 @@
+"""The door for stamp requests: check the document, store it, publish ``stamp.requested``, answer 202.
+
+Order matters for "accepted means durable": the document and the request are stored (fsync) before
+the event is published, and the event is acknowledged by Kafka (acks=all) before the 202. A bad
+document is refused here with its code and never enters the queue, so it cannot block anyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import uuid
+from dataclasses import dataclass
+
+import asyncpg
+
+from services.contracts.bubuh.v1 import stamp_pb2
+from services.kernel import database, errors, events, logs, topics
+from services.kernel.channels import ChannelInfo
+from services.kernel.producer import Producer
+from services.kernel.settings import Settings
+from services.stamping import NAME, store
+from services.stamping.document import inspection
+from services.stamping.metrics import INTAKE_REJECTED
+from services.stamping.queue import QueueView
+
+log = logs.get(__name__)
+_NS = uuid.UUID("a3c1f1de-5d0e-4a8e-9a43-2b8f5b1e7c20")
+
+
+@dataclass(frozen=True)
+class StampMeta:
+    account_id: str
+    page: int
+    llx: float
+    lly: float
+    urx: float
+    ury: float
+    doc_type: str = ""
+    doc_number: str = ""
+    doc_date: str = ""
+    reason: str = "Meterai elektronik"
+    location: str = "Indonesia"
+    profile: str = ""
+    email: str = ""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    request_id: str
+    status: str
+    position: int | None
+    eta_seconds: float | None
+    replayed: bool = False
+
+
+def request_fingerprint(data: bytes, meta: StampMeta) -> str:
+    h = hashlib.sha256(data)
+    h.update(repr(sorted(vars(meta).items())).encode())
+    return h.hexdigest()
+
+
+class StampIntake:
+    def __init__(self, settings: Settings, producer: Producer, pool: asyncpg.Pool, documents: store.DocumentStore,
+                 queue: QueueView) -> None:
+        self._settings = settings
+        self._producer = producer
+        self._pool = pool
+        self._store = documents
+        self._queue = queue
+        self._topic = settings.topic(topics.STAMP_REQUESTED.name)
+
+    async def accept(self, channel: ChannelInfo, data: bytes, meta: StampMeta,
+                     idempotency_key: str | None) -> Accepted:
+        profile = meta.profile or channel.default_profile or "standard"
+        try:
+            facts = await asyncio.to_thread(inspection.inspect, data, profile, meta.page,
+                                            (meta.llx, meta.lly, meta.urx, meta.ury))
+        except errors.BubuhError as exc:
+            INTAKE_REJECTED.labels(exc.code.code).inc()
+            raise
+        fingerprint = request_fingerprint(data, meta)
+        if idempotency_key:
+            request_id = str(uuid.uuid5(_NS, f"{channel.channel_id}\x1f{idempotency_key}"))
+            earlier = await self._earlier(request_id)
+            if earlier is not None:
+                if earlier["idempotency_fingerprint"] != fingerprint:
+                    raise errors.BubuhError(errors.IDEMPOTENCY_MISMATCH,
+                                            f"Idempotency-Key {idempotency_key!r} was used with another request")
+                if earlier["status"] != "queued":
+                    position = await self._queue.position_of(earlier["accepted_at"])
+                    facts = await self._queue.facts()
+                    return Accepted(request_id, earlier["status"], position,
+                                    facts.eta_seconds(position) if facts and position is not None else None, True)
+        else:
+            request_id = str(uuid.uuid4())
+        accepted_at = dt.datetime.now(dt.UTC)
+        msg = stamp_pb2.StampRequested(
+            request_id=request_id, channel_id=channel.channel_id, account_id=meta.account_id,
+            document_ref=store.input_key(request_id), document_sha256=facts.sha256,
+            placement=stamp_pb2.Placement(page=meta.page, llx=meta.llx, lly=meta.lly, urx=meta.urx, ury=meta.ury),
+            doc_type=meta.doc_type, doc_number=meta.doc_number, doc_date=meta.doc_date, reason=meta.reason,
+            location=meta.location, profile=profile, email=meta.email)
+        msg.accepted_at.FromDatetime(accepted_at)
+        await self._store.put(store.input_key(request_id), data)
+        await self._store.put(store.meta_key(request_id), msg.SerializeToString())
+        await self._record(msg, idempotency_key, fingerprint, accepted_at)
+        env = events.envelope(msg, producer=NAME, event_id=str(uuid.uuid5(_NS, f"{request_id}\x1frequested")))
+        await self._producer.publish(events.outgoing(self._topic, request_id, env))
+        facts_now = await self._queue.facts()
+        position = facts_now.open_requests if facts_now else None
+        log.info("stamp accepted", request_id=request_id, channel_id=channel.channel_id, account_id=meta.account_id,
+                 profile=profile, bytes=len(data), position=position)
+        return Accepted(request_id, "queued", position,
+                        facts_now.eta_seconds(position) if facts_now and position is not None else None)
+
+    async def _earlier(self, request_id: str) -> asyncpg.Record | None:
+        try:
+            return await asyncio.wait_for(self._pool.fetchrow(
+                "SELECT status, idempotency_fingerprint, accepted_at FROM requests WHERE request_id = $1",
+                request_id), 0.5)
+        except Exception as exc:  # noqa: BLE001 - without the database the key still yields the same id
+            if database.is_outage(exc):
+                return None
+            raise
+
+    async def _record(self, msg: stamp_pb2.StampRequested, idempotency_key: str | None, fingerprint: str,
+                      accepted_at: dt.datetime) -> None:
+        """The queued row makes the request readable at once; the worker creates it if this could not."""
+        try:
+            await asyncio.wait_for(self._pool.execute(
+                "INSERT INTO requests (request_id, channel_id, account_id, idempotency_key, idempotency_fingerprint, "
+                "document_sha256, status, accepted_at) VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7) "
+                "ON CONFLICT (request_id) DO NOTHING",
+                msg.request_id, msg.channel_id, msg.account_id, idempotency_key, fingerprint, msg.document_sha256,
+                accepted_at), 0.5)
+        except Exception as exc:  # noqa: BLE001
+            if not database.is_outage(exc):
+                raise
+            log.warning("stamp request not recorded yet (database away)", request_id=msg.request_id)

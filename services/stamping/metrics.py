@@ -1,0 +1,9 @@
+from prometheus_client import Counter, Gauge, Histogram
+
+STAMP_OUTCOMES = Counter("bubuh_stamp_outcomes_total", "Stamp requests by outcome and code",
+                         ["outcome", "code"])
+STAGE_SECONDS = Histogram("bubuh_stamp_stage_seconds", "Time spent per stage: queued (accepted to reserved), "
+                          "reserved (reserved to signing), signing (the stamp itself)", ["stage"],
+                          buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600))
+QUEUE_DEPTH = Gauge("bubuh_stamp_queue_depth_requests", "Accepted stamp requests not yet finished")
+INTAKE_REJECTED = Counter("bubuh_stamp_intake_rejected_total", "Uploads refused at intake, by code", ["code"])

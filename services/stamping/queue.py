@@ -1,0 +1,67 @@
+"""The visible queue: a request's position and its expected completion time.
+
+Back-pressure shows here instead of as timeouts: intake answers at once with where the request
+stands. Position = open requests accepted before it; expected time = position / recent throughput
+(completions in the last ``window``). Both come from the stamping schema and are cached for a
+second, so a surge of intake calls costs one count per second, not one per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from dataclasses import dataclass
+
+import asyncpg
+
+from services.kernel import database
+from services.stamping.metrics import QUEUE_DEPTH
+
+# before any completion was seen, assume this many seconds per stamp per the whole tier
+COLD_SECONDS_PER_STAMP = 0.05
+
+
+@dataclass(frozen=True)
+class QueueFacts:
+    open_requests: int
+    per_second: float
+
+    def eta_seconds(self, position: int) -> float:
+        rate = self.per_second if self.per_second > 0 else 1 / COLD_SECONDS_PER_STAMP
+        return round(position / rate, 1)
+
+
+class QueueView:
+    def __init__(self, pool: asyncpg.Pool, window_s: float) -> None:
+        self._pool = pool
+        self._window_s = window_s
+        self._cached: tuple[float, QueueFacts] | None = None
+
+    async def facts(self) -> QueueFacts | None:
+        now = time.monotonic()
+        if self._cached and now - self._cached[0] < 1.0:
+            return self._cached[1]
+        try:
+            row = await asyncio.wait_for(self._pool.fetchrow(
+                "SELECT (SELECT count(*) FROM requests WHERE status IN ('queued', 'reserved', 'stamping')) AS open, "
+                "(SELECT count(*) FROM requests WHERE status IN ('completed', 'failed') "
+                " AND finished_at > now() - make_interval(secs => $1)) AS recent", self._window_s), 0.5)
+        except Exception as exc:  # noqa: BLE001 - no database: no position, intake still answers
+            if database.is_outage(exc):
+                return None
+            raise
+        facts = QueueFacts(row["open"], row["recent"] / self._window_s)
+        QUEUE_DEPTH.set(facts.open_requests)
+        self._cached = (now, facts)
+        return facts
+
+    async def position_of(self, accepted_at: dt.datetime) -> int | None:
+        try:
+            return await asyncio.wait_for(self._pool.fetchval(
+                "SELECT count(*) FROM requests WHERE status IN ('queued', 'reserved', 'stamping') "
+                "AND accepted_at <= $1", accepted_at), 0.5)
+        except Exception as exc:  # noqa: BLE001
+            if database.is_outage(exc):
+                return None
+            raise

@@ -1,0 +1,94 @@
+"""The stamping service, top-down.
+
+Consumes: ``quota.events`` (QuotaReserved -> stamp; QuotaRejected, expiry -> status) and
+          ``stamp.retry`` (transient failures, at their due time).
+Publishes: ``stamp.requested`` (intake), ``stamp.events`` (StampCompleted, StampFailed),
+           ``stamp.retry`` and ``stamp.dead-letter`` (through the outbox).
+Stores:   schema ``stamping``: ``requests``, ``attempts``, inbox, outbox; documents in the document store.
+HTTP:     ``POST /v1/stamps``, ``GET /v1/stamps/{id}``, ``GET /v1/stamps/{id}/document``,
+          ``GET /v1/verify/{sn}``, ``POST /v1/verify``.
+Workers are CPU-bound: run one process per core (``bubuh serve --api none --workers stamping``),
+each a member of the ``stamping.worker`` consumer group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from fastapi import APIRouter
+
+from services.kernel import topics
+from services.kernel.consumer import ConsumerLoop
+from services.kernel.errors import BubuhError
+from services.kernel.outbox import Relay
+from services.kernel.runtime import ConfigError, Runtime, Task
+from services.kernel.settings import Settings
+from services.stamping import NAME, api, store
+from services.stamping.intake import StampIntake
+from services.stamping.queue import QueueView
+from services.stamping.serial import MAX_NODE, SerialIssuer
+from services.stamping.signing.engine import SignerConfig, StampingEngine
+from services.stamping.tracker import CONSUMER as TRACKER, StatusTracker
+from services.stamping.verifying import PublicVerifier
+from services.stamping.worker import CONSUMER as WORKER, StampWorker
+
+
+# One signing thread per process: signing is CPU-bound (one process per core scales it), and a
+# PKCS#11 session does one operation at a time.
+SIGNING_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bubuh-signing")
+
+
+def signer_config(s: Settings) -> SignerConfig:
+    if s.signing_pkcs11_module:
+        return SignerConfig(pkcs11_module=s.signing_pkcs11_module, pkcs11_token_label=s.signing_pkcs11_token_label,
+                            pkcs11_pin=s.signing_pkcs11_pin, pkcs11_key_label=s.signing_pkcs11_key_label,
+                            md_algorithm=s.signing_md_algorithm, tsa_url=s.signing_tsa_url or None)
+    path = s.signing_p12_path or str(s.keys_dir / "issuer-rsa2048.p12")
+    if not Path(path).exists():
+        raise ConfigError(f"no signing key at {path}: run `bubuh keys dev-ca` (development) or set "
+                          "BUBUH_SIGNING_P12_PATH / BUBUH_SIGNING_PKCS11_MODULE")
+    return SignerConfig(p12_path=path, p12_password=s.signing_p12_password, md_algorithm=s.signing_md_algorithm,
+                        tsa_url=s.signing_tsa_url or None)
+
+
+def trust_roots(s: Settings) -> list[Path]:
+    if s.trust_roots:
+        return [Path(p.strip()) for p in s.trust_roots.split(",") if p.strip()]
+    return sorted(s.keys_dir.glob("ca-*.pem"))
+
+
+def documents(s: Settings) -> store.DocumentStore:
+    return store.FilesystemStore(s.documents_root)
+
+
+async def router(rt: Runtime) -> APIRouter:
+    s = rt.settings
+    pool = await rt.pool(NAME)
+    queue = QueueView(pool, s.stamp_eta_window_s)
+    docs = documents(s)
+    intake = StampIntake(s, rt.producer, pool, docs, queue)
+    return api.router(s, rt.channels, intake, pool, docs, queue, PublicVerifier(pool, trust_roots(s)))
+
+
+async def workers(rt: Runtime) -> list[Task]:
+    s = rt.settings
+    pool = await rt.pool(NAME)
+    try:
+        # the engine runs pyHanko's own event loop inside: build and use it off this loop, on one thread
+        engine = await asyncio.get_running_loop().run_in_executor(
+            SIGNING_THREAD, StampingEngine, signer_config(s), s.public_url)
+    except (BubuhError, ValueError, OSError) as exc:
+        raise ConfigError(f"cannot open the signing key: {exc}") from None
+    node = s.stamp_node_id if s.stamp_node_id is not None else secrets.randbelow(MAX_NODE + 1)
+    worker = StampWorker(s, pool, documents(s), rt.producer, engine, SerialIssuer(node), SIGNING_THREAD)
+    tracker = StatusTracker(s, pool)
+    stamp_loop = ConsumerLoop(s, rt.producer, name=WORKER,
+                              topics=[s.topic(topics.QUOTA_EVENTS.name), s.topic(topics.STAMP_RETRY.name)],
+                              handler=worker.handle, dead_letter_topic=s.topic(topics.STAMP_DLQ.name), max_batch=16)
+    track_loop = ConsumerLoop(s, rt.producer, name=TRACKER, topics=[s.topic(topics.QUOTA_EVENTS.name)],
+                              handler=tracker.handle, dead_letter_topic=s.topic(topics.STAMP_DLQ.name))
+    relay = Relay(pool, rt.producer, s, NAME)
+    return [stamp_loop.run, track_loop.run, relay.run]

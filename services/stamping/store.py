@@ -1,0 +1,78 @@
+"""Where documents live between intake and worker, and where stamped outputs are kept.
+
+"Accepted means durable": intake answers 202 only after ``put`` returned, and ``put`` returns only
+after the bytes are on disk (fsync of the file and of its directory). The interface is small so an
+S3-compatible store can implement it (``put`` = PutObject, ``get`` = GetObject).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Protocol
+
+from services.kernel import errors
+
+
+class DocumentStore(Protocol):
+    async def put(self, key: str, data: bytes) -> None: ...
+    async def get(self, key: str) -> bytes: ...
+    async def exists(self, key: str) -> bool: ...
+
+
+class FilesystemStore:
+    """A directory tree; keys are relative paths like ``<request id>/input.pdf``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root.resolve() not in path.parents:
+            raise ValueError(f"key {key!r} leaves the store")
+        return path
+
+    async def put(self, key: str, data: bytes) -> None:
+        try:
+            await asyncio.to_thread(self._put, self._path(key), data)
+        except OSError as exc:
+            raise errors.BubuhError(errors.STORAGE_UNAVAILABLE, f"cannot write {key}: {exc}") from exc
+
+    async def get(self, key: str) -> bytes:
+        try:
+            return await asyncio.to_thread(self._path(key).read_bytes)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise errors.BubuhError(errors.STORAGE_UNAVAILABLE, f"cannot read {key}: {exc}") from exc
+
+    async def exists(self, key: str) -> bool:
+        return await asyncio.to_thread(self._path(key).exists)
+
+    @staticmethod
+    def _put(path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)            # readers see the whole file or none
+        dir_fd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def input_key(request_id: str) -> str:
+    return f"{request_id[:2]}/{request_id}/input.pdf"
+
+
+def meta_key(request_id: str) -> str:
+    return f"{request_id[:2]}/{request_id}/request.pb"
+
+
+def output_key(request_id: str) -> str:
+    return f"{request_id[:2]}/{request_id}/stamped.pdf"

@@ -1,0 +1,53 @@
+"""Public verification: is this SN ours and used once; is this PDF's e-Meterai genuine and unmodified?
+
+Anyone may ask (no API key): the answer reveals nothing about the document beyond what its holder
+already has. The signature checks are pyHanko's validator against the issuer's trust roots
+(``document/verification.py``); what only the issuer can add is the SN registry: the SN exists,
+was issued for exactly one request, and the stamped file's hash is the one we stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+
+from services.stamping import serial
+from services.stamping.document import verification
+
+
+class PublicVerifier:
+    def __init__(self, pool: asyncpg.Pool, trust_roots: list[Path]) -> None:
+        self._pool = pool
+        self._roots = trust_roots
+
+    async def by_sn(self, sn: str) -> dict:
+        sn = sn.strip().upper()
+        if not serial.is_valid(sn):
+            return {"sn": sn, "known": False, "well_formed": False}
+        rows = await self._pool.fetch("SELECT status, output_sha256, finished_at FROM requests WHERE sn = $1", sn)
+        issued = [r for r in rows if r["status"] == "completed"]
+        return {"sn": sn, "well_formed": True, "known": bool(issued), "used_once": len(rows) == 1 and len(issued) == 1,
+                "issued_at": issued[0]["finished_at"].isoformat() if issued else None,
+                "document_sha256": issued[0]["output_sha256"] if issued else None}
+
+    async def document(self, data: bytes) -> dict:
+        report = await asyncio.to_thread(verification.verify, data, self._roots)
+        stamps = []
+        for sig in report.stamps:
+            registry = await self.by_sn(sig.sn) if sig.sn else {"known": False, "used_once": False}
+            stamps.append({
+                "sn": sig.sn,
+                "signature_valid": sig.intact and sig.valid,
+                "trusted": sig.trusted,
+                "unmodified_since_stamping": sig.covers_entire_file,
+                "sn_known": registry.get("known", False),
+                "sn_used_once": registry.get("used_once", False),
+                "hash_matches_issued": registry.get("document_sha256") == sig.revision_sha256,
+                "signer": sig.signer,
+                "signing_time": sig.signing_time.isoformat() if sig.signing_time else None,
+            })
+        valid = bool(stamps) and all(s["signature_valid"] and s["trusted"] and s["sn_known"] and s["sn_used_once"]
+                                     and s["hash_matches_issued"] for s in stamps)
+        return {"valid": valid, "stamps": stamps, "signatures": len(report.signatures)}

@@ -1,0 +1,242 @@
+"""The stamping worker: a reserved unit in, a signed e-Meterai (or a refund) out.
+
+Every accepted request ends in exactly one terminal state (invariant 2):
+- completed: one SN, one stamped PDF stored, ``StampCompleted`` -> the ledger posts the unit;
+- failed:    ``StampFailed`` (permanent) -> the ledger voids the unit.
+
+Why the steps are in this order:
+- The SN is issued and stored *before* signing, in a committed transaction. A worker killed
+  mid-signing gets the request again and signs with the same SN: one SN, one charge.
+- The same transaction counts deliveries. A document that takes its worker down again and again
+  (``stamp_max_deliveries``) is poison: it fails with ``SIGNING_FAILED`` instead of looping.
+- Terminal updates are guarded (``status NOT IN ('completed', 'failed')``) and publish through the
+  outbox with ids derived from the request id, so redelivery changes nothing and publishes nothing new.
+- Transient failures (storage, TSA, token busy) do not sleep here: the record is scheduled again on
+  ``stamp.retry`` with exponential backoff (``kernel/retry.py``); after ``stamp_max_attempts`` it goes
+  to ``stamp.dead-letter`` with its attempt history, keeping its unit reserved until ``bubuh replay``
+  or the reservation's expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import time
+import uuid
+from concurrent.futures import Executor
+
+import asyncpg
+
+from services.contracts.bubuh.v1 import quota_pb2, stamp_pb2
+from services.kernel import consumer, errors, events, logs, outbox, retry, topics
+from services.kernel.events import Event, Outgoing
+from services.kernel.producer import Producer
+from services.kernel.settings import Settings
+from services.stamping import NAME, store
+from services.stamping.metrics import STAGE_SECONDS, STAMP_OUTCOMES
+from services.stamping.serial import SerialIssuer
+from services.stamping.signing.engine import StampingEngine
+from services.stamping.signing.request import StampRequest
+
+log = logs.get(__name__)
+CONSUMER = "stamping.worker"
+HEADER_ATTEMPT = "bubuh-attempt"
+HEADER_REPLAY = "bubuh-replay"
+HEADER_DLQ_ATTEMPTS = "bubuh-dlq-attempts"
+TERMINAL = ("completed", "failed")
+_NS = uuid.UUID("5e0d8c1b-3f7a-4a51-8c8e-0f6b8f2d9a64")
+
+
+def terminal_event_id(request_id: str, outcome: str) -> str:
+    """Worker and tracker derive the same id for a request's one terminal event."""
+    return str(uuid.uuid5(_NS, f"{request_id}\x1f{outcome}"))
+
+
+async def finish_failed(conn: asyncpg.Connection, settings: Settings, *, request_id: str, channel_id: str,
+                        account_id: str, code: str, detail: str, email: str = "", cause: Event | None = None) -> bool:
+    """Mark a request failed and publish ``StampFailed`` once; False when it had already ended."""
+    updated = await conn.fetchval(
+        "UPDATE requests SET status = 'failed', code = $2, detail = $3, finished_at = now() "
+        "WHERE request_id = $1 AND status NOT IN ('completed', 'failed') RETURNING 1", request_id, code, detail[:2000])
+    if not updated:
+        return False
+    msg = stamp_pb2.StampFailed(request_id=request_id, channel_id=channel_id, account_id=account_id, code=code,
+                                detail=detail[:2000], permanent=True, email=email)
+    env = events.envelope(msg, producer=NAME, event_id=terminal_event_id(request_id, "failed"),
+                          causation_id=cause.event_id if cause else "",
+                          trace_id=cause.envelope.trace_id if cause else None)
+    await outbox.add(conn, [events.outgoing(settings.topic(topics.STAMP_EVENTS.name), request_id, env)])
+    STAMP_OUTCOMES.labels("failed", code).inc()
+    log.info("stamp failed", request_id=request_id, code=code, detail=detail[:300])
+    return True
+
+
+class StampWorker:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, documents: store.DocumentStore, producer: Producer,
+                 engine: StampingEngine, serials: SerialIssuer, signing_thread: Executor) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._store = documents
+        self._producer = producer
+        self._engine = engine
+        self._serials = serials
+        self._signing_thread = signing_thread
+        self._backoff = retry.Backoff(base_s=settings.stamp_retry_base_s, max_s=settings.stamp_retry_max_s)
+        self._retry_topic = settings.topic(topics.STAMP_RETRY.name)
+
+    async def handle(self, event: Event) -> None:
+        if isinstance(event.payload, quota_pb2.QuotaReserved):
+            await self.stamp(event, event.payload)
+
+    async def stamp(self, event: Event, reserved: quota_pb2.QuotaReserved) -> None:
+        rid = reserved.request_id
+        try:
+            meta = stamp_pb2.StampRequested.FromString(await self._store.get(store.meta_key(rid)))
+        except FileNotFoundError:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await self._ensure_row(conn, rid, reserved.channel_id, reserved.account_id, "")
+                await finish_failed(conn, self._settings, request_id=rid, channel_id=reserved.channel_id,
+                                    account_id=reserved.account_id, code=errors.SIGNING_FAILED.code,
+                                    detail="the stored request is missing", cause=event)
+            return
+        except errors.BubuhError as exc:
+            await self._transient(event, meta=None, reserved=reserved, exc=exc)
+            return
+
+        started = await self._start(event, reserved, meta)
+        if started is None:
+            return
+        sn = started
+        try:
+            data = await self._store.get(meta.document_ref)
+            request = StampRequest(sn=sn, page=meta.placement.page,
+                                   box=(meta.placement.llx, meta.placement.lly, meta.placement.urx, meta.placement.ury),
+                                   reason=meta.reason or "Meterai elektronik", location=meta.location or "Indonesia")
+            t0 = time.perf_counter()
+            stamped = await asyncio.get_running_loop().run_in_executor(self._signing_thread, self._engine.stamp,
+                                                                       data, request)
+            STAGE_SECONDS.labels("signing").observe(time.perf_counter() - t0)
+            await self._store.put(store.output_key(rid), stamped)
+        except errors.BubuhError as exc:
+            if exc.code.retryable:
+                await self._transient(event, meta=meta, reserved=reserved, exc=exc)
+            else:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    await finish_failed(conn, self._settings, request_id=rid, channel_id=meta.channel_id,
+                                        account_id=meta.account_id, code=exc.code.code, detail=exc.detail,
+                                        email=meta.email, cause=event)
+            return
+        await self._complete(event, meta, sn, stamped)
+
+    async def _start(self, event: Event, reserved: quota_pb2.QuotaReserved,
+                     meta: stamp_pb2.StampRequested) -> str | None:
+        """Record the delivery and issue the SN before any signing; None when there is nothing to sign."""
+        rid = reserved.request_id
+        replay = HEADER_REPLAY in event.headers
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._ensure_row(conn, rid, meta.channel_id, meta.account_id, meta.document_sha256,
+                                   meta.accepted_at.ToDatetime(tzinfo=dt.UTC))
+            row = await conn.fetchrow("SELECT status, sn, deliveries, reserved_at, accepted_at FROM requests "
+                                      "WHERE request_id = $1 FOR UPDATE", rid)
+            if row["status"] in TERMINAL:
+                return None
+            deadline = reserved.deadline.ToDatetime(tzinfo=dt.UTC)
+            if deadline <= dt.datetime.now(dt.UTC):
+                # no SN is spent on a reservation the ledger is about to void (or has voided)
+                await finish_failed(conn, self._settings, request_id=rid, channel_id=meta.channel_id,
+                                    account_id=meta.account_id, code=errors.RESERVATION_EXPIRED.code,
+                                    detail=f"reservation deadline {deadline.isoformat()} passed before stamping",
+                                    email=meta.email, cause=event)
+                return None
+            deliveries = 1 if replay else row["deliveries"] + 1
+            if deliveries > self._settings.stamp_max_deliveries:
+                await finish_failed(conn, self._settings, request_id=rid, channel_id=meta.channel_id,
+                                    account_id=meta.account_id, code=errors.SIGNING_FAILED.code,
+                                    detail=f"the document stopped its worker {deliveries - 1} times",
+                                    email=meta.email, cause=event)
+                return None
+            sn = row["sn"]
+            while True:
+                sn = sn or self._serials.next()
+                try:
+                    async with conn.transaction():   # a savepoint: an SN collision retries with a new SN
+                        await conn.execute(
+                            "UPDATE requests SET status = 'stamping', sn = $2, deliveries = $3, code = NULL, "
+                            "started_at = now(), reserved_at = COALESCE(reserved_at, now()) WHERE request_id = $1",
+                            rid, sn, deliveries)
+                    break
+                except asyncpg.UniqueViolationError:
+                    log.error("SN collision: two workers share a node id?", sn=sn)
+                    sn = None
+        if row["reserved_at"]:
+            STAGE_SECONDS.labels("reserved").observe(
+                max(0.0, (dt.datetime.now(dt.UTC) - row["reserved_at"]).total_seconds()))
+        return sn
+
+    async def _complete(self, event: Event, meta: stamp_pb2.StampRequested, sn: str, stamped: bytes) -> None:
+        rid = meta.request_id
+        digest = hashlib.sha256(stamped).hexdigest()
+        async with self._pool.acquire() as conn, conn.transaction():
+            updated = await conn.fetchval(
+                "UPDATE requests SET status = 'completed', output_ref = $2, output_sha256 = $3, finished_at = now(), "
+                "code = NULL, detail = NULL WHERE request_id = $1 AND status NOT IN ('completed', 'failed') RETURNING 1",
+                rid, store.output_key(rid), digest)
+            if not updated:
+                return
+            msg = stamp_pb2.StampCompleted(request_id=rid, channel_id=meta.channel_id, account_id=meta.account_id,
+                                           sn=sn, output_ref=store.output_key(rid), output_sha256=digest,
+                                           email=meta.email)
+            env = events.envelope(msg, producer=NAME, event_id=terminal_event_id(rid, "completed"),
+                                  causation_id=event.event_id, trace_id=event.envelope.trace_id)
+            await outbox.add(conn, [events.outgoing(self._settings.topic(topics.STAMP_EVENTS.name), rid, env)])
+        STAMP_OUTCOMES.labels("completed", "").inc()
+        log.info("stamp completed", request_id=rid, sn=sn, channel_id=meta.channel_id)
+
+    async def _transient(self, event: Event, *, meta: stamp_pb2.StampRequested | None,
+                         reserved: quota_pb2.QuotaReserved, exc: errors.BubuhError) -> None:
+        rid = reserved.request_id
+        attempt = int(event.headers.get(HEADER_ATTEMPT, b"1"))
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._ensure_row(conn, rid, reserved.channel_id, reserved.account_id, "")
+            await conn.execute("INSERT INTO attempts (request_id, attempt, code, detail) VALUES ($1, $2, $3, $4) "
+                               "ON CONFLICT DO NOTHING", rid, attempt, exc.code.code, exc.detail[:2000])
+            # a transient failure is not a crash: it does not count toward the crash guard
+            await conn.execute("UPDATE requests SET deliveries = greatest(deliveries - 1, 0), status = 'reserved', "
+                               "code = $2, detail = $3 WHERE request_id = $1 AND status NOT IN ('completed', 'failed')",
+                               rid, exc.code.code, exc.detail[:2000])
+            headers = [(k, v) for k, v in event.headers.items() if k not in (HEADER_ATTEMPT, HEADER_REPLAY)]
+            if attempt < self._settings.stamp_max_attempts:
+                delay = self._backoff.delay(attempt)
+                await retry.schedule(conn, Outgoing(self._retry_topic, rid.encode(), event.raw,
+                                                    headers + [(HEADER_ATTEMPT, str(attempt + 1).encode())],
+                                                    event.event_id), delay)
+                STAMP_OUTCOMES.labels("retried", exc.code.code).inc()
+                log.info("stamp retry scheduled", request_id=rid, attempt=attempt, code=exc.code.code,
+                         delay_s=round(delay, 2))
+                return
+            history = [dict(attempt=r["attempt"], at=r["at"].isoformat(), code=r["code"], detail=r["detail"])
+                       for r in await conn.fetch("SELECT * FROM attempts WHERE request_id = $1 ORDER BY attempt", rid)]
+            await conn.execute("UPDATE requests SET status = 'dead_lettered' WHERE request_id = $1 "
+                               "AND status NOT IN ('completed', 'failed')", rid)
+            dlq = Outgoing(self._settings.topic(topics.STAMP_DLQ.name), rid.encode(), event.raw, headers + [
+                (consumer.DLQ_REASON, exc.code.code.encode()),
+                (consumer.DLQ_DETAIL, exc.detail[:2000].encode()),
+                (consumer.DLQ_SOURCE, f"{self._retry_topic}/-1/-1".encode()),
+                (consumer.DLQ_CONSUMER, CONSUMER.encode()),
+                (consumer.DLQ_AT, dt.datetime.now(dt.UTC).isoformat().encode()),
+                (HEADER_DLQ_ATTEMPTS, json.dumps(history).encode()),
+            ], event.event_id)
+            await outbox.add(conn, [dlq])
+        STAMP_OUTCOMES.labels("dead_lettered", exc.code.code).inc()
+        log.warning("stamp dead-lettered; its unit stays reserved until replay or expiry", request_id=rid,
+                    code=exc.code.code, attempts=attempt)
+
+    @staticmethod
+    async def _ensure_row(conn: asyncpg.Connection, rid: str, channel_id: str, account_id: str, sha256: str,
+                          accepted_at: dt.datetime | None = None) -> None:
+        await conn.execute(
+            "INSERT INTO requests (request_id, channel_id, account_id, document_sha256, status, accepted_at) "
+            "VALUES ($1, $2, $3, $4, 'reserved', COALESCE($5, now())) ON CONFLICT (request_id) DO NOTHING",
+            rid, channel_id, account_id, sha256, accepted_at)

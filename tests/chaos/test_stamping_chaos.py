@@ -1,0 +1,120 @@
+"""Every accepted stamp ends completed or refunded, while its worker is killed mid-signing, and a
+transient failure is retried, dead-lettered with its history, and finished after a replay."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import httpx
+import pytest
+
+from loadtests import corpus
+from services.kernel import topics
+from tests.flows import Db, auth, buy, decoded, post_stamp, read_topic, stamp_finished, stamp_meta, wait_for
+from tests.platform import PlatformProcess, add_channel, cli, free_port
+
+
+@pytest.mark.slow
+async def test_worker_killed_mid_signing_ends_completed_with_one_sn_and_one_charge(settings):
+    front = await PlatformProcess(settings, api="all", workers="purchase,quota", name="front").start()
+    worker = PlatformProcess(settings, api="none", workers="stamping", name="worker",
+                             BUBUH_STAMP_MAX_DELIVERIES=20)
+    channel = add_channel(settings)
+    db = Db(settings)
+    n = 60
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=60) as api:
+            await buy(api, channel, "k", n)
+            scan = corpus.scan_800k(2)
+            ids = []
+            for i in range(n):   # a backlog first, so the worker is busy signing whenever it is killed
+                r = await post_stamp(api, channel, scan if i % 3 else corpus.a4_text(i), stamp_meta("k"))
+                assert r.status_code == 202, r.text
+                ids.append(r.json()["request_id"])
+            rng = random.Random()
+            kills = 0
+            while kills < 15:
+                await worker.start()
+                if not await db.val("stamping", "SELECT count(*) FROM requests WHERE status NOT IN "
+                                                "('completed', 'failed')"):
+                    break
+                await wait_for(lambda: _signing(db), timeout=30, interval=0.02, what="a worker signing")
+                await asyncio.sleep(rng.uniform(0.0, 0.05))
+                worker.kill()
+                kills += 1
+                if kills >= 3 and await db.val("stamping", "SELECT count(*) FROM requests WHERE deliveries >= 2"):
+                    break
+            if worker.proc.poll() is not None:
+                await worker.start()
+            finals = [await stamp_finished(api, channel, rid, timeout=120) for rid in ids]
+        assert [f["status"] for f in finals] == ["completed"] * n, [f for f in finals if f["status"] != "completed"]
+        sns = [f["sn"] for f in finals]
+        assert len(set(sns)) == n
+        # a kill landed between "SN issued, signing started" and "completed": the redelivery reused the SN
+        assert await db.val("stamping", "SELECT count(*) FROM requests WHERE deliveries >= 2") >= 1
+        bal = await db.fetch("quota", "SELECT credited, pending, committed FROM accounts WHERE account_id = 'k'")
+        assert dict(bal[0]) == {"credited": n, "pending": 0, "committed": n}
+        completions = [m for m in decoded(await read_topic(settings, topics.STAMP_EVENTS.name, at_least=n))
+                       if type(m).__name__ == "StampCompleted"]
+        by_request: dict[str, set] = {}
+        for m in completions:
+            by_request.setdefault(m.request_id, set()).add(m.sn)
+        assert all(len(v) == 1 for v in by_request.values()) and len(by_request) == n
+    finally:
+        await worker.stop()
+        await front.stop()
+
+
+async def _signing(db: Db) -> bool:
+    return bool(await db.val("stamping", "SELECT count(*) FROM requests WHERE status = 'stamping'"))
+
+
+async def test_unreachable_tsa_is_retried_then_dead_lettered_and_replay_finishes_it(settings):
+    closed = free_port()
+    front = await PlatformProcess(settings, api="all", workers="purchase,quota", name="front").start()
+    worker = await PlatformProcess(settings, api="none", workers="stamping", name="worker",
+                                   BUBUH_SIGNING_TSA_URL=f"http://127.0.0.1:{closed}/tsa",
+                                   BUBUH_STAMP_MAX_ATTEMPTS=4, BUBUH_STAMP_RETRY_BASE_S=0.4).start()
+    channel = add_channel(settings)
+    db = Db(settings)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=60) as api:
+            await buy(api, channel, "tsa", 1)
+            r = await post_stamp(api, channel, corpus.a4_text(3), stamp_meta("tsa"))
+            rid = r.json()["request_id"]
+            dlq = await read_topic(settings, topics.STAMP_DLQ.name, at_least=1, timeout=60)
+            assert [rec.key.decode() for rec in dlq] == [rid]
+            headers = dict(dlq[0].headers)
+            assert headers["bubuh-dlq-reason"] == b"TSA_UNAVAILABLE"
+            history = json.loads(headers["bubuh-dlq-attempts"])
+            assert [h["attempt"] for h in history] == [1, 2, 3, 4]
+            assert {h["code"] for h in history} == {"TSA_UNAVAILABLE"}
+            times = [h["at"] for h in await db.fetch("stamping", "SELECT at FROM attempts WHERE request_id = $1 "
+                                                                 "ORDER BY attempt", rid)]
+            gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:], strict=False)]
+            assert gaps[-1] > gaps[0], gaps   # exponential backoff, through stamp.retry, not sleeps
+            status = (await api.get(f"/v1/stamps/{rid}", headers=auth(channel))).json()
+            assert status["status"] == "reserved" and status["code"] == "TSA_UNAVAILABLE"
+            quota = (await api.get("/v1/accounts/tsa/quota", headers=auth(channel))).json()
+            assert quota["pending"] == 1        # the unit stays reserved while dead-lettered
+
+            await worker.stop()               # the TSA is "fixed": a worker without it
+            worker = await PlatformProcess(settings, api="none", workers="stamping", name="worker2").start()
+            out = await asyncio.to_thread(cli, settings, "replay", "stamp.dead-letter")
+            assert "1 replayed" in out.stdout
+            done = await stamp_finished(api, channel, rid)
+            assert done["status"] == "completed"
+            quota = await wait_for(lambda: _settled(api, channel), what="commit")
+            assert (quota["committed"], quota["pending"]) == (1, 0)
+            again = await asyncio.to_thread(cli, settings, "replay", "stamp.dead-letter")
+            assert "0 replayed" in again.stdout   # an entry is replayed once
+    finally:
+        await worker.stop()
+        await front.stop()
+
+
+async def _settled(api, channel):
+    q = (await api.get("/v1/accounts/tsa/quota", headers=auth(channel))).json()
+    return q if q["pending"] == 0 else None
