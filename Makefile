@@ -62,9 +62,10 @@ test-fast: setup ## the quick tiers only (skips tests marked slow)
 	$(STACK) up
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] && exit $$rc || exit 1
 
-bench: setup system-packages ## benchmarks (platform stopped, nothing else on the cores); figures in loadtests/results/
+bench: setup system-packages ## stamping engine vs pyHanko's default path, same run; stops the platform and its stack first
 	-@test -x $(BUBUH) && $(BUBUH) down
-	$(PY) -m loadtests.bench_engine --out loadtests/results/engine.json
+	-$(STACK) down
+	$(PY) -m loadtests.bench_engine --out loadtests/results/engine.json --readme README.md
 
 lint: setup ## ruff
 	$(VENV)/bin/ruff check services tests loadtests

@@ -208,13 +208,29 @@ def run(quick: bool) -> dict:
             cases["engine/rsa2048/a4-1page"]["stamps_per_s_per_core"] >= 200,
         "2proc_vs_1proc >= 1.8": ratios["2proc_vs_1proc/engine/rsa2048/a4-1page"] >= 1.8,
     }
-    return {"quick": quick, "machine": machine, "cases": cases, "ratios": ratios, "targets_met": targets,
+    # one object per case at the top level, named <path>/<key>/<document>[/<n>proc]
+    return {**cases, "ratios": ratios, "targets_met": targets, "machine": machine, "quick": quick,
             "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+README_BEGIN = "<!-- bench:engine:begin (make bench writes this table) -->"
+README_END = "<!-- bench:engine:end -->"
+
+
+def update_readme(readme: Path, table: str, generated_at: str) -> None:
+    """Replace the table between the markers, so the README always shows the latest run."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{readme}: markers {README_BEGIN!r} / {README_END!r} not found")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_BEGIN}\nLatest run: {generated_at}, `loadtests/results/engine.json`.\n\n"
+                      f"{table}\n{README_END}{tail}")
 
 
 def markdown(result: dict) -> str:
     rows = ["| case | stamps/s/core | p50 ms | p99 ms |", "|---|---:|---:|---:|"]
-    for name, case in result["cases"].items():
+    for name, case in ((k, v) for k, v in result.items() if "/" in k):
         if "stamps_per_s_per_core" in case:
             rows.append(f"| `{name}` | {case['stamps_per_s_per_core']} | {case['p50_ms']} | {case['p99_ms']} |")
         else:
@@ -233,11 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("loadtests/results/engine.json"))
     parser.add_argument("--quick", action="store_true", help="short runs (CI smoke), noisier figures")
+    parser.add_argument("--readme", type=Path, help="also put the table into this README between the bench markers")
     args = parser.parse_args(argv)
     result = run(args.quick)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
+    table = markdown(result)
+    print(table)
+    if args.readme:
+        update_readme(args.readme, table, result["generated_at"])
     return 0
 
 

@@ -1,7 +1,8 @@
 """``bubuh demo``: the README's walkthrough, run against the platform that ``make up`` started.
 
-Registers a channel, posts a paid purchase over HTTP, and waits for the quota to show it, printing
-each step as the curl command a channel developer would type.
+Registers a channel, posts a paid purchase over HTTP, waits for the quota to show it, stamps a
+sample letter, writes the stamped PDF under ``.local/demo/`` and verifies it publicly; each step is
+printed as the curl command a channel developer would type.
 """
 
 from __future__ import annotations
@@ -68,4 +69,59 @@ async def run(settings: Settings) -> int:
         print(f"   -> {json.dumps(quota)}")
         ok = quota.get("credited") == order["quantity"]
         print("== paid means credited: " + ("yes" if ok else "NO"))
-        return 0 if ok else 1
+        if not ok:
+            return 1
+        return await _stamp(client, settings, auth, order["account_id"])
+
+
+def sample_letter() -> bytes:
+    """A one-page A4 "Surat Pernyataan", made here so the demo needs no file of its own."""
+    import pikepdf
+
+    pdf = pikepdf.new()
+    lines = ["SURAT PERNYATAAN", "", "Yang bertanda tangan di bawah ini menyatakan bahwa data yang",
+             "disampaikan dalam pendaftaran adalah benar.", "", "Jakarta, 5 September 2024"]
+    text = b"BT /F1 12 Tf 72 770 Td 16 TL " + b" ".join(
+        b"(" + ln.encode().replace(b"(", b"\\(").replace(b")", b"\\)") + b") '" for ln in lines) + b" ET"
+    font = pikepdf.Dictionary(Type=pikepdf.Name.Font, Subtype=pikepdf.Name.Type1, BaseFont=pikepdf.Name.Helvetica)
+    page = pikepdf.Page(pikepdf.Dictionary(Type=pikepdf.Name.Page, MediaBox=[0, 0, 595.276, 841.89],
+                                           Resources=pikepdf.Dictionary(Font=pikepdf.Dictionary(F1=font)),
+                                           Contents=pdf.make_stream(text)))
+    pdf.pages.append(page)
+    out = io.BytesIO()
+    pdf.save(out, min_version="1.7")
+    return out.getvalue()
+
+
+async def _stamp(client: httpx.AsyncClient, settings: Settings, auth: dict, account_id: str) -> int:
+    meta = {"account_id": account_id, "page": 1, "llx": 400, "lly": 60, "urx": 540, "ury": 200,
+            "doc_type": "3", "reason": "Surat Pernyataan", "location": "Jakarta"}
+    print(f"== 5. stamp a letter\n   curl -X POST {settings.public_url}/v1/stamps -H 'Authorization: Bearer …' "
+          f"-F file=@letter.pdf -F 'meta={json.dumps(meta)}'")
+    r = await client.post("/v1/stamps", headers=auth, files={"file": ("letter.pdf", sample_letter(), "application/pdf")},
+                          data={"meta": json.dumps(meta)})
+    print(f"   -> {r.status_code} {r.text}")
+    if r.status_code != 202:
+        return 1
+    rid = r.json()["request_id"]
+    status: dict = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = (await client.get(f"/v1/stamps/{rid}", headers=auth)).json()
+        if status.get("status") in ("completed", "failed"):
+            break
+        await asyncio.sleep(0.2)
+    print(f"   -> {json.dumps(status)}")
+    if status.get("status") != "completed":
+        return 1
+    pdf = (await client.get(f"/v1/stamps/{rid}/document", headers=auth)).content
+    out = settings.local_dir / "demo" / f"stamped-{status['sn']}.pdf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(pdf)
+    print(f"== 6. the stamped PDF: {out}")
+    verdict = (await client.post("/v1/verify", files={"file": (out.name, pdf, "application/pdf")})).json()
+    print(f"== 7. verify it (public): curl -X POST {settings.public_url}/v1/verify -F file=@{out}\n"
+          f"   -> {json.dumps(verdict)}")
+    ok = verdict.get("valid") is True
+    print("== stamped and verified: " + ("yes" if ok else "NO"))
+    return 0 if ok else 1

@@ -28,6 +28,8 @@ def _alive(pid: int) -> bool:
 
 def test_up_demo_down(settings, tmp_path):
     env = env_for(settings, BUBUH_LOCAL_DIR=str(tmp_path))
+    keys = _run(env, "keys", "dev-ca", "--if-missing")   # what `make setup` does
+    assert keys.returncode == 0 and (tmp_path / "keys" / "issuer-rsa2048.p12").exists()
     up = _run(env, "up")
     assert up.returncode == 0, up.stderr
     pid = int((tmp_path / "run" / "bubuh.pid").read_text())
@@ -39,6 +41,9 @@ def test_up_demo_down(settings, tmp_path):
     assert "-> 202" in demo.stdout
     assert '"status": "confirmed"' in demo.stdout
     assert "paid means credited: yes" in demo.stdout
+    assert "stamped and verified: yes" in demo.stdout
+    written = [ln.split(": ", 1)[1] for ln in demo.stdout.splitlines() if ln.startswith("== 6. the stamped PDF: ")]
+    assert written and (tmp_path / "demo").exists() and open(written[0], "rb").read(5) == b"%PDF-"
     down = _run(env, "down")
     assert down.returncode == 0 and "stopped" in down.stdout
     deadline = time.monotonic() + 10
