@@ -47,6 +47,8 @@ class PublicVerifier:
                 "hash_matches_issued": registry.get("document_sha256") == sig.revision_sha256,
                 "signer": sig.signer,
                 "signing_time": sig.signing_time.isoformat() if sig.signing_time else None,
+                "timestamped_at": sig.timestamp_time.isoformat() if sig.timestamp_time else None,
+                "timestamp_trusted": sig.timestamp_trusted,
             })
         valid = bool(stamps) and all(s["signature_valid"] and s["trusted"] and s["sn_known"] and s["sn_used_once"]
                                      and s["hash_matches_issued"] for s in stamps)

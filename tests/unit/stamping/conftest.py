@@ -8,19 +8,17 @@ Debian package provides it.
 
 from __future__ import annotations
 
-import datetime as dt
-import http.server
 import os
 import re
 import shutil
 import subprocess
-import threading
 from dataclasses import dataclass
 
 import pytest
 
 from loadtests import corpus
 from services.stamping.signing import keys
+from tests.timestamping import running_tsa
 
 VERIFY_BASE = "https://verify.bubuh.example"
 
@@ -108,82 +106,10 @@ def assert_pdfsig_ok(result: PdfSigResult, index: int = -1, whole: bool = True) 
 # --- a local RFC 3161 time-stamp authority ---------------------------------------------------
 
 
-def _tsa_identity():
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    # RSA: pyHanko's DummyTimeStamper signs with RSA only
-    now = dt.datetime.now(dt.UTC)
-    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Bubuh Test TSA Root")])
-    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=365))
-               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-               .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-                              critical=True)
-               .sign(ca_key, hashes.SHA256()))
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Bubuh Test TSA")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=365))
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.TIME_STAMPING]), critical=True)
-            .add_extension(x509.KeyUsage(True, True, False, False, False, False, False, False, False),
-                           critical=True)
-            .sign(ca_key, hashes.SHA256()))
-    der_key = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return ca_cert, cert, der_key
-
-
-@dataclass
-class LocalTsa:
-    url: str
-    ca_cert_pem: bytes
-    requests: int = 0
-
-
 @pytest.fixture(scope="session")
 def local_tsa():
-    from asn1crypto import keys as asn1_keys
-    from asn1crypto import tsp
-    from asn1crypto import x509 as asn1_x509
-    from cryptography.hazmat.primitives import serialization
-    from pyhanko.sign.timestamps import DummyTimeStamper
-
-    ca_cert, cert, der_key = _tsa_identity()
-    ca_asn1 = asn1_x509.Certificate.load(ca_cert.public_bytes(serialization.Encoding.DER))
-    stamper = DummyTimeStamper(
-        tsa_cert=asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER)),
-        tsa_key=asn1_keys.PrivateKeyInfo.load(der_key),
-        certs_to_embed=[ca_asn1],
-    )
-    state = LocalTsa("", ca_cert.public_bytes(serialization.Encoding.PEM))
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server API
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            resp = stamper.request_tsa_response(tsp.TimeStampReq.load(body)).dump()
-            state.requests += 1
-            self.send_response(200)
-            self.send_header("Content-Type", "application/timestamp-reply")
-            self.send_header("Content-Length", str(len(resp)))
-            self.end_headers()
-            self.wfile.write(resp)
-
-        def log_message(self, *args):  # keep test output clean
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/tsa"
-    yield state
-    server.shutdown()
-    server.server_close()
+    with running_tsa() as tsa:
+        yield tsa
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,70 @@
+"""The stamping worker with production-shaped keys: an HSM through PKCS#11 (SoftHSM2), and
+PAdES B-T with a time-stamp from a local RFC 3161 authority."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from loadtests import corpus
+from services.kernel.settings import REPO_ROOT, Settings
+from services.stamping.signing import keys
+from tests.flows import auth, buy, post_stamp, stamp_finished, stamp_meta
+from tests.platform import PlatformProcess, add_channel
+from tests.timestamping import running_tsa
+
+
+async def _stamp_and_verify(settings, channel) -> dict:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=60) as api:
+        await buy(api, channel, "hsm", 1)
+        r = await post_stamp(api, channel, corpus.a4_text(21), stamp_meta("hsm"))
+        done = await stamp_finished(api, channel, r.json()["request_id"])
+        assert done["status"] == "completed", done
+        pdf = (await api.get(f"/v1/stamps/{r.json()['request_id']}/document", headers=auth(channel))).content
+        return (await api.post("/v1/verify", files={"file": ("x.pdf", pdf, "application/pdf")})).json()
+
+
+async def test_worker_signs_through_pkcs11_with_softhsm(settings, tmp_path):
+    module = keys.softhsm_module()
+    if module is None or shutil.which("softhsm2-util") is None:
+        pytest.skip("SoftHSM2 not installed (Debian package softhsm2)")
+    p12 = Settings().keys_dir / "issuer-rsa2048.p12"
+    # a token of our own, holding the dev issuer key (in a child: the import sets SOFTHSM2_CONF process-wide)
+    code = ("import sys; from services.stamping.signing import keys; "
+            f"t = keys.softhsm_import({str(tmp_path)!r}, {str(p12)!r}, 'bubuh-dev', token_label='bubuh-test'); "
+            "print(t.conf_path)")
+    conf = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, capture_output=True,
+                          text=True).stdout.strip()
+    front = await PlatformProcess(settings, api="all", workers="purchase,quota", name="front").start()
+    worker = await PlatformProcess(settings, api="none", workers="stamping", name="hsm-worker", SOFTHSM2_CONF=conf,
+                                   BUBUH_SIGNING_PKCS11_MODULE=module, BUBUH_SIGNING_PKCS11_TOKEN_LABEL="bubuh-test",
+                                   BUBUH_SIGNING_PKCS11_PIN="1234", BUBUH_SIGNING_PKCS11_KEY_LABEL="issuer").start()
+    try:
+        verdict = await _stamp_and_verify(settings, add_channel(settings))
+        assert verdict["valid"] is True, verdict
+    finally:
+        await worker.stop()
+        await front.stop()
+
+
+async def test_worker_with_a_tsa_makes_pades_b_t(settings, tmp_path):
+    with running_tsa() as tsa:
+        tsa_ca = tmp_path / "tsa-ca.pem"
+        tsa_ca.write_bytes(tsa.ca_cert_pem)
+        roots = f"{Settings().keys_dir / 'ca-rsa2048.pem'},{tsa_ca}"
+        front = await PlatformProcess(settings, api="all", workers="purchase,quota", name="front",
+                                      BUBUH_TRUST_ROOTS=roots).start()
+        worker = await PlatformProcess(settings, api="none", workers="stamping", name="tsa-worker",
+                                       BUBUH_SIGNING_TSA_URL=tsa.url).start()
+        try:
+            verdict = await _stamp_and_verify(settings, add_channel(settings))
+            assert verdict["valid"] is True, verdict
+            assert verdict["stamps"][0]["timestamped_at"] and verdict["stamps"][0]["timestamp_trusted"] is True
+            assert tsa.requests >= 1
+        finally:
+            await worker.stop()
+            await front.stop()
