@@ -192,3 +192,14 @@ def poison() -> list[PoisonItem]:
         PoisonItem("cpns-letter-size", a4_text(4, page_size=(612, 792)), "PROFILE_VIOLATION", "cpns"),
         PoisonItem("cpns-pdf-1.4", a4_text(5, version="1.4"), "PROFILE_VIOLATION", "cpns"),
     ]
+
+
+def crashes_signer(seed: int = 0) -> bytes:
+    """Passes intake (qpdf reads it fine) but breaks the signer: the page's /Annots is a number, so
+    adding the signature widget fails inside pyHanko. The worker must fail it with a code, release
+    its unit, and go on with the next request."""
+    pdf = pikepdf.open(io.BytesIO(a4_text(seed)))
+    pdf.pages[0].obj["/Annots"] = 5
+    out = io.BytesIO()
+    pdf.save(out)
+    return out.getvalue()

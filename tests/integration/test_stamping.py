@@ -162,3 +162,19 @@ async def test_a_channel_cannot_read_anothers_stamp(platform, api, channel, sett
 
 async def _known(api, channel):
     return (await api.get("/v1/stamps/none", headers=auth(channel))).status_code == 404
+
+
+async def test_a_document_that_breaks_the_signer_fails_alone_and_releases_its_unit(platform, api, channel):
+    await buy(api, channel, "crash", 3)
+    bad = await post_stamp(api, channel, corpus.crashes_signer(1), stamp_meta("crash"))
+    assert bad.status_code == 202      # intake cannot tell: only the signer trips over it
+    good = [await post_stamp(api, channel, corpus.a4_text(30 + i), stamp_meta("crash")) for i in range(2)]
+    failed = await stamp_finished(api, channel, bad.json()["request_id"])
+    assert (failed["status"], failed["code"]) == ("failed", "SIGNING_FAILED")
+    assert [(await stamp_finished(api, channel, g.json()["request_id"]))["status"] for g in good] == ["completed"] * 2
+
+    async def settled():
+        q = (await api.get("/v1/accounts/crash/quota", headers=auth(channel))).json()
+        return q if q["pending"] == 0 and q["committed"] == 2 else None
+    quota = await wait_for(settled, what="the failed stamp's unit released")
+    assert quota["available"] == 1
