@@ -16,6 +16,8 @@ import uvicorn
 from services.kernel import http, logs, runtime
 from services.kernel.runtime import ConfigError, Runtime
 from services.kernel.settings import Settings
+from services.kernel.waiting import wait_or_stop
+from services.notification import service as notification_service
 from services.purchase import service as purchase_service
 from services.quota import service as quota_service
 from services.stamping import service as stamping_service
@@ -26,6 +28,7 @@ SERVICES = {
     "purchase": purchase_service,
     "quota": quota_service,
     "stamping": stamping_service,
+    "notification": notification_service,
 }
 
 
@@ -57,7 +60,7 @@ async def serve(settings: Settings, api: list[str], workers: list[str],
         raise
 
     async def ready_when_loaded(stop: asyncio.Event) -> None:
-        await _wait_or_stop(rt.channels.loaded, stop)
+        await wait_or_stop(rt.channels.loaded, stop)
         log.info("platform ready", api=api, workers=workers,
                  http=f"http://{settings.http_host}:{settings.http_port}" if api else None)
         if on_ready:
@@ -70,7 +73,7 @@ def _http_task(rt: Runtime, routers) -> runtime.Task:
     app = http.create_app("Bubuh", routers)
 
     async def run_http(stop: asyncio.Event) -> None:
-        await _wait_or_stop(rt.channels.loaded, stop)   # authenticate only once the channel view is whole
+        await wait_or_stop(rt.channels.loaded, stop)   # authenticate only once the channel view is whole
         config = uvicorn.Config(app, host=rt.settings.http_host, port=rt.settings.http_port, log_level="warning",
                                 access_log=False, lifespan="off", timeout_keep_alive=30, backlog=4096)
         server = uvicorn.Server(config)
@@ -82,14 +85,6 @@ def _http_task(rt: Runtime, routers) -> runtime.Task:
             await asyncio.wait_for(serving, 10)
 
     return run_http
-
-
-async def _wait_or_stop(event: asyncio.Event, stop: asyncio.Event) -> None:
-    waiter = asyncio.create_task(event.wait())
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
-    waiter.cancel()
-    stopper.cancel()
 
 
 async def _wait_either(stop: asyncio.Event, task: asyncio.Task) -> None:

@@ -1,0 +1,58 @@
+"""The due-queue gauges and the retention sweep: every few seconds, cheap, never on the delivery path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import asyncpg
+
+from services.kernel import logs
+from services.kernel.settings import Settings
+from services.notification.metrics import DUE, EMAILS_DUE, SCHEDULED
+
+log = logs.get(__name__)
+
+_COUNTS = """
+SELECT
+  (SELECT count(*) FROM deliveries WHERE status = 'pending' AND next_attempt_at <= now()
+          AND (leased_until IS NULL OR leased_until < now())) AS due,
+  (SELECT count(*) FROM deliveries WHERE status = 'pending') AS scheduled,
+  (SELECT count(*) FROM emails WHERE status = 'pending' AND next_attempt_at <= now()
+          AND (leased_until IS NULL OR leased_until < now())) AS emails_due
+"""
+
+
+class Housekeeping:
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, interval_s: float = 2.0,
+                 retention_every_s: float = 300.0) -> None:
+        self._pool = pool
+        self._s = settings
+        self._interval_s = interval_s
+        self._retention_every_s = retention_every_s
+
+    async def run(self, stop: asyncio.Event) -> None:
+        last_retention = 0.0
+        while not stop.is_set():
+            try:
+                async with self._pool.acquire() as conn:
+                    row = await conn.fetchrow(_COUNTS)
+                    DUE.set(row["due"])
+                    SCHEDULED.set(row["scheduled"])
+                    EMAILS_DUE.set(row["emails_due"])
+                    if time.monotonic() - last_retention >= self._retention_every_s:
+                        await self.delete_old(conn)
+                        last_retention = time.monotonic()
+            except Exception as exc:  # noqa: BLE001 - PostgreSQL away: next tick
+                log.warning("notification housekeeping skipped", error=repr(exc))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._interval_s)
+
+    async def delete_old(self, conn: asyncpg.Connection) -> None:
+        keep = self._s.notification_retention_s
+        await conn.execute("DELETE FROM deliveries WHERE status <> 'pending' "
+                           "AND created_at < now() - make_interval(secs => $1)", keep)
+        await conn.execute("DELETE FROM emails WHERE status <> 'pending' "
+                           "AND created_at < now() - make_interval(secs => $1)", keep)
+        await conn.execute("DELETE FROM inbox WHERE applied_at < now() - make_interval(secs => $1)", keep)

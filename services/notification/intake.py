@@ -1,0 +1,110 @@
+"""Events in, scheduled notifications out: the ``notification.intake`` consumer.
+
+For each event a channel or buyer hears about, one transaction claims the event id in the inbox and
+writes a ``deliveries`` row (the webhook, due now) and, when the request carried an address, an
+``emails`` row. A NOTIFY at commit wakes the dispatchers. No HTTP and no SMTP here: a slow endpoint
+can never hold up a partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import uuid
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from services.kernel import inbox, logs
+from services.kernel.channels import ChannelView
+from services.kernel.events import Event
+from services.kernel.settings import Settings
+from services.notification import payloads, templates
+from services.notification.metrics import NOTIFICATIONS_RECORDED
+
+log = logs.get(__name__)
+CONSUMER = "notification.intake"
+_NS = uuid.UUID("5f0c1d0e-6a51-4f4b-9d5e-3a7d8f1e2b90")
+UNKNOWN_CHANNEL_WAIT_S = 2.0
+
+
+def delivery_id(event_id: str) -> str:
+    return str(uuid.uuid5(_NS, f"{event_id}\x1fwebhook"))
+
+
+def email_id(event_id: str) -> str:
+    return str(uuid.uuid5(_NS, f"{event_id}\x1femail"))
+
+
+def endpoint_of(url: str) -> str:
+    """The isolation unit of a URL: ``scheme://host:port`` (no credentials, path or query)."""
+    if not url:
+        return ""
+    u = urlsplit(url)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    return f"{u.scheme}://{(u.hostname or '').lower()}:{port}"
+
+
+class Intake:
+    def __init__(self, pool: asyncpg.Pool, channels: ChannelView, settings: Settings) -> None:
+        self._pool = pool
+        self._channels = channels
+        self._settings = settings
+        self._wake_channel = wake_channel(settings)
+
+    async def handle(self, event: Event) -> None:
+        msg = event.payload
+        kind = payloads.kind_of(msg)
+        if kind is None:
+            return          # other events on these topics are not news for channels or buyers
+        channel_id = msg.channel_id
+        url, has_webhook = await self._webhook_url(channel_id)
+        address = payloads.email_of(msg)
+        data = payloads.data_of(msg)
+        email = templates.render(kind, data, self._settings.email_locale) if address else None
+        now = dt.datetime.now(dt.UTC)
+        async with self._pool.acquire() as conn, conn.transaction():
+            if not await inbox.claim(conn, CONSUMER, event.event_id):
+                NOTIFICATIONS_RECORDED.labels("duplicate").inc()
+                return
+            if has_webhook:
+                await conn.execute(
+                    "INSERT INTO deliveries (delivery_id, channel_id, event_id, event_type, url, endpoint, body, "
+                    "next_attempt_at, horizon_at, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$8) "
+                    "ON CONFLICT (event_id) DO NOTHING",
+                    delivery_id(event.event_id), channel_id, event.event_id, kind, url, endpoint_of(url),
+                    payloads.webhook_body(event).decode(), now,
+                    now + dt.timedelta(seconds=self._settings.webhook_horizon_s))
+                NOTIFICATIONS_RECORDED.labels("webhook").inc()
+            else:
+                NOTIFICATIONS_RECORDED.labels("no_webhook").inc()
+            if email is not None:
+                await conn.execute(
+                    "INSERT INTO emails (email_id, event_id, event_type, channel_id, recipient, locale, subject, "
+                    "body, next_attempt_at, horizon_at, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$9) "
+                    "ON CONFLICT (event_id) DO NOTHING",
+                    email_id(event.event_id), event.event_id, kind, channel_id, address,
+                    self._settings.email_locale, email.subject, email.body, now,
+                    now + dt.timedelta(seconds=self._settings.email_horizon_s))
+                NOTIFICATIONS_RECORDED.labels("email").inc()
+            if has_webhook or email is not None:
+                await conn.execute("SELECT pg_notify($1, '')", self._wake_channel)
+
+    async def _webhook_url(self, channel_id: str) -> tuple[str, bool]:
+        """(url, whether to schedule a webhook). An unknown channel gets a row with no URL yet: the
+        dispatcher resolves it at each attempt (the channel view may simply be behind)."""
+        info = self._channels.get(channel_id)
+        if info is None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await self._channels.wait_for(channel_id, 1, timeout=UNKNOWN_CHANNEL_WAIT_S)
+            info = self._channels.get(channel_id)
+        if info is None:
+            log.warning("event for a channel this service does not know yet", channel_id=channel_id)
+            return "", True
+        return info.webhook_url, bool(info.webhook_url)
+
+
+def wake_channel(settings: Settings) -> str:
+    """The NOTIFY channel that wakes the dispatchers when new work is committed."""
+    return f"{settings.schema('notification')}_work"

@@ -1,0 +1,61 @@
+"""The notification service, top-down.
+
+Consumes: ``quota.events`` (QuotaCredited, QuotaRejected), ``purchase.events`` (PurchaseRejected),
+          ``stamp.events`` (StampCompleted, StampFailed), in one consumer ``notification.intake``.
+Publishes: ``notification.dead-letter`` (DeliveryAbandoned), through its outbox.
+Stores:    schema ``notification``: ``deliveries`` + ``delivery_attempts`` (webhooks), ``emails``,
+           inbox, outbox. The tables are the durable schedule: a row is due at ``next_attempt_at``.
+Workers:   the intake consumer (events -> rows, never HTTP), the webhook dispatcher, the email
+           sender, a LISTEN connection that wakes both, the outbox relay, the gauges.
+HTTP:      ``GET /v1/deliveries``, ``POST /v1/deliveries/{id}/redeliver``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+
+from services.kernel import topics
+from services.kernel.consumer import ConsumerLoop
+from services.kernel.outbox import Relay
+from services.kernel.runtime import ConfigError, Runtime, Task
+from services.kernel.waiting import wait_or_stop
+from services.notification import NAME, api, templates
+from services.notification.dispatcher import Dispatcher
+from services.notification.housekeeping import Housekeeping
+from services.notification.intake import CONSUMER, Intake
+from services.notification.mailer import Mailer
+from services.notification.wakeup import Wakeup
+
+
+async def router(rt: Runtime) -> APIRouter:
+    return api.router(rt.settings, rt.channels, await rt.pool(NAME))
+
+
+async def workers(rt: Runtime) -> list[Task]:
+    s = rt.settings
+    if s.email_locale not in templates.LOCALES:
+        raise ConfigError(f"BUBUH_EMAIL_LOCALE={s.email_locale!r}: choose from {', '.join(templates.LOCALES)}")
+    pool = await rt.pool(NAME)
+    wakeup = Wakeup(s)
+    dispatcher = Dispatcher(pool, rt.channels, s, wakeup.subscribe())
+    mailer = Mailer(pool, s, wakeup.subscribe())
+    intake = Intake(pool, rt.channels, s)
+    loop = ConsumerLoop(s, rt.producer, name=CONSUMER,
+                        topics=[s.topic(t.name) for t in (topics.QUOTA_EVENTS, topics.PURCHASE_EVENTS,
+                                                          topics.STAMP_EVENTS)],
+                        handler=intake.handle, dead_letter_topic=s.topic(topics.NOTIFICATION_DLQ.name))
+
+    async def consume(stop: asyncio.Event) -> None:
+        # the webhook URL comes from the channel view: read it whole before the first event
+        if await wait_or_stop(rt.channels.loaded, stop):
+            await loop.run(stop)
+
+    async def dispatch(stop: asyncio.Event) -> None:
+        # signing needs the channel secrets from the view
+        if await wait_or_stop(rt.channels.loaded, stop):
+            await dispatcher.run(stop)
+
+    relay = Relay(pool, rt.producer, s, NAME)
+    return [consume, dispatch, mailer.run, wakeup.run, relay.run, Housekeeping(pool, s).run]
