@@ -98,8 +98,8 @@ async def _stamp(client: httpx.AsyncClient, settings: Settings, auth: dict, acco
             "doc_type": "3", "reason": "Surat Pernyataan", "location": "Jakarta"}
     print(f"== 5. stamp a letter\n   curl -X POST {settings.public_url}/v1/stamps -H 'Authorization: Bearer …' "
           f"-F file=@letter.pdf -F 'meta={json.dumps(meta)}'")
-    r = await client.post("/v1/stamps", headers=auth, files={"file": ("letter.pdf", sample_letter(), "application/pdf")},
-                          data={"meta": json.dumps(meta)})
+    r = await client.post("/v1/stamps", headers=auth, data={"meta": json.dumps(meta)},
+                          files={"file": ("letter.pdf", sample_letter(), "application/pdf")})
     print(f"   -> {r.status_code} {r.text}")
     if r.status_code != 202:
         return 1

@@ -52,17 +52,24 @@ class _Outage(Exception):
         self.cause = cause
 
 
+def dead_letter_headers(headers, *, code: str, detail: str, source: str, consumer: str,
+                        extra: list[tuple[str, bytes]] | None = None) -> list[tuple[str, bytes]]:
+    """The original headers (minus earlier ``bubuh-dlq-*``) with the reason, where from, who, when."""
+    kept = [(k, v) for k, v in headers if not k.startswith("bubuh-dlq-")]
+    return kept + [
+        (DLQ_REASON, code.encode()),
+        (DLQ_DETAIL, detail[:2000].encode()),
+        (DLQ_SOURCE, source.encode()),
+        (DLQ_CONSUMER, consumer.encode()),
+        (DLQ_AT, dt.datetime.now(dt.UTC).isoformat().encode()),
+    ] + (extra or [])
+
+
 def dead_letter_record(record: ConsumerRecord, dlq_topic: str, consumer: str, code: str,
                        detail: str) -> Outgoing:
     """The original record, unchanged, with the reason in ``bubuh-dlq-*`` headers (replayable as is)."""
-    headers = [(k, v) for k, v in (record.headers or ()) if not k.startswith("bubuh-dlq-")]
-    headers += [
-        (DLQ_REASON, code.encode()),
-        (DLQ_DETAIL, detail[:2000].encode()),
-        (DLQ_SOURCE, f"{record.topic}/{record.partition}/{record.offset}".encode()),
-        (DLQ_CONSUMER, consumer.encode()),
-        (DLQ_AT, dt.datetime.now(dt.UTC).isoformat().encode()),
-    ]
+    headers = dead_letter_headers(record.headers or (), code=code, detail=detail, consumer=consumer,
+                                  source=f"{record.topic}/{record.partition}/{record.offset}")
     return Outgoing(topic=dlq_topic, key=record.key, value=record.value or b"", headers=headers)
 
 

@@ -7,15 +7,16 @@ the same work later) from an error in the work itself (dead-letter it).
 
 from __future__ import annotations
 
-import asyncio
+import errno
+import socket
 
 import asyncpg
 
 from services.kernel.settings import Settings
 
 _OUTAGE_TYPES: tuple[type[BaseException], ...] = (
-    OSError,                                   # refused, reset, unreachable
-    asyncio.TimeoutError,
+    ConnectionError,                           # refused, reset, aborted
+    TimeoutError,
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.CannotConnectNowError,  # starting up / shutting down
     asyncpg.exceptions.AdminShutdownError,
@@ -28,8 +29,21 @@ _OUTAGE_TYPES: tuple[type[BaseException], ...] = (
 )
 
 
+# network errors that are plain OSErrors (no ConnectionError subclass): unreachable, down, DNS
+_OUTAGE_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.ETIMEDOUT}
+
+
 def is_outage(exc: BaseException) -> bool:
-    return isinstance(exc, _OUTAGE_TYPES)
+    """A dependency is away (wait and retry the same work), as opposed to a bad record (dead-letter it).
+
+    A file error in a handler is not an outage: only network-level failures and the database's
+    own "cannot serve now" errors are.
+    """
+    if isinstance(exc, _OUTAGE_TYPES):
+        return True
+    if isinstance(exc, socket.gaierror):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _OUTAGE_ERRNOS
 
 
 async def create_pool(settings: Settings, service: str, *, min_size: int | None = None,

@@ -21,6 +21,7 @@ from services.kernel.events import Outgoing
 from services.kernel.metrics import OUTBOX_LAG_SECONDS, OUTBOX_PUBLISHED
 from services.kernel.producer import Producer
 from services.kernel.settings import Settings
+from services.kernel.waiting import wait_any
 
 log = logs.get(__name__)
 
@@ -81,13 +82,13 @@ class Relay:
                 if published >= self._batch:
                     continue
                 self._wake.clear()
-                await _wait_any(stop, self._wake, self._idle_poll_s)
+                await wait_any(stop, self._wake, self._idle_poll_s)
             except Exception as exc:  # noqa: BLE001 - an outage of Kafka or PostgreSQL: wait and go on
                 await _close(listener)
                 listener = None
                 log.warning("outbox relay waiting", schema=self._schema, error=repr(exc),
                             outage=database.is_outage(exc))
-                await _wait_any(stop, asyncio.Event(), backoff)
+                await wait_any(stop, asyncio.Event(), backoff)
                 backoff = min(backoff * 2, 5.0)
         await _close(listener)
 
@@ -121,12 +122,3 @@ async def _close(conn: asyncpg.Connection | None) -> None:
         await asyncio.wait_for(conn.close(), 2)
     except Exception:  # noqa: BLE001 - the server is gone; drop the socket
         conn.terminate()
-
-
-async def _wait_any(stop: asyncio.Event, other: asyncio.Event, timeout: float) -> None:
-    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(other.wait())]
-    try:
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()

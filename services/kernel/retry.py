@@ -21,7 +21,11 @@ from services.kernel.events import Outgoing
 
 @dataclass(frozen=True)
 class Backoff:
-    """Exponential backoff with "full jitter" (AWS architecture blog): spreads a thundering herd."""
+    """Exponential backoff with "equal jitter": a random delay in [ceiling/2, ceiling].
+
+    Jitter spreads a thundering herd; keeping half the ceiling as a floor keeps the gaps between
+    attempts growing (full jitter, [0, ceiling], would not).
+    """
 
     base_s: float = 1.0
     factor: float = 2.0
@@ -33,7 +37,6 @@ class Backoff:
         ceiling = min(self.max_s, self.base_s * self.factor ** max(0, attempt - 1))
         if not self.jitter:
             return ceiling
-        # keep at least half the ceiling so the gaps still grow from one attempt to the next
         r = (rng or random).random()
         return ceiling / 2 + r * ceiling / 2
 

@@ -31,10 +31,11 @@ from services.stamping.intake import StampIntake
 from services.stamping.queue import QueueView
 from services.stamping.serial import MAX_NODE, SerialIssuer
 from services.stamping.signing.engine import SignerConfig, StampingEngine
-from services.stamping.tracker import CONSUMER as TRACKER, StatusTracker
+from services.stamping.tracker import CONSUMER as TRACKER
+from services.stamping.tracker import StatusTracker
 from services.stamping.verifying import PublicVerifier
-from services.stamping.worker import CONSUMER as WORKER, StampWorker
-
+from services.stamping.worker import CONSUMER as WORKER
+from services.stamping.worker import StampWorker
 
 # One signing thread per process: signing is CPU-bound (one process per core scales it), and a
 # PKCS#11 session does one operation at a time.

@@ -181,7 +181,8 @@ class StampWorker:
         async with self._pool.acquire() as conn, conn.transaction():
             updated = await conn.fetchval(
                 "UPDATE requests SET status = 'completed', output_ref = $2, output_sha256 = $3, finished_at = now(), "
-                "code = NULL, detail = NULL WHERE request_id = $1 AND status NOT IN ('completed', 'failed') RETURNING 1",
+                "code = NULL, detail = NULL "
+                "WHERE request_id = $1 AND status NOT IN ('completed', 'failed') RETURNING 1",
                 rid, store.output_key(rid), digest)
             if not updated:
                 return
@@ -220,14 +221,11 @@ class StampWorker:
                        for r in await conn.fetch("SELECT * FROM attempts WHERE request_id = $1 ORDER BY attempt", rid)]
             await conn.execute("UPDATE requests SET status = 'dead_lettered' WHERE request_id = $1 "
                                "AND status NOT IN ('completed', 'failed')", rid)
-            dlq = Outgoing(self._settings.topic(topics.STAMP_DLQ.name), rid.encode(), event.raw, headers + [
-                (consumer.DLQ_REASON, exc.code.code.encode()),
-                (consumer.DLQ_DETAIL, exc.detail[:2000].encode()),
-                (consumer.DLQ_SOURCE, f"{self._retry_topic}/-1/-1".encode()),
-                (consumer.DLQ_CONSUMER, CONSUMER.encode()),
-                (consumer.DLQ_AT, dt.datetime.now(dt.UTC).isoformat().encode()),
-                (HEADER_DLQ_ATTEMPTS, json.dumps(history).encode()),
-            ], event.event_id)
+            dlq = Outgoing(self._settings.topic(topics.STAMP_DLQ.name), rid.encode(), event.raw,
+                           consumer.dead_letter_headers(headers, code=exc.code.code, detail=exc.detail,
+                                                        source=f"{self._retry_topic}/-1/-1", consumer=CONSUMER,
+                                                        extra=[(HEADER_DLQ_ATTEMPTS, json.dumps(history).encode())]),
+                           event.event_id)
             await outbox.add(conn, [dlq])
         STAMP_OUTCOMES.labels("dead_lettered", exc.code.code).inc()
         log.warning("stamp dead-lettered; its unit stays reserved until replay or expiry", request_id=rid,

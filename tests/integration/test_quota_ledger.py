@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
+import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from services.kernel import topics
@@ -20,6 +22,9 @@ from tests.flows import (
     wait_for,
 )
 from tests.platform import PlatformProcess, add_channel
+
+# the stamping worker would answer the tests' own stamp requests (and fail them: no stored document)
+LEDGER_ONLY = "purchase,quota"
 
 
 async def _balance(api, channel, account):
@@ -38,7 +43,6 @@ async def _group_members(settings, group: str) -> int:
 
 
 async def test_200_concurrent_reservations_against_50_units_on_two_instances(settings):
-    import httpx
     front = await PlatformProcess(settings, api="all", workers="purchase", name="front").start()
     quotas = [await PlatformProcess(settings, api="none", workers="quota", name=f"quota-{i}").start()
               for i in range(2)]
@@ -72,8 +76,8 @@ async def _members_are(settings, n):
 
 
 async def test_expired_reservation_is_voided_and_a_late_commit_is_refused(settings):
-    import httpx
-    proc = await PlatformProcess(settings, BUBUH_RESERVATION_TTL_S=2, BUBUH_EXPIRY_INTERVAL_S=0.3).start()
+    proc = await PlatformProcess(settings, workers=LEDGER_ONLY, BUBUH_RESERVATION_TTL_S=2,
+                                 BUBUH_EXPIRY_INTERVAL_S=0.3).start()
     channel = add_channel(settings)
     db = Db(settings)
     try:
@@ -114,7 +118,17 @@ async def _pending_is(api, channel, n):
     return bal is not None and bal["pending"] == n
 
 
-async def test_release_returns_the_unit_and_redelivered_outcomes_change_nothing(platform, api, channel, settings):
+@pytest.fixture
+async def ledger_api(settings):
+    """The platform without stamping workers: these tests play the stamping service themselves."""
+    proc = await PlatformProcess(settings, workers=LEDGER_ONLY).start()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30) as client:
+        yield client
+    await proc.stop()
+
+
+async def test_release_returns_the_unit_and_redelivered_outcomes_change_nothing(ledger_api, channel, settings):
+    api = ledger_api
     await post_until_accepted(api, channel, order_body(quantity=3, account="r"))
     await wait_for(lambda: _balance(api, channel, "r"), what="credit")
     producer = Producer(settings)

@@ -3,6 +3,7 @@ PAdES B-T with a time-stamp from a local RFC 3161 authority."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
@@ -37,8 +38,9 @@ async def test_worker_signs_through_pkcs11_with_softhsm(settings, tmp_path):
     code = ("import sys; from services.stamping.signing import keys; "
             f"t = keys.softhsm_import({str(tmp_path)!r}, {str(p12)!r}, 'bubuh-dev', token_label='bubuh-test'); "
             "print(t.conf_path)")
-    conf = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    made = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code], cwd=REPO_ROOT, check=True,
+                                   capture_output=True, text=True)
+    conf = made.stdout.strip()
     front = await PlatformProcess(settings, api="all", workers="purchase,quota", name="front").start()
     worker = await PlatformProcess(settings, api="none", workers="stamping", name="hsm-worker", SOFTHSM2_CONF=conf,
                                    BUBUH_SIGNING_PKCS11_MODULE=module, BUBUH_SIGNING_PKCS11_TOKEN_LABEL="bubuh-test",
