@@ -1,0 +1,826 @@
+"""deploy/ checked against the code: the production shape cannot be run here, so it is parsed.
+
+Names drift: a metric, a label, a setting or a consumer group renamed in the code silently breaks
+an alert, a dashboard, a ScaledObject or a manifest. These tests read every file under deploy/
+(except deploy/local, the local stack) and compare what they name with what the code declares:
+
+* metrics and their labels from ``prometheus_client``'s registry, after importing every module;
+* settings from ``Settings.model_fields`` (env prefix ``BUBUH_``);
+* consumer groups from the ``CONSUMER`` constants, topics from ``services.kernel.topics``;
+* service names and ``serve`` arguments from ``services.platform`` and the CLI's own parser.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+import re
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import prometheus_client
+import pytest
+import yaml
+
+import services
+from services.kernel import topics
+from services.kernel.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+COMPOSE_FILE = DEPLOY / "compose" / "docker-compose.yml"
+ENV_EXAMPLE = DEPLOY / "compose" / ".env.example"
+RULES = DEPLOY / "prometheus" / "rules.yml"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+DASHBOARDS = DEPLOY / "grafana" / "dashboards"
+DOCKERFILE = DEPLOY / "Dockerfile"
+
+# settings whose values are secrets: only in Secrets (k8s) or interpolated from .env (compose)
+SECRET_SETTINGS = {"secret_key", "database_url", "smtp_username", "smtp_password", "signing_pkcs11_pin",
+                   "signing_p12_password"}
+# labels Prometheus or the Kafka exporter add; the rest must be declared by the metric
+EXTERNAL_LABELS = {"job", "instance", "tier", "le", "consumergroup", "topic", "partition"}
+
+
+# ----------------------------------------------------------------------------------------------
+# what deploy/ holds
+# ----------------------------------------------------------------------------------------------
+
+def cli():
+    """The CLI module, imported late: a service that fails to import fails the tests that need it,
+    not the collection of this file."""
+    from services import cli as module
+    return module
+
+
+def platform():
+    from services import platform as module
+    return module
+
+
+def deploy_files(*suffixes: str) -> list[Path]:
+    """Files we own under deploy/ (deploy/local is the local stack's, not checked here)."""
+    out = []
+    for p in sorted(DEPLOY.rglob("*")):
+        if not p.is_file() or (DEPLOY / "local") in p.parents:
+            continue
+        if not suffixes or p.suffix in suffixes or p.name in suffixes:
+            out.append(p)
+    return out
+
+
+def yaml_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+@cache
+def k8s_objects() -> tuple[dict, ...]:
+    return tuple(d for p in sorted(K8S.glob("*.yaml")) if p.name != "kustomization.yaml" for d in yaml_docs(p))
+
+
+def k8s(kind: str) -> list[dict]:
+    return [o for o in k8s_objects() if o["kind"] == kind]
+
+
+def k8s_one(kind: str, name: str) -> dict:
+    found = [o for o in k8s(kind) if o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def workloads() -> list[dict]:
+    return k8s("Deployment") + k8s("StatefulSet")
+
+
+def containers(workload: dict) -> list[dict]:
+    return workload["spec"]["template"]["spec"]["containers"]
+
+
+@cache
+def config_data() -> dict[str, str]:
+    return k8s_one("ConfigMap", "bubuh-config")["data"]
+
+
+@cache
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def compose_services() -> dict[str, dict]:
+    return compose()["services"]
+
+
+def is_bubuh(svc: dict) -> bool:
+    return "deploy/Dockerfile" in json.dumps(svc.get("build", {}))
+
+
+def env_example() -> dict[str, str]:
+    out = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f".env.example: not KEY=VALUE: {line!r}"
+            out[key.strip()] = value.strip()
+    return out
+
+
+def serve_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(api, workers) of a `bubuh serve ...` command line, parsed by the CLI's own parser."""
+    assert argv and argv[0] == "serve", f"not a `bubuh serve` command: {argv}"
+    args = cli().build_parser().parse_args(argv)
+    return platform().parse_names(args.api), platform().parse_names(args.workers)
+
+
+# ----------------------------------------------------------------------------------------------
+# what the code declares
+# ----------------------------------------------------------------------------------------------
+
+@cache
+def all_modules() -> tuple:
+    """Every module under services/ imported (that is what registers the metrics)."""
+    mods = []
+    for info in pkgutil.walk_packages(services.__path__, prefix="services."):
+        mods.append(importlib.import_module(info.name))
+    return tuple(mods)
+
+
+@cache
+def code_metrics() -> dict[str, tuple[str, frozenset[str]]]:
+    """Every series name a bubuh_* metric exposes -> (family name, its label names)."""
+    all_modules()
+    suffixes = {"counter": ("_total", "_created"), "gauge": ("",),
+                "histogram": ("_bucket", "_sum", "_count", "_created"),
+                "summary": ("", "_sum", "_count", "_created"), "info": ("_info",)}
+    out: dict[str, tuple[str, frozenset[str]]] = {}
+    registry = prometheus_client.REGISTRY
+    for family in registry.collect():
+        if not family.name.startswith("bubuh_"):
+            continue
+        # prometheus_client has no public accessor for a metric's label names
+        collector = registry._names_to_collectors.get(family.name) or \
+            registry._names_to_collectors.get(family.name + "_total")
+        labels = frozenset(getattr(collector, "_labelnames", ()))
+        for suffix in suffixes.get(family.type, ("",)):
+            out[family.name + suffix] = (family.name, labels)
+    assert out, "no bubuh_* metric registered: did the imports fail?"
+    return out
+
+
+@cache
+def code_consumers() -> dict[str, set[str]]:
+    """service name -> the consumer names its modules declare (``CONSUMER = "..."``)."""
+    out: dict[str, set[str]] = {}
+    for mod in all_modules():
+        name = getattr(mod, "CONSUMER", None)
+        if isinstance(name, str):
+            out.setdefault(mod.__name__.split(".")[1], set()).add(name)
+    assert set(out) == set(platform().SERVICES), f"every service has consumers: {out}"
+    return out
+
+
+def setting_names() -> set[str]:
+    return {f"BUBUH_{name.upper()}" for name in Settings.model_fields}
+
+
+@cache
+def source_literals(package: str = "") -> frozenset[str]:
+    """Every string literal in services/<package>/*.py and the kernel (where label values come from:
+    a service's own outcomes, the kernel's error codes)."""
+    lits = set()
+    dirs = {ROOT / "services" / package, ROOT / "services" / "kernel"} if package else {ROOT / "services"}
+    for d in dirs:
+        for p in d.rglob("*.py"):
+            lits.update(re.findall(r"""["']([^"'\n]{1,200})["']""", p.read_text()))
+    return frozenset(lits)
+
+
+@cache
+def metric_package(family: str) -> str:
+    """The service package declaring a metric family ("" for the kernel's: used everywhere)."""
+    for mod in all_modules():
+        if mod.__name__.endswith(".metrics") and f'"{family}' in Path(mod.__file__).read_text():
+            part = mod.__name__.split(".")[1]
+            return "" if part == "kernel" else part
+    raise AssertionError(f"no metrics module declares {family}")
+
+
+# ----------------------------------------------------------------------------------------------
+# PromQL, as far as these checks need it
+# ----------------------------------------------------------------------------------------------
+
+METRIC_RE = re.compile(r"(?<![\w:])(bubuh_[a-z0-9_]*[a-z0-9])(_?\*)?")
+SELECTOR_RE = re.compile(r"(?<![\w:])([a-z_][a-z0-9_]*)\s*\{([^}]*)\}")
+MATCHER_RE = re.compile(r'([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+GROUPING_RE = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+RECORDED_RE = re.compile(r"(?<![\w])(bubuh:[a-z0-9_:]+)")
+
+
+def rule_list() -> list[dict]:
+    return [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+
+
+def dashboard_targets() -> Iterator[tuple[Path, dict, dict]]:
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        for panel in walk_panels(json.loads(path.read_text())["panels"]):
+            for target in panel.get("targets", []):
+                yield path, panel, target
+
+
+def walk_panels(panels: list[dict]) -> Iterator[dict]:
+    for p in panels:
+        yield p
+        yield from walk_panels(p.get("panels", []))
+
+
+def all_expressions() -> list[tuple[str, str]]:
+    """(where, PromQL) for every rule and every dashboard query."""
+    out = [(f"rules.yml {r.get('record') or r.get('alert')}", r["expr"]) for r in rule_list()]
+    out += [(f"{p.name} panel {panel['title']!r}", t["expr"]) for p, panel, t in dashboard_targets()]
+    return out
+
+
+def literal_alternatives(regex: str) -> list[str]:
+    """The plain words of a label regex like ``a|b|c`` or ``.*(a|b)``; parts with regex syntax are skipped."""
+    body = regex.removeprefix(".*").strip("()")
+    return [part for part in body.split("|") if re.fullmatch(r"[A-Za-z0-9_./{}-]+", part)]
+
+
+# ----------------------------------------------------------------------------------------------
+# every file parses
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", deploy_files(".yml", ".yaml"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_yaml_file_under_deploy_parses(path):
+    assert yaml_docs(path), f"{path} is empty"
+
+
+@pytest.mark.parametrize("path", deploy_files(".json"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_json_file_under_deploy_parses(path):
+    assert json.loads(path.read_text())
+
+
+def test_the_shape_is_all_there():
+    for p in (DOCKERFILE, ROOT / ".dockerignore", COMPOSE_FILE, ENV_EXAMPLE, RULES, PROMETHEUS_CONFIG,
+              DASHBOARDS / "bubuh-overview.json", K8S / "kustomization.yaml", DEPLOY / "README.md"):
+        assert p.is_file(), f"missing {p.relative_to(ROOT)}"
+    assert list((DEPLOY / "grafana" / "provisioning" / "datasources").glob("*.yml"))
+    assert list((DEPLOY / "grafana" / "provisioning" / "dashboards").glob("*.yml"))
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics: names, labels, label values
+# ----------------------------------------------------------------------------------------------
+
+def test_every_bubuh_metric_named_under_deploy_exists_in_the_code():
+    """Rules, dashboards, README, comments: a bubuh_* name must be a metric the code declares, as a
+    series or as its family (``bubuh_x_*`` is a prefix and must match one)."""
+    series = code_metrics()
+    names = set(series) | {family for family, _ in series.values()}
+    unknown = []
+    for path in deploy_files():
+        for name, star in METRIC_RE.findall(path.read_text()):
+            ok = any(s.startswith(name) for s in names) if star else name in names
+            if not ok:
+                unknown.append(f"{path.relative_to(ROOT)}: {name}{star}")
+    assert not unknown, "metrics the code does not declare (renamed?):\n" + "\n".join(sorted(set(unknown)))
+
+
+def test_every_bubuh_series_queried_is_exposed():
+    """In PromQL only series exist: a counter is ``_total``, a histogram ``_bucket``/``_sum``/``_count``."""
+    series = code_metrics()
+    problems = [f"{where}: {name}{star}" for where, expr in all_expressions()
+                for name, star in METRIC_RE.findall(expr) if star or name not in series]
+    assert not problems, "not a series the code exposes:\n" + "\n".join(problems)
+
+
+def test_the_rules_and_dashboards_cover_the_domain_metrics():
+    text = RULES.read_text() + "".join(p.read_text() for p in DASHBOARDS.glob("*.json"))
+    for family in ("bubuh_consumer_lag_records", "bubuh_dead_letter_records_total", "bubuh_http_request_seconds_bucket",
+                   "bubuh_http_requests_total", "bubuh_outbox_lag_seconds_bucket", "bubuh_stamp_queue_depth_requests",
+                   "bubuh_stamp_outcomes_total", "bubuh_stamp_stage_seconds_bucket", "bubuh_ledger_operations_total",
+                   "bubuh_purchases_total", "bubuh_webhook_deliveries_total"):
+        assert family in code_metrics(), f"{family} left the code: update this list and deploy/"
+        assert family in text, f"{family} is neither alerted on nor charted"
+
+
+def test_label_names_in_selectors_and_groupings_are_the_metrics_own():
+    metrics = code_metrics()
+    problems = []
+    for where, expr in all_expressions():
+        used = {m for m, _ in METRIC_RE.findall(expr)}
+        for metric, body in SELECTOR_RE.findall(expr):
+            if metric not in metrics:
+                continue
+            allowed = metrics[metric][1] | ({"le"} if metric.endswith("_bucket") else set())
+            for label, _op, _value in MATCHER_RE.findall(body):
+                if label not in allowed:
+                    problems.append(f"{where}: {metric} has no label {label!r} (it has {sorted(allowed)})")
+        if RECORDED_RE.search(expr):
+            continue  # groupings over recorded series carry the recording rule's labels
+        known = set().union(*(metrics[m][1] for m in used if m in metrics)) | EXTERNAL_LABELS
+        for group in GROUPING_RE.findall(expr):
+            for label in filter(None, (g.strip() for g in group.split(","))):
+                if label not in known:
+                    problems.append(f"{where}: grouping by {label!r}, which no metric of the expression has")
+    assert not problems, "\n".join(problems)
+
+
+def test_label_values_matched_exactly_are_values_the_code_uses():
+    """``outcome="refused"``, ``route="/v1/stamps"``, ``code!~"PDF_INVALID|..."``: each word must be
+    a string literal of the package declaring the metric, or of the kernel (a renamed outcome or code
+    would silence an alert)."""
+    metrics = code_metrics()
+    consumers = {c for names in code_consumers().values() for c in names}
+    problems = []
+    for where, expr in all_expressions():
+        for metric, body in SELECTOR_RE.findall(expr):
+            for label, op, value in MATCHER_RE.findall(body):
+                if metric == "kafka_consumergroup_lag" and label == "consumergroup":
+                    words = literal_alternatives(value)
+                    problems += [f"{where}: no consumer group {w!r}" for w in words if w not in consumers]
+                    assert words, f"{where}: no consumer group named in {value!r}"
+                    continue
+                if not metric.startswith("bubuh_") or label in ("le", "status"):
+                    continue  # status: HTTP codes, numbers the code formats, not literals
+                package = metric_package(metrics[metric][0]) if metric in metrics else ""
+                literals = source_literals(package)
+                words = [value] if op in ("=", "!=") else literal_alternatives(value)
+                problems += [f"{where}: {metric}{{{label}{op}...}}: {w!r} is no literal in services/{package}"
+                             for w in words if w and w not in literals]
+    assert not problems, "\n".join(problems)
+
+
+def test_recording_rules_used_are_defined():
+    defined = {r["record"] for r in rule_list() if "record" in r}
+    used = {name for _, expr in all_expressions() for name in RECORDED_RE.findall(expr)}
+    assert used <= defined, f"recording rules used but not defined: {sorted(used - defined)}"
+    for name in defined:
+        assert re.fullmatch(r"bubuh:[a-z0-9_]+:[a-z0-9_]+", name), f"recording rule {name}: bubuh:<what>:<how>"
+
+
+def test_every_rule_is_well_formed():
+    for rule in rule_list():
+        assert ("record" in rule) != ("alert" in rule), rule
+        assert rule["expr"].count("(") == rule["expr"].count(")"), rule
+        assert rule["expr"].count("{") == rule["expr"].count("}"), rule
+        if "alert" in rule:
+            assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
+            assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
+
+
+def test_the_alerts_the_platform_needs_are_there():
+    alerts = {r["alert"]: r["expr"] for r in rule_list() if "alert" in r}
+    must = {
+        "consumer lag growing": ("bubuh:consumer_lag_records:sum", "deriv("),
+        "dead letters": ("bubuh_dead_letter_records_total",),
+        "intake p99 over 500 ms": ("bubuh:intake_latency_seconds:p99_5m", "> 0.5"),
+        "5xx ratio": ("bubuh:http_5xx:ratio5m",),
+        "outbox lag": ("bubuh:outbox_lag_seconds:p99_5m",),
+        "stamp failure ratio by code": ("bubuh:stamp_platform_failures:rate15m", "ignoring(code)"),
+        "ledger refusals (QuotaRefused)": ("bubuh_ledger_operations_total", 'outcome="refused"', "commit|release"),
+    }
+    for what, needles in must.items():
+        assert any(all(n in expr for n in needles) for expr in alerts.values()), f"no alert for {what}"
+
+
+def test_intake_routes_named_by_the_rules_are_the_api_routes():
+    routes = set()
+    for name in platform().SERVICES:
+        mod = importlib.import_module(f"services.{name}.api")
+        # the route label is the path template the router declares
+        routes |= set(re.findall(r'@r\.(?:get|post)\("([^"]+)"', Path(mod.__file__).read_text()))
+    for where, expr in all_expressions():
+        for metric, body in SELECTOR_RE.findall(expr):
+            for label, _op, value in MATCHER_RE.findall(body):
+                if metric.startswith("bubuh_http_") and label == "route":
+                    for r in literal_alternatives(value):
+                        assert r in routes, f"{where}: route {r} is not an API route ({sorted(routes)})"
+
+
+def test_dashboards_use_the_provisioned_datasource():
+    prov = yaml_docs(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")[0]
+    uids = {d["uid"] for d in prov["datasources"]}
+    for path, panel, target in dashboard_targets():
+        for ds in (panel.get("datasource"), target.get("datasource")):
+            if isinstance(ds, dict):
+                assert ds["uid"] in uids, f"{path.name} {panel['title']!r}: datasource {ds['uid']} not provisioned"
+    for path in DASHBOARDS.glob("*.json"):
+        dash = json.loads(path.read_text())
+        assert dash["uid"] and dash["title"] and dash["panels"]
+        ids = [p["id"] for p in walk_panels(dash["panels"])]
+        assert len(ids) == len(set(ids)), f"{path.name}: panel ids repeat"
+
+
+# ----------------------------------------------------------------------------------------------
+# settings
+# ----------------------------------------------------------------------------------------------
+
+def test_every_bubuh_env_var_under_deploy_is_a_setting():
+    """compose, .env.example, ConfigMaps, Secrets, Dockerfile, README: ``BUBUH_X`` must be a field
+    of Settings (``BUBUH_X_*`` a prefix of one)."""
+    fields = setting_names()
+    files = deploy_files() + [ROOT / ".dockerignore"]
+    unknown = []
+    for path in files:
+        for name, star in re.findall(r"(?<![A-Za-z0-9_])(BUBUH_[A-Z0-9_]*[A-Z0-9])(_?\*)?", path.read_text()):
+            ok = any(f.startswith(name) for f in fields) if star else name in fields
+            if not ok:
+                unknown.append(f"{path.relative_to(ROOT)}: {name}{star}")
+    assert not unknown, "not a Settings field (services/kernel/settings.py):\n" + "\n".join(sorted(set(unknown)))
+
+
+def test_the_env_var_names_of_the_manifests_are_settings_structurally():
+    fields = setting_names()
+    keys = set(config_data())
+    for cm in k8s("ConfigMap"):
+        keys |= {k for k in cm.get("data", {}) if k.startswith("BUBUH_")}
+    for secret in k8s("Secret"):
+        keys |= set(secret.get("stringData", {}))
+    for w in workloads():
+        for c in containers(w):
+            keys |= {e["name"] for e in c.get("env", [])}
+    for svc in compose_services().values():
+        keys |= {k for k in (svc.get("environment") or {}) if k.startswith("BUBUH_")}
+    assert keys and keys <= fields, f"not settings: {sorted(keys - fields)}"
+
+
+def test_secrets_are_only_in_secrets():
+    secret_envs = {f"BUBUH_{n.upper()}" for n in SECRET_SETTINGS}
+    assert secret_envs <= setting_names()
+    for cm in k8s("ConfigMap"):
+        leaked = secret_envs & set(cm.get("data", {}))
+        assert not leaked, f"ConfigMap {cm['metadata']['name']} carries secrets {leaked}"
+    for secret in k8s("Secret"):
+        for key, value in secret["stringData"].items():
+            assert "REPLACE_ME" in value, f"Secret {secret['metadata']['name']}.{key}: placeholders only"
+    for name, svc in compose_services().items():
+        for key, value in (svc.get("environment") or {}).items():
+            if key in secret_envs or "PASSWORD" in key:
+                assert "${" in str(value), f"compose {name}: {key} must come from .env, not the file"
+
+
+def test_env_example_defines_every_compose_variable_and_holds_no_secret():
+    text = COMPOSE_FILE.read_text()
+    example = env_example()
+    for name, default in re.findall(r"\$\{([A-Z0-9_]+)(:?[-?][^}]*)?\}", text):
+        assert name in example or default.startswith((":-", "-")), f"${{{name}}} is not in .env.example"
+    required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", text))
+    assert {"BUBUH_SECRET_KEY", "POSTGRES_PASSWORD"} <= required
+    for name in required:
+        assert example.get(name, "") == "", f".env.example: {name} must stay empty (no real secrets)"
+
+
+def test_http_listens_on_all_interfaces_where_it_is_served():
+    """127.0.0.1, the local default, would be unreachable from a Service or a port mapping."""
+    assert config_data()["BUBUH_HTTP_HOST"] == "0.0.0.0"
+    assert "BUBUH_HTTP_HOST=0.0.0.0" in DOCKERFILE.read_text()
+    for name, svc in compose_services().items():
+        if is_bubuh(svc) and name != "keys" and serve_args(svc["command"])[0]:
+            assert svc["environment"]["BUBUH_HTTP_HOST"] == "0.0.0.0", name
+
+
+def test_the_public_url_is_set_and_is_the_ingress_host():
+    url = config_data()["BUBUH_PUBLIC_BASE_URL"]
+    assert url.startswith("https://"), "stamps print this URL in their QR code: https in production"
+    hosts = {rule["host"] for ing in k8s("Ingress") for rule in ing["spec"]["rules"]}
+    assert hosts == {urlsplit(url).hostname}
+    env = compose_services()["api"]["environment"]
+    assert env["BUBUH_PUBLIC_BASE_URL"]
+
+
+# ----------------------------------------------------------------------------------------------
+# consumer groups and autoscaling
+# ----------------------------------------------------------------------------------------------
+
+def kafka_triggers() -> Iterator[tuple[dict, dict]]:
+    for so in k8s("ScaledObject"):
+        for trig in so["spec"]["triggers"]:
+            yield so, trig
+
+
+def test_keda_consumer_groups_are_the_codes():
+    prefix = config_data().get("BUBUH_TOPIC_PREFIX", "")
+    groups = {prefix + c for names in code_consumers().values() for c in names}
+    named = set()
+    for so, trig in kafka_triggers():
+        assert trig["type"] == "kafka", so["metadata"]["name"]
+        group = trig["metadata"]["consumerGroup"]
+        assert group in groups, f"ScaledObject {so['metadata']['name']}: no consumer group {group!r} in the code"
+        named.add(group)
+    assert named == groups, f"consumer groups nobody scales on: {sorted(groups - named)}"
+
+
+def test_keda_scales_each_workload_on_the_groups_it_runs():
+    prefix = config_data().get("BUBUH_TOPIC_PREFIX", "")
+    consumers = code_consumers()
+    for so in k8s("ScaledObject"):
+        ref = so["spec"]["scaleTargetRef"]
+        target = k8s_one(ref.get("kind", "Deployment"), ref["name"])
+        api, workers = serve_args(containers(target)[0]["args"])
+        assert workers and not api, f"{ref['name']}: KEDA scales worker tiers; the api scales on CPU"
+        expected = {prefix + c for w in workers for c in consumers[w]}
+        got = {t["metadata"]["consumerGroup"] for t in so["spec"]["triggers"]}
+        assert got == expected, f"{ref['name']} runs {workers}: scale on {sorted(expected)}, not {sorted(got)}"
+
+
+def test_keda_triggers_reach_the_same_kafka_and_topics_the_services_use():
+    bootstrap = config_data()["BUBUH_KAFKA_BOOTSTRAP"]
+    prefix = config_data().get("BUBUH_TOPIC_PREFIX", "")
+    known_topics = {prefix + t.name for t in topics.ALL}
+    for so, trig in kafka_triggers():
+        meta = trig["metadata"]
+        assert meta["bootstrapServers"] == bootstrap, so["metadata"]["name"]
+        if "topic" in meta:
+            assert meta["topic"] in known_topics, f"{so['metadata']['name']}: no topic {meta['topic']}"
+        assert int(meta["lagThreshold"]) > 0
+        assert meta.get("allowIdleConsumers", "false") == "false"
+        assert meta.get("offsetResetPolicy") == "earliest"   # as ConsumerLoop's auto_offset_reset
+
+
+def test_keda_never_scales_to_zero_nor_past_the_partitions():
+    """Workers also run the outbox relays and timers (expiry sweep): never zero. A consumer past the
+    partition count would sit idle."""
+    partitions = int(config_data()["BUBUH_DEFAULT_PARTITIONS"])
+    for so in k8s("ScaledObject"):
+        spec = so["spec"]
+        assert spec["minReplicaCount"] >= 2, so["metadata"]["name"]
+        assert spec["minReplicaCount"] <= spec["maxReplicaCount"] <= partitions, so["metadata"]["name"]
+
+
+def test_every_worker_tier_has_one_scaler_and_the_api_an_hpa_on_cpu():
+    scaled = {(so["spec"]["scaleTargetRef"].get("kind", "Deployment"), so["spec"]["scaleTargetRef"]["name"])
+              for so in k8s("ScaledObject")}
+    served_workers: set[str] = set()
+    for w in workloads():
+        api, workers = serve_args(containers(w)[0]["args"])
+        key = (w["kind"], w["metadata"]["name"])
+        if workers:
+            assert key in scaled, f"{key} has no ScaledObject"
+            served_workers |= set(workers)
+        if api:
+            hpas = [h for h in k8s("HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == key[1]]
+            assert len(hpas) == 1 and key not in scaled, f"{key}: one HPA, no ScaledObject"
+            assert any(m["resource"]["name"] == "cpu" for m in hpas[0]["spec"]["metrics"])
+    assert served_workers == set(platform().SERVICES), "every service's workers run somewhere"
+
+
+# ----------------------------------------------------------------------------------------------
+# Kubernetes workloads
+# ----------------------------------------------------------------------------------------------
+
+def test_kustomization_lists_every_manifest():
+    kust = yaml_docs(K8S / "kustomization.yaml")[0]
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kust["resources"]) == files
+    assert kust["namespace"] == k8s("Namespace")[0]["metadata"]["name"]
+    assert {i["name"] for i in kust["images"]} == {c["image"] for w in workloads() for c in containers(w)}
+
+
+def test_workloads_run_tiers_the_cli_accepts_with_requests_and_limits():
+    for w in workloads():
+        for c in containers(w):
+            serve_args(c["args"])
+            res = c["resources"]
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(res[kind]), f"{w['metadata']['name']}: {kind}"
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_workloads_run_as_the_images_non_root_user():
+    uid = int(re.search(r"^USER\s+(\d+)", DOCKERFILE.read_text(), re.M).group(1))
+    for w in workloads():
+        sc = w["spec"]["template"]["spec"]["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] == uid, w["metadata"]["name"]
+
+
+def test_env_sources_exist():
+    cms = {o["metadata"]["name"] for o in k8s("ConfigMap")}
+    secrets = {o["metadata"]["name"] for o in k8s("Secret")}
+    pvcs = {o["metadata"]["name"] for o in k8s("PersistentVolumeClaim")}
+    for w in workloads():
+        spec = w["spec"]["template"]["spec"]
+        for c in spec["containers"]:
+            for src in c.get("envFrom", []):
+                if "configMapRef" in src:
+                    assert src["configMapRef"]["name"] in cms
+                if "secretRef" in src:
+                    assert src["secretRef"]["name"] in secrets
+            assert c["envFrom"][0] == {"configMapRef": {"name": "bubuh-config"}}
+        for vol in spec.get("volumes", []):
+            if "configMap" in vol:
+                assert vol["configMap"]["name"] in cms
+            if "persistentVolumeClaim" in vol:
+                assert vol["persistentVolumeClaim"]["claimName"] in pvcs
+
+
+def test_api_probes_healthz_on_the_http_port_and_is_exposed():
+    port = int(config_data()["BUBUH_HTTP_PORT"])
+    api = k8s_one("Deployment", "bubuh-api")
+    (c,) = containers(api)
+    assert serve_args(c["args"]) == (list(platform().SERVICES), [])
+    named_ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert port in named_ports.values()
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        get = c[probe]["httpGet"]
+        assert get["path"] == "/healthz", probe
+        assert named_ports.get(get["port"], get["port"]) == port, probe
+    ann = api["spec"]["template"]["metadata"]["annotations"]
+    assert ann["prometheus.io/path"] == "/metrics" and int(ann["prometheus.io/port"]) == port
+    svc = k8s_one("Service", "bubuh-api")
+    assert svc["spec"]["selector"].items() <= api["spec"]["template"]["metadata"]["labels"].items()
+    target = svc["spec"]["ports"][0]["targetPort"]
+    assert named_ports.get(target, target) == port
+    (ing,) = k8s("Ingress")
+    svc_ports = {p["name"] for p in svc["spec"]["ports"]}
+    for rule in ing["spec"]["rules"]:
+        for path in rule["http"]["paths"]:
+            assert path["backend"]["service"]["name"] == "bubuh-api"
+            assert path["backend"]["service"]["port"]["name"] in svc_ports
+
+
+def test_ingress_lets_the_largest_upload_through():
+    from services.stamping.api import UPLOAD_SLACK
+    from services.stamping.document.profiles import MAX_BYTES_ANY_PROFILE
+    (ing,) = k8s("Ingress")
+    size = ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+    value, unit = re.fullmatch(r"(\d+)([kmg]?)", size).groups()
+    limit = int(value) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+    assert limit >= MAX_BYTES_ANY_PROFILE + UPLOAD_SLACK
+
+
+def test_every_workload_has_a_disruption_budget_selecting_it():
+    for w in workloads():
+        labels = w["spec"]["template"]["metadata"]["labels"]
+        pdbs = [p for p in k8s("PodDisruptionBudget")
+                if p["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        assert len(pdbs) == 1, f"{w['metadata']['name']}: {len(pdbs)} PodDisruptionBudgets"
+        assert w["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_stamping_is_one_core_per_process_with_a_unique_node_id():
+    sts = [w for w in workloads() if "stamping" in serve_args(containers(w)[0]["args"])[1]]
+    assert len(sts) == 1 and sts[0]["kind"] == "StatefulSet", "stamping: a StatefulSet (its ordinal is the node id)"
+    (c,) = containers(sts[0])
+    assert str(c["resources"]["requests"]["cpu"]) == "1" and str(c["resources"]["limits"]["cpu"]) == "1"
+    (node,) = [e for e in c["env"] if e["name"] == "BUBUH_STAMP_NODE_ID"]
+    assert node["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+    assert "stamp_node_id" in Settings.model_fields
+    for cm in k8s("ConfigMap"):
+        assert "BUBUH_STAMP_NODE_ID" not in cm.get("data", {}), "a shared value would repeat across processes"
+    assert {"configMapRef": {"name": "bubuh-signing"}} in c["envFrom"]
+
+
+def test_signing_settings_name_an_hsm_and_its_pin_is_secret():
+    signing = k8s_one("ConfigMap", "bubuh-signing")["data"]
+    assert signing["BUBUH_SIGNING_PKCS11_MODULE"], "production signs through PKCS#11"
+    pin = k8s_one("Secret", "bubuh-signing-pin")["stringData"]
+    assert set(pin) == {"BUBUH_SIGNING_PKCS11_PIN"}
+
+
+def test_partitions_and_replication_match_the_cluster():
+    assert int(config_data()["BUBUH_REPLICATION_FACTOR"]) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# docker compose
+# ----------------------------------------------------------------------------------------------
+
+def test_compose_kafka_is_three_kraft_brokers_replication_3_min_isr_2():
+    brokers = {n: s for n, s in compose_services().items() if s.get("image", "").startswith("apache/kafka")}
+    assert len(brokers) == 3
+    node_ids, advertised = set(), set()
+    for name, svc in brokers.items():
+        env = svc["environment"]
+        assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+        assert env["KAFKA_MIN_INSYNC_REPLICAS"] == "2" and env["KAFKA_DEFAULT_REPLICATION_FACTOR"] == "3"
+        assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "3"
+        voters = {v.split("@")[1].split(":")[0] for v in env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")}
+        assert voters == set(brokers), name
+        node_ids.add(env["KAFKA_NODE_ID"])
+        advertised.add(env["KAFKA_ADVERTISED_LISTENERS"].split("://")[1])
+        assert svc["healthcheck"]["test"]
+    assert len(node_ids) == 3
+    bubuh_env = compose()["x-bubuh-env"]
+    assert set(bubuh_env["BUBUH_KAFKA_BOOTSTRAP"].split(",")) == advertised
+    assert bubuh_env["BUBUH_REPLICATION_FACTOR"] == "3"
+
+
+def test_compose_runs_one_container_per_tier():
+    tiers: dict[str, tuple[list[str], list[str]]] = {}
+    for name, svc in compose_services().items():
+        if is_bubuh(svc) and svc["command"][0] == "serve":
+            tiers[name] = serve_args(svc["command"])
+            assert svc["depends_on"]["keys"]["condition"] == "service_completed_successfully", name
+            assert svc["depends_on"]["postgres"]["condition"] == "service_healthy", name
+    assert tiers.pop("api") == (list(platform().SERVICES), [])
+    assert {n: w for n, (a, w) in tiers.items()} == {s: [s] for s in platform().SERVICES}
+    assert all(not a for a, _ in tiers.values())
+
+
+def test_compose_stamping_runs_replicas_without_a_shared_node_id():
+    svc = compose_services()["stamping"]
+    assert svc["deploy"]["replicas"] >= 2
+    assert "BUBUH_STAMP_NODE_ID" not in svc["environment"], "replicas share the environment: the id would repeat"
+
+
+def test_compose_dev_keys_come_from_the_one_shot_keys_service():
+    keys = compose_services()["keys"]
+    args = cli().build_parser().parse_args(keys["command"])
+    assert args.what == "dev-ca" and args.if_missing
+    (vol,) = keys["volumes"]
+    source, target = vol.split(":")[:2]
+    assert args.out == target
+    stamping_env = compose_services()["stamping"]["environment"]
+    assert stamping_env["BUBUH_SIGNING_P12_PATH"].startswith(target + "/")
+    for name in ("api", "stamping"):
+        assert any(v.split(":")[:2] == [source, target] for v in compose_services()[name]["volumes"]), name
+    # the document store is shared by intake (api) and the workers
+    docs = compose()["x-bubuh-env"]["BUBUH_DOCUMENT_STORE_ROOT"]
+    for name in ("api", "stamping"):
+        assert any(v.split(":")[1] == docs for v in compose_services()[name]["volumes"]), name
+
+
+def test_prometheus_scrapes_only_what_serves_metrics():
+    """Only processes with HTTP routes serve /metrics today (a worker-only process opens no port)."""
+    cfg = yaml_docs(PROMETHEUS_CONFIG)[0]
+    assert [Path(f).name for f in cfg["rule_files"]] == [RULES.name]
+    services_ = compose_services()
+    mounts = [v for v in services_["prometheus"]["volumes"] if v.startswith("../prometheus:")]
+    assert mounts and Path(cfg["rule_files"][0]).parent == Path(mounts[0].split(":")[1])
+    for job in cfg["scrape_configs"]:
+        for sc in job.get("static_configs", []):
+            for target in sc["targets"]:
+                host, port = target.rsplit(":", 1)
+                if host == "localhost":
+                    continue
+                assert host in services_, f"job {job['job_name']}: no compose service {host}"
+                svc = services_[host]
+                if is_bubuh(svc):
+                    api, _ = serve_args(svc["command"])
+                    assert api, f"{host} serves no HTTP (--api none): nothing to scrape"
+                    assert port == svc["environment"]["BUBUH_HTTP_PORT"]
+                    assert job.get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_grafana_is_provisioned_from_deploy():
+    graf = compose_services()["grafana"]
+    mounts = dict(v.split(":")[:2] for v in graf["volumes"] if v.startswith("../"))
+    prov = yaml_docs(DEPLOY / "grafana" / "provisioning" / "dashboards" / "bubuh.yml")[0]
+    path = prov["providers"][0]["options"]["path"]
+    assert mounts["../grafana/dashboards"] == path
+    assert mounts["../grafana/provisioning"] == "/etc/grafana/provisioning"
+    ds = yaml_docs(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")[0]["datasources"][0]
+    assert urlsplit(ds["url"]).hostname in compose_services()
+
+
+# ----------------------------------------------------------------------------------------------
+# the image
+# ----------------------------------------------------------------------------------------------
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    return [(m.group(1).upper(), m.group(2).strip())
+            for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, re.M) if not m.group(0).lstrip().startswith("#")]
+
+
+def test_dockerfile_builds_the_package_and_runs_bubuh_as_non_root():
+    ins = dockerfile_instructions()
+    args = dict(a.split("=", 1) for k, a in ins if k == "ARG" and "=" in a)
+    froms = [a for k, a in ins if k == "FROM"]
+    assert len(froms) >= 2, "a build stage and a runtime stage"
+    for f in froms:
+        image = f.split()[0]
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
+        assert image == "python:3.11-slim", f
+    final = ins[max(i for i, (k, _) in enumerate(ins) if k == "FROM"):]
+    runtime = {k: a for k, a in final}
+    assert json.loads(runtime["ENTRYPOINT"]) == ["bubuh"]
+    assert json.loads(runtime["CMD"]) == ["serve"]
+    user = runtime["USER"].split(":")[0]
+    assert user.isdigit() and int(user) != 0
+    assert not any("grpcio-tools" in a for k, a in final), "protoc stays in the build stage"
+    build_runs = " ".join(a for k, a in ins if k == "RUN")
+    assert re.search(r"pip install \.(\s|$)", build_runs)
+
+
+def test_dockerfile_generates_the_protobuf_code_as_make_does():
+    text = DOCKERFILE.read_text()
+    make = (ROOT / "Makefile").read_text()
+    make_args = re.search(r"grpc_tools\.protoc (.*) \$\(PROTOS\)", make).group(1)
+    assert f"-m grpc_tools.protoc {make_args} proto/bubuh/v1/*.proto" in text
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    pin = re.search(r'"(grpcio-tools[^"]*)"', pyproject).group(1)
+    assert f'"{pin}"' in text, "the Dockerfile's grpcio-tools pin follows the dev extra's"
+
+
+def test_dockerignore_keeps_local_state_out_of_the_context():
+    lines = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")}
+    assert {".venv", ".local", ".git", ".pytest_cache", ".ruff_cache", ".hypothesis"} <= lines
+    for needed in ("pyproject.toml", "README.md", "proto", "services"):
+        assert needed not in lines, f"{needed} is needed by the build"
