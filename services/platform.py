@@ -46,6 +46,8 @@ async def serve(settings: Settings, api: list[str], workers: list[str],
                 on_ready: Callable[[], None] | None = None) -> None:
     if api:
         runtime.check_port_free(settings.http_host, settings.http_port)
+    elif settings.metrics_port:
+        runtime.check_port_free(settings.http_host, settings.metrics_port, "BUBUH_METRICS_PORT")
     rt = await runtime.start(settings, client_id="bubuh-" + "-".join(sorted(set(api) | set(workers))))
     tasks: list[runtime.Task] = [rt.channels.run]
     try:
@@ -53,7 +55,11 @@ async def serve(settings: Settings, api: list[str], workers: list[str],
             tasks += await SERVICES[name].workers(rt)
         if api:
             routers = [await SERVICES[name].router(rt) for name in api]
-            tasks.append(_http_task(rt, routers))
+            tasks.append(_http_task(rt, routers, settings.http_port))
+            tasks += rt.background
+        elif settings.metrics_port:
+            # a worker-only process still shows its metrics (lag, outcomes) and a liveness probe
+            tasks.append(_http_task(rt, [], settings.metrics_port))
     except BaseException:
         await rt.close()
         await rt.producer.stop()
@@ -69,12 +75,12 @@ async def serve(settings: Settings, api: list[str], workers: list[str],
     await runtime.run_until_stopped(rt, tasks + [ready_when_loaded])
 
 
-def _http_task(rt: Runtime, routers) -> runtime.Task:
+def _http_task(rt: Runtime, routers, port: int) -> runtime.Task:
     app = http.create_app("Bubuh", routers)
 
     async def run_http(stop: asyncio.Event) -> None:
         await wait_or_stop(rt.channels.loaded, stop)   # authenticate only once the channel view is whole
-        config = uvicorn.Config(app, host=rt.settings.http_host, port=rt.settings.http_port, log_level="warning",
+        config = uvicorn.Config(app, host=rt.settings.http_host, port=port, log_level="warning",
                                 access_log=False, lifespan="off", timeout_keep_alive=30, backlog=4096)
         server = uvicorn.Server(config)
         server.install_signal_handlers = lambda: None

@@ -41,6 +41,7 @@ class Runtime:
     producer: Producer
     channels: ChannelView
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    background: list[Task] = field(default_factory=list)   # tasks an API router needs running beside it
     _pools: dict[str, asyncpg.Pool] = field(default_factory=dict)
 
     async def pool(self, service: str) -> asyncpg.Pool:
@@ -104,14 +105,14 @@ async def connect_kafka(settings: Settings, client_id: str) -> Producer:
     return producer
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, setting: str = "BUBUH_HTTP_PORT") -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
             raise ConfigError(
-                f"port {host}:{port} is taken by another process: stop it, or set BUBUH_HTTP_PORT") from None
+                f"port {host}:{port} is taken by another process: stop it, or set {setting}") from None
 
 
 async def start(settings: Settings, client_id: str) -> Runtime:

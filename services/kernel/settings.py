@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     public_base_url: str = ""  # where channels and the public reach the API; default http://host:port
+    metrics_port: int = 0      # a process without API routes serves /metrics and /healthz here (0: none)
 
     # --- isolation (tests, several stacks on one broker) ---
     topic_prefix: str = ""      # prepended to every topic and consumer group
@@ -81,6 +82,7 @@ class Settings(BaseSettings):
     stamp_max_deliveries: int = 3                # a request that took its worker down this often is poison
     stamp_node_id: int | None = None             # unique per live worker process (SN field); default: random
     stamp_eta_window_s: float = 60.0             # throughput window behind queue positions' expected times
+    stamp_rates_from: str = "stream"             # "stream": faust windows over stamp.events; "database": a count
 
     # --- notification --- (webhooks and email; services/notification, docs/webhooks.md)
     webhook_concurrency: int = 32          # webhook requests in flight per instance, all endpoints together

@@ -2,8 +2,10 @@
 
 Back-pressure shows here instead of as timeouts: intake answers at once with where the request
 stands. Position = open requests accepted before it; expected time = position / recent throughput
-(completions in the last ``window``). Both come from the stamping schema and are cached for a
-second, so a surge of intake calls costs one count per second, not one per call.
+(completions in the last ``window``). The open count comes from the stamping schema; the rate from
+the stream (faust windows over ``stamp.events``, ``throughput.py``) when this process counts some of
+its partitions, else from a count in the schema. Both are cached for a second, so a surge of intake
+calls costs one query per second, not one per call.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import asyncpg
 
 from services.kernel import database
 from services.stamping.metrics import QUEUE_DEPTH
+from services.stamping.throughput import Throughput
+
+_OPEN = "SELECT count(*) FROM requests WHERE status IN ('queued', 'reserved', 'stamping')"
 
 # before any completion was seen, assume this many seconds per stamp per the whole tier
 COLD_SECONDS_PER_STAMP = 0.05
@@ -33,25 +38,32 @@ class QueueFacts:
 
 
 class QueueView:
-    def __init__(self, pool: asyncpg.Pool, window_s: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, window_s: float, throughput: Throughput | None = None) -> None:
         self._pool = pool
         self._window_s = window_s
+        self._throughput = throughput
         self._cached: tuple[float, QueueFacts] | None = None
 
     async def facts(self) -> QueueFacts | None:
         now = time.monotonic()
         if self._cached and now - self._cached[0] < 1.0:
             return self._cached[1]
+        rates = self._throughput.rates() if self._throughput else None
         try:
-            row = await asyncio.wait_for(self._pool.fetchrow(
-                "SELECT (SELECT count(*) FROM requests WHERE status IN ('queued', 'reserved', 'stamping')) AS open, "
-                "(SELECT count(*) FROM requests WHERE status IN ('completed', 'failed') "
-                " AND finished_at > now() - make_interval(secs => $1)) AS recent", self._window_s), 0.5)
+            if rates is not None and rates.known:
+                open_requests = await asyncio.wait_for(self._pool.fetchval(_OPEN), 0.5)
+                per_second = rates.rate_per_s
+            else:
+                row = await asyncio.wait_for(self._pool.fetchrow(
+                    f"SELECT ({_OPEN}) AS open, (SELECT count(*) FROM requests WHERE status IN "
+                    "('completed', 'failed') AND finished_at > now() - make_interval(secs => $1)) AS recent",
+                    self._window_s), 0.5)
+                open_requests, per_second = row["open"], row["recent"] / self._window_s
         except Exception as exc:  # noqa: BLE001 - no database: no position, intake still answers
             if database.is_outage(exc):
                 return None
             raise
-        facts = QueueFacts(row["open"], row["recent"] / self._window_s)
+        facts = QueueFacts(open_requests, per_second)
         QUEUE_DEPTH.set(facts.open_requests)
         self._cached = (now, facts)
         return facts

@@ -31,6 +31,7 @@ from services.stamping.intake import StampIntake
 from services.stamping.queue import QueueView
 from services.stamping.serial import MAX_NODE, SerialIssuer
 from services.stamping.signing.engine import SignerConfig, StampingEngine
+from services.stamping.throughput import Throughput
 from services.stamping.tracker import CONSUMER as TRACKER
 from services.stamping.tracker import StatusTracker
 from services.stamping.verifying import PublicVerifier
@@ -68,7 +69,13 @@ def documents(s: Settings) -> store.DocumentStore:
 async def router(rt: Runtime) -> APIRouter:
     s = rt.settings
     pool = await rt.pool(NAME)
-    queue = QueueView(pool, s.stamp_eta_window_s)
+    throughput = None
+    if s.stamp_rates_from == "stream":
+        throughput = Throughput(s, window_s=s.stamp_eta_window_s)
+        rt.background.append(throughput.run)
+    elif s.stamp_rates_from != "database":
+        raise ConfigError(f"BUBUH_STAMP_RATES_FROM={s.stamp_rates_from!r}: choose stream or database")
+    queue = QueueView(pool, s.stamp_eta_window_s, throughput)
     docs = documents(s)
     intake = StampIntake(s, rt.producer, pool, docs, queue)
     return api.router(s, rt.channels, intake, pool, docs, queue, PublicVerifier(pool, trust_roots(s)))

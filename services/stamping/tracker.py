@@ -12,6 +12,7 @@ from services.contracts.bubuh.v1 import quota_pb2
 from services.kernel import errors, logs
 from services.kernel.events import Event
 from services.kernel.settings import Settings
+from services.stamping.metrics import STAGE_SECONDS
 from services.stamping.worker import finish_failed
 
 log = logs.get(__name__)
@@ -26,8 +27,11 @@ class StatusTracker:
     async def handle(self, event: Event) -> None:
         m = event.payload
         if isinstance(m, quota_pb2.QuotaReserved):
-            await self._pool.execute("UPDATE requests SET status = 'reserved', reserved_at = now() "
-                                     "WHERE request_id = $1 AND status = 'queued'", m.request_id)
+            waited = await self._pool.fetchval(
+                "UPDATE requests SET status = 'reserved', reserved_at = now() WHERE request_id = $1 "
+                "AND status = 'queued' RETURNING extract(epoch FROM now() - accepted_at)", m.request_id)
+            if waited is not None:
+                STAGE_SECONDS.labels("queued").observe(max(0.0, float(waited)))
         elif isinstance(m, quota_pb2.QuotaRejected):
             await self._fail(event, m, m.code or errors.QUOTA_INSUFFICIENT.code, m.detail or "no available unit")
         elif isinstance(m, quota_pb2.QuotaReleased) and m.code == errors.RESERVATION_EXPIRED.code:

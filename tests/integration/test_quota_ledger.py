@@ -155,3 +155,20 @@ async def test_release_returns_the_unit_and_redelivered_outcomes_change_nothing(
 async def _committed(api, channel):
     bal = await _balance(api, channel, "r")
     return bal and bal["committed"] == 1 and bal["pending"] == 0
+
+
+async def test_a_worker_only_process_serves_its_metrics(settings):
+    from tests.platform import free_port
+    port = free_port()
+    proc = await PlatformProcess(settings, api="none", workers="quota", name="metrics",
+                                 BUBUH_METRICS_PORT=port).start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            async def scraped():
+                r = await client.get("/metrics")
+                return r.status_code == 200 and "bubuh_consumer_lag_records" in r.text
+            await wait_for(scraped, what="lag metric of the quota consumer")
+            assert (await client.get("/healthz")).json() == {"status": "ok"}
+            assert (await client.get("/v1/accounts/x/quota")).status_code == 404   # no API routes here
+    finally:
+        await proc.stop()

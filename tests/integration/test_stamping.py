@@ -32,6 +32,14 @@ def pdfsig_report(pdf: bytes, tmp_path) -> str:
     return subprocess.run(["pdfsig", "-nssdir", f"sql:{nss}", str(path)], capture_output=True, text=True).stdout
 
 
+async def settled_quota(api, channel, account: str) -> dict:
+    """The account once the ledger has applied every outcome (stamps end before their commit lands)."""
+    async def settled():
+        q = (await api.get(f"/v1/accounts/{account}/quota", headers=auth(channel))).json()
+        return q if q.get("pending") == 0 else None
+    return await wait_for(settled, what=f"{account}: no pending unit")
+
+
 async def test_a_stamp_is_issued_charged_once_and_verifies(platform, api, channel, settings, tmp_path):
     await buy(api, channel, "acct-1", 2)
     r = await post_stamp(api, channel, corpus.a4_text(1), stamp_meta())
@@ -48,7 +56,7 @@ async def test_a_stamp_is_issued_charged_once_and_verifies(platform, api, channe
     assert by_sn["known"] and by_sn["used_once"]
     report = pdfsig_report(pdf, tmp_path)
     assert "Signature is Valid." in report and "Certificate is Trusted." in report, report
-    quota = (await api.get("/v1/accounts/acct-1/quota", headers=auth(channel))).json()
+    quota = await settled_quota(api, channel, "acct-1")
     assert quota == {"account_id": "acct-1", "credited": 2, "pending": 0, "committed": 1, "available": 1}
 
 
@@ -102,8 +110,7 @@ async def test_idempotency_key_gives_one_request(platform, api, channel):
     assert again.status_code == 202 and again.json()["request_id"] == first.json()["request_id"]
     other = await post_stamp(api, channel, corpus.a4_text(5), stamp_meta("i"), idempotency_key="order-77")
     assert (other.status_code, other.json()["code"]) == (409, "IDEMPOTENCY_MISMATCH")
-    await asyncio.sleep(1)
-    quota = (await api.get("/v1/accounts/i/quota", headers=auth(channel))).json()
+    quota = await settled_quota(api, channel, "i")
     assert quota["committed"] == 1 and quota["pending"] == 0
 
 
@@ -116,7 +123,7 @@ async def test_no_quota_means_failed_without_a_charge(platform, api, channel):
     assert outcomes == ["completed", "failed"]
     failed = [await stamp_finished(api, channel, r.json()["request_id"]) for r in (first, second)]
     assert [f.get("code") for f in failed if f["status"] == "failed"] == ["QUOTA_INSUFFICIENT"]
-    quota = (await api.get("/v1/accounts/poor/quota", headers=auth(channel))).json()
+    quota = await settled_quota(api, channel, "poor")
     assert (quota["committed"], quota["pending"], quota["available"]) == (1, 0, 0)
 
 
@@ -139,7 +146,7 @@ async def test_the_same_events_delivered_twice_give_one_sn_and_one_charge(platfo
     await asyncio.sleep(2)
     again = (await api.get(f"/v1/stamps/{rid}", headers=auth(channel))).json()
     assert again["sn"] == first["sn"]
-    quota = (await api.get("/v1/accounts/twice/quota", headers=auth(channel))).json()
+    quota = await settled_quota(api, channel, "twice")
     assert (quota["committed"], quota["pending"]) == (1, 0)
     completions = [m for m in decoded(await read_topic(settings, topics.STAMP_EVENTS.name, at_least=1))
                    if m.request_id == rid]

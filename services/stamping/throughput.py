@@ -1,0 +1,238 @@
+"""Windowed throughput from the event stream (faust-streaming): the stateful part behind queue ETAs.
+
+Two faust agents count events into tumbling one-second windows:
+
+* ``stamp.events`` (StampCompleted, StampFailed) -> terminal events per second per tier (``stamping``);
+* ``stamp.requested`` (StampRequested)            -> accepted requests per second per channel.
+
+Rates are read back with :class:`Throughput` (``rates()`` -> :class:`Rates`), summed over the last
+``window_s`` complete seconds, so QueueView can compute an ETA without a PostgreSQL count.
+
+Partitioning. The source topics are keyed by request id, so no repartition topic is needed: every
+table key carries the *source partition* (``"stamping|2"``), which keeps a key's changelog partition
+equal to the partition it was counted from (faust writes a table update to the current event's
+partition). A process therefore owns the counts of exactly the partitions assigned to it. Request ids
+hash uniformly, so a process that holds ``k`` of ``P`` partitions scales its local sum by ``P / k``
+(``Rates.coverage`` says how much it saw); in the one-process (all in one) mode ``k == P``.
+
+Nothing on the money path reads these numbers: they shape queue estimates only (see
+docs/architecture). Faust's own topics (changelog, assignor) are named ``<prefix>bubuh-throughput-*``
+and the consumer group is ``<prefix>bubuh-throughput``; the store is in memory (no RocksDB), and a
+restart recovers the windows from the changelog, which is itself trimmed by ``expires``.
+
+Run it inside the platform's asyncio process: ``Throughput(settings).run(stop)`` is a runtime task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import faust
+
+from services.contracts.bubuh.v1 import stamp_pb2
+from services.kernel import errors, events, topics
+from services.kernel.settings import Settings
+
+APP_NAME = "bubuh-throughput"
+TIER = "stamping"
+BUCKET_S = 1.0          # tumbling window size: one bucket per second
+_TERMINAL = (events.type_name(stamp_pb2.StampCompleted), events.type_name(stamp_pb2.StampFailed))
+_REQUESTED = events.type_name(stamp_pb2.StampRequested)
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Per-second rates over the last ``window_s`` complete seconds."""
+
+    rate_per_s: float                                  # terminal stamp events per second (the tier)
+    per_channel_rates: dict[str, float] = field(default_factory=dict)   # accepted requests per second
+    window_s: float = 60.0
+    coverage: float = 0.0                              # share of partitions this process counted (0..1)
+
+    @property
+    def known(self) -> bool:
+        return self.coverage > 0
+
+
+def _key(name: str, partition: int) -> str:
+    return f"{name}|{partition}"
+
+
+def _split(key: str) -> tuple[str, int]:
+    name, _, partition = key.rpartition("|")
+    return name, int(partition)
+
+
+class Throughput:
+    """A faust app with the two counting agents and a read API.
+
+    ``start()``/``stop()`` run the app on the running event loop (no faust Worker, no signal handlers,
+    no web server); ``run(stop)`` is the same as a runtime task.
+    """
+
+    def __init__(self, settings: Settings, *, window_s: float | None = None,
+                 offset_reset: str = "latest") -> None:
+        self._settings = settings
+        self.window_s = float(window_s or settings.stamp_eta_window_s)
+        self.app = faust.App(
+            settings.group(APP_NAME),                     # app id: consumer group and internal topic prefix
+            broker=[f"kafka://{h}" for h in settings.kafka_bootstrap.split(",")],
+            store="memory://",
+            autodiscover=False,
+            web_enabled=False,
+            topic_replication_factor=settings.replication_factor,
+            topic_partitions=settings.default_partitions,
+            topic_allow_declare=True,
+            consumer_auto_offset_reset=offset_reset,
+            table_cleanup_interval=5.0,
+            producer_acks=1,                             # statistics, not money: no acks=all
+            processing_guarantee="at_least_once",
+            loghandlers=[],
+        )
+        expires = timedelta(seconds=self.window_s + 10 * BUCKET_S)
+        self.completed = self.app.Table(
+            "completed-per-s", default=int, partitions=self._partitions(topics.STAMP_EVENTS),
+        ).tumbling(BUCKET_S, expires=expires)
+        self.accepted = self.app.Table(
+            "accepted-per-s", default=int, partitions=self._partitions(topics.STAMP_REQUESTED),
+        ).tumbling(BUCKET_S, expires=expires)
+        # the next source offset per partition whose count is in the tables (see _fresh)
+        self.progress_events = self.app.Table(
+            "progress-events", default=int, partitions=self._partitions(topics.STAMP_EVENTS))
+        self.progress_requested = self.app.Table(
+            "progress-requested", default=int, partitions=self._partitions(topics.STAMP_REQUESTED))
+        self._events_topic = self.app.topic(settings.topic(topics.STAMP_EVENTS.name),
+                                            value_serializer="raw", key_serializer="raw")
+        self._requested_topic = self.app.topic(settings.topic(topics.STAMP_REQUESTED.name),
+                                               value_serializer="raw", key_serializer="raw")
+        self.malformed = 0
+        self.app.agent(self._events_topic, name="count-terminal")(self._count_terminal)
+        self.app.agent(self._requested_topic, name="count-accepted")(self._count_accepted)
+        self._started = False
+
+    def _partitions(self, topic: topics.Topic) -> int:
+        return topic.partitions or self._settings.default_partitions
+
+    # --- agents -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _fresh(progress, event) -> bool:
+        """False for a record whose count the (changelog-recovered) table already holds.
+
+        With at-least-once, a table's changelog runs ahead of the committed source offsets: after a
+        rebalance or restart the new owner recovers the counts *and* re-reads the records since the last
+        commit. Remembering the next offset per partition, in a table on the same changelog partition,
+        makes the re-read a no-op instead of a double count (no transactions needed).
+        """
+        key = str(event.message.partition)
+        offset = event.message.offset
+        if offset < progress[key]:
+            return False
+        progress[key] = offset + 1
+        return True
+
+    async def _count_terminal(self, stream) -> None:
+        async for event in stream.events():
+            if not self._fresh(self.progress_events, event):
+                continue
+            try:
+                env, _ = events.decode(event.value)
+            except errors.BubuhError:
+                self.malformed += 1
+                continue
+            if env.type in _TERMINAL:
+                self.completed[_key(TIER, event.message.partition)] += 1
+
+    async def _count_accepted(self, stream) -> None:
+        async for event in stream.events():
+            if not self._fresh(self.progress_requested, event):
+                continue
+            try:
+                env, payload = events.decode(event.value)
+            except errors.BubuhError:
+                self.malformed += 1
+                continue
+            if env.type == _REQUESTED:
+                channel = payload.channel_id or "-"
+                self.accepted[_key(channel, event.message.partition)] += 1
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the faust app on the running loop; returns once its consumer is running."""
+        app = self.app
+        app.loop = asyncio.get_running_loop()
+        app.finalize()
+        await app.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.app.stop(), 30)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """A runtime task: count until ``stop`` is set."""
+        await self.start()
+        try:
+            crashed = asyncio.ensure_future(self.app.wait_until_stopped())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({crashed, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            crashed.cancel()
+            if not stop.is_set() and self.app.crash_reason is not None:
+                raise self.app.crash_reason
+        finally:
+            await self.stop()
+
+    # --- read API -----------------------------------------------------------------------------------
+
+    def assigned(self, topic: topics.Topic) -> set[int]:
+        name = self._settings.topic(topic.name)
+        try:
+            return {tp.partition for tp in self.app.consumer.assignment() if tp.topic == name}
+        except Exception:  # noqa: BLE001 - not started or mid-rebalance: nothing assigned
+            return set()
+
+    def _window_sums(self, wrapper, partitions: set[int], now: float) -> dict[str, int]:
+        """Sum the buckets of the last ``window_s`` *complete* seconds per name, over ``partitions``.
+
+        One scan of the table (keys are ``(name|partition, (start, end))``); it also finds the channels
+        a changelog recovery brought back, which a windowed table cannot list by itself.
+        """
+        end = math.floor(now / BUCKET_S) * BUCKET_S          # the current second is still filling
+        start = end - self.window_s
+        sums: dict[str, int] = defaultdict(int)
+        for (key, (w_start, _)), value in list(wrapper.table.data.items()):
+            if start <= w_start < end:
+                name, partition = _split(key)
+                if partition in partitions:
+                    sums[name] += value
+        return sums
+
+    def rates(self, now: float | None = None) -> Rates:
+        """Rates over the last ``window_s`` seconds, extrapolated from the partitions this process owns."""
+        now = time.time() if now is None else now
+        window = self.window_s
+        done_parts = self.assigned(topics.STAMP_EVENTS)
+        total = self._partitions(topics.STAMP_EVENTS)
+        scale = total / len(done_parts) if done_parts else 0.0
+        completed = self._window_sums(self.completed, done_parts, now).get(TIER, 0)
+        acc_parts = self.assigned(topics.STAMP_REQUESTED)
+        acc_total = self._partitions(topics.STAMP_REQUESTED)
+        acc_scale = acc_total / len(acc_parts) if acc_parts else 0.0
+        per_channel = self._window_sums(self.accepted, acc_parts, now)
+        return Rates(
+            rate_per_s=round(completed * scale / window, 3),
+            per_channel_rates={c: round(n * acc_scale / window, 3) for c, n in sorted(per_channel.items()) if n},
+            window_s=window,
+            coverage=len(done_parts) / total if total else 0.0,
+        )

@@ -1,0 +1,151 @@
+"""The faust throughput app (services/stamping/throughput.py) against the real broker: windowed
+completion rate per tier, accepted rate per channel, poison on the way, and a rebalance between two
+members with changelog recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from services.contracts.bubuh.v1 import stamp_pb2
+from services.kernel import events, topics
+from services.kernel.producer import Producer
+from services.stamping.throughput import Throughput
+
+WINDOW_S = 30.0
+
+
+async def _producer(settings) -> Producer:
+    p = Producer(settings, client_id="test-throughput")
+    await p.start()
+    return p
+
+
+def _completed(settings, i: int, *, failed: bool = False) -> events.Outgoing:
+    rid = f"req-{i}"
+    msg = (stamp_pb2.StampFailed(request_id=rid, channel_id="ch", code="X", permanent=True) if failed
+           else stamp_pb2.StampCompleted(request_id=rid, channel_id="ch", sn=f"SN{i}"))
+    return events.outgoing(settings.topic(topics.STAMP_EVENTS.name), rid, events.envelope(msg, producer="stamping"))
+
+
+def _requested(settings, channel: str, i: int) -> events.Outgoing:
+    rid = f"{channel}-req-{i}"
+    msg = stamp_pb2.StampRequested(request_id=rid, channel_id=channel, account_id="acc")
+    return events.outgoing(settings.topic(topics.STAMP_REQUESTED.name), rid, events.envelope(msg, producer="stamping"))
+
+
+class Running:
+    """A Throughput app run as a runtime task (``run(stop)``), the way the platform runs it."""
+
+    def __init__(self, settings, window_s: float = WINDOW_S) -> None:
+        self.tp = Throughput(settings, window_s=window_s, offset_reset="earliest")
+        self.stop = asyncio.Event()
+
+    async def __aenter__(self) -> Throughput:
+        started = time.monotonic()
+        self.task = asyncio.create_task(self.tp.run(self.stop))
+        while not (self.tp.assigned(topics.STAMP_EVENTS) and self.tp.assigned(topics.STAMP_REQUESTED)):
+            assert not self.task.done(), self.task.exception()
+            assert time.monotonic() - started < 60, "faust app not assigned within 60 s"
+            await asyncio.sleep(0.05)
+        self.startup_s = time.monotonic() - started
+        return self.tp
+
+    async def __aexit__(self, *exc) -> None:
+        self.stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.task, 30)
+        assert self.task.done()
+        if not self.task.cancelled():
+            assert self.task.exception() is None
+
+
+async def _until(predicate, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.2)
+
+
+async def test_completion_rate_per_tier(settings):
+    await topics.ensure(settings)
+    n_done, n_failed = 45, 15
+    async with Running(settings) as tp:
+        assert tp.rates().rate_per_s == 0
+        p = await _producer(settings)
+        try:
+            records = [_completed(settings, i) for i in range(n_done)]
+            records += [_completed(settings, n_done + i, failed=True) for i in range(n_failed)]
+            poison = events.Outgoing(topic=settings.topic(topics.STAMP_EVENTS.name), key=b"x", value=b"not protobuf")
+            await p.publish_many(records[:30] + [poison] + records[30:])
+        finally:
+            await p.stop()
+        expected = round((n_done + n_failed) / WINDOW_S, 3)
+        # counted once the second they fell in is complete
+        rates = await _until(lambda: (r := tp.rates()).rate_per_s == expected and r)
+        assert rates, f"rate never reached {expected}: {tp.rates()}"
+        assert rates.coverage == 1.0 and rates.window_s == WINDOW_S
+        assert tp.malformed == 1
+        # the same reading a window later: everything aged out
+        later = tp.rates(now=time.time() + WINDOW_S + 2)
+        assert later.rate_per_s == 0
+
+
+async def test_accepted_rate_per_channel(settings):
+    await topics.ensure(settings)
+    async with Running(settings) as tp:
+        p = await _producer(settings)
+        try:
+            # "fast" sends 3x what "slow" sends, spread over three seconds
+            for second in range(3):
+                batch = [_requested(settings, "fast", second * 100 + i) for i in range(30)]
+                batch += [_requested(settings, "slow", second * 100 + i) for i in range(10)]
+                await p.publish_many(batch)
+                await asyncio.sleep(1)
+        finally:
+            await p.stop()
+        want = {"fast": round(90 / WINDOW_S, 3), "slow": round(30 / WINDOW_S, 3)}
+        rates = await _until(lambda: (r := tp.rates()).per_channel_rates == want and r)
+        assert rates, f"per-channel rates never reached {want}: {tp.rates()}"
+        assert rates.rate_per_s == 0          # nothing completed yet
+
+
+async def test_rebalance_keeps_counts(settings):
+    """A second member takes half the partitions and recovers their windows from the changelog."""
+    await topics.ensure(settings)
+    n, window = 80, 300.0        # a window longer than two rebalances, so nothing ages out meanwhile
+    t0 = time.monotonic()
+    async with Running(settings, window) as a:
+        a_start = time.monotonic() - t0
+        p = await _producer(settings)
+        try:
+            await p.publish_many([_completed(settings, i) for i in range(n)])
+        finally:
+            await p.stop()
+        assert await _until(lambda: a.rates().rate_per_s == round(n / window, 3))
+        print(f"a started in {a_start:.2f} s")
+        t_join = time.monotonic()
+        async with Running(settings, window) as b:
+            def split():
+                pa, pb = a.assigned(topics.STAMP_EVENTS), b.assigned(topics.STAMP_EVENTS)
+                return pa and pb and not (pa & pb) and len(pa | pb) == settings.default_partitions
+
+            assert await _until(split, 60), (a.assigned(topics.STAMP_EVENTS), b.assigned(topics.STAMP_EVENTS))
+
+            def recovered_total():
+                ra, rb = a.rates(), b.rates()
+                # each member extrapolates from its half; together they saw every partition exactly once
+                return (ra.coverage + rb.coverage == 1.0
+                        and round(ra.rate_per_s * ra.coverage + rb.rate_per_s * rb.coverage, 2)
+                        == round(n / window, 2))
+
+            assert await _until(recovered_total, 30), (a.rates(), b.rates())
+            print(f"b joined, split and recovered in {time.monotonic() - t_join:.2f} s")
+            t_leave = time.monotonic()
+        # b left: a takes every partition back and still has the counts
+        assert await _until(lambda: a.rates().coverage == 1.0 and a.rates().rate_per_s == round(n / window, 3), 60), \
+            (a.rates(), sorted((k[0], v) for k, v in a.completed.table.data.items()))
+        print(f"b left, a whole again in {time.monotonic() - t_leave:.2f} s; test {time.monotonic() - t0:.1f} s")
