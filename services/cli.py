@@ -141,9 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("rotate-key", "issue a new API key (the old one stops working)"),
                            ("rotate-secret", "issue a new HMAC secret (the old one works for a grace period)"),
                            ("suspend", "stop accepting the channel's requests"),
-                           ("activate", "accept the channel's requests again")):
+                           ("activate", "accept the channel's requests again"),
+                           ("set-webhook", "change (or with '' remove) the channel's callback URL")):
         c = csub.add_parser(name, help=helptext)
         c.add_argument("channel_id")
+        if name == "set-webhook":
+            c.add_argument("url")
         c.add_argument("--json", action="store_true")
         if name == "rotate-secret":
             c.add_argument("--grace-hours", type=float, default=24.0)

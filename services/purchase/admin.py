@@ -59,6 +59,10 @@ async def _dispatch(registry: Registry, args) -> str:
         return json.dumps({"channel_id": c.channel_id, "hmac_secret": c.hmac_secret}) if args.json else \
             (f"channel {c.channel_id}: new hmac secret {c.hmac_secret} "
              f"(the previous one is accepted for {args.grace_hours:g} h)")
+    if cmd == "set-webhook":
+        await registry.set_webhook(args.channel_id, args.url)
+        return json.dumps({"channel_id": args.channel_id, "webhook_url": args.url}) if args.json else \
+            f"channel {args.channel_id}: webhook {args.url or '(none)'}"
     status = "suspended" if cmd == "suspend" else "active"
     await registry.set_status(args.channel_id, status)
     return json.dumps({"channel_id": args.channel_id, "status": status}) if args.json else \

@@ -85,6 +85,13 @@ class Registry:
             await self._publish(conn, channel_id)
         return Credentials(channel_id, hmac_secret=secret)
 
+    async def set_webhook(self, channel_id: str, webhook_url: str) -> None:
+        if webhook_url and not _URL.match(webhook_url):
+            raise RegistryError(f"webhook URL {webhook_url!r} is not an http(s) URL")
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._update(conn, channel_id, "webhook_url = $2", webhook_url)
+            await self._publish(conn, channel_id)
+
     async def set_status(self, channel_id: str, status: str) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
             await self._update(conn, channel_id, "status = $2", status)

@@ -126,3 +126,21 @@ async def test_one_trace_id_follows_a_purchase_through_every_service(platform, a
         lines = [rec for rec in platform.log_records() if rec.get("trace_id") == trace]
         return {rec["event"] for rec in lines} >= {"http", "purchase accepted", "purchase confirmed", "ledger"}
     await wait_for(logged, timeout=10, what="trace id in intake, confirmation and ledger logs")
+
+
+async def test_suspended_channel_is_refused_and_webhook_changes_reach_the_registry(api, channel, settings):
+    import json
+
+    from tests.platform import cli
+    await post_until_accepted(api, channel, order_body())
+    cli(settings, "channel", "set-webhook", channel["channel_id"], "https://pos.example/hooks/bubuh")
+    listed = {c["channel_id"]: c for c in json.loads(cli(settings, "channel", "list", "--json").stdout)}
+    assert listed[channel["channel_id"]]["webhook_url"] == "https://pos.example/hooks/bubuh"
+    bad = cli(settings, "channel", "set-webhook", channel["channel_id"], "not a url", check=False)
+    assert bad.returncode == 2 and "not an http(s) URL" in bad.stderr
+    cli(settings, "channel", "suspend", channel["channel_id"])
+
+    async def refused():
+        r = await api.post("/v1/purchases", json=order_body(), headers=auth(channel))
+        return r.status_code == 403 and r.json()["code"] == "CHANNEL_INACTIVE"
+    await wait_for(refused, what="suspension seen by intake")
