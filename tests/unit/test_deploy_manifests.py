@@ -7,7 +7,10 @@ an alert, a dashboard, a ScaledObject or a manifest. These tests read every file
 * metrics and their labels from ``prometheus_client``'s registry, after importing every module;
 * settings from ``Settings.model_fields`` (env prefix ``BUBUH_``);
 * consumer groups from the ``CONSUMER`` constants, topics from ``services.kernel.topics``;
-* service names and ``serve`` arguments from ``services.platform`` and the CLI's own parser.
+* service names and ``serve`` arguments from ``services.platform`` and the CLI's own parser;
+* where a process serves ``/metrics`` and ``/healthz`` (its HTTP port with API routes, else
+  ``BUBUH_METRICS_PORT``), as ``services.platform.serve`` decides: every tier must be scraped and
+  probed there.
 """
 
 from __future__ import annotations
@@ -134,6 +137,41 @@ def serve_args(argv: list[str]) -> tuple[list[str], list[str]]:
     assert argv and argv[0] == "serve", f"not a `bubuh serve` command: {argv}"
     args = cli().build_parser().parse_args(argv)
     return platform().parse_names(args.api), platform().parse_names(args.workers)
+
+
+def metrics_port(argv: list[str], env: dict[str, str]) -> int:
+    """The port a `bubuh serve` process serves /metrics and /healthz on, as ``services.platform.serve``
+    decides: its HTTP port when it runs API routes, else BUBUH_METRICS_PORT (0: none)."""
+    api, _ = serve_args(argv)
+    if api:
+        return int(env.get("BUBUH_HTTP_PORT", Settings.model_fields["http_port"].default))
+    return int(env.get("BUBUH_METRICS_PORT", Settings.model_fields["metrics_port"].default))
+
+
+def container_env(c: dict) -> dict[str, str]:
+    """A Kubernetes container's environment as far as the manifests fix it: its ConfigMaps (envFrom,
+    in order), then its own ``env`` values (Secrets hold placeholders only)."""
+    env: dict[str, str] = {}
+    for src in c.get("envFrom", []):
+        if "configMapRef" in src:
+            env.update(k8s_one("ConfigMap", src["configMapRef"]["name"]).get("data", {}))
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = str(e["value"])
+    return env
+
+
+def compose_tiers() -> dict[str, dict]:
+    """The compose services running `bubuh serve ...` (every tier)."""
+    return {n: s for n, s in compose_services().items() if is_bubuh(s) and s["command"][0] == "serve"}
+
+
+def expand_alternatives(regex: str) -> list[str]:
+    """The names a job regex like ``bubuh-(a|b)`` or ``a|b`` matches (plain words only)."""
+    m = re.fullmatch(r"([\w-]*)\(([\w|-]+)\)([\w-]*)", regex)
+    if m:
+        return [m.group(1) + alt + m.group(3) for alt in m.group(2).split("|")]
+    return literal_alternatives(regex)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,12 +514,21 @@ def test_env_example_defines_every_compose_variable_and_holds_no_secret():
 
 
 def test_http_listens_on_all_interfaces_where_it_is_served():
-    """127.0.0.1, the local default, would be unreachable from a Service or a port mapping."""
+    """127.0.0.1, the local default, would be unreachable from a Service, a port mapping, the probes or
+    Prometheus. The api's HTTP port and a worker's metrics port both bind to BUBUH_HTTP_HOST."""
+    default = Settings.model_fields["http_host"].default
     assert config_data()["BUBUH_HTTP_HOST"] == "0.0.0.0"
     assert "BUBUH_HTTP_HOST=0.0.0.0" in DOCKERFILE.read_text()
-    for name, svc in compose_services().items():
-        if is_bubuh(svc) and name != "keys" and serve_args(svc["command"])[0]:
-            assert svc["environment"]["BUBUH_HTTP_HOST"] == "0.0.0.0", name
+    served = set()
+    for name, svc in compose_tiers().items():
+        assert svc["environment"].get("BUBUH_HTTP_HOST", default) == "0.0.0.0", name
+        served.add(metrics_port(svc["command"], svc["environment"]))
+    for w in workloads():
+        for c in containers(w):
+            assert container_env(c).get("BUBUH_HTTP_HOST", default) == "0.0.0.0", w["metadata"]["name"]
+            served.add(metrics_port(c["args"], container_env(c)))
+    exposed = {int(p.split("/")[0]) for k, a in dockerfile_instructions() if k == "EXPOSE" for p in a.split()}
+    assert served <= exposed, f"the image documents (EXPOSE) {sorted(exposed)}, the tiers serve {sorted(served)}"
 
 
 def test_the_public_url_is_set_and_is_the_ingress_host():
@@ -643,6 +690,52 @@ def test_api_probes_healthz_on_the_http_port_and_is_exposed():
             assert path["backend"]["service"]["port"]["name"] in svc_ports
 
 
+def test_worker_tiers_serve_metrics_on_their_metrics_port_and_are_probed_and_scraped_there():
+    """A worker-only process serves /metrics and /healthz only on BUBUH_METRICS_PORT: every worker
+    container sets it, names it `metrics`, is probed on /healthz there and annotated for scraping."""
+    worker_tiers = set()
+    for w in workloads():
+        name = w["metadata"]["name"]
+        (c,) = containers(w)
+        api, workers = serve_args(c["args"])
+        if api:
+            continue
+        worker_tiers |= set(workers)
+        env = container_env(c)
+        assert int(env.get("BUBUH_METRICS_PORT", 0)) > 0, f"{name}: BUBUH_METRICS_PORT unset, no /metrics"
+        port = metrics_port(c["args"], env)
+        named_ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+        assert named_ports.get("metrics") == port, f"{name}: container port `metrics` must be {port}"
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert probe in c, f"{name}: no {probe}"
+            get = c[probe]["httpGet"]
+            assert get["path"] == "/healthz", f"{name} {probe}"
+            assert named_ports.get(get["port"], get["port"]) == port, f"{name} {probe}: not the metrics port"
+        ann = w["spec"]["template"]["metadata"].get("annotations", {})
+        assert ann.get("prometheus.io/scrape") == "true", f"{name}: not scraped"
+        assert int(ann["prometheus.io/port"]) == port, f"{name}: scraped on another port than {port}"
+        assert ann.get("prometheus.io/path", "/metrics") == "/metrics", name
+    assert worker_tiers == set(platform().SERVICES), "every service's workers are scraped somewhere"
+
+
+def test_every_workload_is_scraped_as_the_job_the_alerts_name():
+    """Kubernetes scrapes by annotations; deploy/README.md names the job bubuh-<component label>, which
+    must be the job names of prometheus.yml (the ones the up{job=...} alerts use)."""
+    cfg = yaml_docs(PROMETHEUS_CONFIG)[0]
+    bubuh_jobs = {j["job_name"] for j in cfg["scrape_configs"] if j["job_name"].startswith("bubuh-")}
+    components = set()
+    for w in workloads():
+        meta = w["spec"]["template"]["metadata"]
+        (c,) = containers(w)
+        assert meta.get("annotations", {}).get("prometheus.io/scrape") == "true", w["metadata"]["name"]
+        assert int(meta["annotations"]["prometheus.io/port"]) == metrics_port(c["args"], container_env(c))
+        components.add(meta["labels"]["app.kubernetes.io/component"])
+    assert {f"bubuh-{c}" for c in components} == bubuh_jobs
+    readme = (DEPLOY / "README.md").read_text()
+    assert "__meta_kubernetes_pod_label_app_kubernetes_io_component" in readme and "bubuh-$1" in readme, \
+        "deploy/README.md shows how Kubernetes pods get the job bubuh-<component>"
+
+
 def test_ingress_lets_the_largest_upload_through():
     from services.stamping.api import UPLOAD_SLACK
     from services.stamping.document.profiles import MAX_BYTES_ANY_PROFILE
@@ -745,26 +838,91 @@ def test_compose_dev_keys_come_from_the_one_shot_keys_service():
         assert any(v.split(":")[1] == docs for v in compose_services()[name]["volumes"]), name
 
 
-def test_prometheus_scrapes_only_what_serves_metrics():
-    """Only processes with HTTP routes serve /metrics today (a worker-only process opens no port)."""
+def scrape_targets(job: dict) -> Iterator[tuple[str, str, bool]]:
+    """(host, port, found by DNS) of a scrape job's static and DNS targets."""
+    for sc in job.get("static_configs", []):
+        for target in sc["targets"]:
+            host, port = target.rsplit(":", 1)
+            yield host, port, False
+    for sd in job.get("dns_sd_configs", []):
+        for host in sd["names"]:
+            yield host, str(sd["port"]), True
+
+
+def job_tier_labels(job: dict) -> set[str]:
+    """The values a job gives the `tier` label (static labels or a relabelling)."""
+    out = {sc.get("labels", {}).get("tier") for sc in job.get("static_configs", [])}
+    out |= {r.get("replacement") for r in job.get("relabel_configs", []) if r.get("target_label") == "tier"}
+    return out - {None}
+
+
+def test_compose_worker_tiers_serve_metrics_and_are_healthchecked_on_the_metrics_port():
+    for name, svc in compose_tiers().items():
+        env = svc["environment"]
+        api, _ = serve_args(svc["command"])
+        port = metrics_port(svc["command"], env)
+        if not api:
+            assert int(env.get("BUBUH_METRICS_PORT", 0)) > 0, f"{name}: BUBUH_METRICS_PORT unset, no /metrics"
+            assert port in {int(p) for p in svc.get("expose", [])}, f"{name}: expose {port}"
+            assert not svc.get("ports"), f"{name}: the metrics port stays on the compose network"
+        check = " ".join(svc["healthcheck"]["test"])
+        assert f"127.0.0.1:{port}/healthz" in check, f"{name}: healthcheck on /healthz at :{port}"
+
+
+def test_prometheus_scrapes_every_tier_where_it_serves_metrics():
+    """Each tier on the port it serves /metrics on (HTTP port for the api, BUBUH_METRICS_PORT for the
+    workers), as job bubuh-<service> (the alerts' job names), every replica; and the Kafka exporter."""
     cfg = yaml_docs(PROMETHEUS_CONFIG)[0]
     assert [Path(f).name for f in cfg["rule_files"]] == [RULES.name]
     services_ = compose_services()
     mounts = [v for v in services_["prometheus"]["volumes"] if v.startswith("../prometheus:")]
     assert mounts and Path(cfg["rule_files"][0]).parent == Path(mounts[0].split(":")[1])
+    scraped: set[str] = set()
     for job in cfg["scrape_configs"]:
-        for sc in job.get("static_configs", []):
-            for target in sc["targets"]:
-                host, port = target.rsplit(":", 1)
-                if host == "localhost":
-                    continue
-                assert host in services_, f"job {job['job_name']}: no compose service {host}"
-                svc = services_[host]
-                if is_bubuh(svc):
-                    api, _ = serve_args(svc["command"])
-                    assert api, f"{host} serves no HTTP (--api none): nothing to scrape"
-                    assert port == svc["environment"]["BUBUH_HTTP_PORT"]
-                    assert job.get("metrics_path", "/metrics") == "/metrics"
+        for host, port, by_dns in scrape_targets(job):
+            if host == "localhost":
+                continue
+            assert host in services_, f"job {job['job_name']}: no compose service {host}"
+            svc = services_[host]
+            if not is_bubuh(svc):
+                continue
+            served = metrics_port(svc["command"], svc["environment"])
+            assert served, f"{host} serves no /metrics (set BUBUH_METRICS_PORT)"
+            assert int(port) == served, f"job {job['job_name']}: {host} serves /metrics on {served}, not {port}"
+            assert job.get("metrics_path", "/metrics") == "/metrics"
+            assert job["job_name"] == f"bubuh-{host}", f"{host}: the alerts expect job bubuh-{host}"
+            assert job_tier_labels(job) == {host}, f"job {job['job_name']}: label tier={host}"
+            if svc.get("deploy", {}).get("replicas", 1) > 1:
+                assert by_dns, f"{host} runs replicas: a static target reaches one of them only"
+            scraped.add(host)
+    assert scraped == set(compose_tiers()), f"tiers not scraped: {sorted(set(compose_tiers()) - scraped)}"
+    exporter = [j for j in cfg["scrape_configs"] for h, _, _ in scrape_targets(j) if h == "kafka-exporter"]
+    assert exporter and "kafka-exporter" in services_, "the Kafka exporter: lag even while a tier is down"
+
+
+def test_the_down_alerts_name_the_scrape_jobs():
+    """up{job=...} in the rules names jobs that exist, and every bubuh-* job has an ``up == 0`` alert."""
+    cfg = yaml_docs(PROMETHEUS_CONFIG)[0]
+    jobs = {j["job_name"] for j in cfg["scrape_configs"]}
+    named: set[str] = set()
+    for where, expr in [(w, e) for w, e in all_expressions() if re.search(r"==\s*0\b", e)]:
+        for metric, body in SELECTOR_RE.findall(expr):
+            if metric != "up":
+                continue
+            for label, _op, value in MATCHER_RE.findall(body):
+                if label == "job":
+                    words = expand_alternatives(value)
+                    assert words, f"{where}: no job named in {value!r}"
+                    assert set(words) <= jobs, f"{where}: no scrape job {sorted(set(words) - jobs)}"
+                    named |= set(words)
+    missing = {j for j in jobs if j.startswith("bubuh-")} - named
+    assert not missing, f"scrape jobs no up{{job=...}} == 0 alert watches: {sorted(missing)}"
+    for where, expr in all_expressions():
+        for metric, body in SELECTOR_RE.findall(expr):
+            for label, _op, value in MATCHER_RE.findall(body):
+                if metric == "up" and label == "job":
+                    unknown = set(expand_alternatives(value)) - jobs
+                    assert not unknown, f"{where}: no scrape job {sorted(unknown)}"
 
 
 def test_grafana_is_provisioned_from_deploy():
