@@ -91,7 +91,7 @@ async def workers(rt: Runtime) -> list[Task]:
     except (BubuhError, ValueError, OSError) as exc:
         raise ConfigError(f"cannot open the signing key: {exc}") from None
     node = s.stamp_node_id if s.stamp_node_id is not None else secrets.randbelow(MAX_NODE + 1)
-    worker = StampWorker(s, pool, documents(s), rt.producer, engine, SerialIssuer(node), SIGNING_THREAD)
+    worker = StampWorker(s, pool, documents(s), engine, SerialIssuer(node), SIGNING_THREAD)
     tracker = StatusTracker(s, pool)
     stamp_loop = ConsumerLoop(s, rt.producer, name=WORKER,
                               topics=[s.topic(topics.QUOTA_EVENTS.name), s.topic(topics.STAMP_RETRY.name)],

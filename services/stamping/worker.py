@@ -32,7 +32,6 @@ import asyncpg
 from services.contracts.bubuh.v1 import quota_pb2, stamp_pb2
 from services.kernel import consumer, errors, events, logs, outbox, retry, topics
 from services.kernel.events import Event, Outgoing
-from services.kernel.producer import Producer
 from services.kernel.settings import Settings
 from services.stamping import NAME, store
 from services.stamping.metrics import STAGE_SECONDS, STAMP_OUTCOMES
@@ -74,12 +73,11 @@ async def finish_failed(conn: asyncpg.Connection, settings: Settings, *, request
 
 
 class StampWorker:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, documents: store.DocumentStore, producer: Producer,
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, documents: store.DocumentStore,
                  engine: StampingEngine, serials: SerialIssuer, signing_thread: Executor) -> None:
         self._settings = settings
         self._pool = pool
         self._store = documents
-        self._producer = producer
         self._engine = engine
         self._serials = serials
         self._signing_thread = signing_thread
