@@ -10,7 +10,7 @@ PROTOS := $(wildcard proto/bubuh/v1/*.proto)
 GEN    := services/contracts/bubuh/v1/.generated
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-packages proto up down run status test test-fast bench lint docs clean distclean
+.PHONY: help setup system-packages proto up down run status test test-fast bench surge lint docs clean distclean
 
 help: ## list the verbs
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -66,6 +66,9 @@ bench: setup system-packages ## stamping engine vs pyHanko's default path, same 
 	-@test -x $(BUBUH) && $(BUBUH) down
 	-$(STACK) down
 	$(PY) -m loadtests.bench_engine --out loadtests/results/engine.json --readme README.md
+
+surge: up ## the deadline-day surge against the running platform (make up); figures in loadtests/results/surge.json
+	$(PY) -m loadtests.surge --out loadtests/results/surge.json
 
 lint: setup ## ruff
 	$(VENV)/bin/ruff check services tests loadtests

@@ -1,7 +1,9 @@
-"""``bubuh up`` / ``down`` / ``status``: the platform as a background process of the local stack.
+"""``bubuh up`` / ``down`` / ``status``: the platform as background processes of the local stack.
 
-One ``bubuh serve`` process (all services), its pid in ``.local/run/bubuh.pid`` and its JSON logs
-in ``.local/logs/bubuh.log``. ``up`` returns once the API answers ``/healthz``.
+The production shape in miniature: one process with the HTTP API and the light workers (purchase,
+quota, notification), and the CPU-bound stamping worker in a process of its own, so signing never
+competes with the front door for the interpreter. Pids in ``.local/run/``, JSON logs in
+``.local/logs/``; ``up`` returns once every process is ready and the API answers ``/healthz``.
 """
 
 from __future__ import annotations
@@ -12,17 +14,22 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from services.kernel.runtime import ConfigError
 from services.kernel.settings import Settings
 
+PROCESSES: dict[str, list[str]] = {
+    "bubuh": ["--api", "all", "--workers", "purchase,quota,notification"],
+    "stamping-1": ["--api", "none", "--workers", "stamping"],
+}
 
-def _paths(settings: Settings):
+
+def _run_dir(settings: Settings) -> Path:
     run = settings.local_dir / "run"
-    logs = settings.local_dir / "logs"
     run.mkdir(parents=True, exist_ok=True)
-    logs.mkdir(parents=True, exist_ok=True)
-    return run / "bubuh.pid", logs / "bubuh.log", run / "bubuh.ready"
+    (settings.local_dir / "logs").mkdir(parents=True, exist_ok=True)
+    return run
 
 
 def _alive(pid: int) -> bool:
@@ -35,10 +42,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _pid(settings: Settings) -> int | None:
-    pidfile, _, _ = _paths(settings)
+def _pid(settings: Settings, name: str) -> int | None:
     try:
-        pid = int(pidfile.read_text())
+        pid = int((_run_dir(settings) / f"{name}.pid").read_text())
     except (FileNotFoundError, ValueError):
         return None
     return pid if _alive(pid) else None
@@ -53,58 +59,71 @@ def _healthy(settings: Settings) -> bool:
 
 
 def up(settings: Settings, timeout: float = 90) -> None:
-    pidfile, logfile, readyfile = _paths(settings)
-    pid = _pid(settings)
-    if pid:
-        print(f"bubuh: already running (pid {pid}), API on {settings.public_url}")
+    run = _run_dir(settings)
+    running = {name: _pid(settings, name) for name in PROCESSES}
+    if all(running.values()):
+        print(f"bubuh: already running (pids {', '.join(str(p) for p in running.values())}), "
+              f"API on {settings.public_url}")
         return
-    readyfile.unlink(missing_ok=True)
-    with open(logfile, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--ready-file", str(readyfile)],
-                                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
-    pidfile.write_text(str(proc.pid))
+    started: dict[str, subprocess.Popen] = {}
+    for name, args in PROCESSES.items():
+        if running[name]:
+            continue
+        ready = run / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        with open(settings.local_dir / "logs" / f"{name}.log", "ab") as log:
+            started[name] = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", "serve", *args, "--ready-file", str(ready)],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        (run / f"{name}.pid").write_text(str(started[name].pid))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pidfile.unlink(missing_ok=True)
-            last = _last_line(logfile)
-            raise ConfigError(f"the platform exited during start: {last} (log: {logfile})")
-        if readyfile.exists() and _healthy(settings):
-            print(f"bubuh: running (pid {proc.pid}), API on {settings.public_url}, logs in {logfile}")
+        for name, proc in started.items():
+            if proc.poll() is not None:
+                logfile = settings.local_dir / "logs" / f"{name}.log"
+                down(settings, quiet=True)
+                raise ConfigError(f"{name} exited during start: {_last_line(logfile)} (log: {logfile})")
+        if all((run / f"{name}.ready").exists() for name in PROCESSES) and _healthy(settings):
+            pids = ", ".join(str(_pid(settings, n)) for n in PROCESSES)
+            print(f"bubuh: running (pids {pids}), API on {settings.public_url}, logs in {settings.local_dir / 'logs'}")
             return
         time.sleep(0.3)
-    down(settings)
-    raise ConfigError(f"the platform did not become healthy in {timeout:g} s (log: {logfile})")
+    down(settings, quiet=True)
+    raise ConfigError(f"the platform did not become healthy in {timeout:g} s (logs in {settings.local_dir / 'logs'})")
 
 
-def down(settings: Settings) -> None:
-    pidfile, _, readyfile = _paths(settings)
-    pid = _pid(settings)
-    if not pid:
-        pidfile.unlink(missing_ok=True)
-        print("bubuh: not running")
-        return
-    os.killpg(pid, signal.SIGTERM)
+def down(settings: Settings, quiet: bool = False) -> None:
+    run = _run_dir(settings)
+    pids = {name: _pid(settings, name) for name in PROCESSES}
+    for pid in filter(None, pids.values()):
+        os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + 20
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if _alive(pid):
-        os.killpg(pid, signal.SIGKILL)
-    pidfile.unlink(missing_ok=True)
-    readyfile.unlink(missing_ok=True)
-    print("bubuh: stopped")
+    for pid in filter(None, pids.values()):
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+    for name in PROCESSES:
+        (run / f"{name}.pid").unlink(missing_ok=True)
+        (run / f"{name}.ready").unlink(missing_ok=True)
+    if not quiet:
+        print("bubuh: stopped" if any(pids.values()) else "bubuh: not running")
 
 
 def status(settings: Settings) -> bool:
-    pid = _pid(settings)
-    if pid and _healthy(settings):
-        print(f"bubuh: running (pid {pid}), API on {settings.public_url}")
+    pids = {name: _pid(settings, name) for name in PROCESSES}
+    healthy = _healthy(settings)
+    for name, pid in pids.items():
+        print(f"bubuh: {name} " + (f"running (pid {pid})" if pid else "stopped"))
+    if all(pids.values()) and healthy:
+        print(f"bubuh: API on {settings.public_url}")
         return True
-    print("bubuh: running but not answering" if pid else "bubuh: stopped")
+    if pids["bubuh"] and not healthy:
+        print("bubuh: running but the API does not answer")
     return False
 
 
-def _last_line(path) -> str:
+def _last_line(path: Path) -> str:
     try:
         lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
     except FileNotFoundError:

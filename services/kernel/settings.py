@@ -138,9 +138,17 @@ class Settings(BaseSettings):
             path = self.local_dir / "secret.key"
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
+                # written whole under a temporary name, then linked: a process starting at the same
+                # moment either wins the link or reads the winner's key, never a half-written file
+                tmp = path.with_name(f".secret.key.{os.getpid()}")
+                tmp.write_text(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
+                os.chmod(tmp, 0o600)
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    pass
+                finally:
+                    tmp.unlink()
             raw = path.read_text().strip()
         key = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
         if len(key) != 32:

@@ -48,12 +48,18 @@ _REQUESTED = events.type_name(stamp_pb2.StampRequested)
 
 @dataclass(frozen=True)
 class Rates:
-    """Per-second rates over the last ``window_s`` complete seconds."""
+    """Per-second rates over the last ``window_s`` complete seconds.
+
+    A rate is the count divided by the seconds it was counted over: the whole window, or less when the
+    first event in the window came later (a tier that just started is not diluted by empty seconds).
+    """
 
     rate_per_s: float                                  # terminal stamp events per second (the tier)
     per_channel_rates: dict[str, float] = field(default_factory=dict)   # accepted requests per second
     window_s: float = 60.0
     coverage: float = 0.0                              # share of partitions this process counted (0..1)
+    completed: float = 0.0                             # terminal events in the window (extrapolated)
+    per_channel_accepted: dict[str, float] = field(default_factory=dict)  # accepted in the window
 
     @property
     def known(self) -> bool:
@@ -202,21 +208,25 @@ class Throughput:
         except Exception:  # noqa: BLE001 - not started or mid-rebalance: nothing assigned
             return set()
 
-    def _window_sums(self, wrapper, partitions: set[int], now: float) -> dict[str, int]:
-        """Sum the buckets of the last ``window_s`` *complete* seconds per name, over ``partitions``.
+    def _window_sums(self, wrapper, partitions: set[int], now: float) -> tuple[dict[str, int], dict[str, float]]:
+        """Sum the buckets of the last ``window_s`` *complete* seconds per name, over ``partitions``,
+        and how many seconds each name has been counted within the window.
 
         One scan of the table (keys are ``(name|partition, (start, end))``); it also finds the channels
-        a changelog recovery brought back, which a windowed table cannot list by itself.
+        a changelog recovery brought back, which a windowed table cannot list by itself. The span
+        matters when a tier (or a channel) just started: 300 stamps in its first 5 s are 60/s, not 5/s.
         """
         end = math.floor(now / BUCKET_S) * BUCKET_S          # the current second is still filling
         start = end - self.window_s
         sums: dict[str, int] = defaultdict(int)
+        first: dict[str, float] = {}
         for (key, (w_start, _)), value in list(wrapper.table.data.items()):
-            if start <= w_start < end:
+            if start <= w_start < end and value:
                 name, partition = _split(key)
                 if partition in partitions:
                     sums[name] += value
-        return sums
+                    first[name] = min(first.get(name, w_start), w_start)
+        return sums, {name: max(BUCKET_S, end - t) for name, t in first.items()}
 
     def rates(self, now: float | None = None) -> Rates:
         """Rates over the last ``window_s`` seconds, extrapolated from the partitions this process owns."""
@@ -225,14 +235,17 @@ class Throughput:
         done_parts = self.assigned(topics.STAMP_EVENTS)
         total = self._partitions(topics.STAMP_EVENTS)
         scale = total / len(done_parts) if done_parts else 0.0
-        completed = self._window_sums(self.completed, done_parts, now).get(TIER, 0)
+        done, done_span = self._window_sums(self.completed, done_parts, now)
         acc_parts = self.assigned(topics.STAMP_REQUESTED)
         acc_total = self._partitions(topics.STAMP_REQUESTED)
         acc_scale = acc_total / len(acc_parts) if acc_parts else 0.0
-        per_channel = self._window_sums(self.accepted, acc_parts, now)
+        per_channel, channel_span = self._window_sums(self.accepted, acc_parts, now)
         return Rates(
-            rate_per_s=round(completed * scale / window, 3),
-            per_channel_rates={c: round(n * acc_scale / window, 3) for c, n in sorted(per_channel.items()) if n},
+            completed=done.get(TIER, 0) * scale,
+            per_channel_accepted={c: n * acc_scale for c, n in sorted(per_channel.items()) if n},
+            rate_per_s=round(done.get(TIER, 0) * scale / done_span.get(TIER, window), 3),
+            per_channel_rates={c: round(n * acc_scale / channel_span[c], 3)
+                               for c, n in sorted(per_channel.items()) if n},
             window_s=window,
             coverage=len(done_parts) / total if total else 0.0,
         )

@@ -32,8 +32,8 @@ def test_up_demo_down(settings, tmp_path):
     assert keys.returncode == 0 and (tmp_path / "keys" / "issuer-rsa2048.p12").exists()
     up = _run(env, "up")
     assert up.returncode == 0, up.stderr
-    pid = int((tmp_path / "run" / "bubuh.pid").read_text())
-    assert _alive(pid)
+    pids = [int((tmp_path / "run" / f"{name}.pid").read_text()) for name in ("bubuh", "stamping-1")]
+    assert all(_alive(pid) for pid in pids)
     again = _run(env, "up")
     assert "already running" in again.stdout
     demo = _run(env, "demo")
@@ -47,9 +47,9 @@ def test_up_demo_down(settings, tmp_path):
     down = _run(env, "down")
     assert down.returncode == 0 and "stopped" in down.stdout
     deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(pid)
+    assert not any(_alive(pid) for pid in pids)
     assert _run(env, "status").returncode == 3
     # the JSON log of the run carries trace ids
     log = (tmp_path / "logs" / "bubuh.log").read_text()
