@@ -266,6 +266,10 @@ async def test_a_dead_endpoint_opens_its_circuit_and_stops_getting_requests(sett
                     line.startswith("bubuh_webhook_circuit_state") and line.endswith(" 2.0")
                     for line in text.splitlines())
             await wait_for(circuit_open, timeout=15, what="the circuit to open")
+
+            async def settled():        # requests in flight when it opened are logged after it opened
+                return "bubuh_webhook_in_flight_requests 0.0" in (await api.get("/metrics")).text
+            await wait_for(settled, timeout=15, what="the in-flight requests to finish")
             attempts = await db.val("notification", "SELECT count(*) FROM delivery_attempts")
             await asyncio.sleep(1.5)        # backoff is 0.1 s at most: without the breaker, dozens more
             assert await db.val("notification", "SELECT count(*) FROM delivery_attempts") == attempts
