@@ -135,10 +135,19 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
 
         await asyncio.wait_for(asyncio.gather(*(poller() for _ in range(min(16, concurrency * channels)))), 1800)
         drained = time.perf_counter() - t0
-        quotas = []
-        for c in creds:
-            r = await client.get("/v1/accounts/applicants/quota", headers={"Authorization": f"Bearer {c['api_key']}"})
-            quotas.append(r.json())
+        # the ledger commits a unit when it consumes the stamp's outcome, a moment after the status shows it:
+        # read the accounts once nothing is pending any more (or report what stands after a minute)
+        settle_deadline = time.perf_counter() + 60
+        while True:
+            quotas = []
+            for c in creds:
+                r = await client.get("/v1/accounts/applicants/quota",
+                                     headers={"Authorization": f"Bearer {c['api_key']}"})
+                quotas.append(r.json())
+            if all(q.get("pending") == 0 for q in quotas) or time.perf_counter() > settle_deadline:
+                break
+            await asyncio.sleep(0.2)
+        ledger_settled = time.perf_counter() - t0
     outcomes: dict[str, int] = {}
     for r in results:
         key = r["status"] if r["status"] == "completed" else f"failed:{r.get('code')}"
@@ -152,7 +161,7 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
         "queue": {"max_position": max_pos,
                   "max_eta_seconds": max((e for _, _, e in positions if e is not None), default=None),
                   "samples": [positions[i] for i in range(0, len(positions), max(1, len(positions) // 10))]},
-        "ledger": quotas,
+        "ledger": quotas, "ledger_settle_seconds": round(ledger_settled - drained, 1),
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 

@@ -13,7 +13,7 @@ from loadtests import corpus
 from services.kernel import events, topics
 from services.kernel.producer import Producer
 from services.kernel.settings import Settings
-from tests.flows import Db, auth, buy, decoded, post_stamp, read_topic, stamp_finished, stamp_meta, wait_for
+from tests.flows import Db, auth, buy, consumers_caught_up, decoded, post_stamp, read_topic, stamp_finished, stamp_meta, wait_for
 
 
 def pdfsig_report(pdf: bytes, tmp_path) -> str:
@@ -143,7 +143,7 @@ async def test_the_same_events_delivered_twice_give_one_sn_and_one_charge(platfo
             await producer.publish(events.Outgoing(rec.topic, rec.key, rec.value, list(rec.headers)))
     finally:
         await producer.stop()
-    await asyncio.sleep(2)
+    await wait_for(lambda: consumers_caught_up(settings), what="every consumer past the re-delivered events")
     again = (await api.get(f"/v1/stamps/{rid}", headers=auth(channel))).json()
     assert again["sn"] == first["sn"]
     quota = await settled_quota(api, channel, "twice")
