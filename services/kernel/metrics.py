@@ -22,6 +22,8 @@ OUTAGE_PAUSES = Counter("bubuh_consumer_outage_pauses_total", "Times a consumer 
 OUTBOX_PUBLISHED = Counter("bubuh_outbox_published_records_total", "Outbox rows published to Kafka", ["schema"])
 OUTBOX_LAG_SECONDS = Histogram("bubuh_outbox_lag_seconds", "Age of the oldest row of a published outbox batch",
                                ["schema"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+PRODUCER_RENEWALS = Counter("bubuh_kafka_producer_renewals_total",
+                            "Kafka producers replaced after a fatal idempotence error", ["client"])
 HTTP_REQUESTS = Counter("bubuh_http_requests_total", "HTTP requests by route and status", ["route", "status"])
 HTTP_SECONDS = Histogram("bubuh_http_request_seconds", "HTTP request latency by route", ["route"],
                          buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))

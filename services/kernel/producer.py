@@ -2,38 +2,76 @@
 
 "Accepted means durable": a caller answers 202 only after ``publish`` returned, which is after
 every in-sync replica has the record.
+
+An idempotent producer can lose step with the broker (after a broker restart with batches in
+flight, the broker answers OUT_OF_ORDER_SEQUENCE_NUMBER). aiokafka treats that as fatal: its
+sender task ends and every later send fails the same way until the process restarts
+(aio-libs/aiokafka#1017). ``Producer`` replaces the underlying producer instead: a new one gets a
+new producer id, the caller sees ``UNAVAILABLE`` once and retries, and the consumers' inboxes
+absorb any record the old producer did write.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    InvalidProducerIdMapping,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    UnknownProducerId,
+)
 
 from services.kernel import errors
 from services.kernel.events import Outgoing
+from services.kernel.metrics import PRODUCER_RENEWALS
 from services.kernel.settings import Settings
+
+log = structlog.get_logger("bubuh.producer")
+
+# errors after which this producer id is unusable: the producer is replaced, not retried
+FATAL_FOR_PRODUCER = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch,
+                      InvalidProducerIdMapping, ProducerFenced)
 
 
 class Producer:
     def __init__(self, settings: Settings, client_id: str = "bubuh") -> None:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap,
-            client_id=client_id,
+        self._settings = settings
+        self._client_id = client_id
+        self._producer = self._new()
+        self._generation = 0
+        self._renewing = asyncio.Lock()
+        self._retired: set[asyncio.Task] = set()
+        self._timeout_s = settings.kafka_request_timeout_ms / 1000 * 2
+
+    def _new(self) -> AIOKafkaProducer:
+        s = self._settings
+        return AIOKafkaProducer(
+            bootstrap_servers=s.kafka_bootstrap,
+            client_id=self._client_id,
             acks="all",
             enable_idempotence=True,
-            linger_ms=settings.producer_linger_ms,
-            request_timeout_ms=settings.kafka_request_timeout_ms,
+            linger_ms=s.producer_linger_ms,
+            request_timeout_ms=s.kafka_request_timeout_ms,
             max_request_size=16 * 1024 * 1024,
         )
-        self._timeout_s = settings.kafka_request_timeout_ms / 1000 * 2
+
+    @property
+    def renewals(self) -> int:
+        """How many times the underlying producer was replaced after a fatal error."""
+        return self._generation
 
     async def start(self) -> None:
         await self._producer.start()
 
     async def stop(self) -> None:
         await self._producer.stop()
+        for task in list(self._retired):
+            await asyncio.gather(task, return_exceptions=True)
 
     async def publish(self, record: Outgoing) -> None:
         """Send and wait for the broker's acknowledgement; ``UNAVAILABLE`` when it does not come."""
@@ -41,10 +79,39 @@ class Producer:
 
     async def publish_many(self, records: list[Outgoing]) -> None:
         """Send a batch and wait for every acknowledgement (the idempotent producer keeps key order)."""
+        producer, generation = self._producer, self._generation
         try:
-            futures = [
-                await self._producer.send(r.topic, r.value, key=r.key, headers=r.headers) for r in records
-            ]
+            futures = [await producer.send(r.topic, r.value, key=r.key, headers=r.headers) for r in records]
             await asyncio.wait_for(asyncio.gather(*futures), timeout=self._timeout_s)
+        except FATAL_FOR_PRODUCER as exc:
+            await self._renew(generation, exc)
+            raise errors.BubuhError(errors.UNAVAILABLE, f"Kafka did not acknowledge: {exc!r}") from exc
         except (TimeoutError, KafkaError) as exc:
             raise errors.BubuhError(errors.UNAVAILABLE, f"Kafka did not acknowledge: {exc!r}") from exc
+
+    async def _renew(self, generation: int, cause: BaseException) -> None:
+        """Replace the producer that failed (once, however many callers saw it fail)."""
+        async with self._renewing:
+            if generation != self._generation:
+                return                                  # another caller already replaced it
+            fresh = self._new()
+            try:
+                await fresh.start()
+            except KafkaError as exc:
+                log.warning("kafka producer could not be replaced yet", cause=repr(cause), error=repr(exc))
+                await fresh.stop()
+                return                                  # the next failure tries again
+            old, self._producer = self._producer, fresh
+            self._generation += 1
+            PRODUCER_RENEWALS.labels(self._client_id).inc()
+            log.warning("kafka producer replaced after a fatal error", cause=repr(cause),
+                        renewals=self._generation)
+            task = asyncio.create_task(self._retire(old))
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+
+    async def _retire(self, old: AIOKafkaProducer) -> None:
+        try:
+            await asyncio.wait_for(old.stop(), timeout=self._timeout_s)
+        except Exception as exc:  # noqa: BLE001 - it already failed; its pending sends fail to their callers
+            log.info("failed kafka producer stopped with an error", error=repr(exc))

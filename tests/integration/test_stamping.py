@@ -13,7 +13,18 @@ from loadtests import corpus
 from services.kernel import events, topics
 from services.kernel.producer import Producer
 from services.kernel.settings import Settings
-from tests.flows import Db, auth, buy, consumers_caught_up, decoded, post_stamp, read_topic, stamp_finished, stamp_meta, wait_for
+from tests.flows import (
+    Db,
+    auth,
+    buy,
+    consumers_caught_up,
+    decoded,
+    post_stamp,
+    read_topic,
+    stamp_finished,
+    stamp_meta,
+    wait_for,
+)
 
 
 def pdfsig_report(pdf: bytes, tmp_path) -> str:
