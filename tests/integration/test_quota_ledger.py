@@ -113,8 +113,8 @@ async def test_expired_reservation_is_voided_and_a_late_commit_is_refused(settin
         await proc.stop()
 
 
-async def _pending_is(api, channel, n):
-    bal = await _balance(api, channel, "slow")
+async def _pending_is(api, channel, n, account="slow"):
+    bal = await _balance(api, channel, account)
     return bal is not None and bal["pending"] == n
 
 
@@ -138,6 +138,9 @@ async def test_release_returns_the_unit_and_redelivered_outcomes_change_nothing(
         for rec in (a, a, b):       # a delivered twice: one reservation
             await producer.publish(rec)
         a_id, b_id = a.key.decode(), b.key.decode()
+        # outcomes follow reservations, as in the real flow (the worker acts on QuotaReserved); the two
+        # topics are not ordered against each other, so wait rather than race them
+        await wait_for(lambda: _pending_is(api, channel, 2, "r"), what="two reservations")
         done = stamp_outcome(settings, channel["channel_id"], "r", a_id, completed=True)
         failed = stamp_outcome(settings, channel["channel_id"], "r", b_id, completed=False)
         for rec in (done, done, failed, failed):
