@@ -54,8 +54,10 @@ async def test_worker_killed_mid_signing_ends_completed_with_one_sn_and_one_char
         assert len(set(sns)) == n
         # a kill landed between "SN issued, signing started" and "completed": the redelivery reused the SN
         assert await db.val("stamping", "SELECT count(*) FROM requests WHERE deliveries >= 2") >= 1
-        bal = await db.fetch("quota", "SELECT credited, pending, committed FROM accounts WHERE account_id = 'k'")
-        assert dict(bal[0]) == {"credited": n, "pending": 0, "committed": n}
+        async def ledger_settled():     # the ledger commits when it consumes the outcome, just after the status
+            rows = await db.fetch("quota", "SELECT credited, pending, committed FROM accounts WHERE account_id = 'k'")
+            return rows[0]["pending"] == 0 and dict(rows[0])
+        assert await wait_for(ledger_settled, what="no unit pending") == {"credited": n, "pending": 0, "committed": n}
         completions = [m for m in decoded(await read_topic(settings, topics.STAMP_EVENTS.name, at_least=n))
                        if type(m).__name__ == "StampCompleted"]
         by_request: dict[str, set] = {}
