@@ -101,9 +101,9 @@ async def read_topic(settings: Settings, name: str, *, at_least: int = 0, timeou
     return records
 
 
-async def consumers_caught_up(settings: Settings, *names: str) -> bool:
-    """Whether the named consumer groups (all of this test's when none) have committed every record
-    published so far: a test that re-delivers events waits for this instead of sleeping."""
+async def consumers_caught_up(settings: Settings) -> bool:
+    """Whether every consumer group of this test has committed every record published so far: a test
+    that re-delivers events waits for this instead of sleeping."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
@@ -111,16 +111,13 @@ async def consumers_caught_up(settings: Settings, *names: str) -> bool:
     await admin.start()
     await probe.start()
     try:
-        if names:
-            groups = [settings.group(n) for n in names]
-        else:
-            groups = [g[0] for g in await admin.list_consumer_groups()
-                      if settings.topic_prefix and g[0].startswith(settings.topic_prefix)]
+        groups = [g[0] for g in await admin.list_consumer_groups()
+                  if settings.topic_prefix and g[0].startswith(settings.topic_prefix)]
+        await probe.topics()                    # refreshes the metadata partitions_for_topic reads
         for group in groups:
             committed = {tp: meta.offset for tp, meta in (await admin.list_consumer_group_offsets(group)).items()}
             if not committed:
                 return False
-            await probe.topics()                # refreshes the metadata partitions_for_topic reads
             partitions = [TopicPartition(topic, p) for topic in {tp.topic for tp in committed}
                           for p in probe.partitions_for_topic(topic) or ()]
             ends = await probe.end_offsets(partitions)

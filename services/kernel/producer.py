@@ -83,10 +83,9 @@ class Producer:
         try:
             futures = [await producer.send(r.topic, r.value, key=r.key, headers=r.headers) for r in records]
             await asyncio.wait_for(asyncio.gather(*futures), timeout=self._timeout_s)
-        except FATAL_FOR_PRODUCER as exc:
-            await self._renew(generation, exc)
-            raise errors.BubuhError(errors.UNAVAILABLE, f"Kafka did not acknowledge: {exc!r}") from exc
         except (TimeoutError, KafkaError) as exc:
+            if isinstance(exc, FATAL_FOR_PRODUCER):
+                await self._renew(generation, exc)
             raise errors.BubuhError(errors.UNAVAILABLE, f"Kafka did not acknowledge: {exc!r}") from exc
 
     async def _renew(self, generation: int, cause: BaseException) -> None:
