@@ -1,49 +1,58 @@
 """The PostgreSQL pool of a service, bound to that service's own schema.
 
 Every connection's ``search_path`` is the service's schema, so SQL is written unqualified and a
-service cannot read another's tables by accident. ``is_outage`` tells a dependency outage (retry
-the same work later) from an error in the work itself (dead-letter it).
+service cannot read another's tables by accident. What a database error means (wait, retry, or
+the record is bad) is decided in one place: ``kernel/failures.py``.
+
+TLS: ``BUBUH_DATABASE_SSL=auto`` (the default) talks plain TCP to a server on a loopback address,
+where TLS protects nothing and costs a handshake per connection and a cipher per round trip, and
+leaves every other host to the URL's ``sslmode`` (libpq's default, ``prefer``). Production sets
+``require`` or ``verify-full``.
 """
 
 from __future__ import annotations
 
-import errno
-import socket
+import ipaddress
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
 from services.kernel.settings import Settings
 
-_OUTAGE_TYPES: tuple[type[BaseException], ...] = (
-    ConnectionError,                           # refused, reset, aborted
-    TimeoutError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.CannotConnectNowError,  # starting up / shutting down
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.InterfaceError,         # connection closed under us
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.SerializationError,     # a retry of the same transaction will succeed
-    asyncpg.exceptions.DeadlockDetectedError,
-    asyncpg.exceptions.InternalClientError,    # connection left mid-operation by a cancelled call
-)
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 
-# network errors that are plain OSErrors (no ConnectionError subclass): unreachable, down, DNS
-_OUTAGE_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.ETIMEDOUT}
-
-
-def is_outage(exc: BaseException) -> bool:
-    """A dependency is away (wait and retry the same work), as opposed to a bad record (dead-letter it).
-
-    A file error in a handler is not an outage: only network-level failures and the database's
-    own "cannot serve now" errors are.
-    """
-    if isinstance(exc, _OUTAGE_TYPES):
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return True                      # no host: a Unix socket
+    if host.startswith("/") or host.lower() in _LOOPBACK_NAMES:
         return True
-    if isinstance(exc, socket.gaierror):
-        return True
-    return isinstance(exc, OSError) and exc.errno in _OUTAGE_ERRNOS
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ssl_mode(settings: Settings) -> str | None:
+    """The ``ssl`` argument for asyncpg: a mode, or None to follow the URL."""
+    mode = settings.database_ssl.lower()
+    if mode != "auto":
+        return mode
+    url = urlsplit(settings.database_url)
+    if "sslmode" in parse_qs(url.query):
+        return None
+    return "disable" if _is_loopback(url.hostname) else None
+
+
+def connect_kwargs(settings: Settings) -> dict[str, Any]:
+    mode = ssl_mode(settings)
+    return {} if mode is None else {"ssl": mode}
+
+
+async def connect(settings: Settings, **kw) -> asyncpg.Connection:
+    """One connection outside any pool (LISTEN, probes, tools), with the same TLS choice as the pools."""
+    return await asyncpg.connect(settings.database_url, **connect_kwargs(settings), **kw)
 
 
 async def create_pool(settings: Settings, service: str, *, min_size: int | None = None,
@@ -55,4 +64,14 @@ async def create_pool(settings: Settings, service: str, *, min_size: int | None 
         max_size=max_size or settings.db_pool_max,
         command_timeout=settings.db_command_timeout_s,
         server_settings={"search_path": schema, "application_name": f"bubuh-{service}"},
+        **connect_kwargs(settings),
     )
+
+
+async def healthy(pool: asyncpg.Pool, timeout_s: float = 2.0) -> bool:
+    """Does the database answer a trivial query and accept writes now? (the probe behind ``suspect``)"""
+    try:
+        async with pool.acquire(timeout=timeout_s) as conn:
+            return await conn.fetchval("SELECT NOT pg_is_in_recovery()", timeout=timeout_s) is True
+    except Exception:  # noqa: BLE001 - any failure of the probe means: not healthy now
+        return False

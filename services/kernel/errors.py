@@ -45,7 +45,9 @@ IDEMPOTENCY_MISMATCH = _code("IDEMPOTENCY_MISMATCH", 409,
                              "Use a new key for a new order; never reuse one with other values.")
 HANDLER_CRASHED = _code("HANDLER_CRASHED", 500, "A consumer raised an unexpected error on this record.",
                         "Operations: read the dead-letter entry's detail, fix, then `bubuh replay`.")
-UNAVAILABLE = _code("UNAVAILABLE", 503, "A dependency (Kafka) did not acknowledge in time.",
+INTERNAL = _code("INTERNAL", 500, "An unexpected error in the platform.",
+                 "Retry later with the same idempotency key; report the `trace_id` if it persists.")
+UNAVAILABLE = _code("UNAVAILABLE", 503, "A dependency (Kafka or PostgreSQL) cannot serve this request now.",
                     "Retry with the same idempotency key after `Retry-After` seconds.", retryable=True)
 
 # --- purchases -----------------------------------------------------------------------------
@@ -63,6 +65,10 @@ SIGNATURE_INVALID = _code("SIGNATURE_INVALID", 401, "A channel event's HMAC does
                           "Sign with the current (or, during a rotation, the previous) channel secret.")
 EVENT_MALFORMED = _code("EVENT_MALFORMED", 400, "A Kafka record is not a valid protobuf envelope.",
                         "Publish with the contracts in `proto/`.")
+EVENT_UNDECODABLE = _code("EVENT_UNDECODABLE", 400,
+                          "A fetched batch could not be decoded (corrupt, or a compression codec the consumer lacks).",
+                          "Operations: the dead-letter marker names topic, partition and offsets; publish those "
+                          "records again with none, gzip, snappy, lz4 or zstd.")
 EVENT_TYPE_UNKNOWN = _code("EVENT_TYPE_UNKNOWN", 400, "The envelope's type is not expected on this topic.",
                            "Publish each event type to its documented topic.")
 

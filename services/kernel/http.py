@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.kernel import errors, logs, metrics, tracing
+from services.kernel import errors, failures, logs, metrics, tracing
 
 log = logs.get(__name__)
 
@@ -26,6 +26,20 @@ def error_response(code: errors.ErrorCode, detail: str = "", headers: dict[str, 
                  "trace_id": tracing.current()},
         headers=headers,
     )
+
+
+def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """An exception no route turned into an answer: 503 with Retry-After when a dependency is away
+    (a read-only or missing database, Kafka), else 500 (a bug, logged with its trace)."""
+    route = getattr(request.scope.get("route"), "path", "unmatched")
+    failure = failures.observe(f"http {route}", exc)
+    if failure.waits:
+        log.warning("dependency unavailable", route=route, kind=failure.kind.value, sqlstate=failure.sqlstate,
+                    error=repr(exc)[:300])
+        return error_response(errors.UNAVAILABLE, f"{type(exc).__name__}: retry after a moment",
+                              {"Retry-After": "2"})
+    log.error("request failed", route=route, error=repr(exc)[:500], exc_info=exc)
+    return error_response(errors.INTERNAL, "an unexpected error; operations can find it by trace_id")
 
 
 def create_app(title: str, routers: Sequence[APIRouter], lifespan=None, version: str = "0.1.0") -> FastAPI:
@@ -40,7 +54,10 @@ def create_app(title: str, routers: Sequence[APIRouter], lifespan=None, version:
         started = time.perf_counter()
         status = 500
         try:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception as exc:  # noqa: BLE001 - classified: a dependency away is 503, never 500
+                response = _unexpected(request, exc)
             status = response.status_code
             response.headers["traceparent"] = tracing.traceparent(tracing.current())
             return response

@@ -1,8 +1,16 @@
-"""The inbox: "have I applied this event?" answered in the same transaction as the effect."""
+"""The inbox: "have I applied this event?" answered in the same transaction as the effect.
+
+Each claim also records where the event was read (topic, partition, offset), so an event's path
+through the platform can be traced afterwards.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import asyncpg
+
+from services.kernel.events import Event
 
 
 async def claim(conn: asyncpg.Connection, consumer: str, event_id: str) -> bool:
@@ -16,3 +24,30 @@ async def claim(conn: asyncpg.Connection, consumer: str, event_id: str) -> bool:
         consumer, event_id,
     )
     return row is not None
+
+
+async def claim_batch(conn: asyncpg.Connection, consumer: str, events: Sequence[Event]) -> list[Event]:
+    """Claim a batch in one statement; returns the events not applied before, in order, each id once."""
+    if not events:
+        return []
+    rows = await conn.fetch(
+        'INSERT INTO inbox (consumer, event_id, topic, "partition", "offset") '
+        "SELECT $1, e, t, p, o FROM unnest($2::text[], $3::text[], $4::int[], $5::bigint[]) AS u(e, t, p, o) "
+        "ON CONFLICT DO NOTHING RETURNING event_id",
+        consumer, [e.event_id for e in events], [e.topic for e in events], [e.partition for e in events],
+        [e.offset for e in events])
+    fresh = {r["event_id"] for r in rows}
+    out: list[Event] = []
+    for e in events:
+        if e.event_id in fresh:
+            fresh.discard(e.event_id)     # a second copy in the same batch is a duplicate too
+            out.append(e)
+    return out
+
+
+async def unclaim(conn: asyncpg.Connection, consumer: str, event_ids: Sequence[str]) -> None:
+    """Forget claims inside the same transaction (events the handler rejected: they are dead-lettered,
+    and a replay after the fix must apply them)."""
+    if event_ids:
+        await conn.execute("DELETE FROM inbox WHERE consumer = $1 AND event_id = ANY($2::text[])",
+                           consumer, list(event_ids))

@@ -19,6 +19,16 @@ DEAD_LETTERED = Counter("bubuh_dead_letter_records_total", "Records sent to a de
                         ["consumer", "reason"])
 OUTAGE_PAUSES = Counter("bubuh_consumer_outage_pauses_total", "Times a consumer paused for a dependency outage",
                         ["consumer"])
+FAILURES = Counter("bubuh_failures_total", "Failures seen by consumers and doors, by classified kind and SQLSTATE",
+                   ["component", "kind", "sqlstate"])
+PAUSED_PARTITIONS = Gauge("bubuh_consumer_paused_partitions", "Partitions a consumer holds paused for an outage",
+                          ["consumer"])
+CONSUMER_STOPPED = Gauge("bubuh_consumer_stopped", "1 while a consumer is stopped by its dead-letter limit",
+                         ["consumer", "reason"])
+CRASH_RETRIES = Counter("bubuh_consumer_crash_retries_total",
+                        "Records whose handler crashed, scheduled again through the durable retry path", ["consumer"])
+UNDECODABLE = Counter("bubuh_consumer_undecodable_batches_total",
+                      "Fetched batches that could not be decoded (dead-lettered as markers)", ["consumer", "topic"])
 OUTBOX_PUBLISHED = Counter("bubuh_outbox_published_records_total", "Outbox rows published to Kafka", ["schema"])
 OUTBOX_LAG_SECONDS = Histogram("bubuh_outbox_lag_seconds", "Age of the oldest row of a published outbox batch",
                                ["schema"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))

@@ -16,7 +16,7 @@ import json
 
 import asyncpg
 
-from services.kernel import database, logs
+from services.kernel import database, failures, logs
 from services.kernel.events import Outgoing
 from services.kernel.metrics import OUTBOX_LAG_SECONDS, OUTBOX_PUBLISHED
 from services.kernel.producer import Producer
@@ -66,7 +66,7 @@ class Relay:
         self._wake.set()
 
     async def _listen(self) -> asyncpg.Connection:
-        conn = await asyncio.wait_for(asyncpg.connect(self._settings.database_url), 5)
+        conn = await asyncio.wait_for(database.connect(self._settings), 5)
         await conn.add_listener(self._channel, self._on_notify)
         return conn
 
@@ -87,7 +87,7 @@ class Relay:
                 await _close(listener)
                 listener = None
                 log.warning("outbox relay waiting", schema=self._schema, error=repr(exc),
-                            outage=database.is_outage(exc))
+                            outage=failures.classify(exc).waits)
                 await wait_any(stop, asyncio.Event(), backoff)
                 backoff = min(backoff * 2, 5.0)
         await _close(listener)

@@ -2,7 +2,9 @@
 
 A dead-letter entry is the original record plus ``bubuh-dlq-*`` headers. Replay strips those
 headers, marks the record ``bubuh-replay: 1`` (consumers reset their attempt counters for it) and
-publishes it to its source topic. Progress is the ``replay`` consumer group's committed offset, so
+publishes it to its source topic, addressed (``bubuh-retry-for``) to the consumer that dead-lettered
+it: other consumer groups of that topic skip it. Markers of undecodable stretches carry no record
+and are skipped. Progress is the ``replay`` consumer group's committed offset, so
 an entry is replayed once; ``--from-start`` replays everything again.
 """
 
@@ -13,13 +15,14 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from services.kernel.consumer import DLQ_REASON, DLQ_SOURCE
 from services.kernel.events import Outgoing
+from services.kernel.processing.deadletter import DLQ_CONSUMER, DLQ_MARKER, DLQ_REASON, DLQ_SOURCE
+from services.kernel.processing.pipeline import HEADER_CRASH_ATTEMPT, HEADER_RETRY_FOR
 from services.kernel.producer import Producer
 from services.kernel.settings import Settings
 
 HEADER_REPLAY = "bubuh-replay"
-DROP = ("bubuh-attempt",)
+DROP = ("bubuh-attempt", HEADER_CRASH_ATTEMPT)   # attempt counters start again after a replay
 
 
 @dataclass
@@ -70,11 +73,14 @@ async def replay(settings: Settings, producer: Producer, dead_letter_topic: str,
                         result.skipped += 1
                         continue
                     source = headers.get(DLQ_SOURCE, b"").decode().rsplit("/", 2)[0]
-                    if not source:
+                    if not source or DLQ_MARKER in headers:   # a marker has no record to send back
                         result.skipped += 1
                         continue
                     out_headers = [(k, v) for k, v in (rec.headers or ()) if not k.startswith("bubuh-dlq-")
-                                   and k not in DROP and k != HEADER_REPLAY] + [(HEADER_REPLAY, b"1")]
+                                   and k not in DROP and k not in (HEADER_REPLAY, HEADER_RETRY_FOR)]
+                    out_headers.append((HEADER_REPLAY, b"1"))
+                    if headers.get(DLQ_CONSUMER):   # back to the consumer that gave up on it, not to every group
+                        out_headers.append((HEADER_RETRY_FOR, headers[DLQ_CONSUMER]))
                     if not dry_run:
                         await producer.publish(Outgoing(source, rec.key, rec.value or b"", out_headers))
                     result.replayed += 1

@@ -51,6 +51,18 @@ class Settings(BaseSettings):
     db_pool_min: int = 1
     db_pool_max: int = 10
     db_command_timeout_s: float = 10.0
+    # auto: no TLS to a loopback server, the URL's sslmode elsewhere; or disable|prefer|require|verify-ca|verify-full
+    database_ssl: str = "auto"
+
+    # --- consumers (kernel/processing): failure policy, docs in README "Failure policy" ---
+    consumer_crash_retries: int = 3             # durable retries after a handler crash, then HANDLER_CRASHED
+    consumer_crash_retry_base_s: float = 2.0
+    consumer_suspect_retries: int = 3           # in-place retries of a timeout / cancel before the health probe
+    consumer_transient_retries: int = 5         # in-place retries of a serialization failure / deadlock
+    consumer_dlq_max_consecutive: int = 200     # dead letters in a row that stop a consumer (0: no limit)
+    consumer_dlq_max_ratio: float = 0.5         # share of dead letters within the window that stops it (0: no limit)
+    consumer_dlq_window_s: float = 60.0
+    consumer_dlq_min_records: int = 200         # the ratio is judged only over at least this many records
 
     # --- purchase ---
     purchase_max_body_bytes: int = 16 * 1024

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import asyncpg
 import httpx
 
-from services.kernel import database, logs
+from services.kernel import failures, logs
 from services.kernel.channels import ChannelView
 from services.kernel.retry import Backoff
 from services.kernel.runtime import ConfigError
@@ -201,7 +201,7 @@ class Dispatcher:
                         continue        # maybe more due work behind what was claimed
                     sleep = await self._sleep_for()
                 except Exception as exc:  # noqa: BLE001 - PostgreSQL away: in-flight work goes on, retry
-                    log.warning("webhook dispatcher waiting", error=repr(exc), outage=database.is_outage(exc))
+                    log.warning("webhook dispatcher waiting", error=repr(exc), outage=failures.classify(exc).waits)
                     sleep, backoff = backoff, min(backoff * 2, 5.0)
                 await wait_any(stop, self._wake, sleep)
         finally:
@@ -344,7 +344,7 @@ class Dispatcher:
                 await self._record_once(claimed, r, delay)
                 return
             except Exception as exc:  # noqa: BLE001 - outage: retry briefly; anything else: give up
-                if pause is None or not database.is_outage(exc):
+                if pause is None or not failures.classify(exc).waits:
                     # the lease expires and the row is attempted again: at least once, same event id
                     log.warning("could not record a webhook attempt", delivery_id=claimed.delivery_id,
                                 error=repr(exc))

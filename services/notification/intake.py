@@ -1,9 +1,9 @@
 """Events in, scheduled notifications out: the ``notification.intake`` consumer.
 
-For each event a channel or buyer hears about, one transaction claims the event id in the inbox and
-writes a ``deliveries`` row (the webhook, due now) and, when the request carried an address, an
-``emails`` row. A NOTIFY at commit wakes the dispatchers. No HTTP and no SMTP here: a slow endpoint
-can never hold up a partition.
+For each event a channel or buyer hears about, the batch's transaction (opened by the pipeline,
+whose inbox claims the event ids) writes a ``deliveries`` row (the webhook, due now) and, when the
+request carried an address, an ``emails`` row. A NOTIFY at commit wakes the dispatchers. No HTTP
+and no SMTP here: a slow endpoint can never hold up a partition.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from services.kernel import inbox, logs
+from services.kernel import logs
 from services.kernel.channels import ChannelView
 from services.kernel.events import Event
 from services.kernel.settings import Settings
@@ -53,43 +53,44 @@ class Intake:
         self._settings = settings
         self._wake_channel = wake_channel(settings)
 
-    async def handle(self, event: Event) -> None:
-        msg = event.payload
-        kind = payloads.kind_of(msg)
-        if kind is None:
-            return          # other events on these topics are not news for channels or buyers
-        channel_id = msg.channel_id
-        url, has_webhook = await self._webhook_url(channel_id)
-        address = payloads.email_of(msg)
-        data = payloads.data_of(msg)
-        email = templates.render(kind, data, self._settings.email_locale) if address else None
+    async def apply(self, conn: asyncpg.Connection, batch: list[Event]) -> None:
+        """One partition batch, in the pipeline's transaction (the inbox has claimed it already)."""
         now = dt.datetime.now(dt.UTC)
-        async with self._pool.acquire() as conn, conn.transaction():
-            if not await inbox.claim(conn, CONSUMER, event.event_id):
-                NOTIFICATIONS_RECORDED.labels("duplicate").inc()
-                return
+        webhook_horizon = now + dt.timedelta(seconds=self._settings.webhook_horizon_s)
+        email_horizon = now + dt.timedelta(seconds=self._settings.email_horizon_s)
+        deliveries: list[tuple] = []
+        emails: list[tuple] = []
+        for event in batch:
+            msg = event.payload
+            kind = payloads.kind_of(msg)
+            if kind is None:
+                continue          # other events on these topics are not news for channels or buyers
+            channel_id = msg.channel_id
+            url, has_webhook = await self._webhook_url(channel_id)
             if has_webhook:
-                await conn.execute(
-                    "INSERT INTO deliveries (delivery_id, channel_id, event_id, event_type, url, endpoint, body, "
-                    "next_attempt_at, horizon_at, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$8) "
-                    "ON CONFLICT (event_id) DO NOTHING",
-                    delivery_id(event.event_id), channel_id, event.event_id, kind, url, endpoint_of(url),
-                    payloads.webhook_body(event).decode(), now,
-                    now + dt.timedelta(seconds=self._settings.webhook_horizon_s))
+                deliveries.append((delivery_id(event.event_id), channel_id, event.event_id, kind, url,
+                                   endpoint_of(url), payloads.webhook_body(event).decode(), now, webhook_horizon))
                 NOTIFICATIONS_RECORDED.labels("webhook").inc()
             else:
                 NOTIFICATIONS_RECORDED.labels("no_webhook").inc()
-            if email is not None:
-                await conn.execute(
-                    "INSERT INTO emails (email_id, event_id, event_type, channel_id, recipient, locale, subject, "
-                    "body, next_attempt_at, horizon_at, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$9) "
-                    "ON CONFLICT (event_id) DO NOTHING",
-                    email_id(event.event_id), event.event_id, kind, channel_id, address,
-                    self._settings.email_locale, email.subject, email.body, now,
-                    now + dt.timedelta(seconds=self._settings.email_horizon_s))
+            address = payloads.email_of(msg)
+            if address:
+                email = templates.render(kind, payloads.data_of(msg), self._settings.email_locale)
+                emails.append((email_id(event.event_id), event.event_id, kind, channel_id, address,
+                               self._settings.email_locale, email.subject, email.body, now, email_horizon))
                 NOTIFICATIONS_RECORDED.labels("email").inc()
-            if has_webhook or email is not None:
-                await conn.execute("SELECT pg_notify($1, '')", self._wake_channel)
+        if deliveries:
+            await conn.executemany(
+                "INSERT INTO deliveries (delivery_id, channel_id, event_id, event_type, url, endpoint, body, "
+                "next_attempt_at, horizon_at, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$8) "
+                "ON CONFLICT (event_id) DO NOTHING", deliveries)
+        if emails:
+            await conn.executemany(
+                "INSERT INTO emails (email_id, event_id, event_type, channel_id, recipient, locale, subject, "
+                "body, next_attempt_at, horizon_at, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$9) "
+                "ON CONFLICT (event_id) DO NOTHING", emails)
+        if deliveries or emails:
+            await conn.execute("SELECT pg_notify($1, '')", self._wake_channel)
 
     async def _webhook_url(self, channel_id: str) -> tuple[str, bool]:
         """(url, whether to schedule a webhook). An unknown channel gets a row with no URL yet: the

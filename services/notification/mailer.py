@@ -19,7 +19,7 @@ from email.utils import format_datetime, parseaddr
 import aiosmtplib
 import asyncpg
 
-from services.kernel import database, logs
+from services.kernel import failures, logs
 from services.kernel.retry import Backoff
 from services.kernel.runtime import ConfigError
 from services.kernel.settings import Settings
@@ -134,7 +134,7 @@ class Mailer:
                             sleep = min(sleep, due_in)
                     sleep = max(0.005, sleep)
                 except Exception as exc:  # noqa: BLE001 - PostgreSQL away: wait and retry
-                    log.warning("email sender waiting", error=repr(exc), outage=database.is_outage(exc))
+                    log.warning("email sender waiting", error=repr(exc), outage=failures.classify(exc).waits)
                     sleep, backoff = backoff, min(backoff * 2, 5.0)
                 await wait_any(stop, self._wake, sleep)
         finally:

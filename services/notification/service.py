@@ -17,8 +17,9 @@ import asyncio
 from fastapi import APIRouter
 
 from services.kernel import topics
-from services.kernel.consumer import ConsumerLoop
 from services.kernel.outbox import Relay
+from services.kernel.processing.handler import Transactional
+from services.kernel.processing.pipeline import ConsumerLoop
 from services.kernel.runtime import ConfigError, Runtime, Task
 from services.kernel.waiting import wait_or_stop
 from services.notification import NAME, api, templates
@@ -45,7 +46,8 @@ async def workers(rt: Runtime) -> list[Task]:
     loop = ConsumerLoop(s, rt.producer, name=CONSUMER,
                         topics=[s.topic(t.name) for t in (topics.QUOTA_EVENTS, topics.PURCHASE_EVENTS,
                                                           topics.STAMP_EVENTS)],
-                        handler=intake.handle, dead_letter_topic=s.topic(topics.NOTIFICATION_DLQ.name))
+                        handler=Transactional(pool, CONSUMER, intake.apply), pool=pool,
+                        dead_letter_topic=s.topic(topics.NOTIFICATION_DLQ.name))
 
     async def consume(stop: asyncio.Event) -> None:
         # the webhook URL comes from the channel view: read it whole before the first event

@@ -11,7 +11,7 @@ import contextlib
 
 import asyncpg
 
-from services.kernel import logs
+from services.kernel import database, logs
 from services.kernel.settings import Settings
 from services.notification.intake import wake_channel
 
@@ -38,7 +38,7 @@ class Wakeup:
         while not stop.is_set():
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncio.wait_for(asyncpg.connect(self._settings.database_url), 5)
+                conn = await asyncio.wait_for(database.connect(self._settings), 5)
                 await conn.add_listener(self.channel, self.poke)
                 self.poke()            # whatever was committed while nobody listened
                 backoff = 0.2

@@ -14,8 +14,9 @@ import uuid
 import asyncpg
 
 from services.contracts.bubuh.v1 import purchase_pb2
-from services.kernel import errors, events, inbox, logs, outbox, topics
+from services.kernel import errors, events, logs, outbox, topics
 from services.kernel.events import Event
+from services.kernel.processing.handler import Rejection
 from services.kernel.settings import Settings
 from services.kernel.signatures import HEADER_CHANNEL, HEADER_HMAC, matches
 from services.purchase import NAME
@@ -34,6 +35,12 @@ def order_of(msg: purchase_pb2.PurchaseSubmitted) -> PurchaseOrder:
                          buyer_email=msg.buyer_email)
 
 
+# what a hostile or broken channel can send: dead-lettered, but never a reason to stop the consumer
+CHANNEL_FAULTS = frozenset(c.code for c in (errors.SIGNATURE_MISSING, errors.SIGNATURE_INVALID, errors.CHANNEL_UNKNOWN,
+                                            errors.CHANNEL_INACTIVE, errors.EVENT_MALFORMED,
+                                            errors.EVENT_TYPE_UNKNOWN))
+
+
 class Confirmation:
     def __init__(self, pool: asyncpg.Pool, registry: Registry, settings: Settings) -> None:
         self._pool = pool
@@ -41,53 +48,65 @@ class Confirmation:
         self._settings = settings
         self._events_topic = settings.topic(topics.PURCHASE_EVENTS.name)
 
-    async def handle(self, event: Event) -> None:
-        msg = event.payload
-        if not isinstance(msg, purchase_pb2.PurchaseSubmitted):
-            raise errors.BubuhError(errors.EVENT_TYPE_UNKNOWN, f"{event.type} on purchase.submitted")
-        async with self._pool.acquire() as conn, conn.transaction():
-            await self._authenticate(conn, event, msg)
-            if not await inbox.claim(conn, CONSUMER, event.event_id):
-                PURCHASES.labels("duplicate").inc()
-                return
-            order = order_of(msg)
-            purchase_id = order.purchase_id()
+    async def apply(self, conn: asyncpg.Connection, batch: list[Event]) -> list[Rejection]:
+        """One partition batch, in the pipeline's transaction (the inbox has claimed it already)."""
+        rejected: list[Rejection] = []
+        outgoing: list[events.Outgoing] = []
+        secrets: dict[str, tuple[str, list[bytes]] | None] = {}
+        for event in batch:
+            msg = event.payload
             try:
-                validate(order, price=self._settings.stamp_price_rupiah,
-                         max_quantity=self._settings.purchase_max_quantity,
-                         now=event.envelope.occurred_at.ToDatetime(tzinfo=dt.UTC))
+                if not isinstance(msg, purchase_pb2.PurchaseSubmitted):
+                    raise errors.BubuhError(errors.EVENT_TYPE_UNKNOWN, f"{event.type} on purchase.submitted")
+                await self._authenticate(conn, event, msg, secrets)
             except errors.BubuhError as exc:
-                await self._reject(conn, order, purchase_id, exc.code.code, exc.detail, event)
-                return
-            live = await conn.fetchrow(
-                "SELECT purchase_id, status FROM purchases WHERE channel_id = $1 AND channel_order_id = $2 "
-                "AND status <> 'rejected' FOR UPDATE", order.channel_id, order.channel_order_id)
-            if live is not None and live["purchase_id"] != purchase_id:
-                await self._reject(conn, order, purchase_id, errors.IDEMPOTENCY_MISMATCH.code,
-                                   f"order {order.channel_order_id!r} was confirmed as {live['purchase_id']} "
-                                   "with another body", event)
-                return
-            if live is not None and live["status"] == "confirmed":
-                PURCHASES.labels("duplicate").inc()
-                return
-            await conn.execute(
-                "INSERT INTO purchases (purchase_id, channel_id, channel_order_id, account_id, quantity, amount, "
-                "paid_at, payment_ref, body_sha256, status, decided_at) "
-                "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,'confirmed', now()) "
-                "ON CONFLICT (purchase_id) DO UPDATE SET status = 'confirmed', decided_at = now()",
-                purchase_id, order.channel_id, order.channel_order_id, order.account_id, order.quantity,
-                order.amount, order.paid_at, order.payment_ref, order.body_sha256())
-            confirmed = purchase_pb2.PurchaseConfirmed(
-                purchase_id=purchase_id, channel_id=order.channel_id, channel_order_id=order.channel_order_id,
-                account_id=order.account_id, quantity=order.quantity, amount=order.amount,
-                buyer_email=order.buyer_email)
-            confirmed.paid_at.CopyFrom(msg.paid_at)
-            await self._emit(conn, confirmed, order, purchase_id, "confirmed", event)
+                rejected.append(Rejection(event, exc))
+                continue
+            await self._confirm(conn, event, msg, outgoing)
+        await outbox.add(conn, outgoing)
+        return rejected
+
+    async def _confirm(self, conn: asyncpg.Connection, event: Event, msg: purchase_pb2.PurchaseSubmitted,
+                       outgoing: list[events.Outgoing]) -> None:
+        order = order_of(msg)
+        purchase_id = order.purchase_id()
+        try:
+            validate(order, price=self._settings.stamp_price_rupiah,
+                     max_quantity=self._settings.purchase_max_quantity,
+                     now=event.envelope.occurred_at.ToDatetime(tzinfo=dt.UTC))
+        except errors.BubuhError as exc:
+            await self._reject(conn, order, purchase_id, exc.code.code, exc.detail, event, outgoing)
+            return
+        live = await conn.fetchrow(
+            "SELECT purchase_id, status FROM purchases WHERE channel_id = $1 AND channel_order_id = $2 "
+            "AND status <> 'rejected' FOR UPDATE", order.channel_id, order.channel_order_id)
+        if live is not None and live["purchase_id"] != purchase_id:
+            await self._reject(conn, order, purchase_id, errors.IDEMPOTENCY_MISMATCH.code,
+                               f"order {order.channel_order_id!r} was confirmed as {live['purchase_id']} "
+                               "with another body", event, outgoing)
+            return
+        if live is not None and live["status"] == "confirmed":
+            PURCHASES.labels("duplicate").inc()
+            return
+        await conn.execute(
+            "INSERT INTO purchases (purchase_id, channel_id, channel_order_id, account_id, quantity, amount, "
+            "paid_at, payment_ref, body_sha256, status, decided_at) "
+            "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,'confirmed', now()) "
+            "ON CONFLICT (purchase_id) DO UPDATE SET status = 'confirmed', decided_at = now()",
+            purchase_id, order.channel_id, order.channel_order_id, order.account_id, order.quantity,
+            order.amount, order.paid_at, order.payment_ref, order.body_sha256())
+        confirmed = purchase_pb2.PurchaseConfirmed(
+            purchase_id=purchase_id, channel_id=order.channel_id, channel_order_id=order.channel_order_id,
+            account_id=order.account_id, quantity=order.quantity, amount=order.amount,
+            buyer_email=order.buyer_email)
+        confirmed.paid_at.CopyFrom(msg.paid_at)
+        outgoing.append(self._event(confirmed, order, purchase_id, "confirmed", event))
         PURCHASES.labels("confirmed").inc()
         log.info("purchase confirmed", purchase_id=purchase_id, channel_id=order.channel_id,
-                 account_id=order.account_id, quantity=order.quantity)
+                 account_id=order.account_id, quantity=order.quantity, trace_id=event.envelope.trace_id)
 
-    async def _authenticate(self, conn: asyncpg.Connection, event: Event, msg) -> None:
+    async def _authenticate(self, conn: asyncpg.Connection, event: Event, msg,
+                            cache: dict[str, tuple[str, list[bytes]] | None]) -> None:
         signature = event.headers.get(HEADER_HMAC)
         if not signature:
             raise errors.BubuhError(errors.SIGNATURE_MISSING, f"no {HEADER_HMAC} header")
@@ -95,7 +114,9 @@ class Confirmation:
         if claimed != msg.channel_id:
             raise errors.BubuhError(errors.SIGNATURE_INVALID,
                                     f"header channel {claimed!r} != payload channel {msg.channel_id!r}")
-        found = await self._registry.secrets(conn, msg.channel_id)
+        if msg.channel_id not in cache:
+            cache[msg.channel_id] = await self._registry.secrets(conn, msg.channel_id)
+        found = cache[msg.channel_id]
         if found is None:
             raise errors.BubuhError(errors.CHANNEL_UNKNOWN, f"channel {msg.channel_id!r}")
         status, secrets = found
@@ -105,7 +126,7 @@ class Confirmation:
             raise errors.BubuhError(errors.CHANNEL_INACTIVE, f"channel {msg.channel_id} is {status}")
 
     async def _reject(self, conn, order: PurchaseOrder, purchase_id: str, code: str, detail: str,
-                      event: Event) -> None:
+                      event: Event, outgoing: list[events.Outgoing]) -> None:
         await conn.execute(
             "INSERT INTO purchases (purchase_id, channel_id, channel_order_id, account_id, quantity, amount, "
             "paid_at, payment_ref, body_sha256, status, code, detail, decided_at) "
@@ -116,13 +137,12 @@ class Confirmation:
         rejected = purchase_pb2.PurchaseRejected(purchase_id=purchase_id, channel_id=order.channel_id,
                                                  channel_order_id=order.channel_order_id,
                                                  account_id=order.account_id, code=code, detail=detail)
-        await self._emit(conn, rejected, order, purchase_id, "rejected", event)
+        outgoing.append(self._event(rejected, order, purchase_id, "rejected", event))
         PURCHASES.labels("rejected").inc()
         log.info("purchase rejected", purchase_id=purchase_id, code=code, detail=detail)
 
-    async def _emit(self, conn, msg, order: PurchaseOrder, purchase_id: str, what: str, cause: Event) -> None:
+    def _event(self, msg, order: PurchaseOrder, purchase_id: str, what: str, cause: Event) -> events.Outgoing:
         env = events.envelope(msg, producer=NAME, causation_id=cause.event_id,
                               event_id=str(uuid.uuid5(uuid.UUID(purchase_id), what)),
                               trace_id=cause.envelope.trace_id)
-        await outbox.add(conn, [events.outgoing(self._events_topic,
-                                                events.account_key(order.channel_id, order.account_id), env)])
+        return events.outgoing(self._events_topic, events.account_key(order.channel_id, order.account_id), env)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from services.contracts.bubuh.v1 import purchase_pb2
-from services.kernel import database, errors, events, logs, topics
+from services.kernel import errors, events, failures, logs, topics
 from services.kernel.channels import ChannelInfo, ChannelView
 from services.kernel.producer import Producer
 from services.kernel.settings import Settings
@@ -81,7 +81,7 @@ class Intake:
         try:
             return await asyncio.wait_for(call(self._pool), DB_CHECK_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001
-            if not database.is_outage(exc):
+            if not failures.classify(exc).waits:
                 raise
             self._db_down_until = loop.time() + DB_RETRY_AFTER_S
             log.warning("intake continues without PostgreSQL; de-duplication happens downstream", error=repr(exc))

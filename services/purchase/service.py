@@ -12,11 +12,12 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from services.kernel import topics
-from services.kernel.consumer import ConsumerLoop
 from services.kernel.outbox import Relay
+from services.kernel.processing.handler import Transactional
+from services.kernel.processing.pipeline import ConsumerLoop
 from services.kernel.runtime import Runtime, Task
 from services.purchase import NAME, api
-from services.purchase.confirmation import CONSUMER, Confirmation
+from services.purchase.confirmation import CHANNEL_FAULTS, CONSUMER, Confirmation
 from services.purchase.intake import Intake
 from services.purchase.registry import Registry
 
@@ -31,6 +32,10 @@ async def workers(rt: Runtime) -> list[Task]:
     pool = await rt.pool(NAME)
     confirmation = Confirmation(pool, Registry(pool, s), s)
     loop = ConsumerLoop(s, rt.producer, name=CONSUMER, topics=[s.topic(topics.PURCHASE_SUBMITTED.name)],
-                        handler=confirmation.handle, dead_letter_topic=s.topic(topics.PURCHASE_DLQ.name))
+                        handler=Transactional(pool, CONSUMER, confirmation.apply), pool=pool,
+                        dead_letter_topic=s.topic(topics.PURCHASE_DLQ.name),
+                        # forged or foreign records are what a hostile channel sends: they must not stop
+                        # crediting for every channel, so they do not count toward the dead-letter limit
+                        limit_exempt=CHANNEL_FAULTS)
     relay = Relay(pool, rt.producer, s, NAME)
     return [loop.run, relay.run]

@@ -15,7 +15,7 @@ import uuid
 import asyncpg
 
 from services.contracts.bubuh.v1 import purchase_pb2, quota_pb2, stamp_pb2
-from services.kernel import events, inbox, logs, outbox, topics
+from services.kernel import events, logs, outbox, topics
 from services.kernel.events import Event
 from services.kernel.settings import Settings
 from services.quota import NAME, ledger
@@ -36,56 +36,67 @@ def _balance(b: ledger.Balance | None) -> quota_pb2.Balance:
     return quota_pb2.Balance(credited=b.credited, pending=b.pending, committed=b.committed, available=b.available)
 
 
+def _account_of(msg) -> tuple[str, str] | None:
+    if isinstance(msg, purchase_pb2.PurchaseConfirmed | stamp_pb2.StampRequested | stamp_pb2.StampCompleted
+                  | stamp_pb2.StampFailed):
+        return msg.channel_id, msg.account_id
+    return None
+
+
 class QuotaHandlers:
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
         self._pool = pool
         self._settings = settings
         self._topic = settings.topic(topics.QUOTA_EVENTS.name)
+        self._operations = {
+            purchase_pb2.PurchaseConfirmed: ("credit", self._credit),
+            stamp_pb2.StampRequested: ("reserve", self._reserve),
+            stamp_pb2.StampCompleted: ("commit", self._commit),
+            stamp_pb2.StampFailed: ("release", self._release),
+        }
 
-    async def handle(self, event: Event) -> None:
-        msg = event.payload
-        if isinstance(msg, purchase_pb2.PurchaseConfirmed):
-            await self._apply(event, "credit", self._credit)
-        elif isinstance(msg, stamp_pb2.StampRequested):
-            await self._apply(event, "reserve", self._reserve)
-        elif isinstance(msg, stamp_pb2.StampCompleted):
-            await self._apply(event, "commit", self._commit)
-        elif isinstance(msg, stamp_pb2.StampFailed):
-            await self._apply(event, "release", self._release)
-        # PurchaseRejected and other events on these topics are not the ledger's business
+    async def apply(self, conn: asyncpg.Connection, batch: list[Event]) -> None:
+        """One partition batch, in the pipeline's transaction (the inbox has claimed it already).
 
-    async def _apply(self, event: Event, operation: str, op) -> None:
-        started = time.perf_counter()
-        async with self._pool.acquire() as conn, conn.transaction():
-            if not await inbox.claim(conn, CONSUMER, event.event_id):
-                LEDGER_OPERATIONS.labels(operation, "redelivered").inc()
-                return
-            outcome = await op(conn, event)
-        LEDGER_SECONDS.labels(operation).observe(time.perf_counter() - started)
-        LEDGER_OPERATIONS.labels(operation, outcome.result).inc()
-        log.info("ledger", operation=operation, result=outcome.result, code=outcome.code or None,
-                 subject=getattr(event.payload, "request_id", "") or getattr(event.payload, "purchase_id", ""),
-                 balance=outcome.balance.as_dict() if outcome.balance else None)
+        The batch's accounts are locked first, in one fixed order, so two batches that share
+        accounts wait for each other instead of deadlocking.
+        """
+        await ledger.lock_accounts(conn, {_account_of(e.payload) for e in batch} - {None})
+        outgoing: list[events.Outgoing] = []
+        for event in batch:
+            entry = self._operations.get(type(event.payload))
+            if entry is None:
+                continue      # PurchaseRejected and other events on these topics are not the ledger's business
+            operation, op = entry
+            started = time.perf_counter()
+            outcome = await op(conn, event, outgoing)
+            LEDGER_SECONDS.labels(operation).observe(time.perf_counter() - started)
+            LEDGER_OPERATIONS.labels(operation, outcome.result).inc()
+            log.info("ledger", operation=operation, result=outcome.result, code=outcome.code or None,
+                     subject=getattr(event.payload, "request_id", "") or getattr(event.payload, "purchase_id", ""),
+                     balance=outcome.balance.as_dict() if outcome.balance else None,
+                     trace_id=event.envelope.trace_id)
+        await outbox.add(conn, outgoing)
 
-    async def _emit(self, conn, msg, key: str, event_id: str, cause: Event | None) -> None:
+    def _outgoing(self, msg, key: str, event_id: str, cause: Event | None) -> events.Outgoing:
         env = events.envelope(msg, producer=NAME, event_id=event_id,
                               causation_id=cause.event_id if cause else "",
                               trace_id=cause.envelope.trace_id if cause else None)
-        await outbox.add(conn, [events.outgoing(self._topic, key, env)])
+        return events.outgoing(self._topic, key, env)
 
-    async def _credit(self, conn, event: Event) -> ledger.Outcome:
+    async def _credit(self, conn, event: Event, outgoing: list[events.Outgoing]) -> ledger.Outcome:
         m: purchase_pb2.PurchaseConfirmed = event.payload
         out = await ledger.credit(conn, purchase_id=m.purchase_id, channel_id=m.channel_id, account_id=m.account_id,
-                                  quantity=m.quantity, event_id=event.event_id)
+                                  quantity=m.quantity, event_id=event.event_id, locked=True)
         if out.applied:
-            await self._emit(conn, quota_pb2.QuotaCredited(channel_id=m.channel_id, account_id=m.account_id,
+            outgoing.append(self._outgoing(quota_pb2.QuotaCredited(channel_id=m.channel_id, account_id=m.account_id,
                                                            purchase_id=m.purchase_id, quantity=m.quantity,
                                                            balance=_balance(out.balance), buyer_email=m.buyer_email),
                              events.account_key(m.channel_id, m.account_id),
-                             derived_event_id(m.purchase_id, "credited"), event)
+                             derived_event_id(m.purchase_id, "credited"), event))
         return out
 
-    async def _reserve(self, conn, event: Event) -> ledger.Outcome:
+    async def _reserve(self, conn, event: Event, outgoing: list[events.Outgoing]) -> ledger.Outcome:
         m: stamp_pb2.StampRequested = event.payload
         deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self._settings.reservation_ttl_s)
         out = await ledger.reserve(conn, request_id=m.request_id, channel_id=m.channel_id, account_id=m.account_id,
@@ -95,28 +106,28 @@ class QuotaHandlers:
             reserved = quota_pb2.QuotaReserved(channel_id=m.channel_id, account_id=m.account_id,
                                                request_id=m.request_id, balance=_balance(out.balance))
             reserved.deadline.FromDatetime(out.deadline)
-            await self._emit(conn, reserved, key, derived_event_id(m.request_id, "reserved"), event)
+            outgoing.append(self._outgoing(reserved, key, derived_event_id(m.request_id, "reserved"), event))
         elif out.result == "refused":
-            await self._emit(conn, quota_pb2.QuotaRejected(channel_id=m.channel_id, account_id=m.account_id,
+            outgoing.append(self._outgoing(quota_pb2.QuotaRejected(channel_id=m.channel_id, account_id=m.account_id,
                                                            request_id=m.request_id, code=out.code,
                                                            detail="no available unit", balance=_balance(out.balance)),
-                             key, derived_event_id(m.request_id, "rejected"), event)
+                                           key, derived_event_id(m.request_id, "rejected"), event))
         return out
 
-    async def _commit(self, conn, event: Event) -> ledger.Outcome:
+    async def _commit(self, conn, event: Event, outgoing: list[events.Outgoing]) -> ledger.Outcome:
         m: stamp_pb2.StampCompleted = event.payload
         out = await ledger.commit(conn, request_id=m.request_id, event_id=event.event_id)
-        await self._after_resolution(conn, event, m, out, "commit")
+        outgoing.extend(self._after_resolution(event, m, out, "commit"))
         return out
 
-    async def _release(self, conn, event: Event) -> ledger.Outcome:
+    async def _release(self, conn, event: Event, outgoing: list[events.Outgoing]) -> ledger.Outcome:
         m: stamp_pb2.StampFailed = event.payload
         out = await ledger.release(conn, request_id=m.request_id, code=m.code, event_id=event.event_id)
-        await self._after_resolution(conn, event, m, out, "release")
+        outgoing.extend(self._after_resolution(event, m, out, "release"))
         return out
 
-    async def _after_resolution(self, conn, cause: Event | None, m, out: ledger.Outcome, operation: str,
-                                code: str = "") -> None:
+    def _after_resolution(self, cause: Event | None, m, out: ledger.Outcome, operation: str,
+                          code: str = "") -> list[events.Outgoing]:
         key = events.account_key(m.channel_id, m.account_id)
         if out.result == "applied":
             if operation == "commit":
@@ -126,15 +137,16 @@ class QuotaHandlers:
                 msg = quota_pb2.QuotaReleased(channel_id=m.channel_id, account_id=m.account_id,
                                               request_id=m.request_id, code=code or out.code,
                                               balance=_balance(out.balance))
-            await self._emit(conn, msg, key, derived_event_id(m.request_id, operation), cause)
-        elif out.result == "refused":
+            return [self._outgoing(msg, key, derived_event_id(m.request_id, operation), cause)]
+        if out.result == "refused":
             # reported, never silently applied
             log.warning("ledger refused", operation=operation, request_id=m.request_id, code=out.code)
             refused = quota_pb2.QuotaRefused(channel_id=m.channel_id, account_id=m.account_id,
                                              request_id=m.request_id, operation=operation, code=out.code)
             cause_id = cause.event_id if cause else ""
-            await self._emit(conn, refused, key, derived_event_id(m.request_id, f"refused-{operation}-{cause_id}"),
-                             cause)
+            return [self._outgoing(refused, key, derived_event_id(m.request_id, f"refused-{operation}-{cause_id}"),
+                                   cause)]
+        return []
 
     async def expire_due(self, now: dt.datetime | None = None) -> int:
         """Void every reservation past its deadline; returns how many."""
@@ -147,7 +159,7 @@ class QuotaHandlers:
                                            event_id=derived_event_id(request_id, "expired"))
                 m = stamp_pb2.StampFailed(request_id=request_id, channel_id=row["channel_id"],
                                           account_id=row["account_id"])
-                await self._after_resolution(conn, None, m, out, "release", code="RESERVATION_EXPIRED")
+                await outbox.add(conn, self._after_resolution(None, m, out, "release", code="RESERVATION_EXPIRED"))
                 LEDGER_OPERATIONS.labels("expire", out.result).inc()
         if due:
             log.info("reservations expired", count=len(due))

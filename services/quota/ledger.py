@@ -75,9 +75,22 @@ async def balance(conn: asyncpg.Connection | asyncpg.Pool, channel_id: str, acco
     return Balance(row["credited"], row["pending"], row["committed"]) if row else None
 
 
+async def lock_accounts(conn: asyncpg.Connection, accounts: set[tuple[str, str]]) -> None:
+    """Create and lock several accounts, always in (channel, account) order: no deadlock between batches."""
+    ordered = sorted(accounts)
+    channels, ids = [c for c, _ in ordered], [a for _, a in ordered]
+    await conn.execute("INSERT INTO accounts (channel_id, account_id) SELECT c, a FROM unnest($1::text[], $2::text[]) "
+                       "AS u(c, a) ORDER BY c, a ON CONFLICT DO NOTHING", channels, ids)
+    await conn.execute("SELECT 1 FROM accounts WHERE (channel_id, account_id) IN "
+                       "(SELECT c, a FROM unnest($1::text[], $2::text[]) AS u(c, a)) "
+                       "ORDER BY channel_id, account_id FOR UPDATE", channels, ids)
+
+
 async def credit(conn: asyncpg.Connection, *, purchase_id: str, channel_id: str, account_id: str, quantity: int,
-                 event_id: str) -> Outcome:
-    await _lock_account(conn, channel_id, account_id)
+                 event_id: str, locked: bool = False) -> Outcome:
+    """``locked``: the caller holds the account's lock already (``lock_accounts``)."""
+    if not locked:
+        await _lock_account(conn, channel_id, account_id)
     inserted = await conn.fetchval(
         "INSERT INTO transfers (id, kind, channel_id, account_id, amount, event_id) "
         "VALUES ($1, 'credit', $2, $3, $4, $5) "

@@ -14,8 +14,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from services.kernel import topics
-from services.kernel.consumer import ConsumerLoop
 from services.kernel.outbox import Relay
+from services.kernel.processing.handler import Transactional
+from services.kernel.processing.pipeline import ConsumerLoop
 from services.kernel.runtime import Runtime, Task
 from services.quota import NAME, api
 from services.quota.handlers import CONSUMER, QuotaHandlers
@@ -32,6 +33,7 @@ async def workers(rt: Runtime) -> list[Task]:
     loop = ConsumerLoop(s, rt.producer, name=CONSUMER,
                         topics=[s.topic(t.name) for t in (topics.PURCHASE_EVENTS, topics.STAMP_REQUESTED,
                                                           topics.STAMP_EVENTS)],
-                        handler=handlers.handle, dead_letter_topic=s.topic(topics.QUOTA_DLQ.name))
+                        handler=Transactional(pool, CONSUMER, handlers.apply), pool=pool,
+                        dead_letter_topic=s.topic(topics.QUOTA_DLQ.name))
     relay = Relay(pool, rt.producer, s, NAME)
     return [loop.run, relay.run, handlers.run_expiry]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from services.contracts.bubuh.v1 import stamp_pb2
-from services.kernel import database, errors, events, logs, topics
+from services.kernel import errors, events, failures, logs, topics
 from services.kernel.channels import ChannelInfo
 from services.kernel.producer import Producer
 from services.kernel.settings import Settings
@@ -121,7 +121,7 @@ class StampIntake:
                 "SELECT status, idempotency_fingerprint, accepted_at FROM requests WHERE request_id = $1",
                 request_id), 0.5)
         except Exception as exc:  # noqa: BLE001 - without the database the key still yields the same id
-            if database.is_outage(exc):
+            if failures.classify(exc).waits:
                 return None
             raise
 
@@ -136,6 +136,6 @@ class StampIntake:
                 msg.request_id, msg.channel_id, msg.account_id, idempotency_key, fingerprint, msg.document_sha256,
                 accepted_at), 0.5)
         except Exception as exc:  # noqa: BLE001
-            if not database.is_outage(exc):
+            if not failures.classify(exc).waits:
                 raise
             log.warning("stamp request not recorded yet (database away)", request_id=msg.request_id)

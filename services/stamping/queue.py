@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from services.kernel import database
+from services.kernel import failures
 from services.stamping.metrics import QUEUE_DEPTH
 from services.stamping.throughput import Throughput
 
@@ -60,7 +60,7 @@ class QueueView:
                     self._window_s), 0.5)
                 open_requests, per_second = row["open"], row["recent"] / self._window_s
         except Exception as exc:  # noqa: BLE001 - no database: no position, intake still answers
-            if database.is_outage(exc):
+            if failures.classify(exc).waits:
                 return None
             raise
         facts = QueueFacts(open_requests, per_second)
@@ -74,6 +74,6 @@ class QueueView:
                 "SELECT count(*) FROM requests WHERE status IN ('queued', 'reserved', 'stamping') "
                 "AND accepted_at <= $1", accepted_at), 0.5)
         except Exception as exc:  # noqa: BLE001
-            if database.is_outage(exc):
+            if failures.classify(exc).waits:
                 return None
             raise

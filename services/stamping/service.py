@@ -21,9 +21,10 @@ from pathlib import Path
 from fastapi import APIRouter
 
 from services.kernel import topics
-from services.kernel.consumer import ConsumerLoop
 from services.kernel.errors import BubuhError
 from services.kernel.outbox import Relay
+from services.kernel.processing.handler import PerRecord
+from services.kernel.processing.pipeline import ConsumerLoop
 from services.kernel.runtime import ConfigError, Runtime, Task
 from services.kernel.settings import Settings
 from services.stamping import NAME, api, store
@@ -95,8 +96,10 @@ async def workers(rt: Runtime) -> list[Task]:
     tracker = StatusTracker(s, pool)
     stamp_loop = ConsumerLoop(s, rt.producer, name=WORKER,
                               topics=[s.topic(topics.QUOTA_EVENTS.name), s.topic(topics.STAMP_RETRY.name)],
-                              handler=worker.handle, dead_letter_topic=s.topic(topics.STAMP_DLQ.name), max_batch=16)
+                              handler=PerRecord(worker.handle), pool=pool,
+                              dead_letter_topic=s.topic(topics.STAMP_DLQ.name), max_batch=16)
     track_loop = ConsumerLoop(s, rt.producer, name=TRACKER, topics=[s.topic(topics.QUOTA_EVENTS.name)],
-                              handler=tracker.handle, dead_letter_topic=s.topic(topics.STAMP_DLQ.name))
+                              handler=PerRecord(tracker.handle), pool=pool,
+                              dead_letter_topic=s.topic(topics.STAMP_DLQ.name))
     relay = Relay(pool, rt.producer, s, NAME)
     return [stamp_loop.run, track_loop.run, relay.run]

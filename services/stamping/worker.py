@@ -30,8 +30,9 @@ from concurrent.futures import Executor
 import asyncpg
 
 from services.contracts.bubuh.v1 import quota_pb2, stamp_pb2
-from services.kernel import consumer, errors, events, logs, outbox, retry, topics
+from services.kernel import errors, events, logs, outbox, retry, topics
 from services.kernel.events import Event, Outgoing
+from services.kernel.processing.deadletter import dead_letter_headers
 from services.kernel.settings import Settings
 from services.stamping import NAME, store
 from services.stamping.metrics import STAGE_SECONDS, STAMP_OUTCOMES
@@ -220,7 +221,7 @@ class StampWorker:
             await conn.execute("UPDATE requests SET status = 'dead_lettered' WHERE request_id = $1 "
                                "AND status NOT IN ('completed', 'failed')", rid)
             dlq = Outgoing(self._settings.topic(topics.STAMP_DLQ.name), rid.encode(), event.raw,
-                           consumer.dead_letter_headers(headers, code=exc.code.code, detail=exc.detail,
+                           dead_letter_headers(headers, code=exc.code.code, detail=exc.detail,
                                                         source=f"{self._retry_topic}/-1/-1", consumer=CONSUMER,
                                                         extra=[(HEADER_DLQ_ATTEMPTS, json.dumps(history).encode())]),
                            event.event_id)

@@ -10,14 +10,16 @@ import asyncpg
 import pytest
 
 from services.contracts.bubuh.v1 import purchase_pb2
-from services.kernel import errors, events, inbox, topics
-from services.kernel.consumer import DLQ_REASON, ConsumerLoop
+from services.kernel import errors, events, topics
+from services.kernel.processing.deadletter import DLQ_REASON
+from services.kernel.processing.handler import Transactional
+from services.kernel.processing.pipeline import ConsumerLoop
 from services.kernel.producer import Producer
 from tests import stack
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS inbox (consumer text, event_id text, applied_at timestamptz DEFAULT now(),
-                                  PRIMARY KEY (consumer, event_id));
+                                  topic text, "partition" int, "offset" bigint, PRIMARY KEY (consumer, event_id));
 CREATE TABLE IF NOT EXISTS applied (event_id text PRIMARY KEY, order_id text, quantity bigint);
 CREATE TABLE IF NOT EXISTS effects (n bigint NOT NULL);
 INSERT INTO effects SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM effects);
@@ -45,7 +47,8 @@ class Harness:
         await self.producer.start()
         self.stop = asyncio.Event()
         self.loop = ConsumerLoop(self.settings, self.producer, name="smoke", topics=[self.topic],
-                                 handler=self.handle, dead_letter_topic=self.dlq, max_batch=50)
+                                 handler=Transactional(self.pool, "smoke", self.apply), pool=self.pool,
+                                 dead_letter_topic=self.dlq, max_batch=50)
         self.task = asyncio.create_task(self.loop.run(self.stop))
         return self
 
@@ -56,11 +59,9 @@ class Harness:
         await self.producer.stop()
         await self.pool.close()
 
-    async def handle(self, event: events.Event) -> None:
-        msg = event.payload
-        async with self.pool.acquire() as conn, conn.transaction():
-            if not await inbox.claim(conn, "smoke", event.event_id):
-                return
+    async def apply(self, conn, batch: list[events.Event]) -> None:
+        for event in batch:
+            msg = event.payload
             await conn.execute("INSERT INTO applied VALUES ($1, $2, $3)", event.event_id,
                                msg.channel_order_id, msg.quantity)
             await conn.execute("UPDATE effects SET n = n + 1")

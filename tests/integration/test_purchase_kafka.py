@@ -7,7 +7,7 @@ import datetime as dt
 import json
 
 from services.kernel import events, topics
-from services.kernel.consumer import DLQ_REASON
+from services.kernel.processing.deadletter import DLQ_REASON
 from services.kernel.producer import Producer
 from services.kernel.signatures import HEADER_CHANNEL, HEADER_HMAC
 from services.purchase.validation import PurchaseOrder

@@ -1,0 +1,78 @@
+"""The two shapes of handler the pipeline drives.
+
+``Transactional``: the records of one partition batch are applied in one database transaction:
+the inbox claims the batch in one statement (recording where each event was read), the service's
+``apply`` does the effects and writes outbox rows, and the commit makes it all durable at once
+(one fsync for the batch instead of one per record). When the batch fails, the pipeline redoes it
+record by record, so the others still land and only the failing one meets the failure policy.
+
+``PerRecord``: for work that is not one transaction (the stamping worker signs between two), the
+records are handled one at a time; such a handler keeps its own idempotency.
+
+Either returns the records it *rejects* (a forged or invalid event: a ``BubuhError`` with a
+non-retryable code) instead of raising, so one bad record does not undo its batch; the pipeline
+dead-letters them. Anything raised is a failure of the whole call, classified by ``failures.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import asyncpg
+
+from services.kernel import errors, inbox
+from services.kernel.events import Event
+
+
+@dataclass(frozen=True)
+class Rejection:
+    event: Event
+    error: errors.BubuhError
+
+
+class Handler(Protocol):
+    batched: bool
+
+    async def process(self, events: Sequence[Event]) -> list[Rejection]: ...
+
+
+Apply = Callable[[asyncpg.Connection, list[Event]], Awaitable[list[Rejection] | None]]
+
+
+class Transactional:
+    batched = True
+
+    def __init__(self, pool: asyncpg.Pool, consumer: str, apply: Apply) -> None:
+        self._pool = pool
+        self._consumer = consumer
+        self._apply = apply
+
+    async def process(self, events: Sequence[Event]) -> list[Rejection]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            fresh = await inbox.claim_batch(conn, self._consumer, events)
+            if not fresh:
+                return []
+            rejected = await self._apply(conn, fresh) or []
+            # a rejected event is dead-lettered, not applied: a replay after the fix must apply it
+            await inbox.unclaim(conn, self._consumer, [r.event.event_id for r in rejected])
+            return rejected
+
+
+class PerRecord:
+    batched = False
+
+    def __init__(self, handle: Callable[[Event], Awaitable[None]]) -> None:
+        self._handle = handle
+
+    async def process(self, events: Sequence[Event]) -> list[Rejection]:
+        rejected: list[Rejection] = []
+        for event in events:
+            try:
+                await self._handle(event)
+            except errors.BubuhError as exc:
+                if exc.code.retryable:
+                    raise
+                rejected.append(Rejection(event, exc))
+        return rejected
