@@ -69,12 +69,12 @@ def classify(exc: BaseException) -> Failure:
         return Failure(Kind.OUTAGE if exc.code.retryable else Kind.BAD)
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", "") or ""
+        if state in _SUSPECT_STATES:
+            return Failure(Kind.SUSPECT, state)
         if state in _OUTAGE_STATES or state.startswith("08"):
             return Failure(Kind.OUTAGE, state)
         if state in _TRANSIENT_STATES:
             return Failure(Kind.TRANSIENT, state)
-        if state in _SUSPECT_STATES:
-            return Failure(Kind.SUSPECT, state)
         return Failure(Kind.CRASH, state)
     if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
         return Failure(Kind.OUTAGE)                 # the connection was lost mid-operation
