@@ -60,13 +60,16 @@ class Intake:
         email_horizon = now + dt.timedelta(seconds=self._settings.email_horizon_s)
         deliveries: list[tuple] = []
         emails: list[tuple] = []
+        # one look-up per channel, not per event: an unknown channel waits once per batch, not per record
+        urls = {ch: await self._webhook_url(ch) for ch in {e.payload.channel_id for e in batch
+                                                             if payloads.kind_of(e.payload) is not None}}
         for event in batch:
             msg = event.payload
             kind = payloads.kind_of(msg)
             if kind is None:
                 continue          # other events on these topics are not news for channels or buyers
             channel_id = msg.channel_id
-            url, has_webhook = await self._webhook_url(channel_id)
+            url, has_webhook = urls[channel_id]
             if has_webhook:
                 deliveries.append((delivery_id(event.event_id), channel_id, event.event_id, kind, url,
                                    endpoint_of(url), payloads.webhook_body(event).decode(), now, webhook_horizon))
