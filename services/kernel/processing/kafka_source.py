@@ -59,8 +59,9 @@ def is_decode_error(exc: BaseException) -> bool:
 def bad_batch_of(exc: BaseException) -> tuple[TopicPartition, int, int] | None:
     """(partition, first offset, next offset) of the batch aiokafka was unpacking when ``exc`` rose.
 
-    aiokafka raises without naming the partition; its record iterator (``_unpack_records``) holds
-    both the partition and the batch (whose header, read without decompressing, gives the range).
+    aiokafka raises without naming the partition; its record iterator (``_unpack_records`` in
+    ``aiokafka/consumer/fetcher.py``) holds both the partition and the batch, whose header (read
+    without decompressing) gives the range.
     """
     tb = exc.__traceback__
     found = None
@@ -83,6 +84,7 @@ class KafkaSource:
         self._consumer = build_consumer(settings, *topics, group_id=group_id, client_id=client_id,
                                         max_poll_records=max_batch)
         self._topics = topics
+        self._delivered: dict[TopicPartition, int] = {}   # next offset the pipeline expects, per partition
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -98,39 +100,62 @@ class KafkaSource:
                 log.warning("fetch failed", topics=self._topics, error=repr(exc))
                 await asyncio.sleep(0.5)
                 return Polled()
-            return Polled(undecodable=[await self._skip_undecodable(exc)])
-        return Polled(records={
-            tp: [Record(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers or ()), r.timestamp)
-                 for r in records]
-            for tp, records in batches.items() if records})
+            return await self._skip_undecodable(exc)
+        return self._polled(batches)
 
-    async def _skip_undecodable(self, exc: BaseException) -> Undecodable:
+    def _polled(self, batches) -> Polled:
+        out = Polled()
+        for tp, records in batches.items():
+            if records:
+                out.records[tp] = [Record(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers or ()),
+                                          r.timestamp) for r in records]
+                self._delivered[tp] = records[-1].offset + 1
+        return out
+
+    async def _skip_undecodable(self, exc: BaseException) -> Polled:
+        """Deliver what precedes the bad batch, skip the batch, and say which offsets were skipped.
+
+        When aiokafka raises, it has already moved the positions of the other partitions past
+        records it then dropped, and of the bad batch's partition past the records before the batch:
+        every partition is first put back where the pipeline is.
+        """
         reason = f"{type(exc).__name__}: {exc}"[:500]
+        # the pipeline commits all it was given before it polls again: the committed offset is where
+        # it is (a rare path, so one look-up per partition is fine)
+        for t in self._consumer.assignment():
+            committed = await self._consumer.committed(t)
+            where = committed if committed is not None else self._delivered.get(t)
+            if where is not None:
+                self.seek(t, where)
         located = bad_batch_of(exc)
         if located is None:
             located = await self._probe(exc)
         tp, start, end = located
-        position = await self._consumer.position(tp)
-        start = max(start, position) if start <= position < end else start
+        before: list = []
+        position = self._delivered.get(tp)
+        if position is None:      # nothing committed or delivered yet: the partition starts at its beginning
+            position = (await self._consumer.beginning_offsets([tp]))[tp]
+        if position < start:
+            self._consumer.seek(tp, position)
+            while position < start:
+                try:
+                    got = await self._consumer.getmany(tp, timeout_ms=1500, max_records=1)
+                except Exception as again:  # noqa: BLE001 - the same bad batch: nothing decodable before it
+                    if bad_batch_of(again) is None or bad_batch_of(again)[1] != start:
+                        raise
+                    break
+                records = got.get(tp, [])
+                if not records:
+                    break
+                before.extend(r for r in records if r.offset < start)
+                position = records[-1].offset + 1
         self._consumer.seek(tp, end)
         log.error("undecodable batch skipped", topic=tp.topic, partition=tp.partition, start=start, end=end,
                   reason=reason)
-        return Undecodable(tp, start, end, reason)
-
-    async def _probe(self, exc: BaseException) -> tuple[TopicPartition, int, int]:
-        """Partition by partition, find the one whose next record cannot be decoded (one offset at a time)."""
-        for tp in sorted(self._consumer.assignment()):
-            position = await self._consumer.position(tp)
-            try:
-                got = await self._consumer.getmany(tp, timeout_ms=1000, max_records=1)
-            except Exception as again:  # noqa: BLE001
-                if is_decode_error(again):
-                    return tp, position, position + 1
-                continue
-            for records in got.values():   # a healthy partition: put back what the probe read
-                if records:
-                    self._consumer.seek(tp, records[0].offset)
-        raise exc
+        polled = self._polled({tp: before})
+        self._delivered[tp] = end
+        polled.undecodable.append(Undecodable(tp, max(start, position), end, reason))
+        return polled
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> bool:
         if not offsets:
@@ -145,6 +170,7 @@ class KafkaSource:
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self._consumer.seek(tp, offset)
+        self._delivered[tp] = offset
 
     def pause(self, tps: Iterable[TopicPartition]) -> None:
         self._consumer.pause(*tps)

@@ -126,15 +126,7 @@ class ConsumerLoop:
                            undecodable: list[Undecodable]) -> None:
         commits: dict[TopicPartition, int] = {}
         halts: dict[TopicPartition, _Halt] = {}
-        for stretch in undecodable:
-            try:
-                await self._dead_letter(marker_record(stretch, self._dlq, self.name, UNDECODABLE_CODE),
-                                        UNDECODABLE_CODE, stretch.start, stretch.reason)
-                UNDECODABLE.labels(self.name, stretch.tp.topic).inc()
-                commits[stretch.tp] = stretch.end
-            except _Halt as halt:
-                halts[stretch.tp] = halt
-        tps = [tp for tp in records if tp not in halts]
+        tps = list(records)
         results = await asyncio.gather(*(self._partition(records[tp]) for tp in tps), return_exceptions=True)
         for tp, result in zip(tps, results, strict=True):
             first = records[tp][0].offset
@@ -147,6 +139,17 @@ class ConsumerLoop:
             else:
                 commits[tp] = records[tp][-1].offset + 1
                 self._pause_s.pop(tp, None)
+        # an undecodable stretch comes after the records the source delivered before it
+        for stretch in undecodable:
+            if stretch.tp in halts:
+                continue              # rewound to an earlier record: the stretch is met again later
+            try:
+                await self._dead_letter(marker_record(stretch, self._dlq, self.name, UNDECODABLE_CODE),
+                                        UNDECODABLE_CODE, stretch.start, stretch.reason)
+                UNDECODABLE.labels(self.name, stretch.tp.topic).inc()
+                commits[stretch.tp] = stretch.end
+            except _Halt as halt:
+                halts[stretch.tp] = halt
         await source.commit(commits)
         outage = False
         for tp, halt in halts.items():
