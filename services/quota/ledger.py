@@ -152,10 +152,21 @@ async def release(conn: asyncpg.Connection, *, request_id: str, code: str, event
 
 
 async def due_expiries(conn: asyncpg.Connection, now: dt.datetime, limit: int = 200) -> list[str]:
-    """Reservations past their deadline, locked for this sweeper (others skip them)."""
-    rows = await conn.fetch("SELECT request_id FROM open_reservations WHERE deadline <= $1 ORDER BY deadline "
-                            "LIMIT $2 FOR UPDATE SKIP LOCKED", now, limit)
-    return [r["request_id"] for r in rows]
+    """Reservations past their deadline, locked for this sweeper (others skip them).
+
+    Locks are taken in the order a consumer's batch takes them: the accounts first (``lock_accounts``,
+    sorted), then the reservation rows. A batch resolving one of these reservations holds its account
+    and then deletes the reservation row; taking the row first here would deadlock with it.
+    """
+    rows = await conn.fetch("SELECT request_id, channel_id, account_id FROM open_reservations WHERE deadline <= $1 "
+                            "ORDER BY deadline LIMIT $2", now, limit)
+    if not rows:
+        return []
+    await lock_accounts(conn, {(r["channel_id"], r["account_id"]) for r in rows})
+    locked = await conn.fetch("SELECT request_id FROM open_reservations WHERE request_id = ANY($1::text[]) "
+                              "AND deadline <= $2 ORDER BY deadline FOR UPDATE SKIP LOCKED",
+                              [r["request_id"] for r in rows], now)
+    return [r["request_id"] for r in locked]
 
 
 async def pending_deadline(conn: asyncpg.Connection | asyncpg.Pool, request_id: str) -> tuple[str, dt.datetime | None]:

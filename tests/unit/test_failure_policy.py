@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import errno
 
 import asyncpg
@@ -44,7 +43,7 @@ def test_database_errors_are_classified_by_sqlstate(exc, kind, state):
     (asyncpg.exceptions.ConnectionDoesNotExistError("closed mid-operation"), Kind.OUTAGE),
     (KafkaConnectionError("broker away"), Kind.OUTAGE),
     (errors.BubuhError(errors.UNAVAILABLE, "kafka did not ack"), Kind.OUTAGE),
-    (asyncio.TimeoutError(), Kind.SUSPECT),
+    (TimeoutError(), Kind.SUSPECT),
     (asyncpg.exceptions.InterfaceError("another operation is in progress"), Kind.SUSPECT),
     (errors.BubuhError(errors.SIGNATURE_INVALID, "forged"), Kind.BAD),
     (FileNotFoundError(errno.ENOENT, "a file, not the network"), Kind.CRASH),

@@ -1,0 +1,387 @@
+"""The quota ledger's invariants, as properties over random histories, against real PostgreSQL.
+
+Hypothesis draws a history of credits (PurchaseConfirmed), reservations (StampRequested), commits
+(StampCompleted), releases (StampFailed), expiry sweeps and redeliveries of earlier events over a
+few accounts, cut into partition batches of random sizes. Each batch goes through the pipeline's
+``Transactional`` handler exactly as the consumer loop drives it, and after every batch and sweep
+the tables are checked against a small model of what a channel was promised:
+
+- credited = the sum of the account's distinct confirmed purchases, each once;
+- available = credited - committed - pending >= 0, and pending = the account's open reservations;
+- a reservation is resolved at most once; a commit after a void is refused (QuotaRefused), never applied;
+- the account row is what the transfers table implies;
+- what goes out (the outbox) is exactly what the model expects, each event id once;
+- a redelivered event or batch changes nothing.
+
+No Kafka and no platform process: only the quota schema on the local PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import uuid
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from services.contracts.bubuh.v1 import purchase_pb2, stamp_pb2
+from services.kernel import errors
+from services.kernel.events import Event
+from services.kernel.processing.handler import Transactional
+from services.quota import ledger
+from services.quota.handlers import CONSUMER, QuotaHandlers
+from tests.component import handler_support as hs
+
+ACCOUNTS = [("ch-a", "acct-1"), ("ch-a", "acct-2"), ("ch-b", "acct-1")]
+FAIL_CODE = "PDF_MALFORMED"
+
+
+@pytest.fixture(scope="module")
+async def quota():
+    hs.postgres_up()
+    s = hs.settings(reservation_ttl_s=3600)
+    async with hs.service_pool(s, "quota", max_size=4) as pool:
+        handlers = QuotaHandlers(pool, s)
+        yield pool, handlers, Transactional(pool, CONSUMER, handlers.apply)
+
+
+async def _reset(pool) -> None:
+    await pool.execute("DELETE FROM transfers; DELETE FROM open_reservations; DELETE FROM accounts; "
+                       "DELETE FROM inbox; DELETE FROM outbox")
+
+
+# --- the model: what the ledger must have done -------------------------------------------------
+
+@dataclass
+class Model:
+    purchases: dict[str, tuple[tuple[str, str], int]]         # purchase id -> (account, quantity)
+    requests: dict[str, tuple[str, str]]                      # request id -> account
+    credited: dict[str, tuple[tuple[str, str], int]] = field(default_factory=dict)
+    state: dict[str, str] = field(default_factory=dict)       # request id -> open | posted | voided | rejected
+    open_order: list[str] = field(default_factory=list)       # open reservations, oldest first
+    applied: set[str] = field(default_factory=set)            # event ids the inbox holds
+    out: list[tuple] = field(default_factory=list)            # what the outbox must hold, in order
+
+    def balance(self, account: tuple[str, str]) -> tuple[int, int, int]:
+        credited = sum(q for a, q in self.credited.values() if a == account)
+        pending = sum(1 for r in self.open_order if self.requests[r] == account)
+        committed = sum(1 for r, s in self.state.items() if s == "posted" and self.requests[r] == account)
+        return credited, pending, committed
+
+    def _bal(self, account) -> tuple[int, int, int, int]:
+        c, p, m = self.balance(account)
+        return c, p, m, c - m - p
+
+    def apply(self, ev: Event) -> None:
+        if ev.event_id in self.applied:
+            return                                            # the inbox: a redelivery is a no-op
+        self.applied.add(ev.event_id)
+        m = ev.payload
+        if isinstance(m, purchase_pb2.PurchaseConfirmed):
+            if m.purchase_id not in self.credited:
+                self.credited[m.purchase_id] = self.purchases[m.purchase_id]
+                account = self.purchases[m.purchase_id][0]
+                self.out.append(("QuotaCredited", m.purchase_id, m.quantity, self._bal(account)))
+            return
+        rid, account = m.request_id, self.requests[m.request_id]
+        state = self.state.get(rid)
+        if isinstance(m, stamp_pb2.StampRequested):
+            if state is not None:
+                return
+            if self._bal(account)[3] >= 1:
+                self.state[rid] = "open"
+                self.open_order.append(rid)
+                self.out.append(("QuotaReserved", rid, self._bal(account)))
+            else:
+                self.state[rid] = "rejected"
+                self.out.append(("QuotaRejected", rid, errors.QUOTA_INSUFFICIENT.code, self._bal(account)))
+        elif isinstance(m, stamp_pb2.StampCompleted):
+            if state == "open":
+                self._resolve(rid, "posted")
+                self.out.append(("QuotaCommitted", rid, self._bal(account)))
+            elif state != "posted":
+                code = errors.RESERVATION_VOIDED.code if state == "voided" else errors.RESERVATION_UNKNOWN.code
+                self.out.append(("QuotaRefused", rid, "commit", code))
+        elif isinstance(m, stamp_pb2.StampFailed):
+            if state == "open":
+                self._resolve(rid, "voided")
+                self.out.append(("QuotaReleased", rid, FAIL_CODE, self._bal(account)))
+            elif state == "posted":
+                self.out.append(("QuotaRefused", rid, "release", errors.RESERVATION_POSTED.code))
+            elif state is None:
+                self.out.append(("QuotaRefused", rid, "release", errors.RESERVATION_UNKNOWN.code))
+            # voided: a duplicate; rejected: never reserved, nothing to release
+
+    def _resolve(self, rid: str, state: str) -> None:
+        self.state[rid] = state
+        self.open_order.remove(rid)
+
+    def expire(self, k: int) -> list[str]:
+        gone = self.open_order[:k]
+        for rid in gone:
+            self._resolve(rid, "voided")
+            self.out.append(("QuotaReleased", rid, "RESERVATION_EXPIRED", self._bal(self.requests[rid])))
+        return gone
+
+
+def _summary(msg) -> tuple:
+    name = type(msg).__name__
+    bal = (msg.balance.credited, msg.balance.pending, msg.balance.committed, msg.balance.available) \
+        if hasattr(msg, "balance") else None
+    if name == "QuotaCredited":
+        return (name, msg.purchase_id, msg.quantity, bal)
+    if name in ("QuotaReserved", "QuotaCommitted"):
+        return (name, msg.request_id, bal)
+    if name in ("QuotaRejected", "QuotaReleased"):
+        return (name, msg.request_id, msg.code, bal)
+    if name == "QuotaRefused":
+        return (name, msg.request_id, msg.operation, msg.code)
+    return (name,)
+
+
+# --- checks against the tables ------------------------------------------------------------------
+
+async def _check(pool, model: Model) -> None:
+    rows = {(r["channel_id"], r["account_id"]): (r["credited"], r["pending"], r["committed"])
+            for r in await pool.fetch("SELECT channel_id, account_id, credited, pending, committed FROM accounts")}
+    for account in ACCOUNTS:
+        c, p, m = rows.get(account, (0, 0, 0))
+        assert (c, p, m) == model.balance(account), f"balance of {account}"
+        assert c - m - p >= 0, f"available of {account} is negative"
+
+    # the account row is what its transfers imply
+    implied = await pool.fetch(
+        "SELECT channel_id, account_id, "
+        "  coalesce(sum(amount) FILTER (WHERE kind = 'credit'), 0) AS credited, "
+        "  count(*) FILTER (WHERE kind = 'pending') - count(*) FILTER (WHERE kind IN ('post', 'void')) AS pending, "
+        "  count(*) FILTER (WHERE kind = 'post') AS committed "
+        "FROM transfers GROUP BY channel_id, account_id")
+    for r in implied:
+        assert rows[(r["channel_id"], r["account_id"])] == (r["credited"], r["pending"], r["committed"])
+
+    # each confirmed purchase credited once, with its own quantity
+    credits = await pool.fetch("SELECT id, channel_id, account_id, amount FROM transfers WHERE kind = 'credit'")
+    assert {r["id"]: ((r["channel_id"], r["account_id"]), r["amount"]) for r in credits} == model.credited
+    assert len(credits) == len(model.credited)
+
+    # open reservations are exactly the model's, and pending counts them
+    open_rows = await pool.fetch("SELECT request_id FROM open_reservations")
+    assert {r["request_id"] for r in open_rows} == set(model.open_order)
+
+    # each reservation resolved at most once, never both posted and voided; states agree with the model
+    twice = await pool.fetch("SELECT pending_id FROM transfers WHERE pending_id IS NOT NULL "
+                             "GROUP BY pending_id HAVING count(*) > 1")
+    assert twice == []
+    for rid in model.requests:
+        found, _ = await ledger.pending_deadline(pool, rid)
+        assert found == model.state.get(rid, "unknown"), f"state of {rid}"
+
+    # what goes out: exactly the model's events, in order, each event id once
+    out = await hs.outbox(pool)
+    assert [_summary(m) for _, m in out] == model.out
+    ids = [i for i, _ in out]
+    assert len(ids) == len(set(ids)), "an event id was published twice"
+
+
+async def _snapshot(pool) -> tuple:
+    return (await pool.fetch("SELECT * FROM accounts ORDER BY channel_id, account_id"),
+            await pool.fetch("SELECT id, kind, pending_id, code FROM transfers ORDER BY id"),
+            await pool.fetch("SELECT * FROM open_reservations ORDER BY request_id"),
+            await pool.fetch("SELECT event_id FROM outbox ORDER BY id"),
+            await pool.fetchval("SELECT count(*) FROM inbox"))
+
+
+# --- histories ----------------------------------------------------------------------------------
+
+def _stamp_event(kind: str, rid: str, account: tuple[str, str]) -> Event:
+    ch, acct = account
+    if kind == "reserve":
+        msg = stamp_pb2.StampRequested(request_id=rid, channel_id=ch, account_id=acct)
+    elif kind == "commit":
+        msg = stamp_pb2.StampCompleted(request_id=rid, channel_id=ch, account_id=acct, sn="SN-" + rid)
+    else:
+        msg = stamp_pb2.StampFailed(request_id=rid, channel_id=ch, account_id=acct, code=FAIL_CODE, permanent=True)
+    return hs.event(msg, producer="stamping", key=rid)
+
+
+# The history is drawn step by step (``st.data``), so later steps can aim at what earlier ones made: a
+# commit or release names a request made before (or, now and then, one never made), a reservation is
+# mostly a new request and sometimes one made before (the same request published again, another event
+# id). The repeats in KINDS weigh the draw towards ledger operations, with the batch boundaries, the
+# expiry sweep and the redeliveries in between.
+KINDS = (["credit"] * 4 + ["reserve"] * 4 + ["commit"] * 3 + ["release"] * 2 + ["redeliver"] * 2
+         + ["flush"] * 3 + ["expire"] * 2 + ["replay"])
+PURCHASES_PER_ACCOUNT = 3
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(quantities=st.lists(st.integers(1, 3), min_size=PURCHASES_PER_ACCOUNT * len(ACCOUNTS),
+                           max_size=PURCHASES_PER_ACCOUNT * len(ACCOUNTS)),
+       length=st.integers(10, 60), data=st.data())
+async def test_ledger_invariants_hold_over_any_history(quota, quantities, length, data):
+    pool, handlers, transactional = quota
+    await _reset(pool)
+    model = Model(purchases={f"p{a}.{k}": (account, quantities[a * PURCHASES_PER_ACCOUNT + k])
+                             for a, account in enumerate(ACCOUNTS) for k in range(PURCHASES_PER_ACCOUNT)},
+                  requests={})
+    sent: list[Event] = []
+    batches: list[list[Event]] = []
+    batch: list[Event] = []
+
+    async def flush() -> None:
+        nonlocal batch
+        if not batch:
+            return
+        rejected = await transactional.process(batch)
+        assert rejected == []                      # the ledger rejects nothing: it refuses, in the outbox
+        for ev in batch:
+            model.apply(ev)
+        batches.append(batch)
+        batch = []
+        await _check(pool, model)
+
+    def request(fresh_weight: int, open_weight: int = 0) -> str:
+        made = sorted(model.requests)
+        fresh = f"r{len(made)}"
+        rid = data.draw(st.sampled_from([fresh] * fresh_weight + made + model.open_order * open_weight),
+                        label="request")
+        if rid == fresh:
+            model.requests[rid] = ACCOUNTS[data.draw(st.integers(0, len(ACCOUNTS) - 1), label="account")]
+        return rid
+
+    for _ in range(length):
+        kind = data.draw(st.sampled_from(KINDS), label="step")
+        if kind == "credit":
+            pid = data.draw(st.sampled_from(sorted(model.purchases)), label="purchase")
+            (ch, acct), quantity = model.purchases[pid]
+            msg = purchase_pb2.PurchaseConfirmed(purchase_id=pid, channel_id=ch, account_id=acct, quantity=quantity,
+                                                 amount=quantity * 10_000)
+            ev = hs.event(msg, producer="purchase", key=f"{ch}/{acct}")
+        elif kind == "reserve":
+            rid = request(fresh_weight=4)
+            ev = _stamp_event(kind, rid, model.requests[rid])
+        elif kind in ("commit", "release"):
+            rid = request(fresh_weight=1, open_weight=2)
+            ev = _stamp_event(kind, rid, model.requests[rid])
+        elif kind == "redeliver":
+            if not sent:
+                continue
+            ev = data.draw(st.sampled_from(sent), label="redelivered")     # the same event, the same id
+        elif kind == "replay":
+            await flush()
+            if not batches:
+                continue
+            before = await _snapshot(pool)
+            assert await transactional.process(data.draw(st.sampled_from(batches), label="replayed")) == []
+            assert await _snapshot(pool) == before, "a redelivered batch changed the ledger"
+            continue
+        elif kind == "flush":
+            await flush()
+            continue
+        else:   # expire: the sweep voids the k oldest open reservations (their deadline has passed)
+            await flush()
+            k = data.draw(st.integers(0, min(3, len(model.open_order))), label="expiring")
+            if k == 0:
+                assert await handlers.expire_due(now=dt.datetime.now(dt.UTC)) == 0   # nothing is due yet
+            else:
+                _, cutoff = await ledger.pending_deadline(pool, model.open_order[k - 1])
+                assert await handlers.expire_due(now=cutoff) == k
+                model.expire(k)
+            await _check(pool, model)
+            continue
+        batch.append(ev)
+        sent.append(ev)
+    await flush()
+    for what in {f"{o[0]} {o[2]} {o[3]}" if o[0] == "QuotaRefused"
+                 else f"{o[0]} {o[2]}" if o[0] == "QuotaReleased" else o[0] for o in model.out}:
+        event(what)      # `--hypothesis-show-statistics` shows how often a history reached each outcome
+
+
+# --- concurrency ---------------------------------------------------------------------------------
+
+async def test_concurrent_batches_over_the_same_accounts_in_opposite_orders_do_not_deadlock(quota):
+    """Two instances apply batches that touch the same accounts in opposite orders at the same time.
+
+    Both must complete (the handler locks a batch's accounts in one fixed order first); with locks
+    taken in event order this interleaving deadlocks and PostgreSQL aborts one of the two."""
+    pool, _, transactional = quota
+    await _reset(pool)
+    accounts = [("ch-c", f"acct-{i}") for i in range(6)]
+    rounds = 12
+
+    def batch(tag: str, r: int, order: list[tuple[str, str]]) -> list[Event]:
+        out = []
+        for ch, acct in order:
+            pid = f"p-{tag}-{r}-{acct}"
+            out.append(hs.event(purchase_pb2.PurchaseConfirmed(purchase_id=pid, channel_id=ch, account_id=acct,
+                                                               quantity=1, amount=10_000), producer="purchase"))
+            out.append(_stamp_event("reserve", f"{tag}-{r}-{acct}", (ch, acct)))
+            if r:
+                out.append(_stamp_event("commit", f"{tag}-{r - 1}-{acct}", (ch, acct)))
+        return out
+
+    for r in range(rounds):
+        forward, backward = batch("fw", r, accounts), batch("bw", r, accounts[::-1])
+        results = await asyncio.wait_for(
+            asyncio.gather(transactional.process(forward), transactional.process(backward), return_exceptions=True),
+            timeout=20)
+        assert results == [[], []], f"round {r}: {results!r}"
+
+    rows = await pool.fetch("SELECT channel_id, account_id, credited, pending, committed FROM accounts "
+                            "WHERE channel_id = 'ch-c' ORDER BY account_id")
+    # per account and round: two credits, two reservations; every reservation but the last round's committed
+    assert [(r["credited"], r["pending"], r["committed"]) for r in rows] == \
+        [(2 * rounds, 2, 2 * (rounds - 1))] * len(accounts)
+    kinds = [type(m).__name__ for _, m in await hs.outbox(pool)]
+    assert kinds.count("QuotaReserved") == 2 * rounds * len(accounts)
+    assert kinds.count("QuotaCommitted") == 2 * (rounds - 1) * len(accounts)
+    assert "QuotaRejected" not in kinds and "QuotaRefused" not in kinds
+
+
+async def test_the_expiry_sweep_and_a_batch_resolving_the_same_reservation_do_not_deadlock(quota, monkeypatch):
+    """A stamp completes just as its reservation falls due: the consumer's batch (commit) and the expiry
+    sweep (void) race for the same reservation. One of them must win cleanly and the other see it
+    resolved; neither may fail. The interleaving is forced: the batch holds the account's lock when
+    the sweep has claimed the due reservation."""
+    pool, handlers, _ = quota
+    await _reset(pool)
+    ch, acct = "ch-d", "acct-1"
+    t = Transactional(pool, CONSUMER, handlers.apply)
+    await t.process([hs.event(purchase_pb2.PurchaseConfirmed(purchase_id=f"p-{uuid.uuid4()}", channel_id=ch,
+                                                             account_id=acct, quantity=2), producer="purchase")])
+    await t.process([_stamp_event("reserve", "late", (ch, acct))])
+
+    batch_holds_account, sweep_holds_reservation = asyncio.Event(), asyncio.Event()
+
+    async def apply_after_sweep_claimed(conn, events):
+        await ledger.lock_accounts(conn, {(ch, acct)})        # what handlers.apply does first
+        batch_holds_account.set()
+        with contextlib.suppress(TimeoutError):       # a sweep that waits for the account never gets there
+            await asyncio.wait_for(sweep_holds_reservation.wait(), 1.0)
+        return await handlers.apply(conn, events)
+
+    due_expiries = ledger.due_expiries
+
+    async def due_once_the_batch_holds_the_account(conn, now, limit=200):
+        await batch_holds_account.wait()
+        due = await due_expiries(conn, now, limit)
+        sweep_holds_reservation.set()
+        await asyncio.sleep(0.3)                               # the batch reaches the reservation row
+        return due
+
+    monkeypatch.setattr(ledger, "due_expiries", due_once_the_batch_holds_the_account)
+    commit = _stamp_event("commit", "late", (ch, acct))
+    batch_result, swept = await asyncio.wait_for(asyncio.gather(
+        Transactional(pool, CONSUMER, apply_after_sweep_claimed).process([commit]),
+        handlers.expire_due(now=dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)),
+        return_exceptions=True), timeout=20)
+    assert not isinstance(batch_result, BaseException), f"the consumer's batch failed: {batch_result!r}"
+    assert not isinstance(swept, BaseException), f"the expiry sweep failed: {swept!r}"
+    resolutions = await pool.fetch("SELECT kind FROM transfers WHERE pending_id = 'late'")
+    assert len(resolutions) == 1
+    row = await pool.fetchrow("SELECT credited, pending, committed FROM accounts WHERE channel_id = $1", ch)
+    assert row["pending"] == 0 and row["credited"] - row["committed"] - row["pending"] >= 0
