@@ -58,9 +58,8 @@ test: setup system-packages ## everything: unit, integration, end-to-end, chaos 
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; exit $$rc
 
-test-fast: setup ## the quick tiers only (skips tests marked slow)
-	$(STACK) up
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] && exit $$rc || exit 1
+test-fast: setup ## unit + component tiers: handlers and the pipeline on real PostgreSQL, no Kafka, about a minute
+	$(PY) -m pytest -m "not slow" tests/unit tests/component $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] && exit $$rc || exit 1
 
 bench: setup system-packages ## stamping engine vs pyHanko's default path, same run; stops the platform and its stack first
 	-@test -x $(BUBUH) && $(BUBUH) down

@@ -168,12 +168,17 @@ class KafkaSource:
             log.warning("commit failed; records will be redelivered", topics=self._topics, error=repr(exc))
             return False
 
+    # A partition that a rebalance took away while its batch was in flight is skipped (aiokafka
+    # raises IllegalStateError for it, which would end the consumer loop): its new owner reads it
+    # from the committed offset.
     def seek(self, tp: TopicPartition, offset: int) -> None:
-        self._consumer.seek(tp, offset)
-        self._delivered[tp] = offset
+        if tp in self._consumer.assignment():
+            self._consumer.seek(tp, offset)
+            self._delivered[tp] = offset
 
     def pause(self, tps: Iterable[TopicPartition]) -> None:
-        self._consumer.pause(*tps)
+        mine = self._consumer.assignment()
+        self._consumer.pause(*[tp for tp in tps if tp in mine])
 
     def resume(self, tps: Iterable[TopicPartition]) -> None:
         mine = self._consumer.assignment()

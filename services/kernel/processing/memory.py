@@ -229,8 +229,9 @@ class MemorySource:
                 pass
 
     def _read(self, budget: int) -> Polled:
-        """Up to ``budget`` records; a partition stops at an undecodable stretch, which the next poll
-        reports alone (as ``KafkaSource`` does), so no commit can jump over records before it."""
+        """Up to ``budget`` records. An undecodable stretch comes in the same poll as the records just
+        before it, as ``KafkaSource`` delivers it, and ends that partition's read: the pipeline handles
+        those records, then the stretch; the records behind it come with the next poll."""
         polled = Polled()
         tps = sorted(self._positions)
         if not tps:
@@ -240,20 +241,17 @@ class MemorySource:
             if tp in self._paused or budget <= 0:
                 continue
             log, pos = self._broker._log(tp), self._positions[tp]
-            if pos >= len(log):
-                continue
-            slot = log[pos]
-            if isinstance(slot, _Stretch):
-                polled.undecodable.append(Undecodable(tp, max(slot.start, pos), slot.end, slot.reason))
-                self._positions[tp] = slot.end
-                continue
             taken: list[Record] = []
             while pos < len(log) and len(taken) < budget and isinstance(log[pos], Record):
                 taken.append(log[pos])
                 pos += 1
+            if taken:
+                polled.records[tp] = taken
+                budget -= len(taken)
+            if pos < len(log) and isinstance(slot := log[pos], _Stretch):
+                polled.undecodable.append(Undecodable(tp, max(slot.start, pos), slot.end, slot.reason))
+                pos = slot.end
             self._positions[tp] = pos
-            polled.records[tp] = taken
-            budget -= len(taken)
         return polled
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> bool:
