@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+import orjson
 import structlog
 
 from services.kernel import tracing
@@ -19,7 +20,10 @@ def _add_trace_id(_logger, _name, event_dict):
 
 def configure(service: str, level: str = "info", fmt: str = "json") -> None:
     lvl = getattr(logging, level.upper(), logging.INFO)
-    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
+    # orjson: the stdlib encoder was a tenth of a consumer's CPU at one line per record
+    json_lines = fmt == "json"
+    renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps) if json_lines \
+        else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -30,7 +34,8 @@ def configure(service: str, level: str = "info", fmt: str = "json") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.BytesLoggerFactory(file=sys.stderr.buffer) if json_lines
+        else structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(service=service)

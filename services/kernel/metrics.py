@@ -13,6 +13,8 @@ CONSUMED = Counter("bubuh_consumer_records_total", "Records handled by a consume
 HANDLE_SECONDS = Histogram("bubuh_consumer_handle_seconds", "Time to handle one record",
                            ["consumer", "topic"],
                            buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+BATCH_RECORDS = Histogram("bubuh_consumer_batch_records", "Records of one partition handled as one batch",
+                          ["consumer"], buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 LAG = Gauge("bubuh_consumer_lag_records", "Records between the committed offset and the end of a partition",
             ["consumer", "topic", "partition"])
 DEAD_LETTERED = Counter("bubuh_dead_letter_records_total", "Records sent to a dead-letter topic, by reason",

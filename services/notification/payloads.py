@@ -57,6 +57,10 @@ KINDS: dict[type[Message], tuple[str, object, str]] = {
 }
 
 
+# the event types the notification intake acts on (the pipeline skips the rest unread)
+TYPES = frozenset(msg.DESCRIPTOR.full_name for msg in KINDS)
+
+
 def kind_of(msg: Message) -> str | None:
     found = KINDS.get(type(msg))
     return found[0] if found else None

@@ -22,7 +22,7 @@ from services.kernel.processing.handler import Transactional
 from services.kernel.processing.pipeline import ConsumerLoop
 from services.kernel.runtime import ConfigError, Runtime, Task
 from services.kernel.waiting import wait_or_stop
-from services.notification import NAME, api, templates
+from services.notification import NAME, api, payloads, templates
 from services.notification.dispatcher import Dispatcher
 from services.notification.housekeeping import Housekeeping
 from services.notification.intake import CONSUMER, Intake
@@ -46,7 +46,7 @@ async def workers(rt: Runtime) -> list[Task]:
     loop = ConsumerLoop(s, rt.producer, name=CONSUMER,
                         topics=[s.topic(t.name) for t in (topics.QUOTA_EVENTS, topics.PURCHASE_EVENTS,
                                                           topics.STAMP_EVENTS)],
-                        handler=Transactional(pool, CONSUMER, intake.apply), pool=pool,
+                        handler=Transactional(pool, CONSUMER, intake.apply, payloads.TYPES), pool=pool,
                         dead_letter_topic=s.topic(topics.NOTIFICATION_DLQ.name))
 
     async def consume(stop: asyncio.Event) -> None:

@@ -49,10 +49,15 @@ class Confirmation:
         self._events_topic = settings.topic(topics.PURCHASE_EVENTS.name)
 
     async def apply(self, conn: asyncpg.Connection, batch: list[Event]) -> list[Rejection]:
-        """One partition batch, in the pipeline's transaction (the inbox has claimed it already)."""
+        """One partition batch, in the pipeline's transaction (the inbox has claimed it already).
+
+        Set-based: one query reads (and locks) what is known of the batch's orders, one statement
+        writes every decision, one the outbox rows. The decisions themselves are taken in the order
+        of the records, exactly as one record at a time would take them.
+        """
         rejected: list[Rejection] = []
-        outgoing: list[events.Outgoing] = []
         secrets: dict[str, tuple[str, list[bytes]] | None] = {}
+        authentic: list[tuple[Event, purchase_pb2.PurchaseSubmitted, PurchaseOrder]] = []
         for event in batch:
             msg = event.payload
             try:
@@ -62,39 +67,60 @@ class Confirmation:
             except errors.BubuhError as exc:
                 rejected.append(Rejection(event, exc))
                 continue
-            await self._confirm(conn, event, msg, outgoing)
+            authentic.append((event, msg, order_of(msg)))
+        if not authentic:
+            return rejected
+        live = await self._live(conn, authentic)
+        decided: list[tuple] = []
+        outgoing: list[events.Outgoing] = []
+        for event, msg, order in authentic:
+            self._decide(event, msg, order, live, decided, outgoing)
+        if decided:
+            await conn.executemany(
+                "INSERT INTO purchases (purchase_id, channel_id, channel_order_id, account_id, quantity, amount, "
+                "paid_at, payment_ref, body_sha256, status, code, detail, decided_at) "
+                "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12, now()) "
+                "ON CONFLICT (purchase_id) DO UPDATE SET status = EXCLUDED.status, code = EXCLUDED.code, "
+                "detail = EXCLUDED.detail, decided_at = now()", decided)
         await outbox.add(conn, outgoing)
         return rejected
 
-    async def _confirm(self, conn: asyncpg.Connection, event: Event, msg: purchase_pb2.PurchaseSubmitted,
-                       outgoing: list[events.Outgoing]) -> None:
-        order = order_of(msg)
+    @staticmethod
+    async def _live(conn: asyncpg.Connection, authentic) -> dict[tuple[str, str], tuple[str, str]]:
+        """(channel, order id) -> (purchase id, status) of the batch's orders not rejected, locked."""
+        keys = sorted({(o.channel_id, o.channel_order_id) for _, _, o in authentic})
+        rows = await conn.fetch(
+            "SELECT channel_id, channel_order_id, purchase_id, status FROM purchases "
+            "WHERE (channel_id, channel_order_id) IN (SELECT c, o FROM unnest($1::text[], $2::text[]) AS u(c, o)) "
+            "AND status <> 'rejected' ORDER BY channel_id, channel_order_id FOR UPDATE",
+            [k[0] for k in keys], [k[1] for k in keys])
+        return {(r["channel_id"], r["channel_order_id"]): (r["purchase_id"], r["status"]) for r in rows}
+
+    def _decide(self, event: Event, msg: purchase_pb2.PurchaseSubmitted, order: PurchaseOrder,
+                live: dict[tuple[str, str], tuple[str, str]], decided: list[tuple],
+                outgoing: list[events.Outgoing]) -> None:
         purchase_id = order.purchase_id()
+        key = (order.channel_id, order.channel_order_id)
         try:
             validate(order, price=self._settings.stamp_price_rupiah,
                      max_quantity=self._settings.purchase_max_quantity,
                      now=event.envelope.occurred_at.ToDatetime(tzinfo=dt.UTC))
         except errors.BubuhError as exc:
-            await self._reject(conn, order, purchase_id, exc.code.code, exc.detail, event, outgoing)
+            if live.get(key, ("",))[0] == purchase_id:
+                del live[key]               # the upsert below turns that row into a rejected one
+            self._reject(order, purchase_id, exc.code.code, exc.detail, event, decided, outgoing)
             return
-        live = await conn.fetchrow(
-            "SELECT purchase_id, status FROM purchases WHERE channel_id = $1 AND channel_order_id = $2 "
-            "AND status <> 'rejected' FOR UPDATE", order.channel_id, order.channel_order_id)
-        if live is not None and live["purchase_id"] != purchase_id:
-            await self._reject(conn, order, purchase_id, errors.IDEMPOTENCY_MISMATCH.code,
-                               f"order {order.channel_order_id!r} was confirmed as {live['purchase_id']} "
-                               "with another body", event, outgoing)
+        current = live.get(key)
+        if current is not None and current[0] != purchase_id:
+            self._reject(order, purchase_id, errors.IDEMPOTENCY_MISMATCH.code,
+                         f"order {order.channel_order_id!r} was confirmed as {current[0]} with another body",
+                         event, decided, outgoing)
             return
-        if live is not None and live["status"] == "confirmed":
+        if current is not None and current[1] == "confirmed":
             PURCHASES.labels("duplicate").inc()
             return
-        await conn.execute(
-            "INSERT INTO purchases (purchase_id, channel_id, channel_order_id, account_id, quantity, amount, "
-            "paid_at, payment_ref, body_sha256, status, decided_at) "
-            "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,'confirmed', now()) "
-            "ON CONFLICT (purchase_id) DO UPDATE SET status = 'confirmed', decided_at = now()",
-            purchase_id, order.channel_id, order.channel_order_id, order.account_id, order.quantity,
-            order.amount, order.paid_at, order.payment_ref, order.body_sha256())
+        live[key] = (purchase_id, "confirmed")
+        decided.append(self._row(order, purchase_id, "confirmed", None, None))
         confirmed = purchase_pb2.PurchaseConfirmed(
             purchase_id=purchase_id, channel_id=order.channel_id, channel_order_id=order.channel_order_id,
             account_id=order.account_id, quantity=order.quantity, amount=order.amount,
@@ -104,6 +130,11 @@ class Confirmation:
         PURCHASES.labels("confirmed").inc()
         log.info("purchase confirmed", purchase_id=purchase_id, channel_id=order.channel_id,
                  account_id=order.account_id, quantity=order.quantity, trace_id=event.envelope.trace_id)
+
+    @staticmethod
+    def _row(order: PurchaseOrder, purchase_id: str, status: str, code: str | None, detail: str | None) -> tuple:
+        return (purchase_id, order.channel_id, order.channel_order_id, order.account_id, order.quantity,
+                order.amount, order.paid_at, order.payment_ref, order.body_sha256(), status, code, detail)
 
     async def _authenticate(self, conn: asyncpg.Connection, event: Event, msg,
                             cache: dict[str, tuple[str, list[bytes]] | None]) -> None:
@@ -125,21 +156,16 @@ class Confirmation:
         if status != "active":
             raise errors.BubuhError(errors.CHANNEL_INACTIVE, f"channel {msg.channel_id} is {status}")
 
-    async def _reject(self, conn, order: PurchaseOrder, purchase_id: str, code: str, detail: str,
-                      event: Event, outgoing: list[events.Outgoing]) -> None:
-        await conn.execute(
-            "INSERT INTO purchases (purchase_id, channel_id, channel_order_id, account_id, quantity, amount, "
-            "paid_at, payment_ref, body_sha256, status, code, detail, decided_at) "
-            "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,'rejected',$10,$11, now()) "
-            "ON CONFLICT (purchase_id) DO UPDATE SET status = 'rejected', code = $10, detail = $11, decided_at = now()",
-            purchase_id, order.channel_id, order.channel_order_id, order.account_id, order.quantity, order.amount,
-            order.paid_at, order.payment_ref, order.body_sha256(), code, detail)
+    def _reject(self, order: PurchaseOrder, purchase_id: str, code: str, detail: str, event: Event,
+                decided: list[tuple], outgoing: list[events.Outgoing]) -> None:
+        decided.append(self._row(order, purchase_id, "rejected", code, detail))
         rejected = purchase_pb2.PurchaseRejected(purchase_id=purchase_id, channel_id=order.channel_id,
                                                  channel_order_id=order.channel_order_id,
                                                  account_id=order.account_id, code=code, detail=detail)
         outgoing.append(self._event(rejected, order, purchase_id, "rejected", event))
         PURCHASES.labels("rejected").inc()
-        log.info("purchase rejected", purchase_id=purchase_id, code=code, detail=detail)
+        log.info("purchase rejected", purchase_id=purchase_id, code=code, detail=detail,
+                 trace_id=event.envelope.trace_id)
 
     def _event(self, msg, order: PurchaseOrder, purchase_id: str, what: str, cause: Event) -> events.Outgoing:
         env = events.envelope(msg, producer=NAME, causation_id=cause.event_id,

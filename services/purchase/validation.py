@@ -11,6 +11,7 @@ import hashlib
 import re
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 
 from services.kernel import errors
 
@@ -33,14 +34,23 @@ class PurchaseOrder:
 
     def body_sha256(self) -> str:
         """Fingerprint of what the channel asserted; the same order id with another fingerprint is a mismatch."""
+        return self._fingerprint
+
+    def purchase_id(self) -> str:
+        """Deterministic: a retry of the same order gets the same id, without asking any database."""
+        return self._purchase_id
+
+    # computed once per order (a frozen dataclass still has an instance __dict__ for cached_property)
+    @cached_property
+    def _fingerprint(self) -> str:
         paid = self.paid_at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         canon = "\x1f".join([self.channel_order_id, self.account_id, str(self.quantity), str(self.amount), paid,
                              self.payment_ref])
         return hashlib.sha256(canon.encode()).hexdigest()
 
-    def purchase_id(self) -> str:
-        """Deterministic: a retry of the same order gets the same id, without asking any database."""
-        return str(uuid.uuid5(_NAMESPACE, f"{self.channel_id}\x1f{self.channel_order_id}\x1f{self.body_sha256()}"))
+    @cached_property
+    def _purchase_id(self) -> str:
+        return str(uuid.uuid5(_NAMESPACE, f"{self.channel_id}\x1f{self.channel_order_id}\x1f{self._fingerprint}"))
 
 
 def validate(order: PurchaseOrder, *, price: int, max_quantity: int, now: dt.datetime | None = None) -> None:

@@ -44,12 +44,13 @@ def _account_of(msg) -> tuple[str, str] | None:
 
 
 class QuotaHandlers:
+    TYPES = frozenset(events.type_name(t) for t in (purchase_pb2.PurchaseConfirmed, stamp_pb2.StampRequested,
+                                                    stamp_pb2.StampCompleted, stamp_pb2.StampFailed))
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
         self._pool = pool
         self._settings = settings
         self._topic = settings.topic(topics.QUOTA_EVENTS.name)
         self._operations = {
-            purchase_pb2.PurchaseConfirmed: ("credit", self._credit),
             stamp_pb2.StampRequested: ("reserve", self._reserve),
             stamp_pb2.StampCompleted: ("commit", self._commit),
             stamp_pb2.StampFailed: ("release", self._release),
@@ -63,7 +64,13 @@ class QuotaHandlers:
         """
         await ledger.lock_accounts(conn, {_account_of(e.payload) for e in batch} - {None})
         outgoing: list[events.Outgoing] = []
+        credits: list[Event] = []          # a run of consecutive credits is applied set-based
         for event in batch:
+            if isinstance(event.payload, purchase_pb2.PurchaseConfirmed):
+                credits.append(event)
+                continue
+            await self._credit_run(conn, credits, outgoing)
+            credits = []
             entry = self._operations.get(type(event.payload))
             if entry is None:
                 continue      # PurchaseRejected and other events on these topics are not the ledger's business
@@ -71,30 +78,42 @@ class QuotaHandlers:
             started = time.perf_counter()
             outcome = await op(conn, event, outgoing)
             LEDGER_SECONDS.labels(operation).observe(time.perf_counter() - started)
-            LEDGER_OPERATIONS.labels(operation, outcome.result).inc()
-            log.info("ledger", operation=operation, result=outcome.result, code=outcome.code or None,
-                     subject=getattr(event.payload, "request_id", "") or getattr(event.payload, "purchase_id", ""),
-                     balance=outcome.balance.as_dict() if outcome.balance else None,
-                     trace_id=event.envelope.trace_id)
+            self._record(operation, outcome, event)
+        await self._credit_run(conn, credits, outgoing)
         await outbox.add(conn, outgoing)
+
+    @staticmethod
+    def _record(operation: str, outcome: ledger.Outcome, event: Event) -> None:
+        LEDGER_OPERATIONS.labels(operation, outcome.result).inc()
+        log.info("ledger", operation=operation, result=outcome.result, code=outcome.code or None,
+                 subject=getattr(event.payload, "request_id", "") or getattr(event.payload, "purchase_id", ""),
+                 balance=outcome.balance.as_dict() if outcome.balance else None,
+                 trace_id=event.envelope.trace_id)
+
+    async def _credit_run(self, conn: asyncpg.Connection, run: list[Event], outgoing: list[events.Outgoing]) -> None:
+        if not run:
+            return
+        started = time.perf_counter()
+        outcomes = await ledger.credit_many(conn, [
+            ledger.Credit(m.purchase_id, m.channel_id, m.account_id, m.quantity, e.event_id)
+            for e in run for m in (e.payload,)])
+        LEDGER_SECONDS.labels("credit").observe((time.perf_counter() - started) / len(run))
+        for event, out in zip(run, outcomes, strict=True):
+            m: purchase_pb2.PurchaseConfirmed = event.payload
+            if out.applied:
+                outgoing.append(self._outgoing(
+                    quota_pb2.QuotaCredited(channel_id=m.channel_id, account_id=m.account_id,
+                                            purchase_id=m.purchase_id, quantity=m.quantity,
+                                            balance=_balance(out.balance), buyer_email=m.buyer_email),
+                    events.account_key(m.channel_id, m.account_id), derived_event_id(m.purchase_id, "credited"),
+                    event))
+            self._record("credit", out, event)
 
     def _outgoing(self, msg, key: str, event_id: str, cause: Event | None) -> events.Outgoing:
         env = events.envelope(msg, producer=NAME, event_id=event_id,
                               causation_id=cause.event_id if cause else "",
                               trace_id=cause.envelope.trace_id if cause else None)
         return events.outgoing(self._topic, key, env)
-
-    async def _credit(self, conn, event: Event, outgoing: list[events.Outgoing]) -> ledger.Outcome:
-        m: purchase_pb2.PurchaseConfirmed = event.payload
-        out = await ledger.credit(conn, purchase_id=m.purchase_id, channel_id=m.channel_id, account_id=m.account_id,
-                                  quantity=m.quantity, event_id=event.event_id, locked=True)
-        if out.applied:
-            outgoing.append(self._outgoing(quota_pb2.QuotaCredited(channel_id=m.channel_id, account_id=m.account_id,
-                                                           purchase_id=m.purchase_id, quantity=m.quantity,
-                                                           balance=_balance(out.balance), buyer_email=m.buyer_email),
-                             events.account_key(m.channel_id, m.account_id),
-                             derived_event_id(m.purchase_id, "credited"), event))
-        return out
 
     async def _reserve(self, conn, event: Event, outgoing: list[events.Outgoing]) -> ledger.Outcome:
         m: stamp_pb2.StampRequested = event.payload

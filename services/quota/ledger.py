@@ -100,6 +100,65 @@ async def credit(conn: asyncpg.Connection, *, purchase_id: str, channel_id: str,
     return Outcome("applied", await _move(conn, channel_id, account_id, credited=quantity))
 
 
+@dataclass(frozen=True)
+class Credit:
+    purchase_id: str
+    channel_id: str
+    account_id: str
+    quantity: int
+    event_id: str
+
+
+async def credit_many(conn: asyncpg.Connection, credits: list[Credit]) -> list[Outcome]:
+    """Credit a run of purchases in two statements; the accounts must be locked (``lock_accounts``).
+
+    Each outcome is what ``credit`` one at a time would give, in order: ``applied`` with the balance
+    right after that credit, or ``duplicate`` (the purchase was credited before, or earlier in the run).
+    """
+    if not credits:
+        return []
+    inserted = {r["id"] for r in await conn.fetch(
+        "INSERT INTO transfers (id, kind, channel_id, account_id, amount, event_id) "
+        "SELECT i, 'credit', c, a, q, e FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[]) "
+        "AS u(i, c, a, q, e) ON CONFLICT (id) DO NOTHING RETURNING id",
+        [c.purchase_id for c in credits], [c.channel_id for c in credits], [c.account_id for c in credits],
+        [c.quantity for c in credits], [c.event_id for c in credits])}
+    applied: list[Credit | None] = []
+    for c in credits:
+        if c.purchase_id in inserted:
+            inserted.discard(c.purchase_id)      # a second copy in the run is a duplicate
+            applied.append(c)
+        else:
+            applied.append(None)
+    totals: dict[tuple[str, str], int] = {}
+    for c in applied:
+        if c is not None:
+            totals[(c.channel_id, c.account_id)] = totals.get((c.channel_id, c.account_id), 0) + c.quantity
+    if not totals:
+        return [Outcome("duplicate") for _ in credits]
+    keys = sorted(totals)
+    rows = await conn.fetch(
+        "UPDATE accounts AS t SET credited = t.credited + u.q "
+        "FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(c, a, q) "
+        "WHERE t.channel_id = u.c AND t.account_id = u.a RETURNING t.channel_id, t.account_id, t.credited, "
+        "t.pending, t.committed", [k[0] for k in keys], [k[1] for k in keys], [totals[k] for k in keys])
+    final = {(r["channel_id"], r["account_id"]): Balance(r["credited"], r["pending"], r["committed"]) for r in rows}
+    if len(final) != len(keys):
+        raise RuntimeError("credit_many: an account of the run does not exist (lock_accounts creates them)")
+    # the balance after each credit: walk back from the final balance
+    out: list[Outcome] = [Outcome("duplicate")] * len(credits)
+    running = dict(final)
+    for i in range(len(credits) - 1, -1, -1):
+        c = applied[i]
+        if c is None:
+            continue
+        key = (c.channel_id, c.account_id)
+        out[i] = Outcome("applied", running[key])
+        b = running[key]
+        running[key] = Balance(b.credited - c.quantity, b.pending, b.committed)
+    return out
+
+
 async def reserve(conn: asyncpg.Connection, *, request_id: str, channel_id: str, account_id: str,
                   deadline: dt.datetime, event_id: str) -> Outcome:
     bal = await _lock_account(conn, channel_id, account_id)

@@ -9,6 +9,10 @@ record by record, so the others still land and only the failing one meets the fa
 ``PerRecord``: for work that is not one transaction (the stamping worker signs between two), the
 records are handled one at a time; such a handler keeps its own idempotency.
 
+A handler names the event types it acts on: the others on its topics (a consumer of
+``purchase.events`` that only credits skips ``PurchaseRejected``) are passed over by their
+``bubuh-event-type`` header, undecoded and unclaimed, which spares a decode and an inbox row each.
+
 Either returns the records it *rejects* (a forged or invalid event: a ``BubuhError`` with a
 non-retryable code) instead of raising, so one bad record does not undo its batch; the pipeline
 dead-letters them. Anything raised is a failure of the whole call, classified by ``failures.py``.
@@ -34,6 +38,7 @@ class Rejection:
 
 class Handler(Protocol):
     batched: bool
+    # optional: ``types``, the event types it acts on (absent or None: all); others are skipped unread
 
     async def process(self, events: Sequence[Event]) -> list[Rejection]: ...
 
@@ -44,10 +49,12 @@ Apply = Callable[[asyncpg.Connection, list[Event]], Awaitable[list[Rejection] | 
 class Transactional:
     batched = True
 
-    def __init__(self, pool: asyncpg.Pool, consumer: str, apply: Apply) -> None:
+    def __init__(self, pool: asyncpg.Pool, consumer: str, apply: Apply,
+                 types: frozenset[str] | None = None) -> None:
         self._pool = pool
         self._consumer = consumer
         self._apply = apply
+        self.types = types
 
     async def process(self, events: Sequence[Event]) -> list[Rejection]:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -63,8 +70,9 @@ class Transactional:
 class PerRecord:
     batched = False
 
-    def __init__(self, handle: Callable[[Event], Awaitable[None]]) -> None:
+    def __init__(self, handle: Callable[[Event], Awaitable[None]], types: frozenset[str] | None = None) -> None:
         self._handle = handle
+        self.types = types
 
     async def process(self, events: Sequence[Event]) -> list[Rejection]:
         rejected: list[Rejection] = []

@@ -44,6 +44,10 @@ def build_consumer(settings: Settings, *topics: str, group_id: str | None, clien
         heartbeat_interval_ms=2_000,
         max_poll_interval_ms=300_000,
         metadata_max_age_ms=30_000,
+        # let a fetch gather up to 64 KiB for at most 20 ms: under load, batches (one transaction each)
+        # grow instead of the consumer committing a transaction per handful of records
+        fetch_min_bytes=64 * 1024,
+        fetch_max_wait_ms=20,
     )
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)

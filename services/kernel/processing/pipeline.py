@@ -29,15 +29,17 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 import asyncpg
 
 from services.kernel import errors, events, failures, logs, retry, tracing
 from services.kernel.database import healthy
-from services.kernel.events import Event, Outgoing
+from services.kernel.events import HEADER_TYPE, Event, Outgoing
 from services.kernel.failures import Kind
 from services.kernel.metrics import (
+    BATCH_RECORDS,
     CONSUMED,
     CONSUMER_STOPPED,
     CRASH_RETRIES,
@@ -88,6 +90,7 @@ class ConsumerLoop:
         self._producer = producer
         self._topics = topics
         self._handler = handler
+        self._types: frozenset[str] | None = getattr(handler, "types", None)   # None: every type
         self._dlq = dead_letter_topic
         self._pool = pool
         self._max_batch = max_batch or settings.consumer_max_batch
@@ -189,11 +192,18 @@ class ConsumerLoop:
     # --- one partition's records, in order ----------------------------------------------------
     async def _partition(self, records: list[Record]) -> None:
         run: list[Event] = []
+        types = self._types
+        skipped = 0
         for record in records:
-            if self._foreign_retry(record):
+            if self._foreign_retry(record) or (types is not None and self._other_type(record, types)):
+                skipped += 1
                 continue
             try:
-                run.append(self._decode(record))
+                event = self._decode(record)
+                if types is not None and event.type not in types:
+                    skipped += 1
+                    continue
+                run.append(event)
             except errors.BubuhError as exc:
                 await self._run(run)
                 run = []
@@ -201,6 +211,15 @@ class ConsumerLoop:
                                         exc.code.code, record.offset, exc.detail)
                 CONSUMED.labels(self.name, record.topic, "dead_lettered").inc()
         await self._run(run)
+        if skipped:
+            CONSUMED.labels(self.name, records[0].topic, "skipped").inc(skipped)
+
+    @staticmethod
+    def _other_type(record: Record, types: frozenset[str]) -> bool:
+        for k, v in record.headers:
+            if k == HEADER_TYPE:
+                return v.decode(errors="replace") not in types
+        return False          # no header: decode it and look
 
     def _foreign_retry(self, record: Record) -> bool:
         for k, v in record.headers:
@@ -280,17 +299,20 @@ class ConsumerLoop:
             return
 
     def _observe(self, run: Sequence[Event], seconds: float) -> None:
+        BATCH_RECORDS.labels(self.name).observe(len(run))
         each = seconds / len(run)
-        for e in run:
-            HANDLE_SECONDS.labels(self.name, e.topic).observe(each)
+        for topic, n in Counter(e.topic for e in run).items():
+            child = HANDLE_SECONDS.labels(self.name, topic)
+            for _ in range(n):
+                child.observe(each)
 
     async def _settle(self, run: Sequence[Event], rejected: list[Rejection]) -> None:
         """Count what landed; dead-letter what the handler rejected."""
         bad = {r.event.event_id for r in rejected}
         landed = [e for e in run if e.event_id not in bad]
         self._watch.handled(len(landed))
-        for e in landed:
-            CONSUMED.labels(self.name, e.topic, "handled").inc()
+        for topic, n in Counter(e.topic for e in landed).items():
+            CONSUMED.labels(self.name, topic, "handled").inc(n)
         for r in rejected:
             e = r.event
             await self._dead_letter(dead_letter_record(_record_of(e), self._dlq, self.name, r.error.code.code,
