@@ -61,8 +61,10 @@ test: setup system-packages ## everything: unit, integration, end-to-end, chaos 
 test-fast: setup ## unit + component tiers: handlers and the pipeline on real PostgreSQL, no Kafka, about a minute
 	$(PY) -m pytest -m "not slow" tests/unit tests/component $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] && exit $$rc || exit 1
 
-bench: setup system-packages ## stamping engine vs pyHanko's default path, same run; stops the platform and its stack first
+bench: setup system-packages ## the purchase pipeline on the local stack vs PostgreSQL's own ceiling, then the stamping engine vs pyHanko's default path
 	-@test -x $(BUBUH) && $(BUBUH) down
+	$(STACK) up
+	$(PY) -m loadtests.bench_pipeline --out loadtests/results/pipeline.json --readme README.md --profile-dir loadtests/results --label after
 	-$(STACK) down
 	$(PY) -m loadtests.bench_engine --out loadtests/results/engine.json --readme README.md
 

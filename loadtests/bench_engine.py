@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests import corpus  # noqa: E402
+from loadtests.readme import update_readme as readme_table  # noqa: E402
 from services.stamping.serial import SerialIssuer  # noqa: E402
 from services.stamping.signing import keys  # noqa: E402
 from services.stamping.signing.engine import SignerConfig, StampingEngine  # noqa: E402
@@ -219,13 +220,8 @@ README_END = "<!-- bench:engine:end -->"
 
 def update_readme(readme: Path, table: str, generated_at: str) -> None:
     """Replace the table between the markers, so the README always shows the latest run."""
-    text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise SystemExit(f"{readme}: markers {README_BEGIN!r} / {README_END!r} not found")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_BEGIN}\nLatest run: {generated_at}, `loadtests/results/engine.json`.\n\n"
-                      f"{table}\n{README_END}{tail}")
+    readme_table(readme, table, generated_at, begin=README_BEGIN, end=README_END,
+                 source="loadtests/results/engine.json")
 
 
 def markdown(result: dict) -> str:

@@ -1,0 +1,15 @@
+"""The README tables the benchmarks rewrite: everything between a pair of markers is replaced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def update_readme(readme: Path, table: str, generated_at: str, *, begin: str, end: str, source: str) -> None:
+    """Replace the table between ``begin`` and ``end``, so the README always shows the latest run."""
+    text = readme.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme}: markers {begin!r} / {end!r} not found")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\nLatest run: {generated_at}, `{source}`.\n\n{table}\n{end}{tail}")
