@@ -113,13 +113,15 @@ async def consumers_caught_up(settings: Settings) -> bool:
     try:
         groups = [g[0] for g in await admin.list_consumer_groups()
                   if settings.topic_prefix and g[0].startswith(settings.topic_prefix)]
-        await probe.topics()                    # refreshes the metadata partitions_for_topic reads
         for group in groups:
             committed = {tp: meta.offset for tp, meta in (await admin.list_consumer_group_offsets(group)).items()}
             if not committed:
                 return False
-            partitions = [TopicPartition(topic, p) for topic in {tp.topic for tp in committed}
-                          for p in probe.partitions_for_topic(topic) or ()]
+            # the broker's own answer: a fresh client's partitions_for_topic() can stay empty for minutes
+            described = await admin.describe_topics(sorted({tp.topic for tp in committed}))
+            partitions = [TopicPartition(d["topic"], p["partition"]) for d in described for p in d["partitions"]]
+            if not partitions:
+                return False
             ends = await probe.end_offsets(partitions)
             if any(committed.get(tp, 0) < end for tp, end in ends.items()):
                 return False

@@ -454,3 +454,25 @@ async def test_exempted_codes_do_not_count_towards_the_dead_letter_limit(rig):
     assert member.loop.stopped_reason is None and not member.task.done()
     assert [v for _, v in rig.dead_letters()] == [p.value for p in poison]
     assert sorted(await rig.applied()) == sorted(r.event_id for r in head + tail)
+
+
+async def test_event_types_the_handler_does_not_act_on_are_skipped_unread_and_unclaimed(rig):
+    wanted = frozenset({events.type_name(purchase_pb2.PurchaseConfirmed)})
+    source = rig.broker.source(rig.group, [rig.topic], max_batch=100)
+    loop = ConsumerLoop(rig.settings, rig.producer, name=rig.name, topics=[rig.topic],
+                        handler=Transactional(rig.pool, rig.name, rig.apply, wanted), dead_letter_topic=rig.dlq,
+                        pool=rig.pool, group_id=rig.group, source=source)
+    stop = asyncio.Event()
+    rig.members.append(Member(loop, source, stop, asyncio.create_task(loop.run(stop))))
+    key = rig.key_on(0)
+    other = purchase_pb2.PurchaseRejected(purchase_id="p-x", code="AMOUNT_MISMATCH")   # no quantity: applying it fails
+    skipped = events.outgoing(rig.topic, key, events.envelope(other, producer="tests"))
+    kept = await rig.publish(1, key=key)
+    await rig.producer.publish_many([skipped])
+    kept += await rig.publish(2, key=key)
+    await eventually(rig.all_committed, what="every record committed")
+    assert sorted(await rig.applied()) == sorted(r.event_id for r in kept)
+    claimed = {r["event_id"] for r in await rig.pool.fetch("SELECT event_id FROM inbox WHERE consumer = $1", rig.name)}
+    assert claimed == {r.event_id for r in kept}             # no inbox row for the skipped type
+    assert rig.dead_letters() == []
+    assert metric("bubuh_consumer_records_total", consumer=rig.name, topic=rig.topic, outcome="skipped") == 1
