@@ -75,28 +75,38 @@ class DlqLimit:
 
 
 class DlqWatch:
-    """Counts handled and dead-lettered records; says when one more dead letter would break the limit."""
+    """Counts handled and dead-lettered records; says when one more dead letter would break the limit.
+
+    The window is kept as one-second buckets, so counting a batch of handled records costs the same
+    as counting one.
+    """
 
     def __init__(self, limit: DlqLimit, clock=time.monotonic) -> None:
         self._limit = limit
         self._clock = clock
         self._consecutive = 0
-        self._window: deque[tuple[float, bool]] = deque()   # (when, dead-lettered)
-        self._dead_in_window = 0
+        self._buckets: deque[list] = deque()    # [second, handled, dead-lettered]
+        self._handled = 0
+        self._dead = 0
 
-    def _trim(self, now: float) -> None:
-        while self._window and now - self._window[0][0] > self._limit.window_s:
-            _, dead = self._window.popleft()
-            self._dead_in_window -= dead
+    def _bucket(self) -> list:
+        now = self._clock()
+        second = int(now)
+        while self._buckets and now - self._buckets[0][0] > self._limit.window_s:
+            _, handled, dead = self._buckets.popleft()
+            self._handled -= handled
+            self._dead -= dead
+        if not self._buckets or self._buckets[-1][0] != second:
+            self._buckets.append([second, 0, 0])
+        return self._buckets[-1]
 
     def handled(self, n: int = 1) -> None:
         if n <= 0:
             return
         self._consecutive = 0
-        now = self._clock()
-        self._trim(now)
         if self._limit.max_ratio:
-            self._window.extend((now, False) for _ in range(min(n, 100_000)))
+            self._bucket()[1] += n
+            self._handled += n
 
     def would_exceed(self) -> str | None:
         """Why one more dead letter breaks the limit, or None."""
@@ -104,9 +114,9 @@ class DlqWatch:
         if lim.max_consecutive and self._consecutive + 1 > lim.max_consecutive:
             return f"{self._consecutive + 1} dead letters in a row (limit {lim.max_consecutive})"
         if lim.max_ratio:
-            now = self._clock()
-            self._trim(now)
-            total, dead = len(self._window) + 1, self._dead_in_window + 1
+            self._bucket()
+            dead = self._dead + 1
+            total = self._handled + dead
             if total >= lim.min_records and dead / total > lim.max_ratio:
                 return (f"{dead} of the last {total} records dead-lettered within {lim.window_s:g} s "
                         f"(limit {lim.max_ratio:.0%})")
@@ -115,5 +125,5 @@ class DlqWatch:
     def dead_lettered(self) -> None:
         self._consecutive += 1
         if self._limit.max_ratio:
-            self._window.append((self._clock(), True))
-            self._dead_in_window += 1
+            self._bucket()[2] += 1
+            self._dead += 1
