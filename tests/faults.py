@@ -401,6 +401,14 @@ async def _window(fault: Fault, dsn: str, cluster: Cluster, timeline) -> AsyncIt
 # --- the faults ---------------------------------------------------------------------------------------
 
 
+async def _stop_holding_starts(fault: Fault, cluster) -> None:
+    """Refuse starts by other processes (start.conf), then stop the cluster (fast shutdown)."""
+    if await asyncio.to_thread(_lock_starts, cluster):
+        fault.step("starts by others refused (start.conf)")
+    await asyncio.to_thread(_ctl, cluster, "stop", "-m", "fast")
+    fault.step("stopped (fast)")
+
+
 @contextlib.asynccontextmanager
 async def read_only_failover(seconds: float = 20, *, dsn: str | None = None,
                              probe_every: float = 1.0) -> AsyncIterator[Fault]:
@@ -409,10 +417,7 @@ async def read_only_failover(seconds: float = 20, *, dsn: str | None = None,
     cluster = await asyncio.to_thread(find_cluster, dsn)
     fault = Fault("read_only_failover", seconds)
     try:
-        if await asyncio.to_thread(_lock_starts, cluster):
-            fault.step("starts by others refused (start.conf)")
-        await asyncio.to_thread(_ctl, cluster, "stop", "-m", "fast")
-        fault.step("stopped (fast)")
+        await _stop_holding_starts(fault, cluster)
         await asyncio.to_thread(_create_signal, cluster)
         fault.step(f"created {cluster.standby_signal}")
         await asyncio.to_thread(_unlock_starts, cluster)
@@ -448,10 +453,7 @@ async def postgres_stopped(seconds: float = 20, *, dsn: str | None = None,
     cluster = await asyncio.to_thread(find_cluster, dsn)
     fault = Fault("postgres_stopped", seconds)
     try:
-        if await asyncio.to_thread(_lock_starts, cluster):
-            fault.step("starts by others refused (start.conf)")
-        await asyncio.to_thread(_ctl, cluster, "stop", "-m", "fast")
-        fault.step("stopped (fast)")
+        await _stop_holding_starts(fault, cluster)
     except BaseException:
         fault.restored = await restore(dsn, cluster)
         raise

@@ -145,7 +145,8 @@ class KafkaSource:
                 try:
                     got = await self._consumer.getmany(tp, timeout_ms=1500, max_records=1)
                 except Exception as again:  # noqa: BLE001 - the same bad batch: nothing decodable before it
-                    if bad_batch_of(again) is None or bad_batch_of(again)[1] != start:
+                    same = bad_batch_of(again)
+                    if same is None or same[1] != start:
                         raise
                     break
                 records = got.get(tp, [])
