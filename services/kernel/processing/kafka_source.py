@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
     CommitFailedError,
     CorruptRecordException,
@@ -82,16 +82,37 @@ def bad_batch_of(exc: BaseException) -> tuple[TopicPartition, int, int] | None:
     return found
 
 
+class _Ownership(ConsumerRebalanceListener):
+    """The partitions this member owns, as the group sees it.
+
+    aiokafka's ``assignment()`` keeps reporting the previous assignment while a rebalance is under
+    way, after this member has already given it up (eager protocol: everything is revoked before
+    rejoining) and possibly while another member already owns it. Ownership is what the listener
+    was last told: nothing from revocation until the next assignment arrives.
+    """
+
+    def __init__(self) -> None:
+        self.owned: set[TopicPartition] = set()
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        self.owned = set()
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        self.owned = set(assigned)
+
+
 class KafkaSource:
     def __init__(self, settings: Settings, topics: list[str], *, group_id: str, client_id: str,
                  max_batch: int) -> None:
-        self._consumer = build_consumer(settings, *topics, group_id=group_id, client_id=client_id,
+        self._consumer = build_consumer(settings, group_id=group_id, client_id=client_id,
                                         max_poll_records=max_batch)
         self._topics = topics
+        self._ownership = _Ownership()
         self._delivered: dict[TopicPartition, int] = {}   # next offset the pipeline expects, per partition
 
     async def start(self) -> None:
         await self._consumer.start()
+        self._consumer.subscribe(self._topics, listener=self._ownership)
 
     async def stop(self) -> None:
         await self._consumer.stop()
@@ -177,20 +198,22 @@ class KafkaSource:
     # raises IllegalStateError for it, which would end the consumer loop): its new owner reads it
     # from the committed offset.
     def seek(self, tp: TopicPartition, offset: int) -> None:
-        if tp in self._consumer.assignment():
+        if tp in self.assignment():
             self._consumer.seek(tp, offset)
             self._delivered[tp] = offset
 
     def pause(self, tps: Iterable[TopicPartition]) -> None:
-        mine = self._consumer.assignment()
+        mine = self.assignment()
         self._consumer.pause(*[tp for tp in tps if tp in mine])
 
     def resume(self, tps: Iterable[TopicPartition]) -> None:
-        mine = self._consumer.assignment()
+        mine = self.assignment()
         self._consumer.resume(*[tp for tp in tps if tp in mine])
 
     def assignment(self) -> set[TopicPartition]:
-        return set(self._consumer.assignment())
+        # both: owned per the last rebalance, and still known to the client (after stop() the
+        # listener is not told, and the client's view is what a stopped member reports)
+        return self._ownership.owned & set(self._consumer.assignment())
 
     async def lag(self) -> dict[TopicPartition, int]:
         out: dict[TopicPartition, int] = {}
