@@ -12,6 +12,7 @@ import secrets
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -21,8 +22,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BUBUH_", extra="ignore")
 
     # --- infrastructure ---
-    kafka_bootstrap: str = "127.0.0.1:19092"
-    database_url: str = "postgresql://bubuh:bubuh-local@127.0.0.1:15432/bubuh"
+    # the local stack's ports follow deploy/local's own settings (BUBUH_LOCAL_KAFKA_PORT, ...), so a
+    # second checkout can run its stack beside the first one
+    kafka_bootstrap: str = Field(
+        default_factory=lambda: f"127.0.0.1:{os.environ.get('BUBUH_LOCAL_KAFKA_PORT', '19092')}")
+    database_url: str = Field(default_factory=lambda: (
+        f"postgresql://bubuh:{os.environ.get('BUBUH_LOCAL_PG_PASSWORD', 'bubuh-local')}"
+        f"@127.0.0.1:{os.environ.get('BUBUH_LOCAL_PG_PORT', '15432')}/bubuh"))
     local_dir: Path = REPO_ROOT / ".local"
     http_host: str = "127.0.0.1"
     http_port: int = 8080
