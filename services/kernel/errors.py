@@ -61,8 +61,13 @@ CHANNEL_UNKNOWN = _code("CHANNEL_UNKNOWN", 403, "The event names a channel the p
                         "Register the channel first (`bubuh channel add`).")
 SIGNATURE_MISSING = _code("SIGNATURE_MISSING", 401, "A channel event carries no HMAC header.",
                           "Add the `bubuh-hmac` header: hex HMAC-SHA256 of the value with the channel secret.")
-SIGNATURE_INVALID = _code("SIGNATURE_INVALID", 401, "A channel event's HMAC does not match.",
-                          "Sign with the current (or, during a rotation, the previous) channel secret.")
+SIGNATURE_INVALID = _code("SIGNATURE_INVALID", 401,
+                          "A channel event's HMAC does not match the secret of the channel its payload names.",
+                          "Sign the exact record value with the current (or, during a rotation, the previous) "
+                          "secret of the channel named in `channel_id` (docs/channels.md).")
+SIGNATURE_KEY_EXPIRED = _code("SIGNATURE_KEY_EXPIRED", 401,
+                              "A channel event is signed with a secret whose rotation grace period has ended.",
+                              "Sign with the channel's current secret (`bubuh channel rotate-secret` printed it).")
 EVENT_MALFORMED = _code("EVENT_MALFORMED", 400, "A Kafka record is not a valid protobuf envelope.",
                         "Publish with the contracts in `proto/`.")
 EVENT_UNDECODABLE = _code("EVENT_UNDECODABLE", 400,

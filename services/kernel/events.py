@@ -56,6 +56,14 @@ class Event:
     key: bytes | None
     headers: dict[str, bytes]
     raw: bytes
+    appended_at_ms: int = 0    # the broker's append time, when the topic records it (see Record)
+
+    def received_at(self) -> dt.datetime:
+        """When the platform received the record: the broker's append time, else this clock's now
+        (never a time the sender chose)."""
+        if self.appended_at_ms:
+            return dt.datetime.fromtimestamp(self.appended_at_ms / 1000, dt.UTC)
+        return dt.datetime.now(dt.UTC)
 
     @property
     def event_id(self) -> str:

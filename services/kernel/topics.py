@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
 from services.kernel.settings import Settings
@@ -22,11 +23,22 @@ class Topic:
     events: str
     partitions: int | None = None   # None: settings.default_partitions
     compacted: bool = False
+    # the broker stamps each record with its own append time (a time the writer cannot choose)
+    append_time: bool = False
+
+    def configs(self) -> dict[str, str]:
+        out = {}
+        if self.compacted:
+            out["cleanup.policy"] = "compact"
+        if self.append_time:
+            out["message.timestamp.type"] = "LogAppendTime"
+        return out
 
 
 CHANNEL = Topic("channel", "purchase", "channel id", "Channel (compacted: latest state per channel)", 1, True)
 PURCHASE_SUBMITTED = Topic("purchase.submitted", "channels, purchase (HTTP intake)", "account",
-                           "PurchaseSubmitted")
+                           "PurchaseSubmitted (LogAppendTime: the broker's clock is the receive time)",
+                           append_time=True)
 PURCHASE_EVENTS = Topic("purchase.events", "purchase", "account", "PurchaseConfirmed, PurchaseRejected")
 PURCHASE_DLQ = Topic("purchase.dead-letter", "purchase", "as the source record",
                      "rejected records of purchase.submitted (forged, malformed) with bubuh-dlq-* headers")
@@ -64,10 +76,11 @@ async def ensure(settings: Settings, topics: tuple[Topic, ...] = ALL) -> None:
         for t in topics:
             name = settings.topic(t.name)
             if name in existing:
+                if t.append_time:
+                    await _keep_append_time(admin, name)
                 continue
-            configs = {"cleanup.policy": "compact"} if t.compacted else {}
             new.append(NewTopic(name=name, num_partitions=t.partitions or settings.default_partitions,
-                                replication_factor=settings.replication_factor, topic_configs=configs))
+                                replication_factor=settings.replication_factor, topic_configs=t.configs()))
         if new:
             try:
                 await admin.create_topics(new)
@@ -75,3 +88,15 @@ async def ensure(settings: Settings, topics: tuple[Topic, ...] = ALL) -> None:
                 pass
     finally:
         await admin.close()
+
+
+async def _keep_append_time(admin: AIOKafkaAdminClient, name: str) -> None:
+    """A topic created before it needed LogAppendTime gets it (no other dynamic config is set on it)."""
+    key = "message.timestamp.type"
+    described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name, {key: None})])
+    for response in described:
+        for resource in response.resources:
+            for entry in resource[4]:
+                if entry[0] == key and entry[1] == "LogAppendTime":
+                    return
+    await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name, {key: "LogAppendTime"})])

@@ -1,11 +1,12 @@
-"""HTTP routes of the purchase service: ``POST /v1/purchases``, ``GET /v1/purchases/{id}``."""
+"""HTTP routes of the purchase service: ``POST /v1/purchases``, ``GET /v1/purchases/{id}``,
+``GET /v1/purchases?channel_order_id=``."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -69,6 +70,16 @@ def router(settings: Settings, channels: ChannelView, intake: Intake) -> APIRout
         return JSONResponse(status_code=202, content={
             "purchase_id": accepted.purchase_id, "status": accepted.status,
             "status_url": f"{settings.public_url}/v1/purchases/{accepted.purchase_id}"})
+
+    @r.get("/v1/purchases", responses=ERRORS)
+    async def purchases_by_order(channel_order_id: str = Query(..., min_length=1, max_length=128,
+                                                               description="The channel's own order id."),
+                                 authorization: str | None = Header(None)):
+        """Every purchase recorded under one of your order ids, oldest first, through either door: at
+        most one `confirmed` (an order id is credited once, ever), refusals with their `code`."""
+        channel = channels.authenticate(authorization)
+        return {"channel_order_id": channel_order_id,
+                "purchases": await intake.by_order(channel.channel_id, channel_order_id)}
 
     @r.get("/v1/purchases/{purchase_id}", responses=ERRORS)
     async def purchase_status(purchase_id: str, authorization: str | None = Header(None)):

@@ -30,6 +30,13 @@ class Credentials:
     hmac_secret: str | None = None
 
 
+@dataclass(frozen=True)
+class ChannelSecrets:
+    status: str                 # active | suspended
+    accepted: list[bytes]       # the current secret, and the previous one during its grace period
+    expired: list[bytes]        # the previous secret after its grace period: proves the sender, accepts nothing
+
+
 class RegistryError(ValueError):
     pass
 
@@ -102,17 +109,19 @@ class Registry:
             "SELECT channel_id, name, status, default_profile, webhook_url, version, created_at FROM channels "
             "ORDER BY created_at")
 
-    async def secrets(self, conn: asyncpg.Connection, channel_id: str) -> tuple[str, list[bytes]] | None:
-        """(status, accepted HMAC secrets) from the authoritative table."""
+    async def secrets(self, conn: asyncpg.Connection, channel_id: str) -> ChannelSecrets | None:
+        """The channel's status and HMAC secrets, from the authoritative table."""
         row = await conn.fetchrow("SELECT * FROM channels WHERE channel_id = $1", channel_id)
         if row is None:
             return None
         ctx = channel_id.encode()
-        out = [sealed.unseal(self._key, row["hmac_secret_sealed"], ctx)]
+        accepted = [sealed.unseal(self._key, row["hmac_secret_sealed"], ctx)]
+        expired: list[bytes] = []
         until = row["previous_secret_valid_until"]
-        if row["previous_secret_sealed"] and until and until > dt.datetime.now(dt.UTC):
-            out.append(sealed.unseal(self._key, row["previous_secret_sealed"], ctx))
-        return row["status"], out
+        if row["previous_secret_sealed"]:
+            previous = sealed.unseal(self._key, row["previous_secret_sealed"], ctx)
+            (accepted if until and until > dt.datetime.now(dt.UTC) else expired).append(previous)
+        return ChannelSecrets(row["status"], accepted, expired)
 
     async def _update(self, conn: asyncpg.Connection, channel_id: str, assignments: str, *args) -> None:
         done = await conn.execute(

@@ -231,7 +231,8 @@ class ConsumerLoop:
     def _decode(record: Record) -> Event:
         env, payload = events.decode(record.value)
         return Event(envelope=env, payload=payload, topic=record.topic, partition=record.partition,
-                     offset=record.offset, key=record.key, headers=dict(record.headers), raw=record.value or b"")
+                     offset=record.offset, key=record.key, headers=dict(record.headers), raw=record.value or b"",
+                     appended_at_ms=record.appended_at_ms)
 
     async def _run(self, run: list[Event]) -> None:
         if not run:
