@@ -93,6 +93,7 @@ class Settings(BaseSettings):
     signing_pkcs11_key_label: str = ""
     signing_md_algorithm: str = "sha256"
     signing_tsa_url: str = ""                    # set: PAdES B-T with a time-stamp from this RFC 3161 TSA
+    signing_tsa_timeout_s: float = 5.0           # one time-stamp request; over it is TSA_UNAVAILABLE (retried)
     trust_roots: str = ""                        # PEM files (comma separated) verification trusts; default: dev CA
     stamp_max_attempts: int = 5                  # transient failures before the dead-letter topic
     stamp_retry_base_s: float = 2.0

@@ -101,7 +101,8 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, pool:
                                   channel.channel_id)
         if row is None:
             raise errors.BubuhError(errors.NOT_FOUND, f"no stamp request {request_id} for this channel")
-        status = "reserved" if row["status"] == "dead_lettered" else row["status"]
+        # dead-lettered waits for a replay with its unit reserved; signed waits for the ledger to post the unit
+        status = {"dead_lettered": "reserved", "signed": "stamping"}.get(row["status"], row["status"])
         out = {"request_id": request_id, "status": status, "account_id": row["account_id"],
                "accepted_at": row["accepted_at"].isoformat()}
         if row["sn"] and row["status"] == "completed":

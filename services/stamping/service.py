@@ -1,8 +1,9 @@
 """The stamping service, top-down.
 
-Consumes: ``quota.events`` (QuotaReserved -> stamp; QuotaRejected, expiry -> status) and
+Consumes: ``quota.events`` (QuotaReserved -> stamp; QuotaRejected, expiry -> status; QuotaCommitted
+          -> release the signed stamp; QuotaRefused of a commit -> withhold it) and
           ``stamp.retry`` (transient failures, at their due time).
-Publishes: ``stamp.requested`` (intake), ``stamp.events`` (StampCompleted, StampFailed),
+Publishes: ``stamp.requested`` (intake), ``stamp.events`` (StampSigned, StampCompleted, StampFailed),
            ``stamp.retry`` and ``stamp.dead-letter`` (through the outbox).
 Stores:   schema ``stamping``: ``requests``, ``attempts``, inbox, outbox; documents in the document store.
 HTTP:     ``POST /v1/stamps``, ``GET /v1/stamps/{id}``, ``GET /v1/stamps/{id}/document``,
@@ -48,13 +49,14 @@ def signer_config(s: Settings) -> SignerConfig:
     if s.signing_pkcs11_module:
         return SignerConfig(pkcs11_module=s.signing_pkcs11_module, pkcs11_token_label=s.signing_pkcs11_token_label,
                             pkcs11_pin=s.signing_pkcs11_pin, pkcs11_key_label=s.signing_pkcs11_key_label,
-                            md_algorithm=s.signing_md_algorithm, tsa_url=s.signing_tsa_url or None)
+                            md_algorithm=s.signing_md_algorithm, tsa_url=s.signing_tsa_url or None,
+                            tsa_timeout_s=s.signing_tsa_timeout_s)
     path = s.signing_p12_path or str(s.keys_dir / "issuer-rsa2048.p12")
     if not Path(path).exists():
         raise ConfigError(f"no signing key at {path}: run `bubuh keys dev-ca` (development) or set "
                           "BUBUH_SIGNING_P12_PATH / BUBUH_SIGNING_PKCS11_MODULE")
     return SignerConfig(p12_path=path, p12_password=s.signing_p12_password, md_algorithm=s.signing_md_algorithm,
-                        tsa_url=s.signing_tsa_url or None)
+                        tsa_url=s.signing_tsa_url or None, tsa_timeout_s=s.signing_tsa_timeout_s)
 
 
 def trust_roots(s: Settings) -> list[Path]:
@@ -93,7 +95,7 @@ async def workers(rt: Runtime) -> list[Task]:
         raise ConfigError(f"cannot open the signing key: {exc}") from None
     node = s.stamp_node_id if s.stamp_node_id is not None else secrets.randbelow(MAX_NODE + 1)
     worker = StampWorker(s, pool, documents(s), engine, SerialIssuer(node), SIGNING_THREAD)
-    tracker = StatusTracker(s, pool)
+    tracker = StatusTracker(s, pool, documents(s))
     stamp_loop = ConsumerLoop(s, rt.producer, name=WORKER,
                               topics=[s.topic(topics.QUOTA_EVENTS.name), s.topic(topics.STAMP_RETRY.name)],
                               handler=PerRecord(worker.handle), pool=pool,
