@@ -109,6 +109,17 @@ STORAGE_UNAVAILABLE = _code("STORAGE_UNAVAILABLE", 503, "The document store did 
                             "Retried automatically.", retryable=True)
 TSA_UNAVAILABLE = _code("TSA_UNAVAILABLE", 503, "The time-stamp authority did not answer.",
                         "Retried automatically.", retryable=True)
+PDF_TOO_COMPLEX = _code("PDF_TOO_COMPLEX", 422,
+                        "The PDF needs more CPU time or memory to read than the platform allows a document.",
+                        "Simplify the document (flatten forms, fewer objects, no huge inflating streams) or "
+                        "print it to a new PDF; do not retry unchanged.")
+PROCESSING_TIMEOUT = _code("PROCESSING_TIMEOUT", 503,
+                           "The platform was too busy to finish the document in time; not a verdict on it.",
+                           "Retry after the Retry-After delay.", retryable=True)
+RATE_LIMITED = _code("RATE_LIMITED", 429, "This client sent more requests than the route allows per second.",
+                     "Slow down; retry after the Retry-After delay.", retryable=True)
+BUSY = _code("BUSY", 503, "Too many documents already wait for this kind of work.",
+             "Retry after the Retry-After delay.", retryable=True)
 TOKEN_BUSY = _code("TOKEN_BUSY", 503, "The signing token (HSM) was busy.", "Retried automatically.", retryable=True)
 
 # --- notification ----------------------------------------------------------------------------

@@ -139,7 +139,9 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, pool:
     @r.post("/v1/verify", tags=["verification"])
     async def verify_document(request: Request, file: UploadFile = File(...)):
         """Public: upload a stamped PDF; every e-Meterai in it is checked (signature, trust, unmodified since
-        stamping, SN known and used once, hash as issued)."""
+        stamping, SN known and used once, hash as issued). Anonymous, so rate-limited per client address
+        (`RATE_LIMITED`, 429) and run in its own lower-priority pool (`BUSY`, 503, when too many wait)."""
+        verifier.admit(request.client.host if request.client else "?")
         _too_large(request)
         data = await _read(file)
         return await verifier.document(data)

@@ -23,13 +23,11 @@ Why the steps are in this order:
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
 import json
 import time
 import uuid
-from concurrent.futures import Executor
 
 import asyncpg
 
@@ -40,6 +38,7 @@ from services.kernel.processing.deadletter import dead_letter_headers
 from services.kernel.settings import Settings
 from services.stamping import NAME, store
 from services.stamping.metrics import STAGE_SECONDS, STAMP_OUTCOMES
+from services.stamping.sandbox import Sandbox
 from services.stamping.serial import SerialIssuer
 from services.stamping.signing.engine import StampingEngine
 from services.stamping.signing.request import StampRequest
@@ -78,15 +77,19 @@ async def finish_failed(conn: asyncpg.Connection, settings: Settings, *, request
     return True
 
 
+def sign(engine: StampingEngine, data: bytes, request: StampRequest) -> bytes:
+    """In the worker's signing child (services/stamping/service.py ``open_engine``), within budget."""
+    return engine.stamp(data, request)
+
+
 class StampWorker:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, documents: store.DocumentStore,
-                 engine: StampingEngine, serials: SerialIssuer, signing_thread: Executor) -> None:
+                 signing: Sandbox, serials: SerialIssuer) -> None:
         self._settings = settings
         self._pool = pool
         self._store = documents
-        self._engine = engine
+        self._signing = signing
         self._serials = serials
-        self._signing_thread = signing_thread
         self._backoff = retry.Backoff(base_s=settings.stamp_retry_base_s, max_s=settings.stamp_retry_max_s)
         self._retry_topic = settings.topic(topics.STAMP_RETRY.name)
 
@@ -119,8 +122,12 @@ class StampWorker:
                                    box=(meta.placement.llx, meta.placement.lly, meta.placement.urx, meta.placement.ury),
                                    reason=meta.reason or "Meterai elektronik", location=meta.location or "Indonesia")
             t0 = time.perf_counter()
-            stamped = await asyncio.get_running_loop().run_in_executor(self._signing_thread, self._engine.stamp,
-                                                                       data, request)
+            try:
+                stamped = await self._signing.run(sign, data, request)
+            except errors.BubuhError as exc:
+                if exc.code is errors.PDF_TOO_COMPLEX:      # over the signing budget: this document, not us
+                    raise errors.BubuhError(errors.SIGNING_FAILED, exc.detail) from exc
+                raise
             STAGE_SECONDS.labels("signing").observe(time.perf_counter() - t0)
             await self._store.put(store.output_key(rid), stamped)
         except errors.BubuhError as exc:
