@@ -296,3 +296,31 @@ async def test_local_mode_connects_to_the_checked_address_with_the_original_host
         assert resolver.asked == ["receiver.example"]
         assert ("127.0.0.1", receiver.port) in offline.connects and ("127.0.0.2", receiver.port) not in offline.connects
         assert f"\r\nHost: receiver.example:{receiver.port}\r\n".encode() in receiver.requests[0]
+
+
+async def test_errors_stored_before_the_fix_lose_the_targets_bytes_on_upgrade(stores):
+    """Rows written by the earlier dispatcher quoted the target; the migration keeps code and status."""
+    from services.kernel import migrations
+    settings, pool, _ = stores
+    view = ChannelView(settings)
+    channel = Channel(settings, view, "https://shop.example/hooks")
+    old = {f"WEBHOOK_REJECTED: HTTP 500: error: {MARKER}\nline two": "WEBHOOK_REJECTED: HTTP 500",
+           f"WEBHOOK_UNREACHABLE: RemoteProtocolError: illegal status line: bytearray(b'SSH-2.0 {MARKER}')":
+               "WEBHOOK_UNREACHABLE: the request failed (RemoteProtocolError)",
+           "WEBHOOK_UNREACHABLE: connection refused": "WEBHOOK_UNREACHABLE: connection refused",      # today's
+           "WEBHOOK_REJECTED: HTTP 503": "WEBHOOK_REJECTED: HTTP 503"}
+    ids = {}
+    for error in old:
+        ids[error] = await schedule(pool, channel, "https://shop.example/hooks")
+        await pool.execute("UPDATE deliveries SET last_error = $2, attempts = 1 WHERE event_id = $1", ids[error],
+                           error)
+        await pool.execute("INSERT INTO delivery_attempts (delivery_id, attempt, started_at, duration_ms, error, "
+                           "outcome) SELECT delivery_id, 1, now(), 1, $2, 'failed' FROM deliveries "
+                           "WHERE event_id = $1", ids[error], error)
+    migration = next(p for p in migrations.files_for("notification") if "without_target_bytes" in p.name)
+    async with pool.acquire() as conn:
+        await conn.execute(migration.read_text())
+        await conn.execute(migration.read_text())           # again: nothing more changes
+    for error, expected in old.items():
+        shown, raw = await delivery_log(settings, view, pool, channel, ids[error])
+        assert shown["last_error"] == expected and shown["log"][0]["error"] == expected and MARKER not in raw
