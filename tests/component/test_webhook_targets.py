@@ -324,3 +324,62 @@ async def test_errors_stored_before_the_fix_lose_the_targets_bytes_on_upgrade(st
     for error, expected in old.items():
         shown, raw = await delivery_log(settings, view, pool, channel, ids[error])
         assert shown["last_error"] == expected and shown["log"][0]["error"] == expected and MARKER not in raw
+
+
+def _tls_files(tmp_path, name: str) -> tuple[str, str, str]:
+    """A CA and a certificate for ``name`` signed by it (PEM paths: ca, cert, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def cert(subject, issuer, key, signer, *, ca: bool, san: str | None = None):
+        now = dt.datetime.now(dt.UTC)
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)])).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+             .not_valid_after(now + dt.timedelta(hours=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert("test CA", "test CA", ca_key, ca_key, ca=True)
+    leaf = cert(name, "test CA", leaf_key, ca_key, ca=False, san=name)
+    paths = tmp_path / "ca.pem", tmp_path / "leaf.pem", tmp_path / "leaf.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+    return tuple(str(p) for p in paths)
+
+
+async def test_the_pinned_connection_still_verifies_the_certificate_for_the_url_host(tmp_path, monkeypatch, offline):
+    """Connecting to the checked address must not weaken TLS: SNI and certificate check use the name."""
+    import ssl
+
+    from services.notification.dispatcher import _unreachable
+    from services.notification.targets import guarded_client
+    ca, leaf, key = _tls_files(tmp_path, "hooks.example")
+    monkeypatch.setenv("SSL_CERT_FILE", ca)
+    server_names: list[str | None] = []
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(leaf, key)
+    server_ctx.sni_callback = lambda _sock, name, _ctx: server_names.append(name)
+    receiver = RawReceiver()
+    server = await asyncio.start_server(receiver._serve, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    resolver = StaticResolver({"hooks.example": ["127.0.0.1"], "other.example": ["127.0.0.1"]})
+    try:
+        async with guarded_client(resolver, local_mode=True, timeout=httpx.Timeout(5),
+                                  limits=httpx.Limits(max_connections=2), headers={}) as client:
+            r = await client.post(f"https://hooks.example:{port}/hooks", content=b"{}")
+            assert r.status_code == 200 and server_names == ["hooks.example"]
+            assert f"\r\nHost: hooks.example:{port}\r\n".encode() in receiver.requests[0]
+            with pytest.raises(httpx.ConnectError) as caught:          # same address, a name the cert lacks
+                await client.post(f"https://other.example:{port}/hooks", content=b"{}")
+            assert _unreachable(caught.value) == "TLS certificate not valid for the host"
+    finally:
+        server.close()
+    assert {host for host, p in offline.connects if p == port} == {"127.0.0.1"}
