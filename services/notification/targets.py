@@ -35,6 +35,7 @@ import httpx
 from services.kernel import errors
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+REGISTRATION_RESOLVE_TIMEOUT_S = 10.0
 
 _METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 _PRIVATE = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")]
@@ -253,8 +254,9 @@ async def check_registration(url: str, resolver: Resolver, *, local_mode: bool) 
     """For ``channel add --webhook`` and ``set-webhook``: the URL, and what its name resolves to now."""
     target = check_url(url, local_mode=local_mode)
     try:
-        await resolve_checked(target, resolver, local_mode=local_mode)
-    except Unresolvable:
+        async with asyncio.timeout(REGISTRATION_RESOLVE_TIMEOUT_S):
+            await resolve_checked(target, resolver, local_mode=local_mode)
+    except (Unresolvable, TimeoutError):
         raise TargetRefused(errors.WEBHOOK_TARGET_FORBIDDEN,
                             f"{target.host} does not resolve, so its addresses cannot be checked") from None
 

@@ -187,3 +187,15 @@ async def test_the_client_the_dispatcher_uses_checks_every_connection(monkeypatc
         with pytest.raises(httpx.ConnectError):
             await client.post("https://good.example/", content=b"{}")
     assert inner.connects == [(PUBLIC, 443)]
+
+
+async def test_a_registration_whose_name_never_answers_is_refused_in_bounded_time(monkeypatch):
+    import asyncio
+
+    class Hanging(StaticResolver):
+        async def resolve(self, host, port):
+            await asyncio.Event().wait()
+
+    monkeypatch.setattr(targets, "REGISTRATION_RESOLVE_TIMEOUT_S", 0.1)
+    e = await refused("https://slow.example/", Hanging({}))
+    assert e.code.code == "WEBHOOK_TARGET_FORBIDDEN" and "does not resolve" in e.detail
