@@ -130,6 +130,10 @@ class Settings(BaseSettings):
     webhook_horizon_s: float = 24 * 3600   # retried until then; then dead-lettered (DeliveryAbandoned)
     webhook_breaker_failures: int = 5      # consecutive failures that open an endpoint's circuit
     webhook_breaker_cooldown_s: float = 30.0   # open -> half-open (one probe) after this
+    # local mode: loopback webhook targets, and plain http to them, are accepted (make run, tests). Never
+    # in production: there a webhook is https to a public address (services/notification/targets.py)
+    webhook_local_mode: bool = False
+    webhook_hosts: str = ""                # "name=addr[|addr],...": answers instead of DNS, checked like DNS's
     notification_idle_poll_s: float = 1.0  # longest sleep of the dispatchers without a NOTIFY
     notification_retention_s: float = 30 * 24 * 3600   # delivered / dead rows are deleted after this
     smtp_host: str = "127.0.0.1"
