@@ -24,6 +24,8 @@ $(VENV)/.installed: pyproject.toml
 $(GEN): $(PROTOS) $(VENV)/.installed
 	@mkdir -p services/contracts
 	$(PY) -m grpc_tools.protoc -I proto --python_out=services/contracts --pyi_out=services/contracts $(PROTOS)
+	@# protoc names a proto import by its proto path (bubuh.v1); the package lives under services.contracts
+	sed -i -E 's/^from bubuh\.v1( import|\.)/from services.contracts.bubuh.v1\1/' $(@D)/*_pb2.py $(@D)/*_pb2.pyi
 	@touch $@
 
 DEVCA  := .local/keys/issuer-rsa2048.p12
