@@ -13,7 +13,8 @@ import datetime as dt
 import pytest
 
 from services.contracts.bubuh.v1 import channel_door_pb2, envelope_pb2, purchase_pb2
-from services.kernel import errors, events
+from services.kernel import errors, events, signatures
+from tests import channeldoc
 
 # every type name records were written under before the channel door got its own file
 NAMES_ON_TOPICS = {
@@ -77,3 +78,25 @@ def test_an_unknown_type_name_is_still_refused():
     with pytest.raises(errors.BubuhError) as exc:
         events.decode(env.SerializeToString())
     assert exc.value.code == errors.EVENT_TYPE_UNKNOWN
+
+
+def test_the_documented_example_is_what_the_platform_accepts():
+    """docs/channels.md's worked example decodes, verifies and names its order as the page says."""
+    doc = channeldoc.value
+    value = channeldoc.record_value()
+    env, msg = events.decode(value)
+    assert isinstance(msg, channel_door_pb2.PurchaseSubmitted)
+    assert (env.event_id, env.trace_id, env.type) == (doc("event_id"), doc("trace_id"), "bubuh.v1.PurchaseSubmitted")
+    assert env.producer == f"channel:{doc('channel_id')}"
+    assert env.occurred_at.ToDatetime(tzinfo=dt.UTC) == dt.datetime.fromisoformat(doc("occurred_at"))
+    assert (msg.channel_id, msg.channel_order_id, msg.account_id, msg.payment_ref) == \
+        (doc("channel_id"), doc("channel_order_id"), doc("account_id"), doc("payment_ref"))
+    assert (msg.quantity, msg.amount) == (int(doc("quantity")), int(doc("amount")))
+    assert msg.paid_at.ToDatetime(tzinfo=dt.UTC) == dt.datetime.fromisoformat(doc("paid_at"))
+    assert msg.purchase_id == ""
+    # the platform's own check, with the secret as the page says to use it (ASCII, not hex-decoded)
+    assert signatures.matches([doc("secret").encode("ascii")], value, doc("bubuh-hmac"))
+    assert doc("bubuh-hmac") == signatures.hmac_hex(doc("secret").encode("ascii"), value)
+    assert not signatures.matches([bytes.fromhex(doc("secret"))], value, doc("bubuh-hmac"))
+    assert len(value) == 206 and len(env.payload) == 71          # the sizes the page states
+    assert value == OLD_SUBMITTED                                # the same record the old files wrote
