@@ -141,9 +141,7 @@ public final class ChannelClient {
             }
             byte[] key = (channelId + "/" + o.accountId()).getBytes(StandardCharsets.UTF_8);
             ProducerRecord<byte[], byte[]> record = new ProducerRecord<>(topic, key, value);
-            record.headers().add(HEADER_HMAC, signature.getBytes(StandardCharsets.US_ASCII));
-            // TODO(issue 10): the platform still requires this header; drop it when main no longer does
-            record.headers().add("bubuh-channel", channelId.getBytes(StandardCharsets.UTF_8));
+            record.headers().add(HEADER_HMAC, signature.getBytes(StandardCharsets.US_ASCII));   // the only header
             records.add(record);
         }
         if (dryRun) {
