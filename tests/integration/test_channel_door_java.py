@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import os
 import secrets
+import tempfile
 from collections import Counter
 
 import httpx
@@ -41,15 +42,16 @@ def java_kafka(settings):
         pytest.skip(f"Kafka's Java client is unavailable next to the external broker: {exc}")
 
 
-def sasl_args() -> list[str]:
-    """Credentials for a secured broker, when the run has them (BUBUH_TEST_CHANNEL_SASL_*): the client
-    takes them as a channel would configure its producer."""
-    out = []
-    for flag, var in (("--security-protocol", "BUBUH_TEST_CHANNEL_SECURITY_PROTOCOL"),
-                      ("--sasl-mechanism", "BUBUH_TEST_CHANNEL_SASL_MECHANISM"),
-                      ("--sasl-jaas-config", "BUBUH_TEST_CHANNEL_SASL_JAAS_CONFIG")):
+def sasl_properties(channel: dict) -> dict[str, str]:
+    """The channel's Kafka credential as producer properties, or nothing on a broker without
+    authentication: BUBUH_TEST_CHANNEL_SECURITY_PROTOCOL, _SASL_MECHANISM and _SASL_JAAS_CONFIG when the
+    run sets them. The place to read the credential `bubuh channel add` prints, once it prints one."""
+    out = {}
+    for prop, var in (("security.protocol", "BUBUH_TEST_CHANNEL_SECURITY_PROTOCOL"),
+                      ("sasl.mechanism", "BUBUH_TEST_CHANNEL_SASL_MECHANISM"),
+                      ("sasl.jaas.config", "BUBUH_TEST_CHANNEL_SASL_JAAS_CONFIG")):
         if os.environ.get(var):
-            out += [flag, os.environ[var]]
+            out[prop] = os.environ[var]
     return out
 
 
@@ -57,10 +59,24 @@ def channel_client(settings, channel: dict, orders: list[tuple], *, secret: str 
                    extra: list[str] | None = None) -> str:
     lines = "".join("\t".join(str(f) for f in o) + "\n" for o in orders)
     args = ["--channel-id", channel["channel_id"], "--secret", secret or channel["hmac_secret"], *(extra or [])]
-    if "--dry-run" not in args:
-        args = ["--bootstrap", settings.kafka_bootstrap, "--topic", settings.topic(topics.PURCHASE_SUBMITTED.name),
-                *sasl_args(), *args]
-    out = run_java(settings, str(CLIENT), *args, stdin=lines, timeout=120)
+    config = None
+    try:
+        if "--dry-run" not in args:
+            args = ["--bootstrap", settings.kafka_bootstrap,
+                    "--topic", settings.topic(topics.PURCHASE_SUBMITTED.name), *args]
+            properties = sasl_properties(channel)
+            if properties:
+                # in a file only we can read: a password on a command line is visible to every user
+                with tempfile.NamedTemporaryFile("w", prefix="bubuh-channel-", suffix=".properties",
+                                                 delete=False) as config:
+                    os.chmod(config.name, 0o600)
+                    for name, value in properties.items():
+                        config.write(f"{name}={value.replace(chr(92), chr(92) * 2)}\n")
+                args += ["--client-config", config.name]
+        out = run_java(settings, str(CLIENT), *args, stdin=lines, timeout=120)
+    finally:
+        if config is not None:
+            os.unlink(config.name)
     if out.returncode != 0:
         raise AssertionError(f"ChannelClient exited {out.returncode}: {out.stdout}\n{out.stderr[-4000:]}")
     return out.stdout

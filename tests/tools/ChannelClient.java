@@ -6,8 +6,13 @@
 //   java -cp '.local/kafka/libs/*' tests/tools/ChannelClient.java --bootstrap 127.0.0.1:19092 \
 //        --topic purchase.submitted --channel-id ch_... --secret <hmac secret> \
 //        [--compression none|gzip|snappy|lz4|zstd] \
-//        [--security-protocol SASL_PLAINTEXT --sasl-mechanism SCRAM-SHA-512 --sasl-jaas-config '...'] \
+//        [--client-config client.properties] \
+//        [--security-protocol SASL_SSL --sasl-mechanism SCRAM-SHA-512 --sasl-jaas-config '...'] \
 //        [--property name=value ...] < orders.tsv
+//
+// The channel's Kafka credential goes in as producer properties (security.protocol, sasl.mechanism,
+// sasl.jaas.config): best in a --client-config file (java.util.Properties format, readable by the
+// channel's user alone), since a password on a command line is visible to every user of the machine.
 //
 // One order per line, tab-separated:
 //   channel_order_id <TAB> account_id <TAB> quantity <TAB> amount <TAB> paid_at (RFC 3339) <TAB> payment_ref
@@ -104,6 +109,11 @@ public final class ChannelClient {
                 case "--security-protocol" -> extra.put("security.protocol", value);
                 case "--sasl-mechanism" -> extra.put("sasl.mechanism", value);
                 case "--sasl-jaas-config" -> extra.put("sasl.jaas.config", value);
+                case "--client-config" -> {
+                    try (var in = java.nio.file.Files.newBufferedReader(java.nio.file.Path.of(value))) {
+                        extra.load(in);
+                    }
+                }
                 case "--property" -> {
                     int eq = value.indexOf('=');
                     if (eq <= 0) {
