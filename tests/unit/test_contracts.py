@@ -9,11 +9,13 @@ moved to their own file (``proto/bubuh/v1/channel_door.proto``) under their old 
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 
 import pytest
 
 from services.contracts.bubuh.v1 import channel_door_pb2, envelope_pb2, purchase_pb2
 from services.kernel import errors, events, signatures
+from services.kernel.settings import REPO_ROOT
 from tests import channeldoc
 
 # every type name records were written under before the channel door got its own file
@@ -100,3 +102,15 @@ def test_the_documented_example_is_what_the_platform_accepts():
     assert not signatures.matches([bytes.fromhex(doc("secret"))], value, doc("bubuh-hmac"))
     assert len(value) == 206 and len(env.payload) == 71          # the sizes the page states
     assert value == OLD_SUBMITTED                                # the same record the old files wrote
+
+
+def test_every_contract_file_names_its_go_and_java_packages():
+    """protoc-gen-go refuses a file without go_package; Java code lands in a package of ours."""
+    files = sorted((REPO_ROOT / "proto" / "bubuh" / "v1").glob("*.proto"))
+    assert files
+    for f in files:
+        module = importlib.import_module(f"services.contracts.bubuh.v1.{f.stem}_pb2")
+        options = module.DESCRIPTOR.GetOptions()
+        assert options.go_package.endswith("/bubuh/v1;bubuhv1"), f.name
+        assert options.java_package == "id.bubuh.contracts.v1", f.name
+        assert options.java_multiple_files, f.name
