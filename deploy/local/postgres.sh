@@ -4,7 +4,9 @@
 #   postgres.sh install | start | stop | status | url
 set -euo pipefail
 port=${BUBUH_LOCAL_PG_PORT:-15432}
-cluster=bubuh
+# a checkout on another port gets a cluster of its own: `stop` must never stop another checkout's server
+default_cluster=bubuh; [ "$port" = 15432 ] || default_cluster=bubuh-$port
+cluster=${BUBUH_LOCAL_PG_CLUSTER:-$default_cluster}
 db=bubuh
 role=bubuh
 password=${BUBUH_LOCAL_PG_PASSWORD:-bubuh-local}
