@@ -17,29 +17,18 @@ import tempfile
 from collections import Counter
 
 import httpx
-import pytest
 
 from services.kernel import topics
 from services.kernel.processing.deadletter import DLQ_REASON
 from services.kernel.settings import REPO_ROOT
-from tests import channeldoc, stack
+from tests import channeldoc
 from tests.flows import auth, read_topic, wait_for
-from tests.javaproducer import JavaKafkaUnavailable, java_and_libs, run_java
+from tests.javaproducer import run_java
 from tests.platform import PlatformProcess
 
 CLIENT = REPO_ROOT / "tests" / "tools" / "ChannelClient.java"
 ORDERS = 50
 ACCOUNTS = 7
-
-
-@pytest.fixture
-def java_kafka(settings):
-    try:
-        java_and_libs(settings)
-    except JavaKafkaUnavailable as exc:
-        if stack.managed_kafka():
-            raise       # the local stack fetched these jars and needs java itself: missing is a failure
-        pytest.skip(f"Kafka's Java client is unavailable next to the external broker: {exc}")
 
 
 def sasl_properties(channel: dict) -> dict[str, str]:
