@@ -375,9 +375,12 @@ def _unsigned_new_fields(sig) -> Finding | None:
             revision = reader.xrefs.get_introducing_revision(ref.reference) + 1
         except Exception:  # noqa: BLE001 - a direct field object: the revision stays unnamed
             revision = None
+        fields = list(reader.root["/AcroForm"].get("/Fields", []))
+        where = next((f"/Root/AcroForm/Fields[{i}]" for i, f in enumerate(fields)
+                      if getattr(f, "reference", None) == getattr(ref, "reference", ref)), "/Root/AcroForm/Fields")
         return Finding(errors.MODIFIED_AFTER_STAMPING.code,
                        f"signature field {name!r} was added after the stamp and carries no signature (only an "
-                       f"appearance)", revision=revision, changed=(f"/Root/AcroForm/Fields: {name}",))
+                       f"appearance)", revision=revision, changed=(where,))
     return None
 
 

@@ -152,7 +152,7 @@ MODIFICATIONS = {
     "isa-annotation-appearance": (lambda v: attacks.isa_annotation_appearance(v.stamped), None),
     "isa-new-annotation": (lambda v: attacks.isa_new_annotation(v.stamped), None),
     "form-filled": (lambda v: attacks.form_filled(v.stamped), None),
-    "unsigned-signature-field": (lambda v: attacks.unsigned_signature_field(v.stamped), None),
+    "unsigned-signature-field": (lambda v: attacks.unsigned_signature_field(v.stamped), "/Root/AcroForm/Fields[4]"),
     "shadow-hide": (lambda v: attacks.shadow_hide(v.stamped), None),
     "shadow-replace": (lambda v: attacks.shadow_replace(v.stamped), None),
     "shadow-hide-and-replace": (lambda v: attacks.shadow_hide_and_replace(v.stamped, v.hidden_catalog), None),
