@@ -218,7 +218,13 @@ def verify(data: bytes, trust_roots: Iterable, *, allow_fetching: bool = False) 
         mod_level = status.modification_level
         after_level, after_finding = (None, None)
         if sn is not None:
-            after_level, after_finding = _review_after_stamp(sig, status.coverage, status.diff_result)
+            try:
+                after_level, after_finding = _review_after_stamp(sig, status.coverage, status.diff_result)
+            except RecursionError as exc:
+                raise BubuhError(errors.PDF_MALFORMED, "object nesting is too deep") from exc
+            except Exception as exc:  # noqa: BLE001 - what cannot be analysed is not vouched for
+                after_finding = Finding(errors.MODIFIED_AFTER_STAMPING.code,
+                                        f"the revisions after the stamp cannot be analysed: {type(exc).__name__}")
         findings = _signature_findings(status, sn)
         if after_finding is not None:
             findings.append(after_finding)
@@ -395,9 +401,14 @@ def _changed_paths(exc: Exception, stamped, later) -> tuple[str, ...]:
     from pyhanko.pdf_utils.generic import Reference
 
     refs = [Reference(int(i), int(g)) for i, g in _REF_IN_MESSAGE.findall(str(exc))]
-    if not refs:
-        return ()
     paths: list[str] = []
+    try:
+        if stamped.root_ref != later.root_ref:  # the trailer now names another catalog (shadow hide-and-replace)
+            paths.append("/Root")
+    except Exception:  # noqa: BLE001
+        pass
+    if not refs:
+        return tuple(paths)
     try:
         for resolver in (stamped, later):
             resolver._load_reverse_xref_cache()  # pyHanko's own index of paths to each object

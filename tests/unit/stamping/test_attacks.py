@@ -155,7 +155,7 @@ MODIFICATIONS = {
     "unsigned-signature-field": (lambda v: attacks.unsigned_signature_field(v.stamped), "/Root/AcroForm/Fields[4]"),
     "shadow-hide": (lambda v: attacks.shadow_hide(v.stamped), None),
     "shadow-replace": (lambda v: attacks.shadow_replace(v.stamped), None),
-    "shadow-hide-and-replace": (lambda v: attacks.shadow_hide_and_replace(v.stamped, v.hidden_catalog), None),
+    "shadow-hide-and-replace": (lambda v: attacks.shadow_hide_and_replace(v.stamped, v.hidden_catalog), "/Root"),
 }
 
 
