@@ -186,6 +186,7 @@ def verify(data: bytes, trust_roots: Iterable, *, allow_fetching: bool = False) 
     except (PdfError, ValueError, KeyError) as exc:
         raise BubuhError(errors.PDF_MALFORMED, f"cannot read: {exc}") from exc
 
+    junk = _bytes_after_last_eof(data)
     reports = []
     for sig in embedded:
         vc = ValidationContext(trust_roots=roots, allow_fetching=allow_fetching)
@@ -228,6 +229,11 @@ def verify(data: bytes, trust_roots: Iterable, *, allow_fetching: bool = False) 
         findings = _signature_findings(status, sn)
         if after_finding is not None:
             findings.append(after_finding)
+        if sn is not None and junk:
+            findings.append(Finding(
+                errors.MODIFIED_AFTER_STAMPING.code,
+                f"{junk} bytes after the file's last %%EOF belong to no revision (objects appended without a "
+                f"cross-reference section: a validator skips them, a viewer that repairs files may show them)"))
         reports.append(SignatureReport(
             field_name=sig.field_name,
             signer=status.signing_cert.subject.human_friendly,
@@ -253,6 +259,20 @@ def verify(data: bytes, trust_roots: Iterable, *, allow_fetching: bool = False) 
         ))
     return VerificationReport(sha256=hashlib.sha256(data).hexdigest(), signatures=tuple(reports),
                               revisions=reader.xrefs.total_revisions)
+
+
+def _bytes_after_last_eof(data: bytes) -> int:
+    """How many bytes follow the last ``%%EOF``, end-of-line padding aside (0 for a well-formed file).
+
+    Validators read a PDF from its last ``startxref``, so objects appended without their own
+    cross-reference section and trailer are invisible to the difference analysis, yet the
+    incremental saving attacks of Mladenov et al. show viewers that pick them up.
+    """
+    end = data.rfind(b"%%EOF")
+    if end < 0:
+        return 0
+    tail = data[end + len(b"%%EOF"):]
+    return len(tail) if tail.strip(b" \t\r\n\f\x00") else 0
 
 
 def _validate_untrusted(sig, allow_fetching: bool, diff_policy):

@@ -270,6 +270,12 @@ def unsigned_signature_field(stamped: bytes) -> bytes:
     return _update(stamped, change)
 
 
+def isa_without_xref(stamped: bytes) -> bytes:
+    """ISA variant: the new page content appended as a bare object, with no xref section and no trailer."""
+    full = isa_content(stamped)
+    return full[:full.index(b"xref", len(stamped))]
+
+
 # --- shadow attacks (Mainka et al.) ------------------------------------------------------------
 
 

@@ -176,6 +176,17 @@ def test_a_change_after_the_stamp_is_refused(victim, name):
     assert stamp["hash_matches_issued"] and stamp["sn_known"]  # the registry alone would have said yes
 
 
+def test_objects_appended_without_an_xref_are_refused(victim):
+    """pyHanko reads the file from its last startxref, the stamp's: to it the file is untouched."""
+    attacked = attacks.isa_without_xref(victim.stamped)
+    assert attacked.startswith(victim.stamped) and b"1.000.000.000" in attacked[len(victim.stamped):]
+    status = victim.pyhanko(attacked)
+    assert status.intact and status.valid and status.trusted and status.bottom_line  # pyHanko: fine
+    answer = victim.answer(attacked)
+    assert answer["valid"] is False and answer["code"] == MODIFIED, answer
+    assert "no revision" in answer["reasons"][0]["detail"]
+
+
 def test_pyhankos_default_policy_lets_form_filling_through_ours_does_not(victim):
     """Why a stricter policy: pyHanko accepts the shadow hide/replace and form filling as FORM_FILLING."""
     for attack in (attacks.shadow_hide, attacks.shadow_replace, attacks.form_filled):
@@ -279,3 +290,38 @@ def test_another_cas_signature_with_our_sn_is_refused(victim, a4_pdf, tmp_path_f
 def test_a_document_without_a_stamp(victim):
     answer = victim.answer(applicant_signs(victim.original))
     assert answer["valid"] is False and answer["code"] == "NO_STAMP", answer
+
+
+# --- damaged after the stamp: an answer or a coded refusal, never a crash ------------------------
+
+
+@pytest.mark.parametrize("which", ["countersigned", "isa-content", "swa"])
+def test_damage_after_the_stamp_never_crashes_verification(victim, which):
+    """Truncations and flipped bytes in what follows the stamp: a verdict or PDF_INVALID/PDF_MALFORMED.
+
+    Only bytes after the stamp's revision are touched, so the stamped revision itself stays
+    what was issued; whether the damaged tail still parses is pyHanko's business, but the
+    verifier must answer either way (an exception here is a 500 for the public).
+    """
+    import random
+
+    from services.kernel.errors import BubuhError
+
+    base = {"countersigned": lambda: applicant_signs(victim.stamped),
+            "isa-content": lambda: attacks.isa_content(victim.stamped),
+            "swa": lambda: attacks.signature_wrapping(victim.stamped, victim.field)}[which]()
+    start = len(victim.stamped)
+    rng = random.Random(which)
+    damaged = [base[:rng.randrange(start, len(base))] for _ in range(4)]
+    for _ in range(8):
+        at = rng.randrange(start, len(base))
+        damaged.append(base[:at] + bytes([base[at] ^ (1 << rng.randrange(8))]) + base[at + 1:])
+    for pdf in damaged:
+        try:
+            answer = victim.answer(pdf)
+        except BubuhError as exc:
+            assert exc.code.code in ("PDF_INVALID", "PDF_MALFORMED"), exc
+        else:
+            assert isinstance(answer["valid"], bool)
+            if which != "countersigned":
+                assert answer["valid"] is False, answer  # damage never turns an attack into a valid stamp
