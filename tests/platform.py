@@ -35,6 +35,8 @@ def env_for(settings: Settings, **extra) -> dict[str, str]:
         "BUBUH_HTTP_PORT": str(settings.http_port),
         "BUBUH_LOG_FORMAT": "json",
         "BUBUH_DEFAULT_PARTITIONS": str(settings.default_partitions),
+        "BUBUH_WEBHOOK_LOCAL_MODE": str(settings.webhook_local_mode).lower(),
+        "BUBUH_WEBHOOK_HOSTS": settings.webhook_hosts,
     })
     env.update({k: str(v) for k, v in extra.items()})
     return env

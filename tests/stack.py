@@ -72,6 +72,9 @@ def isolated_settings(**overrides) -> Settings:
         "default_partitions": 4,
         "log_format": "console",
         "http_port": _free_port(),
+        # tests deliver webhooks to receivers on 127.0.0.1 and never ask DNS (no traffic off loopback)
+        "webhook_local_mode": True,
+        "webhook_hosts": "*=",
     }
     values.update(overrides)
     return base.model_copy(update=values)

@@ -102,7 +102,8 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, pool:
                                   channel.channel_id)
         if row is None:
             raise errors.BubuhError(errors.NOT_FOUND, f"no stamp request {request_id} for this channel")
-        status = "reserved" if row["status"] == "dead_lettered" else row["status"]
+        # dead-lettered waits for a replay with its unit reserved; signed waits for the ledger to post the unit
+        status = {"dead_lettered": "reserved", "signed": "stamping"}.get(row["status"], row["status"])
         out = {"request_id": request_id, "status": status, "account_id": row["account_id"],
                "accepted_at": row["accepted_at"].isoformat()}
         if row["sn"] and row["status"] == "completed":
@@ -142,7 +143,9 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, pool:
         stamp's signature is intact and the issuer's, its SN was issued for exactly this document (the revision
         the stamp signed is byte for byte the delivered file), and everything after it is only new signatures,
         DSS or document time-stamps. Otherwise `code` and `reasons` say why (codes in docs/errors.md), naming
-        the revision that changed what (docs/verification.md)."""
+        the revision that changed what (docs/verification.md). Anonymous, so rate-limited per client address
+        (`RATE_LIMITED`, 429) and run in its own lower-priority pool (`BUSY`, 503, when too many wait)."""
+        verifier.admit(request.client.host if request.client else "?")
         _too_large(request)
         data = await _read(file)
         return await verifier.document(data)

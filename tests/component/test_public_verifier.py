@@ -13,11 +13,12 @@ import uuid
 import pytest
 
 from loadtests import corpus
+from services.stamping.sandbox import Budget, Sandbox
 from services.stamping.serial import SerialIssuer
 from services.stamping.signing import keys
 from services.stamping.signing.engine import SignerConfig, StampingEngine
 from services.stamping.signing.request import StampRequest
-from services.stamping.verifying import PublicVerifier
+from services.stamping.verifying import ClientRate, PublicVerifier
 from tests.component.handler_support import service_pool
 from tests.unit.stamping import attacks
 
@@ -32,6 +33,18 @@ def issuer(tmp_path_factory):
     return ca, engine
 
 
+@pytest.fixture
+async def checker():
+    """The verification sandbox as the service runs it: the report comes back from a child process."""
+    box = await Sandbox("verify-test", size=1, budget=Budget(cpu_s=60, memory_bytes=1 << 30, wall_s=120)).start()
+    yield box
+    await box.stop()
+
+
+def public(pool, ca, checker) -> PublicVerifier:
+    return PublicVerifier(pool, [ca.ca_cert_pem], checker, ClientRate(per_s=100, burst=100))
+
+
 async def record(pool, sn: str, pdf: bytes | None, status: str = "completed") -> None:
     await pool.execute(
         "INSERT INTO requests (request_id, channel_id, account_id, status, sn, output_sha256, finished_at) "
@@ -39,12 +52,12 @@ async def record(pool, sn: str, pdf: bytes | None, status: str = "completed") ->
         str(uuid.uuid4()), status, sn, hashlib.sha256(pdf).hexdigest() if pdf is not None else None)
 
 
-async def test_the_registry_decides_sn_known_used_once_and_as_issued(settings, issuer):
+async def test_the_registry_decides_sn_known_used_once_and_as_issued(settings, issuer, checker):
     ca, engine = issuer
     req = StampRequest(SERIALS.next(), 1, (380, 60, 560, 140))
     delivered = engine.stamp(corpus.a4_text(3), req)
     async with service_pool(settings, "stamping") as pool:
-        verifier = PublicVerifier(pool, [ca.ca_cert_pem])
+        verifier = public(pool, ca, checker)
 
         before = await verifier.document(delivered)  # stamped, but never recorded: not one we issued
         assert (before["valid"], before["code"]) == (False, "SN_UNKNOWN"), before
@@ -67,11 +80,11 @@ async def test_the_registry_decides_sn_known_used_once_and_as_issued(settings, i
         assert answer["stamps"][0]["hash_matches_issued"] and answer["reasons"][0]["revision"] == 3
 
 
-async def test_a_voided_sn_is_unknown(settings, issuer):
+async def test_a_voided_sn_is_unknown(settings, issuer, checker):
     ca, engine = issuer
     req = StampRequest(SERIALS.next(), 1, (380, 60, 560, 140))
     pdf = engine.stamp(corpus.a4_text(5), req)
     async with service_pool(settings, "stamping") as pool:
         await record(pool, req.sn, None, status="failed")  # the SN was issued, then its request failed
-        answer = await PublicVerifier(pool, [ca.ca_cert_pem]).document(pdf)
+        answer = await public(pool, ca, checker).document(pdf)
         assert (answer["valid"], answer["code"]) == (False, "SN_UNKNOWN"), answer
