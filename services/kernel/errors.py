@@ -122,6 +122,34 @@ BUSY = _code("BUSY", 503, "Too many documents already wait for this kind of work
              "Retry after the Retry-After delay.", retryable=True)
 TOKEN_BUSY = _code("TOKEN_BUSY", 503, "The signing token (HSM) was busy.", "Retried automatically.", retryable=True)
 
+# --- verification verdicts: why a stamp does not vouch for a document ---------------------------
+# Never raised: they are the `code` / `reasons[].code` of a `valid: false` answer of `POST /v1/verify`
+# (HTTP 200, since the verification itself succeeded). The fix text is for the document's holder.
+NO_STAMP = _code("NO_STAMP", 200, "The PDF carries no e-Meterai signature (no signature with `[SN]` in its reason).",
+                 "Upload the stamped file as it was delivered, not a printout, scan or re-export.")
+SIGNATURE_BROKEN = _code("SIGNATURE_BROKEN", 200,
+                         "The e-Meterai signature does not verify: the signed bytes were altered, the signature "
+                         "value or its `/ByteRange` is broken, or the signature was copied from another document.",
+                         "The file is not the stamped document; ask its sender for the file as delivered by the "
+                         "channel.")
+NOT_OUR_ISSUER = _code("NOT_OUR_ISSUER", 200,
+                       "The signature carrying the SN is not made by the e-Meterai issuer's key (its certificate "
+                       "does not chain to the issuer's trust roots).",
+                       "Treat the stamp as forged; only the issuer's signature makes an e-Meterai.")
+SN_UNKNOWN = _code("SN_UNKNOWN", 200, "The stamp's serial number was never issued (or is malformed).",
+                   "Treat the stamp as forged; check the SN at `GET /v1/verify/{sn}`.")
+SN_REUSED = _code("SN_REUSED", 200,
+                  "The SN was issued for another document: the stamped revision of this file is not the file "
+                  "the issuer delivered for that SN (or the SN is on record more than once).",
+                  "One e-Meterai stamps one document; this document needs its own stamp.")
+MODIFIED_AFTER_STAMPING = _code("MODIFIED_AFTER_STAMPING", 200,
+                                "The document was changed after it was stamped: a later revision does more than add "
+                                "signatures, validation data (DSS) or document time-stamps (`revision` and "
+                                "`changed` say where).",
+                                "Verify the file as it was stamped (the revision named in `stamp_revision`); a "
+                                "changed document needs a new stamp.")
+VERIFICATION_VERDICTS = (NO_STAMP, SIGNATURE_BROKEN, NOT_OUR_ISSUER, SN_UNKNOWN, SN_REUSED, MODIFIED_AFTER_STAMPING)
+
 # --- notification ----------------------------------------------------------------------------
 QUERY_INVALID = _code("QUERY_INVALID", 422, "The query parameters do not select anything.",
                       "Give `event_id=<id>` or `since=<RFC 3339 time>` (see `detail`).")

@@ -20,6 +20,7 @@ from services.stamping import store
 from services.stamping.document.profiles import MAX_BYTES_ANY_PROFILE
 from services.stamping.intake import StampIntake, StampMeta
 from services.stamping.queue import QueueView
+from services.stamping.verification_answer import VerificationAnswer
 from services.stamping.verifying import PublicVerifier
 
 # multipart framing and the meta field on top of the largest document any profile accepts
@@ -136,10 +137,13 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, pool:
         """Public: is this SN one we issued, and was it used exactly once?"""
         return await verifier.by_sn(sn)
 
-    @r.post("/v1/verify", tags=["verification"])
+    @r.post("/v1/verify", tags=["verification"], response_model=VerificationAnswer)
     async def verify_document(request: Request, file: UploadFile = File(...)):
-        """Public: upload a stamped PDF; every e-Meterai in it is checked (signature, trust, unmodified since
-        stamping, SN known and used once, hash as issued). Anonymous, so rate-limited per client address
+        """Public: upload a stamped PDF; every e-Meterai in it is checked. `valid` is true only when each
+        stamp's signature is intact and the issuer's, its SN was issued for exactly this document (the revision
+        the stamp signed is byte for byte the delivered file), and everything after it is only new signatures,
+        DSS or document time-stamps. Otherwise `code` and `reasons` say why (codes in docs/errors.md), naming
+        the revision that changed what (docs/verification.md). Anonymous, so rate-limited per client address
         (`RATE_LIMITED`, 429) and run in its own lower-priority pool (`BUSY`, 503, when too many wait)."""
         verifier.admit(request.client.host if request.client else "?")
         _too_large(request)
