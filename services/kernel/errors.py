@@ -93,6 +93,10 @@ RESERVATION_EXPIRED = _code("RESERVATION_EXPIRED", 409, "The reservation passed 
 # --- stamping ------------------------------------------------------------------------------
 PDF_INVALID = _code("PDF_INVALID", 422, "The file is not a PDF.", "Upload a PDF document.")
 PDF_MALFORMED = _code("PDF_MALFORMED", 422, "The PDF cannot be parsed.", "Re-export the document and upload again.")
+PDF_TOO_COMPLEX = _code("PDF_TOO_COMPLEX", 422,
+                        "The PDF passes a budget of intake's inspection: its streams inflate to too many bytes, or "
+                        "it has too many objects or too deep a nesting (limits: README, `pdf_max_*` settings).",
+                        "Re-export or print the document to a new PDF; `detail` names the budget.")
 PDF_ENCRYPTED = _code("PDF_ENCRYPTED", 422, "The PDF is encrypted or password protected.",
                       "Upload an unprotected copy.")
 PDF_TOO_LARGE = _code("PDF_TOO_LARGE", 413, "The PDF exceeds the profile's size limit.",

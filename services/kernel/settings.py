@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     # uploads: the largest profile's document (10 MB) plus multipart framing and the meta field
     stamp_max_body_bytes: int = 10 * 1024 * 1024 + 64 * 1024
     verify_max_body_bytes: int = 10 * 1024 * 1024 + 64 * 1024
+    # budgets of intake's document inspection (document/budget.py); over one is PDF_TOO_COMPLEX
+    pdf_max_decoded_bytes: int = 256 * 1024 * 1024     # all Flate streams inflated, together
+    pdf_max_object_stream_bytes: int = 32 * 1024 * 1024   # object and xref streams inflated (parsers hold them)
+    pdf_max_objects: int = 100_000                     # indirect objects, those in object streams included
+    pdf_max_nesting: int = 64                          # arrays / dictionaries inside one another
     document_store_root: Path | None = None      # default: <local_dir>/documents
     signing_p12_path: str = ""                   # default: <local_dir>/keys/issuer-rsa2048.p12 (`bubuh keys dev-ca`)
     signing_p12_password: str = "bubuh-dev"

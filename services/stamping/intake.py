@@ -22,6 +22,7 @@ from services.kernel.producer import Producer
 from services.kernel.settings import Settings
 from services.stamping import NAME, store
 from services.stamping.document import inspection
+from services.stamping.document.budget import Budget
 from services.stamping.metrics import INTAKE_REJECTED
 from services.stamping.queue import QueueView
 
@@ -70,13 +71,14 @@ class StampIntake:
         self._store = documents
         self._queue = queue
         self._topic = settings.topic(topics.STAMP_REQUESTED.name)
+        self._budget = Budget.from_settings(settings)
 
     async def accept(self, channel: ChannelInfo, data: bytes, meta: StampMeta,
                      idempotency_key: str | None) -> Accepted:
         profile = meta.profile or channel.default_profile or "standard"
         try:
             facts = await asyncio.to_thread(inspection.inspect, data, profile, meta.page,
-                                            (meta.llx, meta.lly, meta.urx, meta.ury))
+                                            (meta.llx, meta.lly, meta.urx, meta.ury), self._budget)
         except errors.BubuhError as exc:
             INTAKE_REJECTED.labels(exc.code.code).inc()
             raise

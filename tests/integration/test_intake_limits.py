@@ -1,4 +1,4 @@
-"""Limits before reading (issue 11, point 4), against the platform's real uvicorn server.
+"""Limits before reading and budgets at intake (issue 11), against the platform's real uvicorn server.
 
 A raw socket client controls the sending: it streams a 32 MB upload (chunked, or announced with
 Content-Length) and watches for the answer while it sends. What the server took is what the client
@@ -152,10 +152,12 @@ def _rss_kib(pid: int) -> int:
 
 
 async def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(platform, settings, channel):
-    for path, ctype in (("/v1/stamps", _multipart_headers()), ("/v1/purchases", {"Content-Type": "application/json"})):
+    cases = (("/v1/stamps", _multipart_headers(), _multipart_head(stamp_meta("limits"))),
+             ("/v1/purchases", {"Content-Type": "application/json"}, b'{"channel_order_id": "'))
+    for path, ctype, head in cases:
         out = await asyncio.to_thread(
             _request, settings.http_port, path, ctype | {"Transfer-Encoding": "chunked"},
-            _chunked(_zeros(UPLOAD)))
+            _chunked(itertools.chain([head], _zeros(UPLOAD))))
         print(f"{path} chunked, no key: {out.status} after {out.delivered} bytes, {out.seconds:.3f} s")
         assert (out.status, out.code) == (401, "UNAUTHENTICATED"), (path, out)
         assert out.headers.get("connection") == "close", (path, out.headers)
@@ -165,7 +167,8 @@ async def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(plat
     size = 8 * 1024 * 1024
     out = await asyncio.to_thread(
         _request, settings.http_port, "/v1/stamps",
-        _multipart_headers({"Authorization": "Bearer not-a-key", "Content-Length": str(size)}), _zeros(size))
+        _multipart_headers({"Authorization": "Bearer not-a-key", "Content-Length": str(size)}),
+        itertools.chain([_multipart_head(stamp_meta("limits"))], _zeros(size)))
     assert (out.status, out.code) == (401, "UNAUTHENTICATED") and out.delivered < MARGIN, out
 
 
@@ -233,3 +236,19 @@ async def test_uploads_within_the_limits_still_work(platform, api, settings, cha
     assert r.status_code == 200 and r.json()["valid"] is False, r.text
     r = await api.post("/v1/stamps", headers=auth(channel), files={"file": ("x.pdf", pdf, "application/pdf")})
     assert (r.status_code, r.json()["code"]) == (422, "BODY_INVALID"), r.text
+
+
+async def test_a_decompression_bomb_is_refused_at_intake_within_budget(platform, api, settings, channel):
+    await _known(api, channel)
+    bomb = await asyncio.to_thread(corpus.inflating, 600 * 1024 * 1024, where="object-stream")
+    rss_before = _rss_kib(platform.proc.pid)
+    started = time.monotonic()
+    r = await post_stamp(api, channel, bomb, stamp_meta("limits"))
+    seconds = time.monotonic() - started
+    grown_kib = _rss_kib(platform.proc.pid) - rss_before
+    print(f"{len(bomb)}-byte upload inflating to 600 MB: {r.status_code} {r.json()['code']} in {seconds:.3f} s, "
+          f"RSS grew by {grown_kib} KiB")
+    assert (r.status_code, r.json()["code"]) == (422, "PDF_TOO_COMPLEX"), r.text
+    assert seconds < 5 and grown_kib < 64 * 1024, (seconds, grown_kib)
+    r = await post_stamp(api, channel, corpus.scan_800k(1), stamp_meta("limits", profile="cpns"))
+    assert r.status_code == 202, r.text
