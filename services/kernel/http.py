@@ -13,6 +13,7 @@ FastAPI's ``File``/``Form``/model parameters, which parse the whole body before 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -57,6 +58,11 @@ def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 MAX_BODY = "x-max-body-bytes"
 TOO_LARGE_CODE = "x-body-too-large-code"
 DEFAULT_MAX_BODY_BYTES = 16 * 1024   # routes that declare no limit (they take no body)
+# an answer that comes before the body was read drops the rest of it when that is at most this
+# much (declared, arriving within the time): closing instead would make the kernel reset the
+# connection, which can erase the answer before a client that is still sending reads it
+DRAIN_BYTES = 64 * 1024
+DRAIN_SECONDS = 2.0
 
 
 def body_limit(limit: int, too_large: errors.ErrorCode = errors.BODY_TOO_LARGE,
@@ -103,7 +109,8 @@ class BodyLimits:
     whatever reads the body (Starlette's form parser, a JSON reader), and a declared length has
     to be refused before anything reads at all. A response that starts before the body was read
     whole (a 401, a 413) carries ``Connection: close``: the server then drops the connection
-    instead of draining the rest of the upload, and the client stops sending.
+    instead of draining the rest of the upload, and the client stops sending. (Unless the rest is
+    small and declared: then it is read and dropped, and the connection lives on.)
     """
 
     def __init__(self, app: ASGIApp, routers: Sequence[APIRouter], default_limit: int = DEFAULT_MAX_BODY_BYTES) -> None:
@@ -147,8 +154,24 @@ class BodyLimits:
                     complete = True
             return message
 
+        async def drained() -> bool:
+            """Read and drop the rest of a small body: the connection stays usable and is not reset."""
+            nonlocal complete
+            if chunked or declared is None or int(declared) - received > DRAIN_BYTES:
+                return False
+            try:
+                async with asyncio.timeout(DRAIN_SECONDS):
+                    while not complete:
+                        message = await receive()
+                        if message["type"] != "http.request":
+                            return False
+                        complete = not message.get("more_body", False)
+            except TimeoutError:
+                return False
+            return True
+
         async def closing_send(message: Message) -> None:
-            if message["type"] == "http.response.start" and not complete:
+            if message["type"] == "http.response.start" and not complete and not await drained():
                 message = {**message, "headers": _with_close(message.get("headers", []))}
             await send(message)
 
