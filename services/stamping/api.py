@@ -52,7 +52,8 @@ def _upload_body(limit: int, fields: dict, required: list[str], what: str) -> di
             "type": "object", "required": required, "properties": fields}}}})
 
 
-_FILE = {"type": "string", "format": "binary", "description": "The PDF."}
+_FILE = {"type": "string", "format": "binary", "maxLength": MAX_BYTES_ANY_PROFILE,
+         "description": "The PDF: at most its profile's size (`standard` 10 MB, `cpns` 800 KB)."}
 
 
 def router(settings: Settings, channels: ChannelView, intake: StampIntake, pool: asyncpg.Pool,
