@@ -72,19 +72,28 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, pool:
         if not ctype.startswith("multipart/form-data"):
             raise errors.BubuhError(errors.UNSUPPORTED_MEDIA_TYPE, "send multipart/form-data with `file` and `meta`")
 
-    async def _form(request: Request, fields: tuple[str, ...]) -> dict[str, UploadFile | str]:
-        """The multipart fields, read as they arrive (BodyLimits stops a body over the route's limit)."""
+    async def _form(request: Request, fields: tuple[str, ...]) -> dict[str, bytes | str]:
+        """The multipart fields, read as they arrive (BodyLimits stops a body over the route's limit);
+        ``file`` as its bytes, the others as text. The parser's spooled files are closed here."""
         try:
             form = await request.form(max_files=1, max_fields=len(fields))
         except StarletteHTTPException as exc:   # the parser's complaint about the framing
             raise errors.BubuhError(errors.BODY_INVALID, f"multipart: {exc.detail}") from None
-        out = {}
-        for name in fields:
-            value = form.get(name)
-            if value is None:
-                raise errors.BubuhError(errors.BODY_INVALID, f"{name}: field required")
-            out[name] = value
-        return out
+        try:
+            out: dict[str, bytes | str] = {}
+            for name in fields:
+                value = form.get(name)
+                if value is None:
+                    raise errors.BubuhError(errors.BODY_INVALID, f"{name}: field required")
+                if name == "file":
+                    out[name] = await _read(value)
+                elif isinstance(value, str):
+                    out[name] = value
+                else:
+                    raise errors.BubuhError(errors.BODY_INVALID, f"{name}: send it as a plain form field")
+            return out
+        finally:
+            await form.close()
 
     async def _read(upload: UploadFile | str) -> bytes:
         if not isinstance(upload, UploadFile):
@@ -109,17 +118,13 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, pool:
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 128:
             raise errors.BubuhError(errors.BODY_INVALID, "Idempotency-Key: 1-128 characters")
         form = await _form(request, ("file", "meta"))
-        meta = form["meta"]
-        if not isinstance(meta, str):
-            raise errors.BubuhError(errors.BODY_INVALID, "meta: send JSON as a plain form field")
         try:
-            body = StampMetaBody.model_validate(json.loads(meta))
+            body = StampMetaBody.model_validate(json.loads(form["meta"]))
         except (ValueError, ValidationError) as exc:
             detail = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": ("meta",), "msg": str(exc)}
             raise errors.BubuhError(errors.BODY_INVALID,
                                     f"meta.{'.'.join(str(p) for p in detail['loc'])}: {detail['msg']}") from None
-        data = await _read(form["file"])
-        accepted = await intake.accept(channel, data, StampMeta(**body.model_dump()), idempotency_key)
+        accepted = await intake.accept(channel, form["file"], StampMeta(**body.model_dump()), idempotency_key)
         return JSONResponse(status_code=202, content={
             "request_id": accepted.request_id, "status": accepted.status,
             "status_url": f"{settings.public_url}/v1/stamps/{accepted.request_id}",
@@ -174,7 +179,6 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, pool:
         stamping, SN known and used once, hash as issued). The body is held to `x-max-body-bytes`."""
         _multipart(request)
         form = await _form(request, ("file",))
-        data = await _read(form["file"])
-        return await verifier.document(data)
+        return await verifier.document(form["file"])
 
     return r
