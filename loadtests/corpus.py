@@ -225,11 +225,12 @@ def _zeros_deflated(prefix: bytes, zeros: int, suffix: bytes) -> bytes:
     return head + one * whole + tail[:-4] + adler.to_bytes(4, "big")
 
 
-def inflating(decoded: int = 600 * 1024 * 1024, *, where: str = "object-stream") -> bytes:
+def inflating(decoded: int = 600 * 1024 * 1024, *, where: str = "object-stream", extra: bytes = b"") -> bytes:
     """A valid one-page PDF of well under 1 MB whose Flate data inflates to ``decoded`` bytes (NULs,
     which PDF syntax reads as white space): in the object stream that holds the page
     (``object-stream``: a parser must inflate it all to find the page), or in the page's content
-    stream (``content``: only a renderer would)."""
+    stream (``content``: only a renderer would). ``extra`` goes into the stream's dictionary
+    after its /Filter (e.g. a string that looks like an object header, to mislead a scanner)."""
     catalog = b"<< /Type /Catalog /Pages 2 0 R >>"
     pages = b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>"
     page = b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595.276 841.89] /Resources << >>%s >>"
@@ -245,12 +246,12 @@ def inflating(decoded: int = 600 * 1024 * 1024, *, where: str = "object-stream")
     if where == "object-stream":
         header = b"3 0 "
         data = _zeros_deflated(header, decoded, page % b"")
-        put(4, b"<< /Type /ObjStm /N 1 /First %d /Filter /FlateDecode /Length %d >>\nstream\n"
-            % (len(header), len(data)) + data + b"\nendstream")
+        put(4, b"<< /Type /ObjStm /N 1 /First %d /Filter /FlateDecode%s /Length %d >>\nstream\n"
+            % (len(header), extra, len(data)) + data + b"\nendstream")
     elif where == "content":
         put(3, page % b" /Contents 4 0 R")
         data = _zeros_deflated(b"", decoded, b"")
-        put(4, b"<< /Filter /FlateDecode /Length %d >>\nstream\n" % len(data) + data + b"\nendstream")
+        put(4, b"<< /Filter /FlateDecode%s /Length %d >>\nstream\n" % (extra, len(data)) + data + b"\nendstream")
     else:
         raise ValueError(where)
     # a cross-reference stream (object 3 may live in an object stream), stored unfiltered

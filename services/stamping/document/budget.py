@@ -15,6 +15,9 @@ What it counts:
 - indirect objects, written out (``n g obj``) and packed in object streams (their ``/N``).
 Nesting is qpdf's to count (``parser_max_nesting``, set from ``max_nesting``): it parses
 every object after this pass, and over the limit it warns, which inspection turns into the same code.
+qpdf's own ``flate_max_memory`` is set to ``max_object_stream_bytes`` as well: this pass reads
+dictionaries with regular expressions, which a string in the right place can mislead, and the
+streams qpdf inflates are exactly the ones that must not pass that limit.
 
 Streams with other filters (DCT, JBIG2, LZW, ...) count at their stored size: the platform never
 decodes them. The pass is a scan, not a parser: a stream it cannot find or inflate is left to
@@ -72,26 +75,38 @@ def check(data: bytes, budget: Budget) -> Spent:
     pos = 0
     while (match := _STREAM.search(data, pos)) is not None:
         start = match.end()
-        head = data[max(0, match.start() - _DICT_WINDOW):match.start() + 2]
-        headers = list(_OBJ.finditer(head))
-        if headers:
-            head = head[headers[-1].end():]
+        head = _dictionary(data, match.start())
         spent.streams += 1
-        structure = _STRUCTURE.search(head) is not None
-        if structure and b"ObjStm" in _STRUCTURE.search(head).group(1):
+        structure = _STRUCTURE.search(head)
+        if structure is not None and structure.group(1) == b"ObjStm":
             count = _COUNT.search(head)
             spent.objects += int(count.group(1)) if count else 0
             _over_objects(spent, budget)
         length_match = _LENGTH.search(head)
         length = int(length_match.group(1)) if length_match and not length_match.group(2) else None
-        filters = _filters(head)
         end = start + length if length is not None else None
-        if filters and all(f in _FLATE for f in filters):
-            consumed = _inflate(data, start, end, len(filters), spent, budget, structure)
-            pos = start + (length if length is not None else max(consumed, 1))
-        else:
-            pos = start + (length if length is not None else 1)
+        # the dictionary says how many Flate layers; data that is zlib counts even when the
+        # dictionary could not be read (a string in it can fool a scan; qpdf's own limit backs this)
+        filters = _filters(head)
+        layers = 0
+        while layers < len(filters) and filters[layers] in _FLATE:
+            layers += 1
+        if layers == 0 and _looks_like_zlib(data[start:start + 2]):
+            layers = 1
+        consumed = _inflate(data, start, end, layers, spent, budget, structure is not None) if layers else 0
+        pos = start + (length if length is not None else max(consumed, 1))
     return spent
+
+
+def _dictionary(data: bytes, stream_at: int) -> bytes:
+    """The text between the stream's ``n g obj`` header and its ``stream`` keyword (best effort)."""
+    low = max(0, stream_at - _DICT_WINDOW)
+    header = data.rfind(b"obj", low, stream_at)
+    return data[header + 3 if header >= 0 else low:stream_at + 2]
+
+
+def _looks_like_zlib(two: bytes) -> bool:
+    return len(two) == 2 and two[0] & 0x0F == 8 and two[0] >> 4 <= 7 and (two[0] << 8 | two[1]) % 31 == 0
 
 
 def _filters(head: bytes) -> list[bytes]:

@@ -17,9 +17,10 @@ Order matters: the size limit is checked before any parsing (a 50 MB upload must
 cost a parse), then the budgets (``budget.py``: inflated bytes and object count, by a
 streaming pass over the raw bytes) before qpdf inflates anything, and nothing here
 recurses in Python on document structure. Nesting deeper than the budget stops qpdf's
-parser (``parser_max_nesting``, process-wide: only this module uses qpdf in the
-platform); every object is parsed once, so a deep one cannot hide in an unreferenced
-object. Over a budget is ``PDF_TOO_COMPLEX``.
+parser (``parser_max_nesting``), and inflating more than the object-stream budget
+stops its decoder (``flate_max_memory``); both are process-wide, and only this module
+uses qpdf in the platform. Every object is parsed once, so neither can hide in an
+unreferenced object. Over a budget is ``PDF_TOO_COMPLEX``.
 
 Coordinates: pages are numbered from 1; the box is ``(llx, lly, urx, ury)`` in PDF points
 in the page's default user space (before ``/Rotate``), the convention pyHanko's
@@ -58,6 +59,7 @@ _FATAL_WARNINGS = (
 _BUDGET_WARNINGS = (
     "limits error",
     "deeply nested",
+    "memory limit exceeded",
 )
 
 Box = tuple[float, float, float, float]
@@ -262,9 +264,12 @@ def _parse_all(pdf: pikepdf.Pdf) -> None:
         pass
 
 
-def _nesting_limit(depth: int) -> None:
-    if pikepdf.settings.get_qpdf_limits()["parser_max_nesting"] != depth:
-        pikepdf.settings.set_qpdf_limits(parser_max_nesting=depth)
+def _qpdf_limits(budget: Budget) -> None:
+    """qpdf's global limits from the budget (set once: only inspection uses qpdf in the platform)."""
+    want = {"parser_max_nesting": budget.max_nesting, "flate_max_memory": budget.max_object_stream_bytes}
+    now = pikepdf.settings.get_qpdf_limits()
+    if any(now[k] != v for k, v in want.items()):
+        pikepdf.settings.set_qpdf_limits(**want)
 
 
 def inspect(data: bytes, profile: str, page: int, box, budget: Budget | None = None) -> DocumentFacts:
@@ -283,7 +288,7 @@ def inspect(data: bytes, profile: str, page: int, box, budget: Budget | None = N
         raise BubuhError(errors.PDF_TOO_LARGE,
                          f"{len(data)} bytes; profile {prof.name} allows {prof.max_bytes} bytes")
     budgets.check(data, budget)
-    _nesting_limit(budget.max_nesting)
+    _qpdf_limits(budget)
     pdf = _open(data)
     try:
         if pdf.is_encrypted:

@@ -56,6 +56,17 @@ def test_the_default_total_refuses_a_600_mb_content_stream_too():
     assert err.code.code == "PDF_TOO_COMPLEX" and cpu < 3.0, (err.detail, cpu)
 
 
+def test_a_dictionary_that_misleads_the_scan_is_still_refused(object_stream_bomb, monkeypatch):
+    # a string after /Filter that looks like an object header hides the filter and the type from the scan
+    fooled = corpus.inflating(600 * MB, where="object-stream", extra=b" /X (9 0 obj)")
+    err, cpu, peak = _refused(fooled)
+    assert err.code.code == "PDF_TOO_COMPLEX" and cpu < 2.0 and peak < 8 * MB, (err.detail, cpu, peak)
+    # and with no scan at all, qpdf's own Flate limit (flate_max_memory) stops at the same budget
+    monkeypatch.setattr(budgets, "check", lambda data, budget: budgets.Spent())
+    err, cpu, _ = _refused(object_stream_bomb)
+    assert err.code.code == "PDF_TOO_COMPLEX" and "memory limit" in err.detail and cpu < 1.0, (err.detail, cpu)
+
+
 def test_object_count_and_nesting_have_budgets():
     letter = corpus.a4_text(1, pages=40, object_streams=True)   # 84 objects, the dictionaries in object streams
     spent = budgets.check(letter, Budget())
