@@ -138,6 +138,7 @@ class BodyLimits:
         declared = headers.get(b"content-length")
         chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+            log.info("body refused unread", path=scope["path"], declared=int(declared), limit=limit)
             await _refuse(scope, send, code, f"Content-Length {int(declared)} > {limit} bytes")
             return
         complete = not chunked and (declared is None or int(declared or b"0") == 0)
@@ -149,6 +150,7 @@ class BodyLimits:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    log.info("body refused at its limit", path=scope["path"], received=received, limit=limit)
                     raise errors.BubuhError(code, f"more than {limit} bytes")
                 if not message.get("more_body", False):
                     complete = True
@@ -172,6 +174,8 @@ class BodyLimits:
 
         async def closing_send(message: Message) -> None:
             if message["type"] == "http.response.start" and not complete and not await drained():
+                log.info("answered before the body; closing", path=scope["path"], status=message["status"],
+                         received=received)
                 message = {**message, "headers": _with_close(message.get("headers", []))}
             await send(message)
 
