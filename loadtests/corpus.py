@@ -65,6 +65,23 @@ def a4_text(seed: int = 0, *, pages: int = 1, version: str = "1.7", object_strea
     return _save(pdf, version, object_streams)
 
 
+def form_with_fields(fields: int = 4000, seed: int = 0) -> bytes:
+    """The letter with an AcroForm of ``fields`` text fields whose widgets all sit in object streams:
+    small (about 14 bytes a field) and cheap for qpdf, but costly for a pure-Python reader such as
+    pyHanko's (seconds of CPU at a few thousand fields). Hostile-document test material."""
+    pdf = pikepdf.open(io.BytesIO(a4_text(seed)))
+    page = pdf.pages[0]
+    widgets = pikepdf.Array()
+    for i in range(fields):
+        widgets.append(pdf.make_indirect(pikepdf.Dictionary(
+            Type=pikepdf.Name.Annot, Subtype=pikepdf.Name.Widget, FT=pikepdf.Name.Tx, T=pikepdf.String(f"f{i}"),
+            Rect=[40 + (i % 50) * 10, 40 + (i // 50 % 20) * 10, 48 + (i % 50) * 10, 48 + (i // 50 % 20) * 10],
+            P=page.obj)))
+    page.obj.Annots = widgets
+    pdf.Root.AcroForm = pdf.make_indirect(pikepdf.Dictionary(Fields=widgets))
+    return _save(pdf, "1.7", object_streams=True)
+
+
 def scan_800k(seed: int = 0, *, target_bytes: int = 790_000, version: str = "1.7") -> bytes:
     """A one-page A4 "scan": a noise image that does not compress, about ``target_bytes`` long.
 

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,12 +16,9 @@ import time
 from pathlib import Path
 
 from services.kernel.settings import REPO_ROOT, Settings
+from tests.stack import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["PlatformProcess", "add_channel", "cli", "env_for", "free_port"]
 
 
 def env_for(settings: Settings, **extra) -> dict[str, str]:
@@ -35,6 +31,8 @@ def env_for(settings: Settings, **extra) -> dict[str, str]:
         "BUBUH_HTTP_PORT": str(settings.http_port),
         "BUBUH_LOG_FORMAT": "json",
         "BUBUH_DEFAULT_PARTITIONS": str(settings.default_partitions),
+        "BUBUH_WEBHOOK_LOCAL_MODE": str(settings.webhook_local_mode).lower(),
+        "BUBUH_WEBHOOK_HOSTS": settings.webhook_hosts,
     })
     env.update({k: str(v) for k, v in extra.items()})
     return env

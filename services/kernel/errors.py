@@ -93,10 +93,6 @@ RESERVATION_EXPIRED = _code("RESERVATION_EXPIRED", 409, "The reservation passed 
 # --- stamping ------------------------------------------------------------------------------
 PDF_INVALID = _code("PDF_INVALID", 422, "The file is not a PDF.", "Upload a PDF document.")
 PDF_MALFORMED = _code("PDF_MALFORMED", 422, "The PDF cannot be parsed.", "Re-export the document and upload again.")
-PDF_TOO_COMPLEX = _code("PDF_TOO_COMPLEX", 422,
-                        "The PDF passes a budget of intake's inspection: its streams inflate to too many bytes, or "
-                        "it has too many objects or too deep a nesting (limits: README, `pdf_max_*` settings).",
-                        "Re-export or print the document to a new PDF; `detail` names the budget.")
 PDF_ENCRYPTED = _code("PDF_ENCRYPTED", 422, "The PDF is encrypted or password protected.",
                       "Upload an unprotected copy.")
 PDF_TOO_LARGE = _code("PDF_TOO_LARGE", 413, "The PDF exceeds the profile's size limit.",
@@ -113,6 +109,19 @@ STORAGE_UNAVAILABLE = _code("STORAGE_UNAVAILABLE", 503, "The document store did 
                             "Retried automatically.", retryable=True)
 TSA_UNAVAILABLE = _code("TSA_UNAVAILABLE", 503, "The time-stamp authority did not answer.",
                         "Retried automatically.", retryable=True)
+PDF_TOO_COMPLEX = _code("PDF_TOO_COMPLEX", 422,
+                        "The PDF needs more CPU time or memory to read than the platform allows a document, or "
+                        "passes a budget of intake's inspection (inflated bytes, objects, nesting: `detail` says "
+                        "which; README, `pdf_max_*` settings).",
+                        "Simplify the document (flatten forms, fewer objects, no huge inflating streams) or "
+                        "print it to a new PDF; do not retry unchanged.")
+PROCESSING_TIMEOUT = _code("PROCESSING_TIMEOUT", 503,
+                           "The platform was too busy to finish the document in time; not a verdict on it.",
+                           "Retry after the Retry-After delay.", retryable=True)
+RATE_LIMITED = _code("RATE_LIMITED", 429, "This client sent more requests than the route allows per second.",
+                     "Slow down; retry after the Retry-After delay.", retryable=True)
+BUSY = _code("BUSY", 503, "Too many documents already wait for this kind of work.",
+             "Retry after the Retry-After delay.", retryable=True)
 TOKEN_BUSY = _code("TOKEN_BUSY", 503, "The signing token (HSM) was busy.", "Retried automatically.", retryable=True)
 
 # --- notification ----------------------------------------------------------------------------
@@ -128,6 +137,21 @@ WEBHOOK_UNREACHABLE = _code("WEBHOOK_UNREACHABLE", 502, "The channel's webhook e
                             retryable=True)
 WEBHOOK_NO_ENDPOINT = _code("WEBHOOK_NO_ENDPOINT", 409, "The channel has no webhook URL (or is unknown).",
                             "Register a webhook URL for the channel.", retryable=True)
+WEBHOOK_SCHEME_FORBIDDEN = _code("WEBHOOK_SCHEME_FORBIDDEN", 422,
+                                 "The webhook URL is not `https://`. Plain `http://` is accepted only in local mode "
+                                 "(`BUBUH_WEBHOOK_LOCAL_MODE=true`, development and tests), and then only to loopback.",
+                                 "Serve the webhook over https with a certificate for the URL's host name and register "
+                                 "the `https://` URL (`bubuh channel set-webhook`).", retryable=True)
+WEBHOOK_TARGET_FORBIDDEN = _code("WEBHOOK_TARGET_FORBIDDEN", 422,
+                                 "The webhook URL's host is, or resolves to, an address Bubuh does not call: "
+                                 "loopback, private (RFC 1918, CGNAT 100.64/10, IPv6 ULA), link-local or cloud "
+                                 "metadata, multicast, reserved or unspecified (also inside IPv4-mapped IPv6); or the "
+                                 "URL carries `user:password@`, a numeric host other than a dotted quad, or a name "
+                                 "that does not resolve. Nothing was sent.",
+                                 "Register a host name whose every DNS address is public (globally routable); write "
+                                 "IPv4 literals as a.b.c.d; authenticate requests by `Bubuh-Signature`, not URL "
+                                 "credentials. Checked at registration and again before every connection.",
+                                 retryable=True)
 EMAIL_REFUSED = _code("EMAIL_REFUSED", 502, "The mail server refused the message permanently (5xx).",
                       "Check the buyer's address; the email is not retried.")
 EMAIL_UNAVAILABLE = _code("EMAIL_UNAVAILABLE", 503, "The mail server did not accept the message for now.",

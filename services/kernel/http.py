@@ -98,6 +98,7 @@ _STATUS_MEANING = {
          "documents); sent with `Connection: close`, possibly before the body was read.",
     415: "`UNSUPPORTED_MEDIA_TYPE`.",
     422: "A catalogued refusal of the body (`BODY_INVALID`, `PDF_*`, ...): see `code`.",
+    429: "`RATE_LIMITED`: too many requests from this client; retry after `Retry-After` seconds.",
     503: "`UNAVAILABLE`: retry after `Retry-After` seconds.",
 }
 

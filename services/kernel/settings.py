@@ -104,7 +104,23 @@ class Settings(BaseSettings):
     signing_pkcs11_key_label: str = ""
     signing_md_algorithm: str = "sha256"
     signing_tsa_url: str = ""                    # set: PAdES B-T with a time-stamp from this RFC 3161 TSA
+    signing_tsa_timeout_s: float = 5.0           # one time-stamp request; over it is TSA_UNAVAILABLE (retried)
     trust_roots: str = ""                        # PEM files (comma separated) verification trusts; default: dev CA
+    # every PDF is opened in a killable child process (services/stamping/sandbox.py) with these budgets;
+    # over CPU or memory is PDF_TOO_COMPLEX, over the wall-clock time a retryable PROCESSING_TIMEOUT
+    document_memory_mib: int = 768               # address space of each document child
+    intake_processes: int = 2                    # per API process: intake checks of uploads
+    intake_cpu_s: float = 5.0
+    intake_wall_s: float = 30.0
+    signing_cpu_s: float = 10.0                  # per stamp, in the worker's signing child (the key stays open)
+    signing_wall_s: float = 120.0                # includes the TSA and the HSM
+    verify_processes: int = 1                    # anonymous verification: its own pool, lower CPU priority
+    verify_cpu_s: float = 5.0
+    verify_wall_s: float = 30.0
+    verify_nice: int = 10
+    verify_max_waiting: int = 8                  # more waiting uploads: BUSY (503 + Retry-After)
+    verify_rate_per_client_per_s: float = 1.0    # per client address, with a burst of verify_rate_burst
+    verify_rate_burst: int = 5
     stamp_max_attempts: int = 5                  # transient failures before the dead-letter topic
     stamp_retry_base_s: float = 2.0
     stamp_retry_max_s: float = 600.0
@@ -125,6 +141,10 @@ class Settings(BaseSettings):
     webhook_horizon_s: float = 24 * 3600   # retried until then; then dead-lettered (DeliveryAbandoned)
     webhook_breaker_failures: int = 5      # consecutive failures that open an endpoint's circuit
     webhook_breaker_cooldown_s: float = 30.0   # open -> half-open (one probe) after this
+    # local mode: loopback webhook targets, and plain http to them, are accepted (make run, tests). Never
+    # in production: there a webhook is https to a public address (services/notification/targets.py)
+    webhook_local_mode: bool = False
+    webhook_hosts: str = ""                # "name=addr[|addr],...": answers instead of DNS, checked like DNS's
     notification_idle_poll_s: float = 1.0  # longest sleep of the dispatchers without a NOTIFY
     notification_retention_s: float = 30 * 24 * 3600   # delivered / dead rows are deleted after this
     smtp_host: str = "127.0.0.1"

@@ -46,7 +46,8 @@ STAMP_REQUESTED = Topic("stamp.requested", "stamping (intake)", "request id", "S
 QUOTA_EVENTS = Topic("quota.events", "quota", "account",
                      "QuotaCredited, QuotaReserved, QuotaRejected, QuotaCommitted, QuotaReleased, QuotaRefused")
 QUOTA_DLQ = Topic("quota.dead-letter", "quota", "as the source record", "records quota could not apply")
-STAMP_EVENTS = Topic("stamp.events", "stamping (worker)", "request id", "StampCompleted, StampFailed")
+STAMP_EVENTS = Topic("stamp.events", "stamping (worker, tracker)", "request id",
+                     "StampSigned (asks the ledger to post), StampCompleted (released once posted), StampFailed")
 STAMP_RETRY = Topic("stamp.retry", "stamping (worker)", "request id",
                     "QuotaReserved re-sent at its due time after a transient failure")
 STAMP_DLQ = Topic("stamp.dead-letter", "stamping", "request id", "stamp requests that exhausted their retries")

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import asyncpg
 
 from services.contracts.bubuh.v1 import purchase_pb2
-from services.kernel import errors, events, logs, outbox, topics
+from services.kernel import errors, events, inbox, logs, outbox, topics
 from services.kernel.events import Event
-from services.kernel.processing.handler import Rejection
+from services.kernel.processing.handler import Rejection, Transactional
 from services.kernel.settings import Settings
 from services.kernel.signatures import HEADER_HMAC, matches
 from services.purchase import NAME
@@ -65,6 +65,12 @@ class Confirmation:
         self._settings = settings
         self._events_topic = settings.topic(topics.PURCHASE_EVENTS.name)
         self._last_warned: dict[str, tuple[float, int]] = {}   # claimed channel -> (last warning, since)
+
+    def handler(self) -> Transactional:
+        """The pipeline's handler: a batch in one transaction. Channels choose their event ids, so
+        the inbox keys on the record's bytes as well: a record of one channel (or a forgery) that
+        reuses another's event id cannot make that one look applied already."""
+        return Transactional(self._pool, CONSUMER, self.apply, inbox_key=inbox.by_content)
 
     async def apply(self, conn: asyncpg.Connection, batch: list[Event]) -> list[Rejection]:
         """One partition batch, in the pipeline's transaction (the inbox has claimed it already).

@@ -138,7 +138,8 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, pool:
                                   channel.channel_id)
         if row is None:
             raise errors.BubuhError(errors.NOT_FOUND, f"no stamp request {request_id} for this channel")
-        status = "reserved" if row["status"] == "dead_lettered" else row["status"]
+        # dead-lettered waits for a replay with its unit reserved; signed waits for the ledger to post the unit
+        status = {"dead_lettered": "reserved", "signed": "stamping"}.get(row["status"], row["status"])
         out = {"request_id": request_id, "status": status, "account_id": row["account_id"],
                "accepted_at": row["accepted_at"].isoformat()}
         if row["sn"] and row["status"] == "completed":
@@ -173,10 +174,13 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, pool:
         return await verifier.by_sn(sn)
 
     @r.post("/v1/verify", tags=["verification"], openapi_extra=verify_body,
-            responses=http.error_responses(413, 415, 422, 503))
+            responses=http.error_responses(413, 415, 422, 429, 503))
     async def verify_document(request: Request):
         """Public: upload a stamped PDF; every e-Meterai in it is checked (signature, trust, unmodified since
-        stamping, SN known and used once, hash as issued). The body is held to `x-max-body-bytes`."""
+        stamping, SN known and used once, hash as issued). Anonymous, so rate-limited per client address
+        (`RATE_LIMITED`, 429, before the body is read) and run in its own lower-priority pool (`BUSY`, 503,
+        when too many wait). The body is held to `x-max-body-bytes`."""
+        verifier.admit(request.client.host if request.client else "?")
         _multipart(request)
         form = await _form(request, ("file",))
         return await verifier.document(form["file"])

@@ -8,19 +8,54 @@ was issued for exactly one request, and the stamped file's hash is the one we st
 
 from __future__ import annotations
 
-import asyncio
+import time
+from collections import OrderedDict
 from pathlib import Path
 
 import asyncpg
 
+from services.kernel import errors
 from services.stamping import serial
 from services.stamping.document import verification
+from services.stamping.sandbox import Sandbox
+
+
+def verify_upload(_state, data: bytes, roots: list[Path]) -> verification.VerificationReport:
+    """In a verification child of the sandbox (its own pool, lower CPU priority, within budget)."""
+    return verification.verify(data, roots)
+
+
+class ClientRate:
+    """A token bucket per client address: anonymous verification cannot be flooded from one place.
+
+    Bounded: the least recently seen addresses are forgotten beyond ``max_clients``.
+    """
+
+    def __init__(self, per_s: float, burst: int, max_clients: int = 10_000) -> None:
+        self._per_s = per_s
+        self._burst = float(burst)
+        self._max = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()   # client -> (tokens, at)
+
+    def take(self, client: str) -> None:
+        now = time.monotonic()
+        tokens, at = self._buckets.pop(client, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - at) * self._per_s)
+        if tokens < 1.0:
+            self._buckets[client] = (tokens, now)
+            wait = (1.0 - tokens) / self._per_s if self._per_s > 0 else 60.0
+            raise errors.BubuhError(errors.RATE_LIMITED, f"verification from {client}: retry in {wait:.1f} s")
+        self._buckets[client] = (tokens - 1.0, now)
+        while len(self._buckets) > self._max:
+            self._buckets.popitem(last=False)
 
 
 class PublicVerifier:
-    def __init__(self, pool: asyncpg.Pool, trust_roots: list[Path]) -> None:
+    def __init__(self, pool: asyncpg.Pool, trust_roots: list[Path], sandbox: Sandbox, rate: ClientRate) -> None:
         self._pool = pool
         self._roots = trust_roots
+        self._sandbox = sandbox
+        self._rate = rate
 
     async def by_sn(self, sn: str) -> dict:
         sn = sn.strip().upper()
@@ -32,8 +67,12 @@ class PublicVerifier:
                 "issued_at": issued[0]["finished_at"].isoformat() if issued else None,
                 "document_sha256": issued[0]["output_sha256"] if issued else None}
 
+    def admit(self, client: str) -> None:
+        """Before the upload is read: over this client's rate is RATE_LIMITED."""
+        self._rate.take(client)
+
     async def document(self, data: bytes) -> dict:
-        report = await asyncio.to_thread(verification.verify, data, self._roots)
+        report = await self._sandbox.run(verify_upload, data, self._roots)
         stamps = []
         for sig in report.stamps:
             registry = await self.by_sn(sig.sn) if sig.sn else {"known": False, "used_once": False}

@@ -18,9 +18,8 @@ import uuid
 import pytest
 from prometheus_client import REGISTRY
 
-from services.kernel import errors, events, sealed, topics
+from services.kernel import errors, events, inbox, sealed, topics
 from services.kernel.events import Event, Outgoing
-from services.kernel.processing.handler import Transactional
 from services.kernel.signatures import HEADER_HMAC, hmac_hex
 from services.purchase.confirmation import CONSUMER, Confirmation
 from services.purchase.intake import submitted_record
@@ -35,7 +34,7 @@ async def purchase():
     s = hs.settings()
     async with hs.service_pool(s, "purchase") as pool:
         registry = Registry(pool, s)
-        yield s, pool, registry, Transactional(pool, CONSUMER, Confirmation(pool, registry, s).apply)
+        yield s, pool, registry, Confirmation(pool, registry, s).handler()
 
 
 PAID_AT = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(minutes=5)   # part of an order's body
@@ -111,9 +110,10 @@ async def test_a_mixed_batch_confirms_each_paid_order_once_and_hands_back_forger
     assert await pool.fetchval("SELECT count(*) FROM purchases WHERE channel_id = $1", stranger) == 0
 
     # the inbox remembers what was applied, and forgets what was handed back (a replay must apply it)
+    # (keyed on the event id and the record's bytes: channels choose their event ids)
     claimed = {r["event_id"] for r in await pool.fetch("SELECT event_id FROM inbox WHERE consumer = $1", CONSUMER)}
-    assert {good_1.event_id, good_2.event_id, resent.event_id, reused.event_id} <= claimed
-    assert not {forged.event_id, unknown.event_id} & claimed
+    assert {inbox.by_content(e) for e in (good_1, good_2, resent, reused)} <= claimed
+    assert not {inbox.by_content(forged), inbox.by_content(unknown)} & claimed
 
     # the whole batch delivered again: nothing changes; the forgeries are handed back again
     before = await _state(pool, cid)
@@ -252,3 +252,24 @@ async def test_an_authentic_refusal_reaches_the_channel_and_a_forgery_is_only_co
 def _unverified(claimed: str, code: str) -> float:
     return REGISTRY.get_sample_value("bubuh_purchase_unverified_records_total",
                                      {"claimed_channel": claimed, "code": code}) or 0.0
+
+
+async def test_a_record_reusing_another_channels_event_id_does_not_pre_empt_it(purchase):
+    """Channels choose event ids (the HTTP door's are derived from public rules): a record of
+    channel B, or a forgery naming A, under A's next event id must not make A's record a duplicate."""
+    s, pool, registry, transactional = purchase
+    a = await registry.add("victim")
+    b = await registry.add("squatter")
+    shared_id = str(uuid.uuid4())
+    genuine = _submitted(s, _order(a.channel_id, "V-1", quantity=3), a.hmac_secret, event_id=shared_id)
+    squatting = _submitted(s, _order(b.channel_id, "S-1", quantity=1), b.hmac_secret, event_id=shared_id)
+    forged = _submitted(s, _order(a.channel_id, "V-2", quantity=9), secrets.token_hex(32), event_id=shared_id)
+    assert await transactional.process([squatting]) == []
+    handed_back = await transactional.process([forged, genuine])
+    assert [r.event.payload.channel_order_id for r in handed_back] == ["V-2"]
+    confirmed = {r["channel_order_id"] for r in await pool.fetch(
+        "SELECT channel_order_id FROM purchases WHERE status = 'confirmed' AND channel_id = ANY($1::text[])",
+        [a.channel_id, b.channel_id])}
+    assert confirmed == {"V-1", "S-1"}
+    assert await transactional.process([genuine]) == []          # the same record again: a duplicate
+    assert [k for k, *_ in await _published(pool, a.channel_id)] == ["PurchaseConfirmed"]

@@ -133,7 +133,9 @@ async def test_suspended_channel_is_refused_and_webhook_changes_reach_the_regist
 
     from tests.platform import cli
     await post_until_accepted(api, channel, order_body())
-    cli(settings, "channel", "set-webhook", channel["channel_id"], "https://pos.example/hooks/bubuh")
+    # the name resolves (for the registration check alone) to a public address; nothing connects to it
+    registering = settings.model_copy(update={"webhook_hosts": "pos.example=8.8.8.8,*="})
+    cli(registering, "channel", "set-webhook", channel["channel_id"], "https://pos.example/hooks/bubuh")
     listed = {c["channel_id"]: c for c in json.loads(cli(settings, "channel", "list", "--json").stdout)}
     assert listed[channel["channel_id"]]["webhook_url"] == "https://pos.example/hooks/bubuh"
     bad = cli(settings, "channel", "set-webhook", channel["channel_id"], "not a url", check=False)

@@ -972,6 +972,9 @@ def test_dockerfile_generates_the_protobuf_code_as_make_does():
     make = (ROOT / "Makefile").read_text()
     make_args = re.search(r"grpc_tools\.protoc (.*) \$\(PROTOS\)", make).group(1)
     assert f"-m grpc_tools.protoc {make_args} proto/bubuh/v1/*.proto" in text
+    rewrite = re.search(r"^\tsed (.*) \$\(@D\)/\*_pb2\.py \$\(@D\)/\*_pb2\.pyi$", make, re.M).group(1)
+    assert f"sed {rewrite} services/contracts/bubuh/v1/*_pb2.py services/contracts/bubuh/v1/*_pb2.pyi" in text, \
+        "the Dockerfile rewrites the generated imports as make does"
     pyproject = (ROOT / "pyproject.toml").read_text()
     pin = re.search(r'"(grpcio-tools[^"]*)"', pyproject).group(1)
     assert f'"{pin}"' in text, "the Dockerfile's grpcio-tools pin follows the dev extra's"
