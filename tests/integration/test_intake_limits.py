@@ -30,7 +30,9 @@ UPLOAD = 32 * 1024 * 1024
 # What the platform itself read is in its log ("body refused at its limit": received).
 MARGIN = 2 * 1024 * 1024          # kernel and uvicorn, when the app has read nothing
 STREAM_MARGIN = 8 * 1024 * 1024   # the same after the app read at full speed up to the limit
-APP_MARGIN = 128 * 1024  # past its limit the app reads the rest of the chunk that crossed it (uvicorn: <= 2 x 64 KiB)
+# past its limit the app has read the rest of the chunk that crossed it: uvicorn hands over what it
+# buffered, and it stops reading only once that passes 64 KiB, in reads of up to 256 KiB (asyncio)
+APP_MARGIN = 64 * 1024 + 256 * 1024
 BOUNDARY = b"bubuhlimits"
 
 
