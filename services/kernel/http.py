@@ -51,6 +51,9 @@ def _unexpected(request: Request, exc: Exception) -> JSONResponse:
                     error=repr(exc)[:300])
         return error_response(errors.UNAVAILABLE, f"{type(exc).__name__}: retry after a moment",
                               {"Retry-After": "2"})
+    if failure.kind is failures.Kind.BAD:
+        return error_response(errors.BODY_INVALID, "the request carries text the platform cannot store "
+                                                   "(a NUL or an invalid character)")
     log.error("request failed", route=route, error=repr(exc)[:500], exc_info=exc)
     return error_response(errors.INTERNAL, "an unexpected error; operations can find it by trace_id")
 

@@ -65,7 +65,9 @@ def router(settings: Settings, channels: ChannelView, intake: Intake) -> APIRout
 
     @r.get("/v1/purchases", responses=ERRORS)
     async def purchases_by_order(channel_order_id: str = Query(..., min_length=1, max_length=128,
-                                                               description="The channel's own order id."),
+                                                               pattern=r"^[\x21-\x7e]+$",
+                                                               description="The channel's own order id "
+                                                                           "(1-128 printable ASCII)."),
                                  authorization: str | None = Header(None)):
         """Every purchase recorded under one of your order ids, oldest first, through either door: at
         most one `confirmed` (an order id is credited once, ever), refusals with their `code`."""
