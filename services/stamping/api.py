@@ -1,7 +1,9 @@
 """HTTP routes of the stamping service.
 
 Channels: ``POST /v1/stamps`` (multipart: ``file`` + ``meta`` JSON), ``GET /v1/stamps/{id}``,
-``GET /v1/stamps/{id}/document``. The public: ``GET /v1/verify/{sn}``, ``POST /v1/verify``.
+``GET /v1/stamps/{id}/document``. The public: ``GET /v1/verify/{sn}`` (JSON, or the page behind the
+QR for a browser: ``verify_page.py``), ``POST /v1/verify``, and the page's upload form
+``POST /v1/verify/{sn}/page``.
 """
 
 from __future__ import annotations
@@ -9,14 +11,15 @@ from __future__ import annotations
 import json
 
 import asyncpg
-from fastapi import APIRouter, File, Form, Header, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, File, Form, Header, Query, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile as StarletteUpload
 
 from services.kernel import errors
 from services.kernel.channels import ChannelView
 from services.kernel.settings import Settings
-from services.stamping import store
+from services.stamping import store, verify_page
 from services.stamping.document.profiles import MAX_BYTES_ANY_PROFILE
 from services.stamping.intake import StampIntake, StampMeta
 from services.stamping.queue import QueueView
@@ -132,10 +135,37 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, pool:
         return Response(data, media_type="application/pdf",
                         headers={"Content-Disposition": f'attachment; filename="{row["sn"]}.pdf"'})
 
-    @r.get("/v1/verify/{sn}", tags=["verification"])
-    async def verify_sn(sn: str):
-        """Public: is this SN one we issued, and was it used exactly once?"""
-        return await verifier.by_sn(sn)
+    @r.get("/v1/verify/{sn}", tags=["verification"],
+           responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}})
+    async def verify_sn(sn: str, accept: str | None = Header(None), lang: str | None = Query(None)):
+        """Public: is this SN one we issued, and was it used exactly once? The stamp's QR code points
+        here: a browser (`Accept` ranking `text/html` above JSON) gets a page with an upload form
+        (`?lang=en` for English); every other client gets this JSON."""
+        facts = await verifier.by_sn(sn)
+        if not verify_page.prefers_html(accept):
+            return JSONResponse(facts, headers={"Vary": "Accept"})
+        return HTMLResponse(verify_page.render(facts, verifier.issuer, verify_page.lang_of(lang)),
+                            headers=verify_page.HEADERS)
+
+    @r.post("/v1/verify/{sn}/page", include_in_schema=False, response_class=HTMLResponse)
+    async def verify_page_upload(request: Request, sn: str, lang: str | None = Query(None)):
+        """The page's upload form (a browser's multipart post): the same verdict as `POST /v1/verify`,
+        rendered. Failures (no file, too large, rate-limited, busy) are rendered too, with their status."""
+        lang = verify_page.lang_of(lang)
+        facts = await verifier.by_sn(sn)
+        try:
+            verifier.admit(request.client.host if request.client else "?")
+            _too_large(request)
+            _multipart(request)
+            upload = (await request.form(max_files=1, max_fields=4)).get("file")
+            if not isinstance(upload, StarletteUpload) or not upload.filename:
+                raise errors.BubuhError(errors.BODY_INVALID, "choose a PDF file")
+            verdict = await verifier.document(await _read(upload))
+        except errors.BubuhError as exc:
+            return HTMLResponse(verify_page.render(facts, verifier.issuer, lang, failure=(exc.code.code, exc.detail)),
+                                status_code=exc.code.http_status, headers=verify_page.HEADERS)
+        return HTMLResponse(verify_page.render(facts, verifier.issuer, lang, verdict=verdict),
+                            headers=verify_page.HEADERS)
 
     @r.post("/v1/verify", tags=["verification"], response_model=VerificationAnswer)
     async def verify_document(request: Request, file: UploadFile = File(...)):
