@@ -153,19 +153,24 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, pool:
         rendered. Failures (no file, too large, rate-limited, busy) are rendered too, with their status."""
         lang = verify_page.lang_of(lang)
         facts = await verifier.by_sn(sn)
+        filename = ""
         try:
             verifier.admit(request.client.host if request.client else "?")
             _too_large(request)
             _multipart(request)
-            upload = (await request.form(max_files=1, max_fields=4)).get("file")
-            if not isinstance(upload, StarletteUpload) or not upload.filename:
-                raise errors.BubuhError(errors.BODY_INVALID, "choose a PDF file")
-            verdict = await verifier.document(await _read(upload))
+            async with request.form(max_files=1, max_fields=4) as form:     # closes the spooled upload
+                upload = form.get("file")
+                if not isinstance(upload, StarletteUpload) or not upload.filename:
+                    raise errors.BubuhError(errors.BODY_INVALID, "choose a PDF file")
+                filename = upload.filename[-200:]
+                data = await _read(upload)
+            verdict = await verifier.document(data)
         except errors.BubuhError as exc:
-            return HTMLResponse(verify_page.render(facts, verifier.issuer, lang, failure=(exc.code.code, exc.detail)),
-                                status_code=exc.code.http_status, headers=verify_page.HEADERS)
-        return HTMLResponse(verify_page.render(facts, verifier.issuer, lang, verdict=verdict),
-                            headers=verify_page.HEADERS)
+            page = verify_page.render(facts, verifier.issuer, lang, failure=(exc.code.code, exc.detail),
+                                      filename=filename)
+            return HTMLResponse(page, status_code=exc.code.http_status, headers=verify_page.HEADERS)
+        page = verify_page.render(facts, verifier.issuer, lang, verdict=verdict, filename=filename)
+        return HTMLResponse(page, headers=verify_page.HEADERS)
 
     @r.post("/v1/verify", tags=["verification"], response_model=VerificationAnswer)
     async def verify_document(request: Request, file: UploadFile = File(...)):

@@ -115,6 +115,8 @@ _T = {
                       "PDF-nya di bawah ini: dokumen diperiksa dengan aturan yang sama seperti API verifikasi.",
                 "en": "A valid serial number does not yet prove that the document you hold is genuine. Upload "
                       "its PDF below: it is checked by the same rule as the verification API."},
+    "about_sn": {"id": "Nomor seri {sn}", "en": "Serial number {sn}"},
+    "about_doc": {"id": "Pemeriksaan dokumen {name}", "en": "Document check {name}"},
     "check": {"id": "Periksa dokumen PDF", "en": "Check a PDF document"},
     "file": {"id": "Berkas PDF bermeterai", "en": "Stamped PDF file"},
     "submit": {"id": "Periksa", "en": "Check"},
@@ -226,6 +228,7 @@ a{color:#0b57d0}
 section{background:#fff;border-radius:.5rem;padding:1rem;margin:1rem 0;box-shadow:0 1px 2px rgba(0,0,0,.12)}
 .banner{border-radius:.5rem;padding:.9rem 1rem;font-weight:700;font-size:1.1rem;color:#fff;margin:1rem 0}
 .banner p{margin:.3rem 0 0;font-weight:400;font-size:1rem}
+.banner .what{display:block;font-weight:400;font-size:.85rem;opacity:.9;overflow-wrap:anywhere}
 .valid{background:#0a7d32}
 .invalid{background:#b3261e}
 .neutral{background:#5f6368}
@@ -245,12 +248,15 @@ footer{color:#5f6368;font-size:.85rem;text-align:center;margin:1.5rem 0}
 
 def _sn_banner(facts: dict, lang: str) -> str:
     if not facts.get("well_formed", True):
-        return f'<div class="banner invalid" id="sn-verdict">&#10007; {_t("sn_malformed", lang)}</div>'
-    if not facts.get("known"):
-        return f'<div class="banner invalid" id="sn-verdict">&#10007; {_t("sn_unknown", lang)}</div>'
-    if not facts.get("used_once"):
-        return f'<div class="banner invalid" id="sn-verdict">&#10007; {_t("sn_reused", lang)}</div>'
-    return f'<div class="banner valid" id="sn-verdict">&#10003; {_t("sn_valid", lang)}</div>'
+        kind, mark, words = "invalid", "&#10007;", "sn_malformed"
+    elif not facts.get("known"):
+        kind, mark, words = "invalid", "&#10007;", "sn_unknown"
+    elif not facts.get("used_once"):
+        kind, mark, words = "invalid", "&#10007;", "sn_reused"
+    else:
+        kind, mark, words = "valid", "&#10003;", "sn_valid"
+    what = _t("about_sn", lang, sn=facts.get("sn") or "")
+    return f'<div class="banner {kind}" id="sn-verdict"><span class="what">{what}</span>{mark} {_t(words, lang)}</div>'
 
 
 def _sn_facts(facts: dict, lang: str, issuer: str) -> str:
@@ -296,14 +302,15 @@ def _stamp_rows(stamps: list[dict], lang: str) -> str:
     return f"<h2>{_t('stamps', lang)}</h2>" + "<hr>".join(items)
 
 
-def _verdict(verdict: dict, sn: str, lang: str) -> str:
+def _verdict(verdict: dict, sn: str, lang: str, name: str) -> str:
+    what = f'<span class="what">{_t("about_doc", lang, name=name)}</span>'
     if verdict.get("valid"):
-        banner = (f'<div class="banner valid" id="doc-verdict">&#10003; {_t("doc_valid", lang)}'
+        banner = (f'<div class="banner valid" id="doc-verdict">{what}&#10003; {_t("doc_valid", lang)}'
                   f'<p>{_t("valid_meaning", lang)}</p></div>')
         reasons = ""
     else:
         code = verdict.get("code") or ""
-        banner = (f'<div class="banner invalid" id="doc-verdict">&#10007; {_t("doc_invalid", lang)}'
+        banner = (f'<div class="banner invalid" id="doc-verdict">{what}&#10007; {_t("doc_invalid", lang)}'
                   f'<p>{_t("code", lang)}: <span id="doc-code">{_e(code)}</span></p></div>')
         reasons = '<ul class="reasons">' + "".join(_reason_item(r, lang) for r in verdict.get("reasons", [])) + \
                   "</ul>"
@@ -314,9 +321,10 @@ def _verdict(verdict: dict, sn: str, lang: str) -> str:
     return f'{banner}<section id="doc-result">{reasons}{other}{_stamp_rows(stamps, lang)}</section>'
 
 
-def _failure(code: str, detail: str, lang: str) -> str:
+def _failure(code: str, detail: str, lang: str, name: str) -> str:
     words = meaning(code, lang) or detail
-    return (f'<div class="banner neutral" id="doc-verdict">{_t("error", lang)}'
+    return (f'<div class="banner neutral" id="doc-verdict"><span class="what">{_t("about_doc", lang, name=name)}'
+            f'</span>{_t("error", lang)}'
             f'<p>{_t("code", lang)}: <span id="doc-code">{_e(code)}</span>. {_e(words)}</p></div>')
 
 
@@ -330,17 +338,18 @@ def _form(sn: str, lang: str) -> str:
 
 
 def render(facts: dict, issuer: str, lang: str = "id", *, verdict: dict | None = None,
-           failure: tuple[str, str] | None = None) -> str:
-    """The whole page for an SN: its registry facts (``PublicVerifier.by_sn``), then, after an upload,
-    the document's verdict (``PublicVerifier.document``) or why there is none (``failure``: code, detail)."""
+           failure: tuple[str, str] | None = None, filename: str = "") -> str:
+    """The whole page for an SN: its registry facts (``PublicVerifier.by_sn``) and, after an upload of
+    ``filename``, first the document's verdict (``PublicVerifier.document``) or why there is none
+    (``failure``: code, detail)."""
     lang = lang_of(lang)
     sn = str(facts.get("sn") or "")
     other = "en" if lang == "id" else "id"
     result = ""
     if verdict is not None:
-        result = _verdict(verdict, sn, lang)
+        result = _verdict(verdict, sn, lang, filename)
     elif failure is not None:
-        result = _failure(*failure, lang)
+        result = _failure(*failure, lang, filename)
     return (
         f'<!DOCTYPE html><html lang="{lang}"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -126,11 +126,12 @@ def test_names_and_details_from_an_uploaded_file_are_escaped():
 
 
 async def test_the_upload_form_shows_the_api_verdict_in_words(client, verifier):
-    files = {"file": ("stamped.pdf", b"%PDF-1.7 not really", "application/pdf")}
+    files = {"file": ("<u>stamped</u>.pdf", b"%PDF-1.7 not really", "application/pdf")}
     r = await client.post(f"/v1/verify/{SN}/page?lang=en", files=files, headers={"Accept": CHROME})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert verifier.uploads == [b"%PDF-1.7 not really"]
     page = r.text
+    assert "Document check &lt;u&gt;stamped&lt;/u&gt;.pdf" in page and "<u>" not in page
     assert "DOCUMENT INVALID" in page and '<span id="doc-code">MODIFIED_AFTER_STAMPING</span>' in page
     assert "The document was changed after it was stamped" in page
     assert "/Root/Pages/Kids[0]/Contents" in page
