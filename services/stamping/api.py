@@ -137,15 +137,17 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, pool:
 
     @r.get("/v1/verify/{sn}", tags=["verification"],
            responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}})
-    async def verify_sn(sn: str, accept: str | None = Header(None), lang: str | None = Query(None)):
+    async def verify_sn(request: Request, sn: str):
         """Public: is this SN one we issued, and was it used exactly once? The stamp's QR code points
         here: a browser (`Accept` ranking `text/html` above JSON) gets a page with an upload form
         (`?lang=en` for English); every other client gets this JSON."""
+        # Accept and lang are read here, not declared: they select the page, and the JSON operation's
+        # OpenAPI parameters stay what API clients already know
         facts = await verifier.by_sn(sn)
-        if not verify_page.prefers_html(accept):
+        if not verify_page.prefers_html(request.headers.get("accept")):
             return JSONResponse(facts, headers={"Vary": "Accept"})
-        return HTMLResponse(verify_page.render(facts, verifier.issuer, verify_page.lang_of(lang)),
-                            headers=verify_page.HEADERS)
+        lang = verify_page.lang_of(request.query_params.get("lang"))
+        return HTMLResponse(verify_page.render(facts, verifier.issuer, lang), headers=verify_page.HEADERS)
 
     @r.post("/v1/verify/{sn}/page", include_in_schema=False, response_class=HTMLResponse)
     async def verify_page_upload(request: Request, sn: str, lang: str | None = Query(None)):
