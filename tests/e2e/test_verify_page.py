@@ -58,6 +58,14 @@ def qr_url(pdf: Path) -> str:
     return codes[0]
 
 
+async def fits_the_phone(page) -> None:
+    """Readable on a phone: nothing wider than the screen, so no sideways scrolling. (The test's own
+    evaluate runs with the page's JavaScript off.)"""
+    scroll, client = await page.evaluate("[document.documentElement.scrollWidth, "
+                                         "document.documentElement.clientWidth]")
+    assert scroll <= client == PHONE["width"], (scroll, client)
+
+
 async def test_the_qr_opens_a_page_that_checks_documents_in_a_browser(platform, api, channel, settings, tmp_path):
     chromium = need("chromium", "chromium")
     from playwright.async_api import async_playwright
@@ -104,8 +112,7 @@ async def test_the_qr_opens_a_page_that_checks_documents_in_a_browser(platform, 
             assert "SAH: nomor seri ini diterbitkan dan dipakai satu kali." in await banner.inner_text()
             body = await page.locator("body").inner_text()
             assert "Dipakai satu kali" in body and "Bubuh Development (NOT FOR PRODUCTION)" in body
-            # readable on a phone: nothing wider than the screen
-            assert (await page.locator("main").bounding_box())["width"] <= PHONE["width"]
+            await fits_the_phone(page)
             await page.screenshot(path=shots / "sn-id.png", full_page=True)
 
             # 2. the upload form with the stamped file: the API's verdict, valid
@@ -125,6 +132,9 @@ async def test_the_qr_opens_a_page_that_checks_documents_in_a_browser(platform, 
             assert "DOKUMEN TIDAK SAH" in await page.locator("#doc-verdict").inner_text()
             assert (await page.locator("#doc-code").inner_text()) == "MODIFIED_AFTER_STAMPING"
             assert "Dokumen diubah setelah dibubuhi e-Meterai" in await page.locator("#doc-result").inner_text()
+            await page.click("#doc-result summary")     # <details> opens without JavaScript
+            assert "/Root/Pages/Kids[0]/Contents" in await page.locator("#doc-result details").inner_text()
+            await fits_the_phone(page)
             await page.screenshot(path=shots / "document-tampered-id.png", full_page=True)
 
             # 4. the English switch, and the form keeps the language
