@@ -110,7 +110,9 @@ STORAGE_UNAVAILABLE = _code("STORAGE_UNAVAILABLE", 503, "The document store did 
 TSA_UNAVAILABLE = _code("TSA_UNAVAILABLE", 503, "The time-stamp authority did not answer.",
                         "Retried automatically.", retryable=True)
 PDF_TOO_COMPLEX = _code("PDF_TOO_COMPLEX", 422,
-                        "The PDF needs more CPU time or memory to read than the platform allows a document.",
+                        "The PDF needs more CPU time or memory to read than the platform allows a document, or "
+                        "passes a budget of intake's inspection (inflated bytes, objects, nesting: `detail` says "
+                        "which; README, `pdf_max_*` settings).",
                         "Simplify the document (flatten forms, fewer objects, no huge inflating streams) or "
                         "print it to a new PDF; do not retry unchanged.")
 PROCESSING_TIMEOUT = _code("PROCESSING_TIMEOUT", 503,

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     http_port: int = 8080
     public_base_url: str = ""  # where channels and the public reach the API; default http://host:port
     metrics_port: int = 0      # a process without API routes serves /metrics and /healthz here (0: none)
+    # body limits, enforced while the body arrives (kernel/http.py BodyLimits); routes that take a body
+    # name their own below; this one holds every other route
+    http_max_body_bytes: int = 16 * 1024
 
     # --- isolation (tests, several stacks on one broker) ---
     topic_prefix: str = ""      # prepended to every topic and consumer group
@@ -84,6 +87,14 @@ class Settings(BaseSettings):
     outbox_idle_poll_s: float = 0.5
 
     # --- stamping --- (services/stamping)
+    # uploads: the largest profile's document (10 MB) plus multipart framing and the meta field
+    stamp_max_body_bytes: int = 10 * 1024 * 1024 + 64 * 1024
+    verify_max_body_bytes: int = 10 * 1024 * 1024 + 64 * 1024
+    # budgets of intake's document inspection (document/budget.py); over one is PDF_TOO_COMPLEX
+    pdf_max_decoded_bytes: int = 256 * 1024 * 1024     # all Flate streams inflated, together
+    pdf_max_object_stream_bytes: int = 32 * 1024 * 1024   # object and xref streams inflated (parsers hold them)
+    pdf_max_objects: int = 100_000                     # indirect objects, those in object streams included
+    pdf_max_nesting: int = 64                          # arrays / dictionaries inside one another
     document_store_root: Path | None = None      # default: <local_dir>/documents
     signing_p12_path: str = ""                   # default: <local_dir>/keys/issuer-rsa2048.p12 (`bubuh keys dev-ca`)
     signing_p12_password: str = "bubuh-dev"

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.kernel import errors
 from services.kernel.channels import ChannelView
-from services.kernel.http import read_json_body
+from services.kernel.http import body_limit, error_responses, read_json_body
 from services.kernel.settings import Settings
 from services.purchase.intake import Intake
 from services.purchase.validation import PurchaseOrder
@@ -36,27 +36,19 @@ class PurchaseAccepted(BaseModel):
     status_url: str
 
 
-class ErrorBody(BaseModel):
-    code: str
-    message: str
-    detail: str
-    trace_id: str
-
-
-ERRORS = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody},
-          409: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": ErrorBody},
-          422: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+ERRORS = error_responses(401, 403, 404, 409, 413, 415, 422, 503)
 
 
 def router(settings: Settings, channels: ChannelView, intake: Intake) -> APIRouter:
     r = APIRouter(tags=["purchases"])
 
     @r.post("/v1/purchases", status_code=202, response_model=PurchaseAccepted, responses=ERRORS,
-            openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                "schema": PurchaseRequest.model_json_schema()}}}})
+            openapi_extra=body_limit(settings.purchase_max_body_bytes, request_body={
+                "required": True, "content": {"application/json": {"schema": PurchaseRequest.model_json_schema()}}}))
     async def submit_purchase(request: Request, authorization: str | None = Header(None)):
         """Record a paid order. 202 once the event is durable in Kafka; repeat with the same
-        `channel_order_id` and body to get the same answer (safe retries)."""
+        `channel_order_id` and body to get the same answer (safe retries). The API key is checked before
+        the body is read; the body is held to `x-max-body-bytes` as it arrives."""
         channel = channels.authenticate(authorization)
         raw = await read_json_body(request, settings.purchase_max_body_bytes)
         try:

@@ -22,6 +22,7 @@ from services.kernel.producer import Producer
 from services.kernel.settings import Settings
 from services.stamping import NAME, store
 from services.stamping.document import inspection
+from services.stamping.document.budget import Budget
 from services.stamping.metrics import INTAKE_REJECTED
 from services.stamping.queue import QueueView
 from services.stamping.sandbox import Sandbox
@@ -62,9 +63,9 @@ def request_fingerprint(data: bytes, meta: StampMeta) -> str:
     return h.hexdigest()
 
 
-def inspect_upload(_state, data: bytes, profile: str, page: int, box) -> inspection.DocumentFacts:
-    """In an intake child of the sandbox (within its CPU and memory budget)."""
-    return inspection.inspect(data, profile, page, box)
+def inspect_upload(_state, data: bytes, profile: str, page: int, box, budget: Budget) -> inspection.DocumentFacts:
+    """In an intake child of the sandbox (within its CPU and memory budget, and the document budgets)."""
+    return inspection.inspect(data, profile, page, box, budget)
 
 
 class StampIntake:
@@ -77,13 +78,14 @@ class StampIntake:
         self._store = documents
         self._queue = queue
         self._topic = settings.topic(topics.STAMP_REQUESTED.name)
+        self._budget = Budget.from_settings(settings)
 
     async def accept(self, channel: ChannelInfo, data: bytes, meta: StampMeta,
                      idempotency_key: str | None) -> Accepted:
         profile = meta.profile or channel.default_profile or "standard"
         try:
             facts = await self._inspector.run(inspect_upload, data, profile, meta.page,
-                                              (meta.llx, meta.lly, meta.urx, meta.ury))
+                                              (meta.llx, meta.lly, meta.urx, meta.ury), self._budget)
         except errors.BubuhError as exc:
             INTAKE_REJECTED.labels(exc.code.code).inc()
             raise

@@ -737,13 +737,14 @@ def test_every_workload_is_scraped_as_the_job_the_alerts_name():
 
 
 def test_ingress_lets_the_largest_upload_through():
-    from services.stamping.api import UPLOAD_SLACK
+    from services.kernel.settings import Settings
     from services.stamping.document.profiles import MAX_BYTES_ANY_PROFILE
     (ing,) = k8s("Ingress")
     size = ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
     value, unit = re.fullmatch(r"(\d+)([kmg]?)", size).groups()
     limit = int(value) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
-    assert limit >= MAX_BYTES_ANY_PROFILE + UPLOAD_SLACK
+    defaults = Settings()
+    assert limit >= max(defaults.stamp_max_body_bytes, defaults.verify_max_body_bytes) > MAX_BYTES_ANY_PROFILE
 
 
 def test_every_workload_has_a_disruption_budget_selecting_it():

@@ -149,6 +149,23 @@ async def test_the_upload_form_without_a_file_says_so_in_html(client):
     assert r.status_code == 415 and "UNSUPPORTED_MEDIA_TYPE" in r.text
 
 
+async def test_an_upload_over_the_limit_is_refused_in_html_while_it_arrives(verifier):
+    app = create_app("test", [api.router(Settings(verify_max_body_bytes=4096), None, None, None, None, None,
+                                         verifier)])
+
+    async def chunks():      # no Content-Length: BodyLimits stops it as it passes the limit
+        yield (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.pdf\"\r\n"
+               b"Content-Type: application/pdf\r\n\r\n")
+        for _ in range(8):
+            yield b"%" * 1024
+        yield b"\r\n--b--\r\n"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as c:
+        r = await c.post(f"/v1/verify/{SN}/page?lang=en", content=chunks(),
+                         headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413 and r.headers["content-type"].startswith("text/html"), r.text
+    assert "PDF_TOO_LARGE" in r.text and "The file is too large." in r.text and verifier.uploads == []
+
+
 async def test_the_upload_form_is_rate_limited_like_the_api(client, verifier):
     verifier._rate = ClientRate(per_s=0.001, burst=1)
     files = {"file": ("a.pdf", b"%PDF-1.7", "application/pdf")}
