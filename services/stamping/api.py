@@ -1,7 +1,9 @@
 """HTTP routes of the stamping service.
 
 Channels: ``POST /v1/stamps`` (multipart: ``file`` + ``meta`` JSON), ``GET /v1/stamps/{id}``,
-``GET /v1/stamps/{id}/document``. The public: ``GET /v1/verify/{sn}``, ``POST /v1/verify``.
+``GET /v1/stamps/{id}/document``. The public: ``GET /v1/verify/{sn}`` (JSON, or the page behind the
+QR for a browser: ``verify_page.py``), ``POST /v1/verify``, and the page's upload form
+``POST /v1/verify/{sn}/page``.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from __future__ import annotations
 import json
 
 import asyncpg
-from fastapi import APIRouter, Header, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -18,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.kernel import errors, http
 from services.kernel.channels import ChannelView
 from services.kernel.settings import Settings
-from services.stamping import store
+from services.stamping import store, verify_page
 from services.stamping.document.profiles import MAX_BYTES_ANY_PROFILE
 from services.stamping.intake import StampIntake, StampMeta
 from services.stamping.queue import QueueView
@@ -169,10 +171,52 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, pool:
         return Response(data, media_type="application/pdf",
                         headers={"Content-Disposition": f'attachment; filename="{row["sn"]}.pdf"'})
 
-    @r.get("/v1/verify/{sn}", tags=["verification"])
-    async def verify_sn(sn: str):
-        """Public: is this SN one we issued, and was it used exactly once?"""
-        return await verifier.by_sn(sn)
+    @r.get("/v1/verify/{sn}", tags=["verification"],
+           responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}})
+    async def verify_sn(request: Request, sn: str):
+        """Public: is this SN one we issued, and was it used exactly once? The stamp's QR code points
+        here: a browser (`Accept` ranking `text/html` above JSON) gets a page with an upload form
+        (`?lang=en` for English); every other client gets this JSON."""
+        # Accept and lang are read here, not declared: they select the page, and the JSON operation's
+        # OpenAPI parameters stay what API clients already know
+        facts = await verifier.by_sn(sn)
+        if not verify_page.prefers_html(request.headers.get("accept")):
+            return JSONResponse(facts, headers={"Vary": "Accept"})
+        lang = verify_page.lang_of(request.query_params.get("lang"))
+        return HTMLResponse(verify_page.render(facts, verifier.issuer, lang), headers=verify_page.HEADERS)
+
+    @r.post("/v1/verify/{sn}/page", include_in_schema=False, response_class=HTMLResponse,
+            openapi_extra=http.body_limit(settings.verify_max_body_bytes, errors.PDF_TOO_LARGE))
+    async def verify_page_upload(request: Request, sn: str, lang: str | None = Query(None)):
+        """The page's upload form (a browser's multipart post): the same admission and verdict as
+        `POST /v1/verify`, rendered. Refusals (no file, too large, rate-limited, busy) are rendered too,
+        with their status; only a declared `Content-Length` over the limit is refused before any route
+        runs (BodyLimits), in JSON."""
+        lang = verify_page.lang_of(lang)
+        facts = await verifier.by_sn(sn)
+        filename = ""
+        try:
+            verifier.admit(request.client.host if request.client else "?")
+            _multipart(request)
+            try:
+                form = await request.form(max_files=1, max_fields=1)
+            except StarletteHTTPException as exc:
+                raise errors.BubuhError(errors.BODY_INVALID, f"multipart: {exc.detail}") from None
+            try:
+                upload = form.get("file")
+                if not isinstance(upload, UploadFile) or not upload.filename:
+                    raise errors.BubuhError(errors.BODY_INVALID, "file: choose a PDF file")
+                filename = upload.filename[-200:]
+                data = await _read(upload)
+            finally:
+                await form.close()
+            verdict = await verifier.document(data)
+        except errors.BubuhError as exc:
+            page = verify_page.render(facts, verifier.issuer, lang, failure=(exc.code.code, exc.detail),
+                                      filename=filename)
+            return HTMLResponse(page, status_code=exc.code.http_status, headers=verify_page.HEADERS)
+        page = verify_page.render(facts, verifier.issuer, lang, verdict=verdict, filename=filename)
+        return HTMLResponse(page, headers=verify_page.HEADERS)
 
     @r.post("/v1/verify", tags=["verification"], response_model=VerificationAnswer, openapi_extra=verify_body,
             responses=http.error_responses(413, 415, 422, 429, 503))

@@ -24,6 +24,8 @@ from datetime import datetime
 from pathlib import Path
 
 import asyncpg
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from services.kernel import errors
 from services.stamping import serial
@@ -139,12 +141,28 @@ def judge(report: verification.VerificationReport, registry: Mapping[str, list[I
             "stamps": stamps, "signatures": len(report.signatures), "revisions": report.revisions}
 
 
+def issuer_name(roots: list[Path]) -> str:
+    """Who issues the stamps, as the page behind the QR names it: the organisation of the first trust
+    root (the issuer's CA), else its common name."""
+    for path in roots:
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        for oid in (NameOID.ORGANIZATION_NAME, NameOID.COMMON_NAME):
+            names = cert.subject.get_attributes_for_oid(oid)
+            if names:
+                return str(names[0].value)
+    return ""
+
+
 class PublicVerifier:
     def __init__(self, pool: asyncpg.Pool, trust_roots: list[Path], sandbox: Sandbox, rate: ClientRate) -> None:
         self._pool = pool
         self._roots = trust_roots
         self._sandbox = sandbox
         self._rate = rate
+        self.issuer = issuer_name(trust_roots)
 
     async def _rows(self, sn: str) -> list[Issued]:
         rows = await self._pool.fetch("SELECT status, output_sha256, finished_at FROM requests WHERE sn = $1", sn)
