@@ -22,7 +22,8 @@ from loadtests import corpus
 from tests.flows import auth, stamp_meta
 from tests.platform import PlatformProcess, add_channel
 
-pytestmark = pytest.mark.slow
+# exclusive: it compares latencies, so it runs alone, not beside the other test workers' load
+pytestmark = [pytest.mark.slow, pytest.mark.exclusive]
 SAMPLES = 40
 
 
