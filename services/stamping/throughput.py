@@ -86,10 +86,13 @@ class Throughput:
                  offset_reset: str = "latest") -> None:
         self._settings = settings
         self.window_s = float(window_s or settings.stamp_eta_window_s)
+        (settings.local_dir / "faust").mkdir(parents=True, exist_ok=True)
         self.app = faust.App(
             settings.group(APP_NAME),                     # app id: consumer group and internal topic prefix
             broker=[f"kafka://{h}" for h in settings.kafka_bootstrap.split(",")],
             store="memory://",
+            # faust keeps a data directory per app id; under .local, not the working directory
+            datadir=str(settings.local_dir / "faust" / settings.group(APP_NAME)),
             autodiscover=False,
             web_enabled=False,
             topic_replication_factor=settings.replication_factor,
