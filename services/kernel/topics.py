@@ -6,6 +6,7 @@ from it at start-up (``ensure``), so a new environment needs no manual step.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -87,6 +88,34 @@ async def ensure(settings: Settings, topics: tuple[Topic, ...] = ALL) -> None:
                 await admin.create_topics(new)
             except TopicAlreadyExistsError:
                 pass
+    finally:
+        await admin.close()
+
+
+async def create_and_wait(settings: Settings, wanted: list[NewTopic], timeout_s: float = 30.0) -> None:
+    """Create the topics of ``wanted`` that do not exist yet, and return once the broker describes
+    every one with its partitions (for a client that checks partition counts at its first record)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+                                request_timeout_ms=settings.kafka_request_timeout_ms)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in wanted if t.name not in existing]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass
+        names = {t.name for t in wanted}
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            described = await admin.describe_topics(sorted(names))
+            ready = {d["topic"] for d in described if d.get("error_code", 0) == 0 and d.get("partitions")}
+            if ready >= names:
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"topics not ready within {timeout_s:g} s: {sorted(names - ready)}")
+            await asyncio.sleep(0.2)
     finally:
         await admin.close()
 

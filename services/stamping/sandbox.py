@@ -43,13 +43,13 @@ _START_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
-class Budget:
+class ProcessLimits:
     cpu_s: float           # CPU seconds one task may use
     memory_bytes: int      # address space of a child (0: unlimited)
     wall_s: float          # elapsed seconds one task may take, waiting included (a TSA, an HSM)
 
     @classmethod
-    def of(cls, cpu_s: float, wall_s: float, memory_mib: int) -> Budget:
+    def of(cls, cpu_s: float, wall_s: float, memory_mib: int) -> ProcessLimits:
         return cls(cpu_s=cpu_s, memory_bytes=memory_mib * 1024 * 1024, wall_s=wall_s)
 
 
@@ -139,7 +139,7 @@ def _exchange(conn: Connection, task: tuple) -> tuple[str, Any]:
 
 
 class Sandbox:
-    def __init__(self, name: str, *, size: int, budget: Budget, setup: Callable[..., Any] | None = None,
+    def __init__(self, name: str, *, size: int, budget: ProcessLimits, setup: Callable[..., Any] | None = None,
                  setup_args: tuple = (), nice: int = 0, max_waiting: int | None = None) -> None:
         self.name = name
         self.size = size

@@ -28,7 +28,7 @@ from services.kernel.settings import Settings
 from services.stamping import NAME, api, store
 from services.stamping.intake import StampIntake
 from services.stamping.queue import QueueView
-from services.stamping.sandbox import Budget, Sandbox
+from services.stamping.sandbox import ProcessLimits, Sandbox
 from services.stamping.serial import MAX_NODE, SerialIssuer
 from services.stamping.signing.engine import SignerConfig, StampingEngine
 from services.stamping.throughput import Throughput
@@ -82,9 +82,9 @@ async def router(rt: Runtime) -> APIRouter:
     queue = QueueView(pool, s.stamp_eta_window_s, throughput)
     docs = documents(s)
     inspector = await Sandbox("intake", size=s.intake_processes,
-                              budget=Budget.of(s.intake_cpu_s, s.intake_wall_s, s.document_memory_mib)).start()
+                              budget=ProcessLimits.of(s.intake_cpu_s, s.intake_wall_s, s.document_memory_mib)).start()
     checker = await Sandbox("verify", size=s.verify_processes, nice=s.verify_nice, max_waiting=s.verify_max_waiting,
-                            budget=Budget.of(s.verify_cpu_s, s.verify_wall_s, s.document_memory_mib)).start()
+                            budget=ProcessLimits.of(s.verify_cpu_s, s.verify_wall_s, s.document_memory_mib)).start()
     rt.background += [inspector.serve, checker.serve]
     intake = StampIntake(s, rt.producer, pool, docs, queue, inspector)
     verifier = PublicVerifier(pool, trust_roots(s), checker, ClientRate(s.verify_rate_per_client_per_s,
@@ -97,7 +97,7 @@ async def workers(rt: Runtime) -> list[Task]:
     pool = await rt.pool(NAME)
     # the signing child opens the key (or the PKCS#11 session) once and keeps it
     signing = Sandbox("signing", size=1, setup=open_engine, setup_args=(signer_config(s), s.public_url),
-                      budget=Budget.of(s.signing_cpu_s, s.signing_wall_s, s.document_memory_mib))
+                      budget=ProcessLimits.of(s.signing_cpu_s, s.signing_wall_s, s.document_memory_mib))
     try:
         await signing.start()
     except RuntimeError as exc:

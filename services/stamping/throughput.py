@@ -188,39 +188,18 @@ class Throughput:
         topic was in the metadata ("0 partitions") and the agent crashed for good. The topics are
         created here first, as faust would (same partitions and cleanup policy), and the app starts
         only once the broker lists every one with its partitions."""
-        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-        from aiokafka.errors import TopicAlreadyExistsError
+        from aiokafka.admin import NewTopic
 
-        wanted: dict[str, NewTopic] = {}
+        wanted: list[NewTopic] = []
         for table in self.app.tables.values():
             topic = table.changelog_topic
             policy = ",".join(p for p, on in (("compact", topic.compacting), ("delete", topic.deleting)) if on)
             configs = {**(topic.config or {}), **({"cleanup.policy": policy} if policy else {})}
             if topic.retention:
                 configs["retention.ms"] = str(int(float(topic.retention) * 1000))
-            name = topic.get_topic_name()
-            wanted[name] = NewTopic(name=name, num_partitions=table.partitions,
-                                    replication_factor=self._settings.replication_factor, topic_configs=configs)
-        admin = AIOKafkaAdminClient(bootstrap_servers=self._settings.kafka_bootstrap,
-                                    request_timeout_ms=self._settings.kafka_request_timeout_ms)
-        await admin.start()
-        try:
-            existing = set(await admin.list_topics())
-            missing = [t for name, t in wanted.items() if name not in existing]
-            if missing:
-                with contextlib.suppress(TopicAlreadyExistsError):
-                    await admin.create_topics(missing)
-            deadline = asyncio.get_running_loop().time() + timeout_s
-            while True:
-                described = await admin.describe_topics(list(wanted))
-                ready = {d["topic"] for d in described if d.get("error_code", 0) == 0 and d.get("partitions")}
-                if ready >= set(wanted):
-                    return
-                if asyncio.get_running_loop().time() > deadline:
-                    raise RuntimeError(f"faust changelog topics not ready: {sorted(set(wanted) - ready)}")
-                await asyncio.sleep(0.2)
-        finally:
-            await admin.close()
+            wanted.append(NewTopic(name=topic.get_topic_name(), num_partitions=table.partitions,
+                                   replication_factor=self._settings.replication_factor, topic_configs=configs))
+        await topics.create_and_wait(self._settings, wanted, timeout_s)
 
     async def stop(self) -> None:
         if not self._started:

@@ -15,10 +15,10 @@ import time
 import pytest
 
 from services.kernel import errors
-from services.stamping.sandbox import Budget, Sandbox
+from services.stamping.sandbox import ProcessLimits, Sandbox
 from tests.unit.stamping import sandboxed_tasks as tasks
 
-BUDGET = Budget(cpu_s=1, memory_bytes=512 * 1024 * 1024, wall_s=60)
+BUDGET = ProcessLimits(cpu_s=1, memory_bytes=512 * 1024 * 1024, wall_s=60)
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ async def test_over_the_memory_budget_is_pdf_too_complex(sandbox):
 
 
 async def test_over_the_wall_clock_is_retryable_not_a_verdict():
-    box = await Sandbox("slow", size=1, budget=Budget(cpu_s=5, memory_bytes=0, wall_s=0.5)).start()
+    box = await Sandbox("slow", size=1, budget=ProcessLimits(cpu_s=5, memory_bytes=0, wall_s=0.5)).start()
     try:
         with pytest.raises(errors.BubuhError) as timed_out:
             await box.run(tasks.sleep, 5)
@@ -76,7 +76,8 @@ async def test_coded_refusals_pass_through_and_a_crash_is_contained(sandbox):
 
 
 async def test_busy_beyond_max_waiting():
-    box = await Sandbox("queue", size=1, max_waiting=1, budget=Budget(cpu_s=5, memory_bytes=0, wall_s=30)).start()
+    box = await Sandbox("queue", size=1, max_waiting=1,
+                        budget=ProcessLimits(cpu_s=5, memory_bytes=0, wall_s=30)).start()
     try:
         running = asyncio.create_task(box.run(tasks.sleep, 1.0))
         await asyncio.sleep(0.2)
