@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from loadtests import corpus
-from services.stamping.sandbox import Budget, Sandbox
+from services.stamping.sandbox import ProcessLimits, Sandbox
 from services.stamping.serial import SerialIssuer
 from services.stamping.signing import keys
 from services.stamping.signing.engine import SignerConfig, StampingEngine
@@ -36,7 +36,7 @@ def issuer(tmp_path_factory):
 @pytest.fixture
 async def checker():
     """The verification sandbox as the service runs it: the report comes back from a child process."""
-    box = await Sandbox("verify-test", size=1, budget=Budget(cpu_s=60, memory_bytes=1 << 30, wall_s=120)).start()
+    box = await Sandbox("verify-test", size=1, budget=ProcessLimits(cpu_s=60, memory_bytes=1 << 30, wall_s=120)).start()
     yield box
     await box.stop()
 
