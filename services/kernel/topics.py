@@ -87,7 +87,12 @@ async def ensure(settings: Settings, topics: tuple[Topic, ...] = ALL) -> None:
             try:
                 await admin.create_topics(new)
             except TopicAlreadyExistsError:
-                pass
+                # created meanwhile by another process, or listed late by the broker's metadata: it
+                # exists, possibly without the config it needs
+                tried = {n.name for n in new}
+                for t in topics:
+                    if t.append_time and settings.topic(t.name) in tried:
+                        await _keep_append_time(admin, settings.topic(t.name))
     finally:
         await admin.close()
 
