@@ -7,9 +7,11 @@ repeat the type, the event id and a W3C ``traceparent`` for tools that only read
 from __future__ import annotations
 
 import datetime as dt
+import time
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError, Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.contracts.bubuh.v1 import (
     channel_door_pb2,
@@ -91,8 +93,26 @@ def envelope(payload: Message, *, producer: str, causation_id: str = "", event_i
         type=type_name(payload),
         payload=payload.SerializeToString(),
     )
-    env.occurred_at.FromDatetime(occurred_at or dt.datetime.now(dt.UTC))
+    if occurred_at is None:
+        # now, to the microsecond as FromDatetime(now) gives it, without the datetime round trip
+        seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
+        env.occurred_at.seconds, env.occurred_at.nanos = seconds, micros * 1000
+    else:
+        env.occurred_at.FromDatetime(occurred_at)
     return env
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MIN_SECONDS, _MAX_SECONDS = -62135596800, 253402300799     # 0001-01-01 .. 9999-12-31T23:59:59
+
+
+def utc_datetime(ts: Timestamp) -> dt.datetime:
+    """``ts.ToDatetime(tzinfo=dt.UTC)``, the same value, without the library's per-call overhead
+    (one per record on the purchase path); out of range, the library's own error."""
+    seconds, nanos = ts.seconds, ts.nanos
+    if not (_MIN_SECONDS <= seconds <= _MAX_SECONDS and 0 <= nanos < 1_000_000_000):
+        return ts.ToDatetime(tzinfo=dt.UTC)
+    return _EPOCH + dt.timedelta(seconds=seconds, microseconds=nanos // 1000)
 
 
 def outgoing(topic: str, key: str | bytes | None, env: envelope_pb2.Envelope,

@@ -26,7 +26,7 @@ from aiokafka.errors import (
     UnknownProducerId,
 )
 
-from services.kernel import errors
+from services.kernel import errors, partitioning
 from services.kernel.events import Outgoing
 from services.kernel.metrics import PRODUCER_RENEWALS
 from services.kernel.settings import Settings
@@ -58,6 +58,7 @@ class Producer:
             linger_ms=s.producer_linger_ms,
             request_timeout_ms=s.kafka_request_timeout_ms,
             max_request_size=16 * 1024 * 1024,
+            partitioner=partitioning.partitioner,     # Kafka's default partitioner, cheaper
         )
 
     @property

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import asyncpg
 
 from services.contracts.bubuh.v1 import purchase_pb2
-from services.kernel import errors, events, failures, logs, topics
+from services.kernel import derived_ids, errors, events, failures, logs, topics
 from services.kernel.channels import ChannelInfo, ChannelView
 from services.kernel.producer import Producer
 from services.kernel.settings import Settings
@@ -42,7 +41,7 @@ class Accepted:
 
 def submitted_event_id(purchase_id: str) -> str:
     # the same purchase submitted again is the same event: every consumer's inbox sees one
-    return str(uuid.uuid5(uuid.UUID(purchase_id), "submitted"))
+    return derived_ids.uuid5(derived_ids.uuid_bytes(purchase_id), "submitted")
 
 
 def submitted_record(settings: Settings, order: PurchaseOrder, secret: bytes, *, producer: str,

@@ -13,12 +13,12 @@ import uuid
 from dataclasses import dataclass
 from functools import cached_property
 
-from services.kernel import errors
+from services.kernel import derived_ids, errors
 
 ACCOUNT_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
 ORDER_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 CLOCK_SKEW = dt.timedelta(seconds=60)   # a channel's clock may run slightly ahead of ours
-_NAMESPACE = uuid.UUID("6f1c1a4e-2f0b-4c53-9b7e-6d8a2b4f0e11")
+_NAMESPACE = uuid.UUID("6f1c1a4e-2f0b-4c53-9b7e-6d8a2b4f0e11").bytes
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class PurchaseOrder:
 
     @cached_property
     def _purchase_id(self) -> str:
-        return str(uuid.uuid5(_NAMESPACE, f"{self.channel_id}\x1f{self.channel_order_id}\x1f{self._fingerprint}"))
+        return derived_ids.uuid5(_NAMESPACE, f"{self.channel_id}\x1f{self.channel_order_id}\x1f{self._fingerprint}")
 
 
 def validate(order: PurchaseOrder, *, price: int, max_quantity: int, now: dt.datetime | None = None) -> None:
