@@ -59,10 +59,12 @@ async def _cleanup(s) -> None:
 
 
 @pytest.fixture
-async def platform(settings):
-    """The whole platform (all services, one process) on the test's isolated topics and schemas."""
+async def platform(settings, request):
+    """The whole platform (all services, one process) on the test's isolated topics and schemas;
+    ``@pytest.mark.platform_env(NAME=value)`` adds to its environment."""
     from tests.platform import PlatformProcess
-    proc = await PlatformProcess(settings).start()
+    marker = request.node.get_closest_marker("platform_env")
+    proc = await PlatformProcess(settings, **(marker.kwargs if marker else {})).start()
     yield proc
     await proc.stop()
 

@@ -31,14 +31,15 @@ async def add(conn: asyncpg.Connection, records: list[Outgoing], *, available_at
     """Queue ``records`` for publishing, inside the caller's transaction."""
     if not records:
         return
-    await conn.executemany(
+    # one statement for the lot (not a statement per row): rows get their ids in list order, which is
+    # the order the relay publishes them in
+    await conn.execute(
         "INSERT INTO outbox (event_id, topic, key, value, headers, available_at) "
-        "VALUES ($1, $2, $3, $4, $5::jsonb, COALESCE($6, now()))",
-        [
-            (r.event_id, r.topic, r.key, r.value,
-             json.dumps([[k, v.decode("latin-1")] for k, v in r.headers]), available_at)
-            for r in records
-        ],
+        "SELECT e, t, k, v, h::jsonb, COALESCE($6, now()) "
+        "FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::text[]) AS u(e, t, k, v, h)",
+        [r.event_id for r in records], [r.topic for r in records], [r.key for r in records],
+        [r.value for r in records],
+        [json.dumps([[k, v.decode("latin-1")] for k, v in r.headers]) for r in records], available_at,
     )
     if notify and available_at is None:
         # wakes the relay at commit time (NOTIFY is transactional), so latency is not a poll interval

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from services.kernel import logs
+from services.kernel import derived_ids, logs
 from services.kernel.channels import ChannelView
 from services.kernel.events import Event
 from services.kernel.settings import Settings
@@ -25,16 +25,16 @@ from services.notification.metrics import NOTIFICATIONS_RECORDED
 
 log = logs.get(__name__)
 CONSUMER = "notification.intake"
-_NS = uuid.UUID("5f0c1d0e-6a51-4f4b-9d5e-3a7d8f1e2b90")
+_NS = uuid.UUID("5f0c1d0e-6a51-4f4b-9d5e-3a7d8f1e2b90").bytes
 UNKNOWN_CHANNEL_WAIT_S = 2.0
 
 
 def delivery_id(event_id: str) -> str:
-    return str(uuid.uuid5(_NS, f"{event_id}\x1fwebhook"))
+    return derived_ids.uuid5(_NS, f"{event_id}\x1fwebhook")
 
 
 def email_id(event_id: str) -> str:
-    return str(uuid.uuid5(_NS, f"{event_id}\x1femail"))
+    return derived_ids.uuid5(_NS, f"{event_id}\x1femail")
 
 
 def endpoint_of(url: str) -> str:
@@ -60,6 +60,7 @@ class Intake:
         email_horizon = now + dt.timedelta(seconds=self._settings.email_horizon_s)
         deliveries: list[tuple] = []
         emails: list[tuple] = []
+        no_webhook = 0
         # one look-up per channel, not per event: an unknown channel waits once per batch, not per record
         urls = {ch: await self._webhook_url(ch) for ch in {e.payload.channel_id for e in batch
                                                              if payloads.kind_of(e.payload) is not None}}
@@ -73,15 +74,13 @@ class Intake:
             if has_webhook:
                 deliveries.append((delivery_id(event.event_id), channel_id, event.event_id, kind, url,
                                    endpoint_of(url), payloads.webhook_body(event).decode(), now, webhook_horizon))
-                NOTIFICATIONS_RECORDED.labels("webhook").inc()
             else:
-                NOTIFICATIONS_RECORDED.labels("no_webhook").inc()
+                no_webhook += 1
             address = payloads.email_of(msg)
             if address:
                 email = templates.render(kind, payloads.data_of(msg), self._settings.email_locale)
                 emails.append((email_id(event.event_id), event.event_id, kind, channel_id, address,
                                self._settings.email_locale, email.subject, email.body, now, email_horizon))
-                NOTIFICATIONS_RECORDED.labels("email").inc()
         if deliveries:
             await conn.executemany(
                 "INSERT INTO deliveries (delivery_id, channel_id, event_id, event_type, url, endpoint, body, "
@@ -94,6 +93,9 @@ class Intake:
                 "ON CONFLICT (event_id) DO NOTHING", emails)
         if deliveries or emails:
             await conn.execute("SELECT pg_notify($1, '')", self._wake_channel)
+        for what, n in (("webhook", len(deliveries)), ("no_webhook", no_webhook), ("email", len(emails))):
+            if n:
+                NOTIFICATIONS_RECORDED.labels(what).inc(n)
 
     async def _webhook_url(self, channel_id: str) -> tuple[str, bool]:
         """(url, whether to schedule a webhook). An unknown channel gets a row with no URL yet: the

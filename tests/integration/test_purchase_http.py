@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
+
 from tests.flows import Db, auth, order_body, post_until_accepted, wait_for
 from tests.platform import add_channel
 
@@ -113,7 +115,10 @@ async def test_openapi_document_is_served(api):
     assert "202" in doc["paths"]["/v1/purchases"]["post"]["responses"]
 
 
+@pytest.mark.platform_env(BUBUH_LOG_LEVEL="debug")
 async def test_one_trace_id_follows_a_purchase_through_every_service(platform, api, channel):
+    """Per record, the confirmation and the ledger log at debug level (at info, a line per batch with
+    counts); with debug on, one trace id is on the lines of every service the purchase went through."""
     trace = "4bf92f3577b34da6a3ce929d0e0e4736"
     body = order_body(quantity=1, account="traced")
     await post_until_accepted(api, channel, order_body(quantity=1, account="warm"))
@@ -126,6 +131,8 @@ async def test_one_trace_id_follows_a_purchase_through_every_service(platform, a
         lines = [rec for rec in platform.log_records() if rec.get("trace_id") == trace]
         return {rec["event"] for rec in lines} >= {"http", "purchase accepted", "purchase confirmed", "ledger"}
     await wait_for(logged, timeout=10, what="trace id in intake, confirmation and ledger logs")
+    summaries = {rec["event"] for rec in platform.log_records() if rec.get("level") == "info"}
+    assert {"purchases decided", "ledger batch"} <= summaries
 
 
 async def test_suspended_channel_is_refused_and_webhook_changes_reach_the_registry(api, channel, settings):
