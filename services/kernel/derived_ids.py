@@ -23,5 +23,10 @@ def uuid5(namespace: uuid.UUID | bytes, name: str) -> str:
 
 
 def uuid_bytes(text: str) -> bytes:
-    """The 16 bytes of a UUID in canonical form (``uuid.UUID(text).bytes``), to use as a namespace."""
+    """``uuid.UUID(text).bytes``, to use as a namespace; the canonical form without the object."""
+    if len(text) == 36 and text[8] == text[13] == text[18] == text[23] == "-":
+        try:
+            return bytes.fromhex(text.replace("-", ""))
+        except ValueError:
+            pass                          # not hex: the standard library says why
     return uuid.UUID(text).bytes

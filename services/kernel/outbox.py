@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 
 import asyncpg
+import orjson
 
 from services.kernel import database, failures, logs
 from services.kernel.events import Outgoing
@@ -39,7 +39,7 @@ async def add(conn: asyncpg.Connection, records: list[Outgoing], *, available_at
         "FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::text[]) AS u(e, t, k, v, h)",
         [r.event_id for r in records], [r.topic for r in records], [r.key for r in records],
         [r.value for r in records],
-        [json.dumps([[k, v.decode("latin-1")] for k, v in r.headers]) for r in records], available_at,
+        [orjson.dumps([[k, v.decode("latin-1")] for k, v in r.headers]).decode() for r in records], available_at,
     )
     if notify and available_at is None:
         # wakes the relay at commit time (NOTIFY is transactional), so latency is not a poll interval
@@ -95,20 +95,22 @@ class Relay:
 
     async def publish_due(self) -> int:
         async with self._pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                "SELECT id, event_id, topic, key, value, headers, created_at FROM outbox "
-                "WHERE available_at <= now() ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            # claimed and deleted in one statement; the deletion counts only if Kafka acknowledges
+            # (otherwise the transaction rolls back and the rows are there again)
+            rows = sorted(await conn.fetch(
+                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE available_at <= now() "
+                "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) "
+                "RETURNING id, event_id, topic, key, value, headers, created_at",
                 self._batch,
-            )
+            ), key=lambda r: r["id"])
             if not rows:
                 return 0
             records = [
                 Outgoing(topic=r["topic"], key=r["key"], value=r["value"], event_id=r["event_id"],
-                         headers=[(k, v.encode("latin-1")) for k, v in json.loads(r["headers"])])
+                         headers=[(k, v.encode("latin-1")) for k, v in orjson.loads(r["headers"])])
                 for r in rows
             ]
             await self._producer.publish_many(records)
-            await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
         now = dt.datetime.now(dt.UTC)
         OUTBOX_PUBLISHED.labels(schema=self._schema).inc(len(rows))
         OUTBOX_LAG_SECONDS.labels(schema=self._schema).observe(

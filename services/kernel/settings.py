@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     default_partitions: int = 4
     replication_factor: int = 1
     consumer_max_batch: int = 500
+    consumer_fetch_max_wait_ms: int = 100   # how long a fetch may wait to gather 64 KiB (kafka_source.py)
     producer_linger_ms: int = 5
     kafka_request_timeout_ms: int = 15000
 

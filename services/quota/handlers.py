@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import time
 import uuid
 from collections import Counter
@@ -52,6 +53,7 @@ class QuotaHandlers:
         self._pool = pool
         self._settings = settings
         self._topic = settings.topic(topics.QUOTA_EVENTS.name)
+        self._debug = False         # per-record ledger lines (set per batch from the log level)
         self._operations = {
             stamp_pb2.StampRequested: ("reserve", self._reserve),
             stamp_pb2.StampSigned: ("commit", self._commit),
@@ -70,6 +72,7 @@ class QuotaHandlers:
         await ledger.lock_accounts(conn, {_account_of(e.payload) for e in batch} - {None})
         outgoing: list[events.Outgoing] = []
         done: Counter[tuple[str, str]] = Counter()     # (operation, result) -> how many
+        self._debug = log.is_enabled_for(logging.DEBUG)
         credits: list[Event] = []          # a run of consecutive credits is applied set-based
         for event in batch:
             if isinstance(event.payload, purchase_pb2.PurchaseConfirmed):
@@ -95,10 +98,12 @@ class QuotaHandlers:
             log.info("ledger batch", records=len(batch),
                      operations={f"{op}/{result}": n for (op, result), n in sorted(done.items())})
 
-    @staticmethod
-    def _record(operation: str, outcome: ledger.Outcome, event: Event, done: Counter[tuple[str, str]]) -> None:
+    def _record(self, operation: str, outcome: ledger.Outcome, event: Event, done: Counter[tuple[str, str]]) -> None:
         done[(operation, outcome.result)] += 1
-        (log.info if outcome.result == "refused" else log.debug)(
+        refused = outcome.result == "refused"
+        if not (refused or self._debug):
+            return
+        (log.info if refused else log.debug)(
             "ledger", operation=operation, result=outcome.result, code=outcome.code or None,
             subject=getattr(event.payload, "request_id", "") or getattr(event.payload, "purchase_id", ""),
             balance=outcome.balance.as_dict() if outcome.balance else None, trace_id=event.envelope.trace_id)

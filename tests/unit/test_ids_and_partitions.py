@@ -84,3 +84,33 @@ def test_envelope_time_is_now_to_the_microsecond():
     given = dt.datetime(2024, 9, 5, 10, 0, 0, 123456, tzinfo=dt.timezone(dt.timedelta(hours=7)))
     env = events.envelope(quota_pb2.Balance(), producer="x", occurred_at=given)
     assert env.occurred_at.ToDatetime(tzinfo=dt.UTC) == given
+
+
+def test_uuid_bytes_of_any_spelling_is_the_standard_librarys():
+    u = uuid.uuid4()
+    for text in (str(u), str(u).upper(), u.hex, "{" + str(u) + "}", "urn:uuid:" + str(u)):
+        assert derived_ids.uuid_bytes(text) == u.bytes
+    for bad in ("x" * 36, "12345678-1234-1234-1234-12345678901g", ""):
+        with pytest.raises(ValueError):
+            derived_ids.uuid_bytes(bad)
+
+
+@pytest.mark.parametrize("paid_at", [
+    dt.datetime(2024, 9, 5, 10, 0, 0, tzinfo=dt.timezone(dt.timedelta(hours=7))),
+    dt.datetime(2024, 9, 5, 3, 0, 0, 123456, tzinfo=dt.UTC),
+    dt.datetime(1000, 1, 1, 0, 0, 0, 1, tzinfo=dt.UTC),
+    dt.datetime(999, 12, 31, 23, 59, 59, tzinfo=dt.UTC),
+    dt.datetime(5, 1, 1, tzinfo=dt.UTC),
+    dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC),
+])
+def test_purchase_fingerprint_keeps_its_strftime_form(paid_at):
+    import hashlib
+
+    from services.purchase.validation import PurchaseOrder
+    order = PurchaseOrder(channel_id="ch", channel_order_id="o-1", account_id="a", quantity=2, amount=20000,
+                          paid_at=paid_at, payment_ref="VA-1")
+    paid = paid_at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    canon = "\x1f".join(["o-1", "a", "2", "20000", paid, "VA-1"])
+    assert order.body_sha256() == hashlib.sha256(canon.encode()).hexdigest()
+    assert order.purchase_id() == str(uuid.uuid5(uuid.UUID("6f1c1a4e-2f0b-4c53-9b7e-6d8a2b4f0e11"),
+                                                 f"ch\x1fo-1\x1f{order.body_sha256()}"))
