@@ -11,7 +11,6 @@ import hashlib
 import re
 import uuid
 from dataclasses import dataclass
-from functools import cached_property
 
 from services.kernel import derived_ids, errors
 
@@ -34,15 +33,22 @@ class PurchaseOrder:
 
     def body_sha256(self) -> str:
         """Fingerprint of what the channel asserted; the same order id with another fingerprint is a mismatch."""
-        return self._fingerprint
+        # computed once per order, kept in the instance's __dict__ (a frozen dataclass has one); not a
+        # functools.cached_property, whose lock cost more than the hash on Python 3.11
+        found = self.__dict__.get("_fingerprint")
+        if found is None:
+            found = self.__dict__["_fingerprint"] = self._compute_fingerprint()
+        return found
 
     def purchase_id(self) -> str:
         """Deterministic: a retry of the same order gets the same id, without asking any database."""
-        return self._purchase_id
+        found = self.__dict__.get("_purchase_id")
+        if found is None:
+            found = self.__dict__["_purchase_id"] = derived_ids.uuid5(
+                _NAMESPACE, f"{self.channel_id}\x1f{self.channel_order_id}\x1f{self.body_sha256()}")
+        return found
 
-    # computed once per order (a frozen dataclass still has an instance __dict__ for cached_property)
-    @cached_property
-    def _fingerprint(self) -> str:
+    def _compute_fingerprint(self) -> str:
         utc = self.paid_at.astimezone(dt.UTC)
         # the strftime form ("%Y-%m-%dT%H:%M:%S.%fZ"), which isoformat gives faster from year 1000 on
         # (below it, strftime does not pad the year on every platform: it decides)
@@ -51,10 +57,6 @@ class PurchaseOrder:
         canon = "\x1f".join([self.channel_order_id, self.account_id, str(self.quantity), str(self.amount), paid,
                              self.payment_ref])
         return hashlib.sha256(canon.encode()).hexdigest()
-
-    @cached_property
-    def _purchase_id(self) -> str:
-        return derived_ids.uuid5(_NAMESPACE, f"{self.channel_id}\x1f{self.channel_order_id}\x1f{self._fingerprint}")
 
 
 def validate(order: PurchaseOrder, *, price: int, max_quantity: int, now: dt.datetime | None = None) -> None:
