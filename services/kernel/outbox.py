@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from operator import itemgetter
 
 import asyncpg
 import orjson
@@ -100,15 +101,15 @@ class Relay:
             rows = sorted(await conn.fetch(
                 "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE available_at <= now() "
                 "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) "
-                "RETURNING id, event_id, topic, key, value, headers, created_at",
+                "RETURNING id, topic, key, value, headers, event_id, created_at",
                 self._batch,
-            ), key=lambda r: r["id"])
+            ), key=itemgetter(0))
             if not rows:
                 return 0
+            # rows unpacked by position (cheaper than by name at hundreds of rows per call)
             records = [
-                Outgoing(topic=r["topic"], key=r["key"], value=r["value"], event_id=r["event_id"],
-                         headers=[(k, v.encode("latin-1")) for k, v in orjson.loads(r["headers"])])
-                for r in rows
+                Outgoing(topic, key, value, [(k, v.encode("latin-1")) for k, v in orjson.loads(headers)], event_id)
+                for _, topic, key, value, headers, event_id, _ in rows
             ]
             await self._producer.publish_many(records)
         now = dt.datetime.now(dt.UTC)
