@@ -97,10 +97,12 @@ class Relay:
     async def publish_due(self) -> int:
         async with self._pool.acquire() as conn, conn.transaction():
             # claimed and deleted in one statement; the deletion counts only if Kafka acknowledges
-            # (otherwise the transaction rolls back and the rows are there again)
+            # (otherwise the transaction rolls back and the rows are there again). `= ANY(ARRAY(...))`,
+            # not `IN (...)`: with IN the planner may hash-join a sequential scan of the whole outbox
+            # (it does once the table is analysed with a backlog), here it probes the primary key
             rows = sorted(await conn.fetch(
-                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE available_at <= now() "
-                "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) "
+                "DELETE FROM outbox WHERE id = ANY(ARRAY(SELECT id FROM outbox WHERE available_at <= now() "
+                "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)) "
                 "RETURNING id, topic, key, value, headers, event_id, created_at",
                 self._batch,
             ), key=itemgetter(0))
