@@ -4,7 +4,8 @@
 #   postgres.sh install | start | stop | status | url
 set -euo pipefail
 port=${BUBUH_LOCAL_PG_PORT:-15432}
-cluster=bubuh
+# one cluster per port: a second checkout (BUBUH_LOCAL_PG_PORT) must never start or stop the first one's
+cluster=bubuh; [ "$port" = 15432 ] || cluster=bubuh-$port
 db=bubuh
 role=bubuh
 password=${BUBUH_LOCAL_PG_PASSWORD:-bubuh-local}
