@@ -106,6 +106,28 @@ def cmd_keys(args) -> None:
         print("  test keys only: never use them for real stamps")
 
 
+def cmd_kafka(args) -> None:
+    from services.kernel import access
+
+    s = _settings()
+    try:
+        admin = access.AccessAdmin(s)
+        if args.kafka_command == "setup":
+            asyncio.run(asyncio.wait_for(topics.ensure(s, as_admin=True), 60))
+            print(f"kafka: {len(topics.ALL)} topics present on {s.kafka_bootstrap}")
+            if not s.kafka_username:     # the local stack: the platform principal's credential goes to .local
+                user, _ = access.setup_local_platform(admin, s)
+                print(f"kafka: principal {user} (all services' rights) in {s.kafka_credentials_dir}/platform.json")
+            return
+        if args.kafka_command == "principal":
+            user = access.service_user(args.service)
+            credential = access.create_principal(
+                admin, s, user, access.service_bindings(s, user, access.rights_of(args.service)))
+            print(f"kafka principal {user}: password {credential[1]}\nKeep it: it is shown only now.")
+    except (access.AccessError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def cmd_replay(args) -> None:
     from services.kernel import replay
     result = replay.run(_settings(), args.topic, key=args.key, reason=args.reason, dry_run=args.dry_run,
@@ -173,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--key-type", nargs="+", default=["rsa2048"], choices=["rsa2048", "p256"])
     sp.add_argument("--if-missing", action="store_true", help="dev-ca: keep an existing one")
     sp.set_defaults(func=cmd_keys)
+
+    sp = sub.add_parser("kafka", help="Kafka access, as the admin principal: topics, principals, ACLs")
+    ksub = sp.add_subparsers(dest="kafka_command", required=True)
+    ksub.add_parser("setup", help="create the topics; on the local stack also the platform principal "
+                    "(credential in .local/kafka/credentials/platform.json); idempotent")
+    k = ksub.add_parser("principal", help="create (or rotate) a service's principal with its ACLs; "
+                        "prints the password once")
+    k.add_argument("service", choices=["platform", "purchase", "quota", "stamping", "notification"])
+    sp.set_defaults(func=cmd_kafka)
 
     sp = sub.add_parser("replay", help="send dead-lettered records back to their source topic")
     sp.add_argument("topic", help="a dead-letter topic, e.g. stamp.dead-letter")

@@ -6,11 +6,13 @@ from it at start-up (``ensure``), so a new environment needs no manual step.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
+from services.kernel import kafka_auth
 from services.kernel.settings import Settings
 
 
@@ -53,9 +55,13 @@ def markdown(settings: Settings) -> str:
     return "\n".join(rows) + "\n"
 
 
-async def ensure(settings: Settings, topics: tuple[Topic, ...] = ALL) -> None:
-    """Create missing topics (idempotent; concurrent callers are fine)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+async def ensure(settings: Settings, topics: tuple[Topic, ...] = ALL, *, as_admin: bool = False) -> None:
+    """Create missing topics (idempotent; concurrent callers are fine).
+
+    On a secured broker only the admin principal (``as_admin=True``, as ``bubuh kafka setup`` runs it) may
+    create the catalogue's topics; a service finding them all present creates nothing.
+    """
+    admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(settings, admin=as_admin),
                                 request_timeout_ms=settings.kafka_request_timeout_ms)
     await admin.start()
     try:
@@ -70,8 +76,21 @@ async def ensure(settings: Settings, topics: tuple[Topic, ...] = ALL) -> None:
                                 replication_factor=settings.replication_factor, topic_configs=configs))
         if new:
             try:
-                await admin.create_topics(new)
+                response = await admin.create_topics(new)
             except TopicAlreadyExistsError:
-                pass
+                return
+            # aiokafka hands back per-topic errors instead of raising them
+            for name, code, *_ in response.topic_errors:
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    error = for_code(code)
+                    raise error(f"cannot create topic {name}: {error.__name__} (topics are created by the "
+                                "admin principal: run `bubuh kafka setup`)")
+            # the controller has them; a consumer started now must find them in the broker's metadata too,
+            # or it waits a whole metadata_max_age for the next look
+            wanted = {t.name for t in new}
+            for _ in range(100):
+                if wanted <= set(await admin.list_topics()):
+                    break
+                await asyncio.sleep(0.05)
     finally:
         await admin.close()
