@@ -63,6 +63,8 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from services.kernel import kafka_auth
+
 HERE = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(HERE))
@@ -228,7 +230,7 @@ async def wait_for_stack(timeout: float = 180) -> None:
                 await conn.fetchval("SELECT 1")
             finally:
                 await conn.close()
-            admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=5000)
+            admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(s), request_timeout_ms=5000)
             await asyncio.wait_for(admin.start(), 10)
             try:
                 await asyncio.wait_for(admin.list_topics(), 10)
@@ -400,7 +402,7 @@ async def cleanup(settings) -> None:
                 await conn.execute(f'DROP SCHEMA "{row["nspname"]}" CASCADE')
         finally:
             await conn.close()
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(settings))
     with contextlib.suppress(Exception):
         await admin.start()
         try:
@@ -424,8 +426,8 @@ async def cleanup(settings) -> None:
 class Offsets:
     def __init__(self, settings) -> None:
         self.settings = settings
-        self.admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-        self.probe = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None)
+        self.admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(settings))
+        self.probe = AIOKafkaConsumer(**kafka_auth.aiokafka_options(settings), group_id=None)
         self.subscriptions: dict[str, set[str]] = {}
         self._partitions: dict[str, list[int]] = {}
 

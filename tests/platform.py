@@ -35,7 +35,12 @@ def env_for(settings: Settings, **extra) -> dict[str, str]:
         "BUBUH_HTTP_PORT": str(settings.http_port),
         "BUBUH_LOG_FORMAT": "json",
         "BUBUH_DEFAULT_PARTITIONS": str(settings.default_partitions),
+        "BUBUH_KAFKA_SECURITY_PROTOCOL": settings.kafka_security_protocol,
+        "BUBUH_KAFKA_SASL_MECHANISM": settings.kafka_sasl_mechanism,
     })
+    if settings.kafka_username:          # otherwise the child reads the same .local credential file
+        env.update({"BUBUH_KAFKA_USERNAME": settings.kafka_username,
+                    "BUBUH_KAFKA_PASSWORD": settings.kafka_password})
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
