@@ -153,17 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("channel", help="manage distribution channels")
     csub = sp.add_subparsers(dest="channel_command", required=True)
-    c = csub.add_parser("add", help="register a channel; prints its API key and HMAC secret once")
+    c = csub.add_parser("add", help="register a channel; prints its API key, HMAC secret and Kafka credential once")
     c.add_argument("name")
     c.add_argument("--webhook", default="", help="callback URL for notifications")
     c.add_argument("--profile", default="standard", help="default document profile: standard or cpns")
     c.add_argument("--json", action="store_true")
     c = csub.add_parser("list", help="list channels")
     c.add_argument("--json", action="store_true")
-    for name, helptext in (("rotate-key", "issue a new API key (the old one stops working)"),
+    for name, helptext in (("rotate-key", "issue a new API key and Kafka password (the old ones stop working)"),
                            ("rotate-secret", "issue a new HMAC secret (the old one works for a grace period)"),
-                           ("suspend", "stop accepting the channel's requests"),
-                           ("activate", "accept the channel's requests again"),
+                           ("suspend", "stop accepting the channel's requests; its Kafka credential and ACLs go"),
+                           ("activate", "accept the channel's requests again; prints a new Kafka credential"),
                            ("set-webhook", "change (or with '' remove) the channel's callback URL")):
         c = csub.add_parser(name, help=helptext)
         c.add_argument("channel_id")

@@ -80,11 +80,18 @@ def grant_prefix(settings: Settings) -> None:
 
 
 def revoke_prefix(settings: Settings) -> None:
-    from services.kernel import access
+    from services.kernel import access, topics
     if settings.kafka_security_protocol.upper() == "PLAINTEXT":
         return
     user, _ = settings.kafka_credential()
-    access_admin().revoke(access.prefix_bindings(user, settings.topic_prefix))
+    admin = access_admin()
+    admin.revoke(access.prefix_bindings(user, settings.topic_prefix))
+    # the channels this test added (`bubuh channel add`): their credentials and ACLs name its topic
+    for who in {b.principal for b in admin.acls_on(settings.topic(topics.PURCHASE_SUBMITTED.name))}:
+        name = who.removeprefix("User:")
+        if name.startswith(access.CHANNEL_USER_PREFIX):
+            admin.revoke_all(name)
+            admin.delete_user(name)
 
 
 def _free_port() -> int:

@@ -219,6 +219,14 @@ class AccessAdmin:
         except KafkaException as exc:
             raise AccessError(f"cannot read ACLs: {exc.args[0] if exc.args else exc}") from None
 
+    def acls_on(self, topic: str) -> list[AclBinding]:
+        f = AclBindingFilter(ResourceType.TOPIC, topic, ResourcePatternType.LITERAL, None, None, AclOperation.ANY,
+                             AclPermissionType.ANY)
+        try:
+            return list(self._admin.describe_acls(f, request_timeout=self._timeout).result(timeout=self._timeout))
+        except KafkaException as exc:
+            raise AccessError(f"cannot read ACLs: {exc.args[0] if exc.args else exc}") from None
+
     def revoke(self, bindings: list[AclBinding]) -> None:
         if bindings:
             filters = [AclBindingFilter(*_key(b)) for b in bindings]
