@@ -38,7 +38,7 @@ proto: $(GEN) ## generate Python code from proto/ (never edit the output)
 system-packages: ## Debian packages the platform and its tests use (PostgreSQL, poppler, NSS tools, SoftHSM2)
 	deploy/local/system-packages.sh
 
-up: setup ## start Kafka, PostgreSQL and the platform in the background; returns when healthy
+up: setup ## start Kafka (SASL/SCRAM + ACLs, credentials in .local/kafka/credentials), PostgreSQL and the platform in the background
 	$(STACK) up
 	$(BUBUH) up
 

@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(credential in .local/kafka/credentials/platform.json); idempotent")
     k = ksub.add_parser("principal", help="create (or rotate) a service's principal with its ACLs; "
                         "prints the password once")
-    k.add_argument("service", choices=["platform", "purchase", "quota", "stamping", "notification"])
+    k.add_argument("service", choices=["platform", "api", "purchase", "quota", "stamping", "notification"])
     sp.set_defaults(func=cmd_kafka)
 
     sp = sub.add_parser("replay", help="send dead-lettered records back to their source topic")

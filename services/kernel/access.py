@@ -88,6 +88,15 @@ SERVICES: dict[str, Rights] = {
 }
 
 
+# production tiers that are not one service: the api deployment serves every service's HTTP routes
+# (purchase intake and its rejections, stamp intake, the faust throughput behind queue positions)
+TIERS: dict[str, Rights] = {
+    "api": Rights(writes=(T.PURCHASE_SUBMITTED, T.PURCHASE_EVENTS, T.STAMP_REQUESTED),
+                  reads=(T.CHANNEL, T.STAMP_EVENTS, T.STAMP_REQUESTED), groups=(),
+                  library_prefixes=(FAUST_APP,)),
+}
+
+
 def platform_rights() -> Rights:
     """The local all-in-one process: every service's rights, nothing more."""
     rights = Rights((), (), ())
@@ -275,8 +284,9 @@ def service_user(service: str) -> str:
     return f"bubuh-{service}"
 
 
-def rights_of(service: str) -> Rights:
-    return platform_rights() if service == PLATFORM else SERVICES[service]
+def rights_of(name: str) -> Rights:
+    """A principal's rights by deployment: ``platform``, a service, or a tier (``api``)."""
+    return platform_rights() if name == PLATFORM else SERVICES.get(name) or TIERS[name]
 
 
 def setup_local_platform(admin: AccessAdmin, settings: Settings) -> tuple[str, str]:
