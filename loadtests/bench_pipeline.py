@@ -304,6 +304,7 @@ class Run:
         tag = uuid.uuid4().hex[:10]
         s = Settings().model_copy(update={"topic_prefix": f"bench{tag}.", "schema_prefix": f"bench{tag}_",
                                           "default_partitions": partitions, "http_port": free_port()})
+        grant_prefix(s)
         env = dict(os.environ)
         env.update({
             "BUBUH_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
@@ -392,8 +393,33 @@ class Run:
         return out
 
 
+def _prefix_access(settings, grant: bool) -> None:
+    """On the secured broker the platform principal may touch a run's prefix only once the admin allows it."""
+    from services.kernel import access
+    if settings.kafka_security_protocol.upper() == "PLAINTEXT":
+        return
+    admin = access.AccessAdmin(settings)
+    bindings = access.prefix_bindings(settings.kafka_credential()[0], settings.topic_prefix)
+    if grant:
+        admin.grant(bindings)
+    else:
+        admin.revoke(bindings)
+
+
+def grant_prefix(settings) -> None:
+    _prefix_access(settings, True)
+
+
 async def cleanup(settings) -> None:
-    """Drop the run's schemas, topics and consumer groups (the broker and server stay up)."""
+    """Drop the run's schemas, topics and consumer groups (the broker and server stay up), then its ACLs."""
+    try:
+        await _cleanup(settings)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(_prefix_access, settings, False)
+
+
+async def _cleanup(settings) -> None:
     with contextlib.suppress(Exception):
         conn = await asyncpg.connect(settings.database_url)
         try:

@@ -167,7 +167,7 @@ class AccessAdmin:
     def __init__(self, settings: Settings, timeout_s: float = 30.0) -> None:
         self._settings = settings
         self._timeout = timeout_s
-        self._admin = AdminClient(kafka_auth.confluent_config(settings, admin=True) | {"log_level": "3"})
+        self._admin = AdminClient(kafka_auth.confluent_config(settings, admin=True) | {"log_level": "2"})
 
     def _wait(self, futures: dict) -> list:
         out = []

@@ -187,3 +187,30 @@ async def test_suspend_takes_the_channel_kafka_credential_away(settings, channel
     renewed = json.loads(out)
     assert renewed["kafka_password"] != credential[1]
     assert access.authenticates(settings, (renewed["kafka_username"], renewed["kafka_password"]))
+
+
+async def test_the_platform_runs_on_exactly_the_platform_principals_acls(settings):
+    """Not the test prefix's blanket ACLs: the union of the services' rights, as `make run` has them."""
+    import httpx
+
+    from tests.flows import buy
+    from tests.platform import PlatformProcess, add_channel
+
+    admin = stack.access_admin()
+    await topics.ensure(settings, as_admin=True)           # topic creation is the admin's
+    user = f"{settings.topic_prefix}platform"
+    credential = await asyncio.to_thread(
+        access.create_principal, admin, settings, user,
+        access.service_bindings(settings, user, access.platform_rights()))
+    exact = settings.model_copy(update={"kafka_username": credential[0], "kafka_password": credential[1]})
+    proc = await PlatformProcess(exact).start()
+    try:
+        channel = add_channel(exact)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{exact.http_port}", timeout=30) as api:
+            await buy(api, channel, "acct-exact", 3)
+        denied = [r for r in proc.log_records() if "authoriz" in str(r).lower()]
+        assert not denied, denied[:3]
+    finally:
+        await proc.stop()
+        admin.revoke_all(user)
+        admin.delete_user(user)
