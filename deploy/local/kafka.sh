@@ -87,6 +87,11 @@ configure() {
 }
 
 start() {
+  if running && ! cmp -s "$home/data/.admin-scram" "$creds/admin.json"; then
+    # an open broker from before (no admin SCRAM credential): stop it, configure formats it anew
+    echo "kafka: the running broker was not formatted with the current admin SCRAM credential: restarting it"
+    stop
+  fi
   if running; then echo "kafka: already running (pid $(cat "$pidfile")) on 127.0.0.1:$port"; return 0; fi
   if port_open "$port"; then
     die "port 127.0.0.1:$port is taken by another process: stop it, or set BUBUH_LOCAL_KAFKA_PORT (or BUBUH_KAFKA_BOOTSTRAP to use that broker)"
