@@ -38,9 +38,12 @@ def env_for(settings: Settings, **extra) -> dict[str, str]:
         "BUBUH_KAFKA_SECURITY_PROTOCOL": settings.kafka_security_protocol,
         "BUBUH_KAFKA_SASL_MECHANISM": settings.kafka_sasl_mechanism,
     })
-    if settings.kafka_username:          # otherwise the child reads the same .local credential file
-        env.update({"BUBUH_KAFKA_USERNAME": settings.kafka_username,
-                    "BUBUH_KAFKA_PASSWORD": settings.kafka_password})
+    if settings.kafka_security_protocol.upper() != "PLAINTEXT":
+        # resolved here: a child may get a BUBUH_LOCAL_DIR of its own, without the stack's credential files
+        user, password = settings.kafka_credential()
+        admin_user, admin_password = settings.kafka_credential(admin=True)
+        env.update({"BUBUH_KAFKA_USERNAME": user, "BUBUH_KAFKA_PASSWORD": password,
+                    "BUBUH_KAFKA_ADMIN_USERNAME": admin_user, "BUBUH_KAFKA_ADMIN_PASSWORD": admin_password})
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
