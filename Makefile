@@ -10,7 +10,7 @@ PROTOS := $(wildcard proto/bubuh/v1/*.proto)
 GEN    := services/contracts/bubuh/v1/.generated
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-packages proto up down run status test test-fast bench surge lint docs clean distclean
+.PHONY: help setup system-packages proto contract contract-baseline up down run status test test-fast bench surge lint docs clean distclean
 
 help: ## list the verbs
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -24,6 +24,8 @@ $(VENV)/.installed: pyproject.toml
 $(GEN): $(PROTOS) $(VENV)/.installed
 	@mkdir -p services/contracts
 	$(PY) -m grpc_tools.protoc -I proto --python_out=services/contracts --pyi_out=services/contracts $(PROTOS)
+	@# protoc names a proto import by its proto path (bubuh.v1); the package lives under services.contracts
+	sed -i -E 's/^from bubuh\.v1( import|\.)/from services.contracts.bubuh.v1\1/' $(@D)/*_pb2.py $(@D)/*_pb2.pyi
 	@touch $@
 
 DEVCA  := .local/keys/issuer-rsa2048.p12
@@ -34,6 +36,24 @@ $(DEVCA): | $(VENV)/.installed $(GEN)
 setup: $(VENV)/.installed $(GEN) $(DEVCA) ## virtualenv in .venv, generated protobuf code, dev signing keys (idempotent)
 
 proto: $(GEN) ## generate Python code from proto/ (never edit the output)
+
+# buf checks the contracts (buf.yaml). Built from source by Go's own toolchain at a pinned version,
+# into .local (nothing binary in the repository): the Go module proxy and checksum database vouch
+# for the source.
+BUF_VERSION := v1.75.0
+BUF         := .local/tools/buf-$(BUF_VERSION)/buf
+BASELINE    := proto/baseline.binpb
+
+$(BUF):
+	@command -v go >/dev/null || { echo "buf is built with Go 1.26+ (Debian: apt-get install golang, or go.dev/dl)"; exit 1; }
+	GOBIN=$(abspath $(@D)) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
+
+contract: $(BUF) ## buf lint, and buf breaking against the committed baseline image (proto/baseline.binpb)
+	$(BUF) lint
+	$(BUF) breaking --against $(BASELINE)
+
+contract-baseline: $(BUF) ## rewrite proto/baseline.binpb from proto/: only for a reviewed, deliberate contract change
+	$(BUF) build --exclude-source-info -o $(BASELINE)
 
 system-packages: ## Debian packages the platform and its tests use (PostgreSQL, poppler, NSS tools, SoftHSM2)
 	deploy/local/system-packages.sh
@@ -53,10 +73,18 @@ status: ## what is running
 run: setup ## the platform in the foreground on the local stack, with the walkthrough; Ctrl-C stops it
 	deploy/local/run.sh
 
+# Tests isolate themselves by topic and schema prefixes, so most run on TEST_WORKERS workers at once
+# (whole files per worker); the few that stop, restart or fail over the shared Kafka or PostgreSQL
+# (marked `exclusive`) run alone afterwards. pytest's exit code 5 (nothing collected) in both phases fails.
+TEST_WORKERS ?= 3
+
 test: setup system-packages ## everything: unit, integration, end-to-end, chaos (real Kafka + PostgreSQL)
 	$(STACK) up
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
-	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; exit $$rc
+	@rc1=0; rc2=0; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not exclusive" $(PYTEST_ARGS) || rc1=$$?; \
+	$(PY) -m pytest -m exclusive $(PYTEST_ARGS) || rc2=$$?; \
+	if [ $$rc1 -eq 5 ] && [ $$rc2 -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; \
+	for rc in $$rc1 $$rc2; do if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then exit $$rc; fi; done
 
 test-fast: setup ## unit + component tiers: handlers and the pipeline on real PostgreSQL, no Kafka, about a minute
 	$(PY) -m pytest -m "not slow" tests/unit tests/component $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] && exit $$rc || exit 1
@@ -71,7 +99,7 @@ bench: setup system-packages ## the purchase pipeline on the local stack vs Post
 surge: up ## the deadline-day surge against the running platform (make up); figures in loadtests/results/surge.json
 	$(PY) -m loadtests.surge --out loadtests/results/surge.json
 
-lint: setup ## ruff
+lint: setup contract ## ruff, buf lint, buf breaking
 	$(VENV)/bin/ruff check services tests loadtests
 
 docs: setup ## regenerate docs/errors.md and docs/topics.md from the code's catalogues

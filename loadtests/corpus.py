@@ -65,6 +65,23 @@ def a4_text(seed: int = 0, *, pages: int = 1, version: str = "1.7", object_strea
     return _save(pdf, version, object_streams)
 
 
+def form_with_fields(fields: int = 4000, seed: int = 0) -> bytes:
+    """The letter with an AcroForm of ``fields`` text fields whose widgets all sit in object streams:
+    small (about 14 bytes a field) and cheap for qpdf, but costly for a pure-Python reader such as
+    pyHanko's (seconds of CPU at a few thousand fields). Hostile-document test material."""
+    pdf = pikepdf.open(io.BytesIO(a4_text(seed)))
+    page = pdf.pages[0]
+    widgets = pikepdf.Array()
+    for i in range(fields):
+        widgets.append(pdf.make_indirect(pikepdf.Dictionary(
+            Type=pikepdf.Name.Annot, Subtype=pikepdf.Name.Widget, FT=pikepdf.Name.Tx, T=pikepdf.String(f"f{i}"),
+            Rect=[40 + (i % 50) * 10, 40 + (i // 50 % 20) * 10, 48 + (i % 50) * 10, 48 + (i // 50 % 20) * 10],
+            P=page.obj)))
+    page.obj.Annots = widgets
+    pdf.Root.AcroForm = pdf.make_indirect(pikepdf.Dictionary(Fields=widgets))
+    return _save(pdf, "1.7", object_streams=True)
+
+
 def scan_800k(seed: int = 0, *, target_bytes: int = 790_000, version: str = "1.7") -> bytes:
     """A one-page A4 "scan": a noise image that does not compress, about ``target_bytes`` long.
 
@@ -186,7 +203,7 @@ def poison() -> list[PoisonItem]:
         PoisonItem("garbage-after-header", b"%PDF-1.7\n" + random.Random(1).randbytes(4096), "PDF_MALFORMED"),
         PoisonItem("encrypted", encrypted(), "PDF_ENCRYPTED"),
         PoisonItem("encrypted-empty-user-password", encrypted(""), "PDF_ENCRYPTED"),
-        PoisonItem("deeply-nested", deeply_nested(), "PDF_MALFORMED"),
+        PoisonItem("deeply-nested", deeply_nested(), "PDF_TOO_COMPLEX"),
         PoisonItem("50mb", large(), "PDF_TOO_LARGE"),
         PoisonItem("cpns-over-800k", scan_800k(target_bytes=900_000), "PDF_TOO_LARGE", "cpns"),
         PoisonItem("cpns-letter-size", a4_text(4, page_size=(612, 792)), "PROFILE_VIOLATION", "cpns"),
@@ -203,3 +220,89 @@ def crashes_signer(seed: int = 0) -> bytes:
     out = io.BytesIO()
     pdf.save(out)
     return out.getvalue()
+
+
+def _zeros_deflated(prefix: bytes, zeros: int, suffix: bytes) -> bytes:
+    """zlib data that inflates to ``prefix + zeros x NUL + suffix``, built in a blink: after a full
+    flush the compressor forgets its past, so every further megabyte of zeros compresses to the same
+    bytes, written once and repeated. (Compressing 600 MB for real takes seconds.)"""
+    block = 1024 * 1024
+    whole, rest = divmod(zeros, block)
+    c = zlib.compressobj(9)
+    head = c.compress(prefix) + c.flush(zlib.Z_FULL_FLUSH)
+    raw = zlib.compressobj(9, zlib.DEFLATED, -15)   # raw deflate: blocks that fit anywhere after a full flush
+    one = raw.compress(bytes(block)) + raw.flush(zlib.Z_FULL_FLUSH)
+    tail = c.compress(bytes(rest) + suffix) + c.flush()
+    # the trailer's Adler-32 covers what went through `c` only: recompute it over everything
+    adler = zlib.adler32(prefix)
+    zero_block = bytes(block)
+    for _ in range(whole):
+        adler = zlib.adler32(zero_block, adler)
+    adler = zlib.adler32(bytes(rest) + suffix, adler)
+    return head + one * whole + tail[:-4] + adler.to_bytes(4, "big")
+
+
+def inflating(decoded: int = 600 * 1024 * 1024, *, where: str = "object-stream", extra: bytes = b"") -> bytes:
+    """A valid one-page PDF of well under 1 MB whose Flate data inflates to ``decoded`` bytes (NULs,
+    which PDF syntax reads as white space): in the object stream that holds the page
+    (``object-stream``: a parser must inflate it all to find the page), or in the page's content
+    stream (``content``: only a renderer would). ``extra`` goes into the stream's dictionary
+    after its /Filter (e.g. a string that looks like an object header, to mislead a scanner)."""
+    catalog = b"<< /Type /Catalog /Pages 2 0 R >>"
+    pages = b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>"
+    page = b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595.276 841.89] /Resources << >>%s >>"
+    out = bytearray(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n")
+    offsets: dict[int, int] = {}
+
+    def put(num: int, body: bytes) -> None:
+        offsets[num] = len(out)
+        out.extend(b"%d 0 obj\n" % num + body + b"\nendobj\n")
+
+    put(1, catalog)
+    put(2, pages)
+    if where == "object-stream":
+        header = b"3 0 "
+        data = _zeros_deflated(header, decoded, page % b"")
+        put(4, b"<< /Type /ObjStm /N 1 /First %d /Filter /FlateDecode%s /Length %d >>\nstream\n"
+            % (len(header), extra, len(data)) + data + b"\nendstream")
+    elif where == "content":
+        put(3, page % b" /Contents 4 0 R")
+        data = _zeros_deflated(b"", decoded, b"")
+        put(4, b"<< /Filter /FlateDecode%s /Length %d >>\nstream\n" % (extra, len(data)) + data + b"\nendstream")
+    else:
+        raise ValueError(where)
+    # a cross-reference stream (object 3 may live in an object stream), stored unfiltered
+    xref_at = len(out)
+    rows = [b"\x00" + b"\x00\x00\x00\x00" + b"\xff\xff"]
+    for num in (1, 2, 3, 4):
+        if num == 3 and where == "object-stream":
+            rows.append(b"\x02" + (4).to_bytes(4, "big") + b"\x00\x00")
+        else:
+            rows.append(b"\x01" + offsets[num].to_bytes(4, "big") + b"\x00\x00")
+    rows.append(b"\x01" + xref_at.to_bytes(4, "big") + b"\x00\x00")
+    table = b"".join(rows)
+    out.extend(b"5 0 obj\n<< /Type /XRef /Size 6 /W [1 4 2] /Root 1 0 R /Length %d >>\nstream\n" % len(table)
+               + table + b"\nendstream\nendobj\nstartxref\n%d\n%%%%EOF\n" % xref_at)
+    return bytes(out)
+
+
+def nested_flate(decoded: int = 600 * 1024 * 1024) -> bytes:
+    """Like ``inflating(where="content")`` with the zeros deflated twice (``[/FlateDecode /FlateDecode]``):
+    a few kilobytes on disk."""
+    plain = inflating(decoded, where="content")
+    inner = _zeros_deflated(b"", decoded, b"")
+    outer = zlib.compress(inner, 9)
+    start = plain.index(b"4 0 obj\n")
+    end = plain.index(b"endobj\n", start) + len(b"endobj\n")
+    stream = (b"4 0 obj\n<< /Filter [/FlateDecode /FlateDecode] /Length %d >>\nstream\n" % len(outer) + outer
+              + b"\nendstream\nendobj\n")
+    return _reindexed(plain[:start] + stream + plain[end:])
+
+
+def _reindexed(pdf: bytes) -> bytes:
+    """``pdf`` with a fresh classic xref table for its plain objects (1-4); the stream one is dropped."""
+    body = pdf[:pdf.index(b"5 0 obj\n")]
+    offsets = [body.index(b"\n%d 0 obj\n" % n) + 1 for n in (1, 2, 3, 4)]
+    xref = len(body)
+    table = b"xref\n0 5\n0000000000 65535 f \n" + b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    return body + table + b"trailer\n<< /Size 5 /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % xref

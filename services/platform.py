@@ -76,7 +76,7 @@ async def serve(settings: Settings, api: list[str], workers: list[str],
 
 
 def _http_task(rt: Runtime, routers, port: int) -> runtime.Task:
-    app = http.create_app("Bubuh", routers)
+    app = http.create_app("Bubuh", routers, default_max_body_bytes=rt.settings.http_max_body_bytes)
 
     async def run_http(stop: asyncio.Event) -> None:
         await wait_or_stop(rt.channels.loaded, stop)   # authenticate only once the channel view is whole

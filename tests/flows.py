@@ -159,7 +159,8 @@ def stamp_outcome(settings: Settings, channel_id: str, account_id: str, request_
     from services.contracts.bubuh.v1 import stamp_pb2
     from services.kernel import events, topics
     if completed:
-        msg = stamp_pb2.StampCompleted(request_id=request_id, channel_id=channel_id, account_id=account_id, sn="X")
+        # what a worker publishes once the document is signed: the ledger posts the unit on it
+        msg = stamp_pb2.StampSigned(request_id=request_id, channel_id=channel_id, account_id=account_id, sn="X")
     else:
         msg = stamp_pb2.StampFailed(request_id=request_id, channel_id=channel_id, account_id=account_id,
                                     code="PDF_MALFORMED", permanent=True)

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,12 +16,9 @@ import time
 from pathlib import Path
 
 from services.kernel.settings import REPO_ROOT, Settings
+from tests.stack import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["PlatformProcess", "add_channel", "cli", "env_for", "free_port"]
 
 
 def env_for(settings: Settings, **extra) -> dict[str, str]:
@@ -37,6 +33,8 @@ def env_for(settings: Settings, **extra) -> dict[str, str]:
         "BUBUH_DEFAULT_PARTITIONS": str(settings.default_partitions),
         "BUBUH_KAFKA_SECURITY_PROTOCOL": settings.kafka_security_protocol,
         "BUBUH_KAFKA_SASL_MECHANISM": settings.kafka_sasl_mechanism,
+        "BUBUH_WEBHOOK_LOCAL_MODE": str(settings.webhook_local_mode).lower(),
+        "BUBUH_WEBHOOK_HOSTS": settings.webhook_hosts,
     })
     if settings.kafka_security_protocol.upper() != "PLAINTEXT":
         # resolved here: a child may get a BUBUH_LOCAL_DIR of its own, without the stack's credential files

@@ -6,6 +6,7 @@ so tests never see each other's records and need no broker or database of their 
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import uuid
@@ -91,14 +92,30 @@ def revoke_prefix(settings: Settings) -> None:
         name = who.removeprefix("User:")
         if name.startswith(access.CHANNEL_USER_PREFIX):
             admin.revoke_all(name)
-            admin.delete_user(name)
+            admin.disable_user(name)
 
 
-def _free_port() -> int:
+_PORTS_PER_WORKER = 1000
+_next_port = itertools.count()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on, from a range of this test worker's own (pytest-xdist's
+    gwN gets 21000+N*1000 ...), outside the kernel's ephemeral range: a port the kernel handed out
+    and took back could go to a client's outgoing connection before the test's server binds it."""
     import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    n = int(worker[2:]) if worker[2:].isdigit() else 0
+    base = 21000 + (n % 8) * _PORTS_PER_WORKER
+    for _ in range(_PORTS_PER_WORKER):
+        port = base + next(_next_port) % _PORTS_PER_WORKER
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {base}..{base + _PORTS_PER_WORKER - 1}")
 
 
 def isolated_settings(**overrides) -> Settings:
@@ -110,7 +127,10 @@ def isolated_settings(**overrides) -> Settings:
         "schema_prefix": f"t{tag}_",
         "default_partitions": 4,
         "log_format": "console",
-        "http_port": _free_port(),
+        "http_port": free_port(),
+        # tests deliver webhooks to receivers on 127.0.0.1 and never ask DNS (no traffic off loopback)
+        "webhook_local_mode": True,
+        "webhook_hosts": "*=",
     }
     values.update(overrides)
     return base.model_copy(update=values)

@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import http.server
 import threading
+import time
 from dataclasses import dataclass
 
 
@@ -48,8 +49,9 @@ class LocalTsa:
 
 
 @contextlib.contextmanager
-def running_tsa():
-    """A real RFC 3161 responder over HTTP on loopback (pyHanko's DummyTimeStamper signs the replies)."""
+def running_tsa(delay_s: float = 0.0):
+    """A real RFC 3161 responder over HTTP on loopback (pyHanko's DummyTimeStamper signs the replies);
+    ``delay_s``: a slow one, answering that long after each request."""
     from asn1crypto import keys as asn1_keys
     from asn1crypto import tsp
     from asn1crypto import x509 as asn1_x509
@@ -68,6 +70,7 @@ def running_tsa():
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 - http.server API
             body = self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(delay_s)
             resp = stamper.request_tsa_response(tsp.TimeStampReq.load(body)).dump()
             state.requests += 1
             self.send_response(200)

@@ -4,8 +4,9 @@
 #   postgres.sh install | start | stop | status | url
 set -euo pipefail
 port=${BUBUH_LOCAL_PG_PORT:-15432}
-# one cluster per port: a second checkout (BUBUH_LOCAL_PG_PORT) must never start or stop the first one's
-cluster=bubuh; [ "$port" = 15432 ] || cluster=bubuh-$port
+# a checkout on another port gets a cluster of its own: `stop` must never stop another checkout's server
+default_cluster=bubuh; [ "$port" = 15432 ] || default_cluster=bubuh-$port
+cluster=${BUBUH_LOCAL_PG_CLUSTER:-$default_cluster}
 db=bubuh
 role=bubuh
 password=${BUBUH_LOCAL_PG_PASSWORD:-bubuh-local}

@@ -6,8 +6,9 @@
 #   softhsm2       a real PKCS#11 token for the HSM signing path
 #   opensc         pkcs11-tool, to put the dev key on that token
 #   zbar-tools     zbarimg: decodes the QR code from a rendered page in tests
+#   chromium       the headless browser that opens the page behind the QR (tests/e2e/test_verify_page.py)
 set -euo pipefail
-want=(postgresql poppler-utils libnss3-tools softhsm2 opensc zbar-tools)
+want=(postgresql poppler-utils libnss3-tools softhsm2 opensc zbar-tools chromium)
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

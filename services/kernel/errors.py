@@ -61,8 +61,13 @@ CHANNEL_UNKNOWN = _code("CHANNEL_UNKNOWN", 403, "The event names a channel the p
                         "Register the channel first (`bubuh channel add`).")
 SIGNATURE_MISSING = _code("SIGNATURE_MISSING", 401, "A channel event carries no HMAC header.",
                           "Add the `bubuh-hmac` header: hex HMAC-SHA256 of the value with the channel secret.")
-SIGNATURE_INVALID = _code("SIGNATURE_INVALID", 401, "A channel event's HMAC does not match.",
-                          "Sign with the current (or, during a rotation, the previous) channel secret.")
+SIGNATURE_INVALID = _code("SIGNATURE_INVALID", 401,
+                          "A channel event's HMAC does not match the secret of the channel its payload names.",
+                          "Sign the exact record value with the current (or, during a rotation, the previous) "
+                          "secret of the channel named in `channel_id` (docs/channels.md).")
+SIGNATURE_KEY_EXPIRED = _code("SIGNATURE_KEY_EXPIRED", 401,
+                              "A channel event is signed with a secret whose rotation grace period has ended.",
+                              "Sign with the channel's current secret (`bubuh channel rotate-secret` printed it).")
 EVENT_MALFORMED = _code("EVENT_MALFORMED", 400, "A Kafka record is not a valid protobuf envelope.",
                         "Publish with the contracts in `proto/`.")
 EVENT_UNDECODABLE = _code("EVENT_UNDECODABLE", 400,
@@ -104,7 +109,48 @@ STORAGE_UNAVAILABLE = _code("STORAGE_UNAVAILABLE", 503, "The document store did 
                             "Retried automatically.", retryable=True)
 TSA_UNAVAILABLE = _code("TSA_UNAVAILABLE", 503, "The time-stamp authority did not answer.",
                         "Retried automatically.", retryable=True)
+PDF_TOO_COMPLEX = _code("PDF_TOO_COMPLEX", 422,
+                        "The PDF needs more CPU time or memory to read than the platform allows a document, or "
+                        "passes a budget of intake's inspection (inflated bytes, objects, nesting: `detail` says "
+                        "which; README, `pdf_max_*` settings).",
+                        "Simplify the document (flatten forms, fewer objects, no huge inflating streams) or "
+                        "print it to a new PDF; do not retry unchanged.")
+PROCESSING_TIMEOUT = _code("PROCESSING_TIMEOUT", 503,
+                           "The platform was too busy to finish the document in time; not a verdict on it.",
+                           "Retry after the Retry-After delay.", retryable=True)
+RATE_LIMITED = _code("RATE_LIMITED", 429, "This client sent more requests than the route allows per second.",
+                     "Slow down; retry after the Retry-After delay.", retryable=True)
+BUSY = _code("BUSY", 503, "Too many documents already wait for this kind of work.",
+             "Retry after the Retry-After delay.", retryable=True)
 TOKEN_BUSY = _code("TOKEN_BUSY", 503, "The signing token (HSM) was busy.", "Retried automatically.", retryable=True)
+
+# --- verification verdicts: why a stamp does not vouch for a document ---------------------------
+# Never raised: they are the `code` / `reasons[].code` of a `valid: false` answer of `POST /v1/verify`
+# (HTTP 200, since the verification itself succeeded). The fix text is for the document's holder.
+NO_STAMP = _code("NO_STAMP", 200, "The PDF carries no e-Meterai signature (no signature with `[SN]` in its reason).",
+                 "Upload the stamped file as it was delivered, not a printout, scan or re-export.")
+SIGNATURE_BROKEN = _code("SIGNATURE_BROKEN", 200,
+                         "The e-Meterai signature does not verify: the signed bytes were altered, the signature "
+                         "value or its `/ByteRange` is broken, or the signature was copied from another document.",
+                         "The file is not the stamped document; ask its sender for the file as delivered by the "
+                         "channel.")
+NOT_OUR_ISSUER = _code("NOT_OUR_ISSUER", 200,
+                       "The signature carrying the SN is not made by the e-Meterai issuer's key (its certificate "
+                       "does not chain to the issuer's trust roots).",
+                       "Treat the stamp as forged; only the issuer's signature makes an e-Meterai.")
+SN_UNKNOWN = _code("SN_UNKNOWN", 200, "The stamp's serial number was never issued (or is malformed).",
+                   "Treat the stamp as forged; check the SN at `GET /v1/verify/{sn}`.")
+SN_REUSED = _code("SN_REUSED", 200,
+                  "The SN was issued for another document: the stamped revision of this file is not the file "
+                  "the issuer delivered for that SN (or the SN is on record more than once).",
+                  "One e-Meterai stamps one document; this document needs its own stamp.")
+MODIFIED_AFTER_STAMPING = _code("MODIFIED_AFTER_STAMPING", 200,
+                                "The document was changed after it was stamped: a later revision does more than add "
+                                "signatures, validation data (DSS) or document time-stamps (`revision` and "
+                                "`changed` say where).",
+                                "Verify the file as it was stamped (the revision named in `stamp_revision`); a "
+                                "changed document needs a new stamp.")
+VERIFICATION_VERDICTS = (NO_STAMP, SIGNATURE_BROKEN, NOT_OUR_ISSUER, SN_UNKNOWN, SN_REUSED, MODIFIED_AFTER_STAMPING)
 
 # --- notification ----------------------------------------------------------------------------
 QUERY_INVALID = _code("QUERY_INVALID", 422, "The query parameters do not select anything.",
@@ -119,6 +165,21 @@ WEBHOOK_UNREACHABLE = _code("WEBHOOK_UNREACHABLE", 502, "The channel's webhook e
                             retryable=True)
 WEBHOOK_NO_ENDPOINT = _code("WEBHOOK_NO_ENDPOINT", 409, "The channel has no webhook URL (or is unknown).",
                             "Register a webhook URL for the channel.", retryable=True)
+WEBHOOK_SCHEME_FORBIDDEN = _code("WEBHOOK_SCHEME_FORBIDDEN", 422,
+                                 "The webhook URL is not `https://`. Plain `http://` is accepted only in local mode "
+                                 "(`BUBUH_WEBHOOK_LOCAL_MODE=true`, development and tests), and then only to loopback.",
+                                 "Serve the webhook over https with a certificate for the URL's host name and register "
+                                 "the `https://` URL (`bubuh channel set-webhook`).", retryable=True)
+WEBHOOK_TARGET_FORBIDDEN = _code("WEBHOOK_TARGET_FORBIDDEN", 422,
+                                 "The webhook URL's host is, or resolves to, an address Bubuh does not call: "
+                                 "loopback, private (RFC 1918, CGNAT 100.64/10, IPv6 ULA), link-local or cloud "
+                                 "metadata, multicast, reserved or unspecified (also inside IPv4-mapped IPv6); or the "
+                                 "URL carries `user:password@`, a numeric host other than a dotted quad, or a name "
+                                 "that does not resolve. Nothing was sent.",
+                                 "Register a host name whose every DNS address is public (globally routable); write "
+                                 "IPv4 literals as a.b.c.d; authenticate requests by `Bubuh-Signature`, not URL "
+                                 "credentials. Checked at registration and again before every connection.",
+                                 retryable=True)
 EMAIL_REFUSED = _code("EMAIL_REFUSED", 502, "The mail server refused the message permanently (5xx).",
                       "Check the buyer's address; the email is not retried.")
 EMAIL_UNAVAILABLE = _code("EMAIL_UNAVAILABLE", 503, "The mail server did not accept the message for now.",

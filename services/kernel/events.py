@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError, Message
 
 from services.contracts.bubuh.v1 import (
+    channel_door_pb2,
     channel_pb2,
     envelope_pb2,
     notification_pb2,
@@ -21,7 +22,9 @@ from services.contracts.bubuh.v1 import (
 )
 from services.kernel import errors, tracing
 
-_MODULES = (channel_pb2, purchase_pb2, quota_pb2, stamp_pb2, notification_pb2, envelope_pb2)
+# every file's own messages (a public import re-exports classes, not descriptors): the envelope's
+# `type` is a full message name, and these names never change, so old records keep decoding
+_MODULES = (channel_door_pb2, channel_pb2, purchase_pb2, quota_pb2, stamp_pb2, notification_pb2, envelope_pb2)
 TYPES: dict[str, type[Message]] = {
     desc.full_name: getattr(mod, name)
     for mod in _MODULES
@@ -56,6 +59,14 @@ class Event:
     key: bytes | None
     headers: dict[str, bytes]
     raw: bytes
+    appended_at_ms: int = 0    # the broker's append time, when the topic records it (see Record)
+
+    def received_at(self) -> dt.datetime:
+        """When the platform received the record: the broker's append time, else this clock's now
+        (never a time the sender chose)."""
+        if self.appended_at_ms:
+            return dt.datetime.fromtimestamp(self.appended_at_ms / 1000, dt.UTC)
+        return dt.datetime.now(dt.UTC)
 
     @property
     def event_id(self) -> str:

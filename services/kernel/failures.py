@@ -48,6 +48,8 @@ _OUTAGE_STATES = {
 }
 _TRANSIENT_STATES = {"40001", "40P01", "55P03"}   # serialization_failure, deadlock_detected, lock_not_available
 _SUSPECT_STATES = {"57014", "08P01"}              # query_canceled (statement timeout or a cancel), protocol_violation
+# the input's own text: a NUL, or a character the database encoding cannot hold
+_BAD_INPUT_STATES = {"22021", "22P05"}            # character_not_in_repertoire, untranslatable_character
 
 _NETWORK_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.ETIMEDOUT,
                    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE}
@@ -75,6 +77,8 @@ def classify(exc: BaseException) -> Failure:
             return Failure(Kind.OUTAGE, state)
         if state in _TRANSIENT_STATES:
             return Failure(Kind.TRANSIENT, state)
+        if state in _BAD_INPUT_STATES:
+            return Failure(Kind.BAD, state)
         return Failure(Kind.CRASH, state)
     if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
         return Failure(Kind.OUTAGE)                 # the connection was lost mid-operation

@@ -1,18 +1,31 @@
-"""The HTTP front shared by the services' routers: one error shape, trace ids, metrics, health.
+"""The HTTP front shared by the services' routers: one error shape, trace ids, metrics, health, body limits.
 
 Every error answer is ``{"code", "message", "detail", "trace_id"}`` with the status from the error
 catalogue, whether it came from a ``BubuhError``, a malformed body or an unknown route.
+
+Body limits (``BodyLimits``): a route that takes a body declares its limit with ``body_limit`` (it
+lands in the OpenAPI document as ``x-max-body-bytes``); every other route gets the small default.
+The limit is enforced while the body arrives, so no route can buffer more than it, and a route
+answers (a 401, say) before reading the body at all: a route that needs an API key checks it first
+and reads the body through ``request.stream()`` / ``request.form()`` afterwards, never through
+FastAPI's ``File``/``Form``/model parameters, which parse the whole body before the handler runs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.kernel import errors, failures, logs, metrics, tracing
 
@@ -38,15 +51,166 @@ def _unexpected(request: Request, exc: Exception) -> JSONResponse:
                     error=repr(exc)[:300])
         return error_response(errors.UNAVAILABLE, f"{type(exc).__name__}: retry after a moment",
                               {"Retry-After": "2"})
+    if failure.kind is failures.Kind.BAD:
+        return error_response(errors.BODY_INVALID, "the request carries text the platform cannot store "
+                                                   "(a NUL or an invalid character)")
     log.error("request failed", route=route, error=repr(exc)[:500], exc_info=exc)
     return error_response(errors.INTERNAL, "an unexpected error; operations can find it by trace_id")
 
 
-def create_app(title: str, routers: Sequence[APIRouter], lifespan=None, version: str = "0.1.0") -> FastAPI:
+MAX_BODY = "x-max-body-bytes"
+TOO_LARGE_CODE = "x-body-too-large-code"
+DEFAULT_MAX_BODY_BYTES = 16 * 1024   # routes that declare no limit (they take no body)
+# an answer that comes before the body was read drops the rest of it when that is at most this
+# much (declared, arriving within the time): closing instead would make the kernel reset the
+# connection, which can erase the answer before a client that is still sending reads it
+DRAIN_BYTES = 64 * 1024
+DRAIN_SECONDS = 2.0
+
+
+def body_limit(limit: int, too_large: errors.ErrorCode = errors.BODY_TOO_LARGE,
+               request_body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``openapi_extra`` of a route that takes a body: its size limit (enforced by ``BodyLimits``
+    while the body arrives), the code a larger body gets, and the body's OpenAPI description."""
+    extra: dict[str, Any] = {MAX_BODY: limit, TOO_LARGE_CODE: too_large.code}
+    if request_body is not None:
+        extra["requestBody"] = {**request_body, "description": (
+            request_body.get("description", "") + f" At most {limit} bytes (chunked or not): a larger "
+            f"declared `Content-Length` is refused at once, a larger streamed body as soon as it passes the "
+            f"limit, with 413 `{too_large.code}` and `Connection: close`.").strip()}
+    return extra
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route: the catalogued error shape under each status it can answer."""
+    return {s: {"model": ErrorBody, "description": _STATUS_MEANING.get(s, "See `code` (docs/errors.md).")}
+            for s in statuses}
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    detail: str
+    trace_id: str
+
+
+_STATUS_MEANING = {
+    401: "`UNAUTHENTICATED`: no or unknown API key; answered before the body is read.",
+    403: "`CHANNEL_INACTIVE`: the channel is suspended.",
+    413: "The body passed the route's `x-max-body-bytes` (`BODY_TOO_LARGE`, or `PDF_TOO_LARGE` for "
+         "documents); sent with `Connection: close`, possibly before the body was read.",
+    415: "`UNSUPPORTED_MEDIA_TYPE`.",
+    422: "A catalogued refusal of the body (`BODY_INVALID`, `PDF_*`, ...): see `code`.",
+    429: "`RATE_LIMITED`: too many requests from this client; retry after `Retry-After` seconds.",
+    503: "`UNAVAILABLE`: retry after `Retry-After` seconds.",
+}
+
+
+class BodyLimits:
+    """ASGI middleware: every request body is held to its route's limit while it arrives.
+
+    Why at the ASGI level and not in each route: the count has to sit between the server and
+    whatever reads the body (Starlette's form parser, a JSON reader), and a declared length has
+    to be refused before anything reads at all. A response that starts before the body was read
+    whole (a 401, a 413) carries ``Connection: close``: the server then drops the connection
+    instead of draining the rest of the upload, and the client stops sending. (Unless the rest is
+    small and declared: then it is read and dropped, and the connection lives on.)
+    """
+
+    def __init__(self, app: ASGIApp, routers: Sequence[APIRouter], default_limit: int = DEFAULT_MAX_BODY_BYTES) -> None:
+        self.app = app
+        self._default = default_limit
+        # the routers' own routes (the app mounts them without a prefix), read once: matching a
+        # request against them is what the router does next anyway
+        self._table = [(r, int(r.openapi_extra[MAX_BODY]),
+                        errors.lookup(r.openapi_extra.get(TOO_LARGE_CODE, errors.BODY_TOO_LARGE.code)))
+                       for router in routers for r in router.routes
+                       if isinstance(r, APIRoute) and r.openapi_extra and MAX_BODY in r.openapi_extra]
+
+    def _limit_for(self, scope: Scope) -> tuple[int, errors.ErrorCode]:
+        for route, limit, code in self._table:
+            if route.matches(scope)[0] is Match.FULL:
+                return limit, code
+        return self._default, errors.BODY_TOO_LARGE
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, code = self._limit_for(scope)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+            log.info("body refused unread", path=scope["path"], declared=int(declared), limit=limit)
+            await _refuse(scope, send, code, f"Content-Length {int(declared)} > {limit} bytes")
+            return
+        complete = not chunked and (declared is None or int(declared or b"0") == 0)
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal complete, received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    log.info("body refused at its limit", path=scope["path"], received=received, limit=limit)
+                    raise errors.BubuhError(code, f"more than {limit} bytes")
+                if not message.get("more_body", False):
+                    complete = True
+            return message
+
+        async def drained() -> bool:
+            """Read and drop the rest of a small body: the connection stays usable and is not reset."""
+            nonlocal complete
+            if chunked or declared is None or int(declared) - received > DRAIN_BYTES:
+                return False
+            try:
+                async with asyncio.timeout(DRAIN_SECONDS):
+                    while not complete:
+                        message = await receive()
+                        if message["type"] != "http.request":
+                            return False
+                        complete = not message.get("more_body", False)
+            except TimeoutError:
+                return False
+            return True
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not complete and not await drained():
+                log.info("answered before the body; closing", path=scope["path"], status=message["status"],
+                         received=received)
+                message = {**message, "headers": _with_close(message.get("headers", []))}
+            await send(message)
+
+        await self.app(scope, limited_receive, closing_send)
+
+
+def _with_close(headers) -> list[tuple[bytes, bytes]]:
+    out = [(k, v) for k, v in headers if k.lower() != b"connection"]
+    return out + [(b"connection", b"close")]
+
+
+async def _refuse(scope: Scope, send: Send, code: errors.ErrorCode, detail: str) -> None:
+    """Answer before the app (and before a ``100 Continue``): the body is never read."""
+    response = error_response(code, detail, {"Connection": "close"})
+    await response(scope, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def create_app(title: str, routers: Sequence[APIRouter], lifespan=None, version: str = "0.1.0",
+               default_max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title=title, version=version, lifespan=lifespan,
-                  description="Bubuh e-Meterai platform API. Error codes: see docs/errors.md.")
+                  description="Bubuh e-Meterai platform API. Error codes: see docs/errors.md. Every route "
+                              "that takes a body names its size limit (`x-max-body-bytes`); a route with an "
+                              "API key checks it before reading the body.")
     for router in routers:
         app.include_router(router)
+    # added before the trace middleware, so it runs inside it: its refusals are traced and measured too
+    app.add_middleware(BodyLimits, routers=routers, default_limit=default_max_body_bytes)
 
     @app.middleware("http")
     async def trace_and_measure(request: Request, call_next):

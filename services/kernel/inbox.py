@@ -6,7 +6,8 @@ through the platform can be traced afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
 
 import asyncpg
 
@@ -26,23 +27,35 @@ async def claim(conn: asyncpg.Connection, consumer: str, event_id: str) -> bool:
     return row is not None
 
 
-async def claim_batch(conn: asyncpg.Connection, consumer: str, events: Sequence[Event]) -> list[Event]:
-    """Claim a batch in one statement; returns the events not applied before, in order, each id once."""
+async def claim_batch(conn: asyncpg.Connection, consumer: str, events: Sequence[Event],
+                      key: Callable[[Event], str] | None = None) -> list[Event]:
+    """Claim a batch in one statement; returns the events not applied before, in order, each key once.
+
+    The key is the event id, unless the consumer reads records written by outsiders: there an
+    event id is only a claim, and ``key`` must include what an outsider cannot reproduce for
+    another's record (``by_content``), or one party's record could pre-empt another's.
+    """
     if not events:
         return []
+    keys = [key(e) if key else e.event_id for e in events]
     rows = await conn.fetch(
         'INSERT INTO inbox (consumer, event_id, topic, "partition", "offset") '
         "SELECT $1, e, t, p, o FROM unnest($2::text[], $3::text[], $4::int[], $5::bigint[]) AS u(e, t, p, o) "
         "ON CONFLICT DO NOTHING RETURNING event_id",
-        consumer, [e.event_id for e in events], [e.topic for e in events], [e.partition for e in events],
-        [e.offset for e in events])
+        consumer, keys, [e.topic for e in events], [e.partition for e in events], [e.offset for e in events])
     fresh = {r["event_id"] for r in rows}
     out: list[Event] = []
-    for e in events:
-        if e.event_id in fresh:
-            fresh.discard(e.event_id)     # a second copy in the same batch is a duplicate too
+    for e, k in zip(events, keys, strict=True):
+        if k in fresh:
+            fresh.discard(k)              # a second copy in the same batch is a duplicate too
             out.append(e)
     return out
+
+
+def by_content(event: Event) -> str:
+    """An inbox key for records from outside: the event id and a digest of the exact bytes. The same
+    record delivered again is a duplicate; another record under the same id is not."""
+    return f"{event.event_id}#{hashlib.sha256(event.raw).hexdigest()[:32]}"
 
 
 async def unclaim(conn: asyncpg.Connection, consumer: str, event_ids: Sequence[str]) -> None:

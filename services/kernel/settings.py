@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     http_port: int = 8080
     public_base_url: str = ""  # where channels and the public reach the API; default http://host:port
     metrics_port: int = 0      # a process without API routes serves /metrics and /healthz here (0: none)
+    # body limits, enforced while the body arrives (kernel/http.py BodyLimits); routes that take a body
+    # name their own below; this one holds every other route
+    http_max_body_bytes: int = 16 * 1024
 
     # --- isolation (tests, several stacks on one broker) ---
     topic_prefix: str = ""      # prepended to every topic and consumer group
@@ -96,6 +99,14 @@ class Settings(BaseSettings):
     outbox_idle_poll_s: float = 0.5
 
     # --- stamping --- (services/stamping)
+    # uploads: the largest profile's document (10 MB) plus multipart framing and the meta field
+    stamp_max_body_bytes: int = 10 * 1024 * 1024 + 64 * 1024
+    verify_max_body_bytes: int = 10 * 1024 * 1024 + 64 * 1024
+    # budgets of intake's document inspection (document/budget.py); over one is PDF_TOO_COMPLEX
+    pdf_max_decoded_bytes: int = 256 * 1024 * 1024     # all Flate streams inflated, together
+    pdf_max_object_stream_bytes: int = 32 * 1024 * 1024   # object and xref streams inflated (parsers hold them)
+    pdf_max_objects: int = 100_000                     # indirect objects, those in object streams included
+    pdf_max_nesting: int = 64                          # arrays / dictionaries inside one another
     document_store_root: Path | None = None      # default: <local_dir>/documents
     signing_p12_path: str = ""                   # default: <local_dir>/keys/issuer-rsa2048.p12 (`bubuh keys dev-ca`)
     signing_p12_password: str = "bubuh-dev"
@@ -105,7 +116,23 @@ class Settings(BaseSettings):
     signing_pkcs11_key_label: str = ""
     signing_md_algorithm: str = "sha256"
     signing_tsa_url: str = ""                    # set: PAdES B-T with a time-stamp from this RFC 3161 TSA
+    signing_tsa_timeout_s: float = 5.0           # one time-stamp request; over it is TSA_UNAVAILABLE (retried)
     trust_roots: str = ""                        # PEM files (comma separated) verification trusts; default: dev CA
+    # every PDF is opened in a killable child process (services/stamping/sandbox.py) with these budgets;
+    # over CPU or memory is PDF_TOO_COMPLEX, over the wall-clock time a retryable PROCESSING_TIMEOUT
+    document_memory_mib: int = 768               # address space of each document child
+    intake_processes: int = 2                    # per API process: intake checks of uploads
+    intake_cpu_s: float = 5.0
+    intake_wall_s: float = 30.0
+    signing_cpu_s: float = 10.0                  # per stamp, in the worker's signing child (the key stays open)
+    signing_wall_s: float = 120.0                # includes the TSA and the HSM
+    verify_processes: int = 1                    # anonymous verification: its own pool, lower CPU priority
+    verify_cpu_s: float = 5.0
+    verify_wall_s: float = 30.0
+    verify_nice: int = 10
+    verify_max_waiting: int = 8                  # more waiting uploads: BUSY (503 + Retry-After)
+    verify_rate_per_client_per_s: float = 1.0    # per client address, with a burst of verify_rate_burst
+    verify_rate_burst: int = 5
     stamp_max_attempts: int = 5                  # transient failures before the dead-letter topic
     stamp_retry_base_s: float = 2.0
     stamp_retry_max_s: float = 600.0
@@ -126,6 +153,10 @@ class Settings(BaseSettings):
     webhook_horizon_s: float = 24 * 3600   # retried until then; then dead-lettered (DeliveryAbandoned)
     webhook_breaker_failures: int = 5      # consecutive failures that open an endpoint's circuit
     webhook_breaker_cooldown_s: float = 30.0   # open -> half-open (one probe) after this
+    # local mode: loopback webhook targets, and plain http to them, are accepted (make run, tests). Never
+    # in production: there a webhook is https to a public address (services/notification/targets.py)
+    webhook_local_mode: bool = False
+    webhook_hosts: str = ""                # "name=addr[|addr],...": answers instead of DNS, checked like DNS's
     notification_idle_poll_s: float = 1.0  # longest sleep of the dispatchers without a NOTIFY
     notification_retention_s: float = 30 * 24 * 3600   # delivered / dead rows are deleted after this
     smtp_host: str = "127.0.0.1"

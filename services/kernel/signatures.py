@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-HEADER_HMAC = "bubuh-hmac"          # Kafka header: hex HMAC-SHA256 of the record value
-HEADER_CHANNEL = "bubuh-channel"    # Kafka header: the publishing channel's id
+# The one header a channel's Kafka record needs: lowercase hex HMAC-SHA256 of the record value under
+# the channel's secret. The channel is the one the signed payload names (docs/channels.md); a
+# ``bubuh-channel`` header that older clients send is ignored.
+HEADER_HMAC = "bubuh-hmac"
 
 
 def hmac_hex(secret: bytes, data: bytes) -> str:

@@ -10,6 +10,7 @@ import asyncio
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from services.kernel import kafka_auth
@@ -24,11 +25,22 @@ class Topic:
     events: str
     partitions: int | None = None   # None: settings.default_partitions
     compacted: bool = False
+    # the broker stamps each record with its own append time (a time the writer cannot choose)
+    append_time: bool = False
+
+    def configs(self) -> dict[str, str]:
+        out = {}
+        if self.compacted:
+            out["cleanup.policy"] = "compact"
+        if self.append_time:
+            out["message.timestamp.type"] = "LogAppendTime"
+        return out
 
 
 CHANNEL = Topic("channel", "purchase", "channel id", "Channel (compacted: latest state per channel)", 1, True)
 PURCHASE_SUBMITTED = Topic("purchase.submitted", "channels, purchase (HTTP intake)", "account",
-                           "PurchaseSubmitted")
+                           "PurchaseSubmitted (LogAppendTime: the broker's clock is the receive time)",
+                           append_time=True)
 PURCHASE_EVENTS = Topic("purchase.events", "purchase", "account", "PurchaseConfirmed, PurchaseRejected")
 PURCHASE_DLQ = Topic("purchase.dead-letter", "purchase", "as the source record",
                      "rejected records of purchase.submitted (forged, malformed) with bubuh-dlq-* headers")
@@ -36,7 +48,8 @@ STAMP_REQUESTED = Topic("stamp.requested", "stamping (intake)", "request id", "S
 QUOTA_EVENTS = Topic("quota.events", "quota", "account",
                      "QuotaCredited, QuotaReserved, QuotaRejected, QuotaCommitted, QuotaReleased, QuotaRefused")
 QUOTA_DLQ = Topic("quota.dead-letter", "quota", "as the source record", "records quota could not apply")
-STAMP_EVENTS = Topic("stamp.events", "stamping (worker)", "request id", "StampCompleted, StampFailed")
+STAMP_EVENTS = Topic("stamp.events", "stamping (worker, tracker)", "request id",
+                     "StampSigned (asks the ledger to post), StampCompleted (released once posted), StampFailed")
 STAMP_RETRY = Topic("stamp.retry", "stamping (worker)", "request id",
                     "QuotaReserved re-sent at its due time after a transient failure")
 STAMP_DLQ = Topic("stamp.dead-letter", "stamping", "request id", "stamp requests that exhausted their retries")
@@ -70,27 +83,91 @@ async def ensure(settings: Settings, topics: tuple[Topic, ...] = ALL, *, as_admi
         for t in topics:
             name = settings.topic(t.name)
             if name in existing:
+                if t.append_time:
+                    await _keep_append_time(admin, name)
                 continue
-            configs = {"cleanup.policy": "compact"} if t.compacted else {}
             new.append(NewTopic(name=name, num_partitions=t.partitions or settings.default_partitions,
-                                replication_factor=settings.replication_factor, topic_configs=configs))
+                                replication_factor=settings.replication_factor, topic_configs=t.configs()))
         if new:
             try:
                 response = await admin.create_topics(new)
             except TopicAlreadyExistsError:
-                return
-            # aiokafka hands back per-topic errors instead of raising them
-            for name, code, *_ in response.topic_errors:
-                if code not in (0, TopicAlreadyExistsError.errno):
-                    error = for_code(code)
-                    raise error(f"cannot create topic {name}: {error.__name__} (topics are created by the "
-                                "admin principal: run `bubuh kafka setup`)")
+                # created meanwhile by another process, or listed late by the broker's metadata
+                response = None
+            tried = {n.name for n in new}
+            already = set(tried)
+            if response is not None:
+                # aiokafka hands back per-topic errors instead of raising them
+                already = set()
+                for name, code, *_ in response.topic_errors:
+                    if code == TopicAlreadyExistsError.errno:
+                        already.add(name)
+                    elif code != 0:
+                        error = for_code(code)
+                        raise error(f"cannot create topic {name}: {error.__name__} (topics are created by the "
+                                    "admin principal: run `bubuh kafka setup`)")
+            # one that turned out to exist may lack the config it needs
+            for t in topics:
+                if t.append_time and settings.topic(t.name) in already:
+                    await _keep_append_time(admin, settings.topic(t.name))
             # the controller has them; a consumer started now must find them in the broker's metadata too,
             # or it waits a whole metadata_max_age for the next look
-            wanted = {t.name for t in new}
             for _ in range(100):
-                if wanted <= set(await admin.list_topics()):
+                if tried <= set(await admin.list_topics()):
                     break
                 await asyncio.sleep(0.05)
     finally:
         await admin.close()
+
+
+async def create_and_wait(settings: Settings, wanted: list[NewTopic], timeout_s: float = 30.0) -> None:
+    """Create the topics of ``wanted`` that do not exist yet, and return once the broker describes
+    every one with its partitions (for a client that checks partition counts at its first record)."""
+    admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(settings),
+                                request_timeout_ms=settings.kafka_request_timeout_ms)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in wanted if t.name not in existing]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass
+        names = {t.name for t in wanted}
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            described = await admin.describe_topics(sorted(names))
+            ready = {d["topic"] for d in described if d.get("error_code", 0) == 0 and d.get("partitions")}
+            if ready >= names:
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"topics not ready within {timeout_s:g} s: {sorted(names - ready)}")
+            await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+
+
+async def _keep_append_time(admin: AIOKafkaAdminClient, name: str) -> None:
+    """A topic created before it needed LogAppendTime gets it (no other dynamic config is set on it).
+
+    On a secured broker a service principal may read the setting but not change it: a topic still on
+    CreateTime there is an error that names the fix (``bubuh kafka setup`` as the admin), not a silent pass.
+    """
+    key = "message.timestamp.type"
+    described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name, {key: None})])
+    for response in described:
+        for resource in response.resources:
+            if resource[0]:
+                error = for_code(resource[0])
+                raise error(f"cannot read the config of topic {name}: {error.__name__}")
+            for entry in resource[4]:
+                if entry[0] == key and entry[1] == "LogAppendTime":
+                    return
+    altered = await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name, {key: "LogAppendTime"})])
+    for response in altered if isinstance(altered, list) else [altered]:
+        for resource in response.resources:
+            if resource[0]:
+                error = for_code(resource[0])
+                raise error(f"topic {name} needs message.timestamp.type=LogAppendTime and this principal may "
+                            f"not set it ({error.__name__}): run `bubuh kafka setup` as the admin")

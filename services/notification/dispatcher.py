@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import ssl
 import time
 import uuid
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from services.kernel.retry import Backoff
 from services.kernel.runtime import ConfigError
 from services.kernel.settings import Settings
 from services.kernel.waiting import wait_any
-from services.notification import deadletter, signing
+from services.notification import deadletter, signing, targets
 from services.notification.breaker import Breaker
 from services.notification.intake import endpoint_of
 from services.notification.metrics import (
@@ -53,7 +54,6 @@ from services.notification.metrics import (
 log = logs.get(__name__)
 
 USER_AGENT = "Bubuh-Webhooks/1"
-_ERROR_SNIPPET = 200
 
 _CANDIDATES = """
 WITH eps AS (
@@ -125,7 +125,9 @@ class Claimed:
 @dataclass(frozen=True)
 class Result:
     ok: bool
-    kind: str              # ok | rejected | timeout | unreachable | no_endpoint (metric label)
+    kind: str              # ok | rejected | timeout | unreachable | forbidden | no_endpoint (metric label)
+    # ``error`` is shown to the channel (GET /v1/deliveries, dead-letter entries): a code and our own
+    # wording only, never bytes of the target's answer nor exception text that may quote them
     status_code: int | None
     error: str
     started_at: dt.datetime
@@ -137,9 +139,34 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _unreachable(exc: BaseException) -> str:
+    """Our wording for a failed connection or exchange. Exception texts are not used: a protocol
+    error quotes the bytes the target sent (an SSH banner, an internal page), and a TLS error can
+    name internal hosts."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if any(isinstance(e, targets.Unresolvable) for e in chain):
+        return "the host name does not resolve"
+    if any(isinstance(e, ssl.SSLCertVerificationError) for e in chain):
+        return "TLS certificate not valid for the host"
+    if any(isinstance(e, ssl.SSLError) for e in chain):
+        return "TLS handshake failed"
+    if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return "connection refused"
+    if isinstance(exc, httpx.ConnectError):
+        return "could not connect"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "the answer was not valid HTTP"
+    if isinstance(exc, httpx.ReadError | httpx.WriteError | ConnectionError):
+        return "the connection was dropped"
+    return f"the request failed ({type(exc).__name__})"
+
+
 class Dispatcher:
     def __init__(self, pool: asyncpg.Pool, channels: ChannelView, settings: Settings,
-                 wake: asyncio.Event | None = None) -> None:
+                 wake: asyncio.Event | None = None, resolver: targets.Resolver | None = None) -> None:
         s = settings
         if s.webhook_lease_s <= s.webhook_timeout_s:
             raise ConfigError(f"BUBUH_WEBHOOK_LEASE_S ({s.webhook_lease_s}) must exceed BUBUH_WEBHOOK_TIMEOUT_S "
@@ -158,6 +185,8 @@ class Dispatcher:
         self._tasks: dict[asyncio.Task, Claimed] = {}
         self._client: httpx.AsyncClient | None = None
         self._last_sweep = 0.0
+        # every connection's addresses come from here and are checked first (targets.py)
+        self._resolver = resolver or targets.resolver_for(s.webhook_hosts)
 
     # --- isolation bookkeeping ---------------------------------------------------------------
     def breaker(self, endpoint: str) -> Breaker:
@@ -182,11 +211,12 @@ class Dispatcher:
     # --- the loop ------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         s = self._s
-        self._client = httpx.AsyncClient(
+        self._client = targets.guarded_client(
+            self._resolver, local_mode=s.webhook_local_mode,
             timeout=httpx.Timeout(s.webhook_timeout_s, connect=s.webhook_connect_timeout_s),
             limits=httpx.Limits(max_connections=s.webhook_concurrency * 2,
                                 max_keepalive_connections=s.webhook_concurrency),
-            follow_redirects=False, headers={"User-Agent": USER_AGENT})
+            headers={"User-Agent": USER_AGENT})
         backoff = 0.2
         try:
             while not stop.is_set():
@@ -301,11 +331,16 @@ class Dispatcher:
         try:
             url, secrets = self._resolve(claimed)
         except Exception as exc:  # noqa: BLE001 - a secret that does not unseal: operations must look
-            return result(False, "no_endpoint", None, f"WEBHOOK_NO_ENDPOINT: channel secret unusable: {exc!r}",
-                          claimed.url)
+            log.warning("channel secret unusable", channel_id=claimed.channel_id, error=repr(exc)[:300])
+            return result(False, "no_endpoint", None, "WEBHOOK_NO_ENDPOINT: channel secret unusable", claimed.url)
         if not url or not secrets:
             return result(False, "no_endpoint", None,
                           f"WEBHOOK_NO_ENDPOINT: channel {claimed.channel_id} has no webhook URL or is unknown", url)
+        try:
+            targets.check_url(url, local_mode=self._s.webhook_local_mode)
+        except targets.TargetRefused as exc:
+            self._refused(claimed, exc)
+            return result(False, "forbidden", None, f"{exc.code.code}: {exc.detail}", url)
         headers = {
             "Content-Type": "application/json",
             signing.HEADER_SIGNATURE: signing.sign(secrets, claimed.body),
@@ -319,22 +354,27 @@ class Dispatcher:
             async with asyncio.timeout(self._s.webhook_timeout_s):
                 async with self._client.stream("POST", url, content=claimed.body, headers=headers) as resp:
                     code = resp.status_code
-                    if 200 <= code < 300:
-                        return result(True, "ok", code, "", url)
-                    snippet = b""
-                    async for chunk in resp.aiter_bytes():
-                        snippet += chunk
-                        if len(snippet) >= _ERROR_SNIPPET:
-                            break
-            text = snippet[:_ERROR_SNIPPET].decode(errors="replace").strip()
-            return result(False, "rejected", code, f"WEBHOOK_REJECTED: HTTP {code}" + (f": {text}" if text else ""),
-                          url)
+            # the answer's body is never read: nothing of it may reach the channel's delivery log
+            if 200 <= code < 300:
+                return result(True, "ok", code, "", url)
+            return result(False, "rejected", code, f"WEBHOOK_REJECTED: HTTP {code}", url)
+        except targets.TargetRefused as exc:       # checked again at connect time: this resolution's answer
+            self._refused(claimed, exc)
+            return result(False, "forbidden", None, f"{exc.code.code}: {exc.detail}", url)
         except (TimeoutError, httpx.TimeoutException) as exc:
             what = "connect" if isinstance(exc, httpx.ConnectTimeout) else "answer"
             limit = self._s.webhook_connect_timeout_s if what == "connect" else self._s.webhook_timeout_s
             return result(False, "timeout", None, f"WEBHOOK_TIMEOUT: no {what} within {limit:g} s", url)
         except Exception as exc:  # noqa: BLE001 - refused, reset, DNS, TLS, bad URL: all "unreachable"
-            return result(False, "unreachable", None, f"WEBHOOK_UNREACHABLE: {type(exc).__name__}: {exc}"[:500], url)
+            # operators get the exception (bounded); the channel gets our words for it
+            log.info("webhook attempt failed", delivery_id=claimed.delivery_id, endpoint=claimed.endpoint,
+                     error=repr(exc)[:300])
+            return result(False, "unreachable", None, f"WEBHOOK_UNREACHABLE: {_unreachable(exc)}", url)
+
+    @staticmethod
+    def _refused(claimed: Claimed, exc: targets.TargetRefused) -> None:
+        log.warning("webhook target refused", delivery_id=claimed.delivery_id, channel_id=claimed.channel_id,
+                    endpoint=claimed.endpoint, code=exc.code.code, reason=exc.detail)
 
     # --- recording -----------------------------------------------------------------------------
     async def _record(self, claimed: Claimed, r: Result) -> None:

@@ -6,7 +6,8 @@ DELIVERIES = Counter("bubuh_webhook_deliveries_total",
                      "Webhook deliveries by final outcome: delivered, abandoned (dead after the horizon), "
                      "redelivery_requested (through the API)", ["outcome"])
 ATTEMPTS = Counter("bubuh_webhook_attempts_total",
-                   "Webhook HTTP attempts by result: ok, rejected (non-2xx), timeout, unreachable, no_endpoint",
+                   "Webhook HTTP attempts by result: ok, rejected (non-2xx), timeout, unreachable, "
+                   "forbidden (target refused by the rules, nothing sent), no_endpoint",
                    ["result"])
 ATTEMPT_SECONDS = Histogram("bubuh_webhook_attempt_seconds", "Duration of one webhook attempt",
                             buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))

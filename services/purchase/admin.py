@@ -93,7 +93,7 @@ async def _kafka_door(settings: Settings, args) -> tuple[str, str] | None:
         user = access.channel_user(channel_id)
         if cmd == "suspend":
             admin.revoke_all(user)
-            admin.delete_user(user)
+            admin.disable_user(user)
             return None
         return access.create_principal(admin, settings, user, access.channel_bindings(settings, user))
 

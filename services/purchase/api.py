@@ -1,17 +1,18 @@
-"""HTTP routes of the purchase service: ``POST /v1/purchases``, ``GET /v1/purchases/{id}``."""
+"""HTTP routes of the purchase service: ``POST /v1/purchases``, ``GET /v1/purchases/{id}``,
+``GET /v1/purchases?channel_order_id=``."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.kernel import errors
 from services.kernel.channels import ChannelView
-from services.kernel.http import read_json_body
+from services.kernel.http import body_limit, error_responses, read_json_body
 from services.kernel.settings import Settings
 from services.purchase.intake import Intake
 from services.purchase.validation import PurchaseOrder
@@ -35,27 +36,19 @@ class PurchaseAccepted(BaseModel):
     status_url: str
 
 
-class ErrorBody(BaseModel):
-    code: str
-    message: str
-    detail: str
-    trace_id: str
-
-
-ERRORS = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody},
-          409: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": ErrorBody},
-          422: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+ERRORS = error_responses(401, 403, 404, 409, 413, 415, 422, 503)
 
 
 def router(settings: Settings, channels: ChannelView, intake: Intake) -> APIRouter:
     r = APIRouter(tags=["purchases"])
 
     @r.post("/v1/purchases", status_code=202, response_model=PurchaseAccepted, responses=ERRORS,
-            openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                "schema": PurchaseRequest.model_json_schema()}}}})
+            openapi_extra=body_limit(settings.purchase_max_body_bytes, request_body={
+                "required": True, "content": {"application/json": {"schema": PurchaseRequest.model_json_schema()}}}))
     async def submit_purchase(request: Request, authorization: str | None = Header(None)):
         """Record a paid order. 202 once the event is durable in Kafka; repeat with the same
-        `channel_order_id` and body to get the same answer (safe retries)."""
+        `channel_order_id` and body to get the same answer (safe retries). The API key is checked before
+        the body is read; the body is held to `x-max-body-bytes` as it arrives."""
         channel = channels.authenticate(authorization)
         raw = await read_json_body(request, settings.purchase_max_body_bytes)
         try:
@@ -69,6 +62,18 @@ def router(settings: Settings, channels: ChannelView, intake: Intake) -> APIRout
         return JSONResponse(status_code=202, content={
             "purchase_id": accepted.purchase_id, "status": accepted.status,
             "status_url": f"{settings.public_url}/v1/purchases/{accepted.purchase_id}"})
+
+    @r.get("/v1/purchases", responses=ERRORS)
+    async def purchases_by_order(channel_order_id: str = Query(..., min_length=1, max_length=128,
+                                                               pattern=r"^[\x21-\x7e]+$",
+                                                               description="The channel's own order id "
+                                                                           "(1-128 printable ASCII)."),
+                                 authorization: str | None = Header(None)):
+        """Every purchase recorded under one of your order ids, oldest first, through either door: at
+        most one `confirmed` (an order id is credited once, ever), refusals with their `code`."""
+        channel = channels.authenticate(authorization)
+        return {"channel_order_id": channel_order_id,
+                "purchases": await intake.by_order(channel.channel_id, channel_order_id)}
 
     @r.get("/v1/purchases/{purchase_id}", responses=ERRORS)
     async def purchase_status(purchase_id: str, authorization: str | None = Header(None)):

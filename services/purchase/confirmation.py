@@ -1,27 +1,36 @@
 """From ``purchase.submitted`` to ``purchase.confirmed``: authenticate, validate, de-duplicate, record.
 
-Runs for both doors. A record is authentic only with a valid HMAC of its value under the named
-channel's secret (checked against the registry table, the authority); anything else is
-dead-lettered and never credited. De-duplication is by (channel, order id): the first body
-confirms, the same body again is a no-op, another body is rejected with ``IDEMPOTENCY_MISMATCH``.
+Runs for both doors; the rules are the public contract in ``docs/channels.md``.
+- Origin: a record is the named channel's only with a valid HMAC of its value under that channel's
+  secret (the registry table is the authority). One that does not verify proves nothing about its
+  sender: it is dead-lettered and counted per claimed channel, never reported to that channel.
+- Refusal of an authentic record (invalid order, suspended channel, a secret past its grace period)
+  is a ``PurchaseRejected`` the channel sees (webhook, ``GET /v1/purchases``).
+- A confirmed purchase is final: no later record changes it, whatever its body or timestamps.
+  De-duplication is by (channel, order id): the same body again is a no-op, another body is
+  rejected with ``IDEMPOTENCY_MISMATCH``; so one order id is credited at most once, ever.
+- Time: "paid_at not in the future" is judged against the platform's receive time (the broker's
+  append time on ``purchase.submitted``), never a time the channel wrote.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
+from dataclasses import dataclass
 
 import asyncpg
 
 from services.contracts.bubuh.v1 import purchase_pb2
-from services.kernel import errors, events, logs, outbox, topics
+from services.kernel import errors, events, inbox, logs, outbox, topics
 from services.kernel.events import Event
-from services.kernel.processing.handler import Rejection
+from services.kernel.processing.handler import Rejection, Transactional
 from services.kernel.settings import Settings
-from services.kernel.signatures import HEADER_CHANNEL, HEADER_HMAC, matches
+from services.kernel.signatures import HEADER_HMAC, matches
 from services.purchase import NAME
-from services.purchase.metrics import PURCHASES
-from services.purchase.registry import Registry
+from services.purchase.metrics import PURCHASES, UNVERIFIED
+from services.purchase.registry import ChannelSecrets, Registry
 from services.purchase.validation import PurchaseOrder, validate
 
 log = logs.get(__name__)
@@ -37,8 +46,16 @@ def order_of(msg: purchase_pb2.PurchaseSubmitted) -> PurchaseOrder:
 
 # what a hostile or broken channel can send: dead-lettered, but never a reason to stop the consumer
 CHANNEL_FAULTS = frozenset(c.code for c in (errors.SIGNATURE_MISSING, errors.SIGNATURE_INVALID, errors.CHANNEL_UNKNOWN,
-                                            errors.CHANNEL_INACTIVE, errors.EVENT_MALFORMED,
-                                            errors.EVENT_TYPE_UNKNOWN))
+                                            errors.EVENT_MALFORMED, errors.EVENT_TYPE_UNKNOWN))
+UNVERIFIED_LOG_EVERY_S = 60.0     # one warning per claimed channel per minute, with the count since the last
+
+
+@dataclass
+class _Authentic:
+    event: Event
+    msg: purchase_pb2.PurchaseSubmitted
+    order: PurchaseOrder
+    refusal: errors.BubuhError | None = None    # the channel sent it, and it is refused (it is told why)
 
 
 class Confirmation:
@@ -47,6 +64,13 @@ class Confirmation:
         self._registry = registry
         self._settings = settings
         self._events_topic = settings.topic(topics.PURCHASE_EVENTS.name)
+        self._last_warned: dict[str, tuple[float, int]] = {}   # claimed channel -> (last warning, since)
+
+    def handler(self) -> Transactional:
+        """The pipeline's handler: a batch in one transaction. Channels choose their event ids, so
+        the inbox keys on the record's bytes as well: a record of one channel (or a forgery) that
+        reuses another's event id cannot make that one look applied already."""
+        return Transactional(self._pool, CONSUMER, self.apply, inbox_key=inbox.by_content)
 
     async def apply(self, conn: asyncpg.Connection, batch: list[Event]) -> list[Rejection]:
         """One partition batch, in the pipeline's transaction (the inbox has claimed it already).
@@ -56,39 +80,41 @@ class Confirmation:
         of the records, exactly as one record at a time would take them.
         """
         rejected: list[Rejection] = []
-        secrets: dict[str, tuple[str, list[bytes]] | None] = {}
-        authentic: list[tuple[Event, purchase_pb2.PurchaseSubmitted, PurchaseOrder]] = []
+        secrets: dict[str, ChannelSecrets | None] = {}
+        authentic: list[_Authentic] = []
         for event in batch:
             msg = event.payload
             try:
                 if not isinstance(msg, purchase_pb2.PurchaseSubmitted):
                     raise errors.BubuhError(errors.EVENT_TYPE_UNKNOWN, f"{event.type} on purchase.submitted")
-                await self._authenticate(conn, event, msg, secrets)
+                refusal = await self._authenticate(conn, event, msg, secrets)
             except errors.BubuhError as exc:
                 rejected.append(Rejection(event, exc))
                 continue
-            authentic.append((event, msg, order_of(msg)))
+            authentic.append(_Authentic(event, msg, order_of(msg), refusal))
         if not authentic:
             return rejected
         live = await self._live(conn, authentic)
         decided: list[tuple] = []
         outgoing: list[events.Outgoing] = []
-        for event, msg, order in authentic:
-            self._decide(event, msg, order, live, decided, outgoing)
+        for a in authentic:
+            self._decide(a, live, decided, outgoing)
         if decided:
+            # a confirmed row is never changed again, whatever arrives later (belt and braces: the
+            # decisions above already never ask for it)
             await conn.executemany(
                 "INSERT INTO purchases (purchase_id, channel_id, channel_order_id, account_id, quantity, amount, "
                 "paid_at, payment_ref, body_sha256, status, code, detail, decided_at) "
                 "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12, now()) "
                 "ON CONFLICT (purchase_id) DO UPDATE SET status = EXCLUDED.status, code = EXCLUDED.code, "
-                "detail = EXCLUDED.detail, decided_at = now()", decided)
+                "detail = EXCLUDED.detail, decided_at = now() WHERE purchases.status <> 'confirmed'", decided)
         await outbox.add(conn, outgoing)
         return rejected
 
     @staticmethod
-    async def _live(conn: asyncpg.Connection, authentic) -> dict[tuple[str, str], tuple[str, str]]:
+    async def _live(conn: asyncpg.Connection, authentic: list[_Authentic]) -> dict[tuple[str, str], tuple[str, str]]:
         """(channel, order id) -> (purchase id, status) of the batch's orders not rejected, locked."""
-        keys = sorted({(o.channel_id, o.channel_order_id) for _, _, o in authentic})
+        keys = sorted({(a.order.channel_id, a.order.channel_order_id) for a in authentic})
         rows = await conn.fetch(
             "SELECT channel_id, channel_order_id, purchase_id, status FROM purchases "
             "WHERE (channel_id, channel_order_id) IN (SELECT c, o FROM unnest($1::text[], $2::text[]) AS u(c, o)) "
@@ -96,28 +122,29 @@ class Confirmation:
             [k[0] for k in keys], [k[1] for k in keys])
         return {(r["channel_id"], r["channel_order_id"]): (r["purchase_id"], r["status"]) for r in rows}
 
-    def _decide(self, event: Event, msg: purchase_pb2.PurchaseSubmitted, order: PurchaseOrder,
-                live: dict[tuple[str, str], tuple[str, str]], decided: list[tuple],
+    def _decide(self, a: _Authentic, live: dict[tuple[str, str], tuple[str, str]], decided: list[tuple],
                 outgoing: list[events.Outgoing]) -> None:
+        event, msg, order = a.event, a.msg, a.order
         purchase_id = order.purchase_id()
         key = (order.channel_id, order.channel_order_id)
-        try:
-            validate(order, price=self._settings.stamp_price_rupiah,
-                     max_quantity=self._settings.purchase_max_quantity,
-                     now=event.envelope.occurred_at.ToDatetime(tzinfo=dt.UTC))
-        except errors.BubuhError as exc:
-            if live.get(key, ("",))[0] == purchase_id:
-                del live[key]               # the upsert below turns that row into a rejected one
-            self._reject(order, purchase_id, exc.code.code, exc.detail, event, decided, outgoing)
-            return
         current = live.get(key)
         if current is not None and current[0] != purchase_id:
             self._reject(order, purchase_id, errors.IDEMPOTENCY_MISMATCH.code,
-                         f"order {order.channel_order_id!r} was confirmed as {current[0]} with another body",
+                         f"order {order.channel_order_id!r} is {current[1]} as {current[0]} with another body",
                          event, decided, outgoing)
             return
         if current is not None and current[1] == "confirmed":
-            PURCHASES.labels("duplicate").inc()
+            PURCHASES.labels("duplicate").inc()     # final: nothing a later record says changes it
+            return
+        try:
+            if a.refusal is not None:
+                raise a.refusal
+            validate(order, price=self._settings.stamp_price_rupiah,
+                     max_quantity=self._settings.purchase_max_quantity, now=event.received_at())
+        except errors.BubuhError as exc:
+            if current is not None:
+                del live[key]               # the 'accepted' row becomes a rejected one below
+            self._reject(order, purchase_id, exc.code.code, exc.detail, event, decided, outgoing)
             return
         live[key] = (purchase_id, "confirmed")
         decided.append(self._row(order, purchase_id, "confirmed", None, None))
@@ -137,24 +164,44 @@ class Confirmation:
                 order.amount, order.paid_at, order.payment_ref, order.body_sha256(), status, code, detail)
 
     async def _authenticate(self, conn: asyncpg.Connection, event: Event, msg,
-                            cache: dict[str, tuple[str, list[bytes]] | None]) -> None:
+                            cache: dict[str, ChannelSecrets | None]) -> errors.BubuhError | None:
+        """Raise for a record that does not prove its sender; return the refusal of one that does
+        but may not be confirmed (the channel is told), or None."""
         signature = event.headers.get(HEADER_HMAC)
-        if not signature:
-            raise errors.BubuhError(errors.SIGNATURE_MISSING, f"no {HEADER_HMAC} header")
-        claimed = (event.headers.get(HEADER_CHANNEL) or b"").decode(errors="replace")
-        if claimed != msg.channel_id:
-            raise errors.BubuhError(errors.SIGNATURE_INVALID,
-                                    f"header channel {claimed!r} != payload channel {msg.channel_id!r}")
         if msg.channel_id not in cache:
             cache[msg.channel_id] = await self._registry.secrets(conn, msg.channel_id)
         found = cache[msg.channel_id]
+        if not signature:
+            raise self._unverified(found, msg.channel_id, errors.SIGNATURE_MISSING, f"no {HEADER_HMAC} header")
         if found is None:
-            raise errors.BubuhError(errors.CHANNEL_UNKNOWN, f"channel {msg.channel_id!r}")
-        status, secrets = found
-        if not matches(secrets, event.raw, signature.decode(errors="replace")):
-            raise errors.BubuhError(errors.SIGNATURE_INVALID, f"HMAC does not match channel {msg.channel_id}")
-        if status != "active":
-            raise errors.BubuhError(errors.CHANNEL_INACTIVE, f"channel {msg.channel_id} is {status}")
+            raise self._unverified(None, msg.channel_id, errors.CHANNEL_UNKNOWN, f"channel {msg.channel_id[:80]!r}")
+        sig = signature.decode(errors="replace")
+        if matches(found.accepted, event.raw, sig):
+            if found.status != "active":
+                return errors.BubuhError(errors.CHANNEL_INACTIVE, f"channel {msg.channel_id} is {found.status}")
+            return None
+        if found.expired and matches(found.expired, event.raw, sig):
+            return errors.BubuhError(errors.SIGNATURE_KEY_EXPIRED,
+                                     "signed with the previous secret after its grace period ended")
+        raise self._unverified(found, msg.channel_id, errors.SIGNATURE_INVALID,
+                               f"HMAC does not match channel {msg.channel_id}")
+
+    def _unverified(self, found: ChannelSecrets | None, claimed: str, code: errors.ErrorCode,
+                    detail: str) -> errors.BubuhError:
+        """Count a record that proves nothing about its sender under the channel it claims (the
+        label only for registered channels: anyone can write any name), and warn at most once a
+        minute per claimed channel."""
+        label = claimed if found is not None else "unknown"
+        UNVERIFIED.labels(label, code.code).inc()
+        now = time.monotonic()
+        last, count = self._last_warned.get(label, (0.0, 0))
+        if now - last >= UNVERIFIED_LOG_EVERY_S:
+            log.warning("unverified purchase records", claimed_channel=label, code=code.code,
+                        since_last_warning=count + 1)
+            self._last_warned[label] = (now, 0)
+        else:
+            self._last_warned[label] = (last, count + 1)
+        return errors.BubuhError(code, detail)
 
     def _reject(self, order: PurchaseOrder, purchase_id: str, code: str, detail: str, event: Event,
                 decided: list[tuple], outgoing: list[events.Outgoing]) -> None:

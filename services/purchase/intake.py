@@ -22,7 +22,7 @@ from services.kernel import errors, events, failures, logs, topics
 from services.kernel.channels import ChannelInfo, ChannelView
 from services.kernel.producer import Producer
 from services.kernel.settings import Settings
-from services.kernel.signatures import HEADER_CHANNEL, HEADER_HMAC, hmac_hex
+from services.kernel.signatures import HEADER_HMAC, hmac_hex
 from services.purchase import NAME
 from services.purchase.metrics import PURCHASES
 from services.purchase.validation import PurchaseOrder, validate
@@ -57,9 +57,22 @@ def submitted_record(settings: Settings, order: PurchaseOrder, secret: bytes, *,
     value = env.SerializeToString()
     rec = events.outgoing(settings.topic(topics.PURCHASE_SUBMITTED.name),
                           events.account_key(order.channel_id, order.account_id), env,
-                          [(HEADER_CHANNEL, order.channel_id.encode()),
-                           (HEADER_HMAC, hmac_hex(secret, value).encode())])
+                          [(HEADER_HMAC, hmac_hex(secret, value).encode())])
     return rec
+
+
+_STATUS_COLUMNS = ("purchase_id, channel_order_id, account_id, quantity, amount, status, code, detail, "
+                   "accepted_at, decided_at")
+
+
+def _status(row: asyncpg.Record) -> dict:
+    out = {k: row[k] for k in ("purchase_id", "channel_order_id", "account_id", "quantity", "amount", "status")}
+    if row["code"]:
+        out["code"], out["detail"] = row["code"], row["detail"]
+    out["accepted_at"] = row["accepted_at"].isoformat()
+    if row["decided_at"]:
+        out["decided_at"] = row["decided_at"].isoformat()
+    return out
 
 
 class Intake:
@@ -123,22 +136,24 @@ class Intake:
 
     async def status(self, channel_id: str, purchase_id: str) -> dict | None:
         row = await self._db(lambda pool: pool.fetchrow(
-            "SELECT purchase_id, channel_order_id, account_id, quantity, amount, status, code, detail, "
-            "accepted_at, decided_at FROM purchases WHERE purchase_id = $1 AND channel_id = $2",
+            f"SELECT {_STATUS_COLUMNS} FROM purchases WHERE purchase_id = $1 AND channel_id = $2",
             purchase_id, channel_id))
         if row is not None:
-            out = {k: row[k] for k in ("purchase_id", "channel_order_id", "account_id", "quantity", "amount",
-                                       "status")}
-            if row["code"]:
-                out["code"], out["detail"] = row["code"], row["detail"]
-            out["accepted_at"] = row["accepted_at"].isoformat()
-            if row["decided_at"]:
-                out["decided_at"] = row["decided_at"].isoformat()
-            return out
+            return _status(row)
         recent = self._recent.get(purchase_id)
         if recent and recent[0] == channel_id:
             return {"purchase_id": purchase_id, "status": "accepted"}
         return None
+
+    async def by_order(self, channel_id: str, channel_order_id: str) -> list[dict]:
+        """Every purchase recorded under one of the channel's order ids, oldest first: at most one
+        confirmed, and the refused ones with their codes."""
+        rows = await self._db(lambda pool: pool.fetch(
+            f"SELECT {_STATUS_COLUMNS} FROM purchases WHERE channel_id = $1 AND channel_order_id = $2 "
+            "ORDER BY accepted_at, purchase_id", channel_id, channel_order_id))
+        if rows is None:
+            raise errors.BubuhError(errors.UNAVAILABLE, "purchase records are unavailable for a moment")
+        return [_status(r) for r in rows]
 
     async def _check_existing(self, order: PurchaseOrder, purchase_id: str) -> tuple[str, bool] | None:
         row = await self._db(lambda pool: pool.fetchrow(

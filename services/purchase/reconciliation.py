@@ -5,7 +5,9 @@ service's confirmed purchases and the quota ledger's credit transfers. Reported:
 - missing:    paid at the channel, not credited here (or not even received);
 - duplicated: an order listed twice in the CSV, or credited more than once here;
 - mismatched: credited with another account, quantity or amount than the channel lists;
-- unexpected: credited here, absent from the channel's list.
+- unexpected: credited here, absent from the channel's list;
+- unbacked:   a credit with no confirmed purchase behind it (the purchase row missing, rejected or
+              still in flight): every credit is reported, whatever happened to its purchase.
 Exit code 0 when everything matches, 1 otherwise.
 """
 
@@ -29,10 +31,11 @@ class Report:
     duplicated: list[dict] = field(default_factory=list)
     mismatched: list[dict] = field(default_factory=list)
     unexpected: list[dict] = field(default_factory=list)
+    unbacked: list[dict] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        return not (self.missing or self.duplicated or self.mismatched or self.unexpected)
+        return not (self.missing or self.duplicated or self.mismatched or self.unexpected or self.unbacked)
 
 
 def read_orders(path: str) -> list[dict]:
@@ -51,9 +54,12 @@ def read_orders(path: str) -> list[dict]:
         return rows
 
 
-def compare(orders: list[dict], confirmed: dict[str, dict], credits: Counter) -> Report:
-    """``confirmed``: order id -> confirmed purchase; ``credits``: purchase id -> credit transfers."""
+def compare(orders: list[dict], purchases: list[dict], credited: dict[str, dict]) -> Report:
+    """``purchases``: every purchase row of the channel (any status); ``credited``: purchase id ->
+    its credit transfers (``count``, ``account_id``, ``quantity``)."""
     rep = Report(checked=len(orders))
+    confirmed = {p["channel_order_id"]: p for p in purchases if p["status"] == "confirmed"}
+    credits = Counter({pid: c["count"] for pid, c in credited.items()})
     seen = Counter(o["channel_order_id"] for o in orders)
     for oid, n in seen.items():
         if n > 1:
@@ -75,6 +81,14 @@ def compare(orders: list[dict], confirmed: dict[str, dict], credits: Counter) ->
         if oid not in seen and credits[got["purchase_id"]]:
             rep.unexpected.append({"channel_order_id": oid, "purchase_id": got["purchase_id"],
                                    "account_id": got["account_id"], "quantity": got["quantity"]})
+    backed = {p["purchase_id"] for p in confirmed.values()}
+    rows = {p["purchase_id"]: p for p in purchases}
+    for pid, c in sorted(credited.items()):
+        if pid not in backed:
+            row = rows.get(pid)
+            rep.unbacked.append({"purchase_id": pid, "account_id": c["account_id"], "quantity": c["quantity"],
+                                 "channel_order_id": row["channel_order_id"] if row else None,
+                                 "purchase": row["status"] if row else "missing"})
     return rep
 
 
@@ -85,19 +99,19 @@ async def command(settings: Settings, path: str, channel_id: str, *, as_json: bo
     try:
         rows = await purchase_pool.fetch(
             "SELECT purchase_id, channel_order_id, account_id, quantity, amount, status FROM purchases "
-            "WHERE channel_id = $1 AND status <> 'rejected'", channel_id)
-        confirmed = {r["channel_order_id"]: dict(r) for r in rows}
+            "WHERE channel_id = $1", channel_id)
         credits = await ledger.credits_by_purchase(quota_pool, channel_id)
     finally:
         await purchase_pool.close()
         await quota_pool.close()
-    rep = compare(orders, confirmed, credits)
+    rep = compare(orders, [dict(r) for r in rows], credits)
     if as_json:
         print(json.dumps({**asdict(rep), "clean": rep.clean}, indent=2, default=str))
     else:
         print(f"checked {rep.checked} orders of {channel_id}: {rep.matched} matched, {len(rep.missing)} missing, "
-              f"{len(rep.duplicated)} duplicated, {len(rep.mismatched)} mismatched, {len(rep.unexpected)} unexpected")
-        for kind in ("missing", "duplicated", "mismatched", "unexpected"):
+              f"{len(rep.duplicated)} duplicated, {len(rep.mismatched)} mismatched, {len(rep.unexpected)} unexpected, "
+              f"{len(rep.unbacked)} unbacked")
+        for kind in ("missing", "duplicated", "mismatched", "unexpected", "unbacked"):
             for item in getattr(rep, kind):
                 print(f"  {kind:10} {json.dumps(item, default=str)}")
     return 0 if rep.clean else 1

@@ -17,6 +17,7 @@ from services.contracts.bubuh.v1 import channel_pb2
 from services.kernel import events, outbox, sealed, topics
 from services.kernel.channels import api_key_hash
 from services.kernel.settings import Settings
+from services.notification import targets
 from services.purchase import NAME
 
 PROFILES = ("standard", "cpns")
@@ -28,6 +29,13 @@ class Credentials:
     channel_id: str
     api_key: str | None = None
     hmac_secret: str | None = None
+
+
+@dataclass(frozen=True)
+class ChannelSecrets:
+    status: str                 # active | suspended
+    accepted: list[bytes]       # the current secret, and the previous one during its grace period
+    expired: list[bytes]        # the previous secret after its grace period: proves the sender, accepts nothing
 
 
 class RegistryError(ValueError):
@@ -43,16 +51,30 @@ def _new_secret() -> str:
 
 
 class Registry:
-    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, resolver: targets.Resolver | None = None) -> None:
         self._pool = pool
         self._settings = settings
         self._key = settings.platform_key()
+        self._resolver = resolver or targets.resolver_for(settings.webhook_hosts)
+
+    async def _check_webhook(self, webhook_url: str) -> None:
+        """The target rules (services/notification/targets.py) now; the dispatcher checks again on
+        every connection, since what a name resolves to can change after registration."""
+        if not webhook_url:
+            return
+        if not _URL.match(webhook_url):
+            raise RegistryError(f"webhook URL {webhook_url!r} is not an http(s) URL")
+        try:
+            await targets.check_registration(webhook_url, self._resolver,
+                                             local_mode=self._settings.webhook_local_mode)
+        except targets.TargetRefused as exc:
+            raise RegistryError(f"{exc.code.code}: webhook URL {webhook_url!r} refused: {exc.detail}. "
+                                f"{exc.code.action}") from None
 
     async def add(self, name: str, webhook_url: str = "", default_profile: str = "standard") -> Credentials:
         if not name.strip():
             raise RegistryError("a channel needs a name")
-        if webhook_url and not _URL.match(webhook_url):
-            raise RegistryError(f"webhook URL {webhook_url!r} is not an http(s) URL")
+        await self._check_webhook(webhook_url)
         if default_profile not in PROFILES:
             raise RegistryError(f"unknown profile {default_profile!r}; one of {', '.join(PROFILES)}")
         channel_id = "ch_" + secrets.token_hex(6)
@@ -86,8 +108,7 @@ class Registry:
         return Credentials(channel_id, hmac_secret=secret)
 
     async def set_webhook(self, channel_id: str, webhook_url: str) -> None:
-        if webhook_url and not _URL.match(webhook_url):
-            raise RegistryError(f"webhook URL {webhook_url!r} is not an http(s) URL")
+        await self._check_webhook(webhook_url)
         async with self._pool.acquire() as conn, conn.transaction():
             await self._update(conn, channel_id, "webhook_url = $2", webhook_url)
             await self._publish(conn, channel_id)
@@ -102,17 +123,19 @@ class Registry:
             "SELECT channel_id, name, status, default_profile, webhook_url, version, created_at FROM channels "
             "ORDER BY created_at")
 
-    async def secrets(self, conn: asyncpg.Connection, channel_id: str) -> tuple[str, list[bytes]] | None:
-        """(status, accepted HMAC secrets) from the authoritative table."""
+    async def secrets(self, conn: asyncpg.Connection, channel_id: str) -> ChannelSecrets | None:
+        """The channel's status and HMAC secrets, from the authoritative table."""
         row = await conn.fetchrow("SELECT * FROM channels WHERE channel_id = $1", channel_id)
         if row is None:
             return None
         ctx = channel_id.encode()
-        out = [sealed.unseal(self._key, row["hmac_secret_sealed"], ctx)]
+        accepted = [sealed.unseal(self._key, row["hmac_secret_sealed"], ctx)]
+        expired: list[bytes] = []
         until = row["previous_secret_valid_until"]
-        if row["previous_secret_sealed"] and until and until > dt.datetime.now(dt.UTC):
-            out.append(sealed.unseal(self._key, row["previous_secret_sealed"], ctx))
-        return row["status"], out
+        if row["previous_secret_sealed"]:
+            previous = sealed.unseal(self._key, row["previous_secret_sealed"], ctx)
+            (accepted if until and until > dt.datetime.now(dt.UTC) else expired).append(previous)
+        return ChannelSecrets(row["status"], accepted, expired)
 
     async def _update(self, conn: asyncpg.Connection, channel_id: str, assignments: str, *args) -> None:
         done = await conn.execute(

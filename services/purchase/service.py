@@ -13,7 +13,6 @@ from fastapi import APIRouter
 
 from services.kernel import topics
 from services.kernel.outbox import Relay
-from services.kernel.processing.handler import Transactional
 from services.kernel.processing.pipeline import ConsumerLoop
 from services.kernel.runtime import Runtime, Task
 from services.purchase import NAME, api
@@ -30,9 +29,8 @@ async def router(rt: Runtime) -> APIRouter:
 async def workers(rt: Runtime) -> list[Task]:
     s = rt.settings
     pool = await rt.pool(NAME)
-    confirmation = Confirmation(pool, Registry(pool, s), s)
     loop = ConsumerLoop(s, rt.producer, name=CONSUMER, topics=[s.topic(topics.PURCHASE_SUBMITTED.name)],
-                        handler=Transactional(pool, CONSUMER, confirmation.apply), pool=pool,
+                        handler=Confirmation(pool, Registry(pool, s), s).handler(), pool=pool,
                         dead_letter_topic=s.topic(topics.PURCHASE_DLQ.name),
                         # forged or foreign records are what a hostile channel sends: they must not stop
                         # crediting for every channel, so they do not count toward the dead-letter limit

@@ -37,21 +37,25 @@ def _balance(b: ledger.Balance | None) -> quota_pb2.Balance:
 
 
 def _account_of(msg) -> tuple[str, str] | None:
-    if isinstance(msg, purchase_pb2.PurchaseConfirmed | stamp_pb2.StampRequested | stamp_pb2.StampCompleted
-                  | stamp_pb2.StampFailed):
+    if isinstance(msg, purchase_pb2.PurchaseConfirmed | stamp_pb2.StampRequested | stamp_pb2.StampSigned
+                  | stamp_pb2.StampCompleted | stamp_pb2.StampFailed):
         return msg.channel_id, msg.account_id
     return None
 
 
 class QuotaHandlers:
     TYPES = frozenset(events.type_name(t) for t in (purchase_pb2.PurchaseConfirmed, stamp_pb2.StampRequested,
-                                                    stamp_pb2.StampCompleted, stamp_pb2.StampFailed))
+                                                    stamp_pb2.StampSigned, stamp_pb2.StampCompleted,
+                                                    stamp_pb2.StampFailed))
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
         self._pool = pool
         self._settings = settings
         self._topic = settings.topic(topics.QUOTA_EVENTS.name)
         self._operations = {
             stamp_pb2.StampRequested: ("reserve", self._reserve),
+            stamp_pb2.StampSigned: ("commit", self._commit),
+            # before StampSigned existed the worker's StampCompleted asked for the commit; now it follows
+            # the commit, so this is a duplicate (kept for records written by older workers)
             stamp_pb2.StampCompleted: ("commit", self._commit),
             stamp_pb2.StampFailed: ("release", self._release),
         }
@@ -134,7 +138,7 @@ class QuotaHandlers:
         return out
 
     async def _commit(self, conn, event: Event, outgoing: list[events.Outgoing]) -> ledger.Outcome:
-        m: stamp_pb2.StampCompleted = event.payload
+        m: stamp_pb2.StampSigned | stamp_pb2.StampCompleted = event.payload
         out = await ledger.commit(conn, request_id=m.request_id, event_id=event.event_id)
         outgoing.extend(self._after_resolution(event, m, out, "commit"))
         return out

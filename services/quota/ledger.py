@@ -15,7 +15,6 @@ concurrent reservations from several instances serialise per account and never o
 from __future__ import annotations
 
 import datetime as dt
-from collections import Counter
 from dataclasses import dataclass
 
 import asyncpg
@@ -241,7 +240,9 @@ async def pending_deadline(conn: asyncpg.Connection | asyncpg.Pool, request_id: 
     return ("posted" if resolution == "post" else "voided"), row["deadline"]
 
 
-async def credits_by_purchase(pool: asyncpg.Pool, channel_id: str) -> Counter:
-    """How many credit transfers each purchase of a channel has (1 everywhere, by construction)."""
-    rows = await pool.fetch("SELECT id FROM transfers WHERE kind = 'credit' AND channel_id = $1", channel_id)
-    return Counter(r["id"] for r in rows)
+async def credits_by_purchase(pool: asyncpg.Pool, channel_id: str) -> dict[str, dict]:
+    """Each credited purchase of a channel: how many credit transfers it has (1, by construction),
+    the account and the units."""
+    rows = await pool.fetch("SELECT id, account_id, sum(amount) AS units, count(*) AS n FROM transfers "
+                            "WHERE kind = 'credit' AND channel_id = $1 GROUP BY id, account_id", channel_id)
+    return {r["id"]: {"count": r["n"], "account_id": r["account_id"], "quantity": r["units"]} for r in rows}

@@ -1,7 +1,8 @@
 """The quota service, top-down.
 
 Consumes: ``purchase.events`` (PurchaseConfirmed -> credit), ``stamp.requested`` (reserve),
-          ``stamp.events`` (StampCompleted -> commit, StampFailed -> release).
+          ``stamp.events`` (StampSigned -> commit, StampFailed -> release; StampCompleted follows a
+          commit and changes nothing).
 Publishes: ``quota.events`` (QuotaCredited, QuotaReserved, QuotaRejected, QuotaCommitted,
            QuotaReleased, QuotaRefused), ``quota.dead-letter``.
 Stores:   schema ``quota``: ``accounts``, ``transfers``, ``open_reservations``, inbox, outbox.

@@ -22,8 +22,10 @@ from services.kernel.producer import Producer
 from services.kernel.settings import Settings
 from services.stamping import NAME, store
 from services.stamping.document import inspection
+from services.stamping.document.budget import Budget
 from services.stamping.metrics import INTAKE_REJECTED
 from services.stamping.queue import QueueView
+from services.stamping.sandbox import Sandbox
 
 log = logs.get(__name__)
 _NS = uuid.UUID("a3c1f1de-5d0e-4a8e-9a43-2b8f5b1e7c20")
@@ -61,22 +63,29 @@ def request_fingerprint(data: bytes, meta: StampMeta) -> str:
     return h.hexdigest()
 
 
+def inspect_upload(_state, data: bytes, profile: str, page: int, box, budget: Budget) -> inspection.DocumentFacts:
+    """In an intake child of the sandbox (within its CPU and memory budget, and the document budgets)."""
+    return inspection.inspect(data, profile, page, box, budget)
+
+
 class StampIntake:
     def __init__(self, settings: Settings, producer: Producer, pool: asyncpg.Pool, documents: store.DocumentStore,
-                 queue: QueueView) -> None:
+                 queue: QueueView, inspector: Sandbox) -> None:
         self._settings = settings
+        self._inspector = inspector
         self._producer = producer
         self._pool = pool
         self._store = documents
         self._queue = queue
         self._topic = settings.topic(topics.STAMP_REQUESTED.name)
+        self._budget = Budget.from_settings(settings)
 
     async def accept(self, channel: ChannelInfo, data: bytes, meta: StampMeta,
                      idempotency_key: str | None) -> Accepted:
         profile = meta.profile or channel.default_profile or "standard"
         try:
-            facts = await asyncio.to_thread(inspection.inspect, data, profile, meta.page,
-                                            (meta.llx, meta.lly, meta.urx, meta.ury))
+            facts = await self._inspector.run(inspect_upload, data, profile, meta.page,
+                                              (meta.llx, meta.lly, meta.urx, meta.ury), self._budget)
         except errors.BubuhError as exc:
             INTAKE_REJECTED.labels(exc.code.code).inc()
             raise

@@ -7,3 +7,9 @@ STAGE_SECONDS = Histogram("bubuh_stamp_stage_seconds", "Time spent per stage: qu
                           buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600))
 QUEUE_DEPTH = Gauge("bubuh_stamp_queue_depth_requests", "Accepted stamp requests not yet finished")
 INTAKE_REJECTED = Counter("bubuh_stamp_intake_rejected_total", "Uploads refused at intake, by code", ["code"])
+SANDBOX_OUTCOMES = Counter("bubuh_document_sandbox_tasks_total",
+                           "Document work in the sandboxed children (intake, signing, verification), by outcome: "
+                           "ok, refused (a coded answer), cpu / memory (over budget), timeout, crashed, busy, error",
+                           ["sandbox", "outcome"])
+SANDBOX_SECONDS = Histogram("bubuh_document_sandbox_task_seconds", "Elapsed time of one sandboxed task",
+                            ["sandbox"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))

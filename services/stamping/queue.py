@@ -21,7 +21,7 @@ from services.kernel import failures
 from services.stamping.metrics import QUEUE_DEPTH
 from services.stamping.throughput import Throughput
 
-_OPEN = "SELECT count(*) FROM requests WHERE status IN ('queued', 'reserved', 'stamping')"
+_OPEN = "SELECT count(*) FROM requests WHERE status IN ('queued', 'reserved', 'stamping', 'signed')"
 
 # before any completion was seen, assume this many seconds per stamp per the whole tier
 COLD_SECONDS_PER_STAMP = 0.05
@@ -71,7 +71,7 @@ class QueueView:
     async def position_of(self, accepted_at: dt.datetime) -> int | None:
         try:
             return await asyncio.wait_for(self._pool.fetchval(
-                "SELECT count(*) FROM requests WHERE status IN ('queued', 'reserved', 'stamping') "
+                "SELECT count(*) FROM requests WHERE status IN ('queued', 'reserved', 'stamping', 'signed') "
                 "AND accepted_at <= $1", accepted_at), 0.5)
         except Exception as exc:  # noqa: BLE001
             if failures.classify(exc).waits:

@@ -1,8 +1,9 @@
 """The stamping service, top-down.
 
-Consumes: ``quota.events`` (QuotaReserved -> stamp; QuotaRejected, expiry -> status) and
+Consumes: ``quota.events`` (QuotaReserved -> stamp; QuotaRejected, expiry -> status; QuotaCommitted
+          -> release the signed stamp; QuotaRefused of a commit -> withhold it) and
           ``stamp.retry`` (transient failures, at their due time).
-Publishes: ``stamp.requested`` (intake), ``stamp.events`` (StampCompleted, StampFailed),
+Publishes: ``stamp.requested`` (intake), ``stamp.events`` (StampSigned, StampCompleted, StampFailed),
            ``stamp.retry`` and ``stamp.dead-letter`` (through the outbox).
 Stores:   schema ``stamping``: ``requests``, ``attempts``, inbox, outbox; documents in the document store.
 HTTP:     ``POST /v1/stamps``, ``GET /v1/stamps/{id}``, ``GET /v1/stamps/{id}/document``,
@@ -13,15 +14,12 @@ each a member of the ``stamping.worker`` consumer group.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastapi import APIRouter
 
 from services.kernel import topics
-from services.kernel.errors import BubuhError
 from services.kernel.outbox import Relay
 from services.kernel.processing.handler import PerRecord
 from services.kernel.processing.pipeline import ConsumerLoop
@@ -30,31 +28,36 @@ from services.kernel.settings import Settings
 from services.stamping import NAME, api, store
 from services.stamping.intake import StampIntake
 from services.stamping.queue import QueueView
+from services.stamping.sandbox import ProcessLimits, Sandbox
 from services.stamping.serial import MAX_NODE, SerialIssuer
 from services.stamping.signing.engine import SignerConfig, StampingEngine
 from services.stamping.throughput import Throughput
 from services.stamping.tracker import CONSUMER as TRACKER
 from services.stamping.tracker import StatusTracker
-from services.stamping.verifying import PublicVerifier
+from services.stamping.verifying import ClientRate, PublicVerifier
 from services.stamping.worker import CONSUMER as WORKER
 from services.stamping.worker import StampWorker
 
-# One signing thread per process: signing is CPU-bound (one process per core scales it), and a
-# PKCS#11 session does one operation at a time.
-SIGNING_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bubuh-signing")
+
+def open_engine(config: SignerConfig, verify_base_url: str) -> StampingEngine:
+    """The signing child's state: one engine, one key or PKCS#11 session, for the child's life.
+    One signing child per worker process: signing is CPU-bound (one worker process per core scales
+    it), and a PKCS#11 session does one operation at a time."""
+    return StampingEngine(config, verify_base_url)
 
 
 def signer_config(s: Settings) -> SignerConfig:
     if s.signing_pkcs11_module:
         return SignerConfig(pkcs11_module=s.signing_pkcs11_module, pkcs11_token_label=s.signing_pkcs11_token_label,
                             pkcs11_pin=s.signing_pkcs11_pin, pkcs11_key_label=s.signing_pkcs11_key_label,
-                            md_algorithm=s.signing_md_algorithm, tsa_url=s.signing_tsa_url or None)
+                            md_algorithm=s.signing_md_algorithm, tsa_url=s.signing_tsa_url or None,
+                            tsa_timeout_s=s.signing_tsa_timeout_s)
     path = s.signing_p12_path or str(s.keys_dir / "issuer-rsa2048.p12")
     if not Path(path).exists():
         raise ConfigError(f"no signing key at {path}: run `bubuh keys dev-ca` (development) or set "
                           "BUBUH_SIGNING_P12_PATH / BUBUH_SIGNING_PKCS11_MODULE")
     return SignerConfig(p12_path=path, p12_password=s.signing_p12_password, md_algorithm=s.signing_md_algorithm,
-                        tsa_url=s.signing_tsa_url or None)
+                        tsa_url=s.signing_tsa_url or None, tsa_timeout_s=s.signing_tsa_timeout_s)
 
 
 def trust_roots(s: Settings) -> list[Path]:
@@ -78,22 +81,30 @@ async def router(rt: Runtime) -> APIRouter:
         raise ConfigError(f"BUBUH_STAMP_RATES_FROM={s.stamp_rates_from!r}: choose stream or database")
     queue = QueueView(pool, s.stamp_eta_window_s, throughput)
     docs = documents(s)
-    intake = StampIntake(s, rt.producer, pool, docs, queue)
-    return api.router(s, rt.channels, intake, pool, docs, queue, PublicVerifier(pool, trust_roots(s)))
+    inspector = await Sandbox("intake", size=s.intake_processes,
+                              budget=ProcessLimits.of(s.intake_cpu_s, s.intake_wall_s, s.document_memory_mib)).start()
+    checker = await Sandbox("verify", size=s.verify_processes, nice=s.verify_nice, max_waiting=s.verify_max_waiting,
+                            budget=ProcessLimits.of(s.verify_cpu_s, s.verify_wall_s, s.document_memory_mib)).start()
+    rt.background += [inspector.serve, checker.serve]
+    intake = StampIntake(s, rt.producer, pool, docs, queue, inspector)
+    verifier = PublicVerifier(pool, trust_roots(s), checker, ClientRate(s.verify_rate_per_client_per_s,
+                                                                        s.verify_rate_burst))
+    return api.router(s, rt.channels, intake, pool, docs, queue, verifier)
 
 
 async def workers(rt: Runtime) -> list[Task]:
     s = rt.settings
     pool = await rt.pool(NAME)
+    # the signing child opens the key (or the PKCS#11 session) once and keeps it
+    signing = Sandbox("signing", size=1, setup=open_engine, setup_args=(signer_config(s), s.public_url),
+                      budget=ProcessLimits.of(s.signing_cpu_s, s.signing_wall_s, s.document_memory_mib))
     try:
-        # the engine runs pyHanko's own event loop inside: build and use it off this loop, on one thread
-        engine = await asyncio.get_running_loop().run_in_executor(
-            SIGNING_THREAD, StampingEngine, signer_config(s), s.public_url)
-    except (BubuhError, ValueError, OSError) as exc:
+        await signing.start()
+    except RuntimeError as exc:
         raise ConfigError(f"cannot open the signing key: {exc}") from None
     node = s.stamp_node_id if s.stamp_node_id is not None else secrets.randbelow(MAX_NODE + 1)
-    worker = StampWorker(s, pool, documents(s), engine, SerialIssuer(node), SIGNING_THREAD)
-    tracker = StatusTracker(s, pool)
+    worker = StampWorker(s, pool, documents(s), signing, SerialIssuer(node))
+    tracker = StatusTracker(s, pool, documents(s))
     stamp_loop = ConsumerLoop(s, rt.producer, name=WORKER,
                               topics=[s.topic(topics.QUOTA_EVENTS.name), s.topic(topics.STAMP_RETRY.name)],
                               handler=PerRecord(worker.handle), pool=pool,
@@ -102,4 +113,4 @@ async def workers(rt: Runtime) -> list[Task]:
                               handler=PerRecord(tracker.handle), pool=pool,
                               dead_letter_topic=s.topic(topics.STAMP_DLQ.name))
     relay = Relay(pool, rt.producer, s, NAME)
-    return [stamp_loop.run, track_loop.run, relay.run]
+    return [stamp_loop.run, track_loop.run, relay.run, signing.serve]

@@ -19,6 +19,7 @@ class DocumentStore(Protocol):
     async def put(self, key: str, data: bytes) -> None: ...
     async def get(self, key: str) -> bytes: ...
     async def exists(self, key: str) -> bool: ...
+    async def delete(self, key: str) -> None: ...
 
 
 class FilesystemStore:
@@ -49,6 +50,13 @@ class FilesystemStore:
 
     async def exists(self, key: str) -> bool:
         return await asyncio.to_thread(self._path(key).exists)
+
+    async def delete(self, key: str) -> None:
+        """Gone, or never there."""
+        try:
+            await asyncio.to_thread(self._path(key).unlink, True)
+        except OSError as exc:
+            raise errors.BubuhError(errors.STORAGE_UNAVAILABLE, f"cannot delete {key}: {exc}") from exc
 
     @staticmethod
     def _put(path: Path, data: bytes) -> None:

@@ -86,11 +86,14 @@ class Throughput:
                  offset_reset: str = "latest") -> None:
         self._settings = settings
         self.window_s = float(window_s or settings.stamp_eta_window_s)
+        (settings.local_dir / "faust").mkdir(parents=True, exist_ok=True)
         self.app = faust.App(
             settings.group(APP_NAME),                     # app id: consumer group and internal topic prefix
             broker=[f"kafka://{h}" for h in settings.kafka_bootstrap.split(",")],
             broker_credentials=kafka_auth.faust_credentials(settings),
             store="memory://",
+            # faust keeps a data directory per app id; under .local, not the working directory
+            datadir=str(settings.local_dir / "faust" / settings.group(APP_NAME)),
             autodiscover=False,
             web_enabled=False,
             topic_replication_factor=settings.replication_factor,
@@ -176,8 +179,28 @@ class Throughput:
         app = self.app
         app.loop = asyncio.get_running_loop()
         app.finalize()
+        await self._declare_changelogs()
         await app.start()
         self._started = True
+
+    async def _declare_changelogs(self, timeout_s: float = 30.0) -> None:
+        """faust creates its changelog topics as it starts and compares their partitions with the
+        source topic's at the first record; on a busy broker that check could run before the new
+        topic was in the metadata ("0 partitions") and the agent crashed for good. The topics are
+        created here first, as faust would (same partitions and cleanup policy), and the app starts
+        only once the broker lists every one with its partitions."""
+        from aiokafka.admin import NewTopic
+
+        wanted: list[NewTopic] = []
+        for table in self.app.tables.values():
+            topic = table.changelog_topic
+            policy = ",".join(p for p, on in (("compact", topic.compacting), ("delete", topic.deleting)) if on)
+            configs = {**(topic.config or {}), **({"cleanup.policy": policy} if policy else {})}
+            if topic.retention:
+                configs["retention.ms"] = str(int(float(topic.retention) * 1000))
+            wanted.append(NewTopic(name=topic.get_topic_name(), num_partitions=table.partitions,
+                                   replication_factor=self._settings.replication_factor, topic_configs=configs))
+        await topics.create_and_wait(self._settings, wanted, timeout_s)
 
     async def stop(self) -> None:
         if not self._started:

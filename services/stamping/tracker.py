@@ -1,28 +1,36 @@
-"""What the ledger decided, reflected in each request's status: reserved, refused, or expired.
+"""What the ledger decided, reflected in each request's status: reserved, refused, expired, and
+whether a signed stamp may be released.
 
 A light consumer of ``quota.events`` in its own group, apart from the workers: a request shows
 ``reserved`` as soon as its unit is held, even while the workers are a long queue behind.
+
+A signed stamp is released here and only here: ``QuotaCommitted`` (the unit is posted) makes the
+request ``completed`` and publishes ``StampCompleted``; a refused commit (``QuotaRefused``: the
+reservation was voided while the document was being signed) fails it with RESERVATION_EXPIRED,
+voids its SN (the registry answers "not issued") and deletes the stamped file. A stamp is never free.
 """
 
 from __future__ import annotations
 
 import asyncpg
 
-from services.contracts.bubuh.v1 import quota_pb2
-from services.kernel import errors, logs
+from services.contracts.bubuh.v1 import quota_pb2, stamp_pb2
+from services.kernel import errors, events, logs, outbox, topics
 from services.kernel.events import Event
 from services.kernel.settings import Settings
-from services.stamping.metrics import STAGE_SECONDS
-from services.stamping.worker import finish_failed
+from services.stamping import NAME, store
+from services.stamping.metrics import STAGE_SECONDS, STAMP_OUTCOMES
+from services.stamping.worker import finish_failed, terminal_event_id
 
 log = logs.get(__name__)
 CONSUMER = "stamping.tracker"
 
 
 class StatusTracker:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, documents: store.DocumentStore) -> None:
         self._settings = settings
         self._pool = pool
+        self._documents = documents
 
     async def handle(self, event: Event) -> None:
         m = event.payload
@@ -34,6 +42,10 @@ class StatusTracker:
                 STAGE_SECONDS.labels("queued").observe(max(0.0, float(waited)))
         elif isinstance(m, quota_pb2.QuotaRejected):
             await self._fail(event, m, m.code or errors.QUOTA_INSUFFICIENT.code, m.detail or "no available unit")
+        elif isinstance(m, quota_pb2.QuotaCommitted):
+            await self._release_stamp(event, m)
+        elif isinstance(m, quota_pb2.QuotaRefused) and m.operation == "commit":
+            await self._withhold_stamp(event, m)
         elif isinstance(m, quota_pb2.QuotaReleased) and m.code == errors.RESERVATION_EXPIRED.code:
             # only requests still waiting (queued, or dead-lettered) end here; one being signed ends in the worker
             await self._fail(event, m, m.code, "the reservation expired before the stamp was made",
@@ -49,3 +61,57 @@ class StatusTracker:
                 return
             await finish_failed(conn, self._settings, request_id=m.request_id, channel_id=m.channel_id,
                                 account_id=m.account_id, code=code, detail=detail, cause=event)
+
+    async def _release_stamp(self, event: Event, m: quota_pb2.QuotaCommitted) -> None:
+        """The unit is posted: the signed stamp becomes the channel's (idempotent: only from 'signed')."""
+        email = await self._email(m.request_id)
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "UPDATE requests SET status = 'completed', finished_at = now(), code = NULL, detail = NULL "
+                "WHERE request_id = $1 AND status = 'signed' "
+                "RETURNING channel_id, account_id, sn, output_ref, output_sha256", m.request_id)
+            if row is None:
+                return
+            msg = stamp_pb2.StampCompleted(request_id=m.request_id, channel_id=row["channel_id"],
+                                           account_id=row["account_id"], sn=row["sn"], output_ref=row["output_ref"],
+                                           output_sha256=row["output_sha256"], email=email)
+            env = events.envelope(msg, producer=NAME, event_id=terminal_event_id(m.request_id, "completed"),
+                                  causation_id=event.event_id, trace_id=event.envelope.trace_id)
+            await outbox.add(conn, [events.outgoing(self._settings.topic(topics.STAMP_EVENTS.name), m.request_id,
+                                                    env)])
+        STAMP_OUTCOMES.labels("completed", "").inc()
+        log.info("stamp completed", request_id=m.request_id, sn=row["sn"], channel_id=row["channel_id"])
+
+    async def _withhold_stamp(self, event: Event, m: quota_pb2.QuotaRefused) -> None:
+        """The ledger refused to post the unit of a signed stamp: the stamp is withheld, its SN void.
+
+        The file goes first: a crash after it leaves the request 'signed', and the redelivered
+        refusal finishes the job; a crash before it changes nothing yet.
+        """
+        row = await self._pool.fetchrow("SELECT status, sn, output_ref FROM requests WHERE request_id = $1",
+                                        m.request_id)
+        if row is None or row["status"] != "signed":
+            return
+        if row["output_ref"]:
+            await self._documents.delete(row["output_ref"])
+        email = await self._email(m.request_id)
+        detail = (f"the reservation was voided ({m.code}) while the document was being signed: the stamp "
+                  f"{row['sn']} was withheld and its SN voided; submit the document again")
+        async with self._pool.acquire() as conn, conn.transaction():
+            status = await conn.fetchval("SELECT status FROM requests WHERE request_id = $1 FOR UPDATE", m.request_id)
+            if status != "signed":
+                return
+            # the SN stays on the failed row (the column is unique: never issued again); the registry
+            # vouches only for completed requests' SNs, so verification answers "unknown" for it
+            await finish_failed(conn, self._settings, request_id=m.request_id, channel_id=m.channel_id,
+                                account_id=m.account_id, code=errors.RESERVATION_EXPIRED.code, detail=detail,
+                                email=email, cause=event)
+        log.warning("signed stamp withheld: its unit was not posted", request_id=m.request_id, sn=row["sn"],
+                    code=m.code)
+
+    async def _email(self, request_id: str) -> str:
+        try:
+            meta = stamp_pb2.StampRequested.FromString(await self._documents.get(store.meta_key(request_id)))
+        except (FileNotFoundError, errors.BubuhError):
+            return ""
+        return meta.email

@@ -1,7 +1,11 @@
 """The stamping worker: a reserved unit in, a signed e-Meterai (or a refund) out.
 
 Every accepted request ends in exactly one terminal state (invariant 2):
-- completed: one SN, one stamped PDF stored, ``StampCompleted`` -> the ledger posts the unit;
+- completed: one SN, one stamped PDF stored, ``StampSigned`` -> the ledger posts the unit ->
+  ``QuotaCommitted`` -> the tracker releases the stamp (``StampCompleted``, downloadable). A stamp is
+  never delivered before its unit is posted; if the ledger refuses the commit (the reservation
+  was voided while the document was being signed) the tracker fails the request with
+  RESERVATION_EXPIRED, voids its SN and deletes the stamped file: never free;
 - failed:    ``StampFailed`` (permanent) -> the ledger voids the unit.
 
 Why the steps are in this order:
@@ -19,13 +23,11 @@ Why the steps are in this order:
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
 import json
 import time
 import uuid
-from concurrent.futures import Executor
 
 import asyncpg
 
@@ -36,6 +38,7 @@ from services.kernel.processing.deadletter import dead_letter_headers
 from services.kernel.settings import Settings
 from services.stamping import NAME, store
 from services.stamping.metrics import STAGE_SECONDS, STAMP_OUTCOMES
+from services.stamping.sandbox import Sandbox
 from services.stamping.serial import SerialIssuer
 from services.stamping.signing.engine import StampingEngine
 from services.stamping.signing.request import StampRequest
@@ -46,6 +49,7 @@ HEADER_ATTEMPT = "bubuh-attempt"
 HEADER_REPLAY = "bubuh-replay"
 HEADER_DLQ_ATTEMPTS = "bubuh-dlq-attempts"
 TERMINAL = ("completed", "failed")
+DONE_HERE = (*TERMINAL, "signed")      # nothing left for a worker: signed waits for the ledger
 _NS = uuid.UUID("5e0d8c1b-3f7a-4a51-8c8e-0f6b8f2d9a64")
 
 
@@ -73,15 +77,19 @@ async def finish_failed(conn: asyncpg.Connection, settings: Settings, *, request
     return True
 
 
+def sign(engine: StampingEngine, data: bytes, request: StampRequest) -> bytes:
+    """In the worker's signing child (services/stamping/service.py ``open_engine``), within budget."""
+    return engine.stamp(data, request)
+
+
 class StampWorker:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, documents: store.DocumentStore,
-                 engine: StampingEngine, serials: SerialIssuer, signing_thread: Executor) -> None:
+                 signing: Sandbox, serials: SerialIssuer) -> None:
         self._settings = settings
         self._pool = pool
         self._store = documents
-        self._engine = engine
+        self._signing = signing
         self._serials = serials
-        self._signing_thread = signing_thread
         self._backoff = retry.Backoff(base_s=settings.stamp_retry_base_s, max_s=settings.stamp_retry_max_s)
         self._retry_topic = settings.topic(topics.STAMP_RETRY.name)
 
@@ -114,8 +122,12 @@ class StampWorker:
                                    box=(meta.placement.llx, meta.placement.lly, meta.placement.urx, meta.placement.ury),
                                    reason=meta.reason or "Meterai elektronik", location=meta.location or "Indonesia")
             t0 = time.perf_counter()
-            stamped = await asyncio.get_running_loop().run_in_executor(self._signing_thread, self._engine.stamp,
-                                                                       data, request)
+            try:
+                stamped = await self._signing.run(sign, data, request)
+            except errors.BubuhError as exc:
+                if exc.code is errors.PDF_TOO_COMPLEX:      # over the signing budget: this document, not us
+                    raise errors.BubuhError(errors.SIGNING_FAILED, exc.detail) from exc
+                raise
             STAGE_SECONDS.labels("signing").observe(time.perf_counter() - t0)
             await self._store.put(store.output_key(rid), stamped)
         except errors.BubuhError as exc:
@@ -127,7 +139,7 @@ class StampWorker:
                                         account_id=meta.account_id, code=exc.code.code, detail=exc.detail,
                                         email=meta.email, cause=event)
             return
-        await self._complete(event, meta, sn, stamped)
+        await self._signed(event, meta, sn, stamped)
 
     async def _start(self, event: Event, reserved: quota_pb2.QuotaReserved,
                      meta: stamp_pb2.StampRequested) -> str | None:
@@ -139,7 +151,7 @@ class StampWorker:
                                    meta.accepted_at.ToDatetime(tzinfo=dt.UTC))
             row = await conn.fetchrow("SELECT status, sn, deliveries, reserved_at, accepted_at FROM requests "
                                       "WHERE request_id = $1 FOR UPDATE", rid)
-            if row["status"] in TERMINAL:
+            if row["status"] in DONE_HERE:
                 return None
             deadline = reserved.deadline.ToDatetime(tzinfo=dt.UTC)
             if deadline <= dt.datetime.now(dt.UTC):
@@ -174,25 +186,25 @@ class StampWorker:
                 max(0.0, (dt.datetime.now(dt.UTC) - row["reserved_at"]).total_seconds()))
         return sn
 
-    async def _complete(self, event: Event, meta: stamp_pb2.StampRequested, sn: str, stamped: bytes) -> None:
+    async def _signed(self, event: Event, meta: stamp_pb2.StampRequested, sn: str, stamped: bytes) -> None:
+        """Stored and signed: ask the ledger to post the unit; the tracker releases the stamp on its answer."""
         rid = meta.request_id
         digest = hashlib.sha256(stamped).hexdigest()
         async with self._pool.acquire() as conn, conn.transaction():
             updated = await conn.fetchval(
-                "UPDATE requests SET status = 'completed', output_ref = $2, output_sha256 = $3, finished_at = now(), "
-                "code = NULL, detail = NULL "
-                "WHERE request_id = $1 AND status NOT IN ('completed', 'failed') RETURNING 1",
+                "UPDATE requests SET status = 'signed', output_ref = $2, output_sha256 = $3, code = NULL, "
+                "detail = NULL WHERE request_id = $1 AND status NOT IN ('signed', 'completed', 'failed') RETURNING 1",
                 rid, store.output_key(rid), digest)
             if not updated:
                 return
-            msg = stamp_pb2.StampCompleted(request_id=rid, channel_id=meta.channel_id, account_id=meta.account_id,
-                                           sn=sn, output_ref=store.output_key(rid), output_sha256=digest,
-                                           email=meta.email)
-            env = events.envelope(msg, producer=NAME, event_id=terminal_event_id(rid, "completed"),
+            msg = stamp_pb2.StampSigned(request_id=rid, channel_id=meta.channel_id, account_id=meta.account_id,
+                                        sn=sn, output_ref=store.output_key(rid), output_sha256=digest,
+                                        email=meta.email)
+            env = events.envelope(msg, producer=NAME, event_id=terminal_event_id(rid, "signed"),
                                   causation_id=event.event_id, trace_id=event.envelope.trace_id)
             await outbox.add(conn, [events.outgoing(self._settings.topic(topics.STAMP_EVENTS.name), rid, env)])
-        STAMP_OUTCOMES.labels("completed", "").inc()
-        log.info("stamp completed", request_id=rid, sn=sn, channel_id=meta.channel_id)
+        log.info("stamp signed; waiting for the ledger to post its unit", request_id=rid, sn=sn,
+                 channel_id=meta.channel_id)
 
     async def _transient(self, event: Event, *, meta: stamp_pb2.StampRequested | None,
                          reserved: quota_pb2.QuotaReserved, exc: errors.BubuhError) -> None:
@@ -204,7 +216,8 @@ class StampWorker:
                                "ON CONFLICT DO NOTHING", rid, attempt, exc.code.code, exc.detail[:2000])
             # a transient failure is not a crash: it does not count toward the crash guard
             await conn.execute("UPDATE requests SET deliveries = greatest(deliveries - 1, 0), status = 'reserved', "
-                               "code = $2, detail = $3 WHERE request_id = $1 AND status NOT IN ('completed', 'failed')",
+                               "code = $2, detail = $3 "
+                               "WHERE request_id = $1 AND status NOT IN ('signed', 'completed', 'failed')",
                                rid, exc.code.code, exc.detail[:2000])
             headers = [(k, v) for k, v in event.headers.items() if k not in (HEADER_ATTEMPT, HEADER_REPLAY)]
             if attempt < self._settings.stamp_max_attempts:
@@ -219,7 +232,7 @@ class StampWorker:
             history = [dict(attempt=r["attempt"], at=r["at"].isoformat(), code=r["code"], detail=r["detail"])
                        for r in await conn.fetch("SELECT * FROM attempts WHERE request_id = $1 ORDER BY attempt", rid)]
             await conn.execute("UPDATE requests SET status = 'dead_lettered' WHERE request_id = $1 "
-                               "AND status NOT IN ('completed', 'failed')", rid)
+                               "AND status NOT IN ('signed', 'completed', 'failed')", rid)
             dlq = Outgoing(self._settings.topic(topics.STAMP_DLQ.name), rid.encode(), event.raw,
                            dead_letter_headers(headers, code=exc.code.code, detail=exc.detail,
                                                         source=f"{self._retry_topic}/-1/-1", consumer=CONSUMER,

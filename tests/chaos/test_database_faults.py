@@ -30,7 +30,7 @@ from tests import faults, stack
 from tests.flows import Db, auth, kafka_submission, order_body, post_until_accepted, read_topic
 from tests.flows import wait_for as wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.exclusive]
 
 WINDOW_S = 20
 PER_DOOR = 200

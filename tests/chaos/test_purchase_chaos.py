@@ -103,6 +103,7 @@ async def test_quota_service_killed_three_times_while_5000_purchases_flow(settin
         await front.stop()
 
 
+@pytest.mark.exclusive
 async def test_postgres_down_30s_intake_keeps_answering_and_backlog_drains(settings):
     if not stack.managed_postgres():
         pytest.skip("needs the local PostgreSQL to stop it")

@@ -10,15 +10,17 @@ IDEMPOTENCY_MISMATCH, and a redelivered batch changing nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import secrets
 import uuid
 
 import pytest
+from prometheus_client import REGISTRY
 
-from services.kernel import errors, sealed, topics
-from services.kernel.events import Event
-from services.kernel.processing.handler import Transactional
+from services.kernel import errors, events, inbox, sealed, topics
+from services.kernel.events import Event, Outgoing
+from services.kernel.signatures import HEADER_HMAC, hmac_hex
 from services.purchase.confirmation import CONSUMER, Confirmation
 from services.purchase.intake import submitted_record
 from services.purchase.registry import Registry
@@ -32,7 +34,7 @@ async def purchase():
     s = hs.settings()
     async with hs.service_pool(s, "purchase") as pool:
         registry = Registry(pool, s)
-        yield s, pool, registry, Transactional(pool, CONSUMER, Confirmation(pool, registry, s).apply)
+        yield s, pool, registry, Confirmation(pool, registry, s).handler()
 
 
 PAID_AT = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(minutes=5)   # part of an order's body
@@ -108,9 +110,10 @@ async def test_a_mixed_batch_confirms_each_paid_order_once_and_hands_back_forger
     assert await pool.fetchval("SELECT count(*) FROM purchases WHERE channel_id = $1", stranger) == 0
 
     # the inbox remembers what was applied, and forgets what was handed back (a replay must apply it)
+    # (keyed on the event id and the record's bytes: channels choose their event ids)
     claimed = {r["event_id"] for r in await pool.fetch("SELECT event_id FROM inbox WHERE consumer = $1", CONSUMER)}
-    assert {good_1.event_id, good_2.event_id, resent.event_id, reused.event_id} <= claimed
-    assert not {forged.event_id, unknown.event_id} & claimed
+    assert {inbox.by_content(e) for e in (good_1, good_2, resent, reused)} <= claimed
+    assert not {inbox.by_content(forged), inbox.by_content(unknown)} & claimed
 
     # the whole batch delivered again: nothing changes; the forgeries are handed back again
     before = await _state(pool, cid)
@@ -150,3 +153,123 @@ async def test_an_order_id_reused_in_a_later_batch_is_rejected_and_the_original_
     status = {r["purchase_id"]: r["status"] for r in await pool.fetch(
         "SELECT purchase_id, status FROM purchases WHERE channel_id = $1", cid)}
     assert status == {pid: "confirmed", other_pid: "rejected"}
+
+
+# --- hostile channels: a channel's own records cannot undo a confirmation or choose the clock ------
+
+def _signed(s, order: PurchaseOrder, secret: str, *, occurred_at: dt.datetime | None = None,
+            appended_at: dt.datetime | None = None) -> Event:
+    """A submission whose envelope says ``occurred_at`` (the channel writes that field), signed after
+    the change as a channel that wants it would sign it; ``appended_at`` is the broker's clock."""
+    rec = submitted_record(s, order, secret.encode(), producer=f"channel:{order.channel_id}",
+                           event_id=str(uuid.uuid4()))
+    if occurred_at is not None:
+        env, _ = events.decode(rec.value)
+        env.occurred_at.FromDatetime(occurred_at)
+        value = env.SerializeToString()
+        rec = Outgoing(rec.topic, rec.key, value, [(HEADER_HMAC, hmac_hex(secret.encode(), value).encode())])
+    event = hs.as_event(rec)
+    if appended_at is not None:
+        event = dataclasses.replace(event, appended_at_ms=int(appended_at.timestamp() * 1000))
+    return event
+
+
+async def test_a_confirmed_order_resent_back_dated_stays_confirmed_and_is_credited_once(purchase):
+    s, pool, registry, transactional = purchase
+    channel = await registry.add("resender")
+    cid, secret = channel.channel_id, channel.hmac_secret
+    paid = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(seconds=30)
+    order = dataclasses.replace(_order(cid, "RS-1", quantity=7), paid_at=paid)
+    assert await transactional.process([_signed(s, order, secret)]) == []
+
+    an_hour_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    back_dated = _signed(s, order, secret, occurred_at=an_hour_ago)
+    other_body = _signed(s, dataclasses.replace(order, quantity=9, amount=90_000), secret, occurred_at=an_hour_ago)
+    assert await transactional.process([back_dated]) == []
+    assert await transactional.process([other_body]) == []
+
+    pid = order.purchase_id()
+    rows = {r["purchase_id"]: (r["status"], r["code"]) for r in await pool.fetch(
+        "SELECT purchase_id, status, code FROM purchases WHERE channel_id = $1", cid)}
+    assert rows[pid] == ("confirmed", None), "a later record of the channel changed a confirmed purchase"
+    published = [(kind, p, code) for kind, p, code, _ in await _published(pool, cid)]
+    assert [p for p in published if p[0] == "PurchaseConfirmed"] == [("PurchaseConfirmed", pid, "")]
+    assert ("PurchaseRejected", pid, errors.PAID_AT_IN_FUTURE.code) not in published
+    assert published[-1] == ("PurchaseRejected", other_body.payload.purchase_id, errors.IDEMPOTENCY_MISMATCH.code)
+
+
+async def test_paid_at_is_judged_by_the_platforms_receive_time_not_the_envelope(purchase):
+    s, pool, registry, transactional = purchase
+    channel = await registry.add("clockwork")
+    cid, secret = channel.channel_id, channel.hmac_secret
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    future = dataclasses.replace(_order(cid, "CW-1"), paid_at=now + dt.timedelta(hours=1))
+    # the channel claims its record was written two hours from now: irrelevant
+    claims_later = _signed(s, future, secret, occurred_at=now + dt.timedelta(hours=2))
+    # the broker appended it half an hour ago; paid 10 minutes ago is after that receive time
+    early = dataclasses.replace(_order(cid, "CW-2"), paid_at=now - dt.timedelta(minutes=10))
+    received_earlier = _signed(s, early, secret, appended_at=now - dt.timedelta(minutes=30))
+    ok = dataclasses.replace(_order(cid, "CW-3"), paid_at=now - dt.timedelta(minutes=10))
+    received_now = _signed(s, ok, secret, occurred_at=now - dt.timedelta(days=3), appended_at=now)
+    assert await transactional.process([claims_later, received_earlier, received_now]) == []
+    codes = {r["channel_order_id"]: (r["status"], r["code"]) for r in await pool.fetch(
+        "SELECT channel_order_id, status, code FROM purchases WHERE channel_id = $1", cid)}
+    assert codes == {"CW-1": ("rejected", errors.PAID_AT_IN_FUTURE.code),
+                     "CW-2": ("rejected", errors.PAID_AT_IN_FUTURE.code),
+                     "CW-3": ("confirmed", None)}
+
+
+async def test_an_authentic_refusal_reaches_the_channel_and_a_forgery_is_only_counted(purchase):
+    s, pool, registry, transactional = purchase
+    channel = await registry.add("told")
+    cid, secret = channel.channel_id, channel.hmac_secret
+    rotated = await registry.rotate_secret(cid, grace=dt.timedelta(seconds=-1))    # grace already over
+    stale = _submitted(s, _order(cid, "TD-1"), secret)
+    fresh = _submitted(s, _order(cid, "TD-2"), rotated.hmac_secret)
+    forged = _submitted(s, _order(cid, "TD-3"), secrets.token_hex(32))
+    before = _unverified(cid, errors.SIGNATURE_INVALID.code)
+    handed_back = await transactional.process([stale, fresh, forged])
+    assert [(r.event.payload.channel_order_id, r.error.code.code) for r in handed_back] == [
+        ("TD-3", errors.SIGNATURE_INVALID.code)]
+    assert _unverified(cid, errors.SIGNATURE_INVALID.code) == before + 1
+
+    await registry.set_status(cid, "suspended")
+    suspended = _submitted(s, _order(cid, "TD-4"), rotated.hmac_secret)
+    assert await transactional.process([suspended]) == []
+    told = [(kind, code) for kind, _, code, _ in await _published(pool, cid)]
+    assert told == [("PurchaseRejected", errors.SIGNATURE_KEY_EXPIRED.code), ("PurchaseConfirmed", ""),
+                    ("PurchaseRejected", errors.CHANNEL_INACTIVE.code)]
+    rows = {r["channel_order_id"]: r["code"] for r in await pool.fetch(
+        "SELECT channel_order_id, code FROM purchases WHERE channel_id = $1", cid)}
+    assert rows == {"TD-1": errors.SIGNATURE_KEY_EXPIRED.code, "TD-2": None, "TD-4": errors.CHANNEL_INACTIVE.code}
+
+    nobody = _submitted(s, _order("ch_" + secrets.token_hex(6), "NB-1"), secrets.token_hex(32))
+    before_unknown = _unverified("unknown", errors.CHANNEL_UNKNOWN.code)
+    assert [r.error.code.code for r in await transactional.process([nobody])] == [errors.CHANNEL_UNKNOWN.code]
+    assert _unverified("unknown", errors.CHANNEL_UNKNOWN.code) == before_unknown + 1
+
+
+def _unverified(claimed: str, code: str) -> float:
+    return REGISTRY.get_sample_value("bubuh_purchase_unverified_records_total",
+                                     {"claimed_channel": claimed, "code": code}) or 0.0
+
+
+async def test_a_record_reusing_another_channels_event_id_does_not_pre_empt_it(purchase):
+    """Channels choose event ids (the HTTP door's are derived from public rules): a record of
+    channel B, or a forgery naming A, under A's next event id must not make A's record a duplicate."""
+    s, pool, registry, transactional = purchase
+    a = await registry.add("victim")
+    b = await registry.add("squatter")
+    shared_id = str(uuid.uuid4())
+    genuine = _submitted(s, _order(a.channel_id, "V-1", quantity=3), a.hmac_secret, event_id=shared_id)
+    squatting = _submitted(s, _order(b.channel_id, "S-1", quantity=1), b.hmac_secret, event_id=shared_id)
+    forged = _submitted(s, _order(a.channel_id, "V-2", quantity=9), secrets.token_hex(32), event_id=shared_id)
+    assert await transactional.process([squatting]) == []
+    handed_back = await transactional.process([forged, genuine])
+    assert [r.event.payload.channel_order_id for r in handed_back] == ["V-2"]
+    confirmed = {r["channel_order_id"] for r in await pool.fetch(
+        "SELECT channel_order_id FROM purchases WHERE status = 'confirmed' AND channel_id = ANY($1::text[])",
+        [a.channel_id, b.channel_id])}
+    assert confirmed == {"V-1", "S-1"}
+    assert await transactional.process([genuine]) == []          # the same record again: a duplicate
+    assert [k for k, *_ in await _published(pool, a.channel_id)] == ["PurchaseConfirmed"]

@@ -1,7 +1,7 @@
 """The quota ledger's invariants, as properties over random histories, against real PostgreSQL.
 
 Hypothesis draws a history of credits (PurchaseConfirmed), reservations (StampRequested), commits
-(StampCompleted), releases (StampFailed), expiry sweeps and redeliveries of earlier events over a
+(StampSigned), releases (StampFailed), expiry sweeps and redeliveries of earlier events over a
 few accounts, cut into partition batches of random sizes. Each batch goes through the pipeline's
 ``Transactional`` handler exactly as the consumer loop drives it, and after every batch and sweep
 the tables are checked against a small model of what a channel was promised:
@@ -99,7 +99,7 @@ class Model:
             else:
                 self.state[rid] = "rejected"
                 self.out.append(("QuotaRejected", rid, errors.QUOTA_INSUFFICIENT.code, self._bal(account)))
-        elif isinstance(m, stamp_pb2.StampCompleted):
+        elif isinstance(m, stamp_pb2.StampSigned | stamp_pb2.StampCompleted):
             if state == "open":
                 self._resolve(rid, "posted")
                 self.out.append(("QuotaCommitted", rid, self._bal(account)))
@@ -202,7 +202,7 @@ def _stamp_event(kind: str, rid: str, account: tuple[str, str]) -> Event:
     if kind == "reserve":
         msg = stamp_pb2.StampRequested(request_id=rid, channel_id=ch, account_id=acct)
     elif kind == "commit":
-        msg = stamp_pb2.StampCompleted(request_id=rid, channel_id=ch, account_id=acct, sn="SN-" + rid)
+        msg = stamp_pb2.StampSigned(request_id=rid, channel_id=ch, account_id=acct, sn="SN-" + rid)
     else:
         msg = stamp_pb2.StampFailed(request_id=rid, channel_id=ch, account_id=acct, code=FAIL_CODE, permanent=True)
     return hs.event(msg, producer="stamping", key=rid)

@@ -19,21 +19,11 @@ from services.kernel import events, topics
 from services.kernel.processing.deadletter import DLQ_MARKER, DLQ_REASON, DLQ_SOURCE
 from tests import stack
 from tests.flows import Db, kafka_submission, order_body, read_topic, wait_for
-from tests.javaproducer import CODECS, JavaKafkaUnavailable, dump_batches, java_and_libs, publish_with_java
+from tests.javaproducer import CODECS, dump_batches, publish_with_java
 from tests.platform import PlatformProcess
 
 ORDERS = 20         # per codec
 ACCOUNTS = 3        # few keys, so each partition gets several records (multi-record batches)
-
-
-@pytest.fixture
-def java_kafka(settings):
-    try:
-        java_and_libs(settings)
-    except JavaKafkaUnavailable as exc:
-        if stack.managed_kafka():
-            raise       # the local stack fetched these jars and needs java itself: missing is a failure
-        pytest.skip(f"Kafka's Java client is unavailable next to the external broker: {exc}")
 
 
 def _expected(records) -> dict[str, tuple[str, int]]:

@@ -120,6 +120,7 @@ async def test_poison_goes_to_dead_letter_and_the_partition_moves_on(settings):
         assert rec.value == b"\x00not a protobuf envelope"
 
 
+@pytest.mark.exclusive
 async def test_broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice(settings):
     if not stack.managed_kafka():
         pytest.skip("needs the local broker to restart it")

@@ -122,7 +122,7 @@ async def test_a_channel_credential_cannot_read(settings, channel):
 
 @pytest.fixture
 def service_principals(settings):
-    """Each service's principal with its rights on this test's topics (deleted afterwards)."""
+    """Each service's principal with its rights on this test's topics (disabled afterwards)."""
     admin = stack.access_admin()
     made = {}
     for service, rights in access.SERVICES.items():
@@ -131,7 +131,7 @@ def service_principals(settings):
     yield made
     for user, _ in made.values():
         admin.revoke_all(user)
-        admin.delete_user(user)
+        admin.disable_user(user)
 
 
 @pytest.mark.parametrize("service, own, foreign", [
@@ -213,4 +213,45 @@ async def test_the_platform_runs_on_exactly_the_platform_principals_acls(setting
     finally:
         await proc.stop()
         admin.revoke_all(user)
-        admin.delete_user(user)
+        admin.disable_user(user)
+
+
+def _broker_pid() -> int:
+    import os
+    from pathlib import Path
+    local = Path(os.environ.get("BUBUH_LOCAL_DIR", stack.REPO_ROOT / ".local"))
+    return int((local / "kafka" / "kafka.pid").read_text())
+
+
+@pytest.mark.exclusive
+async def test_a_restarted_broker_still_knows_everyone_after_suspensions(settings, channel):
+    """Suspending channels must not cost the next restart its credentials (docs/kafka-access.md: a broker
+    restarted after a handful of SCRAM deletions authenticated nobody, so suspension disables instead)."""
+    if not stack.managed_kafka():
+        pytest.skip("needs the local broker to restart it")
+    from tests.platform import cli
+    admin = stack.access_admin()
+    suspended = [(channel["kafka_username"], channel["kafka_password"])]
+    cli(settings, "channel", "suspend", channel["channel_id"])
+    # five more, the way `bubuh channel add` and `suspend` change them (access.create_principal, then
+    # revoke_all + disable_user): six suspensions, more than the five deletions that broke a restart
+    for i in range(5):
+        user = f"{access.CHANNEL_USER_PREFIX}{settings.topic_prefix}{i}"
+        suspended.append(access.create_principal(admin, settings, user, access.channel_bindings(settings, user)))
+        admin.revoke_all(user)
+        admin.disable_user(user)
+    for credential in suspended:
+        assert not access.authenticates(settings, credential)
+
+    before = _broker_pid()
+    await asyncio.to_thread(stack.kafka_stop)
+    await asyncio.to_thread(stack.kafka_start)
+    assert _broker_pid() != before, "the broker was not restarted"
+
+    import json
+    credentials = stack.Settings().kafka_credentials_dir
+    for who in ("admin", "platform"):
+        stored = json.loads((credentials / f"{who}.json").read_text())
+        access.wait_authenticates(settings, (stored["username"], stored["password"]), timeout_s=30)
+    for credential in suspended:
+        assert not access.authenticates(settings, credential), f"{credential[0]} logs in again after a restart"

@@ -3,13 +3,20 @@ ones are dead-lettered with their reason and never credited; the consumer keeps 
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
+import time
 
-from services.kernel import events, topics
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from services.kernel import events, kafka_auth, topics
 from services.kernel.processing.deadletter import DLQ_REASON
+from services.kernel.processing.kafka_source import KafkaSource
 from services.kernel.producer import Producer
-from services.kernel.signatures import HEADER_CHANNEL, HEADER_HMAC
+from services.kernel.signatures import HEADER_HMAC, hmac_hex
 from services.purchase.validation import PurchaseOrder
 from tests.flows import (
     Db,
@@ -21,7 +28,7 @@ from tests.flows import (
     read_topic,
     wait_for,
 )
-from tests.platform import cli
+from tests.platform import add_channel, cli
 
 
 async def _credited(db: Db, channel_id: str) -> int:
@@ -41,9 +48,10 @@ async def test_signed_kafka_purchase_is_credited_and_poison_is_dead_lettered(pla
                                    [h for h in unsigned_src.headers if h[0] != HEADER_HMAC], unsigned_src.event_id)
         stranger = dict(channel, channel_id="ch_nobody")
         unknown = kafka_submission(settings, stranger, order_body(quantity=9, account="k1"))
-        impostor_src = kafka_submission(settings, channel, order_body(quantity=4, account="k1"))
-        impostor = events.Outgoing(impostor_src.topic, impostor_src.key, impostor_src.value,
-                                   [(k, b"ch_other" if k == HEADER_CHANNEL else v) for k, v in impostor_src.headers])
+        # signed by this channel, naming another registered channel in the payload: the payload decides
+        other = add_channel(settings)
+        impostor = kafka_submission(settings, dict(other, hmac_secret=channel["hmac_secret"]),
+                                    order_body(quantity=4, account="k1"))
         garbage = events.Outgoing(good.topic, b"k1", b"\x08\x96\x01garbage-not-an-envelope", [])
         negative = kafka_submission(settings, channel, order_body(quantity=-1, amount=-10_000, account="k1"))
         after = kafka_submission(settings, channel, order_body(quantity=3, account="k1"))
@@ -138,3 +146,83 @@ async def test_a_body_mismatch_found_downstream_rejects_the_later_purchase(platf
     status = await wait_for(rejected, what="second body rejected")
     assert status["code"] == "IDEMPOTENCY_MISMATCH"
     assert await _credited(db, channel["channel_id"]) == 2
+
+
+async def test_a_channel_cannot_undo_or_repeat_a_confirmed_order_on_the_real_broker(platform, api, channel, settings):
+    """The hostile resend of issue 10: a confirmed order re-sent correctly signed but back-dated an
+    hour, then the same order id with another body. Before, the first flipped the purchase to
+    rejected (PAID_AT_IN_FUTURE, credit kept) and the second was credited again."""
+    db = Db(settings)
+    body = order_body(quantity=7, account="hostile", order_id="HOSTILE-1")
+    body["paid_at"] = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=20)).isoformat()
+    producer = Producer(settings)
+    await producer.start()
+    try:
+        await producer.publish(kafka_submission(settings, channel, body))
+        await wait_for(lambda: _eq(_credited(db, channel["channel_id"]), 7), what="first credit")
+        await producer.publish(_back_dated(kafka_submission(settings, channel, body), channel, hours=1))
+        other = dict(body, quantity=9, amount=90_000)
+        await producer.publish(_back_dated(kafka_submission(settings, channel, other), channel, hours=1))
+    finally:
+        await producer.stop()
+
+    async def both_seen():
+        r = await api.get("/v1/purchases", params={"channel_order_id": "HOSTILE-1"}, headers=auth(channel))
+        return r.status_code == 200 and len(r.json()["purchases"]) == 2 and r.json()
+    seen = await wait_for(both_seen, what="the second body recorded")
+    assert [(p["status"], p.get("code")) for p in seen["purchases"]] == [
+        ("confirmed", None), ("rejected", "IDEMPOTENCY_MISMATCH")]
+    await asyncio.sleep(1.0)      # the back-dated resend was applied before the second body (same key, in order)
+    assert await _credited(db, channel["channel_id"]) == 7
+    assert await db.val("purchase", "SELECT status FROM purchases WHERE channel_order_id = 'HOSTILE-1' "
+                                    "AND quantity = 7") == "confirmed"
+
+
+def _back_dated(rec: events.Outgoing, channel: dict, hours: int) -> events.Outgoing:
+    """The same record with its envelope's occurred_at moved back, re-signed as the channel would."""
+    env, _ = events.decode(rec.value)
+    env.occurred_at.FromDatetime(dt.datetime.now(dt.UTC) - dt.timedelta(hours=hours))
+    value = env.SerializeToString()
+    return events.Outgoing(rec.topic, rec.key, value,
+                           [(HEADER_HMAC, hmac_hex(channel["hmac_secret"].encode(), value).encode())])
+
+
+async def test_purchase_submitted_is_stamped_by_the_broker_even_when_created_before(settings, local_stack):
+    """LogAppendTime on purchase.submitted: a channel cannot choose the time a record was received.
+    A topic created without it (an older deployment) gets it when the services start."""
+    admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(settings))
+    await admin.start()
+    try:
+        name = settings.topic(topics.PURCHASE_SUBMITTED.name)
+        await admin.create_topics([NewTopic(name, 1, 1)])                  # CreateTime, the broker default
+        assert await _timestamp_type(admin, name) == "CreateTime"
+        await topics.ensure(settings)
+        assert await _timestamp_type(admin, name) == "LogAppendTime"
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(**kafka_auth.aiokafka_options(settings), acks="all")
+    await producer.start()
+    try:
+        claimed = int((dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).timestamp() * 1000)
+        await producer.send_and_wait(name, b"v", timestamp_ms=claimed)
+    finally:
+        await producer.stop()
+    source = KafkaSource(settings, [name], group_id=settings.group("stamp-check"), client_id="t", max_batch=10)
+    await source.start()
+    try:
+        got: list = []
+        deadline = asyncio.get_running_loop().time() + 20
+        while not got and asyncio.get_running_loop().time() < deadline:
+            got = [r for rs in (await source.poll(0.5, 10)).records.values() for r in rs]
+    finally:
+        await source.stop()
+    assert got, "the record was not read back"
+    assert abs(got[0].appended_at_ms - time.time() * 1000) < 60_000, "the producer's timestamp was kept"
+
+
+async def _timestamp_type(admin, name: str) -> str:
+    async def described():     # a topic just created may take a moment to be described
+        got = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name, {"message.timestamp.type": None})])
+        return {e[0]: e[1] for r in got for res in r.resources for e in res[4]}.get("message.timestamp.type")
+    return await wait_for(described, timeout=15, what=f"{name} described")

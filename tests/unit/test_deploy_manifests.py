@@ -737,13 +737,14 @@ def test_every_workload_is_scraped_as_the_job_the_alerts_name():
 
 
 def test_ingress_lets_the_largest_upload_through():
-    from services.stamping.api import UPLOAD_SLACK
+    from services.kernel.settings import Settings
     from services.stamping.document.profiles import MAX_BYTES_ANY_PROFILE
     (ing,) = k8s("Ingress")
     size = ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
     value, unit = re.fullmatch(r"(\d+)([kmg]?)", size).groups()
     limit = int(value) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
-    assert limit >= MAX_BYTES_ANY_PROFILE + UPLOAD_SLACK
+    defaults = Settings()
+    assert limit >= max(defaults.stamp_max_body_bytes, defaults.verify_max_body_bytes) > MAX_BYTES_ANY_PROFILE
 
 
 def test_every_workload_has_a_disruption_budget_selecting_it():
@@ -971,6 +972,9 @@ def test_dockerfile_generates_the_protobuf_code_as_make_does():
     make = (ROOT / "Makefile").read_text()
     make_args = re.search(r"grpc_tools\.protoc (.*) \$\(PROTOS\)", make).group(1)
     assert f"-m grpc_tools.protoc {make_args} proto/bubuh/v1/*.proto" in text
+    rewrite = re.search(r"^\tsed (.*) \$\(@D\)/\*_pb2\.py \$\(@D\)/\*_pb2\.pyi$", make, re.M).group(1)
+    assert f"sed {rewrite} services/contracts/bubuh/v1/*_pb2.py services/contracts/bubuh/v1/*_pb2.pyi" in text, \
+        "the Dockerfile rewrites the generated imports as make does"
     pyproject = (ROOT / "pyproject.toml").read_text()
     pin = re.search(r'"(grpcio-tools[^"]*)"', pyproject).group(1)
     assert f'"{pin}"' in text, "the Dockerfile's grpcio-tools pin follows the dev extra's"

@@ -100,3 +100,11 @@ def test_loopback_database_skips_tls_and_other_hosts_keep_the_urls_choice():
     assert mode("postgresql://u:p@db.internal:5432/db") is None
     assert mode("postgresql://u:p@127.0.0.1/db?sslmode=require") is None   # the URL said so
     assert mode("postgresql://u:p@127.0.0.1/db", "verify-full") == "verify-full"
+
+
+def test_text_the_database_cannot_store_is_the_inputs_fault():
+    """A NUL in a query parameter or a record's text: PostgreSQL refuses the character (22021);
+    that is bad input (a coded 4xx, a dead letter), not a platform crash (a 500, crash retries)."""
+    exc = asyncpg.exceptions.CharacterNotInRepertoireError("invalid byte sequence for encoding \"UTF8\": 0x00")
+    failure = classify(exc)
+    assert (failure.kind, failure.sqlstate) == (Kind.BAD, "22021")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections import Counter
 
 import pytest
 
@@ -61,17 +60,43 @@ def test_reconciliation_reports_missing_duplicated_mismatched_and_unexpected():
         {"channel_order_id": "C", "account_id": "y", "quantity": 1, "amount": 10_000},
         {"channel_order_id": "D", "account_id": "z", "quantity": 1, "amount": 10_000},
     ]
-    confirmed = {
-        "A": {"purchase_id": "pA", "account_id": "x", "quantity": 1, "amount": 10_000, "status": "confirmed"},
-        "B": {"purchase_id": "pB", "account_id": "x", "quantity": 2, "amount": 20_000, "status": "confirmed"},
-        "C": {"purchase_id": "pC", "account_id": "y", "quantity": 3, "amount": 30_000, "status": "confirmed"},
-        "E": {"purchase_id": "pE", "account_id": "q", "quantity": 1, "amount": 10_000, "status": "confirmed"},
-    }
-    rep = compare(csv_orders, confirmed, Counter({"pA": 1, "pB": 1, "pC": 1, "pE": 1}))
+    purchases = [
+        {"channel_order_id": "A", "purchase_id": "pA", "account_id": "x", "quantity": 1, "amount": 10_000,
+         "status": "confirmed"},
+        {"channel_order_id": "B", "purchase_id": "pB", "account_id": "x", "quantity": 2, "amount": 20_000,
+         "status": "confirmed"},
+        {"channel_order_id": "C", "purchase_id": "pC", "account_id": "y", "quantity": 3, "amount": 30_000,
+         "status": "confirmed"},
+        {"channel_order_id": "E", "purchase_id": "pE", "account_id": "q", "quantity": 1, "amount": 10_000,
+         "status": "confirmed"},
+    ]
+    rep = compare(csv_orders, purchases, _credits("pA", "pB", "pC", "pE"))
     assert rep.matched == 2
     assert [m["channel_order_id"] for m in rep.missing] == ["D"]
     assert rep.duplicated == [{"channel_order_id": "B", "where": "csv", "count": 2}]
     assert [m["channel_order_id"] for m in rep.mismatched] == ["C"]
     assert rep.mismatched[0]["differences"]["quantity"] == {"channel": 1, "bubuh": 3}
     assert [u["channel_order_id"] for u in rep.unexpected] == ["E"]
+    assert rep.unbacked == []
+    assert not rep.clean
+
+
+def _credits(*purchase_ids: str, quantity: int = 1) -> dict[str, dict]:
+    return {p: {"count": 1, "account_id": "x", "quantity": quantity} for p in purchase_ids}
+
+
+def test_reconciliation_reports_every_credit_even_without_a_confirmed_purchase():
+    """A credit whose purchase was flipped to rejected, or whose row is gone, is still reported."""
+    orders = [{"channel_order_id": "A", "account_id": "x", "quantity": 1, "amount": 10_000}]
+    purchases = [
+        {"channel_order_id": "A", "purchase_id": "pA", "account_id": "x", "quantity": 1, "amount": 10_000,
+         "status": "confirmed"},
+        {"channel_order_id": "F", "purchase_id": "pF", "account_id": "x", "quantity": 7, "amount": 70_000,
+         "status": "rejected"},
+    ]
+    rep = compare(orders, purchases, {**_credits("pA"), **_credits("pF", "pGone", quantity=7)})
+    assert rep.matched == 1 and not rep.missing and not rep.unexpected
+    assert rep.unbacked == [
+        {"purchase_id": "pF", "account_id": "x", "quantity": 7, "channel_order_id": "F", "purchase": "rejected"},
+        {"purchase_id": "pGone", "account_id": "x", "quantity": 7, "channel_order_id": None, "purchase": "missing"}]
     assert not rep.clean

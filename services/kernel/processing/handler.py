@@ -50,20 +50,21 @@ class Transactional:
     batched = True
 
     def __init__(self, pool: asyncpg.Pool, consumer: str, apply: Apply,
-                 types: frozenset[str] | None = None) -> None:
+                 types: frozenset[str] | None = None, inbox_key: Callable[[Event], str] | None = None) -> None:
         self._pool = pool
         self._consumer = consumer
         self._apply = apply
         self.types = types
+        self._key = inbox_key or (lambda e: e.event_id)
 
     async def process(self, events: Sequence[Event]) -> list[Rejection]:
         async with self._pool.acquire() as conn, conn.transaction():
-            fresh = await inbox.claim_batch(conn, self._consumer, events)
+            fresh = await inbox.claim_batch(conn, self._consumer, events, self._key)
             if not fresh:
                 return []
             rejected = await self._apply(conn, fresh) or []
             # a rejected event is dead-lettered, not applied: a replay after the fix must apply it
-            await inbox.unclaim(conn, self._consumer, [r.event.event_id for r in rejected])
+            await inbox.unclaim(conn, self._consumer, [self._key(r.event) for r in rejected])
             return rejected
 
 

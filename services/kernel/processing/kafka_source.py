@@ -26,6 +26,7 @@ from services.kernel.settings import Settings
 
 log = logs.get(__name__)
 
+LOG_APPEND_TIME = 1      # a record's timestamp_type when the broker stamped it
 _DECODE_ERRORS = (UnsupportedCodecError, CorruptRecordException)
 
 
@@ -134,7 +135,8 @@ class KafkaSource:
         for tp, records in batches.items():
             if records:
                 out.records[tp] = [Record(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers or ()),
-                                          r.timestamp) for r in records]
+                                          r.timestamp, r.timestamp if r.timestamp_type == LOG_APPEND_TIME else 0)
+                                   for r in records]
                 self._delivered[tp] = records[-1].offset + 1
         return out
 

@@ -75,7 +75,8 @@ class MemoryBroker:
         """Append one record to a partition; returns its offset."""
         log = self._log(tp)
         offset = len(log)
-        log.append(Record(tp.topic, tp.partition, offset, key, value, tuple(headers), int(time.time() * 1000)))
+        now_ms = int(time.time() * 1000)
+        log.append(Record(tp.topic, tp.partition, offset, key, value, tuple(headers), now_ms, now_ms))
         self._wake()
         return offset
 

@@ -231,7 +231,8 @@ class ConsumerLoop:
     def _decode(record: Record) -> Event:
         env, payload = events.decode(record.value)
         return Event(envelope=env, payload=payload, topic=record.topic, partition=record.partition,
-                     offset=record.offset, key=record.key, headers=dict(record.headers), raw=record.value or b"")
+                     offset=record.offset, key=record.key, headers=dict(record.headers), raw=record.value or b"",
+                     appended_at_ms=record.appended_at_ms)
 
     async def _run(self, run: list[Event]) -> None:
         if not run:
@@ -282,8 +283,9 @@ class ConsumerLoop:
                 if failure.kind in (Kind.OUTAGE, Kind.TRANSIENT):
                     raise _Halt(event.offset, "outage", exc) from exc
                 if failure.kind is Kind.BAD:
-                    assert isinstance(exc, errors.BubuhError)
-                    await self._settle([event], [Rejection(event, exc)])
+                    bad = exc if isinstance(exc, errors.BubuhError) else errors.BubuhError(
+                        errors.EVENT_MALFORMED, f"text the database cannot store: {exc}"[:300])
+                    await self._settle([event], [Rejection(event, bad)])
                     return
                 if failure.kind is Kind.SUSPECT:
                     suspect += 1

@@ -26,6 +26,9 @@ class Record:
     value: bytes | None
     headers: Sequence[tuple[str, bytes]] = ()
     timestamp_ms: int = 0
+    # when the broker appended the record, if the topic records that (LogAppendTime); 0 when the
+    # timestamp is the producer's own choice (CreateTime) and so proves nothing
+    appended_at_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)

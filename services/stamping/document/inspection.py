@@ -14,8 +14,13 @@ a file must be re-exported by its owner; rewriting it ourselves would be possibl
 when it carries no signature, and is left to a later, explicit repair step.
 
 Order matters: the size limit is checked before any parsing (a 50 MB upload must not
-cost a parse), and nothing here recurses in Python on document structure, so a
-deeply nested object gives ``PDF_MALFORMED`` rather than a ``RecursionError``.
+cost a parse), then the budgets (``budget.py``: inflated bytes and object count, by a
+streaming pass over the raw bytes) before qpdf inflates anything, and nothing here
+recurses in Python on document structure. Nesting deeper than the budget stops qpdf's
+parser (``parser_max_nesting``), and inflating more than the object-stream budget
+stops its decoder (``flate_max_memory``); both are process-wide, and only this module
+uses qpdf in the platform. Every object is parsed once, so neither can hide in an
+unreferenced object. Over a budget is ``PDF_TOO_COMPLEX``.
 
 Coordinates: pages are numbered from 1; the box is ``(llx, lly, urx, ury)`` in PDF points
 in the page's default user space (before ``/Rotate``), the convention pyHanko's
@@ -30,9 +35,12 @@ import math
 from dataclasses import dataclass
 
 import pikepdf
+import pikepdf.settings
 
 from services.kernel import errors
 from services.kernel.errors import BubuhError
+from services.stamping.document import budget as budgets
+from services.stamping.document.budget import Budget
 from services.stamping.document.profiles import PROFILES, Profile
 
 HEADER_WINDOW = 1024  # readers accept the %PDF- header anywhere in the first KiB
@@ -44,10 +52,14 @@ _FATAL_WARNINGS = (
     "xref not found",
     "startxref",
     "can't find pdf header",
-    "limits error",
-    "deeply nested",
     "non-dictionary object",
     "loop detected",
+)
+# qpdf warnings that mean "one of the limits we gave it stopped the parse"
+_BUDGET_WARNINGS = (
+    "limits error",
+    "deeply nested",
+    "memory limit exceeded",
 )
 
 Box = tuple[float, float, float, float]
@@ -173,6 +185,9 @@ def _facts(pdf: pikepdf.Pdf, data: bytes) -> DocumentFacts:
             pass
     warnings = tuple(_clean(w) for w in pdf.get_warnings())
     for w in warnings:
+        if any(marker in w.lower() for marker in _BUDGET_WARNINGS):
+            raise BubuhError(errors.PDF_TOO_COMPLEX, f"over a parsing limit: {w}")
+    for w in warnings:
         if any(marker in w.lower() for marker in _FATAL_WARNINGS):
             raise BubuhError(errors.PDF_MALFORMED, f"damaged file: {w}")
     if not pages:
@@ -243,12 +258,27 @@ def profile_named(name: str) -> Profile:
     return profile
 
 
-def inspect(data: bytes, profile: str, page: int, box) -> DocumentFacts:
-    """Check ``data`` against ``profile`` and the requested placement; return what we learned.
+def _parse_all(pdf: pikepdf.Pdf) -> None:
+    """Have qpdf parse every object once (its nesting limit applies to each, referenced or not)."""
+    for _ in pdf.objects:
+        pass
 
-    Raises ``BubuhError`` with PROFILE_UNKNOWN, PDF_INVALID, PDF_TOO_LARGE, PDF_ENCRYPTED,
-    PDF_MALFORMED, PROFILE_VIOLATION or PLACEMENT_INVALID.
+
+def _qpdf_limits(budget: Budget) -> None:
+    """qpdf's global limits from the budget (set once: only inspection uses qpdf in the platform)."""
+    want = {"parser_max_nesting": budget.max_nesting, "flate_max_memory": budget.max_object_stream_bytes}
+    now = pikepdf.settings.get_qpdf_limits()
+    if any(now[k] != v for k, v in want.items()):
+        pikepdf.settings.set_qpdf_limits(**want)
+
+
+def inspect(data: bytes, profile: str, page: int, box, budget: Budget | None = None) -> DocumentFacts:
+    """Check ``data`` against ``profile``, the budgets and the requested placement; return what we learned.
+
+    Raises ``BubuhError`` with PROFILE_UNKNOWN, PDF_INVALID, PDF_TOO_LARGE, PDF_TOO_COMPLEX,
+    PDF_ENCRYPTED, PDF_MALFORMED, PROFILE_VIOLATION or PLACEMENT_INVALID.
     """
+    budget = budget or Budget()
     prof = profile_named(profile)
     if not data:
         raise BubuhError(errors.PDF_INVALID, "the file is empty")
@@ -257,11 +287,14 @@ def inspect(data: bytes, profile: str, page: int, box) -> DocumentFacts:
     if len(data) > prof.max_bytes:
         raise BubuhError(errors.PDF_TOO_LARGE,
                          f"{len(data)} bytes; profile {prof.name} allows {prof.max_bytes} bytes")
+    budgets.check(data, budget)
+    _qpdf_limits(budget)
     pdf = _open(data)
     try:
         if pdf.is_encrypted:
             raise BubuhError(errors.PDF_ENCRYPTED, "the PDF is encrypted (even if it opens without a password)")
         try:
+            _parse_all(pdf)
             facts = _facts(pdf, data)
         except BubuhError:
             raise

@@ -31,6 +31,73 @@ from services.kernel.errors import BubuhError
 from services.stamping import serial
 
 _REASON_SN = re.compile(r"^\[([0-9A-Z]{22})\]")
+_REF_IN_MESSAGE = re.compile(r"Reference\(idnum=(\d+), generation=(\d+)\)")
+_MAX_CHANGED = 20  # paths named per finding: enough to see what moved, bounded for hostile files
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Why a signature does not vouch for the document: a catalogue code plus where and what."""
+
+    code: str  # a code of services.kernel.errors
+    detail: str
+    revision: int | None = None  # 1-based: revision 1 is the file as first written
+    changed: tuple[str, ...] = ()  # paths from the trailer to what changed, e.g. /Root/Pages/Kids[0]/Contents
+
+    def as_dict(self) -> dict:
+        out: dict = {"code": self.code, "detail": self.detail}
+        if self.revision is not None:
+            out["revision"] = self.revision
+        if self.changed:
+            out["changed"] = list(self.changed)
+        return out
+
+
+def _stamp_diff_policy():
+    """pyHanko's default policy without form filling: after a stamp only signatures, DSS, time-stamps.
+
+    Kept from pyHanko's defaults: catalog comparison (only /AcroForm, /DSS, /Extensions,
+    /Metadata, /MarkInfo, /Version may change, each vetted by its rule), document info and
+    XMP metadata updates (signers touch /ModDate and /Producer), new xref and object
+    streams, DSS additions, new signature fields and their widgets and appearances, and
+    filling an empty signature field. Dropped: ``GenericFieldModificationRule`` (changing
+    any other field's value, flags or appearance) and in-place rewrites of an existing
+    appearance stream. ``/NeedAppearances``, ``/DA`` and ``/Q`` of the form may not change
+    either: they make viewers redraw fields from values the signature never showed.
+    """
+    from pyhanko.sign.diff_analysis import (
+        CatalogModificationRule,
+        DocInfoRule,
+        DSSCompareRule,
+        FormUpdatingRule,
+        MetadataUpdateRule,
+        ModificationLevel,
+        ObjectStreamRule,
+        SigFieldCreationRule,
+        SigFieldModificationRule,
+        StandardDiffPolicy,
+        XrefStreamRule,
+    )
+
+    lta = ModificationLevel.LTA_UPDATES
+    return StandardDiffPolicy(
+        global_rules=[
+            CatalogModificationRule(),
+            DocInfoRule().as_qualified(lta),
+            XrefStreamRule().as_qualified(lta),
+            ObjectStreamRule().as_qualified(lta),
+            DSSCompareRule().as_qualified(lta),
+            MetadataUpdateRule().as_qualified(lta),
+        ],
+        form_rule=FormUpdatingRule(
+            field_rules=[SigFieldCreationRule(),
+                         SigFieldModificationRule(allow_in_place_appearance_stream_changes=False)],
+            ignored_acroform_keys=frozenset({"/Fields", "/DR"}),
+        ),
+    )
+
+
+STAMP_DIFF_POLICY = _stamp_diff_policy()
 
 
 @dataclass(frozen=True)
@@ -41,7 +108,7 @@ class SignatureReport:
     valid: bool  # the cryptographic signature over that digest verifies
     trusted: bool  # the certificate chains to a given trust root, key usage acceptable
     covers_entire_file: bool  # False: something was appended after this signature
-    modification_level: str | None  # pyHanko's judgement of later updates (NONE, FORM_FILLING...)
+    modification_level: str | None  # pyHanko's judgement of later updates (for stamps under STAMP_DIFF_POLICY)
     reason: str | None
     location: str | None
     sn: str | None  # from "[SN] reason"; None for signatures that are not e-Meterai
@@ -51,8 +118,11 @@ class SignatureReport:
     timestamp_trusted: bool | None
     md_algorithm: str
     subfilter: str
-    revision_sha256: str  # sha256 of the file as it was when this signature was made
+    revision_sha256: str  # sha256 of the bytes the signature's ByteRange spans: the file as it was signed
     summary: str
+    revision: int = 0  # 1-based revision of the file this signature was added in (0: unknown)
+    after_level: str | None = None  # stamps: STAMP_DIFF_POLICY's level for what follows (NONE, LTA_UPDATES...)
+    findings: tuple[Finding, ...] = ()  # why it does not vouch for the document; empty when it does
 
     @property
     def modified_after(self) -> bool:
@@ -67,6 +137,7 @@ class SignatureReport:
 class VerificationReport:
     sha256: str
     signatures: tuple[SignatureReport, ...]  # in signing order
+    revisions: int = 0  # incremental revisions in the file
 
     @property
     def stamps(self) -> tuple[SignatureReport, ...]:
@@ -109,12 +180,13 @@ def verify(data: bytes, trust_roots: Iterable, *, allow_fetching: bool = False) 
     roots = _load_roots(trust_roots)
     try:
         reader = PdfFileReader(io.BytesIO(data))
-        embedded = list(reader.embedded_regular_signatures)
+        embedded = _signatures(reader)
     except RecursionError as exc:
         raise BubuhError(errors.PDF_MALFORMED, "object nesting is too deep") from exc
     except (PdfError, ValueError, KeyError) as exc:
         raise BubuhError(errors.PDF_MALFORMED, f"cannot read: {exc}") from exc
 
+    junk = _bytes_after_last_eof(data)
     reports = []
     for sig in embedded:
         vc = ValidationContext(trust_roots=roots, allow_fetching=allow_fetching)
@@ -122,19 +194,46 @@ def verify(data: bytes, trust_roots: Iterable, *, allow_fetching: bool = False) 
         reason = _text(sig_obj.get("/Reason"))
         match = _REASON_SN.match(reason or "")
         sn = match.group(1) if match else None
-        byte_range = [int(v) for v in sig_obj["/ByteRange"]]
-        revision_end = byte_range[2] + byte_range[3]
+        if isinstance(sig, _Unreadable):
+            reports.append(_failed(sig, sn, reason, sig_obj, b"", sig.error))
+            continue
         try:
-            status = validate_pdf_signature(sig, vc)
+            byte_range = [int(v) for v in sig_obj["/ByteRange"]]
+            revision_end = byte_range[2] + byte_range[3]
+        except (KeyError, TypeError, ValueError, IndexError):  # universal signature forgery: no usable ByteRange
+            revision_end = 0
+        try:
+            # a stamp's later revisions are judged once, by our policy (pyHanko's default for the rest)
+            status = validate_pdf_signature(sig, vc, diff_policy=STAMP_DIFF_POLICY if sn is not None else None)
         except RecursionError as exc:
             raise BubuhError(errors.PDF_MALFORMED, "object nesting is too deep") from exc
         except Exception as exc:  # noqa: BLE001 - a hostile signature must not abort the report
-            # e.g. a forged chain whose names match a trust root but whose key type does not:
-            # pyhanko-certvalidator asserts instead of reporting. Report it as not valid.
-            reports.append(_failed(sig, sn, reason, sig_obj, data[:revision_end], exc))
-            continue
+            # e.g. a chain whose names match a trust root but whose key type does not:
+            # pyhanko-certvalidator asserts instead of reporting. Judged again without any
+            # trust root: intact and valid then means a real signature by someone else.
+            status = _validate_untrusted(sig, allow_fetching, STAMP_DIFF_POLICY if sn is not None else None)
+            if status is None:
+                reports.append(_failed(sig, sn, reason, sig_obj, data[:revision_end], exc))
+                continue
         ts = status.timestamp_validity
         mod_level = status.modification_level
+        after_level, after_finding = (None, None)
+        if sn is not None:
+            try:
+                after_level, after_finding = _review_after_stamp(sig, status.coverage, status.diff_result)
+            except RecursionError as exc:
+                raise BubuhError(errors.PDF_MALFORMED, "object nesting is too deep") from exc
+            except Exception as exc:  # noqa: BLE001 - what cannot be analysed is not vouched for
+                after_finding = Finding(errors.MODIFIED_AFTER_STAMPING.code,
+                                        f"the revisions after the stamp cannot be analysed: {type(exc).__name__}")
+        findings = _signature_findings(status, sn)
+        if after_finding is not None:
+            findings.append(after_finding)
+        if sn is not None and junk:
+            findings.append(Finding(
+                errors.MODIFIED_AFTER_STAMPING.code,
+                f"{junk} bytes after the file's last %%EOF belong to no revision (objects appended without a "
+                f"cross-reference section: a validator skips them, a viewer that repairs files may show them)"))
         reports.append(SignatureReport(
             field_name=sig.field_name,
             signer=status.signing_cert.subject.human_friendly,
@@ -154,8 +253,200 @@ def verify(data: bytes, trust_roots: Iterable, *, allow_fetching: bool = False) 
             subfilter=str(sig_obj.get("/SubFilter", "")),
             revision_sha256=hashlib.sha256(data[:revision_end]).hexdigest(),
             summary=status.summary(),
+            revision=sig.signed_revision + 1,
+            after_level=after_level,
+            findings=tuple(findings),
         ))
-    return VerificationReport(sha256=hashlib.sha256(data).hexdigest(), signatures=tuple(reports))
+    return VerificationReport(sha256=hashlib.sha256(data).hexdigest(), signatures=tuple(reports),
+                              revisions=reader.xrefs.total_revisions)
+
+
+def _bytes_after_last_eof(data: bytes) -> int:
+    """How many bytes follow the last ``%%EOF``, end-of-line padding aside (0 for a well-formed file).
+
+    Validators read a PDF from its last ``startxref``, so objects appended without their own
+    cross-reference section and trailer are invisible to the difference analysis, yet the
+    incremental saving attacks of Mladenov et al. show viewers that pick them up.
+    """
+    end = data.rfind(b"%%EOF")
+    if end < 0:
+        return 0
+    tail = data[end + len(b"%%EOF"):]
+    return len(tail) if tail.strip(b" \t\r\n\f\x00") else 0
+
+
+def _validate_untrusted(sig, allow_fetching: bool, diff_policy):
+    from pyhanko.sign.validation import validate_pdf_signature
+    from pyhanko_certvalidator import ValidationContext
+
+    try:
+        status = validate_pdf_signature(sig, ValidationContext(trust_roots=[], allow_fetching=allow_fetching),
+                                        diff_policy=diff_policy)
+    except Exception:  # noqa: BLE001 - not even that: the signature itself is broken
+        return None
+    return status if status.intact and status.valid and not status.trusted else None
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """A filled signature field pyHanko cannot even load (no /ByteRange, /Contents not a CMS: USF)."""
+
+    field_name: str
+    sig_object: object
+    error: Exception
+    signed_revision: int
+
+    @property
+    def signer_cert(self):
+        raise self.error
+
+
+def _signatures(reader) -> list:
+    """pyHanko's ``embedded_regular_signatures``, except that one unloadable signature does not hide the others.
+
+    ``reader.embedded_regular_signatures`` raises for the whole file when one signature has
+    no ``/ByteRange`` or a ``/Contents`` that is not a CMS; a verifier must instead say that
+    this signature is broken (a universal signature forgery) and still judge the rest.
+    """
+    from pyhanko.pdf_utils.misc import PdfError
+    from pyhanko.sign.fields import enumerate_sig_fields
+    from pyhanko.sign.validation.pdf_embedded import EmbeddedPdfSignature
+
+    out = []
+    for fq_name, sig_obj, sig_field in enumerate_sig_fields(reader, filled_status=True):
+        sig_dict = sig_obj.get_object()
+        if sig_dict.get("/Type") == "/DocTimeStamp":
+            continue
+        try:
+            out.append(EmbeddedPdfSignature(reader, sig_field, fq_name))
+        except (PdfError, ValueError, KeyError, TypeError, IndexError) as exc:
+            try:
+                revision = reader.xrefs.get_last_change(sig_obj.reference)
+            except Exception:  # noqa: BLE001 - a direct object or a dangling reference
+                revision = -1
+            out.append(_Unreadable(fq_name, sig_dict, exc, revision))
+    return sorted(out, key=lambda s: s.signed_revision)
+
+
+def _signature_findings(status, sn: str | None) -> list[Finding]:
+    out: list[Finding] = []
+    if not (status.intact and status.valid):
+        what = "the signed bytes do not match the signature" if not status.intact else \
+            "the signature value does not verify"
+        out.append(Finding(errors.SIGNATURE_BROKEN.code, what))
+    elif not status.trusted:
+        out.append(Finding(errors.NOT_OUR_ISSUER.code,
+                           f"signed by {status.signing_cert.subject.human_friendly}, which does not chain to the "
+                           f"issuer's trust roots"))
+    if sn is not None and not serial.is_valid(sn):
+        out.append(Finding(errors.SN_UNKNOWN.code, f"{sn} is not a well-formed serial number"))
+    return out
+
+
+def _review_after_stamp(sig, coverage, diff_result) -> tuple[str | None, Finding | None]:
+    """What follows the stamp, judged by STAMP_DIFF_POLICY; the first refused revision is the finding.
+
+    ``diff_result`` is the verdict pyHanko's validator already reached with that policy
+    (``review_file``: each later revision compared with the stamped one, not with its
+    predecessor, so a change that a later revision undoes is still caught). Only when it
+    refuses are the revisions walked again, to name which one changed what.
+    """
+    from pyhanko.pdf_utils.misc import PdfError
+    from pyhanko.sign.diff_analysis import DiffResult, ModificationLevel, SuspiciousModification
+    from pyhanko.sign.validation.status import SignatureCoverageLevel
+
+    if coverage is None or coverage < SignatureCoverageLevel.ENTIRE_REVISION:
+        return None, Finding(errors.SIGNATURE_BROKEN.code,
+                             "the signature's /ByteRange does not span a whole revision of the file "
+                             f"(coverage {coverage.name if coverage is not None else 'unknown'})",
+                             revision=sig.signed_revision + 1)
+    if coverage == SignatureCoverageLevel.ENTIRE_FILE:
+        return ModificationLevel.NONE.name, None
+    if isinstance(diff_result, DiffResult):
+        unsigned = _unsigned_new_fields(sig)
+        if unsigned:
+            return None, unsigned
+        return diff_result.modification_level.name, None
+    reader = sig.reader
+    stamped = reader.get_historical_resolver(sig.signed_revision)
+    level = ModificationLevel.NONE
+    for revision in range(sig.signed_revision + 1, reader.xrefs.total_revisions):
+        later = reader.get_historical_resolver(revision)
+        try:
+            result = STAMP_DIFF_POLICY.apply(stamped, later)
+        except (SuspiciousModification, PdfError, ValueError, KeyError, TypeError, AssertionError) as exc:
+            return None, Finding(errors.MODIFIED_AFTER_STAMPING.code, _one_based(exc),
+                                 revision=revision + 1, changed=_changed_paths(exc, stamped, later))
+        level = max(level, result.modification_level)
+    # pyHanko refused as a whole but no single revision on its own: still a refusal
+    return None, Finding(errors.MODIFIED_AFTER_STAMPING.code,
+                         f"pyHanko: {str(diff_result).splitlines()[0][:500] if diff_result else 'not judged'}")
+
+
+def _unsigned_new_fields(sig) -> Finding | None:
+    """A signature field added after the stamp must carry a signature by the end of the file.
+
+    pyHanko accepts new empty signature fields, appearance included (a signer may prepare
+    a field for someone else); but an appearance with no signature behind it is just a
+    drawing over the page, so after a stamp it counts as a change.
+    """
+    from pyhanko.sign.fields import enumerate_sig_fields
+
+    reader = sig.reader
+    before = {name for name, _value, _ref in enumerate_sig_fields(reader.get_historical_resolver(sig.signed_revision))}
+    for name, _value, ref in enumerate_sig_fields(reader, filled_status=False):
+        if name in before:
+            continue
+        try:
+            revision = reader.xrefs.get_introducing_revision(ref.reference) + 1
+        except Exception:  # noqa: BLE001 - a direct field object: the revision stays unnamed
+            revision = None
+        fields = list(reader.root["/AcroForm"].get("/Fields", []))
+        where = next((f"/Root/AcroForm/Fields[{i}]" for i, f in enumerate(fields)
+                      if getattr(f, "reference", None) == getattr(ref, "reference", ref)), "/Root/AcroForm/Fields")
+        return Finding(errors.MODIFIED_AFTER_STAMPING.code,
+                       f"signature field {name!r} was added after the stamp and carries no signature (only an "
+                       f"appearance)", revision=revision, changed=(where,))
+    return None
+
+
+def _one_based(exc: Exception) -> str:
+    """pyHanko's first line of explanation, its 0-based revision numbers shifted to ours."""
+    text = (str(exc).splitlines() or [type(exc).__name__])[0][:500]
+    return "pyHanko: " + re.sub(r"\brevision (\d+)", lambda m: f"revision {int(m.group(1)) + 1}", text)
+
+
+def _changed_paths(exc: Exception, stamped, later) -> tuple[str, ...]:
+    """Where the objects pyHanko could not explain live: paths in the stamped revision, else in the later one."""
+    from pyhanko.pdf_utils.generic import Reference
+
+    refs = [Reference(int(i), int(g)) for i, g in _REF_IN_MESSAGE.findall(str(exc))]
+    paths: list[str] = []
+    try:
+        if stamped.root_ref != later.root_ref:  # the trailer now names another catalog (shadow hide-and-replace)
+            paths.append("/Root")
+    except Exception:  # noqa: BLE001
+        pass
+    if not refs:
+        return tuple(paths)
+    try:
+        for resolver in (stamped, later):
+            resolver._load_reverse_xref_cache()  # pyHanko's own index of paths to each object
+        for ref in refs:
+            found = stamped._get_usages_of_ref(ref) or later._get_usages_of_ref(ref)
+            paths.extend(sorted(_path_text(p) for p in found) or [f"object {ref.idnum} {ref.generation} R"])
+            if len(paths) >= _MAX_CHANGED:
+                break
+    except Exception:  # noqa: BLE001 - naming the place is a courtesy; the verdict stands without it
+        paths.extend(f"object {r.idnum} {r.generation} R" for r in refs)
+    return tuple(dict.fromkeys(paths))[:_MAX_CHANGED]
+
+
+def _path_text(path) -> str:
+    out = ""
+    for node in path:
+        out += f"[{node}]" if isinstance(node, int) else str(node)
+    return out
 
 
 def _failed(sig, sn, reason, sig_obj, revision: bytes, exc: Exception) -> SignatureReport:
@@ -170,6 +461,8 @@ def _failed(sig, sn, reason, sig_obj, revision: bytes, exc: Exception) -> Signat
         signing_time=None, timestamp_time=None, timestamp_trusted=None, md_algorithm="",
         subfilter=str(sig_obj.get("/SubFilter", "")), revision_sha256=hashlib.sha256(revision).hexdigest(),
         summary=f"VALIDATION_ERROR:{type(exc).__name__}",
+        revision=sig.signed_revision + 1,
+        findings=(Finding(errors.SIGNATURE_BROKEN.code, f"pyHanko cannot validate it: {type(exc).__name__}"),),
     )
 
 

@@ -26,7 +26,7 @@ def test_poison_is_refused_with_its_code(item):
 def test_deep_nesting_is_not_a_recursion_error():
     # a file nested far deeper than the default recursion limit
     err = _code(corpus.deeply_nested(200_000))
-    assert err.code.code == "PDF_MALFORMED"
+    assert err.code.code == "PDF_TOO_COMPLEX"
 
 
 def test_size_is_checked_before_parsing():

@@ -67,6 +67,16 @@ def test_update_after_stamp_is_reported(stamped, dev_ca_rsa):
     assert sig.intact and sig.valid  # the signed revision itself is untouched...
     assert sig.modified_after and not sig.covers_entire_file  # ...but something came after it
     assert sig.revision_sha256 == hashlib.sha256(pdf).hexdigest()
+    # a catalog entry is not a signature, DSS or time-stamp: the stamp no longer vouches for the file
+    (finding,) = sig.findings
+    assert finding.code == "MODIFIED_AFTER_STAMPING" and finding.revision == sig.revision + 1
+    assert "/Lang" in finding.detail
+
+
+def test_a_good_stamp_has_no_findings(stamped, dev_ca_rsa):
+    _, pdf = stamped
+    (sig,) = verify(pdf, [dev_ca_rsa.ca_cert_pem]).signatures
+    assert sig.findings == () and sig.after_level == "NONE" and sig.revision == 2
 
 
 def test_unsigned_document_has_no_signatures(a4_pdf, dev_ca_rsa):

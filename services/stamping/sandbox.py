@@ -1,0 +1,309 @@
+"""Document work in child processes that can be killed: every PDF the platform opens is opened here.
+
+A PDF is hostile input: a 60 KB form can make a parser spend minutes of CPU, a 0.6 MB file can
+inflate to gigabytes. A thread cannot be stopped, a process can. So intake checks, signing and
+verification each run in their own small pool of pre-forked children, each child with
+- an address-space limit (``RLIMIT_AS``) set once: an allocation past it fails in the child
+  (``MemoryError``), never in the API process;
+- a CPU budget per task (``RLIMIT_CPU``'s soft limit moved to "CPU used so far + budget" before
+  each task): past it the kernel ends the child with SIGXCPU, even inside C++ (qpdf) code;
+- a wall-clock limit per task, enforced by the parent: past it the child is killed. That one is
+  not a verdict on the document (a saturated box is slow for everyone): it is a retryable
+  ``PROCESSING_TIMEOUT``; CPU and memory budgets are ``PDF_TOO_COMPLEX``.
+A child that died is replaced; one that lives keeps its state, such as the signing key or the
+PKCS#11 session opened once by its ``setup``. Children come from a fork server whose parent
+loaded the PDF libraries once, so a replacement costs a fork, not an import.
+
+The pool size bounds the concurrency (callers wait for an idle child); ``max_waiting`` bounds the
+line (beyond it: ``BUSY``, retryable), so a flood of one kind of work cannot queue without end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import resource
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from services.kernel import errors, logs
+from services.stamping.metrics import SANDBOX_OUTCOMES, SANDBOX_SECONDS
+
+log = logs.get(__name__)
+
+# loaded once in the fork server, inherited by every child
+PRELOAD = ["pikepdf", "pyhanko.sign", "pyhanko.sign.validation", "services.stamping.document.inspection",
+           "services.stamping.document.verification", "services.stamping.signing.engine"]
+_START_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class ProcessLimits:
+    cpu_s: float           # CPU seconds one task may use
+    memory_bytes: int      # address space of a child (0: unlimited)
+    wall_s: float          # elapsed seconds one task may take, waiting included (a TSA, an HSM)
+
+    @classmethod
+    def of(cls, cpu_s: float, wall_s: float, memory_mib: int) -> ProcessLimits:
+        return cls(cpu_s=cpu_s, memory_bytes=memory_mib * 1024 * 1024, wall_s=wall_s)
+
+
+def _context():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def _cpu_used() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _serve(conn: Connection, setup: Callable[..., Any] | None, setup_args: tuple, memory_bytes: int,
+           nice: int) -> None:
+    """The child: set its limits, build its state once, then run tasks until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)          # Ctrl-C is the parent's; it stops us
+    signal.signal(signal.SIGXCPU, signal.SIG_DFL)         # past the CPU budget: the kernel ends us
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if memory_bytes:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    if nice:
+        os.nice(nice)
+    try:
+        state = setup(*setup_args) if setup is not None else None
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which refuses to start
+        conn.send(("setup-failed", f"{type(exc).__name__}: {exc}"[:1000]))
+        return
+    conn.send(("ready", os.getpid()))
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return                                         # the parent is gone
+        if task is None:
+            return
+        fn, args, cpu_s = task
+        soft = int(_cpu_used() + cpu_s) + 1
+        if hard != resource.RLIM_INFINITY:
+            soft = min(soft, hard)
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+        try:
+            reply = ("ok", fn(state, *args))
+        except MemoryError:
+            conn.send(("memory", ""))
+            return                                         # a fresh child takes over
+        except errors.BubuhError as exc:
+            reply = ("bubuh", (exc.code.code, exc.detail))
+        except RecursionError:
+            reply = ("bubuh", (errors.PDF_MALFORMED.code, "object nesting is too deep"))
+        except BaseException as exc:  # noqa: BLE001 - the task's failure, reported as such
+            reply = ("error", f"{type(exc).__name__}: {exc}"[:1000])
+        try:
+            conn.send(reply)
+        except MemoryError:
+            conn.send(("memory", ""))
+            return
+
+
+class _Child:
+    def __init__(self, process, conn: Connection, pid: int) -> None:
+        self.process = process
+        self.conn = conn
+        self.pid = pid
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def reap(self) -> int | None:
+        """The child's exit code once it is gone (negative: the signal that ended it)."""
+        self.process.join(timeout=5)
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+        return self.process.exitcode
+
+
+def _exchange(conn: Connection, task: tuple) -> tuple[str, Any]:
+    conn.send(task)
+    return conn.recv()
+
+
+class Sandbox:
+    def __init__(self, name: str, *, size: int, budget: ProcessLimits, setup: Callable[..., Any] | None = None,
+                 setup_args: tuple = (), nice: int = 0, max_waiting: int | None = None) -> None:
+        self.name = name
+        self.size = size
+        self.budget = budget
+        self._setup = setup
+        self._setup_args = setup_args
+        self._nice = nice
+        self._max_waiting = max_waiting
+        self._idle: asyncio.Queue[_Child] = asyncio.Queue()
+        self._children: set[_Child] = set()
+        self._waiting = 0
+        self._closed = False
+        self._replacing: set[asyncio.Task] = set()
+
+    async def start(self) -> Sandbox:
+        """Start every child; raises ``RuntimeError`` with the child's words when its setup failed."""
+        children = await asyncio.gather(*(asyncio.to_thread(self._spawn) for _ in range(self.size)))
+        for child in children:
+            self._children.add(child)
+            self._idle.put_nowait(child)
+        return self
+
+    def _spawn(self) -> _Child:
+        parent_end, child_end = multiprocessing.Pipe()
+        process = _context().Process(target=_serve, name=f"bubuh-{self.name}",
+                                     args=(child_end, self._setup, self._setup_args, self.budget.memory_bytes,
+                                           self._nice), daemon=True)
+        process.start()
+        child_end.close()
+        if not parent_end.poll(_START_TIMEOUT_S):
+            process.kill()
+            raise RuntimeError(f"{self.name}: a child did not start within {_START_TIMEOUT_S:g} s")
+        try:
+            kind, value = parent_end.recv()
+        except EOFError:
+            raise RuntimeError(f"{self.name}: a child died while starting (exit {process.exitcode})") from None
+        if kind != "ready":
+            process.join(timeout=5)
+            raise RuntimeError(f"{self.name}: {value}")
+        return _Child(process, parent_end, value)
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(state, *args)`` in an idle child, within the budget. ``fn`` is a module-level function."""
+        if self._closed:
+            raise errors.BubuhError(errors.UNAVAILABLE, f"{self.name}: shutting down")
+        if self._max_waiting is not None and self._waiting >= self._max_waiting:
+            SANDBOX_OUTCOMES.labels(self.name, "busy").inc()
+            raise errors.BubuhError(errors.BUSY, f"{self.name}: {self._waiting} documents already wait")
+        self._waiting += 1
+        try:
+            child = await self._idle.get()
+        finally:
+            self._waiting -= 1
+        started = time.perf_counter()
+        try:
+            kind, value = await asyncio.wait_for(
+                asyncio.to_thread(_exchange, child.conn, (fn, args, self.budget.cpu_s)), self.budget.wall_s)
+        except TimeoutError:
+            child.kill()
+            self._replace(child)
+            SANDBOX_OUTCOMES.labels(self.name, "timeout").inc()
+            raise errors.BubuhError(errors.PROCESSING_TIMEOUT,
+                                    f"{self.name}: not done within {self.budget.wall_s:g} s") from None
+        except (EOFError, OSError) as exc:
+            raise self._died(child, started) from exc
+        except BaseException:
+            child.kill()                     # cancelled mid-exchange: the child's answer would be out of step
+            self._replace(child)
+            raise
+        finally:
+            SANDBOX_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+        if kind == "memory":
+            self._replace(child)
+            SANDBOX_OUTCOMES.labels(self.name, "memory").inc()
+            raise errors.BubuhError(errors.PDF_TOO_COMPLEX, f"needs more than {self._mib} MiB of memory")
+        self._idle.put_nowait(child)
+        if kind == "ok":
+            SANDBOX_OUTCOMES.labels(self.name, "ok").inc()
+            return value
+        if kind == "bubuh":
+            code, detail = value
+            SANDBOX_OUTCOMES.labels(self.name, "refused").inc()
+            raise errors.BubuhError(errors.lookup(code), detail)
+        SANDBOX_OUTCOMES.labels(self.name, "error").inc()
+        raise RuntimeError(f"{self.name}: {value}")
+
+    @property
+    def _mib(self) -> int:
+        return self.budget.memory_bytes // (1024 * 1024)
+
+    def _died(self, child: _Child, started: float) -> errors.BubuhError:
+        exit_code = child.reap()
+        self._replace(child, reaped=True)
+        if exit_code == -signal.SIGXCPU:
+            SANDBOX_OUTCOMES.labels(self.name, "cpu").inc()
+            return errors.BubuhError(errors.PDF_TOO_COMPLEX, f"needs more than {self.budget.cpu_s:g} s of CPU")
+        if exit_code == -signal.SIGKILL:        # not ours (we only kill on timeout): the kernel's OOM killer
+            SANDBOX_OUTCOMES.labels(self.name, "memory").inc()
+            return errors.BubuhError(errors.PDF_TOO_COMPLEX, "the reader was killed for its memory use")
+        SANDBOX_OUTCOMES.labels(self.name, "crashed").inc()
+        log.warning("document reader crashed", sandbox=self.name, exit_code=exit_code,
+                    seconds=round(time.perf_counter() - started, 3))
+        return errors.BubuhError(errors.PDF_MALFORMED, f"the document crashed the reader (exit {exit_code})")
+
+    def _replace(self, child: _Child, *, reaped: bool = False) -> None:
+        self._children.discard(child)
+        if not reaped:
+            child.kill()
+            task = asyncio.get_running_loop().create_task(asyncio.to_thread(child.reap))
+            self._replacing.add(task)
+            task.add_done_callback(self._replacing.discard)
+        if self._closed:
+            return
+        task = asyncio.get_running_loop().create_task(self._respawn())
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
+
+    async def _respawn(self) -> None:
+        delay = 0.2
+        while not self._closed:
+            try:
+                child = await asyncio.to_thread(self._spawn)
+            except Exception as exc:  # noqa: BLE001 - e.g. the HSM is away: keep trying, slower
+                log.warning("document sandbox child did not start; retrying", sandbox=self.name, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self._closed:
+                child.kill()
+                await asyncio.to_thread(child.reap)
+                return
+            self._children.add(child)
+            self._idle.put_nowait(child)
+            return
+
+    async def stop(self) -> None:
+        """Idle children are told to stop; busy ones (a task in flight) are killed."""
+        self._closed = True
+        for task in list(self._replacing):
+            task.cancel()
+        idle: list[_Child] = []
+        while not self._idle.empty():
+            idle.append(self._idle.get_nowait())
+        busy = [c for c in self._children if c not in idle]
+        self._children = set()
+        for child in idle:
+            try:
+                child.conn.send(None)
+            except OSError:
+                pass
+        for child in busy:
+            child.kill()
+
+        def finish(child: _Child) -> None:
+            child.process.join(timeout=3)
+            if child.process.exitcode is None:
+                child.kill()
+            child.reap()
+        await asyncio.gather(*(asyncio.to_thread(finish, c) for c in idle + busy))
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """A runtime task: the children live until ``stop``."""
+        await stop.wait()
+        await self.stop()
+
+    def pids(self) -> list[int]:
+        return sorted(c.pid for c in self._children)

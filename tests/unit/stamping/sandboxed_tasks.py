@@ -1,0 +1,42 @@
+"""Module-level tasks for the sandbox tests (a child imports them by name)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from services.kernel import errors
+
+
+def opened(label: str) -> dict:
+    return {"label": label, "pid": os.getpid(), "opened_at": time.time()}
+
+
+def whoami(state) -> dict:
+    return state
+
+
+def spin(state) -> None:
+    while True:
+        pass
+
+
+def allocate(state, n: int) -> int:
+    return len(bytearray(n))
+
+
+def sleep(state, s: float) -> str:
+    time.sleep(s)
+    return "slept"
+
+
+def refuse(state) -> None:
+    raise errors.BubuhError(errors.PDF_MALFORMED, "not a PDF at all")
+
+
+def crash(state) -> None:
+    os.abort()
+
+
+def cannot_open(label: str) -> None:
+    raise OSError(f"no key at {label}")

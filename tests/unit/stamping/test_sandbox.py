@@ -1,0 +1,96 @@
+"""The document sandbox: budgets end the child (not the platform), the pool heals, state is kept.
+
+Real child processes, real rlimits: a task that spins is ended by the kernel at its CPU budget, one
+that allocates past the address-space limit gets MemoryError in the child, one that sleeps past the
+wall-clock limit is killed by the parent; each is a coded answer, and the next task runs in a fresh
+child while the key-holding state of a healthy child stays open across tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from services.kernel import errors
+from services.stamping.sandbox import ProcessLimits, Sandbox
+from tests.unit.stamping import sandboxed_tasks as tasks
+
+BUDGET = ProcessLimits(cpu_s=1, memory_bytes=512 * 1024 * 1024, wall_s=60)
+
+
+@pytest.fixture
+async def sandbox():
+    box = await Sandbox("test", size=1, budget=BUDGET, setup=tasks.opened, setup_args=("key",)).start()
+    yield box
+    await box.stop()
+
+
+async def test_state_is_built_once_and_kept_across_tasks(sandbox):
+    first = await sandbox.run(tasks.whoami)
+    second = await sandbox.run(tasks.whoami)
+    assert first == second and first["label"] == "key"
+    assert first["pid"] != os.getpid(), "the task ran in the API process"
+
+
+async def test_over_the_cpu_budget_is_pdf_too_complex_and_a_fresh_child_takes_over(sandbox):
+    before = await sandbox.run(tasks.whoami)
+    started = time.monotonic()
+    with pytest.raises(errors.BubuhError) as refused:
+        await sandbox.run(tasks.spin)
+    assert refused.value.code is errors.PDF_TOO_COMPLEX
+    assert "CPU" in refused.value.detail
+    assert time.monotonic() - started < 30
+    after = await sandbox.run(tasks.whoami)
+    assert after["pid"] != before["pid"] and after["label"] == "key"
+
+
+async def test_over_the_memory_budget_is_pdf_too_complex(sandbox):
+    with pytest.raises(errors.BubuhError) as refused:
+        await sandbox.run(tasks.allocate, 2 * 1024 ** 3)
+    assert refused.value.code is errors.PDF_TOO_COMPLEX
+    assert await sandbox.run(tasks.allocate, 10 * 1024 ** 2) == 10 * 1024 ** 2
+
+
+async def test_over_the_wall_clock_is_retryable_not_a_verdict():
+    box = await Sandbox("slow", size=1, budget=ProcessLimits(cpu_s=5, memory_bytes=0, wall_s=0.5)).start()
+    try:
+        with pytest.raises(errors.BubuhError) as timed_out:
+            await box.run(tasks.sleep, 5)
+        assert timed_out.value.code is errors.PROCESSING_TIMEOUT and timed_out.value.code.retryable
+        assert await box.run(tasks.sleep, 0) == "slept"
+    finally:
+        await box.stop()
+
+
+async def test_coded_refusals_pass_through_and_a_crash_is_contained(sandbox):
+    with pytest.raises(errors.BubuhError) as refused:
+        await sandbox.run(tasks.refuse)
+    assert (refused.value.code, refused.value.detail) == (errors.PDF_MALFORMED, "not a PDF at all")
+    with pytest.raises(errors.BubuhError) as crashed:
+        await sandbox.run(tasks.crash)
+    assert crashed.value.code is errors.PDF_MALFORMED
+    assert (await sandbox.run(tasks.whoami))["label"] == "key"
+
+
+async def test_busy_beyond_max_waiting():
+    box = await Sandbox("queue", size=1, max_waiting=1,
+                        budget=ProcessLimits(cpu_s=5, memory_bytes=0, wall_s=30)).start()
+    try:
+        running = asyncio.create_task(box.run(tasks.sleep, 1.0))
+        await asyncio.sleep(0.2)
+        waiting = asyncio.create_task(box.run(tasks.sleep, 0))
+        await asyncio.sleep(0.1)
+        with pytest.raises(errors.BubuhError) as busy:
+            await box.run(tasks.sleep, 0)
+        assert busy.value.code is errors.BUSY
+        assert await running == "slept" and await waiting == "slept"
+    finally:
+        await box.stop()
+
+
+async def test_a_setup_that_fails_stops_the_start_with_its_reason():
+    with pytest.raises(RuntimeError, match="no key at /nowhere"):
+        await Sandbox("broken", size=1, budget=BUDGET, setup=tasks.cannot_open, setup_args=("/nowhere",)).start()

@@ -1,0 +1,110 @@
+"""The body limits as the OpenAPI document states them, and BodyLimits' rules at the ASGI level.
+(The same against the real server, with a raw socket client: tests/integration/test_intake_limits.py.)"""
+
+from __future__ import annotations
+
+import json
+from unittest.mock import MagicMock
+
+from fastapi import APIRouter, Request
+
+from services.kernel import errors, http
+from services.kernel.settings import Settings
+from services.purchase import api as purchase_api
+from services.stamping import api as stamping_api
+
+
+def _routers(settings: Settings) -> list[APIRouter]:
+    stamping = stamping_api.router(settings, *(MagicMock() for _ in range(6)))
+    return [stamping, purchase_api.router(settings, MagicMock(), MagicMock())]
+
+
+def test_the_openapi_document_names_every_body_limit_and_the_refusals():
+    settings = Settings()
+    doc = http.create_app("Bubuh", _routers(settings)).openapi()
+    expect = {"/v1/stamps": (settings.stamp_max_body_bytes, "PDF_TOO_LARGE", {"401", "413", "422"}),
+              "/v1/verify": (settings.verify_max_body_bytes, "PDF_TOO_LARGE", {"413", "422"}),
+              "/v1/purchases": (settings.purchase_max_body_bytes, "BODY_TOO_LARGE", {"401", "413", "422"})}
+    for path, (limit, code, statuses) in expect.items():
+        op = doc["paths"][path]["post"]
+        assert op["x-max-body-bytes"] == limit and op["x-body-too-large-code"] == code, path
+        assert statuses <= set(op["responses"]), (path, op["responses"].keys())
+        assert f"At most {limit} bytes" in op["requestBody"]["description"], path
+    fields = doc["paths"]["/v1/stamps"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(fields["required"]) == {"file", "meta"} and fields["properties"]["file"]["maxLength"] > 0
+
+
+class _Harness:
+    """One request through BodyLimits around a tiny app that reads its body when told to."""
+
+    def __init__(self, limit: int = 100) -> None:
+        r = APIRouter()
+        self.read = False
+
+        @r.post("/upload", openapi_extra=http.body_limit(limit))
+        async def upload(request: Request):
+            self.read = True
+            return {"bytes": len(await request.body())}
+
+        @r.post("/refuse", openapi_extra=http.body_limit(limit))
+        async def refuse():
+            raise errors.BubuhError(errors.UNAUTHENTICATED)   # as a route does before reading
+
+        self.app = http.create_app("t", [r])
+
+    async def post(self, headers: dict[str, str], chunks: list[bytes],
+                   path: str = "/upload") -> tuple[int, dict[str, str], dict, int]:
+        sent: list[dict] = []
+        queue = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+        taken = 0
+
+        async def receive():
+            nonlocal taken
+            if queue:
+                taken += 1
+                return queue.pop(0)
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+                 "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        await self.app(scope, receive, send)
+        start = next(m for m in sent if m["type"] == "http.response.start")
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, json.loads(body), taken
+
+
+async def test_a_declared_length_over_the_limit_never_reaches_the_route():
+    h = _Harness()
+    status, headers, body, taken = await h.post({"content-length": "101"}, [b"x" * 101])
+    assert (status, body["code"], headers.get("connection")) == (413, "BODY_TOO_LARGE", "close")
+    assert taken == 0 and not h.read
+
+
+async def test_a_streamed_body_stops_at_the_limit():
+    h = _Harness()
+    status, headers, body, taken = await h.post({"transfer-encoding": "chunked"}, [b"x" * 60] * 10)
+    assert (status, body["code"], headers.get("connection")) == (413, "BODY_TOO_LARGE", "close")
+    assert taken == 2   # the chunk that passed the limit is the last one read
+
+
+async def test_within_the_limit_the_route_reads_it_all_and_the_connection_lives():
+    h = _Harness()
+    status, headers, body, _ = await h.post({"transfer-encoding": "chunked"}, [b"x" * 50, b"y" * 50])
+    assert (status, body, headers.get("connection")) == (200, {"bytes": 100}, None)
+
+
+async def test_an_early_answer_drops_a_small_rest_and_closes_on_a_large_one():
+    h = _Harness(limit=1024 * 1024)
+    small = [b"x" * 1000] * 3
+    status, headers, _, taken = await h.post({"content-length": "3000"}, small, "/refuse")
+    assert (status, headers.get("connection"), taken) == (401, None, 3)   # read and dropped: keep-alive
+    large = [b"x" * 100_000] * 5
+    status, headers, _, taken = await h.post({"content-length": "500000"}, large, "/refuse")
+    assert (status, headers.get("connection"), taken) == (401, "close", 0)   # not read: the server closes
+    status, headers, _, taken = await h.post({"transfer-encoding": "chunked"}, small, "/refuse")
+    assert (status, headers.get("connection"), taken) == (401, "close", 0)   # unknown length: closes
