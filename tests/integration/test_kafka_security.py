@@ -225,8 +225,8 @@ def _broker_pid() -> int:
 
 @pytest.mark.exclusive
 async def test_a_restarted_broker_still_knows_everyone_after_suspensions(settings, channel):
-    """Suspending channels must not cost the next restart its credentials (docs/kafka-access.md: a broker
-    restarted after a handful of SCRAM deletions authenticated nobody, so suspension disables instead)."""
+    """A restart keeps every live credential and keeps suspended channels locked out (suspension
+    disables a credential rather than deleting it: docs/kafka-access.md tells why)."""
     if not stack.managed_kafka():
         pytest.skip("needs the local broker to restart it")
     from tests.platform import cli
@@ -234,7 +234,7 @@ async def test_a_restarted_broker_still_knows_everyone_after_suspensions(setting
     suspended = [(channel["kafka_username"], channel["kafka_password"])]
     cli(settings, "channel", "suspend", channel["channel_id"])
     # five more, the way `bubuh channel add` and `suspend` change them (access.create_principal, then
-    # revoke_all + disable_user): six suspensions, more than the five deletions that broke a restart
+    # revoke_all + disable_user)
     for i in range(5):
         user = f"{access.CHANNEL_USER_PREFIX}{settings.topic_prefix}{i}"
         suspended.append(access.create_principal(admin, settings, user, access.channel_bindings(settings, user)))

@@ -145,6 +145,10 @@ async def test_a_body_mismatch_found_downstream_rejects_the_later_purchase(platf
         return r.status_code == 200 and r.json()["status"] == "rejected" and r.json()
     status = await wait_for(rejected, what="second body rejected")
     assert status["code"] == "IDEMPOTENCY_MISMATCH"
+    # the first body's credit travels on through purchase.events to the ledger: it may land after the
+    # second body's rejection; exactly the first body's 2 units, never the second's 3 (or 5)
+    await wait_for(lambda: _eq(_credited(db, channel["channel_id"]), 2), what="the first body credited")
+    await asyncio.sleep(1)
     assert await _credited(db, channel["channel_id"]) == 2
 
 
