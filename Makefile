@@ -8,7 +8,7 @@ BUBUH  := $(VENV)/bin/bubuh
 STACK  := deploy/local/stack.sh
 PROTOS := $(wildcard proto/bubuh/v1/*.proto)
 GEN    := services/contracts/bubuh/v1/.generated
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 
 .PHONY: help setup system-packages proto contract contract-baseline up down run status test test-fast bench surge lint docs clean distclean
 
