@@ -8,7 +8,7 @@ BUBUH  := $(VENV)/bin/bubuh
 STACK  := deploy/local/stack.sh
 PROTOS := $(wildcard proto/bubuh/v1/*.proto)
 GEN    := services/contracts/bubuh/v1/.generated
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 
 .PHONY: help setup system-packages proto contract contract-baseline up down run status test test-fast bench surge lint docs clean distclean
 
@@ -58,7 +58,7 @@ contract-baseline: $(BUF) ## rewrite proto/baseline.binpb from proto/: only for 
 system-packages: ## Debian packages the platform and its tests use (PostgreSQL, poppler, NSS tools, SoftHSM2)
 	deploy/local/system-packages.sh
 
-up: setup ## start Kafka, PostgreSQL and the platform in the background; returns when healthy
+up: setup ## start Kafka (SASL/SCRAM + ACLs, credentials in .local/kafka/credentials), PostgreSQL and the platform in the background
 	$(STACK) up
 	$(BUBUH) up
 

@@ -63,6 +63,8 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from services.kernel import kafka_auth
+
 HERE = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(HERE))
@@ -228,7 +230,7 @@ async def wait_for_stack(timeout: float = 180) -> None:
                 await conn.fetchval("SELECT 1")
             finally:
                 await conn.close()
-            admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=5000)
+            admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(s), request_timeout_ms=5000)
             await asyncio.wait_for(admin.start(), 10)
             try:
                 await asyncio.wait_for(admin.list_topics(), 10)
@@ -302,6 +304,7 @@ class Run:
         tag = uuid.uuid4().hex[:10]
         s = Settings().model_copy(update={"topic_prefix": f"bench{tag}.", "schema_prefix": f"bench{tag}_",
                                           "default_partitions": partitions, "http_port": free_port()})
+        grant_prefix(s)
         env = dict(os.environ)
         env.update({
             "BUBUH_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
@@ -390,8 +393,33 @@ class Run:
         return out
 
 
+def _prefix_access(settings, grant: bool) -> None:
+    """On the secured broker the platform principal may touch a run's prefix only once the admin allows it."""
+    from services.kernel import access
+    if settings.kafka_security_protocol.upper() == "PLAINTEXT":
+        return
+    admin = access.AccessAdmin(settings)
+    bindings = access.prefix_bindings(settings.kafka_credential()[0], settings.topic_prefix)
+    if grant:
+        admin.grant(bindings)
+    else:
+        admin.revoke(bindings)
+
+
+def grant_prefix(settings) -> None:
+    _prefix_access(settings, True)
+
+
 async def cleanup(settings) -> None:
-    """Drop the run's schemas, topics and consumer groups (the broker and server stay up)."""
+    """Drop the run's schemas, topics and consumer groups (the broker and server stay up), then its ACLs."""
+    try:
+        await _cleanup(settings)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(_prefix_access, settings, False)
+
+
+async def _cleanup(settings) -> None:
     with contextlib.suppress(Exception):
         conn = await asyncpg.connect(settings.database_url)
         try:
@@ -400,7 +428,7 @@ async def cleanup(settings) -> None:
                 await conn.execute(f'DROP SCHEMA "{row["nspname"]}" CASCADE')
         finally:
             await conn.close()
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(settings))
     with contextlib.suppress(Exception):
         await admin.start()
         try:
@@ -424,8 +452,8 @@ async def cleanup(settings) -> None:
 class Offsets:
     def __init__(self, settings) -> None:
         self.settings = settings
-        self.admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-        self.probe = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None)
+        self.admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(settings))
+        self.probe = AIOKafkaConsumer(**kafka_auth.aiokafka_options(settings), group_id=None)
         self.subscriptions: dict[str, set[str]] = {}
         self._partitions: dict[str, list[int]] = {}
 

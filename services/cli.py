@@ -106,6 +106,28 @@ def cmd_keys(args) -> None:
         print("  test keys only: never use them for real stamps")
 
 
+def cmd_kafka(args) -> None:
+    from services.kernel import access
+
+    s = _settings()
+    try:
+        admin = access.AccessAdmin(s)
+        if args.kafka_command == "setup":
+            asyncio.run(asyncio.wait_for(topics.ensure(s, as_admin=True), 60))
+            print(f"kafka: {len(topics.ALL)} topics present on {s.kafka_bootstrap}")
+            if not s.kafka_username:     # the local stack: the platform principal's credential goes to .local
+                user, _ = access.setup_local_platform(admin, s)
+                print(f"kafka: principal {user} (all services' rights) in {s.kafka_credentials_dir}/platform.json")
+            return
+        if args.kafka_command == "principal":
+            user = access.service_user(args.service)
+            credential = access.create_principal(
+                admin, s, user, access.service_bindings(s, user, access.rights_of(args.service)))
+            print(f"kafka principal {user}: password {credential[1]}\nKeep it: it is shown only now.")
+    except (access.AccessError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def cmd_replay(args) -> None:
     from services.kernel import replay
     result = replay.run(_settings(), args.topic, key=args.key, reason=args.reason, dry_run=args.dry_run,
@@ -131,17 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("channel", help="manage distribution channels")
     csub = sp.add_subparsers(dest="channel_command", required=True)
-    c = csub.add_parser("add", help="register a channel; prints its API key and HMAC secret once")
+    c = csub.add_parser("add", help="register a channel; prints its API key, HMAC secret and Kafka credential once")
     c.add_argument("name")
     c.add_argument("--webhook", default="", help="callback URL for notifications")
     c.add_argument("--profile", default="standard", help="default document profile: standard or cpns")
     c.add_argument("--json", action="store_true")
     c = csub.add_parser("list", help="list channels")
     c.add_argument("--json", action="store_true")
-    for name, helptext in (("rotate-key", "issue a new API key (the old one stops working)"),
+    for name, helptext in (("rotate-key", "issue a new API key and Kafka password (the old ones stop working)"),
                            ("rotate-secret", "issue a new HMAC secret (the old one works for a grace period)"),
-                           ("suspend", "stop accepting the channel's requests"),
-                           ("activate", "accept the channel's requests again"),
+                           ("suspend", "stop accepting the channel's requests; its Kafka credential and ACLs go"),
+                           ("activate", "accept the channel's requests again; prints a new Kafka credential"),
                            ("set-webhook", "change (or with '' remove) the channel's callback URL")):
         c = csub.add_parser(name, help=helptext)
         c.add_argument("channel_id")
@@ -173,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--key-type", nargs="+", default=["rsa2048"], choices=["rsa2048", "p256"])
     sp.add_argument("--if-missing", action="store_true", help="dev-ca: keep an existing one")
     sp.set_defaults(func=cmd_keys)
+
+    sp = sub.add_parser("kafka", help="Kafka access, as the admin principal: topics, principals, ACLs")
+    ksub = sp.add_subparsers(dest="kafka_command", required=True)
+    ksub.add_parser("setup", help="create the topics; on the local stack also the platform principal "
+                    "(credential in .local/kafka/credentials/platform.json); idempotent")
+    k = ksub.add_parser("principal", help="create (or rotate) a service's principal with its ACLs; "
+                        "prints the password once")
+    k.add_argument("service", choices=["platform", "api", "purchase", "quota", "stamping", "notification"])
+    sp.set_defaults(func=cmd_kafka)
 
     sp = sub.add_parser("replay", help="send dead-lettered records back to their source topic")
     sp.add_argument("topic", help="a dead-letter topic, e.g. stamp.dead-letter")

@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.kernel import logs
+from services.kernel import kafka_auth, logs
 from tests import stack
 
 
@@ -34,8 +34,11 @@ def _dev_ca() -> None:
 @pytest.fixture
 async def settings(local_stack):
     s = stack.isolated_settings()
+    await asyncio.to_thread(stack.grant_prefix, s)
     yield s
     await _cleanup(s)
+    with contextlib.suppress(Exception):
+        await asyncio.to_thread(stack.revoke_prefix, s)
 
 
 async def _cleanup(s) -> None:
@@ -48,7 +51,7 @@ async def _cleanup(s) -> None:
         finally:
             await conn.close()
     with contextlib.suppress(Exception):
-        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+        admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(s))
         await admin.start()
         try:
             names = [t for t in await admin.list_topics() if t.startswith(s.topic_prefix)]

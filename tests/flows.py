@@ -10,6 +10,7 @@ import time
 import asyncpg
 import httpx
 
+from services.kernel import kafka_auth
 from services.kernel.settings import Settings
 from services.purchase.intake import submitted_record
 from services.purchase.validation import PurchaseOrder
@@ -81,7 +82,7 @@ async def read_topic(settings: Settings, name: str, *, at_least: int = 0, timeou
                      settle: float = 0.5) -> list:
     """Every record of a topic (from the beginning, no consumer group), waiting for ``at_least``."""
     from aiokafka import AIOKafkaConsumer
-    consumer = AIOKafkaConsumer(settings.topic(name), bootstrap_servers=settings.kafka_bootstrap,
+    consumer = AIOKafkaConsumer(settings.topic(name), **kafka_auth.aiokafka_options(settings),
                                 auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
     await consumer.start()
     records = []
@@ -106,8 +107,8 @@ async def consumers_caught_up(settings: Settings) -> bool:
     that re-delivers events waits for this instead of sleeping."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    probe = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None)
+    admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(settings))
+    probe = AIOKafkaConsumer(**kafka_auth.aiokafka_options(settings), group_id=None)
     await admin.start()
     await probe.start()
     try:

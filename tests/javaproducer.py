@@ -12,8 +12,10 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
+from services.kernel import kafka_auth
 from services.kernel.events import Outgoing
 from services.kernel.settings import REPO_ROOT, Settings
 
@@ -70,12 +72,32 @@ def _line(rec: Outgoing) -> str:
 
 
 def publish_with_java(settings: Settings, records: list[Outgoing], compression: str, *,
-                      linger_ms: int | None = None, batch_size: int | None = None, timeout: float = 120) -> None:
+                      linger_ms: int | None = None, batch_size: int | None = None, timeout: float = 120,
+                      credential: tuple[str, str] | None = None) -> None:
     """Publish ``records`` with Kafka's Java producer (acks=all, idempotent, ``compression``); returns once
-    every one is acknowledged, raises with the program's stderr otherwise."""
+    every one is acknowledged, raises with the program's stderr otherwise. It authenticates as the settings'
+    principal, or with ``credential`` (a channel's)."""
     if compression not in CODECS:
         raise ValueError(f"compression {compression!r} is not one of {CODECS}")
-    args = ["--bootstrap", settings.kafka_bootstrap, "--compression", compression]
+    # the credential travels in a file of our own (mode 600), not on a command line others can read
+    config = tempfile.NamedTemporaryFile("w", prefix="bubuh-client-", suffix=".properties", delete=False)
+    with config:
+        for name, value in kafka_auth.java_properties(settings, credential).items():
+            config.write(f"{name}={_escape(value)}\n")
+    try:
+        _publish(settings, records, compression, config.name, linger_ms, batch_size, timeout)
+    finally:
+        os.unlink(config.name)
+
+
+def _escape(value: str) -> str:
+    """A value for java.util.Properties.load: backslashes doubled, the rest as is."""
+    return value.replace("\\", "\\\\")
+
+
+def _publish(settings: Settings, records: list[Outgoing], compression: str, client_config: str,
+             linger_ms: int | None, batch_size: int | None, timeout: float) -> None:
+    args = ["--bootstrap", settings.kafka_bootstrap, "--compression", compression, "--client-config", client_config]
     if linger_ms is not None:
         args += ["--linger-ms", str(linger_ms)]
     if batch_size is not None:

@@ -31,9 +31,17 @@ def env_for(settings: Settings, **extra) -> dict[str, str]:
         "BUBUH_HTTP_PORT": str(settings.http_port),
         "BUBUH_LOG_FORMAT": "json",
         "BUBUH_DEFAULT_PARTITIONS": str(settings.default_partitions),
+        "BUBUH_KAFKA_SECURITY_PROTOCOL": settings.kafka_security_protocol,
+        "BUBUH_KAFKA_SASL_MECHANISM": settings.kafka_sasl_mechanism,
         "BUBUH_WEBHOOK_LOCAL_MODE": str(settings.webhook_local_mode).lower(),
         "BUBUH_WEBHOOK_HOSTS": settings.webhook_hosts,
     })
+    if settings.kafka_security_protocol.upper() != "PLAINTEXT":
+        # resolved here: a child may get a BUBUH_LOCAL_DIR of its own, without the stack's credential files
+        user, password = settings.kafka_credential()
+        admin_user, admin_password = settings.kafka_credential(admin=True)
+        env.update({"BUBUH_KAFKA_USERNAME": user, "BUBUH_KAFKA_PASSWORD": password,
+                    "BUBUH_KAFKA_ADMIN_USERNAME": admin_user, "BUBUH_KAFKA_ADMIN_PASSWORD": admin_password})
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

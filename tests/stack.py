@@ -56,6 +56,45 @@ def kafka_meta_properties() -> Path:
     return local / "kafka" / "data" / "meta.properties"
 
 
+_access_admin = None
+
+
+def access_admin():
+    """The admin principal's credential/ACL client (confluent-kafka), one per test run."""
+    global _access_admin
+    from services.kernel import access
+    if _access_admin is None:
+        _access_admin = access.AccessAdmin(Settings())
+    return _access_admin
+
+
+def grant_prefix(settings: Settings) -> None:
+    """The broker denies what no ACL allows: the platform principal gets this test's topics and groups.
+
+    Per-test prefixes get PREFIXED ACLs (everything on ``t<hex>.``), revoked again by ``revoke_prefix``.
+    """
+    from services.kernel import access
+    if settings.kafka_security_protocol.upper() == "PLAINTEXT":
+        return
+    user, _ = settings.kafka_credential()
+    access_admin().grant(access.prefix_bindings(user, settings.topic_prefix))
+
+
+def revoke_prefix(settings: Settings) -> None:
+    from services.kernel import access, topics
+    if settings.kafka_security_protocol.upper() == "PLAINTEXT":
+        return
+    user, _ = settings.kafka_credential()
+    admin = access_admin()
+    admin.revoke(access.prefix_bindings(user, settings.topic_prefix))
+    # the channels this test added (`bubuh channel add`): their credentials and ACLs name its topic
+    for who in {b.principal for b in admin.acls_on(settings.topic(topics.PURCHASE_SUBMITTED.name))}:
+        name = who.removeprefix("User:")
+        if name.startswith(access.CHANNEL_USER_PREFIX):
+            admin.revoke_all(name)
+            admin.disable_user(name)
+
+
 _PORTS_PER_WORKER = 1000
 _next_port = itertools.count()
 

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Local single-node Apache Kafka (KRaft) from Maven Central jars.
-#   kafka.sh fetch | start | stop | status | bootstrap | cluster-id
+#   kafka.sh fetch | start | stop | status | bootstrap | cluster-id | credentials
 # Everything lives under $BUBUH_LOCAL_DIR/kafka (default .local/kafka). Bound to 127.0.0.1 only.
+# Secured like production: SASL/SCRAM-SHA-512 and ACLs (StandardAuthorizer, deny when no ACL). The admin
+# credential is generated into kafka/credentials/admin.json and put into the metadata log when the storage
+# is formatted (StorageTool format --add-scram, KIP-900); a data directory formatted without it (an older
+# checkout's open broker) is formatted anew. The other principals are made by `bubuh kafka setup`.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -10,6 +14,7 @@ home=$local_dir/kafka
 port=${BUBUH_LOCAL_KAFKA_PORT:-19092}
 controller_port=${BUBUH_LOCAL_KAFKA_CONTROLLER_PORT:-19093}
 pidfile=$home/kafka.pid
+creds=$home/credentials
 
 die() { echo "kafka: $*" >&2; exit 1; }
 
@@ -34,21 +39,59 @@ java_run() {  # java_run MAIN ARGS... ; the Kafka classpath and our log4j2 confi
     -cp "$home/libs/*" "$@"
 }
 
+secret() { head -c 32 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 32; }
+
+field() {  # field FILE NAME: a string value of our flat credential JSON files
+  sed -n "s/.*\"$2\": *\"\([^\"]*\)\".*/\1/p" "$1"
+}
+
+credentials() {  # the admin (SCRAM, super user) and the controller's PLAIN user; generated once, mode 600
+  mkdir -p "$creds"; chmod 700 "$creds"
+  local who
+  for who in admin controller; do
+    if [ ! -s "$creds/$who.json" ]; then
+      (umask 077; printf '{"username": "bubuh-%s", "password": "%s", "mechanism": "%s"}\n' "$who" "$(secret)" \
+        "$([ $who = admin ] && echo SCRAM-SHA-512 || echo PLAIN)" >"$creds/$who.json")
+    fi
+  done
+}
+
 configure() {
   mkdir -p "$home/data" "$home/logs"
-  sed -e "s|@PORT@|$port|g" -e "s|@CONTROLLER_PORT@|$controller_port|g" -e "s|@DATA_DIR@|$home/data|g" \
-    "$here/kafka/server.properties.in" >"$home/server.properties"
+  credentials
+  local admin_user admin_password controller_user controller_password
+  admin_user=$(field "$creds/admin.json" username); admin_password=$(field "$creds/admin.json" password)
+  controller_user=$(field "$creds/controller.json" username)
+  controller_password=$(field "$creds/controller.json" password)
+  (umask 077; sed -e "s|@PORT@|$port|g" -e "s|@CONTROLLER_PORT@|$controller_port|g" -e "s|@DATA_DIR@|$home/data|g" \
+    -e "s|@ADMIN_USER@|$admin_user|g" -e "s|@ADMIN_PASSWORD@|$admin_password|g" \
+    -e "s|@CONTROLLER_USER@|$controller_user|g" -e "s|@CONTROLLER_PASSWORD@|$controller_password|g" \
+    "$here/kafka/server.properties.in" >"$home/server.properties")
+  # the admin's SCRAM credential exists only if the storage was formatted with it (marker written below):
+  # storage from before (no credential, or another admin password) is formatted anew, data and all
+  if [ -f "$home/data/meta.properties" ] && ! cmp -s "$home/data/.admin-scram" "$creds/admin.json"; then
+    echo "kafka: $home/data was formatted without the current admin SCRAM credential: formatting it anew"
+    rm -rf "$home/data"; mkdir -p "$home/data"
+    rm -f "$creds/platform.json"   # its principal lived in the old metadata; `bubuh kafka setup` makes it again
+  fi
   if [ ! -f "$home/data/meta.properties" ]; then
     local id
     id=$( (java_run kafka.tools.StorageTool random-uuid) 2>/dev/null | tail -1)
     [ -n "$id" ] || die "StorageTool random-uuid printed nothing"
-    (java_run kafka.tools.StorageTool format -t "$id" -c "$home/server.properties" >"$home/logs/format.log" 2>&1) \
+    (java_run kafka.tools.StorageTool format -t "$id" -c "$home/server.properties" \
+      --add-scram "SCRAM-SHA-512=[name=$admin_user,password=$admin_password]" >"$home/logs/format.log" 2>&1) \
       || { cat "$home/logs/format.log" >&2; die "StorageTool format failed"; }
     echo "$id" >"$home/cluster-id"
+    cp "$creds/admin.json" "$home/data/.admin-scram"; chmod 600 "$home/data/.admin-scram"
   fi
 }
 
 start() {
+  if running && ! cmp -s "$home/data/.admin-scram" "$creds/admin.json"; then
+    # an open broker from before (no admin SCRAM credential): stop it, configure formats it anew
+    echo "kafka: the running broker was not formatted with the current admin SCRAM credential: restarting it"
+    stop
+  fi
   if running; then echo "kafka: already running (pid $(cat "$pidfile")) on 127.0.0.1:$port"; return 0; fi
   if port_open "$port"; then
     die "port 127.0.0.1:$port is taken by another process: stop it, or set BUBUH_LOCAL_KAFKA_PORT (or BUBUH_KAFKA_BOOTSTRAP to use that broker)"
@@ -89,5 +132,6 @@ case "${1:-}" in
   status) if running; then echo "kafka: running (pid $(cat "$pidfile")) on 127.0.0.1:$port"; else echo "kafka: stopped"; exit 3; fi ;;
   bootstrap) echo "127.0.0.1:$port" ;;
   cluster-id) cat "$home/cluster-id" ;;
-  *) echo "usage: $0 fetch|start|stop|status|bootstrap|cluster-id" >&2; exit 2 ;;
+  credentials) echo "$creds" ;;
+  *) echo "usage: $0 fetch|start|stop|status|bootstrap|cluster-id|credentials" >&2; exit 2 ;;
 esac

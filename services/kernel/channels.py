@@ -17,6 +17,7 @@ from aiokafka.errors import KafkaError
 
 from services.contracts.bubuh.v1 import channel_pb2
 from services.kernel import errors, events, logs, sealed, topics
+from services.kernel.processing.kafka_source import build_consumer
 from services.kernel.settings import Settings
 
 log = logs.get(__name__)
@@ -107,8 +108,8 @@ class ChannelView:
     async def run(self, stop: asyncio.Event) -> None:
         """Read the whole compacted topic, then follow it. No consumer group: every instance reads all."""
         topic = self._settings.topic(topics.CHANNEL.name)
-        consumer = AIOKafkaConsumer(bootstrap_servers=self._settings.kafka_bootstrap, enable_auto_commit=False,
-                                    auto_offset_reset="earliest", group_id=None)
+        consumer = build_consumer(self._settings, group_id=None, client_id="bubuh-channel-view",
+                                  fetch_min_bytes=1, fetch_max_wait_ms=500)
         await consumer.start()
         try:
             parts = None

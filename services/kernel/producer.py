@@ -26,7 +26,7 @@ from aiokafka.errors import (
     UnknownProducerId,
 )
 
-from services.kernel import errors, partitioning
+from services.kernel import errors, kafka_auth, partitioning
 from services.kernel.events import Outgoing
 from services.kernel.metrics import PRODUCER_RENEWALS
 from services.kernel.settings import Settings
@@ -53,7 +53,7 @@ class Producer:
     def _new(self) -> AIOKafkaProducer:
         s = self._settings
         return AIOKafkaProducer(
-            bootstrap_servers=s.kafka_bootstrap,
+            **kafka_auth.aiokafka_options(s),
             client_id=self._client_id,
             acks="all",
             enable_idempotence=True,

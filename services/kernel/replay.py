@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from services.kernel.events import Outgoing
 from services.kernel.processing.deadletter import DLQ_CONSUMER, DLQ_MARKER, DLQ_REASON, DLQ_SOURCE
+from services.kernel.processing.kafka_source import build_consumer
 from services.kernel.processing.pipeline import HEADER_CRASH_ATTEMPT, HEADER_RETRY_FOR
 from services.kernel.producer import Producer
 from services.kernel.settings import Settings
@@ -36,9 +37,8 @@ async def replay(settings: Settings, producer: Producer, dead_letter_topic: str,
                  reason: str | None = None, dry_run: bool = False, from_start: bool = False,
                  progress=print) -> ReplayResult:
     topic = settings.topic(dead_letter_topic)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
-                                group_id=settings.group(f"replay.{dead_letter_topic}"),
-                                enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = build_consumer(settings, group_id=settings.group(f"replay.{dead_letter_topic}"),
+                              client_id="bubuh-replay")
     await consumer.start()
     result = ReplayResult()
     try:

@@ -92,7 +92,10 @@ def _quiet(logger_name: str):
 
 
 async def connect_kafka(settings: Settings, client_id: str) -> Producer:
-    producer = Producer(settings, client_id=client_id)
+    try:
+        producer = Producer(settings, client_id=client_id)
+    except ValueError as exc:           # no credential configured (kafka_auth / Settings.kafka_credential)
+        raise ConfigError(str(exc)) from None
     try:
         with _quiet("aiokafka"):
             await asyncio.wait_for(producer.start(), 20)
@@ -101,7 +104,8 @@ async def connect_kafka(settings: Settings, client_id: str) -> Producer:
             await producer.stop()
         raise ConfigError(
             f"cannot reach Kafka at {settings.kafka_bootstrap} ({type(exc).__name__}): "
-            "start the local stack with `make up`, or fix BUBUH_KAFKA_BOOTSTRAP") from None
+            "start the local stack with `make up`, or fix BUBUH_KAFKA_BOOTSTRAP (and, on a secured broker, "
+            "BUBUH_KAFKA_SECURITY_PROTOCOL / BUBUH_KAFKA_USERNAME / BUBUH_KAFKA_PASSWORD)") from None
     return producer
 
 

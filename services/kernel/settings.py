@@ -7,6 +7,7 @@ Tests isolate themselves with ``topic_prefix`` and ``schema_prefix`` instead of 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import secrets
 from functools import lru_cache
@@ -30,6 +31,17 @@ class Settings(BaseSettings):
         f"postgresql://bubuh:{os.environ.get('BUBUH_LOCAL_PG_PASSWORD', 'bubuh-local')}"
         f"@127.0.0.1:{os.environ.get('BUBUH_LOCAL_PG_PORT', '15432')}/bubuh"))
     local_dir: Path = REPO_ROOT / ".local"
+    # Kafka security (services/kernel/kafka_auth.py builds every client's options from these). The local
+    # stack runs SASL_PLAINTEXT + SCRAM-SHA-512 with ACLs; production SASL_SSL. An empty username means the
+    # local stack's credential: .local/kafka/credentials/platform.json (admin.json for the admin).
+    kafka_security_protocol: str = "SASL_PLAINTEXT"   # PLAINTEXT | SASL_PLAINTEXT | SASL_SSL
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"
+    kafka_username: str = ""
+    kafka_password: str = ""
+    kafka_ssl_cafile: str = ""         # SASL_SSL: the CA that signed the brokers' certificates (default: system)
+    # the admin principal: only `bubuh kafka setup` and `bubuh channel ...` (credentials, ACLs) use it
+    kafka_admin_username: str = ""
+    kafka_admin_password: str = ""
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     public_base_url: str = ""  # where channels and the public reach the API; default http://host:port
@@ -172,6 +184,25 @@ class Settings(BaseSettings):
 
     def schema(self, service: str) -> str:
         return f"{self.schema_prefix}{service}"
+
+    @property
+    def kafka_credentials_dir(self) -> Path:
+        return self.local_dir / "kafka" / "credentials"
+
+    def kafka_credential(self, *, admin: bool = False) -> tuple[str, str]:
+        """(username, password) this process authenticates with; ``admin``: the admin principal's."""
+        user, password = ((self.kafka_admin_username, self.kafka_admin_password) if admin
+                          else (self.kafka_username, self.kafka_password))
+        if user:
+            return user, password
+        path = self.kafka_credentials_dir / ("admin.json" if admin else "platform.json")
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            what = "BUBUH_KAFKA_ADMIN_USERNAME" if admin else "BUBUH_KAFKA_USERNAME"
+            raise ValueError(f"no Kafka credential: set {what} (and its password), or start the local stack "
+                             f"(deploy/local/stack.sh up writes {path})") from None
+        return data["username"], data["password"]
 
     @property
     def documents_root(self) -> Path:

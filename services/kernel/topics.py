@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
+from services.kernel import kafka_auth
 from services.kernel.settings import Settings
 
 
@@ -67,9 +68,13 @@ def markdown(settings: Settings) -> str:
     return "\n".join(rows) + "\n"
 
 
-async def ensure(settings: Settings, topics: tuple[Topic, ...] = ALL) -> None:
-    """Create missing topics (idempotent; concurrent callers are fine)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+async def ensure(settings: Settings, topics: tuple[Topic, ...] = ALL, *, as_admin: bool = False) -> None:
+    """Create missing topics (idempotent; concurrent callers are fine).
+
+    On a secured broker only the admin principal (``as_admin=True``, as ``bubuh kafka setup`` runs it) may
+    create the catalogue's topics; a service finding them all present creates nothing.
+    """
+    admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(settings, admin=as_admin),
                                 request_timeout_ms=settings.kafka_request_timeout_ms)
     await admin.start()
     try:
@@ -85,14 +90,32 @@ async def ensure(settings: Settings, topics: tuple[Topic, ...] = ALL) -> None:
                                 replication_factor=settings.replication_factor, topic_configs=t.configs()))
         if new:
             try:
-                await admin.create_topics(new)
+                response = await admin.create_topics(new)
             except TopicAlreadyExistsError:
-                # created meanwhile by another process, or listed late by the broker's metadata: it
-                # exists, possibly without the config it needs
-                tried = {n.name for n in new}
-                for t in topics:
-                    if t.append_time and settings.topic(t.name) in tried:
-                        await _keep_append_time(admin, settings.topic(t.name))
+                # created meanwhile by another process, or listed late by the broker's metadata
+                response = None
+            tried = {n.name for n in new}
+            already = set(tried)
+            if response is not None:
+                # aiokafka hands back per-topic errors instead of raising them
+                already = set()
+                for name, code, *_ in response.topic_errors:
+                    if code == TopicAlreadyExistsError.errno:
+                        already.add(name)
+                    elif code != 0:
+                        error = for_code(code)
+                        raise error(f"cannot create topic {name}: {error.__name__} (topics are created by the "
+                                    "admin principal: run `bubuh kafka setup`)")
+            # one that turned out to exist may lack the config it needs
+            for t in topics:
+                if t.append_time and settings.topic(t.name) in already:
+                    await _keep_append_time(admin, settings.topic(t.name))
+            # the controller has them; a consumer started now must find them in the broker's metadata too,
+            # or it waits a whole metadata_max_age for the next look
+            for _ in range(100):
+                if tried <= set(await admin.list_topics()):
+                    break
+                await asyncio.sleep(0.05)
     finally:
         await admin.close()
 
@@ -100,7 +123,7 @@ async def ensure(settings: Settings, topics: tuple[Topic, ...] = ALL) -> None:
 async def create_and_wait(settings: Settings, wanted: list[NewTopic], timeout_s: float = 30.0) -> None:
     """Create the topics of ``wanted`` that do not exist yet, and return once the broker describes
     every one with its partitions (for a client that checks partition counts at its first record)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+    admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(settings),
                                 request_timeout_ms=settings.kafka_request_timeout_ms)
     await admin.start()
     try:
@@ -126,12 +149,25 @@ async def create_and_wait(settings: Settings, wanted: list[NewTopic], timeout_s:
 
 
 async def _keep_append_time(admin: AIOKafkaAdminClient, name: str) -> None:
-    """A topic created before it needed LogAppendTime gets it (no other dynamic config is set on it)."""
+    """A topic created before it needed LogAppendTime gets it (no other dynamic config is set on it).
+
+    On a secured broker a service principal may read the setting but not change it: a topic still on
+    CreateTime there is an error that names the fix (``bubuh kafka setup`` as the admin), not a silent pass.
+    """
     key = "message.timestamp.type"
     described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name, {key: None})])
     for response in described:
         for resource in response.resources:
+            if resource[0]:
+                error = for_code(resource[0])
+                raise error(f"cannot read the config of topic {name}: {error.__name__}")
             for entry in resource[4]:
                 if entry[0] == key and entry[1] == "LogAppendTime":
                     return
-    await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name, {key: "LogAppendTime"})])
+    altered = await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name, {key: "LogAppendTime"})])
+    for response in altered if isinstance(altered, list) else [altered]:
+        for resource in response.resources:
+            if resource[0]:
+                error = for_code(resource[0])
+                raise error(f"topic {name} needs message.timestamp.type=LogAppendTime and this principal may "
+                            f"not set it ({error.__name__}): run `bubuh kafka setup` as the admin")

@@ -2,15 +2,22 @@
 
 The change is committed with its outbox row; then the command publishes that row itself, so the
 channel works at once even when no purchase service is running (the relay would otherwise do it).
+
+A channel also has a door into Kafka: its own SASL/SCRAM credential, whose ACLs allow writing
+``purchase.submitted`` and nothing else (``services/kernel/access.py``). ``add`` creates it,
+``rotate-key`` replaces its password, ``suspend`` removes its ACLs and credential (the ACLs first: that
+takes effect on connections already open), ``activate`` issues a new one. The password is printed once,
+only after the broker accepts it; the admin principal's credential makes these changes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
 
-from services.kernel import migrations, runtime, topics
+from services.kernel import access, migrations, runtime, topics
 from services.kernel.outbox import Relay
 from services.kernel.settings import Settings
 from services.purchase import NAME
@@ -28,6 +35,7 @@ async def channel_command(settings: Settings, args) -> None:
             raise runtime.ConfigError(str(exc)) from None
         if args.channel_command != "list":
             await _publish_now(settings, pool)
+            out = _with_kafka_credential(out, args, await _kafka_door(settings, args))
         print(out)
     finally:
         await pool.close()
@@ -37,6 +45,7 @@ async def _dispatch(registry: Registry, args) -> str:
     cmd = args.channel_command
     if cmd == "add":
         c = await registry.add(args.name, webhook_url=args.webhook, default_profile=args.profile)
+        args._added_channel_id = c.channel_id
         if args.json:
             return json.dumps({"channel_id": c.channel_id, "api_key": c.api_key, "hmac_secret": c.hmac_secret})
         return (f"channel {c.channel_id} ({args.name}) added\n  api key:     {c.api_key}\n"
@@ -67,6 +76,44 @@ async def _dispatch(registry: Registry, args) -> str:
     await registry.set_status(args.channel_id, status)
     return json.dumps({"channel_id": args.channel_id, "status": status}) if args.json else \
         f"channel {args.channel_id}: {status}"
+
+
+KAFKA_DOOR_COMMANDS = ("add", "rotate-key", "suspend", "activate")
+
+
+async def _kafka_door(settings: Settings, args) -> tuple[str, str] | None:
+    """Create, rotate or disable the channel's Kafka credential and ACLs (None: nothing to print)."""
+    cmd = args.channel_command
+    if cmd not in KAFKA_DOOR_COMMANDS or settings.kafka_security_protocol.upper() == "PLAINTEXT":
+        return None
+    channel_id = args.channel_id if cmd != "add" else args._added_channel_id
+
+    def change() -> tuple[str, str] | None:
+        admin = access.AccessAdmin(settings)
+        user = access.channel_user(channel_id)
+        if cmd == "suspend":
+            admin.revoke_all(user)
+            admin.disable_user(user)
+            return None
+        return access.create_principal(admin, settings, user, access.channel_bindings(settings, user))
+
+    try:
+        return await asyncio.to_thread(change)
+    except (access.AccessError, ValueError) as exc:
+        raise runtime.ConfigError(
+            f"channel {channel_id} saved, but its Kafka credential was not changed ({exc}); "
+            f"`bubuh channel {'suspend' if cmd == 'suspend' else 'rotate-key'} {channel_id}` tries again") from None
+
+
+def _with_kafka_credential(out: str, args, credential: tuple[str, str] | None) -> str:
+    if credential is None:
+        return out
+    user, password = credential
+    if args.json:
+        return json.dumps(json.loads(out) | {"kafka_username": user, "kafka_password": password,
+                                             "kafka_sasl_mechanism": "SCRAM-SHA-512"})
+    return (f"{out}\n  kafka (SASL/SCRAM-SHA-512, may write purchase.submitted only):\n"
+            f"    username: {user}\n    password: {password}\nThe Kafka password is shown only now.")
 
 
 async def _publish_now(settings: Settings, pool) -> None:

@@ -36,7 +36,7 @@ from datetime import timedelta
 import faust
 
 from services.contracts.bubuh.v1 import stamp_pb2
-from services.kernel import errors, events, topics
+from services.kernel import errors, events, kafka_auth, topics
 from services.kernel.settings import Settings
 
 APP_NAME = "bubuh-throughput"
@@ -90,6 +90,7 @@ class Throughput:
         self.app = faust.App(
             settings.group(APP_NAME),                     # app id: consumer group and internal topic prefix
             broker=[f"kafka://{h}" for h in settings.kafka_bootstrap.split(",")],
+            broker_credentials=kafka_auth.faust_credentials(settings),
             store="memory://",
             # faust keeps a data directory per app id; under .local, not the working directory
             datadir=str(settings.local_dir / "faust" / settings.group(APP_NAME)),

@@ -24,7 +24,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.kernel import events, topics
+from services.kernel import events, kafka_auth, topics
 from services.kernel.producer import Producer
 from tests import faults, stack
 from tests.flows import Db, auth, kafka_submission, order_body, post_until_accepted, read_topic
@@ -164,8 +164,8 @@ async def purchase_backlog(settings) -> int | None:
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
     names = [settings.topic(t.name) for t in (topics.PURCHASE_SUBMITTED, topics.PURCHASE_EVENTS)]
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    probe = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None)
+    admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(settings))
+    probe = AIOKafkaConsumer(**kafka_auth.aiokafka_options(settings), group_id=None)
     await admin.start()
     await probe.start()
     try:

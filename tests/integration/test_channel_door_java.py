@@ -18,7 +18,7 @@ from collections import Counter
 
 import httpx
 
-from services.kernel import topics
+from services.kernel import kafka_auth, topics
 from services.kernel.processing.deadletter import DLQ_REASON
 from services.kernel.settings import REPO_ROOT
 from tests import channeldoc
@@ -31,17 +31,14 @@ ORDERS = 50
 ACCOUNTS = 7
 
 
-def sasl_properties(channel: dict) -> dict[str, str]:
-    """The channel's Kafka credential as producer properties, or nothing on a broker without
-    authentication: BUBUH_TEST_CHANNEL_SECURITY_PROTOCOL, _SASL_MECHANISM and _SASL_JAAS_CONFIG when the
-    run sets them. The place to read the credential `bubuh channel add` prints, once it prints one."""
-    out = {}
-    for prop, var in (("security.protocol", "BUBUH_TEST_CHANNEL_SECURITY_PROTOCOL"),
-                      ("sasl.mechanism", "BUBUH_TEST_CHANNEL_SASL_MECHANISM"),
-                      ("sasl.jaas.config", "BUBUH_TEST_CHANNEL_SASL_JAAS_CONFIG")):
-        if os.environ.get(var):
-            out[prop] = os.environ[var]
-    return out
+def sasl_properties(settings, channel: dict) -> dict[str, str]:
+    """The channel's own Kafka credential, as `bubuh channel add` printed it (docs/channels.md), as the
+    producer properties a Java channel sets; nothing on a broker without authentication."""
+    if "kafka_username" not in channel:
+        return {}
+    props = kafka_auth.java_properties(settings, (channel["kafka_username"], channel["kafka_password"]))
+    props.pop("bootstrap.servers", None)
+    return props
 
 
 def channel_client(settings, channel: dict, orders: list[tuple], *, secret: str | None = None,
@@ -53,7 +50,7 @@ def channel_client(settings, channel: dict, orders: list[tuple], *, secret: str 
         if "--dry-run" not in args:
             args = ["--bootstrap", settings.kafka_bootstrap,
                     "--topic", settings.topic(topics.PURCHASE_SUBMITTED.name), *args]
-            properties = sasl_properties(channel)
+            properties = sasl_properties(settings, channel)
             if properties:
                 # in a file only we can read: a password on a command line is visible to every user
                 with tempfile.NamedTemporaryFile("w", prefix="bubuh-channel-", suffix=".properties",

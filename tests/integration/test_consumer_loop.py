@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from services.contracts.bubuh.v1 import purchase_pb2
-from services.kernel import errors, events, topics
+from services.kernel import errors, events, kafka_auth, topics
 from services.kernel.processing.deadletter import DLQ_REASON
 from services.kernel.processing.handler import Transactional
 from services.kernel.processing.pipeline import ConsumerLoop
@@ -110,7 +110,7 @@ async def test_poison_goes_to_dead_letter_and_the_partition_moves_on(settings):
                                                  event_id=good.event_id))
         await h.wait_applied(1)
         from aiokafka import AIOKafkaConsumer
-        c = AIOKafkaConsumer(h.dlq, bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest")
+        c = AIOKafkaConsumer(h.dlq, **kafka_auth.aiokafka_options(settings), auto_offset_reset="earliest")
         await c.start()
         try:
             rec = await asyncio.wait_for(c.getone(), 20)

@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import IllegalStateError
 
-from services.kernel import topics
+from services.kernel import kafka_auth, topics
 from services.kernel.processing.kafka_source import KafkaSource
 from services.kernel.processing.source import TopicPartition
 from tests.contracts import source_contract as contract
@@ -47,14 +47,14 @@ class KafkaBackend:
 
     async def append(self, topic: str, partition: int, values: Sequence[bytes]) -> list[int]:
         if self._producer is None:
-            self._producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all")
+            self._producer = AIOKafkaProducer(**kafka_auth.aiokafka_options(self.settings), acks="all")
             await self._producer.start()
         futures = [await self._producer.send(topic, v, partition=partition) for v in values]
         return [(await f).offset for f in futures]
 
     async def committed(self, group: str, tp: TopicPartition) -> int | None:
         if self._admin is None:
-            self._admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap)
+            self._admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(self.settings))
             await self._admin.start()
         found = await self._admin.list_consumer_group_offsets(group, partitions=[tp])
         meta = found.get(tp)

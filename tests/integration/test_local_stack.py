@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
+from services.kernel import kafka_auth
 from tests import stack
 
 
@@ -17,7 +18,7 @@ async def test_cluster_id_from_broker_matches_formatted_storage(settings):
         pytest.skip("BUBUH_KAFKA_BOOTSTRAP names a broker this run did not format")
     meta = stack.kafka_meta_properties().read_text()
     formatted = re.search(r"^cluster\.id=(\S+)$", meta, re.M).group(1)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(settings))
     await admin.start()
     try:
         described = await admin.describe_cluster()

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.kernel import topics
+from services.kernel import kafka_auth, topics
 from services.kernel.producer import Producer
 from tests.flows import (
     Db,
@@ -33,7 +33,7 @@ async def _balance(api, channel, account):
 
 
 async def _group_members(settings, group: str) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(settings))
     await admin.start()
     try:
         described = await admin.describe_consumer_groups([settings.group(group)])

@@ -3,7 +3,9 @@
 //
 // Run with the JDK source launcher (no build step) and the local stack's Kafka jars:
 //   java -cp '.local/kafka/libs/*' tests/tools/RecordProducer.java --bootstrap 127.0.0.1:19092 \
-//        --compression zstd [--linger-ms 30000] [--batch-size 1048576] < records.tsv
+//        --compression zstd [--linger-ms 30000] [--batch-size 1048576] [--client-config client.properties] < records.tsv
+// --client-config: a Java properties file with the broker's security settings (security.protocol,
+// sasl.mechanism, sasl.jaas.config, ...), as a channel's own client would carry them.
 //
 // One record per line, tab-separated, binary fields in standard base64:
 //   topic <TAB> key_b64 <TAB> value_b64 <TAB> headers
@@ -72,6 +74,7 @@ public final class RecordProducer {
     private static int run(String[] args) throws Exception {
         String bootstrap = null;
         String compression = null;
+        String clientConfig = null;     // a properties file: security.protocol, sasl.*, ... (the broker's door)
         // Records are held until flush() (or a full batch), which then sends each partition's records as
         // one batch: a short linger splits batches whenever the cold JVM is slow on the first send.
         int lingerMs = 30000;
@@ -87,12 +90,13 @@ public final class RecordProducer {
                 case "--compression" -> compression = value;
                 case "--linger-ms" -> lingerMs = parseInt(flag, value);
                 case "--batch-size" -> batchSize = parseInt(flag, value);
+                case "--client-config" -> clientConfig = value;
                 default -> throw new UsageError("unknown argument " + flag);
             }
         }
         if (bootstrap == null || compression == null) {
             throw new UsageError("usage: RecordProducer --bootstrap HOST:PORT --compression "
-                    + String.join("|", CODECS) + " [--linger-ms N] [--batch-size N]");
+                    + String.join("|", CODECS) + " [--linger-ms N] [--batch-size N] [--client-config FILE]");
         }
         if (!CODECS.contains(compression)) {
             throw new UsageError("unknown compression " + compression + " (one of " + CODECS + ")");
@@ -101,6 +105,11 @@ public final class RecordProducer {
         List<ProducerRecord<byte[], byte[]>> records = readRecords();
 
         Properties props = new Properties();
+        if (clientConfig != null) {
+            try (java.io.Reader in = java.nio.file.Files.newBufferedReader(java.nio.file.Path.of(clientConfig))) {
+                props.load(in);
+            }
+        }
         props.put(ProducerConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
         props.put(ProducerConfig.CLIENT_ID_CONFIG, "bubuh-tests-java-producer");
         props.put(ProducerConfig.ACKS_CONFIG, "all");

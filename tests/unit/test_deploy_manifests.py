@@ -44,7 +44,7 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 
 # settings whose values are secrets: only in Secrets (k8s) or interpolated from .env (compose)
 SECRET_SETTINGS = {"secret_key", "database_url", "smtp_username", "smtp_password", "signing_pkcs11_pin",
-                   "signing_p12_password"}
+                   "signing_p12_password", "kafka_password", "kafka_admin_password"}
 # labels Prometheus or the Kafka exporter add; the rest must be declared by the metric
 EXTERNAL_LABELS = {"job", "instance", "tier", "le", "consumergroup", "topic", "partition"}
 

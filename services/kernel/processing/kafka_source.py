@@ -20,7 +20,7 @@ from aiokafka.errors import (
     UnsupportedCodecError,
 )
 
-from services.kernel import logs
+from services.kernel import kafka_auth, logs
 from services.kernel.processing.source import Polled, Record, Undecodable
 from services.kernel.settings import Settings
 
@@ -31,10 +31,11 @@ _DECODE_ERRORS = (UnsupportedCodecError, CorruptRecordException)
 
 
 def build_consumer(settings: Settings, *topics: str, group_id: str | None, client_id: str,
-                   max_poll_records: int = 500, **overrides) -> AIOKafkaConsumer:
-    """Every Kafka consumer of the platform is built here (one place for its settings)."""
+                   max_poll_records: int = 500, credential: tuple[str, str] | None = None,
+                   **overrides) -> AIOKafkaConsumer:
+    """Every Kafka consumer of the platform is built here (one place for its settings and credentials)."""
     options = dict(
-        bootstrap_servers=settings.kafka_bootstrap,
+        **kafka_auth.aiokafka_options(settings, credential),
         group_id=group_id,
         client_id=client_id,
         enable_auto_commit=False,
