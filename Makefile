@@ -76,7 +76,7 @@ run: setup ## the platform in the foreground on the local stack, with the walkth
 # Tests isolate themselves by topic and schema prefixes, so most run on TEST_WORKERS workers at once
 # (whole files per worker); the few that stop, restart or fail over the shared Kafka or PostgreSQL
 # (marked `exclusive`) run alone afterwards. pytest's exit code 5 (nothing collected) in both phases fails.
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 3
 
 test: setup system-packages ## everything: unit, integration, end-to-end, chaos (real Kafka + PostgreSQL)
 	$(STACK) up
