@@ -23,6 +23,9 @@ def _settings() -> Settings:
 
 
 def cmd_serve(args) -> None:
+    if any(v == "all" or "stamping" in v.split(",") for v in (args.api, args.workers)):
+        from services.stamping import sandbox
+        sandbox.start_fork_server()     # it loads pyHanko and qpdf while this process loads the rest
     from services import platform
 
     s = _settings()

@@ -31,9 +31,21 @@ def _dev_ca() -> None:
         keys.dev_ca(where, "rsa2048")
 
 
+@pytest.fixture(scope="module")
+def own_database(local_stack):
+    """A PostgreSQL cluster of this module's own (``stack.own_postgres``), for ``@pytest.mark.own_database``."""
+    if not stack.managed_postgres():
+        pytest.skip("needs the local PostgreSQL (Debian's clusters) to make a cluster of its own")
+    with stack.own_postgres() as url:
+        yield url
+
+
 @pytest.fixture
-async def settings(local_stack):
-    s = stack.isolated_settings()
+async def settings(local_stack, request):
+    overrides = {}
+    if request.node.get_closest_marker("own_database"):
+        overrides["database_url"] = request.getfixturevalue("own_database")
+    s = stack.isolated_settings(**overrides)
     await asyncio.to_thread(stack.grant_prefix, s)
     yield s
     await _cleanup(s)

@@ -91,14 +91,14 @@ def _run(cmd: list[str], timeout: float = 60, check: bool = True, stdin: str | N
     return out
 
 
-def _clusters() -> list[dict]:
+def clusters() -> list[dict]:
     return json.loads(_run(["pg_lsclusters", "--json"], timeout=30).stdout or "[]")
 
 
 def find_cluster(dsn: str) -> Cluster:
     """The local Debian cluster listening on ``dsn``'s port."""
     port = _port_of(dsn)
-    for c in _clusters():
+    for c in clusters():
         if int(c.get("port") or 0) == port:
             log = c.get("logfile")
             return Cluster(version=str(c["version"]), name=c["cluster"], port=port,
@@ -126,7 +126,7 @@ def unavailable(dsn: str) -> str | None:
 
 def _running(cluster: Cluster) -> bool:
     return any(c["cluster"] == cluster.name and str(c["version"]) == cluster.version and c.get("running")
-               for c in _clusters())
+               for c in clusters())
 
 
 def _ctl(cluster: Cluster, action: str, *args: str) -> None:

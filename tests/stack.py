@@ -6,10 +6,12 @@ so tests never see each other's records and need no broker or database of their 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from services.kernel.settings import REPO_ROOT, Settings
@@ -25,9 +27,9 @@ def managed_postgres() -> bool:
     return not os.environ.get("BUBUH_DATABASE_URL")
 
 
-def sh(*args: str, timeout: float = 600) -> str:
+def sh(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> str:
     out = subprocess.run([str(LOCAL / args[0]), *args[1:]], check=True, capture_output=True, text=True,
-                         timeout=timeout)
+                         timeout=timeout, env={**os.environ, **env} if env else None)
     return out.stdout.strip()
 
 
@@ -49,6 +51,62 @@ def postgres_stop() -> None:
 
 def postgres_start() -> None:
     sh("postgres.sh", "start")
+
+
+@contextlib.contextmanager
+def own_postgres() -> Iterator[str]:
+    """A PostgreSQL cluster of the caller's own, made like the stack's (``deploy/local/postgres.sh`` with
+    another port and cluster name: Debian's ``pg_createcluster``, the same settings, fsync on), dropped
+    afterwards. Yields its URL. For tests that stop, demote or storm their database: on a cluster of
+    their own they need not take the shared one away from every other test, and run beside them."""
+    from tests import faults
+    port = free_port()
+    env = {"BUBUH_LOCAL_PG_PORT": str(port), "BUBUH_LOCAL_PG_CLUSTER": f"bubuh-test-{port}"}
+    try:
+        sh("postgres.sh", "start", env=env, timeout=120)
+        yield sh("postgres.sh", "url", env=env)
+    finally:
+        for c in faults.clusters():
+            if c["cluster"] == env["BUBUH_LOCAL_PG_CLUSTER"]:
+                cmd = ["pg_dropcluster", "--stop", str(c["version"]), c["cluster"]]
+                subprocess.run(cmd if os.geteuid() == 0 else ["sudo", "-n", *cmd], capture_output=True, timeout=120)
+
+
+class OwnKafka:
+    """A Kafka broker of a test's own: the stack's jars and ``kafka.sh``, its own storage, credentials and
+    ports under ``where``, so that restarting it disturbs no other test (and the test need not run alone).
+    Secured like the stack's (SASL/SCRAM, ACLs); ``settings`` points a test at it."""
+
+    def __init__(self, where: Path) -> None:
+        self.local = where / "local"
+        (self.local / "kafka").mkdir(parents=True, exist_ok=True)
+        stack_local = Path(os.environ.get("BUBUH_LOCAL_DIR", REPO_ROOT / ".local"))
+        libs = self.local / "kafka" / "libs"
+        if not libs.exists():
+            libs.symlink_to(stack_local / "kafka" / "libs")
+        self.port, controller_port = free_port(), free_port()
+        self._env = {"BUBUH_LOCAL_DIR": str(self.local), "BUBUH_LOCAL_KAFKA_PORT": str(self.port),
+                     "BUBUH_LOCAL_KAFKA_CONTROLLER_PORT": str(controller_port), "BUBUH_LOCAL_KAFKA_HEAP": "384m"}
+
+    def start(self) -> None:
+        sh("kafka.sh", "start", env=self._env, timeout=180)
+
+    def stop(self) -> None:
+        sh("kafka.sh", "stop", env=self._env, timeout=180)
+
+    def pid(self) -> int:
+        return int((self.local / "kafka" / "kafka.pid").read_text())
+
+    def settings(self, base: Settings, *, as_admin: bool = False) -> Settings:
+        """``base`` on this broker: credentials from its own local dir (the platform principal's, once
+        ``access.setup_local_platform`` made it; with ``as_admin``, the admin's)."""
+        own = base.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{self.port}", "local_dir": self.local,
+                                      "kafka_username": "", "kafka_password": "",
+                                      "kafka_admin_username": "", "kafka_admin_password": ""})
+        if as_admin:
+            user, password = own.kafka_credential(admin=True)
+            own = own.model_copy(update={"kafka_username": user, "kafka_password": password})
+        return own
 
 
 def kafka_meta_properties() -> Path:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import resource
 import signal
@@ -57,6 +58,13 @@ def _context():
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     return ctx
+
+
+def start_fork_server() -> None:
+    """Start the fork server now: it loads the PDF libraries (seconds of imports) while the caller
+    goes on loading its own, instead of after. The first pool to start then only waits for the rest."""
+    _context()
+    multiprocessing.forkserver.ensure_running()
 
 
 def _cpu_used() -> float:

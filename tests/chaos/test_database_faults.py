@@ -30,7 +30,9 @@ from tests import faults, stack
 from tests.flows import Db, auth, kafka_submission, order_body, post_until_accepted, read_topic
 from tests.flows import wait_for as wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.exclusive]
+# each module's own PostgreSQL cluster (tests/stack.py own_postgres): the faults take the whole cluster,
+# and on a cluster of their own they leave the shared one, and every other test, alone
+pytestmark = [pytest.mark.slow, pytest.mark.own_database]
 
 WINDOW_S = 20
 PER_DOOR = 200

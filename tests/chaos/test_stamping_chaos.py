@@ -36,11 +36,14 @@ async def test_worker_killed_mid_signing_ends_completed_with_one_sn_and_one_char
             rng = random.Random()
             kills = 0
             while kills < 15:
+                since = await db.val("stamping", "SELECT now()")
                 await worker.start()
                 if not await db.val("stamping", "SELECT count(*) FROM requests WHERE status NOT IN "
                                                 "('completed', 'failed')"):
                     break
-                await wait_for(lambda: _signing(db), timeout=30, interval=0.02, what="a worker signing")
+                # a request this worker started: the one the last kill interrupted still says 'stamping'
+                await wait_for(lambda since=since: _signing(db, since), timeout=30, interval=0.02,
+                               what="this worker signing")
                 await asyncio.sleep(rng.uniform(0.0, 0.05))
                 worker.kill()
                 kills += 1
@@ -69,8 +72,9 @@ async def test_worker_killed_mid_signing_ends_completed_with_one_sn_and_one_char
         await front.stop()
 
 
-async def _signing(db: Db) -> bool:
-    return bool(await db.val("stamping", "SELECT count(*) FROM requests WHERE status = 'stamping'"))
+async def _signing(db: Db, since) -> bool:
+    return bool(await db.val("stamping", "SELECT count(*) FROM requests WHERE status = 'stamping' "
+                                         "AND started_at > $1", since))
 
 
 async def test_unreachable_tsa_is_retried_then_dead_lettered_and_replay_finishes_it(settings):

@@ -120,11 +120,19 @@ async def test_poison_goes_to_dead_letter_and_the_partition_moves_on(settings):
         assert rec.value == b"\x00not a protobuf envelope"
 
 
-@pytest.mark.exclusive
-async def test_broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice(settings):
+async def test_broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice(settings, tmp_path):
     if not stack.managed_kafka():
-        pytest.skip("needs the local broker to restart it")
+        pytest.skip("needs the local stack's Kafka scripts and jars")
     total = 400
+    broker = stack.OwnKafka(tmp_path)      # a broker of its own: restarting it stops no other test
+    await asyncio.to_thread(broker.start)
+    try:
+        await _restart_mid_stream(broker, broker.settings(settings, as_admin=True), total)
+    finally:
+        await asyncio.to_thread(broker.stop)
+
+
+async def _restart_mid_stream(broker: stack.OwnKafka, settings, total: int) -> None:
     async with Harness(settings) as h:
         await asyncio.wait_for(h.loop.ready.wait(), 30)
 
@@ -142,9 +150,11 @@ async def test_broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice
 
         publisher = asyncio.create_task(publish_all())
         await h.wait_applied(50)
-        await asyncio.to_thread(stack.kafka_stop)
+        before = broker.pid()
+        await asyncio.to_thread(broker.stop)
         await asyncio.sleep(3)
-        await asyncio.to_thread(stack.kafka_start)
+        await asyncio.to_thread(broker.start)
+        assert broker.pid() != before, "the broker was not restarted"
         await asyncio.wait_for(publisher, 180)
         await h.wait_applied(total, timeout=180)
         await asyncio.sleep(1)

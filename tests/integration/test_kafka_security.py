@@ -216,40 +216,15 @@ async def test_the_platform_runs_on_exactly_the_platform_principals_acls(setting
         admin.disable_user(user)
 
 
-def _own_broker(tmp_path):
-    """A broker of this test's own: the stack's jars and scripts, its own storage, credentials and ports,
-    so restarting it disturbs no other test (and the test need not run alone)."""
-    import os
-    import subprocess
-    from pathlib import Path
-    local = tmp_path / "local"
-    (local / "kafka").mkdir(parents=True)
-    stack_local = Path(os.environ.get("BUBUH_LOCAL_DIR", stack.REPO_ROOT / ".local"))
-    (local / "kafka" / "libs").symlink_to(stack_local / "kafka" / "libs")
-    port, controller_port = stack.free_port(), stack.free_port()
-    env = {**os.environ, "BUBUH_LOCAL_DIR": str(local), "BUBUH_LOCAL_KAFKA_PORT": str(port),
-           "BUBUH_LOCAL_KAFKA_CONTROLLER_PORT": str(controller_port), "BUBUH_LOCAL_KAFKA_HEAP": "384m"}
-
-    def kafka(command: str) -> None:
-        subprocess.run([str(stack.LOCAL / "kafka.sh"), command], env=env, check=True, capture_output=True,
-                       timeout=180)
-
-    def pid() -> int:
-        return int((local / "kafka" / "kafka.pid").read_text())
-    return local, port, kafka, pid
-
-
 async def test_a_restarted_broker_still_knows_everyone_after_suspensions(tmp_path, settings):
     """A restart keeps every live credential and keeps suspended channels locked out (suspension
     disables a credential rather than deleting it: docs/kafka-access.md tells why)."""
     if not stack.managed_kafka():
         pytest.skip("needs the local stack's Kafka scripts and jars")
-    local, port, kafka, pid = _own_broker(tmp_path)
-    await asyncio.to_thread(kafka, "start")
+    broker = stack.OwnKafka(tmp_path)
+    await asyncio.to_thread(broker.start)
     try:
-        own = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{port}", "local_dir": local,
-                                          "kafka_username": "", "kafka_password": "",
-                                          "kafka_admin_username": "", "kafka_admin_password": ""})
+        own = broker.settings(settings)
         admin = access.AccessAdmin(own)
         platform = await asyncio.to_thread(access.setup_local_platform, admin, own)
         # six channels, added and suspended the way `bubuh channel add` and `suspend` change them
@@ -263,14 +238,14 @@ async def test_a_restarted_broker_still_knows_everyone_after_suspensions(tmp_pat
         for credential in suspended:
             assert not access.authenticates(own, credential)
 
-        before = pid()
-        await asyncio.to_thread(kafka, "stop")
-        await asyncio.to_thread(kafka, "start")
-        assert pid() != before, "the broker was not restarted"
+        before = broker.pid()
+        await asyncio.to_thread(broker.stop)
+        await asyncio.to_thread(broker.start)
+        assert broker.pid() != before, "the broker was not restarted"
 
         for credential in (own.kafka_credential(admin=True), platform):
             access.wait_authenticates(own, credential, timeout_s=30)
         for credential in suspended:
             assert not access.authenticates(own, credential), f"{credential[0]} logs in again after a restart"
     finally:
-        await asyncio.to_thread(kafka, "stop")
+        await asyncio.to_thread(broker.stop)
