@@ -1002,6 +1002,26 @@ def test_compose_kafka_setup_makes_the_topics_and_every_principal_as_the_admin()
     assert svc.get("restart") == "no"
 
 
+def test_compose_channel_commands_run_as_the_kafka_admin():
+    """`bubuh channel add` creates the channel's Kafka credential and ACLs, which only the admin may: the
+    service the compose file and deploy/README.md name for it carries the admin's credential."""
+    broker_env = next(iter(compose_brokers().values()))["environment"]
+    named = set()
+    for path in (COMPOSE_FILE, DEPLOY / "README.md"):
+        named |= set(re.findall(r"docker compose run --rm (\S+) channel ", path.read_text()))
+    assert named == {"admin"}, f"channel commands run in {sorted(named)}"
+    svc = compose_services()["admin"]
+    assert is_bubuh(svc) and svc["profiles"] == ["tools"], "started by `docker compose run` only"
+    cli().build_parser().parse_args(svc["command"])
+    env = svc["environment"]
+    assert env["BUBUH_KAFKA_ADMIN_USERNAME"] == env["BUBUH_KAFKA_USERNAME"] == broker_env["NODE_ADMIN_USER"]
+    assert env_var(env["BUBUH_KAFKA_ADMIN_PASSWORD"]) == env_var(broker_env["NODE_ADMIN_PASSWORD"])
+    # the channel registry: the tiers' database, and the key that seals the channels' secrets
+    common = compose()["x-bubuh-env"]
+    assert env["BUBUH_DATABASE_URL"] == common["BUBUH_DATABASE_URL"]
+    assert env["BUBUH_SECRET_KEY"] == common["BUBUH_SECRET_KEY"]
+
+
 def test_compose_kafka_exporter_authenticates_as_the_monitor(tmp_path):
     from services.kernel import access
     svc = compose_services()["kafka-exporter"]
