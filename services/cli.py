@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from services.kernel import errors, logs, topics
@@ -109,10 +110,21 @@ def cmd_keys(args) -> None:
         print("  test keys only: never use them for real stamps")
 
 
+def _password_from_env(name: str) -> str:
+    """A password handed over in an environment variable (never on the command line: argv is visible
+    to every process on the host)."""
+    password = os.environ.get(name, "")
+    if not password:
+        raise ConfigError(f"--password-env {name}: the environment variable {name} is unset or empty")
+    return password
+
+
 def cmd_kafka(args) -> None:
     from services.kernel import access
 
     s = _settings()
+    # before any connection: a missing password is the operator's mistake, not the broker's
+    password = _password_from_env(args.password_env) if getattr(args, "password_env", None) else None
     try:
         admin = access.AccessAdmin(s)
         if args.kafka_command == "setup":
@@ -124,9 +136,11 @@ def cmd_kafka(args) -> None:
             return
         if args.kafka_command == "principal":
             user = access.service_user(args.service)
-            credential = access.create_principal(
-                admin, s, user, access.service_bindings(s, user, access.rights_of(args.service)))
-            print(f"kafka principal {user}: password {credential[1]}\nKeep it: it is shown only now.")
+            credential = access.create_principal(admin, s, user, access.bindings_of(s, args.service), password)
+            if password:
+                print(f"kafka principal {user}: password from ${args.password_env} set, ACLs applied")
+            else:
+                print(f"kafka principal {user}: password {credential[1]}\nKeep it: it is shown only now.")
     except (access.AccessError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
 
@@ -204,8 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     ksub.add_parser("setup", help="create the topics; on the local stack also the platform principal "
                     "(credential in .local/kafka/credentials/platform.json); idempotent")
     k = ksub.add_parser("principal", help="create (or rotate) a service's principal with its ACLs; "
-                        "prints the password once")
-    k.add_argument("service", choices=["platform", "api", "purchase", "quota", "stamping", "notification"])
+                        "prints a new password once, or sets the one given with --password-env")
+    # services.kernel.access.principal_names() (not imported here: it loads the Kafka client)
+    k.add_argument("service", choices=["platform", "api", "purchase", "quota", "stamping", "notification", "monitor"],
+                   help="monitor: the consumer-lag exporter (describe topics and groups only)")
+    k.add_argument("--password-env", metavar="NAME",
+                   help="set the password held by environment variable NAME instead of generating one "
+                   "(never on the command line); the same password again is harmless")
     sp.set_defaults(func=cmd_kafka)
 
     sp = sub.add_parser("replay", help="send dead-lettered records back to their source topic")

@@ -41,6 +41,7 @@ from services.kernel.topics import Topic
 SCRAM_ITERATIONS = 8192
 CHANNEL_USER_PREFIX = "channel-"
 PLATFORM = "platform"
+MONITOR = "monitor"                # the consumer-lag exporter: describes topics and groups, nothing else
 FAUST_APP = "bubuh-throughput"     # services/stamping/throughput.APP_NAME: its group and internal topics
 
 
@@ -137,6 +138,24 @@ def service_bindings(settings: Settings, user: str, rights: Rights) -> list[AclB
     for p in rights.library_prefixes:
         out.append(_allow(ResourceType.TOPIC, settings.group(p), who, AclOperation.ALL, ResourcePatternType.PREFIXED))
         out.append(_allow(ResourceType.GROUP, settings.group(p), who, AclOperation.ALL, ResourcePatternType.PREFIXED))
+    return out
+
+
+def monitor_bindings(settings: Settings, user: str) -> list[AclBinding]:
+    """The lag exporter (compose's kafka-exporter): DESCRIBE on every catalogue topic and on every
+    consumer group the platform runs (faust's topics and group by their prefix), and nothing else.
+
+    Listing and describing groups, fetching their committed offsets and the topics' end offsets all
+    need DESCRIBE only. Not ``Rights``: a group there is granted READ, which would let the exporter
+    join a group or commit its offsets; and it needs no DESCRIBE_CONFIGS (``service_bindings`` gives
+    every service that for its start-up check).
+    """
+    who, everything = principal(user), platform_rights()
+    out = [_allow(ResourceType.TOPIC, settings.topic(t.name), who, AclOperation.DESCRIBE) for t in topics.ALL]
+    out += [_allow(ResourceType.GROUP, settings.group(g), who, AclOperation.DESCRIBE) for g in everything.groups]
+    for p in everything.library_prefixes:
+        out += [_allow(kind, settings.group(p), who, AclOperation.DESCRIBE, ResourcePatternType.PREFIXED)
+                for kind in (ResourceType.TOPIC, ResourceType.GROUP)]
     return out
 
 
@@ -290,6 +309,19 @@ def service_user(service: str) -> str:
 def rights_of(name: str) -> Rights:
     """A principal's rights by deployment: ``platform``, a service, or a tier (``api``)."""
     return platform_rights() if name == PLATFORM else SERVICES.get(name) or TIERS[name]
+
+
+def principal_names() -> tuple[str, ...]:
+    """What ``bubuh kafka principal`` makes: the platform, every service, every tier, the monitor."""
+    return (PLATFORM, *TIERS, *SERVICES, MONITOR)
+
+
+def bindings_of(settings: Settings, name: str) -> list[AclBinding]:
+    """The ACLs of the principal ``service_user(name)``, for a name of ``principal_names()``."""
+    user = service_user(name)
+    if name == MONITOR:
+        return monitor_bindings(settings, user)
+    return service_bindings(settings, user, rights_of(name))
 
 
 def setup_local_platform(admin: AccessAdmin, settings: Settings) -> tuple[str, str]:

@@ -15,10 +15,14 @@ an alert, a dashboard, a ScaledObject or a manifest. These tests read every file
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
+import os
 import pkgutil
 import re
+import shlex
+import subprocess
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -508,7 +512,10 @@ def test_env_example_defines_every_compose_variable_and_holds_no_secret():
     for name, default in re.findall(r"\$\{([A-Z0-9_]+)(:?[-?][^}]*)?\}", text):
         assert name in example or default.startswith((":-", "-")), f"${{{name}}} is not in .env.example"
     required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", text))
-    assert {"BUBUH_SECRET_KEY", "POSTGRES_PASSWORD"} <= required
+    assert {"BUBUH_SECRET_KEY", "POSTGRES_PASSWORD", "KAFKA_ADMIN_PASSWORD", "KAFKA_CONTROLLER_PASSWORD",
+            "KAFKA_MONITOR_PASSWORD"} <= required
+    assert {f"KAFKA_{t.upper()}_PASSWORD" for t in compose_tiers()} <= required
+    assert required <= set(example), f"not in .env.example: {sorted(required - set(example))}"
     for name in required:
         assert example.get(name, "") == "", f".env.example: {name} must stay empty (no real secrets)"
 
@@ -784,24 +791,250 @@ def test_partitions_and_replication_match_the_cluster():
 # docker compose
 # ----------------------------------------------------------------------------------------------
 
-def test_compose_kafka_is_three_kraft_brokers_replication_3_min_isr_2():
-    brokers = {n: s for n, s in compose_services().items() if s.get("image", "").startswith("apache/kafka")}
+NODE_SCRIPT = DEPLOY / "compose" / "kafka" / "node.sh"
+# what the compose brokers kept from their PLAINTEXT days, unchanged
+KAFKA_REPLICATION = {
+    "default.replication.factor": "3", "min.insync.replicas": "2", "offsets.topic.replication.factor": "3",
+    "transaction.state.log.replication.factor": "3", "transaction.state.log.min.isr": "2",
+    "share.coordinator.state.topic.replication.factor": "3", "share.coordinator.state.topic.min.isr": "2",
+    "unclean.leader.election.enable": "false", "auto.create.topics.enable": "false",
+    "group.initial.rebalance.delay.ms": "3000",
+}
+INTERPOLATION_RE = re.compile(r"\$\{([A-Z0-9_]+)(?::?([-?])([^}]*))?\}")
+
+
+def compose_brokers() -> dict[str, dict]:
+    return {n: s for n, s in compose_services().items() if s.get("image", "").startswith("apache/kafka")}
+
+
+def env_var(value: str) -> str:
+    """The .env variable a compose value is interpolated from (``${NAME:?...}``)."""
+    m = INTERPOLATION_RE.fullmatch(str(value))
+    assert m, f"{value!r} must be a ${{VAR}} from .env, nothing else"
+    return m.group(1)
+
+
+def interpolate(value: str) -> str:
+    """A compose value as docker compose would make it from a filled-in .env: .env.example's values,
+    and a test password of the allowed alphabet for every empty (required) one."""
+    dotenv = {k: v or f"test-{k.lower().replace('_', '-')}" for k, v in env_example().items()}
+
+    def one(m: re.Match) -> str:
+        name, kind, rest = m.groups()
+        if dotenv.get(name):
+            return dotenv[name]
+        assert kind == "-", f"${{{name}}} is required but not in .env.example"
+        return rest
+    return INTERPOLATION_RE.sub(one, str(value))
+
+
+def properties(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f"{path.name}: not key=value: {line!r}"
+            assert key not in out, f"{path.name}: {key} twice"
+            out[key] = value
+    return out
+
+
+def run_node_script(env: dict[str, str], conf_dir: Path) -> subprocess.CompletedProcess:
+    env = {**env, "NODE_CONF_DIR": str(conf_dir), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    return subprocess.run(["bash", str(NODE_SCRIPT), "--config-only"], env=env, capture_output=True, text=True,
+                          timeout=30)
+
+
+def node_config(svc: dict, conf_dir: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(server.properties, admin.properties) node.sh writes for a compose broker."""
+    env = {k: interpolate(v) for k, v in svc["environment"].items()}
+    done = run_node_script(env, conf_dir)
+    assert done.returncode == 0, f"node.sh --config-only failed: {done.stderr}"
+    return properties(conf_dir / "server.properties"), properties(conf_dir / "admin.properties")
+
+
+def jaas(value: str) -> dict[str, str]:
+    return dict(re.findall(r'(\S+)="([^"]*)"', value))
+
+
+def test_compose_kafka_nodes_run_the_node_script_with_its_environment():
+    """Each broker's entrypoint is node.sh, mounted read-only; every NODE_* it reads is set, passwords
+    from .env; no KAFKA_* variable (the image's env-to-properties wrapper is not used); the healthcheck
+    authenticates with the client config the script writes."""
+    brokers = compose_brokers()
     assert len(brokers) == 3
-    node_ids, advertised = set(), set()
+    script_vars = set(re.findall(r"\b(NODE_[A-Z_]+)\b", NODE_SCRIPT.read_text()))
+    assert script_vars >= {"NODE_ADMIN_PASSWORD", "NODE_CONTROLLER_PASSWORD", "NODE_ID", "NODE_CLUSTER_ID"}
+    ids = set()
     for name, svc in brokers.items():
         env = svc["environment"]
-        assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
-        assert env["KAFKA_MIN_INSYNC_REPLICAS"] == "2" and env["KAFKA_DEFAULT_REPLICATION_FACTOR"] == "3"
-        assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "3"
-        voters = {v.split("@")[1].split(":")[0] for v in env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")}
-        assert voters == set(brokers), name
-        node_ids.add(env["KAFKA_NODE_ID"])
-        advertised.add(env["KAFKA_ADVERTISED_LISTENERS"].split("://")[1])
-        assert svc["healthcheck"]["test"]
-    assert len(node_ids) == 3
+        assert script_vars <= set(env), f"{name}: node.sh needs {sorted(script_vars - set(env))}"
+        assert not [k for k in env if k.startswith("KAFKA_")], f"{name}: KAFKA_* is the image wrapper's"
+        for key in ("NODE_ADMIN_PASSWORD", "NODE_CONTROLLER_PASSWORD"):
+            assert ":?" in env[key] and env_var(env[key]), f"{name}: {key} is required from .env"
+        ids.add(env["NODE_ID"])
+        assert env["NODE_HOST"] == svc["hostname"] == name
+        bash, target = svc["entrypoint"]
+        assert bash == "/bin/bash"
+        mounts = [v.split(":") for v in svc["volumes"]]
+        script_mounts = [m for m in mounts if m[1] == target]
+        assert len(script_mounts) == 1 and script_mounts[0][2] == "ro", f"{name}: mount node.sh read-only"
+        assert (COMPOSE_FILE.parent / script_mounts[0][0]).resolve() == NODE_SCRIPT
+        assert [m[1] for m in mounts if not m[0].startswith(".")] == [env["NODE_DATA_DIR"]], f"{name}: data volume"
+        check = " ".join(svc["healthcheck"]["test"])
+        assert "kafka-broker-api-versions.sh --bootstrap-server localhost:9092" in check, name
+        assert f"--command-config {env['NODE_CONF_DIR']}/admin.properties" in check, f"{name}: unauthenticated"
+    assert len(ids) == 3
+
+
+def test_compose_kafka_is_three_kraft_nodes_secured_with_scram_and_acls(tmp_path):
+    """The server.properties node.sh writes for each broker: SASL_PLAINTEXT only, SCRAM-SHA-512 for
+    clients and between brokers, PLAIN with one user on the controller listener, the StandardAuthorizer
+    denying what no ACL allows, and the replication settings the PLAINTEXT brokers had."""
+    brokers = compose_brokers()
     bubuh_env = compose()["x-bubuh-env"]
+    node_ids, advertised = set(), set()
+    for name, svc in brokers.items():
+        env = {k: interpolate(v) for k, v in svc["environment"].items()}
+        server, admin = node_config(svc, tmp_path / name)
+        assert set(server["process.roles"].split(",")) == {"broker", "controller"}
+        assert server["node.id"] == env["NODE_ID"]
+        voters = dict(v.split("@") for v in server["controller.quorum.voters"].split(","))
+        assert {hp.split(":")[0] for hp in voters.values()} == set(brokers), name
+        assert voters[env["NODE_ID"]].split(":")[0] == name, f"{name}: its own id in the quorum"
+        node_ids.add(server["node.id"])
+        # every listener SASL_PLAINTEXT, none PLAINTEXT
+        protocol = dict(p.split(":") for p in server["listener.security.protocol.map"].split(","))
+        listeners = [ln.split("://")[0] for ln in server["listeners"].split(",")]
+        assert {protocol[ln] for ln in listeners} == {"SASL_PLAINTEXT"}, f"{name}: {server['listeners']}"
+        (adv,) = server["advertised.listeners"].split(",")
+        assert protocol[adv.split("://")[0]] == "SASL_PLAINTEXT"
+        advertised.add(adv.split("://")[1])
+        client = server["inter.broker.listener.name"]
+        assert client in listeners and server["controller.listener.names"] in listeners
+        assert server["sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
+        assert server["sasl.mechanism.inter.broker.protocol"] == "SCRAM-SHA-512"
+        scram = jaas(server[f"listener.name.{client.lower()}.scram-sha-512.sasl.jaas.config"])
+        assert scram == {"username": env["NODE_ADMIN_USER"], "password": env["NODE_ADMIN_PASSWORD"]}
+        ctl = server["controller.listener.names"].lower()
+        assert server[f"listener.name.{ctl}.sasl.enabled.mechanisms"] == "PLAIN"
+        assert server["sasl.mechanism.controller.protocol"] == "PLAIN"
+        user, password = env["NODE_CONTROLLER_USER"], env["NODE_CONTROLLER_PASSWORD"]
+        assert jaas(server[f"listener.name.{ctl}.plain.sasl.jaas.config"]) == {
+            "username": user, "password": password, f"user_{user}": password}
+        assert server["authorizer.class.name"] == "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+        assert server["allow.everyone.if.no.acl.found"] == "false"
+        assert set(server["super.users"].split(";")) == {f"User:{env['NODE_ADMIN_USER']}", f"User:{user}"}
+        assert server["log.dirs"] == env["NODE_DATA_DIR"]
+        assert {k: server.get(k) for k in KAFKA_REPLICATION} == KAFKA_REPLICATION, name
+        # the healthcheck's client: the admin, over SCRAM
+        assert admin["security.protocol"] == "SASL_PLAINTEXT" and admin["sasl.mechanism"] == "SCRAM-SHA-512"
+        assert jaas(admin["sasl.jaas.config"]) == scram
+        assert (os.stat(tmp_path / name / "server.properties").st_mode & 0o077) == 0, "secrets: mode 600"
+    assert len(node_ids) == 3
     assert set(bubuh_env["BUBUH_KAFKA_BOOTSTRAP"].split(",")) == advertised
-    assert bubuh_env["BUBUH_REPLICATION_FACTOR"] == "3"
+    assert bubuh_env["BUBUH_REPLICATION_FACTOR"] == KAFKA_REPLICATION["default.replication.factor"]
+
+
+@pytest.mark.parametrize("key, value", [("NODE_ADMIN_PASSWORD", 'pa"ss'), ("NODE_CONTROLLER_PASSWORD", "a,b]"),
+                                        ("NODE_ADMIN_PASSWORD", ""), ("NODE_ID", "one")])
+def test_the_node_script_refuses_values_that_would_break_jaas_or_add_scram(tmp_path, key, value):
+    svc = next(iter(compose_brokers().values()))
+    env = {k: interpolate(v) for k, v in svc["environment"].items()} | {key: value}
+    done = run_node_script(env, tmp_path)
+    assert done.returncode != 0 and key in done.stderr
+    assert not (tmp_path / "server.properties").exists()
+
+
+def test_compose_tiers_authenticate_as_their_own_principal():
+    from services.kernel import access
+    common = compose()["x-bubuh-env"]
+    assert "BUBUH_KAFKA_USERNAME" not in common and "BUBUH_KAFKA_PASSWORD" not in common
+    for name, svc in compose_tiers().items():
+        env = svc["environment"]
+        assert env["BUBUH_KAFKA_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT", name
+        assert env["BUBUH_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512", name
+        assert name in access.principal_names(), f"{name}: no principal of that name in access.py"
+        assert env["BUBUH_KAFKA_USERNAME"] == access.service_user(name), name
+        assert env_var(env["BUBUH_KAFKA_PASSWORD"]) == f"KAFKA_{name.upper()}_PASSWORD", name
+        assert svc["depends_on"]["kafka-setup"]["condition"] == "service_completed_successfully", name
+
+
+def kafka_setup_steps() -> list[argparse.Namespace]:
+    svc = compose_services()["kafka-setup"]
+    assert svc["entrypoint"] == ["/bin/sh", "-ec"], "one shell script; -e: the first failure fails the service"
+    (script,) = svc["command"]
+    steps = []
+    for line in filter(None, (ln.strip() for ln in script.splitlines())):
+        argv = shlex.split(line)
+        assert argv[0] == "bubuh", f"kafka-setup: {line!r}"
+        steps.append(cli().build_parser().parse_args(argv[1:]))
+    return steps
+
+
+def test_compose_kafka_setup_makes_the_topics_and_every_principal_as_the_admin():
+    """Topics first, then `kafka principal` with --password-env for every tier and the monitor, each
+    with the .env variable the tier (or the exporter) authenticates with."""
+    from services.kernel import access
+    svc = compose_services()["kafka-setup"]
+    assert is_bubuh(svc)
+    env = svc["environment"]
+    steps = kafka_setup_steps()
+    assert steps[0].command == "kafka" and steps[0].kafka_command == "setup"
+    made = {}
+    for step in steps[1:]:
+        assert step.command == "kafka" and step.kafka_command == "principal" and step.password_env
+        made[step.service] = env_var(env[step.password_env])
+    tiers = compose_tiers()
+    assert set(made) == set(tiers) | {access.MONITOR}
+    for name, tier in tiers.items():
+        assert made[name] == env_var(tier["environment"]["BUBUH_KAFKA_PASSWORD"]), f"{name}: another password"
+    exporter = compose_services()["kafka-exporter"]["command"]
+    assert f"--sasl.password=${{{made[access.MONITOR]}" in " ".join(exporter)
+    # as the admin the brokers bootstrapped
+    broker_env = next(iter(compose_brokers().values()))["environment"]
+    assert env["BUBUH_KAFKA_ADMIN_USERNAME"] == broker_env["NODE_ADMIN_USER"]
+    assert env_var(env["BUBUH_KAFKA_ADMIN_PASSWORD"]) == env_var(broker_env["NODE_ADMIN_PASSWORD"])
+    # set, BUBUH_KAFKA_USERNAME keeps `kafka setup` from making the local stack's platform principal
+    assert env["BUBUH_KAFKA_USERNAME"] == env["BUBUH_KAFKA_ADMIN_USERNAME"]
+    assert env["BUBUH_KAFKA_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT"
+    assert {n for n, d in svc["depends_on"].items() if d["condition"] == "service_healthy"} == set(compose_brokers())
+    assert svc.get("restart") == "no"
+
+
+def test_compose_channel_commands_run_as_the_kafka_admin():
+    """`bubuh channel add` creates the channel's Kafka credential and ACLs, which only the admin may: the
+    service the compose file and deploy/README.md name for it carries the admin's credential."""
+    broker_env = next(iter(compose_brokers().values()))["environment"]
+    named = set()
+    for path in (COMPOSE_FILE, DEPLOY / "README.md"):
+        named |= set(re.findall(r"docker compose run --rm (\S+) channel ", path.read_text()))
+    assert named == {"admin"}, f"channel commands run in {sorted(named)}"
+    svc = compose_services()["admin"]
+    assert is_bubuh(svc) and svc["profiles"] == ["tools"], "started by `docker compose run` only"
+    cli().build_parser().parse_args(svc["command"])
+    env = svc["environment"]
+    assert env["BUBUH_KAFKA_ADMIN_USERNAME"] == env["BUBUH_KAFKA_USERNAME"] == broker_env["NODE_ADMIN_USER"]
+    assert env_var(env["BUBUH_KAFKA_ADMIN_PASSWORD"]) == env_var(broker_env["NODE_ADMIN_PASSWORD"])
+    # the channel registry: the tiers' database, and the key that seals the channels' secrets
+    common = compose()["x-bubuh-env"]
+    assert env["BUBUH_DATABASE_URL"] == common["BUBUH_DATABASE_URL"]
+    assert env["BUBUH_SECRET_KEY"] == common["BUBUH_SECRET_KEY"]
+
+
+def test_compose_kafka_exporter_authenticates_as_the_monitor(tmp_path):
+    from services.kernel import access
+    svc = compose_services()["kafka-exporter"]
+    flags = dict((f.split("=", 1) + [""])[:2] for f in svc["command"])
+    assert "--sasl.enabled" in flags and not flags["--sasl.enabled"]
+    server, _ = node_config(next(iter(compose_brokers().values())), tmp_path)
+    # the exporter's spelling of the brokers' mechanism
+    assert flags["--sasl.mechanism"] == {"SCRAM-SHA-512": "scram-sha512"}[server["sasl.enabled.mechanisms"]]
+    assert flags["--sasl.username"] == access.service_user(access.MONITOR)
+    assert ":?" in flags["--sasl.password"] and env_var(flags["--sasl.password"])
+    servers = [v for f, v in ((f.split("=", 1) + [""])[:2] for f in svc["command"]) if f == "--kafka.server"]
+    assert set(servers) == set(compose()["x-bubuh-env"]["BUBUH_KAFKA_BOOTSTRAP"].split(","))
+    assert svc["depends_on"]["kafka-setup"]["condition"] == "service_completed_successfully"
 
 
 def test_compose_runs_one_container_per_tier():
