@@ -216,6 +216,68 @@ async def test_the_platform_runs_on_exactly_the_platform_principals_acls(setting
         admin.disable_user(user)
 
 
+async def test_the_monitor_principal_sees_lag_and_can_read_or_join_nothing(settings):
+    """What a lag exporter does (list groups, their committed offsets, the topics' end offsets) works
+    with ``bubuh kafka principal monitor``'s ACLs; reading records or joining a group does not."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import GroupAuthorizationFailedError
+
+    from services.kernel.processing.kafka_source import build_consumer
+
+    admin = stack.access_admin()
+    await topics.ensure(settings)
+    name = settings.topic(topics.QUOTA_EVENTS.name)
+    group = settings.group("notification.intake")
+    # the platform's consumer group commits an offset on quota.events, as the notification tier would
+    platform = await _producer(settings, settings.kafka_credential())
+    try:
+        await platform.send_and_wait(name, b"x", key=b"k", partition=0)
+    finally:
+        await platform.stop()
+    committer = build_consumer(settings, group_id=group, client_id="monitor-probe")
+    await committer.start()
+    try:
+        committer.assign([TopicPartition(name, 0)])
+        await committer.commit({TopicPartition(name, 0): 1})
+    finally:
+        await committer.stop()
+
+    user = f"{settings.topic_prefix}monitor"
+    credential = await asyncio.to_thread(access.create_principal, admin, settings, user,
+                                         access.monitor_bindings(settings, user))
+    monitor = settings.model_copy(update={"kafka_username": credential[0], "kafka_password": credential[1]})
+    try:
+        client = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(monitor))
+        await client.start()
+        try:
+            assert group in [g for g, *_ in await client.list_consumer_groups()]
+            offsets = await client.list_consumer_group_offsets(group)
+            assert offsets[TopicPartition(name, 0)].offset == 1
+        finally:
+            await client.close()
+        probe = AIOKafkaConsumer(**kafka_auth.aiokafka_options(monitor), group_id=None)
+        await probe.start()
+        try:
+            ends = await probe.end_offsets([TopicPartition(name, 0)])
+            assert ends[TopicPartition(name, 0)] >= 1
+            probe.assign([TopicPartition(name, 0)])
+            probe.seek(TopicPartition(name, 0), 0)
+            with pytest.raises(TopicAuthorizationFailedError):     # a record read would fail this test
+                await probe.getmany(timeout_ms=5000)
+                await asyncio.wait_for(probe.getone(), 10)
+        finally:
+            await probe.stop()
+        joiner = AIOKafkaConsumer(name, **kafka_auth.aiokafka_options(monitor), group_id=group)
+        with pytest.raises((GroupAuthorizationFailedError, TopicAuthorizationFailedError)):
+            await joiner.start()
+            await asyncio.wait_for(joiner.getone(), 10)
+        await joiner.stop()
+    finally:
+        admin.revoke_all(user)
+        admin.disable_user(user)
+
+
 async def test_a_restarted_broker_still_knows_everyone_after_suspensions(tmp_path, settings):
     """A restart keeps every live credential and keeps suspended channels locked out (suspension
     disables a credential rather than deleting it: docs/kafka-access.md tells why)."""
