@@ -26,6 +26,7 @@ import multiprocessing.forkserver
 import os
 import resource
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,8 +39,10 @@ from services.stamping.metrics import SANDBOX_OUTCOMES, SANDBOX_SECONDS
 log = logs.get(__name__)
 
 # loaded once in the fork server, inherited by every child
+# (this module too: every child unpickles its entry point, ``_serve``, from here)
 PRELOAD = ["pikepdf", "pyhanko.sign", "pyhanko.sign.validation", "services.stamping.document.inspection",
-           "services.stamping.document.verification", "services.stamping.signing.engine"]
+           "services.stamping.document.verification", "services.stamping.signing.engine",
+           "services.stamping.sandbox"]
 _START_TIMEOUT_S = 60.0
 
 
@@ -56,8 +59,16 @@ class ProcessLimits:
 
 def _context():
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
+    ctx.set_forkserver_preload(PRELOAD + _main_module())
     return ctx
+
+
+def _main_module() -> list[str]:
+    """The program's own module (``services.cli`` under ``python -m``): multiprocessing runs it again in
+    every child to rebuild ``__main__``; loaded once in the fork server, that costs each child nothing."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", None)
+    return [name] if name and not name.endswith("__main__") else []
 
 
 def start_fork_server() -> None:

@@ -39,13 +39,6 @@ from services.stamping.worker import CONSUMER as WORKER
 from services.stamping.worker import StampWorker
 
 
-def open_engine(config: SignerConfig, verify_base_url: str) -> StampingEngine:
-    """The signing child's state: one engine, one key or PKCS#11 session, for the child's life.
-    One signing child per worker process: signing is CPU-bound (one worker process per core scales
-    it), and a PKCS#11 session does one operation at a time."""
-    return StampingEngine(config, verify_base_url)
-
-
 def signer_config(s: Settings) -> SignerConfig:
     if s.signing_pkcs11_module:
         return SignerConfig(pkcs11_module=s.signing_pkcs11_module, pkcs11_token_label=s.signing_pkcs11_token_label,
@@ -95,8 +88,12 @@ async def router(rt: Runtime) -> APIRouter:
 async def workers(rt: Runtime) -> list[Task]:
     s = rt.settings
     pool = await rt.pool(NAME)
-    # the signing child opens the key (or the PKCS#11 session) once and keeps it
-    signing = Sandbox("signing", size=1, setup=open_engine, setup_args=(signer_config(s), s.public_url),
+    # The signing child's state: one engine, one key or PKCS#11 session, for the child's life. One
+    # signing child per worker process: signing is CPU-bound (one worker process per core scales it),
+    # and a PKCS#11 session does one operation at a time. The setup is the engine class itself, from a
+    # module the fork server preloaded: a setup defined here would make the child import this whole
+    # service (FastAPI, the routers, asyncpg) to unpickle it, about a second of CPU per start.
+    signing = Sandbox("signing", size=1, setup=StampingEngine, setup_args=(signer_config(s), s.public_url),
                       budget=ProcessLimits.of(s.signing_cpu_s, s.signing_wall_s, s.document_memory_mib))
     try:
         await signing.start()

@@ -78,7 +78,7 @@ async def finish_failed(conn: asyncpg.Connection, settings: Settings, *, request
 
 
 def sign(engine: StampingEngine, data: bytes, request: StampRequest) -> bytes:
-    """In the worker's signing child (services/stamping/service.py ``open_engine``), within budget."""
+    """In the worker's signing child (``StampingEngine``, set up by services/stamping/service.py), within budget."""
     return engine.stamp(data, request)
 
 
