@@ -40,17 +40,45 @@ def own_database(local_stack):
         yield url
 
 
-@pytest.fixture
-async def settings(local_stack, request):
+def _shares_platform(request) -> bool:
+    """``@pytest.mark.shared_platform`` (a module's tests, each with a channel of its own, on one platform);
+    a test that also asks for ``platform_env`` gets a platform and settings of its own."""
+    node = request.node
+    return node.get_closest_marker("shared_platform") is not None and node.get_closest_marker("platform_env") is None
+
+
+@contextlib.asynccontextmanager
+async def _isolated(request):
     overrides = {}
     if request.node.get_closest_marker("own_database"):
         overrides["database_url"] = request.getfixturevalue("own_database")
     s = stack.isolated_settings(**overrides)
     await asyncio.to_thread(stack.grant_prefix, s)
-    yield s
-    await _cleanup(s)
-    with contextlib.suppress(Exception):
-        await asyncio.to_thread(stack.revoke_prefix, s)
+    try:
+        yield s
+    finally:
+        await _cleanup(s)
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(stack.revoke_prefix, s)
+
+
+@pytest.fixture(scope="module")
+async def module_settings(local_stack, request):
+    async with _isolated(request) as s:
+        yield s
+
+
+@pytest.fixture
+async def per_test_settings(local_stack, request):
+    async with _isolated(request) as s:
+        yield s
+
+
+@pytest.fixture
+def settings(request):
+    """The test's isolated topics, schemas, consumer groups and port; the module's under ``shared_platform``.
+    (A plain fixture that picks: an async fixture cannot ask for another while the loop runs.)"""
+    return request.getfixturevalue("module_settings" if _shares_platform(request) else "per_test_settings")
 
 
 async def _cleanup(s) -> None:
@@ -73,15 +101,29 @@ async def _cleanup(s) -> None:
             await admin.close()
 
 
+@pytest.fixture(scope="module")
+async def module_platform(module_settings):
+    from tests.platform import PlatformProcess
+    proc = await PlatformProcess(module_settings).start()
+    yield proc
+    await proc.stop()
+
+
 @pytest.fixture
-async def platform(settings, request):
-    """The whole platform (all services, one process) on the test's isolated topics and schemas;
-    ``@pytest.mark.platform_env(NAME=value)`` adds to its environment."""
+async def per_test_platform(settings, request):
     from tests.platform import PlatformProcess
     marker = request.node.get_closest_marker("platform_env")
     proc = await PlatformProcess(settings, **(marker.kwargs if marker else {})).start()
     yield proc
     await proc.stop()
+
+
+@pytest.fixture
+def platform(settings, request):
+    """The whole platform (all services, one process) on the test's isolated topics and schemas;
+    ``@pytest.mark.platform_env(NAME=value)`` adds to its environment; under ``@pytest.mark.shared_platform``
+    the module's one platform, which its tests share (each test keeps to a channel of its own)."""
+    return request.getfixturevalue("module_platform" if _shares_platform(request) else "per_test_platform")
 
 
 @pytest.fixture

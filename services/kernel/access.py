@@ -270,16 +270,22 @@ class AccessAdmin:
 
 
 def authenticates(settings: Settings, credential: tuple[str, str], timeout_s: float = 3.0) -> bool:
-    """Whether the broker accepts this credential now (one fresh connection)."""
+    """Whether the broker accepts this credential now (one fresh connection). A refusal is known as soon
+    as the broker answers the SASL exchange; only an unreachable broker takes the whole ``timeout_s``."""
     failed: list[KafkaError] = []
     config = kafka_auth.confluent_config(settings, credential) | {
         "log_level": "0", "error_cb": failed.append, "reconnect.backoff.ms": "50"}
     client = AdminClient(config)
-    try:
-        client.list_topics(timeout=timeout_s)
-        return True
-    except KafkaException:
-        return False
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.list_topics(timeout=min(0.2, max(0.01, deadline - time.monotonic())))
+            return True
+        except KafkaException:
+            pass
+        client.poll(0)     # serves error_cb: librdkafka reports the refusal there, then keeps retrying
+        if any(e.code() == KafkaError._AUTHENTICATION for e in failed) or time.monotonic() >= deadline:
+            return False
 
 
 def wait_authenticates(settings: Settings, credential: tuple[str, str], timeout_s: float = 30.0) -> None:

@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pytest
+
 from loadtests import corpus
 from tests.flows import auth, buy, post_stamp, stamp_meta
 
@@ -34,6 +36,8 @@ STREAM_MARGIN = 8 * 1024 * 1024   # the same after the app read at full speed up
 # buffered, and it stops reading only once that passes 64 KiB, in reads of up to 256 KiB (asyncio)
 APP_MARGIN = 64 * 1024 + 256 * 1024
 BOUNDARY = b"bubuhlimits"
+
+pytestmark = pytest.mark.shared_platform   # one platform for the module; every test has its own channel
 
 
 @dataclass
@@ -160,6 +164,7 @@ async def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(plat
     cases = (("/v1/stamps", _multipart_headers(), _multipart_head(stamp_meta("limits"))),
              ("/v1/purchases", {"Content-Type": "application/json"}, b'{"channel_order_id": "'))
     for path, ctype, head in cases:
+        seen = len(platform.log_records())    # the module's tests share the platform and its log
         out = await asyncio.to_thread(
             _request, settings.http_port, path, ctype | {"Transfer-Encoding": "chunked"},
             _chunked(itertools.chain([head], _zeros(UPLOAD))))
@@ -167,7 +172,7 @@ async def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(plat
         assert (out.status, out.code) == (401, "UNAUTHENTICATED"), (path, out)
         assert out.headers.get("connection") == "close", (path, out.headers)
         assert out.delivered < MARGIN, f"{path}: the server took {out.delivered} bytes before its 401"
-        (early,) = [r for r in platform.log_records() if r.get("event") == "answered before the body; closing"
+        (early,) = [r for r in platform.log_records()[seen:] if r.get("event") == "answered before the body; closing"
                     and r.get("path") == path]
         assert early["received"] == 0, early   # the route never read a byte of it
     # a wrong key is no different from none, with a Content-Length within the limit too
@@ -212,6 +217,7 @@ async def test_a_streamed_body_is_cut_at_the_limit_and_memory_stays_flat(platfor
         ("/v1/verify", _multipart_headers(), _multipart_head(None)),
     ]
     for path, headers, head in cases:
+        seen = len(platform.log_records())
         out = await asyncio.to_thread(
             _request, settings.http_port, path, headers | {"Transfer-Encoding": "chunked"},
             _chunked(itertools.chain([head], _zeros(UPLOAD))))
@@ -221,7 +227,7 @@ async def test_a_streamed_body_is_cut_at_the_limit_and_memory_stays_flat(platfor
         assert out.headers.get("connection") == "close", out.headers
         assert limit < out.delivered <= limit + STREAM_MARGIN and out.sent < UPLOAD, \
             f"{path}: the server took {out.delivered} bytes"
-        (refusal,) = [r for r in platform.log_records() if r.get("event") == "body refused at its limit"
+        (refusal,) = [r for r in platform.log_records()[seen:] if r.get("event") == "body refused at its limit"
                       and r.get("path") == path]
         print(f"  the platform read {refusal['received']} bytes of it")
         assert limit < refusal["received"] <= limit + APP_MARGIN, refusal

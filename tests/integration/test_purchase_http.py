@@ -9,6 +9,8 @@ import pytest
 from tests.flows import Db, auth, order_body, post_until_accepted, wait_for
 from tests.platform import add_channel
 
+pytestmark = pytest.mark.shared_platform   # one platform for the module; every test has its own channel
+
 
 async def quota(api, channel, account="acct-1"):
     r = await api.get(f"/v1/accounts/{account}/quota", headers=auth(channel))
@@ -82,7 +84,8 @@ async def test_validation_answers_with_stable_codes_and_moves_nothing(api, chann
     # nothing else moved: only the first, valid purchase was credited
     q = await wait_for(lambda: quota(api, channel), what="quota")
     assert q["credited"] == 1
-    assert await Db(settings).val("purchase", "SELECT count(*) FROM purchases") == 1
+    assert await Db(settings).val("purchase", "SELECT count(*) FROM purchases WHERE channel_id = $1",
+                                  channel["channel_id"]) == 1
 
 
 async def test_a_channel_sees_only_its_own_purchases_and_accounts(api, channel, settings):

@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import time
 
+import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -30,14 +31,19 @@ from tests.flows import (
 )
 from tests.platform import add_channel, cli
 
+# the tests on the platform share one (each with a channel of its own); the topic test needs topics of its own
+shared = pytest.mark.shared_platform
+
 
 async def _credited(db: Db, channel_id: str) -> int:
     return await db.val("quota", "SELECT coalesce(sum(amount), 0) FROM transfers WHERE kind = 'credit' "
                                  "AND channel_id = $1", channel_id) or 0
 
 
+@shared
 async def test_signed_kafka_purchase_is_credited_and_poison_is_dead_lettered(platform, channel, settings):
     db = Db(settings)
+    started_ms = int(time.time() * 1000) - 1000    # the dead letters of this test (the module shares the topics)
     producer = Producer(settings)
     await producer.start()
     try:
@@ -62,14 +68,16 @@ async def test_signed_kafka_purchase_is_credited_and_poison_is_dead_lettered(pla
 
     await wait_for(lambda: _credited(db, channel["channel_id"]), what="credit")
     await wait_for(lambda: _eq(_credited(db, channel["channel_id"]), 5), what="both good purchases credited")
-    dlq = await read_topic(settings, topics.PURCHASE_DLQ.name, at_least=5)
+    dlq = [r for r in await read_topic(settings, topics.PURCHASE_DLQ.name, at_least=5) if r.timestamp >= started_ms]
     reasons = sorted(dict(r.headers)[DLQ_REASON].decode() for r in dlq)
     assert reasons == sorted(["SIGNATURE_INVALID", "SIGNATURE_MISSING", "CHANNEL_UNKNOWN", "SIGNATURE_INVALID",
                               "EVENT_MALFORMED"])
     # the negative quantity was authentic, so it is a rejected purchase (not poison), visible with its code
-    rejected = await db.fetch("purchase", "SELECT status, code FROM purchases WHERE quantity = -1")
+    rejected = await db.fetch("purchase", "SELECT status, code FROM purchases WHERE quantity = -1 AND channel_id = $1",
+                              channel["channel_id"])
     assert [(r["status"], r["code"]) for r in rejected] == [("rejected", "QUANTITY_OUT_OF_RANGE")]
-    published = decoded(await read_topic(settings, topics.PURCHASE_EVENTS.name, at_least=3))
+    published = [m for m in decoded(await read_topic(settings, topics.PURCHASE_EVENTS.name, at_least=3))
+                 if m.channel_id == channel["channel_id"]]
     assert sorted(type(m).__name__ for m in published) == ["PurchaseConfirmed", "PurchaseConfirmed",
                                                           "PurchaseRejected"]
     assert await _credited(db, channel["channel_id"]) == 5
@@ -79,6 +87,7 @@ async def _eq(coro, value):
     return (await coro) == value
 
 
+@shared
 async def test_rotated_secret_keeps_the_old_one_valid_for_the_grace_period(platform, channel, settings):
     db = Db(settings)
     new = json.loads(cli(settings, "channel", "rotate-secret", channel["channel_id"], "--json").stdout)
@@ -93,6 +102,7 @@ async def test_rotated_secret_keeps_the_old_one_valid_for_the_grace_period(platf
     await wait_for(lambda: _eq(_credited(db, channel["channel_id"]), 3), what="old and new secret accepted")
 
 
+@shared
 async def test_every_purchase_delivered_three_times_is_credited_once(platform, api, channel, settings):
     """HTTP retry, the channel re-publishing to Kafka, and Kafka redelivering the confirmation."""
     db = Db(settings)
@@ -115,15 +125,20 @@ async def test_every_purchase_delivered_three_times_is_credited_once(platform, a
     await post_until_accepted(api, channel, marker)
     await wait_for(lambda: _eq(_credited(db, channel["channel_id"]), expected + 1), what="marker credited")
     per_account = await db.fetch("quota", "SELECT account_id, credited, pending, committed FROM accounts "
-                                          "WHERE account_id LIKE 'acct-%' ORDER BY account_id")
+                                          "WHERE account_id LIKE 'acct-%' AND channel_id = $1 ORDER BY account_id",
+                                 channel["channel_id"])
     want = {}
     for b in bodies:
         want[b["account_id"]] = want.get(b["account_id"], 0) + b["quantity"]
     assert {r["account_id"]: r["credited"] for r in per_account} == want
-    assert await db.val("quota", "SELECT count(*) FROM transfers WHERE kind = 'credit'") == len(bodies) + 1
-    assert await db.val("purchase", "SELECT count(*) FROM purchases WHERE status = 'confirmed'") == len(bodies) + 1
+    mine = channel["channel_id"]
+    assert await db.val("quota", "SELECT count(*) FROM transfers WHERE kind = 'credit' AND channel_id = $1",
+                        mine) == len(bodies) + 1
+    assert await db.val("purchase", "SELECT count(*) FROM purchases WHERE status = 'confirmed' AND channel_id = $1",
+                        mine) == len(bodies) + 1
 
 
+@shared
 async def test_a_body_mismatch_found_downstream_rejects_the_later_purchase(platform, api, channel, settings):
     """What happens when intake could not check (PostgreSQL away, or two doors): the consumer decides."""
     db = Db(settings)
@@ -152,6 +167,7 @@ async def test_a_body_mismatch_found_downstream_rejects_the_later_purchase(platf
     assert await _credited(db, channel["channel_id"]) == 2
 
 
+@shared
 async def test_a_channel_cannot_undo_or_repeat_a_confirmed_order_on_the_real_broker(platform, api, channel, settings):
     """The hostile resend of issue 10: a confirmed order re-sent correctly signed but back-dated an
     hour, then the same order id with another body. Before, the first flipped the purchase to
@@ -179,7 +195,7 @@ async def test_a_channel_cannot_undo_or_repeat_a_confirmed_order_on_the_real_bro
     await asyncio.sleep(1.0)      # the back-dated resend was applied before the second body (same key, in order)
     assert await _credited(db, channel["channel_id"]) == 7
     assert await db.val("purchase", "SELECT status FROM purchases WHERE channel_order_id = 'HOSTILE-1' "
-                                    "AND quantity = 7") == "confirmed"
+                                    "AND quantity = 7 AND channel_id = $1", channel["channel_id"]) == "confirmed"
 
 
 def _back_dated(rec: events.Outgoing, channel: dict, hours: int) -> events.Outgoing:

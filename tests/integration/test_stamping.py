@@ -27,6 +27,8 @@ from tests.flows import (
 )
 from tests.unit.stamping import attacks
 
+pytestmark = pytest.mark.shared_platform   # one platform for the module; every test has its own channel
+
 
 def pdfsig_report(pdf: bytes, tmp_path) -> str:
     """poppler's pdfsig with an NSS database that trusts the dev CA the workers sign with."""

@@ -16,6 +16,7 @@ service's question (it owns the SN registry), not this library's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import re
@@ -53,7 +54,8 @@ class Finding:
         return out
 
 
-def _stamp_diff_policy():
+@functools.cache
+def stamp_diff_policy():
     """pyHanko's default policy without form filling: after a stamp only signatures, DSS, time-stamps.
 
     Kept from pyHanko's defaults: catalog comparison (only /AcroForm, /DSS, /Extensions,
@@ -97,7 +99,6 @@ def _stamp_diff_policy():
     )
 
 
-STAMP_DIFF_POLICY = _stamp_diff_policy()
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class SignatureReport:
     valid: bool  # the cryptographic signature over that digest verifies
     trusted: bool  # the certificate chains to a given trust root, key usage acceptable
     covers_entire_file: bool  # False: something was appended after this signature
-    modification_level: str | None  # pyHanko's judgement of later updates (for stamps under STAMP_DIFF_POLICY)
+    modification_level: str | None  # pyHanko's judgement of later updates (for stamps under stamp_diff_policy())
     reason: str | None
     location: str | None
     sn: str | None  # from "[SN] reason"; None for signatures that are not e-Meterai
@@ -121,7 +122,7 @@ class SignatureReport:
     revision_sha256: str  # sha256 of the bytes the signature's ByteRange spans: the file as it was signed
     summary: str
     revision: int = 0  # 1-based revision of the file this signature was added in (0: unknown)
-    after_level: str | None = None  # stamps: STAMP_DIFF_POLICY's level for what follows (NONE, LTA_UPDATES...)
+    after_level: str | None = None  # stamps: stamp_diff_policy()'s level for what follows (NONE, LTA_UPDATES...)
     findings: tuple[Finding, ...] = ()  # why it does not vouch for the document; empty when it does
 
     @property
@@ -204,14 +205,14 @@ def verify(data: bytes, trust_roots: Iterable, *, allow_fetching: bool = False) 
             revision_end = 0
         try:
             # a stamp's later revisions are judged once, by our policy (pyHanko's default for the rest)
-            status = validate_pdf_signature(sig, vc, diff_policy=STAMP_DIFF_POLICY if sn is not None else None)
+            status = validate_pdf_signature(sig, vc, diff_policy=stamp_diff_policy() if sn is not None else None)
         except RecursionError as exc:
             raise BubuhError(errors.PDF_MALFORMED, "object nesting is too deep") from exc
         except Exception as exc:  # noqa: BLE001 - a hostile signature must not abort the report
             # e.g. a chain whose names match a trust root but whose key type does not:
             # pyhanko-certvalidator asserts instead of reporting. Judged again without any
             # trust root: intact and valid then means a real signature by someone else.
-            status = _validate_untrusted(sig, allow_fetching, STAMP_DIFF_POLICY if sn is not None else None)
+            status = _validate_untrusted(sig, allow_fetching, stamp_diff_policy() if sn is not None else None)
             if status is None:
                 reports.append(_failed(sig, sn, reason, sig_obj, data[:revision_end], exc))
                 continue
@@ -344,7 +345,7 @@ def _signature_findings(status, sn: str | None) -> list[Finding]:
 
 
 def _review_after_stamp(sig, coverage, diff_result) -> tuple[str | None, Finding | None]:
-    """What follows the stamp, judged by STAMP_DIFF_POLICY; the first refused revision is the finding.
+    """What follows the stamp, judged by stamp_diff_policy(); the first refused revision is the finding.
 
     ``diff_result`` is the verdict pyHanko's validator already reached with that policy
     (``review_file``: each later revision compared with the stamped one, not with its
@@ -373,7 +374,7 @@ def _review_after_stamp(sig, coverage, diff_result) -> tuple[str | None, Finding
     for revision in range(sig.signed_revision + 1, reader.xrefs.total_revisions):
         later = reader.get_historical_resolver(revision)
         try:
-            result = STAMP_DIFF_POLICY.apply(stamped, later)
+            result = stamp_diff_policy().apply(stamped, later)
         except (SuspiciousModification, PdfError, ValueError, KeyError, TypeError, AssertionError) as exc:
             return None, Finding(errors.MODIFIED_AFTER_STAMPING.code, _one_based(exc),
                                  revision=revision + 1, changed=_changed_paths(exc, stamped, later))
