@@ -1,5 +1,5 @@
 """deploy/prometheus/rules.yml through Prometheus's own promtool: it loads (Debian's Prometheus 2.42, what
-`make ops` runs), and each alert its unit tests (rules.test.yml) cover fires on a synthetic faulty series,
+`make ops` runs), and each alert (every one has unit tests in rules.test.yml) fires on a synthetic faulty series,
 stays silent on a healthy one and before its ``for:``. ``make rules`` runs the same two commands."""
 
 from __future__ import annotations
@@ -64,5 +64,6 @@ def test_each_key_alert_is_tested_firing_and_silent() -> None:
             assert check["alertname"] in alerts, f"rules.test.yml tests an alert rules.yml lacks: {check['alertname']}"
             (fires if check.get("exp_alerts") else silent).add(check["alertname"])
     assert MUST_BE_TESTED <= alerts, f"rules.yml lost {MUST_BE_TESTED - alerts}"
-    assert not MUST_BE_TESTED - fires, f"never shown firing: {sorted(MUST_BE_TESTED - fires)}"
-    assert not MUST_BE_TESTED - silent, f"never shown silent: {sorted(MUST_BE_TESTED - silent)}"
+    # every alert, the deadline-day ones first: a new alert comes with its tests
+    assert not alerts - fires, f"never shown firing in rules.test.yml: {sorted(alerts - fires)}"
+    assert not alerts - silent, f"never shown silent in rules.test.yml: {sorted(alerts - silent)}"
