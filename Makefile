@@ -64,7 +64,7 @@ system-packages: ## Debian packages the platform and its tests use (PostgreSQL, 
 up: setup ## start Kafka (SASL/SCRAM + ACLs, credentials in .local/kafka/credentials), PostgreSQL and the platform in the background; OPS=1 also Prometheus + Alertmanager
 	$(STACK) up
 	$(BUBUH) up
-	$(if $(OPS),$(OPS_SH) start)
+	$(if $(filter 1 yes true,$(OPS)),$(OPS_SH) start)
 
 ops: setup ## Prometheus (127.0.0.1:19090) + Alertmanager (127.0.0.1:19094) for the running platform, rules from deploy/prometheus, config in .local/ops
 	$(OPS_SH) start
