@@ -6,11 +6,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 BUBUH  := $(VENV)/bin/bubuh
 STACK  := deploy/local/stack.sh
+OPS_SH := deploy/local/ops.sh
+RULES  := deploy/prometheus/rules.yml
+OPS    ?=
 PROTOS := $(wildcard proto/bubuh/v1/*.proto)
 GEN    := services/contracts/bubuh/v1/.generated
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: help setup system-packages proto contract contract-baseline up down run status test test-fast bench surge lint docs clean distclean
+.PHONY: help setup system-packages proto contract contract-baseline up ops rules down run status test test-fast bench surge lint docs clean distclean
 
 help: ## list the verbs
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -58,17 +61,28 @@ contract-baseline: $(BUF) ## rewrite proto/baseline.binpb from proto/: only for 
 system-packages: ## Debian packages the platform and its tests use (PostgreSQL, poppler, NSS tools, SoftHSM2)
 	deploy/local/system-packages.sh
 
-up: setup ## start Kafka (SASL/SCRAM + ACLs, credentials in .local/kafka/credentials), PostgreSQL and the platform in the background
+up: setup ## start Kafka (SASL/SCRAM + ACLs, credentials in .local/kafka/credentials), PostgreSQL and the platform in the background; OPS=1 also Prometheus + Alertmanager
 	$(STACK) up
 	$(BUBUH) up
+	$(if $(filter 1 yes true,$(OPS)),$(OPS_SH) start)
 
-down: ## stop the platform, Kafka and PostgreSQL
+ops: setup ## Prometheus (127.0.0.1:19090) + Alertmanager (127.0.0.1:19094) for the running platform, rules from deploy/prometheus, config in .local/ops
+	$(OPS_SH) start
+
+rules: ## promtool check rules + the alert unit tests (deploy/prometheus/rules.test.yml)
+	@command -v promtool >/dev/null || $(OPS_SH) install
+	promtool check rules $(RULES)
+	promtool test rules deploy/prometheus/rules.test.yml
+
+down: ## stop Prometheus + Alertmanager, the platform, Kafka and PostgreSQL
+	$(OPS_SH) stop
 	-@test -x $(BUBUH) && $(BUBUH) down
 	$(STACK) down
 
 status: ## what is running
 	-$(STACK) status
 	-@test -x $(BUBUH) && $(BUBUH) status
+	-@$(OPS_SH) status
 
 run: setup ## the platform in the foreground on the local stack, with the walkthrough; Ctrl-C stops it
 	deploy/local/run.sh
@@ -99,7 +113,7 @@ bench: setup system-packages ## the purchase pipeline on the local stack vs Post
 surge: up ## the deadline-day surge against the running platform (make up); figures in loadtests/results/surge.json
 	$(PY) -m loadtests.surge --out loadtests/results/surge.json
 
-lint: setup contract ## ruff, buf lint, buf breaking
+lint: setup contract rules ## ruff, buf lint, buf breaking, promtool (rules and their tests)
 	$(VENV)/bin/ruff check services tests loadtests
 
 docs: setup ## regenerate docs/errors.md and docs/topics.md from the code's catalogues

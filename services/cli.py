@@ -57,6 +57,14 @@ def cmd_status(args) -> None:
     sys.exit(0 if local_processes.status(_settings()) else 3)
 
 
+def cmd_scrape_targets(args) -> None:
+    from services import local_processes
+    s = _settings()
+    for name, (job, port) in local_processes.metrics_targets(s).items():
+        args = local_processes.PROCESSES[name]
+        print(job, f"{s.http_host}:{port}", name, args[args.index("--workers") + 1])
+
+
 def cmd_channel(args) -> None:
     from services.purchase import admin
     asyncio.run(admin.channel_command(_settings(), args))
@@ -167,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the background platform").set_defaults(func=cmd_down)
     sub.add_parser("status", help="is the background platform running?").set_defaults(func=cmd_status)
+    sub.add_parser("scrape-targets", help="each process of `bubuh up`: its Prometheus job, metrics address, "
+                   "name and workers (deploy/local/ops.sh)").set_defaults(func=cmd_scrape_targets)
 
     sp = sub.add_parser("channel", help="manage distribution channels")
     csub = sp.add_subparsers(dest="channel_command", required=True)

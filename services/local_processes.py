@@ -25,6 +25,23 @@ PROCESSES: dict[str, list[str]] = {
 }
 
 
+def metrics_targets(settings: Settings) -> dict[str, tuple[str, int]]:
+    """Each process's Prometheus job and its own /metrics port, never shared: a process with API routes
+    serves /metrics on BUBUH_HTTP_PORT; the worker-only ones get BUBUH_METRICS_PORT, +1, +2, ... in order
+    (default: the HTTP port + 1), so a scrape always lands on the one process it names."""
+    base = settings.metrics_port or settings.http_port + 1
+    targets: dict[str, tuple[str, int]] = {}
+    for name, args in PROCESSES.items():
+        api, workers = args[args.index("--api") + 1], args[args.index("--workers") + 1]
+        if api != "none":
+            targets[name] = ("bubuh-api", settings.http_port)
+        else:
+            tier = workers if "," not in workers else "workers"
+            targets[name] = (f"bubuh-{tier}", base)
+            base += 1
+    return targets
+
+
 def _run_dir(settings: Settings) -> Path:
     run = settings.local_dir / "run"
     run.mkdir(parents=True, exist_ok=True)
@@ -66,15 +83,17 @@ def up(settings: Settings, timeout: float = 90) -> None:
               f"API on {settings.public_url}")
         return
     started: dict[str, subprocess.Popen] = {}
+    targets = metrics_targets(settings)
     for name, args in PROCESSES.items():
         if running[name]:
             continue
         ready = run / f"{name}.ready"
         ready.unlink(missing_ok=True)
+        env = {**os.environ, "BUBUH_METRICS_PORT": str(targets[name][1])}
         with open(settings.local_dir / "logs" / f"{name}.log", "ab") as log:
             started[name] = subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "serve", *args, "--ready-file", str(ready)],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         (run / f"{name}.pid").write_text(str(started[name].pid))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

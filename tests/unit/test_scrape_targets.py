@@ -1,0 +1,29 @@
+"""`bubuh up` and the local Prometheus (deploy/local/ops.sh) agree on where each process serves /metrics:
+every process has a port of its own, so a scrape never lands on another process."""
+
+from __future__ import annotations
+
+from services import local_processes
+from services.kernel.settings import Settings
+
+
+def test_each_process_is_scraped_on_its_own_port(monkeypatch):
+    monkeypatch.setattr(local_processes, "PROCESSES", {
+        **local_processes.PROCESSES,
+        "stamping-2": ["--api", "none", "--workers", "stamping"],
+        "notify-1": ["--api", "none", "--workers", "notification"],
+    })
+    targets = local_processes.metrics_targets(Settings(http_port=18080, metrics_port=0))
+    assert set(targets) == set(local_processes.PROCESSES)
+    ports = [port for _, port in targets.values()]
+    assert len(set(ports)) == len(ports), targets
+    assert targets["bubuh"] == ("bubuh-api", 18080)          # API routes: /metrics on the HTTP port
+    assert targets["stamping-1"] == ("bubuh-stamping", 18081)
+    assert targets["stamping-2"] == ("bubuh-stamping", 18082)
+    assert targets["notify-1"] == ("bubuh-notification", 18083)
+
+
+def test_metrics_ports_start_at_bubuh_metrics_port_when_set():
+    targets = local_processes.metrics_targets(Settings(http_port=18080, metrics_port=19500))
+    assert targets["stamping-1"] == ("bubuh-stamping", 19500)
+    assert targets["bubuh"] == ("bubuh-api", 18080)
