@@ -95,7 +95,8 @@ config() {
 wait_ready() {  # name port
   for _ in $(seq 1 150); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$2" && printf 'GET /-/ready HTTP/1.0\r\n\r\n' >&3 && head -1 <&3 | grep -q ' 200') 2>/dev/null; then return 0; fi
-    ours "$1" || die "$1 exited during start: $(tail -3 "$dir/$1.log")"
+    # alive is enough here: until the background shell has exec'd, its command line is not yet ours
+    kill -0 "$(cat "$dir/$1.pid")" 2>/dev/null || die "$1 exited during start: $(tail -3 "$dir/$1.log")"
     sleep 0.2
   done
   die "$1 did not become ready on 127.0.0.1:$2 (log: $dir/$1.log)"
