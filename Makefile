@@ -13,7 +13,7 @@ PROTOS := $(wildcard proto/bubuh/v1/*.proto)
 GEN    := services/contracts/bubuh/v1/.generated
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: help setup system-packages proto contract contract-baseline up ops rules down run status test test-fast bench surge lint docs clean distclean
+.PHONY: help setup system-packages proto contract contract-baseline imports up ops rules down run status test test-fast bench surge lint docs clean distclean
 
 help: ## list the verbs
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -113,7 +113,10 @@ bench: setup system-packages ## the purchase pipeline on the local stack vs Post
 surge: up ## the deadline-day surge against the running platform (make up); figures in loadtests/results/surge.json
 	$(PY) -m loadtests.surge --out loadtests/results/surge.json
 
-lint: setup contract rules ## ruff, buf lint, buf breaking, promtool (rules and their tests)
+imports: setup ## import-linter: services never import each other, the kernel imports no service (pyproject.toml)
+	$(VENV)/bin/lint-imports
+
+lint: setup contract rules imports ## ruff, buf lint, buf breaking, promtool (rules and their tests), import boundaries
 	$(VENV)/bin/ruff check services tests loadtests
 
 docs: setup ## regenerate docs/errors.md and docs/topics.md from the code's catalogues

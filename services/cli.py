@@ -72,7 +72,14 @@ def cmd_channel(args) -> None:
 
 def cmd_reconcile(args) -> None:
     from services.purchase import reconciliation
-    code = asyncio.run(reconciliation.command(_settings(), args.orders, args.channel, as_json=args.json))
+    from services.quota import ledger
+
+    async def compare() -> reconciliation.Report:    # each service reads its own tables
+        s = _settings()
+        orders = reconciliation.read_orders(args.orders)
+        purchases = await reconciliation.purchases_of(s, args.channel)
+        return reconciliation.compare(orders, purchases, await ledger.credits_of(s, args.channel))
+    code = reconciliation.show(asyncio.run(compare()), args.channel, as_json=args.json)
     sys.exit(code)
 
 

@@ -18,12 +18,11 @@ from aiokafka import TopicPartition
 from services.kernel.events import Outgoing
 from services.kernel.processing.deadletter import DLQ_CONSUMER, DLQ_MARKER, DLQ_REASON, DLQ_SOURCE
 from services.kernel.processing.kafka_source import build_consumer
-from services.kernel.processing.pipeline import HEADER_CRASH_ATTEMPT, HEADER_RETRY_FOR
+from services.kernel.processing.pipeline import HEADER_ATTEMPT, HEADER_CRASH_ATTEMPT, HEADER_REPLAY, HEADER_RETRY_FOR
 from services.kernel.producer import Producer
 from services.kernel.settings import Settings
 
-HEADER_REPLAY = "bubuh-replay"
-DROP = ("bubuh-attempt", HEADER_CRASH_ATTEMPT)   # attempt counters start again after a replay
+DROP = (HEADER_ATTEMPT, HEADER_CRASH_ATTEMPT)   # attempt counters start again after a replay
 
 
 @dataclass

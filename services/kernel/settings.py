@@ -155,7 +155,7 @@ class Settings(BaseSettings):
     webhook_breaker_failures: int = 5      # consecutive failures that open an endpoint's circuit
     webhook_breaker_cooldown_s: float = 30.0   # open -> half-open (one probe) after this
     # local mode: loopback webhook targets, and plain http to them, are accepted (make run, tests). Never
-    # in production: there a webhook is https to a public address (services/notification/targets.py)
+    # in production: there a webhook is https to a public address (services/kernel/webhook_targets.py)
     webhook_local_mode: bool = False
     webhook_hosts: str = ""                # "name=addr[|addr],...": answers instead of DNS, checked like DNS's
     notification_idle_poll_s: float = 1.0  # longest sleep of the dispatchers without a NOTIFY

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import asyncpg
 import httpx
 
-from services.kernel import failures, logs
+from services.kernel import failures, logs, webhook_targets
 from services.kernel.channels import ChannelView
 from services.kernel.retry import Backoff
 from services.kernel.runtime import ConfigError
@@ -147,7 +147,7 @@ def _unreachable(exc: BaseException) -> str:
     while seen is not None and len(chain) < 8:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
-    if any(isinstance(e, targets.Unresolvable) for e in chain):
+    if any(isinstance(e, webhook_targets.Unresolvable) for e in chain):
         return "the host name does not resolve"
     if any(isinstance(e, ssl.SSLCertVerificationError) for e in chain):
         return "TLS certificate not valid for the host"
@@ -166,7 +166,7 @@ def _unreachable(exc: BaseException) -> str:
 
 class Dispatcher:
     def __init__(self, pool: asyncpg.Pool, channels: ChannelView, settings: Settings,
-                 wake: asyncio.Event | None = None, resolver: targets.Resolver | None = None) -> None:
+                 wake: asyncio.Event | None = None, resolver: webhook_targets.Resolver | None = None) -> None:
         s = settings
         if s.webhook_lease_s <= s.webhook_timeout_s:
             raise ConfigError(f"BUBUH_WEBHOOK_LEASE_S ({s.webhook_lease_s}) must exceed BUBUH_WEBHOOK_TIMEOUT_S "
@@ -185,8 +185,8 @@ class Dispatcher:
         self._tasks: dict[asyncio.Task, Claimed] = {}
         self._client: httpx.AsyncClient | None = None
         self._last_sweep = 0.0
-        # every connection's addresses come from here and are checked first (targets.py)
-        self._resolver = resolver or targets.resolver_for(s.webhook_hosts)
+        # every connection's addresses come from here and are checked first (kernel/webhook_targets.py)
+        self._resolver = resolver or webhook_targets.resolver_for(s.webhook_hosts)
 
     # --- isolation bookkeeping ---------------------------------------------------------------
     def breaker(self, endpoint: str) -> Breaker:
@@ -337,8 +337,8 @@ class Dispatcher:
             return result(False, "no_endpoint", None,
                           f"WEBHOOK_NO_ENDPOINT: channel {claimed.channel_id} has no webhook URL or is unknown", url)
         try:
-            targets.check_url(url, local_mode=self._s.webhook_local_mode)
-        except targets.TargetRefused as exc:
+            webhook_targets.check_url(url, local_mode=self._s.webhook_local_mode)
+        except webhook_targets.TargetRefused as exc:
             self._refused(claimed, exc)
             return result(False, "forbidden", None, f"{exc.code.code}: {exc.detail}", url)
         headers = {
@@ -358,7 +358,7 @@ class Dispatcher:
             if 200 <= code < 300:
                 return result(True, "ok", code, "", url)
             return result(False, "rejected", code, f"WEBHOOK_REJECTED: HTTP {code}", url)
-        except targets.TargetRefused as exc:       # checked again at connect time: this resolution's answer
+        except webhook_targets.TargetRefused as exc:       # checked again at connect time: this resolution's answer
             self._refused(claimed, exc)
             return result(False, "forbidden", None, f"{exc.code.code}: {exc.detail}", url)
         except (TimeoutError, httpx.TimeoutException) as exc:
@@ -372,7 +372,7 @@ class Dispatcher:
             return result(False, "unreachable", None, f"WEBHOOK_UNREACHABLE: {_unreachable(exc)}", url)
 
     @staticmethod
-    def _refused(claimed: Claimed, exc: targets.TargetRefused) -> None:
+    def _refused(claimed: Claimed, exc: webhook_targets.TargetRefused) -> None:
         log.warning("webhook target refused", delivery_id=claimed.delivery_id, channel_id=claimed.channel_id,
                     endpoint=claimed.endpoint, code=exc.code.code, reason=exc.detail)
 

@@ -1,7 +1,9 @@
 """``bubuh reconcile``: a channel's own list of paid orders against what Bubuh credited.
 
 The channel's CSV (``channel_order_id,account_id,quantity,amount``) is compared with the purchase
-service's confirmed purchases and the quota ledger's credit transfers. Reported:
+service's confirmed purchases (read here, from this service's own table) and the quota ledger's credit
+transfers (read by the quota service's own ``ledger.credits_of``); ``services/cli.py`` puts the two
+together, so neither service reads the other's tables. Reported:
 - missing:    paid at the channel, not credited here (or not even received);
 - duplicated: an order listed twice in the CSV, or credited more than once here;
 - mismatched: credited with another account, quantity or amount than the channel lists;
@@ -20,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 
 from services.kernel import runtime
 from services.kernel.settings import Settings
-from services.quota import ledger
 
 
 @dataclass
@@ -92,19 +93,20 @@ def compare(orders: list[dict], purchases: list[dict], credited: dict[str, dict]
     return rep
 
 
-async def command(settings: Settings, path: str, channel_id: str, *, as_json: bool) -> int:
-    orders = read_orders(path)
-    purchase_pool = await runtime.connect_database(settings, "purchase")
-    quota_pool = await runtime.connect_database(settings, "quota")
+async def purchases_of(settings: Settings, channel_id: str) -> list[dict]:
+    """Every purchase row of a channel, any status."""
+    pool = await runtime.connect_database(settings, "purchase")
     try:
-        rows = await purchase_pool.fetch(
+        rows = await pool.fetch(
             "SELECT purchase_id, channel_order_id, account_id, quantity, amount, status FROM purchases "
             "WHERE channel_id = $1", channel_id)
-        credits = await ledger.credits_by_purchase(quota_pool, channel_id)
     finally:
-        await purchase_pool.close()
-        await quota_pool.close()
-    rep = compare(orders, [dict(r) for r in rows], credits)
+        await pool.close()
+    return [dict(r) for r in rows]
+
+
+def show(rep: Report, channel_id: str, *, as_json: bool) -> int:
+    """Print the report; the exit code: 0 when everything matches, 1 otherwise."""
     if as_json:
         print(json.dumps({**asdict(rep), "clean": rep.clean}, indent=2, default=str))
     else:

@@ -15,9 +15,9 @@ import asyncpg
 
 from services.contracts.bubuh.v1 import channel_pb2
 from services.kernel import events, outbox, sealed, topics
+from services.kernel import webhook_targets as targets
 from services.kernel.channels import api_key_hash
 from services.kernel.settings import Settings
-from services.notification import targets
 from services.purchase import NAME
 
 PROFILES = ("standard", "cpns")
@@ -58,7 +58,7 @@ class Registry:
         self._resolver = resolver or targets.resolver_for(settings.webhook_hosts)
 
     async def _check_webhook(self, webhook_url: str) -> None:
-        """The target rules (services/notification/targets.py) now; the dispatcher checks again on
+        """The target rules (services/kernel/webhook_targets.py) now; the dispatcher checks again on
         every connection, since what a name resolves to can change after registration."""
         if not webhook_url:
             return

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from services.kernel import errors
+from services.kernel import errors, runtime
+from services.kernel.settings import Settings
+from services.quota import NAME
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,15 @@ async def pending_deadline(conn: asyncpg.Connection | asyncpg.Pool, request_id: 
     if resolution is None:
         return "open", row["deadline"]
     return ("posted" if resolution == "post" else "voided"), row["deadline"]
+
+
+async def credits_of(settings: Settings, channel_id: str) -> dict[str, dict]:
+    """``credits_by_purchase`` on a pool of its own (for ``bubuh reconcile``, which runs no service)."""
+    pool = await runtime.connect_database(settings, NAME)
+    try:
+        return await credits_by_purchase(pool, channel_id)
+    finally:
+        await pool.close()
 
 
 async def credits_by_purchase(pool: asyncpg.Pool, channel_id: str) -> dict[str, dict]:

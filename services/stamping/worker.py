@@ -35,6 +35,7 @@ from services.contracts.bubuh.v1 import quota_pb2, stamp_pb2
 from services.kernel import errors, events, logs, outbox, retry, topics
 from services.kernel.events import Event, Outgoing
 from services.kernel.processing.deadletter import dead_letter_headers
+from services.kernel.processing.pipeline import HEADER_ATTEMPT, HEADER_REPLAY
 from services.kernel.settings import Settings
 from services.stamping import NAME, store
 from services.stamping.metrics import STAGE_SECONDS, STAMP_OUTCOMES
@@ -45,8 +46,6 @@ from services.stamping.signing.request import StampRequest
 
 log = logs.get(__name__)
 CONSUMER = "stamping.worker"
-HEADER_ATTEMPT = "bubuh-attempt"
-HEADER_REPLAY = "bubuh-replay"
 HEADER_DLQ_ATTEMPTS = "bubuh-dlq-attempts"
 TERMINAL = ("completed", "failed")
 DONE_HERE = (*TERMINAL, "signed")      # nothing left for a worker: signed waits for the ledger

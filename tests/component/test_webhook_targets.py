@@ -24,10 +24,10 @@ from services.contracts.bubuh.v1 import channel_pb2
 from services.kernel import errors, sealed
 from services.kernel.channels import ChannelView, api_key_hash
 from services.kernel.http import create_app
+from services.kernel.webhook_targets import StaticResolver
 from services.notification import api
 from services.notification.dispatcher import Dispatcher
 from services.notification.intake import endpoint_of
-from services.notification.targets import StaticResolver
 from services.purchase.registry import Registry, RegistryError
 from tests.component import handler_support as hs
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import httpcore
 import pytest
 
+from services.kernel import webhook_targets
+from services.kernel.webhook_targets import StaticResolver, TargetRefused, check_registration
 from services.notification import targets
-from services.notification.targets import GuardedNetwork, StaticResolver, TargetRefused, check_registration
+from services.notification.targets import GuardedNetwork
 
 PUBLIC = "8.8.8.8"          # a global address: answered by the stub, never connected to
 
@@ -101,8 +103,8 @@ async def test_credentials_in_the_url_are_refused():
 def test_the_hosts_setting_is_checked_like_dns_and_star_means_no_dns():
     r = StaticResolver.from_setting("a.example=8.8.8.8|9.9.9.9, b.example=10.0.0.1,*=")
     assert r.answers == {"a.example": ["8.8.8.8", "9.9.9.9"], "b.example": ["10.0.0.1"]} and r.fallback is None
-    assert isinstance(StaticResolver.from_setting("a.example=8.8.8.8", targets.SystemResolver()).fallback,
-                      targets.SystemResolver)
+    assert isinstance(StaticResolver.from_setting("a.example=8.8.8.8", webhook_targets.SystemResolver()).fallback,
+                      webhook_targets.SystemResolver)
     with pytest.raises(ValueError):
         StaticResolver.from_setting("no-equals-sign")
 
@@ -196,6 +198,6 @@ async def test_a_registration_whose_name_never_answers_is_refused_in_bounded_tim
         async def resolve(self, host, port):
             await asyncio.Event().wait()
 
-    monkeypatch.setattr(targets, "REGISTRATION_RESOLVE_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(webhook_targets, "REGISTRATION_RESOLVE_TIMEOUT_S", 0.1)
     e = await refused("https://slow.example/", Hanging({}))
     assert e.code.code == "WEBHOOK_TARGET_FORBIDDEN" and "does not resolve" in e.detail

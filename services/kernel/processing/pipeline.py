@@ -69,6 +69,8 @@ log = logs.get(__name__)
 
 HEADER_CRASH_ATTEMPT = "bubuh-crash-attempt"   # how often this record's handler crashed before
 HEADER_RETRY_FOR = "bubuh-retry-for"           # a durable retry meant for one consumer; the others skip it
+HEADER_ATTEMPT = "bubuh-attempt"               # a handler's own count of its durable retries (a TSA, an HSM away)
+HEADER_REPLAY = "bubuh-replay"                 # sent again by `bubuh replay`: attempt counts start over
 PAUSE_FIRST_S, PAUSE_MAX_S = 0.2, 5.0
 
 
