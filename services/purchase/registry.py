@@ -17,10 +17,10 @@ from services.contracts.bubuh.v1 import channel_pb2
 from services.kernel import events, outbox, sealed, topics
 from services.kernel import webhook_targets as targets
 from services.kernel.channels import api_key_hash
+from services.kernel.document_profiles import PROFILES
 from services.kernel.settings import Settings
 from services.purchase import NAME
 
-PROFILES = ("standard", "cpns")
 _URL = re.compile(r"^https?://[^\s]+$")
 
 

@@ -19,9 +19,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.kernel import errors, http
 from services.kernel.channels import ChannelView
+from services.kernel.document_profiles import MAX_BYTES_ANY_PROFILE
 from services.kernel.settings import Settings
 from services.stamping import store, verify_page
-from services.stamping.document.profiles import MAX_BYTES_ANY_PROFILE
 from services.stamping.intake import StampIntake, StampMeta
 from services.stamping.queue import QueueView
 from services.stamping.verification_answer import VerificationAnswer

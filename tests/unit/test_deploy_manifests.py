@@ -744,8 +744,8 @@ def test_every_workload_is_scraped_as_the_job_the_alerts_name():
 
 
 def test_ingress_lets_the_largest_upload_through():
+    from services.kernel.document_profiles import MAX_BYTES_ANY_PROFILE
     from services.kernel.settings import Settings
-    from services.stamping.document.profiles import MAX_BYTES_ANY_PROFILE
     (ing,) = k8s("Ingress")
     size = ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
     value, unit = re.fullmatch(r"(\d+)([kmg]?)", size).groups()

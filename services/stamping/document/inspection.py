@@ -38,10 +38,10 @@ import pikepdf
 import pikepdf.settings
 
 from services.kernel import errors
+from services.kernel.document_profiles import PROFILES, Profile
 from services.kernel.errors import BubuhError
 from services.stamping.document import budget as budgets
 from services.stamping.document.budget import Budget
-from services.stamping.document.profiles import PROFILES, Profile
 
 HEADER_WINDOW = 1024  # readers accept the %PDF- header anywhere in the first KiB
 

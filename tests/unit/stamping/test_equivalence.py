@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loadtests import corpus
+from services.kernel.document_profiles import A4_PT
 from services.stamping.document.appearance import STAMP_TEXT_LINES, verification_url
 from services.stamping.document.inspection import inspect
-from services.stamping.document.profiles import A4_PT
 from services.stamping.document.verification import verify
 from services.stamping.serial import SerialIssuer
 from services.stamping.signing.engine import SignerConfig, StampingEngine

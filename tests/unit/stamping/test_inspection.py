@@ -3,9 +3,9 @@ import hashlib
 import pytest
 
 from loadtests import corpus
+from services.kernel.document_profiles import A4_PT, PROFILES
 from services.kernel.errors import BubuhError
 from services.stamping.document.inspection import inspect
-from services.stamping.document.profiles import A4_PT, PROFILES
 
 BOX = (400.0, 60.0, 560.0, 130.0)
 

@@ -1,5 +1,8 @@
 """Document profiles: the acceptance rules a channel chooses per stamp request.
 
+One catalogue for two services: the purchase service's channel registry accepts a channel's default
+profile only from here, and the stamping service's inspection applies the rules.
+
 Why data and not code: the rules come from outside (the CPNS 2024 rules were
 published by BKN: A4, at most 800 KB, PDF 1.6 or later) and change per campaign.
 A new campaign should be a new entry here, reviewed like configuration, not a new
