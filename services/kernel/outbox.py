@@ -22,7 +22,7 @@ from services.kernel.events import Outgoing
 from services.kernel.metrics import OUTBOX_LAG_SECONDS, OUTBOX_PUBLISHED
 from services.kernel.producer import Producer
 from services.kernel.settings import Settings
-from services.kernel.waiting import wait_any
+from services.kernel.waiting import Pause, sleep_or_stop, wait_any
 
 log = logs.get(__name__)
 
@@ -74,13 +74,13 @@ class Relay:
 
     async def run(self, stop: asyncio.Event) -> None:
         listener: asyncpg.Connection | None = None
-        backoff = 0.2
+        pause = Pause()
         while not stop.is_set():
             try:
                 if listener is None or listener.is_closed():
                     listener = await self._listen()
                 published = await self.publish_due()
-                backoff = 0.2
+                pause.reset()
                 if published >= self._batch:
                     continue
                 self._wake.clear()
@@ -90,8 +90,7 @@ class Relay:
                 listener = None
                 log.warning("outbox relay waiting", schema=self._schema, error=repr(exc),
                             outage=failures.classify(exc).waits)
-                await wait_any(stop, asyncio.Event(), backoff)
-                backoff = min(backoff * 2, 5.0)
+                await sleep_or_stop(stop, pause.next())
         await _close(listener)
 
     async def publish_due(self) -> int:

@@ -148,7 +148,7 @@ class Settings(BaseSettings):
     webhook_connect_timeout_s: float = 2.0
     webhook_timeout_s: float = 10.0        # the whole request, connect to last byte of the status line
     webhook_lease_s: float = 30.0          # a claimed delivery's lease; must exceed webhook_timeout_s
-    webhook_backoff_base_s: float = 10.0   # first retry after base/2..base, then doubling (full jitter, floor 1/2)
+    webhook_backoff_base_s: float = 10.0   # first retry after base/2..base, then doubling (equal jitter)
     webhook_backoff_factor: float = 2.0
     webhook_backoff_max_s: float = 3600.0
     webhook_horizon_s: float = 24 * 3600   # retried until then; then dead-lettered (DeliveryAbandoned)

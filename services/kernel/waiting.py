@@ -1,8 +1,37 @@
-"""Waiting on several things at once, the way every long-running task of a service does."""
+"""Waiting on several things at once, the way every long-running task of a service does, and how
+long a loop waits after a failure before it tries again."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+
+
+class Pause:
+    """A loop's wait after a failure (PostgreSQL or Kafka away, a child that did not start): 0.2 s,
+    doubling to 5 s while failures go on; ``reset()`` after a success starts it over. In process
+    only: a record's retry that must survive a crash is ``kernel/retry.py``'s durable one."""
+
+    FIRST_S, MAX_S = 0.2, 5.0
+
+    def __init__(self, first_s: float = FIRST_S, max_s: float = MAX_S) -> None:
+        self.first_s, self.max_s = first_s, max_s
+        self._next = first_s
+
+    def next(self) -> float:
+        """The length of this pause; the next one doubles."""
+        now, self._next = self._next, min(self._next * 2, self.max_s)
+        return now
+
+    def reset(self) -> None:
+        self._next = self.first_s
+
+
+async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep ``seconds`` unless ``stop`` comes first; True when stopped."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
 
 
 async def wait_any(stop: asyncio.Event, other: asyncio.Event, timeout: float) -> None:

@@ -38,7 +38,7 @@ from services.kernel.channels import ChannelView
 from services.kernel.retry import Backoff
 from services.kernel.runtime import ConfigError
 from services.kernel.settings import Settings
-from services.kernel.waiting import wait_any
+from services.kernel.waiting import Pause, wait_any
 from services.notification import deadletter, signing, targets
 from services.notification.breaker import Breaker
 from services.notification.intake import endpoint_of
@@ -217,7 +217,7 @@ class Dispatcher:
             limits=httpx.Limits(max_connections=s.webhook_concurrency * 2,
                                 max_keepalive_connections=s.webhook_concurrency),
             headers={"User-Agent": USER_AGENT})
-        backoff = 0.2
+        pause = Pause()
         try:
             while not stop.is_set():
                 self._wake.clear()
@@ -226,13 +226,13 @@ class Dispatcher:
                     if time.monotonic() - self._last_sweep >= 1.0:
                         await self.abandon_past_horizon()
                         self._last_sweep = time.monotonic()
-                    backoff = 0.2
+                    pause.reset()
                     if claimed and self._total < s.webhook_concurrency:
                         continue        # maybe more due work behind what was claimed
                     sleep = await self._sleep_for()
                 except Exception as exc:  # noqa: BLE001 - PostgreSQL away: in-flight work goes on, retry
                     log.warning("webhook dispatcher waiting", error=repr(exc), outage=failures.classify(exc).waits)
-                    sleep, backoff = backoff, min(backoff * 2, 5.0)
+                    sleep = pause.next()
                 await wait_any(stop, self._wake, sleep)
         finally:
             await self._drain()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import asyncpg
 
 from services.kernel import logs
 from services.kernel.settings import Settings
+from services.kernel.waiting import sleep_or_stop
 from services.notification.metrics import DUE, EMAILS_DUE, SCHEDULED
 
 log = logs.get(__name__)
@@ -46,8 +46,7 @@ class Housekeeping:
                         last_retention = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - PostgreSQL away: next tick
                 log.warning("notification housekeeping skipped", error=repr(exc))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._interval_s)
+            await sleep_or_stop(stop, self._interval_s)
 
     async def delete_old(self, conn: asyncpg.Connection) -> None:
         keep = self._s.notification_retention_s

@@ -23,7 +23,7 @@ from services.kernel import failures, logs
 from services.kernel.retry import Backoff
 from services.kernel.runtime import ConfigError
 from services.kernel.settings import Settings
-from services.kernel.waiting import wait_any
+from services.kernel.waiting import Pause, wait_any
 from services.notification import deadletter
 from services.notification.metrics import EMAILS
 
@@ -114,7 +114,7 @@ class Mailer:
         self._last_sweep = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = 0.2
+        pause = Pause()
         try:
             while not stop.is_set():
                 self._wake.clear()
@@ -123,7 +123,7 @@ class Mailer:
                     if time.monotonic() - self._last_sweep >= 1.0:
                         await self.abandon_past_horizon()
                         self._last_sweep = time.monotonic()
-                    backoff = 0.2
+                    pause.reset()
                     if claimed and len(self._tasks) < self._s.email_concurrency:
                         continue
                     sleep = self._s.notification_idle_poll_s
@@ -135,7 +135,7 @@ class Mailer:
                     sleep = max(0.005, sleep)
                 except Exception as exc:  # noqa: BLE001 - PostgreSQL away: wait and retry
                     log.warning("email sender waiting", error=repr(exc), outage=failures.classify(exc).waits)
-                    sleep, backoff = backoff, min(backoff * 2, 5.0)
+                    sleep = pause.next()
                 await wait_any(stop, self._wake, sleep)
         finally:
             if self._tasks:

@@ -13,6 +13,7 @@ import asyncpg
 
 from services.kernel import database, logs
 from services.kernel.settings import Settings
+from services.kernel.waiting import Pause, sleep_or_stop
 from services.notification.intake import wake_channel
 
 log = logs.get(__name__)
@@ -34,24 +35,19 @@ class Wakeup:
             event.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = 0.2
+        pause = Pause()
         while not stop.is_set():
             conn: asyncpg.Connection | None = None
             try:
                 conn = await asyncio.wait_for(database.connect(self._settings), 5)
                 await conn.add_listener(self.channel, self.poke)
                 self.poke()            # whatever was committed while nobody listened
-                backoff = 0.2
-                while not stop.is_set():
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 5)
-                    if not stop.is_set():
-                        await asyncio.wait_for(conn.execute("SELECT 1"), 5)   # a dead socket shows here
+                pause.reset()
+                while not await sleep_or_stop(stop, 5):
+                    await asyncio.wait_for(conn.execute("SELECT 1"), 5)   # a dead socket shows here
             except Exception as exc:  # noqa: BLE001 - PostgreSQL away: polling covers; reconnect later
                 log.warning("notification listener reconnecting", error=repr(exc))
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
-                backoff = min(backoff * 2, 5.0)
+                await sleep_or_stop(stop, pause.next())
             finally:
                 if conn is not None:
                     with contextlib.suppress(Exception):

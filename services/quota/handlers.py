@@ -20,6 +20,7 @@ from services.contracts.bubuh.v1 import purchase_pb2, quota_pb2, stamp_pb2
 from services.kernel import derived_ids, events, logs, outbox, topics
 from services.kernel.events import Event
 from services.kernel.settings import Settings
+from services.kernel.waiting import sleep_or_stop
 from services.quota import NAME, ledger
 from services.quota.metrics import LEDGER_OPERATIONS, LEDGER_SECONDS
 
@@ -210,7 +211,4 @@ class QuotaHandlers:
                     pass
             except Exception as exc:  # noqa: BLE001 - database away: try again next tick
                 log.warning("expiry sweep failed", error=repr(exc))
-            try:
-                await asyncio.wait_for(stop.wait(), self._settings.expiry_interval_s)
-            except TimeoutError:
-                pass
+            await sleep_or_stop(stop, self._settings.expiry_interval_s)

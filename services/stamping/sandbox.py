@@ -34,6 +34,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from services.kernel import errors, logs
+from services.kernel.waiting import Pause
 from services.stamping.metrics import SANDBOX_OUTCOMES, SANDBOX_SECONDS
 
 log = logs.get(__name__)
@@ -277,14 +278,13 @@ class Sandbox:
         task.add_done_callback(self._replacing.discard)
 
     async def _respawn(self) -> None:
-        delay = 0.2
+        pause = Pause()
         while not self._closed:
             try:
                 child = await asyncio.to_thread(self._spawn)
             except Exception as exc:  # noqa: BLE001 - e.g. the HSM is away: keep trying, slower
                 log.warning("document sandbox child did not start; retrying", sandbox=self.name, error=str(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(pause.next())
                 continue
             if self._closed:
                 child.kill()

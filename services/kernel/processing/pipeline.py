@@ -64,6 +64,7 @@ from services.kernel.processing.kafka_source import KafkaSource
 from services.kernel.processing.source import Record, Source, TopicPartition, Undecodable
 from services.kernel.producer import Producer
 from services.kernel.settings import Settings
+from services.kernel.waiting import Pause
 
 log = logs.get(__name__)
 
@@ -71,7 +72,6 @@ HEADER_CRASH_ATTEMPT = "bubuh-crash-attempt"   # how often this record's handler
 HEADER_RETRY_FOR = "bubuh-retry-for"           # a durable retry meant for one consumer; the others skip it
 HEADER_ATTEMPT = "bubuh-attempt"               # a handler's own count of its durable retries (a TSA, an HSM away)
 HEADER_REPLAY = "bubuh-replay"                 # sent again by `bubuh replay`: attempt counts start over
-PAUSE_FIRST_S, PAUSE_MAX_S = 0.2, 5.0
 
 
 class _Halt(Exception):
@@ -102,7 +102,7 @@ class ConsumerLoop:
         self._exempt = limit_exempt
         self._crash_backoff = retry.Backoff(base_s=settings.consumer_crash_retry_base_s, max_s=600.0)
         self._paused: dict[TopicPartition, float] = {}     # partition -> monotonic time to resume
-        self._pause_s: dict[TopicPartition, float] = {}    # partition -> its next pause length
+        self._pauses: dict[TopicPartition, Pause] = {}     # partition -> its pause while a dependency is away
         self._retry_for = name.encode()
         self.ready = asyncio.Event()   # set once the group assigned this member its partitions
         self.stopped_reason: str | None = None
@@ -143,7 +143,7 @@ class ConsumerLoop:
                 raise result          # a bug in the pipeline itself: let the process say so
             else:
                 commits[tp] = records[tp][-1].offset + 1
-                self._pause_s.pop(tp, None)
+                self._pauses.pop(tp, None)
         # an undecodable stretch comes after the records the source delivered before it
         for stretch in undecodable:
             if stretch.tp in halts:
@@ -163,8 +163,7 @@ class ConsumerLoop:
                 self._stop_for_limit(str(halt.cause))
             else:
                 outage = True
-                wait = self._pause_s.get(tp, PAUSE_FIRST_S)
-                self._pause_s[tp] = min(wait * 2, PAUSE_MAX_S)
+                wait = self._pauses.setdefault(tp, Pause()).next()
                 self._paused[tp] = time.monotonic() + wait
                 source.pause([tp])
                 log.warning("dependency outage: partition paused", consumer=self.name, topic=tp.topic,
