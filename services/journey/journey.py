@@ -28,6 +28,13 @@ STAMP_TOPICS = ["stamp.requested", "quota.events", "stamp.events", "stamp.retry"
 PURCHASE_TOPICS = ["purchase.submitted", "purchase.dead-letter", "purchase.events", "quota.events",
                    "quota.dead-letter", "notification.dead-letter"]
 TERMINAL = ("completed", "failed", "dead-lettered")
+# the record that ends each journey on Kafka (--follow waits for it), and how long it may lag the database
+LAST_RECORD = {("stamp", "completed"): ("published StampCompleted",),
+               ("stamp", "failed"): ("published StampFailed", "published QuotaRejected"),
+               ("stamp", "dead-lettered"): ("dead-lettered ",),
+               ("purchase", "completed"): ("published QuotaCredited",),
+               ("purchase", "failed"): ("published PurchaseRejected", "dead-lettered ")}
+SETTLE_LIMIT = dt.timedelta(seconds=30)
 
 
 class NotFound(Exception):
@@ -65,6 +72,7 @@ class Now:
     code: str = ""
     since: dt.datetime | None = None
     summary: str = ""
+    settled: bool = True    # the record that says so is on Kafka too
 
 
 @dataclass
@@ -78,7 +86,8 @@ class Journey:
 
     @property
     def finished(self) -> bool:
-        return self.now.state in TERMINAL
+        """Terminal in the database and its last record on Kafka (the outbox relays it a moment later)."""
+        return self.now.state in TERMINAL and self.now.settled
 
 
 def _q(settings: Settings, service: str, table: str) -> str:
@@ -312,6 +321,10 @@ class Tracer:
             now = self._stamp_now(j, row, kinds, last)
         else:
             now = self._purchase_now(row, kinds, last)
+        if now.state in TERMINAL:
+            told = [s.step for s in steps if s.topic]
+            now.settled = any(t.startswith(LAST_RECORD[(j.kind, now.state)]) for t in told) or (
+                now.since is not None and dt.datetime.now(dt.UTC) - now.since > SETTLE_LIMIT)
         if now.state in TERMINAL and self._pending:
             d = self._pending[0]
             now.summary += (f"; webhook still pending ({d['attempts']} attempts"

@@ -37,6 +37,7 @@ class KeyedReader:
         self._since_ms = int(since.timestamp() * 1000)
         self._consumer = build_consumer(settings, group_id=None, client_id="bubuh-trace",
                                         fetch_min_bytes=1, fetch_max_wait_ms=50)
+        self._tps: list[TopicPartition] | None = None
         self._next: dict[TopicPartition, int] = {}   # where the next read starts
 
     async def start(self) -> None:
@@ -46,37 +47,37 @@ class KeyedReader:
         await self._consumer.stop()
 
     async def _partitions(self) -> list[TopicPartition]:
+        """The partitions of the keys, found once: assigning partitions narrows the client's metadata to
+        their topics, so a topic not looked up before would not be found afterwards."""
+        if self._tps is not None:
+            return self._tps
         wanted = []
+        await self._consumer._client.force_metadata_update()  # noqa: SLF001 - as replay does
         for name in self._topics:
-            topic = self._settings.topic(name)
-            parts = self._consumer.partitions_for_topic(topic)
-            if not parts:
-                await self._consumer._client.force_metadata_update()  # noqa: SLF001 - as replay does
-                parts = self._consumer.partitions_for_topic(topic)
-            if not parts:
-                continue
-            ordered = sorted(parts)
-            wanted += [TopicPartition(topic, partitioner(k, ordered, ordered)) for k in self._keys]
-        return sorted(set(wanted))
+            parts = self._consumer.partitions_for_topic(self._settings.topic(name))
+            if parts:
+                ordered = sorted(parts)
+                wanted += [TopicPartition(self._settings.topic(name), partitioner(k, ordered, ordered))
+                           for k in self._keys]
+        self._tps = sorted(set(wanted))
+        if self._tps:
+            self._consumer.assign(self._tps)
+            starts = await self._consumer.offsets_for_times({tp: self._since_ms for tp in self._tps})
+            ends = await self._consumer.end_offsets(self._tps)
+            self._next = {tp: starts[tp].offset if starts.get(tp) else ends[tp] for tp in self._tps}
+        return self._tps
 
     async def read_new(self) -> list[KeyedRecord]:
         """The records of the keys written since the last call (since ``since`` the first time)."""
         tps = await self._partitions()
-        fresh = [tp for tp in tps if tp not in self._next]
-        if fresh:
-            starts = await self._consumer.offsets_for_times({tp: self._since_ms for tp in fresh})
-            ends = await self._consumer.end_offsets(fresh)
-            for tp in fresh:
-                self._next[tp] = starts[tp].offset if starts.get(tp) else ends[tp]
         if not tps:
             return []
         ends = await self._consumer.end_offsets(tps)
         todo = {tp: (self._next[tp], ends[tp]) for tp in tps if self._next[tp] < ends[tp]}
         if not todo:
             return []
-        self._consumer.assign(list(todo))
-        for tp, (start, _) in todo.items():
-            self._consumer.seek(tp, start)
+        for tp in tps:
+            self._consumer.seek(tp, self._next[tp])
         out: list[KeyedRecord] = []
         prefix = len(self._settings.topic_prefix)
         while todo:

@@ -50,6 +50,10 @@ async def test_a_completed_stamp_shows_every_hop_with_topic_partition_and_offset
     r = await post_stamp(api, channel, corpus.a4_text(1), stamp_meta("tr-ok"))
     assert r.status_code == 202, r.text
     rid = r.json()["request_id"]
+    # --follow, started while the request is in flight, returns once it is completed
+    followed = await trace(settings, rid, "--follow")
+    assert followed.splitlines()[-1].startswith("now: completed, SN ")
+    assert_in_order(steps_of(followed), ["published StampRequested", "published StampCompleted"])
     done = await stamp_finished(api, channel, rid)
     assert done["status"] == "completed"
     db = Db(settings)
@@ -129,11 +133,17 @@ async def test_a_purchase_shows_submission_confirmation_credit_and_webhook(setti
 
 
 @pytest.mark.platform_env(BUBUH_SIGNING_TSA_URL="http://127.0.0.1:9/tsa", BUBUH_STAMP_MAX_ATTEMPTS=2,
-                          BUBUH_STAMP_RETRY_BASE_S=0.2)
+                          BUBUH_STAMP_RETRY_BASE_S=5)
 async def test_a_dead_lettered_stamp_shows_its_retries_and_the_reason(settings, api, channel):
     await buy(api, channel, "tr-dlq", 1)
     r = await post_stamp(api, channel, corpus.a4_text(2), stamp_meta("tr-dlq"))
     rid = r.json()["request_id"]
+    # --follow shows it waiting for its retry (due in 2.5-5 s), then ends when it is dead-lettered
+    followed = (await trace(settings, rid, "--follow")).splitlines()
+    assert any(line.startswith("now: waiting at ") for line in followed[:-1]), followed
+    assert followed[-1].startswith("now: dead-lettered with TSA_UNAVAILABLE")
+    assert_in_order(steps_of("\n".join(followed)), ["attempt 1 failed", "retry QuotaReserved (attempt 2)",
+                                                     "dead-lettered QuotaReserved"])
     await read_topic(settings, "stamp.dead-letter", at_least=1, timeout=60)
 
     text = await trace(settings, rid)
