@@ -67,6 +67,9 @@ async def trace(settings: Settings, ident: str, *, as_json_output: bool = False,
         except NotFound as exc:
             print(f"bubuh: trace: {exc}", file=sys.stderr)
             return 1
+        except asyncpg.UndefinedTableError as exc:
+            raise ConfigError(f"trace: {exc} (schema prefix {settings.schema_prefix!r}: has the platform "
+                              "run against this database?)") from None
         await tracer.gather(j)
         text = out
         if as_json_output:     # machines get one document, at the end (after following, the final one)
