@@ -167,6 +167,11 @@ def cmd_replay(args) -> None:
     sys.exit(0 if result.seen == 0 or result.replayed or args.dry_run else 1)
 
 
+def cmd_trace(args) -> None:
+    from services.journey import command
+    sys.exit(command.run(_settings(), args.id, as_json_output=args.json, follow=args.follow))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bubuh", description="Bubuh e-Meterai platform")
     sub = p.add_subparsers(dest="command", required=True)
@@ -251,6 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true")
     sp.add_argument("--from-start", action="store_true", help="replay entries replayed before, too")
     sp.set_defaults(func=cmd_replay)
+
+    sp = sub.add_parser("trace", help="the journey of one stamp request or purchase across the services: events "
+                        "with topic, partition and offset, ledger transfers, deliveries, and where it is now")
+    sp.add_argument("id", help="a stamp request id, a purchase id or an SN")
+    sp.add_argument("--json", action="store_true", help="one JSON document (after --follow, the final one)")
+    sp.add_argument("--follow", action="store_true",
+                    help="keep reading until it reaches a terminal state (Ctrl-C stops)")
+    sp.set_defaults(func=cmd_trace)
     return p
 
 
