@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from aiokafka import TopicPartition
 
 from services.kernel.partitioning import partitioner
-from services.kernel.processing.kafka_source import build_consumer
+from services.kernel.processing.kafka_source import build_consumer, partitions_of
 from services.kernel.settings import Settings
 
 
@@ -52,9 +52,8 @@ class KeyedReader:
         if self._tps is not None:
             return self._tps
         wanted = []
-        await self._consumer._client.force_metadata_update()  # noqa: SLF001 - as replay does
         for name in self._topics:
-            parts = self._consumer.partitions_for_topic(self._settings.topic(name))
+            parts = await partitions_of(self._consumer, self._settings.topic(name))
             if parts:
                 ordered = sorted(parts)
                 wanted += [TopicPartition(self._settings.topic(name), partitioner(k, ordered, ordered))

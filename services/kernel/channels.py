@@ -17,7 +17,7 @@ from aiokafka.errors import KafkaError
 
 from services.contracts.bubuh.v1 import channel_pb2
 from services.kernel import errors, events, logs, sealed, topics
-from services.kernel.processing.kafka_source import build_consumer
+from services.kernel.processing.kafka_source import build_consumer, partitions_of
 from services.kernel.settings import Settings
 
 log = logs.get(__name__)
@@ -114,12 +114,9 @@ class ChannelView:
         try:
             parts = None
             while parts is None and not stop.is_set():
-                parts = consumer.partitions_for_topic(topic)
+                parts = await partitions_of(consumer, topic)     # the topic may be brand new
                 if parts is None:
-                    await consumer._client.force_metadata_update()  # noqa: SLF001 - topic may be brand new
-                    parts = consumer.partitions_for_topic(topic)
-                    if parts is None:
-                        await asyncio.sleep(0.5)
+                    await asyncio.sleep(0.5)
             tps = [TopicPartition(topic, p) for p in sorted(parts or ())]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)

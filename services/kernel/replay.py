@@ -17,7 +17,7 @@ from aiokafka import TopicPartition
 
 from services.kernel.events import Outgoing
 from services.kernel.processing.deadletter import DLQ_CONSUMER, DLQ_MARKER, DLQ_REASON, DLQ_SOURCE
-from services.kernel.processing.kafka_source import build_consumer
+from services.kernel.processing.kafka_source import build_consumer, partitions_of
 from services.kernel.processing.pipeline import HEADER_ATTEMPT, HEADER_CRASH_ATTEMPT, HEADER_REPLAY, HEADER_RETRY_FOR
 from services.kernel.producer import Producer
 from services.kernel.settings import Settings
@@ -41,10 +41,7 @@ async def replay(settings: Settings, producer: Producer, dead_letter_topic: str,
     await consumer.start()
     result = ReplayResult()
     try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        if not parts:
-            await consumer._client.force_metadata_update()  # noqa: SLF001
-            parts = consumer.partitions_for_topic(topic) or set()
+        parts = await partitions_of(consumer, topic) or set()
         if not parts:
             progress(f"replay: no topic {topic}")
             return result

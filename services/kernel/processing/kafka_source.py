@@ -58,6 +58,17 @@ def build_consumer(settings: Settings, *topics: str, group_id: str | None, clien
     return AIOKafkaConsumer(*topics, **options)
 
 
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> set[int] | None:
+    """A topic's partitions, asking the broker again when the client's metadata does not know the topic
+    (brand new, or narrowed to an assignment's topics). aiokafka has no public call for that refresh:
+    this is the one place that uses its client's."""
+    parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        await consumer._client.force_metadata_update()  # noqa: SLF001 - see above
+        parts = consumer.partitions_for_topic(topic)
+    return parts or None
+
+
 def is_decode_error(exc: BaseException) -> bool:
     """A failure to turn fetched bytes into records (as opposed to a network or broker error)."""
     if isinstance(exc, _DECODE_ERRORS):
