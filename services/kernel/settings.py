@@ -12,6 +12,7 @@ import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,7 +60,8 @@ class Settings(BaseSettings):
 
     # --- logging ---
     log_level: str = "info"
-    log_format: str = "json"    # "json" | "console"
+    # auto: readable console lines when stderr is a terminal (`make run`), JSON otherwise; or json | console
+    log_format: Literal["auto", "json", "console"] = "auto"
 
     # --- Kafka behaviour ---
     default_partitions: int = 4
