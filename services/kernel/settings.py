@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     consumer_fetch_max_wait_ms: int = 100   # how long a fetch may wait to gather 64 KiB (kafka_source.py)
     producer_linger_ms: int = 5
     kafka_request_timeout_ms: int = 15000
+    kafka_ready_timeout_s: float = 60.0     # how long a consumer waits for its group's coordinator (readiness.py)
 
     # --- database ---
     db_pool_min: int = 1
