@@ -15,7 +15,13 @@ import asyncio
 import time
 
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError, for_code
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    GroupAuthorizationFailedError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    for_code,
+)
 
 from services.kernel import kafka_auth, logs
 from services.kernel.errors import ConfigError
@@ -24,6 +30,8 @@ from services.kernel.settings import Settings
 log = logs.get(__name__)
 
 RETRY_S = 0.25
+# waiting does not fix these: the process says so at once (what consumer.start() would have raised)
+_REFUSED = (AuthenticationFailedError, GroupAuthorizationFailedError, SaslAuthenticationFailed)
 
 
 class NotReady(Exception):
@@ -36,13 +44,18 @@ async def _coordinator(admin: AIOKafkaAdminClient, group_id: str) -> int:
         raise NotReady("no controller in the cluster metadata")
     try:
         node = await admin.find_coordinator(group_id)
+    except _REFUSED:
+        raise
     except KafkaError as exc:                          # COORDINATOR_NOT_AVAILABLE, ... : not yet
         raise NotReady(f"FindCoordinator: {type(exc).__name__}") from None
     # the coordinator is known; it must also answer for the group (not still loading its partition)
     (response,) = await admin.describe_consumer_groups([group_id], group_coordinator_id=node)
     error_code = response.groups[0][0]
     if error_code:
-        raise NotReady(f"DescribeGroups on node {node}: {for_code(error_code).__name__}")
+        error = for_code(error_code)
+        if issubclass(error, _REFUSED):
+            raise error(group_id)
+        raise NotReady(f"DescribeGroups on node {node}: {error.__name__}")
     return node
 
 
@@ -73,6 +86,11 @@ async def wait_for_group_coordinator(settings: Settings, group_id: str, *, crede
                 return node
             except NotReady as exc:
                 reason = str(exc)
+            except _REFUSED as exc:
+                raise ConfigError(
+                    f"Kafka at {settings.kafka_bootstrap} refuses consumer group {group_id} to this principal "
+                    f"({type(exc).__name__}): check BUBUH_KAFKA_USERNAME / BUBUH_KAFKA_PASSWORD and its ACLs "
+                    "(`bubuh kafka principal`, docs/kafka-access.md)") from None
             except (KafkaError, OSError, TimeoutError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             if not waited:

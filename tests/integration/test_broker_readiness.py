@@ -93,3 +93,13 @@ async def test_a_broker_that_never_coordinates_is_one_clear_config_error(setting
         await readiness.wait_for_group_coordinator(s, s.group("never"), timeout_s=2)
     assert time.monotonic() - started < 10
     assert "cannot coordinate consumer group" in str(err.value)
+
+
+async def test_a_group_the_principal_may_not_use_is_refused_at_once_not_waited_for(settings):
+    """Waiting cannot fix an ACL: the platform principal asking for a group outside its grants stops at once."""
+    if settings.kafka_security_protocol.upper() == "PLAINTEXT":
+        pytest.skip("needs the secured broker (ACLs)")
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="refuses consumer group nobody-"):
+        await readiness.wait_for_group_coordinator(settings, f"nobody-{os.getpid()}", timeout_s=30)
+    assert time.monotonic() - started < 10
