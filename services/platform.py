@@ -80,7 +80,8 @@ def _http_task(rt: Runtime, routers, port: int) -> runtime.Task:
 
     async def run_http(stop: asyncio.Event) -> None:
         await wait_or_stop(rt.channels.loaded, stop)   # authenticate only once the channel view is whole
-        config = uvicorn.Config(app, host=rt.settings.http_host, port=port, log_level="warning",
+        # log_config=None: uvicorn's records reach the root handler (kernel/logs.py), in the platform's format
+        config = uvicorn.Config(app, host=rt.settings.http_host, port=port, log_level="warning", log_config=None,
                                 access_log=False, lifespan="off", timeout_keep_alive=30, backlog=4096)
         server = uvicorn.Server(config)
         server.install_signal_handlers = lambda: None

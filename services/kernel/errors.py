@@ -186,6 +186,13 @@ EMAIL_UNAVAILABLE = _code("EMAIL_UNAVAILABLE", 503, "The mail server did not acc
                           "Retried automatically until the horizon.", retryable=True)
 
 
+class ConfigError(Exception):
+    """Configuration (or a dependency) that cannot work; the message is the one line the operator reads.
+
+    Not a catalogued code: it stops the process (``bubuh: ...``, exit 2) instead of answering a channel.
+    """
+
+
 class BubuhError(Exception):
     """An error with a catalogued code; ``detail`` says what exactly was wrong."""
 

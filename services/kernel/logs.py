@@ -1,14 +1,28 @@
-"""Structured logs: one JSON object per line, always with the current trace id."""
+"""Logs for machines and for people, always with the current trace id.
+
+``json`` (production): one JSON object per line, for the log pipeline. ``console``: one readable line
+per event, coloured when the stream is a terminal. ``auto`` (the default) picks ``console`` when the
+log stream (stderr) is a terminal, as under ``make run``, and ``json`` otherwise (a container, a pipe,
+a file), so nothing has to be set for either.
+
+Libraries (aiokafka, faust, uvicorn) log through the standard ``logging`` module: their records go
+through the same processors and renderer, so a log holds one format whoever wrote the line. Their
+levels are left alone: what the platform does about a library's noise is to give it no reason for it
+(e.g. ``readiness.wait_for_group_coordinator`` before a consumer joins its group).
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import IO
 
 import orjson
 import structlog
 
 from services.kernel import tracing
+
+FORMATS = ("auto", "json", "console")
 
 
 def _add_trace_id(_logger, _name, event_dict):
@@ -18,30 +32,79 @@ def _add_trace_id(_logger, _name, event_dict):
     return event_dict
 
 
-def configure(service: str, level: str = "info", fmt: str = "json") -> None:
+def is_terminal(stream: IO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):     # no isatty, or a closed stream
+        return False
+
+
+def resolve_format(fmt: str, stream: IO) -> str:
+    """``json`` or ``console``: what ``fmt`` means for logs written to ``stream``."""
+    fmt = (fmt or "auto").lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"log format {fmt!r}: use one of {', '.join(FORMATS)} (BUBUH_LOG_FORMAT)")
+    if fmt == "auto":
+        return "console" if is_terminal(stream) else "json"
+    return fmt
+
+
+class _Ours(logging.StreamHandler):
+    """The root handler ``configure`` installs (and replaces when called again)."""
+
+
+def _json_str(obj, **kw) -> str:
+    return orjson.dumps(obj, **kw).decode()
+
+
+def configure(service: str, level: str = "info", fmt: str = "auto", stream: IO | None = None) -> str:
+    """Set up structlog and the standard library's root logger; returns the format chosen."""
+    stream = stream if stream is not None else sys.stderr
+    chosen = resolve_format(fmt, stream)
     lvl = getattr(logging, level.upper(), logging.INFO)
-    # orjson: the stdlib encoder was a tenth of a consumer's CPU at one line per record
-    json_lines = fmt == "json"
-    renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps) if json_lines \
-        else structlog.dev.ConsoleRenderer()
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_trace_id,
+    ]
+    if chosen == "json":
+        # orjson, written as bytes: the stdlib encoder was a tenth of a consumer's CPU at one line per record
+        native = [*shared, structlog.processors.format_exc_info,
+                  structlog.processors.JSONRenderer(serializer=orjson.dumps)]
+        buffer = getattr(stream, "buffer", None)
+        factory = structlog.BytesLoggerFactory(file=buffer) if buffer is not None else None
+        if factory is None:       # a text-only stream (a test's StringIO): the same lines, as text
+            native[-1] = structlog.processors.JSONRenderer(serializer=_json_str)
+            factory = structlog.PrintLoggerFactory(file=stream)
+        foreign_render = [structlog.processors.format_exc_info,
+                          structlog.processors.JSONRenderer(serializer=_json_str)]
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=is_terminal(stream))
+        native = [*shared, renderer]        # the renderer formats exceptions itself (readably)
+        factory = structlog.PrintLoggerFactory(file=stream)
+        foreign_render = [renderer]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _add_trace_id,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=native,
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.BytesLoggerFactory(file=sys.stderr.buffer) if json_lines
-        else structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(service=service)
-    # Libraries (aiokafka, uvicorn) log through stdlib logging: keep their warnings, as plain lines.
-    logging.basicConfig(level=max(lvl, logging.WARNING), stream=sys.stderr,
-                        format='{"level":"%(levelname)s","logger":"%(name)s","event":"%(message)s"}')
+
+    # The standard library's records (aiokafka, faust, uvicorn): same fields, same renderer.
+    handler = _Ours(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *foreign_render],
+    ))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if type(h) in (_Ours, logging.StreamHandler)]:
+        root.removeHandler(old)       # ours from an earlier call, or a basicConfig one (not pytest's)
+    root.addHandler(handler)
+    # libraries' info lines are chatter at our info level; their warnings and errors always show
+    root.setLevel(max(lvl, logging.WARNING))
+    return chosen
 
 
 def get(name: str | None = None):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from aiokafka import TopicPartition
 
+from services.kernel import readiness
 from services.kernel.events import Outgoing
 from services.kernel.processing.deadletter import DLQ_CONSUMER, DLQ_MARKER, DLQ_REASON, DLQ_SOURCE
 from services.kernel.processing.kafka_source import build_consumer, partitions_of
@@ -36,8 +37,9 @@ async def replay(settings: Settings, producer: Producer, dead_letter_topic: str,
                  reason: str | None = None, dry_run: bool = False, from_start: bool = False,
                  progress=print) -> ReplayResult:
     topic = settings.topic(dead_letter_topic)
-    consumer = build_consumer(settings, group_id=settings.group(f"replay.{dead_letter_topic}"),
-                              client_id="bubuh-replay")
+    group = settings.group(f"replay.{dead_letter_topic}")
+    consumer = build_consumer(settings, group_id=group, client_id="bubuh-replay")
+    await readiness.wait_for_group_coordinator(settings, group)
     await consumer.start()
     result = ReplayResult()
     try:

@@ -23,16 +23,13 @@ from aiokafka.errors import KafkaError
 
 from services.kernel import database, logs, migrations, topics
 from services.kernel.channels import ChannelView
+from services.kernel.errors import ConfigError  # where the services import it from
 from services.kernel.producer import Producer
 from services.kernel.settings import Settings
 
 log = logs.get(__name__)
 
 Task = Callable[[asyncio.Event], Awaitable[None]]
-
-
-class ConfigError(Exception):
-    """Configuration that cannot work; the message is the one line the operator reads."""
 
 
 @dataclass

@@ -12,6 +12,7 @@ import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,7 +60,8 @@ class Settings(BaseSettings):
 
     # --- logging ---
     log_level: str = "info"
-    log_format: str = "json"    # "json" | "console"
+    # auto: readable console lines when stderr is a terminal (`make run`), JSON otherwise; or json | console
+    log_format: Literal["auto", "json", "console"] = "auto"
 
     # --- Kafka behaviour ---
     default_partitions: int = 4
@@ -68,6 +70,7 @@ class Settings(BaseSettings):
     consumer_fetch_max_wait_ms: int = 100   # how long a fetch may wait to gather 64 KiB (kafka_source.py)
     producer_linger_ms: int = 5
     kafka_request_timeout_ms: int = 15000
+    kafka_ready_timeout_s: float = 60.0     # how long a consumer waits for its group's coordinator (readiness.py)
 
     # --- database ---
     db_pool_min: int = 1

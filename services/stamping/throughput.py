@@ -36,7 +36,7 @@ from datetime import timedelta
 import faust
 
 from services.contracts.bubuh.v1 import stamp_pb2
-from services.kernel import errors, events, kafka_auth, topics
+from services.kernel import errors, events, kafka_auth, readiness, topics
 from services.kernel.settings import Settings
 
 APP_NAME = "bubuh-throughput"
@@ -180,6 +180,8 @@ class Throughput:
         app.loop = asyncio.get_running_loop()
         app.finalize()
         await self._declare_changelogs()
+        # faust's consumer group is its app id: join once the broker can coordinate it
+        await readiness.wait_for_group_coordinator(self._settings, app.conf.id)
         await app.start()
         self._started = True
 

@@ -20,7 +20,7 @@ from aiokafka.errors import (
     UnsupportedCodecError,
 )
 
-from services.kernel import kafka_auth, logs
+from services.kernel import kafka_auth, logs, readiness
 from services.kernel.processing.source import Polled, Record, Undecodable
 from services.kernel.settings import Settings
 
@@ -120,6 +120,8 @@ class _Ownership(ConsumerRebalanceListener):
 class KafkaSource:
     def __init__(self, settings: Settings, topics: list[str], *, group_id: str, client_id: str,
                  max_batch: int) -> None:
+        self._settings = settings
+        self._group = group_id
         self._consumer = build_consumer(settings, group_id=group_id, client_id=client_id,
                                         max_poll_records=max_batch)
         self._topics = topics
@@ -127,6 +129,8 @@ class KafkaSource:
         self._delivered: dict[TopicPartition, int] = {}   # next offset the pipeline expects, per partition
 
     async def start(self) -> None:
+        # join only once the broker can coordinate the group: no start-up storm of library errors
+        await readiness.wait_for_group_coordinator(self._settings, self._group)
         await self._consumer.start()
         self._consumer.subscribe(self._topics, listener=self._ownership)
 
