@@ -23,6 +23,7 @@ from services.kernel.processing.pipeline import ConsumerLoop
 from services.kernel.runtime import ConfigError, Runtime, Task
 from services.kernel.waiting import wait_or_stop
 from services.notification import NAME, api, payloads, templates
+from services.notification.deliveries import DeliveryLog
 from services.notification.dispatcher import Dispatcher
 from services.notification.housekeeping import Housekeeping
 from services.notification.intake import CONSUMER, Intake
@@ -31,7 +32,7 @@ from services.notification.wakeup import Wakeup
 
 
 async def router(rt: Runtime) -> APIRouter:
-    return api.router(rt.settings, rt.channels, await rt.pool(NAME))
+    return api.router(rt.channels, DeliveryLog(rt.settings, await rt.pool(NAME)))
 
 
 async def workers(rt: Runtime) -> list[Task]:

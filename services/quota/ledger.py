@@ -76,6 +76,16 @@ async def balance(conn: asyncpg.Connection | asyncpg.Pool, channel_id: str, acco
     return Balance(row["credited"], row["pending"], row["committed"]) if row else None
 
 
+class Accounts:
+    """The ledger's read side for the HTTP route: an account's balance, on the service's pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def balance(self, channel_id: str, account_id: str) -> Balance | None:
+        return await balance(self._pool, channel_id, account_id)
+
+
 async def lock_accounts(conn: asyncpg.Connection, accounts: set[tuple[str, str]]) -> None:
     """Create and lock several accounts, always in (channel, account) order: no deadlock between batches."""
     ordered = sorted(accounts)

@@ -19,12 +19,12 @@ from services.kernel.outbox import Relay
 from services.kernel.processing.handler import Transactional
 from services.kernel.processing.pipeline import ConsumerLoop
 from services.kernel.runtime import Runtime, Task
-from services.quota import NAME, api
+from services.quota import NAME, api, ledger
 from services.quota.handlers import CONSUMER, QuotaHandlers
 
 
 async def router(rt: Runtime) -> APIRouter:
-    return api.router(rt.channels, await rt.pool(NAME))
+    return api.router(rt.channels, ledger.Accounts(await rt.pool(NAME)))
 
 
 async def workers(rt: Runtime) -> list[Task]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 
-import asyncpg
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -21,9 +20,9 @@ from services.kernel import errors, http
 from services.kernel.channels import ChannelView
 from services.kernel.document_profiles import MAX_BYTES_ANY_PROFILE
 from services.kernel.settings import Settings
-from services.stamping import store, verify_page
+from services.stamping import verify_page
 from services.stamping.intake import StampIntake, StampMeta
-from services.stamping.queue import QueueView
+from services.stamping.request_status import RequestStatus
 from services.stamping.verification_answer import VerificationAnswer
 from services.stamping.verifying import PublicVerifier
 
@@ -59,8 +58,8 @@ _FILE = {"type": "string", "format": "binary", "maxLength": MAX_BYTES_ANY_PROFIL
          "description": "The PDF: at most its profile's size (`standard` 10 MB, `cpns` 800 KB)."}
 
 
-def router(settings: Settings, channels: ChannelView, intake: StampIntake, pool: asyncpg.Pool,
-           documents: store.DocumentStore, queue: QueueView, verifier: PublicVerifier) -> APIRouter:
+def router(settings: Settings, channels: ChannelView, intake: StampIntake, requests: RequestStatus,
+           verifier: PublicVerifier) -> APIRouter:
     r = APIRouter(tags=["stamps"])
     stamp_body = _upload_body(
         settings.stamp_max_body_bytes,
@@ -137,39 +136,15 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, pool:
     async def stamp_status(request_id: str, authorization: str | None = Header(None)):
         """`queued`, `reserved`, `stamping`, `completed` (with `sn`) or `failed` (with `code`)."""
         channel = channels.authenticate(authorization)
-        row = await pool.fetchrow("SELECT * FROM requests WHERE request_id = $1 AND channel_id = $2", request_id,
-                                  channel.channel_id)
-        if row is None:
-            raise errors.BubuhError(errors.NOT_FOUND, f"no stamp request {request_id} for this channel")
-        # dead-lettered waits for a replay with its unit reserved; signed waits for the ledger to post the unit
-        status = {"dead_lettered": "reserved", "signed": "stamping"}.get(row["status"], row["status"])
-        out = {"request_id": request_id, "status": status, "account_id": row["account_id"],
-               "accepted_at": row["accepted_at"].isoformat()}
-        if row["sn"] and row["status"] == "completed":
-            out["sn"] = row["sn"]
-            out["document_url"] = f"{settings.public_url}/v1/stamps/{request_id}/document"
-        if row["code"]:
-            out["code"], out["detail"] = row["code"], row["detail"]
-        if row["finished_at"]:
-            out["finished_at"] = row["finished_at"].isoformat()
-        if status in ("queued", "reserved", "stamping"):
-            position = await queue.position_of(row["accepted_at"])
-            facts = await queue.facts()
-            out["position"] = position
-            out["eta_seconds"] = facts.eta_seconds(position) if facts and position is not None else None
-        return out
+        return await requests.status(channel.channel_id, request_id)
 
     @r.get("/v1/stamps/{request_id}/document", response_class=Response)
     async def stamped_document(request_id: str, authorization: str | None = Header(None)):
         """The stamped PDF, once `completed` (the requesting channel only)."""
         channel = channels.authenticate(authorization)
-        row = await pool.fetchrow("SELECT status, output_ref, sn FROM requests WHERE request_id = $1 AND "
-                                  "channel_id = $2", request_id, channel.channel_id)
-        if row is None or row["status"] != "completed":
-            raise errors.BubuhError(errors.NOT_FOUND, f"no stamped document for {request_id} (yet)")
-        data = await documents.get(row["output_ref"])
+        data, sn = await requests.document(channel.channel_id, request_id)
         return Response(data, media_type="application/pdf",
-                        headers={"Content-Disposition": f'attachment; filename="{row["sn"]}.pdf"'})
+                        headers={"Content-Disposition": f'attachment; filename="{sn}.pdf"'})
 
     @r.get("/v1/verify/{sn}", tags=["verification"],
            responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}})

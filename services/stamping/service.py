@@ -28,6 +28,7 @@ from services.kernel.settings import Settings
 from services.stamping import NAME, api, store
 from services.stamping.intake import StampIntake
 from services.stamping.queue import QueueView
+from services.stamping.request_status import RequestStatus
 from services.stamping.sandbox import ProcessLimits, Sandbox
 from services.stamping.serial import MAX_NODE, SerialIssuer
 from services.stamping.signing.engine import SignerConfig, StampingEngine
@@ -82,7 +83,7 @@ async def router(rt: Runtime) -> APIRouter:
     intake = StampIntake(s, rt.producer, pool, docs, queue, inspector)
     verifier = PublicVerifier(pool, trust_roots(s), checker, ClientRate(s.verify_rate_per_client_per_s,
                                                                         s.verify_rate_burst))
-    return api.router(s, rt.channels, intake, pool, docs, queue, verifier)
+    return api.router(s, rt.channels, intake, RequestStatus(s, pool, docs, queue), verifier)
 
 
 async def workers(rt: Runtime) -> list[Task]:

@@ -26,6 +26,7 @@ from services.kernel.channels import ChannelView, api_key_hash
 from services.kernel.http import create_app
 from services.kernel.webhook_targets import StaticResolver
 from services.notification import api
+from services.notification.deliveries import DeliveryLog
 from services.notification.dispatcher import Dispatcher
 from services.notification.intake import endpoint_of
 from services.purchase.registry import Registry, RegistryError
@@ -170,7 +171,7 @@ async def dispatch_until_attempted(pool, settings, view, resolver, event_ids: li
 
 async def delivery_log(settings, view, pool, channel: Channel, event_id: str) -> tuple[dict, str]:
     """``GET /v1/deliveries?event_id=`` as the channel reads it (the app in process, no network)."""
-    app = create_app("notification", [api.router(settings, view, pool)])
+    app = create_app("notification", [api.router(view, DeliveryLog(settings, pool))])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bubuh.test") as client:
         r = await client.get("/v1/deliveries", params={"event_id": event_id},
                              headers={"Authorization": f"Bearer {channel.api_key}"})

@@ -15,7 +15,7 @@ from services.stamping import api as stamping_api
 
 
 def _routers(settings: Settings) -> list[APIRouter]:
-    stamping = stamping_api.router(settings, *(MagicMock() for _ in range(6)))
+    stamping = stamping_api.router(settings, *(MagicMock() for _ in range(4)))
     return [stamping, purchase_api.router(settings, MagicMock(), MagicMock())]
 
 

@@ -1,6 +1,6 @@
-"""The import boundaries of pyproject.toml ([tool.importlinter]): services never import each other and
-the kernel imports no service. import-linter must keep them on the tree as it is and break them on a
-copy of the tree with one deliberate cross-service import."""
+"""The import boundaries of pyproject.toml ([tool.importlinter]): services never import each other, the
+kernel imports no service, and HTTP routers leave SQL to domain objects. import-linter must keep them on
+the tree as it is and break them on a copy of the tree with one deliberate breach."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def copy_tree(dst: Path) -> Path:
 def test_the_tree_keeps_every_contract():
     out = lint_imports(ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "2 kept, 0 broken" in out.stdout, out.stdout
+    assert "3 kept, 0 broken" in out.stdout, out.stdout
 
 
 def test_a_service_importing_another_breaks_the_independence_contract(tmp_path):
@@ -49,3 +49,13 @@ def test_the_kernel_importing_a_service_breaks_the_layering_contract(tmp_path):
     out = lint_imports(root)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "the kernel imports no service" in out.stdout and "BROKEN" in out.stdout, out.stdout
+
+
+def test_a_router_importing_asyncpg_breaks_the_thin_router_contract(tmp_path):
+    root = copy_tree(tmp_path)
+    mod = root / "services" / "quota" / "api.py"
+    mod.write_text(mod.read_text() + "\nimport asyncpg  # noqa: E402,F401 - the deliberate breach\n")
+    out = lint_imports(root)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "HTTP routers do not talk SQL" in out.stdout and "BROKEN" in out.stdout, out.stdout
+    assert "services.quota.api -> asyncpg" in out.stdout, out.stdout

@@ -53,7 +53,7 @@ def verifier() -> Registry:
 
 @pytest.fixture
 async def client(verifier):
-    app = create_app("test", [api.router(Settings(), None, None, None, None, None, verifier)])
+    app = create_app("test", [api.router(Settings(), None, None, None, verifier)])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("203.0.113.9", 1234)),
                                  base_url="http://testserver") as c:
         yield c
@@ -150,7 +150,7 @@ async def test_the_upload_form_without_a_file_says_so_in_html(client):
 
 
 async def test_an_upload_over_the_limit_is_refused_in_html_while_it_arrives(verifier):
-    app = create_app("test", [api.router(Settings(verify_max_body_bytes=4096), None, None, None, None, None,
+    app = create_app("test", [api.router(Settings(verify_max_body_bytes=4096), None, None, None,
                                          verifier)])
 
     async def chunks():      # no Content-Length: BodyLimits stops it as it passes the limit
