@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 LINT = Path(sys.executable).with_name("lint-imports")
 
@@ -32,30 +34,21 @@ def test_the_tree_keeps_every_contract():
     assert "3 kept, 0 broken" in out.stdout, out.stdout
 
 
-def test_a_service_importing_another_breaks_the_independence_contract(tmp_path):
+BREACHES = [   # (module, the line added to a copy of it, the contract it breaks, the chain reported)
+    ("purchase/api.py", "from services.quota import ledger", "services never import each other",
+     "services.purchase.api -> services.quota.ledger"),
+    ("kernel/topics.py", "import services.stamping.serial", "the kernel imports no service",
+     "services.kernel.topics -> services.stamping.serial"),
+    ("quota/api.py", "import asyncpg", "HTTP routers do not talk SQL", "services.quota.api -> asyncpg"),
+]
+
+
+@pytest.mark.parametrize(("module", "line", "contract", "chain"), BREACHES, ids=[b[0] for b in BREACHES])
+def test_a_deliberate_breach_breaks_its_contract(tmp_path, module, line, contract, chain):
     root = copy_tree(tmp_path)
-    api = root / "services" / "purchase" / "api.py"
-    api.write_text(api.read_text() + "\nfrom services.quota import ledger  # noqa: E402,F401 - the deliberate breach\n")
+    mod = root / "services" / module
+    mod.write_text(mod.read_text() + f"\n{line}  # noqa: E402,F401 - the deliberate breach\n")
     out = lint_imports(root)
     assert out.returncode == 1, out.stdout + out.stderr
-    assert "services never import each other" in out.stdout and "BROKEN" in out.stdout, out.stdout
-    assert "services.purchase.api -> services.quota.ledger" in out.stdout, out.stdout
-
-
-def test_the_kernel_importing_a_service_breaks_the_layering_contract(tmp_path):
-    root = copy_tree(tmp_path)
-    mod = root / "services" / "kernel" / "topics.py"
-    mod.write_text(mod.read_text() + "\nimport services.stamping.serial  # noqa: E402,F401 - the deliberate breach\n")
-    out = lint_imports(root)
-    assert out.returncode == 1, out.stdout + out.stderr
-    assert "the kernel imports no service" in out.stdout and "BROKEN" in out.stdout, out.stdout
-
-
-def test_a_router_importing_asyncpg_breaks_the_thin_router_contract(tmp_path):
-    root = copy_tree(tmp_path)
-    mod = root / "services" / "quota" / "api.py"
-    mod.write_text(mod.read_text() + "\nimport asyncpg  # noqa: E402,F401 - the deliberate breach\n")
-    out = lint_imports(root)
-    assert out.returncode == 1, out.stdout + out.stderr
-    assert "HTTP routers do not talk SQL" in out.stdout and "BROKEN" in out.stdout, out.stdout
-    assert "services.quota.api -> asyncpg" in out.stdout, out.stdout
+    assert f"{contract}" in out.stdout and f"{contract}" in out.stdout.split("Broken contracts")[-1], out.stdout
+    assert chain in out.stdout, out.stdout
