@@ -298,6 +298,7 @@ class Run:
     workdir: Path
     env: dict[str, str]
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def new(cls, code_dir: Path, workdir: Path, partitions: int, log_level: str, hook_dir: Path) -> Run:
@@ -335,10 +336,12 @@ class Run:
         groups = {"all": list(SERVICES)} if layout == "single" else {name: [name] for name in SERVICES}
         for name, workers in groups.items():
             logf = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
+            self.metrics_ports[name] = free_port()
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "serve", "--api", "none", "--workers", ",".join(workers),
                  "--ready-file", str(self.workdir / f"{name}.ready")],
-                cwd=self.code_dir, env=self.env, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
+                cwd=self.code_dir, env={**self.env, "BUBUH_METRICS_PORT": str(self.metrics_ports[name])},
+                stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
             logf.close()
 
     async def wait_ready(self, timeout: float = 120) -> None:
@@ -350,6 +353,31 @@ class Run:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{name} not ready in {timeout}s: {self.tail(name)}")
                 await asyncio.sleep(0.1)
+
+    def batch_sizes(self) -> dict[str, float]:
+        """Mean records per partition batch of each consumer, and per relayed outbox batch, from the
+        processes' own /metrics (larger batches: fewer transactions, fetches and commits per purchase)."""
+        sums: dict[str, list[float]] = {}
+        pattern = re.compile(r'^(bubuh_consumer_batch_records|bubuh_outbox_lag_seconds)_(sum|count)'
+                             r'\{(?:consumer|schema)="([^"]+)"\} (\S+)$')
+        for port in self.metrics_ports.values():
+            try:
+                body = subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/metrics"], capture_output=True,
+                                      text=True, timeout=10).stdout
+            except (OSError, subprocess.SubprocessError):
+                continue
+            for line in body.splitlines():
+                m = pattern.match(line)
+                if m:
+                    key = (m[3] if m[1].startswith("bubuh_consumer") else f"outbox {m[3]}")
+                    sums.setdefault(key, [0.0, 0.0])[m[2] == "count"] += float(m[4])
+        out = {}
+        for key, (total, count) in sorted(sums.items()):
+            if key.startswith("outbox "):
+                out[f"{key}: relayed batches"] = count
+            elif count:
+                out[f"{key}: records per batch"] = round(total / count, 1)
+        return out
 
     def alive(self) -> dict[str, bool]:
         return {name: proc.poll() is None for name, proc in self.procs.items()}
@@ -858,6 +886,7 @@ async def pipeline_run(args, index: int, profiler: Profiler | None = None) -> di
                             + ", ".join(f"{g.removeprefix(s.topic_prefix)} {v['committed']}"
                                         for g, v in snap["groups"].items()))
                 cpu1 = _cpu_snapshot(pids, server_pids())
+                result["batches"] = run.batch_sizes()
             finally:
                 await db.close()
             if profiler:

@@ -11,7 +11,7 @@ import asyncio
 import os
 import sys
 
-from services.kernel import errors, logs, topics
+from services.kernel import errors, event_loop, logs, topics
 from services.kernel.runtime import ConfigError
 from services.kernel.settings import Settings
 
@@ -39,7 +39,7 @@ def cmd_serve(args) -> None:
         def ready() -> None:
             with open(args.ready_file, "w") as fh:
                 fh.write("ready\n")
-    asyncio.run(platform.serve(s, api, workers, on_ready=ready))
+    event_loop.run(platform.serve(s, api, workers, on_ready=ready), s.event_loop)
 
 
 def cmd_up(args) -> None:

@@ -63,11 +63,16 @@ class Settings(BaseSettings):
     # auto: readable console lines when stderr is a terminal (`make run`), JSON otherwise; or json | console
     log_format: Literal["auto", "json", "console"] = "auto"
 
+    # --- process ---
+    # uvloop: libuv's loop, for `bubuh serve` (kernel/event_loop.py); asyncio: the standard library's
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+
     # --- Kafka behaviour ---
     default_partitions: int = 4
     replication_factor: int = 1
     consumer_max_batch: int = 500
-    consumer_fetch_max_wait_ms: int = 100   # how long a fetch may wait to gather 64 KiB (kafka_source.py)
+    consumer_fetch_max_wait_ms: int = 100   # how long a fetch may wait to gather the bytes below
+    consumer_fetch_min_bytes: int = 64 * 1024   # what a fetch gathers before the broker answers (kafka_source.py)
     producer_linger_ms: int = 5
     kafka_request_timeout_ms: int = 15000
     kafka_ready_timeout_s: float = 60.0     # how long a consumer waits for its group's coordinator (readiness.py)

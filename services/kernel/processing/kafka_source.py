@@ -46,12 +46,12 @@ def build_consumer(settings: Settings, *topics: str, group_id: str | None, clien
         heartbeat_interval_ms=2_000,
         max_poll_interval_ms=300_000,
         metadata_max_age_ms=30_000,
-        # let a fetch gather up to 64 KiB for at most consumer_fetch_max_wait_ms (100 ms): under load,
-        # batches (one transaction each) grow instead of the consumer committing a transaction per
-        # handful of records, and a consumer that keeps up fetches a few times a second, not fifty
-        # (at 20 ms the fetches were most of the notification intake's CPU); the price is at most
-        # that wait per hop while traffic is light
-        fetch_min_bytes=64 * 1024,
+        # let a fetch gather up to consumer_fetch_min_bytes (64 KiB) for at most
+        # consumer_fetch_max_wait_ms (100 ms): under load, batches (one transaction each) grow
+        # instead of the consumer committing a transaction per handful of records, and a consumer
+        # that keeps up fetches a few times a second, not fifty (at 20 ms the fetches were most of
+        # the notification intake's CPU); the price is at most that wait per hop while traffic is light
+        fetch_min_bytes=settings.consumer_fetch_min_bytes,
         fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
     )
     options.update(overrides)
