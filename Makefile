@@ -107,6 +107,7 @@ bench: setup system-packages ## the purchase pipeline on the local stack vs Post
 	-@test -x $(BUBUH) && $(BUBUH) down
 	$(STACK) up
 	$(PY) -m loadtests.bench_pipeline --out loadtests/results/pipeline.json --readme README.md --profile-dir loadtests/results --label after
+	$(PY) -m loadtests.bench_pipeline --mode backlog --out loadtests/results/pipeline-backlog.json --readme README.md --label after
 	-$(STACK) down
 	$(PY) -m loadtests.bench_engine --out loadtests/results/engine.json --readme README.md
 

@@ -80,6 +80,9 @@ SERVICES = ("purchase", "quota", "notification")
 DEAD_LETTER_TOPICS = ("purchase.dead-letter", "quota.dead-letter", "notification.dead-letter")
 README_BEGIN = "<!-- bench:pipeline:begin (make bench writes this table) -->"
 README_END = "<!-- bench:pipeline:end -->"
+# the backlog mode's table has markers of its own
+README_BACKLOG_BEGIN = "<!-- bench:pipeline-backlog:begin (make bench writes this table) -->"
+README_BACKLOG_END = "<!-- bench:pipeline-backlog:end -->"
 DEFAULT_BASELINE = Path("loadtests/results/pipeline-before.json")
 POLL_S = 0.25
 CREATED: list = []        # every run's settings, so a final sweep removes what a failed cleanup left
@@ -1177,7 +1180,7 @@ async def run_all(args) -> dict:
             await cleanup(s)
 
     valid = [r for r in runs if r["checks"]["ok"]]
-    result: dict = {"label": args.label, "purchases": args.purchases, "accounts": args.accounts,
+    result: dict = {"label": args.label, "mode": args.mode, "purchases": args.purchases, "accounts": args.accounts,
                     "runs_requested": args.runs, "partitions": args.partitions, "layout": args.layout,
                     "log_level": args.log_level, "webhook": args.webhook or None, "code": code_facts(args.code_dir),
                     "notes": args.note, "target_purchases_per_s": TARGET_PER_S,
@@ -1295,9 +1298,12 @@ def markdown(result: dict, baseline: dict | None) -> str:
     m = result["machine"]
     g = result["guarantees"]["server"]
     layout = "one process per service" if result["layout"] == "separate" else "one process for all services"
+    backlog = result.get("mode") == "backlog"
     rows += ["", f"- {m['cpu']}, {m['usable_cores']} usable cores shared by Kafka, PostgreSQL, the platform "
                  f"({layout}) "
-                 f"and the publisher; {result['partitions']} partitions per topic; {result['accounts']:,} accounts; "
+                 + ("(the backlog published before the platform started, timed from its first handled record)"
+                    if backlog else "and the publisher") + ";"
+                 f" {result['partitions']} partitions per topic; {result['accounts']:,} accounts; "
                  f"PostgreSQL {g['server_version']} with synchronous_commit={g['synchronous_commit']}, "
                  f"fsync={g['fsync']}; Python {m['python']}."]
     for r in ([baseline] if baseline else []) + [result]:
@@ -1354,7 +1360,9 @@ def main(argv: list[str] | None = None) -> int:
         result = asyncio.run(run_all(args))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    baseline_path = args.baseline or (DEFAULT_BASELINE if DEFAULT_BASELINE.exists() else None)
+    # the recorded baseline was measured in concurrent mode: it stands beside that mode only
+    baseline_path = args.baseline or (DEFAULT_BASELINE if DEFAULT_BASELINE.exists() and args.mode == "concurrent"
+                                      else None)
     baseline = None
     if baseline_path and baseline_path.resolve() != args.out.resolve():
         baseline = json.loads(baseline_path.read_text())
@@ -1362,8 +1370,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(json.dumps({"guarantees": result["guarantees"]["verdict"]}, indent=2))
     if args.readme:
-        update_readme(args.readme, table, result["generated_at"], begin=README_BEGIN, end=README_END,
-                      source=str(args.out))
+        backlog = args.mode == "backlog"
+        update_readme(args.readme, table, result["generated_at"],
+                      begin=README_BACKLOG_BEGIN if backlog else README_BEGIN,
+                      end=README_BACKLOG_END if backlog else README_END, source=str(args.out))
     if args.render_only:
         return 0
     ok = (len(result["runs"]) == args.runs and all(r["checks"]["ok"] for r in result["runs"])
