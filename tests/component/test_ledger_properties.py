@@ -33,7 +33,7 @@ from services.kernel import errors
 from services.kernel.events import Event
 from services.kernel.processing.handler import Transactional
 from services.quota import ledger
-from services.quota.handlers import CONSUMER, QuotaHandlers
+from services.quota.ledger_consumer import CONSUMER, QuotaHandlers
 from tests.component import handler_support as hs
 
 ACCOUNTS = [("ch-a", "acct-1"), ("ch-a", "acct-2"), ("ch-b", "acct-1")]
