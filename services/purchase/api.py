@@ -14,7 +14,7 @@ from services.kernel import errors
 from services.kernel.channels import ChannelView
 from services.kernel.http import body_limit, error_responses, read_json_body
 from services.kernel.settings import Settings
-from services.purchase.intake import Intake
+from services.purchase.http_intake import Intake
 from services.purchase.validation import PurchaseOrder
 
 

@@ -21,10 +21,10 @@ from services.kernel.channels import ChannelView
 from services.kernel.document_profiles import MAX_BYTES_ANY_PROFILE
 from services.kernel.settings import Settings
 from services.stamping import verify_page
-from services.stamping.intake import StampIntake, StampMeta
+from services.stamping.http_intake import StampIntake, StampMeta
+from services.stamping.public_verifier import PublicVerifier
 from services.stamping.request_status import RequestStatus
 from services.stamping.verification_answer import VerificationAnswer
-from services.stamping.verifying import PublicVerifier
 
 
 class StampMetaBody(BaseModel):

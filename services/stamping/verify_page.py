@@ -3,7 +3,7 @@
 ``GET /v1/verify/{sn}`` answers JSON to API clients and this page to browsers (``prefers_html``
 decides on the ``Accept`` header), and the page's upload form posts to ``POST /v1/verify/{sn}/page``,
 which runs the same verification as ``POST /v1/verify`` and renders its verdict. Nothing here
-decides anything: the facts and verdicts come from ``verifying.py``; this module only words them.
+decides anything: the facts and verdicts come from ``public_verifier.py``; this module only words them.
 
 Why plain strings and ``html.escape`` rather than a template engine: one page with a handful of
 blocks, and every value that reaches it passes ``_e`` (the SN comes from the URL, signer names from

@@ -3,7 +3,7 @@ with its code, while what may legitimately follow a stamp (signatures, DSS, docu
 
 Each attack first shows what pyHanko itself says about the stamp's signature (so the fixture is a real
 attack, not a broken file: for the incremental and shadow attacks the signature stays intact, valid and
-trusted), then what our verification answers (``verifying.judge`` on the library's report, with an
+trusted), then what our verification answers (``public_verifier.judge`` on the library's report, with an
 in-memory SN registry holding what the issuer delivered).
 """
 
@@ -21,13 +21,13 @@ from pyhanko.sign import fields, signers
 from pyhanko.sign.validation import validate_pdf_signature
 from pyhanko_certvalidator import ValidationContext
 
-from services.stamping.document.verification import _load_roots, verify
+from services.stamping.document.signature_validation import _load_roots, verify
+from services.stamping.public_verifier import Issued, judge
 from services.stamping.serial import SerialIssuer
 from services.stamping.signing import dev_ca, signing_key
 from services.stamping.signing.engine import SignerConfig, StampingEngine
 from services.stamping.signing.request import StampRequest
 from services.stamping.verification_answer import VerificationAnswer
-from services.stamping.verifying import Issued, judge
 from tests.unit.stamping import attacks
 from tests.unit.stamping.conftest import VERIFY_BASE
 
