@@ -12,7 +12,7 @@ import json
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -27,9 +27,7 @@ from services.stamping.request_status import RequestStatus
 from services.stamping.verification_answer import VerificationAnswer
 
 
-class StampMetaBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class StampMetaBody(http.StrictBody):
     account_id: str = Field(description="The buyer's account at the channel; one unit of its quota is used.")
     page: int = Field(description="1-based page for the stamp (the issuer's visSignaturePage).")
     llx: float = Field(description="Box lower-left x in PDF points (visLLX).")
