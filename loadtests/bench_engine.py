@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 from loadtests import corpus  # noqa: E402
 from loadtests.readme import update_readme as readme_table  # noqa: E402
 from services.stamping.serial import SerialIssuer  # noqa: E402
-from services.stamping.signing import keys  # noqa: E402
+from services.stamping.signing import dev_ca  # noqa: E402
 from services.stamping.signing.engine import SignerConfig, StampingEngine  # noqa: E402
 from services.stamping.signing.reference import stamp_reference  # noqa: E402
 from services.stamping.signing.request import StampRequest  # noqa: E402
@@ -56,7 +56,7 @@ def _document(name: str) -> bytes:
     return corpus.a4_text(1) if name == "a4-1page" else corpus.scan_800k(1)
 
 
-def _stamper(path: str, ca: keys.DevCA, node: int):
+def _stamper(path: str, ca: dev_ca.DevCA, node: int):
     issuer = SerialIssuer(node)
     if path == "engine":
         engine = StampingEngine(SignerConfig(p12_path=str(ca.p12_path), p12_password=ca.password), VERIFY_BASE)
@@ -97,7 +97,7 @@ def measure(stamp, data: bytes, iterations: int, warmup: int, min_seconds: float
     }
 
 
-def _worker(ca: keys.DevCA, node: int, seconds: float, barrier, results) -> None:
+def _worker(ca: dev_ca.DevCA, node: int, seconds: float, barrier, results) -> None:
     stamp = _stamper("engine", ca, node)
     data = _document("a4-1page")
     for _ in range(30):
@@ -110,7 +110,7 @@ def _worker(ca: keys.DevCA, node: int, seconds: float, barrier, results) -> None
     results.put((count, time.perf_counter() - start, time.process_time() - cpu0))
 
 
-def measure_processes(ca: keys.DevCA, processes: int, seconds: float) -> dict:
+def measure_processes(ca: dev_ca.DevCA, processes: int, seconds: float) -> dict:
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(processes)
     results = ctx.Queue()
@@ -166,7 +166,7 @@ def run(quick: bool) -> dict:
     machine = machine_facts()
     cases: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bubuh-bench-") as tmp:
-        cas = {kt: keys.dev_ca(tmp, kt) for kt in KEYS}
+        cas = {kt: dev_ca.dev_ca(tmp, kt) for kt in KEYS}
         docs = {name: _document(name) for name in DOCUMENTS}
         for path in PATHS:
             for kt in KEYS:

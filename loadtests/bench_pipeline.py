@@ -100,7 +100,7 @@ def _load_services(code_dir: Path) -> None:
     from services.kernel import topics as topics_mod
     from services.kernel.producer import Producer
     from services.kernel.settings import Settings
-    from services.purchase.intake import submitted_record
+    from services.purchase.http_intake import submitted_record
     from services.purchase.validation import PurchaseOrder
 
 

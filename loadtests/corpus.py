@@ -121,13 +121,14 @@ def presigned(seed: int = 0, key_type: str = "rsa2048") -> Presigned:
     from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
     from pyhanko.sign import fields, signers
 
-    from services.stamping.signing.keys import Pkcs12Key, _to_asn1_cert, make_certificate_pair
+    from services.stamping.signing.dev_ca import make_certificate_pair
+    from services.stamping.signing.signing_key import Pkcs12Key, to_asn1_cert
 
     _ca_key, ca_cert, key, cert = make_certificate_pair(
         key_type, ca_name="Applicant Test CA", subject_name="Calon Pelamar Uji",
         organisation="Applicant Test (NOT FOR PRODUCTION)",
     )
-    applicant = Pkcs12Key(key, _to_asn1_cert(cert), (_to_asn1_cert(ca_cert),),
+    applicant = Pkcs12Key(key, to_asn1_cert(cert), (to_asn1_cert(ca_cert),),
                           "rsa" if key_type == "rsa2048" else "ec")
     writer = IncrementalPdfFileWriter(io.BytesIO(a4_text(seed)))
     out = signers.PdfSigner(

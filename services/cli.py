@@ -112,7 +112,7 @@ def cmd_keys(args) -> None:
     if args.what == "platform":
         print(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
         return
-    from services.stamping.signing import keys
+    from services.stamping.signing import dev_ca
 
     s = _settings()
     out = args.out or str(s.keys_dir)
@@ -120,7 +120,7 @@ def cmd_keys(args) -> None:
         from pathlib import Path
         if args.if_missing and (Path(out) / f"issuer-{key_type}.p12").exists():
             continue
-        ca = keys.dev_ca(out, key_type)
+        ca = dev_ca.dev_ca(out, key_type)
         print(f"dev CA ({key_type}): issuer {ca.p12_path} (password {ca.password!r}), trust anchor {ca.ca_cert_pem}")
         print("  test keys only: never use them for real stamps")
 

@@ -25,10 +25,10 @@ def local_stack():
 def _dev_ca() -> None:
     """The stamping workers sign with the dev CA's issuer key (as `make setup` makes it)."""
     from services.kernel.settings import Settings
-    from services.stamping.signing import keys
+    from services.stamping.signing import dev_ca
     where = Settings().keys_dir
     if not (where / "issuer-rsa2048.p12").exists():
-        keys.dev_ca(where, "rsa2048")
+        dev_ca.dev_ca(where, "rsa2048")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import httpx
 
 from services.kernel import kafka_auth
 from services.kernel.settings import Settings
-from services.purchase.intake import submitted_record
+from services.purchase.http_intake import submitted_record
 from services.purchase.validation import PurchaseOrder
 
 

@@ -12,7 +12,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from services.contracts.bubuh.v1 import channel_pb2
@@ -48,7 +48,6 @@ class ChannelView:
         self._key = settings.platform_key()
         self._records: dict[str, channel_pb2.Channel] = {}
         self._by_key_hash: dict[str, str] = {}
-        self._consumer: AIOKafkaConsumer | None = None
         self.loaded = asyncio.Event()
         self._changed = asyncio.Condition()
 

@@ -22,7 +22,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -85,6 +85,12 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """``responses=`` for a route: the catalogued error shape under each status it can answer."""
     return {s: {"model": ErrorBody, "description": _STATUS_MEANING.get(s, "See `code` (docs/errors.md).")}
             for s in statuses}
+
+
+class StrictBody(BaseModel):
+    """A request body that refuses fields it does not know (a typo is a 422, never silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class ErrorBody(BaseModel):

@@ -86,7 +86,7 @@ class Settings(BaseSettings):
 
     # --- consumers (kernel/processing): failure policy, docs in README "Failure policy" ---
     consumer_crash_retries: int = 3             # durable retries after a handler crash, then HANDLER_CRASHED
-    consumer_crash_retry_base_s: float = 2.0
+    consumer_crash_retry_base_s: float = 2.0     # then doubling to 600 s, equal jitter (kernel/retry.Backoff)
     consumer_suspect_retries: int = 3           # in-place retries of a timeout / cancel before the health probe
     consumer_transient_retries: int = 5         # in-place retries of a serialization failure / deadlock
     consumer_dlq_max_consecutive: int = 200     # dead letters in a row that stop a consumer (0: no limit)
@@ -143,8 +143,8 @@ class Settings(BaseSettings):
     verify_rate_per_client_per_s: float = 1.0    # per client address, with a burst of verify_rate_burst
     verify_rate_burst: int = 5
     stamp_max_attempts: int = 5                  # transient failures before the dead-letter topic
-    stamp_retry_base_s: float = 2.0
-    stamp_retry_max_s: float = 600.0
+    stamp_retry_base_s: float = 2.0              # first retry after base/2..base, then doubling (equal jitter)
+    stamp_retry_max_s: float = 600.0             # the ceiling of one delay
     stamp_max_deliveries: int = 3                # a request that took its worker down this often is poison
     stamp_node_id: int | None = None             # unique per live worker process (SN field); default: random
     stamp_eta_window_s: float = 60.0             # throughput window behind queue positions' expected times

@@ -8,19 +8,17 @@ import json
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
-from services.kernel import errors
+from services.kernel import errors, http
 from services.kernel.channels import ChannelView
 from services.kernel.http import body_limit, error_responses, read_json_body
 from services.kernel.settings import Settings
-from services.purchase.intake import Intake
+from services.purchase.http_intake import Intake
 from services.purchase.validation import PurchaseOrder
 
 
-class PurchaseRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class PurchaseRequest(http.StrictBody):
     channel_order_id: str = Field(description="The channel's own order id: the idempotency key.")
     account_id: str = Field(description="The buyer's account at the channel (1-64 of A-Z a-z 0-9 . _ : @ -).")
     quantity: int = Field(description="Stamps bought, 1..10000.")

@@ -17,7 +17,7 @@ from services.kernel.processing.pipeline import ConsumerLoop
 from services.kernel.runtime import Runtime, Task
 from services.purchase import NAME, api
 from services.purchase.confirmation import CHANNEL_FAULTS, CONSUMER, Confirmation
-from services.purchase.intake import Intake
+from services.purchase.http_intake import Intake
 from services.purchase.registry import Registry
 
 

@@ -239,19 +239,6 @@ async def due_expiries(conn: asyncpg.Connection, now: dt.datetime, limit: int = 
     return [r["request_id"] for r in locked]
 
 
-async def pending_deadline(conn: asyncpg.Connection | asyncpg.Pool, request_id: str) -> tuple[str, dt.datetime | None]:
-    """The state of a reservation: 'open' (with deadline), 'posted', 'voided', 'rejected' or 'unknown'."""
-    row = await conn.fetchrow("SELECT kind, deadline FROM transfers WHERE id = $1", request_id)
-    if row is None:
-        return "unknown", None
-    if row["kind"] == "rejected":
-        return "rejected", None
-    resolution = await conn.fetchval("SELECT kind FROM transfers WHERE pending_id = $1", request_id)
-    if resolution is None:
-        return "open", row["deadline"]
-    return ("posted" if resolution == "post" else "voided"), row["deadline"]
-
-
 async def credits_of(settings: Settings, channel_id: str) -> dict[str, dict]:
     """``credits_by_purchase`` on a pool of its own (for ``bubuh reconcile``, which runs no service)."""
     pool = await runtime.connect_database(settings, NAME)

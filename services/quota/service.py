@@ -20,7 +20,7 @@ from services.kernel.processing.handler import Transactional
 from services.kernel.processing.pipeline import ConsumerLoop
 from services.kernel.runtime import Runtime, Task
 from services.quota import NAME, api, ledger
-from services.quota.handlers import CONSUMER, QuotaHandlers
+from services.quota.ledger_consumer import CONSUMER, QuotaHandlers
 
 
 async def router(rt: Runtime) -> APIRouter:

@@ -12,7 +12,7 @@ import json
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -21,15 +21,13 @@ from services.kernel.channels import ChannelView
 from services.kernel.document_profiles import MAX_BYTES_ANY_PROFILE
 from services.kernel.settings import Settings
 from services.stamping import verify_page
-from services.stamping.intake import StampIntake, StampMeta
+from services.stamping.http_intake import StampIntake, StampMeta
+from services.stamping.public_verifier import PublicVerifier
 from services.stamping.request_status import RequestStatus
 from services.stamping.verification_answer import VerificationAnswer
-from services.stamping.verifying import PublicVerifier
 
 
-class StampMetaBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class StampMetaBody(http.StrictBody):
     account_id: str = Field(description="The buyer's account at the channel; one unit of its quota is used.")
     page: int = Field(description="1-based page for the stamp (the issuer's visSignaturePage).")
     llx: float = Field(description="Box lower-left x in PDF points (visLLX).")

@@ -42,7 +42,7 @@ log = logs.get(__name__)
 # loaded once in the fork server, inherited by every child
 # (this module too: every child unpickles its entry point, ``_serve``, from here)
 PRELOAD = ["pikepdf", "pyhanko.sign", "pyhanko.sign.validation", "services.stamping.document.inspection",
-           "services.stamping.document.verification", "services.stamping.signing.engine",
+           "services.stamping.document.signature_validation", "services.stamping.signing.engine",
            "services.stamping.sandbox"]
 _START_TIMEOUT_S = 60.0
 

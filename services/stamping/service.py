@@ -26,7 +26,8 @@ from services.kernel.processing.pipeline import ConsumerLoop
 from services.kernel.runtime import ConfigError, Runtime, Task
 from services.kernel.settings import Settings
 from services.stamping import NAME, api, store
-from services.stamping.intake import StampIntake
+from services.stamping.http_intake import StampIntake
+from services.stamping.public_verifier import ClientRate, PublicVerifier
 from services.stamping.queue import QueueView
 from services.stamping.request_status import RequestStatus
 from services.stamping.sandbox import ProcessLimits, Sandbox
@@ -35,7 +36,6 @@ from services.stamping.signing.engine import SignerConfig, StampingEngine
 from services.stamping.throughput import Throughput
 from services.stamping.tracker import CONSUMER as TRACKER
 from services.stamping.tracker import StatusTracker
-from services.stamping.verifying import ClientRate, PublicVerifier
 from services.stamping.worker import CONSUMER as WORKER
 from services.stamping.worker import StampWorker
 

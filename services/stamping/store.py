@@ -18,7 +18,6 @@ from services.kernel import errors
 class DocumentStore(Protocol):
     async def put(self, key: str, data: bytes) -> None: ...
     async def get(self, key: str) -> bytes: ...
-    async def exists(self, key: str) -> bool: ...
     async def delete(self, key: str) -> None: ...
 
 
@@ -47,9 +46,6 @@ class FilesystemStore:
             raise
         except OSError as exc:
             raise errors.BubuhError(errors.STORAGE_UNAVAILABLE, f"cannot read {key}: {exc}") from exc
-
-    async def exists(self, key: str) -> bool:
-        return await asyncio.to_thread(self._path(key).exists)
 
     async def delete(self, key: str) -> None:
         """Gone, or never there."""

@@ -148,29 +148,27 @@ class Throughput:
         return True
 
     async def _count_terminal(self, stream) -> None:
-        async for event in stream.events():
-            if not self._fresh(self.progress_events, event):
-                continue
-            try:
-                env, _ = events.decode(event.value)
-            except errors.BubuhError:
-                self.malformed += 1
-                continue
+        async for env, _, message in self._decoded(stream, self.progress_events):
             if env.type in _TERMINAL:
-                self.completed[_key(TIER, event.message.partition)] += 1
+                self.completed[_key(TIER, message.partition)] += 1
 
     async def _count_accepted(self, stream) -> None:
+        async for env, payload, message in self._decoded(stream, self.progress_requested):
+            if env.type == _REQUESTED:
+                channel = payload.channel_id or "-"
+                self.accepted[_key(channel, message.partition)] += 1
+
+    async def _decoded(self, stream, progress):
+        """The records not yet counted (see ``_fresh``), decoded; a malformed one is counted apart."""
         async for event in stream.events():
-            if not self._fresh(self.progress_requested, event):
+            if not self._fresh(progress, event):
                 continue
             try:
                 env, payload = events.decode(event.value)
             except errors.BubuhError:
                 self.malformed += 1
                 continue
-            if env.type == _REQUESTED:
-                channel = payload.channel_id or "-"
-                self.accepted[_key(channel, event.message.partition)] += 1
+            yield env, payload, event.message
 
     # --- lifecycle ----------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """The shape of the public verification answer (``POST /v1/verify``), as the OpenAPI document shows it.
 
-``verifying.judge`` builds the answer; these models only describe it, so that a verifier's client
+``public_verifier.judge`` builds the answer; these models only describe it, so that a verifier's client
 reads the contract, not the code. Kept apart from the HTTP routes: nothing here knows about FastAPI.
 """
 

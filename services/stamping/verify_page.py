@@ -3,7 +3,7 @@
 ``GET /v1/verify/{sn}`` answers JSON to API clients and this page to browsers (``prefers_html``
 decides on the ``Accept`` header), and the page's upload form posts to ``POST /v1/verify/{sn}/page``,
 which runs the same verification as ``POST /v1/verify`` and renders its verdict. Nothing here
-decides anything: the facts and verdicts come from ``verifying.py``; this module only words them.
+decides anything: the facts and verdicts come from ``public_verifier.py``; this module only words them.
 
 Why plain strings and ``html.escape`` rather than a template engine: one page with a handful of
 blocks, and every value that reaches it passes ``_e`` (the SN comes from the URL, signer names from
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import json
+from pathlib import Path
 from urllib.parse import quote
 
 LANGS = ("id", "en")
@@ -88,100 +90,11 @@ def lang_of(value: str | None) -> str:
 
 # --- words -----------------------------------------------------------------------------------
 
-_T = {
-    "title": {"id": "Verifikasi e-Meterai", "en": "e-Meterai verification"},
-    "switch": {"id": "English", "en": "Bahasa Indonesia"},
-    "sn": {"id": "Nomor seri (SN)", "en": "Serial number (SN)"},
-    "status": {"id": "Status", "en": "Status"},
-    "issued": {"id": "Diterbitkan", "en": "Issued"},
-    "unknown": {"id": "Tidak dikenal", "en": "Unknown"},
-    "malformed": {"id": "Format nomor seri tidak sah", "en": "Not a well-formed serial number"},
-    "use": {"id": "Pemakaian", "en": "Use"},
-    "used_once": {"id": "Dipakai satu kali", "en": "Used once"},
-    "used_more": {"id": "Tercatat lebih dari satu kali", "en": "On record more than once"},
-    "not_used": {"id": "Belum dipakai", "en": "Not used"},
-    "when": {"id": "Waktu pembubuhan", "en": "Stamped at"},
-    "hash": {"id": "Sidik dokumen (SHA-256)", "en": "Document hash (SHA-256)"},
-    "issuer": {"id": "Penerbit", "en": "Issuer"},
-    "sn_valid": {"id": "SAH: nomor seri ini diterbitkan dan dipakai satu kali.",
-                 "en": "VALID: this serial number was issued and used once."},
-    "sn_unknown": {"id": "TIDAK SAH: nomor seri ini tidak pernah diterbitkan.",
-                   "en": "INVALID: this serial number was never issued."},
-    "sn_malformed": {"id": "TIDAK SAH: ini bukan nomor seri e-Meterai.",
-                     "en": "INVALID: this is not an e-Meterai serial number."},
-    "sn_reused": {"id": "TIDAK SAH: nomor seri ini tercatat lebih dari satu kali.",
-                  "en": "INVALID: this serial number is on record more than once."},
-    "sn_note": {"id": "Nomor seri yang sah belum membuktikan bahwa dokumen di tangan Anda asli. Unggah berkas "
-                      "PDF-nya di bawah ini: dokumen diperiksa dengan aturan yang sama seperti API verifikasi.",
-                "en": "A valid serial number does not yet prove that the document you hold is genuine. Upload "
-                      "its PDF below: it is checked by the same rule as the verification API."},
-    "about_sn": {"id": "Nomor seri {sn}", "en": "Serial number {sn}"},
-    "about_doc": {"id": "Pemeriksaan dokumen {name}", "en": "Document check {name}"},
-    "check": {"id": "Periksa dokumen PDF", "en": "Check a PDF document"},
-    "file": {"id": "Berkas PDF bermeterai", "en": "Stamped PDF file"},
-    "submit": {"id": "Periksa", "en": "Check"},
-    "doc_valid": {"id": "DOKUMEN SAH", "en": "DOCUMENT VALID"},
-    "doc_invalid": {"id": "DOKUMEN TIDAK SAH", "en": "DOCUMENT INVALID"},
-    "valid_meaning": {"id": "e-Meterai asli, diterbitkan untuk dokumen ini, dan dokumen tidak diubah sejak "
-                            "dibubuhi.",
-                      "en": "A genuine e-Meterai, issued for this document, and the document is unchanged since "
-                            "it was stamped."},
-    "code": {"id": "Kode", "en": "Code"},
-    "stamps": {"id": "e-Meterai dalam dokumen", "en": "e-Meterai in the document"},
-    "signer": {"id": "Penanda tangan", "en": "Signer"},
-    "signed_at": {"id": "Waktu tanda tangan", "en": "Signing time"},
-    "revision": {"id": "Revisi dokumen", "en": "Document revision"},
-    "ok": {"id": "sah", "en": "valid"},
-    "not_ok": {"id": "tidak sah", "en": "invalid"},
-    "technical": {"id": "Rincian teknis", "en": "Technical details"},
-    "other_sn": {"id": "Catatan: dokumen ini tidak memuat e-Meterai bernomor seri {sn}.",
-                 "en": "Note: this document carries no e-Meterai with serial number {sn}."},
-    "error": {"id": "Pemeriksaan tidak dapat dilakukan", "en": "The check could not be done"},
-    "footer": {"id": "Bubuh e-Meterai. Halaman ini tidak memuat skrip maupun sumber dari luar.",
-               "en": "Bubuh e-Meterai. This page loads no scripts and nothing from elsewhere."},
-}
-
-# the verdict codes in words for the holder of the document (docs/errors.md has the technical meaning)
-_REASONS = {
-    "NO_STAMP": {
-        "id": "Berkas ini tidak memuat e-Meterai. Unggah berkas asli yang Anda terima, bukan hasil cetak, "
-              "pindaian, atau ekspor ulang.",
-        "en": "This file carries no e-Meterai. Upload the file as you received it, not a printout, scan or "
-              "re-export."},
-    "SIGNATURE_BROKEN": {
-        "id": "Tanda tangan elektronik meterai tidak cocok dengan isi berkas: berkas telah diubah, atau meterai "
-              "disalin dari dokumen lain.",
-        "en": "The stamp's digital signature does not match the file: the file was altered, or the stamp was "
-              "copied from another document."},
-    "NOT_OUR_ISSUER": {
-        "id": "Tanda tangan meterai ini tidak dibuat oleh penerbit e-Meterai. Anggap meterai ini palsu.",
-        "en": "The stamp's signature was not made by the e-Meterai issuer. Treat the stamp as forged."},
-    "SN_UNKNOWN": {
-        "id": "Nomor seri meterai ini tidak pernah diterbitkan. Anggap meterai ini palsu.",
-        "en": "This stamp's serial number was never issued. Treat the stamp as forged."},
-    "SN_REUSED": {
-        "id": "Nomor seri ini diterbitkan untuk dokumen lain. Satu e-Meterai hanya berlaku untuk satu dokumen.",
-        "en": "This serial number was issued for another document. One e-Meterai is valid for one document only."},
-    "MODIFIED_AFTER_STAMPING": {
-        "id": "Dokumen diubah setelah dibubuhi e-Meterai (isi halaman, anotasi, atau isian formulir). Meterai "
-              "tidak lagi menjamin isi dokumen ini.",
-        "en": "The document was changed after it was stamped (page content, annotations or form fields). The "
-              "stamp no longer vouches for its content."},
-    # the upload could not be judged at all
-    "PDF_INVALID": {"id": "Berkas ini bukan PDF.", "en": "This file is not a PDF."},
-    "PDF_MALFORMED": {"id": "Berkas PDF ini rusak dan tidak dapat dibaca.",
-                      "en": "This PDF is damaged and cannot be read."},
-    "PDF_ENCRYPTED": {"id": "Berkas PDF ini dikunci dengan kata sandi.", "en": "This PDF is password protected."},
-    "PDF_TOO_LARGE": {"id": "Berkas terlalu besar.", "en": "The file is too large."},
-    "PDF_TOO_COMPLEX": {"id": "Berkas ini terlalu rumit untuk diperiksa.", "en": "This file is too complex to check."},
-    "RATE_LIMITED": {"id": "Terlalu banyak pemeriksaan dari alamat Anda. Coba lagi sebentar lagi.",
-                     "en": "Too many checks from your address. Try again in a moment."},
-    "BUSY": {"id": "Layanan sedang sibuk. Coba lagi dalam beberapa saat.",
-             "en": "The service is busy. Try again in a moment."},
-    "PROCESSING_TIMEOUT": {"id": "Layanan sedang sibuk. Coba lagi dalam beberapa saat.",
-                           "en": "The service is busy. Try again in a moment."},
-    "BODY_INVALID": {"id": "Pilih berkas PDF terlebih dahulu.", "en": "Choose a PDF file first."},
-}
+# the page's words in each language, and the verdict codes in words for the holder of the document
+# (docs/errors.md has the technical meaning): a catalogue a translator edits without touching code
+_WORDS = json.loads(Path(__file__).with_name("verify_page_words.json").read_text(encoding="utf-8"))
+_T: dict[str, dict[str, str]] = _WORDS["labels"]
+_REASONS: dict[str, dict[str, str]] = _WORDS["reasons"]
 
 
 def meaning(code: str, lang: str) -> str | None:

@@ -22,7 +22,7 @@ from services.kernel import errors, events, inbox, sealed, topics
 from services.kernel.events import Event, Outgoing
 from services.kernel.signatures import HEADER_HMAC, hmac_hex
 from services.purchase.confirmation import CONSUMER, Confirmation
-from services.purchase.intake import submitted_record
+from services.purchase.http_intake import submitted_record
 from services.purchase.registry import Registry
 from services.purchase.validation import PurchaseOrder
 from tests.component import handler_support as hs

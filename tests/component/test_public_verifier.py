@@ -13,12 +13,12 @@ import uuid
 import pytest
 
 from loadtests import corpus
+from services.stamping.public_verifier import ClientRate, PublicVerifier
 from services.stamping.sandbox import ProcessLimits, Sandbox
 from services.stamping.serial import SerialIssuer
-from services.stamping.signing import keys
+from services.stamping.signing import dev_ca
 from services.stamping.signing.engine import SignerConfig, StampingEngine
 from services.stamping.signing.request import StampRequest
-from services.stamping.verifying import ClientRate, PublicVerifier
 from tests.component.handler_support import service_pool
 from tests.unit.stamping import attacks
 
@@ -27,7 +27,7 @@ SERIALS = SerialIssuer(93)
 
 @pytest.fixture(scope="module")
 def issuer(tmp_path_factory):
-    ca = keys.dev_ca(tmp_path_factory.mktemp("dev-ca"), "rsa2048")
+    ca = dev_ca.dev_ca(tmp_path_factory.mktemp("dev-ca"), "rsa2048")
     engine = StampingEngine(SignerConfig(p12_path=str(ca.p12_path), p12_password=ca.password),
                             "https://verify.bubuh.example")
     return ca, engine

@@ -14,7 +14,7 @@ import pytest
 from loadtests import corpus
 from services.kernel import topics
 from services.kernel.settings import REPO_ROOT, Settings
-from services.stamping.signing import keys
+from services.stamping.signing import softhsm
 from tests.flows import Db, auth, buy, decoded, post_stamp, read_topic, stamp_finished, stamp_meta
 from tests.platform import PlatformProcess, add_channel
 from tests.timestamping import running_tsa
@@ -31,13 +31,13 @@ async def _stamp_and_verify(settings, channel) -> dict:
 
 
 async def test_worker_signs_through_pkcs11_with_softhsm(settings, tmp_path):
-    module = keys.softhsm_module()
+    module = softhsm.softhsm_module()
     if module is None or shutil.which("softhsm2-util") is None:
         pytest.skip("SoftHSM2 not installed (Debian package softhsm2)")
     p12 = Settings().keys_dir / "issuer-rsa2048.p12"
     # a token of our own, holding the dev issuer key (in a child: the import sets SOFTHSM2_CONF process-wide)
-    code = ("import sys; from services.stamping.signing import keys; "
-            f"t = keys.softhsm_import({str(tmp_path)!r}, {str(p12)!r}, 'bubuh-dev', token_label='bubuh-test'); "
+    code = ("import sys; from services.stamping.signing import softhsm; "
+            f"t = softhsm.softhsm_import({str(tmp_path)!r}, {str(p12)!r}, 'bubuh-dev', token_label='bubuh-test'); "
             "print(t.conf_path)")
     made = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code], cwd=REPO_ROOT, check=True,
                                    capture_output=True, text=True)

@@ -10,7 +10,7 @@ The engine keeps pyHanko as the PDF and CMS library (its incremental writer, its
 signature-field and ``/ByteRange`` machinery through ``PdfCMSEmbedder``, and a CMS
 layout pyHanko itself produced) and removes only the waste:
 
-* the key, or the PKCS#11 session, is opened once per process (``keys.py``);
+* the key, or the PKCS#11 session, is opened once per process (``signing_key.py``);
 * the space for the signature is fixed (``bytes_reserved``), so nothing is signed twice;
 * the CMS object is a template serialised once (``cms_template.py``);
 * the appearance is drawn by ``StampArtist`` with resources built once and a fast QR;
@@ -44,7 +44,7 @@ from pyhanko.sign.signers.pdf_byterange import SignatureObject
 from services.kernel import errors
 from services.kernel.errors import BubuhError
 from services.stamping.document.appearance import StampArtist
-from services.stamping.signing import keys
+from services.stamping.signing import signing_key
 from services.stamping.signing.cms_template import CmsTemplate, timestamp_attribute
 from services.stamping.signing.request import StampRequest
 
@@ -70,13 +70,13 @@ class SignerConfig:
     tsa_timeout_s: float = 5.0
     bytes_reserved: int | None = None  # hex digits kept for the CMS; None: derived from the key
 
-    def open_key(self) -> keys.SigningKey:
+    def open_key(self) -> signing_key.SigningKey:
         if self.p12_path and self.pkcs11_module:
             raise ValueError("configure either a PKCS#12 file or a PKCS#11 token, not both")
         if self.p12_path:
-            return keys.load_pkcs12(self.p12_path, self.p12_password)
+            return signing_key.load_pkcs12(self.p12_path, self.p12_password)
         if self.pkcs11_module:
-            return keys.open_pkcs11(self.pkcs11_module, self.pkcs11_token_label, self.pkcs11_pin,
+            return signing_key.open_pkcs11(self.pkcs11_module, self.pkcs11_token_label, self.pkcs11_pin,
                                     self.pkcs11_key_label)
         raise ValueError("no signing key configured")
 
@@ -215,7 +215,7 @@ class StampingEngine:
     def _forget_token(self) -> None:
         c = self.config
         if c.pkcs11_module:
-            keys.forget_pkcs11(c.pkcs11_module, c.pkcs11_token_label, c.pkcs11_key_label)
+            signing_key.forget_pkcs11(c.pkcs11_module, c.pkcs11_token_label, c.pkcs11_key_label)
             try:
                 self.key = c.open_key()
                 self.template.key = self.key

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 
 from loadtests import corpus
-from services.stamping.signing import keys
+from services.stamping.signing import dev_ca, softhsm
 from tests.timestamping import running_tsa
 
 VERIFY_BASE = "https://verify.bubuh.example"
@@ -31,13 +31,13 @@ def need_tool(name: str, package: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def dev_cas(tmp_path_factory) -> dict[str, keys.DevCA]:
+def dev_cas(tmp_path_factory) -> dict[str, dev_ca.DevCA]:
     out = tmp_path_factory.mktemp("dev-ca")
-    return {kt: keys.dev_ca(out, kt) for kt in keys.KEY_TYPES}
+    return {kt: dev_ca.dev_ca(out, kt) for kt in dev_ca.KEY_TYPES}
 
 
 @pytest.fixture(scope="session")
-def dev_ca_rsa(dev_cas) -> keys.DevCA:
+def dev_ca_rsa(dev_cas) -> dev_ca.DevCA:
     return dev_cas["rsa2048"]
 
 
@@ -113,14 +113,14 @@ def local_tsa():
 
 
 @pytest.fixture(scope="session")
-def softhsm_tokens(dev_cas, tmp_path_factory) -> dict[str, keys.SoftHsmToken]:
+def softhsm_tokens(dev_cas, tmp_path_factory) -> dict[str, softhsm.SoftHsmToken]:
     """One SoftHSM2 token per dev key, all created before any session is opened."""
-    if keys.softhsm_module() is None or shutil.which("softhsm2-util") is None:
+    if softhsm.softhsm_module() is None or shutil.which("softhsm2-util") is None:
         pytest.skip("SoftHSM2 not installed (Debian package softhsm2)")
     pytest.importorskip("pkcs11", reason="python-pkcs11 not installed (pip install 'pyHanko[pkcs11]')")
     previous = os.environ.get("SOFTHSM2_CONF")
     where = tmp_path_factory.mktemp("softhsm")
-    tokens = {kt: keys.softhsm_import(where, ca.p12_path, ca.password, token_label=f"bubuh-dev-{kt}")
+    tokens = {kt: softhsm.softhsm_import(where, ca.p12_path, ca.password, token_label=f"bubuh-dev-{kt}")
               for kt, ca in dev_cas.items()}
     yield tokens
     if previous is None:
@@ -130,7 +130,7 @@ def softhsm_tokens(dev_cas, tmp_path_factory) -> dict[str, keys.SoftHsmToken]:
 
 
 @pytest.fixture(scope="session")
-def softhsm_token(softhsm_tokens) -> keys.SoftHsmToken:
+def softhsm_token(softhsm_tokens) -> softhsm.SoftHsmToken:
     return softhsm_tokens["rsa2048"]
 
 

@@ -3,7 +3,7 @@ with its code, while what may legitimately follow a stamp (signatures, DSS, docu
 
 Each attack first shows what pyHanko itself says about the stamp's signature (so the fixture is a real
 attack, not a broken file: for the incremental and shadow attacks the signature stays intact, valid and
-trusted), then what our verification answers (``verifying.judge`` on the library's report, with an
+trusted), then what our verification answers (``public_verifier.judge`` on the library's report, with an
 in-memory SN registry holding what the issuer delivered).
 """
 
@@ -21,13 +21,13 @@ from pyhanko.sign import fields, signers
 from pyhanko.sign.validation import validate_pdf_signature
 from pyhanko_certvalidator import ValidationContext
 
-from services.stamping.document.verification import _load_roots, verify
+from services.stamping.document.signature_validation import _load_roots, verify
+from services.stamping.public_verifier import Issued, judge
 from services.stamping.serial import SerialIssuer
-from services.stamping.signing import keys
+from services.stamping.signing import dev_ca, signing_key
 from services.stamping.signing.engine import SignerConfig, StampingEngine
 from services.stamping.signing.request import StampRequest
 from services.stamping.verification_answer import VerificationAnswer
-from services.stamping.verifying import Issued, judge
 from tests.unit.stamping import attacks
 from tests.unit.stamping.conftest import VERIFY_BASE
 
@@ -35,7 +35,7 @@ SERIALS = SerialIssuer(91)
 BOX = (380, 60, 560, 140)
 
 
-def engine_for(ca: keys.DevCA, **kw) -> StampingEngine:
+def engine_for(ca: dev_ca.DevCA, **kw) -> StampingEngine:
     return StampingEngine(SignerConfig(p12_path=str(ca.p12_path), p12_password=ca.password, **kw), VERIFY_BASE)
 
 
@@ -93,9 +93,10 @@ def test_the_untouched_stamp_is_valid(victim):
 
 
 def applicant_signs(pdf: bytes, field: str = "Pelamar", box=(60, 60, 240, 110)) -> bytes:
-    _ca_key, _ca_cert, key, cert = keys.make_certificate_pair("p256", ca_name="Applicant Test CA",
+    _ca_key, _ca_cert, key, cert = dev_ca.make_certificate_pair("p256", ca_name="Applicant Test CA",
                                                                 subject_name="Calon Pelamar Uji")
-    signer = keys.Pkcs12Key(key, keys._to_asn1_cert(cert), (keys._to_asn1_cert(_ca_cert),), "ec").pyhanko_signer()
+    signer = signing_key.Pkcs12Key(key, signing_key.to_asn1_cert(cert), (signing_key.to_asn1_cert(_ca_cert),),
+                                   "ec").pyhanko_signer()
     return signers.PdfSigner(
         signers.PdfSignatureMetadata(field_name=field, reason="Saya menyetujui", md_algorithm="sha256"),
         signer, new_field_spec=fields.SigFieldSpec(field, box=box, on_page=0),
@@ -248,24 +249,24 @@ def test_a_stamp_with_an_sn_never_issued_is_refused(victim, a4_pdf):
     assert answer["valid"] is False and reason_codes(answer) == ["SN_UNKNOWN"], answer
 
 
-def other_issuer(tmp_path_factory, ca_name: str) -> keys.DevCA:
+def other_issuer(tmp_path_factory, ca_name: str) -> dev_ca.DevCA:
     """A CA of someone else's that issued a certificate named like ours (the names are free to choose)."""
-    return keys.dev_ca(tmp_path_factory.mktemp("other-ca"), "rsa2048") if ca_name == "same-name" else \
+    return dev_ca.dev_ca(tmp_path_factory.mktemp("other-ca"), "rsa2048") if ca_name == "same-name" else \
         _other_named_ca(tmp_path_factory.mktemp("other-ca"))
 
 
-def _other_named_ca(where) -> keys.DevCA:
+def _other_named_ca(where) -> dev_ca.DevCA:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.serialization import pkcs12
 
-    _ca_key, ca_cert, key, cert = keys.make_certificate_pair("rsa2048", ca_name="Penerbit Lain Root CA",
+    _ca_key, ca_cert, key, cert = dev_ca.make_certificate_pair("rsa2048", ca_name="Penerbit Lain Root CA",
                                                                subject_name="Bubuh Dev e-Meterai Issuer")
     p12 = where / "other.p12"
     p12.write_bytes(pkcs12.serialize_key_and_certificates(
         b"other", key, cert, [ca_cert], serialization.BestAvailableEncryption(b"x")))
     pem = where / "other-ca.pem"
     pem.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    return keys.DevCA("rsa2048", p12, "x", pem, pem)
+    return dev_ca.DevCA("rsa2048", p12, "x", pem, pem)
 
 
 @pytest.mark.parametrize("ca_name", ["other-name", "same-name"])

@@ -13,7 +13,7 @@ from loadtests import corpus
 from services.kernel.document_profiles import A4_PT
 from services.stamping.document.appearance import STAMP_TEXT_LINES, verification_url
 from services.stamping.document.inspection import inspect
-from services.stamping.document.verification import verify
+from services.stamping.document.signature_validation import verify
 from services.stamping.serial import SerialIssuer
 from services.stamping.signing.engine import SignerConfig, StampingEngine
 from services.stamping.signing.reference import stamp_reference

@@ -9,7 +9,7 @@ from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
 
 from loadtests import corpus
 from services.kernel.errors import BubuhError
-from services.stamping.document.verification import verify
+from services.stamping.document.signature_validation import verify
 from services.stamping.serial import SerialIssuer
 from services.stamping.signing.engine import SignerConfig, StampingEngine
 from services.stamping.signing.request import StampRequest

@@ -13,8 +13,8 @@ import pytest
 from services.kernel.http import create_app
 from services.kernel.settings import Settings
 from services.stamping import api, verify_page
+from services.stamping.public_verifier import ClientRate, Issued, PublicVerifier, issuer_name
 from services.stamping.serial import SerialIssuer
-from services.stamping.verifying import ClientRate, Issued, PublicVerifier, issuer_name
 
 SN = SerialIssuer(7).next()
 CHROME = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,image/apng,*/*;q=0.8," \

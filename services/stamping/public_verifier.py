@@ -2,7 +2,7 @@
 
 Anyone may ask (no API key): the answer reveals nothing about the document beyond what its holder
 already has. The signature checks are pyHanko's validator against the issuer's trust roots, and
-what may follow a stamp is judged by ``document/verification.py``; what only the issuer can add
+what may follow a stamp is judged by ``document/signature_validation.py``; what only the issuer can add
 is the SN registry: the SN exists, was issued for exactly one request, and the revision the stamp
 signed is byte for byte the file we delivered.
 
@@ -29,13 +29,13 @@ from cryptography.x509.oid import NameOID
 
 from services.kernel import errors
 from services.stamping import serial
-from services.stamping.document import verification
+from services.stamping.document import signature_validation
 from services.stamping.sandbox import Sandbox
 
 
-def verify_upload(_state, data: bytes, roots: list[Path]) -> verification.VerificationReport:
+def verify_upload(_state, data: bytes, roots: list[Path]) -> signature_validation.VerificationReport:
     """In a verification child of the sandbox (its own pool, lower CPU priority, within budget)."""
-    return verification.verify(data, roots)
+    return signature_validation.verify(data, roots)
 
 
 class ClientRate:
@@ -79,22 +79,22 @@ def sn_facts(sn: str, rows: list[Issued]) -> dict:
             "document_sha256": issued[0].output_sha256 if issued else None}
 
 
-def _registry_findings(sig: verification.SignatureReport, facts: dict) -> list[verification.Finding]:
+def _registry_findings(sig: signature_validation.SignatureReport, facts: dict) -> list[signature_validation.Finding]:
     if not sig.sn_well_formed:
         return []  # already SN_UNKNOWN from the library
     if not facts["known"]:
-        return [verification.Finding(errors.SN_UNKNOWN.code, f"{sig.sn} was never issued (or was voided)")]
+        return [signature_validation.Finding(errors.SN_UNKNOWN.code, f"{sig.sn} was never issued (or was voided)")]
     if not facts["used_once"]:
-        return [verification.Finding(errors.SN_REUSED.code, f"{sig.sn} is on record for more than one request")]
+        return [signature_validation.Finding(errors.SN_REUSED.code, f"{sig.sn} is on record for more than one request")]
     if facts["document_sha256"] != sig.revision_sha256:
-        return [verification.Finding(
+        return [signature_validation.Finding(
             errors.SN_REUSED.code,
             f"{sig.sn} was issued for another file: the revision this stamp signed (revision {sig.revision}, "
             f"sha256 {sig.revision_sha256}) is not the file delivered for it", revision=sig.revision)]
     return []
 
 
-def judge(report: verification.VerificationReport, registry: Mapping[str, list[Issued]]) -> dict:
+def judge(report: signature_validation.VerificationReport, registry: Mapping[str, list[Issued]]) -> dict:
     """The public answer for ``report``, given the registry rows of each SN it carries.
 
     ``valid`` only when there is at least one stamp and every stamp has no reason against it.

@@ -71,14 +71,13 @@ def inspect_upload(_state, data: bytes, profile: str, page: int, box, budget: Bu
 class StampIntake:
     def __init__(self, settings: Settings, producer: Producer, pool: asyncpg.Pool, documents: store.DocumentStore,
                  queue: QueueView, inspector: Sandbox) -> None:
-        self._settings = settings
+        self._topic = settings.topic(topics.STAMP_REQUESTED.name)
+        self._budget = Budget.from_settings(settings)
         self._inspector = inspector
         self._producer = producer
         self._pool = pool
         self._store = documents
         self._queue = queue
-        self._topic = settings.topic(topics.STAMP_REQUESTED.name)
-        self._budget = Budget.from_settings(settings)
 
     async def accept(self, channel: ChannelInfo, data: bytes, meta: StampMeta,
                      idempotency_key: str | None) -> Accepted:
