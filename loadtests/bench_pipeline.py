@@ -357,8 +357,14 @@ class Run:
         CREATED.append(s)
         return cls(settings=s, code_dir=code_dir, workdir=workdir, env=env)
 
+    @property
+    def cli_module(self) -> str:
+        """The ``bubuh`` command's module in the code measured (it moved into services/operator/)."""
+        new = (self.code_dir / "services" / "operator" / "cli.py").exists()
+        return "services.operator.cli" if new else "services.cli"
+
     def cli(self, *args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=self.code_dir, env=self.env,
+        out = subprocess.run([sys.executable, "-m", self.cli_module, *args], cwd=self.code_dir, env=self.env,
                              capture_output=True, text=True, timeout=120)
         if out.returncode:
             raise RuntimeError(f"bubuh {' '.join(args)} failed ({out.returncode}): {out.stderr[-2000:]}")
@@ -370,7 +376,7 @@ class Run:
             logf = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
             self.metrics_ports[name] = free_port()
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", "serve", "--api", "none", "--workers", ",".join(workers),
+                [sys.executable, "-m", self.cli_module, "serve", "--api", "none", "--workers", ",".join(workers),
                  "--ready-file", str(self.workdir / f"{name}.ready")],
                 cwd=self.code_dir, env={**self.env, "BUBUH_METRICS_PORT": str(self.metrics_ports[name])},
                 stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)

@@ -54,9 +54,8 @@ class Route:
 
 
 async def _channel(base_env: dict, name: str) -> dict:
-    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "services.cli", "channel", "add", name,
-                                                   "--json"], capture_output=True, text=True, check=True,
-                                  env=base_env)
+    command = [sys.executable, "-m", "services.operator.cli", "channel", "add", name, "--json"]
+    out = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, check=True, env=base_env)
     return json.loads(out.stdout)
 
 

@@ -61,7 +61,7 @@ class PlatformProcess:
         ready.unlink(missing_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "serve", "--api", self.api, "--workers", self.workers,
+            [sys.executable, "-m", "services.operator.cli", "serve", "--api", self.api, "--workers", self.workers,
              "--ready-file", str(ready)], cwd=REPO_ROOT, env=self.env, stdout=log, stderr=log,
             stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -106,7 +106,7 @@ class PlatformProcess:
 
 
 def cli(settings: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=REPO_ROOT, env=env_for(settings),
+    return subprocess.run([sys.executable, "-m", "services.operator.cli", *args], cwd=REPO_ROOT, env=env_for(settings),
                           capture_output=True, text=True, timeout=120, check=check)
 
 

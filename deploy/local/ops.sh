@@ -43,7 +43,7 @@ config() {
   [ -s "$rules" ] || die "no rules file $rules"
   [ -x "$python" ] || die "no $python: run 'make setup' first (the scrape targets come from 'bubuh scrape-targets')"
   local targets hosted
-  targets=$(cd "$root" && "$python" -m services.cli scrape-targets) || die "bubuh scrape-targets failed"
+  targets=$(cd "$root" && "$python" -m services.operator.cli scrape-targets) || die "bubuh scrape-targets failed"
   # worker tiers that run inside the api process locally (no job bubuh-<tier> of their own)
   hosted=$(echo "$targets" | awk '$1 == "bubuh-api" {print $4}' | tr ',' '|')
   {

@@ -12,7 +12,7 @@ case "${1:-}" in
       "$here/kafka.sh" start
       # topics and the platform principal (SCRAM + ACLs) as the admin: needs the virtualenv (make setup)
       [ -x "$root/.venv/bin/python" ] || { echo "stack: no $root/.venv: run 'make setup' first" >&2; exit 1; }
-      (cd "$root" && .venv/bin/python -m services.cli kafka setup)
+      (cd "$root" && .venv/bin/python -m services.operator.cli kafka setup)
     else
       echo "kafka: using BUBUH_KAFKA_BOOTSTRAP=$BUBUH_KAFKA_BOOTSTRAP"
     fi

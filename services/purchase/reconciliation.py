@@ -2,7 +2,7 @@
 
 The channel's CSV (``channel_order_id,account_id,quantity,amount``) is compared with the purchase
 service's confirmed purchases (read here, from this service's own table) and the quota ledger's credit
-transfers (read by the quota service's own ``ledger.credits_of``); ``services/cli.py`` puts the two
+transfers (read by the quota service's own ``ledger.credits_of``); ``services/operator/cli.py`` puts the two
 together, so neither service reads the other's tables. Reported:
 - missing:    paid at the channel, not credited here (or not even received);
 - duplicated: an order listed twice in the CSV, or credited more than once here;

@@ -65,8 +65,8 @@ def _context():
 
 
 def _main_module() -> list[str]:
-    """The program's own module (``services.cli`` under ``python -m``): multiprocessing runs it again in
-    every child to rebuild ``__main__``; loaded once in the fork server, that costs each child nothing."""
+    """The program's own module (``services.operator.cli`` under ``python -m``): multiprocessing runs it
+    again in every child to rebuild ``__main__``; loaded once in the fork server, that costs each child nothing."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     name = getattr(spec, "name", None)
     return [name] if name and not name.endswith("__main__") else []

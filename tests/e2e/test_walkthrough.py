@@ -12,7 +12,7 @@ from tests.platform import env_for
 
 
 def _run(env, *args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=REPO_ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "services.operator.cli", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -60,7 +60,7 @@ EXTERNAL_LABELS = {"job", "instance", "tier", "le", "consumergroup", "topic", "p
 def cli():
     """The CLI module, imported late: a service that fails to import fails the tests that need it,
     not the collection of this file."""
-    from services import cli as module
+    from services.operator import cli as module
     return module
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 
-from services.journey.command import as_json, now_line, step_lines
-from services.journey.journey import Journey, Now, Step
+from services.operator.journey.command import as_json, now_line, step_lines
+from services.operator.journey.journey import Journey, Now, Step
 
 T0 = dt.datetime(2026, 11, 30, 23, 0, 0, tzinfo=dt.UTC)
 

@@ -11,9 +11,9 @@ import argparse
 import pytest
 from confluent_kafka.admin import AclOperation, ResourcePatternType, ResourceType
 
-from services import cli
 from services.kernel import access, topics
 from services.kernel.settings import Settings
+from services.operator import cli
 
 
 def principal_args(*argv: str):

@@ -3,8 +3,8 @@ every process has a port of its own, so a scrape never lands on another process.
 
 from __future__ import annotations
 
-from services import local_processes
 from services.kernel.settings import Settings
+from services.operator import local_processes
 
 
 def test_each_process_is_scraped_on_its_own_port(monkeypatch):

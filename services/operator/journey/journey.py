@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from services.journey.keyed_records import KeyedReader, KeyedRecord
 from services.kernel import events
 from services.kernel.processing.deadletter import DLQ_AT, DLQ_CONSUMER, DLQ_DETAIL, DLQ_REASON, DLQ_SOURCE
 from services.kernel.settings import Settings
+from services.operator.journey.keyed_records import KeyedReader, KeyedRecord
 
 # where to start reading Kafka before the first thing the databases know (clocks of different hosts)
 MARGIN = dt.timedelta(minutes=2)

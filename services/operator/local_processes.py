@@ -92,7 +92,7 @@ def up(settings: Settings, timeout: float = 90) -> None:
         env = {**os.environ, "BUBUH_METRICS_PORT": str(targets[name][1])}
         with open(settings.local_dir / "logs" / f"{name}.log", "ab") as log:
             started[name] = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", "serve", *args, "--ready-file", str(ready)],
+                [sys.executable, "-m", "services.operator.cli", "serve", *args, "--ready-file", str(ready)],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         (run / f"{name}.pid").write_text(str(started[name].pid))
     deadline = time.monotonic() + timeout

@@ -8,9 +8,9 @@ import sys
 
 import asyncpg
 
-from services.journey.journey import Journey, NotFound, Step, Tracer
 from services.kernel.runtime import ConfigError
 from services.kernel.settings import Settings
+from services.operator.journey.journey import Journey, NotFound, Step, Tracer
 
 
 def _latency(step: Step, previous: Step | None) -> str:

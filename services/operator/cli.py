@@ -43,22 +43,22 @@ def cmd_serve(args) -> None:
 
 
 def cmd_up(args) -> None:
-    from services import local_processes
+    from services.operator import local_processes
     local_processes.up(_settings(), timeout=args.timeout)
 
 
 def cmd_down(args) -> None:
-    from services import local_processes
+    from services.operator import local_processes
     local_processes.down(_settings())
 
 
 def cmd_status(args) -> None:
-    from services import local_processes
+    from services.operator import local_processes
     sys.exit(0 if local_processes.status(_settings()) else 3)
 
 
 def cmd_scrape_targets(args) -> None:
-    from services import local_processes
+    from services.operator import local_processes
     s = _settings()
     for name, (job, port) in local_processes.metrics_targets(s).items():
         args = local_processes.PROCESSES[name]
@@ -84,7 +84,7 @@ def cmd_reconcile(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from services import walkthrough
+    from services.operator import walkthrough
     sys.exit(asyncio.run(walkthrough.run(_settings())))
 
 
@@ -168,7 +168,7 @@ def cmd_replay(args) -> None:
 
 
 def cmd_trace(args) -> None:
-    from services.journey import command
+    from services.operator.journey import command
     sys.exit(command.run(_settings(), args.id, as_json_output=args.json, follow=args.follow))
 
 
