@@ -114,7 +114,7 @@ bench: setup system-packages ## the purchase pipeline on the local stack vs Post
 surge: up ## the deadline-day surge against the running platform (make up); figures in loadtests/results/surge.json
 	$(PY) -m loadtests.surge --out loadtests/results/surge.json
 
-imports: setup ## import-linter: services never import each other, the kernel imports no service, routers leave SQL to domain objects
+imports: setup ## import-linter: services never import each other, the kernel imports no service, no service imports the operator's tools, routers leave SQL to domain objects
 	$(VENV)/bin/lint-imports
 
 lint: setup contract rules imports ## ruff, buf lint, buf breaking, promtool (rules and their tests), import boundaries
