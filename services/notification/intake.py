@@ -2,7 +2,7 @@
 
 For each event a channel or buyer hears about, the batch's transaction (opened by the pipeline,
 whose inbox claims the event ids) writes a ``deliveries`` row (the webhook, due now) and, when the
-request carried an address, an ``emails`` row. A NOTIFY at commit wakes the dispatchers. No HTTP
+request carried an address, an ``emails`` row. A NOTIFY at commit wakes the senders. No HTTP
 and no SMTP here: a slow endpoint can never hold up a partition.
 """
 
@@ -99,7 +99,7 @@ class Intake:
 
     async def _webhook_url(self, channel_id: str) -> tuple[str, bool]:
         """(url, whether to schedule a webhook). An unknown channel gets a row with no URL yet: the
-        dispatcher resolves it at each attempt (the channel view may simply be behind)."""
+        webhook sender resolves it at each attempt (the channel view may simply be behind)."""
         info = self._channels.get(channel_id)
         if info is None:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -112,5 +112,5 @@ class Intake:
 
 
 def wake_channel(settings: Settings) -> str:
-    """The NOTIFY channel that wakes the dispatchers when new work is committed."""
+    """The NOTIFY channel that wakes the senders when new work is committed."""
     return f"{settings.schema('notification')}_work"

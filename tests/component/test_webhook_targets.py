@@ -27,8 +27,9 @@ from services.kernel.http import create_app
 from services.kernel.webhook_targets import StaticResolver
 from services.notification import api
 from services.notification.deliveries import DeliveryLog
-from services.notification.dispatcher import Dispatcher
+from services.notification.due_work import DueWorker
 from services.notification.intake import endpoint_of
+from services.notification.webhook_sender import WebhookSender
 from services.purchase.registry import Registry, RegistryError
 from tests.component import handler_support as hs
 
@@ -155,7 +156,7 @@ async def schedule(pool, channel: Channel, url: str, horizon_s: float = 3600) ->
 async def dispatch_until_attempted(pool, settings, view, resolver, event_ids: list[str]) -> None:
     """Run the real dispatcher loop until every one of these deliveries has had one attempt."""
     stop = asyncio.Event()
-    task = asyncio.create_task(Dispatcher(pool, view, settings, resolver=resolver).run(stop))
+    task = asyncio.create_task(DueWorker(pool, settings, WebhookSender(view, settings, resolver=resolver)).run(stop))
     try:
         for _ in range(200):
             done = await pool.fetchval("SELECT count(*) FROM deliveries WHERE event_id = ANY($1::text[]) "
@@ -360,8 +361,8 @@ async def test_the_pinned_connection_still_verifies_the_certificate_for_the_url_
     """Connecting to the checked address must not weaken TLS: SNI and certificate check use the name."""
     import ssl
 
-    from services.notification.dispatcher import _unreachable
     from services.notification.targets import guarded_client
+    from services.notification.webhook_sender import _unreachable
     ca, leaf, key = _tls_files(tmp_path, "hooks.example")
     monkeypatch.setenv("SSL_CERT_FILE", ca)
     server_names: list[str | None] = []
