@@ -18,6 +18,7 @@ import asyncio
 from fastapi import APIRouter
 
 from services.kernel import topics
+from services.kernel.listener import Listener
 from services.kernel.outbox import Relay
 from services.kernel.processing.handler import Transactional
 from services.kernel.processing.pipeline import ConsumerLoop
@@ -28,8 +29,7 @@ from services.notification.deliveries import DeliveryLog
 from services.notification.due_work import DueWorker
 from services.notification.email_sender import EmailSender
 from services.notification.housekeeping import Housekeeping
-from services.notification.intake import CONSUMER, Intake
-from services.notification.wakeup import Wakeup
+from services.notification.intake import CONSUMER, Intake, wake_channel
 from services.notification.webhook_sender import WebhookSender
 
 
@@ -42,7 +42,7 @@ async def workers(rt: Runtime) -> list[Task]:
     if s.email_locale not in templates.LOCALES:
         raise ConfigError(f"BUBUH_EMAIL_LOCALE={s.email_locale!r}: choose from {', '.join(templates.LOCALES)}")
     pool = await rt.pool(NAME)
-    wakeup = Wakeup(s)
+    wakeup = Listener(s, wake_channel(s))      # new work committed: wakes both workers at once
     webhooks = DueWorker(pool, s, WebhookSender(rt.channels, s), wakeup.subscribe())
     emails = DueWorker(pool, s, EmailSender(s), wakeup.subscribe())
     intake = Intake(pool, rt.channels, s)
