@@ -27,7 +27,8 @@ from typing import Any
 
 import asyncpg
 
-from services.kernel import failures, logs
+from services.kernel import errors, failures, logs
+from services.kernel.errors import DELIVERY_EXPIRED, ErrorCode
 from services.kernel.retry import Backoff
 from services.kernel.settings import Settings
 from services.kernel.waiting import Pause, wait_any
@@ -87,14 +88,20 @@ class Claimed:
 
 @dataclass(frozen=True)
 class Outcome:
-    """One attempt's result. ``error`` is shown to the channel (GET /v1/deliveries, dead-letter
-    entries): a catalogued code and our own wording only."""
+    """One attempt's result. What went wrong is a catalogued code and our own wording (``why``),
+    never text of the target's answer: ``error`` is shown to the channel (GET /v1/deliveries,
+    dead-letter entries)."""
 
     ok: bool
-    error: str
+    code: ErrorCode | None     # None when ok
+    why: str
     started_at: dt.datetime
-    target: str            # where it went: the URL, or mailto:<recipient>
-    detail: Any = None     # the sender's own (status code, metric label, ...)
+    target: str                # where it went: the URL, or mailto:<recipient>
+    extra: Any = None          # the sender's own (status code, metric label, ...)
+
+    @property
+    def error(self) -> str:
+        return self.code.text(self.why) if self.code is not None else ""
 
 
 class Sender:
@@ -237,8 +244,10 @@ class DueWorker:
         async with self._pool.acquire() as conn, conn.transaction():
             row = await self.sender.record(conn, claimed, outcome, delay)
             if row is not None and row["status"] == "dead":
-                await deadletter.abandon(conn, self._s, delivery_id=claimed.key, channel_id=claimed.channel_id,
-                                         event_id=claimed.event_id, event_type=claimed.event_type,
+                assert outcome.code is not None       # only a failed attempt ends a row dead
+                await deadletter.abandon(conn, self._s, outcome.code, delivery_id=claimed.key,
+                                         channel_id=claimed.channel_id, event_id=claimed.event_id,
+                                         event_type=claimed.event_type,
                                          url=outcome.target, attempts=row["attempts"], last_error=outcome.error,
                                          first_attempt_at=row["first_attempt_at"],
                                          last_attempt_at=outcome.started_at, horizon_at=row["horizon_at"])
@@ -249,7 +258,9 @@ class DueWorker:
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(self.sender.table.sql(_PAST_HORIZON))
             for r in rows:
-                await deadletter.abandon(conn, self._s, delivery_id=r["key"], channel_id=r["channel_id"],
+                # the last attempt's code; none when no attempt was made
+                code = errors.code_of(r["last_error"] or "") or DELIVERY_EXPIRED
+                await deadletter.abandon(conn, self._s, code, delivery_id=r["key"], channel_id=r["channel_id"],
                                          event_id=r["event_id"], event_type=r["event_type"], url=r["target"],
                                          attempts=r["attempts"], last_error=r["last_error"] or NOT_ATTEMPTED,
                                          first_attempt_at=r["first_attempt_at"],

@@ -18,6 +18,7 @@ import aiosmtplib
 import asyncpg
 
 from services.kernel import logs
+from services.kernel.errors import EMAIL_REFUSED, EMAIL_UNAVAILABLE, ErrorCode
 from services.kernel.retry import Backoff
 from services.kernel.runtime import ConfigError
 from services.kernel.settings import Settings
@@ -71,16 +72,17 @@ def build_message(row, settings: Settings) -> EmailMessage:
     return msg
 
 
-def classify(exc: BaseException) -> tuple[bool, str]:
-    """(permanent, error text) of an SMTP failure: 5xx answers are permanent, everything else is not."""
+def classify(exc: BaseException) -> tuple[ErrorCode, str]:
+    """(code, our words) of an SMTP failure: 5xx answers are permanent (EMAIL_REFUSED), everything
+    else is not (EMAIL_UNAVAILABLE)."""
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         codes = [r.code for r in exc.recipients]
         permanent = bool(codes) and all(c >= 500 for c in codes)
-        return permanent, f"{'EMAIL_REFUSED' if permanent else 'EMAIL_UNAVAILABLE'}: recipient refused {codes}"
+        return (EMAIL_REFUSED if permanent else EMAIL_UNAVAILABLE), f"recipient refused {codes}"
     if isinstance(exc, aiosmtplib.SMTPResponseException) and not isinstance(exc, aiosmtplib.SMTPServerDisconnected):
-        permanent = exc.code >= 500
-        return permanent, f"{'EMAIL_REFUSED' if permanent else 'EMAIL_UNAVAILABLE'}: {exc.code} {exc.message}"[:500]
-    return False, f"EMAIL_UNAVAILABLE: {type(exc).__name__}: {exc}"[:500]
+        code = EMAIL_REFUSED if exc.code >= 500 else EMAIL_UNAVAILABLE
+        return code, f"{exc.code} {exc.message}"[:500 - len(code.code) - 2]
+    return EMAIL_UNAVAILABLE, f"{type(exc).__name__}: {exc}"[:500 - len(EMAIL_UNAVAILABLE.code) - 2]
 
 
 class EmailSender(Sender):
@@ -112,12 +114,13 @@ class EmailSender(Sender):
                     username=s.smtp_username or None, password=s.smtp_password or None,
                     use_tls=s.smtp_security == "tls", start_tls=s.smtp_security == "starttls")
         except Exception as exc:  # noqa: BLE001 - classified
-            permanent, error = classify(exc)
-            return Outcome(False, error, started_at, target, permanent)
-        return Outcome(True, "", started_at, target, False)
+            code, why = classify(exc)
+            return Outcome(False, code, why, started_at, target)
+        return Outcome(True, None, "", started_at, target)
 
     async def record(self, conn: asyncpg.Connection, claimed: Claimed, outcome: Outcome, delay_s: float):
-        return await conn.fetchrow(_RECORD, claimed.key, claimed.lease_token, outcome.ok, outcome.detail, delay_s,
+        permanent = outcome.code is EMAIL_REFUSED
+        return await conn.fetchrow(_RECORD, claimed.key, claimed.lease_token, outcome.ok, permanent, delay_s,
                                    outcome.error or None, outcome.started_at)
 
     def recorded(self, claimed: Claimed, outcome: Outcome, row, delay_s: float) -> None:

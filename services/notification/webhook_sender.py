@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import asyncpg
 import httpx
 
-from services.kernel import logs, webhook_targets
+from services.kernel import errors, logs, webhook_targets
 from services.kernel.channels import ChannelView
 from services.kernel.retry import Backoff
 from services.kernel.runtime import ConfigError
@@ -89,7 +89,7 @@ RETURNING status, attempts, first_attempt_at, horizon_at
 
 @dataclass(frozen=True)
 class Attempt:
-    """``Outcome.detail`` of a webhook attempt."""
+    """``Outcome.extra`` of a webhook attempt."""
 
     kind: str              # ok | rejected | timeout | unreachable | forbidden | no_endpoint (metric label)
     status_code: int | None
@@ -240,32 +240,33 @@ class WebhookSender(Sender):
 
     async def attempt(self, claimed: Claimed) -> Outcome:
         outcome = await self._post(claimed)
-        if outcome.detail.kind != "no_endpoint":
+        if outcome.extra.kind != "no_endpoint":
             self.breaker(claimed.row["endpoint"]).record(outcome.ok)
-        ATTEMPTS.labels(outcome.detail.kind).inc()
-        ATTEMPT_SECONDS.observe(outcome.detail.duration_s)
+        ATTEMPTS.labels(outcome.extra.kind).inc()
+        ATTEMPT_SECONDS.observe(outcome.extra.duration_s)
         return outcome
 
     async def _post(self, claimed: Claimed) -> Outcome:
         started_at, t0 = _now(), time.perf_counter()
         row = claimed.row
 
-        def result(ok: bool, kind: str, code: int | None, error: str, url: str) -> Outcome:
-            return Outcome(ok, error, started_at, url, Attempt(kind, code, time.perf_counter() - t0))
+        def result(kind: str, status: int | None, url: str, code: errors.ErrorCode | None = None,
+                   why: str = "") -> Outcome:
+            return Outcome(code is None, code, why, started_at, url, Attempt(kind, status, time.perf_counter() - t0))
 
         try:
             url, secrets = self._resolve(claimed)
         except Exception as exc:  # noqa: BLE001 - a secret that does not unseal: operations must look
             log.warning("channel secret unusable", channel_id=claimed.channel_id, error=repr(exc)[:300])
-            return result(False, "no_endpoint", None, "WEBHOOK_NO_ENDPOINT: channel secret unusable", row["url"])
+            return result("no_endpoint", None, row["url"], errors.WEBHOOK_NO_ENDPOINT, "channel secret unusable")
         if not url or not secrets:
-            return result(False, "no_endpoint", None,
-                          f"WEBHOOK_NO_ENDPOINT: channel {claimed.channel_id} has no webhook URL or is unknown", url)
+            return result("no_endpoint", None, url, errors.WEBHOOK_NO_ENDPOINT,
+                          f"channel {claimed.channel_id} has no webhook URL or is unknown")
         try:
             webhook_targets.check_url(url, local_mode=self._s.webhook_local_mode)
         except webhook_targets.TargetRefused as exc:
             self._refused(claimed, exc)
-            return result(False, "forbidden", None, f"{exc.code.code}: {exc.detail}", url)
+            return result("forbidden", None, url, exc.code, exc.detail)
         body = row["body"].encode()
         headers = {
             "Content-Type": "application/json",
@@ -282,20 +283,20 @@ class WebhookSender(Sender):
                     code = resp.status_code
             # the answer's body is never read: nothing of it may reach the channel's delivery log
             if 200 <= code < 300:
-                return result(True, "ok", code, "", url)
-            return result(False, "rejected", code, f"WEBHOOK_REJECTED: HTTP {code}", url)
+                return result("ok", code, url)
+            return result("rejected", code, url, errors.WEBHOOK_REJECTED, f"HTTP {code}")
         except webhook_targets.TargetRefused as exc:       # checked again at connect time: this resolution's answer
             self._refused(claimed, exc)
-            return result(False, "forbidden", None, f"{exc.code.code}: {exc.detail}", url)
+            return result("forbidden", None, url, exc.code, exc.detail)
         except (TimeoutError, httpx.TimeoutException) as exc:
             what = "connect" if isinstance(exc, httpx.ConnectTimeout) else "answer"
             limit = self._s.webhook_connect_timeout_s if what == "connect" else self._s.webhook_timeout_s
-            return result(False, "timeout", None, f"WEBHOOK_TIMEOUT: no {what} within {limit:g} s", url)
+            return result("timeout", None, url, errors.WEBHOOK_TIMEOUT, f"no {what} within {limit:g} s")
         except Exception as exc:  # noqa: BLE001 - refused, reset, DNS, TLS, bad URL: all "unreachable"
             # operators get the exception (bounded); the channel gets our words for it
             log.info("webhook attempt failed", delivery_id=claimed.key, endpoint=row["endpoint"],
                      error=repr(exc)[:300])
-            return result(False, "unreachable", None, f"WEBHOOK_UNREACHABLE: {_unreachable(exc)}", url)
+            return result("unreachable", None, url, errors.WEBHOOK_UNREACHABLE, _unreachable(exc))
 
     @staticmethod
     def _refused(claimed: Claimed, exc: webhook_targets.TargetRefused) -> None:
@@ -304,7 +305,7 @@ class WebhookSender(Sender):
 
     # --- recording -----------------------------------------------------------------------------
     async def record(self, conn: asyncpg.Connection, claimed: Claimed, outcome: Outcome, delay_s: float):
-        a: Attempt = outcome.detail
+        a: Attempt = outcome.extra
         row = await conn.fetchrow(_RECORD, claimed.key, claimed.lease_token, outcome.ok, delay_s, a.status_code,
                                   outcome.error or None, outcome.started_at, outcome.target,
                                   endpoint_of(outcome.target))

@@ -24,6 +24,7 @@ from services.contracts.bubuh.v1 import channel_pb2
 from services.kernel import errors, sealed
 from services.kernel.channels import ChannelView, api_key_hash
 from services.kernel.http import create_app
+from services.kernel.processing.deadletter import DLQ_REASON
 from services.kernel.webhook_targets import StaticResolver
 from services.notification import api
 from services.notification.deliveries import DeliveryLog
@@ -277,8 +278,32 @@ async def test_nothing_the_target_answers_reaches_the_delivery_log_or_the_dead_l
         shown, raw = await delivery_log(local, view, pool, channel, event_id)
         assert MARKER not in raw and "OpenSSH" not in raw
         assert shown["last_error"] == expected and shown["status"] == "dead"
-        dead_letters = [v for _, v in await hs.outbox(pool) if getattr(v, "event_id", "") == event_id]
+        entries = [(eid, v) for eid, v in await hs.outbox(pool) if getattr(v, "event_id", "") == event_id]
+        dead_letters = [v for _, v in entries]
         assert [d.last_error for d in dead_letters] == [expected]
+        code = expected.split(":")[0]
+        assert [d.code for d in dead_letters] == [code]          # the catalogued code, as a field of its own
+        headers = json.loads(await pool.fetchval("SELECT headers::text FROM outbox WHERE event_id = $1",
+                                                 entries[0][0]))
+        assert [DLQ_REASON, code] in headers                      # and as every dead-letter entry's reason
+
+
+async def test_a_delivery_no_attempt_reached_before_its_horizon_is_dead_lettered_as_expired(stores):
+    """An endpoint whose circuit stays open gets no attempt; at the horizon the entry says DELIVERY_EXPIRED."""
+    settings, pool, _ = stores
+    local = settings.model_copy(update={"webhook_local_mode": True})
+    view = ChannelView(local)
+    url = "http://127.0.0.1:9/hooks"
+    channel = Channel(local, view, url)
+    event_id = await schedule(pool, channel, url, horizon_s=-1)          # past its horizon, never attempted
+    worker = DueWorker(pool, local, WebhookSender(view, local, resolver=StaticResolver({})))
+    assert await worker.abandon_past_horizon() >= 1
+    row = await pool.fetchrow("SELECT status, attempts FROM deliveries WHERE event_id = $1", event_id)
+    assert (row["status"], row["attempts"]) == ("dead", 0)
+    entries = [v for _, v in await hs.outbox(pool) if getattr(v, "event_id", "") == event_id]
+    assert [(e.code, e.last_error, e.attempts) for e in entries] == [
+        ("DELIVERY_EXPIRED", "not attempted before the horizon", 0)]
+    errors.lookup(entries[0].code)
 
 
 async def test_local_mode_connects_to_the_checked_address_with_the_original_host_header(stores, offline):
