@@ -243,16 +243,14 @@ class AccessAdmin:
             time.sleep(0.05)
 
     def acls(self, who: str) -> list[AclBinding]:
-        f = AclBindingFilter(ResourceType.ANY, None, ResourcePatternType.ANY, who, None, AclOperation.ANY,
-                             AclPermissionType.ANY)
-        try:
-            return list(self._admin.describe_acls(f, request_timeout=self._timeout).result(timeout=self._timeout))
-        except KafkaException as exc:
-            raise AccessError(f"cannot read ACLs: {exc.args[0] if exc.args else exc}") from None
+        return self._describe(AclBindingFilter(ResourceType.ANY, None, ResourcePatternType.ANY, who, None,
+                                               AclOperation.ANY, AclPermissionType.ANY))
 
     def acls_on(self, topic: str) -> list[AclBinding]:
-        f = AclBindingFilter(ResourceType.TOPIC, topic, ResourcePatternType.LITERAL, None, None, AclOperation.ANY,
-                             AclPermissionType.ANY)
+        return self._describe(AclBindingFilter(ResourceType.TOPIC, topic, ResourcePatternType.LITERAL, None, None,
+                                               AclOperation.ANY, AclPermissionType.ANY))
+
+    def _describe(self, f: AclBindingFilter) -> list[AclBinding]:
         try:
             return list(self._admin.describe_acls(f, request_timeout=self._timeout).result(timeout=self._timeout))
         except KafkaException as exc:

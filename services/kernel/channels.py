@@ -12,13 +12,13 @@ import hashlib
 import time
 from dataclasses import dataclass
 
-from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from services.contracts.bubuh.v1 import channel_pb2
 from services.kernel import errors, events, logs, sealed, topics
-from services.kernel.processing.kafka_source import build_consumer, partitions_of
+from services.kernel.processing.kafka_source import build_consumer
 from services.kernel.settings import Settings
+from services.kernel.topic_reading import TopicEnd, whole_topic
 
 log = logs.get(__name__)
 
@@ -111,16 +111,11 @@ class ChannelView:
                                   fetch_min_bytes=1, fetch_max_wait_ms=500)
         await consumer.start()
         try:
-            parts = None
-            while parts is None and not stop.is_set():
-                parts = await partitions_of(consumer, topic)     # the topic may be brand new
-                if parts is None:
-                    await asyncio.sleep(0.5)
-            tps = [TopicPartition(topic, p) for p in sorted(parts or ())]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            end = await consumer.end_offsets(tps)
-            if all(v == 0 for v in end.values()):
+            tps = await whole_topic(consumer, topic, stop=stop)     # the topic may be brand new
+            if tps:
+                await consumer.seek_to_beginning(*tps)
+            end = await TopicEnd.now(consumer, tps)
+            if end.empty:
                 self.loaded.set()
             while not stop.is_set():
                 try:
@@ -135,11 +130,9 @@ class ChannelView:
                 if batches:
                     async with self._changed:
                         self._changed.notify_all()
-                if not self.loaded.is_set():
-                    positions = {tp: await consumer.position(tp) for tp in tps}
-                    if all(positions[tp] >= end[tp] for tp in tps):
-                        self.loaded.set()
-                        log.info("channel view loaded", channels=len(self._records))
+                if not self.loaded.is_set() and await end.reached():
+                    self.loaded.set()
+                    log.info("channel view loaded", channels=len(self._records))
         finally:
             await consumer.stop()
 

@@ -19,6 +19,10 @@ class ErrorCode:
     action: str
     retryable: bool = False
 
+    def text(self, detail: str) -> str:
+        """``CODE: detail``, where a code travels as text (a delivery's ``last_error``)."""
+        return f"{self.code}: {detail}"
+
 
 _CATALOGUE: dict[str, ErrorCode] = {}
 
@@ -184,6 +188,11 @@ EMAIL_REFUSED = _code("EMAIL_REFUSED", 502, "The mail server refused the message
                       "Check the buyer's address; the email is not retried.")
 EMAIL_UNAVAILABLE = _code("EMAIL_UNAVAILABLE", 503, "The mail server did not accept the message for now.",
                           "Retried automatically until the horizon.", retryable=True)
+DELIVERY_EXPIRED = _code("DELIVERY_EXPIRED", 504,
+                         "A webhook or email reached its horizon before any attempt was made (the endpoint's "
+                         "circuit stayed open, or no sender ran). The `DeliveryAbandoned` entry carries this "
+                         "code; an entry after attempts carries the last attempt's code.",
+                         "Ask for the webhook again (`POST /v1/deliveries/{id}/redeliver`) once the endpoint is up.")
 
 
 class ConfigError(Exception):
@@ -197,13 +206,18 @@ class BubuhError(Exception):
     """An error with a catalogued code; ``detail`` says what exactly was wrong."""
 
     def __init__(self, code: ErrorCode, detail: str = "") -> None:
-        super().__init__(f"{code.code}: {detail or code.meaning}")
+        super().__init__(code.text(detail or code.meaning))
         self.code = code
         self.detail = detail or code.meaning
 
 
 def lookup(code: str) -> ErrorCode:
     return _CATALOGUE[code]
+
+
+def code_of(text: str) -> ErrorCode | None:
+    """The catalogued code a ``CODE: detail`` text (``ErrorCode.text``) starts with, if any."""
+    return _CATALOGUE.get(text.partition(":")[0])
 
 
 def catalogue() -> list[ErrorCode]:

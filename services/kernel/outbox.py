@@ -17,8 +17,9 @@ from operator import itemgetter
 import asyncpg
 import orjson
 
-from services.kernel import database, failures, logs
+from services.kernel import failures, logs
 from services.kernel.events import Outgoing
+from services.kernel.listener import Listener
 from services.kernel.metrics import OUTBOX_LAG_SECONDS, OUTBOX_PUBLISHED
 from services.kernel.producer import Producer
 from services.kernel.settings import Settings
@@ -50,8 +51,8 @@ async def add(conn: asyncpg.Connection, records: list[Outgoing], *, available_at
 class Relay:
     """Publishes a service's outbox. Several instances may run: rows are claimed with SKIP LOCKED.
 
-    It wakes on NOTIFY from a connection of its own (not from the pool: a LISTEN connection lives as
-    long as the relay), and polls every ``idle_poll_s`` anyway, for due retries and lost notifications.
+    It wakes on NOTIFY (``listener.py``: a LISTEN connection of its own), and polls every
+    ``idle_poll_s`` anyway, for due retries and lost notifications.
     """
 
     def __init__(self, pool: asyncpg.Pool, producer: Producer, settings: Settings, service: str) -> None:
@@ -61,37 +62,28 @@ class Relay:
         self._schema = settings.schema(service)
         self._batch = settings.outbox_batch
         self._idle_poll_s = settings.outbox_idle_poll_s
-        self._wake = asyncio.Event()
-        self._channel = f"{self._schema}_outbox"
-
-    def _on_notify(self, *_args) -> None:
-        self._wake.set()
-
-    async def _listen(self) -> asyncpg.Connection:
-        conn = await asyncio.wait_for(database.connect(self._settings), 5)
-        await conn.add_listener(self._channel, self._on_notify)
-        return conn
+        self._listener = Listener(settings, f"{self._schema}_outbox")
+        self._wake = self._listener.subscribe()
 
     async def run(self, stop: asyncio.Event) -> None:
-        listener: asyncpg.Connection | None = None
+        listening = asyncio.create_task(self._listener.run(stop), name=f"outbox-listener-{self._schema}")
         pause = Pause()
-        while not stop.is_set():
-            try:
-                if listener is None or listener.is_closed():
-                    listener = await self._listen()
-                published = await self.publish_due()
-                pause.reset()
-                if published >= self._batch:
-                    continue
-                self._wake.clear()
-                await wait_any(stop, self._wake, self._idle_poll_s)
-            except Exception as exc:  # noqa: BLE001 - an outage of Kafka or PostgreSQL: wait and go on
-                await _close(listener)
-                listener = None
-                log.warning("outbox relay waiting", schema=self._schema, error=repr(exc),
-                            outage=failures.classify(exc).waits)
-                await sleep_or_stop(stop, pause.next())
-        await _close(listener)
+        try:
+            while not stop.is_set():
+                try:
+                    self._wake.clear()
+                    published = await self.publish_due()
+                    pause.reset()
+                    if published >= self._batch:
+                        continue
+                    await wait_any(stop, self._wake, self._idle_poll_s)
+                except Exception as exc:  # noqa: BLE001 - an outage of Kafka or PostgreSQL: wait and go on
+                    log.warning("outbox relay waiting", schema=self._schema, error=repr(exc),
+                                outage=failures.classify(exc).waits)
+                    await sleep_or_stop(stop, pause.next())
+        finally:
+            listening.cancel()
+            await asyncio.gather(listening, return_exceptions=True)
 
     async def publish_due(self) -> int:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -119,11 +111,3 @@ class Relay:
             max(0.0, (now - rows[0]["created_at"]).total_seconds()))
         return len(rows)
 
-
-async def _close(conn: asyncpg.Connection | None) -> None:
-    if conn is None:
-        return
-    try:
-        await asyncio.wait_for(conn.close(), 2)
-    except Exception:  # noqa: BLE001 - the server is gone; drop the socket
-        conn.terminate()

@@ -13,15 +13,14 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from aiokafka import TopicPartition
-
 from services.kernel import readiness
 from services.kernel.events import Outgoing
 from services.kernel.processing.deadletter import DLQ_CONSUMER, DLQ_MARKER, DLQ_REASON, DLQ_SOURCE
-from services.kernel.processing.kafka_source import build_consumer, partitions_of
+from services.kernel.processing.kafka_source import build_consumer
 from services.kernel.processing.pipeline import HEADER_ATTEMPT, HEADER_CRASH_ATTEMPT, HEADER_REPLAY, HEADER_RETRY_FOR
 from services.kernel.producer import Producer
 from services.kernel.settings import Settings
+from services.kernel.topic_reading import TopicEnd, whole_topic
 
 DROP = (HEADER_ATTEMPT, HEADER_CRASH_ATTEMPT)   # attempt counters start again after a replay
 
@@ -43,26 +42,20 @@ async def replay(settings: Settings, producer: Producer, dead_letter_topic: str,
     await consumer.start()
     result = ReplayResult()
     try:
-        parts = await partitions_of(consumer, topic) or set()
-        if not parts:
+        tps = await whole_topic(consumer, topic)
+        if not tps:
             progress(f"replay: no topic {topic}")
             return result
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
         if from_start:
             await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-
-        async def remaining() -> int:
-            return sum([end[tp] - await consumer.position(tp) for tp in tps])
-
-        total = await remaining()
+        end = await TopicEnd.now(consumer, tps)
+        total = await end.remaining()
         progress(f"replay: {total} entries waiting in {topic}")
-        while await remaining() > 0:
+        while await end.remaining() > 0:
             batch = await consumer.getmany(timeout_ms=1000)
             for tp, records in batch.items():
                 for rec in records:
-                    if rec.offset >= end[tp]:
+                    if end.beyond(tp, rec.offset):
                         continue
                     result.seen += 1
                     headers = dict(rec.headers or ())

@@ -166,7 +166,7 @@ class Settings(BaseSettings):
     # in production: there a webhook is https to a public address (services/kernel/webhook_targets.py)
     webhook_local_mode: bool = False
     webhook_hosts: str = ""                # "name=addr[|addr],...": answers instead of DNS, checked like DNS's
-    notification_idle_poll_s: float = 1.0  # longest sleep of the dispatchers without a NOTIFY
+    notification_idle_poll_s: float = 1.0  # longest sleep of the senders without a NOTIFY
     notification_retention_s: float = 30 * 24 * 3600   # delivered / dead rows are deleted after this
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 1025
@@ -177,7 +177,11 @@ class Settings(BaseSettings):
     email_sender: str = "Bubuh e-Meterai <no-reply@bubuh.local>"
     email_locale: str = "id"               # "id" | "en" | "id+en" (one bilingual message, Indonesian first)
     email_concurrency: int = 4
+    # email retries, apart from the webhooks' (a mail server's 4xx asks for minutes, not seconds):
+    # first retry after base/2..base, then times factor up to max (equal jitter)
     email_backoff_base_s: float = 30.0
+    email_backoff_factor: float = 2.0
+    email_backoff_max_s: float = 3600.0
     email_horizon_s: float = 24 * 3600
 
     @property

@@ -1,5 +1,5 @@
 """Which URLs may be webhook targets: the rule, checked where a channel registers a URL (the purchase
-service's registry) and again on every connection the notification dispatcher opens
+service's registry) and again on every connection the notification webhook sender opens
 (``services/notification/targets.py`` holds that connector).
 
 A webhook URL is chosen by a channel, an outside organisation. Left unchecked it makes Bubuh a
@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-import httpx  # URLs are parsed as the dispatcher's HTTP client parses them
+import httpx  # URLs are parsed as the webhook sender's HTTP client parses them
 
 from services.kernel import errors
 

@@ -1,7 +1,9 @@
 """Dead-letter entries of the notification service: ``DeliveryAbandoned`` on ``notification.dead-letter``.
 
 Written to the outbox in the transaction that marks the delivery (or email) dead, so the entry is
-published at least once and with a derived id (a replay publishes the same id).
+published at least once and with a derived id (a replay publishes the same id). Its ``code`` is
+catalogued (the last attempt's, or ``DELIVERY_EXPIRED``) and also stands in the ``bubuh-dlq-reason``
+header, as on every other dead-letter entry; ``bubuh replay`` skips it (it names no source topic).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import asyncpg
 
 from services.contracts.bubuh.v1 import notification_pb2
 from services.kernel import events, outbox, topics
+from services.kernel.errors import ErrorCode
+from services.kernel.processing.deadletter import DLQ_DETAIL, DLQ_REASON
 from services.kernel.settings import Settings
 from services.notification import NAME
 
@@ -25,17 +29,19 @@ def abandoned_event_id(delivery_id: str, horizon_at: dt.datetime) -> str:
     return str(uuid.uuid5(_NS, f"{delivery_id}\x1f{horizon_at.isoformat()}"))
 
 
-async def abandon(conn: asyncpg.Connection, settings: Settings, *, delivery_id: str, channel_id: str,
+async def abandon(conn: asyncpg.Connection, settings: Settings, code: ErrorCode, *, delivery_id: str, channel_id: str,
                   event_id: str, event_type: str, url: str, attempts: int, last_error: str,
                   first_attempt_at: dt.datetime | None, last_attempt_at: dt.datetime | None,
                   horizon_at: dt.datetime) -> None:
     msg = notification_pb2.DeliveryAbandoned(delivery_id=delivery_id, channel_id=channel_id, event_id=event_id,
                                              event_type=event_type, url=url, attempts=attempts,
-                                             last_error=last_error or "")
+                                             last_error=last_error or "", code=code.code)
     if first_attempt_at is not None:
         msg.first_attempt_at.FromDatetime(first_attempt_at)
     if last_attempt_at is not None:
         msg.last_attempt_at.FromDatetime(last_attempt_at)
     env = events.envelope(msg, producer=NAME, causation_id=event_id,
                           event_id=abandoned_event_id(delivery_id, horizon_at))
-    await outbox.add(conn, [events.outgoing(settings.topic(topics.NOTIFICATION_DLQ.name), channel_id, env)])
+    reason = [(DLQ_REASON, code.code.encode()), (DLQ_DETAIL, (last_error or "")[:2000].encode())]
+    await outbox.add(conn, [events.outgoing(settings.topic(topics.NOTIFICATION_DLQ.name), channel_id, env,
+                                            extra_headers=reason)])

@@ -10,7 +10,7 @@ import datetime as dt
 
 import asyncpg
 
-from services.kernel import errors
+from services.kernel import errors, listener
 from services.kernel.settings import Settings
 from services.notification.intake import wake_channel
 from services.notification.metrics import DELIVERIES
@@ -80,7 +80,7 @@ class DeliveryLog:
                 delivery_id, channel_id, self._settings.webhook_horizon_s)
             if row is None:
                 raise errors.BubuhError(errors.NOT_FOUND, f"no delivery {delivery_id} for this channel")
-            await conn.execute("SELECT pg_notify($1, '')", wake_channel(self._settings))
+            await listener.notify(conn, wake_channel(self._settings))
             out = (await _with_logs(conn, [row]))[0]
         DELIVERIES.labels("redelivery_requested").inc()
         return out

@@ -2,7 +2,7 @@
 
 For each event a channel or buyer hears about, the batch's transaction (opened by the pipeline,
 whose inbox claims the event ids) writes a ``deliveries`` row (the webhook, due now) and, when the
-request carried an address, an ``emails`` row. A NOTIFY at commit wakes the dispatchers. No HTTP
+request carried an address, an ``emails`` row. A NOTIFY at commit wakes the senders. No HTTP
 and no SMTP here: a slow endpoint can never hold up a partition.
 """
 
@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from services.kernel import derived_ids, logs
+from services.kernel import derived_ids, listener, logs
 from services.kernel.channels import ChannelView
 from services.kernel.events import Event
 from services.kernel.settings import Settings
@@ -92,14 +92,14 @@ class Intake:
                 "body, next_attempt_at, horizon_at, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$9) "
                 "ON CONFLICT (event_id) DO NOTHING", emails)
         if deliveries or emails:
-            await conn.execute("SELECT pg_notify($1, '')", self._wake_channel)
+            await listener.notify(conn, self._wake_channel)
         for what, n in (("webhook", len(deliveries)), ("no_webhook", no_webhook), ("email", len(emails))):
             if n:
                 NOTIFICATIONS_RECORDED.labels(what).inc(n)
 
     async def _webhook_url(self, channel_id: str) -> tuple[str, bool]:
         """(url, whether to schedule a webhook). An unknown channel gets a row with no URL yet: the
-        dispatcher resolves it at each attempt (the channel view may simply be behind)."""
+        webhook sender resolves it at each attempt (the channel view may simply be behind)."""
         info = self._channels.get(channel_id)
         if info is None:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -112,5 +112,5 @@ class Intake:
 
 
 def wake_channel(settings: Settings) -> str:
-    """The NOTIFY channel that wakes the dispatchers when new work is committed."""
+    """The NOTIFY channel that wakes the senders when new work is committed."""
     return f"{settings.schema('notification')}_work"

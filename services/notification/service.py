@@ -5,8 +5,9 @@ Consumes: ``quota.events`` (QuotaCredited, QuotaRejected), ``purchase.events`` (
 Publishes: ``notification.dead-letter`` (DeliveryAbandoned), through its outbox.
 Stores:    schema ``notification``: ``deliveries`` + ``delivery_attempts`` (webhooks), ``emails``,
            inbox, outbox. The tables are the durable schedule: a row is due at ``next_attempt_at``.
-Workers:   the intake consumer (events -> rows, never HTTP), the webhook dispatcher, the email
-           sender, a LISTEN connection that wakes both, the outbox relay, the gauges.
+Workers:   the intake consumer (events -> rows, never HTTP), the due-time table worker twice (one
+           with the webhook sender, one with the email sender), a LISTEN connection that wakes
+           both, the outbox relay, the gauges.
 HTTP:      ``GET /v1/deliveries``, ``POST /v1/deliveries/{id}/redeliver``.
 """
 
@@ -17,6 +18,7 @@ import asyncio
 from fastapi import APIRouter
 
 from services.kernel import topics
+from services.kernel.listener import Listener
 from services.kernel.outbox import Relay
 from services.kernel.processing.handler import Transactional
 from services.kernel.processing.pipeline import ConsumerLoop
@@ -24,11 +26,11 @@ from services.kernel.runtime import ConfigError, Runtime, Task
 from services.kernel.waiting import wait_or_stop
 from services.notification import NAME, api, payloads, templates
 from services.notification.deliveries import DeliveryLog
-from services.notification.dispatcher import Dispatcher
+from services.notification.due_work import DueWorker
+from services.notification.email_sender import EmailSender
 from services.notification.housekeeping import Housekeeping
-from services.notification.intake import CONSUMER, Intake
-from services.notification.mailer import Mailer
-from services.notification.wakeup import Wakeup
+from services.notification.intake import CONSUMER, Intake, wake_channel
+from services.notification.webhook_sender import WebhookSender
 
 
 async def router(rt: Runtime) -> APIRouter:
@@ -40,9 +42,9 @@ async def workers(rt: Runtime) -> list[Task]:
     if s.email_locale not in templates.LOCALES:
         raise ConfigError(f"BUBUH_EMAIL_LOCALE={s.email_locale!r}: choose from {', '.join(templates.LOCALES)}")
     pool = await rt.pool(NAME)
-    wakeup = Wakeup(s)
-    dispatcher = Dispatcher(pool, rt.channels, s, wakeup.subscribe())
-    mailer = Mailer(pool, s, wakeup.subscribe())
+    wakeup = Listener(s, wake_channel(s))      # new work committed: wakes both workers at once
+    webhooks = DueWorker(pool, s, WebhookSender(rt.channels, s), wakeup.subscribe())
+    emails = DueWorker(pool, s, EmailSender(s), wakeup.subscribe())
     intake = Intake(pool, rt.channels, s)
     loop = ConsumerLoop(s, rt.producer, name=CONSUMER,
                         topics=[s.topic(t.name) for t in (topics.QUOTA_EVENTS, topics.PURCHASE_EVENTS,
@@ -58,7 +60,7 @@ async def workers(rt: Runtime) -> list[Task]:
     async def dispatch(stop: asyncio.Event) -> None:
         # signing needs the channel secrets from the view
         if await wait_or_stop(rt.channels.loaded, stop):
-            await dispatcher.run(stop)
+            await webhooks.run(stop)
 
     relay = Relay(pool, rt.producer, s, NAME)
-    return [consume, dispatch, mailer.run, wakeup.run, relay.run, Housekeeping(pool, s).run]
+    return [consume, dispatch, emails.run, wakeup.run, relay.run, Housekeeping(pool, s).run]

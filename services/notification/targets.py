@@ -1,6 +1,6 @@
-"""The connector that holds the webhook dispatcher to the target rule (``services/kernel/webhook_targets.py``).
+"""The connector that holds the webhook sender to the target rule (``services/kernel/webhook_targets.py``).
 
-The rule is checked at registration and again whenever the dispatcher's HTTP client opens a
+The rule is checked at registration and again whenever the webhook sender's HTTP client opens a
 connection: :class:`GuardedNetwork` sits under httpx, resolves the name once, checks every answer
 and connects to a checked address itself, so the client never resolves again (DNS rebinding
 between the check and the connect changes nothing). The URL, and with it the Host header and the
@@ -63,7 +63,7 @@ class _GuardedTransport(httpx.AsyncHTTPTransport):
     def __init__(self, network: GuardedNetwork, limits: httpx.Limits) -> None:
         super().__init__(limits=limits, trust_env=False)
         # httpx does not take a network backend; httpcore's pool (public API) does. The pool httpx
-        # built is replaced before any use; the dispatcher tests prove this one is the one used.
+        # built is replaced before any use; the webhook sender tests prove this one is the one used.
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=httpx.create_ssl_context(), max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
@@ -72,7 +72,7 @@ class _GuardedTransport(httpx.AsyncHTTPTransport):
 
 def guarded_client(resolver: Resolver, *, local_mode: bool, timeout: httpx.Timeout, limits: httpx.Limits,
                    headers: Mapping[str, str], inner: httpcore.AsyncNetworkBackend | None = None) -> httpx.AsyncClient:
-    """The dispatcher's HTTP client: every new connection checked, redirects not followed, no proxy
+    """The webhook sender's HTTP client: every new connection checked, redirects not followed, no proxy
     from the environment (a proxy would resolve the name itself, past the check)."""
     def transport(scheme: str) -> _GuardedTransport:
         return _GuardedTransport(GuardedNetwork(resolver, scheme=scheme, local_mode=local_mode, inner=inner), limits)

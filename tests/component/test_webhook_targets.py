@@ -24,11 +24,13 @@ from services.contracts.bubuh.v1 import channel_pb2
 from services.kernel import errors, sealed
 from services.kernel.channels import ChannelView, api_key_hash
 from services.kernel.http import create_app
+from services.kernel.processing.deadletter import DLQ_REASON
 from services.kernel.webhook_targets import StaticResolver
 from services.notification import api
 from services.notification.deliveries import DeliveryLog
-from services.notification.dispatcher import Dispatcher
+from services.notification.due_work import DueWorker
 from services.notification.intake import endpoint_of
+from services.notification.webhook_sender import WebhookSender
 from services.purchase.registry import Registry, RegistryError
 from tests.component import handler_support as hs
 
@@ -155,7 +157,7 @@ async def schedule(pool, channel: Channel, url: str, horizon_s: float = 3600) ->
 async def dispatch_until_attempted(pool, settings, view, resolver, event_ids: list[str]) -> None:
     """Run the real dispatcher loop until every one of these deliveries has had one attempt."""
     stop = asyncio.Event()
-    task = asyncio.create_task(Dispatcher(pool, view, settings, resolver=resolver).run(stop))
+    task = asyncio.create_task(DueWorker(pool, settings, WebhookSender(view, settings, resolver=resolver)).run(stop))
     try:
         for _ in range(200):
             done = await pool.fetchval("SELECT count(*) FROM deliveries WHERE event_id = ANY($1::text[]) "
@@ -276,8 +278,32 @@ async def test_nothing_the_target_answers_reaches_the_delivery_log_or_the_dead_l
         shown, raw = await delivery_log(local, view, pool, channel, event_id)
         assert MARKER not in raw and "OpenSSH" not in raw
         assert shown["last_error"] == expected and shown["status"] == "dead"
-        dead_letters = [v for _, v in await hs.outbox(pool) if getattr(v, "event_id", "") == event_id]
+        entries = [(eid, v) for eid, v in await hs.outbox(pool) if getattr(v, "event_id", "") == event_id]
+        dead_letters = [v for _, v in entries]
         assert [d.last_error for d in dead_letters] == [expected]
+        code = expected.split(":")[0]
+        assert [d.code for d in dead_letters] == [code]          # the catalogued code, as a field of its own
+        headers = json.loads(await pool.fetchval("SELECT headers::text FROM outbox WHERE event_id = $1",
+                                                 entries[0][0]))
+        assert [DLQ_REASON, code] in headers                      # and as every dead-letter entry's reason
+
+
+async def test_a_delivery_no_attempt_reached_before_its_horizon_is_dead_lettered_as_expired(stores):
+    """An endpoint whose circuit stays open gets no attempt; at the horizon the entry says DELIVERY_EXPIRED."""
+    settings, pool, _ = stores
+    local = settings.model_copy(update={"webhook_local_mode": True})
+    view = ChannelView(local)
+    url = "http://127.0.0.1:9/hooks"
+    channel = Channel(local, view, url)
+    event_id = await schedule(pool, channel, url, horizon_s=-1)          # past its horizon, never attempted
+    worker = DueWorker(pool, local, WebhookSender(view, local, resolver=StaticResolver({})))
+    assert await worker.abandon_past_horizon() >= 1
+    row = await pool.fetchrow("SELECT status, attempts FROM deliveries WHERE event_id = $1", event_id)
+    assert (row["status"], row["attempts"]) == ("dead", 0)
+    entries = [v for _, v in await hs.outbox(pool) if getattr(v, "event_id", "") == event_id]
+    assert [(e.code, e.last_error, e.attempts) for e in entries] == [
+        ("DELIVERY_EXPIRED", "not attempted before the horizon", 0)]
+    errors.lookup(entries[0].code)
 
 
 async def test_local_mode_connects_to_the_checked_address_with_the_original_host_header(stores, offline):
@@ -360,8 +386,8 @@ async def test_the_pinned_connection_still_verifies_the_certificate_for_the_url_
     """Connecting to the checked address must not weaken TLS: SNI and certificate check use the name."""
     import ssl
 
-    from services.notification.dispatcher import _unreachable
     from services.notification.targets import guarded_client
+    from services.notification.webhook_sender import _unreachable
     ca, leaf, key = _tls_files(tmp_path, "hooks.example")
     monkeypatch.setenv("SSL_CERT_FILE", ca)
     server_names: list[str | None] = []

@@ -237,6 +237,7 @@ async def test_after_the_horizon_a_delivery_is_dead_lettered(settings):
         entry = abandoned[0]
         assert (entry.event_id, entry.channel_id, entry.url) == (record.event_id, channel["channel_id"], receiver.url)
         assert entry.event_type == "stamp.completed" and entry.last_error.startswith("WEBHOOK_REJECTED: HTTP 503")
+        assert entry.code == "WEBHOOK_REJECTED"
         assert entry.attempts == len(receiver.hits) >= 3
         assert entry.first_attempt_at.ToDatetime() < entry.last_attempt_at.ToDatetime()
         row = (await db.fetch("notification", "SELECT status, attempts FROM deliveries"))[0]

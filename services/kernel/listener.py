@@ -1,0 +1,70 @@
+"""PostgreSQL LISTEN/NOTIFY as a wake-up: a commit of new work (NOTIFY) wakes the workers that do it.
+
+One LISTEN connection per ``Listener``, of its own (not from a pool: it lives as long as the
+process). Nothing may depend on it: its subscribers also poll, so a lost notification (the
+connection was down) costs latency, never work. After every (re)connect it wakes everyone once,
+for whatever was committed while nobody listened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import asyncpg
+
+from services.kernel import database, logs
+from services.kernel.settings import Settings
+from services.kernel.waiting import Pause, sleep_or_stop
+
+log = logs.get(__name__)
+
+HEALTH_CHECK_S = 5.0      # a dead socket shows at the next check
+
+
+async def notify(conn: asyncpg.Connection, channel: str) -> None:
+    """Wake the listeners of ``channel`` when the caller's transaction commits (NOTIFY is transactional)."""
+    await conn.execute("SELECT pg_notify($1, '')", channel)
+
+
+class Listener:
+    def __init__(self, settings: Settings, channel: str) -> None:
+        self._settings = settings
+        self.channel = channel
+        self._events: list[asyncio.Event] = []
+
+    def subscribe(self) -> asyncio.Event:
+        """An event set on every notification; the subscriber clears it before it looks for work."""
+        event = asyncio.Event()
+        self._events.append(event)
+        return event
+
+    def poke(self, *_args) -> None:
+        for event in self._events:
+            event.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        pause = Pause()
+        while not stop.is_set():
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncio.wait_for(database.connect(self._settings), 5)
+                await conn.add_listener(self.channel, self.poke)
+                self.poke()            # whatever was committed while nobody listened
+                pause.reset()
+                while not await sleep_or_stop(stop, HEALTH_CHECK_S):
+                    await asyncio.wait_for(conn.execute("SELECT 1"), 5)
+            except Exception as exc:  # noqa: BLE001 - PostgreSQL away: polling covers; reconnect later
+                log.warning("listener reconnecting", channel=self.channel, error=repr(exc))
+                await sleep_or_stop(stop, pause.next())
+            finally:
+                if conn is not None:
+                    await _close(conn)
+
+
+async def _close(conn: asyncpg.Connection) -> None:
+    try:
+        await asyncio.wait_for(conn.close(), 2)
+    except Exception:  # noqa: BLE001 - the server is gone; drop the socket
+        with contextlib.suppress(Exception):
+            conn.terminate()
