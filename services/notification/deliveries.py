@@ -12,7 +12,7 @@ import asyncpg
 
 from services.kernel import errors, listener
 from services.kernel.settings import Settings
-from services.notification.intake import wake_channel
+from services.notification.event_intake import wake_channel
 from services.notification.metrics import DELIVERIES
 
 _COLUMNS = ("delivery_id, event_id, event_type, url, status, attempts, created_at, next_attempt_at, "

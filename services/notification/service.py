@@ -28,8 +28,8 @@ from services.notification import NAME, api, payloads, templates
 from services.notification.deliveries import DeliveryLog
 from services.notification.due_work import DueWorker
 from services.notification.email_sender import EmailSender
+from services.notification.event_intake import CONSUMER, Intake, wake_channel
 from services.notification.housekeeping import Housekeeping
-from services.notification.intake import CONSUMER, Intake, wake_channel
 from services.notification.webhook_sender import WebhookSender
 
 

@@ -36,7 +36,7 @@ from services.kernel.settings import Settings
 from services.notification import signing, targets
 from services.notification.breaker import Breaker
 from services.notification.due_work import Claimed, Outcome, Sender, Table
-from services.notification.intake import endpoint_of
+from services.notification.event_intake import endpoint_of
 from services.notification.metrics import (
     ATTEMPT_SECONDS,
     ATTEMPTS,

@@ -20,7 +20,7 @@ from services.contracts.bubuh.v1 import channel_pb2, purchase_pb2, quota_pb2, st
 from services.kernel.channels import ChannelView
 from services.kernel.events import Event
 from services.kernel.processing.handler import Transactional
-from services.notification.intake import CONSUMER, Intake, delivery_id, email_id
+from services.notification.event_intake import CONSUMER, Intake, delivery_id, email_id
 from tests.component import handler_support as hs
 
 HOOK = "https://hooks.example.test:8443/bubuh/events?token=t"

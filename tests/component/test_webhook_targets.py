@@ -29,7 +29,7 @@ from services.kernel.webhook_targets import StaticResolver
 from services.notification import api
 from services.notification.deliveries import DeliveryLog
 from services.notification.due_work import DueWorker
-from services.notification.intake import endpoint_of
+from services.notification.event_intake import endpoint_of
 from services.notification.webhook_sender import WebhookSender
 from services.purchase.registry import Registry, RegistryError
 from tests.component import handler_support as hs
