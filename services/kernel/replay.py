@@ -4,13 +4,16 @@ A dead-letter entry is the original record plus ``bubuh-dlq-*`` headers. Replay 
 headers, marks the record ``bubuh-replay: 1`` (consumers reset their attempt counters for it) and
 publishes it to its source topic, addressed (``bubuh-retry-for``) to the consumer that dead-lettered
 it: other consumer groups of that topic skip it. Markers of undecodable stretches carry no record
-and are skipped. Progress is the ``replay`` consumer group's committed offset, so
-an entry is replayed once; ``--from-start`` replays everything again.
+and are skipped. An entry that is not a record from a topic (the notification service's
+``DeliveryAbandoned``: a delivery that ran out of time) goes to ``settle``, which the caller gives
+(``bubuh replay`` due the delivery again); without one, it is skipped. Progress is the ``replay``
+consumer group's committed offset, so an entry is replayed once; ``--from-start`` replays everything again.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from services.kernel import readiness
@@ -23,6 +26,8 @@ from services.kernel.settings import Settings
 from services.kernel.topic_reading import TopicEnd, whole_topic
 
 DROP = (HEADER_ATTEMPT, HEADER_CRASH_ATTEMPT)   # attempt counters start again after a replay
+# an entry without a source record (its value, dry run): True when it was (or would be) handled
+Settle = Callable[[bytes, bool], Awaitable[bool]]
 
 
 @dataclass
@@ -34,7 +39,7 @@ class ReplayResult:
 
 async def replay(settings: Settings, producer: Producer, dead_letter_topic: str, *, key: str | None = None,
                  reason: str | None = None, dry_run: bool = False, from_start: bool = False,
-                 progress=print) -> ReplayResult:
+                 progress=print, settle: Settle | None = None) -> ReplayResult:
     topic = settings.topic(dead_letter_topic)
     group = settings.group(f"replay.{dead_letter_topic}")
     consumer = build_consumer(settings, group_id=group, client_id="bubuh-replay")
@@ -64,8 +69,14 @@ async def replay(settings: Settings, producer: Producer, dead_letter_topic: str,
                         result.skipped += 1
                         continue
                     source = headers.get(DLQ_SOURCE, b"").decode().rsplit("/", 2)[0]
-                    if not source or DLQ_MARKER in headers:   # a marker has no record to send back
+                    if DLQ_MARKER in headers:   # a marker has no record to send back
                         result.skipped += 1
+                        continue
+                    if not source:
+                        if settle is not None and await settle(rec.value or b"", dry_run):
+                            result.replayed += 1
+                        else:
+                            result.skipped += 1
                         continue
                     out_headers = [(k, v) for k, v in (rec.headers or ()) if not k.startswith("bubuh-dlq-")
                                    and k not in DROP and k not in (HEADER_REPLAY, HEADER_RETRY_FOR)]
@@ -86,12 +97,17 @@ async def replay(settings: Settings, producer: Producer, dead_letter_topic: str,
     return result
 
 
-def run(settings: Settings, topic: str, **kw) -> ReplayResult:
+def run(settings: Settings, topic: str, *, settler=None, **kw) -> ReplayResult:
+    """``replay`` with a producer of its own; ``settler`` is an async context manager that yields the
+    ``settle`` callable (and holds what it needs, a database pool say, for the run)."""
     async def _main() -> ReplayResult:
         from services.kernel import runtime
         producer = await runtime.connect_kafka(settings, "bubuh-replay")
         try:
-            return await replay(settings, producer, topic, **kw)
+            if settler is None:
+                return await replay(settings, producer, topic, **kw)
+            async with settler as settle:
+                return await replay(settings, producer, topic, settle=settle, **kw)
         finally:
             await producer.stop()
     return asyncio.run(_main())

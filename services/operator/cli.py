@@ -162,8 +162,13 @@ def cmd_kafka(args) -> None:
 
 def cmd_replay(args) -> None:
     from services.kernel import replay
-    result = replay.run(_settings(), args.topic, key=args.key, reason=args.reason, dry_run=args.dry_run,
-                        from_start=args.from_start)
+    s = _settings()
+    settler = None
+    if args.topic == topics.NOTIFICATION_DLQ.name:   # abandoned deliveries: due again (the notification's code)
+        from services.notification.deadletter import Redelivery
+        settler = Redelivery(s)
+    result = replay.run(s, args.topic, key=args.key, reason=args.reason, dry_run=args.dry_run,
+                        from_start=args.from_start, settler=settler)
     sys.exit(0 if result.seen == 0 or result.replayed or args.dry_run else 1)
 
 
@@ -249,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(never on the command line); the same password again is harmless")
     sp.set_defaults(func=cmd_kafka)
 
-    sp = sub.add_parser("replay", help="send dead-lettered records back to their source topic")
+    sp = sub.add_parser("replay", help="send dead-lettered records back to their source topic; on "
+                        "notification.dead-letter, make abandoned deliveries due again")
     sp.add_argument("topic", help="a dead-letter topic, e.g. stamp.dead-letter")
     sp.add_argument("--key", help="only the entry with this key (a request id)")
     sp.add_argument("--reason", help="only entries with this reason code")

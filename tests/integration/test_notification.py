@@ -25,7 +25,7 @@ from tests.integration.test_notification_support import (
     stamp_completed,
     stamp_failed,
 )
-from tests.platform import PlatformProcess, add_channel
+from tests.platform import PlatformProcess, add_channel, cli
 
 
 def _client(settings) -> httpx.AsyncClient:
@@ -225,8 +225,9 @@ async def test_emails_reach_the_buyer_in_indonesian_also_after_the_mail_server_w
 async def test_after_the_horizon_a_delivery_is_dead_lettered(settings):
     receiver = await Receiver(lambda hit: 503).start()
     channel = add_channel(settings, "down", webhook=receiver.url)
+    # a short circuit cool-down: the replayed delivery goes out once the endpoint's circuit half-opens
     proc = await PlatformProcess(settings, api="none", workers="notification", BUBUH_WEBHOOK_BACKOFF_BASE_S=0.1,
-                                 BUBUH_WEBHOOK_HORIZON_S=1.5).start()
+                                 BUBUH_WEBHOOK_HORIZON_S=1.5, BUBUH_WEBHOOK_BREAKER_COOLDOWN_S=1.0).start()
     db = Db(settings)
     try:
         record = stamp_completed(settings, channel["channel_id"])
@@ -246,9 +247,31 @@ async def test_after_the_horizon_a_delivery_is_dead_lettered(settings):
         assert attempts_logged == entry.attempts
         await asyncio.sleep(1.0)
         assert len(receiver.hits) == entry.attempts            # nothing after the horizon
+
+        # the endpoint is fixed: `bubuh replay` makes the abandoned delivery due again (a dry run first
+        # changes nothing), and the same body and event id arrive
+        receiver.respond = lambda hit: 200
+        # (in a thread: the receiver answers in this loop meanwhile)
+        dry = await asyncio.to_thread(cli, settings, "replay", topics.NOTIFICATION_DLQ.name, "--dry-run")
+        assert "1 replayed" in dry.stdout, dry.stdout + dry.stderr
+        row = (await db.fetch("notification", "SELECT status FROM deliveries"))[0]
+        assert row["status"] == "dead"
+        done = await asyncio.to_thread(cli, settings, "replay", topics.NOTIFICATION_DLQ.name)
+        assert "1 replayed, 0 skipped" in done.stdout, done.stdout + done.stderr
+        await wait_for(lambda: _status_is(db, "delivered"), what="the replayed delivery delivered", timeout=20)
+        assert receiver.hits[-1].body == receiver.hits[0].body
+        again = await asyncio.to_thread(cli, settings, "replay", topics.NOTIFICATION_DLQ.name, "--from-start",
+                                        check=False)
+        # delivered now: nothing to redo, and replay says so with its exit code
+        assert "0 replayed, 1 skipped" in again.stdout and again.returncode == 1, again.stdout
     finally:
         await proc.stop()
         await receiver.stop()
+
+
+async def _status_is(db: Db, status: str) -> bool:
+    rows = await db.fetch("notification", "SELECT status FROM deliveries")
+    return bool(rows) and rows[0]["status"] == status
 
 
 async def test_a_dead_endpoint_opens_its_circuit_and_stops_getting_requests(settings):
