@@ -19,6 +19,7 @@ from services.kernel import errors, events, logs, sealed, topics
 from services.kernel.processing.kafka_source import build_consumer
 from services.kernel.settings import Settings
 from services.kernel.topic_reading import TopicEnd, whole_topic
+from services.kernel.waiting import Pause, sleep_or_stop
 
 log = logs.get(__name__)
 
@@ -117,13 +118,15 @@ class ChannelView:
             end = await TopicEnd.now(consumer, tps)
             if end.empty:
                 self.loaded.set()
+            pause = Pause()         # the one reconnect backoff: 0.2 s doubling to 5 s, cut short by stop
             while not stop.is_set():
                 try:
                     batches = await consumer.getmany(timeout_ms=300)
                 except KafkaError as exc:
                     log.warning("channel view fetch failed", error=repr(exc))
-                    await asyncio.sleep(0.5)
+                    await sleep_or_stop(stop, pause.next())
                     continue
+                pause.reset()
                 for records in batches.values():
                     for r in records:
                         self._apply_record(r.value)
