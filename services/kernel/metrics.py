@@ -41,5 +41,15 @@ HTTP_SECONDS = Histogram("bubuh_http_request_seconds", "HTTP request latency by 
                          buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
 
 
+def set_snapshot(gauge: Gauge, values: dict[tuple[str, ...], float], shown: set[tuple[str, ...]]) -> None:
+    """Set a labelled gauge from one complete reading (label values -> value): label sets of an earlier
+    reading that are gone now show 0 rather than their last value (a drained queue reads 0, not stale)."""
+    for labels in shown - values.keys():
+        gauge.labels(*labels).set(0)
+    for labels, value in values.items():
+        gauge.labels(*labels).set(value)
+    shown |= values.keys()
+
+
 def exposition() -> tuple[bytes, str]:
     return generate_latest(), CONTENT_TYPE_LATEST
