@@ -25,6 +25,10 @@ FAILURES = Counter("bubuh_failures_total", "Failures seen by consumers and doors
                    ["component", "kind", "sqlstate"])
 PAUSED_PARTITIONS = Gauge("bubuh_consumer_paused_partitions", "Partitions a consumer holds paused for an outage",
                           ["consumer"])
+DEAD_LETTER_TOPIC_RECORDS = Gauge("bubuh_dead_letter_topic_records",
+                                  "Records a dead-letter topic holds (end minus start offsets over its "
+                                  "partitions), read from Kafka by the processes running the owning service",
+                                  ["topic"])
 CONSUMER_STOPPED = Gauge("bubuh_consumer_stopped", "1 while a consumer is stopped by its dead-letter limit",
                          ["consumer", "reason"])
 CRASH_RETRIES = Counter("bubuh_consumer_crash_retries_total",

@@ -239,6 +239,12 @@ async def test_every_panel_returns_series_from_a_real_prometheus(settings, tmp_p
         assert value(f'max(bubuh_webhook_channel_pending_deliveries{{channel="{refusing["channel_id"]}"}})') >= 1
         # the dead-lettered request keeps its unit reserved until replay or expiry
         assert value("max(bubuh_ledger_pending_units)") >= 1
+
+        async def dead_letters_held() -> bool:     # read from Kafka every 10 s
+            held = {r["metric"]["topic"]: float(r["value"][1])
+                    for r in await asyncio.to_thread(query, prom, "max by (topic) (bubuh_dead_letter_topic_records)")}
+            return held.get("purchase.dead-letter", 0) >= 1 and held.get("stamp.dead-letter", 0) >= 1
+        await wait_for(dead_letters_held, timeout=30, interval=1, what="dead-letter topic sizes")
     finally:
         stopped = await asyncio.to_thread(subprocess.run, [str(OPS), "stop"], env=ops_env, capture_output=True,
                                           text=True, timeout=60)
