@@ -55,7 +55,9 @@ class DeadLetterSizes:
         consumer = AIOKafkaConsumer(**options, group_id=None, client_id="bubuh-dead-letter-sizes")
         admin_started = consumer_started = False
         try:
-            while not stop.is_set():
+            # not at start-up: the consumers wait for the broker to coordinate their groups first, and
+            # the first reading has nothing to say before them
+            while not await sleep_or_stop(stop, self._interval_s):
                 try:
                     if not admin_started:
                         await admin.start()
@@ -66,7 +68,6 @@ class DeadLetterSizes:
                     await self.read(admin, consumer)
                 except Exception as exc:  # noqa: BLE001 - Kafka away: the gauges keep their last reading
                     log.warning("dead-letter topic sizes skipped", error=repr(exc))
-                await sleep_or_stop(stop, self._interval_s)
         finally:
             if consumer_started:
                 await consumer.stop()

@@ -61,4 +61,4 @@ async def workers(rt: Runtime) -> list[Task]:
             await dispatcher.run(stop)
 
     relay = Relay(pool, rt.producer, s, NAME)
-    return [consume, dispatch, mailer.run, wakeup.run, relay.run, Housekeeping(pool, s).run]
+    return [consume, dispatch, mailer.run, wakeup.run, relay.run, Housekeeping(pool, s, channels=rt.channels).run]

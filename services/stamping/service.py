@@ -112,4 +112,4 @@ async def workers(rt: Runtime) -> list[Task]:
                               handler=PerRecord(tracker.handle), pool=pool,
                               dead_letter_topic=s.topic(topics.STAMP_DLQ.name))
     relay = Relay(pool, rt.producer, s, NAME)
-    return [stamp_loop.run, track_loop.run, relay.run, signing.serve, Backlog(pool).run]
+    return [stamp_loop.run, track_loop.run, relay.run, signing.serve, Backlog(pool, rt.channels).run]

@@ -187,11 +187,19 @@ async def test_every_panel_returns_series_from_a_real_prometheus(settings, tmp_p
         # Prometheus applies new targets on a 5 s tick: the surge starts once both processes are scraped,
         # so its counters are seen from before their first increment
 
+        up: dict[str, str] = {}
+
         async def both_scraped() -> bool:
-            up = {r["metric"]["job"]: r["value"][1]
-                  for r in await asyncio.to_thread(query, prom, 'up{job=~"bubuh-.*"}')}
+            up.clear()
+            up.update({r["metric"]["job"]: r["value"][1]
+                       for r in await asyncio.to_thread(query, prom, 'up{job=~"bubuh-.*"}')})
             return up == {"bubuh-api": "1", "bubuh-stamping": "1"}
-        await wait_for(both_scraped, timeout=30, interval=0.5, what="Prometheus scraping both processes")
+        try:
+            await wait_for(both_scraped, timeout=45, interval=0.5, what="Prometheus scraping both processes")
+        except AssertionError:
+            targets = await asyncio.to_thread(prometheus_get, prom, "/api/v1/targets")
+            seen = [(t["scrapeUrl"], t["health"], t["lastError"]) for t in targets["activeTargets"]]
+            pytest.fail(f"up: {up}; targets: {seen}")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30) as api:
             await surge(settings, api, good, refusing, Db(settings))
         await wait_for(_async(lambda: refusing_hook.hits >= 2 and ok.hits >= 1), timeout=30,
