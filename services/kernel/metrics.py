@@ -48,11 +48,11 @@ HTTP_SECONDS = Histogram("bubuh_http_request_seconds", "HTTP request latency by 
 def set_snapshot(gauge: Gauge, values: dict[tuple[str, ...], float], shown: set[tuple[str, ...]]) -> None:
     """Set a labelled gauge from one complete reading (label values -> value): label sets of an earlier
     reading that are gone now show 0 rather than their last value (a drained queue reads 0, not stale)."""
-    for labels in shown - values.keys():
+    for labels in shown - set(values):
         gauge.labels(*labels).set(0)
     for labels, value in values.items():
         gauge.labels(*labels).set(value)
-    shown |= values.keys()
+    shown.update(values)        # in place: the caller keeps this set between readings
 
 
 def exposition() -> tuple[bytes, str]:
