@@ -5,7 +5,9 @@ deploy/prometheus/rules.yml (its groups evaluated every second here), and a smal
 goes through: purchases over HTTP and Kafka, a forged Kafka record (purchase dead letter), stamps over
 HTTP, an upload that is no PDF (refused at intake), a stamp without quota, a stamp request over Kafka
 whose stored request is missing (SIGNING_FAILED), one whose store cannot be read (retried, then
-dead-lettered), and a channel whose webhook endpoint refuses (failed attempts, its circuit opens).
+dead-lettered), a channel whose webhook endpoint refuses (failed attempts, its circuit opens), and at
+the end two malformed records in a row on stamp.requested: the first is dead-lettered, the second stops
+the ledger's consumer at its dead-letter limit (1 in a row here; a channel's forgeries never count).
 
 Then every PromQL query of every panel of deploy/grafana/dashboards/*.json goes to Prometheus's
 /api/v1/query with Grafana's time variables set to a window that covers the run: every bubuh_* metric
@@ -33,6 +35,7 @@ import pytest
 import yaml
 
 from loadtests import corpus
+from services.kernel import events
 from services.kernel.producer import Producer
 from services.stamping import store
 from tests.flows import (
@@ -150,6 +153,14 @@ async def surge(settings, api: httpx.AsyncClient, good: dict, refusing: dict, db
                        what="the unreadable request dead-lettered")
         await wait_for(lambda: _is(status_of(missing_id), "failed"), timeout=30,
                        what="the request without its stored request failed")
+        # last, as it stops the ledger's consumer: two malformed records in a row, in one partition
+        producer = Producer(settings)
+        await producer.start()
+        try:
+            for _ in range(2):
+                await producer.publish(events.Outgoing(missing.topic, b"poison", b"\x08\x96\x01not-an-envelope", []))
+        finally:
+            await producer.stop()
     finally:
         shutil.rmtree(unreadable_path.parent, ignore_errors=True)
 
@@ -171,7 +182,7 @@ async def test_every_panel_returns_series_from_a_real_prometheus(settings, tmp_p
                                                             refusing_hook.url))
     # as `bubuh up` runs them (services/local_processes.py), so `bubuh scrape-targets` names both
     api_proc = PlatformProcess(settings, api="all", workers="purchase,quota,notification", name="bubuh",
-                               **FAST_FAULTS)
+                               BUBUH_CONSUMER_DLQ_MAX_CONSECUTIVE=1, **FAST_FAULTS)     # the ledger stops last
     stamping = PlatformProcess(settings, api="none", workers="stamping", name="stamping-1",
                                BUBUH_METRICS_PORT=metrics_port, **FAST_FAULTS)
     ops_env = {**os.environ, "BUBUH_OPS_DIR": str(tmp_path / "ops"), "BUBUH_OPS_RULES": fast_rules(tmp_path),
@@ -244,6 +255,11 @@ async def test_every_panel_returns_series_from_a_real_prometheus(settings, tmp_p
         assert value(f'sum(bubuh_stamp_channel_completed_total{{channel="{good["channel_id"]}"}})') == 3
         assert value(f'sum(bubuh_stamp_channel_completed_total{{channel="{refusing["channel_id"]}"}})') == 2
         assert value("sum(max by (endpoint) (bubuh_webhook_circuit_state) == bool 2)") == 1
+        assert value('max(bubuh_consumer_stopped{consumer="purchase.confirmation"})') == 0
+
+        async def ledger_consumer_stopped() -> bool:
+            return value('max(bubuh_consumer_stopped{consumer="quota.ledger"})') == 1
+        await wait_for(ledger_consumer_stopped, timeout=20, interval=1, what="quota.ledger stopped by its limit")
         assert value(f'max(bubuh_webhook_channel_pending_deliveries{{channel="{refusing["channel_id"]}"}})') >= 1
         # the dead-lettered request keeps its unit reserved until replay or expiry
         assert value("max(bubuh_ledger_pending_units)") >= 1
