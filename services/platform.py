@@ -14,6 +14,7 @@ from collections.abc import Callable
 import uvicorn
 
 from services.kernel import http, logs, runtime
+from services.kernel.dead_letter_sizes import DeadLetterSizes
 from services.kernel.runtime import ConfigError, Runtime
 from services.kernel.settings import Settings
 from services.kernel.waiting import wait_or_stop
@@ -53,6 +54,8 @@ async def serve(settings: Settings, api: list[str], workers: list[str],
     try:
         for name in workers:
             tasks += await SERVICES[name].workers(rt)
+        if workers:
+            tasks.append(DeadLetterSizes(settings, workers).run)
         if api:
             routers = [await SERVICES[name].router(rt) for name in api]
             tasks.append(_http_task(rt, routers, settings.http_port))

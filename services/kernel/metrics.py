@@ -25,6 +25,10 @@ FAILURES = Counter("bubuh_failures_total", "Failures seen by consumers and doors
                    ["component", "kind", "sqlstate"])
 PAUSED_PARTITIONS = Gauge("bubuh_consumer_paused_partitions", "Partitions a consumer holds paused for an outage",
                           ["consumer"])
+DEAD_LETTER_TOPIC_RECORDS = Gauge("bubuh_dead_letter_topic_records",
+                                  "Records a dead-letter topic holds (end minus start offsets over its "
+                                  "partitions), read from Kafka by the processes running the owning service",
+                                  ["topic"])
 CONSUMER_STOPPED = Gauge("bubuh_consumer_stopped", "1 while a consumer is stopped by its dead-letter limit",
                          ["consumer", "reason"])
 CRASH_RETRIES = Counter("bubuh_consumer_crash_retries_total",
@@ -39,6 +43,16 @@ PRODUCER_RENEWALS = Counter("bubuh_kafka_producer_renewals_total",
 HTTP_REQUESTS = Counter("bubuh_http_requests_total", "HTTP requests by route and status", ["route", "status"])
 HTTP_SECONDS = Histogram("bubuh_http_request_seconds", "HTTP request latency by route", ["route"],
                          buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
+
+
+def set_snapshot(gauge: Gauge, values: dict[tuple[str, ...], float], shown: set[tuple[str, ...]]) -> None:
+    """Set a labelled gauge from one complete reading (label values -> value): label sets of an earlier
+    reading that are gone now show 0 rather than their last value (a drained queue reads 0, not stale)."""
+    for labels in shown - set(values):
+        gauge.labels(*labels).set(0)
+    for labels, value in values.items():
+        gauge.labels(*labels).set(value)
+    shown.update(values)        # in place: the caller keeps this set between readings
 
 
 def exposition() -> tuple[bytes, str]:

@@ -8,9 +8,11 @@ import time
 import asyncpg
 
 from services.kernel import logs
+from services.kernel.channels import ChannelView
+from services.kernel.metrics import set_snapshot
 from services.kernel.settings import Settings
 from services.kernel.waiting import sleep_or_stop
-from services.notification.metrics import DUE, EMAILS_DUE, SCHEDULED
+from services.notification.metrics import CHANNEL_OLDEST_SECONDS, CHANNEL_PENDING, DUE, EMAILS_DUE, SCHEDULED
 
 log = logs.get(__name__)
 
@@ -22,15 +24,22 @@ SELECT
   (SELECT count(*) FROM emails WHERE status = 'pending' AND next_attempt_at <= now()
           AND (leased_until IS NULL OR leased_until < now())) AS emails_due
 """
+_BY_CHANNEL = """
+SELECT channel_id, count(*) AS pending, extract(epoch FROM now() - min(created_at)) AS oldest_s
+  FROM deliveries WHERE status = 'pending' GROUP BY channel_id
+"""
 
 
 class Housekeeping:
     def __init__(self, pool: asyncpg.Pool, settings: Settings, interval_s: float = 2.0,
-                 retention_every_s: float = 300.0) -> None:
+                 retention_every_s: float = 300.0, channels: ChannelView | None = None) -> None:
         self._pool = pool
+        self._channels = channels      # every registered channel's backlog shows, at 0 when empty
         self._s = settings
         self._interval_s = interval_s
         self._retention_every_s = retention_every_s
+        self._shown: set[tuple[str, ...]] = set()
+        self._shown_age: set[tuple[str, ...]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         last_retention = 0.0
@@ -41,6 +50,12 @@ class Housekeeping:
                     DUE.set(row["due"])
                     SCHEDULED.set(row["scheduled"])
                     EMAILS_DUE.set(row["emails_due"])
+                    rows = await conn.fetch(_BY_CHANNEL)
+                    none = {(c.channel_id,): 0.0 for c in (self._channels.all() if self._channels else [])}
+                    set_snapshot(CHANNEL_PENDING, none | {(r["channel_id"],): r["pending"] for r in rows},
+                                 self._shown)
+                    set_snapshot(CHANNEL_OLDEST_SECONDS, none | {(r["channel_id"],): max(0.0, float(r["oldest_s"]))
+                                                                 for r in rows}, self._shown_age)
                     if time.monotonic() - last_retention >= self._retention_every_s:
                         await self.delete_old(conn)
                         last_retention = time.monotonic()

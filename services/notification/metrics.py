@@ -19,8 +19,22 @@ CIRCUIT_STATE = Gauge("bubuh_webhook_circuit_state",
 IN_FLIGHT = Gauge("bubuh_webhook_in_flight_requests", "Webhook requests in flight in this instance")
 DUE = Gauge("bubuh_webhook_due_deliveries", "Webhook deliveries due now and not leased (the due-queue depth)")
 SCHEDULED = Gauge("bubuh_webhook_scheduled_deliveries", "Webhook deliveries pending, due now or later")
+# by channel: registered channels bound the label; refreshed by housekeeping.py
+CHANNEL_PENDING = Gauge("bubuh_webhook_channel_pending_deliveries",
+                        "Webhook deliveries pending (due now or later), by channel", ["channel"])
+CHANNEL_OLDEST_SECONDS = Gauge("bubuh_webhook_channel_oldest_pending_age_seconds",
+                               "Age of the oldest pending webhook delivery, by channel", ["channel"])
 EMAILS = Counter("bubuh_emails_total", "Emails by outcome: sent, retry, abandoned", ["outcome"])
 EMAILS_DUE = Gauge("bubuh_email_due_messages", "Emails due now and not leased (the email due-queue depth)")
 NOTIFICATIONS_RECORDED = Counter("bubuh_notifications_recorded_total",
                                  "Events turned into notifications by the intake: webhook, email, "
                                  "no_webhook (channel has no URL), duplicate", ["what"])
+
+# closed sets of label values: their series exist (at 0) before the first one happens, so a
+# dashboard tells "none yet" from "not reported"
+for _outcome in ("delivered", "abandoned", "redelivery_requested"):
+    DELIVERIES.labels(_outcome)
+for _result in ("ok", "rejected", "timeout", "unreachable", "forbidden"):
+    ATTEMPTS.labels(_result)
+for _outcome in ("sent", "retry", "abandoned"):
+    EMAILS.labels(_outcome)

@@ -63,4 +63,4 @@ async def workers(rt: Runtime) -> list[Task]:
             await webhooks.run(stop)
 
     relay = Relay(pool, rt.producer, s, NAME)
-    return [consume, dispatch, emails.run, wakeup.run, relay.run, Housekeeping(pool, s).run]
+    return [consume, dispatch, emails.run, wakeup.run, relay.run, Housekeeping(pool, s, channels=rt.channels).run]

@@ -1,6 +1,13 @@
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 LEDGER_OPERATIONS = Counter("bubuh_ledger_operations_total", "Ledger operations by outcome",
                             ["operation", "outcome"])
 LEDGER_SECONDS = Histogram("bubuh_ledger_operation_seconds", "Time of one ledger transaction", ["operation"],
                            buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+PENDING_UNITS = Gauge("bubuh_ledger_pending_units", "Units reserved and neither posted nor voided yet "
+                      "(open reservations); refreshed by reservations.py")
+
+
+# refusals are what an operator watches: their series exist (at 0) before the first one happens
+for _operation in ("reserve", "commit", "release", "expire"):
+    LEDGER_OPERATIONS.labels(_operation, "refused")

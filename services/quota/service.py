@@ -6,7 +6,7 @@ Consumes: ``purchase.events`` (PurchaseConfirmed -> credit), ``stamp.requested``
 Publishes: ``quota.events`` (QuotaCredited, QuotaReserved, QuotaRejected, QuotaCommitted,
            QuotaReleased, QuotaRefused), ``quota.dead-letter``.
 Stores:   schema ``quota``: ``accounts``, ``transfers``, ``open_reservations``, inbox, outbox.
-Timers:   the expiry sweep voids reservations past their deadline.
+Timers:   the expiry sweep voids reservations past their deadline; the pending-units gauge.
 HTTP:     ``GET /v1/accounts/{account_id}/quota``.
 """
 
@@ -21,6 +21,7 @@ from services.kernel.processing.pipeline import ConsumerLoop
 from services.kernel.runtime import Runtime, Task
 from services.quota import NAME, api, ledger
 from services.quota.ledger_consumer import CONSUMER, QuotaHandlers
+from services.quota.reservations import ReservationGauges
 
 
 async def router(rt: Runtime) -> APIRouter:
@@ -37,4 +38,4 @@ async def workers(rt: Runtime) -> list[Task]:
                         handler=Transactional(pool, CONSUMER, handlers.apply, handlers.TYPES), pool=pool,
                         dead_letter_topic=s.topic(topics.QUOTA_DLQ.name))
     relay = Relay(pool, rt.producer, s, NAME)
-    return [loop.run, relay.run, handlers.run_expiry]
+    return [loop.run, relay.run, handlers.run_expiry, ReservationGauges(pool).run]

@@ -6,6 +6,16 @@ STAGE_SECONDS = Histogram("bubuh_stamp_stage_seconds", "Time spent per stage: qu
                           "reserved (reserved to signing), signing (the stamp itself)", ["stage"],
                           buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600))
 QUEUE_DEPTH = Gauge("bubuh_stamp_queue_depth_requests", "Accepted stamp requests not yet finished")
+# by channel (registered channels bound it) and status, i.e. the tier the request waits on: queued (quota),
+# reserved and stamping (the stamping workers), signed (the ledger's commit); refreshed by backlog.py
+OPEN_REQUESTS = Gauge("bubuh_stamp_open_requests", "Accepted stamp requests not yet finished, by channel and "
+                      "status: queued (waits for quota), reserved / stamping (the stamping workers), signed "
+                      "(waits for the ledger's commit)", ["channel", "status"])
+OLDEST_OPEN_SECONDS = Gauge("bubuh_stamp_oldest_open_request_age_seconds",
+                            "Age of the oldest accepted, unfinished stamp request, by channel and status",
+                            ["channel", "status"])
+CHANNEL_COMPLETED = Counter("bubuh_stamp_channel_completed_total", "Stamp requests completed, by channel "
+                            "(each channel's share of stamping)", ["channel"])
 INTAKE_REJECTED = Counter("bubuh_stamp_intake_rejected_total", "Uploads refused at intake, by code", ["code"])
 SANDBOX_OUTCOMES = Counter("bubuh_document_sandbox_tasks_total",
                            "Document work in the sandboxed children (intake, signing, verification), by outcome: "

@@ -26,6 +26,7 @@ from services.kernel.processing.pipeline import ConsumerLoop
 from services.kernel.runtime import ConfigError, Runtime, Task
 from services.kernel.settings import Settings
 from services.stamping import NAME, api, store
+from services.stamping.backlog import Backlog
 from services.stamping.http_intake import StampIntake
 from services.stamping.public_verifier import ClientRate, PublicVerifier
 from services.stamping.queue import QueueView
@@ -111,4 +112,4 @@ async def workers(rt: Runtime) -> list[Task]:
                               handler=PerRecord(tracker.handle), pool=pool,
                               dead_letter_topic=s.topic(topics.STAMP_DLQ.name))
     relay = Relay(pool, rt.producer, s, NAME)
-    return [stamp_loop.run, track_loop.run, relay.run, signing.serve]
+    return [stamp_loop.run, track_loop.run, relay.run, signing.serve, Backlog(pool, rt.channels).run]

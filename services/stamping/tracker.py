@@ -19,7 +19,7 @@ from services.kernel import errors, events, logs, outbox, topics
 from services.kernel.events import Event
 from services.kernel.settings import Settings
 from services.stamping import NAME, store
-from services.stamping.metrics import STAGE_SECONDS, STAMP_OUTCOMES
+from services.stamping.metrics import CHANNEL_COMPLETED, STAGE_SECONDS, STAMP_OUTCOMES
 from services.stamping.worker import finish_failed, terminal_event_id
 
 log = logs.get(__name__)
@@ -80,6 +80,7 @@ class StatusTracker:
             await outbox.add(conn, [events.outgoing(self._settings.topic(topics.STAMP_EVENTS.name), m.request_id,
                                                     env)])
         STAMP_OUTCOMES.labels("completed", "").inc()
+        CHANNEL_COMPLETED.labels(row["channel_id"]).inc()
         log.info("stamp completed", request_id=m.request_id, sn=row["sn"], channel_id=row["channel_id"])
 
     async def _withhold_stamp(self, event: Event, m: quota_pb2.QuotaRefused) -> None:

@@ -82,3 +82,19 @@ def test_every_catalogued_constant_is_named_after_its_code():
     assert all(name == value.code for name, value in named.items()), \
         [(n, v.code) for n, v in named.items() if n != v.code]
     assert {v.code for v in named.values()} == {e.code for e in errors.catalogue()}
+
+
+def test_a_gauge_snapshot_reads_zero_for_label_sets_that_went_away():
+    """A drained queue reads 0, not its last non-zero value (services/kernel/metrics.py set_snapshot)."""
+    from prometheus_client import CollectorRegistry, Gauge
+
+    from services.kernel.metrics import set_snapshot
+    registry = CollectorRegistry()
+    gauge = Gauge("t_open_requests", "test", ["channel"], registry=registry)
+    shown: set[tuple[str, ...]] = set()
+    set_snapshot(gauge, {("ch_a",): 3, ("ch_b",): 1}, shown)
+    set_snapshot(gauge, {("ch_b",): 2}, shown)
+    assert registry.get_sample_value("t_open_requests", {"channel": "ch_a"}) == 0
+    assert registry.get_sample_value("t_open_requests", {"channel": "ch_b"}) == 2
+    set_snapshot(gauge, {}, shown)
+    assert registry.get_sample_value("t_open_requests", {"channel": "ch_b"}) == 0

@@ -113,6 +113,7 @@ class ConsumerLoop:
                                              client_id=f"bubuh-{self.name}", max_batch=self._max_batch)
         await source.start()
         CONSUMER_STOPPED.labels(self.name, "dead_letter_limit").set(0)
+        OUTAGE_PAUSES.labels(self.name)        # at 0 from the start: "no pause yet" is not "not reported"
         log.info("consumer started", consumer=self.name, topics=self._topics, group=self._group)
         try:
             while not stop.is_set() and self.stopped_reason is None:

@@ -1,0 +1,54 @@
+"""The stamping backlog as gauges: open requests and the oldest one's age, by channel and status.
+
+``QueueView`` sets the overall depth when intake asks for a position; this reading runs on its own
+timer in the workers, so a dashboard sees where requests wait (the status names the tier: queued on
+quota, reserved / stamping on the workers, signed on the ledger's commit) and for whom, also when no
+intake call comes. One grouped query over the ``requests_open`` partial index every few seconds.
+Every registered channel (the channel view) has its series in every status, at 0 while it has nothing
+waiting there: a drained queue reads 0, and the label stays bounded by the registered channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from services.kernel import logs
+from services.kernel.channels import ChannelView
+from services.kernel.metrics import set_snapshot
+from services.kernel.waiting import sleep_or_stop
+from services.stamping.metrics import OLDEST_OPEN_SECONDS, OPEN_REQUESTS
+
+log = logs.get(__name__)
+
+STATUSES = ("queued", "reserved", "stamping", "signed")
+_OPEN = """
+SELECT channel_id, status, count(*) AS open, extract(epoch FROM now() - min(accepted_at)) AS oldest_s
+  FROM requests WHERE status IN ('queued', 'reserved', 'stamping', 'signed')
+ GROUP BY channel_id, status
+"""
+
+
+class Backlog:
+    def __init__(self, pool: asyncpg.Pool, channels: ChannelView, interval_s: float = 2.0) -> None:
+        self._pool = pool
+        self._channels = channels
+        self._interval_s = interval_s
+        self._shown: set[tuple[str, ...]] = set()
+        self._shown_age: set[tuple[str, ...]] = set()
+
+    async def read(self) -> None:
+        rows = await asyncio.wait_for(self._pool.fetch(_OPEN), 5)
+        none = {(c.channel_id, status): 0.0 for c in self._channels.all() for status in STATUSES}
+        set_snapshot(OPEN_REQUESTS, none | {(r["channel_id"], r["status"]): r["open"] for r in rows}, self._shown)
+        set_snapshot(OLDEST_OPEN_SECONDS, none | {(r["channel_id"], r["status"]): max(0.0, float(r["oldest_s"]))
+                                                  for r in rows}, self._shown_age)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.read()
+            except Exception as exc:  # noqa: BLE001 - PostgreSQL away: the gauges keep their last reading
+                log.warning("stamping backlog reading skipped", error=repr(exc))
+            await sleep_or_stop(stop, self._interval_s)
