@@ -16,7 +16,7 @@ from aiokafka.errors import KafkaError
 
 from services.contracts.bubuh.v1 import channel_pb2
 from services.kernel import errors, events, logs, sealed, topics
-from services.kernel.processing.kafka_source import build_consumer
+from services.kernel.kafka_clients import build_consumer
 from services.kernel.settings import Settings
 from services.kernel.topic_reading import TopicEnd, whole_topic
 from services.kernel.waiting import Pause, sleep_or_stop

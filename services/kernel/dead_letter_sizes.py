@@ -14,7 +14,8 @@ import asyncio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.kernel import kafka_auth, logs, topics
+from services.kernel import logs, topics
+from services.kernel.kafka_clients import build_admin, build_consumer
 from services.kernel.metrics import DEAD_LETTER_TOPIC_RECORDS
 from services.kernel.settings import Settings
 from services.kernel.waiting import sleep_or_stop
@@ -50,9 +51,8 @@ class DeadLetterSizes:
     async def run(self, stop: asyncio.Event) -> None:
         if not self._topics:
             return
-        options = kafka_auth.aiokafka_options(self._settings)
-        admin = AIOKafkaAdminClient(**options, client_id="bubuh-dead-letter-sizes")
-        consumer = AIOKafkaConsumer(**options, group_id=None, client_id="bubuh-dead-letter-sizes")
+        admin = build_admin(self._settings, client_id="bubuh-dead-letter-sizes")
+        consumer = build_consumer(self._settings, group_id=None, client_id="bubuh-dead-letter-sizes")
         admin_started = consumer_started = False
         try:
             # not at start-up: the consumers wait for the broker to coordinate their groups first, and

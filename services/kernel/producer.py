@@ -26,8 +26,9 @@ from aiokafka.errors import (
     UnknownProducerId,
 )
 
-from services.kernel import errors, kafka_auth, partitioning
+from services.kernel import errors, partitioning
 from services.kernel.events import Outgoing
+from services.kernel.kafka_clients import build_producer
 from services.kernel.metrics import PRODUCER_RENEWALS
 from services.kernel.settings import Settings
 
@@ -51,17 +52,7 @@ class Producer:
         self._timeout_s = settings.kafka_request_timeout_ms / 1000 * 2
 
     def _new(self) -> AIOKafkaProducer:
-        s = self._settings
-        return AIOKafkaProducer(
-            **kafka_auth.aiokafka_options(s),
-            client_id=self._client_id,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=s.producer_linger_ms,
-            request_timeout_ms=s.kafka_request_timeout_ms,
-            max_request_size=16 * 1024 * 1024,
-            partitioner=partitioning.partitioner,     # Kafka's default partitioner, cheaper
-        )
+        return build_producer(self._settings, client_id=self._client_id)
 
     @property
     def renewals(self) -> int:

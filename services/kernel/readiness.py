@@ -23,8 +23,9 @@ from aiokafka.errors import (
     for_code,
 )
 
-from services.kernel import kafka_auth, logs
+from services.kernel import logs
 from services.kernel.errors import ConfigError
+from services.kernel.kafka_clients import build_admin
 from services.kernel.settings import Settings
 
 log = logs.get(__name__)
@@ -68,9 +69,7 @@ async def wait_for_group_coordinator(settings: Settings, group_id: str, *, crede
     """
     timeout_s = settings.kafka_ready_timeout_s if timeout_s is None else timeout_s
     deadline = time.monotonic() + timeout_s
-    admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(settings, credential),
-                                client_id="bubuh-readiness",
-                                request_timeout_ms=settings.kafka_request_timeout_ms)
+    admin = build_admin(settings, client_id="bubuh-readiness", credential=credential)
     started = False
     waited = False
     reason = "no answer"

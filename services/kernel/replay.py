@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from services.kernel import readiness
 from services.kernel.events import Outgoing
+from services.kernel.kafka_clients import build_consumer
 from services.kernel.processing.deadletter import DLQ_CONSUMER, DLQ_MARKER, DLQ_REASON, DLQ_SOURCE
-from services.kernel.processing.kafka_source import build_consumer
 from services.kernel.processing.pipeline import HEADER_ATTEMPT, HEADER_CRASH_ATTEMPT, HEADER_REPLAY, HEADER_RETRY_FOR
 from services.kernel.producer import Producer
 from services.kernel.settings import Settings

@@ -13,7 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
-from services.kernel import kafka_auth
+from services.kernel.kafka_clients import build_admin
 from services.kernel.settings import Settings
 
 
@@ -74,8 +74,7 @@ async def ensure(settings: Settings, topics: tuple[Topic, ...] = ALL, *, as_admi
     On a secured broker only the admin principal (``as_admin=True``, as ``bubuh kafka setup`` runs it) may
     create the catalogue's topics; a service finding them all present creates nothing.
     """
-    admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(settings, admin=as_admin),
-                                request_timeout_ms=settings.kafka_request_timeout_ms)
+    admin = build_admin(settings, client_id="bubuh-topics", as_admin=as_admin)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -123,8 +122,7 @@ async def ensure(settings: Settings, topics: tuple[Topic, ...] = ALL, *, as_admi
 async def create_and_wait(settings: Settings, wanted: list[NewTopic], timeout_s: float = 30.0) -> None:
     """Create the topics of ``wanted`` that do not exist yet, and return once the broker describes
     every one with its partitions (for a client that checks partition counts at its first record)."""
-    admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(settings),
-                                request_timeout_ms=settings.kafka_request_timeout_ms)
+    admin = build_admin(settings, client_id="bubuh-topics")
     await admin.start()
     try:
         existing = set(await admin.list_topics())

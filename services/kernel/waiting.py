@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
+
+from services.kernel import logs
+
+log = logs.get(__name__)
 
 
 class Pause:
@@ -32,6 +37,18 @@ async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
     return stop.is_set()
+
+
+async def every(stop: asyncio.Event, interval_s: float, step: Callable[[], Awaitable[None]], what: str) -> None:
+    """``step()`` now and then every ``interval_s`` until ``stop``: a periodic reading (gauges from
+    PostgreSQL, housekeeping). A failure (a dependency away) is one warning, ``<what> skipped``, and
+    the next round comes anyway; gauges keep their last reading meanwhile."""
+    while not stop.is_set():
+        try:
+            await step()
+        except Exception as exc:  # noqa: BLE001 - the next round tries again
+            log.warning(f"{what} skipped", error=repr(exc))
+        await sleep_or_stop(stop, interval_s)
 
 
 async def wait_any(stop: asyncio.Event, other: asyncio.Event, timeout: float) -> None:

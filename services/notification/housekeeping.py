@@ -7,14 +7,11 @@ import time
 
 import asyncpg
 
-from services.kernel import logs
 from services.kernel.channels import ChannelView
 from services.kernel.metrics import set_snapshot
 from services.kernel.settings import Settings
-from services.kernel.waiting import sleep_or_stop
+from services.kernel.waiting import every
 from services.notification.metrics import CHANNEL_OLDEST_SECONDS, CHANNEL_PENDING, DUE, EMAILS_DUE, SCHEDULED
-
-log = logs.get(__name__)
 
 _COUNTS = """
 SELECT
@@ -40,28 +37,25 @@ class Housekeeping:
         self._retention_every_s = retention_every_s
         self._shown: set[tuple[str, ...]] = set()
         self._shown_age: set[tuple[str, ...]] = set()
+        self._last_retention = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
-        last_retention = 0.0
-        while not stop.is_set():
-            try:
-                async with self._pool.acquire() as conn:
-                    row = await conn.fetchrow(_COUNTS)
-                    DUE.set(row["due"])
-                    SCHEDULED.set(row["scheduled"])
-                    EMAILS_DUE.set(row["emails_due"])
-                    rows = await conn.fetch(_BY_CHANNEL)
-                    none = {(c.channel_id,): 0.0 for c in (self._channels.all() if self._channels else [])}
-                    set_snapshot(CHANNEL_PENDING, none | {(r["channel_id"],): r["pending"] for r in rows},
-                                 self._shown)
-                    set_snapshot(CHANNEL_OLDEST_SECONDS, none | {(r["channel_id"],): max(0.0, float(r["oldest_s"]))
-                                                                 for r in rows}, self._shown_age)
-                    if time.monotonic() - last_retention >= self._retention_every_s:
-                        await self.delete_old(conn)
-                        last_retention = time.monotonic()
-            except Exception as exc:  # noqa: BLE001 - PostgreSQL away: next tick
-                log.warning("notification housekeeping skipped", error=repr(exc))
-            await sleep_or_stop(stop, self._interval_s)
+        await every(stop, self._interval_s, self.tick, "notification housekeeping")
+
+    async def tick(self) -> None:
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(_COUNTS)
+            DUE.set(row["due"])
+            SCHEDULED.set(row["scheduled"])
+            EMAILS_DUE.set(row["emails_due"])
+            rows = await conn.fetch(_BY_CHANNEL)
+            none = {(c.channel_id,): 0.0 for c in (self._channels.all() if self._channels else [])}
+            set_snapshot(CHANNEL_PENDING, none | {(r["channel_id"],): r["pending"] for r in rows}, self._shown)
+            set_snapshot(CHANNEL_OLDEST_SECONDS, none | {(r["channel_id"],): max(0.0, float(r["oldest_s"]))
+                                                         for r in rows}, self._shown_age)
+            if time.monotonic() - self._last_retention >= self._retention_every_s:
+                await self.delete_old(conn)
+                self._last_retention = time.monotonic()
 
     async def delete_old(self, conn: asyncpg.Connection) -> None:
         keep = self._s.notification_retention_s

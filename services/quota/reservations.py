@@ -11,11 +11,8 @@ import asyncio
 
 import asyncpg
 
-from services.kernel import logs
-from services.kernel.waiting import sleep_or_stop
+from services.kernel.waiting import every
 from services.quota.metrics import PENDING_UNITS
-
-log = logs.get(__name__)
 
 _PENDING = """
 SELECT count(*) AS units FROM open_reservations
@@ -32,9 +29,4 @@ class ReservationGauges:
         PENDING_UNITS.set(row["units"])
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.read()
-            except Exception as exc:  # noqa: BLE001 - PostgreSQL away: the gauges keep their last reading
-                log.warning("reservation gauges skipped", error=repr(exc))
-            await sleep_or_stop(stop, self._interval_s)
+        await every(stop, self._interval_s, self.read, "reservation gauges")

@@ -14,13 +14,10 @@ import asyncio
 
 import asyncpg
 
-from services.kernel import logs
 from services.kernel.channels import ChannelView
 from services.kernel.metrics import set_snapshot
-from services.kernel.waiting import sleep_or_stop
+from services.kernel.waiting import every
 from services.stamping.metrics import OLDEST_OPEN_SECONDS, OPEN_REQUESTS
-
-log = logs.get(__name__)
 
 STATUSES = ("queued", "reserved", "stamping", "signed")
 _OPEN = """
@@ -46,9 +43,4 @@ class Backlog:
                                                   for r in rows}, self._shown_age)
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.read()
-            except Exception as exc:  # noqa: BLE001 - PostgreSQL away: the gauges keep their last reading
-                log.warning("stamping backlog reading skipped", error=repr(exc))
-            await sleep_or_stop(stop, self._interval_s)
+        await every(stop, self._interval_s, self.read, "stamping backlog reading")

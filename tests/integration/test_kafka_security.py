@@ -36,7 +36,7 @@ async def _producer(settings, credential, **extra) -> AIOKafkaProducer:
 
 async def _end_offsets(settings, *names: str) -> dict[str, int]:
     """As the platform principal (which may read every topic of this test)."""
-    from services.kernel.processing.kafka_source import build_consumer
+    from services.kernel.kafka_clients import build_consumer
     consumer = build_consumer(settings, group_id=None, client_id="security-probe")
     await consumer.start()
     try:
@@ -110,7 +110,7 @@ async def test_a_channel_credential_writes_purchase_submitted_and_nothing_else(s
 
 
 async def test_a_channel_credential_cannot_read(settings, channel):
-    from services.kernel.processing.kafka_source import build_consumer
+    from services.kernel.kafka_clients import build_consumer
     credential = (channel["kafka_username"], channel["kafka_password"])
     consumer = build_consumer(settings, settings.topic(topics.PURCHASE_EVENTS.name), group_id=None,
                               client_id="channel-reader", credential=credential)
@@ -223,7 +223,7 @@ async def test_the_monitor_principal_sees_lag_and_can_read_or_join_nothing(setti
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.errors import GroupAuthorizationFailedError
 
-    from services.kernel.processing.kafka_source import build_consumer
+    from services.kernel.kafka_clients import build_consumer
 
     admin = stack.access_admin()
     await topics.ensure(settings)

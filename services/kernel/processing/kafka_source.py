@@ -20,7 +20,8 @@ from aiokafka.errors import (
     UnsupportedCodecError,
 )
 
-from services.kernel import kafka_auth, logs, readiness
+from services.kernel import logs, readiness
+from services.kernel.kafka_clients import build_consumer
 from services.kernel.processing.source import Polled, Record, Undecodable
 from services.kernel.settings import Settings
 
@@ -28,34 +29,6 @@ log = logs.get(__name__)
 
 LOG_APPEND_TIME = 1      # a record's timestamp_type when the broker stamped it
 _DECODE_ERRORS = (UnsupportedCodecError, CorruptRecordException)
-
-
-def build_consumer(settings: Settings, *topics: str, group_id: str | None, client_id: str,
-                   max_poll_records: int = 500, credential: tuple[str, str] | None = None,
-                   **overrides) -> AIOKafkaConsumer:
-    """Every Kafka consumer of the platform is built here (one place for its settings and credentials)."""
-    options = dict(
-        **kafka_auth.aiokafka_options(settings, credential),
-        group_id=group_id,
-        client_id=client_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_poll_records=max_poll_records,
-        request_timeout_ms=settings.kafka_request_timeout_ms * 2,
-        session_timeout_ms=10_000,
-        heartbeat_interval_ms=2_000,
-        max_poll_interval_ms=300_000,
-        metadata_max_age_ms=30_000,
-        # let a fetch gather up to consumer_fetch_min_bytes (64 KiB) for at most
-        # consumer_fetch_max_wait_ms (100 ms): under load, batches (one transaction each) grow
-        # instead of the consumer committing a transaction per handful of records, and a consumer
-        # that keeps up fetches a few times a second, not fifty (at 20 ms the fetches were most of
-        # the notification intake's CPU); the price is at most that wait per hop while traffic is light
-        fetch_min_bytes=settings.consumer_fetch_min_bytes,
-        fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
-    )
-    options.update(overrides)
-    return AIOKafkaConsumer(*topics, **options)
 
 
 async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> set[int] | None:

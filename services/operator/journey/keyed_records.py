@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from aiokafka import TopicPartition
 
+from services.kernel.kafka_clients import build_consumer
 from services.kernel.partitioning import partitioner
-from services.kernel.processing.kafka_source import build_consumer, partitions_of
+from services.kernel.processing.kafka_source import partitions_of
 from services.kernel.settings import Settings
 
 
