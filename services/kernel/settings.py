@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # --- process ---
     # uvloop: libuv's loop, for `bubuh serve` (kernel/event_loop.py); asyncio: the standard library's
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    # the cyclic garbage collector's youngest generation for `bubuh serve` (kernel/event_loop.tune_gc);
+    # 0: Python's default (700)
+    gc_gen0_threshold: int = 50_000
 
     # --- Kafka behaviour ---
     default_partitions: int = 4

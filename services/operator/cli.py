@@ -39,6 +39,7 @@ def cmd_serve(args) -> None:
         def ready() -> None:
             with open(args.ready_file, "w") as fh:
                 fh.write("ready\n")
+    event_loop.tune_gc(s.gc_gen0_threshold)
     event_loop.run(platform.serve(s, api, workers, on_ready=ready), s.event_loop)
 
 
