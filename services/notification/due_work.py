@@ -66,6 +66,13 @@ RETURNING {key} AS key, channel_id, event_id, event_type, {target} AS target, at
           first_attempt_at, last_attempt_at, horizon_at
 """
 
+# a row due again now, attempts counted afresh, with a new horizon ($2 seconds): a redelivery a
+# channel asks for, or a replay of an abandoned one (deliveries.py)
+DUE_AGAIN = """
+UPDATE {table} SET status = 'pending', next_attempt_at = now(), attempts = 0,
+       horizon_at = now() + make_interval(secs => $2), leased_until = NULL, lease_token = NULL
+WHERE {key} = $1"""
+
 _HAND_BACK = """
 UPDATE {table} SET leased_until = NULL, lease_token = NULL
 WHERE {key} = ANY($1::text[]) AND lease_token = ANY($2::text[])

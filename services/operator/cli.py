@@ -166,7 +166,7 @@ def cmd_replay(args) -> None:
     s = _settings()
     settler = None
     if args.topic == topics.NOTIFICATION_DLQ.name:   # abandoned deliveries: due again (the notification's code)
-        from services.notification.deadletter import Redelivery
+        from services.notification.deliveries import Redelivery
         settler = Redelivery(s)
     result = replay.run(s, args.topic, key=args.key, reason=args.reason, dry_run=args.dry_run,
                         from_start=args.from_start, settler=settler)
