@@ -33,7 +33,12 @@ DEVCA  := .local/keys/issuer-rsa2048.p12
 $(DEVCA): | $(VENV)/.installed $(GEN)
 	$(BUBUH) keys dev-ca --if-missing
 
-setup: $(VENV)/.installed $(GEN) $(DEVCA) ## virtualenv in .venv, generated protobuf code, dev signing keys (idempotent)
+DEVPKI := .local/pki/signer.p12
+
+$(DEVPKI): | $(VENV)/.installed $(GEN)
+	$(BUBUH) keys dev-pki --if-missing
+
+setup: $(VENV)/.installed $(GEN) $(DEVCA) $(DEVPKI) ## virtualenv in .venv, generated protobuf code, dev signing keys and test PKI (idempotent)
 
 proto: $(GEN) ## generate Python code from proto/ (never edit the output)
 
@@ -58,11 +63,11 @@ contract-baseline: $(BUF) ## rewrite proto/baseline.binpb from proto/: only for 
 system-packages: ## Debian packages the platform and its tests use (PostgreSQL, poppler, NSS tools, SoftHSM2)
 	deploy/local/system-packages.sh
 
-up: setup ## start Kafka, PostgreSQL and the platform in the background; returns when healthy
+up: setup ## start Kafka, PostgreSQL, the test PKI (CRL, OCSP, TSA) and the platform in the background; returns when healthy
 	$(STACK) up
 	$(BUBUH) up
 
-down: ## stop the platform, Kafka and PostgreSQL
+down: ## stop the platform, the test PKI, Kafka and PostgreSQL
 	-@test -x $(BUBUH) && $(BUBUH) down
 	$(STACK) down
 
