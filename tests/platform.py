@@ -33,6 +33,8 @@ def env_for(settings: Settings, **extra) -> dict[str, str]:
         "BUBUH_DEFAULT_PARTITIONS": str(settings.default_partitions),
         "BUBUH_WEBHOOK_LOCAL_MODE": str(settings.webhook_local_mode).lower(),
         "BUBUH_WEBHOOK_HOSTS": settings.webhook_hosts,
+        "BUBUH_PADES_LEVEL": settings.pades_level,
+        "BUBUH_SIGNING_P12_PATH": settings.signing_p12_path,
     })
     env.update({k: str(v) for k, v in extra.items()})
     return env

@@ -6,6 +6,9 @@ STAGE_SECONDS = Histogram("bubuh_stamp_stage_seconds", "Time spent per stage: qu
                           "reserved (reserved to signing), signing (the stamp itself)", ["stage"],
                           buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600))
 QUEUE_DEPTH = Gauge("bubuh_stamp_queue_depth_requests", "Accepted stamp requests not yet finished")
+SIGNING_CERT_REVOKED = Gauge("bubuh_signing_certificate_revoked",
+                             "1 while this worker's signing certificate is reported revoked (it stamps nothing), "
+                             "else 0")
 INTAKE_REJECTED = Counter("bubuh_stamp_intake_rejected_total", "Uploads refused at intake, by code", ["code"])
 SANDBOX_OUTCOMES = Counter("bubuh_document_sandbox_tasks_total",
                            "Document work in the sandboxed children (intake, signing, verification), by outcome: "

@@ -123,6 +123,9 @@ class SignatureReport:
     revision: int = 0  # 1-based revision of the file this signature was added in (0: unknown)
     after_level: str | None = None  # stamps: STAMP_DIFF_POLICY's level for what follows (NONE, LTA_UPDATES...)
     findings: tuple[Finding, ...] = ()  # why it does not vouch for the document; empty when it does
+    # stamps: sha256 of the file as it ended at each of the next few revisions. A B-LT stamp is delivered
+    # with its DSS (and a B-LTA one with its document time-stamp) appended: the delivered file is one of these
+    later_revision_sha256s: tuple[str, ...] = ()
 
     @property
     def modified_after(self) -> bool:
@@ -256,9 +259,30 @@ def verify(data: bytes, trust_roots: Iterable, *, allow_fetching: bool = False) 
             revision=sig.signed_revision + 1,
             after_level=after_level,
             findings=tuple(findings),
+            later_revision_sha256s=_later_revision_hashes(data, revision_end) if sn is not None else (),
         ))
     return VerificationReport(sha256=hashlib.sha256(data).hexdigest(), signatures=tuple(reports),
                               revisions=reader.xrefs.total_revisions)
+
+
+_LATER_REVISIONS = 3  # a B-LTA stamp is followed by its DSS and its document time-stamp; bounded for hostile files
+
+
+def _later_revision_hashes(data: bytes, revision_end: int) -> tuple[str, ...]:
+    """sha256 of ``data`` cut at the end of each of the next revisions after ``revision_end``."""
+    out, at = [], revision_end
+    while len(out) < _LATER_REVISIONS:
+        eof = data.find(b"%%EOF", at)
+        if eof < 0:
+            break
+        end = eof + 5
+        if data[end:end + 2] == b"\r\n":
+            end += 2
+        elif data[end:end + 1] in (b"\n", b"\r"):
+            end += 1
+        out.append(hashlib.sha256(data[:end]).hexdigest())
+        at = end
+    return tuple(out)
 
 
 def _bytes_after_last_eof(data: bytes) -> int:
