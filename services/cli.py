@@ -133,6 +133,19 @@ def _dev_pki(args) -> None:
     print("  test keys only: never use them for real stamps")
 
 
+def cmd_renew_timestamps(args) -> None:
+    import asyncio
+
+    from services.stamping import archive
+    done = asyncio.run(archive.renew_stored(_settings(), args.within_days, dry_run=args.dry_run))
+    due = [r for r in done if r.expires is not None and (r.renewed or args.dry_run)]
+    for r in done:
+        state = "renewed" if r.renewed else ("due" if r in due else "ok")
+        print(f"{r.request_id}  time-stamp certificate expires {r.expires.isoformat() if r.expires else '-'}  {state}")
+    print(f"{len(done)} stored stamps, {sum(r.renewed for r in done)} renewed"
+          + (f", {len(due)} due (dry run)" if args.dry_run else ""))
+
+
 def cmd_replay(args) -> None:
     from services.kernel import replay
     result = replay.run(_settings(), args.topic, key=args.key, reason=args.reason, dry_run=args.dry_run,
@@ -202,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--key-type", nargs="+", default=["rsa2048"], choices=["rsa2048", "p256"])
     sp.add_argument("--if-missing", action="store_true", help="dev-ca, dev-pki: keep an existing one")
     sp.set_defaults(func=cmd_keys)
+
+    sp = sub.add_parser("renew-timestamps",
+                        help="add an archive time-stamp (PAdES B-LTA) to stored stamps whose last time-stamp's "
+                             "certificate expires soon")
+    sp.add_argument("--within-days", type=float, default=365.0,
+                    help="renew when that certificate expires within this many days (default 365)")
+    sp.add_argument("--dry-run", action="store_true", help="list what is due, change nothing")
+    sp.set_defaults(func=cmd_renew_timestamps)
 
     sp = sub.add_parser("replay", help="send dead-lettered records back to their source topic")
     sp.add_argument("topic", help="a dead-letter topic, e.g. stamp.dead-letter")

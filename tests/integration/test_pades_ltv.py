@@ -4,6 +4,7 @@ a real OCSP responder and a real RFC 3161 TSA on 127.0.0.1, certificates that na
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import io
 import urllib.request
 
@@ -17,6 +18,7 @@ from loadtests import corpus
 from services.kernel import errors
 from services.kernel.errors import BubuhError
 from services.kernel.settings import Settings
+from services.stamping import archive
 from services.stamping.document import verification
 from services.stamping.serial import SerialIssuer
 from services.stamping.signing import dev_pki, keys
@@ -151,6 +153,27 @@ def test_b_lta_adds_a_document_time_stamp_over_signature_and_dss(pki, anchor):
     assert stamp.ok and not stamp.findings, stamp.findings
 
 
+def test_renewing_the_archive_time_stamp_adds_one_over_the_last_ones_validation_data(pki, anchor):
+    from pyhanko.pdf_utils.reader import PdfFileReader
+
+    eng = engine(pki, "b-lta")
+    try:
+        out = eng.stamp(corpus.a4_text(2), request())
+    finally:
+        eng.close()
+    expires = archive.last_timestamp_expiry(out)
+    assert expires is not None and expires > dt.datetime.now(dt.UTC)
+    renewed = asyncio.run(archive.renew(out, pki.tsa_url, [pki.trust_anchor]))
+    assert renewed.startswith(out)
+    reader = PdfFileReader(io.BytesIO(renewed))
+    assert [s.sig_object_type for s in reader.embedded_signatures] == ["/Sig", "/DocTimeStamp", "/DocTimeStamp"]
+    assert _validate_offline(renewed, anchor).bottom_line
+    (stamp,) = verification.verify(renewed, [pki.trust_anchor]).stamps
+    assert stamp.ok and not stamp.findings, stamp.findings
+    import hashlib
+    assert hashlib.sha256(out).hexdigest() in stamp.later_revision_sha256s  # the delivered file is a prefix
+
+
 def test_a_revoked_signing_certificate_stops_stamping_before_any_time_stamp(pki):
     eng = engine(pki, "b-lt", p12=pki.revoked_signer_p12)
     try:
@@ -215,12 +238,23 @@ async def test_the_platform_stamps_at_b_lt_by_default(settings, pki, anchor):
             assert done["status"] == "completed", done
             pdf = (await api.get(f"/v1/stamps/{r.json()['request_id']}/document", headers=auth(channel))).content
             verdict = (await api.post("/v1/verify", files={"file": ("x.pdf", pdf, "application/pdf")})).json()
+            assert verdict["valid"] is True, verdict
+            assert verdict["stamps"][0]["timestamp_trusted"] is True
+            assert len(_dss(pdf).ocsps) >= 1
+            assert await asyncio.to_thread(lambda: _validate_offline(pdf, anchor).bottom_line)
+
+            # `bubuh renew-timestamps`: nothing due within a day; everything due within the TSA's lifetime
+            s_roots = s.model_copy(update={"trust_roots": str(pki.trust_anchor)})
+            assert not any(x.renewed for x in await archive.renew_stored(s_roots, 1))
+            (renewal,) = [x for x in await archive.renew_stored(s_roots, 100_000)
+                          if x.request_id == r.json()["request_id"]]
+            assert renewal.renewed
+            renewed = (await api.get(f"/v1/stamps/{r.json()['request_id']}/document", headers=auth(channel))).content
+            assert renewed.startswith(pdf) and len(renewed) > len(pdf)
+            again = (await api.post("/v1/verify", files={"file": ("x.pdf", renewed, "application/pdf")})).json()
+            assert again["valid"] is True, again
     finally:
         await proc.stop()
-    assert verdict["valid"] is True, verdict
-    assert verdict["stamps"][0]["timestamp_trusted"] is True
-    assert len(_dss(pdf).ocsps) >= 1
-    assert await asyncio.to_thread(lambda: _validate_offline(pdf, anchor).bottom_line)
 
 
 async def test_a_revoked_signing_certificate_holds_every_stamp_and_raises_the_alert(settings, pki):
