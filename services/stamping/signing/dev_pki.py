@@ -152,7 +152,7 @@ def _config(port: int, now: _dt.datetime) -> dict:
                     "issuing": {"for-issuer": "issuing", "signing-key": "issuing", "simulated-update-schedule": "P1D"},
                 },
                 "cert-repo": {"root": {"for-issuer": "root", "publish-issued-certs": True}},
-                "time-stamping": {"tsa": {"signing-key": "tsa", "signing-cert": "tsa", "certs-to-embed": ["root"]}},
+                "time-stamping": {"tsa": {"signing-key": "tsa", "signing-cert": "tsa"}},
             },
         }},
     }
