@@ -111,6 +111,7 @@ def test_b_lt_stamp_carries_the_chains_validation_data_after_the_signature(pki, 
     finally:
         eng.close()
     assert out.startswith(data)
+    assert verification.pades_level(out) == "B-LT"
     dss = _dss(out)
     names = {c.subject.native["common_name"] for c in dss.load_certs()}
     assert {"Bubuh Dev e-Meterai Issuer", "Bubuh Dev Issuing CA", "Bubuh Dev Time-Stamp Authority"} <= names
@@ -148,6 +149,7 @@ def test_b_lta_adds_a_document_time_stamp_over_signature_and_dss(pki, anchor):
     reader = PdfFileReader(io.BytesIO(out))
     kinds = [s.sig_object_type for s in reader.embedded_signatures]
     assert kinds == ["/Sig", "/DocTimeStamp"]
+    assert verification.pades_level(out) == "B-LTA"
     assert _validate_offline(out, anchor).bottom_line
     (stamp,) = verification.verify(out, [pki.trust_anchor]).stamps
     assert stamp.ok and not stamp.findings, stamp.findings

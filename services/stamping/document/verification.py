@@ -265,6 +265,40 @@ def verify(data: bytes, trust_roots: Iterable, *, allow_fetching: bool = False) 
                               revisions=reader.xrefs.total_revisions)
 
 
+def pades_level(data: bytes) -> str:
+    """The PAdES baseline level of the file's last e-Meterai, by what it carries: "B-B" (signature only),
+    "B-T" (a signature time-stamp), "B-LT" (and a DSS after it), "B-LTA" (and a document time-stamp
+    after that); "" when there is no stamp. What it carries, not whether it validates (``verify``)."""
+    from pyhanko.pdf_utils.reader import PdfFileReader
+    from pyhanko.sign.validation.generic_cms import extract_tst_data_iter
+
+    reader = PdfFileReader(io.BytesIO(data))
+    sigs = reader.embedded_signatures
+    stamps = [s for s in sigs
+              if s.sig_object_type == "/Sig" and _REASON_SN.match(_text(s.sig_object.get("/Reason")) or "")]
+    if not stamps:
+        return ""
+    stamp = stamps[-1]
+    if next(extract_tst_data_iter(stamp.signer_info, signed=False), None) is None:
+        return "B-B"
+    if not _dss_after(reader, stamp.signed_revision):
+        return "B-T"
+    later_ts = [s for s in sigs if s.sig_object_type == "/DocTimeStamp" and s.signed_revision > stamp.signed_revision]
+    return "B-LTA" if later_ts else "B-LT"
+
+
+def _dss_after(reader, revision: int) -> bool:
+    """A DSS written in a revision after ``revision`` (an applicant's earlier one does not count)."""
+    from pyhanko.pdf_utils import generic
+
+    if "/DSS" not in reader.root:
+        return False
+    ref = reader.root.raw_get("/DSS")
+    if isinstance(ref, generic.IndirectObject):
+        return reader.xrefs.get_last_change(ref.reference) > revision
+    return True
+
+
 _LATER_REVISIONS = 3  # a B-LTA stamp is followed by its DSS and its document time-stamp; bounded for hostile files
 
 
