@@ -85,7 +85,7 @@ def validate(pdf: bytes, trust_anchor: Path, *, at: datetime | None = None) -> D
     with tempfile.TemporaryDirectory(prefix="bubuh-dss-") as tmp:
         path = Path(tmp) / "document.pdf"
         path.write_bytes(pdf)
-        args = [str(path), str(trust_anchor)] + ([at.strftime("%Y-%m-%dT%H:%M:%SZ")] if at else [])
+        args = [str(path), str(Path(trust_anchor).resolve())] + ([at.strftime("%Y-%m-%dT%H:%M:%SZ")] if at else [])
         done = subprocess.run(["java", "-Xmx512m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC",
                                "-cp", f"{root / 'classes'}:{root / 'libs'}/*", "DssValidate", *args],
                               capture_output=True, text=True, timeout=300, cwd=tmp)

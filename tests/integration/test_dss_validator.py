@@ -75,3 +75,35 @@ def test_b_lta_still_passes_after_the_signing_certificate_expired(pki, validator
     # while the signer's certificate was valid, and the DSS says it was not revoked then
     lt = dss.validate(stamp(pki, "b-lt", corpus.a4_text(6)), pki.trust_anchor, at=later)
     assert (lt.signatures[0].indication, lt.signatures[0].format) == ("TOTAL_PASSED", "PAdES-BASELINE-LT"), lt.raw
+
+
+def _annotated() -> bytes:
+    """A letter with a link and a note on its page (annotations our stamp's update must leave alone)."""
+    import io
+
+    import pikepdf
+
+    pdf = pikepdf.open(io.BytesIO(corpus.a4_text(7)))
+    page = pdf.pages[0]
+    page.obj["/Annots"] = pdf.make_indirect(pikepdf.Array([
+        pdf.make_indirect(pikepdf.Dictionary(Type=pikepdf.Name.Annot, Subtype=pikepdf.Name.Link,
+                                             Rect=[72, 700, 300, 720], Border=[0, 0, 0],
+                                             A=pikepdf.Dictionary(S=pikepdf.Name.URI, URI="https://example.org"))),
+        pdf.make_indirect(pikepdf.Dictionary(Type=pikepdf.Name.Annot, Subtype=pikepdf.Name.Text,
+                                             Rect=[400, 700, 420, 720], Contents="catatan")),
+    ]))
+    out = io.BytesIO()
+    pdf.save(out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("make", [lambda: corpus.form_with_fields(20), _annotated], ids=["form", "annotations"])
+def test_dss_sees_no_modification_beyond_our_signature_field(pki, validator, make):
+    """Signed by the applicant first: DSS judges what our update changed after their signature."""
+    signed = corpus.presigned(33, base=make()).data
+    (applicant,) = dss.validate(signed, pki.trust_anchor).signatures
+    report = dss.validate(stamp(pki, "b-lt", signed), pki.trust_anchor)
+    first, ours = report.signatures
+    assert (first.indication, first.subindication) == (applicant.indication, applicant.subindication), report.raw
+    assert (ours.indication, ours.format) == ("TOTAL_PASSED", "PAdES-BASELINE-LT"), report.raw
+    assert not report.modifications, report.raw
