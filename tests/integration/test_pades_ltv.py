@@ -292,3 +292,15 @@ async def test_a_revoked_signing_certificate_holds_every_stamp_and_raises_the_al
     finally:
         await worker.stop()
         await front.stop()
+
+
+@pytest.mark.parametrize("update, says", [
+    ({"pades_level": "b-lt", "signing_tsa_url": ""}, "needs a time-stamp authority"),
+    ({"pades_level": "b-x"}, "BUBUH_PADES_LEVEL"),
+])
+def test_a_level_the_settings_cannot_deliver_stops_the_worker_at_start(update, says):
+    from services.stamping.service import signer_config
+
+    with pytest.raises(Exception, match=says) as caught:
+        signer_config(Settings().model_copy(update=update))
+    assert type(caught.value).__name__ == "ConfigError"
