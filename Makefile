@@ -36,7 +36,12 @@ DEVCA  := .local/keys/issuer-rsa2048.p12
 $(DEVCA): | $(VENV)/.installed $(GEN)
 	$(BUBUH) keys dev-ca --if-missing
 
-setup: $(VENV)/.installed $(GEN) $(DEVCA) ## virtualenv in .venv, generated protobuf code, dev signing keys (idempotent)
+DEVPKI := .local/pki/signer.p12
+
+$(DEVPKI): | $(VENV)/.installed $(GEN)
+	$(BUBUH) keys dev-pki --if-missing
+
+setup: $(VENV)/.installed $(GEN) $(DEVCA) $(DEVPKI) ## virtualenv in .venv, generated protobuf code, dev signing keys and test PKI (idempotent)
 
 proto: $(GEN) ## generate Python code from proto/ (never edit the output)
 
@@ -61,7 +66,7 @@ contract-baseline: $(BUF) ## rewrite proto/baseline.binpb from proto/: only for 
 system-packages: ## Debian packages the platform and its tests use (PostgreSQL, poppler, NSS tools, SoftHSM2)
 	deploy/local/system-packages.sh
 
-up: setup ## start Kafka (SASL/SCRAM + ACLs, credentials in .local/kafka/credentials), PostgreSQL and the platform in the background; OPS=1 also Prometheus + Alertmanager
+up: setup ## start Kafka (SASL/SCRAM + ACLs, credentials in .local/kafka/credentials), PostgreSQL, the test PKI (CRL, OCSP, TSA) and the platform in the background; OPS=1 also Prometheus + Alertmanager
 	$(STACK) up
 	$(BUBUH) up
 	$(if $(filter 1 yes true,$(OPS)),$(OPS_SH) start)
@@ -74,7 +79,7 @@ rules: ## promtool check rules + the alert unit tests (deploy/prometheus/rules.t
 	promtool check rules $(RULES)
 	promtool test rules deploy/prometheus/rules.test.yml
 
-down: ## stop Prometheus + Alertmanager, the platform, Kafka and PostgreSQL
+down: ## stop Prometheus + Alertmanager, the platform, the test PKI, Kafka and PostgreSQL
 	$(OPS_SH) stop
 	-@test -x $(BUBUH) && $(BUBUH) down
 	$(STACK) down

@@ -111,8 +111,8 @@ class Presigned:
     field_name: str
 
 
-def presigned(seed: int = 0, key_type: str = "rsa2048") -> Presigned:
-    """An A4 letter already signed by an "applicant" (CPNS asks applicants to sign first).
+def presigned(seed: int = 0, key_type: str = "rsa2048", base: bytes | None = None) -> Presigned:
+    """An A4 letter (or ``base``) already signed by an "applicant" (CPNS asks applicants to sign first).
 
     The applicant key and CA are generated here, separate from the issuer's dev CA, so a
     test can tell the two signatures apart and check that ours leaves theirs valid.
@@ -130,7 +130,7 @@ def presigned(seed: int = 0, key_type: str = "rsa2048") -> Presigned:
     )
     applicant = Pkcs12Key(key, to_asn1_cert(cert), (to_asn1_cert(ca_cert),),
                           "rsa" if key_type == "rsa2048" else "ec")
-    writer = IncrementalPdfFileWriter(io.BytesIO(a4_text(seed)))
+    writer = IncrementalPdfFileWriter(io.BytesIO(base if base is not None else a4_text(seed)))
     out = signers.PdfSigner(
         signers.PdfSignatureMetadata(field_name="Pelamar", reason="Saya menyetujui isi dokumen ini",
                                      md_algorithm="sha256"),

@@ -35,6 +35,8 @@ def env_for(settings: Settings, **extra) -> dict[str, str]:
         "BUBUH_KAFKA_SASL_MECHANISM": settings.kafka_sasl_mechanism,
         "BUBUH_WEBHOOK_LOCAL_MODE": str(settings.webhook_local_mode).lower(),
         "BUBUH_WEBHOOK_HOSTS": settings.webhook_hosts,
+        "BUBUH_PADES_LEVEL": settings.pades_level,
+        "BUBUH_SIGNING_P12_PATH": settings.signing_p12_path,
     })
     if settings.kafka_security_protocol.upper() != "PLAINTEXT":
         # resolved here: a child may get a BUBUH_LOCAL_DIR of its own, without the stack's credential files

@@ -189,6 +189,10 @@ def isolated_settings(**overrides) -> Settings:
         # tests deliver webhooks to receivers on 127.0.0.1 and never ask DNS (no traffic off loopback)
         "webhook_local_mode": True,
         "webhook_hosts": "*=",
+        # stamps at B-B with the dev CA: the tests about PAdES levels and the test PKI ask for more
+        # (tests/integration/test_pades_ltv.py); every other stamp needs no TSA round trip
+        "pades_level": "b-b",
+        "signing_p12_path": str(base.keys_dir / "issuer-rsa2048.p12"),
     }
     values.update(overrides)
     return base.model_copy(update=values)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The local infrastructure: Kafka + PostgreSQL, the same for `make run`, `make test` and `.ci/run`.
+# The local infrastructure: Kafka + PostgreSQL + the test PKI (CRL, OCSP, TSA), the same for `make run`,
+# `make test` and `.ci/run`.
 #   stack.sh up | down | status | env
-# BUBUH_KAFKA_BOOTSTRAP / BUBUH_DATABASE_URL point at an existing broker / server: that part is not started.
+# BUBUH_KAFKA_BOOTSTRAP / BUBUH_DATABASE_URL / BUBUH_SIGNING_TSA_URL point at an existing broker / server /
+# time-stamp authority: that part is not started.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -17,15 +19,18 @@ case "${1:-}" in
       echo "kafka: using BUBUH_KAFKA_BOOTSTRAP=$BUBUH_KAFKA_BOOTSTRAP"
     fi
     if [ -z "${BUBUH_DATABASE_URL:-}" ]; then "$here/postgres.sh" start; else echo "postgres: using BUBUH_DATABASE_URL"; fi
+    if [ -z "${BUBUH_SIGNING_TSA_URL:-}" ]; then "$here/pki.sh" start; else echo "pki: using BUBUH_SIGNING_TSA_URL=$BUBUH_SIGNING_TSA_URL"; fi
     ;;
   down)
     [ -n "${BUBUH_KAFKA_BOOTSTRAP:-}" ] || "$here/kafka.sh" stop
     [ -n "${BUBUH_DATABASE_URL:-}" ] || "$here/postgres.sh" stop
+    [ -n "${BUBUH_SIGNING_TSA_URL:-}" ] || "$here/pki.sh" stop
     ;;
   status)
     rc=0
     [ -n "${BUBUH_KAFKA_BOOTSTRAP:-}" ] || "$here/kafka.sh" status || rc=1
     [ -n "${BUBUH_DATABASE_URL:-}" ] || "$here/postgres.sh" status || rc=1
+    [ -n "${BUBUH_SIGNING_TSA_URL:-}" ] || "$here/pki.sh" status || rc=1
     exit $rc
     ;;
   env)  # the settings a process needs to reach this stack, as shell exports

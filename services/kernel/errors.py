@@ -127,6 +127,14 @@ RATE_LIMITED = _code("RATE_LIMITED", 429, "This client sent more requests than t
 BUSY = _code("BUSY", 503, "Too many documents already wait for this kind of work.",
              "Retry after the Retry-After delay.", retryable=True)
 TOKEN_BUSY = _code("TOKEN_BUSY", 503, "The signing token (HSM) was busy.", "Retried automatically.", retryable=True)
+VALIDATION_DATA_UNAVAILABLE = _code(
+    "VALIDATION_DATA_UNAVAILABLE", 503,
+    "The revocation data (OCSP, CRL) a long-term-verifiable stamp carries could not be fetched or did not validate.",
+    "Retried automatically; the unit stays reserved (a stamp is never issued at a lower PAdES level).",
+    retryable=True)
+SIGNING_CERT_REVOKED = _code(
+    "SIGNING_CERT_REVOKED", 503, "The platform's signing certificate is revoked: stamping is stopped.",
+    "Retried automatically once operations install a new signing key; the unit stays reserved.", retryable=True)
 
 # --- verification verdicts: why a stamp does not vouch for a document ---------------------------
 # Never raised: they are the `code` / `reasons[].code` of a `valid: false` answer of `POST /v1/verify`

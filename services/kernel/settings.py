@@ -120,16 +120,26 @@ class Settings(BaseSettings):
     pdf_max_objects: int = 100_000                     # indirect objects, those in object streams included
     pdf_max_nesting: int = 64                          # arrays / dictionaries inside one another
     document_store_root: Path | None = None      # default: <local_dir>/documents
-    signing_p12_path: str = ""                   # default: <local_dir>/keys/issuer-rsa2048.p12 (`bubuh keys dev-ca`)
+    signing_p12_path: str = ""                   # default: <local_dir>/pki/signer.p12 (`bubuh keys dev-pki`)
     signing_p12_password: str = "bubuh-dev"
     signing_pkcs11_module: str = ""              # set to sign with an HSM through PKCS#11 instead
     signing_pkcs11_token_label: str = ""
     signing_pkcs11_pin: str = ""
     signing_pkcs11_key_label: str = ""
     signing_md_algorithm: str = "sha256"
-    signing_tsa_url: str = ""                    # set: PAdES B-T with a time-stamp from this RFC 3161 TSA
+    # PAdES level of every stamp: b-b, b-t (signature time-stamp), b-lt (plus the chains' certificates,
+    # OCSP and CRLs in a DSS), b-lta (plus a document time-stamp). Never lowered: without its TSA or
+    # revocation data a stamp waits on the retry path (TSA_UNAVAILABLE, VALIDATION_DATA_UNAVAILABLE)
+    pades_level: str = "b-lt"
+    # the RFC 3161 TSA (b-t and above); default: the local test PKI's (deploy/local/pki.sh). Production: the real one
+    signing_tsa_url: str = Field(default_factory=lambda: (
+        f"http://127.0.0.1:{os.environ.get('BUBUH_LOCAL_PKI_PORT', '18080')}/bubuh/tsa/tsa"))
     signing_tsa_timeout_s: float = 5.0           # one time-stamp request; over it is TSA_UNAVAILABLE (retried)
-    trust_roots: str = ""                        # PEM files (comma separated) verification trusts; default: dev CA
+    # OCSP and CRLs come from the addresses in the certificates; fetched once per validity period (their
+    # nextUpdate), or after this age when a response names none
+    signing_revocation_timeout_s: float = 5.0
+    signing_revocation_max_age_s: float = 3600.0
+    trust_roots: str = ""                        # PEM files (comma separated) verification trusts; default: dev CA, PKI
     # every PDF is opened in a killable child process (services/stamping/sandbox.py) with these budgets;
     # over CPU or memory is PDF_TOO_COMPLEX, over the wall-clock time a retryable PROCESSING_TIMEOUT
     document_memory_mib: int = 768               # address space of each document child
@@ -226,6 +236,11 @@ class Settings(BaseSettings):
     @property
     def keys_dir(self) -> Path:
         return self.local_dir / "keys"
+
+    @property
+    def pki_dir(self) -> Path:
+        """The local test PKI (`bubuh keys dev-pki`); its trust anchor is ``trust-anchor.pem`` in it."""
+        return self.local_dir / "pki"
 
     def platform_key(self) -> bytes:
         """The 32-byte platform key; for local runs one is generated once into ``.local/secret.key``."""

@@ -113,6 +113,9 @@ def cmd_keys(args) -> None:
     if args.what == "platform":
         print(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
         return
+    if args.what in ("dev-pki", "serve-pki"):
+        _dev_pki(args)
+        return
     from services.stamping.signing import dev_ca
 
     s = _settings()
@@ -159,6 +162,43 @@ def cmd_kafka(args) -> None:
                 print(f"kafka principal {user}: password {credential[1]}\nKeep it: it is shown only now.")
     except (access.AccessError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _dev_pki(args) -> None:
+    from pathlib import Path
+
+    from services.stamping.signing import dev_pki
+
+    root = Path(args.out) if args.out else dev_pki.default_root(_settings().local_dir)
+    port = dev_pki.default_port()
+    pki = dev_pki.existing(root)
+    if args.what == "serve-pki":
+        if pki is None:
+            raise SystemExit(f"no PKI under {root}: run `bubuh keys dev-pki`")
+        dev_pki.serve(pki)
+        return
+    if args.if_missing and pki is not None:
+        if pki.port != port:
+            raise SystemExit(f"the PKI under {root} names port {pki.port}, BUBUH_LOCAL_PKI_PORT says {port}: "
+                             "run `bubuh keys dev-pki` to make a new one (new keys), or use its port")
+        return
+    pki = dev_pki.generate(root, port)
+    print(f"dev PKI: signer {pki.signer_p12} (password {dev_pki.P12_PASSWORD!r}), "
+          f"trust anchor {pki.trust_anchor}, services at {pki.prefix} (TSA {pki.tsa_url})")
+    print("  test keys only: never use them for real stamps")
+
+
+def cmd_renew_timestamps(args) -> None:
+    import asyncio
+
+    from services.stamping import archive
+    done = asyncio.run(archive.renew_stored(_settings(), args.within_days, dry_run=args.dry_run))
+    due = [r for r in done if r.expires is not None and (r.renewed or args.dry_run)]
+    for r in done:
+        state = "renewed" if r.renewed else ("due" if r in due else "ok")
+        print(f"{r.request_id}  time-stamp certificate expires {r.expires.isoformat() if r.expires else '-'}  {state}")
+    print(f"{len(done)} stored stamps, {sum(r.renewed for r in done)} renewed"
+          + (f", {len(due)} due (dry run)" if args.dry_run else ""))
 
 
 def cmd_replay(args) -> None:
@@ -234,12 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--markdown", action="store_true")
     sp.set_defaults(func=cmd_topics)
     sp = sub.add_parser("keys", help="generate keys")
-    sp.add_argument("what", choices=["platform", "dev-ca"],
-                    help="platform: a new BUBUH_SECRET_KEY; dev-ca: a test CA and issuer (PKCS#12) for development")
-    sp.add_argument("--out", help="dev-ca: where to write (default .local/keys)")
+    sp.add_argument("what", choices=["platform", "dev-ca", "dev-pki", "serve-pki"],
+                    help="platform: a new BUBUH_SECRET_KEY; dev-ca: a test CA and issuer (PKCS#12) for development; "
+                         "dev-pki: a test PKI with CRLs, OCSP and a TSA (.local/pki); serve-pki: serve them on "
+                         "127.0.0.1:$BUBUH_LOCAL_PKI_PORT (deploy/local/pki.sh runs it)")
+    sp.add_argument("--out", help="dev-ca: where to write (default .local/keys); dev-pki: default .local/pki")
     sp.add_argument("--key-type", nargs="+", default=["rsa2048"], choices=["rsa2048", "p256"])
-    sp.add_argument("--if-missing", action="store_true", help="dev-ca: keep an existing one")
+    sp.add_argument("--if-missing", action="store_true", help="dev-ca, dev-pki: keep an existing one")
     sp.set_defaults(func=cmd_keys)
+
+    sp = sub.add_parser("renew-timestamps",
+                        help="add an archive time-stamp (PAdES B-LTA) to stored stamps whose last time-stamp's "
+                             "certificate expires soon")
+    sp.add_argument("--within-days", type=float, default=365.0,
+                    help="renew when that certificate expires within this many days (default 365)")
+    sp.add_argument("--dry-run", action="store_true", help="list what is due, change nothing")
+    sp.set_defaults(func=cmd_renew_timestamps)
 
     sp = sub.add_parser("kafka", help="Kafka access, as the admin principal: topics, principals, ACLs")
     ksub = sp.add_subparsers(dest="kafka_command", required=True)

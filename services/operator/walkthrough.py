@@ -20,6 +20,7 @@ import httpx
 
 from services.kernel.settings import Settings
 from services.purchase import admin
+from services.stamping.document import signature_validation
 
 
 async def run(settings: Settings) -> int:
@@ -119,6 +120,8 @@ async def _stamp(client: httpx.AsyncClient, settings: Settings, auth: dict, acco
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(pdf)
     print(f"== 6. the stamped PDF: {out}")
+    print(f"   PAdES level: {await asyncio.to_thread(signature_validation.pades_level, pdf)} "
+          f"(BUBUH_PADES_LEVEL={settings.pades_level}; trust anchor {settings.pki_dir / 'trust-anchor.pem'})")
     verdict = (await client.post("/v1/verify", files={"file": (out.name, pdf, "application/pdf")})).json()
     print(f"== 7. verify it (public): curl -X POST {settings.public_url}/v1/verify -F file=@{out}\n"
           f"   -> {json.dumps(verdict)}")

@@ -16,6 +16,9 @@ OLDEST_OPEN_SECONDS = Gauge("bubuh_stamp_oldest_open_request_age_seconds",
                             ["channel", "status"])
 CHANNEL_COMPLETED = Counter("bubuh_stamp_channel_completed_total", "Stamp requests completed, by channel "
                             "(each channel's share of stamping)", ["channel"])
+SIGNING_CERT_REVOKED = Gauge("bubuh_signing_certificate_revoked",
+                             "1 while this worker's signing certificate is reported revoked (it stamps nothing), "
+                             "else 0")
 INTAKE_REJECTED = Counter("bubuh_stamp_intake_rejected_total", "Uploads refused at intake, by code", ["code"])
 SANDBOX_OUTCOMES = Counter("bubuh_document_sandbox_tasks_total",
                            "Document work in the sandboxed children (intake, signing, verification), by outcome: "

@@ -7,11 +7,12 @@ is the SN registry: the SN exists, was issued for exactly one request, and the r
 signed is byte for byte the file we delivered.
 
 Why the registry's ``output_sha256`` makes that comparison exact: the engine's output ends where
-the stamp's ``/ByteRange`` ends (an incremental update, nothing written after the signature), so
-the sha256 of the delivered file is the sha256 of exactly the bytes the stamp's revision spans.
-A document that begins with those bytes is the delivered file plus later revisions, and those
-revisions are what the difference analysis judges; a document whose stamped revision hashes to
-something else carries an SN we issued for another file.
+the stamp's ``/ByteRange`` ends (B-B, B-T), or where the one or two revisions it appends after the
+signature end (B-LT's DSS, B-LTA's document time-stamp), so the sha256 of the delivered file is the
+sha256 of the bytes up to one of those revision ends. A document that begins with those bytes is
+the delivered file plus later revisions, and those revisions are what the difference analysis
+judges; a document whose stamped revision hashes to something else carries an SN we issued for
+another file.
 """
 
 from __future__ import annotations
@@ -79,6 +80,13 @@ def sn_facts(sn: str, rows: list[Issued]) -> dict:
             "document_sha256": issued[0].output_sha256 if issued else None}
 
 
+def _delivered(sig: signature_validation.SignatureReport, facts: dict) -> bool:
+    """The file we delivered for this SN is where the stamp's revision ends (B-B, B-T) or where one of
+    the next revisions ends (B-LT: its DSS; B-LTA: and its document time-stamp)."""
+    issued = facts["document_sha256"]
+    return issued is not None and issued in (sig.revision_sha256, *sig.later_revision_sha256s)
+
+
 def _registry_findings(sig: signature_validation.SignatureReport, facts: dict) -> list[signature_validation.Finding]:
     if not sig.sn_well_formed:
         return []  # already SN_UNKNOWN from the library
@@ -86,7 +94,7 @@ def _registry_findings(sig: signature_validation.SignatureReport, facts: dict) -
         return [signature_validation.Finding(errors.SN_UNKNOWN.code, f"{sig.sn} was never issued (or was voided)")]
     if not facts["used_once"]:
         return [signature_validation.Finding(errors.SN_REUSED.code, f"{sig.sn} is on record for more than one request")]
-    if facts["document_sha256"] != sig.revision_sha256:
+    if not _delivered(sig, facts):
         return [signature_validation.Finding(
             errors.SN_REUSED.code,
             f"{sig.sn} was issued for another file: the revision this stamp signed (revision {sig.revision}, "
@@ -128,8 +136,7 @@ def judge(report: signature_validation.VerificationReport, registry: Mapping[str
             "stamp_revision": sig.revision,
             "sn_known": facts["known"],
             "sn_used_once": facts["used_once"],
-            "hash_matches_issued": facts["document_sha256"] is not None and
-            facts["document_sha256"] == sig.revision_sha256,
+            "hash_matches_issued": _delivered(sig, facts),
             "signer": sig.signer,
             "signing_time": sig.signing_time.isoformat() if sig.signing_time else None,
             "timestamped_at": sig.timestamp_time.isoformat() if sig.timestamp_time else None,

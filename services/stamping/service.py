@@ -33,7 +33,7 @@ from services.stamping.queue import QueueView
 from services.stamping.request_status import RequestStatus
 from services.stamping.sandbox import ProcessLimits, Sandbox
 from services.stamping.serial import MAX_NODE, SerialIssuer
-from services.stamping.signing.engine import SignerConfig, StampingEngine
+from services.stamping.signing.engine import LEVELS, SignerConfig, StampingEngine
 from services.stamping.throughput import Throughput
 from services.stamping.tracker import CONSUMER as TRACKER
 from services.stamping.tracker import StatusTracker
@@ -42,23 +42,29 @@ from services.stamping.worker import StampWorker
 
 
 def signer_config(s: Settings) -> SignerConfig:
+    if s.pades_level not in LEVELS:
+        raise ConfigError(f"BUBUH_PADES_LEVEL={s.pades_level!r}: expected one of {', '.join(LEVELS)}")
+    if s.pades_level != "b-b" and not s.signing_tsa_url:
+        raise ConfigError(f"PAdES {s.pades_level.upper()} needs a time-stamp authority: set BUBUH_SIGNING_TSA_URL")
+    common = dict(md_algorithm=s.signing_md_algorithm, level=s.pades_level,
+                  tsa_url=s.signing_tsa_url if s.pades_level != "b-b" else None,
+                  tsa_timeout_s=s.signing_tsa_timeout_s, revocation_timeout_s=s.signing_revocation_timeout_s,
+                  revocation_max_age_s=s.signing_revocation_max_age_s)
     if s.signing_pkcs11_module:
         return SignerConfig(pkcs11_module=s.signing_pkcs11_module, pkcs11_token_label=s.signing_pkcs11_token_label,
-                            pkcs11_pin=s.signing_pkcs11_pin, pkcs11_key_label=s.signing_pkcs11_key_label,
-                            md_algorithm=s.signing_md_algorithm, tsa_url=s.signing_tsa_url or None,
-                            tsa_timeout_s=s.signing_tsa_timeout_s)
-    path = s.signing_p12_path or str(s.keys_dir / "issuer-rsa2048.p12")
+                            pkcs11_pin=s.signing_pkcs11_pin, pkcs11_key_label=s.signing_pkcs11_key_label, **common)
+    path = s.signing_p12_path or str(s.pki_dir / "signer.p12")
     if not Path(path).exists():
-        raise ConfigError(f"no signing key at {path}: run `bubuh keys dev-ca` (development) or set "
+        raise ConfigError(f"no signing key at {path}: run `bubuh keys dev-pki` (development) or set "
                           "BUBUH_SIGNING_P12_PATH / BUBUH_SIGNING_PKCS11_MODULE")
-    return SignerConfig(p12_path=path, p12_password=s.signing_p12_password, md_algorithm=s.signing_md_algorithm,
-                        tsa_url=s.signing_tsa_url or None, tsa_timeout_s=s.signing_tsa_timeout_s)
+    return SignerConfig(p12_path=path, p12_password=s.signing_p12_password, **common)
 
 
 def trust_roots(s: Settings) -> list[Path]:
     if s.trust_roots:
         return [Path(p.strip()) for p in s.trust_roots.split(",") if p.strip()]
-    return sorted(s.keys_dir.glob("ca-*.pem"))
+    anchor = s.pki_dir / "trust-anchor.pem"
+    return sorted(s.keys_dir.glob("ca-*.pem")) + ([anchor] if anchor.exists() else [])
 
 
 def documents(s: Settings) -> store.DocumentStore:

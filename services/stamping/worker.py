@@ -38,7 +38,7 @@ from services.kernel.processing.deadletter import dead_letter_headers
 from services.kernel.processing.pipeline import HEADER_ATTEMPT, HEADER_REPLAY
 from services.kernel.settings import Settings
 from services.stamping import NAME, store
-from services.stamping.metrics import STAGE_SECONDS, STAMP_OUTCOMES
+from services.stamping.metrics import SIGNING_CERT_REVOKED, STAGE_SECONDS, STAMP_OUTCOMES
 from services.stamping.sandbox import Sandbox
 from services.stamping.serial import SerialIssuer
 from services.stamping.signing.engine import StampingEngine
@@ -128,8 +128,13 @@ class StampWorker:
                     raise errors.BubuhError(errors.SIGNING_FAILED, exc.detail) from exc
                 raise
             STAGE_SECONDS.labels("signing").observe(time.perf_counter() - t0)
+            SIGNING_CERT_REVOKED.set(0)
             await self._store.put(store.output_key(rid), stamped)
         except errors.BubuhError as exc:
+            if exc.code is errors.SIGNING_CERT_REVOKED:
+                # not this request's fault: every stamp waits (unit reserved) until a new key is installed
+                SIGNING_CERT_REVOKED.set(1)
+                log.error("signing certificate revoked: stamping stopped", request_id=rid, detail=exc.detail)
             if exc.code.retryable:
                 await self._transient(event, meta=meta, reserved=reserved, exc=exc)
             else:

@@ -81,7 +81,7 @@ async def test_unreachable_tsa_is_retried_then_dead_lettered_and_replay_finishes
     closed = free_port()
     front = await PlatformProcess(settings, api="all", workers="purchase,quota", name="front").start()
     worker = await PlatformProcess(settings, api="none", workers="stamping", name="worker",
-                                   BUBUH_SIGNING_TSA_URL=f"http://127.0.0.1:{closed}/tsa",
+                                   BUBUH_PADES_LEVEL="b-t", BUBUH_SIGNING_TSA_URL=f"http://127.0.0.1:{closed}/tsa",
                                    BUBUH_STAMP_MAX_ATTEMPTS=4, BUBUH_STAMP_RETRY_BASE_S=0.4).start()
     channel = add_channel(settings)
     db = Db(settings)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from services.kernel.settings import REPO_ROOT
+from services.kernel.settings import REPO_ROOT, Settings
 from tests.platform import env_for
 
 
@@ -27,7 +27,10 @@ def _alive(pid: int) -> bool:
 
 
 def test_up_demo_down(settings, tmp_path):
-    env = env_for(settings, BUBUH_LOCAL_DIR=str(tmp_path))
+    # at the platform's default level, B-LT, with the stack's test PKI (its signer, TSA, OCSP and CRLs)
+    pki = Settings().pki_dir
+    env = env_for(settings, BUBUH_LOCAL_DIR=str(tmp_path), BUBUH_PADES_LEVEL="b-lt",
+                  BUBUH_SIGNING_P12_PATH=str(pki / "signer.p12"), BUBUH_TRUST_ROOTS=str(pki / "trust-anchor.pem"))
     keys = _run(env, "keys", "dev-ca", "--if-missing")   # what `make setup` does
     assert keys.returncode == 0 and (tmp_path / "keys" / "issuer-rsa2048.p12").exists()
     up = _run(env, "up")
@@ -42,6 +45,7 @@ def test_up_demo_down(settings, tmp_path):
     assert '"status": "confirmed"' in demo.stdout
     assert "paid means credited: yes" in demo.stdout
     assert "stamped and verified: yes" in demo.stdout
+    assert "PAdES level: B-LT " in demo.stdout
     written = [ln.split(": ", 1)[1] for ln in demo.stdout.splitlines() if ln.startswith("== 6. the stamped PDF: ")]
     assert written and (tmp_path / "demo").exists() and open(written[0], "rb").read(5) == b"%PDF-"
     down = _run(env, "down")

@@ -62,7 +62,7 @@ async def test_worker_with_a_tsa_makes_pades_b_t(settings, tmp_path):
         front = await PlatformProcess(settings, api="all", workers="purchase,quota", name="front",
                                       BUBUH_TRUST_ROOTS=roots).start()
         worker = await PlatformProcess(settings, api="none", workers="stamping", name="tsa-worker",
-                                       BUBUH_SIGNING_TSA_URL=tsa.url).start()
+                                       BUBUH_PADES_LEVEL="b-t", BUBUH_SIGNING_TSA_URL=tsa.url).start()
         try:
             verdict = await _stamp_and_verify(settings, add_channel(settings))
             assert verdict["valid"] is True, verdict
@@ -87,7 +87,8 @@ async def test_a_stamp_signed_after_its_reservation_expired_is_withheld_never_fr
                                       BUBUH_TRUST_ROOTS=roots, BUBUH_RESERVATION_TTL_S="4",
                                       BUBUH_EXPIRY_INTERVAL_S="0.5").start()
         worker = await PlatformProcess(settings, api="none", workers="stamping", name="slow-tsa-worker",
-                                       BUBUH_SIGNING_TSA_URL=tsa.url, BUBUH_SIGNING_TSA_TIMEOUT_S="30").start()
+                                       BUBUH_PADES_LEVEL="b-t", BUBUH_SIGNING_TSA_URL=tsa.url,
+                                       BUBUH_SIGNING_TSA_TIMEOUT_S="30").start()
         channel = add_channel(settings)
         try:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=60) as api:

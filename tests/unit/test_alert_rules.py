@@ -25,6 +25,9 @@ MUST_BE_TESTED = {
     "BubuhLedgerRefusals",                      # commits refused
     "BubuhWebhookCircuitOpen",
     "BubuhWebhookBacklog",
+    "BubuhTsaUnreachable",
+    "BubuhRevocationDataUnreachable",             # OCSP or CRL unreachable
+    "BubuhSigningCertificateRevoked",
 }
 
 

@@ -124,6 +124,9 @@ class SignatureReport:
     revision: int = 0  # 1-based revision of the file this signature was added in (0: unknown)
     after_level: str | None = None  # stamps: stamp_diff_policy()'s level for what follows (NONE, LTA_UPDATES...)
     findings: tuple[Finding, ...] = ()  # why it does not vouch for the document; empty when it does
+    # stamps: sha256 of the file as it ended at each of the next few revisions. A B-LT stamp is delivered
+    # with its DSS (and a B-LTA one with its document time-stamp) appended: the delivered file is one of these
+    later_revision_sha256s: tuple[str, ...] = ()
 
     @property
     def modified_after(self) -> bool:
@@ -257,9 +260,64 @@ def verify(data: bytes, trust_roots: Iterable, *, allow_fetching: bool = False) 
             revision=sig.signed_revision + 1,
             after_level=after_level,
             findings=tuple(findings),
+            later_revision_sha256s=_later_revision_hashes(data, revision_end) if sn is not None else (),
         ))
     return VerificationReport(sha256=hashlib.sha256(data).hexdigest(), signatures=tuple(reports),
                               revisions=reader.xrefs.total_revisions)
+
+
+def pades_level(data: bytes) -> str:
+    """The PAdES baseline level of the file's last e-Meterai, by what it carries: "B-B" (signature only),
+    "B-T" (a signature time-stamp), "B-LT" (and a DSS after it), "B-LTA" (and a document time-stamp
+    after that); "" when there is no stamp. What it carries, not whether it validates (``verify``)."""
+    from pyhanko.pdf_utils.reader import PdfFileReader
+    from pyhanko.sign.validation.generic_cms import extract_tst_data_iter
+
+    reader = PdfFileReader(io.BytesIO(data))
+    sigs = reader.embedded_signatures
+    stamps = [s for s in sigs
+              if s.sig_object_type == "/Sig" and _REASON_SN.match(_text(s.sig_object.get("/Reason")) or "")]
+    if not stamps:
+        return ""
+    stamp = stamps[-1]
+    if next(extract_tst_data_iter(stamp.signer_info, signed=False), None) is None:
+        return "B-B"
+    if not _dss_after(reader, stamp.signed_revision):
+        return "B-T"
+    later_ts = [s for s in sigs if s.sig_object_type == "/DocTimeStamp" and s.signed_revision > stamp.signed_revision]
+    return "B-LTA" if later_ts else "B-LT"
+
+
+def _dss_after(reader, revision: int) -> bool:
+    """A DSS written in a revision after ``revision`` (an applicant's earlier one does not count)."""
+    from pyhanko.pdf_utils import generic
+
+    if "/DSS" not in reader.root:
+        return False
+    ref = reader.root.raw_get("/DSS")
+    if isinstance(ref, generic.IndirectObject):
+        return reader.xrefs.get_last_change(ref.reference) > revision
+    return True
+
+
+_LATER_REVISIONS = 3  # a B-LTA stamp is followed by its DSS and its document time-stamp; bounded for hostile files
+
+
+def _later_revision_hashes(data: bytes, revision_end: int) -> tuple[str, ...]:
+    """sha256 of ``data`` cut at the end of each of the next revisions after ``revision_end``."""
+    out, at = [], revision_end
+    while len(out) < _LATER_REVISIONS:
+        eof = data.find(b"%%EOF", at)
+        if eof < 0:
+            break
+        end = eof + 5
+        if data[end:end + 2] == b"\r\n":
+            end += 2
+        elif data[end:end + 1] in (b"\n", b"\r"):
+            end += 1
+        out.append(hashlib.sha256(data[:end]).hexdigest())
+        at = end
+    return tuple(out)
 
 
 def _bytes_after_last_eof(data: bytes) -> int:

@@ -17,8 +17,16 @@ layout pyHanko itself produced) and removes only the waste:
 * the input is parsed once, by pyHanko's incremental writer (inspection ran at intake).
 
 What it always does: an incremental update (earlier signatures stay valid), a detached
-CMS (``ETSI.CAdES.detached``, PAdES B-B), B-T when a TSA is configured, the reason
-``"[SN] <reason>"``. Failures become catalogue codes: TSA unreachable ->
+CMS (``ETSI.CAdES.detached``) and the reason ``"[SN] <reason>"``, at the configured PAdES level:
+
+* B-B: the signature alone; B-T: with a signature time-stamp (one TSA round trip);
+* B-LT: B-T, then a second incremental update with a DSS dictionary holding the certificates,
+  OCSP responses and CRLs of the signer's and the TSA's chains (``validation_data.py``: fetched
+  once per validity period, not per stamp);
+* B-LTA: B-LT, then a document time-stamp over it all (a second TSA round trip).
+
+A level is never lowered: when the TSA or the revocation data is missing, the stamp fails with a
+retryable code and waits. Failures become catalogue codes: TSA unreachable ->
 ``TSA_UNAVAILABLE`` and token trouble -> ``TOKEN_BUSY`` (both retried by the worker),
 an unreadable input -> ``PDF_MALFORMED``, a page or box that does not fit ->
 ``PLACEMENT_INVALID``, anything else -> ``SIGNING_FAILED``.
@@ -40,6 +48,7 @@ from pyhanko.sign.fields import SigFieldSpec, SigSeedSubFilter
 from pyhanko.sign.signers import constants as sig_constants
 from pyhanko.sign.signers.cms_embedder import PdfCMSEmbedder, SigIOSetup, SigObjSetup
 from pyhanko.sign.signers.pdf_byterange import SignatureObject
+from pyhanko.sign.validation.dss import DocumentSecurityStore
 
 from services.kernel import errors
 from services.kernel.errors import BubuhError
@@ -47,9 +56,12 @@ from services.stamping.document.appearance import StampArtist
 from services.stamping.signing import signing_key
 from services.stamping.signing.cms_template import CmsTemplate, timestamp_attribute
 from services.stamping.signing.request import StampRequest
+from services.stamping.signing.validation_data import ValidationData
 
 # Looked up by its catalogue string (the contract channels see) rather than by attribute name.
 TSA_UNAVAILABLE = errors.lookup("TSA_UNAVAILABLE")
+
+LEVELS = ("b-b", "b-t", "b-lt", "b-lta")
 
 # Room for a time-stamp token (TSA certificate chain included) in the signature placeholder.
 TSA_TOKEN_ALLOWANCE = 8192
@@ -66,8 +78,19 @@ class SignerConfig:
     pkcs11_pin: str | None = None
     pkcs11_key_label: str | None = None
     md_algorithm: str = "sha256"
-    tsa_url: str | None = None  # None: PAdES B-B; set: B-T with a signature time-stamp
+    tsa_url: str | None = None  # the RFC 3161 TSA (B-T and above)
     tsa_timeout_s: float = 5.0
+    level: str | None = None  # b-b, b-t, b-lt or b-lta; None: b-t with a TSA, else b-b
+    revocation_timeout_s: float = 5.0  # one OCSP or CRL request (B-LT and above)
+    revocation_max_age_s: float = 3600.0  # refetch after this even when a response names no nextUpdate
+    trust_roots: tuple[str, ...] = ()  # PEM files anchoring our chain; default: the self-signed certs in it
+
+    @property
+    def pades_level(self) -> str:
+        level = self.level or ("b-t" if self.tsa_url else "b-b")
+        if level not in LEVELS:
+            raise ValueError(f"unknown PAdES level {level!r}; expected one of {LEVELS}")
+        return level
     bytes_reserved: int | None = None  # hex digits kept for the CMS; None: derived from the key
 
     def open_key(self) -> signing_key.SigningKey:
@@ -106,7 +129,8 @@ class StampingEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.timestamper = timestamper
         self._tsa_session = None
-        if self.timestamper is None and config.tsa_url:
+        self.level = config.pades_level
+        if self.timestamper is None and config.tsa_url and self.level != "b-b":
             from pyhanko.sign.timestamps import HTTPTimeStamper
             from pyhanko_certvalidator.fetchers.aiohttp_fetchers.util import LazySession
 
@@ -114,6 +138,14 @@ class StampingEngine:
             self._tsa_session = LazySession()
             self.timestamper = HTTPTimeStamper(config.tsa_url, timeout=config.tsa_timeout_s,
                                                session=self._tsa_session)
+        if self.level != "b-b" and self.timestamper is None:
+            raise ValueError(f"PAdES {self.level.upper()} needs a time-stamp authority (BUBUH_SIGNING_TSA_URL)")
+        self.validation = None
+        self._tsa_certs: tuple = ()
+        if self.level in ("b-lt", "b-lta"):
+            self.validation = ValidationData(
+                self.key.signing_cert, self.key.chain, trust_roots=_load_roots(config.trust_roots),
+                timeout_s=config.revocation_timeout_s, max_age_s=config.revocation_max_age_s)
         # signature value (<= 512 bytes even for RSA-4096) + DER overhead, doubled for hex
         reserve = 2 * (self.template.sample_size + 600)
         if self.timestamper is not None:
@@ -182,18 +214,53 @@ class StampingEngine:
             reason=request.signature_reason,
             bytes_reserved=self.bytes_reserved,
         )))
+        if self.validation is not None:  # before spending a time-stamp: a revoked key stops here
+            self.validation.current(self._event_loop(), self._tsa_certs)
         prepared, output = embedder.send(SigIOSetup(md_algorithm=self.config.md_algorithm, output=io.BytesIO()))
         cms_der = self._cms(prepared.document_digest)
         if 2 * len(cms_der) > self.bytes_reserved:
             raise _PlaceholderTooSmall(2 * len(cms_der), self.bytes_reserved)
         embedder.send(cms_der)
+        if self.validation is None:
+            return output.getvalue()
+        bundle = self.validation.current(self._event_loop(), self._tsa_certs)
+        # B-LT: the validation data in its own incremental update after the signature (PAdES: DSS)
+        DocumentSecurityStore.add_dss(output, None, certs=bundle.certs, ocsps=bundle.ocsps, crls=bundle.crls)
+        if self.level == "b-lta":
+            return self._document_timestamp(output)
         return output.getvalue()
+
+    def _document_timestamp(self, signed: io.BytesIO) -> bytes:
+        """B-LTA: a document time-stamp over the signature and its validation data."""
+        from pyhanko.sign.signers.pdf_signer import PdfTimeStamper
+        from pyhanko.sign.timestamps import TimestampRequestError
+
+        out = io.BytesIO()
+        stamper = PdfTimeStamper(self.timestamper)
+        try:
+            self._event_loop().run_until_complete(stamper.async_timestamp_pdf(
+                IncrementalPdfFileWriter(signed), self.config.md_algorithm, output=out))
+        except (TimeoutError, TimestampRequestError, OSError) as exc:
+            raise BubuhError(TSA_UNAVAILABLE, f"time-stamp authority (document time-stamp): {exc}") from exc
+        except Exception as exc:
+            if type(exc).__module__.startswith("aiohttp"):
+                raise BubuhError(TSA_UNAVAILABLE, f"time-stamp authority: {exc!r}") from exc
+            raise
+        return out.getvalue()
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop
 
     def _cms(self, document_digest: bytes) -> bytes:
         _attrs, signature = self.template.sign(document_digest)
         unsigned = None
         if self.timestamper is not None:
-            unsigned = timestamp_attribute(self._timestamp(signature))
+            token = self._timestamp(signature)
+            self._tsa_certs = tuple(c.chosen for c in token["content"]["certificates"] or ()
+                                    if c.name == "certificate")
+            unsigned = timestamp_attribute(token)
         return self.template.assemble(document_digest, signature, unsigned)
 
     def _timestamp(self, signature: bytes):
@@ -201,10 +268,8 @@ class StampingEngine:
 
         md = self.config.md_algorithm
         digest = hashlib.new(md, signature).digest()
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
         try:
-            return self._loop.run_until_complete(self.timestamper.async_timestamp(digest, md))
+            return self._event_loop().run_until_complete(self.timestamper.async_timestamp(digest, md))
         except (TimeoutError, TimestampRequestError, OSError) as exc:
             raise BubuhError(TSA_UNAVAILABLE, f"time-stamp authority: {exc}") from exc
         except Exception as exc:
@@ -221,6 +286,19 @@ class StampingEngine:
                 self.template.key = self.key
             except Exception:  # noqa: BLE001 - token still away: the next stamp retries
                 pass
+
+
+def _load_roots(paths: tuple[str, ...]):
+    from asn1crypto import pem
+    from asn1crypto import x509 as asn1_x509
+
+    roots = []
+    for path in paths:
+        with open(path, "rb") as f:
+            data = f.read()
+        for _type, _headers, der in (pem.unarmor(data, multiple=True) if pem.detect(data) else [(0, 0, data)]):
+            roots.append(asn1_x509.Certificate.load(der))
+    return roots or None
 
 
 class _PlaceholderTooSmall(Exception):

@@ -1,0 +1,112 @@
+"""The EU Commission's DSS library as an outside validator (``tests/tools/DssValidate.java``), offline,
+under its default ETSI policy, trusting only the local PKI's trust anchor.
+
+Fetched by the test setup the way ``deploy/local/kafka.sh`` fetches Kafka: ``mvn dependency:copy-dependencies``
+on ``tests/tools/dss/pom.xml`` into ``$BUBUH_LOCAL_DIR/dss/libs`` (once; nothing is committed), and the
+validator compiled once into ``$BUBUH_LOCAL_DIR/dss/classes``. Java 17 and Maven are what the stack already needs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from services.kernel.settings import REPO_ROOT, Settings
+
+POM = REPO_ROOT / "tests" / "tools" / "dss" / "pom.xml"
+SOURCE = REPO_ROOT / "tests" / "tools" / "DssValidate.java"
+
+
+class DssUnavailable(RuntimeError):
+    """No java / javac / mvn, or Maven Central could not be reached for the jars."""
+
+
+def home() -> Path:
+    local = os.environ.get("BUBUH_LOCAL_DIR")
+    return Path(local) / "dss" if local else Settings().local_dir / "dss"
+
+
+def ensure() -> Path:
+    """The classpath directory holding DSS's jars and the compiled validator; fetched and built once."""
+    for tool in ("java", "javac", "mvn"):
+        if shutil.which(tool) is None:
+            raise DssUnavailable(f"{tool} not found on PATH (Debian: openjdk-17-jdk-headless, maven)")
+    root = home()
+    root.mkdir(parents=True, exist_ok=True)
+    libs, classes = root / "libs", root / "classes"
+    with open(root / ".lock", "w") as lock:   # xdist workers: one fetch
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        marker = libs / ".complete"
+        if not marker.exists() or marker.stat().st_mtime < POM.stat().st_mtime:
+            libs.mkdir(exist_ok=True)
+            done = subprocess.run(["mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
+                                   f"-DoutputDirectory={libs}", "-DincludeScope=runtime"],
+                                  capture_output=True, text=True, timeout=1200)
+            if done.returncode != 0:
+                raise DssUnavailable(f"mvn could not fetch DSS: {(done.stdout + done.stderr)[-2000:]}")
+            marker.touch()
+        compiled = classes / "DssValidate.class"
+        if not compiled.exists() or compiled.stat().st_mtime < SOURCE.stat().st_mtime:
+            classes.mkdir(exist_ok=True)
+            done = subprocess.run(["javac", "-d", str(classes), "-cp", f"{libs}/*", str(SOURCE)],
+                                  capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise DssUnavailable(f"javac DssValidate.java: {done.stderr[-2000:]}")
+    return root
+
+
+@dataclass
+class Verdict:
+    id: str
+    indication: str
+    subindication: str | None
+    format: str = ""
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DssReport:
+    signatures: list[Verdict]
+    timestamps: list[Verdict]
+    modifications: list[str]  # "<signature id> undefined|annotation <action> <object>"
+    raw: str
+
+
+def validate(pdf: bytes, trust_anchor: Path, *, at: datetime | None = None) -> DssReport:
+    """DSS's verdict on ``pdf`` (validation time ``at``, default now), no network."""
+    root = ensure()
+    with tempfile.TemporaryDirectory(prefix="bubuh-dss-") as tmp:
+        path = Path(tmp) / "document.pdf"
+        path.write_bytes(pdf)
+        args = [str(path), str(Path(trust_anchor).resolve())] + ([at.strftime("%Y-%m-%dT%H:%M:%SZ")] if at else [])
+        done = subprocess.run(["java", "-Xmx512m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC",
+                               "-cp", f"{root / 'classes'}:{root / 'libs'}/*", "DssValidate", *args],
+                              capture_output=True, text=True, timeout=300, cwd=tmp)
+    if done.returncode != 0:
+        raise AssertionError(f"DSS failed: {done.stderr[-3000:]}")
+    return _parse(done.stdout)
+
+
+def _parse(out: str) -> DssReport:
+    report = DssReport([], [], [], out)
+    last: Verdict | None = None
+    for line in out.splitlines():
+        kind, _, rest = line.strip().partition(" ")
+        if kind in ("SIGNATURE", "TIMESTAMP"):
+            parts = rest.split(" ")
+            last = Verdict(parts[0], parts[1], None if parts[2] == "-" else parts[2], " ".join(parts[3:]))
+            (report.signatures if kind == "SIGNATURE" else report.timestamps).append(last)
+        elif kind == "ERROR" and last is not None:
+            last.errors.append(rest)
+        elif kind == "WARNING" and last is not None:
+            last.warnings.append(rest)
+        elif kind == "MODIFICATION":
+            report.modifications.append(rest)
+    return report
