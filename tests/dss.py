@@ -44,7 +44,8 @@ def ensure() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         marker = libs / ".complete"
         if not marker.exists() or marker.stat().st_mtime < POM.stat().st_mtime:
-            libs.mkdir(exist_ok=True)
+            shutil.rmtree(libs, ignore_errors=True)   # a new DSS version must not run beside the old jars
+            libs.mkdir()
             done = subprocess.run(["mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
                                    f"-DoutputDirectory={libs}", "-DincludeScope=runtime"],
                                   capture_output=True, text=True, timeout=1200)
