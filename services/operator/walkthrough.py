@@ -15,10 +15,12 @@ import io
 import json
 import secrets
 import time
+from pathlib import Path
 
 import httpx
 
 from services.kernel.settings import Settings
+from services.operator import dss_validator
 from services.purchase import admin
 from services.stamping.document import signature_validation
 
@@ -94,6 +96,16 @@ def sample_letter() -> bytes:
     return out.getvalue()
 
 
+def _dss_indication(pdf: bytes, anchor) -> str:
+    """The outside validator's word on our stamp, e.g. ``TOTAL_PASSED (PAdES-BASELINE-LT)``."""
+    try:
+        report = dss_validator.validate(pdf, anchor)
+    except (dss_validator.DssUnavailable, dss_validator.DssFailed) as exc:
+        return f"not run: {str(exc).splitlines()[0]}"
+    return "; ".join(f"{v.indication}{' ' + v.subindication if v.subindication else ''} ({v.format})"
+                     for v in report.signatures) or "no signature found"
+
+
 async def _stamp(client: httpx.AsyncClient, settings: Settings, auth: dict, account_id: str) -> int:
     meta = {"account_id": account_id, "page": 1, "llx": 400, "lly": 60, "urx": 540, "ury": 200,
             "doc_type": "3", "reason": "Surat Pernyataan", "location": "Jakarta"}
@@ -120,8 +132,15 @@ async def _stamp(client: httpx.AsyncClient, settings: Settings, auth: dict, acco
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(pdf)
     print(f"== 6. the stamped PDF: {out}")
+    # the anchor verification trusts (BUBUH_TRUST_ROOTS' first file), else the local PKI's
+    named = [p.strip() for p in settings.trust_roots.split(",") if p.strip()]
+    anchor = Path(named[0]) if named else settings.pki_dir / "trust-anchor.pem"
     print(f"   PAdES level: {await asyncio.to_thread(signature_validation.pades_level, pdf)} "
-          f"(BUBUH_PADES_LEVEL={settings.pades_level}; trust anchor {settings.pki_dir / 'trust-anchor.pem'})")
+          f"(BUBUH_PADES_LEVEL={settings.pades_level}; trust anchor {anchor})")
+    print(f"   EU DSS {dss_validator.VERSION}, offline, default policy, this trust anchor only: "
+          + ("" if dss_validator.built() else "(fetching its jars from Maven Central once: a minute or two) "),
+          end="", flush=True)
+    print(await asyncio.to_thread(_dss_indication, pdf, anchor))
     verdict = (await client.post("/v1/verify", files={"file": (out.name, pdf, "application/pdf")})).json()
     print(f"== 7. verify it (public): curl -X POST {settings.public_url}/v1/verify -F file=@{out}\n"
           f"   -> {json.dumps(verdict)}")

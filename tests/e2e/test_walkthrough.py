@@ -8,6 +8,7 @@ import sys
 import time
 
 from services.kernel.settings import REPO_ROOT, Settings
+from services.operator import dss_validator
 from tests.platform import env_for
 
 
@@ -32,6 +33,8 @@ def test_up_demo_down(settings, tmp_path):
     env = env_for(settings, BUBUH_LOCAL_DIR=str(tmp_path), BUBUH_PADES_LEVEL="b-lt",
                   BUBUH_SIGNING_P12_PATH=str(pki / "signer.p12"), BUBUH_TRUST_ROOTS=str(pki / "trust-anchor.pem"))
     keys = _run(env, "keys", "dev-ca", "--if-missing")   # what `make setup` does
+    dss_validator.ensure()   # the demo's outside validator: built once for the suite, not per local dir
+    (tmp_path / "dss").symlink_to(dss_validator.home())
     assert keys.returncode == 0 and (tmp_path / "keys" / "issuer-rsa2048.p12").exists()
     up = _run(env, "up")
     assert up.returncode == 0, up.stderr
@@ -46,6 +49,9 @@ def test_up_demo_down(settings, tmp_path):
     assert "paid means credited: yes" in demo.stdout
     assert "stamped and verified: yes" in demo.stdout
     assert "PAdES level: B-LT " in demo.stdout
+    # the outside validator's word, printed by the demo itself
+    assert "default policy, this trust anchor only: " in demo.stdout
+    assert "TOTAL_PASSED (PAdES-BASELINE-LT)" in demo.stdout, demo.stdout
     written = [ln.split(": ", 1)[1] for ln in demo.stdout.splitlines() if ln.startswith("== 6. the stamped PDF: ")]
     assert written and (tmp_path / "demo").exists() and open(written[0], "rb").read(5) == b"%PDF-"
     down = _run(env, "down")

@@ -1,6 +1,6 @@
-"""The EU DSS library (tests/dss.py), offline, default policy, trusting only the local PKI's anchor, judges
-our stamps: TOTAL_PASSED at PAdES-BASELINE-LT (default) and -LTA; an applicant's earlier signature keeps
-its own indication and DSS sees no object modification beyond our signature field."""
+"""The EU DSS library (services/operator/dss_validator.py), offline, default policy, trusting only the local
+PKI's anchor, judges our stamps: TOTAL_PASSED at PAdES-BASELINE-LT (default) and -LTA; an applicant's earlier
+signature keeps its own indication and DSS sees no object modification beyond our signature field."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import pytest
 
 from loadtests import corpus
 from services.kernel.settings import Settings
+from services.operator import dss_validator as dss
 from services.stamping.serial import SerialIssuer
 from services.stamping.signing import dev_pki
 from services.stamping.signing.engine import SignerConfig, StampingEngine
 from services.stamping.signing.request import StampRequest
-from tests import dss
 
 ISSUER = SerialIssuer(80)
 

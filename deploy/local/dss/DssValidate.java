@@ -1,5 +1,5 @@
 // The EU Commission's DSS validator, offline, under its default policy: an outside judge of our stamps.
-//   java -cp '.local/dss/libs/*' tests/tools/DssValidate.java FILE.pdf TRUST_ANCHOR.pem [VALIDATION_TIME]
+//   java -cp '.local/dss/libs/*' deploy/local/dss/DssValidate.java FILE.pdf TRUST_ANCHOR.pem [VALIDATION_TIME]
 // Prints one line per signature and per time-stamp:
 //   SIGNATURE <id> <indication> <subindication or -> <format>   (then "  ERROR <message>" / "  WARNING <message>")
 //   TIMESTAMP <id> <indication> <subindication or -> <type>

@@ -1,15 +1,17 @@
-"""The EU Commission's DSS library as an outside validator (``tests/tools/DssValidate.java``), offline,
+"""The EU Commission's DSS library as an outside validator (``deploy/local/dss/DssValidate.java``), offline,
 under its default ETSI policy, trusting only the local PKI's trust anchor.
 
-Fetched by the test setup the way ``deploy/local/kafka.sh`` fetches Kafka: ``mvn dependency:copy-dependencies``
-on ``tests/tools/dss/pom.xml`` into ``$BUBUH_LOCAL_DIR/dss/libs`` (once; nothing is committed), and the
-validator compiled once into ``$BUBUH_LOCAL_DIR/dss/classes``. Java 17 and Maven are what the stack already needs.
+Used by the tests and by ``bubuh demo``. Fetched on first use the way ``deploy/local/kafka.sh`` fetches
+Kafka: ``mvn dependency:copy-dependencies`` on ``deploy/local/dss/pom.xml`` into ``$BUBUH_LOCAL_DIR/dss/libs``
+(once; nothing is committed), and the validator compiled once into ``$BUBUH_LOCAL_DIR/dss/classes``. Java 17
+and Maven are what the stack already needs.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -19,12 +21,28 @@ from pathlib import Path
 
 from services.kernel.settings import REPO_ROOT, Settings
 
-POM = REPO_ROOT / "tests" / "tools" / "dss" / "pom.xml"
-SOURCE = REPO_ROOT / "tests" / "tools" / "DssValidate.java"
+POM = REPO_ROOT / "deploy" / "local" / "dss" / "pom.xml"
+SOURCE = REPO_ROOT / "deploy" / "local" / "dss" / "DssValidate.java"
+
+
+def _version() -> str:
+    """The DSS version the POM pins (one place says it)."""
+    try:
+        found = re.search(r"<dss.version>([^<]+)</dss.version>", POM.read_text())
+    except OSError:
+        return "?"
+    return found.group(1) if found else "?"
+
+
+VERSION = _version()
 
 
 class DssUnavailable(RuntimeError):
     """No java / javac / mvn, or Maven Central could not be reached for the jars."""
+
+
+class DssFailed(RuntimeError):
+    """The validator ran and failed (its exception on stderr): no verdict."""
 
 
 def home() -> Path:
@@ -80,6 +98,12 @@ class DssReport:
     raw: str
 
 
+def built() -> bool:
+    """Whether the jars are fetched and the validator compiled (the first ``ensure`` takes a minute or two)."""
+    root = home()
+    return (root / "libs" / ".complete").exists() and (root / "classes" / "DssValidate.class").exists()
+
+
 def validate(pdf: bytes, trust_anchor: Path, *, at: datetime | None = None) -> DssReport:
     """DSS's verdict on ``pdf`` (validation time ``at``, default now), no network."""
     root = ensure()
@@ -91,7 +115,7 @@ def validate(pdf: bytes, trust_anchor: Path, *, at: datetime | None = None) -> D
                                "-cp", f"{root / 'classes'}:{root / 'libs'}/*", "DssValidate", *args],
                               capture_output=True, text=True, timeout=300, cwd=tmp)
     if done.returncode != 0:
-        raise AssertionError(f"DSS failed: {done.stderr[-3000:]}")
+        raise DssFailed(f"DSS failed: {done.stderr[-3000:]}")
     return _parse(done.stdout)
 
 
