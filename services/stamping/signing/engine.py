@@ -233,20 +233,25 @@ class StampingEngine:
     def _document_timestamp(self, signed: io.BytesIO) -> bytes:
         """B-LTA: a document time-stamp over the signature and its validation data."""
         from pyhanko.sign.signers.pdf_signer import PdfTimeStamper
-        from pyhanko.sign.timestamps import TimestampRequestError
 
         out = io.BytesIO()
         stamper = PdfTimeStamper(self.timestamper)
+        self._ask_tsa(stamper.async_timestamp_pdf(IncrementalPdfFileWriter(signed), self.config.md_algorithm,
+                                                  output=out), "document time-stamp")
+        return out.getvalue()
+
+    def _ask_tsa(self, request, what: str):
+        """Run one request to the time-stamp authority; its failures are TSA_UNAVAILABLE (retryable)."""
+        from pyhanko.sign.timestamps import TimestampRequestError
+
         try:
-            self._event_loop().run_until_complete(stamper.async_timestamp_pdf(
-                IncrementalPdfFileWriter(signed), self.config.md_algorithm, output=out))
+            return self._event_loop().run_until_complete(request)
         except (TimeoutError, TimestampRequestError, OSError) as exc:
-            raise BubuhError(TSA_UNAVAILABLE, f"time-stamp authority (document time-stamp): {exc}") from exc
+            raise BubuhError(TSA_UNAVAILABLE, f"time-stamp authority ({what}): {exc}") from exc
         except Exception as exc:
             if type(exc).__module__.startswith("aiohttp"):
-                raise BubuhError(TSA_UNAVAILABLE, f"time-stamp authority: {exc!r}") from exc
+                raise BubuhError(TSA_UNAVAILABLE, f"time-stamp authority ({what}): {exc!r}") from exc
             raise
-        return out.getvalue()
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -264,18 +269,9 @@ class StampingEngine:
         return self.template.assemble(document_digest, signature, unsigned)
 
     def _timestamp(self, signature: bytes):
-        from pyhanko.sign.timestamps import TimestampRequestError
-
         md = self.config.md_algorithm
-        digest = hashlib.new(md, signature).digest()
-        try:
-            return self._event_loop().run_until_complete(self.timestamper.async_timestamp(digest, md))
-        except (TimeoutError, TimestampRequestError, OSError) as exc:
-            raise BubuhError(TSA_UNAVAILABLE, f"time-stamp authority: {exc}") from exc
-        except Exception as exc:
-            if type(exc).__module__.startswith("aiohttp"):
-                raise BubuhError(TSA_UNAVAILABLE, f"time-stamp authority: {exc!r}") from exc
-            raise
+        return self._ask_tsa(self.timestamper.async_timestamp(hashlib.new(md, signature).digest(), md),
+                             "signature time-stamp")
 
     def _forget_token(self) -> None:
         c = self.config
