@@ -18,8 +18,12 @@ running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 start() {
-  if running; then echo "pki: already running (pid $(cat "$pidfile")) on 127.0.0.1:$port"; return 0; fi
   [ -x "$bubuh" ] || die "no virtualenv: run 'make setup' first"
+  if running; then
+    "$bubuh" keys dev-pki --if-missing   # a PKI made anew (a certificate added) must not be served stale
+    if [ "$home/certomancer.yml" -nt "$pidfile" ]; then echo "pki: made anew, restarting"; stop; else
+      echo "pki: already running (pid $(cat "$pidfile")) on 127.0.0.1:$port"; return 0; fi
+  fi
   if port_open "$port"; then die "port 127.0.0.1:$port is taken by another process: set BUBUH_LOCAL_PKI_PORT"; fi
   "$bubuh" keys dev-pki --if-missing
   mkdir -p "$home/logs"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 ARCH = "bubuh"
 P12_PASSWORD = "bubuh-dev"
-_KEYS = ("root", "issuing", "signer", "signer-revoked", "ocsp", "tsa")
+_KEYS = ("root", "issuing", "signer", "signer-revoked", "ocsp", "tsa", "tsa-archive")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,12 @@ class DevPki:
     @property
     def tsa_url(self) -> str:
         return f"{self.prefix}/{ARCH}/tsa/tsa"
+
+    @property
+    def archive_tsa_url(self) -> str:
+        """A second TSA whose certificate outlives the first one's, as after a TSA's key roll-over: what
+        `bubuh renew-timestamps` time-stamps with before the first TSA's certificate expires."""
+        return f"{self.prefix}/{ARCH}/tsa/tsa-archive"
 
     @property
     def ocsp_url(self) -> str:
@@ -103,6 +109,12 @@ def _config(port: int, now: _dt.datetime) -> dict:
     def validity(days: int) -> dict:
         return {"valid-from": at(-1), "valid-to": at(days)}
 
+    def tsa(days: int) -> dict:
+        return {"issuer": "root", "validity": validity(days),
+                "extensions": [key_usage("digital_signature"),
+                               {"id": "extended_key_usage", "critical": True, "value": ["time_stamping"]},
+                               crl_dp("root")]}
+
     ca = {"id": "basic_constraints", "critical": True, "value": {"ca": True}}
     leaf_aia = {"id": "authority_information_access",
                 "smart-value": {"schema": "aia-urls", "params": {
@@ -124,6 +136,7 @@ def _config(port: int, now: _dt.datetime) -> dict:
                 "signer-revoked": {"common-name": "Bubuh Dev e-Meterai Issuer (revoked)"},
                 "ocsp": {"common-name": "Bubuh Dev OCSP Responder"},
                 "tsa": {"common-name": "Bubuh Dev Time-Stamp Authority"},
+                "tsa-archive": {"common-name": "Bubuh Dev Time-Stamp Authority (after roll-over)"},
             },
             "certs": {
                 "root": {"subject": "root", "issuer": "root", "validity": validity(3650),
@@ -140,10 +153,8 @@ def _config(port: int, now: _dt.datetime) -> dict:
                          "extensions": [key_usage("digital_signature"),
                                         {"id": "extended_key_usage", "critical": True, "value": ["ocsp_signing"]},
                                         {"id": "ocsp_no_check"}]},
-                "tsa": {"issuer": "root", "validity": validity(1825),
-                        "extensions": [key_usage("digital_signature"),
-                                       {"id": "extended_key_usage", "critical": True, "value": ["time_stamping"]},
-                                       crl_dp("root")]},
+                "tsa": tsa(1825),
+                "tsa-archive": {**tsa(3000), "subject": "tsa-archive"},
             },
             "services": {
                 "ocsp": {"issuing": {"for-issuer": "issuing", "responder-cert": "ocsp", "signing-key": "ocsp"}},
@@ -152,7 +163,8 @@ def _config(port: int, now: _dt.datetime) -> dict:
                     "issuing": {"for-issuer": "issuing", "signing-key": "issuing", "simulated-update-schedule": "P1D"},
                 },
                 "cert-repo": {"root": {"for-issuer": "root", "publish-issued-certs": True}},
-                "time-stamping": {"tsa": {"signing-key": "tsa", "signing-cert": "tsa"}},
+                "time-stamping": {"tsa": {"signing-key": "tsa", "signing-cert": "tsa"},
+                                  "tsa-archive": {"signing-key": "tsa-archive", "signing-cert": "tsa-archive"}},
             },
         }},
     }
@@ -199,6 +211,8 @@ def existing(root: Path) -> DevPki | None:
     config = Path(root) / "certomancer.yml"
     if not config.exists() or not (Path(root) / "signer.p12").exists():
         return None
+    if any(not (Path(root) / "keys" / f"{name}.key.pem").exists() for name in _KEYS):
+        return None   # made before a certificate was added: made anew
     prefix = json.loads(config.read_text())["external-url-prefix"]
     return DevPki(Path(root), int(prefix.rsplit(":", 1)[1]))
 
