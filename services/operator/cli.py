@@ -194,11 +194,14 @@ def cmd_renew_timestamps(args) -> None:
     from services.stamping import archive
     done = asyncio.run(archive.renew_stored(_settings(), args.within_days, dry_run=args.dry_run))
     due = [r for r in done if r.expires is not None and (r.renewed or args.dry_run)]
+    failed = [r for r in done if r.error]
     for r in done:
-        state = "renewed" if r.renewed else ("due" if r in due else "ok")
+        state = "renewed" if r.renewed else f"FAILED: {r.error}" if r.error else ("due" if r in due else "ok")
         print(f"{r.request_id}  time-stamp certificate expires {r.expires.isoformat() if r.expires else '-'}  {state}")
     print(f"{len(done)} stored stamps, {sum(r.renewed for r in done)} renewed"
-          + (f", {len(due)} due (dry run)" if args.dry_run else ""))
+          + (f", {len(due)} due (dry run)" if args.dry_run else "") + (f", {len(failed)} failed" if failed else ""))
+    if failed:
+        raise SystemExit(1)
 
 
 def cmd_replay(args) -> None:

@@ -33,6 +33,7 @@ class Renewal:
     request_id: str
     expires: dt.datetime | None  # the certificate of the time-stamp it relied on
     renewed: bool
+    error: str | None = None     # due, but the renewal failed (the stored file is unchanged)
 
 
 def last_timestamp_expiry(data: bytes) -> dt.datetime | None:
@@ -116,10 +117,17 @@ async def renew_stored(settings: Settings, within_days: float, *, dry_run: bool 
         data = await documents_store.get(row["output_ref"])
         expires = await asyncio.to_thread(last_timestamp_expiry, data)
         due = expires is not None and expires <= horizon
-        if due and not dry_run:
+        if not due or dry_run:
+            done.append(Renewal(row["request_id"], expires, False))
+            continue
+        try:   # one stamp that cannot be renewed (its TSA's or CA's data unreachable) does not stop the rest
             renewed = await renew(data, settings.signing_tsa_url, roots,
                                   timeout_s=settings.signing_revocation_timeout_s)
-            await documents_store.put(row["output_ref"], renewed)
-            log.info("archive time-stamp renewed", request_id=row["request_id"], expired=expires.isoformat())
-        done.append(Renewal(row["request_id"], expires, due and not dry_run))
+        except Exception as exc:  # noqa: BLE001 - reported per stamp; the command exits 1
+            log.warning("archive time-stamp not renewed", request_id=row["request_id"], error=repr(exc))
+            done.append(Renewal(row["request_id"], expires, False, f"{type(exc).__name__}: {exc}"))
+            continue
+        await documents_store.put(row["output_ref"], renewed)
+        log.info("archive time-stamp renewed", request_id=row["request_id"], expired=expires.isoformat())
+        done.append(Renewal(row["request_id"], expires, True))
     return done
