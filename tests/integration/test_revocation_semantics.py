@@ -180,3 +180,20 @@ def test_dss_agrees_revoked_after_passes_revoked_before_does_not(revoked_after, 
     assert (before.indication, before.subindication) == ("INDETERMINATE", "REVOKED_NO_POE"), before
     assert "The certificate is revoked!" in before.errors
     assert "The revocation time is not after best-signature-time!" in before.errors
+
+
+def test_verification_fetches_nothing_the_file_names(revoked_after, throwaway, monkeypatch):
+    """The certificates name OCSP and CRL addresses (here 127.0.0.1:9); a verifier of uploads must not call
+    what a hostile file names: pyHanko's fetchers are never even set up."""
+    from pyhanko_certvalidator.fetchers.aiohttp_fetchers import AIOHttpFetcherBackend
+    from pyhanko_certvalidator.fetchers.requests_fetchers import RequestsFetcherBackend
+
+    asked = []
+    for backend in (AIOHttpFetcherBackend, RequestsFetcherBackend):
+        original = backend.get_fetchers
+        monkeypatch.setattr(backend, "get_fetchers", lambda self, _o=original: asked.append(self) or _o(self))
+    _, with_revocation = revoked_after
+    pki, _ = throwaway
+    (stamp,) = signature_validation.verify(with_revocation, [pki.trust_anchor]).stamps
+    assert stamp.certificate_status.status == "revoked" and stamp.ok
+    assert asked == []
