@@ -118,7 +118,8 @@ def _certificate_status(sig: signature_validation.SignatureReport) -> dict | Non
     elif cs.status == "good":
         words = "the validation data in the file show the certificates on the path not revoked"
     else:
-        words = "the file carries no validation data that settle the certificate's status"
+        words = "the validation data in the file do not settle the certificate's status (B-B and B-T stamps " \
+                "carry none)"
     return {"status": cs.status, "revoked_at": cs.revoked_at.isoformat() if cs.revoked_at else None,
             "revocation_reason": cs.reason, "ca_revoked": cs.ca_revoked, "etsi_indication": cs.indication,
             "detail": words}

@@ -356,6 +356,12 @@ def _certificate_status(sig, roots: list[asn1_x509.Certificate]) -> tuple[Certif
     from pyhanko_certvalidator.ltv.types import ValidationTimingInfo
     from pyhanko_certvalidator.registry import SimpleTrustManager
 
+    try:
+        knowledge = _carried_validation_data(sig)
+    except RecursionError as exc:
+        raise BubuhError(errors.PDF_MALFORMED, "object nesting is too deep") from exc
+    except Exception as exc:  # noqa: BLE001 - a DSS pyHanko cannot read carries nothing it could judge
+        return CertificateStatus("unknown", f"NOT_JUDGED/{type(exc).__name__}"), None
     spec = SignatureValidationSpec(
         cert_validation_policy=CertValidationPolicySpec(
             trust_manager=SimpleTrustManager.build(roots),
@@ -367,7 +373,7 @@ def _certificate_status(sig, roots: list[asn1_x509.Certificate]) -> tuple[Certif
         revinfo_gathering_policy=RevocationInfoGatheringSpec(
             online_fetching_rule=RevinfoOnlineFetchingRule.LOCAL_ONLY,
             certificate_fetching_rule=CertificateFetchingRule.NEVER_FETCH),
-        local_knowledge=_carried_validation_data(sig))
+        local_knowledge=knowledge)
     now = datetime.now(UTC)
     try:
         result = asyncio.run(ades.ades_with_time_validation(
