@@ -150,6 +150,11 @@ NOT_OUR_ISSUER = _code("NOT_OUR_ISSUER", 200,
                        "The signature carrying the SN is not made by the e-Meterai issuer's key (its certificate "
                        "does not chain to the issuer's trust roots).",
                        "Treat the stamp as forged; only the issuer's signature makes an e-Meterai.")
+CERT_REVOKED = _code("CERT_REVOKED", 200,
+                     "The stamp's signing certificate (or a CA above it) was revoked, and no trusted time-stamp "
+                     "proves the stamp existed before the revocation (ETSI EN 319 102-1: revoked after the "
+                     "signature time-stamp leaves a stamp valid).",
+                     "Treat the stamp as invalid; a document stamped after the revocation needs a new stamp.")
 SN_UNKNOWN = _code("SN_UNKNOWN", 200, "The stamp's serial number was never issued (or is malformed).",
                    "Treat the stamp as forged; check the SN at `GET /v1/verify/{sn}`.")
 SN_REUSED = _code("SN_REUSED", 200,
@@ -162,7 +167,8 @@ MODIFIED_AFTER_STAMPING = _code("MODIFIED_AFTER_STAMPING", 200,
                                 "`changed` say where).",
                                 "Verify the file as it was stamped (the revision named in `stamp_revision`); a "
                                 "changed document needs a new stamp.")
-VERIFICATION_VERDICTS = (NO_STAMP, SIGNATURE_BROKEN, NOT_OUR_ISSUER, SN_UNKNOWN, SN_REUSED, MODIFIED_AFTER_STAMPING)
+VERIFICATION_VERDICTS = (NO_STAMP, SIGNATURE_BROKEN, NOT_OUR_ISSUER, CERT_REVOKED, SN_UNKNOWN, SN_REUSED,
+                         MODIFIED_AFTER_STAMPING)
 
 # --- notification ----------------------------------------------------------------------------
 QUERY_INVALID = _code("QUERY_INVALID", 422, "The query parameters do not select anything.",

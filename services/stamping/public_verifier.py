@@ -102,6 +102,29 @@ def _registry_findings(sig: signature_validation.SignatureReport, facts: dict) -
     return []
 
 
+def _certificate_status(sig: signature_validation.SignatureReport) -> dict | None:
+    """The signing certificate's revocation status, with what it means for this stamp, in words."""
+    cs = sig.certificate_status
+    if cs is None:
+        return None
+    poe = sig.proof_of_existence.isoformat() if sig.proof_of_existence else None
+    if cs.status == "revoked":
+        at = cs.revoked_at.isoformat() if cs.revoked_at else "?"
+        whose = "a CA certificate on the path" if cs.ca_revoked else "the signing certificate"
+        if cs.revoked_before_proof:
+            words = f"{whose} was revoked at {at}, and no trusted time-stamp before that proves the stamp existed"
+        else:
+            words = f"{whose} was revoked at {at}, after the time-stamp at {poe}: the stamp stays valid"
+    elif cs.status == "good":
+        words = "the validation data in the file show the certificates on the path not revoked"
+    else:
+        words = "the validation data in the file do not settle the certificate's status (B-B and B-T stamps " \
+                "carry none)"
+    return {"status": cs.status, "revoked_at": cs.revoked_at.isoformat() if cs.revoked_at else None,
+            "revocation_reason": cs.reason, "ca_revoked": cs.ca_revoked, "etsi_indication": cs.indication,
+            "detail": words}
+
+
 def judge(report: signature_validation.VerificationReport, registry: Mapping[str, list[Issued]]) -> dict:
     """The public answer for ``report``, given the registry rows of each SN it carries.
 
@@ -141,6 +164,10 @@ def judge(report: signature_validation.VerificationReport, registry: Mapping[str
             "signing_time": sig.signing_time.isoformat() if sig.signing_time else None,
             "timestamped_at": sig.timestamp_time.isoformat() if sig.timestamp_time else None,
             "timestamp_trusted": sig.timestamp_trusted,
+            "timestamp": sig.timestamp.as_dict() if sig.timestamp else None,
+            "document_timestamp": sig.document_timestamp.as_dict() if sig.document_timestamp else None,
+            "proof_of_existence": sig.proof_of_existence.isoformat() if sig.proof_of_existence else None,
+            "certificate_status": _certificate_status(sig),
         })
     if not stamps:
         reasons.append({"code": errors.NO_STAMP.code, "detail": errors.NO_STAMP.meaning})

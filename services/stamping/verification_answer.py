@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 class Reason(BaseModel):
     code: str = Field(description="A verdict code of the catalogue (docs/errors.md): NO_STAMP, SIGNATURE_BROKEN, "
-                                  "NOT_OUR_ISSUER, SN_UNKNOWN, SN_REUSED, MODIFIED_AFTER_STAMPING.")
+                                  "NOT_OUR_ISSUER, CERT_REVOKED, SN_UNKNOWN, SN_REUSED, MODIFIED_AFTER_STAMPING.")
     detail: str = Field(description="What exactly was found, in words.")
     sn: str | None = Field(None, description="The stamp this reason is about.")
     field: str | None = Field(None, description="The stamp's signature field.")
@@ -20,6 +20,24 @@ class Reason(BaseModel):
     changed: list[str] | None = Field(None, description="Where the change is, as paths from the trailer, e.g. "
                                                         "`/Root/Pages/Kids[0]/Contents` (as precise as pyHanko's "
                                                         "difference analysis names objects; at most 20).")
+
+
+class TimeStamp(BaseModel):
+    time: str = Field(description="The time-stamp token's genTime.")
+    tsa: str = Field(description="The time-stamp authority (its certificate's subject).")
+    trusted: bool = Field(description="The token is intact and its TSA chains to the trust roots.")
+
+
+class CertificateStatus(BaseModel):
+    status: str = Field(description="`good`, `revoked` or `unknown`, from the CRLs and OCSP responses the file "
+                                    "carries (its DSS; the signature's revocation archival attribute).")
+    revoked_at: str | None = Field(None, description="When the certificate was revoked (`revoked` only).")
+    revocation_reason: str | None = Field(None, description="The CRL reason, e.g. `key_compromise`.")
+    ca_revoked: bool = Field(False, description="The revoked certificate is a CA above the signing certificate.")
+    etsi_indication: str = Field(description="pyHanko's ETSI EN 319 102-1 validation with time: `PASSED`, or "
+                                             "`INDETERMINATE/<subindication>` / `FAILED/<subindication>`. A "
+                                             "revoked certificate with `PASSED` was revoked after the time-stamp.")
+    detail: str = Field(description="The same, in words.")
 
 
 class StampVerdict(BaseModel):
@@ -42,8 +60,18 @@ class StampVerdict(BaseModel):
                                                   "the issuer delivered for this SN (sha256).")
     signer: str
     signing_time: str | None
-    timestamped_at: str | None
+    timestamped_at: str | None = Field(description="The signature time-stamp's genTime (as `timestamp.time`).")
     timestamp_trusted: bool | None
+    timestamp: TimeStamp | None = Field(None, description="The signature time-stamp (PAdES B-T and above).")
+    document_timestamp: TimeStamp | None = Field(
+        None, description="The latest document time-stamp after the stamp (PAdES B-LTA; renewed by "
+                          "`bubuh renew-timestamps`): it proves the stamp and its validation data existed then.")
+    proof_of_existence: str | None = Field(
+        None, description="The earliest time the stamp provably existed (ETSI's best-signature-time: the "
+                          "signature time-stamp's genTime), the time a revocation is compared with.")
+    certificate_status: CertificateStatus | None = Field(
+        None, description="The signing certificate's revocation status as the file's own validation data "
+                          "establish it; null when the signature is broken or not the issuer's.")
 
 
 class VerificationAnswer(BaseModel):

@@ -211,8 +211,27 @@ def _stamp_rows(stamps: list[dict], lang: str) -> str:
         rows = [("sn", f"<code>{_e(s.get('sn'))}</code> ({state})"), ("signer", _e(s.get("signer"))),
                 ("signed_at", _e(_when(s.get("timestamped_at") or s.get("signing_time")))),
                 ("revision", _e(s.get("stamp_revision")))]
-        items.append("<dl>" + "".join(f"<dt>{_t(k, lang)}</dt><dd>{v}</dd>" for k, v in rows) + "</dl>")
+        cert = s.get("certificate_status")
+        if cert:
+            rows.append(("cert_status", _cert_words(cert, lang)))
+        for key in ("timestamp", "doc_timestamp"):
+            ts = s.get("timestamp" if key == "timestamp" else "document_timestamp")
+            if ts:
+                rows.append((key, f"{_e(_when(ts.get('time')))} {_t('by', lang)} {_e(ts.get('tsa'))}"))
+        tech = ""
+        if cert:
+            tech = (f"<details><summary>{_t('technical', lang)}</summary><p><code>{_e(cert.get('detail'))}"
+                    f" [ETSI EN 319 102-1: {_e(cert.get('etsi_indication'))}]</code></p></details>")
+        items.append("<dl>" + "".join(f"<dt>{_t(k, lang)}</dt><dd>{v}</dd>" for k, v in rows) + "</dl>" + tech)
     return f"<h2>{_t('stamps', lang)}</h2>" + "<hr>".join(items)
+
+
+def _cert_words(cert: dict, lang: str) -> str:
+    status = cert.get("status")
+    if status == "revoked":
+        key = "cert_revoked_after" if cert.get("etsi_indication") == "PASSED" else "cert_revoked"
+        return _t(key, lang, at=_when(cert.get("revoked_at")))
+    return _t("cert_good" if status == "good" else "cert_unknown", lang)
 
 
 def _verdict(verdict: dict, sn: str, lang: str, name: str) -> str:

@@ -122,6 +122,8 @@ async def test_the_qr_opens_a_page_that_checks_documents_in_a_browser(platform, 
             verdict = page.locator("#doc-verdict")
             assert "valid" in (await verdict.get_attribute("class")).split()
             assert "DOKUMEN SAH" in await verdict.inner_text()
+            # the stamp's certificate status, as its own validation data establish it (none at B-B)
+            assert "Status sertifikat penanda tangan" in await page.locator("#doc-result").inner_text()
             await page.screenshot(path=shots / "document-valid-id.png", full_page=True)
             await page.screenshot(path=shots / "readme.png", full_page=True)
 
@@ -132,8 +134,8 @@ async def test_the_qr_opens_a_page_that_checks_documents_in_a_browser(platform, 
             assert "DOKUMEN TIDAK SAH" in await page.locator("#doc-verdict").inner_text()
             assert (await page.locator("#doc-code").inner_text()) == "MODIFIED_AFTER_STAMPING"
             assert "Dokumen diubah setelah dibubuhi e-Meterai" in await page.locator("#doc-result").inner_text()
-            await page.click("#doc-result summary")     # <details> opens without JavaScript
-            assert "/Root/Pages/Kids[0]/Contents" in await page.locator("#doc-result details").inner_text()
+            await page.click("#doc-result .reasons summary")     # <details> opens without JavaScript
+            assert "/Root/Pages/Kids[0]/Contents" in await page.locator("#doc-result .reasons details").inner_text()
             await fits_the_phone(page)
             await page.screenshot(path=shots / "document-tampered-id.png", full_page=True)
 

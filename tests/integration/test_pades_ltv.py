@@ -124,6 +124,11 @@ def test_b_lt_stamp_carries_the_chains_validation_data_after_the_signature(pki, 
     (stamp,) = report.stamps
     assert stamp.ok and not stamp.findings, stamp.findings
     assert stamp.timestamp_trusted
+    # ETSI validation with time on the DSS it carries: good, proven to exist at the signature time-stamp
+    assert (stamp.certificate_status.status, stamp.certificate_status.indication) == ("good", "PASSED")
+    assert stamp.timestamp.tsa.startswith("Common Name: Bubuh Dev Time-Stamp Authority") and stamp.timestamp.trusted
+    assert stamp.proof_of_existence == stamp.timestamp.time == stamp.timestamp_time
+    assert stamp.document_timestamp is None
 
 
 def test_revocation_data_is_fetched_once_per_validity_period_not_per_stamp(pki):
@@ -153,6 +158,10 @@ def test_b_lta_adds_a_document_time_stamp_over_signature_and_dss(pki, anchor):
     assert _validate_offline(out, anchor).bottom_line
     (stamp,) = signature_validation.verify(out, [pki.trust_anchor]).stamps
     assert stamp.ok and not stamp.findings, stamp.findings
+    assert stamp.certificate_status.status == "good"
+    doc_ts = stamp.document_timestamp
+    assert doc_ts is not None and doc_ts.trusted and doc_ts.tsa == stamp.timestamp.tsa
+    assert doc_ts.time >= stamp.timestamp.time
 
 
 def test_renewing_the_archive_time_stamp_adds_one_over_the_last_ones_validation_data(pki, anchor):
@@ -172,6 +181,8 @@ def test_renewing_the_archive_time_stamp_adds_one_over_the_last_ones_validation_
     assert _validate_offline(renewed, anchor).bottom_line
     (stamp,) = signature_validation.verify(renewed, [pki.trust_anchor]).stamps
     assert stamp.ok and not stamp.findings, stamp.findings
+    (before,) = signature_validation.verify(out, [pki.trust_anchor]).stamps
+    assert stamp.document_timestamp.trusted and stamp.document_timestamp.time >= before.document_timestamp.time
     import hashlib
     assert hashlib.sha256(out).hexdigest() in stamp.later_revision_sha256s  # the delivered file is a prefix
 
@@ -242,6 +253,8 @@ async def test_the_platform_stamps_at_b_lt_by_default(settings, pki, anchor):
             verdict = (await api.post("/v1/verify", files={"file": ("x.pdf", pdf, "application/pdf")})).json()
             assert verdict["valid"] is True, verdict
             assert verdict["stamps"][0]["timestamp_trusted"] is True
+            assert verdict["stamps"][0]["certificate_status"]["status"] == "good", verdict
+            assert verdict["stamps"][0]["proof_of_existence"] == verdict["stamps"][0]["timestamped_at"]
             assert len(_dss(pdf).ocsps) >= 1
             assert await asyncio.to_thread(lambda: _validate_offline(pdf, anchor).bottom_line)
 
@@ -255,6 +268,7 @@ async def test_the_platform_stamps_at_b_lt_by_default(settings, pki, anchor):
             assert renewed.startswith(pdf) and len(renewed) > len(pdf)
             again = (await api.post("/v1/verify", files={"file": ("x.pdf", renewed, "application/pdf")})).json()
             assert again["valid"] is True, again
+            assert again["stamps"][0]["document_timestamp"]["trusted"] is True, again
     finally:
         await proc.stop()
 

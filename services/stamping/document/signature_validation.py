@@ -9,6 +9,14 @@ further incremental updates is not necessarily forged (a later e-Meterai or sign
 is legitimate) but it is reported, since "unmodified since stamping" is what a
 verifier promises.
 
+Revocation follows ETSI EN 319 102-1 (its "validation with time", pyHanko's ``ades_with_time_validation``):
+each stamp's certificate status is what the revocation data the file carries (its DSS, the CMS's
+revocation archival attribute) establish, whatever their age, and the signature time-stamp is the
+proof that the stamp existed at its genTime. A certificate revoked after that time leaves the stamp
+valid (the signature was made while the key was trusted); revoked before it, or with no time-stamp to
+prove otherwise, the stamp is ``CERT_REVOKED``. Data that say nothing about the certificate leave its
+status ``unknown``, which does not by itself invalidate a stamp (B-B and B-T stamps carry none).
+
 The SN comes from the signature's reason, ``"[SN] reason"``, the convention existing
 issuer adapters use; whether that SN exists and was used once is the verification
 service's question (it owns the SN registry), not this library's.
@@ -16,13 +24,14 @@ service's question (it owns the SN registry), not this library's.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import io
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from asn1crypto import x509 as asn1_x509
@@ -102,6 +111,40 @@ def stamp_diff_policy():
 
 
 @dataclass(frozen=True)
+class TimeStamp:
+    """An RFC 3161 time-stamp the verdict relies on: when (genTime), by whom, and whether its TSA is trusted."""
+
+    time: datetime
+    tsa: str  # the TSA certificate's subject, human readable
+    trusted: bool
+
+    def as_dict(self) -> dict:
+        return {"time": self.time.isoformat(), "tsa": self.tsa, "trusted": self.trusted}
+
+
+@dataclass(frozen=True)
+class CertificateStatus:
+    """The signing certificate's revocation status, as the validation data in the file establish it.
+
+    ``status``: ``good`` (the data vouch for the whole path), ``revoked`` (the signing certificate, or
+    a CA above it when ``ca_revoked``, since ``revoked_at``), ``unknown`` (the data do not settle it,
+    e.g. a B-T stamp that carries none). ``indication`` is pyHanko's ETSI EN 319 102-1 result of the
+    validation with time: ``PASSED`` for a revoked certificate means revoked after the time-stamp.
+    """
+
+    status: str
+    indication: str
+    revoked_at: datetime | None = None
+    reason: str | None = None  # the CRL reason, e.g. key_compromise
+    ca_revoked: bool = False
+
+    @property
+    def revoked_before_proof(self) -> bool:
+        """Revoked, and no trusted time proves the stamp existed before: it does not vouch for anything."""
+        return self.status == "revoked" and self.indication != "PASSED"
+
+
+@dataclass(frozen=True)
 class SignatureReport:
     field_name: str
     signer: str  # the certificate subject, human readable
@@ -127,6 +170,12 @@ class SignatureReport:
     # stamps: sha256 of the file as it ended at each of the next few revisions. A B-LT stamp is delivered
     # with its DSS (and a B-LTA one with its document time-stamp) appended: the delivered file is one of these
     later_revision_sha256s: tuple[str, ...] = ()
+    # stamps: ETSI revocation semantics (None when not judged: the signature is broken or not ours)
+    certificate_status: CertificateStatus | None = None
+    timestamp: TimeStamp | None = None  # the signature time-stamp (timestamp_time, with its TSA)
+    # the earliest time the stamp provably existed (ETSI's best-signature-time): what a revocation is compared with
+    proof_of_existence: datetime | None = None
+    document_timestamp: TimeStamp | None = None  # B-LTA: the latest document time-stamp after the stamp
 
     @property
     def modified_after(self) -> bool:
@@ -191,6 +240,7 @@ def verify(data: bytes, trust_roots: Iterable, *, allow_fetching: bool = False) 
         raise BubuhError(errors.PDF_MALFORMED, f"cannot read: {exc}") from exc
 
     junk = _bytes_after_last_eof(data)
+    doc_timestamps: dict = {}  # revision -> TimeStamp | None: judged once, however many stamps precede it
     reports = []
     for sig in embedded:
         vc = ValidationContext(trust_roots=roots, allow_fetching=allow_fetching)
@@ -231,6 +281,13 @@ def verify(data: bytes, trust_roots: Iterable, *, allow_fetching: bool = False) 
                 after_finding = Finding(errors.MODIFIED_AFTER_STAMPING.code,
                                         f"the revisions after the stamp cannot be analysed: {type(exc).__name__}")
         findings = _signature_findings(status, sn)
+        cert_status, poe = None, None
+        if sn is not None and status.intact and status.valid and status.trusted:
+            cert_status, poe = _certificate_status(sig, roots)
+            if poe is None and ts is not None and ts.trusted:
+                poe = ts.timestamp  # not enough for ETSI's PASSED, still the time the verdict compared with
+            if cert_status.revoked_before_proof:
+                findings.append(Finding(errors.CERT_REVOKED.code, _revocation_words(cert_status, ts)))
         if after_finding is not None:
             findings.append(after_finding)
         if sn is not None and junk:
@@ -261,9 +318,147 @@ def verify(data: bytes, trust_roots: Iterable, *, allow_fetching: bool = False) 
             after_level=after_level,
             findings=tuple(findings),
             later_revision_sha256s=_later_revision_hashes(data, revision_end) if sn is not None else (),
+            certificate_status=cert_status,
+            timestamp=TimeStamp(ts.timestamp, ts.signing_cert.subject.human_friendly, bool(ts.trusted))
+            if ts is not None else None,
+            proof_of_existence=poe,
+            document_timestamp=_latest_document_timestamp(reader, sig.signed_revision, roots, doc_timestamps)
+            if sn is not None else None,
         ))
     return VerificationReport(sha256=hashlib.sha256(data).hexdigest(), signatures=tuple(reports),
                               revisions=reader.xrefs.total_revisions)
+
+
+_RECENT_ENOUGH = timedelta(days=365 * 100)  # any revocation data the file carries counts, however old
+
+
+def _certificate_status(sig, roots: list[asn1_x509.Certificate]) -> tuple[CertificateStatus, datetime | None]:
+    """ETSI EN 319 102-1 validation with time (pyHanko's ``ades_with_time_validation``) on the data the file carries.
+
+    The basic validation runs now, with every CRL and OCSP response of the DSS and of the CMS's revocation
+    archival attribute accepted however old (no fetching: a verifier judges the file, and a B-LT stamp's
+    data are as old as the stamp). pyHanko's revocation check decides: the newest OCSP response about a
+    certificate first, its CRLs when no response settles it. When it says
+    revoked (``REVOKED_NO_POE``), the signature time-stamp is the proof of existence: before the
+    revocation, the result is ``PASSED`` (the stamp stays valid); at or after it, it stays
+    ``INDETERMINATE``. Returns the status and, when it passed, that proof-of-existence time.
+    """
+    from pyhanko.sign.ades.report import AdESPassed
+    from pyhanko.sign.validation import ades
+    from pyhanko.sign.validation.policy_decl import (
+        CertificateFetchingRule,
+        RevinfoOnlineFetchingRule,
+        RevocationInfoGatheringSpec,
+        SignatureValidationSpec,
+    )
+    from pyhanko_certvalidator import policy_decl
+    from pyhanko_certvalidator.context import CertValidationPolicySpec
+    from pyhanko_certvalidator.ltv.types import ValidationTimingInfo
+    from pyhanko_certvalidator.registry import SimpleTrustManager
+
+    try:
+        knowledge = _carried_validation_data(sig)
+    except RecursionError as exc:
+        raise BubuhError(errors.PDF_MALFORMED, "object nesting is too deep") from exc
+    except Exception as exc:  # noqa: BLE001 - a DSS pyHanko cannot read carries nothing it could judge
+        return CertificateStatus("unknown", f"NOT_JUDGED/{type(exc).__name__}"), None
+    spec = SignatureValidationSpec(
+        cert_validation_policy=CertValidationPolicySpec(
+            trust_manager=SimpleTrustManager.build(roots),
+            revinfo_policy=policy_decl.CertRevTrustPolicy(
+                revocation_checking_policy=policy_decl.REQUIRE_REVINFO,
+                freshness_req_type=policy_decl.FreshnessReqType.MAX_DIFF_REVOCATION_VALIDATION,
+                freshness=_RECENT_ENOUGH)),
+        # the file's data only: a verifier never follows URLs a hostile file names (and judges what it carries)
+        revinfo_gathering_policy=RevocationInfoGatheringSpec(
+            online_fetching_rule=RevinfoOnlineFetchingRule.LOCAL_ONLY,
+            certificate_fetching_rule=CertificateFetchingRule.NEVER_FETCH),
+        local_knowledge=knowledge)
+    now = datetime.now(UTC)
+    try:
+        result = asyncio.run(ades.ades_with_time_validation(
+            sig.signed_data, spec, timing_info=ValidationTimingInfo(now, now, False), raw_digest=sig.compute_digest()))
+    except RecursionError as exc:
+        raise BubuhError(errors.PDF_MALFORMED, "object nesting is too deep") from exc
+    except Exception as exc:  # noqa: BLE001 - what cannot be judged is not known
+        return CertificateStatus("unknown", f"NOT_JUDGED/{type(exc).__name__}"), None
+    indic = result.ades_subindic
+    passed = isinstance(indic, AdESPassed)
+    indication = "PASSED" if passed else f"{indic.status.name}/{indic.name}"
+    revoked = result.api_status.revocation_details if result.api_status is not None else None
+    poe = result.best_signature_time if passed else None
+    if revoked is not None:
+        reason = revoked.revocation_reason.native if revoked.revocation_reason is not None else None
+        return CertificateStatus("revoked", indication, revoked.revocation_date, reason or "unspecified",
+                                 bool(revoked.ca_revoked)), poe
+    return CertificateStatus("good" if passed else "unknown", indication), poe
+
+
+def _carried_validation_data(sig):
+    """The certificates, CRLs and OCSP responses in the file's DSS and in the signature's archival attribute."""
+    from asn1crypto import crl as asn1_crl
+    from asn1crypto import ocsp as asn1_ocsp
+    from pyhanko.pdf_utils.decode_limits import DecodePurpose
+    from pyhanko.sign.general import find_unique_cms_attribute
+    from pyhanko.sign.validation.dss import DocumentSecurityStore
+    from pyhanko.sign.validation.errors import NoDSSFoundError
+    from pyhanko.sign.validation.policy_decl import LocalKnowledge
+    from pyhanko_certvalidator.revinfo.archival import CRLContainer, OCSPContainer
+
+    ocsps, crls, certs = [], [], []
+    try:
+        dss = DocumentSecurityStore.read_dss(sig.reader)
+        for resp in dss.ocsps:
+            ocsps.extend(OCSPContainer.load_multi(asn1_ocsp.OCSPResponse.load(
+                resp.get_object().read_data(DecodePurpose.OCSP_RESPONSE))))
+        crls.extend(CRLContainer(asn1_crl.CertificateList.load(c.get_object().read_data(DecodePurpose.CRL)))
+                    for c in dss.crls)
+        certs.extend(dss.load_certs())
+    except NoDSSFoundError:
+        pass
+    try:
+        archival = find_unique_cms_attribute(sig.signer_info["signed_attrs"], "adobe_revocation_info_archival")
+        crls.extend(CRLContainer(c) for c in archival["crl"])
+        ocsps.extend(OCSPContainer(o) for o in archival["ocsp"])
+    except Exception:  # noqa: BLE001 - absent (the usual case) or malformed: nothing carried there
+        pass
+    return LocalKnowledge(known_ocsps=ocsps, known_crls=crls, known_certs=certs)
+
+
+def _revocation_words(status: CertificateStatus, ts) -> str:
+    who = "a CA certificate on the stamp's path" if status.ca_revoked else "the stamp's signing certificate"
+    when = status.revoked_at.isoformat() if status.revoked_at else "?"
+    if ts is not None and ts.trusted:
+        return (f"{who} was revoked at {when} ({status.reason}), before the signature time-stamp at "
+                f"{ts.timestamp.isoformat()} [{status.indication}]")
+    return f"{who} was revoked at {when} ({status.reason}) and no trusted time-stamp proves the stamp existed " \
+           f"before [{status.indication}]"
+
+
+def _latest_document_timestamp(reader, revision: int, roots, cache: dict) -> TimeStamp | None:
+    """The last document time-stamp added after ``revision`` (B-LTA), judged by pyHanko against ``roots``."""
+    from pyhanko.sign.validation import validate_pdf_timestamp
+    from pyhanko_certvalidator import ValidationContext
+
+    try:
+        later = [s for s in reader.embedded_signatures
+                 if s.sig_object_type == "/DocTimeStamp" and s.signed_revision > revision]
+    except Exception:  # noqa: BLE001 - the signatures themselves were read above; a broken time-stamp is none
+        return None
+    if not later:
+        return None
+    last = max(later, key=lambda s: s.signed_revision)
+    if last.signed_revision not in cache:
+        try:
+            status = validate_pdf_timestamp(last, validation_context=ValidationContext(trust_roots=roots))
+            cache[last.signed_revision] = TimeStamp(
+                status.timestamp, status.signing_cert.subject.human_friendly,
+                bool(status.intact and status.valid and status.trusted))
+        except RecursionError as exc:
+            raise BubuhError(errors.PDF_MALFORMED, "object nesting is too deep") from exc
+        except Exception:  # noqa: BLE001 - a document time-stamp pyHanko cannot judge proves nothing
+            cache[last.signed_revision] = None
+    return cache[last.signed_revision]
 
 
 def pades_level(data: bytes) -> str:

@@ -185,3 +185,22 @@ def test_every_verdict_code_has_words_in_both_languages():
     for code in errors.VERIFICATION_VERDICTS:
         for lang in verify_page.LANGS:
             assert verify_page.meaning(code.code, lang), (code.code, lang)
+
+
+def test_each_stamp_shows_its_certificate_status_and_the_time_stamps_relied_on():
+    stamp = {"sn": SN, "valid": True, "code": None, "stamp_revision": 2, "signer": "Issuer",
+             "signing_time": None, "timestamped_at": "2026-12-01T05:00:00+00:00",
+             "timestamp": {"time": "2026-12-01T05:00:00+00:00", "tsa": "Dev <TSA>", "trusted": True},
+             "document_timestamp": {"time": "2026-12-01T05:01:00+00:00", "tsa": "Dev <TSA>", "trusted": True},
+             "certificate_status": {"status": "revoked", "revoked_at": "2026-12-01T06:00:00+00:00",
+                                    "etsi_indication": "PASSED", "detail": "revoked <after>"}}
+    verdict = {"valid": True, "code": None, "reasons": [], "stamps": [stamp], "signatures": 1, "revisions": 3}
+    page = verify_page.render({"sn": SN, "well_formed": True, "known": True, "used_once": True}, "Issuer", "en",
+                              verdict=verdict)
+    assert "revoked at 2026-12-01 13:00:00 WIB, after the time-stamp: the stamp stays valid" in page
+    assert "2026-12-01 12:00:00 WIB by Dev &lt;TSA&gt;" in page and "2026-12-01 12:01:00 WIB" in page
+    assert "revoked &lt;after&gt; [ETSI EN 319 102-1: PASSED]" in page
+    before = {**stamp, "valid": False, "certificate_status": {**stamp["certificate_status"],
+                                                             "etsi_indication": "INDETERMINATE/REVOKED_NO_POE"}}
+    page = verify_page.render({"sn": SN}, "Issuer", "id", verdict={**verdict, "valid": False, "stamps": [before]})
+    assert "dicabut pada 2026-12-01 13:00:00 WIB, sebelum cap waktu" in page
