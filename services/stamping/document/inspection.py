@@ -281,4 +281,21 @@ def inspect(data: bytes, profile: str, page: int, box, budget: Budget | None = N
         pdf.close()
     _check_profile(facts, prof)
     check_placement(facts, page, box, prof.min_box_side_pt)
+    if facts.has_signatures:
+        _signed_and_readable(data, page)
     return facts
+
+
+def _signed_and_readable(data: bytes, page: int) -> None:
+    """A signed file must be one pyHanko reads as it is: the worker may not rewrite it (``repair.py``), so
+    one its reader refuses is refused here, at the door, not after its unit was reserved."""
+    from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
+    from pyhanko.pdf_utils.misc import PdfDecodeLimitError, PdfReadError
+
+    try:
+        IncrementalPdfFileWriter(io.BytesIO(data)).find_page_for_modification(page - 1)
+    except PdfDecodeLimitError as exc:
+        raise BubuhError(errors.PDF_TOO_COMPLEX, f"over a decoding limit: {exc}") from exc
+    except PdfReadError as exc:
+        raise BubuhError(errors.PDF_MALFORMED, f"the signing library cannot read it ({str(exc)[:200]}) and it "
+                                               "carries a signature, which rewriting it would break") from exc

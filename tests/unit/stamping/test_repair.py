@@ -46,6 +46,15 @@ def test_intake_refuses_a_signed_file_whose_cross_reference_table_is_damaged(pre
     assert info.value.code.code == "PDF_MALFORMED" and "signature" in info.value.detail
 
 
+def test_intake_refuses_a_signed_file_pyhanko_cannot_read(presigned_doc):
+    """Refused at the door: the worker could only fail it after its unit was reserved."""
+    with pytest.raises(BubuhError) as info:
+        inspect(pdf_producers.free_head_generation_65536(presigned_doc.data), "standard", 1, BOX)
+    assert info.value.code.code == "PDF_MALFORMED" and "Illegal generation 65536" in info.value.detail
+    # unsigned, the same quirk passes intake: the worker stamps a rewrite
+    assert inspect(pdf_producers.free_head_generation_65536(corpus.a4_text(26)), "standard", 1, BOX)
+
+
 @pytest.mark.parametrize("name", ["generation-65536", *BREAKERS])
 def test_the_engine_stamps_a_rewrite_and_names_its_hash(engine, dev_ca_rsa, pdfsig, name):
     original = corpus.a4_text(22)
