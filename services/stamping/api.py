@@ -132,7 +132,13 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, reque
 
     @r.get("/v1/stamps/{request_id}")
     async def stamp_status(request_id: str, authorization: str | None = Header(None)):
-        """`queued`, `reserved`, `stamping`, `completed` (with `sn`) or `failed` (with `code`)."""
+        """`queued`, `reserved`, `stamping`, `completed` (with `sn`) or `failed` (with `code`).
+
+        `document_sha256` is the sha256 of the PDF as uploaded. `rewritten_sha256`, present only when the
+        stamp went onto a rewrite of it: an unsigned PDF whose cross-reference table was damaged, or that
+        the signing library could not read as it was, is rewritten by qpdf (same objects, a fresh table)
+        and stamped; the stamped file then starts with the rewrite, not with the upload. A signed PDF is
+        never rewritten (that would break its signature): it fails with `PDF_MALFORMED`."""
         channel = channels.authenticate(authorization)
         return await requests.status(channel.channel_id, request_id)
 

@@ -28,7 +28,9 @@ class RequestStatus:
             raise errors.BubuhError(errors.NOT_FOUND, f"no stamp request {request_id} for this channel")
         status = _SHOWN_AS.get(row["status"], row["status"])
         out = {"request_id": request_id, "status": status, "account_id": row["account_id"],
-               "accepted_at": row["accepted_at"].isoformat()}
+               "accepted_at": row["accepted_at"].isoformat(), "document_sha256": row["document_sha256"]}
+        if row["rewritten_sha256"]:   # the stamp went onto a rewrite of the document (document/repair.py)
+            out["rewritten_sha256"] = row["rewritten_sha256"]
         if row["sn"] and row["status"] == "completed":
             out["sn"] = row["sn"]
             out["document_url"] = f"{self._settings.public_url}/v1/stamps/{request_id}/document"

@@ -41,7 +41,7 @@ from services.stamping import NAME, store
 from services.stamping.metrics import SIGNING_CERT_REVOKED, STAGE_SECONDS, STAMP_OUTCOMES
 from services.stamping.sandbox import Sandbox
 from services.stamping.serial import SerialIssuer
-from services.stamping.signing.engine import StampingEngine
+from services.stamping.signing.engine import Stamped, StampingEngine
 from services.stamping.signing.request import StampRequest
 
 log = logs.get(__name__)
@@ -76,9 +76,9 @@ async def finish_failed(conn: asyncpg.Connection, settings: Settings, *, request
     return True
 
 
-def sign(engine: StampingEngine, data: bytes, request: StampRequest) -> bytes:
+def sign(engine: StampingEngine, data: bytes, request: StampRequest) -> Stamped:
     """In the worker's signing child (``StampingEngine``, set up by services/stamping/service.py), within budget."""
-    return engine.stamp(data, request)
+    return engine.stamp_document(data, request)
 
 
 class StampWorker:
@@ -129,7 +129,7 @@ class StampWorker:
                 raise
             STAGE_SECONDS.labels("signing").observe(time.perf_counter() - t0)
             SIGNING_CERT_REVOKED.set(0)
-            await self._store.put(store.output_key(rid), stamped)
+            await self._store.put(store.output_key(rid), stamped.pdf)
         except errors.BubuhError as exc:
             if exc.code is errors.SIGNING_CERT_REVOKED:
                 # not this request's fault: every stamp waits (unit reserved) until a new key is installed
@@ -190,15 +190,19 @@ class StampWorker:
                 max(0.0, (dt.datetime.now(dt.UTC) - row["reserved_at"]).total_seconds()))
         return sn
 
-    async def _signed(self, event: Event, meta: stamp_pb2.StampRequested, sn: str, stamped: bytes) -> None:
+    async def _signed(self, event: Event, meta: stamp_pb2.StampRequested, sn: str, stamped: Stamped) -> None:
         """Stored and signed: ask the ledger to post the unit; the tracker releases the stamp on its answer."""
         rid = meta.request_id
-        digest = hashlib.sha256(stamped).hexdigest()
+        digest = hashlib.sha256(stamped.pdf).hexdigest()
+        if stamped.rewritten_sha256:
+            log.info("stamped on a rewrite of the document", request_id=rid, document_sha256=meta.document_sha256,
+                     rewritten_sha256=stamped.rewritten_sha256, reason=stamped.rewrite_reason)
         async with self._pool.acquire() as conn, conn.transaction():
             updated = await conn.fetchval(
-                "UPDATE requests SET status = 'signed', output_ref = $2, output_sha256 = $3, code = NULL, "
-                "detail = NULL WHERE request_id = $1 AND status NOT IN ('signed', 'completed', 'failed') RETURNING 1",
-                rid, store.output_key(rid), digest)
+                "UPDATE requests SET status = 'signed', output_ref = $2, output_sha256 = $3, rewritten_sha256 = $4, "
+                "code = NULL, detail = NULL "
+                "WHERE request_id = $1 AND status NOT IN ('signed', 'completed', 'failed') RETURNING 1",
+                rid, store.output_key(rid), digest, stamped.rewritten_sha256)
             if not updated:
                 return
             msg = stamp_pb2.StampSigned(request_id=rid, channel_id=meta.channel_id, account_id=meta.account_id,

@@ -4,6 +4,9 @@
 //   SIGNATURE <id> <indication> <subindication or -> <format>   (then "  ERROR <message>" / "  WARNING <message>")
 //   TIMESTAMP <id> <indication> <subindication or -> <type>
 //   MODIFICATION <signature id> undefined|annotation <action> <object>   (changes DSS found after a signature)
+// Batch mode, several files in one JVM (its start-up is most of a single call's time):
+//   ... DssValidate --batch TRUST_ANCHOR.pem VALIDATION_TIME|- FILE.pdf...
+// prints "DOCUMENT <file>" before each file's lines.
 import eu.europa.esig.dss.diagnostic.DiagnosticData;
 import eu.europa.esig.dss.diagnostic.PDFRevisionWrapper;
 import eu.europa.esig.dss.diagnostic.jaxb.XmlObjectModification;
@@ -23,18 +26,30 @@ import java.util.Date;
 
 public class DssValidate {
     public static void main(String[] args) throws Exception {
+        if (args.length > 0 && args[0].equals("--batch")) {
+            String at = args[2].equals("-") ? null : args[2];
+            for (int i = 3; i < args.length; i++) {
+                System.out.println("DOCUMENT " + args[i]);
+                validate(args[i], args[1], at);
+            }
+            return;
+        }
+        validate(args[0], args[1], args.length > 2 ? args[2] : null);
+    }
+
+    static void validate(String document, String anchor, String at) throws Exception {
         CommonTrustedCertificateSource trusted = new CommonTrustedCertificateSource();
-        trusted.addCertificate(DSSUtils.loadCertificate(new File(args[1])));
+        trusted.addCertificate(DSSUtils.loadCertificate(new File(anchor)));
         CommonCertificateVerifier verifier = new CommonCertificateVerifier();
         verifier.setTrustedCertSources(trusted);
         // offline: only what the document carries
         verifier.setAIASource(null);
         verifier.setOcspSource(null);
         verifier.setCrlSource(null);
-        SignedDocumentValidator validator = SignedDocumentValidator.fromDocument(new FileDocument(args[0]));
+        SignedDocumentValidator validator = SignedDocumentValidator.fromDocument(new FileDocument(document));
         validator.setCertificateVerifier(verifier);
-        if (args.length > 2) {
-            validator.setValidationTime(Date.from(Instant.parse(args[2])));
+        if (at != null) {
+            validator.setValidationTime(Date.from(Instant.parse(at)));
         }
         Reports reports = validator.validateDocument();
         SimpleReport simple = reports.getSimpleReport();

@@ -7,11 +7,13 @@ A worker that meets a bad file after acceptance has to release the reservation a
 dead-letter the request; cheaper and clearer to never accept it.
 
 The checks run on qpdf (pikepdf), an independent parser from pyHanko's: a file that
-qpdf can only read by *repairing* it (damaged or missing cross-reference table, lost
-header, absurd nesting) is refused as ``PDF_MALFORMED``, because the stamp is an
-incremental update appended to the original bytes and would inherit the damage. Such
-a file must be re-exported by its owner; rewriting it ourselves would be possible only
-when it carries no signature, and is left to a later, explicit repair step.
+qpdf can only read by *repairing* it (lost header, absurd nesting, objects cut short) is
+refused as ``PDF_MALFORMED``, because the stamp is an incremental update appended to the
+original bytes and would inherit the damage. One repair is ours to make: a damaged
+cross-reference table (wrong offsets, a table or ``startxref`` cut off) that qpdf rebuilt
+from objects that are all there. Such a file is accepted when it carries no signature,
+and the worker stamps a rewrite of it (``repair.py``); signed, it stays ``PDF_MALFORMED``
+(a rewrite would break the signature) and must be re-exported by its owner.
 
 Order matters: the size limit is checked before any parsing (a 50 MB upload must not
 cost a parse), then the budgets (``budget.py``: inflated bytes and object count, by a
@@ -19,8 +21,8 @@ streaming pass over the raw bytes) before qpdf inflates anything, and nothing he
 recurses in Python on document structure. Nesting deeper than the budget stops qpdf's
 parser (``parser_max_nesting``), and inflating more than the object-stream budget
 stops its decoder (``flate_max_memory``); both are process-wide, and only this module
-uses qpdf in the platform. Every object is parsed once, so neither can hide in an
-unreferenced object. Over a budget is ``PDF_TOO_COMPLEX``.
+sets them (the worker's repair, ``repair.py``, reads only files that passed them). Every
+object is parsed once, so neither can hide in an unreferenced object. Over a budget is ``PDF_TOO_COMPLEX``.
 
 Coordinates: pages are numbered from 1; the box is ``(llx, lly, urx, ury)`` in PDF points
 in the page's default user space (before ``/Rotate``), the convention pyHanko's
@@ -41,7 +43,9 @@ from services.kernel import errors
 from services.kernel.document_profiles import PROFILES, Profile
 from services.kernel.errors import BubuhError
 from services.stamping.document import budget as budgets
+from services.stamping.document import repair
 from services.stamping.document.budget import Budget
+from services.stamping.document.repair import qpdf_message as _clean
 
 HEADER_WINDOW = 1024  # readers accept the %PDF- header anywhere in the first KiB
 
@@ -93,6 +97,7 @@ class DocumentFacts:
     pages: tuple[PageFacts, ...]
     has_signatures: bool
     warnings: tuple[str, ...] = ()  # benign qpdf warnings (e.g. a page without /Resources)
+    xref_damaged: bool = False  # qpdf rebuilt the cross-reference table: the worker stamps a rewrite (repair.py)
 
     @property
     def page_sizes(self) -> tuple[tuple[float, float], ...]:
@@ -116,33 +121,6 @@ def _version_tuple(text: str) -> tuple[int, int]:
     return int(major), int(minor or 0)
 
 
-def _has_signatures(pdf: pikepdf.Pdf) -> bool:
-    """True if any AcroForm field of type /Sig carries a value (iterative, loop-safe)."""
-    acroform = pdf.Root.get("/AcroForm")
-    if not isinstance(acroform, pikepdf.Dictionary):
-        return False
-    fields = acroform.get("/Fields")
-    if not isinstance(fields, pikepdf.Array):
-        return False
-    stack = [(f, None) for f in fields]
-    seen: set[tuple[int, int]] = set()
-    while stack:
-        node, inherited_ft = stack.pop()
-        if not isinstance(node, pikepdf.Dictionary):
-            continue
-        if node.is_indirect:
-            if node.objgen in seen:
-                continue
-            seen.add(node.objgen)
-        ft = node.get("/FT", inherited_ft)
-        if ft == pikepdf.Name.Sig and "/V" in node:
-            return True
-        kids = node.get("/Kids")
-        if isinstance(kids, pikepdf.Array):
-            stack.extend((k, ft) for k in kids)
-    return False
-
-
 def _open(data: bytes) -> pikepdf.Pdf:
     try:
         return pikepdf.open(io.BytesIO(data))
@@ -156,13 +134,6 @@ def _open(data: bytes) -> pikepdf.Pdf:
         raise BubuhError(errors.PDF_MALFORMED, f"cannot parse: {type(exc).__name__}") from exc
 
 
-def _clean(message: str) -> str:
-    # qpdf prefixes messages with the stream's repr ("stream <_io.BytesIO object at 0x..>: ")
-    if message.startswith("stream <") and ">" in message:
-        message = message.split(">", 1)[1].lstrip(" ,:")
-    return message[:200]
-
-
 def _facts(pdf: pikepdf.Pdf, data: bytes) -> DocumentFacts:
     pages = []
     for index, page in enumerate(pdf.pages):
@@ -174,7 +145,7 @@ def _facts(pdf: pikepdf.Pdf, data: bytes) -> DocumentFacts:
         except (TypeError, ValueError):
             rotate = 0
         pages.append(PageFacts(index + 1, mediabox, cropbox, rotate))
-    has_signatures = _has_signatures(pdf)
+    has_signatures = repair.has_signatures(pdf)
     version = pdf.pdf_version
     catalog_version = pdf.Root.get("/Version")
     if isinstance(catalog_version, pikepdf.Name):
@@ -187,9 +158,11 @@ def _facts(pdf: pikepdf.Pdf, data: bytes) -> DocumentFacts:
     for w in warnings:
         if any(marker in w.lower() for marker in _BUDGET_WARNINGS):
             raise BubuhError(errors.PDF_TOO_COMPLEX, f"over a parsing limit: {w}")
-    for w in warnings:
-        if any(marker in w.lower() for marker in _FATAL_WARNINGS):
-            raise BubuhError(errors.PDF_MALFORMED, f"damaged file: {w}")
+    fatal = [w for w in warnings if any(marker in w.lower() for marker in _FATAL_WARNINGS)]
+    xref_only = repair.xref_damage_only(warnings)
+    if fatal and not (xref_only and not has_signatures):
+        why = "; a rewrite would break its signature" if xref_only else ""
+        raise BubuhError(errors.PDF_MALFORMED, f"damaged file: {fatal[0]}{why}")
     if not pages:
         raise BubuhError(errors.PDF_MALFORMED, "the document has no pages")
     return DocumentFacts(
@@ -200,6 +173,7 @@ def _facts(pdf: pikepdf.Pdf, data: bytes) -> DocumentFacts:
         pages=tuple(pages),
         has_signatures=has_signatures,
         warnings=warnings,
+        xref_damaged=bool(fatal),
     )
 
 
@@ -265,7 +239,8 @@ def _parse_all(pdf: pikepdf.Pdf) -> None:
 
 
 def _qpdf_limits(budget: Budget) -> None:
-    """qpdf's global limits from the budget (set once: only inspection uses qpdf in the platform)."""
+    """qpdf's global limits from the budget (set once: only inspection sets them; the signing child's
+    repair reads files that passed them here)."""
     want = {"parser_max_nesting": budget.max_nesting, "flate_max_memory": budget.max_object_stream_bytes}
     now = pikepdf.settings.get_qpdf_limits()
     if any(now[k] != v for k, v in want.items()):
@@ -306,4 +281,21 @@ def inspect(data: bytes, profile: str, page: int, box, budget: Budget | None = N
         pdf.close()
     _check_profile(facts, prof)
     check_placement(facts, page, box, prof.min_box_side_pt)
+    if facts.has_signatures:
+        _signed_and_readable(data, page)
     return facts
+
+
+def _signed_and_readable(data: bytes, page: int) -> None:
+    """A signed file must be one pyHanko reads as it is: the worker may not rewrite it (``repair.py``), so
+    one its reader refuses is refused here, at the door, not after its unit was reserved."""
+    from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
+    from pyhanko.pdf_utils.misc import PdfDecodeLimitError, PdfReadError
+
+    try:
+        IncrementalPdfFileWriter(io.BytesIO(data)).find_page_for_modification(page - 1)
+    except PdfDecodeLimitError as exc:
+        raise BubuhError(errors.PDF_TOO_COMPLEX, f"over a decoding limit: {exc}") from exc
+    except PdfReadError as exc:
+        raise BubuhError(errors.PDF_MALFORMED, f"the signing library cannot read it ({str(exc)[:200]}) and it "
+                                               "carries a signature, which rewriting it would break") from exc

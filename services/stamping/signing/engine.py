@@ -14,7 +14,12 @@ layout pyHanko itself produced) and removes only the waste:
 * the space for the signature is fixed (``bytes_reserved``), so nothing is signed twice;
 * the CMS object is a template serialised once (``cms_template.py``);
 * the appearance is drawn by ``StampArtist`` with resources built once and a fast QR;
-* the input is parsed once, by pyHanko's incremental writer (inspection ran at intake).
+* the input is parsed once by pyHanko's incremental writer (inspection ran at intake), and once
+  by qpdf, which reads every object to tell whether its cross-reference table is damaged.
+
+An unsigned input the stamp cannot be appended to as it is (pyHanko's reader refuses it, or qpdf
+had to rebuild its cross-reference table) is stamped on a rewrite by qpdf (``document/repair.py``);
+``Stamped`` names the rewrite's hash, so the request records both. A signed one is never rewritten.
 
 What it always does: an incremental update (earlier signatures stay valid), a detached
 CMS (``ETSI.CAdES.detached``) and the reason ``"[SN] <reason>"``, at the configured PAdES level:
@@ -52,6 +57,7 @@ from pyhanko.sign.validation.dss import DocumentSecurityStore
 
 from services.kernel import errors
 from services.kernel.errors import BubuhError
+from services.stamping.document import repair
 from services.stamping.document.appearance import StampArtist
 from services.stamping.signing import signing_key
 from services.stamping.signing.cms_template import CmsTemplate, timestamp_attribute
@@ -112,6 +118,15 @@ def _pkcs11_error_types() -> tuple[type[BaseException], ...]:
     return (PKCS11Error,)
 
 
+@dataclass(frozen=True)
+class Stamped:
+    """The stamped PDF, and when the input had to be rewritten first (``repair.py``): the rewrite's hash and why."""
+
+    pdf: bytes
+    rewritten_sha256: str | None = None
+    rewrite_reason: str | None = None
+
+
 class StampingEngine:
     """One per worker process. Not for concurrent use from several threads (a lock enforces it)."""
 
@@ -155,16 +170,30 @@ class StampingEngine:
     # -- public -----------------------------------------------------------------------------
 
     def stamp(self, data: bytes, request: StampRequest) -> bytes:
-        """Return ``data`` with one incremental update that adds the visible, signed e-Meterai."""
+        """Return ``data`` with one incremental update that adds the visible, signed e-Meterai
+        (appended to a rewrite of ``data`` when it had to be rewritten: ``stamp_document`` says so)."""
+        return self.stamp_document(data, request).pdf
+
+    def stamp_document(self, data: bytes, request: StampRequest) -> Stamped:
+        """``data`` stamped; rewritten first if it is unsigned and the stamp cannot be appended to it as it is."""
+        from pyhanko.pdf_utils.misc import PdfDecodeLimitError, PdfReadError
+
         with self._lock:
             try:
+                base = None
+                damage = repair.damage(data)
+                if damage is not None:
+                    base = repair.rewrite(data, damage)
                 try:
-                    return self._stamp(data, request)
-                except _PlaceholderTooSmall as small:
-                    # a TSA answered with a bigger token than allowed for: grow the reservation
-                    # for this and every later stamp, and sign again (a rare, one-off cost)
-                    self.bytes_reserved = small.needed + 4096
-                    return self._stamp(data, request)
+                    out = self._stamp_sized(base.data if base else data, request)
+                except PdfDecodeLimitError:
+                    raise
+                except PdfReadError as exc:
+                    if base is not None:
+                        raise
+                    base = repair.rewrite(data, f"pyHanko cannot read it: {exc}")
+                    out = self._stamp_sized(base.data, request)
+                return Stamped(out, base.sha256, base.reason) if base else Stamped(out)
             except _PlaceholderTooSmall as small:
                 raise BubuhError(errors.SIGNING_FAILED, str(small)) from small
             except BubuhError:
@@ -186,6 +215,15 @@ class StampingEngine:
             self._loop = None
 
     # -- steps ------------------------------------------------------------------------------
+
+    def _stamp_sized(self, data: bytes, request: StampRequest) -> bytes:
+        try:
+            return self._stamp(data, request)
+        except _PlaceholderTooSmall as small:
+            # a TSA answered with a bigger token than allowed for: grow the reservation
+            # for this and every later stamp, and sign again (a rare, one-off cost)
+            self.bytes_reserved = small.needed + 4096
+            return self._stamp(data, request)
 
     def _stamp(self, data: bytes, request: StampRequest) -> bytes:
         writer = _open_writer(data)
@@ -304,10 +342,12 @@ class _PlaceholderTooSmall(Exception):
 
 
 def _open_writer(data: bytes) -> IncrementalPdfFileWriter:
-    from pyhanko.pdf_utils.misc import PdfError
+    from pyhanko.pdf_utils.misc import PdfError, PdfReadError
 
     try:
         writer = IncrementalPdfFileWriter(io.BytesIO(data))
+    except PdfReadError:
+        raise   # stamp_document decides: a rewrite, or PDF_MALFORMED
     except PdfError as exc:
         raise BubuhError(errors.PDF_MALFORMED, f"cannot parse: {exc}") from exc
     if writer.prev.encrypted:  # intake refuses these; a stamp needs the owner's credentials
@@ -316,13 +356,15 @@ def _open_writer(data: bytes) -> IncrementalPdfFileWriter:
 
 
 def _check_page(writer: IncrementalPdfFileWriter, page: int) -> None:
-    from pyhanko.pdf_utils.misc import PdfError
+    from pyhanko.pdf_utils.misc import PdfError, PdfReadError
 
     # pyHanko reads negative indices from the end; channels number pages from 1
     ok = isinstance(page, int) and not isinstance(page, bool) and page >= 1
     if ok:
         try:
             writer.find_page_for_modification(page - 1)
+        except PdfReadError:
+            raise   # an unreadable page tree is the document's fault, not the placement's
         except (PdfError, IndexError, KeyError, ValueError):
             ok = False
     if not ok:
