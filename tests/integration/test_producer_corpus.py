@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import pytest
 
 from services.kernel.settings import Settings
+from services.operator import dss_validator as dss
 from services.stamping.document import repair, signature_validation
 from services.stamping.serial import SerialIssuer
 from services.stamping.signing import dev_pki
 from services.stamping.signing.engine import SignerConfig, Stamped, StampingEngine
 from services.stamping.signing.request import StampRequest
-from tests import dss, pdf_producers
+from tests import pdf_producers
 
 ISSUER = SerialIssuer(82)
 BOX = (380.0, 40.0, 560.0, 140.0)
