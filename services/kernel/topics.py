@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
 
 from services.kernel.kafka_clients import build_admin
 from services.kernel.settings import Settings
@@ -153,7 +153,15 @@ async def _keep_append_time(admin: AIOKafkaAdminClient, name: str) -> None:
     CreateTime there is an error that names the fix (``bubuh kafka setup`` as the admin), not a silent pass.
     """
     key = "message.timestamp.type"
-    described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name, {key: None})])
+    # a topic another starter has just created is known to the controller before this broker serves it:
+    # UNKNOWN_TOPIC_OR_PARTITION for a moment (seen when `bubuh up` starts two processes at once)
+    deadline = asyncio.get_running_loop().time() + 15.0
+    while True:
+        described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name, {key: None})])
+        codes = [resource[0] for response in described for resource in response.resources]
+        if UnknownTopicOrPartitionError.errno not in codes or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.1)
     for response in described:
         for resource in response.resources:
             if resource[0]:
