@@ -132,13 +132,13 @@ async def test_a_purchase_shows_submission_confirmation_credit_and_webhook(setti
     assert text.splitlines()[-1].startswith("now: completed, 3 units credited")
 
 
-@pytest.mark.platform_env(BUBUH_SIGNING_TSA_URL="http://127.0.0.1:9/tsa", BUBUH_STAMP_MAX_ATTEMPTS=2,
-                          BUBUH_STAMP_RETRY_BASE_S=16)
+@pytest.mark.platform_env(BUBUH_PADES_LEVEL="b-t", BUBUH_SIGNING_TSA_URL="http://127.0.0.1:9/tsa",
+                          BUBUH_STAMP_MAX_ATTEMPTS=2, BUBUH_STAMP_RETRY_BASE_S=8)
 async def test_a_dead_lettered_stamp_shows_its_retries_and_the_reason(settings, api, channel):
     await buy(api, channel, "tr-dlq", 1)
     r = await post_stamp(api, channel, corpus.a4_text(2), stamp_meta("tr-dlq"))
     rid = r.json()["request_id"]
-    # --follow shows it waiting for its retry (due 8-16 s after the first failure: a loaded box takes seconds
+    # --follow shows it waiting for its retry (due 4-8 s after the first failure: a loaded box takes seconds
     # to start the command), then ends once it is dead-lettered
     followed = (await trace(settings, rid, "--follow")).splitlines()
     assert any(line.startswith("now: waiting at ") for line in followed[:-1]), followed
