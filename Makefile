@@ -116,8 +116,8 @@ bench: setup system-packages ## the purchase pipeline on the local stack vs Post
 	-$(STACK) down
 	$(PY) -m loadtests.bench_engine --out loadtests/results/engine.json --readme README.md
 
-surge: up ## the deadline-day surge against the running platform (make up); figures in loadtests/results/surge.json
-	$(PY) -m loadtests.surge --out loadtests/results/surge.json
+surge: up ## the deadline-day surge at PAdES B-B and B-LT (platform restarted per level, 3 rounds): B-LT >= 85% of B-B's stamps/s? Figures in loadtests/results/surge.json and README.md
+	$(PY) -m loadtests.surge --levels b-b,b-lt --rounds 3 --out loadtests/results/surge.json --readme README.md
 
 imports: setup ## import-linter: services never import each other, the kernel imports no service, no service imports the operator's tools, routers leave SQL to domain objects
 	$(VENV)/bin/lint-imports

@@ -9,6 +9,18 @@ concurrency, far faster than the stamping tier can sign. What it measures is wha
 
     make up && python -m loadtests.surge --channels 4 --stamps 400 --out loadtests/results/surge.json
 
+``--levels b-b,b-lt`` compares PAdES levels in one invocation (issue 13: B-LT keeps at least 85% of the
+end-to-end stamps/s of B-B, the level before it). For each level the platform is restarted with
+``bubuh down`` / ``bubuh up`` and ``BUBUH_PADES_LEVEL`` set, warmed up with a few stamps (consumer
+groups joined, revocation data cached as in steady state), then surged; ``--rounds`` repeats that
+with the order of the levels reversed every other round, and the medians are compared. What stays
+pinned is checked, not assumed: the signing key's type, the document, PostgreSQL's ``fsync`` and
+``synchronous_commit`` (SHOW, before and after), every platform producer's ``acks`` (recorded as
+``make bench`` does), and the level of the stamps delivered (``pades_level`` on a few of them).
+At the end the platform is restarted as it was found (the caller's environment).
+
+    make up && python -m loadtests.surge --levels b-b,b-lt --rounds 3 --readme README.md
+
 Absolute figures move with the machine (a shared 2-core box here); read them next to each other.
 """
 
@@ -17,10 +29,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import hashlib
 import json
+import os
+import re
 import secrets
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +48,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests import corpus  # noqa: E402
+from loadtests.readme import update_readme  # noqa: E402
+
+TARGET_RATIO = 0.85          # issue 13: B-LT keeps at least 85% of B-B's end-to-end stamps/s
+README_BEGIN = "<!-- surge:levels:begin (make surge writes this table) -->"
+README_END = "<!-- surge:levels:end -->"
 
 
 @dataclass
@@ -59,7 +81,9 @@ async def _channel(base_env: dict, name: str) -> dict:
     return json.loads(out.stdout)
 
 
-async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency: int, env: dict) -> dict:
+async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency: int, env: dict,
+              completed: list[tuple[str, str]] | None = None) -> dict:
+    """One surge; ``completed`` (if given) receives (api key, request id) of every completed stamp."""
     routes = {"POST /v1/purchases": Route(), "POST /v1/stamps": Route(), "GET /v1/stamps/{id}": Route()}
     creds = [await _channel(env, f"surge-{i}-{secrets.token_hex(2)}") for i in range(channels)]
     letter = corpus.a4_text(7)
@@ -128,6 +152,8 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
                                headers={"Authorization": f"Bearer {c['api_key']}"})
                 if r is not None and r.status_code == 200 and r.json()["status"] in ("completed", "failed"):
                     results.append(r.json())
+                    if completed is not None and r.json()["status"] == "completed":
+                        completed.append((c["api_key"], rid))
                 else:
                     pending.put_nowait((c, rid))
                     await asyncio.sleep(0.05)
@@ -165,15 +191,282 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
     }
 
 
+# --------------------------------------------------------------------------------------------------
+# --levels: the same surge once per PAdES level, the platform restarted for each
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _bubuh(env: dict, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "services.operator.cli", *args], env=env, capture_output=True,
+                         text=True, timeout=300)
+    if out.returncode:
+        raise SystemExit(f"bubuh {' '.join(args)} failed ({out.returncode}): {out.stderr[-2000:]}")
+    return out.stdout.strip()
+
+
+def restart(env: dict) -> None:
+    """``bubuh down`` then ``bubuh up`` (services/operator/local_processes.py) with ``env``: the one
+    process manager the platform has."""
+    log(_bubuh(env, "down"))
+    log(_bubuh(env, "up"))
+
+
+def stamping_metrics(port: int) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the stamping worker's stage histograms and of its signing child's tasks."""
+    import httpx
+
+    body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    out: dict[str, tuple[float, float]] = {}
+    pattern = re.compile(r'^bubuh_(stamp_stage_seconds|document_sandbox_task_seconds)_(sum|count)'
+                         r'\{(?:stage|sandbox)="([^"]+)"\} (\S+)$')
+    for line in body.splitlines():
+        m = pattern.match(line)
+        if m:
+            key = m[3] if m[1] == "stamp_stage_seconds" else f"sandbox {m[3]}"
+            total, count = out.get(key, (0.0, 0.0))
+            out[key] = (total + float(m[4]), count) if m[2] == "sum" else (total, count + float(m[4]))
+    return out
+
+
+def stage_means(before: dict, after: dict) -> dict[str, float]:
+    """Mean ms per stamp of each stage over the surge (warm-up excluded)."""
+    means = {}
+    for key, (total, count) in after.items():
+        t0, c0 = before.get(key, (0.0, 0.0))
+        if count > c0:
+            means[f"{key} ms"] = round(1000 * (total - t0) / (count - c0), 1)
+    return means
+
+
+async def delivered_levels(base_url: str, completed: list[tuple[str, str]], n: int = 3) -> list[str]:
+    """The PAdES level of a few delivered stamps (first, middle, last), read from the files themselves."""
+    import httpx
+
+    from services.stamping.document.signature_validation import pades_level
+
+    picks = [completed[i] for i in sorted({0, len(completed) // 2, len(completed) - 1})][:n] if completed else []
+    levels = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        for key, rid in picks:
+            r = await client.get(f"/v1/stamps/{rid}/document", headers={"Authorization": f"Bearer {key}"})
+            levels.append(pades_level(r.content) if r.status_code == 200 else f"HTTP {r.status_code}")
+    return levels
+
+
+def pinned_key(env: dict) -> dict:
+    from services.kernel.settings import Settings
+    from services.stamping.service import signer_config
+
+    cfg = signer_config(Settings())
+    if not cfg.p12_path:
+        return {"source": "PKCS#11", "module": cfg.pkcs11_module}
+    from services.stamping.signing import signing_key
+
+    cert = signing_key.load_pkcs12(cfg.p12_path, cfg.p12_password).signing_cert
+    return {"source": cfg.p12_path, "type": f"{cert.public_key.algorithm.upper()}-{cert.public_key.bit_size}",
+            "subject": cert.subject.human_friendly}
+
+
+def _median_run(runs: list[dict]) -> dict:
+    ordered = sorted(runs, key=lambda r: r["stamps_per_s_end_to_end"] or 0)
+    return ordered[len(ordered) // 2]
+
+
+async def compare_levels(args, env: dict) -> dict:
+    from loadtests.bench_pipeline import PRODUCER_HOOK, producers_seen, server_guarantees
+    from services.kernel.settings import Settings
+    from services.operator.local_processes import metrics_targets
+
+    settings = Settings()
+    levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
+    letter = corpus.a4_text(7)
+    work = Path(tempfile.mkdtemp(prefix="surge-levels-"))
+    (work / "hook").mkdir()
+    (work / "hook" / "sitecustomize.py").write_text(PRODUCER_HOOK)
+    stamping_port = metrics_targets(settings)["stamping-1"][1]
+    guarantees = {"server": await server_guarantees(settings.database_url)}
+    result: dict = {
+        "levels": levels, "rounds": args.rounds, "channels": args.channels, "stamps_per_channel": args.stamps,
+        "concurrency_per_channel": args.concurrency, "target_ratio": TARGET_RATIO,
+        "pinned": {"signing_key": pinned_key(env),
+                   "document": {"what": "loadtests.corpus.a4_text(7), one A4 page of text", "bytes": len(letter),
+                                "sha256": hashlib.sha256(letter).hexdigest()},
+                   "tsa": settings.signing_tsa_url},
+        "machine": {"cores": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
+        "runs": [],
+    }
+    log(f"PostgreSQL fsync={guarantees['server']['fsync']}, synchronous_commit="
+        f"{guarantees['server']['synchronous_commit']}; key {result['pinned']['signing_key'].get('type')}; "
+        f"load {result['machine']['loadavg_at_start']}")
+    try:
+        for rnd in range(1, args.rounds + 1):
+            for level in (levels if rnd % 2 else levels[::-1]):
+                producer_log = work / f"producers-{rnd}-{level}.jsonl"
+                run_env = {**env, "BUBUH_PADES_LEVEL": level, "BUBUH_BENCH_PRODUCER_LOG": str(producer_log),
+                           "PYTHONPATH": os.pathsep.join(filter(None, [str(work / "hook"), env.get("PYTHONPATH")]))}
+                log(f"round {rnd}, {level}: restarting the platform with BUBUH_PADES_LEVEL={level}")
+                restart(run_env)
+                warm: list[tuple[str, str]] = []
+                await run(args.base_url, 1, args.warmup, min(args.warmup, 4), env, warm)
+                before = stamping_metrics(stamping_port)
+                load = [round(x, 2) for x in os.getloadavg()]
+                completed: list[tuple[str, str]] = []
+                r = await run(args.base_url, args.channels, args.stamps, args.concurrency, env, completed)
+                r.pop("queue", None)
+                r.pop("ledger", None)
+                r.update({"round": rnd, "level": level, "loadavg_at_start": load,
+                          "stage_means": stage_means(before, stamping_metrics(stamping_port)),
+                          "delivered_levels": await delivered_levels(args.base_url, completed),
+                          "platform_producers": producers_seen(producer_log)})
+                stamps = r["routes"]["POST /v1/stamps"]
+                log(f"round {rnd}, {level}: {r['stamps_per_s_end_to_end']} stamps/s end to end, intake p50 "
+                    f"{stamps['p50_ms']} ms p99 {stamps['p99_ms']} ms, outcomes {r['outcomes']}, delivered "
+                    f"{r['delivered_levels']}, stages {r['stage_means']}")
+                result["runs"].append(r)
+    finally:
+        log("restarting the platform as it was found")
+        restart(env)
+    guarantees["server_after"] = await server_guarantees(settings.database_url)
+    result["summary"] = summarise(result, levels)
+    # the money path's producers (client ids bubuh-*); faust's statistics producer for queue ETAs is acks=1 by
+    # design (services/stamping/throughput.py) and listed apart
+    acks = {p["acks"] for r in result["runs"] for p in r["platform_producers"] if p["client_id"].startswith("bubuh")}
+    guarantees["other_producers"] = sorted({f"{p['client_id']}: acks={p['acks']}" for r in result["runs"]
+                                            for p in r["platform_producers"] if not p["client_id"].startswith("bubuh")})
+    srv, after = guarantees["server"], guarantees["server_after"]
+    guarantees["verdict"] = {
+        "fsync_on": srv["fsync"] == after["fsync"] == "on",
+        "synchronous_commit_on": srv["synchronous_commit"] == after["synchronous_commit"] == "on",
+        "no_db_role_overrides": not srv["db_role_overrides"] and not after["db_role_overrides"],
+        # aiokafka keeps acks=all as -1
+        "platform_producers_acks_all": acks == {-1},
+        "stamps_at_the_level_asked": all(
+            r["delivered_levels"] and all(lv == r["level"].upper() for lv in r["delivered_levels"])
+            for r in result["runs"]),
+    }
+    result["guarantees"] = guarantees
+    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["generated_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return result
+
+
+def summarise(result: dict, levels: list[str]) -> dict:
+    """Per level the median run's figures; each level's median stamps/s over the first level's."""
+    per_level = {}
+    for level in levels:
+        runs = [r for r in result["runs"] if r["level"] == level]
+        med = _median_run(runs)
+        outcomes: dict[str, int] = {}
+        for r in runs:
+            for k, n in r["outcomes"].items():
+                outcomes[k] = outcomes.get(k, 0) + n
+        per_level[level] = {
+            "stamps_per_s_runs": [r["stamps_per_s_end_to_end"] for r in runs],
+            "stamps_per_s_median": statistics.median(r["stamps_per_s_end_to_end"] or 0 for r in runs),
+            "intake_p50_ms_median": statistics.median(r["routes"]["POST /v1/stamps"]["p50_ms"] for r in runs),
+            "intake_p99_ms_median": statistics.median(r["routes"]["POST /v1/stamps"]["p99_ms"] for r in runs),
+            "drain_seconds_median": statistics.median(r["drain_seconds"] for r in runs),
+            "stage_means_of_median_run": med["stage_means"],
+            "delivered_levels": sorted({lv for r in runs for lv in r["delivered_levels"]}),
+            "outcomes": outcomes,
+        }
+    base = levels[0]
+    ratios = {}
+    for level in levels[1:]:
+        b = per_level[base]["stamps_per_s_median"]
+        ratio = per_level[level]["stamps_per_s_median"] / b if b else None
+        by_round = {}
+        for rnd in range(1, result["rounds"] + 1):
+            pair = {r["level"]: r["stamps_per_s_end_to_end"] for r in result["runs"] if r["round"] == rnd}
+            if pair.get(base) and pair.get(level) is not None:
+                by_round[rnd] = round(pair[level] / pair[base], 3)
+        ratios[f"{level}/{base}"] = {"ratio_of_medians": round(ratio, 3) if ratio is not None else None,
+                                     "ratio_per_round": by_round,
+                                     "meets_target": ratio is not None and ratio >= TARGET_RATIO}
+    return {"per_level": per_level, "ratios": ratios}
+
+
+def markdown(result: dict) -> str:
+    levels = result["levels"]
+    per = result["summary"]["per_level"]
+    rows = ["| measure | " + " | ".join(f"`{lv}`" for lv in levels) + " |", "|---|" + "---:|" * len(levels)]
+
+    def row(name: str, values: list[str]) -> None:
+        rows.append(f"| {name} | " + " | ".join(values) + " |")
+
+    row("stamps/s end to end (median)", [f"{per[lv]['stamps_per_s_median']:.1f}" for lv in levels])
+    row("runs (stamps/s, in round order)", [", ".join(f"{x:.1f}" for x in per[lv]["stamps_per_s_runs"])
+                                            for lv in levels])
+    row("`POST /v1/stamps` p50 / p99 ms (median)",
+        [f"{per[lv]['intake_p50_ms_median']:.0f} / {per[lv]['intake_p99_ms_median']:.0f}" for lv in levels])
+    row("seconds to drain (median)", [f"{per[lv]['drain_seconds_median']:.1f}" for lv in levels])
+    stages = list(dict.fromkeys(k for lv in levels for k in per[lv]["stage_means_of_median_run"]))
+    for st in stages:
+        row(f"{st.replace(' ms', '')}: mean ms per stamp (median run)",
+            [f"{per[lv]['stage_means_of_median_run'].get(st, 0):.0f}" for lv in levels])
+    row("outcomes (all runs)", [", ".join(f"{k} {v}" for k, v in per[lv]["outcomes"].items()) for lv in levels])
+    row("level of the stamps delivered (checked)", [", ".join(per[lv]["delivered_levels"]) for lv in levels])
+    rows.append("")
+    for name, r in result["summary"]["ratios"].items():
+        verdict = "met" if r["meets_target"] else "NOT met"
+        per_round = ", ".join(f"{v:.2f}" for v in r["ratio_per_round"].values())
+        rows.append(f"- **{name}: {100 * r['ratio_of_medians']:.1f}%** of the end-to-end stamps/s (medians of "
+                    f"{result['rounds']} round(s); per round {per_round}); target >= {100 * TARGET_RATIO:.0f}%: "
+                    f"{verdict}.")
+    g = result["guarantees"]
+    key = result["pinned"]["signing_key"]
+    doc = result["pinned"]["document"]
+    rows.append(f"- Pinned: key {key.get('type', key.get('source'))}; document {doc['what']} ({doc['bytes']:,} "
+                f"bytes); {result['channels']} channels x {result['stamps_per_channel']} stamps, "
+                f"{result['concurrency_per_channel']} in flight each; PostgreSQL fsync={g['server']['fsync']}, "
+                f"synchronous_commit={g['server']['synchronous_commit']} (before and after: "
+                f"{'unchanged' if g['verdict']['fsync_on'] and g['verdict']['synchronous_commit_on'] else 'CHANGED'}"
+                f"); the platform's producers (`bubuh-*`) acks=all: "
+                f"{'yes' if g['verdict']['platform_producers_acks_all'] else 'NO'} (recorded in each process; "
+                f"faust's queue-statistics producer: {', '.join(g.get('other_producers', [])) or 'none'});"
+                f" TSA {result['pinned']['tsa']} (the stack's test PKI).")
+    m = result["machine"]
+    rows.append(f"- {m['cores']} cores shared by Kafka, PostgreSQL, the test PKI, the platform and the load "
+                f"generator; load average {' / '.join(f'{x:.2f}' for x in m['loadavg_at_start'])} at the start, "
+                f"{' / '.join(f'{x:.2f}' for x in m['loadavg_at_end'])} at the end. The platform is restarted "
+                f"for each run and warmed up with a few stamps first; levels alternate order per round.")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
-    import os
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", default=f"http://127.0.0.1:{os.environ.get('BUBUH_HTTP_PORT', '8080')}")
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--stamps", type=int, default=200, help="stamps per channel")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight per channel")
     p.add_argument("--out", type=Path, default=Path("loadtests/results/surge.json"))
+    p.add_argument("--levels", default="", help="compare PAdES levels, e.g. b-b,b-lt (the first is the base); "
+                                                "restarts the platform for each")
+    p.add_argument("--rounds", type=int, default=1, help="with --levels: surges per level, order alternating")
+    p.add_argument("--warmup", type=int, default=8, help="with --levels: stamps after each restart, not counted")
+    p.add_argument("--readme", type=Path, help="with --levels: put the table into this README between the markers")
+    p.add_argument("--render-only", action="store_true", help="measure nothing: rewrite the README from --out")
     args = p.parse_args(argv)
+    if args.levels or args.render_only:
+        if args.render_only:
+            result = json.loads(args.out.read_text())
+        else:
+            result = asyncio.run(compare_levels(args, dict(os.environ)))
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        table = markdown(result)
+        print(table)
+        if args.readme:
+            update_readme(args.readme, table, result["generated_at"], begin=README_BEGIN, end=README_END,
+                          source=str(args.out))
+        bad = sum(v["errors"] + sum(n for st, n in v["statuses"].items() if int(st) >= 500)
+                  for r in result["runs"] for v in r["routes"].values())
+        ok = (not bad and all(result["guarantees"]["verdict"].values())
+              and all(r["meets_target"] for r in result["summary"]["ratios"].values()))
+        return 0 if ok else 1
     result = asyncio.run(run(args.base_url, args.channels, args.stamps, args.concurrency, dict(os.environ)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

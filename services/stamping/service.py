@@ -96,12 +96,16 @@ async def router(rt: Runtime) -> APIRouter:
 async def workers(rt: Runtime) -> list[Task]:
     s = rt.settings
     pool = await rt.pool(NAME)
-    # The signing child's state: one engine, one key or PKCS#11 session, for the child's life. One
-    # signing child per worker process: signing is CPU-bound (one worker process per core scales it),
-    # and a PKCS#11 session does one operation at a time. The setup is the engine class itself, from a
-    # module the fork server preloaded: a setup defined here would make the child import this whole
-    # service (FastAPI, the routers, asyncpg) to unpickle it, about a second of CPU per start.
-    signing = Sandbox("signing", size=1, setup=StampingEngine, setup_args=(signer_config(s), s.public_url),
+    # A signing child's state: one engine, one key or PKCS#11 session, for the child's life (a session
+    # does one operation at a time: each child has its own). BUBUH_SIGNING_PROCESSES children (2): the
+    # worker already stamps its partitions concurrently, and at B-T and above a child waits for the
+    # TSA's answer for much of a stamp; with one child the next stamp waited behind that round trip
+    # (issue 13's surge: B-LT at 53% of B-B's stamps/s, signing 78 ms a stamp against 16). More
+    # workers still scale the CPU: one worker process per core. The setup is the engine class itself,
+    # from a module the fork server preloaded: a setup defined here would make the child import this
+    # whole service (FastAPI, the routers, asyncpg) to unpickle it, about a second of CPU per start.
+    signing = Sandbox("signing", size=s.signing_processes, setup=StampingEngine,
+                      setup_args=(signer_config(s), s.public_url),
                       budget=ProcessLimits.of(s.signing_cpu_s, s.signing_wall_s, s.document_memory_mib))
     try:
         await signing.start()

@@ -91,6 +91,18 @@ async def test_busy_beyond_max_waiting():
         await box.stop()
 
 
+async def test_a_child_waiting_on_the_network_does_not_hold_up_the_next_task():
+    # a signing child waits for the TSA's answer; with two children the next stamp signs meanwhile
+    box = await Sandbox("signing-like", size=2, budget=ProcessLimits(cpu_s=5, memory_bytes=0, wall_s=30)).start()
+    try:
+        await asyncio.gather(box.run(tasks.sleep, 0), box.run(tasks.sleep, 0))   # both children forked
+        started = time.monotonic()
+        assert await asyncio.gather(box.run(tasks.sleep, 1.0), box.run(tasks.sleep, 1.0)) == ["slept", "slept"]
+        assert time.monotonic() - started < 1.8, "the second task waited for the first"
+    finally:
+        await box.stop()
+
+
 async def test_a_setup_that_fails_stops_the_start_with_its_reason():
     with pytest.raises(RuntimeError, match="no key at /nowhere"):
         await Sandbox("broken", size=1, budget=BUDGET, setup=tasks.cannot_open, setup_args=("/nowhere",)).start()
