@@ -293,9 +293,26 @@ def serve(pki: DevPki) -> None:
     from certomancer.registry import CertomancerConfig
     from werkzeug.serving import run_simple
 
+    _KeepAlive = _handler_class()
     _keep_loaded_keys()
     cfg = CertomancerConfig.from_file(str(pki.config), key_search_dir=str(pki.root))
     for arch in cfg.pki_archs.values():
         _keep_timestampers(arch.service_registry)
     app = Animator(AnimatorArchStore(cfg.pki_archs), with_web_ui=False, allow_time_override=False)
-    run_simple("127.0.0.1", pki.port, app, threaded=True)
+    run_simple("127.0.0.1", pki.port, app, threaded=True, request_handler=_KeepAlive)
+
+
+def _handler_class():
+    from werkzeug.serving import WSGIRequestHandler
+
+    class KeepAlive(WSGIRequestHandler):
+        """HTTP/1.1: a worker's time-stamp requests reuse one connection (and one server thread) instead
+        of a TCP connection and a thread each, as werkzeug's HTTP/1.0 default makes them."""
+
+        protocol_version = "HTTP/1.1"
+
+        def log_request(self, *args, **kwargs) -> None:   # a line per time-stamp is noise, and CPU
+            pass
+
+    return KeepAlive
+
