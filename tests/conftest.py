@@ -22,6 +22,17 @@ def local_stack():
     return True
 
 
+@pytest.fixture(scope="session")
+def pki(local_stack):
+    """The stack's test PKI (root, issuing CA, signer, OCSP, CRLs, TSAs), served while the stack runs."""
+    from services.kernel.settings import Settings
+    from services.stamping.signing import dev_pki
+
+    found = dev_pki.existing(Settings().pki_dir)
+    assert found is not None, "the stack makes the PKI (bubuh keys dev-pki) when it starts"
+    return found
+
+
 def _dev_ca() -> None:
     """The stamping workers sign with the dev CA's issuer key (as `make setup` makes it)."""
     from services.kernel.settings import Settings

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 
 from loadtests import corpus
-from services.kernel.settings import Settings
 from services.operator import dss_validator as dss
 from services.stamping.serial import SerialIssuer
 from services.stamping.signing import dev_pki
@@ -15,13 +14,6 @@ from services.stamping.signing.engine import SignerConfig, StampingEngine
 from services.stamping.signing.request import StampRequest
 
 ISSUER = SerialIssuer(80)
-
-
-@pytest.fixture(scope="module")
-def pki(local_stack) -> dev_pki.DevPki:
-    found = dev_pki.existing(Settings().pki_dir)
-    assert found is not None
-    return found
 
 
 @pytest.fixture(scope="module")

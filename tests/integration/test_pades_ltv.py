@@ -30,13 +30,6 @@ ISSUER = SerialIssuer(79)
 
 
 @pytest.fixture(scope="module")
-def pki(local_stack) -> dev_pki.DevPki:
-    found = dev_pki.existing(Settings().pki_dir)
-    assert found is not None, "the stack makes the PKI (bubuh keys dev-pki) when it starts"
-    return found
-
-
-@pytest.fixture(scope="module")
 def anchor(pki) -> asn1_x509.Certificate:
     return asn1_x509.Certificate.load(pem.unarmor(pki.trust_anchor.read_bytes())[2])
 

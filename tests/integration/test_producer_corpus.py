@@ -38,13 +38,6 @@ class Case:
 
 
 @pytest.fixture(scope="module")
-def pki(local_stack) -> dev_pki.DevPki:
-    found = dev_pki.existing(Settings().pki_dir)
-    assert found is not None, "the stack makes the PKI (bubuh keys dev-pki) when it starts"
-    return found
-
-
-@pytest.fixture(scope="module")
 def cases(pki) -> dict[str, Case | pdf_producers.ProducerMissing]:
     """Every producer's file, stamped once by one engine at B-LT (the platform's default level)."""
     eng = StampingEngine(SignerConfig(p12_path=str(pki.signer_p12), p12_password=dev_pki.P12_PASSWORD,
