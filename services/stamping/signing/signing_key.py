@@ -25,6 +25,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from services.kernel import logs
+
+log = logs.get(__name__)
+
 
 class SigningKey(Protocol):
     """What the stamping engine needs from a key, wherever it lives."""
@@ -182,8 +186,44 @@ def open_pkcs11(module_path: str, token_label: str, pin: str, key_label: str,
     with _P11_LOCK:
         key = _P11_CACHE.get(cache_key)
         if key is None:
-            key = _P11_CACHE[cache_key] = Pkcs11Key(module_path, token_label, pin, key_label, cert_label)
+            key = _P11_CACHE[cache_key] = _open_with_retries(module_path, token_label, pin, key_label, cert_label)
         return key
+
+
+# Opening the token is retried, with the module re-initialised in between, for a few seconds at most.
+# Why: a module can answer from the state it read at C_Initialize. SoftHSM2's file store, for one,
+# rewrites token.object on every login, and a process that reads the token while another logs in
+# lists no token (NoSuchToken) or fails with GeneralError, and keeps that answer until it is
+# re-initialised. With two signing children starting at once this happened in CI; 8 processes
+# opening one token together hit it in 39 of 320 opens, with the retry in none
+# (tests/integration/test_stamping_keys.py). A wrong or locked PIN is never retried: each retry
+# would count against the token's PIN tries.
+OPEN_ATTEMPTS = 6
+_OPEN_PAUSE_S = 0.1
+_PIN_ERRORS = ("PinIncorrect", "PinInvalid", "PinLenRange", "PinLocked", "PinExpired")
+
+
+def _open_with_retries(module_path: str, token_label: str, pin: str, key_label: str,
+                       cert_label: str | None) -> Pkcs11Key:
+    import time
+
+    from pkcs11.exceptions import PKCS11Error  # pyHanko's "no token matching" is this class too
+    from pyhanko.sign.pkcs11 import p11_lib
+
+    attempt = 1
+    while True:
+        try:
+            return Pkcs11Key(module_path, token_label, pin, key_label, cert_label)
+        except PKCS11Error as exc:
+            if attempt == OPEN_ATTEMPTS or type(exc).__name__ in _PIN_ERRORS:
+                raise
+            log.warning("signing_token_open_retried", attempt=attempt, of=OPEN_ATTEMPTS, error=repr(exc)[:200])
+        time.sleep(_OPEN_PAUSE_S * attempt)
+        attempt += 1
+        try:
+            p11_lib(module_path).reinitialize()  # C_Finalize, C_Initialize: the tokens are read afresh
+        except PKCS11Error:
+            pass
 
 
 def forget_pkcs11(module_path: str, token_label: str, key_label: str) -> None:
