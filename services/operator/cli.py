@@ -175,7 +175,9 @@ def _dev_pki(args) -> None:
     if args.what == "serve-pki":
         if pki is None:
             raise SystemExit(f"no PKI under {root}: run `bubuh keys dev-pki`")
-        dev_pki.serve(pki)
+        from services.stamping.signing import dev_pki_server
+
+        dev_pki_server.serve(pki)
         return
     if args.if_missing and pki is not None:
         if pki.port != port:
