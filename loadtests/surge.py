@@ -275,6 +275,62 @@ def pinned_key(env: dict) -> dict:
             "subject": cert.subject.human_friendly}
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (a worker's fork server and its signing or inspection children)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                text = (d / "stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(text[text.rindex(")") + 2:].split()[1]), []).append(int(d.name))
+    out, todo = [], list(children.get(pid, ()))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def cpu_snapshot(settings) -> dict[str, float]:
+    """CPU seconds so far of everything on the box a surge uses, by part: each platform process and,
+    apart, its children (signing and document sandboxes); the test PKI; this stack's PostgreSQL
+    (postmaster with its live and reaped backends) and Kafka broker, found by their ports; and this
+    load generator. A sandbox child that exits within the window takes its CPU with it (none should)."""
+    import resource
+
+    from loadtests.bench_pipeline import proc_cpu_s, server_pids
+    from services.operator import local_processes
+    from services.stamping.signing import dev_pki
+
+    out: dict[str, float] = {}
+    for name, pid in local_processes.pids(settings).items():
+        if pid is not None:
+            out[f"{name} process"] = proc_cpu_s(pid) or 0.0
+            out[f"{name} sandboxes"] = sum(proc_cpu_s(c) or 0.0 for c in _descendants(pid))
+    try:
+        pki = int((dev_pki.default_root(settings.local_dir) / "pki.pid").read_text())
+        out["test PKI (TSA, OCSP, CRL)"] = proc_cpu_s(pki) or 0.0
+    except (OSError, ValueError):
+        pass
+    kafka_port = int(settings.kafka_bootstrap.rsplit(":", 1)[1])
+    pg_port = int(re.search(r":(\d+)/", settings.database_url)[1])
+    servers = server_pids(pg_port, kafka_port)
+    out["postgres"] = sum(proc_cpu_s(p, p in servers["postmaster"]) or 0.0 for p in servers["postgres"])
+    out["kafka"] = sum(proc_cpu_s(p) or 0.0 for p in servers["kafka"])
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    out["load generator"] = me.ru_utime + me.ru_stime
+    return out
+
+
+def cpu_per_stamp(before: dict[str, float], after: dict[str, float], stamps: int) -> dict[str, float]:
+    """CPU ms per accepted stamp of each part over a surge (purchases, intake, stamping, polls)."""
+    out = {k: round(1000 * (after[k] - before[k]) / stamps, 1) for k in after if k in before and stamps}
+    out["all"] = round(sum(out.values()), 1)
+    return out
+
+
 def _median_run(runs: list[dict]) -> dict:
     ordered = sorted(runs, key=lambda r: r["stamps_per_s_end_to_end"] or 0)
     return ordered[len(ordered) // 2]
@@ -319,7 +375,9 @@ async def compare_levels(args, env: dict) -> dict:
                 before = stamping_metrics(stamping_port)
                 load = [round(x, 2) for x in os.getloadavg()]
                 completed: list[tuple[str, str]] = []
+                cpu_before = cpu_snapshot(settings)
                 r = await run(args.base_url, args.channels, args.stamps, args.concurrency, env, completed)
+                r["cpu_ms_per_stamp"] = cpu_per_stamp(cpu_before, cpu_snapshot(settings), r["stamps_accepted"])
                 r.pop("queue", None)
                 r.pop("ledger", None)
                 r.update({"round": rnd, "level": level, "loadavg_at_start": load,
@@ -375,6 +433,7 @@ def summarise(result: dict, levels: list[str]) -> dict:
             "intake_p99_ms_median": statistics.median(r["routes"]["POST /v1/stamps"]["p99_ms"] for r in runs),
             "drain_seconds_median": statistics.median(r["drain_seconds"] for r in runs),
             "stage_means_of_median_run": med["stage_means"],
+            "cpu_ms_per_stamp_of_median_run": med.get("cpu_ms_per_stamp", {}),
             "delivered_levels": sorted({lv for r in runs for lv in r["delivered_levels"]}),
             "outcomes": outcomes,
         }
@@ -412,6 +471,10 @@ def markdown(result: dict) -> str:
     for st in stages:
         row(f"{st.replace(' ms', '')}: mean ms per stamp (median run)",
             [f"{per[lv]['stage_means_of_median_run'].get(st, 0):.0f}" for lv in levels])
+    parts = list(dict.fromkeys(k for lv in levels for k in per[lv].get("cpu_ms_per_stamp_of_median_run", {})))
+    for part in parts:
+        row(f"CPU ms per stamp: {part} (median run)",
+            [f"{per[lv]['cpu_ms_per_stamp_of_median_run'].get(part, 0):.1f}" for lv in levels])
     row("outcomes (all runs)", [", ".join(f"{k} {v}" for k, v in per[lv]["outcomes"].items()) for lv in levels])
     row("level of the stamps delivered (checked)", [", ".join(per[lv]["delivered_levels"]) for lv in levels])
     rows.append("")

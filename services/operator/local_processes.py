@@ -67,6 +67,11 @@ def _pid(settings: Settings, name: str) -> int | None:
     return pid if _alive(pid) else None
 
 
+def pids(settings: Settings) -> dict[str, int | None]:
+    """The pid of each platform process ``up`` started (None: not running)."""
+    return {name: _pid(settings, name) for name in PROCESSES}
+
+
 def _healthy(settings: Settings) -> bool:
     try:
         with urllib.request.urlopen(f"http://{settings.http_host}:{settings.http_port}/healthz", timeout=1) as r:
