@@ -49,7 +49,7 @@ _START_TIMEOUT_S = 60.0
 
 @dataclass(frozen=True)
 class ProcessLimits:
-    cpu_s: float           # CPU seconds one task may use
+    cpu_s: float           # CPU seconds one task may use (the kernel counts whole seconds: up to one more)
     memory_bytes: int      # address space of a child (0: unlimited)
     wall_s: float          # elapsed seconds one task may take, waiting included (a TSA, an HSM)
 
@@ -109,7 +109,7 @@ def _serve(conn: Connection, setup: Callable[..., Any] | None, setup_args: tuple
         if task is None:
             return
         fn, args, cpu_s = task
-        soft = int(_cpu_used() + cpu_s) + 1
+        soft = int(_cpu_used() + cpu_s) + 1   # RLIMIT_CPU counts whole seconds: a task gets cpu_s to cpu_s + 1
         if hard != resource.RLIM_INFINITY:
             soft = min(soft, hard)
         resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
