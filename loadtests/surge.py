@@ -52,8 +52,12 @@ from loadtests import corpus  # noqa: E402
 from loadtests.readme import update_readme  # noqa: E402
 
 TARGET_RATIO = 0.85          # issue 13: B-LT keeps at least 85% of B-B's end-to-end stamps/s
+MEMBERS_TARGET_RATIO = 0.90  # issue 12: two stamping members on two cores within 10% of one
+MEMBER_SHARE = (0.40, 0.60)  # issue 12: each of two members does 40-60% of the tier's work
 README_BEGIN = "<!-- surge:levels:begin (make surge writes this table) -->"
 README_END = "<!-- surge:levels:end -->"
+README_MEMBERS_BEGIN = "<!-- surge:members:begin (make surge-members writes this table) -->"
+README_MEMBERS_END = "<!-- surge:members:end -->"
 
 
 @dataclass
@@ -236,6 +240,23 @@ def stamping_metrics(port: int) -> dict[str, tuple[float, float]]:
     return out
 
 
+def _summed(per_member: list[dict[str, tuple[float, float]]]) -> dict[str, tuple[float, float]]:
+    out: dict[str, tuple[float, float]] = {}
+    for metrics in per_member:
+        for key, (total, count) in metrics.items():
+            t, c = out.get(key, (0.0, 0.0))
+            out[key] = (t + total, c + count)
+    return out
+
+
+def member_shares(before: list[dict], after: list[dict]) -> list[float]:
+    """Each stamping member's share of the stamps the tier signed over the surge."""
+    signed = [a.get("signing", (0.0, 0.0))[1] - b.get("signing", (0.0, 0.0))[1]
+              for b, a in zip(before, after, strict=True)]
+    total = sum(signed)
+    return [round(n / total, 3) for n in signed] if total else []
+
+
 def stage_means(before: dict, after: dict) -> dict[str, float]:
     """Mean ms per stamp of each stage over the surge (warm-up excluded)."""
     means = {}
@@ -331,6 +352,24 @@ def cpu_per_stamp(before: dict[str, float], after: dict[str, float], stamps: int
     return out
 
 
+def postgres_log(settings) -> Path | None:
+    """The local cluster's server log (Debian's pg_ctlcluster: /var/log/postgresql/postgresql-<v>-<cluster>.log)."""
+    port = int(re.search(r":(\d+)/", settings.database_url)[1])
+    cluster = os.environ.get("BUBUH_LOCAL_PG_CLUSTER") or ("bubuh" if port == 15432 else f"bubuh-{port}")
+    logs = sorted(Path("/var/log/postgresql").glob(f"postgresql-*-{cluster}.log"))
+    return logs[-1] if logs else None
+
+
+def lock_waits_since(log: Path | None, offset: int) -> list[str]:
+    """Lock waits PostgreSQL logged after ``offset`` (log_lock_waits: waits longer than deadlock_timeout)."""
+    if log is None:
+        return []
+    with open(log, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    return [line[:300] for line in text.splitlines() if "still waiting for" in line]
+
+
 def _median_run(runs: list[dict]) -> dict:
     ordered = sorted(runs, key=lambda r: r["stamps_per_s_end_to_end"] or 0)
     return ordered[len(ordered) // 2]
@@ -343,15 +382,22 @@ async def compare_levels(args, env: dict) -> dict:
 
     settings = Settings()
     levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
+    members = [int(m) for m in args.members.split(",") if m.strip()] if args.members else [1]
+    if len(members) > 1 and len(levels) > 1:
+        raise SystemExit("compare levels or stamping members, not both at once")
+    # (label, PAdES level, stamping members); labels are the table's columns
+    variants = ([(f"{levels[0]} x{m}", levels[0], m) for m in members] if len(members) > 1
+                else [(lv, lv, members[0]) for lv in levels])
+    target = MEMBERS_TARGET_RATIO if len(members) > 1 else TARGET_RATIO
     letter = corpus.a4_text(7)
     work = Path(tempfile.mkdtemp(prefix="surge-levels-"))
     (work / "hook").mkdir()
     (work / "hook" / "sitecustomize.py").write_text(PRODUCER_HOOK)
-    stamping_port = metrics_targets(settings)["stamping-1"][1]
     guarantees = {"server": await server_guarantees(settings.database_url)}
     result: dict = {
-        "levels": levels, "rounds": args.rounds, "channels": args.channels, "stamps_per_channel": args.stamps,
-        "concurrency_per_channel": args.concurrency, "target_ratio": TARGET_RATIO,
+        "levels": [label for label, _, _ in variants], "rounds": args.rounds, "channels": args.channels,
+        "stamps_per_channel": args.stamps, "concurrency_per_channel": args.concurrency, "target_ratio": target,
+        "compares": "stamping members" if len(members) > 1 else "PAdES levels",
         "pinned": {"signing_key": pinned_key(env),
                    "document": {"what": "loadtests.corpus.a4_text(7), one A4 page of text", "bytes": len(letter),
                                 "sha256": hashlib.sha256(letter).hexdigest()},
@@ -364,24 +410,36 @@ async def compare_levels(args, env: dict) -> dict:
         f"load {result['machine']['loadavg_at_start']}")
     try:
         for rnd in range(1, args.rounds + 1):
-            for level in (levels if rnd % 2 else levels[::-1]):
-                producer_log = work / f"producers-{rnd}-{level}.jsonl"
-                run_env = {**env, "BUBUH_PADES_LEVEL": level, "BUBUH_BENCH_PRODUCER_LOG": str(producer_log),
+            for label, pades, n_members in (variants if rnd % 2 else variants[::-1]):
+                level = label
+                producer_log = work / f"producers-{rnd}-{label.replace(' ', '')}.jsonl"
+                run_env = {**env, "BUBUH_PADES_LEVEL": pades, "BUBUH_LOCAL_STAMPING_MEMBERS": str(n_members),
+                           "BUBUH_BENCH_PRODUCER_LOG": str(producer_log),
                            "PYTHONPATH": os.pathsep.join(filter(None, [str(work / "hook"), env.get("PYTHONPATH")]))}
-                log(f"round {rnd}, {level}: restarting the platform with BUBUH_PADES_LEVEL={level}")
+                log(f"round {rnd}, {label}: restarting the platform with BUBUH_PADES_LEVEL={pades}, "
+                    f"BUBUH_LOCAL_STAMPING_MEMBERS={n_members}")
                 restart(run_env)
+                shape = settings.model_copy(update={"local_stamping_members": n_members})
+                member_ports = [port for name, (_, port) in metrics_targets(shape).items()
+                                if name.startswith("stamping-")]
                 warm: list[tuple[str, str]] = []
                 await run(args.base_url, 1, args.warmup, min(args.warmup, 4), env, warm)
-                before = stamping_metrics(stamping_port)
+                before = [stamping_metrics(port) for port in member_ports]
                 load = [round(x, 2) for x in os.getloadavg()]
                 completed: list[tuple[str, str]] = []
-                cpu_before = cpu_snapshot(settings)
+                cpu_before = cpu_snapshot(shape)
+                pg_log = postgres_log(settings)
+                pg_log_at = pg_log.stat().st_size if pg_log else 0
                 r = await run(args.base_url, args.channels, args.stamps, args.concurrency, env, completed)
-                r["cpu_ms_per_stamp"] = cpu_per_stamp(cpu_before, cpu_snapshot(settings), r["stamps_accepted"])
+                r["cpu_ms_per_stamp"] = cpu_per_stamp(cpu_before, cpu_snapshot(shape), r["stamps_accepted"])
+                after = [stamping_metrics(port) for port in member_ports]
+                r["lock_waits_over_deadlock_timeout"] = lock_waits_since(pg_log, pg_log_at)[:20]
                 r.pop("queue", None)
                 r.pop("ledger", None)
-                r.update({"round": rnd, "level": level, "loadavg_at_start": load,
-                          "stage_means": stage_means(before, stamping_metrics(stamping_port)),
+                r.update({"round": rnd, "level": level, "pades_level": pades, "stamping_members": n_members,
+                          "loadavg_at_start": load,
+                          "stage_means": stage_means(_summed(before), _summed(after)),
+                          "member_shares": member_shares(before, after),
                           "delivered_levels": await delivered_levels(args.base_url, completed),
                           "platform_producers": producers_seen(producer_log)})
                 stamps = r["routes"]["POST /v1/stamps"]
@@ -393,6 +451,7 @@ async def compare_levels(args, env: dict) -> dict:
         log("restarting the platform as it was found")
         restart(env)
     guarantees["server_after"] = await server_guarantees(settings.database_url)
+    result["lock_wait_logging"] = await _lock_wait_logging(settings.database_url)
     result["summary"] = summarise(result, levels)
     # the money path's producers (client ids bubuh-*); faust's statistics producer for queue ETAs is acks=1 by
     # design (services/stamping/throughput.py) and listed apart
@@ -407,13 +466,25 @@ async def compare_levels(args, env: dict) -> dict:
         # aiokafka keeps acks=all as -1
         "platform_producers_acks_all": acks == {-1},
         "stamps_at_the_level_asked": all(
-            r["delivered_levels"] and all(lv == r["level"].upper() for lv in r["delivered_levels"])
+            r["delivered_levels"]
+            and all(lv == r.get("pades_level", r["level"]).upper() for lv in r["delivered_levels"])
             for r in result["runs"]),
     }
     result["guarantees"] = guarantees
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["generated_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     return result
+
+
+async def _lock_wait_logging(database_url: str) -> dict:
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        return {"log_lock_waits": await conn.fetchval("SHOW log_lock_waits"),
+                "deadlock_timeout": await conn.fetchval("SHOW deadlock_timeout")}
+    finally:
+        await conn.close()
 
 
 def summarise(result: dict, levels: list[str]) -> dict:
@@ -434,6 +505,7 @@ def summarise(result: dict, levels: list[str]) -> dict:
             "drain_seconds_median": statistics.median(r["drain_seconds"] for r in runs),
             "stage_means_of_median_run": med["stage_means"],
             "cpu_ms_per_stamp_of_median_run": med.get("cpu_ms_per_stamp", {}),
+            "member_shares_runs": [r.get("member_shares", []) for r in runs],
             "delivered_levels": sorted({lv for r in runs for lv in r["delivered_levels"]}),
             "outcomes": outcomes,
         }
@@ -449,7 +521,7 @@ def summarise(result: dict, levels: list[str]) -> dict:
                 by_round[rnd] = round(pair[level] / pair[base], 3)
         ratios[f"{level}/{base}"] = {"ratio_of_medians": round(ratio, 3) if ratio is not None else None,
                                      "ratio_per_round": by_round,
-                                     "meets_target": ratio is not None and ratio >= TARGET_RATIO}
+                                     "meets_target": ratio is not None and ratio >= result["target_ratio"]}
     return {"per_level": per_level, "ratios": ratios}
 
 
@@ -475,6 +547,14 @@ def markdown(result: dict) -> str:
     for part in parts:
         row(f"CPU ms per stamp: {part} (median run)",
             [f"{per[lv]['cpu_ms_per_stamp_of_median_run'].get(part, 0):.1f}" for lv in levels])
+    logging = result.get("lock_wait_logging", {})
+    row(f"PostgreSQL lock waits over {logging.get('deadlock_timeout', '?')} (log_lock_waits="
+        f"{logging.get('log_lock_waits', '?')}), all runs", [str(sum(len(r.get("lock_waits_over_deadlock_timeout", []))
+                                                  for r in result["runs"] if r["level"] == lv)) for lv in levels])
+    if result.get("compares") == "stamping members":
+        row("each stamping member's share of the stamps signed (per run)",
+            ["; ".join("/".join(f"{100 * x:.0f}%" for x in shares) for shares in per[lv]["member_shares_runs"])
+             for lv in levels])
     row("outcomes (all runs)", [", ".join(f"{k} {v}" for k, v in per[lv]["outcomes"].items()) for lv in levels])
     row("level of the stamps delivered (checked)", [", ".join(per[lv]["delivered_levels"]) for lv in levels])
     rows.append("")
@@ -482,8 +562,8 @@ def markdown(result: dict) -> str:
         verdict = "met" if r["meets_target"] else "NOT met"
         per_round = ", ".join(f"{v:.2f}" for v in r["ratio_per_round"].values())
         rows.append(f"- **{name}: {100 * r['ratio_of_medians']:.1f}%** of the end-to-end stamps/s (medians of "
-                    f"{result['rounds']} round(s); per round {per_round}); target >= {100 * TARGET_RATIO:.0f}%: "
-                    f"{verdict}.")
+                    f"{result['rounds']} round(s); per round {per_round}); target >= "
+                    f"{100 * result['target_ratio']:.0f}%: {verdict}.")
     g = result["guarantees"]
     key = result["pinned"]["signing_key"]
     doc = result["pinned"]["document"]
@@ -517,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=8, help="with --levels: stamps after each restart, not counted")
     p.add_argument("--readme", type=Path, help="with --levels: put the table into this README between the markers")
     p.add_argument("--render-only", action="store_true", help="measure nothing: rewrite the README from --out")
+    p.add_argument("--members", default="", help="with one --levels level: compare stamping worker counts, e.g. 1,2 "
+                                                 "(BUBUH_LOCAL_STAMPING_MEMBERS; issue 12: two within 10%% of one, "
+                                                 "each member 40-60%% of the stamps)")
     args = p.parse_args(argv)
     if args.levels or args.render_only:
         if args.render_only:
@@ -527,13 +610,18 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
         table = markdown(result)
         print(table)
+        members = result.get("compares") == "stamping members"
         if args.readme:
-            update_readme(args.readme, table, result["generated_at"], begin=README_BEGIN, end=README_END,
-                          source=str(args.out))
+            update_readme(args.readme, table, result["generated_at"],
+                          begin=README_MEMBERS_BEGIN if members else README_BEGIN,
+                          end=README_MEMBERS_END if members else README_END, source=str(args.out))
         bad = sum(v["errors"] + sum(n for st, n in v["statuses"].items() if int(st) >= 500)
                   for r in result["runs"] for v in r["routes"].values())
         ok = (not bad and all(result["guarantees"]["verdict"].values())
-              and all(r["meets_target"] for r in result["summary"]["ratios"].values()))
+              and all(r["meets_target"] for r in result["summary"]["ratios"].values())
+              and (not members or (all(MEMBER_SHARE[0] <= x <= MEMBER_SHARE[1] for r in result["runs"]
+                                       if r.get("stamping_members", 1) > 1 for x in r.get("member_shares", [0]))
+                                   and not any(r.get("lock_waits_over_deadlock_timeout") for r in result["runs"]))))
         return 0 if ok else 1
     result = asyncio.run(run(args.base_url, args.channels, args.stamps, args.concurrency, dict(os.environ)))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,7 @@ def cmd_scrape_targets(args) -> None:
     from services.operator import local_processes
     s = _settings()
     for name, (job, port) in local_processes.metrics_targets(s).items():
-        args = local_processes.PROCESSES[name]
+        args = local_processes.processes(s)[name]
         print(job, f"{s.http_host}:{port}", name, args[args.index("--workers") + 1])
 
 

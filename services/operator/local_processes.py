@@ -25,13 +25,22 @@ PROCESSES: dict[str, list[str]] = {
 }
 
 
+def processes(settings: Settings) -> dict[str, list[str]]:
+    """What ``up`` starts: ``PROCESSES``, with ``BUBUH_LOCAL_STAMPING_MEMBERS`` stamping workers
+    (``stamping-1`` .. ``stamping-N``, one consumer group: Kafka splits the partitions between them)."""
+    out = dict(PROCESSES)
+    for i in range(2, settings.local_stamping_members + 1):
+        out[f"stamping-{i}"] = PROCESSES["stamping-1"]
+    return out
+
+
 def metrics_targets(settings: Settings) -> dict[str, tuple[str, int]]:
     """Each process's Prometheus job and its own /metrics port, never shared: a process with API routes
     serves /metrics on BUBUH_HTTP_PORT; the worker-only ones get BUBUH_METRICS_PORT, +1, +2, ... in order
     (default: the HTTP port + 1), so a scrape always lands on the one process it names."""
     base = settings.metrics_port or settings.http_port + 1
     targets: dict[str, tuple[str, int]] = {}
-    for name, args in PROCESSES.items():
+    for name, args in processes(settings).items():
         api, workers = args[args.index("--api") + 1], args[args.index("--workers") + 1]
         if api != "none":
             targets[name] = ("bubuh-api", settings.http_port)
@@ -69,7 +78,7 @@ def _pid(settings: Settings, name: str) -> int | None:
 
 def pids(settings: Settings) -> dict[str, int | None]:
     """The pid of each platform process ``up`` started (None: not running)."""
-    return {name: _pid(settings, name) for name in PROCESSES}
+    return {name: _pid(settings, name) for name in processes(settings)}
 
 
 def _healthy(settings: Settings) -> bool:
@@ -82,14 +91,15 @@ def _healthy(settings: Settings) -> bool:
 
 def up(settings: Settings, timeout: float = 90) -> None:
     run = _run_dir(settings)
-    running = {name: _pid(settings, name) for name in PROCESSES}
+    wanted = processes(settings)
+    running = {name: _pid(settings, name) for name in wanted}
     if all(running.values()):
         print(f"bubuh: already running (pids {', '.join(str(p) for p in running.values())}), "
               f"API on {settings.public_url}")
         return
     started: dict[str, subprocess.Popen] = {}
     targets = metrics_targets(settings)
-    for name, args in PROCESSES.items():
+    for name, args in wanted.items():
         if running[name]:
             continue
         ready = run / f"{name}.ready"
@@ -107,8 +117,8 @@ def up(settings: Settings, timeout: float = 90) -> None:
                 logfile = settings.local_dir / "logs" / f"{name}.log"
                 down(settings, quiet=True)
                 raise ConfigError(f"{name} exited during start: {_last_line(logfile)} (log: {logfile})")
-        if all((run / f"{name}.ready").exists() for name in PROCESSES) and _healthy(settings):
-            pids = ", ".join(str(_pid(settings, n)) for n in PROCESSES)
+        if all((run / f"{name}.ready").exists() for name in wanted) and _healthy(settings):
+            pids = ", ".join(str(_pid(settings, n)) for n in wanted)
             print(f"bubuh: running (pids {pids}), API on {settings.public_url}, logs in {settings.local_dir / 'logs'}")
             return
         time.sleep(0.3)
@@ -118,7 +128,9 @@ def up(settings: Settings, timeout: float = 90) -> None:
 
 def down(settings: Settings, quiet: bool = False) -> None:
     run = _run_dir(settings)
-    pids = {name: _pid(settings, name) for name in PROCESSES}
+    # every process a pid file names, too: one started under another BUBUH_LOCAL_STAMPING_MEMBERS
+    names = [*processes(settings), *(p.stem for p in sorted(run.glob("*.pid")))]
+    pids = {name: _pid(settings, name) for name in dict.fromkeys(names)}
     for pid in filter(None, pids.values()):
         os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + 20
@@ -127,7 +139,7 @@ def down(settings: Settings, quiet: bool = False) -> None:
             time.sleep(0.2)
         if _alive(pid):
             os.killpg(pid, signal.SIGKILL)
-    for name in PROCESSES:
+    for name in pids:
         (run / f"{name}.pid").unlink(missing_ok=True)
         (run / f"{name}.ready").unlink(missing_ok=True)
     if not quiet:
@@ -135,7 +147,7 @@ def down(settings: Settings, quiet: bool = False) -> None:
 
 
 def status(settings: Settings) -> bool:
-    pids = {name: _pid(settings, name) for name in PROCESSES}
+    pids = {name: _pid(settings, name) for name in processes(settings)}
     healthy = _healthy(settings)
     for name, pid in pids.items():
         print(f"bubuh: {name} " + (f"running (pid {pid})" if pid else "stopped"))

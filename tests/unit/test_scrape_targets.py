@@ -27,3 +27,11 @@ def test_metrics_ports_start_at_bubuh_metrics_port_when_set():
     targets = local_processes.metrics_targets(Settings(http_port=18080, metrics_port=19500))
     assert targets["stamping-1"] == ("bubuh-stamping", 19500)
     assert targets["bubuh"] == ("bubuh-api", 18080)
+
+
+def test_local_stamping_members_each_get_a_process_and_a_port():
+    s = Settings(http_port=18080, metrics_port=0, local_stamping_members=3)
+    assert list(local_processes.processes(s)) == ["bubuh", "stamping-1", "stamping-2", "stamping-3"]
+    targets = local_processes.metrics_targets(s)
+    assert [targets[f"stamping-{i}"] for i in (1, 2, 3)] == [("bubuh-stamping", 18081 + i) for i in range(3)]
+    assert list(local_processes.processes(Settings())) == list(local_processes.PROCESSES)
