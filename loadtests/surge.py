@@ -452,7 +452,7 @@ async def compare_levels(args, env: dict) -> dict:
         restart(env)
     guarantees["server_after"] = await server_guarantees(settings.database_url)
     result["lock_wait_logging"] = await _lock_wait_logging(settings.database_url)
-    result["summary"] = summarise(result, levels)
+    result["summary"] = summarise(result, result["levels"])
     # the money path's producers (client ids bubuh-*); faust's statistics producer for queue ETAs is acks=1 by
     # design (services/stamping/throughput.py) and listed apart
     acks = {p["acks"] for r in result["runs"] for p in r["platform_producers"] if p["client_id"].startswith("bubuh")}
