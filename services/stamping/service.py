@@ -93,6 +93,11 @@ async def router(rt: Runtime) -> APIRouter:
     return api.router(s, rt.channels, intake, RequestStatus(s, pool, docs, queue), verifier)
 
 
+def _request_of(event) -> object:
+    """The stamping worker's chains: one per stamp request (its records in order, requests side by side)."""
+    return getattr(event.payload, "request_id", None) or event.key
+
+
 async def workers(rt: Runtime) -> list[Task]:
     s = rt.settings
     pool = await rt.pool(NAME)
@@ -116,7 +121,8 @@ async def workers(rt: Runtime) -> list[Task]:
     tracker = StatusTracker(s, pool, documents(s))
     stamp_loop = ConsumerLoop(s, rt.producer, name=WORKER,
                               topics=[s.topic(topics.QUOTA_EVENTS.name), s.topic(topics.STAMP_RETRY.name)],
-                              handler=PerRecord(worker.handle), pool=pool,
+                              handler=PerRecord(worker.handle, concurrency=s.stamping_concurrency,
+                                                chain_key=_request_of), pool=pool,
                               dead_letter_topic=s.topic(topics.STAMP_DLQ.name), max_batch=16)
     track_loop = ConsumerLoop(s, rt.producer, name=TRACKER, topics=[s.topic(topics.QUOTA_EVENTS.name)],
                               handler=PerRecord(tracker.handle), pool=pool,

@@ -72,13 +72,15 @@ class Member:
 
 
 class Rig:
-    def __init__(self, settings, pool: asyncpg.Pool, broker: MemoryBroker, *, per_record: bool = False) -> None:
+    def __init__(self, settings, pool: asyncpg.Pool, broker: MemoryBroker, *, per_record: bool = False,
+                 concurrency: int = 1, chain_key: Callable[[Event], object] | None = None) -> None:
         self.settings, self.pool, self.broker = settings, pool, broker
         self.name = f"rig-{uuid.uuid4().hex[:6]}"       # metrics are per process: a name per test
         self.topic = settings.topic("rig.events")
         self.dlq = settings.topic("rig.dead-letter")
         self.group = settings.group(self.name)
-        self.per_record = per_record
+        self.per_record = per_record or concurrency > 1
+        self.concurrency, self.chain_key = concurrency, chain_key
         self.producer = broker.producer()
         self.faults: dict[str, Fault] = {}
         self.attempts: Counter[str] = Counter()       # handler calls that reached the event, per event id
@@ -120,11 +122,16 @@ class Rig:
             await self._effect(conn, event)
 
     def handler(self):
-        inner = PerRecord(self.apply_one) if self.per_record else Transactional(self.pool, self.name, self.apply)
+        inner = (PerRecord(self.apply_one, concurrency=self.concurrency, chain_key=self.chain_key) if self.per_record
+                 else Transactional(self.pool, self.name, self.apply))
         rig = self
 
         class Counted:
             batched = inner.batched
+
+            def __init__(self) -> None:
+                self.concurrency = getattr(inner, "concurrency", 1)
+                self.chain_key = getattr(inner, "chain_key", None)
 
             async def process(self, batch):
                 rig.delivered.update(e.event_id for e in batch)
@@ -476,3 +483,87 @@ async def test_event_types_the_handler_does_not_act_on_are_skipped_unread_and_un
     assert claimed == {r.event_id for r in kept}             # no inbox row for the skipped type
     assert rig.dead_letters() == []
     assert metric("bubuh_consumer_records_total", consumer=rig.name, topic=rig.topic, outcome="skipped") == 1
+
+
+# --- chains: records of different chains at once (PerRecord concurrency, the stamping worker's) ----------
+
+def _chain_of(event: Event) -> int:
+    return event.payload.quantity % 3
+
+
+async def test_records_of_different_chains_run_at_once_each_chain_in_order(settings, pool, broker):
+    rig = await Rig(settings, pool, broker, concurrency=4, chain_key=_chain_of).setup()
+    running, peak, order = set(), [0], {0: [], 1: [], 2: []}
+    plain_effect = rig._effect
+
+    async def slow_effect(conn, event):
+        running.add(event.event_id)
+        peak[0] = max(peak[0], len(running))
+        order[_chain_of(event)].append(event.payload.quantity)
+        await asyncio.sleep(0.05)
+        await plain_effect(conn, event)
+        running.discard(event.event_id)
+
+    rig._effect = slow_effect
+    try:
+        sent = await rig.publish(*range(1, 13), key=rig.key_on(0))       # one partition, three chains
+        rig.member()
+        await eventually(lambda: rig.all_committed(), what="committed")
+        assert sorted(await rig.applied()) == sorted(r.event_id for r in sent)   # each once
+        assert peak[0] == 3, f"{peak[0]} at once: three chains should run side by side"
+        assert order == {c: sorted(q for q in range(1, 13) if q % 3 == c) for c in range(3)}, order
+    finally:
+        await rig.close()
+
+
+async def test_the_concurrency_bounds_the_records_in_the_handler_across_partitions(settings, pool, broker):
+    rig = await Rig(settings, pool, broker, concurrency=2, chain_key=lambda e: e.event_id).setup()
+    running, peak = set(), [0]
+    plain_effect = rig._effect
+
+    async def slow_effect(conn, event):
+        running.add(event.event_id)
+        peak[0] = max(peak[0], len(running))
+        await asyncio.sleep(0.05)
+        await plain_effect(conn, event)
+        running.discard(event.event_id)
+
+    rig._effect = slow_effect
+    try:
+        sent = [r for p in range(4) for r in await rig.publish(*range(10 * p, 10 * p + 5), key=rig.key_on(p))]
+        rig.member()
+        await eventually(lambda: rig.all_committed(), what="committed")
+        assert sorted(await rig.applied()) == sorted(r.event_id for r in sent)
+        assert peak[0] == 2, f"{peak[0]} records in the handler at once, the limit is 2"
+    finally:
+        await rig.close()
+
+
+async def test_an_outage_in_one_chain_rewinds_to_it_and_what_ran_past_it_is_not_applied_twice(settings, pool, broker):
+    def outage():
+        return asyncpg.exceptions.ReadOnlySQLTransactionError("cannot execute INSERT in a read-only transaction")
+
+    rig = await Rig(settings, pool, broker, concurrency=4, chain_key=_chain_of).setup()
+    try:
+        healed = asyncio.Event()
+        sent = await rig.publish(*range(1, 10), key=rig.key_on(2))
+        victim = sent[1]                       # quantity 2: chain 2, the second record of the partition
+        rig.faults[victim.event_id] = until(healed, outage)
+        rig.member()
+        others = [r.event_id for q, r in enumerate(sent, start=1) if q % 3 != 2]
+        behind = [sent[4].event_id, sent[7].event_id]          # quantities 5 and 8: chain 2, after the victim
+        await asyncio.sleep(1.0)
+        applied = await rig.applied()
+        assert victim.event_id not in applied and not set(behind) & set(applied), "ran past it in its own chain"
+        assert set(others) <= set(applied), "the other chains waited for the outage"
+        assert rig.broker.committed(rig.group, rig.tp(2)) == rig.offset_of(victim.event_id), \
+            "committed past the record waiting out the outage"
+        healed.set()
+        await eventually(lambda: rig.all_committed(), what="resumed after the outage")
+        assert sorted(await rig.applied()) == sorted(r.event_id for r in sent), "lost or applied twice"
+        assert rig.dead_letters() == [] and rig.retries() == []
+        past = [e for e in others if rig.offset_of(e) > rig.offset_of(victim.event_id)]
+        assert past and all(rig.delivered[e] >= 2 for e in past), \
+            "the records past the outage were not handed over again: the rewind was not seen"
+    finally:
+        await rig.close()

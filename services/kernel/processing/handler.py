@@ -39,6 +39,7 @@ class Rejection:
 class Handler(Protocol):
     batched: bool
     # optional: ``types``, the event types it acts on (absent or None: all); others are skipped unread
+    # optional: ``concurrency`` and ``chain_key`` (PerRecord): records of different chains at once
 
     async def process(self, events: Sequence[Event]) -> list[Rejection]: ...
 
@@ -69,11 +70,19 @@ class Transactional:
 
 
 class PerRecord:
+    """One record at a time through ``handle``. With ``concurrency`` > 1 the loop runs up to that many
+    records at once, never two of one chain (``chain_key``, default the Kafka key) together, each chain
+    in offset order: only for a handler that is idempotent per record and needs no order across chains
+    (the stamping worker: one chain per stamp request, status guards against a second delivery)."""
+
     batched = False
 
-    def __init__(self, handle: Callable[[Event], Awaitable[None]], types: frozenset[str] | None = None) -> None:
+    def __init__(self, handle: Callable[[Event], Awaitable[None]], types: frozenset[str] | None = None, *,
+                 concurrency: int = 1, chain_key: Callable[[Event], object] | None = None) -> None:
         self._handle = handle
         self.types = types
+        self.concurrency = max(1, concurrency)
+        self.chain_key = chain_key
 
     async def process(self, events: Sequence[Event]) -> list[Rejection]:
         rejected: list[Rejection] = []

@@ -6,7 +6,11 @@ Why it looks like this:
 - Back-pressure is the fetch itself: the next poll happens only when the current one is done, so at
   most ``max_batch`` records are in memory, whatever the lag. A paused partition is not fetched.
 - The records of one partition are handled in order, as one batch (one transaction for a
-  ``Transactional`` handler); partitions of a poll run concurrently.
+  ``Transactional`` handler); partitions of a poll run concurrently. A ``PerRecord`` handler may
+  declare ``concurrency``: then records of different chains (``chain_key``) run at once, at most that
+  many in the whole consumer, and each chain in order. A partition rewound after an outage is rewound
+  to its earliest unfinished record, so later records that did finish are handled again: only for
+  handlers that are idempotent per record (the stamping worker).
 - The failure policy (README, "Failure policy") follows ``failures.classify``:
   * undecodable, forged or invalid (``bad``): dead-lettered at once with its code; the partition
     moves on (invariant 5). A batch the client cannot decode at all becomes a marker entry;
@@ -93,6 +97,9 @@ class ConsumerLoop:
         self._topics = topics
         self._handler = handler
         self._types: frozenset[str] | None = getattr(handler, "types", None)   # None: every type
+        self._concurrency: int = getattr(handler, "concurrency", 1)
+        self._chain_key = getattr(handler, "chain_key", None) or (lambda event: event.key)
+        self._gate: asyncio.Semaphore | None = None
         self._dlq = dead_letter_topic
         self._pool = pool
         self._max_batch = max_batch or settings.consumer_max_batch
@@ -253,8 +260,35 @@ class ConsumerLoop:
                 self._observe(run, time.perf_counter() - started)
                 await self._settle(run, rejected)
                 return
+        if self._concurrency > 1 and len(run) > 1:
+            await self._chains(run)
+            return
         for event in run:
             await self._one(event)
+
+    async def _chains(self, run: list[Event]) -> None:
+        """``run`` as chains of one ``chain_key`` each, in offset order within a chain, up to
+        ``concurrency`` records of the consumer at once; a halt is raised at the earliest record that
+        halted, once every chain has stopped (the others' records are done or will be redone)."""
+        if self._gate is None:
+            self._gate = asyncio.Semaphore(self._concurrency)
+        gate = self._gate
+        chains: dict[object, list[Event]] = {}
+        for event in run:
+            chains.setdefault(self._chain_key(event), []).append(event)
+
+        async def chain(events_: list[Event]) -> None:
+            for event in events_:
+                async with gate:
+                    await self._one(event)
+
+        results = await asyncio.gather(*(chain(c) for c in chains.values()), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, _Halt):
+                raise result
+        halts = [r for r in results if isinstance(r, _Halt)]
+        if halts:
+            raise min(halts, key=lambda h: h.offset)
 
     async def _attempt(self, run: Sequence[Event]) -> list[Rejection]:
         """The handler, with in-place retries of a transaction that lost a race."""
