@@ -158,6 +158,12 @@ def _pids_where(pred) -> list[int]:
     return out
 
 
+def stack_ports(settings) -> tuple[int, int]:
+    """(PostgreSQL port, Kafka port) of the stack the settings name: what ``server_pids`` looks for."""
+    return (urlsplit(settings.database_url).port or 5432,
+            int(settings.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1]))
+
+
 def server_pids(pg_port: int | None = None, kafka_port: int | None = None) -> dict[str, list[int]]:
     """The PostgreSQL server (postmaster first, then its live children) and the Kafka broker that
     serve the run, found by the ports they listen on; other clusters and brokers on the box (other
@@ -893,7 +899,7 @@ async def pipeline_run(args, index: int, profiler: Profiler | None = None) -> di
                 result["consumer_groups"] = {g: {"topics": sorted(d["topics"]), "members": d["members"]}
                                              for g, d in desc.items()}
             pids = {name: p.pid for name, p in run.procs.items()}
-            ports = (urlsplit(s.database_url).port or 5432, int(s.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1]))
+            ports = stack_ports(s)
             if profiler:
                 profiler.start(pids, workdir)
                 await asyncio.sleep(1.5)      # py-spy attaches

@@ -321,7 +321,7 @@ def cpu_snapshot(settings) -> dict[str, float]:
     load generator. A sandbox child that exits within the window takes its CPU with it (none should)."""
     import resource
 
-    from loadtests.bench_pipeline import proc_cpu_s, server_pids
+    from loadtests.bench_pipeline import proc_cpu_s, server_pids, stack_ports
     from services.operator import local_processes
     from services.stamping.signing import dev_pki
 
@@ -335,9 +335,7 @@ def cpu_snapshot(settings) -> dict[str, float]:
         out["test PKI (TSA, OCSP, CRL)"] = proc_cpu_s(pki) or 0.0
     except (OSError, ValueError):
         pass
-    kafka_port = int(settings.kafka_bootstrap.rsplit(":", 1)[1])
-    pg_port = int(re.search(r":(\d+)/", settings.database_url)[1])
-    servers = server_pids(pg_port, kafka_port)
+    servers = server_pids(*stack_ports(settings))
     out["postgres"] = sum(proc_cpu_s(p, p in servers["postmaster"]) or 0.0 for p in servers["postgres"])
     out["kafka"] = sum(proc_cpu_s(p) or 0.0 for p in servers["kafka"])
     me = resource.getrusage(resource.RUSAGE_SELF)
@@ -354,7 +352,9 @@ def cpu_per_stamp(before: dict[str, float], after: dict[str, float], stamps: int
 
 def postgres_log(settings) -> Path | None:
     """The local cluster's server log (Debian's pg_ctlcluster: /var/log/postgresql/postgresql-<v>-<cluster>.log)."""
-    port = int(re.search(r":(\d+)/", settings.database_url)[1])
+    from loadtests.bench_pipeline import stack_ports
+
+    port = stack_ports(settings)[0]
     cluster = os.environ.get("BUBUH_LOCAL_PG_CLUSTER") or ("bubuh" if port == 15432 else f"bubuh-{port}")
     logs = sorted(Path("/var/log/postgresql").glob(f"postgresql-*-{cluster}.log"))
     return logs[-1] if logs else None

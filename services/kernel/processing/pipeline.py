@@ -99,7 +99,7 @@ class ConsumerLoop:
         self._types: frozenset[str] | None = getattr(handler, "types", None)   # None: every type
         self._concurrency: int = getattr(handler, "concurrency", 1)
         self._chain_key = getattr(handler, "chain_key", None) or (lambda event: event.key)
-        self._gate: asyncio.Semaphore | None = None
+        self._gate = asyncio.Semaphore(self._concurrency)   # records of this consumer in its handler at once
         self._dlq = dead_letter_topic
         self._pool = pool
         self._max_batch = max_batch or settings.consumer_max_batch
@@ -270,8 +270,6 @@ class ConsumerLoop:
         """``run`` as chains of one ``chain_key`` each, in offset order within a chain, up to
         ``concurrency`` records of the consumer at once; a halt is raised at the earliest record that
         halted, once every chain has stopped (the others' records are done or will be redone)."""
-        if self._gate is None:
-            self._gate = asyncio.Semaphore(self._concurrency)
         gate = self._gate
         chains: dict[object, list[Event]] = {}
         for event in run:

@@ -19,6 +19,8 @@ import copy
 import hashlib
 from datetime import UTC, datetime
 
+from asn1crypto import core, tsp, x509
+
 from services.stamping.signing.dev_pki import ARCH, DevPki
 
 
@@ -60,8 +62,6 @@ class _LightCertificates:
         self._embed_ders = [c.dump() for c in stamper.certs_to_embed]
 
     def request_tsa_response(self, req):
-        from asn1crypto import x509
-
         one = copy.copy(self._stamper)   # per request: the server is threaded
         one.tsa_cert = x509.Certificate.load(self._tsa_der)
         one.certs_to_embed = [x509.Certificate.load(der) for der in self._embed_ders]
@@ -111,7 +111,6 @@ class FastTimeStamper:
     attributes, one RSA PKCS#1 v1.5 signature."""
 
     def __init__(self, stamper) -> None:
-        from asn1crypto import algos, cms, core, tsp, x509
         from cryptography.hazmat.primitives import hashes, serialization
 
         if stamper.signature_algo.signature_algo != "rsassa_pkcs1v15":
@@ -144,14 +143,12 @@ class FastTimeStamper:
         self._signing_certificate_attr = attrs[2].dump()
         self._signing_time_oid = attrs[1]["type"].dump()
         self._message_digest_oid = attrs[3]["type"].dump()
-        self._core, self._algos, self._cms, self._tsp = core, algos, cms, tsp
 
     def respond(self, body: bytes) -> bytes:
         """The DER TimeStampResp for the DER TimeStampReq ``body`` (ValueError when it is not one)."""
         from certomancer.services import get_nonce
         from cryptography.hazmat.primitives.asymmetric import padding
 
-        core, tsp = self._core, self._tsp
         req = tsp.TimeStampReq.load(body, strict=True)
         imprint = req["message_imprint"]
         imprint.native   # noqa: B018 - parses it: a malformed request fails here, not in a client's validator

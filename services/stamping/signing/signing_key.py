@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -205,8 +206,6 @@ _PIN_ERRORS = ("PinIncorrect", "PinInvalid", "PinLenRange", "PinLocked", "PinExp
 
 def _open_with_retries(module_path: str, token_label: str, pin: str, key_label: str,
                        cert_label: str | None) -> Pkcs11Key:
-    import time
-
     from pkcs11.exceptions import PKCS11Error  # pyHanko's "no token matching" is this class too
     from pyhanko.sign.pkcs11 import p11_lib
 
