@@ -27,6 +27,22 @@ pytestmark = [pytest.mark.slow, pytest.mark.exclusive]
 SAMPLES = 40
 
 
+async def _settled(limit: float = 0.35, within_s: float = 60.0) -> float:
+    """Wait until the machine's cores are mostly idle over one second (``make test`` runs this test right
+    after the parallel suite, whose processes, checkpoints and vacuums may still be finishing): the
+    comparison is of the flood against quiet, not of whatever else was running. Returns the last busy share."""
+    from loadtests.bench_pipeline import system_busy
+
+    deadline = time.monotonic() + within_s
+    while True:
+        b0, t0 = system_busy()
+        await asyncio.sleep(1.0)
+        b1, t1 = system_busy()
+        busy = (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+        if busy <= limit or time.monotonic() > deadline:
+            return busy
+
+
 def _p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[98]
 
@@ -45,6 +61,7 @@ async def _intake_latencies(api: httpx.AsyncClient, channel: dict, letter: bytes
 async def test_eight_verification_flooders_leave_stamp_intake_within_twice_its_quiet_p99(settings):
     heavy = corpus.form_with_fields(1500)
     letter = corpus.a4_text(11)
+    busy_before = await _settled()
     front = await PlatformProcess(settings, api="all", workers="none", name="flood-front").start()
     base = f"http://127.0.0.1:{settings.http_port}"
     stop = asyncio.Event()
@@ -71,7 +88,8 @@ async def test_eight_verification_flooders_leave_stamp_intake_within_twice_its_q
         await front.stop()
     quiet_p99, flooded_p99 = _p99(quiet), _p99(flooded)
     print(f"stamp intake p99: quiet {quiet_p99 * 1000:.0f} ms, flooded {flooded_p99 * 1000:.0f} ms "
-          f"(warm-up p50 {statistics.median(warm) * 1000:.0f} ms); verify answers {answers}")
+          f"(warm-up p50 {statistics.median(warm) * 1000:.0f} ms); verify answers {answers}; the cores were "
+          f"{100 * busy_before:.0f}% busy before it began")
     # the flood was real: the verification pool worked through heavy documents the whole time, and
     # whatever it could not take was turned away with a code
     assert answers.get(200, 0) >= 8, answers
