@@ -42,14 +42,16 @@ def _delivery(row, log: list) -> dict:
         "horizon_at": _iso(row["horizon_at"]), "delivered_at": _iso(row["delivered_at"]),
         "last_status_code": row["last_status_code"], "last_error": row["last_error"],
         "log": [{"attempt": a["attempt"], "at": _iso(a["started_at"]), "duration_ms": round(a["duration_ms"], 3),
-                 "status_code": a["status_code"], "error": a["error"], "outcome": a["outcome"]} for a in log],
+                 "status_code": a["status_code"], "error": a["error"], "outcome": a["outcome"],
+                 "retry_in_ms": None if a["retry_in_ms"] is None else round(a["retry_in_ms"], 3)} for a in log],
     }
 
 
 async def _with_logs(conn: asyncpg.Connection, rows) -> list[dict]:
     ids = [r["delivery_id"] for r in rows]
     attempts = await conn.fetch(
-        "SELECT delivery_id, attempt, started_at, duration_ms, status_code, error, outcome FROM delivery_attempts "
+        "SELECT delivery_id, attempt, started_at, duration_ms, status_code, error, outcome, retry_in_ms "
+        "FROM delivery_attempts "
         "WHERE delivery_id = ANY($1::text[]) ORDER BY id", ids) if ids else []
     by_id: dict[str, list] = {}
     for a in attempts:

@@ -310,12 +310,12 @@ class WebhookSender(Sender):
                                   outcome.error or None, outcome.started_at, outcome.target,
                                   endpoint_of(outcome.target))
         status = row["status"] if row else None
+        verdict = "delivered" if outcome.ok else ("abandoned" if status == "dead" else "failed")
         await conn.execute(
             "INSERT INTO delivery_attempts (delivery_id, attempt, started_at, duration_ms, status_code, error, "
-            "outcome) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "outcome, retry_in_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             claimed.key, claimed.attempts + 1, outcome.started_at, a.duration_s * 1000, a.status_code,
-            outcome.error or None,
-            "delivered" if outcome.ok else ("abandoned" if status == "dead" else "failed"))
+            outcome.error or None, verdict, delay_s * 1000 if verdict == "failed" else None)
         return row
 
     def recorded(self, claimed: Claimed, outcome: Outcome, row, delay_s: float) -> None:
