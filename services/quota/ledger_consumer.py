@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 
 import asyncpg
 
@@ -39,57 +40,59 @@ def _balance(b: ledger.Balance | None) -> quota_pb2.Balance:
     return quota_pb2.Balance(credited=b.credited, pending=b.pending, committed=b.committed, available=b.available)
 
 
-def _account_of(msg) -> tuple[str, str] | None:
-    if isinstance(msg, purchase_pb2.PurchaseConfirmed | stamp_pb2.StampRequested | stamp_pb2.StampSigned
-                  | stamp_pb2.StampCompleted | stamp_pb2.StampFailed):
-        return msg.channel_id, msg.account_id
-    return None
-
-
 class QuotaHandlers:
     TYPES = frozenset(events.type_name(t) for t in (purchase_pb2.PurchaseConfirmed, stamp_pb2.StampRequested,
                                                     stamp_pb2.StampSigned, stamp_pb2.StampCompleted,
                                                     stamp_pb2.StampFailed))
+    # before StampSigned existed the worker's StampCompleted asked for the commit; now it follows the
+    # commit, so it is a duplicate (kept for records written by older workers)
+    _OPERATION = {purchase_pb2.PurchaseConfirmed: "credit", stamp_pb2.StampRequested: "reserve",
+                  stamp_pb2.StampSigned: "commit", stamp_pb2.StampCompleted: "commit", stamp_pb2.StampFailed: "release"}
+
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
         self._pool = pool
         self._settings = settings
         self._topic = settings.topic(topics.QUOTA_EVENTS.name)
         self._debug = False         # per-record ledger lines (set per batch from the log level)
-        self._operations = {
-            stamp_pb2.StampRequested: ("reserve", self._reserve),
-            stamp_pb2.StampSigned: ("commit", self._commit),
-            # before StampSigned existed the worker's StampCompleted asked for the commit; now it follows
-            # the commit, so this is a duplicate (kept for records written by older workers)
-            stamp_pb2.StampCompleted: ("commit", self._commit),
-            stamp_pb2.StampFailed: ("release", self._release),
-        }
+
+    @staticmethod
+    def accounts_of(batch: Sequence[Event]) -> set[tuple[str, str]]:
+        """The accounts a batch will lock (``Transactional(serialize_by=...)``)."""
+        return {(e.payload.channel_id, e.payload.account_id) for e in batch
+                if type(e.payload) in QuotaHandlers._OPERATION}
+
+    def _operation(self, name: str, m, event_id: str, deadline: dt.datetime) -> ledger.Operation:
+        if name == "credit":
+            return ledger.Credit(m.purchase_id, m.channel_id, m.account_id, m.quantity, event_id)
+        if name == "reserve":
+            return ledger.Reserve(m.request_id, m.channel_id, m.account_id, deadline, event_id)
+        return ledger.Resolve("post" if name == "commit" else "void", m.request_id, m.channel_id, m.account_id,
+                              m.code if name == "release" else "", event_id)
 
     async def apply(self, conn: asyncpg.Connection, batch: list[Event]) -> None:
         """One partition batch, in the pipeline's transaction (the inbox has claimed it already).
 
-        The batch's accounts are locked first, in one fixed order, so two batches that share
-        accounts wait for each other instead of deadlocking.
+        ``ledger.apply`` locks the batch's accounts first, in one fixed order, so two batches that
+        share accounts wait for each other instead of deadlocking, and applies the whole batch in a
+        fixed number of statements.
         """
-        await ledger.lock_accounts(conn, {_account_of(e.payload) for e in batch} - {None})
+        started = time.perf_counter()
+        base = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self._settings.reservation_ttl_s)
+        ours = [(name, e) for e in batch for name in (self._OPERATION.get(type(e.payload)),) if name]
+        # PurchaseRejected and other events on these topics are not the ledger's business.
+        # The deadlines of one batch are a microsecond apart, so the expiry sweep (oldest deadline
+        # first) releases reservations in the order they were made, as with one clock read each.
+        outcomes = await ledger.apply(conn, [self._operation(name, e.payload, e.event_id,
+                                                             base + dt.timedelta(microseconds=i))
+                                             for i, (name, e) in enumerate(ours)])
+        each = (time.perf_counter() - started) / max(1, len(ours))
         outgoing: list[events.Outgoing] = []
         done: Counter[tuple[str, str]] = Counter()     # (operation, result) -> how many
         self._debug = log.is_enabled_for(logging.DEBUG)
-        credits: list[Event] = []          # a run of consecutive credits is applied set-based
-        for event in batch:
-            if isinstance(event.payload, purchase_pb2.PurchaseConfirmed):
-                credits.append(event)
-                continue
-            await self._credit_run(conn, credits, outgoing, done)
-            credits = []
-            entry = self._operations.get(type(event.payload))
-            if entry is None:
-                continue      # PurchaseRejected and other events on these topics are not the ledger's business
-            operation, op = entry
-            started = time.perf_counter()
-            outcome = await op(conn, event, outgoing)
-            LEDGER_SECONDS.labels(operation).observe(time.perf_counter() - started)
-            self._record(operation, outcome, event, done)
-        await self._credit_run(conn, credits, outgoing, done)
+        for (name, event), out in zip(ours, outcomes, strict=True):
+            outgoing.extend(self._events_of(name, event, out))
+            LEDGER_SECONDS.labels(name).observe(each)
+            self._record(name, out, event, done)
         await outbox.add(conn, outgoing)
         for (operation, result), n in done.items():
             LEDGER_OPERATIONS.labels(operation, result).inc(n)
@@ -109,61 +112,36 @@ class QuotaHandlers:
             subject=getattr(event.payload, "request_id", "") or getattr(event.payload, "purchase_id", ""),
             balance=outcome.balance.as_dict() if outcome.balance else None, trace_id=event.envelope.trace_id)
 
-    async def _credit_run(self, conn: asyncpg.Connection, run: list[Event], outgoing: list[events.Outgoing],
-                          done: Counter[tuple[str, str]]) -> None:
-        if not run:
-            return
-        started = time.perf_counter()
-        outcomes = await ledger.credit_many(conn, [
-            ledger.Credit(m.purchase_id, m.channel_id, m.account_id, m.quantity, e.event_id)
-            for e in run for m in (e.payload,)])
-        LEDGER_SECONDS.labels("credit").observe((time.perf_counter() - started) / len(run))
-        for event, out in zip(run, outcomes, strict=True):
-            m: purchase_pb2.PurchaseConfirmed = event.payload
-            if out.applied:
-                outgoing.append(self._outgoing(
-                    quota_pb2.QuotaCredited(channel_id=m.channel_id, account_id=m.account_id,
-                                            purchase_id=m.purchase_id, quantity=m.quantity,
-                                            balance=_balance(out.balance), buyer_email=m.buyer_email),
-                    events.account_key(m.channel_id, m.account_id), derived_event_id(m.purchase_id, "credited"),
-                    event))
-            self._record("credit", out, event, done)
+    def _events_of(self, name: str, event: Event, out: ledger.Outcome) -> list[events.Outgoing]:
+        """What one operation's outcome announces on quota.events."""
+        m = event.payload
+        key = events.account_key(m.channel_id, m.account_id)
+        if name == "credit":
+            if not out.applied:
+                return []
+            return [self._outgoing(
+                quota_pb2.QuotaCredited(channel_id=m.channel_id, account_id=m.account_id, purchase_id=m.purchase_id,
+                                        quantity=m.quantity, balance=_balance(out.balance), buyer_email=m.buyer_email),
+                key, derived_event_id(m.purchase_id, "credited"), event)]
+        if name == "reserve":
+            if out.result == "applied":
+                reserved = quota_pb2.QuotaReserved(channel_id=m.channel_id, account_id=m.account_id,
+                                                   request_id=m.request_id, balance=_balance(out.balance))
+                reserved.deadline.FromDatetime(out.deadline)
+                return [self._outgoing(reserved, key, derived_event_id(m.request_id, "reserved"), event)]
+            if out.result == "refused":
+                return [self._outgoing(quota_pb2.QuotaRejected(
+                    channel_id=m.channel_id, account_id=m.account_id, request_id=m.request_id, code=out.code,
+                    detail="no available unit", balance=_balance(out.balance)),
+                    key, derived_event_id(m.request_id, "rejected"), event)]
+            return []
+        return self._after_resolution(event, m, out, name)
 
     def _outgoing(self, msg, key: str, event_id: str, cause: Event | None) -> events.Outgoing:
         env = events.envelope(msg, producer=NAME, event_id=event_id,
                               causation_id=cause.event_id if cause else "",
                               trace_id=cause.envelope.trace_id if cause else None)
         return events.outgoing(self._topic, key, env)
-
-    async def _reserve(self, conn, event: Event, outgoing: list[events.Outgoing]) -> ledger.Outcome:
-        m: stamp_pb2.StampRequested = event.payload
-        deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self._settings.reservation_ttl_s)
-        out = await ledger.reserve(conn, request_id=m.request_id, channel_id=m.channel_id, account_id=m.account_id,
-                                   deadline=deadline, event_id=event.event_id)
-        key = events.account_key(m.channel_id, m.account_id)
-        if out.result == "applied":
-            reserved = quota_pb2.QuotaReserved(channel_id=m.channel_id, account_id=m.account_id,
-                                               request_id=m.request_id, balance=_balance(out.balance))
-            reserved.deadline.FromDatetime(out.deadline)
-            outgoing.append(self._outgoing(reserved, key, derived_event_id(m.request_id, "reserved"), event))
-        elif out.result == "refused":
-            outgoing.append(self._outgoing(quota_pb2.QuotaRejected(channel_id=m.channel_id, account_id=m.account_id,
-                                                           request_id=m.request_id, code=out.code,
-                                                           detail="no available unit", balance=_balance(out.balance)),
-                                           key, derived_event_id(m.request_id, "rejected"), event))
-        return out
-
-    async def _commit(self, conn, event: Event, outgoing: list[events.Outgoing]) -> ledger.Outcome:
-        m: stamp_pb2.StampSigned | stamp_pb2.StampCompleted = event.payload
-        out = await ledger.commit(conn, request_id=m.request_id, event_id=event.event_id)
-        outgoing.extend(self._after_resolution(event, m, out, "commit"))
-        return out
-
-    async def _release(self, conn, event: Event, outgoing: list[events.Outgoing]) -> ledger.Outcome:
-        m: stamp_pb2.StampFailed = event.payload
-        out = await ledger.release(conn, request_id=m.request_id, code=m.code, event_id=event.event_id)
-        outgoing.extend(self._after_resolution(event, m, out, "release"))
-        return out
 
     def _after_resolution(self, cause: Event | None, m, out: ledger.Outcome, operation: str,
                           code: str = "") -> list[events.Outgoing]:
@@ -192,14 +170,15 @@ class QuotaHandlers:
         now = now or dt.datetime.now(dt.UTC)
         async with self._pool.acquire() as conn, conn.transaction():
             due = await ledger.due_expiries(conn, now)
-            for request_id in due:
-                row = await conn.fetchrow("SELECT channel_id, account_id FROM transfers WHERE id = $1", request_id)
-                out = await ledger.release(conn, request_id=request_id, code="RESERVATION_EXPIRED",
-                                           event_id=derived_event_id(request_id, "expired"))
-                m = stamp_pb2.StampFailed(request_id=request_id, channel_id=row["channel_id"],
-                                          account_id=row["account_id"])
-                await outbox.add(conn, self._after_resolution(None, m, out, "release", code="RESERVATION_EXPIRED"))
+            outcomes = await ledger.apply(conn, [
+                ledger.Resolve("void", r.request_id, r.channel_id, r.account_id, "RESERVATION_EXPIRED",
+                               derived_event_id(r.request_id, "expired")) for r in due])
+            outgoing: list[events.Outgoing] = []
+            for r, out in zip(due, outcomes, strict=True):
+                m = stamp_pb2.StampFailed(request_id=r.request_id, channel_id=r.channel_id, account_id=r.account_id)
+                outgoing.extend(self._after_resolution(None, m, out, "release", code="RESERVATION_EXPIRED"))
                 LEDGER_OPERATIONS.labels("expire", out.result).inc()
+            await outbox.add(conn, outgoing)
         if due:
             log.info("reservations expired", count=len(due))
         return len(due)

@@ -35,7 +35,8 @@ async def workers(rt: Runtime) -> list[Task]:
     loop = ConsumerLoop(s, rt.producer, name=CONSUMER,
                         topics=[s.topic(t.name) for t in (topics.PURCHASE_EVENTS, topics.STAMP_REQUESTED,
                                                           topics.STAMP_EVENTS)],
-                        handler=Transactional(pool, CONSUMER, handlers.apply, handlers.TYPES), pool=pool,
+                        handler=Transactional(pool, CONSUMER, handlers.apply, handlers.TYPES,
+                                              serialize_by=handlers.accounts_of), pool=pool,
                         dead_letter_topic=s.topic(topics.QUOTA_DLQ.name))
     relay = Relay(pool, rt.producer, s, NAME)
     return [loop.run, relay.run, handlers.run_expiry, ReservationGauges(pool).run]

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from services.contracts.bubuh.v1 import purchase_pb2, stamp_pb2
-from services.kernel import errors
+from services.kernel import database, errors
 from services.kernel.events import Event
 from services.kernel.processing.handler import Transactional
 from services.quota import ledger
@@ -398,3 +398,66 @@ async def test_the_expiry_sweep_and_a_batch_resolving_the_same_reservation_do_no
     assert len(resolutions) == 1
     row = await pool.fetchrow("SELECT credited, pending, committed FROM accounts WHERE channel_id = $1", ch)
     assert row["pending"] == 0 and row["credited"] - row["committed"] - row["pending"] >= 0
+
+
+async def test_batches_sharing_an_account_take_turns_in_process_never_on_the_row_lock(quota):
+    """Partitions of one poll run concurrently, and one account's requests arrive on every partition.
+    Without ``serialize_by`` their transactions queue on the account's row lock (what PostgreSQL's
+    ``log_lock_waits`` reported in the surge); with it, they take turns before opening a transaction,
+    so no backend ever waits for a lock, and the batches over other accounts still run meanwhile."""
+    pool, handlers, _ = quota
+    await _reset(pool)
+    pids: set[int] = set()
+
+    async def apply_and_hold(conn, events):
+        pids.add(conn.get_server_pid())
+        await handlers.apply(conn, events)
+        await asyncio.sleep(0.15)                      # the account stays locked until the commit
+
+    def batches(tag: str) -> list[list[Event]]:
+        out = []
+        for i, account in enumerate([("ch-e", "hot")] * 3 + [("ch-e", "cold")]):
+            pid = f"p-{tag}-{i}"
+            out.append([hs.event(purchase_pb2.PurchaseConfirmed(purchase_id=pid, channel_id=account[0],
+                                                                account_id=account[1], quantity=1),
+                                 producer="purchase"),
+                        _stamp_event("reserve", f"{tag}-{i}", account)])
+        return out
+
+    async def run(handler: Transactional, tag: str) -> tuple[int, float]:
+        """How often a backend of ours was seen waiting for a lock, and the cold batch's duration."""
+        waits = 0
+        done = asyncio.Event()
+        monitor = await database.connect(hs_settings)
+
+        async def watch() -> None:
+            nonlocal waits
+            while not done.is_set():
+                waits += await monitor.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid = ANY($1::int[])",
+                    list(pids))
+                await asyncio.sleep(0.005)
+
+        async def timed(batch):
+            started = asyncio.get_running_loop().time()
+            assert await handler.process(batch) == []
+            return asyncio.get_running_loop().time() - started
+
+        watcher = asyncio.create_task(watch())
+        try:
+            took = await asyncio.wait_for(asyncio.gather(*(timed(b) for b in batches(tag))), timeout=20)
+        finally:
+            done.set()
+            await watcher
+            await monitor.close()
+        return waits, took[-1]
+
+    hs_settings = handlers._settings
+    waits_plain, _ = await run(Transactional(pool, CONSUMER, apply_and_hold), "plain")
+    assert waits_plain > 0, "the probe never saw a lock wait without serialize_by: it cannot see one"
+    waits_turns, cold = await run(Transactional(pool, CONSUMER, apply_and_hold,
+                                                serialize_by=handlers.accounts_of), "turns")
+    assert waits_turns == 0
+    assert cold < 0.4, f"the batch over another account waited for the hot one's turns ({cold:.2f} s)"
+    row = await pool.fetchrow("SELECT credited, pending FROM accounts WHERE account_id = 'hot'")
+    assert (row["credited"], row["pending"]) == (6, 6)

@@ -20,7 +20,9 @@ dead-letters them. Anything raised is a failure of the whole call, classified by
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -47,18 +49,60 @@ class Handler(Protocol):
 Apply = Callable[[asyncpg.Connection, list[Event]], Awaitable[list[Rejection] | None]]
 
 
+class KeyedLocks:
+    """In-process locks by key, taken in sorted order (no deadlock between two holders of several)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple, asyncio.Lock] = {}
+        self._users: dict[tuple, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, keys: Iterable[tuple]) -> AsyncIterator[None]:
+        ordered = sorted(set(keys))
+        for k in ordered:
+            self._users[k] = self._users.get(k, 0) + 1
+        taken: list[asyncio.Lock] = []
+        try:
+            for k in ordered:
+                lock = self._locks.setdefault(k, asyncio.Lock())
+                await lock.acquire()
+                taken.append(lock)
+            yield
+        finally:
+            for lock in taken:
+                lock.release()
+            for k in ordered:
+                self._users[k] -= 1
+                if not self._users[k]:
+                    del self._users[k], self._locks[k]
+
+
 class Transactional:
+    """``serialize_by``: the keys (e.g. the accounts) whose rows a batch will lock in the database.
+    Batches of concurrent partitions that share a key then take turns in this process, before their
+    transactions open, instead of queueing on the row lock while holding a connection and their
+    other locks (PostgreSQL's lock waits, issue 12)."""
+
     batched = True
 
     def __init__(self, pool: asyncpg.Pool, consumer: str, apply: Apply,
-                 types: frozenset[str] | None = None, inbox_key: Callable[[Event], str] | None = None) -> None:
+                 types: frozenset[str] | None = None, inbox_key: Callable[[Event], str] | None = None,
+                 serialize_by: Callable[[Sequence[Event]], Iterable[tuple]] | None = None) -> None:
         self._pool = pool
         self._consumer = consumer
         self._apply = apply
         self.types = types
         self._key = inbox_key or (lambda e: e.event_id)
+        self._serialize_by = serialize_by
+        self._turns = KeyedLocks()
 
     async def process(self, events: Sequence[Event]) -> list[Rejection]:
+        if self._serialize_by is None:
+            return await self._process(events)
+        async with self._turns.hold(self._serialize_by(events)):
+            return await self._process(events)
+
+    async def _process(self, events: Sequence[Event]) -> list[Rejection]:
         async with self._pool.acquire() as conn, conn.transaction():
             fresh = await inbox.claim_batch(conn, self._consumer, events, self._key)
             if not fresh:
