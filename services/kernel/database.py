@@ -12,11 +12,13 @@ leaves every other host to the URL's ``sslmode`` (libpq's default, ``prefer``). 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
+import asyncpg.transaction
 
 from services.kernel.settings import Settings
 
@@ -45,6 +47,69 @@ def ssl_mode(settings: Settings) -> str | None:
     return "disable" if _is_loopback(url.hostname) else None
 
 
+class Connection(asyncpg.Connection):
+    """Every connection of ours: it sends its transaction's wake-ups (NOTIFY) after the commit.
+
+    PostgreSQL serialises the commits of all transactions that issued NOTIFY, cluster-wide (one lock
+    on the notification queue, held through the commit's WAL flush), so every outbox write waited
+    for the others' fsync: the lock waits over 50 ms the surge logged (issue 12). A transaction owes
+    its wake-ups instead (``owe_wake``), and the connection sends them once the outermost commit
+    returned, in a statement of their own that writes nothing and holds the lock for microseconds.
+    A wake-up is a hint (listeners also poll): one lost to a failure right after the commit costs
+    latency, never work; a rolled-back transaction owes nothing.
+    """
+
+    __slots__ = ("_owed_wakes",)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._owed_wakes: set[tuple[str, bool]] = set()
+
+    def owe_wake(self, channel: str, in_schema: bool = False) -> None:
+        """``in_schema``: the channel is ``<current schema><channel>``."""
+        self._owed_wakes.add((channel, in_schema))
+
+    def transaction(self, *, isolation=None, readonly=False, deferrable=False) -> asyncpg.transaction.Transaction:
+        self._check_open()
+        return _WakingTransaction(self, isolation, readonly, deferrable)
+
+    async def _after_transaction(self, committed: bool) -> None:
+        if self.is_in_transaction():
+            return                          # a savepoint ended; the wake-ups wait for the outermost commit
+        owed, self._owed_wakes = self._owed_wakes, set()
+        if committed and owed:
+            with contextlib.suppress(Exception):
+                wakes = sorted(owed)
+                await self.execute("SELECT pg_notify(CASE WHEN s THEN current_schema() || c ELSE c END, '') "
+                                   "FROM unnest($1::text[], $2::bool[]) AS u(c, s)",
+                                   [c for c, _ in wakes], [s for _, s in wakes])
+
+
+class _WakingTransaction(asyncpg.transaction.Transaction):
+    __slots__ = ()
+
+    async def __aexit__(self, extype, ex, tb) -> None:
+        try:
+            await super().__aexit__(extype, ex, tb)
+        except BaseException:
+            await self._connection._after_transaction(committed=False)
+            raise
+        await self._connection._after_transaction(committed=extype is None)
+
+
+async def notify(conn: asyncpg.Connection, channel: str, *, in_schema: bool = False) -> None:
+    """Wake the listeners of ``channel`` (``in_schema``: ``<current schema><channel>``) once the
+    caller's transaction commits, none if it rolls back. On a connection of ours inside a transaction
+    the NOTIFY follows the commit (``Connection``); elsewhere it is issued at once (NOTIFY is
+    transactional: delivered at commit)."""
+    owe = getattr(conn, "owe_wake", None)      # through a pool's proxy too
+    if owe is not None and conn.is_in_transaction():
+        owe(channel, in_schema)
+    else:
+        await conn.execute("SELECT pg_notify(CASE WHEN $2 THEN current_schema() || $1 ELSE $1 END, '')",
+                           channel, in_schema)
+
+
 def connect_kwargs(settings: Settings) -> dict[str, Any]:
     mode = ssl_mode(settings)
     return {} if mode is None else {"ssl": mode}
@@ -52,7 +117,7 @@ def connect_kwargs(settings: Settings) -> dict[str, Any]:
 
 async def connect(settings: Settings, **kw) -> asyncpg.Connection:
     """One connection outside any pool (LISTEN, probes, tools), with the same TLS choice as the pools."""
-    return await asyncpg.connect(settings.database_url, **connect_kwargs(settings), **kw)
+    return await asyncpg.connect(settings.database_url, connection_class=Connection, **connect_kwargs(settings), **kw)
 
 
 async def create_pool(settings: Settings, service: str, *, min_size: int | None = None,
@@ -64,6 +129,7 @@ async def create_pool(settings: Settings, service: str, *, min_size: int | None 
         max_size=max_size or settings.db_pool_max,
         command_timeout=settings.db_command_timeout_s,
         server_settings={"search_path": schema, "application_name": f"bubuh-{service}"},
+        connection_class=Connection,
         **connect_kwargs(settings),
     )
 

@@ -23,8 +23,8 @@ HEALTH_CHECK_S = 5.0      # a dead socket shows at the next check
 
 
 async def notify(conn: asyncpg.Connection, channel: str) -> None:
-    """Wake the listeners of ``channel`` when the caller's transaction commits (NOTIFY is transactional)."""
-    await conn.execute("SELECT pg_notify($1, '')", channel)
+    """Wake the listeners of ``channel`` when the caller's transaction commits (``database.notify``)."""
+    await database.notify(conn, channel)
 
 
 class Listener:

@@ -17,7 +17,7 @@ from operator import itemgetter
 import asyncpg
 import orjson
 
-from services.kernel import failures, logs
+from services.kernel import database, failures, logs
 from services.kernel.events import Outgoing
 from services.kernel.listener import Listener
 from services.kernel.metrics import OUTBOX_LAG_SECONDS, OUTBOX_PUBLISHED
@@ -44,8 +44,8 @@ async def add(conn: asyncpg.Connection, records: list[Outgoing], *, available_at
         [orjson.dumps([[k, v.decode("latin-1")] for k, v in r.headers]).decode() for r in records], available_at,
     )
     if notify and available_at is None:
-        # wakes the relay at commit time (NOTIFY is transactional), so latency is not a poll interval
-        await conn.execute("SELECT pg_notify(current_schema() || '_outbox', '')")
+        # wakes the relay after the commit, so latency is not a poll interval
+        await database.notify(conn, "_outbox", in_schema=True)
 
 
 class Relay:
