@@ -45,7 +45,7 @@ PURCHASE_EVENTS = Topic("purchase.events", "purchase", "account", "PurchaseConfi
 PURCHASE_DLQ = Topic("purchase.dead-letter", "purchase", "as the source record",
                      "rejected records of purchase.submitted (forged, malformed) with bubuh-dlq-* headers")
 STAMP_REQUESTED = Topic("stamp.requested", "stamping (intake)", "request id", "StampRequested")
-QUOTA_EVENTS = Topic("quota.events", "quota", "account",
+QUOTA_EVENTS = Topic("quota.events", "quota", "account (QuotaCredited); request id (a reservation's events)",
                      "QuotaCredited, QuotaReserved, QuotaRejected, QuotaCommitted, QuotaReleased, QuotaRefused")
 QUOTA_DLQ = Topic("quota.dead-letter", "quota", "as the source record", "records quota could not apply")
 STAMP_EVENTS = Topic("stamp.events", "stamping (worker, tracker)", "request id",

@@ -115,14 +115,15 @@ class QuotaHandlers:
     def _events_of(self, name: str, event: Event, out: ledger.Outcome) -> list[events.Outgoing]:
         """What one operation's outcome announces on quota.events."""
         m = event.payload
-        key = events.account_key(m.channel_id, m.account_id)
         if name == "credit":
             if not out.applied:
                 return []
+            key = events.account_key(m.channel_id, m.account_id)
             return [self._outgoing(
                 quota_pb2.QuotaCredited(channel_id=m.channel_id, account_id=m.account_id, purchase_id=m.purchase_id,
                                         quantity=m.quantity, balance=_balance(out.balance), buyer_email=m.buyer_email),
                 key, derived_event_id(m.purchase_id, "credited"), event)]
+        key = m.request_id      # a reservation's events: one request's in order, an account's spread out
         if name == "reserve":
             if out.result == "applied":
                 reserved = quota_pb2.QuotaReserved(channel_id=m.channel_id, account_id=m.account_id,
@@ -145,7 +146,7 @@ class QuotaHandlers:
 
     def _after_resolution(self, cause: Event | None, m, out: ledger.Outcome, operation: str,
                           code: str = "") -> list[events.Outgoing]:
-        key = events.account_key(m.channel_id, m.account_id)
+        key = m.request_id
         if out.result == "applied":
             if operation == "commit":
                 msg = quota_pb2.QuotaCommitted(channel_id=m.channel_id, account_id=m.account_id,
