@@ -35,9 +35,12 @@ class StatusTracker:
     async def handle(self, event: Event) -> None:
         m = event.payload
         if isinstance(m, quota_pb2.QuotaReserved):
+            # a status nicety: when the worker holds the row it is taking the request past 'reserved'
+            # (its own update sets reserved_at), so the row is skipped rather than waited for
             waited = await self._pool.fetchval(
-                "UPDATE requests SET status = 'reserved', reserved_at = now() WHERE request_id = $1 "
-                "AND status = 'queued' RETURNING extract(epoch FROM now() - accepted_at)", m.request_id)
+                "UPDATE requests SET status = 'reserved', reserved_at = now() WHERE request_id = "
+                "(SELECT request_id FROM requests WHERE request_id = $1 AND status = 'queued' "
+                "FOR UPDATE SKIP LOCKED) RETURNING extract(epoch FROM now() - accepted_at)", m.request_id)
             if waited is not None:
                 STAGE_SECONDS.labels("queued").observe(max(0.0, float(waited)))
         elif isinstance(m, quota_pb2.QuotaRejected):
