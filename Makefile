@@ -13,7 +13,7 @@ PROTOS := $(wildcard proto/bubuh/v1/*.proto)
 GEN    := services/contracts/bubuh/v1/.generated
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: help setup system-packages proto contract contract-baseline imports up ops rules down run status test test-fast bench surge surge-members lint docs clean distclean
+.PHONY: help setup system-packages proto contract contract-baseline imports up ops rules down run status test test-fast bench surge surge-members surge-tiers capacity lint docs clean distclean
 
 help: ## list the verbs
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -121,6 +121,12 @@ surge: up ## the deadline-day surge at PAdES B-B and B-LT (platform restarted pe
 
 surge-members: up ## the same surge at B-LT with one and with two stamping workers (3 rounds): two within 10% of one, each 40-60% of the stamps, no lock wait over 50 ms? Figures in loadtests/results/surge-members.json and README.md
 	$(PY) -m loadtests.surge --levels b-lt --members 1,2 --rounds 3 --out loadtests/results/surge-members.json --readme README.md
+
+surge-tiers: up ## the surge at B-LT with a process per tier (BUBUH_LOCAL_LAYOUT=tiers, 3 rounds): each tier's CPU ms per stamp, in loadtests/results/surge-tiers.json for docs/capacity.md
+	BUBUH_LOCAL_LAYOUT=tiers $(PY) -m loadtests.surge --levels b-lt --members 1 --rounds 3 --out loadtests/results/surge-tiers.json
+
+capacity: setup ## docs/capacity.md: pods, partitions and KEDA lag thresholds for 1,000,000 stamps an hour, from the measured CPU; fails when deploy/k8s differs
+	$(PY) -m loadtests.capacity
 
 imports: setup ## import-linter: services never import each other, the kernel imports no service, no service imports the operator's tools, routers leave SQL to domain objects
 	$(VENV)/bin/lint-imports

@@ -25,10 +25,22 @@ PROCESSES: dict[str, list[str]] = {
 }
 
 
+# BUBUH_LOCAL_LAYOUT=tiers: a process per tier, as the pods of deploy/k8s (the API serves every route
+# and runs no consumer), so a surge measures each tier's CPU on its own (docs/capacity.md)
+TIER_PROCESSES: dict[str, list[str]] = {
+    "api": ["--api", "all", "--workers", "none"],
+    "purchase": ["--api", "none", "--workers", "purchase"],
+    "quota": ["--api", "none", "--workers", "quota"],
+    "notification": ["--api", "none", "--workers", "notification"],
+    "stamping-1": ["--api", "none", "--workers", "stamping"],
+}
+
+
 def processes(settings: Settings) -> dict[str, list[str]]:
-    """What ``up`` starts: ``PROCESSES``, with ``BUBUH_LOCAL_STAMPING_MEMBERS`` stamping workers
-    (``stamping-1`` .. ``stamping-N``, one consumer group: Kafka splits the partitions between them)."""
-    out = dict(PROCESSES)
+    """What ``up`` starts: ``PROCESSES`` (or ``TIER_PROCESSES`` with ``BUBUH_LOCAL_LAYOUT=tiers``), with
+    ``BUBUH_LOCAL_STAMPING_MEMBERS`` stamping workers (``stamping-1`` .. ``stamping-N``, one consumer
+    group: Kafka splits the partitions between them)."""
+    out = dict(TIER_PROCESSES if settings.local_layout == "tiers" else PROCESSES)
     for i in range(2, settings.local_stamping_members + 1):
         out[f"stamping-{i}"] = PROCESSES["stamping-1"]
     return out

@@ -35,3 +35,17 @@ def test_local_stamping_members_each_get_a_process_and_a_port():
     targets = local_processes.metrics_targets(s)
     assert [targets[f"stamping-{i}"] for i in (1, 2, 3)] == [("bubuh-stamping", 18081 + i) for i in range(3)]
     assert list(local_processes.processes(Settings())) == list(local_processes.PROCESSES)
+
+
+def test_the_tiers_layout_runs_each_tier_in_a_process_of_its_own_with_its_own_port():
+    s = Settings(http_port=18080, metrics_port=0, local_layout="tiers", local_stamping_members=2)
+    assert list(local_processes.processes(s)) == ["api", "purchase", "quota", "notification", "stamping-1",
+                                                  "stamping-2"]
+    targets = local_processes.metrics_targets(s)
+    assert targets["api"] == ("bubuh-api", 18080)
+    assert [targets[n] for n in ("purchase", "quota", "notification", "stamping-1", "stamping-2")] == [
+        ("bubuh-purchase", 18081), ("bubuh-quota", 18082), ("bubuh-notification", 18083),
+        ("bubuh-stamping", 18084), ("bubuh-stamping", 18085)]
+    # every tier's workers run exactly once, and the API runs none
+    workers = [a[a.index("--workers") + 1] for a in local_processes.processes(s).values()]
+    assert sorted(w for w in workers if w != "stamping") == ["none", "notification", "purchase", "quota"]
