@@ -13,7 +13,7 @@ PROTOS := $(wildcard proto/bubuh/v1/*.proto)
 GEN    := services/contracts/bubuh/v1/.generated
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: help setup system-packages proto contract contract-baseline imports up ops rules down run status test test-fast bench surge surge-members surge-tiers capacity lint docs clean distclean
+.PHONY: help setup system-packages proto contract contract-baseline imports up ops rules down run status test test-fast bench surge surge-members surge-tiers surge-tier-members capacity lint docs clean distclean
 
 help: ## list the verbs
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -124,6 +124,9 @@ surge-members: up ## the same surge at B-LT with one and with two stamping worke
 
 surge-tiers: up ## the surge at B-LT with a process per tier (BUBUH_LOCAL_LAYOUT=tiers, 3 rounds): each tier's CPU ms per stamp, in loadtests/results/surge-tiers.json for docs/capacity.md
 	BUBUH_LOCAL_LAYOUT=tiers $(PY) -m loadtests.surge --levels b-lt --members 1 --rounds 3 --out loadtests/results/surge-tiers.json
+
+surge-tier-members: up ## the surge at B-LT with one and with two members of every tier (a process per tier; the API's share one port), 3 rounds: two within 10% of one, each 40-60% of its tier's work, no lock wait over 50 ms? loadtests/results/surge-tier-members.json and README.md
+	$(PY) -m loadtests.surge --levels b-lt --tier-members 1,2 --rounds 3 --out loadtests/results/surge-tier-members.json --readme README.md
 
 capacity: setup ## docs/capacity.md: pods, partitions and KEDA lag thresholds for 1,000,000 stamps an hour, from the measured CPU; fails when deploy/k8s differs
 	$(PY) -m loadtests.capacity

@@ -58,6 +58,8 @@ README_BEGIN = "<!-- surge:levels:begin (make surge writes this table) -->"
 README_END = "<!-- surge:levels:end -->"
 README_MEMBERS_BEGIN = "<!-- surge:members:begin (make surge-members writes this table) -->"
 README_MEMBERS_END = "<!-- surge:members:end -->"
+README_TIERS_BEGIN = "<!-- surge:tier-members:begin (make surge-tier-members writes this table) -->"
+README_TIERS_END = "<!-- surge:tier-members:end -->"
 
 
 @dataclass
@@ -240,6 +242,39 @@ def stamping_metrics(port: int) -> dict[str, tuple[float, float]]:
     return out
 
 
+def work_done(port: int) -> float:
+    """What one process has done so far: records its consumers handled plus HTTP requests it answered
+    (/metrics and /healthz not counted)."""
+    import httpx
+
+    body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    total = 0.0
+    for line in body.splitlines():
+        if line.startswith("bubuh_consumer_records_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("bubuh_http_requests_total{") and 'route="/metrics"' not in line \
+                and 'route="/healthz"' not in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def tier_shares(before: dict[str, float], after: dict[str, float], least: int = 100) -> dict[str, dict]:
+    """Per tier with several members (``<tier>-<i>``): each member's share of the tier's work over the
+    run, and how much work that was; a tier that did fewer than ``least`` units is marked too small
+    to judge a split by."""
+    tiers: dict[str, dict[str, float]] = {}
+    for name in after:
+        tier = name.rsplit("-", 1)[0] if name.rsplit("-", 1)[-1].isdigit() else name
+        tiers.setdefault(tier, {})[name] = after[name] - before.get(name, 0.0)
+    out = {}
+    for tier, done in sorted(tiers.items()):
+        total = sum(done.values())
+        if len(done) > 1:
+            out[tier] = {"work": total, "judged": total >= least,
+                         "shares": [round(done[n] / total, 3) if total else 0.0 for n in sorted(done)]}
+    return out
+
+
 def _summed(per_member: list[dict[str, tuple[float, float]]]) -> dict[str, tuple[float, float]]:
     out: dict[str, tuple[float, float]] = {}
     for metrics in per_member:
@@ -383,8 +418,13 @@ async def compare_levels(args, env: dict) -> dict:
     settings = Settings()
     levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
     members = [int(m) for m in args.members.split(",") if m.strip()] if args.members else [1]
+    by_tier = bool(args.tier_members)
+    if by_tier:
+        members = [int(m) for m in args.tier_members.split(",") if m.strip()]
+        env = {**env, "BUBUH_LOCAL_LAYOUT": "tiers"}
+        settings = settings.model_copy(update={"local_layout": "tiers"})
     if len(members) > 1 and len(levels) > 1:
-        raise SystemExit("compare levels or stamping members, not both at once")
+        raise SystemExit("compare levels or members, not both at once")
     # (label, PAdES level, stamping members); labels are the table's columns
     variants = ([(f"{levels[0]} x{m}", levels[0], m) for m in members] if len(members) > 1
                 else [(lv, lv, members[0]) for lv in levels])
@@ -397,7 +437,7 @@ async def compare_levels(args, env: dict) -> dict:
     result: dict = {
         "levels": [label for label, _, _ in variants], "rounds": args.rounds, "channels": args.channels,
         "stamps_per_channel": args.stamps, "concurrency_per_channel": args.concurrency, "target_ratio": target,
-        "compares": "stamping members" if len(members) > 1 else "PAdES levels",
+        "compares": ("tier members" if by_tier else "stamping members") if len(members) > 1 else "PAdES levels",
         "pinned": {"signing_key": pinned_key(env),
                    "document": {"what": "loadtests.corpus.a4_text(7), one A4 page of text", "bytes": len(letter),
                                 "sha256": hashlib.sha256(letter).hexdigest()},
@@ -414,17 +454,21 @@ async def compare_levels(args, env: dict) -> dict:
                 level = label
                 producer_log = work / f"producers-{rnd}-{label.replace(' ', '')}.jsonl"
                 run_env = {**env, "BUBUH_PADES_LEVEL": pades, "BUBUH_LOCAL_STAMPING_MEMBERS": str(n_members),
+                           "BUBUH_LOCAL_TIER_MEMBERS": str(n_members if by_tier else 1),
                            "BUBUH_BENCH_PRODUCER_LOG": str(producer_log),
                            "PYTHONPATH": os.pathsep.join(filter(None, [str(work / "hook"), env.get("PYTHONPATH")]))}
                 log(f"round {rnd}, {label}: restarting the platform with BUBUH_PADES_LEVEL={pades}, "
-                    f"BUBUH_LOCAL_STAMPING_MEMBERS={n_members}")
+                    f"{'BUBUH_LOCAL_TIER_MEMBERS' if by_tier else 'BUBUH_LOCAL_STAMPING_MEMBERS'}={n_members}")
                 restart(run_env)
-                shape = settings.model_copy(update={"local_stamping_members": n_members})
+                shape = settings.model_copy(update={"local_stamping_members": n_members,
+                                                    "local_tier_members": n_members if by_tier else 1})
+                ports = {name: port for name, (_, port) in metrics_targets(shape).items()}
                 member_ports = [port for name, (_, port) in metrics_targets(shape).items()
                                 if name.startswith("stamping-")]
                 warm: list[tuple[str, str]] = []
                 await run(args.base_url, 1, args.warmup, min(args.warmup, 4), env, warm)
                 before = [stamping_metrics(port) for port in member_ports]
+                work_before = {name: work_done(port) for name, port in ports.items()}
                 load = [round(x, 2) for x in os.getloadavg()]
                 completed: list[tuple[str, str]] = []
                 cpu_before = cpu_snapshot(shape)
@@ -433,6 +477,7 @@ async def compare_levels(args, env: dict) -> dict:
                 r = await run(args.base_url, args.channels, args.stamps, args.concurrency, env, completed)
                 r["cpu_ms_per_stamp"] = cpu_per_stamp(cpu_before, cpu_snapshot(shape), r["stamps_accepted"])
                 after = [stamping_metrics(port) for port in member_ports]
+                r["tier_shares"] = tier_shares(work_before, {name: work_done(port) for name, port in ports.items()})
                 r["lock_waits_over_deadlock_timeout"] = lock_waits_since(pg_log, pg_log_at)[:20]
                 r.pop("queue", None)
                 r.pop("ledger", None)
@@ -555,6 +600,13 @@ def markdown(result: dict) -> str:
         row("each stamping member's share of the stamps signed (per run)",
             ["; ".join("/".join(f"{100 * x:.0f}%" for x in shares) for shares in per[lv]["member_shares_runs"])
              for lv in levels])
+    if result.get("compares") == "tier members":
+        def shares(r: dict) -> str:
+            return ", ".join(f"{tier} {'/'.join(f'{100 * x:.0f}' for x in v['shares'])}"
+                             + ("" if v["judged"] else f" ({v['work']:.0f} units: too few to judge)")
+                             for tier, v in r.get("tier_shares", {}).items()) or "-"
+        row("each member's share of its tier's work, % (records handled + HTTP requests; per run)",
+            ["; ".join(shares(r) for r in result["runs"] if r["level"] == lv) for lv in levels])
     row("outcomes (all runs)", [", ".join(f"{k} {v}" for k, v in per[lv]["outcomes"].items()) for lv in levels])
     row("level of the stamps delivered (checked)", [", ".join(per[lv]["delivered_levels"]) for lv in levels])
     rows.append("")
@@ -600,6 +652,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--members", default="", help="with one --levels level: compare stamping worker counts, e.g. 1,2 "
                                                  "(BUBUH_LOCAL_STAMPING_MEMBERS; issue 12: two within 10%% of one, "
                                                  "each member 40-60%% of the stamps)")
+    p.add_argument("--tier-members", default="", help="with one --levels level: compare members of every tier, "
+                                                      "e.g. 1,2 (BUBUH_LOCAL_LAYOUT=tiers, BUBUH_LOCAL_TIER_MEMBERS: "
+                                                      "the API's share one port); each 40-60%% of its tier's work")
     args = p.parse_args(argv)
     if args.levels or args.render_only:
         if args.render_only:
@@ -610,17 +665,21 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
         table = markdown(result)
         print(table)
-        members = result.get("compares") == "stamping members"
+        members = result.get("compares") in ("stamping members", "tier members")
+        begin, end = {"stamping members": (README_MEMBERS_BEGIN, README_MEMBERS_END),
+                      "tier members": (README_TIERS_BEGIN, README_TIERS_END)}.get(
+                          result.get("compares"), (README_BEGIN, README_END))
         if args.readme:
-            update_readme(args.readme, table, result["generated_at"],
-                          begin=README_MEMBERS_BEGIN if members else README_BEGIN,
-                          end=README_MEMBERS_END if members else README_END, source=str(args.out))
+            update_readme(args.readme, table, result["generated_at"], begin=begin, end=end, source=str(args.out))
         bad = sum(v["errors"] + sum(n for st, n in v["statuses"].items() if int(st) >= 500)
                   for r in result["runs"] for v in r["routes"].values())
         ok = (not bad and all(result["guarantees"]["verdict"].values())
               and all(r["meets_target"] for r in result["summary"]["ratios"].values())
               and (not members or (all(MEMBER_SHARE[0] <= x <= MEMBER_SHARE[1] for r in result["runs"]
                                        if r.get("stamping_members", 1) > 1 for x in r.get("member_shares", [0]))
+                                   and all(MEMBER_SHARE[0] <= x <= MEMBER_SHARE[1] for r in result["runs"]
+                                           for v in r.get("tier_shares", {}).values() if v["judged"]
+                                           for x in v["shares"])
                                    and not any(r.get("lock_waits_over_deadlock_timeout") for r in result["runs"]))))
         return 0 if ok else 1
     result = asyncio.run(run(args.base_url, args.channels, args.stamps, args.concurrency, dict(os.environ)))

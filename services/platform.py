@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Callable
 
 import uvicorn
@@ -46,8 +47,8 @@ def parse_names(value: str) -> list[str]:
 async def serve(settings: Settings, api: list[str], workers: list[str],
                 on_ready: Callable[[], None] | None = None) -> None:
     if api:
-        runtime.check_port_free(settings.http_host, settings.http_port)
-    elif settings.metrics_port:
+        runtime.check_port_free(settings.http_host, settings.http_port, shared=settings.http_reuse_port)
+    if settings.metrics_port and (not api or settings.http_reuse_port):
         runtime.check_port_free(settings.http_host, settings.metrics_port, "BUBUH_METRICS_PORT")
     rt = await runtime.start(settings, client_id="bubuh-" + "-".join(sorted(set(api) | set(workers))))
     tasks: list[runtime.Task] = [rt.channels.run]
@@ -58,8 +59,11 @@ async def serve(settings: Settings, api: list[str], workers: list[str],
             tasks.append(DeadLetterSizes(settings, workers).run)
         if api:
             routers = [await SERVICES[name].router(rt) for name in api]
-            tasks.append(_http_task(rt, routers, settings.http_port))
+            tasks.append(_http_task(rt, routers, settings.http_port, shared=settings.http_reuse_port))
             tasks += rt.background
+            if settings.http_reuse_port and settings.metrics_port:
+                # the shared port answers from any member: this member's own metrics are here
+                tasks.append(_http_task(rt, [], settings.metrics_port))
         elif settings.metrics_port:
             # a worker-only process still shows its metrics (lag, outcomes) and a liveness probe
             tasks.append(_http_task(rt, [], settings.metrics_port))
@@ -78,7 +82,19 @@ async def serve(settings: Settings, api: list[str], workers: list[str],
     await runtime.run_until_stopped(rt, tasks + [ready_when_loaded])
 
 
-def _http_task(rt: Runtime, routers, port: int) -> runtime.Task:
+def _shared_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening socket other processes of the API bind too (SO_REUSEPORT): the kernel spreads
+    new connections over the members, so several interpreters serve one port."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _http_task(rt: Runtime, routers, port: int, shared: bool = False) -> runtime.Task:
     app = http.create_app("Bubuh", routers, default_max_body_bytes=rt.settings.http_max_body_bytes)
 
     async def run_http(stop: asyncio.Event) -> None:
@@ -88,7 +104,8 @@ def _http_task(rt: Runtime, routers, port: int) -> runtime.Task:
                                 access_log=False, lifespan="off", timeout_keep_alive=30, backlog=4096)
         server = uvicorn.Server(config)
         server.install_signal_handlers = lambda: None
-        serving = asyncio.create_task(server.serve())
+        sockets = [_shared_socket(rt.settings.http_host, port, config.backlog)] if shared else None
+        serving = asyncio.create_task(server.serve(sockets=sockets))
         await _wait_either(stop, serving)
         server.should_exit = True
         with contextlib.suppress(Exception):

@@ -106,9 +106,12 @@ async def connect_kafka(settings: Settings, client_id: str) -> Producer:
     return producer
 
 
-def check_port_free(host: str, port: int, setting: str = "BUBUH_HTTP_PORT") -> None:
+def check_port_free(host: str, port: int, setting: str = "BUBUH_HTTP_PORT", shared: bool = False) -> None:
+    """``shared``: members of one API (``BUBUH_HTTP_REUSE_PORT``) may hold it already; anything else may not."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             s.bind((host, port))
         except OSError:

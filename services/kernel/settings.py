@@ -47,7 +47,11 @@ class Settings(BaseSettings):
     http_port: int = 8080
     public_base_url: str = ""  # where channels and the public reach the API; default http://host:port
     metrics_port: int = 0      # a process without API routes serves /metrics and /healthz here (0: none)
+    # several API processes on one port: each binds BUBUH_HTTP_PORT with SO_REUSEPORT and the kernel
+    # spreads new connections over them; each also serves /metrics on its own BUBUH_METRICS_PORT
+    http_reuse_port: bool = False
     local_layout: Literal["shared", "tiers"] = "shared"   # `bubuh up`: API + light workers in one, or one per tier
+    local_tier_members: int = 1       # `bubuh up` with BUBUH_LOCAL_LAYOUT=tiers: processes per tier, API included
     local_stamping_members: int = 1   # `bubuh up`: stamping worker processes on the local stack (stamping-1..N)
     # body limits, enforced while the body arrives (kernel/http.py BodyLimits); routes that take a body
     # name their own below; this one holds every other route

@@ -26,21 +26,27 @@ PROCESSES: dict[str, list[str]] = {
 
 
 # BUBUH_LOCAL_LAYOUT=tiers: a process per tier, as the pods of deploy/k8s (the API serves every route
-# and runs no consumer), so a surge measures each tier's CPU on its own (docs/capacity.md)
+# and runs no consumer), so a surge measures each tier's CPU on its own (docs/capacity.md), and
+# BUBUH_LOCAL_TIER_MEMBERS of each (<tier>-1 .. <tier>-N; the API's share one port, SO_REUSEPORT)
 TIER_PROCESSES: dict[str, list[str]] = {
     "api": ["--api", "all", "--workers", "none"],
     "purchase": ["--api", "none", "--workers", "purchase"],
     "quota": ["--api", "none", "--workers", "quota"],
     "notification": ["--api", "none", "--workers", "notification"],
-    "stamping-1": ["--api", "none", "--workers", "stamping"],
+    "stamping": ["--api", "none", "--workers", "stamping"],
 }
 
 
 def processes(settings: Settings) -> dict[str, list[str]]:
-    """What ``up`` starts: ``PROCESSES`` (or ``TIER_PROCESSES`` with ``BUBUH_LOCAL_LAYOUT=tiers``), with
-    ``BUBUH_LOCAL_STAMPING_MEMBERS`` stamping workers (``stamping-1`` .. ``stamping-N``, one consumer
-    group: Kafka splits the partitions between them)."""
-    out = dict(TIER_PROCESSES if settings.local_layout == "tiers" else PROCESSES)
+    """What ``up`` starts: ``PROCESSES`` with ``BUBUH_LOCAL_STAMPING_MEMBERS`` stamping workers
+    (``stamping-1`` .. ``stamping-N``, one consumer group: Kafka splits the partitions between them);
+    or, with ``BUBUH_LOCAL_LAYOUT=tiers``, ``TIER_PROCESSES`` with ``BUBUH_LOCAL_TIER_MEMBERS`` of each
+    (the stamping tier the larger of that and ``BUBUH_LOCAL_STAMPING_MEMBERS``)."""
+    if settings.local_layout == "tiers":
+        n = max(1, settings.local_tier_members)
+        return {f"{tier}-{i}": args for tier, args in TIER_PROCESSES.items()
+                for i in range(1, (max(n, settings.local_stamping_members) if tier == "stamping" else n) + 1)}
+    out = dict(PROCESSES)
     for i in range(2, settings.local_stamping_members + 1):
         out[f"stamping-{i}"] = PROCESSES["stamping-1"]
     return out
@@ -48,19 +54,38 @@ def processes(settings: Settings) -> dict[str, list[str]]:
 
 def metrics_targets(settings: Settings) -> dict[str, tuple[str, int]]:
     """Each process's Prometheus job and its own /metrics port, never shared: a process with API routes
-    serves /metrics on BUBUH_HTTP_PORT; the worker-only ones get BUBUH_METRICS_PORT, +1, +2, ... in order
-    (default: the HTTP port + 1), so a scrape always lands on the one process it names."""
+    serves /metrics on BUBUH_HTTP_PORT; the worker-only ones, and API members sharing the HTTP port,
+    get BUBUH_METRICS_PORT, +1, +2, ... in order (default: the HTTP port + 1), so a scrape always lands
+    on the one process it names."""
     base = settings.metrics_port or settings.http_port + 1
     targets: dict[str, tuple[str, int]] = {}
     for name, args in processes(settings).items():
         api, workers = args[args.index("--api") + 1], args[args.index("--workers") + 1]
-        if api != "none":
+        if api != "none" and _shares_port(settings):
+            targets[name] = ("bubuh-api", base)         # the shared HTTP port answers from any member
+            base += 1
+        elif api != "none":
             targets[name] = ("bubuh-api", settings.http_port)
         else:
             tier = workers if "," not in workers else "workers"
             targets[name] = (f"bubuh-{tier}", base)
             base += 1
     return targets
+
+
+def _shares_port(settings: Settings) -> bool:
+    """Several API processes: they bind the HTTP port together (BUBUH_HTTP_REUSE_PORT)."""
+    api = [a for a in processes(settings).values() if a[a.index("--api") + 1] != "none"]
+    return len(api) > 1
+
+
+def process_env(settings: Settings, name: str) -> dict[str, str]:
+    """The settings ``up`` gives one process on top of the environment."""
+    env = {"BUBUH_METRICS_PORT": str(metrics_targets(settings)[name][1])}
+    args = processes(settings)[name]
+    if args[args.index("--api") + 1] != "none" and _shares_port(settings):
+        env["BUBUH_HTTP_REUSE_PORT"] = "true"
+    return env
 
 
 def _run_dir(settings: Settings) -> Path:
@@ -110,13 +135,12 @@ def up(settings: Settings, timeout: float = 90) -> None:
               f"API on {settings.public_url}")
         return
     started: dict[str, subprocess.Popen] = {}
-    targets = metrics_targets(settings)
     for name, args in wanted.items():
         if running[name]:
             continue
         ready = run / f"{name}.ready"
         ready.unlink(missing_ok=True)
-        env = {**os.environ, "BUBUH_METRICS_PORT": str(targets[name][1])}
+        env = {**os.environ, **process_env(settings, name)}
         with open(settings.local_dir / "logs" / f"{name}.log", "ab") as log:
             started[name] = subprocess.Popen(
                 [sys.executable, "-m", "services.operator.cli", "serve", *args, "--ready-file", str(ready)],

@@ -39,13 +39,27 @@ def test_local_stamping_members_each_get_a_process_and_a_port():
 
 def test_the_tiers_layout_runs_each_tier_in_a_process_of_its_own_with_its_own_port():
     s = Settings(http_port=18080, metrics_port=0, local_layout="tiers", local_stamping_members=2)
-    assert list(local_processes.processes(s)) == ["api", "purchase", "quota", "notification", "stamping-1",
-                                                  "stamping-2"]
+    assert list(local_processes.processes(s)) == ["api-1", "purchase-1", "quota-1", "notification-1",
+                                                  "stamping-1", "stamping-2"]
     targets = local_processes.metrics_targets(s)
-    assert targets["api"] == ("bubuh-api", 18080)
-    assert [targets[n] for n in ("purchase", "quota", "notification", "stamping-1", "stamping-2")] == [
+    assert targets["api-1"] == ("bubuh-api", 18080)
+    assert [targets[n] for n in ("purchase-1", "quota-1", "notification-1", "stamping-1", "stamping-2")] == [
         ("bubuh-purchase", 18081), ("bubuh-quota", 18082), ("bubuh-notification", 18083),
         ("bubuh-stamping", 18084), ("bubuh-stamping", 18085)]
     # every tier's workers run exactly once, and the API runs none
     workers = [a[a.index("--workers") + 1] for a in local_processes.processes(s).values()]
     assert sorted(w for w in workers if w != "stamping") == ["none", "notification", "purchase", "quota"]
+    assert "BUBUH_HTTP_REUSE_PORT" not in local_processes.process_env(s, "api-1")
+
+
+def test_tier_members_share_the_api_port_and_each_has_a_metrics_port_of_its_own():
+    s = Settings(http_port=18080, metrics_port=0, local_layout="tiers", local_tier_members=2)
+    names = list(local_processes.processes(s))
+    assert names == [f"{t}-{i}" for t in ("api", "purchase", "quota", "notification", "stamping") for i in (1, 2)]
+    targets = local_processes.metrics_targets(s)
+    ports = [port for _, port in targets.values()]
+    assert len(set(ports)) == len(ports) and 18080 not in ports      # every member scraped on its own port
+    for i in (1, 2):
+        env = local_processes.process_env(s, f"api-{i}")
+        assert env["BUBUH_HTTP_REUSE_PORT"] == "true" and env["BUBUH_METRICS_PORT"] == str(targets[f"api-{i}"][1])
+        assert "BUBUH_HTTP_REUSE_PORT" not in local_processes.process_env(s, f"quota-{i}")
