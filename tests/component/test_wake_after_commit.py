@@ -9,6 +9,8 @@ one's, a savepoint's only when the outer transaction commits, and nothing before
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -43,18 +45,22 @@ class Heard:
         return list(self.channels)
 
 
-async def _listening(s, *channels: str) -> tuple:
+@contextlib.asynccontextmanager
+async def _listening(s, *channels: str) -> AsyncIterator[Heard]:
+    """What a LISTEN connection of its own hears on ``channels`` while the block runs."""
     conn = await database.connect(s)
     heard = Heard()
-    for c in channels:
-        await conn.add_listener(c, heard)
-    return conn, heard
+    try:
+        for c in channels:
+            await conn.add_listener(c, heard)
+        yield heard
+    finally:
+        await conn.close()
 
 
 async def test_a_committed_transaction_wakes_after_its_commit_and_only_then(db):
     s, pool = db
-    listener, heard = await _listening(s, "wake-a")
-    try:
+    async with _listening(s, "wake-a") as heard:
         async with pool.acquire() as conn:
             assert hasattr(conn, "owe_wake")                      # a pool connection is ours
             async with conn.transaction():
@@ -64,14 +70,11 @@ async def test_a_committed_transaction_wakes_after_its_commit_and_only_then(db):
             assert await heard.within(3) == ["wake-a"]
         await asyncio.sleep(0.2)
         assert heard.channels == ["wake-a"]
-    finally:
-        await listener.close()
 
 
 async def test_a_rolled_back_transaction_wakes_nobody(db):
     s, pool = db
-    listener, heard = await _listening(s, "wake-b")
-    try:
+    async with _listening(s, "wake-b") as heard:
         async with pool.acquire() as conn:
             with pytest.raises(RuntimeError):
                 async with conn.transaction():
@@ -81,47 +84,38 @@ async def test_a_rolled_back_transaction_wakes_nobody(db):
             async with conn.transaction():
                 await conn.execute("SELECT 1")
         assert await heard.within(0.5) == []
-    finally:
-        await listener.close()
 
 
 async def test_a_savepoints_wake_up_waits_for_the_outer_commit(db):
     s, pool = db
-    listener, heard = await _listening(s, "wake-c")
-    try:
+    async with _listening(s, "wake-c") as heard:
         async with pool.acquire() as conn, conn.transaction():
             async with conn.transaction():
                 await database.notify(conn, "wake-c")
             assert await heard.within(0.3) == []
         assert await heard.within(3) == ["wake-c"]
-    finally:
-        await listener.close()
 
 
 async def test_the_outbox_wakes_its_own_schemas_relay_after_the_commit(db):
     s, pool = db
     channel = f"{s.schema('quota')}_outbox"
-    listener, heard = await _listening(s, channel)
-    try:
+    async with _listening(s, channel) as heard:
         async with pool.acquire() as conn, conn.transaction():
             await outbox.add(conn, [Outgoing("t", b"k", b"v", [], "event-1")])
             assert await heard.within(0.3) == []
         assert await heard.within(3) == [channel]
         assert await pool.fetchval("SELECT count(*) FROM outbox WHERE event_id = 'event-1'") == 1
-    finally:
-        await listener.close()
 
 
 async def test_a_plain_connection_still_notifies_inside_its_transaction(db):
     """A connection that is not ours (a tool's asyncpg.connect) gets NOTIFY in the transaction, as before."""
     s, _ = db
-    listener, heard = await _listening(s, "wake-d")
     plain = await asyncpg.connect(s.database_url, **database.connect_kwargs(s))
     try:
-        assert not hasattr(plain, "owe_wake")
-        async with plain.transaction():
-            await database.notify(plain, "wake-d")
-        assert await heard.within(3) == ["wake-d"]
+        async with _listening(s, "wake-d") as heard:
+            assert not hasattr(plain, "owe_wake")
+            async with plain.transaction():
+                await database.notify(plain, "wake-d")
+            assert await heard.within(3) == ["wake-d"]
     finally:
         await plain.close()
-        await listener.close()
