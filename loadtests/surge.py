@@ -189,6 +189,7 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
         outcomes[key] = outcomes.get(key, 0) + 1
     max_pos = max((p for _, p, _ in positions), default=None)
     return {
+        "eta": eta_accuracy({rid: body.get("eta_seconds") for _, rid, body in accepted}, results),
         "channels": channels, "stamps_accepted": len(accepted), "outcomes": outcomes,
         "intake_seconds": round(intake_done, 1), "drain_seconds": round(last_finish, 1),
         "stamps_per_s_end_to_end": round(len(accepted) / last_finish, 1) if last_finish else None,
@@ -200,6 +201,27 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
         "ledger": quotas, "ledger_settle_seconds": round(ledger_settled - drained, 1),
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+def eta_accuracy(first_eta: dict[str, float | None], results: list[dict], within: float = 0.25) -> dict:
+    """How the first ETA each request was given (its 202) compares with when it completed (the server's
+    ``finished_at - accepted_at``): issue 12 asks that, in a run whose median first ETA is at least
+    10 s, 90% complete within 25% of it."""
+    pairs = []
+    for r in results:
+        eta = first_eta.get(r.get("request_id"))
+        if eta and r.get("finished_at") and r.get("status") == "completed":
+            took = (dt.datetime.fromisoformat(r["finished_at"]) - dt.datetime.fromisoformat(r["accepted_at"]))
+            pairs.append((eta, took.total_seconds()))
+    if not pairs:
+        return {"requests": 0}
+    ratios = sorted(took / eta for eta, took in pairs)
+    etas = sorted(eta for eta, _ in pairs)
+    return {"requests": len(pairs), "median_first_eta_s": round(etas[len(etas) // 2], 1),
+            "within_25_percent": round(sum(abs(took - eta) <= within * eta for eta, took in pairs) / len(pairs), 3),
+            "actual_over_eta": {"p10": round(ratios[len(ratios) // 10], 2),
+                                "median": round(ratios[len(ratios) // 2], 2),
+                                "p90": round(ratios[(9 * len(ratios)) // 10], 2)}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -550,6 +572,7 @@ def summarise(result: dict, levels: list[str]) -> dict:
             "drain_seconds_median": statistics.median(r["drain_seconds"] for r in runs),
             "stage_means_of_median_run": med["stage_means"],
             "cpu_ms_per_stamp_of_median_run": med.get("cpu_ms_per_stamp", {}),
+            "eta_of_median_run": med.get("eta", {}),
             "member_shares_runs": [r.get("member_shares", []) for r in runs],
             "delivered_levels": sorted({lv for r in runs for lv in r["delivered_levels"]}),
             "outcomes": outcomes,
@@ -588,6 +611,14 @@ def markdown(result: dict) -> str:
     for st in stages:
         row(f"{st.replace(' ms', '')}: mean ms per stamp (median run)",
             [f"{per[lv]['stage_means_of_median_run'].get(st, 0):.0f}" for lv in levels])
+    def eta(e: dict) -> str:
+        if not e.get("requests"):
+            return "-"
+        a = e["actual_over_eta"]
+        return (f"{e['median_first_eta_s']:.1f} s; {100 * e['within_25_percent']:.0f}% within 25%; "
+                f"took/ETA p10 {a['p10']:.2f}, median {a['median']:.2f}, p90 {a['p90']:.2f}")
+    row("first ETA (the 202's): median; completed within 25% of it (median run)",
+        [eta(per[lv].get("eta_of_median_run", {})) for lv in levels])
     parts = list(dict.fromkeys(k for lv in levels for k in per[lv].get("cpu_ms_per_stamp_of_median_run", {})))
     for part in parts:
         row(f"CPU ms per stamp: {part} (median run)",

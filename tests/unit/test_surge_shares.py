@@ -19,3 +19,20 @@ def test_members_shares_are_per_tier_and_a_lone_process_is_not_judged():
 def test_members_are_ordered_by_name_and_a_silent_tier_has_zero_shares():
     shares = tier_shares({}, {"stamping-2": 0, "stamping-1": 0})
     assert shares["stamping"] == {"work": 0, "judged": False, "shares": [0.0, 0.0]}
+
+
+def test_eta_accuracy_compares_the_first_eta_with_the_servers_own_times():
+    from loadtests.surge import eta_accuracy
+
+    def done(rid: str, took: float) -> dict:
+        return {"request_id": rid, "status": "completed", "accepted_at": "2026-12-01T10:00:00+00:00",
+                "finished_at": f"2026-12-01T10:00:{took:06.3f}+00:00"}
+
+    first = {"a": 10.0, "b": 10.0, "c": 20.0, "d": None, "e": 10.0}
+    results = [done("a", 11.0), done("b", 13.0), done("c", 16.0), done("d", 5.0),
+               {"request_id": "e", "status": "failed", "accepted_at": "x"}]
+    e = eta_accuracy(first, results)
+    assert e["requests"] == 3                         # no ETA given, or not completed: not counted
+    assert e["within_25_percent"] == round(2 / 3, 3)  # a (+10%) and c (-20%) are within; b (+30%) is not
+    assert e["median_first_eta_s"] == 10.0 and e["actual_over_eta"]["median"] == 1.1
+    assert eta_accuracy(first, []) == {"requests": 0}
