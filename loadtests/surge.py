@@ -441,6 +441,7 @@ async def compare_levels(args, env: dict) -> dict:
     levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
     members = [int(m) for m in args.members.split(",") if m.strip()] if args.members else [1]
     by_tier = bool(args.tier_members)
+    as_found = env
     if by_tier:
         members = [int(m) for m in args.tier_members.split(",") if m.strip()]
         env = {**env, "BUBUH_LOCAL_LAYOUT": "tiers"}
@@ -516,7 +517,7 @@ async def compare_levels(args, env: dict) -> dict:
                 result["runs"].append(r)
     finally:
         log("restarting the platform as it was found")
-        restart(env)
+        restart(as_found)
     guarantees["server_after"] = await server_guarantees(settings.database_url)
     result["lock_wait_logging"] = await _lock_wait_logging(settings.database_url)
     result["summary"] = summarise(result, result["levels"])
