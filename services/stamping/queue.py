@@ -1,8 +1,9 @@
 """The visible queue: a request's position and its expected completion time.
 
 Back-pressure shows here instead of as timeouts: intake answers at once with where the request
-stands. Position = open requests accepted before it; expected time = position / recent throughput
-(completions in the last ``window``). The open count comes from the stamping schema; the rate from
+stands. Position = open requests accepted before it; expected time = the pipeline's own time (the
+fastest tenth of the window's stamps, accepted to completed) + position / recent throughput
+(completions per busy second in the last ``window``). The open count comes from the stamping schema; the rate from
 the stream (faust windows over ``stamp.events``, ``throughput.py``) when this process counts some of
 its partitions, else from a count in the schema. Both are cached for a second, so a surge of intake
 calls costs one query per second, not one per call.
@@ -22,6 +23,9 @@ from services.stamping.metrics import QUEUE_DEPTH
 from services.stamping.throughput import Throughput
 
 _OPEN = "SELECT count(*) FROM requests WHERE status IN ('queued', 'reserved', 'stamping', 'signed')"
+# the fastest tenth of the window's stamps: what the pipeline takes with (almost) nothing ahead
+_BASE = ("SELECT extract(epoch FROM percentile_disc(0.1) WITHIN GROUP (ORDER BY finished_at - accepted_at)) "
+         "FROM requests WHERE status = 'completed' AND finished_at > now() - make_interval(secs => $1)")
 
 # before any completion was seen, assume this many seconds per stamp per the whole tier
 COLD_SECONDS_PER_STAMP = 0.05
@@ -31,10 +35,11 @@ COLD_SECONDS_PER_STAMP = 0.05
 class QueueFacts:
     open_requests: int
     per_second: float
+    base_s: float = 0.0       # the pipeline's own time for a stamp with nothing ahead of it
 
     def eta_seconds(self, position: int) -> float:
         rate = self.per_second if self.per_second > 0 else 1 / COLD_SECONDS_PER_STAMP
-        return round(position / rate, 1)
+        return round(self.base_s + position / rate, 1)
 
 
 class QueueView:
@@ -50,6 +55,7 @@ class QueueView:
             return self._cached[1]
         rates = self._throughput.rates() if self._throughput else None
         try:
+            base_s = float(await asyncio.wait_for(self._pool.fetchval(_BASE, self._window_s), 0.5) or 0.0)
             if rates is not None and rates.known:
                 open_requests = await asyncio.wait_for(self._pool.fetchval(_OPEN), 0.5)
                 per_second = rates.rate_per_s
@@ -63,7 +69,7 @@ class QueueView:
             if failures.classify(exc).waits:
                 return None
             raise
-        facts = QueueFacts(open_requests, per_second)
+        facts = QueueFacts(open_requests, per_second, base_s)
         QUEUE_DEPTH.set(facts.open_requests)
         self._cached = (now, facts)
         return facts
