@@ -2,11 +2,13 @@
 
 Back-pressure shows here instead of as timeouts: intake answers at once with where the request
 stands. Position = open requests accepted before it; expected time = the pipeline's own time (the
-fastest tenth of the window's stamps, accepted to completed) + position / recent throughput
-(completions per busy second in the last ``window``). The open count comes from the stamping schema; the rate from
-the stream (faust windows over ``stamp.events``, ``throughput.py``) when this process counts some of
-its partitions, else from a count in the schema. Both are cached for a second, so a surge of intake
-calls costs one query per second, not one per call.
+fastest 2% of the last 500 stamps, accepted to completed) + position / the tier's pace: stamps
+finished per busy second in the last ``window``, or, before the window has seen one finish (a
+surge's first seconds), the pace the last 500 stamps kept when the tier was busy. The open count
+comes from the stamping schema; the window's rate from the stream (faust windows over
+``stamp.events``, ``throughput.py``) when this process counts some of its partitions, else from a
+count in the schema. All are cached for a second, so a surge of intake calls costs a few queries
+per second, not one per call.
 """
 
 from __future__ import annotations
@@ -23,9 +25,18 @@ from services.stamping.metrics import QUEUE_DEPTH
 from services.stamping.throughput import Throughput
 
 _OPEN = "SELECT count(*) FROM requests WHERE status IN ('queued', 'reserved', 'stamping', 'signed')"
-# the fastest tenth of the window's stamps: what the pipeline takes with (almost) nothing ahead
-_BASE = ("SELECT extract(epoch FROM percentile_disc(0.1) WITHIN GROUP (ORDER BY finished_at - accepted_at)) "
-         "FROM requests WHERE status = 'completed' AND finished_at > now() - make_interval(secs => $1)")
+# From the last 500 finished stamps: the pipeline's own time (the fastest 2%, accepted to completed:
+# in a surge most waited in the queue, the first few did not), and the tier's pace when busy (stamps
+# per second that saw one finish), which stands in for the window's rate until the window has
+# counted a completion (a surge's first seconds).
+_HISTORY = """
+WITH recent AS (SELECT status, accepted_at, finished_at FROM requests WHERE status IN ('completed', 'failed')
+                 ORDER BY finished_at DESC LIMIT 500)
+SELECT extract(epoch FROM percentile_disc(0.02) WITHIN GROUP (ORDER BY finished_at - accepted_at)
+                          FILTER (WHERE status = 'completed')) AS base_s,
+       count(*)::float8 / greatest(1, count(DISTINCT date_trunc('second', finished_at))) AS pace
+  FROM recent
+"""
 
 # before any completion was seen, assume this many seconds per stamp per the whole tier
 COLD_SECONDS_PER_STAMP = 0.05
@@ -55,7 +66,8 @@ class QueueView:
             return self._cached[1]
         rates = self._throughput.rates() if self._throughput else None
         try:
-            base_s = float(await asyncio.wait_for(self._pool.fetchval(_BASE, self._window_s), 0.5) or 0.0)
+            history = await asyncio.wait_for(self._pool.fetchrow(_HISTORY), 0.5)
+            base_s, pace = float(history["base_s"] or 0.0), float(history["pace"] or 0.0)
             if rates is not None and rates.known:
                 open_requests = await asyncio.wait_for(self._pool.fetchval(_OPEN), 0.5)
                 per_second = rates.rate_per_s
@@ -65,6 +77,8 @@ class QueueView:
                     "('completed', 'failed') AND finished_at > now() - make_interval(secs => $1)) AS recent",
                     self._window_s), 0.5)
                 open_requests, per_second = row["open"], row["recent"] / self._window_s
+            if per_second <= 0:
+                per_second = pace      # nothing finished in the window yet: the pace the tier last kept
         except Exception as exc:  # noqa: BLE001 - no database: no position, intake still answers
             if failures.classify(exc).waits:
                 return None

@@ -1,0 +1,48 @@
+"""The queue's expected times from the stamping schema on real PostgreSQL: before the window has
+seen a stamp finish, the pace the last stamps kept when busy stands in for the rate (a surge's first
+202s got the cold guess, 20/s, against 40-55/s in make surge), and the pipeline's own time is the
+fastest of the recent stamps."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.stamping.queue import QueueView
+from tests.component import handler_support as hs
+
+
+@pytest.fixture(scope="module")
+async def pool():
+    hs.postgres_up()
+    async with hs.service_pool(hs.settings(), "stamping", max_size=2) as pool:
+        yield pool
+
+
+async def _finished(pool, n: int, seconds: int, took_s: float, ago_s: float, offset: int = 0) -> None:
+    """``n`` stamps finished over ``seconds`` busy seconds, ``ago_s`` seconds ago, each after ``took_s``."""
+    await pool.execute(
+        "INSERT INTO requests (request_id, channel_id, account_id, status, accepted_at, finished_at) "
+        "SELECT 'r' || ($5 + i), 'ch', 'acct', 'completed', f - make_interval(secs => $3), f "
+        "FROM generate_series(0, $1 - 1) AS i, "
+        "LATERAL (SELECT now() - make_interval(secs => $4) + make_interval(secs => (i % $2)) AS f) AS t",
+        n, seconds, took_s, ago_s, offset)
+
+
+async def test_before_the_window_counts_a_finish_the_recent_busy_pace_stands_in(pool):
+    await pool.execute("DELETE FROM requests")
+    await _finished(pool, 100, 2, 1.5, ago_s=600)                 # a surge ten minutes ago: 50/s when busy
+    await _finished(pool, 3, 1, 0.4, ago_s=590, offset=1000)       # its first stamps met no queue
+    await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status) "
+                       "SELECT 'q' || i, 'ch', 'acct', 'queued' FROM generate_series(1, 60) AS i")
+    facts = await QueueView(pool, window_s=60.0).facts()
+    assert facts.open_requests == 60
+    assert facts.per_second == pytest.approx(103 / 3)              # 103 stamps over 3 busy seconds
+    assert facts.base_s == pytest.approx(0.4, abs=0.01)            # the fastest 2%
+    assert facts.eta_seconds(60) == pytest.approx(0.4 + 60 / (103 / 3), abs=0.1)
+
+
+async def test_stamps_finishing_in_the_window_give_the_rate(pool):
+    await pool.execute("DELETE FROM requests")
+    await _finished(pool, 30, 30, 2.0, ago_s=40)                   # one a second over the last minute
+    facts = await QueueView(pool, window_s=60.0).facts()
+    assert facts.per_second == pytest.approx(30 / 60)              # the schema's count over the window
