@@ -3,7 +3,8 @@
 One LISTEN connection per ``Listener``, of its own (not from a pool: it lives as long as the
 process). Nothing may depend on it: its subscribers also poll, so a lost notification (the
 connection was down) costs latency, never work. After every (re)connect it wakes everyone once,
-for whatever was committed while nobody listened.
+for whatever was committed while nobody listened. The sending side is ``database.notify``: a
+transaction owes its wake-ups, and its connection sends them after the commit.
 """
 
 from __future__ import annotations
@@ -20,11 +21,6 @@ from services.kernel.waiting import Pause, sleep_or_stop
 log = logs.get(__name__)
 
 HEALTH_CHECK_S = 5.0      # a dead socket shows at the next check
-
-
-async def notify(conn: asyncpg.Connection, channel: str) -> None:
-    """Wake the listeners of ``channel`` when the caller's transaction commits (``database.notify``)."""
-    await database.notify(conn, channel)
 
 
 class Listener:

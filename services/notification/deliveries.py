@@ -13,7 +13,7 @@ import datetime as dt
 import asyncpg
 
 from services.contracts.bubuh.v1 import notification_pb2
-from services.kernel import database, errors, events, listener, logs
+from services.kernel import database, errors, events, logs
 from services.kernel.settings import Settings
 from services.notification import NAME
 from services.notification.due_work import DUE_AGAIN
@@ -89,7 +89,7 @@ class DeliveryLog:
                 delivery_id, self._settings.webhook_horizon_s, channel_id)
             if row is None:
                 raise errors.BubuhError(errors.NOT_FOUND, f"no delivery {delivery_id} for this channel")
-            await listener.notify(conn, wake_channel(self._settings))
+            await database.notify(conn, wake_channel(self._settings))
             out = (await _with_logs(conn, [row]))[0]
         DELIVERIES.labels("redelivery_requested").inc()
         return out
@@ -143,7 +143,7 @@ class Redelivery:
                 return False
             if dry_run:
                 raise _DryRun        # rolls the change back: a dry run only says what it would do
-            await listener.notify(conn, wake_channel(self._s))
+            await database.notify(conn, wake_channel(self._s))
         log.info("abandoned delivery due again", delivery_id=msg.delivery_id, channel_id=msg.channel_id,
                  event_type=msg.event_type)
         return True

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from services.kernel import derived_ids, listener, logs
+from services.kernel import database, derived_ids, logs
 from services.kernel.channels import ChannelView
 from services.kernel.events import Event
 from services.kernel.settings import Settings
@@ -92,7 +92,7 @@ class Intake:
                 "body, next_attempt_at, horizon_at, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$9) "
                 "ON CONFLICT (event_id) DO NOTHING", emails)
         if deliveries or emails:
-            await listener.notify(conn, self._wake_channel)
+            await database.notify(conn, self._wake_channel)
         for what, n in (("webhook", len(deliveries)), ("no_webhook", no_webhook), ("email", len(emails))):
             if n:
                 NOTIFICATIONS_RECORDED.labels(what).inc(n)

@@ -73,17 +73,19 @@ def metrics_targets(settings: Settings) -> dict[str, tuple[str, int]]:
     return targets
 
 
+def _serves_api(args: list[str]) -> bool:
+    return args[args.index("--api") + 1] != "none"
+
+
 def _shares_port(settings: Settings) -> bool:
     """Several API processes: they bind the HTTP port together (BUBUH_HTTP_REUSE_PORT)."""
-    api = [a for a in processes(settings).values() if a[a.index("--api") + 1] != "none"]
-    return len(api) > 1
+    return sum(_serves_api(a) for a in processes(settings).values()) > 1
 
 
 def process_env(settings: Settings, name: str) -> dict[str, str]:
     """The settings ``up`` gives one process on top of the environment."""
     env = {"BUBUH_METRICS_PORT": str(metrics_targets(settings)[name][1])}
-    args = processes(settings)[name]
-    if args[args.index("--api") + 1] != "none" and _shares_port(settings):
+    if _serves_api(processes(settings)[name]) and _shares_port(settings):
         env["BUBUH_HTTP_REUSE_PORT"] = "true"
     return env
 
