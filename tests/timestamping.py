@@ -46,12 +46,17 @@ class LocalTsa:
     url: str
     ca_cert_pem: bytes
     requests: int = 0
+    connections: int = 0  # TCP connections accepted
+    # what the next answers do wrong, for client tests: None (nothing), "http-500", "html", "huge",
+    # "wrong-nonce", "drop" (answer, then close the kept-alive connection without saying so), "silent"
+    fault: str | None = None
 
 
 @contextlib.contextmanager
-def running_tsa(delay_s: float = 0.0):
+def running_tsa(delay_s: float = 0.0, keep_alive: bool = False):
     """A real RFC 3161 responder over HTTP on loopback (pyHanko's DummyTimeStamper signs the replies);
-    ``delay_s``: a slow one, answering that long after each request."""
+    ``delay_s``: a slow one, answering that long after each request; ``keep_alive``: HTTP/1.1, connections
+    stay open between requests (HTTP/1.0 otherwise: one request per connection)."""
     from asn1crypto import keys as asn1_keys
     from asn1crypto import tsp
     from asn1crypto import x509 as asn1_x509
@@ -68,16 +73,38 @@ def running_tsa(delay_s: float = 0.0):
     state = LocalTsa("", ca_cert.public_bytes(serialization.Encoding.PEM))
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
+        def setup(self):
+            state.connections += 1
+            super().setup()
+
         def do_POST(self):  # noqa: N802 - http.server API
             body = self.rfile.read(int(self.headers["Content-Length"]))
             time.sleep(delay_s)
-            resp = stamper.request_tsa_response(tsp.TimeStampReq.load(body)).dump()
+            fault = state.fault
+            if fault == "silent":
+                time.sleep(30)
+                return
+            req = tsp.TimeStampReq.load(body)
+            if fault == "wrong-nonce":
+                req = tsp.TimeStampReq({**req.native, "nonce": req["nonce"].native + 1})
+            resp = stamper.request_tsa_response(req).dump()
             state.requests += 1
-            self.send_response(200)
-            self.send_header("Content-Type", "application/timestamp-reply")
+            status, ctype = 200, "application/timestamp-reply"
+            if fault == "http-500":
+                status, resp = 500, b"internal error"
+            elif fault == "html":
+                ctype, resp = "text/html", b"<html>maintenance</html>"
+            elif fault == "huge":
+                resp = b"\x30" * (2 << 20)
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(resp)))
             self.end_headers()
             self.wfile.write(resp)
+            if fault == "drop":
+                self.close_connection = True
 
         def log_message(self, *args):  # keep test output clean
             pass

@@ -24,10 +24,12 @@ had to rebuild its cross-reference table) is stamped on a rewrite by qpdf (``doc
 What it always does: an incremental update (earlier signatures stay valid), a detached
 CMS (``ETSI.CAdES.detached``) and the reason ``"[SN] <reason>"``, at the configured PAdES level:
 
-* B-B: the signature alone; B-T: with a signature time-stamp (one TSA round trip);
+* B-B: the signature alone; B-T: with a signature time-stamp (one TSA round trip, on a kept-alive
+  connection: ``tsa_client.py``);
 * B-LT: B-T, then a second incremental update with a DSS dictionary holding the certificates,
   OCSP responses and CRLs of the signer's and the TSA's chains (``validation_data.py``: fetched
-  once per validity period, not per stamp);
+  once per validity period, not per stamp; ``dss_revision.py`` appends it without reading the
+  signed file again);
 * B-LTA: B-LT, then a document time-stamp over it all (a second TSA round trip).
 
 A level is never lowered: when the TSA or the revocation data is missing, the stamp fails with a
@@ -61,7 +63,9 @@ from services.stamping.document import repair
 from services.stamping.document.appearance import StampArtist
 from services.stamping.signing import signing_key
 from services.stamping.signing.cms_template import CmsTemplate, timestamp_attribute
+from services.stamping.signing.dss_revision import DssRevision
 from services.stamping.signing.request import StampRequest
+from services.stamping.signing.tsa_client import TsaClient
 from services.stamping.signing.validation_data import ValidationData
 
 # Looked up by its catalogue string (the contract channels see) rather than by attribute name.
@@ -143,20 +147,14 @@ class StampingEngine:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.timestamper = timestamper
-        self._tsa_session = None
         self.level = config.pades_level
         if self.timestamper is None and config.tsa_url and self.level != "b-b":
-            from pyhanko.sign.timestamps import HTTPTimeStamper
-            from pyhanko_certvalidator.fetchers.aiohttp_fetchers.util import LazySession
-
-            # one HTTP session per process, on the engine's own event loop: keep-alive to the TSA
-            self._tsa_session = LazySession()
-            self.timestamper = HTTPTimeStamper(config.tsa_url, timeout=config.tsa_timeout_s,
-                                               session=self._tsa_session)
+            self.timestamper = TsaClient(config.tsa_url, timeout_s=config.tsa_timeout_s)
         if self.level != "b-b" and self.timestamper is None:
             raise ValueError(f"PAdES {self.level.upper()} needs a time-stamp authority (BUBUH_SIGNING_TSA_URL)")
         self.validation = None
         self._tsa_certs: tuple = ()
+        self._dss: tuple | None = None
         if self.level in ("b-lt", "b-lta"):
             self.validation = ValidationData(
                 self.key.signing_cert, self.key.chain, trust_roots=_load_roots(config.trust_roots),
@@ -207,9 +205,9 @@ class StampingEngine:
                 raise _classify(exc) from exc
 
     def close(self) -> None:
+        if isinstance(self.timestamper, TsaClient):
+            self.timestamper.close()
         if self._loop is not None:
-            if self._tsa_session is not None:
-                self._loop.run_until_complete(self._tsa_session.close())
             self._loop.run_until_complete(asyncio.sleep(0))
             self._loop.close()
             self._loop = None
@@ -263,10 +261,19 @@ class StampingEngine:
             return output.getvalue()
         bundle = self.validation.current(self._event_loop(), self._tsa_certs)
         # B-LT: the validation data in its own incremental update after the signature (PAdES: DSS)
-        DocumentSecurityStore.add_dss(output, None, certs=bundle.certs, ocsps=bundle.ocsps, crls=bundle.crls)
+        if DssRevision.applies_to(writer):
+            self._dss_revision(bundle).append(output, writer)
+        else:  # a DSS to merge into: pyHanko reads the signed file again and does it
+            DocumentSecurityStore.add_dss(output, None, certs=bundle.certs, ocsps=bundle.ocsps, crls=bundle.crls)
         if self.level == "b-lta":
             return self._document_timestamp(output)
         return output.getvalue()
+
+    def _dss_revision(self, bundle) -> DssRevision:
+        """The DSS revision of ``bundle``, serialised once per refresh of the validation data."""
+        if self._dss is None or self._dss[0] is not bundle:
+            self._dss = (bundle, DssRevision(bundle.certs, bundle.ocsps, bundle.crls))
+        return self._dss[1]
 
     def _document_timestamp(self, signed: io.BytesIO) -> bytes:
         """B-LTA: a document time-stamp over the signature and its validation data."""
@@ -274,16 +281,17 @@ class StampingEngine:
 
         out = io.BytesIO()
         stamper = PdfTimeStamper(self.timestamper)
-        self._ask_tsa(stamper.async_timestamp_pdf(IncrementalPdfFileWriter(signed), self.config.md_algorithm,
-                                                  output=out), "document time-stamp")
+        request = stamper.async_timestamp_pdf(IncrementalPdfFileWriter(signed), self.config.md_algorithm, output=out)
+        self._ask_tsa(lambda: self._event_loop().run_until_complete(request), "document time-stamp")
         return out.getvalue()
 
     def _ask_tsa(self, request, what: str):
-        """Run one request to the time-stamp authority; its failures are TSA_UNAVAILABLE (retryable)."""
+        """Call ``request()``, one request to the time-stamp authority; its failures are TSA_UNAVAILABLE
+        (retryable)."""
         from pyhanko.sign.timestamps import TimestampRequestError
 
         try:
-            return self._event_loop().run_until_complete(request)
+            return request()
         except (TimeoutError, TimestampRequestError, OSError) as exc:
             raise BubuhError(TSA_UNAVAILABLE, f"time-stamp authority ({what}): {exc}") from exc
         except Exception as exc:
@@ -308,7 +316,12 @@ class StampingEngine:
 
     def _timestamp(self, signature: bytes):
         md = self.config.md_algorithm
-        return self._ask_tsa(self.timestamper.async_timestamp(hashlib.new(md, signature).digest(), md),
+        digest = hashlib.new(md, signature).digest()
+        if isinstance(self.timestamper, TsaClient):  # synchronous, no event loop turn
+            return self._ask_tsa(lambda: self.timestamper.timestamp(digest, md), "signature time-stamp")
+        # a TimeStamper given by the caller (tests, certomancer's in-process one): pyHanko's async interface
+        loop = self._event_loop()
+        return self._ask_tsa(lambda: loop.run_until_complete(self.timestamper.async_timestamp(digest, md)),
                              "signature time-stamp")
 
     def _forget_token(self) -> None:
