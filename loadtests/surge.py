@@ -89,15 +89,20 @@ async def _channel(base_env: dict, name: str) -> dict:
 
 
 async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency: int, env: dict,
-              completed: list[tuple[str, str]] | None = None) -> dict:
-    """One surge; ``completed`` (if given) receives (api key, request id) of every completed stamp."""
+              completed: list[tuple[str, str]] | None = None, sizes: list[tuple[int, int]] | None = None) -> dict:
+    """One surge; ``completed`` (if given) receives (api key, request id) of every completed stamp. ``sizes``:
+    channels of unequal size, (stamps, requests in flight) each, instead of ``channels`` equal ones."""
     routes = {"POST /v1/purchases": Route(), "POST /v1/stamps": Route(), "GET /v1/stamps/{id}": Route()}
+    sizes = sizes or [(stamps_per_channel, concurrency)] * channels
+    channels = len(sizes)
     creds = [await _channel(env, f"surge-{i}-{secrets.token_hex(2)}") for i in range(channels)]
+    for c, (n, _) in zip(creds, sizes, strict=True):
+        c["stamps"] = n
     letter = corpus.a4_text(7)
     accepted: list[tuple[dict, str, dict]] = []
     positions: list[tuple[float, int, float]] = []
     t0, t0_wall = time.perf_counter(), time.time()
-    limits = httpx.Limits(max_connections=concurrency * channels)
+    limits = httpx.Limits(max_connections=sum(c for _, c in sizes))
     async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client:
         async def call(route: str, method: str, url: str, **kw) -> httpx.Response | None:
             started = time.perf_counter()
@@ -112,7 +117,7 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
         async def buy(c: dict) -> None:
             auth = {"Authorization": f"Bearer {c['api_key']}"}
             body = {"channel_order_id": f"surge-{secrets.token_hex(6)}", "account_id": "applicants",
-                    "quantity": stamps_per_channel, "amount": stamps_per_channel * 10_000,
+                    "quantity": c["stamps"], "amount": c["stamps"] * 10_000,
                     "paid_at": dt.datetime.now(dt.UTC).isoformat()}
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:   # a new channel reaches the intake's view within moments
@@ -137,8 +142,8 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
                     if body.get("position") is not None:
                         positions.append((time.perf_counter() - t0, body["position"], body.get("eta_seconds")))
 
-        per_worker = stamps_per_channel // concurrency
-        await asyncio.gather(*(stamper(c, per_worker) for c in creds for _ in range(concurrency)))
+        await asyncio.gather(*(stamper(c, n // inflight) for c, (n, inflight) in zip(creds, sizes, strict=True)
+                               for _ in range(inflight)))
         intake_done = time.perf_counter() - t0
 
         # follow every request to its end, as channels poll: a bounded set of pollers, and each request read
@@ -166,7 +171,7 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
                     eta = (r.json().get("eta_seconds") if r is not None and r.status_code == 200 else None) or 1.0
                     heapq.heappush(due, (time.perf_counter() + min(3.0, max(0.5, eta)), i, c, rid))
 
-        await asyncio.wait_for(asyncio.gather(*(poller() for _ in range(min(16, concurrency * channels)))), 1800)
+        await asyncio.wait_for(asyncio.gather(*(poller() for _ in range(min(16, sum(c for _, c in sizes))))), 1800)
         finished = [dt.datetime.fromisoformat(r["finished_at"]).timestamp() for r in results if r.get("finished_at")]
         drained = time.perf_counter() - t0
         last_finish = (max(finished) - t0_wall) if finished else drained   # the server's clock: same box
@@ -188,7 +193,10 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
         key = r["status"] if r["status"] == "completed" else f"failed:{r.get('code')}"
         outcomes[key] = outcomes.get(key, 0) + 1
     max_pos = max((p for _, p, _ in positions), default=None)
+    index_of = {id(c): i for i, c in enumerate(creds)}
+    channel_of = {rid: index_of[id(c)] for c, rid, _ in accepted}
     return {
+        "per_channel": completion_times(sizes, channel_of, results),
         "eta": eta_accuracy({rid: body.get("eta_seconds") for _, rid, body in accepted}, results),
         "channels": channels, "stamps_accepted": len(accepted), "outcomes": outcomes,
         "intake_seconds": round(intake_done, 1), "drain_seconds": round(last_finish, 1),
@@ -201,6 +209,27 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
         "ledger": quotas, "ledger_settle_seconds": round(ledger_settled - drained, 1),
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+def _quantile(ordered: list[float], q: float) -> float | None:
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3) if ordered else None
+
+
+def completion_times(sizes: list[tuple[int, int]], channel_of: dict[str, int], results: list[dict]) -> list[dict]:
+    """Per channel: its size, and its stamps' times from 202 to completed (the server's ``finished_at -
+    accepted_at``), p50 / p99 / max in seconds: what issue 12's fairness check compares."""
+    took: list[list[float]] = [[] for _ in sizes]
+    for r in results:
+        if r.get("status") == "completed" and r.get("finished_at") and r.get("request_id") in channel_of:
+            took[channel_of[r["request_id"]]].append(
+                (dt.datetime.fromisoformat(r["finished_at"]) - dt.datetime.fromisoformat(r["accepted_at"]))
+                .total_seconds())
+    out = []
+    for (n, inflight), times in zip(sizes, took, strict=True):
+        times.sort()
+        out.append({"stamps": n, "in_flight": inflight, "completed": len(times), "p50_s": _quantile(times, 0.5),
+                    "p99_s": _quantile(times, 0.99), "max_s": _quantile(times, 1.0)})
+    return out
 
 
 def eta_accuracy(first_eta: dict[str, float | None], results: list[dict], within: float = 0.25) -> dict:

@@ -156,6 +156,8 @@ class Settings(BaseSettings):
     # a child spends much of a stamp waiting for the TSA's answer; with one child every stamp behind it waited too
     signing_processes: int = 2
     stamping_concurrency: int = 8   # stamp requests one stamping worker handles at once (signing: signing_processes)
+    # the fair queue's share per channel (services/stamping/fair_queue.py), JSON: {"<channel id>": 3}; default 1
+    stamp_channel_weights: dict[str, float] = {}
     signing_cpu_s: float = 10.0                  # per stamp, in the worker's signing child (the key stays open)
     signing_wall_s: float = 120.0                # includes the TSA and the HSM
     verify_processes: int = 1                    # anonymous verification: its own pool, lower CPU priority

@@ -108,7 +108,9 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, reque
     async def request_stamp(request: Request, authorization: str | None = Header(None),
                             idempotency_key: str | None = Header(None, alias="Idempotency-Key")):
         """Stamp a PDF. 202 once the document is stored and the request is durable in Kafka; the answer
-        carries the queue position and the expected completion time. Safe to retry with `Idempotency-Key`.
+        carries the queue position (the requests signed before this one: the queue is fair between
+        channels, so it is this channel's place, see docs/channels.md) and the expected completion
+        time. Safe to retry with `Idempotency-Key`.
 
         The API key is checked before the body is read; the body is held to `x-max-body-bytes` as it
         arrives, and the document is inspected within budgets (decompressed bytes, objects, nesting:

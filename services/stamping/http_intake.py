@@ -97,7 +97,8 @@ class StampIntake:
                     raise errors.BubuhError(errors.IDEMPOTENCY_MISMATCH,
                                             f"Idempotency-Key {idempotency_key!r} was used with another request")
                 if earlier["status"] != "queued":
-                    position = await self._queue.position_of(earlier["accepted_at"])
+                    position = await self._queue.position_of(request_id, channel.channel_id, earlier["status"],
+                                                             earlier["accepted_at"])
                     facts = await self._queue.facts()
                     return Accepted(request_id, earlier["status"], position,
                                     facts.eta_seconds(position) if facts and position is not None else None, True)
@@ -117,7 +118,7 @@ class StampIntake:
         env = events.envelope(msg, producer=NAME, event_id=str(uuid.uuid5(_NS, f"{request_id}\x1frequested")))
         await self._producer.publish(events.outgoing(self._topic, request_id, env))
         facts_now = await self._queue.facts()
-        position = facts_now.open_requests if facts_now else None
+        position = await self._queue.position_for_new(channel.channel_id)
         log.info("stamp accepted", request_id=request_id, channel_id=channel.channel_id, account_id=meta.account_id,
                  profile=profile, bytes=len(data), position=position)
         return Accepted(request_id, "queued", position,

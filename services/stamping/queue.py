@@ -1,14 +1,20 @@
 """The visible queue: a request's position and its expected completion time.
 
 Back-pressure shows here instead of as timeouts: intake answers at once with where the request
-stands. Position = open requests accepted before it; expected time = the pipeline's own time (the
-fastest 2% of the last 500 stamps, accepted to completed) + position / the tier's pace: stamps
-finished per busy second in the last ``window``, or, before the window has seen one finish (a
-surge's first seconds), the pace the last 500 stamps kept when the tier was busy. The open count
-comes from the stamping schema; the window's rate from the stream (faust windows over
+stands. Position = the requests that will be stamped before it, in the fair queue's order
+(``fair_queue.py``): for a reserved request the queued rows with a smaller start tag, for one still
+waiting on quota (and for a new one, at its 202) where its channel's next tag would go, behind the
+channel's own requests still on quota. So positions and times are per channel: a small channel's
+request says "next" while a flood's says "behind its own backlog". Being signed: 0.
+
+Expected time = the pipeline's own time (the fastest 2% of the last 500 stamps, accepted to
+completed) + position / the tier's pace: stamps finished per busy second in the last ``window``,
+or, before the window has seen one finish (a surge's first seconds), the pace the last 500 stamps
+kept when the tier was busy. The window's rate comes from the stream (faust windows over
 ``stamp.events``, ``throughput.py``) when this process counts some of its partitions, else from a
-count in the schema. All are cached for a second, so a surge of intake calls costs a few queries
-per second, not one per call.
+count in the schema. Facts are cached for a second, and so is a channel's position for new
+requests (each 202 in that second adds one), so a surge of intake calls costs a few queries per
+second, not one per call.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from services.kernel import failures
+from services.stamping.fair_queue import FairQueue
 from services.stamping.metrics import QUEUE_DEPTH
 from services.stamping.throughput import Throughput
 
@@ -53,12 +60,20 @@ class QueueFacts:
         return round(self.base_s + position / rate, 1)
 
 
+_ON_QUOTA_BEFORE = ("SELECT count(*) FROM requests WHERE channel_id = $1 AND status = 'queued' "
+                    "AND accepted_at < $2")
+_ON_QUOTA = "SELECT count(*) FROM requests WHERE channel_id = $1 AND status = 'queued'"
+
+
 class QueueView:
-    def __init__(self, pool: asyncpg.Pool, window_s: float, throughput: Throughput | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, window_s: float, throughput: Throughput | None = None,
+                 fair: FairQueue | None = None) -> None:
         self._pool = pool
         self._window_s = window_s
         self._throughput = throughput
+        self._fair = fair or FairQueue()
         self._cached: tuple[float, QueueFacts] | None = None
+        self._new: dict[str, tuple[float, int, int]] = {}   # channel -> (when, position, 202s given since)
 
     async def facts(self) -> QueueFacts | None:
         now = time.monotonic()
@@ -88,12 +103,45 @@ class QueueView:
         self._cached = (now, facts)
         return facts
 
-    async def position_of(self, accepted_at: dt.datetime) -> int | None:
+    async def position_of(self, request_id: str, channel_id: str, status: str,
+                          accepted_at: dt.datetime) -> int | None:
+        """Requests stamped before this one (0 while it is being signed); None when the database is away."""
+        if status not in ("queued", "reserved"):
+            return 0
         try:
-            return await asyncio.wait_for(self._pool.fetchval(
-                "SELECT count(*) FROM requests WHERE status IN ('queued', 'reserved', 'stamping', 'signed') "
-                "AND accepted_at <= $1", accepted_at), 0.5)
+            return await asyncio.wait_for(self._position(request_id, channel_id, status, accepted_at), 0.5)
         except Exception as exc:  # noqa: BLE001
             if failures.classify(exc).waits:
                 return None
             raise
+
+    async def _position(self, request_id: str, channel_id: str, status: str, accepted_at: dt.datetime) -> int:
+        fair = self._fair
+        async with self._pool.acquire() as conn:
+            if status == "reserved":
+                ahead = await fair.ahead_of(conn, request_id)
+                if ahead is not None:
+                    return ahead
+            on_quota = await conn.fetchval(_ON_QUOTA_BEFORE, channel_id, accepted_at)
+            return await fair.ahead_of_new(conn, channel_id, on_quota) + on_quota
+
+    async def position_for_new(self, channel_id: str) -> int | None:
+        """The position of a request of ``channel_id`` accepted now (at its 202)."""
+        now = time.monotonic()
+        cached = self._new.get(channel_id)
+        if cached and now - cached[0] < 1.0:
+            self._new[channel_id] = (cached[0], cached[1], cached[2] + 1)
+            return cached[1] + cached[2] + 1
+        try:
+            async with self._pool.acquire() as conn:
+                on_quota = await asyncio.wait_for(conn.fetchval(_ON_QUOTA, channel_id), 0.5)
+                fair = self._fair
+                position = await asyncio.wait_for(fair.ahead_of_new(conn, channel_id, on_quota), 0.5) + on_quota
+        except Exception as exc:  # noqa: BLE001
+            if failures.classify(exc).waits:
+                return None
+            raise
+        if len(self._new) > 10_000:   # channels are few; never grow without bound
+            self._new.clear()
+        self._new[channel_id] = (now, position, 0)
+        return position

@@ -39,7 +39,7 @@ class RequestStatus:
         if row["finished_at"]:
             out["finished_at"] = row["finished_at"].isoformat()
         if status in ("queued", "reserved", "stamping"):
-            position = await self._queue.position_of(row["accepted_at"])
+            position = await self._queue.position_of(request_id, channel_id, row["status"], row["accepted_at"])
             facts = await self._queue.facts()
             out["position"] = position
             out["eta_seconds"] = facts.eta_seconds(position) if facts and position is not None else None

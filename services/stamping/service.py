@@ -1,15 +1,16 @@
 """The stamping service, top-down.
 
-Consumes: ``quota.events`` (QuotaReserved -> stamp; QuotaRejected, expiry -> status; QuotaCommitted
+Consumes: ``quota.events`` (QuotaReserved -> the fair queue, then stamp; QuotaRejected, expiry -> status; QuotaCommitted
           -> release the signed stamp; QuotaRefused of a commit -> withhold it) and
           ``stamp.retry`` (transient failures, at their due time).
 Publishes: ``stamp.requested`` (intake), ``stamp.events`` (StampSigned, StampCompleted, StampFailed),
            ``stamp.retry`` and ``stamp.dead-letter`` (through the outbox).
-Stores:   schema ``stamping``: ``requests``, ``attempts``, inbox, outbox; documents in the document store.
+Stores:   schema ``stamping``: ``requests``, ``attempts``, ``schedule`` (the fair queue), inbox, outbox;
+          documents in the document store.
 HTTP:     ``POST /v1/stamps``, ``GET /v1/stamps/{id}``, ``GET /v1/stamps/{id}/document``,
           ``GET /v1/verify/{sn}``, ``POST /v1/verify``.
 Workers are CPU-bound: run one process per core (``bubuh serve --api none --workers stamping``),
-each a member of the ``stamping.worker`` consumer group.
+each a member of the ``stamping.worker`` consumer group; they share one fair queue.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from fastapi import APIRouter
 
-from services.kernel import topics
+from services.kernel import database, topics
 from services.kernel.outbox import Relay
 from services.kernel.processing.handler import PerRecord
 from services.kernel.processing.pipeline import ConsumerLoop
@@ -27,6 +28,7 @@ from services.kernel.runtime import ConfigError, Runtime, Task
 from services.kernel.settings import Settings
 from services.stamping import NAME, api, store
 from services.stamping.backlog import Backlog
+from services.stamping.fair_queue import Enqueue, FairQueue, Takers
 from services.stamping.http_intake import StampIntake
 from services.stamping.public_verifier import ClientRate, PublicVerifier
 from services.stamping.queue import QueueView
@@ -39,6 +41,13 @@ from services.stamping.tracker import CONSUMER as TRACKER
 from services.stamping.tracker import StatusTracker
 from services.stamping.worker import CONSUMER as WORKER
 from services.stamping.worker import StampWorker
+
+
+def fair_queue(s: Settings) -> FairQueue:
+    try:
+        return FairQueue(s.stamp_channel_weights)
+    except ValueError as exc:
+        raise ConfigError(f"BUBUH_STAMP_CHANNEL_WEIGHTS: {exc}") from None
 
 
 def signer_config(s: Settings) -> SignerConfig:
@@ -80,7 +89,7 @@ async def router(rt: Runtime) -> APIRouter:
         rt.background.append(throughput.run)
     elif s.stamp_rates_from != "database":
         raise ConfigError(f"BUBUH_STAMP_RATES_FROM={s.stamp_rates_from!r}: choose stream or database")
-    queue = QueueView(pool, s.stamp_eta_window_s, throughput)
+    queue = QueueView(pool, s.stamp_eta_window_s, throughput, fair_queue(s))
     docs = documents(s)
     inspector = await Sandbox("intake", size=s.intake_processes,
                               budget=ProcessLimits.of(s.intake_cpu_s, s.intake_wall_s, s.document_memory_mib)).start()
@@ -93,13 +102,9 @@ async def router(rt: Runtime) -> APIRouter:
     return api.router(s, rt.channels, intake, RequestStatus(s, pool, docs, queue), verifier)
 
 
-def _request_of(event) -> object:
-    """The stamping worker's chains: one per stamp request (its records in order, requests side by side)."""
-    return getattr(event.payload, "request_id", None) or event.key
-
-
 async def workers(rt: Runtime) -> list[Task]:
     s = rt.settings
+    fair = fair_queue(s)      # a bad weight stops the start before any child is forked
     pool = await rt.pool(NAME)
     # A signing child's state: one engine, one key or PKCS#11 session, for the child's life (a session
     # does one operation at a time: each child has its own). BUBUH_SIGNING_PROCESSES children (2): the
@@ -119,13 +124,16 @@ async def workers(rt: Runtime) -> list[Task]:
     node = s.stamp_node_id if s.stamp_node_id is not None else secrets.randbelow(MAX_NODE + 1)
     worker = StampWorker(s, pool, documents(s), signing, SerialIssuer(node))
     tracker = StatusTracker(s, pool, documents(s))
+    # reserved requests go into the fair queue (a batch a statement); the takers sign them by channel share,
+    # each holding its row on a connection of its own while it signs
     stamp_loop = ConsumerLoop(s, rt.producer, name=WORKER,
                               topics=[s.topic(topics.QUOTA_EVENTS.name), s.topic(topics.STAMP_RETRY.name)],
-                              handler=PerRecord(worker.handle, concurrency=s.stamping_concurrency,
-                                                chain_key=_request_of), pool=pool,
-                              dead_letter_topic=s.topic(topics.STAMP_DLQ.name), max_batch=16)
+                              handler=Enqueue(pool, fair), pool=pool,
+                              dead_letter_topic=s.topic(topics.STAMP_DLQ.name))
+    claims = await database.create_pool(s, NAME, min_size=0, max_size=s.stamping_concurrency)
+    takers = Takers(s, claims, worker.handle, s.stamping_concurrency)
     track_loop = ConsumerLoop(s, rt.producer, name=TRACKER, topics=[s.topic(topics.QUOTA_EVENTS.name)],
                               handler=PerRecord(tracker.handle), pool=pool,
                               dead_letter_topic=s.topic(topics.STAMP_DLQ.name))
     relay = Relay(pool, rt.producer, s, NAME)
-    return [stamp_loop.run, track_loop.run, relay.run, signing.serve, Backlog(pool, rt.channels).run]
+    return [stamp_loop.run, takers.run, track_loop.run, relay.run, signing.serve, Backlog(pool, rt.channels).run]

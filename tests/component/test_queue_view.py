@@ -46,3 +46,37 @@ async def test_stamps_finishing_in_the_window_give_the_rate(pool):
     await _finished(pool, 30, 30, 2.0, ago_s=40)                   # one a second over the last minute
     facts = await QueueView(pool, window_s=60.0).facts()
     assert facts.per_second == pytest.approx(30 / 60)              # the schema's count over the window
+
+
+async def test_positions_follow_the_fair_queue_per_channel(pool):
+    """A small channel's request is near the head while a flood's is behind the flood's own backlog; a new
+    request's position (the 202's) is cached a second per channel and counts the 202s given since."""
+    import datetime as dt
+
+    from services.contracts.bubuh.v1 import quota_pb2
+    from services.stamping.fair_queue import Enqueue, FairQueue
+
+    await pool.execute("DELETE FROM requests")
+    await pool.execute("DELETE FROM schedule")
+    fair = FairQueue()
+    flood = [hs.event(quota_pb2.QuotaReserved(request_id=f"f{i}", channel_id="flood", account_id="a"),
+                      producer="quota") for i in range(40)]
+    small = [hs.event(quota_pb2.QuotaReserved(request_id="s0", channel_id="small", account_id="a"), producer="quota")]
+    await Enqueue(pool, fair).process(flood)
+    await Enqueue(pool, fair).process(small)
+    now = dt.datetime.now(dt.UTC)
+    view = QueueView(pool, window_s=60.0, fair=fair)
+    assert await view.position_of("s0", "small", "reserved", now) == 1
+    assert await view.position_of("f39", "flood", "reserved", now) == 40
+    assert await view.position_of("s0", "small", "stamping", now) == 0
+    # still on quota: behind its own channel's earlier requests on quota, at its channel's next tag
+    await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status, accepted_at) "
+                       "VALUES ('q1', 'flood', 'a', 'queued', $1), ('q2', 'flood', 'a', 'queued', $2)",
+                       now - dt.timedelta(seconds=2), now - dt.timedelta(seconds=1))
+    assert await view.position_of("q2", "flood", "queued", now - dt.timedelta(seconds=1)) == 41 + 1
+    assert await view.position_for_new("small") <= 3
+    first = await view.position_for_new("flood")
+    assert first == 41 + 2
+    assert await view.position_for_new("flood") == first + 1      # the next 202 in the same second
+    await pool.execute("DELETE FROM schedule")
+    await pool.execute("DELETE FROM requests")

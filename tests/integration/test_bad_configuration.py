@@ -63,3 +63,15 @@ def test_local_kafka_port_taken_is_one_line_too(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"kafka: port 127.0.0.1:{port} is taken by another process: stop it, or set BUBUH_LOCAL_KAFKA_PORT "
         "(or BUBUH_KAFKA_BOOTSTRAP to use that broker)"]
+
+
+@pytest.mark.parametrize(("weights", "says"), [('{"ch_a": 0}', "BUBUH_STAMP_CHANNEL_WEIGHTS: stamp channel weights "
+                                                "must be above 0"), ('{"ch_a": -1}', "must be above 0"),
+                                               ("not json", 'field "stamp_channel_weights"')])
+def test_a_channel_weight_that_cannot_be_a_share(settings, weights, says):
+    from tests.platform import REPO_ROOT, env_for
+
+    env = env_for(settings) | {"BUBUH_STAMP_CHANNEL_WEIGHTS": weights}
+    proc = subprocess.run([os.sys.executable, "-m", "services.operator.cli", "serve", "--api", "none", "--workers",
+                           "stamping"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    _one_clear_line(proc, says)

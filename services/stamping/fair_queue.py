@@ -1,0 +1,206 @@
+"""The fair queue: reserved stamp requests wait in PostgreSQL and are signed by channel share, not arrival.
+
+Why (issue 12; September 2024): with stamping reading ``quota.events`` in order, a channel that sends
+80% of the load puts every other channel's requests behind its backlog, and they all wait together.
+
+How: the worker's consumer does not sign. It *enqueues* each ``QuotaReserved`` into ``schedule`` (one
+statement per batch; the offset is committed after that transaction, so a reserved request is
+durable in the queue before Kafka forgets it), and ``stamping_concurrency`` takers per worker sign
+the row with the smallest start tag. The tags are start-time fair queueing (Goyal, Vin and Cheng,
+1996), per channel ``c`` with weight ``w`` (``BUBUH_STAMP_CHANNEL_WEIGHTS``, default 1):
+
+    start = max(V, start of c's last queued request + 1/w),   V = the smallest start tag queued
+
+so a backlogged channel's requests are 1/w apart, a channel that had nothing queued starts at the
+head, and with several backlogged channels each is served in proportion to its weight. The queue
+needs no clock and no rate, and two workers (members) share it: a taker holds its row with
+``FOR UPDATE SKIP LOCKED`` for as long as it signs and deletes it in the same transaction, so the
+others skip it, and a killed taker's row is free again the moment its connection ends.
+
+Why not Kafka alone (per-channel partitions or topics): partitions are assigned to members, not
+taken by weight, and a new channel would mean a new partition. Why not faust's per-channel windows:
+fair order needs no rate, only the tags; the rates stay for the expected times (``queue.py``).
+
+Positions follow the same order: a request's position is the number of queued rows with a smaller
+tag (``ahead_of``), and a new request's is where its channel's next tag would go (``ahead_of_new``),
+so a small channel's 202 says "next" while the flood's says "behind my own backlog".
+
+Failure policy of a taker: the stamp itself is the worker's (``worker.py``: transient failures go to
+``stamp.retry``, which enqueues again when due; permanent ones fail the request). Anything else (the
+database away, the store away) rolls the claim back, so the row stays queued, and the taker pauses
+with growing backoff; the request is taken again, and the worker's status guards make that safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+import asyncpg
+
+from services.contracts.bubuh.v1 import quota_pb2
+from services.kernel import database, events, logs
+from services.kernel.events import Event
+from services.kernel.listener import Listener
+from services.kernel.processing.handler import Rejection
+from services.kernel.settings import Settings
+from services.kernel.waiting import Pause, sleep_or_stop, wait_any
+
+log = logs.get(__name__)
+
+RESERVED = events.type_name(quota_pb2.QuotaReserved)
+IDLE_POLL_S = 1.0        # a lost NOTIFY costs at most this
+
+_ENQUEUE = """
+WITH head AS (SELECT coalesce((SELECT start_tag FROM schedule ORDER BY start_tag, seq LIMIT 1), 0) AS v),
+     last AS (SELECT channel_id, max(start_tag) AS tag FROM schedule WHERE channel_id = ANY($2::text[])
+               GROUP BY channel_id)
+INSERT INTO schedule (request_id, channel_id, start_tag, topic, "partition", "offset", record_key, headers, event)
+SELECT u.rid, u.cid, greatest(head.v, coalesce(last.tag + 1.0 / u.w, head.v)) + u.k / u.w,
+       u.t, u.p, u.o, u.rk, u.h::jsonb, u.ev
+  FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::text[], $6::int[], $7::bigint[],
+              $8::bytea[], $9::text[], $10::bytea[]) AS u(rid, cid, k, w, t, p, o, rk, h, ev)
+ CROSS JOIN head LEFT JOIN last ON last.channel_id = u.cid
+ON CONFLICT (request_id) DO NOTHING
+"""
+_CLAIM = "SELECT * FROM schedule ORDER BY start_tag, seq LIMIT 1 FOR UPDATE SKIP LOCKED"
+_AHEAD_OF = """
+SELECT count(*) FROM schedule s, (SELECT start_tag, seq FROM schedule WHERE request_id = $1) me
+ WHERE (s.start_tag, s.seq) < (me.start_tag, me.seq)
+"""
+# where channel $1's next request would go: its start tag after the ones still on quota ($3 of them)
+_AHEAD_OF_NEW = """
+WITH head AS (SELECT coalesce((SELECT start_tag FROM schedule ORDER BY start_tag, seq LIMIT 1), 0) AS v),
+     last AS (SELECT max(start_tag) AS tag FROM schedule WHERE channel_id = $1),
+     tag AS (SELECT greatest(head.v, coalesce(last.tag + 1.0 / $2, head.v)) + $3 / $2 AS t FROM head, last)
+SELECT count(*) FROM schedule, tag WHERE start_tag < tag.t
+"""
+
+
+class FairQueue:
+    """The queue's order and positions; ``weights``: a channel's share (default 1)."""
+
+    def __init__(self, weights: Mapping[str, float] | None = None) -> None:
+        self._weights = dict(weights or {})
+        bad = {c: w for c, w in self._weights.items() if not w > 0}
+        if bad:
+            raise ValueError(f"stamp channel weights must be above 0: {bad}")
+
+    def weight(self, channel_id: str) -> float:
+        return float(self._weights.get(channel_id, 1.0))
+
+    # -- the consumer's side ---------------------------------------------------------------
+
+    async def enqueue(self, conn: asyncpg.Connection, reserved: Sequence[Event]) -> None:
+        """Queue ``QuotaReserved`` events (in order; a request already queued stays where it is)."""
+        if not reserved:
+            return
+        seen: dict[str, int] = {}
+        ks, ws = [], []
+        for e in reserved:
+            cid = e.payload.channel_id
+            ks.append(float(seen.get(cid, 0)))
+            seen[cid] = seen.get(cid, 0) + 1
+            ws.append(self.weight(cid))
+        await conn.execute(
+            _ENQUEUE, [e.payload.request_id for e in reserved], [e.payload.channel_id for e in reserved], ks, ws,
+            [e.topic for e in reserved], [e.partition for e in reserved], [e.offset for e in reserved],
+            [e.key for e in reserved], [json.dumps({k: v.hex() for k, v in e.headers.items()}) for e in reserved],
+            [e.raw for e in reserved])
+        await database.notify(conn, "_schedule", in_schema=True)
+
+    # -- positions -------------------------------------------------------------------------
+
+    @staticmethod
+    async def ahead_of(conn, request_id: str) -> int | None:
+        """Queued requests that go before ``request_id``; None when it is not queued here."""
+        if await conn.fetchval("SELECT 1 FROM schedule WHERE request_id = $1", request_id) is None:
+            return None
+        return await conn.fetchval(_AHEAD_OF, request_id)
+
+    async def ahead_of_new(self, conn, channel_id: str, on_quota: int = 0) -> int:
+        """Queued requests that go before a new request of ``channel_id``, with ``on_quota`` of the
+        channel's requests still waiting for their reservation (they will be queued before it)."""
+        return await conn.fetchval(_AHEAD_OF_NEW, channel_id, self.weight(channel_id), float(on_quota))
+
+
+class Enqueue:
+    """The stamping worker's consumer handler: ``QuotaReserved`` into the fair queue, a batch a statement."""
+
+    batched = True
+    types = frozenset({RESERVED})
+
+    def __init__(self, pool: asyncpg.Pool, queue: FairQueue) -> None:
+        self._pool = pool
+        self._queue = queue
+
+    async def process(self, batch: Sequence[Event]) -> list[Rejection]:
+        reserved = [e for e in batch if isinstance(e.payload, quota_pb2.QuotaReserved)]
+        if reserved:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await self._queue.enqueue(conn, reserved)
+        return []
+
+
+def queued_event(row: asyncpg.Record) -> Event:
+    """The ``QuotaReserved`` record a schedule row keeps, as the consumer read it."""
+    env, payload = events.decode(row["event"])
+    headers = {k: bytes.fromhex(v) for k, v in json.loads(row["headers"]).items()}
+    return Event(envelope=env, payload=payload, topic=row["topic"], partition=row["partition"],
+                 offset=row["offset"], key=row["record_key"], headers=headers, raw=bytes(row["event"]))
+
+
+class Takers:
+    """``count`` loops that each take the head of the queue, ``stamp`` it, and delete it, in one transaction
+    on a connection of their own (``claims``: one per taker, apart from the pool the worker uses)."""
+
+    def __init__(self, settings: Settings, claims: asyncpg.Pool, stamp: Callable[[Event], Awaitable[None]],
+                 count: int) -> None:
+        self._settings = settings
+        self._claims = claims
+        self._stamp = stamp
+        self._count = count
+        self._listener = Listener(settings, f"{settings.schema('stamping')}_schedule")
+        self.taken = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        listening = asyncio.create_task(self._listener.run(stop), name="schedule-listener")
+        try:
+            await asyncio.gather(*(self._take(stop, self._listener.subscribe()) for _ in range(self._count)))
+        finally:
+            listening.cancel()
+            await asyncio.gather(listening, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._claims.close(), 5)
+
+    async def _take(self, stop: asyncio.Event, wake: asyncio.Event) -> None:
+        pause = Pause()
+        while not stop.is_set():
+            wake.clear()          # before looking: a NOTIFY after this look sets it again
+            try:
+                took = await self.take_one()
+            except Exception as exc:  # noqa: BLE001 - rolled back, still queued: taken again after a pause
+                log.warning("stamp taker paused; the request stays queued", error=repr(exc)[:300])
+                await sleep_or_stop(stop, pause.next())
+                continue
+            pause.reset()
+            if not took:
+                await wait_any(stop, wake, IDLE_POLL_S)
+
+    async def take_one(self) -> bool:
+        """Stamp the head of the queue, if there is one this taker may have; False when there was none."""
+        async with self._claims.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(_CLAIM)
+            if row is None:
+                return False
+            started = time.monotonic()
+            await self._stamp(queued_event(row))
+            await conn.execute("DELETE FROM schedule WHERE request_id = $1", row["request_id"])
+        self.taken += 1
+        log.debug("stamp taken from the fair queue", request_id=row["request_id"], channel_id=row["channel_id"],
+                  start_tag=row["start_tag"], took_s=round(time.monotonic() - started, 3))
+        return True
+

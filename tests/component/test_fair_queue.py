@@ -1,0 +1,151 @@
+"""The fair queue on real PostgreSQL (``services/stamping/fair_queue.py``): a flood does not starve a small
+channel, weights set the shares, positions follow the order, and a taker's row is free again when its
+connection dies (a killed worker), never lost and never signed by two at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+import pytest
+
+from services.contracts.bubuh.v1 import quota_pb2
+from services.kernel import database
+from services.stamping.fair_queue import Enqueue, FairQueue, Takers
+from tests.component import handler_support as hs
+
+
+@pytest.fixture
+async def pool(settings):
+    async with hs.service_pool(settings, "stamping", max_size=6) as pool:
+        yield pool
+
+
+def _reserved(channel: str, n: int) -> list:
+    return [hs.event(quota_pb2.QuotaReserved(request_id=f"{channel}-{uuid.uuid4().hex[:8]}-{i}", channel_id=channel,
+                                             account_id="acct"), producer="quota", topic="quota.events")
+            for i in range(n)]
+
+
+async def _enqueue(pool, queue: FairQueue, batch: list) -> None:
+    await Enqueue(pool, queue).process(batch)
+
+
+async def _take_all(settings, pool, limit: int | None = None) -> list[str]:
+    """Take (and 'stamp') up to ``limit`` queued requests, one at a time; their channels in order."""
+    order: list[str] = []
+
+    async def stamp(event) -> None:
+        order.append(event.payload.channel_id)
+
+    takers = Takers(settings, pool, stamp, count=1)
+    while (limit is None or len(order) < limit) and await takers.take_one():
+        pass
+    return order
+
+
+async def test_a_flood_queued_first_does_not_keep_a_small_channel_waiting(settings, pool):
+    queue = FairQueue()
+    await _enqueue(pool, queue, _reserved("flood", 100))
+    await _enqueue(pool, queue, _reserved("small", 5))
+    order = await _take_all(settings, pool)
+    assert len(order) == 105
+    last_small = max(i for i, c in enumerate(order) if c == "small")
+    assert last_small <= 10, order[:12]     # one each, turn about: the fifth small one is 10th, not 105th
+
+
+async def test_a_channel_that_arrives_late_starts_at_the_head_not_behind_the_flood(settings, pool):
+    queue = FairQueue()
+    await _enqueue(pool, queue, _reserved("flood", 60))
+    assert await _take_all(settings, pool, limit=40) == ["flood"] * 40
+    await _enqueue(pool, queue, _reserved("late", 3))
+    order = await _take_all(settings, pool)
+    assert [i for i, c in enumerate(order) if c == "late"] == [1, 3, 5], order[:8]
+
+
+async def test_weights_set_each_backlogged_channels_share(settings, pool):
+    queue = FairQueue({"heavy": 3})
+    batch = [e for pair in zip(_reserved("heavy", 90), _reserved("light", 90), strict=True) for e in pair]
+    await _enqueue(pool, queue, batch)
+    first = await _take_all(settings, pool, limit=80)
+    assert first.count("heavy") == pytest.approx(60, abs=2)
+    assert first.count("light") == pytest.approx(20, abs=2)
+
+
+async def test_positions_are_per_channel(settings, pool):
+    queue = FairQueue()
+    flood, small = _reserved("flood", 50), _reserved("small", 2)
+    await _enqueue(pool, queue, flood)
+    await _enqueue(pool, queue, small)
+    async with pool.acquire() as conn:
+        assert await queue.ahead_of(conn, flood[0].payload.request_id) == 0
+        assert await queue.ahead_of(conn, small[0].payload.request_id) == 1     # after the flood's first
+        assert await queue.ahead_of(conn, flood[-1].payload.request_id) == 51
+        assert await queue.ahead_of(conn, "not-queued") is None
+        # a new request: a small channel's goes near the head, the flood's behind its own backlog
+        assert await queue.ahead_of_new(conn, "other") <= 2
+        assert await queue.ahead_of_new(conn, "small") <= 5
+        assert await queue.ahead_of_new(conn, "flood") == 52
+        assert await queue.ahead_of_new(conn, "flood", on_quota=10) == 52      # the flood's own: behind it all
+
+
+async def test_a_request_queued_twice_keeps_its_place(settings, pool):
+    queue = FairQueue()
+    first = _reserved("a", 3)
+    await _enqueue(pool, queue, first)
+    await _enqueue(pool, queue, _reserved("b", 3))
+    await _enqueue(pool, queue, first[:1])                # a redelivery of a record already queued
+    assert await pool.fetchval("SELECT count(*) FROM schedule") == 6
+    async with pool.acquire() as conn:
+        assert await queue.ahead_of(conn, first[0].payload.request_id) == 0
+
+
+async def test_a_taken_row_is_skipped_by_others_and_free_again_when_its_taker_dies(settings, pool):
+    queue = FairQueue()
+    batch = _reserved("a", 2)
+    await _enqueue(pool, queue, batch)
+    holder = await database.connect(settings)
+    await holder.execute(f'SET search_path TO "{settings.schema("stamping")}"')
+    tx = holder.transaction()
+    await tx.start()
+    held = await holder.fetchrow("SELECT request_id FROM schedule ORDER BY start_tag, seq LIMIT 1 "
+                                 "FOR UPDATE SKIP LOCKED")
+    assert held["request_id"] == batch[0].payload.request_id
+    taken: list[str] = []
+
+    async def stamp(event) -> None:
+        taken.append(event.payload.request_id)
+
+    takers = Takers(settings, pool, stamp, count=1)
+    assert await takers.take_one()
+    assert not await takers.take_one()                     # the held one is someone else's
+    assert taken == [batch[1].payload.request_id]
+    # the holder's process is killed: its backend goes, and so does its lock
+    await pool.execute("SELECT pg_terminate_backend($1)", holder.get_server_pid())
+    with contextlib.suppress(Exception):
+        await holder.close(timeout=2)
+    for _ in range(50):
+        if await takers.take_one():
+            break
+        await asyncio.sleep(0.05)
+    assert taken == [batch[1].payload.request_id, batch[0].payload.request_id]
+    assert await pool.fetchval("SELECT count(*) FROM schedule") == 0
+
+
+async def test_a_stamp_that_fails_leaves_its_request_queued(settings, pool):
+    queue = FairQueue()
+    (one,) = _reserved("a", 1)
+    await _enqueue(pool, queue, [one])
+
+    async def broken(event) -> None:
+        raise ConnectionError("document store away")
+
+    with pytest.raises(ConnectionError):
+        await Takers(settings, pool, broken, count=1).take_one()
+    assert await pool.fetchval("SELECT request_id FROM schedule") == one.payload.request_id
+
+
+def test_a_weight_of_zero_is_refused():
+    with pytest.raises(ValueError, match="above 0"):
+        FairQueue({"x": 0})
