@@ -13,7 +13,7 @@ PROTOS := $(wildcard proto/bubuh/v1/*.proto)
 GEN    := services/contracts/bubuh/v1/.generated
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: help setup system-packages proto contract contract-baseline imports up ops rules down run status test test-fast bench surge surge-members surge-tiers surge-tier-members capacity lint docs clean distclean
+.PHONY: help setup system-packages proto contract contract-baseline imports up ops rules down run status test test-fast bench surge surge-members surge-fairness surge-tiers surge-tier-members capacity lint docs clean distclean
 
 help: ## list the verbs
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -121,6 +121,9 @@ surge: up ## the deadline-day surge at PAdES B-B and B-LT (platform restarted pe
 
 surge-members: up ## the same surge at B-LT with one and with two stamping workers (3 rounds): two within 10% of one, each 40-60% of the stamps, no lock wait over 50 ms? Figures in loadtests/results/surge-members.json and README.md
 	$(PY) -m loadtests.surge --levels b-lt --members 1,2 --rounds 3 --out loadtests/results/surge-members.json --readme README.md
+
+surge-fairness: up ## one channel flooding (320 stamps, 80%) beside two small ones (40 each), against a small one alone, 3 rounds on the running platform: each small channel's p99 within 2x of its p99 alone? loadtests/results/surge-fairness.json and README.md
+	$(PY) -m loadtests.surge --fairness --rounds 3 --stamps 40 --flood 320 --concurrency 8 --out loadtests/results/surge-fairness.json --readme README.md
 
 surge-tiers: up ## the surge at B-LT with a process per tier (BUBUH_LOCAL_LAYOUT=tiers, 3 rounds): each tier's CPU ms per stamp, in loadtests/results/surge-tiers.json for docs/capacity.md
 	BUBUH_LOCAL_LAYOUT=tiers $(PY) -m loadtests.surge --levels b-lt --members 1 --rounds 3 --out loadtests/results/surge-tiers.json

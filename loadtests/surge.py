@@ -60,6 +60,9 @@ README_MEMBERS_BEGIN = "<!-- surge:members:begin (make surge-members writes this
 README_MEMBERS_END = "<!-- surge:members:end -->"
 README_TIERS_BEGIN = "<!-- surge:tier-members:begin (make surge-tier-members writes this table) -->"
 README_TIERS_END = "<!-- surge:tier-members:end -->"
+README_FAIR_BEGIN = "<!-- surge:fairness:begin (make surge-fairness writes this table) -->"
+README_FAIR_END = "<!-- surge:fairness:end -->"
+FAIR_FACTOR = 2.0   # issue 12: a small channel's p99 under a flood within 2x of its p99 alone
 
 
 @dataclass
@@ -697,6 +700,51 @@ def markdown(result: dict) -> str:
     return "\n".join(rows)
 
 
+async def compare_fairness(args, env: dict) -> dict:
+    """Issue 12's fairness check as a benchmark: per round, one small channel alone, then one channel
+    flooding (``--flood`` stamps, 80% of them by default) beside two small ones, on the running platform;
+    each small channel's p99 from 202 to completed against the alone p99 of the same round."""
+    flood, small = (args.flood, args.concurrency * 4), (args.stamps, 2)
+    rounds = []
+    for i in range(args.rounds):
+        alone = await run(args.base_url, 0, 0, 0, env, sizes=[small])
+        mixed = await run(args.base_url, 0, 0, 0, env, sizes=[flood, small, small])
+        alone_p99 = alone["per_channel"][0]["p99_s"]
+        ratios = [round(c["p99_s"] / alone_p99, 2) if c["p99_s"] and alone_p99 else None
+                  for c in mixed["per_channel"][1:]]
+        rounds.append({"alone": alone["per_channel"][0], "mixed": mixed["per_channel"], "ratios": ratios,
+                       "stamps_per_s_end_to_end": mixed["stamps_per_s_end_to_end"], "outcomes": mixed["outcomes"],
+                       "routes": mixed["routes"]})
+        beside = [c["p99_s"] for c in mixed["per_channel"][1:]]
+        log(f"round {i + 1}: small alone p99 {alone_p99} s; beside the flood {beside} s (x{ratios}); "
+            f"flood p99 {mixed['per_channel'][0]['p99_s']} s")
+    worst = sorted(max(r for r in rd["ratios"] if r is not None) for rd in rounds)
+    return {"compares": "fairness", "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "flood": {"stamps": flood[0], "in_flight": flood[1]}, "small": {"stamps": small[0], "in_flight": small[1],
+                                                                            "channels": 2},
+            "flood_share": round(flood[0] / (flood[0] + 2 * small[0]), 2), "rounds": rounds,
+            "median_worst_ratio": worst[len(worst) // 2], "target": FAIR_FACTOR,
+            "meets_target": worst[len(worst) // 2] <= FAIR_FACTOR}
+
+
+def fairness_markdown(result: dict) -> str:
+    rows = ["| round | small channel alone: p99 s | small channels beside the flood: p99 s (x alone) "
+            "| flood: p50 / p99 s | stamps/s |", "|---|---:|---|---:|---:|"]
+    for i, rd in enumerate(result["rounds"], 1):
+        beside = ", ".join(f"{c['p99_s']} (x{r})" for c, r in zip(rd["mixed"][1:], rd["ratios"], strict=True))
+        fl = rd["mixed"][0]
+        rows.append(f"| {i} | {rd['alone']['p99_s']} | {beside} | {fl['p50_s']} / {fl['p99_s']} "
+                    f"| {rd['stamps_per_s_end_to_end']} |")
+    f, sm = result["flood"], result["small"]
+    rows.append("")
+    rows.append(f"- One channel sends {f['stamps']} stamps ({f['in_flight']} in flight), {result['flood_share']:.0%} "
+                f"of the run, beside {sm['channels']} channels of {sm['stamps']} ({sm['in_flight']} in flight); the "
+                f"small channel alone first, in the same round. Worst small channel per round, median: "
+                f"**x{result['median_worst_ratio']}** of its p99 alone; target <= x{result['target']}: "
+                f"{'met' if result['meets_target'] else 'not met'}.")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", default=f"http://127.0.0.1:{os.environ.get('BUBUH_HTTP_PORT', '8080')}")
@@ -716,7 +764,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tier-members", default="", help="with one --levels level: compare members of every tier, "
                                                       "e.g. 1,2 (BUBUH_LOCAL_LAYOUT=tiers, BUBUH_LOCAL_TIER_MEMBERS: "
                                                       "the API's share one port); each 40-60%% of its tier's work")
+    p.add_argument("--fairness", action="store_true",
+                   help="one channel flooding (--flood stamps, 4 x --concurrency in flight) beside two of --stamps "
+                        "(2 in flight), against one of those alone, --rounds times, on the running platform")
+    p.add_argument("--flood", type=int, default=320, help="with --fairness: the flooding channel's stamps")
     args = p.parse_args(argv)
+    if args.fairness:
+        result = asyncio.run(compare_fairness(args, dict(os.environ)))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        table = fairness_markdown(result)
+        print(table)
+        if args.readme:
+            update_readme(args.readme, table, result["generated_at"], begin=README_FAIR_BEGIN, end=README_FAIR_END,
+                          source=str(args.out))
+        return 0 if result["meets_target"] else 1
     if args.levels or args.render_only:
         if args.render_only:
             result = json.loads(args.out.read_text())
