@@ -68,8 +68,8 @@ ON CONFLICT (request_id) DO NOTHING
 """
 _CLAIM = "SELECT * FROM schedule ORDER BY start_tag, seq LIMIT 1 FOR UPDATE SKIP LOCKED"
 _AHEAD_OF = """
-SELECT count(*) FROM schedule s, (SELECT start_tag, seq FROM schedule WHERE request_id = $1) me
- WHERE (s.start_tag, s.seq) < (me.start_tag, me.seq)
+SELECT (SELECT count(*) FROM schedule s WHERE (s.start_tag, s.seq) < (me.start_tag, me.seq))
+  FROM schedule me WHERE me.request_id = $1
 """
 # where channel $1's next request would go: its start tag after the ones still on quota ($3 of them)
 _AHEAD_OF_NEW = """
@@ -117,8 +117,6 @@ class FairQueue:
     @staticmethod
     async def ahead_of(conn, request_id: str) -> int | None:
         """Queued requests that go before ``request_id``; None when it is not queued here."""
-        if await conn.fetchval("SELECT 1 FROM schedule WHERE request_id = $1", request_id) is None:
-            return None
         return await conn.fetchval(_AHEAD_OF, request_id)
 
     async def ahead_of_new(self, conn, channel_id: str, on_quota: int = 0) -> int:
