@@ -26,9 +26,14 @@ tag (``ahead_of``), and a new request's is where its channel's next tag would go
 so a small channel's 202 says "next" while the flood's says "behind my own backlog".
 
 Failure policy of a taker: the stamp itself is the worker's (``worker.py``: transient failures go to
-``stamp.retry``, which enqueues again when due; permanent ones fail the request). Anything else (the
-database away, the store away) rolls the claim back, so the row stays queued, and the taker pauses
-with growing backoff; the request is taken again, and the worker's status guards make that safe.
+``stamp.retry``, which enqueues again when due; permanent ones fail the request). An outage (the
+database or the store away: ``failures.classify``) rolls the claim back, so the row stays queued, and
+the taker pauses with growing backoff; the request is taken again, and the worker's status guards
+make that safe. Any other exception is a crash: the row goes to the back of the queue with its crash
+counted, and after ``BUBUH_CONSUMER_CRASH_RETRIES`` crashes it is dead-lettered (``HANDLER_CRASHED``
+on ``stamp.dead-letter``, through the outbox in the same transaction; the request ``dead_lettered``,
+its unit still reserved, as for a stamp that ran out of attempts), so a poisoned request never holds
+the head of the queue.
 """
 
 from __future__ import annotations
@@ -42,9 +47,11 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 import asyncpg
 
 from services.contracts.bubuh.v1 import quota_pb2
-from services.kernel import database, events, logs
-from services.kernel.events import Event
+from services.kernel import database, errors, events, failures, logs, outbox, topics
+from services.kernel.events import Event, Outgoing
 from services.kernel.listener import Listener
+from services.kernel.metrics import DEAD_LETTERED
+from services.kernel.processing.deadletter import dead_letter_headers
 from services.kernel.processing.handler import Rejection
 from services.kernel.settings import Settings
 from services.kernel.waiting import Pause, sleep_or_stop, wait_any
@@ -156,11 +163,13 @@ class Takers:
     on a connection of their own (``claims``: one per taker, apart from the pool the worker uses)."""
 
     def __init__(self, settings: Settings, claims: asyncpg.Pool, stamp: Callable[[Event], Awaitable[None]],
-                 count: int) -> None:
+                 count: int, *, consumer: str = "stamping.worker", dead_letter_topic: str | None = None) -> None:
         self._settings = settings
         self._claims = claims
         self._stamp = stamp
         self._count = count
+        self._consumer = consumer
+        self._dlq = dead_letter_topic or settings.topic(topics.STAMP_DLQ.name)
         self._listener = Listener(settings, f"{settings.schema('stamping')}_schedule")
         self.taken = 0
 
@@ -195,10 +204,40 @@ class Takers:
             if row is None:
                 return False
             started = time.monotonic()
-            await self._stamp(queued_event(row))
+            event = queued_event(row)
+            try:
+                await self._stamp(event)
+            except Exception as exc:
+                if failures.classify(exc).waits:
+                    raise                      # an outage: rolled back, still queued where it was
+                await self._crashed(conn, row, event, exc)
+                return True
             await conn.execute("DELETE FROM schedule WHERE request_id = $1", row["request_id"])
         self.taken += 1
         log.debug("stamp taken from the fair queue", request_id=row["request_id"], channel_id=row["channel_id"],
                   start_tag=row["start_tag"], took_s=round(time.monotonic() - started, 3))
         return True
+
+    async def _crashed(self, conn: asyncpg.Connection, row: asyncpg.Record, event: Event, exc: Exception) -> None:
+        """A crash (not an outage): to the back of the queue, or dead-lettered after the crash retries."""
+        rid, crashes = row["request_id"], row["crashes"] + 1
+        detail = f"{type(exc).__name__}: {exc}"
+        if crashes <= self._settings.consumer_crash_retries:
+            await conn.execute("UPDATE schedule SET crashes = $2, "
+                               "start_tag = (SELECT max(start_tag) FROM schedule) + 1 WHERE request_id = $1",
+                               rid, crashes)
+            log.warning("stamp crashed its taker; queued again at the back", request_id=rid, crashes=crashes,
+                        error=detail[:500])
+            return
+        headers = dead_letter_headers(list(event.headers.items()), code=errors.HANDLER_CRASHED.code, detail=detail,
+                                      source=f"{row['topic']}/{row['partition']}/{row['offset']}",
+                                      consumer=self._consumer)
+        await outbox.add(conn, [Outgoing(self._dlq, row["record_key"], event.raw, headers, event.event_id)])
+        await conn.execute("DELETE FROM schedule WHERE request_id = $1", rid)
+        await conn.execute("UPDATE requests SET status = 'dead_lettered', code = $2, detail = $3 "
+                           "WHERE request_id = $1 AND status NOT IN ('signed', 'completed', 'failed')",
+                           rid, errors.HANDLER_CRASHED.code, detail[:2000])
+        DEAD_LETTERED.labels(self._consumer, errors.HANDLER_CRASHED.code).inc()
+        log.error("stamp crashed its taker; dead-lettered, its unit stays reserved until replay or expiry",
+                  request_id=rid, crashes=crashes, error=detail[:500])
 

@@ -131,7 +131,8 @@ async def workers(rt: Runtime) -> list[Task]:
                               handler=Enqueue(pool, fair), pool=pool,
                               dead_letter_topic=s.topic(topics.STAMP_DLQ.name))
     claims = await database.create_pool(s, NAME, min_size=0, max_size=s.stamping_concurrency)
-    takers = Takers(s, claims, worker.handle, s.stamping_concurrency)
+    takers = Takers(s, claims, worker.handle, s.stamping_concurrency, consumer=WORKER,
+                    dead_letter_topic=s.topic(topics.STAMP_DLQ.name))
     track_loop = ConsumerLoop(s, rt.producer, name=TRACKER, topics=[s.topic(topics.QUOTA_EVENTS.name)],
                               handler=PerRecord(tracker.handle), pool=pool,
                               dead_letter_topic=s.topic(topics.STAMP_DLQ.name))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 
 import pytest
@@ -149,3 +150,34 @@ async def test_a_stamp_that_fails_leaves_its_request_queued(settings, pool):
 def test_a_weight_of_zero_is_refused():
     with pytest.raises(ValueError, match="above 0"):
         FairQueue({"x": 0})
+
+
+async def test_a_request_that_crashes_its_taker_goes_to_the_back_then_to_the_dead_letter_topic(settings, pool):
+    """A crash (not an outage) must not hold the head of the queue: the request is queued again behind the
+    others, and after the crash retries it is dead-lettered with HANDLER_CRASHED, its unit kept reserved."""
+    queue = FairQueue()
+    poison, *others = _reserved("a", 3)
+    await _enqueue(pool, queue, [poison, *others])
+    await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status) VALUES ($1, 'a', 'acct', "
+                       "'stamping')", poison.payload.request_id)
+    taken: list[str] = []
+
+    async def stamp(event) -> None:
+        taken.append(event.payload.request_id)
+        if event.payload.request_id == poison.payload.request_id:
+            raise KeyError("a bug this document finds")
+
+    takers = Takers(settings, pool, stamp, count=1, dead_letter_topic="stamp.dead-letter")
+    while await takers.take_one():
+        pass
+    rid = poison.payload.request_id
+    # first the poison, then the two others (it went to the back), then the poison's retries
+    assert taken[:3] == [rid, others[0].payload.request_id, others[1].payload.request_id]
+    assert taken[3:] == [rid] * settings.consumer_crash_retries
+    assert await pool.fetchval("SELECT count(*) FROM schedule") == 0
+    (dlq,) = await pool.fetch("SELECT topic, value, headers FROM outbox WHERE topic = 'stamp.dead-letter'")
+    assert dlq["value"] == poison.raw
+    headers = dict(json.loads(dlq["headers"]))
+    assert headers["bubuh-dlq-reason"] == "HANDLER_CRASHED" and "KeyError" in headers["bubuh-dlq-detail"]
+    assert headers["bubuh-dlq-consumer"] == "stamping.worker"
+    assert await pool.fetchval("SELECT status FROM requests WHERE request_id = $1", rid) == "dead_lettered"
