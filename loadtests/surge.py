@@ -99,8 +99,8 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
     sizes = sizes or [(stamps_per_channel, concurrency)] * channels
     channels = len(sizes)
     creds = [await _channel(env, f"surge-{i}-{secrets.token_hex(2)}") for i in range(channels)]
-    for c, (n, _) in zip(creds, sizes, strict=True):
-        c["stamps"] = n
+    for i, (c, (n, _)) in enumerate(zip(creds, sizes, strict=True)):
+        c["stamps"], c["index"] = n, i
     letter = corpus.a4_text(7)
     accepted: list[tuple[dict, str, dict]] = []
     positions: list[tuple[float, int, float]] = []
@@ -196,8 +196,7 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
         key = r["status"] if r["status"] == "completed" else f"failed:{r.get('code')}"
         outcomes[key] = outcomes.get(key, 0) + 1
     max_pos = max((p for _, p, _ in positions), default=None)
-    index_of = {id(c): i for i, c in enumerate(creds)}
-    channel_of = {rid: index_of[id(c)] for c, rid, _ in accepted}
+    channel_of = {rid: c["index"] for c, rid, _ in accepted}
     return {
         "per_channel": completion_times(sizes, channel_of, results),
         "eta": eta_accuracy({rid: body.get("eta_seconds") for _, rid, body in accepted}, results),

@@ -47,7 +47,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 import asyncpg
 
 from services.contracts.bubuh.v1 import quota_pb2
-from services.kernel import database, errors, events, failures, logs, outbox, topics
+from services.kernel import database, errors, events, failures, logs, outbox
 from services.kernel.events import Event, Outgoing
 from services.kernel.listener import Listener
 from services.kernel.metrics import DEAD_LETTERED
@@ -163,15 +163,14 @@ class Takers:
     on a connection of their own (``claims``: one per taker, apart from the pool the worker uses)."""
 
     def __init__(self, settings: Settings, claims: asyncpg.Pool, stamp: Callable[[Event], Awaitable[None]],
-                 count: int, *, consumer: str = "stamping.worker", dead_letter_topic: str | None = None) -> None:
+                 count: int, *, consumer: str, dead_letter_topic: str) -> None:
         self._settings = settings
         self._claims = claims
         self._stamp = stamp
         self._count = count
         self._consumer = consumer
-        self._dlq = dead_letter_topic or settings.topic(topics.STAMP_DLQ.name)
+        self._dlq = dead_letter_topic
         self._listener = Listener(settings, f"{settings.schema('stamping')}_schedule")
-        self.taken = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         listening = asyncio.create_task(self._listener.run(stop), name="schedule-listener")
@@ -213,7 +212,6 @@ class Takers:
                 await self._crashed(conn, row, event, exc)
                 return True
             await conn.execute("DELETE FROM schedule WHERE request_id = $1", row["request_id"])
-        self.taken += 1
         log.debug("stamp taken from the fair queue", request_id=row["request_id"], channel_id=row["channel_id"],
                   start_tag=row["start_tag"], took_s=round(time.monotonic() - started, 3))
         return True

@@ -116,14 +116,21 @@ class QueueView:
             raise
 
     async def _position(self, request_id: str, channel_id: str, status: str, accepted_at: dt.datetime) -> int:
-        fair = self._fair
         async with self._pool.acquire() as conn:
             if status == "reserved":
-                ahead = await fair.ahead_of(conn, request_id)
+                ahead = await self._fair.ahead_of(conn, request_id)
                 if ahead is not None:
                     return ahead
-            on_quota = await conn.fetchval(_ON_QUOTA_BEFORE, channel_id, accepted_at)
-            return await fair.ahead_of_new(conn, channel_id, on_quota) + on_quota
+            return await self._behind_channel(conn, channel_id,
+                                              await conn.fetchval(_ON_QUOTA_BEFORE, channel_id, accepted_at))
+
+    async def _behind_channel(self, conn, channel_id: str, on_quota: int) -> int:
+        """Where the channel's next request goes: behind its ``on_quota`` requests still on quota."""
+        return await self._fair.ahead_of_new(conn, channel_id, on_quota) + on_quota
+
+    async def _new_position(self, channel_id: str) -> int:
+        async with self._pool.acquire() as conn:
+            return await self._behind_channel(conn, channel_id, await conn.fetchval(_ON_QUOTA, channel_id))
 
     async def position_for_new(self, channel_id: str) -> int | None:
         """The position of a request of ``channel_id`` accepted now (at its 202)."""
@@ -133,10 +140,7 @@ class QueueView:
             self._new[channel_id] = (cached[0], cached[1], cached[2] + 1)
             return cached[1] + cached[2] + 1
         try:
-            async with self._pool.acquire() as conn:
-                on_quota = await asyncio.wait_for(conn.fetchval(_ON_QUOTA, channel_id), 0.5)
-                fair = self._fair
-                position = await asyncio.wait_for(fair.ahead_of_new(conn, channel_id, on_quota), 0.5) + on_quota
+            position = await asyncio.wait_for(self._new_position(channel_id), 0.5)
         except Exception as exc:  # noqa: BLE001
             if failures.classify(exc).waits:
                 return None

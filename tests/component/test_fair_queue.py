@@ -16,6 +16,8 @@ from services.kernel import database
 from services.stamping.fair_queue import Enqueue, FairQueue, Takers
 from tests.component import handler_support as hs
 
+WHERE = {"consumer": "stamping.worker", "dead_letter_topic": "stamp.dead-letter"}   # as service.py names them
+
 
 @pytest.fixture
 async def pool(settings):
@@ -40,7 +42,7 @@ async def _take_all(settings, pool, limit: int | None = None) -> list[str]:
     async def stamp(event) -> None:
         order.append(event.payload.channel_id)
 
-    takers = Takers(settings, pool, stamp, count=1)
+    takers = Takers(settings, pool, stamp, count=1, **WHERE)
     while (limit is None or len(order) < limit) and await takers.take_one():
         pass
     return order
@@ -118,7 +120,7 @@ async def test_a_taken_row_is_skipped_by_others_and_free_again_when_its_taker_di
     async def stamp(event) -> None:
         taken.append(event.payload.request_id)
 
-    takers = Takers(settings, pool, stamp, count=1)
+    takers = Takers(settings, pool, stamp, count=1, **WHERE)
     assert await takers.take_one()
     assert not await takers.take_one()                     # the held one is someone else's
     assert taken == [batch[1].payload.request_id]
@@ -143,7 +145,7 @@ async def test_a_stamp_that_fails_leaves_its_request_queued(settings, pool):
         raise ConnectionError("document store away")
 
     with pytest.raises(ConnectionError):
-        await Takers(settings, pool, broken, count=1).take_one()
+        await Takers(settings, pool, broken, count=1, **WHERE).take_one()
     assert await pool.fetchval("SELECT request_id FROM schedule") == one.payload.request_id
 
 
@@ -167,7 +169,7 @@ async def test_a_request_that_crashes_its_taker_goes_to_the_back_then_to_the_dea
         if event.payload.request_id == poison.payload.request_id:
             raise KeyError("a bug this document finds")
 
-    takers = Takers(settings, pool, stamp, count=1, dead_letter_topic="stamp.dead-letter")
+    takers = Takers(settings, pool, stamp, count=1, **WHERE)
     while await takers.take_one():
         pass
     rid = poison.payload.request_id

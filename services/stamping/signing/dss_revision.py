@@ -49,9 +49,7 @@ class DssRevision:
                 if der in seen:
                     continue
                 seen.add(der)
-                buf = io.BytesIO()
-                generic.StreamObject(stream_data=der).write_to_stream(buf, None)
-                bodies.append(buf.getvalue())
+                bodies.append(_serialised(generic.StreamObject(stream_data=der)))
             if bodies or key == "/Certs":
                 self._kinds.append((key, bodies))
 
@@ -86,12 +84,12 @@ class DssRevision:
         next_id += 1
         put(dss_id, 0, _serialised(dss))
 
-        root_ref = writer.trailer_view.raw_get("/Root")
+        trailer_entries = writer.trailer_view
+        root_ref = trailer_entries.raw_get("/Root")
         root = generic.DictionaryObject(writer.root)
         root[pdf_name("/DSS")] = generic.IndirectObject(dss_id, 0, writer)
         put(root_ref.idnum, root_ref.generation, _serialised(root))
 
-        trailer_entries = writer.trailer_view
         trailer_entries[pdf_name("/Prev")] = generic.NumberObject(prev_xref)
         if writer.stream_xrefs:
             xref_id = next_id

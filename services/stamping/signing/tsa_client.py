@@ -44,7 +44,6 @@ class TsaClient(TimeStamper):
         self._path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
         self._headers = set_tsp_headers({"Connection": "keep-alive"})
         self._conn: http.client.HTTPConnection | None = None
-        self._reused = False
         self.connections = 0  # opened so far (tests read it: keep-alive holds)
 
     # -- what the engine calls --------------------------------------------------------------
@@ -62,10 +61,11 @@ class TsaClient(TimeStamper):
 
     def request_tsa_response(self, req: tsp.TimeStampReq) -> tsp.TimeStampResp:
         body = req.dump()
+        reused = self._conn is not None
         try:
             raw = self._post(body)
         except (OSError, http.client.HTTPException) as exc:
-            if not (self._reused and isinstance(exc, (ConnectionError, http.client.BadStatusLine))):
+            if not (reused and isinstance(exc, (ConnectionError, http.client.BadStatusLine))):
                 raise self._failed(exc) from exc
             raw = self._post_fresh(body)  # the server closed our idle connection: once more, on a new one
         try:
@@ -93,7 +93,6 @@ class TsaClient(TimeStamper):
             raise self._failed(exc) from exc
 
     def _post(self, body: bytes) -> bytes:
-        self._reused = self._conn is not None
         if self._conn is None:
             self._conn = self._connect()
         conn = self._conn
