@@ -120,13 +120,18 @@ async def ensure(settings: Settings, topics: tuple[Topic, ...] = ALL, *, as_admi
 
 
 async def create_and_wait(settings: Settings, wanted: list[NewTopic], timeout_s: float = 30.0) -> None:
-    """Create the topics of ``wanted`` that do not exist yet, and return once the broker describes
-    every one with its partitions (for a client that checks partition counts at its first record)."""
+    """Create the topics of ``wanted`` that do not exist yet, give the ones that do exist the configs
+    ``wanted`` asks for (a topic created by an older release keeps working under the new settings), and
+    return once the broker describes every one with its partitions (for a client that checks partition
+    counts at its first record)."""
     admin = build_admin(settings, client_id="bubuh-topics")
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         missing = [t for t in wanted if t.name not in existing]
+        for t in wanted:
+            if t.name in existing and t.topic_configs:
+                await _keep_configs(admin, t.name, dict(t.topic_configs))
         if missing:
             try:
                 await admin.create_topics(missing)
@@ -144,6 +149,31 @@ async def create_and_wait(settings: Settings, wanted: list[NewTopic], timeout_s:
             await asyncio.sleep(0.2)
     finally:
         await admin.close()
+
+
+async def _keep_configs(admin: AIOKafkaAdminClient, name: str, wanted: dict[str, str]) -> None:
+    """Set ``wanted`` on an existing topic unless it already holds those values.
+
+    AlterConfigs replaces a topic's whole set of dynamic configs, so ``wanted`` must be all of them
+    (it is: the topic's owner declares its full set).
+    """
+    described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name, None)])
+    current: dict[str, str] = {}
+    for response in described:
+        for resource in response.resources:
+            if resource[0]:
+                error = for_code(resource[0])
+                raise error(f"cannot read the config of topic {name}: {error.__name__}")
+            current.update({entry[0]: entry[1] for entry in resource[4]})
+    if all(current.get(key) == str(value) for key, value in wanted.items()):
+        return
+    altered = await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name,
+                                                        {k: str(v) for k, v in wanted.items()})])
+    for response in altered if isinstance(altered, list) else [altered]:
+        for resource in response.resources:
+            if resource[0]:
+                error = for_code(resource[0])
+                raise error(f"cannot set {sorted(wanted)} on topic {name}: {error.__name__}")
 
 
 async def _keep_append_time(admin: AIOKafkaAdminClient, name: str) -> None:

@@ -18,7 +18,11 @@ hash uniformly, so a process that holds ``k`` of ``P`` partitions scales its loc
 Nothing on the money path reads these numbers: they shape queue estimates only (see
 docs/architecture). Faust's own topics (changelog, assignor) are named ``<prefix>bubuh-throughput-*``
 and the consumer group is ``<prefix>bubuh-throughput``; the store is in memory (no RocksDB), and a
-restart recovers the windows from the changelog, which is itself trimmed by ``expires``.
+restart recovers the windows from the changelog. The broker trims only closed segments (compaction for
+the progress tables, ``expires`` for the windows), so the changelogs roll a segment every minute or MiB
+(``CHANGELOG_SEGMENTS``): with the broker's default segment of a week or 64 MiB nothing was ever trimmed,
+and each restart replayed every count since the topic was made (a minute of a core after some 300,000
+stamps, on the API process while it served a surge).
 
 Run it inside the platform's asyncio process: ``Throughput(settings).run(stop)`` is a runtime task.
 """
@@ -44,6 +48,8 @@ TIER = "stamping"
 BUCKET_S = 1.0          # tumbling window size: one bucket per second
 _TERMINAL = (events.type_name(stamp_pb2.StampCompleted), events.type_name(stamp_pb2.StampFailed))
 _REQUESTED = events.type_name(stamp_pb2.StampRequested)
+# the changelogs' segments: a restart replays about one segment beside what compaction and retention keep
+CHANGELOG_SEGMENTS = {"segment.ms": str(60_000), "segment.bytes": str(1 << 20)}
 
 
 @dataclass(frozen=True)
@@ -106,17 +112,11 @@ class Throughput:
             loghandlers=[],
         )
         expires = timedelta(seconds=self.window_s + 10 * BUCKET_S)
-        self.completed = self.app.Table(
-            "completed-per-s", default=int, partitions=self._partitions(topics.STAMP_EVENTS),
-        ).tumbling(BUCKET_S, expires=expires)
-        self.accepted = self.app.Table(
-            "accepted-per-s", default=int, partitions=self._partitions(topics.STAMP_REQUESTED),
-        ).tumbling(BUCKET_S, expires=expires)
+        self.completed = self._table("completed-per-s", topics.STAMP_EVENTS).tumbling(BUCKET_S, expires=expires)
+        self.accepted = self._table("accepted-per-s", topics.STAMP_REQUESTED).tumbling(BUCKET_S, expires=expires)
         # the next source offset per partition whose count is in the tables (see _fresh)
-        self.progress_events = self.app.Table(
-            "progress-events", default=int, partitions=self._partitions(topics.STAMP_EVENTS))
-        self.progress_requested = self.app.Table(
-            "progress-requested", default=int, partitions=self._partitions(topics.STAMP_REQUESTED))
+        self.progress_events = self._table("progress-events", topics.STAMP_EVENTS)
+        self.progress_requested = self._table("progress-requested", topics.STAMP_REQUESTED)
         self._events_topic = self.app.topic(settings.topic(topics.STAMP_EVENTS.name),
                                             value_serializer="raw", key_serializer="raw")
         self._requested_topic = self.app.topic(settings.topic(topics.STAMP_REQUESTED.name),
@@ -125,6 +125,11 @@ class Throughput:
         self.app.agent(self._events_topic, name="count-terminal")(self._count_terminal)
         self.app.agent(self._requested_topic, name="count-accepted")(self._count_accepted)
         self._started = False
+
+    def _table(self, name: str, source: topics.Topic):
+        """A count per key, its changelog partitioned like ``source`` (see Partitioning above)."""
+        return self.app.Table(name, default=int, partitions=self._partitions(source),
+                              extra_topic_configs=CHANGELOG_SEGMENTS)
 
     def _partitions(self, topic: topics.Topic) -> int:
         return topic.partitions or self._settings.default_partitions

@@ -154,3 +154,44 @@ async def test_rebalance_keeps_counts(settings):
         assert await _until(lambda: a.rates().coverage == 1.0 and a.rates().completed == n, 60), \
             (a.rates(), sorted((k[0], v) for k, v in a.completed.table.data.items()))
         print(f"b left, a whole again in {time.monotonic() - t_leave:.2f} s; test {time.monotonic() - t0:.1f} s")
+
+
+def _configs(described) -> dict[str, dict[str, str]]:
+    return {res[3]: {e[0]: e[1] for e in res[4]} for response in described for res in response.resources}
+
+
+async def test_changelogs_roll_so_the_broker_can_trim_them(settings):
+    """A restart replays the changelogs; the broker trims only closed segments. Each changelog rolls a
+    segment every minute or MiB, and one made by an older release (broker defaults: a week, 64 MiB)
+    is given those settings at start-up, its other settings (compaction, the window's retention) kept."""
+    from aiokafka.admin import NewTopic
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    from services.kernel.kafka_clients import build_admin
+    from services.stamping.throughput import CHANGELOG_SEGMENTS
+
+    await topics.ensure(settings)
+    old = Throughput(settings, window_s=WINDOW_S)
+    made_before = old.progress_events.changelog_topic.get_topic_name()
+    admin = build_admin(settings)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(made_before, settings.default_partitions, settings.replication_factor,
+                                            topic_configs={"cleanup.policy": "compact"})])
+        before = _configs(await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, made_before)]))
+        assert before[made_before]["segment.ms"] == str(7 * 24 * 3600 * 1000)      # the broker's default
+        async with Running(settings) as tp:
+            names = sorted(t.changelog_topic.get_topic_name() for t in tp.app.tables.values())
+            assert made_before in names and len(names) == 4
+            got = _configs(await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names]))
+    finally:
+        await admin.close()
+    for name in names:
+        for key, value in CHANGELOG_SEGMENTS.items():
+            assert got[name][key] == value, (name, key, got[name][key])
+    assert got[made_before]["cleanup.policy"] == "compact"
+    windowed = [n for n in names if "per-s" in n]
+    assert len(windowed) == 2
+    for name in windowed:
+        assert got[name]["cleanup.policy"] == "compact,delete"
+        assert int(got[name]["retention.ms"]) == int((WINDOW_S + 10) * 1000)
