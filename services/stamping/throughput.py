@@ -38,10 +38,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import faust
+from aiokafka.errors import KafkaError
 
 from services.contracts.bubuh.v1 import stamp_pb2
-from services.kernel import errors, events, kafka_auth, readiness, topics
+from services.kernel import errors, events, kafka_auth, logs, readiness, topics
+from services.kernel.kafka_clients import build_admin, build_consumer
 from services.kernel.settings import Settings
+
+log = logs.get(__name__)
 
 APP_NAME = "bubuh-throughput"
 TIER = "stamping"
@@ -122,6 +126,8 @@ class Throughput:
         self._requested_topic = self.app.topic(settings.topic(topics.STAMP_REQUESTED.name),
                                                value_serializer="raw", key_serializer="raw")
         self.malformed = 0
+        self.read = 0          # source records the agents were handed (counted or not)
+        self.skipped = 0       # source records passed over at start-up, too old for any window
         self.app.agent(self._events_topic, name="count-terminal")(self._count_terminal)
         self.app.agent(self._requested_topic, name="count-accepted")(self._count_accepted)
         self._started = False
@@ -166,6 +172,7 @@ class Throughput:
     async def _decoded(self, stream, progress):
         """The records not yet counted (see ``_fresh``), decoded; a malformed one is counted apart."""
         async for event in stream.events():
+            self.read += 1
             if not self._fresh(progress, event):
                 continue
             try:
@@ -185,8 +192,52 @@ class Throughput:
         await self._declare_changelogs()
         # faust's consumer group is its app id: join once the broker can coordinate it
         await readiness.wait_for_group_coordinator(self._settings, app.conf.id)
+        self.skipped = await self._skip_expired()
         await app.start()
         self._started = True
+
+    async def _skip_expired(self) -> int:
+        """Move the group's committed offsets past records too old for any window (``window_s`` plus
+        the buckets ``expires`` keeps), before faust joins: those records would be read and counted
+        into buckets already expired. Without it a restart re-read everything since the group's last
+        commit, and faust leaves partitions uncommitted for long stretches (the group was 94,000
+        records behind after a day of surges: a minute of a core at start-up, for no count).
+
+        Only while the group has no member: a running member owns its offsets, and the broker
+        refuses a commit from outside the group (the catch-up then costs this member what it did
+        before). Returns how many records were skipped.
+        """
+        from aiokafka import TopicPartition
+
+        s = self._settings
+        since_ms = int((time.time() - self.window_s - 10 * BUCKET_S) * 1000)
+        tps = [TopicPartition(s.topic(t.name), p) for t in (topics.STAMP_EVENTS, topics.STAMP_REQUESTED)
+               for p in range(self._partitions(t))]
+        admin = build_admin(s, client_id=f"{self.app.conf.id}-skip")
+        consumer = build_consumer(s, group_id=self.app.conf.id, client_id=f"{self.app.conf.id}-skip")
+        await admin.start()
+        try:
+            await consumer.start()
+            consumer.assign(tps)          # a commit without joining the group (generation -1)
+            consumer.pause(*tps)          # nothing to fetch: only offsets are looked up and written
+            committed = await admin.list_consumer_group_offsets(self.app.conf.id, partitions=tps)
+            found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
+            ends = await consumer.end_offsets(tps)
+            moves = {}
+            for tp in tps:
+                first_fresh = found[tp].offset if found.get(tp) is not None else ends[tp]
+                at = committed[tp].offset if tp in committed and committed[tp].offset >= 0 else None
+                if at is not None and first_fresh > at:
+                    moves[tp] = first_fresh
+            if moves:
+                await consumer.commit(moves)
+            return sum(offset - committed[tp].offset for tp, offset in moves.items())
+        except KafkaError as exc:        # a member is running, or the broker is busy: faust reads as before
+            log.info("throughput: old records not skipped", reason=type(exc).__name__)
+            return 0
+        finally:
+            await consumer.stop()
+            await admin.close()
 
     async def _declare_changelogs(self, timeout_s: float = 30.0) -> None:
         """faust creates its changelog topics as it starts and compares their partitions with the
