@@ -1,0 +1,305 @@
+"""The front door, open loop (issue 12, point 2): arrivals at a set rate, not a fixed number in flight.
+
+A closed-loop surge (``surge.py``) waits for an answer before it sends the next request, so a slow
+front door slows the load down and hides itself. Here every arrival has its time fixed in advance
+(a Poisson process with a fixed seed) and is sent then, whatever the earlier ones are doing; its
+latency counts from that time, so a client-side backlog counts against the platform, not for it.
+
+One run against the running platform (``make up`` first):
+
+1. **sustainable**: the end-to-end stamps/s of a closed-loop surge played first (or ``--rate``);
+2. **plateau**: arrivals at 80% of it for ``--plateau`` seconds (issue 12: 10 minutes);
+3. **spike**: 3x for ``--spike`` seconds (60), the excess to show as queue (positions in the 202s);
+4. **drain**: until every accepted request has ended.
+
+Each accepted request is then read as a channel that plans by its ETA would read it: again when its
+last answer's ETA says, at least 1 s later. What is checked (issue 12, point 2): in the plateau,
+intake p99 <= 300 ms and status reads p99 <= 100 ms; in the spike, intake p99 <= 1 s, no 5xx and no
+transport error; the queue visible during the spike; every accepted request ended, completed. Latencies are grouped by
+the phase the request was sent in.
+
+    make up && python -m loadtests.open_loop --plateau 600 --spike 60 --readme README.md
+
+The load generator runs on the same two cores as the platform, and each arrival costs it CPU too;
+read the figures as this box's, next to each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import heapq
+import json
+import os
+import random
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtests import corpus  # noqa: E402
+from loadtests.readme import update_readme  # noqa: E402
+from loadtests.surge import _channel, _quantile, eta_accuracy, run  # noqa: E402
+
+PLATEAU_SHARE = 0.8       # issue 12: the plateau at 80% of the sustainable rate
+SPIKE_FACTOR = 3.0        # ... and a spike at 3x
+TARGETS_MS = {"plateau": {"POST /v1/stamps": 300.0, "GET /v1/stamps/{id}": 100.0},
+              "spike": {"POST /v1/stamps": 1000.0}}
+README_BEGIN = "<!-- surge:open-loop:begin (make surge-open writes this table) -->"
+README_END = "<!-- surge:open-loop:end -->"
+ROUTES = ("POST /v1/stamps", "GET /v1/stamps/{id}")
+READERS = 16              # status reads in flight at most
+SENDERS = 256             # stamp requests in flight at most (each on its own connection)
+
+
+@dataclass
+class Latencies:
+    """One route in one phase: seconds from the scheduled time to the answer, statuses, errors."""
+
+    seconds: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        s = sorted(self.seconds)
+        ms = (lambda q: round(_quantile(s, q) * 1000, 1)) if s else (lambda q: None)
+        return {"requests": len(s), "p50_ms": ms(0.5), "p99_ms": ms(0.99), "max_ms": ms(1.0),
+                "statuses": dict(sorted(self.statuses.items())), "errors": len(self.errors),
+                "first_errors": self.errors[:3]}
+
+
+def arrivals(phases: list[tuple[str, float, float]], seed: int) -> list[tuple[float, str]]:
+    """(offset in seconds, phase) of every arrival: a Poisson process per phase at its rate."""
+    rng = random.Random(seed)
+    out, start = [], 0.0
+    for name, rate, seconds in phases:
+        t = start
+        while True:
+            t += rng.expovariate(rate)
+            if t >= start + seconds:
+                break
+            out.append((t, name))
+        start += seconds
+    return out
+
+
+async def play(base_url: str, env: dict, *, rate: float, plateau_s: float, spike_s: float, channels: int,
+               seed: int, progress_every_s: float = 30.0) -> dict:
+    phases = [("plateau", rate * PLATEAU_SHARE, plateau_s), ("spike", rate * SPIKE_FACTOR, spike_s)]
+    schedule = arrivals(phases, seed)
+    lat = {(phase, route): Latencies() for phase in ("plateau", "spike", "drain") for route in ROUTES}
+    creds = [await _channel(env, f"open-{i}-{secrets.token_hex(2)}") for i in range(channels)]
+    need = len(schedule) // channels + 50
+    letter = corpus.a4_text(7)
+    meta = json.dumps({"account_id": "applicants", "page": 1, "llx": 400, "lly": 60, "urx": 540, "ury": 200})
+    accepted: dict[str, dict] = {}          # request id -> {channel, phase, eta, position}
+    spike_positions: list[int] = []
+    due: list[tuple[float, str]] = []       # (monotonic time to read it, request id)
+    results: dict[str, dict] = {}
+    # Requests in flight are bounded here, with a semaphore, and httpx's pool has a connection for each:
+    # requests left waiting inside httpx's pool cost the client time quadratic in their number
+    # (httpcore matches every waiting request against every connection at each step), and the first
+    # spike runs measured that, at 100% of a core in the load generator, not the platform. Senders and
+    # readers use separate clients: a read does not wait behind the spike's uploads.
+    in_flight = asyncio.Semaphore(SENDERS)
+    limits = httpx.Limits(max_connections=SENDERS, max_keepalive_connections=SENDERS)
+    async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client, \
+            httpx.AsyncClient(base_url=base_url, timeout=30,
+                              limits=httpx.Limits(max_connections=READERS)) as reading:
+        for c in creds:                      # the quota first: stamps beyond it would be refused
+            left = need
+            while left:
+                n = min(left, 10_000)
+                body = {"channel_order_id": f"open-{secrets.token_hex(6)}", "account_id": "applicants",
+                        "quantity": n, "amount": n * 10_000, "paid_at": dt.datetime.now(dt.UTC).isoformat()}
+                for _ in range(150):
+                    r = await client.post("/v1/purchases", json=body,
+                                          headers={"Authorization": f"Bearer {c['api_key']}"})
+                    if r.status_code == 202:
+                        break
+                    await asyncio.sleep(0.2)
+                else:
+                    raise SystemExit(f"channel {c['channel_id']}: purchase not accepted ({r.status_code})")
+                left -= n
+        await asyncio.sleep(3)
+
+        t0 = time.monotonic()
+
+        def phase_at(t: float) -> str:
+            return "plateau" if t - t0 < plateau_s else "spike" if t - t0 < plateau_s + spike_s else "drain"
+
+        def again(body: dict) -> float:
+            """When a channel that plans by the ETA reads the request again: when the ETA says, at least 1 s."""
+            return max(1.0, body.get("eta_seconds") or 1.0)
+
+        async def arrive(i: int, offset: float, phase: str) -> None:
+            scheduled = t0 + offset
+            await asyncio.sleep(max(0.0, scheduled - time.monotonic()))
+            c = creds[i % channels]
+            rec = lat[(phase, "POST /v1/stamps")]
+            try:
+                async with in_flight:   # a wait here counts: the latency runs from the scheduled time
+                    r = await client.post("/v1/stamps", headers={"Authorization": f"Bearer {c['api_key']}"},
+                                          data={"meta": meta},
+                                          files={"file": ("letter.pdf", letter, "application/pdf")})
+            except httpx.HTTPError as exc:
+                rec.seconds.append(time.monotonic() - scheduled)
+                rec.errors.append(repr(exc))
+                return
+            rec.seconds.append(time.monotonic() - scheduled)
+            rec.statuses[r.status_code] = rec.statuses.get(r.status_code, 0) + 1
+            if r.status_code >= 500:
+                rec.errors.append(r.text[:200])
+            if r.status_code == 202:
+                body = r.json()
+                accepted[body["request_id"]] = {"channel": c, "phase": phase, "eta": body.get("eta_seconds")}
+                if phase == "spike" and body.get("position") is not None:
+                    spike_positions.append(body["position"])
+                heapq.heappush(due, (time.monotonic() + again(body), body["request_id"]))
+
+        async def reader() -> None:
+            """Reads each accepted request again when its ETA says, until it ends."""
+            while True:
+                if not due:
+                    if sending.done():
+                        return
+                    await asyncio.sleep(0.1)
+                    continue
+                when, rid = heapq.heappop(due)
+                await asyncio.sleep(max(0.0, when - time.monotonic()))
+                rec = lat[(phase_at(time.monotonic()), "GET /v1/stamps/{id}")]
+                started = time.monotonic()
+                try:
+                    r = await reading.get(f"/v1/stamps/{rid}",
+                                         headers={"Authorization": f"Bearer {accepted[rid]['channel']['api_key']}"})
+                except httpx.HTTPError as exc:
+                    rec.seconds.append(time.monotonic() - started)
+                    rec.errors.append(repr(exc))
+                    heapq.heappush(due, (time.monotonic() + 1.0, rid))
+                    continue
+                rec.seconds.append(time.monotonic() - started)
+                rec.statuses[r.status_code] = rec.statuses.get(r.status_code, 0) + 1
+                body = r.json() if r.status_code == 200 else {}
+                if body.get("status") in ("completed", "failed"):
+                    results[rid] = body
+                else:
+                    heapq.heappush(due, (time.monotonic() + again(body), rid))
+
+        async def report() -> None:
+            while not sending.done() or due:
+                await asyncio.sleep(progress_every_s)
+                t = time.monotonic() - t0
+                print(f"[{time.strftime('%H:%M:%S')}] {t:6.0f} s {phase_at(time.monotonic()):7s} accepted "
+                      f"{len(accepted)}/{len(schedule)}, ended {len(results)}", flush=True)
+
+        sending = asyncio.ensure_future(asyncio.gather(*(arrive(i, off, ph) for i, (off, ph) in enumerate(schedule))))
+        watcher = asyncio.ensure_future(report())
+        await asyncio.gather(sending, *(reader() for _ in range(READERS)))
+        watcher.cancel()
+        drained_s = time.monotonic() - t0
+    outcomes: dict[str, int] = {}
+    for body in results.values():
+        key = body["status"] if body["status"] == "completed" else f"failed:{body.get('code')}"
+        outcomes[key] = outcomes.get(key, 0) + 1
+    return {
+        "rate_sustainable_per_s": rate,
+        "phases": [{"name": n, "arrivals_per_s": round(r, 1), "seconds": s} for n, r, s in phases],
+        "arrivals": len(schedule), "accepted": len(accepted), "ended": len(results), "outcomes": outcomes,
+        "drained_after_s": round(drained_s - plateau_s - spike_s, 1),
+        "latency": {phase: {route: lat[(phase, route)].summary() for route in ROUTES}
+                    for phase in ("plateau", "spike", "drain")},
+        "spike_queue": {"max_position": max(spike_positions, default=None),
+                        "median_position": _quantile(sorted(spike_positions), 0.5)},
+        "eta": {phase: eta_accuracy({rid: a["eta"] for rid, a in accepted.items() if a["phase"] == phase},
+                                    list(results.values())) for phase in ("plateau", "spike")},
+        "channels": channels, "seed": seed,
+    }
+
+
+def verdict(r: dict) -> dict[str, bool]:
+    lat = r["latency"]
+    out = {f"{phase}: {route} p99 <= {limit:g} ms": (lat[phase][route]["p99_ms"] or 0) <= limit
+           for phase, routes in TARGETS_MS.items() for route, limit in routes.items()}
+    spike_post = lat["spike"]["POST /v1/stamps"]
+    out["spike: no 5xx, no transport error"] = (not spike_post["errors"]
+                                               and not any(s >= 500 for s in spike_post["statuses"]))
+    out["spike: the excess visible as queue"] = (r["spike_queue"]["max_position"] or 0) > 0
+    out["drained: every accepted request completed"] = r["outcomes"].get("completed", 0) == r["accepted"] > 0
+    return out
+
+
+def markdown(r: dict) -> str:
+    lines = ["| phase | arrivals/s | seconds | `POST /v1/stamps` p50 / p99 / max ms | status reads p50 / p99 ms |",
+             "|---|---:|---:|---|---|"]
+    for p in r["phases"] + [{"name": "drain", "arrivals_per_s": 0, "seconds": r["drained_after_s"]}]:
+        post, get = r["latency"][p["name"]]["POST /v1/stamps"], r["latency"][p["name"]]["GET /v1/stamps/{id}"]
+        codes = ", ".join(f"{k}: {v}" for k, v in post["statuses"].items())
+        lines.append(f"| {p['name']} | {p['arrivals_per_s']} | {p['seconds']} | "
+                     f"{post['p50_ms']} / {post['p99_ms']} / {post['max_ms']} ({codes or '-'}) | "
+                     f"{get['p50_ms']} / {get['p99_ms']} |")
+    lines.append("")
+    lines.append(f"- Sustainable rate: **{r['rate_sustainable_per_s']} stamps/s** ({r['rate_source']}); "
+                 f"{r['arrivals']} arrivals, {r['accepted']} accepted, outcomes {r['outcomes']}; drained "
+                 f"{r['drained_after_s']} s after the spike; positions in the spike's 202s up to "
+                 f"{r['spike_queue']['max_position']} (median {r['spike_queue']['median_position']}).")
+    for phase in ("plateau", "spike"):
+        e = r["eta"][phase]
+        if e.get("requests"):
+            lines.append(f"- First ETAs, {phase}: median {e['median_first_eta_s']} s, "
+                         f"{e['within_25_percent']:.0%} completed within 25% of it.")
+    for check, ok in r["verdict"].items():
+        lines.append(f"- {check}: {'met' if ok else '**NOT met**'}")
+    lines.append(f"- Machine: {r['machine']['cores']} cores shared with the platform, Kafka and PostgreSQL; "
+                 f"load average {r['machine']['loadavg_at_start']} at the start.")
+    return "\n".join(lines)
+
+
+async def measure(args, env: dict) -> dict:
+    machine = {"cores": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
+    if args.rate:
+        rate, source = args.rate, "given with --rate"
+    else:
+        closed = await run(args.base_url, 4, args.measure_stamps, 8, env)
+        rate = closed["stamps_per_s_end_to_end"]
+        source = f"a closed-loop surge of 4 x {args.measure_stamps} stamps, 8 in flight each, just before"
+        await asyncio.sleep(5)
+    r = await play(args.base_url, env, rate=rate, plateau_s=args.plateau, spike_s=args.spike,
+                   channels=args.channels, seed=args.seed)
+    r.update({"rate_source": source, "machine": machine,
+              "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
+    r["verdict"] = verdict(r)
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base-url", default=f"http://127.0.0.1:{os.environ.get('BUBUH_HTTP_PORT', '8080')}")
+    p.add_argument("--rate", type=float, default=0.0, help="the sustainable stamps/s; measured first when 0")
+    p.add_argument("--measure-stamps", type=int, default=200, help="stamps per channel of the closed-loop surge")
+    p.add_argument("--plateau", type=float, default=600.0, help="seconds at 80%% of the sustainable rate")
+    p.add_argument("--spike", type=float, default=60.0, help="seconds at 3x the sustainable rate")
+    p.add_argument("--channels", type=int, default=4)
+    p.add_argument("--seed", type=int, default=12)
+    p.add_argument("--out", type=Path, default=Path("loadtests/results/surge-open.json"))
+    p.add_argument("--readme", type=Path)
+    args = p.parse_args(argv)
+    result = asyncio.run(measure(args, dict(os.environ)))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    table = markdown(result)
+    print(table)
+    if args.readme:
+        update_readme(args.readme, table, result["generated_at"], begin=README_BEGIN, end=README_END,
+                      source=str(args.out))
+    return 0 if all(result["verdict"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
