@@ -45,7 +45,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests import corpus  # noqa: E402
-from loadtests.readme import update_readme  # noqa: E402
+from loadtests.readme import publish  # noqa: E402
 from loadtests.surge import _channel, _quantile, eta_accuracy, run  # noqa: E402
 
 PLATEAU_SHARE = 0.8       # issue 12: the plateau at 80% of the sustainable rate
@@ -291,13 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--readme", type=Path)
     args = p.parse_args(argv)
     result = asyncio.run(measure(args, dict(os.environ)))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    table = markdown(result)
-    print(table)
-    if args.readme:
-        update_readme(args.readme, table, result["generated_at"], begin=README_BEGIN, end=README_END,
-                      source=str(args.out))
+    publish(result, markdown(result), args.out, args.readme, begin=README_BEGIN, end=README_END)
     return 0 if all(result["verdict"].values()) else 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -13,3 +14,12 @@ def update_readme(readme: Path, table: str, generated_at: str, *, begin: str, en
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     readme.write_text(f"{head}{begin}\nLatest run: {generated_at}, `{source}`.\n\n{table}\n{end}{tail}")
+
+
+def publish(result: dict, table: str, out: Path, readme: Path | None, *, begin: str, end: str) -> None:
+    """A benchmark's result: its JSON at ``out``, its table printed and, with ``readme``, put between the markers."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(table)
+    if readme:
+        update_readme(readme, table, result["generated_at"], begin=begin, end=end, source=str(out))

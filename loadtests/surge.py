@@ -49,7 +49,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests import corpus  # noqa: E402
-from loadtests.readme import update_readme  # noqa: E402
+from loadtests.readme import publish, update_readme  # noqa: E402
 
 TARGET_RATIO = 0.85          # issue 13: B-LT keeps at least 85% of B-B's end-to-end stamps/s
 MEMBERS_TARGET_RATIO = 0.90  # issue 12: two stamping members on two cores within 10% of one
@@ -770,13 +770,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.fairness:
         result = asyncio.run(compare_fairness(args, dict(os.environ)))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        table = fairness_markdown(result)
-        print(table)
-        if args.readme:
-            update_readme(args.readme, table, result["generated_at"], begin=README_FAIR_BEGIN, end=README_FAIR_END,
-                          source=str(args.out))
+        publish(result, fairness_markdown(result), args.out, args.readme, begin=README_FAIR_BEGIN,
+                end=README_FAIR_END)
         return 0 if result["meets_target"] else 1
     if args.levels or args.render_only:
         if args.render_only:
