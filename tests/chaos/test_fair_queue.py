@@ -3,8 +3,8 @@ while two small ones stamp beside it. The stamping tier is made the bottleneck (
 taker), so the flood builds a backlog there; the small channels' requests must not wait behind it.
 
 What this asserts is the fair queue's part: how long requests stay in it, read from its table. With
-first come first served (ORDER BY seq) a small channel's p90 there was 2.4-2.5 s against the flood's p90
-of 2.2-2.3 s, and this test fails. The whole time from 202 to completed also grows under the flood, at
+first come first served (ORDER BY seq) a small channel's p90 there was 2.3-2.5 s against the flood's p90
+of 2.0-2.3 s, and this test fails. The whole time from 202 to completed also grows under the flood, at
 every shared hop (intake, the quota tier's partitions, the ledger's commit): `make surge-fairness`
 measures it (x2.7 of alone; issue 12 asks for x2), so it is reported there rather than asserted here.
 """
@@ -88,9 +88,9 @@ async def test_a_flood_does_not_hold_up_small_channels(settings):
     assert len(small_waits) <= 2
     # each of the three channels gets a third of the signing: a small channel's requests wait their own few
     # stamps, not the flood's backlog. Compared p90 with p90, in the same run: first come first served gave
-    # the small channels 1.05-1.13x the flood's p90 (2.4-2.5 s against 2.2-2.3), the fair queue 0.12-0.43x
-    # alone and about 0.5x in a loaded parallel run (its 16 requests arrive in a burst there, and a third of
-    # the signing works through them in about 48 stamps)
+    # the small channels 1.09-1.13x the flood's p90 (2.3-2.5 s against 2.0-2.3), the fair queue 0.12-0.30x
+    # alone. In a loaded parallel CI run a small channel's p90 reached 1.29 s against a flood median of 1.84 s:
+    # its 16 requests arrived in one burst, and a third of the signing works through them in about 48 stamps
     p90_flood = flood_waits[(9 * len(flood_waits)) // 10]
     for channel_waits in small_waits:
         p90 = channel_waits[(9 * len(channel_waits)) // 10]
