@@ -36,7 +36,6 @@ import random
 import secrets
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -46,7 +45,7 @@ if __package__ in (None, ""):
 
 from loadtests import corpus  # noqa: E402
 from loadtests.readme import publish  # noqa: E402
-from loadtests.surge import _channel, _quantile, eta_accuracy, run  # noqa: E402
+from loadtests.surge import Route, _channel, _quantile, eta_accuracy, run  # noqa: E402
 
 PLATEAU_SHARE = 0.8       # issue 12: the plateau at 80% of the sustainable rate
 SPIKE_FACTOR = 3.0        # ... and a spike at 3x
@@ -57,22 +56,6 @@ README_END = "<!-- surge:open-loop:end -->"
 ROUTES = ("POST /v1/stamps", "GET /v1/stamps/{id}")
 READERS = 16              # status reads in flight at most
 SENDERS = 256             # stamp requests in flight at most (each on its own connection)
-
-
-@dataclass
-class Latencies:
-    """One route in one phase: seconds from the scheduled time to the answer, statuses, errors."""
-
-    seconds: list[float] = field(default_factory=list)
-    statuses: dict[int, int] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-
-    def summary(self) -> dict:
-        s = sorted(self.seconds)
-        ms = (lambda q: round(_quantile(s, q) * 1000, 1)) if s else (lambda q: None)
-        return {"requests": len(s), "p50_ms": ms(0.5), "p99_ms": ms(0.99), "max_ms": ms(1.0),
-                "statuses": dict(sorted(self.statuses.items())), "errors": len(self.errors),
-                "first_errors": self.errors[:3]}
 
 
 def arrivals(phases: list[tuple[str, float, float]], seed: int) -> list[tuple[float, str]]:
@@ -94,7 +77,7 @@ async def play(base_url: str, env: dict, *, rate: float, plateau_s: float, spike
                seed: int, progress_every_s: float = 30.0) -> dict:
     phases = [("plateau", rate * PLATEAU_SHARE, plateau_s), ("spike", rate * SPIKE_FACTOR, spike_s)]
     schedule = arrivals(phases, seed)
-    lat = {(phase, route): Latencies() for phase in ("plateau", "spike", "drain") for route in ROUTES}
+    lat = {(phase, route): Route() for phase in ("plateau", "spike", "drain") for route in ROUTES}
     creds = [await _channel(env, f"open-{i}-{secrets.token_hex(2)}") for i in range(channels)]
     need = len(schedule) // channels + 50
     letter = corpus.a4_text(7)
@@ -130,7 +113,7 @@ async def play(base_url: str, env: dict, *, rate: float, plateau_s: float, spike
                 left -= n
         await asyncio.sleep(3)
 
-        t0 = time.monotonic()
+        t0 = time.perf_counter()
 
         def phase_at(t: float) -> str:
             return "plateau" if t - t0 < plateau_s else "spike" if t - t0 < plateau_s + spike_s else "drain"
@@ -141,7 +124,7 @@ async def play(base_url: str, env: dict, *, rate: float, plateau_s: float, spike
 
         async def arrive(i: int, offset: float, phase: str) -> None:
             scheduled = t0 + offset
-            await asyncio.sleep(max(0.0, scheduled - time.monotonic()))
+            await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
             c = creds[i % channels]
             rec = lat[(phase, "POST /v1/stamps")]
             try:
@@ -150,19 +133,15 @@ async def play(base_url: str, env: dict, *, rate: float, plateau_s: float, spike
                                           data={"meta": meta},
                                           files={"file": ("letter.pdf", letter, "application/pdf")})
             except httpx.HTTPError as exc:
-                rec.seconds.append(time.monotonic() - scheduled)
-                rec.errors.append(repr(exc))
+                rec.record(scheduled, None, repr(exc))
                 return
-            rec.seconds.append(time.monotonic() - scheduled)
-            rec.statuses[r.status_code] = rec.statuses.get(r.status_code, 0) + 1
-            if r.status_code >= 500:
-                rec.errors.append(r.text[:200])
+            rec.record(scheduled, r.status_code, "" if r.status_code < 500 else r.text[:200])
             if r.status_code == 202:
                 body = r.json()
                 accepted[body["request_id"]] = {"channel": c, "phase": phase, "eta": body.get("eta_seconds")}
                 if phase == "spike" and body.get("position") is not None:
                     spike_positions.append(body["position"])
-                heapq.heappush(due, (time.monotonic() + again(body), body["request_id"]))
+                heapq.heappush(due, (time.perf_counter() + again(body), body["request_id"]))
 
         async def reader() -> None:
             """Reads each accepted request again when its ETA says, until it ends."""
@@ -173,37 +152,35 @@ async def play(base_url: str, env: dict, *, rate: float, plateau_s: float, spike
                     await asyncio.sleep(0.1)
                     continue
                 when, rid = heapq.heappop(due)
-                await asyncio.sleep(max(0.0, when - time.monotonic()))
-                rec = lat[(phase_at(time.monotonic()), "GET /v1/stamps/{id}")]
-                started = time.monotonic()
+                await asyncio.sleep(max(0.0, when - time.perf_counter()))
+                rec = lat[(phase_at(time.perf_counter()), "GET /v1/stamps/{id}")]
+                started = time.perf_counter()
                 try:
                     r = await reading.get(f"/v1/stamps/{rid}",
                                          headers={"Authorization": f"Bearer {accepted[rid]['channel']['api_key']}"})
                 except httpx.HTTPError as exc:
-                    rec.seconds.append(time.monotonic() - started)
-                    rec.errors.append(repr(exc))
-                    heapq.heappush(due, (time.monotonic() + 1.0, rid))
+                    rec.record(started, None, repr(exc))
+                    heapq.heappush(due, (time.perf_counter() + 1.0, rid))
                     continue
-                rec.seconds.append(time.monotonic() - started)
-                rec.statuses[r.status_code] = rec.statuses.get(r.status_code, 0) + 1
+                rec.record(started, r.status_code, "" if r.status_code < 500 else r.text[:200])
                 body = r.json() if r.status_code == 200 else {}
                 if body.get("status") in ("completed", "failed"):
                     results[rid] = body
                 else:
-                    heapq.heappush(due, (time.monotonic() + again(body), rid))
+                    heapq.heappush(due, (time.perf_counter() + again(body), rid))
 
         async def report() -> None:
             while not sending.done() or due:
                 await asyncio.sleep(progress_every_s)
-                t = time.monotonic() - t0
-                print(f"[{time.strftime('%H:%M:%S')}] {t:6.0f} s {phase_at(time.monotonic()):7s} accepted "
+                t = time.perf_counter() - t0
+                print(f"[{time.strftime('%H:%M:%S')}] {t:6.0f} s {phase_at(time.perf_counter()):7s} accepted "
                       f"{len(accepted)}/{len(schedule)}, ended {len(results)}", flush=True)
 
         sending = asyncio.ensure_future(asyncio.gather(*(arrive(i, off, ph) for i, (off, ph) in enumerate(schedule))))
         watcher = asyncio.ensure_future(report())
         await asyncio.gather(sending, *(reader() for _ in range(READERS)))
         watcher.cancel()
-        drained_s = time.monotonic() - t0
+        drained_s = time.perf_counter() - t0
     outcomes: dict[str, int] = {}
     for body in results.values():
         key = body["status"] if body["status"] == "completed" else f"failed:{body.get('code')}"

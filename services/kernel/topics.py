@@ -154,10 +154,20 @@ async def create_and_wait(settings: Settings, wanted: list[NewTopic], timeout_s:
 async def _keep_configs(admin: AIOKafkaAdminClient, name: str, wanted: dict[str, str]) -> None:
     """Set ``wanted`` on an existing topic unless it already holds those values.
 
-    AlterConfigs replaces a topic's whole set of dynamic configs, so ``wanted`` must be all of them
-    (it is: the topic's owner declares its full set).
+    AlterConfigs replaces a topic's whole set of dynamic configs, so ``wanted`` must be all of them (it
+    is: the topic's owner declares its full set). On a secured broker a service principal may read a
+    setting but not change it: a topic without it there is an error that names the fix (``bubuh kafka
+    setup`` as the admin), not a silent pass.
     """
-    described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name, None)])
+    # a topic another starter has just created is known to the controller before this broker serves it:
+    # UNKNOWN_TOPIC_OR_PARTITION for a moment (seen when `bubuh up` starts two processes at once)
+    deadline = asyncio.get_running_loop().time() + 15.0
+    while True:
+        described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name, None)])
+        codes = [resource[0] for response in described for resource in response.resources]
+        if UnknownTopicOrPartitionError.errno not in codes or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.1)
     current: dict[str, str] = {}
     for response in described:
         for resource in response.resources:
@@ -173,37 +183,11 @@ async def _keep_configs(admin: AIOKafkaAdminClient, name: str, wanted: dict[str,
         for resource in response.resources:
             if resource[0]:
                 error = for_code(resource[0])
-                raise error(f"cannot set {sorted(wanted)} on topic {name}: {error.__name__}")
+                settings_text = ", ".join(f"{k}={v}" for k, v in wanted.items())
+                raise error(f"topic {name} needs {settings_text} and this principal may not set it "
+                            f"({error.__name__}): run `bubuh kafka setup` as the admin")
 
 
 async def _keep_append_time(admin: AIOKafkaAdminClient, name: str) -> None:
-    """A topic created before it needed LogAppendTime gets it (no other dynamic config is set on it).
-
-    On a secured broker a service principal may read the setting but not change it: a topic still on
-    CreateTime there is an error that names the fix (``bubuh kafka setup`` as the admin), not a silent pass.
-    """
-    key = "message.timestamp.type"
-    # a topic another starter has just created is known to the controller before this broker serves it:
-    # UNKNOWN_TOPIC_OR_PARTITION for a moment (seen when `bubuh up` starts two processes at once)
-    deadline = asyncio.get_running_loop().time() + 15.0
-    while True:
-        described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name, {key: None})])
-        codes = [resource[0] for response in described for resource in response.resources]
-        if UnknownTopicOrPartitionError.errno not in codes or asyncio.get_running_loop().time() > deadline:
-            break
-        await asyncio.sleep(0.1)
-    for response in described:
-        for resource in response.resources:
-            if resource[0]:
-                error = for_code(resource[0])
-                raise error(f"cannot read the config of topic {name}: {error.__name__}")
-            for entry in resource[4]:
-                if entry[0] == key and entry[1] == "LogAppendTime":
-                    return
-    altered = await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name, {key: "LogAppendTime"})])
-    for response in altered if isinstance(altered, list) else [altered]:
-        for resource in response.resources:
-            if resource[0]:
-                error = for_code(resource[0])
-                raise error(f"topic {name} needs message.timestamp.type=LogAppendTime and this principal may "
-                            f"not set it ({error.__name__}): run `bubuh kafka setup` as the admin")
+    """A topic created before it needed LogAppendTime gets it (no other dynamic config is set on it)."""
+    await _keep_configs(admin, name, {"message.timestamp.type": "LogAppendTime"})
