@@ -67,19 +67,29 @@ class Producer:
         for task in list(self._retired):
             await asyncio.gather(task, return_exceptions=True)
 
-    async def publish(self, record: Outgoing) -> None:
+    async def publish(self, record: Outgoing, *, timeout_s: float | None = None) -> None:
         """Send and wait for the broker's acknowledgement; ``UNAVAILABLE`` when it does not come."""
-        await self.publish_many([record])
+        await self.publish_many([record], timeout_s=timeout_s)
 
-    async def publish_many(self, records: list[Outgoing]) -> None:
-        """Send a batch and wait for every acknowledgement (the idempotent producer keeps key order)."""
+    async def publish_many(self, records: list[Outgoing], *, timeout_s: float | None = None) -> None:
+        """Send a batch and wait for every acknowledgement (the idempotent producer keeps key order).
+
+        ``timeout_s`` (default: twice Kafka's request timeout) bounds the whole call, the sends too: with
+        the broker away, ``send`` itself waits for metadata. A caller that answers someone (stamp intake)
+        passes its own, shorter budget. After a timeout a record may still reach the broker later (it can
+        sit in the producer's buffer): whoever retries sends the same event id, and consumers' inboxes
+        drop the second copy."""
         producer, generation = self._producer, self._generation
-        try:
+
+        async def send_all() -> None:
             if len(records) >= BATCHED_FROM:
                 futures = await self._send_batches(producer, records)
             else:
                 futures = [await producer.send(r.topic, r.value, key=r.key, headers=r.headers) for r in records]
-            await asyncio.wait_for(asyncio.gather(*futures), timeout=self._timeout_s)
+            await asyncio.gather(*futures)
+
+        try:
+            await asyncio.wait_for(send_all(), timeout=timeout_s or self._timeout_s)
         except (TimeoutError, KafkaError) as exc:
             if isinstance(exc, FATAL_FOR_PRODUCER):
                 await self._renew(generation, exc)

@@ -150,6 +150,9 @@ class Settings(BaseSettings):
     # over CPU or memory is PDF_TOO_COMPLEX, over the wall-clock time a retryable PROCESSING_TIMEOUT
     document_memory_mib: int = 768               # address space of each document child
     intake_processes: int = 2                    # per API process: intake checks of uploads
+    # how long the HTTP doors (stamp and purchase intake) wait for Kafka's acknowledgement (acks=all) before
+    # they answer 503 UNAVAILABLE with Retry-After: a broker restart costs a channel a retry, not a 30 s hang
+    intake_publish_timeout_s: float = 5.0
     intake_cpu_s: float = 5.0
     intake_wall_s: float = 30.0
     # signing children per stamping worker process, each with its own key or PKCS#11 session. At B-T and above

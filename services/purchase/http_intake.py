@@ -122,7 +122,8 @@ class Intake:
             inserted = await self._insert_accepted(order, purchase_id)
         secret = self._channels.hmac_secrets(channel.channel_id)[0]
         try:
-            await self._producer.publish(submitted_record(self._settings, order, secret, producer=NAME))
+            await self._producer.publish(submitted_record(self._settings, order, secret, producer=NAME),
+                                         timeout_s=self._settings.intake_publish_timeout_s)
         except errors.BubuhError:
             if inserted:
                 await self._forget(purchase_id)
@@ -183,7 +184,8 @@ class Intake:
         try:
             await self._producer.publish(events.outgoing(
                 self._settings.topic(topics.PURCHASE_EVENTS.name),
-                events.account_key(order.channel_id, order.account_id), env))
+                events.account_key(order.channel_id, order.account_id), env),
+                timeout_s=self._settings.intake_publish_timeout_s)
         except errors.BubuhError:
             log.warning("purchase.rejected not published", code=exc.code.code)
 

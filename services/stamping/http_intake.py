@@ -73,6 +73,7 @@ class StampIntake:
                  queue: QueueView, inspector: Sandbox) -> None:
         self._topic = settings.topic(topics.STAMP_REQUESTED.name)
         self._budget = Budget.from_settings(settings)
+        self._publish_timeout_s = settings.intake_publish_timeout_s
         self._inspector = inspector
         self._producer = producer
         self._pool = pool
@@ -116,7 +117,9 @@ class StampIntake:
         await self._store.put(store.meta_key(request_id), msg.SerializeToString())
         await self._record(msg, idempotency_key, fingerprint, accepted_at)
         env = events.envelope(msg, producer=NAME, event_id=str(uuid.uuid5(_NS, f"{request_id}\x1frequested")))
-        await self._producer.publish(events.outgoing(self._topic, request_id, env))
+        # within the intake's budget: without Kafka's acknowledgement the request is not accepted (503, retry)
+        await self._producer.publish(events.outgoing(self._topic, request_id, env),
+                                     timeout_s=self._publish_timeout_s)
         facts_now = await self._queue.facts()
         position = await self._queue.position_for_new(channel.channel_id)
         log.info("stamp accepted", request_id=request_id, channel_id=channel.channel_id, account_id=meta.account_id,

@@ -1,0 +1,104 @@
+"""The front doors while the broker restarts: a quick coded 503, then one stamp for one key.
+
+Found by the deadline-day report (``loadtests/deadline_day.py``): with the broker restarting, stamp
+intake held every request until Kafka's own timeout (30 s), the client's budget ran out first and
+the requests in flight piled up behind it. Intake now waits ``BUBUH_INTAKE_PUBLISH_TIMEOUT_S`` for
+the acknowledgement and answers ``503 UNAVAILABLE`` with ``Retry-After``; a channel that sends the
+same ``Idempotency-Key`` again (docs/channels.md) gets one request, one stamp, one charge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import httpx
+import pytest
+
+from loadtests import corpus
+from tests import stack
+from tests.flows import auth, buy, order_body, post_stamp, post_until_accepted, stamp_finished, stamp_meta, wait_for
+from tests.platform import PlatformProcess, add_channel
+
+BUDGET_S = 2.0
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+async def test_a_broker_restart_costs_intake_a_quick_503_and_a_retry_with_the_same_key_is_one_stamp(
+        settings, tmp_path):
+    if not stack.managed_kafka():
+        pytest.skip("needs the local stack's Kafka scripts and jars")
+    broker = stack.OwnKafka(tmp_path)          # a broker of its own: stopping it stops no other test
+    await asyncio.to_thread(broker.start)
+    own = broker.settings(settings, as_admin=True)
+    platform = PlatformProcess(own, BUBUH_INTAKE_PUBLISH_TIMEOUT_S=str(BUDGET_S))
+    try:
+        await platform.start(timeout=120)
+        channel = add_channel(own)
+        pdf, meta = corpus.a4_text(3), stamp_meta("outage")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{own.http_port}", timeout=60) as api:
+            await buy(api, channel, "outage", 2)
+            first = await post_stamp(api, channel, pdf, meta, idempotency_key="before-the-outage")
+            assert first.status_code == 202, first.text
+            assert (await stamp_finished(api, channel, first.json()["request_id"]))["status"] == "completed"
+
+            before = broker.pid()
+            await asyncio.to_thread(broker.stop)
+            assert not _port_open(broker.port), "the broker still listens: the fault did not happen"
+
+            started = time.perf_counter()
+            refused = await post_stamp(api, channel, pdf, meta, idempotency_key="during-the-outage")
+            took = time.perf_counter() - started
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["code"] == "UNAVAILABLE"
+            assert int(refused.headers["Retry-After"]) >= 1
+            # the budget, plus the upload's own checks on a shared box; not Kafka's 30 s
+            assert took < BUDGET_S + 4, f"intake held the request {took:.1f} s with the broker away"
+
+            started = time.perf_counter()
+            order = order_body(1, "outage")
+            purchase = await api.post("/v1/purchases", json=order, headers=auth(channel))
+            took = time.perf_counter() - started
+            assert purchase.status_code == 503 and purchase.json()["code"] == "UNAVAILABLE", purchase.text
+            assert took < BUDGET_S + 4, f"purchase intake held the request {took:.1f} s with the broker away"
+
+            await asyncio.to_thread(broker.start)
+            assert broker.pid() != before, "the broker was not restarted"
+            deadline = time.monotonic() + 120
+            while True:                            # the channel's retry: same key, after Retry-After
+                again = await post_stamp(api, channel, pdf, meta, idempotency_key="during-the-outage")
+                if again.status_code == 202 or time.monotonic() > deadline:
+                    break
+                assert again.status_code == 503, again.text
+                await asyncio.sleep(int(again.headers.get("Retry-After", "1")))
+            assert again.status_code == 202, again.text
+            done = await stamp_finished(api, channel, again.json()["request_id"], timeout=120)
+            assert done["status"] == "completed", done
+
+            # the purchase sent again, as docs/channels.md says after a 503: the same order, one credit
+            assert (await post_until_accepted(api, channel, order, timeout=60)).status_code == 202
+
+            replay = await post_stamp(api, channel, pdf, meta, idempotency_key="during-the-outage")
+            assert replay.status_code == 202 and replay.json()["request_id"] == done["request_id"]
+
+            async def charged() -> dict:
+                return (await api.get("/v1/accounts/outage/quota", headers=auth(channel))).json()
+            async def settled() -> dict | None:
+                q = await charged()
+                return q if q["credited"] >= 3 and q["committed"] >= 2 and q["pending"] == 0 else None
+            quota = await wait_for(settled, timeout=60, what="the credit and both charges")
+            await asyncio.sleep(3)                 # a second copy of the event would be charged by now
+            assert await charged() == quota
+            # two units bought before, one during the outage (credited once whatever became of its 503);
+            # two stamps charged: the one before and the one sent twice with the same key
+            assert (quota["credited"], quota["committed"], quota["available"]) == (3, 2, 1), quota
+    finally:
+        await platform.stop()
+        await asyncio.to_thread(broker.stop)
