@@ -8,13 +8,21 @@ a file), so nothing has to be set for either.
 Libraries (aiokafka, faust, uvicorn) log through the standard ``logging`` module: their records go
 through the same processors and renderer, so a log holds one format whoever wrote the line. Their
 levels are left alone: what the platform does about a library's noise is to give it no reason for it
-(e.g. ``readiness.wait_for_group_coordinator`` before a consumer joins its group).
+(e.g. ``readiness.wait_for_group_coordinator`` before a consumer joins its group). What it cannot
+prevent is a library repeating itself while something it needs is away: with the broker restarting,
+aiokafka's clients in one process wrote some 600 lines a second ("Unable connect to node", "Unable
+to update metadata"), 35,000 a minute, each one rendered on the event loop that was also answering
+channels. So a library line (same logger, level and message template) is written once per
+``REPEAT_WINDOW_S``; the next one written after the window says how many were dropped in between.
+Our own lines are never dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
 from typing import IO
 
 import orjson
@@ -23,6 +31,7 @@ import structlog
 from services.kernel import tracing
 
 FORMATS = ("auto", "json", "console")
+REPEAT_WINDOW_S = 10.0
 
 
 def _add_trace_id(_logger, _name, event_dict):
@@ -51,6 +60,34 @@ def resolve_format(fmt: str, stream: IO) -> str:
 
 class _Ours(logging.StreamHandler):
     """The root handler ``configure`` installs (and replaces when called again)."""
+
+
+class Repeats(logging.Filter):
+    """A library's line once per ``window`` seconds per (logger, level, message template); the next one
+    let through carries how many were dropped since the last (``[N more like this in S s]``)."""
+
+    def __init__(self, window: float = REPEAT_WINDOW_S, clock=time.monotonic) -> None:
+        super().__init__()
+        self.window, self.clock = window, clock
+        self._seen: dict[tuple[str, int, str], list] = {}     # key -> [last written at, dropped since]
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, str(record.msg))
+        now = self.clock()
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is not None and now - seen[0] < self.window:
+                seen[1] += 1
+                return False
+            dropped = seen[1] if seen is not None else 0
+            since = now - seen[0] if seen is not None else 0.0
+            if len(self._seen) > 10_000:               # templates are few; never grow without bound
+                self._seen.clear()
+            self._seen[key] = [now, 0]
+        if dropped:
+            record.msg = f"{record.msg} [{dropped} more like this in {since:.0f} s]"
+        return True
 
 
 def _json_str(obj, **kw) -> str:
@@ -94,6 +131,7 @@ def configure(service: str, level: str = "info", fmt: str = "auto", stream: IO |
 
     # The standard library's records (aiokafka, faust, uvicorn): same fields, same renderer.
     handler = _Ours(stream)
+    handler.addFilter(Repeats())
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *foreign_render],

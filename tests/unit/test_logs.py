@@ -99,3 +99,26 @@ def test_configuring_again_replaces_the_handler_instead_of_doubling_lines():
     logs.configure("svc", fmt="json", stream=second)
     logging.getLogger("aiokafka").error("once")
     assert first.getvalue() == "" and len(_lines(second)) == 1
+
+
+def test_a_library_repeating_itself_is_written_once_per_window_with_the_count_of_what_was_dropped():
+    """A broker away made aiokafka write ~600 lines a second; ours are never dropped."""
+    out = io.StringIO()
+    logs.configure("tests", level="info", fmt="json", stream=out)
+    now = [1000.0]
+    repeats = next(f for h in logging.getLogger().handlers for f in h.filters if isinstance(f, logs.Repeats))
+    repeats.clock = lambda: now[0]
+    lib = logging.getLogger("aiokafka.conn")
+    for _ in range(500):
+        lib.warning("Unable connect to node with id %s: %s", 1, "[Errno 111] Connection refused")
+        logs.get("ours").warning("ours, every time")
+    lib.warning("Unable to update metadata from %s", [1])          # another template: its own line
+    now[0] += logs.REPEAT_WINDOW_S + 1
+    lib.warning("Unable connect to node with id %s: %s", 1, "[Errno 111] Connection refused")
+    lines = [json.loads(line) for line in _lines(out)]
+    library = [x["event"] for x in lines if x.get("logger") == "aiokafka.conn"]
+    assert library == ["Unable connect to node with id 1: [Errno 111] Connection refused",
+                       "Unable to update metadata from [1]",
+                       "Unable connect to node with id 1: [Errno 111] Connection refused "
+                       "[499 more like this in 11 s]"]
+    assert sum(x["event"] == "ours, every time" for x in lines) == 500
