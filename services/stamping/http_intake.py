@@ -115,11 +115,16 @@ class StampIntake:
         msg.accepted_at.FromDatetime(accepted_at)
         await self._store.put(store.input_key(request_id), data)
         await self._store.put(store.meta_key(request_id), msg.SerializeToString())
-        await self._record(msg, idempotency_key, fingerprint, accepted_at)
+        recorded = await self._record(msg, idempotency_key, fingerprint, accepted_at)
         env = events.envelope(msg, producer=NAME, event_id=str(uuid.uuid5(_NS, f"{request_id}\x1frequested")))
-        # within the intake's budget: without Kafka's acknowledgement the request is not accepted (503, retry)
-        await self._producer.publish(events.outgoing(self._topic, request_id, env),
-                                     timeout_s=self._publish_timeout_s)
+        try:
+            # within the intake's budget: without Kafka's acknowledgement the request is not accepted (503, retry)
+            await self._producer.publish(events.outgoing(self._topic, request_id, env),
+                                         timeout_s=self._publish_timeout_s)
+        except BaseException:       # not accepted (503), or the caller went away (the task cancelled)
+            if recorded:
+                await self._forget(request_id)
+            raise
         facts_now = await self._queue.facts()
         position = await self._queue.position_for_new(channel.channel_id)
         log.info("stamp accepted", request_id=request_id, channel_id=channel.channel_id, account_id=meta.account_id,
@@ -138,16 +143,28 @@ class StampIntake:
             raise
 
     async def _record(self, msg: stamp_pb2.StampRequested, idempotency_key: str | None, fingerprint: str,
-                      accepted_at: dt.datetime) -> None:
-        """The queued row makes the request readable at once; the worker creates it if this could not."""
+                      accepted_at: dt.datetime) -> bool:
+        """The queued row makes the request readable at once; the worker creates it if this could not.
+        True when this call wrote it."""
         try:
-            await asyncio.wait_for(self._pool.execute(
+            return await asyncio.wait_for(self._pool.execute(
                 "INSERT INTO requests (request_id, channel_id, account_id, idempotency_key, idempotency_fingerprint, "
                 "document_sha256, status, accepted_at) VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7) "
                 "ON CONFLICT (request_id) DO NOTHING",
                 msg.request_id, msg.channel_id, msg.account_id, idempotency_key, fingerprint, msg.document_sha256,
-                accepted_at), 0.5)
+                accepted_at), 0.5) == "INSERT 0 1"
         except Exception as exc:  # noqa: BLE001
             if not failures.classify(exc).waits:
                 raise
             log.warning("stamp request not recorded yet (database away)", request_id=msg.request_id)
+            return False
+
+    async def _forget(self, request_id: str) -> None:
+        """The queued row of a request that was not accepted after all. Left, it said 'queued' forever: in
+        the queue depth, the oldest-open-request age and the count behind every position. Should the event
+        reach the broker later all the same, the stamping tier writes the row again as it moves on."""
+        try:
+            await asyncio.shield(asyncio.wait_for(self._pool.execute(
+                "DELETE FROM requests WHERE request_id = $1 AND status = 'queued'", request_id), 0.5))
+        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - the refusal stands either way
+            log.warning("queued row of a refused request not removed", request_id=request_id, error=repr(exc))

@@ -18,7 +18,7 @@ import pytest
 
 from loadtests import corpus
 from tests import stack
-from tests.flows import auth, buy, order_body, post_stamp, post_until_accepted, stamp_finished, stamp_meta, wait_for
+from tests.flows import Db, auth, buy, order_body, post_stamp, post_until_accepted, stamp_finished, stamp_meta, wait_for
 from tests.platform import PlatformProcess, add_channel
 
 BUDGET_S = 2.0
@@ -42,6 +42,7 @@ async def test_a_broker_restart_costs_intake_a_quick_503_and_a_retry_with_the_sa
     try:
         await platform.start(timeout=120)
         channel = add_channel(own)
+        db = Db(own)
         pdf, meta = corpus.a4_text(3), stamp_meta("outage")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{own.http_port}", timeout=60) as api:
             await buy(api, channel, "outage", 2)
@@ -61,6 +62,10 @@ async def test_a_broker_restart_costs_intake_a_quick_503_and_a_retry_with_the_sa
             assert int(refused.headers["Retry-After"]) >= 1
             # the budget, plus the upload's own checks on a shared box; not Kafka's 30 s
             assert took < BUDGET_S + 4, f"intake held the request {took:.1f} s with the broker away"
+            # not accepted, so not shown as queued either (a row left 'queued' stayed in the queue depth,
+            # the oldest-open-request age and every position behind it, forever)
+            assert await db.val("stamping", "SELECT count(*) FROM requests WHERE idempotency_key = $1",
+                                "during-the-outage") == 0
 
             started = time.perf_counter()
             order = order_body(1, "outage")
