@@ -13,7 +13,7 @@ PROTOS := $(wildcard proto/bubuh/v1/*.proto)
 GEN    := services/contracts/bubuh/v1/.generated
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: help setup system-packages proto contract contract-baseline imports up ops rules down run status test test-fast bench surge surge-members surge-fairness surge-open surge-tiers surge-tier-members capacity lint docs clean distclean
+.PHONY: help setup system-packages proto contract contract-baseline imports up ops rules down run status test test-fast bench surge surge-deadline surge-levels surge-members surge-fairness surge-open surge-tiers surge-tier-members capacity lint docs clean distclean
 
 help: ## list the verbs
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -116,8 +116,15 @@ bench: setup system-packages ## the purchase pipeline on the local stack vs Post
 	-$(STACK) down
 	$(PY) -m loadtests.bench_engine --out loadtests/results/engine.json --readme README.md
 
-surge: up ## the deadline-day surge at PAdES B-B and B-LT (platform restarted per level, 3 rounds): B-LT >= 85% of B-B's stamps/s? Figures in loadtests/results/surge.json and README.md
-	$(PY) -m loadtests.surge --levels b-b,b-lt --rounds 3 --out loadtests/results/surge.json --readme README.md
+surge: up ## the deadline day (surge-deadline), then the PAdES levels (surge-levels): about 35 minutes; loadtests/results/surge.json, its PNG plots and README.md
+	$(MAKE) surge-deadline
+	$(MAKE) surge-levels
+
+surge-deadline: up ## a compressed CPNS peak (ramp, plateau, late spike; channels of unequal size; purchases beside stamps) with a worker SIGKILLed, PostgreSQL read-only 10 s and the broker restarted mid-run, then the same arrivals against a synchronous baseline: loadtests/results/surge.json, surge-*.png, README.md
+	$(PY) -m loadtests.deadline_day --out loadtests/results/surge.json --readme README.md
+
+surge-levels: up ## the closed-loop surge at PAdES B-B and B-LT (platform restarted per level, 3 rounds): B-LT >= 85% of B-B's stamps/s? Figures in loadtests/results/surge-levels.json and README.md
+	$(PY) -m loadtests.surge --levels b-b,b-lt --rounds 3 --out loadtests/results/surge-levels.json --readme README.md
 
 surge-members: up ## the same surge at B-LT with one and with two stamping workers (3 rounds): two within 10% of one, each 40-60% of the stamps, no lock wait over 50 ms? Figures in loadtests/results/surge-members.json and README.md
 	$(PY) -m loadtests.surge --levels b-lt --members 1,2 --rounds 3 --out loadtests/results/surge-members.json --readme README.md

@@ -238,15 +238,26 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def rate_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every open-loop benchmark shares: where the platform is, and its sustainable rate."""
+    p.add_argument("--base-url", default=f"http://127.0.0.1:{os.environ.get('BUBUH_HTTP_PORT', '8080')}")
+    p.add_argument("--rate", type=float, default=0.0, help="the sustainable stamps/s; measured first when 0")
+    p.add_argument("--measure-stamps", type=int, default=200, help="stamps per channel of the closed-loop surge")
+
+
+async def sustainable_rate(args, env: dict) -> tuple[float, str]:
+    """``--rate``, or the end-to-end stamps/s of a closed-loop surge played just before; and where it came from."""
+    if args.rate:
+        return args.rate, "given with --rate"
+    closed = await run(args.base_url, 4, args.measure_stamps, 8, env)
+    await asyncio.sleep(5)
+    return (closed["stamps_per_s_end_to_end"],
+            f"a closed-loop surge of 4 x {args.measure_stamps} stamps, 8 in flight each, just before")
+
+
 async def measure(args, env: dict) -> dict:
     machine = {"cores": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
-    if args.rate:
-        rate, source = args.rate, "given with --rate"
-    else:
-        closed = await run(args.base_url, 4, args.measure_stamps, 8, env)
-        rate = closed["stamps_per_s_end_to_end"]
-        source = f"a closed-loop surge of 4 x {args.measure_stamps} stamps, 8 in flight each, just before"
-        await asyncio.sleep(5)
+    rate, source = await sustainable_rate(args, env)
     r = await play(args.base_url, env, rate=rate, plateau_s=args.plateau, spike_s=args.spike,
                    channels=args.channels, seed=args.seed)
     r.update({"rate_source": source, "machine": machine,
@@ -257,9 +268,7 @@ async def measure(args, env: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base-url", default=f"http://127.0.0.1:{os.environ.get('BUBUH_HTTP_PORT', '8080')}")
-    p.add_argument("--rate", type=float, default=0.0, help="the sustainable stamps/s; measured first when 0")
-    p.add_argument("--measure-stamps", type=int, default=200, help="stamps per channel of the closed-loop surge")
+    rate_arguments(p)
     p.add_argument("--plateau", type=float, default=600.0, help="seconds at 80%% of the sustainable rate")
     p.add_argument("--spike", type=float, default=60.0, help="seconds at 3x the sustainable rate")
     p.add_argument("--channels", type=int, default=4)

@@ -7,7 +7,7 @@ concurrency, far faster than the stamping tier can sign. What it measures is wha
 - the backlog shows up as a queue: positions and expected completion times in the 202s;
 - every accepted request ends (completed, or failed with a code) and the ledger agrees.
 
-    make up && python -m loadtests.surge --channels 4 --stamps 400 --out loadtests/results/surge.json
+    make up && python -m loadtests.surge --channels 4 --stamps 400 --out loadtests/results/surge-levels.json
 
 ``--levels b-b,b-lt`` compares PAdES levels in one invocation (issue 13: B-LT keeps at least 85% of the
 end-to-end stamps/s of B-B, the level before it). For each level the platform is restarted with
@@ -54,7 +54,7 @@ from loadtests.readme import publish, update_readme  # noqa: E402
 TARGET_RATIO = 0.85          # issue 13: B-LT keeps at least 85% of B-B's end-to-end stamps/s
 MEMBERS_TARGET_RATIO = 0.90  # issue 12: two stamping members on two cores within 10% of one
 MEMBER_SHARE = (0.40, 0.60)  # issue 12: each of two members does 40-60% of the tier's work
-README_BEGIN = "<!-- surge:levels:begin (make surge writes this table) -->"
+README_BEGIN = "<!-- surge:levels:begin (make surge-levels writes this table) -->"
 README_END = "<!-- surge:levels:end -->"
 README_MEMBERS_BEGIN = "<!-- surge:members:begin (make surge-members writes this table) -->"
 README_MEMBERS_END = "<!-- surge:members:end -->"
@@ -750,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--stamps", type=int, default=200, help="stamps per channel")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight per channel")
-    p.add_argument("--out", type=Path, default=Path("loadtests/results/surge.json"))
+    p.add_argument("--out", type=Path, default=Path("loadtests/results/surge-levels.json"))
     p.add_argument("--levels", default="", help="compare PAdES levels, e.g. b-b,b-lt (the first is the base); "
                                                 "restarts the platform for each")
     p.add_argument("--rounds", type=int, default=1, help="with --levels: surges per level, order alternating")

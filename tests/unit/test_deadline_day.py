@@ -1,0 +1,163 @@
+"""The deadline-day report's shape, accounting and plots (loadtests/deadline_day.py), without a platform."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from loadtests.deadline_day import (
+    PLOTS,
+    SCRAPE_EVERY_S,
+    Scrapes,
+    Sent,
+    buckets,
+    channel_times,
+    eta_check,
+    ledger_check,
+    markdown,
+    open_requests,
+    phases,
+    plot,
+    purchase_summary,
+    purchases,
+    schedule,
+    summarise,
+    tier_rates,
+    verdict,
+)
+
+SHARES = (0.55, 0.25, 0.12, 0.08)
+
+
+def test_the_day_ramps_holds_and_spikes_with_channels_of_unequal_size():
+    shape = phases(100, 200, 50)
+    day = schedule(shape, 20.0, SHARES, seed=3)
+    assert day == schedule(shape, 20.0, SHARES, seed=3)                 # reproducible
+    assert [a.t for a in day] == sorted(a.t for a in day)
+    by_phase = {p.name: [a for a in day if a.phase == p.name] for p in shape}
+    # expected: ramp 100 s from 2/s to 16/s = 900; plateau 200 s at 16/s = 3,200; spike 50 s at 60/s = 3,000
+    assert 800 <= len(by_phase["ramp"]) <= 1_000
+    assert 2_950 <= len(by_phase["plateau"]) <= 3_450
+    assert 2_750 <= len(by_phase["spike"]) <= 3_250
+    ramp = by_phase["ramp"]
+    first, second = sum(a.t < 50 for a in ramp), sum(a.t >= 50 for a in ramp)
+    assert second > 1.5 * first                                           # it rises
+    counts = [sum(a.channel == c for a in day) / len(day) for c in range(len(SHARES))]
+    assert all(abs(got - want) < 0.02 for got, want in zip(counts, SHARES, strict=True))
+
+
+def test_every_stamp_is_paid_for_before_it_arrives():
+    day = schedule(phases(60, 120, 30), 25.0, SHARES, seed=5)
+    buys = purchases(day, len(SHARES), units=10, lead_s=40)
+    assert all(n == 10 or when == 0.0 for when, _, n in buys)
+    assert len([b for b in buys if b[0] == 0.0]) == len(SHARES)           # one purchase per channel up front
+    for c in range(len(SHARES)):
+        mine = [a.t for a in day if a.channel == c]
+        for i, t in enumerate(mine):       # the i-th stamp: i + 1 units bought at least 40 s before it (or up front)
+            paid = sum(n for when, ch, n in buys if ch == c and (when == 0.0 or when <= t - 40 + 1e-9))
+            assert paid >= i + 1, (c, i, t)
+        assert sum(n for _, ch, n in buys if ch == c) - len(mine) < 10    # and not much more
+
+
+def test_tier_rates_count_a_restarted_process_from_zero_as_prometheus_does():
+    s = SCRAPE_EVERY_S
+    samples = [(0.0, "worker", "stamping", 100.0), (s, "worker", "stamping", 150.0),
+               (2 * s, "worker", "stamping", 20.0),                   # SIGKILLed and started again: from 0
+               (3 * s, "worker", "stamping", 70.0),
+               (s, "api", "stamping", 5.0), (2 * s, "api", "stamping", 10.0)]
+    rates = dict(tier_rates(samples)["stamping"])
+    assert rates[s] == 50 / s
+    assert rates[2 * s] == 20 / s + 5 / s                                # summed over processes
+    assert rates[3 * s] == 50 / s
+
+
+def test_scrapes_read_the_tiers_and_the_queue_depth_from_the_text_format():
+    text = "\n".join([
+        "# TYPE bubuh_stamp_outcomes_total counter",
+        'bubuh_stamp_outcomes_total{code="",outcome="completed"} 40.0',
+        'bubuh_stamp_outcomes_total{code="TSA_UNAVAILABLE",outcome="failed"} 3.0',
+        "# TYPE bubuh_ledger_operations_total counter",
+        'bubuh_ledger_operations_total{operation="reserve",outcome="applied"} 7.0',
+        'bubuh_ledger_operations_total{operation="reserve",outcome="refused"} 1.0',
+        'bubuh_ledger_operations_total{operation="commit",outcome="applied"} 6.0',
+        "# TYPE bubuh_stamp_queue_depth_requests gauge",
+        "bubuh_stamp_queue_depth_requests 12.0", ""])
+    scrapes = Scrapes({"p": 1})
+    scrapes.take(5.0, "p", text)
+    scrapes.take(5.0, "q", "# TYPE bubuh_stamp_queue_depth_requests gauge\nbubuh_stamp_queue_depth_requests 0.0\n")
+    got = {tier: v for _, _, tier, v in scrapes.samples}
+    assert got == {"stamping (completed)": 40.0, "quota (reservations)": 8.0}
+    assert scrapes.depth == [(5.0, 12.0)]                                 # the process that keeps it
+
+
+def _sent(t: float, channel: int, *, eta: float | None = 10.0, took: float | None = 10.0, status: int | None = 202,
+          accepted: float | None = None, outcome: str | None = "completed") -> Sent:
+    s = Sent(t, "plateau", channel, status=status, latency_s=0.1 if status else 30.0, attempts=1,
+             first_eta_s=eta, took_s=took, outcome=outcome)
+    s.accepted_s = t if accepted is None else accepted
+    s.ended_s = s.accepted_s + (took or 0)
+    s.request_id = f"r-{t}-{channel}" if status == 202 else None
+    return s
+
+
+def test_the_eta_check_leaves_out_fault_windows_and_the_biggest_channel():
+    sent = [_sent(10, 1, took=11), _sent(20, 2, took=30),                 # within 25%; three times over
+            _sent(100, 1, took=50),                                       # in a fault window (100-110)
+            _sent(30, 0, took=90)]                                        # the biggest channel
+    e = eta_check(sent, windows=[(100.0, 110.0)], biggest=0)
+    assert e["requests"] == 2 and e["within_25_percent"] == 0.5
+    assert eta_check([], windows=[], biggest=0) == {"requests": 0}
+
+
+def _result(sent: list[Sent], base: list[Sent], faults: list[dict], shape) -> dict:
+    horizon = sum(p.seconds for p in shape)
+    return {"shape": [{"name": p.name, "seconds": p.seconds, "from_per_s": 1.0, "to_per_s": 2.0} for p in shape],
+            "faults": faults, "shares": SHARES, "rate_per_s": 10.0, "rate_source": "given", "arrivals_end_s": horizon,
+            "machine": {"cores": 2, "loadavg_at_start": [1, 1, 1]},
+            "platform": {"summary": summarise(sent, shape, [(f["began_s"], f["ended_s"]) for f in faults]),
+                         "buckets": buckets(sent, horizon)},
+            "baseline": {"summary": summarise(base, shape), "buckets": buckets(base, horizon)},
+            "purchases": purchase_summary([{"channel": 0, "quantity": 10, "status": 202, "latency_s": 0.1,
+                                            "attempts": 1}]),
+            "reconcile": [{"channel": 0, "exit_code": 0}],
+            "ledger": ledger_check({"ledgers": [{"credited": 10, "committed": 3, "pending": 0}],
+                                    "purchases": [{"channel": 0, "quantity": 10, "status": 202}],
+                                    "sent": [s for s in sent if s.channel == 0]}),
+            "tier_rates": {"stamping (completed)": [(5.0, 2.0), (10.0, 3.0)]},
+            "eta": eta_check(sent, [(f["began_s"], f["ended_s"]) for f in faults], biggest=0),
+            "channels": channel_times(sent, SHARES), "plots": {}}
+
+
+def test_the_verdict_and_the_report_say_what_held(tmp_path: Path):
+    shape = phases(20, 40, 10)
+    rng = random.Random(1)
+    sent = [_sent(rng.uniform(0, 70), c % 4, took=rng.uniform(5, 15)) for c in range(3)]
+    sent += [_sent(1.0, 1, status=None, outcome=None, eta=None, took=None)]   # unanswered, before any fault
+    base = [Sent(s.t, s.phase, s.channel, status=200, latency_s=0.02) for s in sent]
+    fault = {"kind": "worker_killed", "name": "stamping worker SIGKILLed", "began_s": 30.0, "ended_s": 35.0,
+             "seen": True, "evidence": "pid 1 gone, pid 2 serving"}
+    r = _result(sent, base, [fault], shape)
+    v = verdict(r)
+    assert v["every fault was seen"]
+    assert v["every channel's orders reconcile (bubuh reconcile)"]
+    assert not v["outside fault windows (+30 s), every request answered within 30 s"]   # the one at 1.0 s
+    assert v["every accepted request ended, completed"]
+    inside = _result([*sent[:-1], _sent(40.0, 1, status=None, outcome=None, eta=None, took=None)], base, [fault], shape)
+    assert verdict(inside)["outside fault windows (+30 s), every request answered within 30 s"]
+    unseen = _result(sent, base, [{**fault, "seen": False}], shape)
+    assert not verdict(unseen)["every fault was seen"]
+    assert not verdict(_result(sent, base, [], shape))["every fault was seen"]     # no fault is not a pass
+    text = markdown({**r, "verdict": v})
+    assert "stamping worker SIGKILLed" in text and "| ramp |" in text and "**NO**" in text
+
+    r["plots"] = plot(r, {"sent": sent, "scrapes": Scrapes({})}, tmp_path, "surge")
+    assert sorted(Path(p).name for p in r["plots"].values()) == sorted(f"surge-{n}.png" for n in PLOTS)
+    for p in r["plots"].values():
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_open_requests_count_what_was_accepted_and_not_yet_seen_ended():
+    sent = [_sent(1.0, 0, took=3.0), _sent(2.0, 1, took=1.0), _sent(5.0, 2, status=None, outcome=None, took=None)]
+    times, counts = open_requests(sent)
+    at = dict(zip(times, counts, strict=True))
+    assert (at[0.0], at[1.0], at[2.0], at[3.0], at[4.0]) == (0, 1, 2, 1, 0)
