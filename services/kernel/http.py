@@ -59,6 +59,9 @@ def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 MAX_BODY = "x-max-body-bytes"
+# requests of a route in progress in this process at most; the next is answered 503 UNAVAILABLE with
+# Retry-After before its body is read (BodyLimits)
+MAX_IN_FLIGHT = "x-max-in-flight"
 TOO_LARGE_CODE = "x-body-too-large-code"
 DEFAULT_MAX_BODY_BYTES = 16 * 1024   # routes that declare no limit (they take no body)
 # an answer that comes before the body was read drops the rest of it when that is at most this
@@ -69,15 +72,20 @@ DRAIN_SECONDS = 2.0
 
 
 def body_limit(limit: int, too_large: errors.ErrorCode = errors.BODY_TOO_LARGE,
-               request_body: dict[str, Any] | None = None) -> dict[str, Any]:
+               request_body: dict[str, Any] | None = None, max_in_flight: int | None = None) -> dict[str, Any]:
     """``openapi_extra`` of a route that takes a body: its size limit (enforced by ``BodyLimits``
-    while the body arrives), the code a larger body gets, and the body's OpenAPI description."""
+    while the body arrives), the code a larger body gets, and the body's OpenAPI description; with
+    ``max_in_flight``, how many of its requests one process works on at once (more: 503 at once)."""
     extra: dict[str, Any] = {MAX_BODY: limit, TOO_LARGE_CODE: too_large.code}
+    if max_in_flight:
+        extra[MAX_IN_FLIGHT] = max_in_flight
     if request_body is not None:
+        busy = (f" When {max_in_flight} are already in progress, the answer is 503 `UNAVAILABLE` with "
+                f"`Retry-After`, before the body is read." if max_in_flight else "")
         extra["requestBody"] = {**request_body, "description": (
             request_body.get("description", "") + f" At most {limit} bytes (chunked or not): a larger "
             f"declared `Content-Length` is refused at once, a larger streamed body as soon as it passes the "
-            f"limit, with 413 `{too_large.code}` and `Connection: close`.").strip()}
+            f"limit, with 413 `{too_large.code}` and `Connection: close`." + busy).strip()}
     return extra
 
 
@@ -129,21 +137,48 @@ class BodyLimits:
         # the routers' own routes (the app mounts them without a prefix), read once: matching a
         # request against them is what the router does next anyway
         self._table = [(r, int(r.openapi_extra[MAX_BODY]),
-                        errors.lookup(r.openapi_extra.get(TOO_LARGE_CODE, errors.BODY_TOO_LARGE.code)))
+                        errors.lookup(r.openapi_extra.get(TOO_LARGE_CODE, errors.BODY_TOO_LARGE.code)),
+                        int(r.openapi_extra.get(MAX_IN_FLIGHT) or 0))
                        for router in routers for r in router.routes
                        if isinstance(r, APIRoute) and r.openapi_extra and MAX_BODY in r.openapi_extra]
+        # Admission: a route's requests in progress here. Past its bound the request is answered at
+        # once: under a surge, requests queued inside the server past every client's patience were
+        # still parsed, checked and stored, for callers long gone, while the next ones waited behind them.
+        self._in_flight: dict[str, int] = {}
 
-    def _limit_for(self, scope: Scope) -> tuple[int, errors.ErrorCode]:
-        for route, limit, code in self._table:
+    def _limit_for(self, scope: Scope) -> tuple[int, errors.ErrorCode, str | None, int]:
+        for route, limit, code, bound in self._table:
             if route.matches(scope)[0] is Match.FULL:
-                return limit, code
-        return self._default, errors.BODY_TOO_LARGE
+                return limit, code, route.path, bound
+        return self._default, errors.BODY_TOO_LARGE, None, 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit, code = self._limit_for(scope)
+        limit, code, path, bound = self._limit_for(scope)
+        if bound:
+            if self._in_flight.get(path, 0) >= bound:
+                # the body is read and dropped (within the route's limit), not parsed: an answer sent
+                # while a client still uploads is often lost to the reset that closing causes
+                log.info("busy: body dropped unparsed", path=scope["path"], in_flight=bound)
+                if await _dropped(receive, limit):
+                    response = error_response(errors.UNAVAILABLE, f"{bound} requests in progress here; retry "
+                                              "shortly", {"Retry-After": "1"})
+                    await response(scope, _no_body, send)
+                else:
+                    await _refuse(scope, send, errors.UNAVAILABLE, f"{bound} requests in progress here",
+                                  {"Retry-After": "1"})
+                return
+            self._in_flight[path] = self._in_flight.get(path, 0) + 1
+            try:
+                await self._limited(scope, receive, send, limit, code)
+            finally:
+                self._in_flight[path] -= 1
+            return
+        await self._limited(scope, receive, send, limit, code)
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send, limit: int, code: errors.ErrorCode) -> None:
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
@@ -197,10 +232,26 @@ def _with_close(headers) -> list[tuple[bytes, bytes]]:
     return out + [(b"connection", b"close")]
 
 
-async def _refuse(scope: Scope, send: Send, code: errors.ErrorCode, detail: str) -> None:
+async def _refuse(scope: Scope, send: Send, code: errors.ErrorCode, detail: str,
+                  headers: dict[str, str] | None = None) -> None:
     """Answer before the app (and before a ``100 Continue``): the body is never read."""
-    response = error_response(code, detail, {"Connection": "close"})
+    response = error_response(code, detail, {"Connection": "close", **(headers or {})})
     await response(scope, _no_body, send)
+
+
+async def _dropped(receive: Receive, limit: int) -> bool:
+    """Read the request's body to its end without keeping it; False when it passes ``limit`` or the
+    client goes away first."""
+    received = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False
+        received += len(message.get("body", b""))
+        if received > limit:
+            return False
+        if not message.get("more_body", False):
+            return True
 
 
 async def _no_body() -> Message:

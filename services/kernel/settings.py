@@ -153,6 +153,9 @@ class Settings(BaseSettings):
     # how long the HTTP doors (stamp and purchase intake) wait for Kafka's acknowledgement (acks=all) before
     # they answer 503 UNAVAILABLE with Retry-After: a broker restart costs a channel a retry, not a 30 s hang
     intake_publish_timeout_s: float = 5.0
+    # stamp uploads one API process works on at once; the next is answered 503 with Retry-After before its
+    # body is read, rather than queued inside the server past the caller's patience (kernel/http.py)
+    intake_max_in_flight: int = 64
     intake_cpu_s: float = 5.0
     intake_wall_s: float = 30.0
     # signing children per stamping worker process, each with its own key or PKCS#11 session. At B-T and above

@@ -44,12 +44,12 @@ class StampMetaBody(http.StrictBody):
     email: str = Field("", description="Optional: where to send the buyer the outcome.")
 
 
-def _upload_body(limit: int, fields: dict, required: list[str], what: str) -> dict:
-    """The multipart request body as OpenAPI states it, with the route's size limit."""
+def _upload_body(limit: int, fields: dict, required: list[str], what: str, max_in_flight: int | None = None) -> dict:
+    """The multipart request body as OpenAPI states it, with the route's size limit (and admission bound)."""
     return http.body_limit(limit, errors.PDF_TOO_LARGE, {
         "required": True, "description": what,
         "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": required, "properties": fields}}}})
+            "type": "object", "required": required, "properties": fields}}}}, max_in_flight)
 
 
 _FILE = {"type": "string", "format": "binary", "maxLength": MAX_BYTES_ANY_PROFILE,
@@ -63,7 +63,8 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, reque
         settings.stamp_max_body_bytes,
         {"file": _FILE, "meta": {"type": "string", "contentMediaType": "application/json",
                                  "description": "JSON: " + json.dumps(StampMetaBody.model_json_schema())}},
-        ["file", "meta"], "`file`: the PDF (the profile's limit applies to it); `meta`: JSON, see its schema.")
+        ["file", "meta"], "`file`: the PDF (the profile's limit applies to it); `meta`: JSON, see its schema.",
+        settings.intake_max_in_flight)
     verify_body = _upload_body(settings.verify_max_body_bytes, {"file": _FILE}, ["file"],
                                "`file`: the stamped PDF.")
 
