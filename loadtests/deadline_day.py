@@ -62,7 +62,8 @@ from loadtests.surge import _bubuh, _channel, log  # noqa: E402
 SHARES = (0.55, 0.25, 0.12, 0.08)    # channels of unequal size: a national one down to a small one
 RAMP_FROM, PLATEAU_SHARE, SPIKE_FACTOR = 0.1, 0.8, 3.0   # of the sustainable rate
 TIMEOUT_S = 30.0                     # the client's timeout, the same for the platform and the baseline
-SENDERS = 256                        # requests in flight at most (each on its own connection)
+SENDERS = 256                        # requests in flight at most (each on its own connection) ...
+SHARDS = 16                          # ... spread over this many clients (``Clients``)
 READERS = 16                         # status reads in flight at most
 SCRAPE_EVERY_S = 5.0
 BUCKET_S = 10.0                      # the plots' and the tables' time resolution
@@ -328,8 +329,31 @@ class Sent:
     late: str | None = None           # no answer in time: the status the channel's later retry was answered with
 
 
-async def _send(client: httpx.AsyncClient, gate: asyncio.Semaphore, t0: float, sent: Sent,
-                request) -> httpx.Response | None:
+class Clients:
+    """``SHARDS`` httpx clients of ``SENDERS / SHARDS`` connections each, picked by a request's number.
+
+    One client of 256 connections made the load generator the bottleneck: httpcore matches every
+    waiting request against every connection of its pool at each step, and once the platform slowed
+    down (connections closed by 503s, requests waiting) py-spy showed the generator at 100% of a core
+    in ``_assign_requests_to_connections`` while the platform waited for requests it never got."""
+
+    def __init__(self, base_url: str) -> None:
+        per = max(1, SENDERS // SHARDS)
+        self._clients = [httpx.AsyncClient(base_url=base_url, timeout=TIMEOUT_S,
+                                           limits=httpx.Limits(max_connections=per, max_keepalive_connections=per))
+                         for _ in range(SHARDS)]
+
+    def __getitem__(self, i: int) -> httpx.AsyncClient:
+        return self._clients[i % len(self._clients)]
+
+    async def __aenter__(self) -> Clients:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await asyncio.gather(*(c.aclose() for c in self._clients))
+
+
+async def _send(gate: asyncio.Semaphore, t0: float, sent: Sent, request) -> httpx.Response | None:
     """One arrival, sent at its time and retried on 429/503 as the answer's Retry-After says, within
     TIMEOUT_S of the arrival (the client's total budget); the latency runs from the scheduled time."""
     scheduled = t0 + sent.t
@@ -367,11 +391,10 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
     due: list[tuple[float, str]] = []
     fault_log: list[dict] = []
     gate = asyncio.Semaphore(SENDERS)
-    limits = httpx.Limits(max_connections=SENDERS, max_keepalive_connections=SENDERS)
     from services.operator import local_processes
 
     scrapes = Scrapes({name: port for name, (_, port) in local_processes.metrics_targets(settings).items()})
-    async with httpx.AsyncClient(base_url=base_url, timeout=TIMEOUT_S, limits=limits) as client, \
+    async with Clients(base_url) as clients, \
             httpx.AsyncClient(base_url=base_url, timeout=TIMEOUT_S,
                               limits=httpx.Limits(max_connections=READERS)) as reading:
 
@@ -386,8 +409,8 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
                                                          dt.UTC).isoformat()}
             start = t0
             for _ in range(10):    # not accepted (no answer, the database away): the same order sent again
-                r = await _send(client, gate, start, b,
-                                lambda: client.post("/v1/purchases", json=body, headers=auth(c)))
+                r = await _send(gate, start, b, lambda: clients[c + int(when * 1000)].post(
+                    "/v1/purchases", json=body, headers=auth(c)))
                 if r is not None and r.status_code == 202:
                     break
                 start = time.perf_counter() - b.t
@@ -403,15 +426,18 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
         t0_wall = time.time()
 
         run_id = secrets.token_hex(4)
+        number: dict[int, int] = {}
         for i, s in enumerate(sent):   # each request a key of its own: a retry is the same request (docs/channels.md)
             s.key = f"deadline-{run_id}-{i}"
+            number[id(s)] = i
 
         def stamp(s: Sent):
-            return lambda: client.post("/v1/stamps", headers=auth(s.channel) | {"Idempotency-Key": s.key},
-                                       data={"meta": META}, files={"file": ("letter.pdf", letter, "application/pdf")})
+            return lambda: clients[number[id(s)]].post(
+                "/v1/stamps", headers=auth(s.channel) | {"Idempotency-Key": s.key}, data={"meta": META},
+                files={"file": ("letter.pdf", letter, "application/pdf")})
 
         async def arrive(s: Sent) -> None:
-            r = await _send(client, gate, t0, s, stamp(s))
+            r = await _send(gate, t0, s, stamp(s))
             if r is not None and r.status_code == 202:
                 body = r.json()
                 s.request_id, s.first_eta_s = body["request_id"], body.get("eta_seconds")
@@ -475,7 +501,7 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
             answered. A 202 saying other than ``queued`` means the platform had accepted it all along."""
             again = Sent(time.perf_counter() - t0, "drain", s.channel)
             for _ in range(20):
-                r = await _send(client, gate, t0, again, stamp(s))
+                r = await _send(gate, t0, again, stamp(s))
                 if r is not None:
                     break
                 again.t = time.perf_counter() - t0
@@ -515,12 +541,11 @@ async def play_baseline(url: str, arrivals: list[Arrival]) -> list[Sent]:
     letter = corpus.a4_text(7)
     sent = [Sent(a.t, a.phase, a.channel) for a in arrivals]
     gate = asyncio.Semaphore(SENDERS)
-    limits = httpx.Limits(max_connections=SENDERS, max_keepalive_connections=SENDERS)
-    async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT_S, limits=limits) as client:
+    async with Clients(url) as clients:
         t0 = time.perf_counter()
 
-        async def arrive(s: Sent) -> None:
-            r = await _send(client, gate, t0, s, lambda: client.post(
+        async def arrive(i: int, s: Sent) -> None:
+            r = await _send(gate, t0, s, lambda: clients[i].post(
                 "/stamp", data={"meta": META}, files={"file": ("letter.pdf", letter, "application/pdf")}))
             if r is not None and r.status_code == 200:
                 s.outcome, s.ended_s = "completed", time.perf_counter() - t0
@@ -532,7 +557,7 @@ async def play_baseline(url: str, arrivals: list[Arrival]) -> list[Sent]:
                     f"timed out {sum(s.error.startswith('no answer') for s in sent)} of {len(sent)}")
 
         watcher = asyncio.ensure_future(progress())
-        await asyncio.gather(*(arrive(s) for s in sent))
+        await asyncio.gather(*(arrive(i, s) for i, s in enumerate(sent)))
         watcher.cancel()
     return sent
 
