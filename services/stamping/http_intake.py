@@ -94,7 +94,12 @@ class StampIntake:
             request_id = str(uuid.uuid5(_NS, f"{channel.channel_id}\x1f{idempotency_key}"))
             earlier = await self._earlier(request_id)
             if earlier is not None:
-                if earlier["idempotency_fingerprint"] != fingerprint:
+                # a row without a fingerprint was written by the stamping tier from this key's own event:
+                # its first attempt was answered 503 (and its row removed), yet the event reached the
+                # broker all the same; it is the same request when the document is
+                same = (earlier["idempotency_fingerprint"] == fingerprint if earlier["idempotency_fingerprint"]
+                        else earlier["document_sha256"] in (None, "", facts.sha256))
+                if not same:
                     raise errors.BubuhError(errors.IDEMPOTENCY_MISMATCH,
                                             f"Idempotency-Key {idempotency_key!r} was used with another request")
                 if earlier["status"] != "queued":
@@ -135,8 +140,8 @@ class StampIntake:
     async def _earlier(self, request_id: str) -> asyncpg.Record | None:
         try:
             return await asyncio.wait_for(self._pool.fetchrow(
-                "SELECT status, idempotency_fingerprint, accepted_at FROM requests WHERE request_id = $1",
-                request_id), 0.5)
+                "SELECT status, idempotency_fingerprint, document_sha256, accepted_at FROM requests "
+                "WHERE request_id = $1", request_id), 0.5)
         except Exception as exc:  # noqa: BLE001 - without the database the key still yields the same id
             if failures.classify(exc).waits:
                 return None

@@ -10,15 +10,27 @@ same ``Idempotency-Key`` again (docs/channels.md) gets one request, one stamp, o
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 import time
+import uuid
 
 import httpx
 import pytest
 
 from loadtests import corpus
 from tests import stack
-from tests.flows import Db, auth, buy, order_body, post_stamp, post_until_accepted, stamp_finished, stamp_meta, wait_for
+from tests.flows import (
+    Db,
+    auth,
+    buy,
+    order_body,
+    post_stamp,
+    post_until_accepted,
+    stamp_finished,
+    stamp_meta,
+    wait_for,
+)
 from tests.platform import PlatformProcess, add_channel
 
 BUDGET_S = 2.0
@@ -107,3 +119,36 @@ async def test_a_broker_restart_costs_intake_a_quick_503_and_a_retry_with_the_sa
     finally:
         await platform.stop()
         await asyncio.to_thread(broker.stop)
+
+
+async def test_a_retry_after_a_503_whose_event_reached_the_broker_anyway_is_the_same_request(
+        platform, api, channel, settings):
+    """The 503 removed the request's row, but the event got out of the producer's buffer after all and
+    the stamping tier wrote the row again, without the intake's fingerprint (found by the deadline day:
+    one retry in 13,152 was refused IDEMPOTENCY_MISMATCH, and 62 sent again afterwards). The retry with
+    the same key and the same document is that request, not a mismatch."""
+    from services.contracts.bubuh.v1 import stamp_pb2
+    from services.kernel import events, topics
+    from services.kernel.producer import Producer
+    from services.stamping.http_intake import _NS
+
+    key, pdf = "late-event", corpus.a4_text(3)
+    request_id = str(uuid.uuid5(_NS, f"{channel['channel_id']}\x1f{key}"))
+    msg = stamp_pb2.StampRequested(request_id=request_id, channel_id=channel["channel_id"], account_id="late",
+                                   document_sha256=hashlib.sha256(pdf).hexdigest())
+    producer = Producer(settings, client_id="late-event")
+    await producer.start()
+    try:          # the event as intake published it; no quota was bought, so the request ends refused
+        await producer.publish(events.outgoing(settings.topic(topics.STAMP_REQUESTED.name), request_id,
+                                               events.envelope(msg, producer="stamping")))
+    finally:
+        await producer.stop()
+    db = Db(settings)
+
+    async def written() -> str | None:
+        return await db.val("stamping", "SELECT status FROM requests WHERE request_id = $1 "
+                                        "AND idempotency_fingerprint IS NULL", request_id)
+    status = await wait_for(written, timeout=60, what="the stamping tier's row")
+    r = await post_stamp(api, channel, pdf, stamp_meta("late"), idempotency_key=key)
+    assert r.status_code == 202, r.text
+    assert (r.json()["request_id"], r.json()["status"]) == (request_id, status)
