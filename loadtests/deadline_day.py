@@ -873,7 +873,8 @@ def markdown(r: dict) -> str:
                      f"{pp['p50_ms']} / {pp['p99_ms']} / {pp['max_ms']} | "
                      f"{pp['answers']} | {bp['p50_ms']} / {bp['p99_ms']} / {bp['max_ms']} | {bp['answers']} |")
     lines += ["", f"- **Platform**: {p['arrivals']} stamp requests, {p['accepted_or_stamped']} accepted "
-              f"({p['retried']} after a 503 and a retry), {p['timeouts']} without an answer in 30 s (sent again "
+              f"({p['retried']} sent more than once after a 503), {p['timeouts']} without an answer in 30 s "
+              f"(sent again "
               f"afterwards with their keys, answered {p['sent_again_answered'] or '-'}: `queued` is new, anything "
               f"else had been accepted all along); outcomes "
               f"{p['outcomes']}; the last completed {p['last_completed_s']} s into the day "
