@@ -41,7 +41,6 @@ import os
 import random
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -224,17 +223,6 @@ def tier_rates(samples: list[tuple[float, str, str, float]]) -> dict[str, list[t
 # --- faults -----------------------------------------------------------------------------------------
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _kafka_sh(*args: str) -> str:
-    here = Path(__file__).resolve().parents[1] / "deploy" / "local" / "kafka.sh"
-    return subprocess.run([str(here), *args], capture_output=True, text=True, timeout=240, check=True).stdout.strip()
-
-
 async def kill_worker(env: dict, settings, t0: float) -> dict:
     from services.operator import local_processes
 
@@ -270,12 +258,14 @@ async def read_only(settings, seconds: float) -> dict:
 
 
 async def restart_broker(port: int) -> dict:
-    before = await asyncio.to_thread(_kafka_sh, "status")
-    await asyncio.to_thread(_kafka_sh, "stop")
-    closed = not await asyncio.to_thread(_port_open, port)
+    from tests import stack
+
+    before = await asyncio.to_thread(stack.sh, "kafka.sh", "status")
+    await asyncio.to_thread(stack.kafka_stop)
+    closed = not await asyncio.to_thread(stack.port_open, port)
     started = time.perf_counter()
-    await asyncio.to_thread(_kafka_sh, "start")
-    after = await asyncio.to_thread(_kafka_sh, "status")
+    await asyncio.to_thread(stack.kafka_start)
+    after = await asyncio.to_thread(stack.sh, "kafka.sh", "status")
     return {"seen": closed and before != after,
             "evidence": f"before: {before}; port {port} closed after stop: {closed}; "
                         f"after ({time.perf_counter() - started:.1f} s to start): {after}"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,13 @@ LOCAL = REPO_ROOT / "deploy" / "local"
 
 def managed_kafka() -> bool:
     return not os.environ.get("BUBUH_KAFKA_BOOTSTRAP")
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts connections on ``port`` (a fault's check that a server really went away)."""
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
 
 
 def managed_postgres() -> bool:

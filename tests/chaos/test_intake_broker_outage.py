@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
 import time
 import uuid
 
@@ -36,12 +35,6 @@ from tests.platform import PlatformProcess, add_channel
 BUDGET_S = 2.0
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.mark.slow
 async def test_a_broker_restart_costs_intake_a_quick_503_and_a_retry_with_the_same_key_is_one_stamp(
         settings, tmp_path):
@@ -64,7 +57,7 @@ async def test_a_broker_restart_costs_intake_a_quick_503_and_a_retry_with_the_sa
 
             before = broker.pid()
             await asyncio.to_thread(broker.stop)
-            assert not _port_open(broker.port), "the broker still listens: the fault did not happen"
+            assert not stack.port_open(broker.port), "the broker still listens: the fault did not happen"
 
             started = time.perf_counter()
             refused = await post_stamp(api, channel, pdf, meta, idempotency_key="during-the-outage")
