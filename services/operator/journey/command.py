@@ -10,7 +10,7 @@ import asyncpg
 
 from services.kernel.runtime import ConfigError
 from services.kernel.settings import Settings
-from services.operator.journey.journey import Journey, NotFound, Step, Tracer
+from services.operator.journey.journey import TERMINAL, Journey, NotFound, Step, Tracer
 
 
 def _latency(step: Step, previous: Step | None) -> str:
@@ -78,28 +78,44 @@ async def trace(settings: Settings, ident: str, *, as_json_output: bool = False,
         text(header(j))
         for line in step_lines(j.steps):
             text(line)
-        shown = {s.identity for s in j.steps}
-        said = now_line(j)
-        text(said)
-        while follow and not j.finished:
-            await asyncio.sleep(interval)
-            before = j.steps[:]
-            await tracer.gather(j)
-            new = [s for s in j.steps if s.identity not in shown]
-            if new:
-                earlier = [s for s in before if s.at <= new[0].at]
-                for line in step_lines(new, earlier[-1] if earlier else None):
-                    text(line)
-                shown |= {s.identity for s in new}
-            if now_line(j) != said:
-                said = now_line(j)
-                text(said)
+        if follow:
+            await follow_journey(tracer, j, text, interval)
+        else:
+            text(now_line(j))
         if as_json_output:
             out(json.dumps(as_json(j), indent=2))
         return 0
     finally:
         await tracer.close()
         await conn.close()
+
+
+async def follow_journey(tracer, j: Journey, text, interval: float) -> None:
+    """Prints where the request stands, then each new step and each change, until the journey is finished.
+
+    An end the database knows but whose last record is not yet on Kafka is said once, after that record's
+    line: a follower's last line is always where the request stands."""
+    shown = {s.identity for s in j.steps}
+    said = now_line(j)
+    text(said)
+    last_is_now = True
+    while not j.finished:
+        await asyncio.sleep(interval)
+        before = j.steps[:]
+        await tracer.gather(j)
+        new = [s for s in j.steps if s.identity not in shown]
+        if new:
+            earlier = [s for s in before if s.at <= new[0].at]
+            for line in step_lines(new, earlier[-1] if earlier else None):
+                text(line)
+            shown |= {s.identity for s in new}
+            last_is_now = False
+        if now_line(j) != said and (j.finished or j.now.state not in TERMINAL):
+            said = now_line(j)
+            text(said)
+            last_is_now = True
+    if not last_is_now:
+        text(said)
 
 
 def run(settings: Settings, ident: str, *, as_json_output: bool, follow: bool) -> int:
