@@ -258,6 +258,56 @@ async def _no_body() -> Message:
     return {"type": "http.disconnect"}
 
 
+class TraceAndMeasure:
+    """ASGI middleware, outermost of ours: binds the trace id, answers an exception no route turned
+    into an answer (``_unexpected``), sets ``traceparent`` on the answer, and counts, times and logs
+    every request.
+
+    A plain ASGI class, not Starlette's ``@app.middleware("http")``: that one runs each request's
+    handler in a task group of its own and streams the answer through a memory channel, about a
+    tenth of the API process's CPU per stamp request under a surge (py-spy).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        traceparent = headers.get(b"traceparent")
+        token = tracing.bind(tracing.parse_traceparent(traceparent.decode("latin-1") if traceparent else None))
+        started = time.perf_counter()
+        status = 500
+        answered = False
+
+        async def traced_send(message: Message) -> None:
+            nonlocal status, answered
+            if message["type"] == "http.response.start":
+                status, answered = message["status"], True
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"traceparent", tracing.traceparent(tracing.current()).encode())]}
+            await send(message)
+
+        try:
+            try:
+                await self.app(scope, receive, traced_send)
+            except Exception as exc:  # noqa: BLE001 - classified: a dependency away is 503, never 500
+                if answered:        # too late for an answer of its own: the server drops the connection
+                    raise
+                await _unexpected(Request(scope), exc)(scope, receive, traced_send)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            elapsed = time.perf_counter() - started
+            metrics.HTTP_REQUESTS.labels(path, str(status)).inc()
+            metrics.HTTP_SECONDS.labels(path).observe(elapsed)
+            if path not in ("/metrics", "/healthz"):
+                log.info("http", method=scope["method"], route=path, status=status,
+                         duration_ms=round(elapsed * 1000, 2))
+            tracing.reset(token)
+
+
 def create_app(title: str, routers: Sequence[APIRouter], lifespan=None, version: str = "0.1.0",
                default_max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title=title, version=version, lifespan=lifespan,
@@ -269,29 +319,7 @@ def create_app(title: str, routers: Sequence[APIRouter], lifespan=None, version:
     # added before the trace middleware, so it runs inside it: its refusals are traced and measured too
     app.add_middleware(BodyLimits, routers=routers, default_limit=default_max_body_bytes)
 
-    @app.middleware("http")
-    async def trace_and_measure(request: Request, call_next):
-        token = tracing.bind(tracing.parse_traceparent(request.headers.get("traceparent")))
-        started = time.perf_counter()
-        status = 500
-        try:
-            try:
-                response = await call_next(request)
-            except Exception as exc:  # noqa: BLE001 - classified: a dependency away is 503, never 500
-                response = _unexpected(request, exc)
-            status = response.status_code
-            response.headers["traceparent"] = tracing.traceparent(tracing.current())
-            return response
-        finally:
-            route = request.scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            elapsed = time.perf_counter() - started
-            metrics.HTTP_REQUESTS.labels(path, str(status)).inc()
-            metrics.HTTP_SECONDS.labels(path).observe(elapsed)
-            if path not in ("/metrics", "/healthz"):
-                log.info("http", method=request.method, route=path, status=status,
-                         duration_ms=round(elapsed * 1000, 2))
-            tracing.reset(token)
+    app.add_middleware(TraceAndMeasure)
 
     @app.exception_handler(errors.BubuhError)
     async def bubuh_error(_request: Request, exc: errors.BubuhError):
