@@ -108,3 +108,37 @@ async def test_an_early_answer_drops_a_small_rest_and_closes_on_a_large_one():
     assert (status, headers.get("connection"), taken) == (401, "close", 0)   # not read: the server closes
     status, headers, _, taken = await h.post({"transfer-encoding": "chunked"}, small, "/refuse")
     assert (status, headers.get("connection"), taken) == (401, "close", 0)   # unknown length: closes
+
+
+async def test_every_answer_carries_its_trace_and_an_unhandled_exception_gets_a_coded_answer():
+    """TraceAndMeasure: the caller's trace id comes back in ``traceparent`` and in the error body; a
+    dependency away is 503 UNAVAILABLE with Retry-After, anything else 500 INTERNAL, never a bare crash."""
+    import httpx
+    from fastapi import APIRouter
+
+    from services.kernel import http, metrics
+
+    r = APIRouter()
+
+    @r.get("/away")
+    async def away():
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    @r.get("/bug")
+    async def bug():
+        raise RuntimeError("a bug")
+
+    @r.get("/fine")
+    async def fine():
+        return {"ok": True}
+
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    before = metrics.HTTP_REQUESTS.labels("/bug", "500")._value.get()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=http.create_app("t", [r])),
+                                 base_url="http://t", headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"}) as c:
+        fine_r, away_r, bug_r = await c.get("/fine"), await c.get("/away"), await c.get("/bug")
+    assert fine_r.status_code == 200 and fine_r.headers["traceparent"].startswith(f"00-{trace}-")
+    assert away_r.status_code == 503 and away_r.json()["code"] == "UNAVAILABLE" and away_r.headers["retry-after"]
+    assert bug_r.status_code == 500 and bug_r.json()["code"] == "INTERNAL"
+    assert bug_r.json()["trace_id"] == trace and bug_r.headers["traceparent"].startswith(f"00-{trace}-")
+    assert metrics.HTTP_REQUESTS.labels("/bug", "500")._value.get() == before + 1
