@@ -65,6 +65,16 @@ class Connection(asyncpg.Connection):
         super().__init__(*args, **kwargs)
         self._owed_wakes: set[tuple[str, bool]] = set()
 
+    def get_reset_query(self) -> str:
+        """Nothing for the pool to reset on release, so no round trip: asyncpg's default sends
+        ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` every time a connection goes
+        back (about 11 times per stamp across the tiers, each a message PostgreSQL parses and answers).
+        Our pool connections keep no session state to undo: LISTEN has connections of its own
+        (``listener.py``), cursors live inside transactions, advisory locks are transaction-scoped or
+        released where taken (``migrations.py``, which also resets its search_path), and nothing else
+        issues SET. An open transaction is still rolled back on release (asyncpg does that itself)."""
+        return ""
+
     def owe_wake(self, channel: str, in_schema: bool = False) -> None:
         """``in_schema``: the channel is ``<current schema><channel>``."""
         self._owed_wakes.add((channel, in_schema))

@@ -43,5 +43,6 @@ async def migrate(pool: asyncpg.Pool, schema: str, files: list[Path]) -> list[st
                     await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", path.name)
                 applied_now.append(path.name)
         finally:
+            await conn.execute("RESET search_path")     # the pool does not reset a connection on release
             await conn.execute("SELECT pg_advisory_unlock($1)", lock)
     return applied_now
