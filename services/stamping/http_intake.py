@@ -96,9 +96,10 @@ class StampIntake:
             if earlier is not None:
                 # a row without a fingerprint was written by the stamping tier from this key's own event:
                 # its first attempt was answered 503 (and its row removed), yet the event reached the
-                # broker all the same; it is the same request when the document is
+                # broker all the same; it is the same request when what that attempt stored is this one
                 same = (earlier["idempotency_fingerprint"] == fingerprint if earlier["idempotency_fingerprint"]
-                        else earlier["document_sha256"] in (None, "", facts.sha256))
+                        else await self._same_as_stored(request_id, earlier["document_sha256"], facts.sha256,
+                                                        meta, profile))
                 if not same:
                     raise errors.BubuhError(errors.IDEMPOTENCY_MISMATCH,
                                             f"Idempotency-Key {idempotency_key!r} was used with another request")
@@ -136,6 +137,22 @@ class StampIntake:
                  profile=profile, bytes=len(data), position=position)
         return Accepted(request_id, "queued", position,
                         facts_now.eta_seconds(position) if facts_now and position is not None else None)
+
+    async def _same_as_stored(self, request_id: str, row_sha256: str | None, sha256: str, meta: StampMeta,
+                              profile: str) -> bool:
+        """Is this the request the key's first attempt stored (its ``StampRequested``, kept beside the
+        document before it was published)? Without that record, the row's document hash decides, when
+        the row has one (a row written from a quota event alone does not)."""
+        try:
+            stored = stamp_pb2.StampRequested.FromString(await self._store.get(store.meta_key(request_id)))
+        except FileNotFoundError:
+            return row_sha256 in (None, "", sha256)
+        p = stored.placement
+        return (stored.document_sha256, stored.account_id, p.page, p.llx, p.lly, p.urx, p.ury, stored.doc_type,
+                stored.doc_number, stored.doc_date, stored.reason, stored.location, stored.profile,
+                stored.email) == (sha256, meta.account_id, meta.page, meta.llx, meta.lly, meta.urx, meta.ury,
+                                  meta.doc_type, meta.doc_number, meta.doc_date, meta.reason, meta.location,
+                                  profile, meta.email)
 
     async def _earlier(self, request_id: str) -> asyncpg.Record | None:
         try:

@@ -145,3 +145,28 @@ async def test_a_retry_after_a_503_whose_event_reached_the_broker_anyway_is_the_
     r = await post_stamp(api, channel, pdf, stamp_meta("late"), idempotency_key=key)
     assert r.status_code == 202, r.text
     assert (r.json()["request_id"], r.json()["status"]) == (request_id, status)
+
+
+async def test_a_row_without_fingerprint_still_tells_another_document_from_the_same(platform, api, channel,
+                                                                                    settings):
+    """When the row the pipeline wrote has no fingerprint and no document hash (a request refused at the
+    quota tier is written from the quota's event), the key's first attempt is still on record: the
+    ``StampRequested`` intake stored beside the document before publishing. A retry is the same request
+    only when it asks what that record says; another document under the key is IDEMPOTENCY_MISMATCH."""
+    key, pdf = "refused-then-retried", corpus.a4_text(4)
+    first = await post_stamp(api, channel, pdf, stamp_meta("no-quota"), idempotency_key=key)
+    assert first.status_code == 202, first.text
+    request_id = first.json()["request_id"]
+    db = Db(settings)
+    await wait_for(lambda: db.val("stamping", "SELECT status FROM requests WHERE request_id = $1 AND "
+                                              "status = 'failed'", request_id), timeout=60, what="refused at quota")
+    # the row as the pipeline writes it after the intake's 503 removed the intake's own
+    assert await db.val("stamping", "UPDATE requests SET idempotency_fingerprint = NULL, document_sha256 = '' "
+                                    "WHERE request_id = $1 RETURNING request_id", request_id) == request_id
+    same = await post_stamp(api, channel, pdf, stamp_meta("no-quota"), idempotency_key=key)
+    assert same.status_code == 202, same.text
+    assert (same.json()["request_id"], same.json()["status"]) == (request_id, "failed")
+    other = await post_stamp(api, channel, corpus.a4_text(5), stamp_meta("no-quota"), idempotency_key=key)
+    assert other.status_code == 409 and other.json()["code"] == "IDEMPOTENCY_MISMATCH", other.text
+    moved = await post_stamp(api, channel, pdf, stamp_meta("no-quota", page=1, llx=10), idempotency_key=key)
+    assert moved.status_code == 409 and moved.json()["code"] == "IDEMPOTENCY_MISMATCH", moved.text
