@@ -131,6 +131,8 @@ class StampIntake:
             if recorded:
                 await self._forget(request_id)
             raise
+        if not recorded:
+            await self._mark_accepted(request_id)
         facts_now = await self._queue.facts()
         position = await self._queue.position_for_new(channel.channel_id)
         log.info("stamp accepted", request_id=request_id, channel_id=channel.channel_id, account_id=meta.account_id,
@@ -180,6 +182,15 @@ class StampIntake:
                 raise
             log.warning("stamp request not recorded yet (database away)", request_id=msg.request_id)
             return False
+
+    async def _mark_accepted(self, request_id: str) -> None:
+        """Without its row, a status read would call the request unknown until the stamping tier writes
+        the row from the event; the mark beside the stored request says it was accepted
+        (``RequestStatus``)."""
+        try:
+            await self._store.put(store.accepted_key(request_id), b"")
+        except errors.BubuhError as exc:     # the 202 stands: reads say not found until the row exists
+            log.warning("accepted without a row or a mark", request_id=request_id, error=exc.detail)
 
     async def _forget(self, request_id: str) -> None:
         """The queued row of a request that was not accepted after all. Left, it said 'queued' forever: in

@@ -5,8 +5,12 @@ A channel reads only its own requests; someone else's id is not found.
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
+
 import asyncpg
 
+from services.contracts.bubuh.v1 import stamp_pb2
 from services.kernel import errors
 from services.kernel.settings import Settings
 from services.stamping import store
@@ -25,7 +29,7 @@ class RequestStatus:
         row = await self._pool.fetchrow("SELECT * FROM requests WHERE request_id = $1 AND channel_id = $2",
                                         request_id, channel_id)
         if row is None:
-            raise errors.BubuhError(errors.NOT_FOUND, f"no stamp request {request_id} for this channel")
+            return await self._accepted_without_row(channel_id, request_id)
         status = _SHOWN_AS.get(row["status"], row["status"])
         out = {"request_id": request_id, "status": status, "account_id": row["account_id"],
                "accepted_at": row["accepted_at"].isoformat(), "document_sha256": row["document_sha256"]}
@@ -44,6 +48,23 @@ class RequestStatus:
             out["position"] = position
             out["eta_seconds"] = facts.eta_seconds(position) if facts and position is not None else None
         return out
+
+    async def _accepted_without_row(self, channel_id: str, request_id: str) -> dict:
+        """A request accepted while the database was away has no row until the stamping tier writes it
+        from the event; intake marked it beside the stored request, so it reads as queued meanwhile
+        (position and ETA unknown), never as not found."""
+        not_found = errors.BubuhError(errors.NOT_FOUND, f"no stamp request {request_id} for this channel")
+        try:
+            uuid.UUID(request_id)
+            await self._documents.get(store.accepted_key(request_id))
+            meta = stamp_pb2.StampRequested.FromString(await self._documents.get(store.meta_key(request_id)))
+        except (ValueError, FileNotFoundError):
+            raise not_found from None
+        if meta.channel_id != channel_id:
+            raise not_found
+        return {"request_id": request_id, "status": "queued", "account_id": meta.account_id,
+                "accepted_at": meta.accepted_at.ToDatetime(tzinfo=dt.UTC).isoformat(),
+                "document_sha256": meta.document_sha256, "position": None, "eta_seconds": None}
 
     async def document(self, channel_id: str, request_id: str) -> tuple[bytes, str]:
         """The stamped PDF and its SN, once completed."""

@@ -78,5 +78,10 @@ def meta_key(request_id: str) -> str:
     return f"{request_id[:2]}/{request_id}/request.pb"
 
 
+def accepted_key(request_id: str) -> str:
+    """Marks a request accepted while its row could not be written (the database away at intake)."""
+    return f"{request_id[:2]}/{request_id}/accepted"
+
+
 def output_key(request_id: str) -> str:
     return f"{request_id[:2]}/{request_id}/stamped.pdf"

@@ -427,3 +427,35 @@ async def test_postgres_stopped_20s_every_accepted_purchase_credited_once(settin
         f"the platform counted no outage | {brief(seen)}")
     # 3. the outcome
     assert_outcome(seen)
+
+
+async def test_a_stamp_accepted_while_the_database_is_read_only_reads_as_queued_then_completes(
+        settings, platform, api, channel):
+    """A failover at intake: the request's row cannot be written (25006), its event is on Kafka, the
+    channel got 202. Its status read then says queued, not NOT_FOUND (the deadline day counted some
+    2,500 such 404s per run), and once the database is writable again it completes."""
+    from loadtests import corpus
+    from tests.flows import buy, post_stamp, stamp_finished, stamp_meta
+    from tests.platform import add_channel
+
+    _skip_unless_local(settings)
+    await buy(api, channel, "ro-stamp", 1)
+    db = Db(settings)
+    async with faults.read_only_failover(10, dsn=settings.database_url) as fault:
+        r = await post_stamp(api, channel, corpus.a4_text(6), stamp_meta("ro-stamp"), idempotency_key="ro-1")
+        assert r.status_code == 202, r.text
+        rid = r.json()["request_id"]
+        rows_in_window = await db.val("stamping", "SELECT count(*) FROM requests WHERE request_id = $1", rid)
+        read = await api.get(f"/v1/stamps/{rid}", headers=auth(channel))
+        unknown = await api.get("/v1/stamps/00000000-0000-4000-8000-000000000000", headers=auth(channel))
+    # the fault was real: direct writes failed with 25006 and the intake could not write the row
+    assert fault.seen("25006") > 0, f"no direct write failed with 25006: {fault.summary()}"
+    assert_held_and_restored(fault)
+    assert rows_in_window == 0, "the row was written: the fault did not reach the intake"
+    assert read.status_code == 200, read.text
+    assert (read.json()["status"], read.json()["account_id"]) == ("queued", "ro-stamp"), read.json()
+    assert unknown.status_code == 404 and unknown.json()["code"] == "NOT_FOUND"
+    other = add_channel(settings)
+    assert (await api.get(f"/v1/stamps/{rid}", headers=auth(other))).status_code == 404   # only its channel's
+    done = await stamp_finished(api, channel, rid, timeout=90)
+    assert done["status"] == "completed", done
