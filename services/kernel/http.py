@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -58,6 +59,8 @@ def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(errors.INTERNAL, "an unexpected error; operations can find it by trace_id")
 
 
+# the status counted (never sent) for a request whose caller left before it was read: nginx's 499
+CLIENT_CLOSED = 499
 MAX_BODY = "x-max-body-bytes"
 # requests of a route in progress in this process at most; the next is answered 503 UNAVAILABLE with
 # Retry-After before its body is read (BodyLimits)
@@ -293,6 +296,9 @@ class TraceAndMeasure:
         try:
             try:
                 await self.app(scope, receive, traced_send)
+            except ClientDisconnect:    # the caller left mid-upload: nobody to answer, nothing went wrong here
+                status = CLIENT_CLOSED
+                log.info("client went away before its request was read", path=scope["path"])
             except Exception as exc:  # noqa: BLE001 - classified: a dependency away is 503, never 500
                 if answered:        # too late for an answer of its own: the server drops the connection
                     raise

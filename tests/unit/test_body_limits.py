@@ -114,9 +114,8 @@ async def test_every_answer_carries_its_trace_and_an_unhandled_exception_gets_a_
     """TraceAndMeasure: the caller's trace id comes back in ``traceparent`` and in the error body; a
     dependency away is 503 UNAVAILABLE with Retry-After, anything else 500 INTERNAL, never a bare crash."""
     import httpx
-    from fastapi import APIRouter
 
-    from services.kernel import http, metrics
+    from services.kernel import metrics
 
     r = APIRouter()
 
@@ -142,3 +141,40 @@ async def test_every_answer_carries_its_trace_and_an_unhandled_exception_gets_a_
     assert bug_r.status_code == 500 and bug_r.json()["code"] == "INTERNAL"
     assert bug_r.json()["trace_id"] == trace and bug_r.headers["traceparent"].startswith(f"00-{trace}-")
     assert metrics.HTTP_REQUESTS.labels("/bug", "500")._value.get() == before + 1
+
+
+async def test_a_caller_gone_mid_upload_is_counted_as_499_not_an_internal_error():
+    """Starlette raises ClientDisconnect when the connection closes while a route reads the body: the
+    caller left, nothing failed here. It was answered (to nobody) and counted as a 500 INTERNAL with
+    an error log; it is counted as 499 and nothing is sent."""
+    from services.kernel import metrics
+
+    r = APIRouter()
+
+    @r.post("/upload", openapi_extra=http.body_limit(1 << 20))
+    async def upload(request: Request):
+        async for _ in request.stream():
+            pass
+        return {"ok": True}
+
+    app = http.create_app("t", [r])
+    arriving = [{"type": "http.request", "body": b"x" * 100, "more_body": True}, {"type": "http.disconnect"}]
+
+    async def receive():
+        return arriving.pop(0)
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    before = (metrics.HTTP_REQUESTS.labels("/upload", "499")._value.get(),
+              metrics.HTTP_REQUESTS.labels("/upload", "500")._value.get())
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/upload", "raw_path": b"/upload", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"t"), (b"content-length", b"1000")], "client": ("127.0.0.1", 1),
+             "server": ("t", 80)}
+    await app(scope, receive, send)
+    assert sent == []
+    assert (metrics.HTTP_REQUESTS.labels("/upload", "499")._value.get(),
+            metrics.HTTP_REQUESTS.labels("/upload", "500")._value.get()) == (before[0] + 1, before[1])
