@@ -345,20 +345,35 @@ class Clients:
 
 async def _send(gate: asyncio.Semaphore, t0: float, sent: Sent, request) -> httpx.Response | None:
     """One arrival, sent at its time and retried on 429/503 as the answer's Retry-After says, within
-    TIMEOUT_S of the arrival (the client's total budget); the latency runs from the scheduled time."""
+    TIMEOUT_S of the arrival (the client's total budget); the latency runs from the scheduled time.
+
+    ``request(timeout)`` sends once with httpx's own timeout: an httpx request is never cancelled from
+    outside. Cancelled while it waits for a pool connection, httpcore can keep that connection's slot
+    for good (encode/httpcore#1093), and the fourth deadline-day run had 131 resends waiting minutes for
+    slots that were never freed while the platform sat idle."""
     scheduled = t0 + sent.t
+    deadline = scheduled + TIMEOUT_S
     await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
     r = None
     try:
-        async with asyncio.timeout(TIMEOUT_S):
-            while True:
-                sent.attempts += 1
-                async with gate:
-                    r = await request()
-                if r.status_code not in (429, 503):
-                    break
-                await asyncio.sleep(min(5.0, float(r.headers.get("Retry-After") or 1)))
-    except TimeoutError:
+        while True:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                raise TimeoutError
+            sent.attempts += 1
+            async with asyncio.timeout(remaining):      # only the wait for a sender: a semaphore, safe to cancel
+                await gate.acquire()
+            try:
+                r = await request(httpx.Timeout(max(0.1, deadline - time.perf_counter())))
+            finally:
+                gate.release()
+            if time.perf_counter() > deadline:           # answered, but after the client had given up
+                raise TimeoutError
+            if r.status_code not in (429, 503):
+                break
+            pause = min(5.0, float(r.headers.get("Retry-After") or 1))
+            await asyncio.sleep(min(pause, max(0.0, deadline - time.perf_counter())))
+    except (TimeoutError, httpx.TimeoutException):
         sent.status, sent.error = None, f"no answer within {TIMEOUT_S:g} s"
         return None
     except httpx.HTTPError as exc:
@@ -399,8 +414,8 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
                                                          dt.UTC).isoformat()}
             start = t0
             for _ in range(10):    # not accepted (no answer, the database away): the same order sent again
-                r = await _send(gate, start, b, lambda: clients[c + int(when * 1000)].post(
-                    "/v1/purchases", json=body, headers=auth(c)))
+                r = await _send(gate, start, b, lambda timeout: clients[c + int(when * 1000)].post(
+                    "/v1/purchases", json=body, headers=auth(c), timeout=timeout))
                 if r is not None and r.status_code == 202:
                     break
                 start = time.perf_counter() - b.t
@@ -422,9 +437,9 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
             number[id(s)] = i
 
         def stamp(s: Sent):
-            return lambda: clients[number[id(s)]].post(
+            return lambda timeout: clients[number[id(s)]].post(
                 "/v1/stamps", headers=auth(s.channel) | {"Idempotency-Key": s.key}, data={"meta": META},
-                files={"file": ("letter.pdf", letter, "application/pdf")})
+                files={"file": ("letter.pdf", letter, "application/pdf")}, timeout=timeout)
 
         async def arrive(s: Sent) -> None:
             r = await _send(gate, t0, s, stamp(s))
@@ -535,8 +550,9 @@ async def play_baseline(url: str, arrivals: list[Arrival]) -> list[Sent]:
         t0 = time.perf_counter()
 
         async def arrive(i: int, s: Sent) -> None:
-            r = await _send(gate, t0, s, lambda: clients[i].post(
-                "/stamp", data={"meta": META}, files={"file": ("letter.pdf", letter, "application/pdf")}))
+            r = await _send(gate, t0, s, lambda timeout: clients[i].post(
+                "/stamp", data={"meta": META}, files={"file": ("letter.pdf", letter, "application/pdf")},
+                timeout=timeout))
             if r is not None and r.status_code == 200:
                 s.outcome, s.ended_s = "completed", time.perf_counter() - t0
 
