@@ -211,4 +211,4 @@ async def test_a_client_that_gave_up_under_contention_can_still_send(monkeypatch
         later = [Sent(0.0, "drain", 0) for _ in range(6)]
         answers = await asyncio.gather(*(_send(gate, t1, s, lambda timeout: client.get("/", timeout=timeout))
                                          for s in later))
-        assert [r.status_code if r is not None else s.error for r, s in zip(answers, later)] == [200] * 6
+        assert [r.status_code if r is not None else s.error for r, s in zip(answers, later, strict=True)] == [200] * 6
