@@ -42,6 +42,11 @@ SPIKE = 3                        # a spike at 3x the hour's mean (issue 12's spi
 PURCHASES_PER_STAMP = 1.0        # worst case: every applicant buys the one stamp they need
 UTILISATION = 0.6                # plan each core at 60%: headroom for GC, rebalances, a lost pod
 PARTITION_HEADROOM = 2           # partitions = 2 x the spike's largest consumer tier, rounded up to 12s
+# The TSA's round trip from a stamping pod, which our CPU figures cannot see (the local TSA is on the box):
+# a TSA in another data centre. Every B-T-and-above stamp waits it out in a signing child, so it decides how
+# many children a pod needs. Measure yours (`curl -w '%{time_total}'` against the TSA) and plan with it.
+TSA_ROUND_TRIP_MS = 100.0
+TAKERS_PER_CHILD = 2             # BUBUH_STAMPING_CONCURRENCY: one stamp signing and one ready, per child
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,18 @@ TIERS = (
 def _median_run(surge: dict) -> dict:
     runs = sorted(surge["runs"], key=lambda r: r["stamps_per_s_end_to_end"] or 0)
     return runs[len(runs) // 2]
+
+
+def signing_ms(surge: dict) -> float:
+    """CPU ms per stamp in the stamping tier's signing children (the sandboxes), median run."""
+    cpu = _median_run(surge)["cpu_ms_per_stamp"]
+    return sum(v for k, v in cpu.items() if re.match(r"stamping(-\d+)? sandboxes$", k))
+
+
+def signing_children(per_pod: float, sign_ms: float, round_trip_ms: float = TSA_ROUND_TRIP_MS) -> int:
+    """Children one stamping pod needs to sign ``per_pod`` stamps/s when each stamp holds a child for the
+    TSA's round trip plus its own signing: a pod signs at most children / (round trip + signing) a second."""
+    return max(2, math.ceil(per_pod * (round_trip_ms + sign_ms) / 1000))
 
 
 def measured(surge: dict, pipeline: dict) -> dict[str, dict[str, float]]:
@@ -104,6 +121,10 @@ def plan(surge: dict, pipeline: dict) -> dict:
                 row["lag_threshold"] = max(10, int(round(per_pod * tier.drain_s, -1)))
                 row["drain_s"] = tier.drain_s
         rows[name] = row
+    sign = signing_ms(surge)
+    children = signing_children(rows["stamping"]["per_pod_stamps_per_s"], sign)
+    rows["stamping"].update(signing_ms=round(sign, 1), signing_children=children,
+                            takers=TAKERS_PER_CHILD * children)
     spike_consumers = max(rows[t.name]["pods_at_spike"] for t in TIERS if t.consumer_group)
     partitions = 12 * math.ceil(PARTITION_HEADROOM * spike_consumers / 12)
     return {"rate": rate, "rows": rows, "partitions": partitions,
@@ -131,6 +152,14 @@ def markdown(p: dict) -> str:
     configured = manifests().get("partitions", {}).get("max")
     out += ["", f"Partitions per topic: at least **{p['partitions']}** (2 x the largest consumer tier at a spike, "
             f"rounded up to a multiple of 12); `deploy/k8s/config.yaml` gives every topic {configured}."]
+    st = p["rows"]["stamping"]
+    default_rate = 2 * 1000 / (TSA_ROUND_TRIP_MS + st["signing_ms"])
+    out += ["", f"Signing children per stamping pod: **{st['signing_children']}** (`BUBUH_SIGNING_PROCESSES`, with "
+            f"`BUBUH_STAMPING_CONCURRENCY` {st['takers']}, in `deploy/k8s/config.yaml`'s `bubuh-signing`). Each "
+            f"stamp holds a child for the TSA's round trip ({TSA_ROUND_TRIP_MS:g} ms planned) plus its signing "
+            f"({st['signing_ms']:.1f} ms of CPU), so a pod signs at most children / (round trip + signing) stamps "
+            f"a second: {st['signing_children']} keep up with the pod's {st['per_pod_stamps_per_s']} stamps/s; the "
+            f"default 2 would cap it at {default_rate:.1f}."]
     return "\n".join(out)
 
 
@@ -151,6 +180,10 @@ def manifests() -> dict[str, dict]:
                 out[path.stem] = {"max": doc["spec"]["maxReplicas"], "lag": {}}
             elif doc.get("kind") == "ConfigMap" and "BUBUH_DEFAULT_PARTITIONS" in doc.get("data", {}):
                 out["partitions"] = {"max": int(doc["data"]["BUBUH_DEFAULT_PARTITIONS"]), "lag": {}}
+            elif doc.get("kind") == "ConfigMap" and doc["metadata"]["name"] == "bubuh-signing":
+                data = doc.get("data", {})
+                out["signing"] = {"children": int(data.get("BUBUH_SIGNING_PROCESSES", 2)),
+                                  "takers": int(data.get("BUBUH_STAMPING_CONCURRENCY", 4))}
     return out
 
 
@@ -162,6 +195,11 @@ def differences(p: dict) -> list[str]:
     if found.get("partitions", {}).get("max", 0) < p["partitions"]:
         wrong.append(f"BUBUH_DEFAULT_PARTITIONS is {found.get('partitions', {}).get('max')}, "
                      f"capacity needs at least {p['partitions']}")
+    signing, st = found.get("signing", {}), p["rows"]["stamping"]
+    if (signing.get("children"), signing.get("takers")) != (st["signing_children"], st["takers"]):
+        wrong.append(f"bubuh-signing: BUBUH_SIGNING_PROCESSES / BUBUH_STAMPING_CONCURRENCY are "
+                     f"{signing.get('children')} / {signing.get('takers')}, capacity says "
+                     f"{st['signing_children']} / {st['takers']}")
     for t in TIERS:
         m = found.get(t.name)
         if t.consumer_group is None:

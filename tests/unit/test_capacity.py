@@ -42,3 +42,17 @@ def test_the_plan_follows_the_measured_cpu():
     doubled = capacity.plan(costly, pipeline)["rows"]["stamping"]
     assert doubled["pods_at_spike"] >= 2 * row["pods_at_spike"] - 1
     assert any("stamping" in w for w in capacity.differences(capacity.plan(costly, pipeline)))
+
+
+def test_a_stamping_pod_gets_the_signing_children_the_tsa_round_trip_needs():
+    """A child is held for the TSA's round trip plus its signing, so a pod signs at most
+    children / (round trip + signing) stamps a second; the plan gives it enough for its CPU-bound rate."""
+    surge, pipeline = _inputs()
+    row = capacity.plan(surge, pipeline)["rows"]["stamping"]
+    children, rate = row["signing_children"], row["per_pod_stamps_per_s"]
+    per_child = 1000 / (capacity.TSA_ROUND_TRIP_MS + row["signing_ms"])
+    assert children * per_child >= rate > (children - 1) * per_child or children == 2
+    assert row["takers"] == 2 * children
+    # a TSA twice as far away needs about twice the children
+    assert capacity.signing_children(rate, row["signing_ms"], 2 * capacity.TSA_ROUND_TRIP_MS) >= 2 * children - 1
+    assert capacity.signing_children(10, 5, 100) == 2          # never under the default pair
