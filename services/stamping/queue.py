@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from services.kernel import failures
+from services.kernel.waiting import every
 from services.stamping.fair_queue import FairQueue
 from services.stamping.metrics import QUEUE_DEPTH
 from services.stamping.throughput import Throughput
@@ -102,6 +103,11 @@ class QueueView:
         QUEUE_DEPTH.set(facts.open_requests)
         self._cached = (now, facts)
         return facts
+
+    async def run(self, stop: asyncio.Event, interval_s: float = 5.0) -> None:
+        """Keeps ``bubuh_stamp_queue_depth_requests`` current when nobody asks: an idle API process kept
+        the depth of its last intake call, and dashboards and alerts read the max over processes."""
+        await every(stop, interval_s, self.facts, "queue depth reading")
 
     async def position_of(self, request_id: str, channel_id: str, status: str,
                           accepted_at: dt.datetime) -> int | None:

@@ -90,6 +90,7 @@ async def router(rt: Runtime) -> APIRouter:
     elif s.stamp_rates_from != "database":
         raise ConfigError(f"BUBUH_STAMP_RATES_FROM={s.stamp_rates_from!r}: choose stream or database")
     queue = QueueView(pool, s.stamp_eta_window_s, throughput, fair_queue(s))
+    rt.background.append(queue.run)
     docs = documents(s)
     inspector = await Sandbox("intake", size=s.intake_processes,
                               budget=ProcessLimits.of(s.intake_cpu_s, s.intake_wall_s, s.document_memory_mib)).start()

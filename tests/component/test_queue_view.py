@@ -80,3 +80,30 @@ async def test_positions_follow_the_fair_queue_per_channel(pool):
     assert await view.position_for_new("flood") == first + 1      # the next 202 in the same second
     await pool.execute("DELETE FROM schedule")
     await pool.execute("DELETE FROM requests")
+
+
+async def test_the_depth_gauge_follows_the_queue_without_anyone_asking(pool):
+    """An idle API process kept the depth of its last intake call; dashboards read the max over
+    processes, so a stale high depth hid a drained queue. ``run`` reads it on its own timer."""
+    import asyncio
+
+    from services.stamping.metrics import QUEUE_DEPTH
+
+    await pool.execute("DELETE FROM requests")
+    await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status) "
+                       "SELECT 'd' || i, 'ch', 'acct', 'queued' FROM generate_series(1, 40) AS i")
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(QueueView(pool, window_s=60.0).run(stop, interval_s=0.1))
+    try:
+        async def depth_is(n: float) -> None:
+            for _ in range(100):
+                if QUEUE_DEPTH._value.get() == n:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"depth {QUEUE_DEPTH._value.get()}, expected {n}")
+        await depth_is(40)
+        await pool.execute("UPDATE requests SET status = 'completed', finished_at = now() WHERE request_id LIKE 'd%'")
+        await depth_is(0)          # drained, and nobody called intake or read a status
+    finally:
+        stop.set()
+        await running
