@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import uvicorn
 
-from services.kernel import http, logs, runtime
+from services.kernel import http, inbox, logs, runtime
 from services.kernel.dead_letter_sizes import DeadLetterSizes
 from services.kernel.runtime import ConfigError, Runtime
 from services.kernel.settings import Settings
@@ -55,6 +55,7 @@ async def serve(settings: Settings, api: list[str], workers: list[str],
     try:
         for name in workers:
             tasks += await SERVICES[name].workers(rt)
+            tasks.append(inbox.Pruner(await rt.pool(name), name, settings.inbox_retention_s).run)
         if workers:
             tasks.append(DeadLetterSizes(settings, workers).run)
         if api:

@@ -2,16 +2,28 @@
 
 Each claim also records where the event was read (topic, partition, offset), so an event's path
 through the platform can be traced afterwards.
+
+A claim is kept for ``BUBUH_INBOX_RETENTION_S`` (30 days), then deleted (``Pruner``): no record can
+come back after that, since the topics keep records for less (Kafka's default, 7 days), a replay
+sends only dead-lettered records (which were never claimed), and a channel's resent purchase is
+recognised by its order, not by the inbox. Without pruning every service's inbox grew by a row per
+event for ever: several rows per stamp.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Callable, Sequence
 
 import asyncpg
 
+from services.kernel import logs
 from services.kernel.events import Event
+from services.kernel.metrics import INBOX_PRUNED
+from services.kernel.waiting import every
+
+log = logs.get(__name__)
 
 
 async def claim(conn: asyncpg.Connection, consumer: str, event_id: str) -> bool:
@@ -64,3 +76,38 @@ async def unclaim(conn: asyncpg.Connection, consumer: str, event_ids: Sequence[s
     if event_ids:
         await conn.execute("DELETE FROM inbox WHERE consumer = $1 AND event_id = ANY($2::text[])",
                            consumer, list(event_ids))
+
+
+# a batch per statement: short transactions, and members of one tier skip each other's rows
+_PRUNE = """
+DELETE FROM inbox WHERE ctid = ANY(ARRAY(
+  SELECT ctid FROM inbox WHERE applied_at < now() - make_interval(secs => $1) LIMIT $2 FOR UPDATE SKIP LOCKED))
+"""
+
+
+async def prune(pool: asyncpg.Pool, older_than_s: float, batch: int = 5000) -> int:
+    """Delete the claims older than ``older_than_s``, a batch a statement; returns how many."""
+    total = 0
+    while True:
+        status = await pool.execute(_PRUNE, older_than_s, batch)
+        deleted = int(status.split()[-1])
+        total += deleted
+        if deleted < batch:
+            return total
+
+
+class Pruner:
+    """Every ``interval_s`` (an hour), the claims past their retention leave the service's inbox."""
+
+    def __init__(self, pool: asyncpg.Pool, service: str, retention_s: float, interval_s: float = 3600.0) -> None:
+        self._pool, self._service = pool, service
+        self._retention_s, self._interval_s = retention_s, interval_s
+
+    async def step(self) -> None:
+        deleted = await prune(self._pool, self._retention_s)
+        INBOX_PRUNED.labels(self._service).inc(deleted)
+        if deleted:
+            log.info("inbox pruned", service=self._service, rows=deleted, older_than_s=self._retention_s)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await every(stop, self._interval_s, self.step, f"{self._service} inbox pruning")

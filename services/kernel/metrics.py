@@ -35,6 +35,7 @@ CRASH_RETRIES = Counter("bubuh_consumer_crash_retries_total",
                         "Records whose handler crashed, scheduled again through the durable retry path", ["consumer"])
 UNDECODABLE = Counter("bubuh_consumer_undecodable_batches_total",
                       "Fetched batches that could not be decoded (dead-lettered as markers)", ["consumer", "topic"])
+INBOX_PRUNED = Counter("bubuh_inbox_pruned_rows_total", "Inbox claims deleted after their retention", ["service"])
 OUTBOX_PUBLISHED = Counter("bubuh_outbox_published_records_total", "Outbox rows published to Kafka", ["schema"])
 OUTBOX_LAG_SECONDS = Histogram("bubuh_outbox_lag_seconds", "Age of the oldest row of a published outbox batch",
                                ["schema"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))

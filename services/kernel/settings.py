@@ -202,6 +202,9 @@ class Settings(BaseSettings):
     webhook_hosts: str = ""                # "name=addr[|addr],...": answers instead of DNS, checked like DNS's
     notification_idle_poll_s: float = 1.0  # longest sleep of the senders without a NOTIFY
     notification_retention_s: float = 30 * 24 * 3600   # delivered / dead rows are deleted after this
+    # every service's inbox claims are deleted after this (services/kernel/inbox.py: longer than any topic keeps
+    # a record, so nothing that could still arrive loses its claim)
+    inbox_retention_s: float = 30 * 24 * 3600
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 1025
     smtp_security: str = "none"            # "none" | "starttls" | "tls"

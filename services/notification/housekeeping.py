@@ -63,4 +63,3 @@ class Housekeeping:
                            "AND created_at < now() - make_interval(secs => $1)", keep)
         await conn.execute("DELETE FROM emails WHERE status <> 'pending' "
                            "AND created_at < now() - make_interval(secs => $1)", keep)
-        await conn.execute("DELETE FROM inbox WHERE applied_at < now() - make_interval(secs => $1)", keep)
