@@ -55,7 +55,7 @@ if __package__ in (None, ""):
 
 from loadtests import corpus  # noqa: E402
 from loadtests.open_loop import rate_arguments, sustainable_rate  # noqa: E402
-from loadtests.readme import publish  # noqa: E402
+from loadtests.readme import measure_and_publish  # noqa: E402
 from loadtests.surge import _bubuh, _channel, log  # noqa: E402
 
 SHARES = (0.55, 0.25, 0.12, 0.08)    # channels of unequal size: a national one down to a small one
@@ -987,9 +987,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("loadtests/results/surge.json"))
     p.add_argument("--readme", type=Path)
     args = p.parse_args(argv)
-    result = asyncio.run(measure(args, dict(os.environ)))
-    publish(result, markdown(result), args.out, args.readme, begin=README_BEGIN, end=README_END)
-    return 0 if all(result["verdict"].values()) else 1
+    return measure_and_publish(measure, markdown, args, begin=README_BEGIN, end=README_END)
 
 
 if __name__ == "__main__":

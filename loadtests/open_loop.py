@@ -44,7 +44,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests import corpus  # noqa: E402
-from loadtests.readme import publish  # noqa: E402
+from loadtests.readme import measure_and_publish  # noqa: E402
 from loadtests.surge import Route, _channel, _quantile, eta_accuracy, run  # noqa: E402
 
 PLATEAU_SHARE = 0.8       # issue 12: the plateau at 80% of the sustainable rate
@@ -276,9 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("loadtests/results/surge-open.json"))
     p.add_argument("--readme", type=Path)
     args = p.parse_args(argv)
-    result = asyncio.run(measure(args, dict(os.environ)))
-    publish(result, markdown(result), args.out, args.readme, begin=README_BEGIN, end=README_END)
-    return 0 if all(result["verdict"].values()) else 1
+    return measure_and_publish(measure, markdown, args, begin=README_BEGIN, end=README_END)
 
 
 if __name__ == "__main__":

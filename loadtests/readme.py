@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 
@@ -23,3 +26,11 @@ def publish(result: dict, table: str, out: Path, readme: Path | None, *, begin: 
     print(table)
     if readme:
         update_readme(readme, table, result["generated_at"], begin=begin, end=end, source=str(out))
+
+
+def measure_and_publish(measure: Callable[..., Awaitable[dict]], markdown: Callable[[dict], str], args, *,
+                        begin: str, end: str) -> int:
+    """A benchmark's ``main`` after its arguments: measure, publish, and exit 1 unless every verdict holds."""
+    result = asyncio.run(measure(args, dict(os.environ)))
+    publish(result, markdown(result), args.out, args.readme, begin=begin, end=end)
+    return 0 if all(result["verdict"].values()) else 1
