@@ -90,16 +90,22 @@ class StampIntake:
             INTAKE_REJECTED.labels(exc.code.code).inc()
             raise
         fingerprint = request_fingerprint(data, meta)
+        request_id = (str(uuid.uuid5(_NS, f"{channel.channel_id}\x1f{idempotency_key}")) if idempotency_key
+                      else str(uuid.uuid4()))
+        msg = stamp_pb2.StampRequested(
+            request_id=request_id, channel_id=channel.channel_id, account_id=meta.account_id,
+            document_ref=store.input_key(request_id), document_sha256=facts.sha256,
+            placement=stamp_pb2.Placement(page=meta.page, llx=meta.llx, lly=meta.lly, urx=meta.urx, ury=meta.ury),
+            doc_type=meta.doc_type, doc_number=meta.doc_number, doc_date=meta.doc_date, reason=meta.reason,
+            location=meta.location, profile=profile, email=meta.email)
         if idempotency_key:
-            request_id = str(uuid.uuid5(_NS, f"{channel.channel_id}\x1f{idempotency_key}"))
             earlier = await self._earlier(request_id)
             if earlier is not None:
                 # a row without a fingerprint was written by the stamping tier from this key's own event:
                 # its first attempt was answered 503 (and its row removed), yet the event reached the
                 # broker all the same; it is the same request when what that attempt stored is this one
                 same = (earlier["idempotency_fingerprint"] == fingerprint if earlier["idempotency_fingerprint"]
-                        else await self._same_as_stored(request_id, earlier["document_sha256"], facts.sha256,
-                                                        meta, profile))
+                        else await self._same_as_stored(msg, earlier["document_sha256"]))
                 if not same:
                     raise errors.BubuhError(errors.IDEMPOTENCY_MISMATCH,
                                             f"Idempotency-Key {idempotency_key!r} was used with another request")
@@ -109,15 +115,7 @@ class StampIntake:
                     facts = await self._queue.facts()
                     return Accepted(request_id, earlier["status"], position,
                                     facts.eta_seconds(position) if facts and position is not None else None, True)
-        else:
-            request_id = str(uuid.uuid4())
         accepted_at = dt.datetime.now(dt.UTC)
-        msg = stamp_pb2.StampRequested(
-            request_id=request_id, channel_id=channel.channel_id, account_id=meta.account_id,
-            document_ref=store.input_key(request_id), document_sha256=facts.sha256,
-            placement=stamp_pb2.Placement(page=meta.page, llx=meta.llx, lly=meta.lly, urx=meta.urx, ury=meta.ury),
-            doc_type=meta.doc_type, doc_number=meta.doc_number, doc_date=meta.doc_date, reason=meta.reason,
-            location=meta.location, profile=profile, email=meta.email)
         msg.accepted_at.FromDatetime(accepted_at)
         await self._store.put(store.input_key(request_id), data)
         await self._store.put(store.meta_key(request_id), msg.SerializeToString())
@@ -140,21 +138,16 @@ class StampIntake:
         return Accepted(request_id, "queued", position,
                         facts_now.eta_seconds(position) if facts_now and position is not None else None)
 
-    async def _same_as_stored(self, request_id: str, row_sha256: str | None, sha256: str, meta: StampMeta,
-                              profile: str) -> bool:
-        """Is this the request the key's first attempt stored (its ``StampRequested``, kept beside the
-        document before it was published)? Without that record, the row's document hash decides, when
-        the row has one (a row written from a quota event alone does not)."""
+    async def _same_as_stored(self, msg: stamp_pb2.StampRequested, row_sha256: str | None) -> bool:
+        """Is ``msg`` (not yet given its acceptance time) what the key's first attempt stored beside its
+        document before publishing? Without that record, the row's document hash decides, when the row
+        has one (a row written from a quota event alone does not)."""
         try:
-            stored = stamp_pb2.StampRequested.FromString(await self._store.get(store.meta_key(request_id)))
+            stored = stamp_pb2.StampRequested.FromString(await self._store.get(store.meta_key(msg.request_id)))
         except FileNotFoundError:
-            return row_sha256 in (None, "", sha256)
-        p = stored.placement
-        return (stored.document_sha256, stored.account_id, p.page, p.llx, p.lly, p.urx, p.ury, stored.doc_type,
-                stored.doc_number, stored.doc_date, stored.reason, stored.location, stored.profile,
-                stored.email) == (sha256, meta.account_id, meta.page, meta.llx, meta.lly, meta.urx, meta.ury,
-                                  meta.doc_type, meta.doc_number, meta.doc_date, meta.reason, meta.location,
-                                  profile, meta.email)
+            return row_sha256 in (None, "", msg.document_sha256)
+        stored.ClearField("accepted_at")
+        return stored == msg
 
     async def _earlier(self, request_id: str) -> asyncpg.Record | None:
         try:
