@@ -278,8 +278,7 @@ class TraceAndMeasure:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        traceparent = headers.get(b"traceparent")
+        traceparent = next((v for k, v in scope["headers"] if k == b"traceparent"), None)
         token = tracing.bind(tracing.parse_traceparent(traceparent.decode("latin-1") if traceparent else None))
         started = time.perf_counter()
         status = 500
@@ -324,7 +323,6 @@ def create_app(title: str, routers: Sequence[APIRouter], lifespan=None, version:
         app.include_router(router)
     # added before the trace middleware, so it runs inside it: its refusals are traced and measured too
     app.add_middleware(BodyLimits, routers=routers, default_limit=default_max_body_bytes)
-
     app.add_middleware(TraceAndMeasure)
 
     @app.exception_handler(errors.BubuhError)
