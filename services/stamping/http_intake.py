@@ -117,8 +117,8 @@ class StampIntake:
                                     facts.eta_seconds(position) if facts and position is not None else None, True)
         accepted_at = dt.datetime.now(dt.UTC)
         msg.accepted_at.FromDatetime(accepted_at)
-        await self._store.put(store.input_key(request_id), data)
-        await self._store.put(store.meta_key(request_id), msg.SerializeToString())
+        await self._store.put_all([(store.input_key(request_id), data),
+                                   (store.meta_key(request_id), msg.SerializeToString())])
         recorded = await self._record(msg, idempotency_key, fingerprint, accepted_at)
         env = events.envelope(msg, producer=NAME, event_id=str(uuid.uuid5(_NS, f"{request_id}\x1frequested")))
         try:
