@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import heapq
@@ -105,12 +106,18 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
     accepted: list[tuple[dict, str, dict]] = []
     positions: list[tuple[float, int, float]] = []
     t0, t0_wall = time.perf_counter(), time.time()
-    limits = httpx.Limits(max_connections=sum(c for _, c in sizes))
-    async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client:
-        async def call(route: str, method: str, url: str, **kw) -> httpx.Response | None:
+    async with contextlib.AsyncExitStack() as clients:
+        # a client (a pool) per channel, as channels are: httpcore's pool looks at each of its connections
+        # whenever a request starts or ends, so one pool of every channel's connections cost the load
+        # generator (on the platform's two cores) a third of its CPU in that scan (py-spy)
+        for c, (_, inflight) in zip(creds, sizes, strict=True):
+            c["client"] = await clients.enter_async_context(httpx.AsyncClient(
+                base_url=base_url, timeout=30, limits=httpx.Limits(max_connections=inflight)))
+
+        async def call(c: dict, route: str, method: str, url: str, **kw) -> httpx.Response | None:
             started = time.perf_counter()
             try:
-                r = await client.request(method, url, **kw)
+                r = await c["client"].request(method, url, **kw)
             except httpx.HTTPError as exc:
                 routes[route].record(started, None, repr(exc))
                 return None
@@ -124,7 +131,7 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
                     "paid_at": dt.datetime.now(dt.UTC).isoformat()}
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:   # a new channel reaches the intake's view within moments
-                r = await call("POST /v1/purchases", "POST", "/v1/purchases", json=body, headers=auth)
+                r = await call(c, "POST /v1/purchases", "POST", "/v1/purchases", json=body, headers=auth)
                 if r is not None and r.status_code == 202:
                     return
                 await asyncio.sleep(0.2)
@@ -137,7 +144,7 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
             auth = {"Authorization": f"Bearer {c['api_key']}"}
             meta = json.dumps({"account_id": "applicants", "page": 1, "llx": 400, "lly": 60, "urx": 540, "ury": 200})
             for _ in range(n):
-                r = await call("POST /v1/stamps", "POST", "/v1/stamps", headers=auth, data={"meta": meta},
+                r = await call(c, "POST /v1/stamps", "POST", "/v1/stamps", headers=auth, data={"meta": meta},
                                files={"file": ("letter.pdf", letter, "application/pdf")})
                 if r is not None and r.status_code == 202:
                     body = r.json()
@@ -164,7 +171,7 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
                 wait = when - time.perf_counter()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                r = await call("GET /v1/stamps/{id}", "GET", f"/v1/stamps/{rid}",
+                r = await call(c, "GET /v1/stamps/{id}", "GET", f"/v1/stamps/{rid}",
                                headers={"Authorization": f"Bearer {c['api_key']}"})
                 if r is not None and r.status_code == 200 and r.json()["status"] in ("completed", "failed"):
                     results.append(r.json())
@@ -184,7 +191,7 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
         while True:
             quotas = []
             for c in creds:
-                r = await client.get("/v1/accounts/applicants/quota",
+                r = await c["client"].get("/v1/accounts/applicants/quota",
                                      headers={"Authorization": f"Bearer {c['api_key']}"})
                 quotas.append(r.json())
             if all(q.get("pending") == 0 for q in quotas) or time.perf_counter() > settle_deadline:
