@@ -371,7 +371,7 @@ async def _send(gate: asyncio.Semaphore, t0: float, sent: Sent, request) -> http
                 raise TimeoutError
             if r.status_code not in (429, 503):
                 break
-            pause = min(5.0, float(r.headers.get("Retry-After") or 1))
+            pause = float(r.headers.get("Retry-After") or 1)     # as docs/channels.md says, within the budget
             await asyncio.sleep(min(pause, max(0.0, deadline - time.perf_counter())))
     except (TimeoutError, httpx.TimeoutException):
         sent.status, sent.error = None, f"no answer within {TIMEOUT_S:g} s"

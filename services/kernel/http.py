@@ -29,6 +29,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.kernel import errors, failures, logs, metrics, tracing
+from services.kernel.retry_after import Spread
 
 log = logs.get(__name__)
 
@@ -42,6 +43,14 @@ def error_response(code: errors.ErrorCode, detail: str = "", headers: dict[str, 
     )
 
 
+def retry_after(request: Request) -> str:
+    """The ``Retry-After`` of a 503 from this request's route: spread by the route's ``Spread`` when
+    it has an admission bound (kernel/retry_after.py), else 2 s."""
+    spreads: dict[str, Spread] = getattr(request.app.state, "retry_after", {})
+    spread = spreads.get(getattr(request.scope.get("route"), "path", ""))
+    return str(spread.refused()) if spread else "2"
+
+
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     """An exception no route turned into an answer: 503 with Retry-After when a dependency is away
     (a read-only or missing database, Kafka), else 500 (a bug, logged with its trace)."""
@@ -51,7 +60,7 @@ def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.warning("dependency unavailable", route=route, kind=failure.kind.value, sqlstate=failure.sqlstate,
                     error=repr(exc)[:300])
         return error_response(errors.UNAVAILABLE, f"{type(exc).__name__}: retry after a moment",
-                              {"Retry-After": "2"})
+                              {"Retry-After": retry_after(request)})
     if failure.kind is failures.Kind.BAD:
         return error_response(errors.BODY_INVALID, "the request carries text the platform cannot store "
                                                    "(a NUL or an invalid character)")
@@ -134,7 +143,8 @@ class BodyLimits:
     small and declared: then it is read and dropped, and the connection lives on.)
     """
 
-    def __init__(self, app: ASGIApp, routers: Sequence[APIRouter], default_limit: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(self, app: ASGIApp, routers: Sequence[APIRouter], default_limit: int = DEFAULT_MAX_BODY_BYTES,
+                 spreads: dict[str, Spread] | None = None) -> None:
         self.app = app
         self._default = default_limit
         # the routers' own routes (the app mounts them without a prefix), read once: matching a
@@ -148,6 +158,11 @@ class BodyLimits:
         # once: under a surge, requests queued inside the server past every client's patience were
         # still parsed, checked and stored, for callers long gone, while the next ones waited behind them.
         self._in_flight: dict[str, int] = {}
+        # and how long those turned away should wait: spread over the time the route needs to take them
+        self._spreads = spreads if spreads is not None else {}
+        for route, _, _, bound in self._table:
+            if bound:
+                self._spreads.setdefault(route.path, Spread())
 
     def _limit_for(self, scope: Scope) -> tuple[int, errors.ErrorCode, str | None, int]:
         for route, limit, code, bound in self._table:
@@ -161,23 +176,33 @@ class BodyLimits:
             return
         limit, code, path, bound = self._limit_for(scope)
         if bound:
+            spread = self._spreads[path]
             if self._in_flight.get(path, 0) >= bound:
                 # the body is read and dropped (within the route's limit), not parsed: an answer sent
                 # while a client still uploads is often lost to the reset that closing causes
                 log.info("busy: body dropped unparsed", path=scope["path"], in_flight=bound)
+                wait = {"Retry-After": str(spread.refused())}
                 if await _dropped(receive, limit):
                     response = error_response(errors.UNAVAILABLE, f"{bound} requests in progress here; retry "
-                                              "shortly", {"Retry-After": "1"})
+                                              "after Retry-After", wait)
                     await response(scope, _no_body, send)
                 else:
-                    await _refuse(scope, send, errors.UNAVAILABLE, f"{bound} requests in progress here",
-                                  {"Retry-After": "1"})
+                    await _refuse(scope, send, errors.UNAVAILABLE, f"{bound} requests in progress here", wait)
                 return
             self._in_flight[path] = self._in_flight.get(path, 0) + 1
+            status = 0
+
+            async def seen_send(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
             try:
-                await self._limited(scope, receive, send, limit, code)
+                await self._limited(scope, receive, seen_send, limit, code)
             finally:
                 self._in_flight[path] -= 1
+                if 0 < status < 500:
+                    spread.completed()
             return
         await self._limited(scope, receive, send, limit, code)
 
@@ -322,12 +347,14 @@ def create_app(title: str, routers: Sequence[APIRouter], lifespan=None, version:
     for router in routers:
         app.include_router(router)
     # added before the trace middleware, so it runs inside it: its refusals are traced and measured too
-    app.add_middleware(BodyLimits, routers=routers, default_limit=default_max_body_bytes)
+    app.state.retry_after = {}
+    app.add_middleware(BodyLimits, routers=routers, default_limit=default_max_body_bytes,
+                       spreads=app.state.retry_after)
     app.add_middleware(TraceAndMeasure)
 
     @app.exception_handler(errors.BubuhError)
-    async def bubuh_error(_request: Request, exc: errors.BubuhError):
-        headers = {"Retry-After": "2"} if exc.code.retryable else None
+    async def bubuh_error(request: Request, exc: errors.BubuhError):
+        headers = {"Retry-After": retry_after(request)} if exc.code.retryable else None
         return error_response(exc.code, exc.detail, headers)
 
     @app.exception_handler(RequestValidationError)

@@ -42,7 +42,7 @@ async def test_uploads_beyond_the_bound_are_answered_at_once_and_the_bound_frees
         assert busy, f"16 uploads at once with a bound of {BOUND}: none was turned away ({statuses})"
         assert statuses.count(202) >= BOUND
         for took, r in busy:
-            assert r.json()["code"] == "UNAVAILABLE" and r.headers["Retry-After"] == "1", r.text
+            assert r.json()["code"] == "UNAVAILABLE" and 1 <= int(r.headers["Retry-After"]) <= 30, r.text
             assert took < 3.0, f"a turned-away upload waited {took:.1f} s"
 
         for _ in range(2 * BOUND + 1):          # one at a time: every slot came back

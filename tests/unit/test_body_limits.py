@@ -178,3 +178,39 @@ async def test_a_caller_gone_mid_upload_is_counted_as_499_not_an_internal_error(
     assert sent == []
     assert (metrics.HTTP_REQUESTS.labels("/upload", "499")._value.get(),
             metrics.HTTP_REQUESTS.labels("/upload", "500")._value.get()) == (before[0] + 1, before[1])
+
+
+async def test_callers_turned_away_together_are_told_to_come_back_at_different_times():
+    """A route at its admission bound answers 503 at once; its Retry-After, like that of the route's
+    own retryable errors (Kafka away), is spread by how many were turned away (kernel/retry_after.py):
+    a fixed 1 s brought them all back together, to be turned away again."""
+    import asyncio
+
+    import httpx
+
+    r = APIRouter()
+    release = asyncio.Event()
+
+    @r.post("/slow", openapi_extra=http.body_limit(100, max_in_flight=1))
+    async def slow(request: Request):
+        await request.body()
+        if request.headers.get("x-kafka-away"):
+            raise errors.BubuhError(errors.UNAVAILABLE, "Kafka has acknowledged nothing")
+        await release.wait()
+        return {"ok": True}
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=http.create_app("t", [r])),
+                                 base_url="http://t") as c:
+        held = asyncio.create_task(c.post("/slow", content=b"x"))
+        await asyncio.sleep(0.05)
+        busy = await asyncio.gather(*(c.post("/slow", content=b"x") for _ in range(60)))
+        release.set()
+        assert (await held).status_code == 200
+        away = [await c.post("/slow", content=b"x", headers={"x-kafka-away": "1"}) for _ in range(5)]
+    assert {b.status_code for b in busy} == {503} and {b.json()["code"] for b in busy} == {"UNAVAILABLE"}
+    waits = [int(b.headers["retry-after"]) for b in busy]
+    assert min(waits) >= 1 and max(waits) <= 30
+    assert len(set(waits)) >= 5 and max(waits) >= 10, waits
+    assert {a.status_code for a in away} == {503}
+    assert all(int(a.headers["retry-after"]) >= 1 for a in away)
+    assert max(int(a.headers["retry-after"]) for a in away) > 1     # the same route's spread: 60 just refused
