@@ -14,6 +14,7 @@ absorb any record the old producer did write.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import structlog
 from aiokafka import AIOKafkaProducer
@@ -35,6 +36,7 @@ from services.kernel.settings import Settings
 log = structlog.get_logger("bubuh.producer")
 
 BATCHED_FROM = 16      # publish_many hands over whole record batches from this many records on
+PROBE_EVERY_S = 1.0    # while Kafka is away, one caller a second may still try (refuse_while_away)
 
 # errors after which this producer id is unusable: the producer is replaced, not retried
 FATAL_FOR_PRODUCER = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch,
@@ -50,6 +52,8 @@ class Producer:
         self._renewing = asyncio.Lock()
         self._retired: set[asyncio.Task] = set()
         self._timeout_s = settings.kafka_request_timeout_ms / 1000 * 2
+        self._away_since: float | None = None     # the first failed publish since the last acknowledged one
+        self._next_probe = 0.0
 
     def _new(self) -> AIOKafkaProducer:
         return build_producer(self._settings, client_id=self._client_id)
@@ -66,6 +70,24 @@ class Producer:
         await self._producer.stop()
         for task in list(self._retired):
             await asyncio.gather(task, return_exceptions=True)
+
+    def refuse_while_away(self) -> None:
+        """``UNAVAILABLE`` at once while Kafka is away: since a publish failed and none was acknowledged.
+
+        A front door calls this before it does a request's work (store the document, write its row):
+        with the broker restarting, each request otherwise did all of that, held its admission slot
+        for the whole publish budget, and was refused anyway (the deadline-day run, README). One
+        caller a second (``PROBE_EVERY_S`` after the last failure, or after the last probe let
+        through) still goes through and publishes: the probe that finds Kafka back, after which
+        everyone is let in again."""
+        if self._away_since is None:
+            return
+        now = time.monotonic()
+        if now >= self._next_probe:
+            self._next_probe = now + PROBE_EVERY_S
+            return
+        raise errors.BubuhError(errors.UNAVAILABLE, f"Kafka has acknowledged nothing for {now - self._away_since:.0f} s"
+                                                    "; the request was not accepted")
 
     async def publish(self, record: Outgoing, *, timeout_s: float | None = None) -> None:
         """Send and wait for the broker's acknowledgement; ``UNAVAILABLE`` when it does not come."""
@@ -91,9 +113,13 @@ class Producer:
         try:
             await asyncio.wait_for(send_all(), timeout=timeout_s or self._timeout_s)
         except (TimeoutError, KafkaError) as exc:
+            if isinstance(exc, TimeoutError) or getattr(exc, "retriable", False):   # not a record refused as such
+                self._away_since = self._away_since or time.monotonic()
+                self._next_probe = time.monotonic() + PROBE_EVERY_S
             if isinstance(exc, FATAL_FOR_PRODUCER):
                 await self._renew(generation, exc)
             raise errors.BubuhError(errors.UNAVAILABLE, f"Kafka did not acknowledge: {exc!r}") from exc
+        self._away_since = None
 
     @staticmethod
     async def _send_batches(producer: AIOKafkaProducer, records: list[Outgoing]) -> list[asyncio.Future]:

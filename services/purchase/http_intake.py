@@ -118,7 +118,8 @@ class Intake:
             if status != "accepted":
                 PURCHASES.labels("replayed").inc()
                 return Accepted(purchase_id, status, replayed=True)
-        else:
+        self._producer.refuse_while_away()         # before writing the row: it would be refused after all
+        if existing is None:
             inserted = await self._insert_accepted(order, purchase_id)
         secret = self._channels.hmac_secrets(channel.channel_id)[0]
         try:

@@ -115,6 +115,7 @@ class StampIntake:
                     facts = await self._queue.facts()
                     return Accepted(request_id, earlier["status"], position,
                                     facts.eta_seconds(position) if facts and position is not None else None, True)
+        self._producer.refuse_while_away()     # before storing anything: it would be refused after all
         accepted_at = dt.datetime.now(dt.UTC)
         msg.accepted_at.FromDatetime(accepted_at)
         await self._store.put_all([(store.input_key(request_id), data),

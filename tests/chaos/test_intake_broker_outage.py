@@ -72,6 +72,19 @@ async def test_a_broker_restart_costs_intake_a_quick_503_and_a_retry_with_the_sa
             assert await db.val("stamping", "SELECT count(*) FROM requests WHERE idempotency_key = $1",
                                 "during-the-outage") == 0
 
+            # Kafka is known away now: the next requests are turned away at once, before anything is
+            # stored (one a second still tries, and waits the budget), each told when to come back
+            quick = []
+            for i in range(5):
+                started = time.perf_counter()
+                r = await post_stamp(api, channel, pdf, meta, idempotency_key=f"while-away-{i}")
+                quick.append((r.status_code, round(time.perf_counter() - started, 2), r.headers.get("Retry-After")))
+            assert {s for s, _, _ in quick} == {503}, quick
+            assert all(wait and 1 <= int(wait) <= 30 for _, _, wait in quick), quick
+            assert sum(took < 1.0 for _, took, _ in quick) >= 4, f"intake still waited for Kafka each time: {quick}"
+            assert await db.val("stamping", "SELECT count(*) FROM requests WHERE idempotency_key LIKE $1",
+                                "while-away-%") == 0
+
             started = time.perf_counter()
             order = order_body(1, "outage")
             purchase = await api.post("/v1/purchases", json=order, headers=auth(channel))
