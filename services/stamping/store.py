@@ -68,7 +68,15 @@ class FilesystemStore:
 
     @staticmethod
     def _put_all(items: list[tuple[Path, bytes]]) -> None:
+        """Each file written whole and synced, then each directory that gained an entry: the files'
+        own, and the parent of every directory made here (a new ``<request id>/`` is only durable once
+        its entry in ``ab/`` is, and a new ``ab/`` once its entry in the root is)."""
+        changed: dict[Path, None] = {}
         for path, data in items:
+            made = path.parent
+            while not made.exists():
+                changed[made.parent] = None
+                made = made.parent
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             with open(tmp, "wb") as fh:
@@ -76,7 +84,8 @@ class FilesystemStore:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)            # readers see the whole file or none
-        for directory in dict.fromkeys(path.parent for path, _ in items):
+            changed[path.parent] = None
+        for directory in changed:
             dir_fd = os.open(directory, os.O_DIRECTORY)
             try:
                 os.fsync(dir_fd)

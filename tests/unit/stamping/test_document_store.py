@@ -44,3 +44,27 @@ def test_a_write_the_disk_refuses_is_storage_unavailable_naming_the_keys(tmp_pat
 def test_a_missing_document_reads_as_not_found(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         asyncio.run(store.FilesystemStore(tmp_path).get("ab/nothing/input.pdf"))
+
+
+def test_a_new_request_directory_is_synced_into_its_parents_before_put_all_returns(tmp_path: Path, monkeypatch) -> None:
+    """A file synced in a directory that was just made is lost in a crash unless that directory's own
+    entry is synced too: every directory put_all made is synced into its parent, up to the root."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(store.os, "fsync", spy)
+    docs = store.FilesystemStore(tmp_path)
+    rid = "0123abcd-0000-4000-8000-000000000000"
+    asyncio.run(docs.put_all([(store.input_key(rid), b"%PDF"), (store.meta_key(rid), b"record")]))
+    request_dir, prefix_dir = tmp_path / rid[:2] / rid, tmp_path / rid[:2]
+    assert {str(prefix_dir), str(tmp_path)} <= set(synced), synced      # the new ab/<id>/ and ab/ entries
+    assert synced.count(str(request_dir)) == 1                          # the two files' directory, once
+
+    synced.clear()
+    other = "0123ffff-0000-4000-8000-000000000000"                      # ab/ exists now: only its new entry
+    asyncio.run(docs.put(store.input_key(other), b"%PDF"))
+    assert str(tmp_path) not in synced and str(prefix_dir) in synced, synced
