@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Sequence
 from operator import itemgetter
 
 import asyncpg
@@ -28,6 +29,23 @@ from services.kernel.waiting import Pause, sleep_or_stop, wait_any
 log = logs.get(__name__)
 
 
+def _insert(first: int) -> str:
+    """The outbox INSERT for the rows of ``_rows``, its parameters numbered from ``$first``."""
+    e, t, k, v, h, at = (f"${first + i}" for i in range(6))
+    return ("INSERT INTO outbox (event_id, topic, key, value, headers, available_at) "
+            f"SELECT e, t, k, v, h::jsonb, COALESCE({at}, now()) "
+            f"FROM unnest({e}::text[], {t}::text[], {k}::bytea[], {v}::bytea[], {h}::text[]) AS u(e, t, k, v, h)")
+
+
+def _rows(records: list[Outgoing], available_at: dt.datetime | None) -> list:
+    return [[r.event_id for r in records], [r.topic for r in records], [r.key for r in records],
+            [r.value for r in records],
+            [orjson.dumps([[k, v.decode("latin-1")] for k, v in r.headers]).decode() for r in records], available_at]
+
+
+_ADD = _insert(1)
+
+
 async def add(conn: asyncpg.Connection, records: list[Outgoing], *, available_at: dt.datetime | None = None,
               notify: bool = True) -> None:
     """Queue ``records`` for publishing, inside the caller's transaction."""
@@ -35,17 +53,30 @@ async def add(conn: asyncpg.Connection, records: list[Outgoing], *, available_at
         return
     # one statement for the lot (not a statement per row): rows get their ids in list order, which is
     # the order the relay publishes them in
-    await conn.execute(
-        "INSERT INTO outbox (event_id, topic, key, value, headers, available_at) "
-        "SELECT e, t, k, v, h::jsonb, COALESCE($6, now()) "
-        "FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::text[]) AS u(e, t, k, v, h)",
-        [r.event_id for r in records], [r.topic for r in records], [r.key for r in records],
-        [r.value for r in records],
-        [orjson.dumps([[k, v.decode("latin-1")] for k, v in r.headers]).decode() for r in records], available_at,
-    )
+    await conn.execute(_ADD, *_rows(records, available_at))
     if notify and available_at is None:
         # wakes the relay after the commit, so latency is not a poll interval
         await database.notify(conn, "_outbox", in_schema=True)
+
+
+async def add_if(conn: asyncpg.Connection, guard: str, guard_args: Sequence, records: list[Outgoing]) -> bool:
+    """Queue ``records`` only if ``guard`` changed a row, in one statement: False (nothing queued) when not.
+
+    ``guard`` is a data-modifying statement with ``RETURNING`` and parameters ``$1..$n`` (``guard_args``),
+    typically a state change such as ``UPDATE ... WHERE status = 'x' RETURNING 1``. The change and its
+    records commit together or not at all, as ``add`` in the caller's transaction would, but outside a
+    transaction it costs one round trip instead of four (BEGIN, the change, the insert, COMMIT): a
+    statement is its own transaction. The relay's wake-up follows as ``add`` sends it.
+    """
+    if not records:
+        raise ValueError("add_if needs records to queue")
+    n = len(guard_args)
+    queued = await conn.fetchval(
+        f"WITH guard AS ({guard}) {_insert(n + 1)} WHERE EXISTS (SELECT FROM guard) RETURNING true",
+        *guard_args, *_rows(records, None))
+    if queued:
+        await database.notify(conn, "_outbox", in_schema=True)
+    return bool(queued)
 
 
 class Relay:

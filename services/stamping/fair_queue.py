@@ -13,9 +13,10 @@ the row with the smallest start tag. The tags are start-time fair queueing (Goya
 
 so a backlogged channel's requests are 1/w apart, a channel that had nothing queued starts at the
 head, and with several backlogged channels each is served in proportion to its weight. The queue
-needs no clock and no rate, and two workers (members) share it: a taker holds its row with
-``FOR UPDATE SKIP LOCKED`` for as long as it signs and deletes it in the same transaction, so the
-others skip it, and a killed taker's row is free again the moment its connection ends.
+needs no clock and no rate, and two workers (members) share it: a taker claims the head by deleting
+it (``SKIP LOCKED``: rows other takers hold are passed over) in a transaction that stays open while
+it signs, so the others skip it, its commit ends it, and a killed taker's row is back the moment its
+connection ends (one statement claims; none more finishes).
 
 Why not Kafka alone (per-channel partitions or topics): partitions are assigned to members, not
 taken by weight, and a new channel would mean a new partition. Why not faust's per-channel windows:
@@ -73,7 +74,19 @@ SELECT u.rid, u.cid, greatest(head.v, coalesce(last.tag + 1.0 / u.w, head.v)) + 
  CROSS JOIN head LEFT JOIN last ON last.channel_id = u.cid
 ON CONFLICT (request_id) DO NOTHING
 """
-_CLAIM = "SELECT * FROM schedule ORDER BY start_tag, seq LIMIT 1 FOR UPDATE SKIP LOCKED"
+# the head of the queue no other taker holds, deleted by the claiming transaction: others skip it while that
+# transaction signs, it is gone when it commits, and back (untouched) when it rolls back or its connection dies
+_CLAIM = """
+DELETE FROM schedule WHERE request_id = (SELECT request_id FROM schedule ORDER BY start_tag, seq LIMIT 1
+                                         FOR UPDATE SKIP LOCKED)
+RETURNING *
+"""
+# a crashed request back in the queue, behind every other
+_REQUEUE = """
+INSERT INTO schedule (request_id, channel_id, start_tag, topic, "partition", "offset", record_key, headers, event,
+                      enqueued_at, crashes)
+SELECT $1, $2, coalesce((SELECT max(start_tag) FROM schedule), $3) + 1, $4, $5, $6, $7, $8, $9, $10, $11
+"""
 _AHEAD_OF = """
 SELECT (SELECT count(*) FROM schedule s WHERE (s.start_tag, s.seq) < (me.start_tag, me.seq))
   FROM schedule me WHERE me.request_id = $1
@@ -211,7 +224,6 @@ class Takers:
                     raise                      # an outage: rolled back, still queued where it was
                 await self._crashed(conn, row, event, exc)
                 return True
-            await conn.execute("DELETE FROM schedule WHERE request_id = $1", row["request_id"])
         log.debug("stamp taken from the fair queue", request_id=row["request_id"], channel_id=row["channel_id"],
                   start_tag=row["start_tag"], took_s=round(time.monotonic() - started, 3))
         return True
@@ -221,9 +233,9 @@ class Takers:
         rid, crashes = row["request_id"], row["crashes"] + 1
         detail = f"{type(exc).__name__}: {exc}"
         if crashes <= self._settings.consumer_crash_retries:
-            await conn.execute("UPDATE schedule SET crashes = $2, "
-                               "start_tag = (SELECT max(start_tag) FROM schedule) + 1 WHERE request_id = $1",
-                               rid, crashes)
+            await conn.execute(_REQUEUE, rid, row["channel_id"], row["start_tag"], row["topic"], row["partition"],
+                               row["offset"], row["record_key"], row["headers"], row["event"], row["enqueued_at"],
+                               crashes)
             log.warning("stamp crashed its taker; queued again at the back", request_id=rid, crashes=crashes,
                         error=detail[:500])
             return
@@ -231,7 +243,6 @@ class Takers:
                                       source=f"{row['topic']}/{row['partition']}/{row['offset']}",
                                       consumer=self._consumer)
         await outbox.add(conn, [Outgoing(self._dlq, row["record_key"], event.raw, headers, event.event_id)])
-        await conn.execute("DELETE FROM schedule WHERE request_id = $1", rid)
         await conn.execute("UPDATE requests SET status = 'dead_lettered', code = $2, detail = $3 "
                            "WHERE request_id = $1 AND status NOT IN ('signed', 'completed', 'failed')",
                            rid, errors.HANDLER_CRASHED.code, detail[:2000])

@@ -66,22 +66,25 @@ class StatusTracker:
                                 account_id=m.account_id, code=code, detail=detail, cause=event)
 
     async def _release_stamp(self, event: Event, m: quota_pb2.QuotaCommitted) -> None:
-        """The unit is posted: the signed stamp becomes the channel's (idempotent: only from 'signed')."""
-        email = await self._email(m.request_id)
-        async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "UPDATE requests SET status = 'completed', finished_at = now(), code = NULL, detail = NULL "
-                "WHERE request_id = $1 AND status = 'signed' "
-                "RETURNING channel_id, account_id, sn, output_ref, output_sha256", m.request_id)
-            if row is None:
+        """The unit is posted: the signed stamp becomes the channel's (idempotent: only from 'signed').
+
+        What ``StampCompleted`` says is read first: a signed row's SN and output never change (from
+        'signed' a request only ends), so the release is one guarded statement with its event."""
+        row = await self._pool.fetchrow("SELECT channel_id, account_id, sn, output_ref, output_sha256 FROM requests "
+                                        "WHERE request_id = $1 AND status = 'signed'", m.request_id)
+        if row is None:
+            return
+        msg = stamp_pb2.StampCompleted(request_id=m.request_id, channel_id=row["channel_id"],
+                                       account_id=row["account_id"], sn=row["sn"], output_ref=row["output_ref"],
+                                       output_sha256=row["output_sha256"], email=await self._email(m.request_id))
+        env = events.envelope(msg, producer=NAME, event_id=terminal_event_id(m.request_id, "completed"),
+                              causation_id=event.event_id, trace_id=event.envelope.trace_id)
+        async with self._pool.acquire() as conn:
+            if not await outbox.add_if(
+                    conn, "UPDATE requests SET status = 'completed', finished_at = now(), code = NULL, detail = NULL "
+                          "WHERE request_id = $1 AND status = 'signed' RETURNING 1", [m.request_id],
+                    [events.outgoing(self._settings.topic(topics.STAMP_EVENTS.name), m.request_id, env)]):
                 return
-            msg = stamp_pb2.StampCompleted(request_id=m.request_id, channel_id=row["channel_id"],
-                                           account_id=row["account_id"], sn=row["sn"], output_ref=row["output_ref"],
-                                           output_sha256=row["output_sha256"], email=email)
-            env = events.envelope(msg, producer=NAME, event_id=terminal_event_id(m.request_id, "completed"),
-                                  causation_id=event.event_id, trace_id=event.envelope.trace_id)
-            await outbox.add(conn, [events.outgoing(self._settings.topic(topics.STAMP_EVENTS.name), m.request_id,
-                                                    env)])
         STAMP_OUTCOMES.labels("completed", "").inc()
         CHANNEL_COMPLETED.labels(row["channel_id"]).inc()
         log.info("stamp completed", request_id=m.request_id, sn=row["sn"], channel_id=row["channel_id"])

@@ -50,6 +50,15 @@ HEADER_DLQ_ATTEMPTS = "bubuh-dlq-attempts"
 TERMINAL = ("completed", "failed")
 DONE_HERE = (*TERMINAL, "signed")      # nothing left for a worker: signed waits for the ledger
 _NS = uuid.UUID("5e0d8c1b-3f7a-4a51-8c8e-0f6b8f2d9a64")
+# A delivery starts signing: counted ($3 replay: a fresh count), the SN kept or issued ($2), the row left
+# alone if it is past signing or would pass $4 deliveries. waited_s: since reserved (null if just now).
+_START = """
+UPDATE requests SET status = 'stamping', sn = coalesce(sn, $2), code = NULL, started_at = now(),
+       deliveries = CASE WHEN $3 THEN 1 ELSE deliveries + 1 END, reserved_at = coalesce(reserved_at, now())
+ WHERE request_id = $1 AND status NOT IN ('signed', 'completed', 'failed')
+   AND CASE WHEN $3 THEN 1 ELSE deliveries + 1 END <= $4
+RETURNING sn, extract(epoch FROM now() - nullif(reserved_at, now()))::float8 AS waited_s
+"""
 
 
 def terminal_event_id(request_id: str, outcome: str) -> str:
@@ -60,17 +69,17 @@ def terminal_event_id(request_id: str, outcome: str) -> str:
 async def finish_failed(conn: asyncpg.Connection, settings: Settings, *, request_id: str, channel_id: str,
                         account_id: str, code: str, detail: str, email: str = "", cause: Event | None = None) -> bool:
     """Mark a request failed and publish ``StampFailed`` once; False when it had already ended."""
-    updated = await conn.fetchval(
-        "UPDATE requests SET status = 'failed', code = $2, detail = $3, finished_at = now() "
-        "WHERE request_id = $1 AND status NOT IN ('completed', 'failed') RETURNING 1", request_id, code, detail[:2000])
-    if not updated:
-        return False
     msg = stamp_pb2.StampFailed(request_id=request_id, channel_id=channel_id, account_id=account_id, code=code,
                                 detail=detail[:2000], permanent=True, email=email)
     env = events.envelope(msg, producer=NAME, event_id=terminal_event_id(request_id, "failed"),
                           causation_id=cause.event_id if cause else "",
                           trace_id=cause.envelope.trace_id if cause else None)
-    await outbox.add(conn, [events.outgoing(settings.topic(topics.STAMP_EVENTS.name), request_id, env)])
+    if not await outbox.add_if(
+            conn, "UPDATE requests SET status = 'failed', code = $2, detail = $3, finished_at = now() "
+                  "WHERE request_id = $1 AND status NOT IN ('completed', 'failed') RETURNING 1",
+            [request_id, code, detail[:2000]],
+            [events.outgoing(settings.topic(topics.STAMP_EVENTS.name), request_id, env)]):
+        return False
     STAMP_OUTCOMES.labels("failed", code).inc()
     log.info("stamp failed", request_id=request_id, code=code, detail=detail[:300])
     return True
@@ -111,7 +120,7 @@ class StampWorker:
             await self._transient(event, meta=None, reserved=reserved, exc=exc)
             return
 
-        started = await self._start(event, reserved, meta)
+        started = await self.start_delivery(event, reserved, meta)
         if started is None:
             return
         sn = started
@@ -145,16 +154,44 @@ class StampWorker:
             return
         await self._signed(event, meta, sn, stamped)
 
-    async def _start(self, event: Event, reserved: quota_pb2.QuotaReserved,
+    async def start_delivery(self, event: Event, reserved: quota_pb2.QuotaReserved,
                      meta: stamp_pb2.StampRequested) -> str | None:
-        """Record the delivery and issue the SN before any signing; None when there is nothing to sign."""
-        rid = reserved.request_id
+        """Record the delivery and issue the SN before any signing; None when there is nothing to sign.
+
+        The usual delivery (the row is there, waiting, within its deadline and its deliveries) is one
+        statement, its own transaction; anything else takes the full path, which says why not."""
         replay = HEADER_REPLAY in event.headers
+        if reserved.deadline.ToDatetime(tzinfo=dt.UTC) > dt.datetime.now(dt.UTC):
+            sn = await self._begin_signing(reserved.request_id, replay)
+            if sn is not None:
+                return sn
+        return await self._start_or_end(event, reserved, meta, replay)
+
+    async def _begin_signing(self, rid: str, replay: bool) -> str | None:
+        """``_START``: the request's SN, or None when the row is not there to start."""
+        while True:
+            try:
+                row = await self._pool.fetchrow(_START, rid, self._serials.next(), replay,
+                                                self._settings.stamp_max_deliveries)
+                break
+            except asyncpg.UniqueViolationError:    # the new SN is another request's: draw again
+                log.error("SN collision: two workers share a node id?", request_id=rid)
+        if row is None:
+            return None
+        if row["waited_s"] is not None:
+            STAGE_SECONDS.labels("reserved").observe(max(0.0, row["waited_s"]))
+        return row["sn"]
+
+    async def _start_or_end(self, event: Event, reserved: quota_pb2.QuotaReserved, meta: stamp_pb2.StampRequested,
+                            replay: bool) -> str | None:
+        """``start_delivery`` when its one statement did not apply: the row is missing (accepted while the database
+        was away), the request is past signing, its reservation's deadline passed, or it stopped its worker
+        too often. Each is decided on the locked row."""
+        rid = reserved.request_id
         async with self._pool.acquire() as conn, conn.transaction():
             await self._ensure_row(conn, rid, meta.channel_id, meta.account_id, meta.document_sha256,
                                    meta.accepted_at.ToDatetime(tzinfo=dt.UTC))
-            row = await conn.fetchrow("SELECT status, sn, deliveries, reserved_at, accepted_at FROM requests "
-                                      "WHERE request_id = $1 FOR UPDATE", rid)
+            row = await conn.fetchrow("SELECT status, deliveries FROM requests WHERE request_id = $1 FOR UPDATE", rid)
             if row["status"] in DONE_HERE:
                 return None
             deadline = reserved.deadline.ToDatetime(tzinfo=dt.UTC)
@@ -172,23 +209,8 @@ class StampWorker:
                                     detail=f"the document stopped its worker {deliveries - 1} times",
                                     email=meta.email, cause=event)
                 return None
-            sn = row["sn"]
-            while True:
-                sn = sn or self._serials.next()
-                try:
-                    async with conn.transaction():   # a savepoint: an SN collision retries with a new SN
-                        await conn.execute(
-                            "UPDATE requests SET status = 'stamping', sn = $2, deliveries = $3, code = NULL, "
-                            "started_at = now(), reserved_at = COALESCE(reserved_at, now()) WHERE request_id = $1",
-                            rid, sn, deliveries)
-                    break
-                except asyncpg.UniqueViolationError:
-                    log.error("SN collision: two workers share a node id?", sn=sn)
-                    sn = None
-        if row["reserved_at"]:
-            STAGE_SECONDS.labels("reserved").observe(
-                max(0.0, (dt.datetime.now(dt.UTC) - row["reserved_at"]).total_seconds()))
-        return sn
+        # the row is there now and may be started: the one statement does it (None only if it changed since)
+        return await self._begin_signing(rid, replay)
 
     async def _signed(self, event: Event, meta: stamp_pb2.StampRequested, sn: str, stamped: Stamped) -> None:
         """Stored and signed: ask the ledger to post the unit; the tracker releases the stamp on its answer."""
@@ -197,20 +219,19 @@ class StampWorker:
         if stamped.rewritten_sha256:
             log.info("stamped on a rewrite of the document", request_id=rid, document_sha256=meta.document_sha256,
                      rewritten_sha256=stamped.rewritten_sha256, reason=stamped.rewrite_reason)
-        async with self._pool.acquire() as conn, conn.transaction():
-            updated = await conn.fetchval(
-                "UPDATE requests SET status = 'signed', output_ref = $2, output_sha256 = $3, rewritten_sha256 = $4, "
-                "code = NULL, detail = NULL "
-                "WHERE request_id = $1 AND status NOT IN ('signed', 'completed', 'failed') RETURNING 1",
-                rid, store.output_key(rid), digest, stamped.rewritten_sha256)
-            if not updated:
+        msg = stamp_pb2.StampSigned(request_id=rid, channel_id=meta.channel_id, account_id=meta.account_id,
+                                    sn=sn, output_ref=store.output_key(rid), output_sha256=digest, email=meta.email)
+        env = events.envelope(msg, producer=NAME, event_id=terminal_event_id(rid, "signed"),
+                              causation_id=event.event_id, trace_id=event.envelope.trace_id)
+        async with self._pool.acquire() as conn:
+            if not await outbox.add_if(
+                    conn,
+                    "UPDATE requests SET status = 'signed', output_ref = $2, output_sha256 = $3, "
+                    "rewritten_sha256 = $4, code = NULL, detail = NULL "
+                    "WHERE request_id = $1 AND status NOT IN ('signed', 'completed', 'failed') RETURNING 1",
+                    [rid, store.output_key(rid), digest, stamped.rewritten_sha256],
+                    [events.outgoing(self._settings.topic(topics.STAMP_EVENTS.name), rid, env)]):
                 return
-            msg = stamp_pb2.StampSigned(request_id=rid, channel_id=meta.channel_id, account_id=meta.account_id,
-                                        sn=sn, output_ref=store.output_key(rid), output_sha256=digest,
-                                        email=meta.email)
-            env = events.envelope(msg, producer=NAME, event_id=terminal_event_id(rid, "signed"),
-                                  causation_id=event.event_id, trace_id=event.envelope.trace_id)
-            await outbox.add(conn, [events.outgoing(self._settings.topic(topics.STAMP_EVENTS.name), rid, env)])
         log.info("stamp signed; waiting for the ledger to post its unit", request_id=rid, sn=sn,
                  channel_id=meta.channel_id)
 
