@@ -40,10 +40,12 @@ the head of the queue.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -87,10 +89,10 @@ INSERT INTO schedule (request_id, channel_id, start_tag, topic, "partition", "of
                       enqueued_at, crashes)
 SELECT $1, $2, coalesce((SELECT max(start_tag) FROM schedule), $3) + 1, $4, $5, $6, $7, $8, $9, $10, $11
 """
-_AHEAD_OF = """
-SELECT (SELECT count(*) FROM schedule s WHERE (s.start_tag, s.seq) < (me.start_tag, me.seq))
-  FROM schedule me WHERE me.request_id = $1
-"""
+# the queue's order (every queued row's place), and one row's place in it
+_ORDER = ("SELECT coalesce(array_agg(start_tag ORDER BY start_tag, seq), '{}'), "
+          "coalesce(array_agg(seq ORDER BY start_tag, seq), '{}') FROM schedule")
+_PLACE = "SELECT start_tag, seq FROM schedule WHERE request_id = $1"
 # where channel $1's next request would go: its start tag after the ones still on quota ($3 of them)
 _AHEAD_OF_NEW = """
 WITH head AS (SELECT coalesce((SELECT start_tag FROM schedule ORDER BY start_tag, seq LIMIT 1), 0) AS v),
@@ -98,6 +100,17 @@ WITH head AS (SELECT coalesce((SELECT start_tag FROM schedule ORDER BY start_tag
      tag AS (SELECT greatest(head.v, coalesce(last.tag + 1.0 / $2, head.v)) + $3 / $2 AS t FROM head, last)
 SELECT count(*) FROM schedule, tag WHERE start_tag < tag.t
 """
+
+
+@dataclass(frozen=True)
+class QueueOrder:
+    """The queue's order at one moment: every queued row's place (start tag, then arrival), sorted."""
+
+    places: list[tuple[float, int]]
+
+    def ahead_of(self, place: tuple[float, int]) -> int:
+        """Rows that go before ``place`` (a row's own place is not before itself)."""
+        return bisect.bisect_left(self.places, place)
 
 
 class FairQueue:
@@ -135,9 +148,19 @@ class FairQueue:
     # -- positions -------------------------------------------------------------------------
 
     @staticmethod
-    async def ahead_of(conn, request_id: str) -> int | None:
-        """Queued requests that go before ``request_id``; None when it is not queued here."""
-        return await conn.fetchval(_AHEAD_OF, request_id)
+    async def order(conn) -> QueueOrder:
+        """The queue's order now: one statement for every position read against it (``ahead_of``)."""
+        tags, seqs = await conn.fetchrow(_ORDER)
+        return QueueOrder(list(zip(tags, seqs, strict=True)))
+
+    async def ahead_of(self, conn, request_id: str, order: QueueOrder | None = None) -> int | None:
+        """Queued requests that go before ``request_id`` in ``order`` (a moment ago; default: now); None
+        when it is not queued here. Its own place is one lookup; the count is in memory, not a scan of
+        every row ahead per read."""
+        place = await conn.fetchrow(_PLACE, request_id)
+        if place is None:
+            return None
+        return (order or await self.order(conn)).ahead_of((place["start_tag"], place["seq"]))
 
     async def ahead_of_new(self, conn, channel_id: str, on_quota: int = 0) -> int:
         """Queued requests that go before a new request of ``channel_id``, with ``on_quota`` of the

@@ -14,7 +14,10 @@ kept when the tier was busy. The window's rate comes from the stream (faust wind
 ``stamp.events``, ``throughput.py``) when this process counts some of its partitions, else from a
 count in the schema. Facts are cached for a second, and so is a channel's position for new
 requests (each 202 in that second adds one), so a surge of intake calls costs a few queries per
-second, not one per call.
+second, not one per call. A reserved request's position is its place counted against the queue's
+order as read at most a second ago (a row taken since still counts): one statement a second for the
+order, and one index lookup a read, where counting the rows ahead in each read cost PostgreSQL work
+in proportion to the position.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import asyncpg
 
 from services.kernel import failures
 from services.kernel.waiting import every
-from services.stamping.fair_queue import FairQueue
+from services.stamping.fair_queue import FairQueue, QueueOrder
 from services.stamping.metrics import QUEUE_DEPTH
 from services.stamping.throughput import Throughput
 
@@ -75,6 +78,8 @@ class QueueView:
         self._fair = fair or FairQueue()
         self._cached: tuple[float, QueueFacts] | None = None
         self._new: dict[str, tuple[float, int, int]] = {}   # channel -> (when, position, 202s given since)
+        self._order: tuple[float, QueueOrder] | None = None
+        self._order_read = asyncio.Lock()                   # one read of the order at a time, shared
 
     async def facts(self) -> QueueFacts | None:
         now = time.monotonic()
@@ -124,11 +129,19 @@ class QueueView:
     async def _position(self, request_id: str, channel_id: str, status: str, accepted_at: dt.datetime) -> int:
         async with self._pool.acquire() as conn:
             if status == "reserved":
-                ahead = await self._fair.ahead_of(conn, request_id)
+                ahead = await self._fair.ahead_of(conn, request_id, await self._queue_order(conn))
                 if ahead is not None:
                     return ahead
             return await self._behind_channel(conn, channel_id,
                                               await conn.fetchval(_ON_QUOTA_BEFORE, channel_id, accepted_at))
+
+    async def _queue_order(self, conn) -> QueueOrder:
+        """The fair queue's order, read at most once a second (by one caller; the others wait for it)."""
+        async with self._order_read:
+            now = time.monotonic()
+            if self._order is None or now - self._order[0] >= 1.0:
+                self._order = (now, await self._fair.order(conn))
+            return self._order[1]
 
     async def _behind_channel(self, conn, channel_id: str, on_quota: int) -> int:
         """Where the channel's next request goes: behind its ``on_quota`` requests still on quota."""

@@ -107,3 +107,43 @@ async def test_the_depth_gauge_follows_the_queue_without_anyone_asking(pool):
     finally:
         stop.set()
         await running
+
+
+async def test_a_reserved_requests_position_is_counted_against_the_order_read_once_a_second(pool):
+    """Counting the rows ahead in every status read cost PostgreSQL work in proportion to the position; a
+    read now looks up its own place (one statement) and counts against the order read at most a second ago."""
+    import asyncio
+    import datetime as dt
+
+    from services.contracts.bubuh.v1 import quota_pb2
+    from services.stamping.fair_queue import Enqueue, FairQueue
+
+    await pool.execute("DELETE FROM schedule")
+    fair = FairQueue()
+    await Enqueue(pool, fair).process([hs.event(quota_pb2.QuotaReserved(request_id=f"o{i}", channel_id="c",
+                                                                        account_id="a"), producer="quota")
+                                       for i in range(30)])
+    view = QueueView(pool, window_s=60.0, fair=fair)
+    now = dt.datetime.now(dt.UTC)
+    assert await view.position_of("o29", "c", "reserved", now) == 29
+    await pool.execute("DELETE FROM schedule WHERE request_id IN ('o0', 'o1', 'o2', 'o3', 'o4')")   # taken
+    sent: list[str] = []
+
+    def log(q) -> None:
+        sent.append(q.query)
+
+    async with pool.acquire() as a, pool.acquire() as b:
+        for conn in (a, b):
+            conn.add_query_logger(log)
+    try:
+        assert await view.position_of("o29", "c", "reserved", now) == 29     # the order of a moment ago
+        assert await view.position_of("o10", "c", "reserved", now) == 10
+    finally:
+        async with pool.acquire() as a, pool.acquire() as b:
+            for conn in (a, b):
+                conn.remove_query_logger(log)
+    assert len(sent) == 2 and all("WHERE request_id = $1" in q for q in sent), sent
+    await asyncio.sleep(1.05)
+    assert await view.position_of("o29", "c", "reserved", now) == 24     # read again: the taken are gone
+    assert await view.position_of("gone", "c", "reserved", now) == 25     # not queued here: behind its channel
+    await pool.execute("DELETE FROM schedule")
