@@ -64,10 +64,12 @@ log = logs.get(__name__)
 RESERVED = events.type_name(quota_pb2.QuotaReserved)
 IDLE_POLL_S = 1.0        # a lost NOTIFY costs at most this
 
+# ``last``: each channel's last tag, one index probe per channel in the batch (a max() per channel; a
+# GROUP BY over the channels' rows read every queued row of theirs: 6 ms at 20,000 queued, per batch)
 _ENQUEUE = """
 WITH head AS (SELECT coalesce((SELECT start_tag FROM schedule ORDER BY start_tag, seq LIMIT 1), 0) AS v),
-     last AS (SELECT channel_id, max(start_tag) AS tag FROM schedule WHERE channel_id = ANY($2::text[])
-               GROUP BY channel_id)
+     last AS (SELECT c.cid AS channel_id, (SELECT max(start_tag) FROM schedule s WHERE s.channel_id = c.cid) AS tag
+                FROM (SELECT DISTINCT cid FROM unnest($2::text[]) AS u(cid)) AS c)
 INSERT INTO schedule (request_id, channel_id, start_tag, topic, "partition", "offset", record_key, headers, event)
 SELECT u.rid, u.cid, greatest(head.v, coalesce(last.tag + 1.0 / u.w, head.v)) + u.k / u.w,
        u.t, u.p, u.o, u.rk, u.h::jsonb, u.ev
