@@ -7,10 +7,10 @@ waiting on quota (and for a new one, at its 202) where its channel's next tag wo
 channel's own requests still on quota. So positions and times are per channel: a small channel's
 request says "next" while a flood's says "behind its own backlog". Being signed: 0.
 
-Expected time = the pipeline's own time (the fastest 2% of the last 500 stamps, accepted to
-completed) + position / the tier's pace: stamps finished per busy second in the last ``window``,
-or, before the window has seen one finish (a surge's first seconds), the pace the last 500 stamps
-kept when the tier was busy. The window's rate comes from the stream (faust windows over
+Expected time = the pipeline's own time (the median of the last 500 stamps, accepted to completed
+less their wait in the fair queue) + position / the tier's pace: stamps finished per busy second in
+the last ``window``, or, before the window has seen one finish (a surge's first seconds), the pace
+the last 500 stamps kept when the tier was busy. The window's rate comes from the stream (faust windows over
 ``stamp.events``, ``throughput.py``) when this process counts some of its partitions, else from a
 count in the schema. Facts are cached for a second, and so is a channel's position for new
 requests (each 202 in that second adds one), so a surge of intake calls costs a few queries per
@@ -36,15 +36,17 @@ from services.stamping.metrics import QUEUE_DEPTH
 from services.stamping.throughput import Throughput
 
 _OPEN = "SELECT count(*) FROM requests WHERE status IN ('queued', 'reserved', 'stamping', 'signed')"
-# From the last 500 finished stamps: the pipeline's own time (the fastest 2%, accepted to completed:
-# in a surge most waited in the queue, the first few did not), and the tier's pace when busy (stamps
-# per second that saw one finish), which stands in for the window's rate until the window has
-# counted a completion (a surge's first seconds).
+# From the last 500 finished stamps: the pipeline's own time (the median, accepted to completed less the
+# wait in the fair queue, reserved to started: that wait is what position / rate stands for, and a surge's
+# stamps all waited, so counting it here counted it twice), and the tier's pace when busy (stamps per
+# second that saw one finish), which stands in for the window's rate until the window has counted a
+# completion (a surge's first seconds).
 _HISTORY = """
-WITH recent AS (SELECT status, accepted_at, finished_at FROM requests WHERE status IN ('completed', 'failed')
-                 ORDER BY finished_at DESC LIMIT 500)
-SELECT extract(epoch FROM percentile_disc(0.02) WITHIN GROUP (ORDER BY finished_at - accepted_at)
-                          FILTER (WHERE status = 'completed')) AS base_s,
+WITH recent AS (SELECT status, accepted_at, reserved_at, started_at, finished_at FROM requests
+                 WHERE status IN ('completed', 'failed') ORDER BY finished_at DESC LIMIT 500)
+SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (
+           ORDER BY finished_at - accepted_at - greatest(started_at - reserved_at, interval '0'))   -- null: 0
+           FILTER (WHERE status = 'completed')) AS base_s,
        count(*)::float8 / greatest(1, count(DISTINCT date_trunc('second', finished_at))) AS pace
   FROM recent
 """

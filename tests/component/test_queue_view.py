@@ -1,7 +1,7 @@
 """The queue's expected times from the stamping schema on real PostgreSQL: before the window has
 seen a stamp finish, the pace the last stamps kept when busy stands in for the rate (a surge's first
 202s got the cold guess, 20/s, against 40-55/s in make surge), and the pipeline's own time is the
-fastest of the recent stamps."""
+median of the recent stamps' times with their wait in the fair queue left out."""
 
 from __future__ import annotations
 
@@ -18,27 +18,43 @@ async def pool():
         yield pool
 
 
-async def _finished(pool, n: int, seconds: int, took_s: float, ago_s: float, offset: int = 0) -> None:
-    """``n`` stamps finished over ``seconds`` busy seconds, ``ago_s`` seconds ago, each after ``took_s``."""
+async def _finished(pool, n: int, seconds: int, took_s: float, ago_s: float, offset: int = 0,
+                    queued_s: float = 0.0) -> None:
+    """``n`` stamps finished over ``seconds`` busy seconds, ``ago_s`` seconds ago, each after ``took_s``, of
+    which ``queued_s`` waiting in the fair queue (reserved, then started)."""
     await pool.execute(
-        "INSERT INTO requests (request_id, channel_id, account_id, status, accepted_at, finished_at) "
-        "SELECT 'r' || ($5 + i), 'ch', 'acct', 'completed', f - make_interval(secs => $3), f "
+        "INSERT INTO requests (request_id, channel_id, account_id, status, accepted_at, reserved_at, started_at, "
+        "finished_at) "
+        "SELECT 'r' || ($5 + i), 'ch', 'acct', 'completed', a, a + interval '0.1 s', "
+        "a + interval '0.1 s' + make_interval(secs => $6), f "
         "FROM generate_series(0, $1 - 1) AS i, "
-        "LATERAL (SELECT now() - make_interval(secs => $4) + make_interval(secs => (i % $2)) AS f) AS t",
-        n, seconds, took_s, ago_s, offset)
+        "LATERAL (SELECT now() - make_interval(secs => $4) + make_interval(secs => (i % $2)) AS f) AS t, "
+        "LATERAL (SELECT t.f - make_interval(secs => $3) AS a) AS acc",
+        n, seconds, took_s, ago_s, offset, queued_s)
 
 
 async def test_before_the_window_counts_a_finish_the_recent_busy_pace_stands_in(pool):
     await pool.execute("DELETE FROM requests")
-    await _finished(pool, 100, 2, 1.5, ago_s=600)                 # a surge ten minutes ago: 50/s when busy
+    await _finished(pool, 100, 2, 1.5, ago_s=600, queued_s=1.1)   # a surge ten minutes ago: 50/s when busy
     await _finished(pool, 3, 1, 0.4, ago_s=590, offset=1000)       # its first stamps met no queue
     await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status) "
                        "SELECT 'q' || i, 'ch', 'acct', 'queued' FROM generate_series(1, 60) AS i")
     facts = await QueueView(pool, window_s=60.0).facts()
     assert facts.open_requests == 60
     assert facts.per_second == pytest.approx(103 / 3)              # 103 stamps over 3 busy seconds
-    assert facts.base_s == pytest.approx(0.4, abs=0.01)            # the fastest 2%
+    assert facts.base_s == pytest.approx(0.4, abs=0.01)            # 1.5 s, less 1.1 s in the queue
     assert facts.eta_seconds(60) == pytest.approx(0.4 + 60 / (103 / 3), abs=0.1)
+
+
+async def test_the_pipelines_own_time_leaves_out_the_wait_in_the_queue(pool):
+    """Position / rate stands for the wait in the queue. The fastest 2% of the last 500 stamps, accepted to
+    completed, was the pipeline's own time only while some had met no queue: after a surge whose every
+    stamp waited 20 s it read 21 s, and a request with nobody ahead was told 21 s for its 1 s."""
+    await pool.execute("DELETE FROM requests")
+    await _finished(pool, 500, 20, 21.0, ago_s=30, queued_s=20.0)
+    facts = await QueueView(pool, window_s=60.0).facts()
+    assert facts.base_s == pytest.approx(1.0, abs=0.01)            # 21 s less 20 s queued
+    assert facts.eta_seconds(0) == pytest.approx(1.0, abs=0.1)
 
 
 async def test_stamps_finishing_in_the_window_give_the_rate(pool):
