@@ -192,7 +192,7 @@ def status(settings: Settings) -> bool:
     if all(pids.values()) and healthy:
         print(f"bubuh: API on {settings.public_url}")
         return True
-    if pids["bubuh"] and not healthy:
+    if any(pid for name, pid in pids.items() if _serves_api(processes(settings)[name])) and not healthy:
         print("bubuh: running but the API does not answer")
     return False
 
