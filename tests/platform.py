@@ -50,8 +50,11 @@ def env_for(settings: Settings, **extra) -> dict[str, str]:
 
 class PlatformProcess:
     def __init__(self, settings: Settings, *, api: str = "all", workers: str = "all", name: str = "bubuh",
-                 **env) -> None:
+                 own_group: bool = False, **env) -> None:
+        """``own_group``: the process leads a process group of its own (with its fork server and sandbox
+        children), as under `bubuh up`, so ``stop_group`` can stop them all at once."""
         self.settings = settings
+        self.own_group = own_group
         self.api, self.workers, self.name = api, workers, name
         self.env = env_for(settings, **env)
         self.proc: subprocess.Popen | None = None
@@ -65,7 +68,7 @@ class PlatformProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.operator.cli", "serve", "--api", self.api, "--workers", self.workers,
              "--ready-file", str(ready)], cwd=REPO_ROOT, env=self.env, stdout=log, stderr=log,
-            stdin=subprocess.DEVNULL)
+            stdin=subprocess.DEVNULL, start_new_session=self.own_group)
         deadline = time.monotonic() + timeout
         while not ready.exists():
             if self.proc.poll() is not None:
@@ -89,6 +92,31 @@ class PlatformProcess:
                     break
                 await asyncio.sleep(0.1)
             self.kill()
+
+    def group(self) -> list[int]:
+        """The live processes of its process group (``own_group``): itself, its fork server, its children."""
+        assert self.own_group and self.proc is not None
+        out = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    stat = (d / "stat").read_text()
+                except OSError:
+                    continue
+                fields = stat[stat.rindex(")") + 2:].split()
+                if fields[0] != "Z" and int(fields[2]) == self.proc.pid:
+                    out.append(int(d.name))
+        return out
+
+    async def stop_group(self, timeout: float = 20) -> None:
+        """SIGTERM to the whole process group, as `bubuh down` and systemd stop a service: a graceful stop."""
+        assert self.own_group and self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        for _ in range(int(timeout * 10)):
+            if self.proc.poll() is not None:
+                return
+            await asyncio.sleep(0.1)
+        self.kill()
 
     def tail(self, n: int = 15) -> str:
         try:

@@ -22,7 +22,8 @@ SIGNING_CERT_REVOKED = Gauge("bubuh_signing_certificate_revoked",
 INTAKE_REJECTED = Counter("bubuh_stamp_intake_rejected_total", "Uploads refused at intake, by code", ["code"])
 SANDBOX_OUTCOMES = Counter("bubuh_document_sandbox_tasks_total",
                            "Document work in the sandboxed children (intake, signing, verification), by outcome: "
-                           "ok, refused (a coded answer), cpu / memory (over budget), timeout, crashed, busy, error",
+                           "ok, refused (a coded answer), cpu / memory (over budget), timeout, crashed, "
+                           "stopped (by a stop signal, not the document: retryable), busy, error",
                            ["sandbox", "outcome"])
 SANDBOX_SECONDS = Histogram("bubuh_document_sandbox_task_seconds", "Elapsed time of one sandboxed task",
                             ["sandbox"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))

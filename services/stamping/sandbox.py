@@ -45,6 +45,11 @@ PRELOAD = ["pikepdf", "pyhanko.sign", "pyhanko.sign.validation", "services.stamp
            "services.stamping.document.signature_validation", "services.stamping.signing.engine",
            "services.stamping.sandbox"]
 _START_TIMEOUT_S = 60.0
+# A child's end that says nothing about its document: a hang-up or a stop meant for the process (the child
+# ignores SIGTERM and SIGINT, but another may come), or an exit nobody can know: multiprocessing reports 255
+# when the fork server, which holds the children's exit codes, is gone (a stop of the whole process group).
+# The request is retryable (UNAVAILABLE), not PDF_MALFORMED. A crash (abort, segfault) is the document's.
+_STOPPED = frozenset({-signal.SIGHUP, -signal.SIGTERM, -signal.SIGINT, 255})
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,9 @@ def _serve(conn: Connection, setup: Callable[..., Any] | None, setup_args: tuple
            nice: int) -> None:
     """The child: set its limits, build its state once, then run tasks until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)          # Ctrl-C is the parent's; it stops us
+    # so is a stop sent to the whole process group (`bubuh down`, systemd's cgroup): the parent finishes
+    # the task in hand, then stops us; dying here failed a paid stamp as a crash of the reader
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGXCPU, signal.SIG_DFL)         # past the CPU budget: the kernel ends us
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if memory_bytes:
@@ -253,6 +261,12 @@ class Sandbox:
     def _died(self, child: _Child, started: float) -> errors.BubuhError:
         exit_code = child.reap()
         self._replace(child, reaped=True)
+        if self._closed or exit_code in _STOPPED:     # ``stop`` kills busy children: not the document either
+            SANDBOX_OUTCOMES.labels(self.name, "stopped").inc()
+            log.warning("document reader stopped mid-task; the request is worth trying again", sandbox=self.name,
+                        exit_code=exit_code)
+            return errors.BubuhError(errors.UNAVAILABLE, f"{self.name}: the reader was stopped (exit {exit_code}), "
+                                                         "not by the document; try again")
         if exit_code == -signal.SIGXCPU:
             SANDBOX_OUTCOMES.labels(self.name, "cpu").inc()
             return errors.BubuhError(errors.PDF_TOO_COMPLEX, f"needs more than {self.budget.cpu_s:g} s of CPU")

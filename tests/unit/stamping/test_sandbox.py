@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 
 import pytest
@@ -106,3 +107,52 @@ async def test_a_child_waiting_on_the_network_does_not_hold_up_the_next_task():
 async def test_a_setup_that_fails_stops_the_start_with_its_reason():
     with pytest.raises(RuntimeError, match="no key at /nowhere"):
         await Sandbox("broken", size=1, budget=BUDGET, setup=tasks.cannot_open, setup_args=("/nowhere",)).start()
+
+
+def _forkserver_pid() -> int:
+    import multiprocessing.forkserver
+    return multiprocessing.forkserver._forkserver._forkserver_pid
+
+
+async def test_a_stop_signal_to_the_whole_process_group_lets_the_task_finish(sandbox):
+    """`bubuh down` (and systemd) send SIGTERM to every process of the group: the fork server and the
+    children too. A child signing a stamp then died, the fork server with it, and the parent read the exit
+    (-15, or 255 from a fork server gone) as "the document crashed the reader": PDF_MALFORMED, a paid
+    stamp failed for good on every graceful stop under load. A child leaves stopping to its parent."""
+    child = (await sandbox.run(tasks.whoami))["pid"]
+    running = asyncio.create_task(sandbox.run(tasks.sleep, 1.0))
+    await asyncio.sleep(0.3)
+    os.kill(_forkserver_pid(), signal.SIGTERM)
+    os.kill(child, signal.SIGTERM)
+    assert await running == "slept"
+
+
+async def test_a_child_ended_by_a_stop_signal_or_an_unknown_exit_is_retryable_not_a_verdict(sandbox):
+    """A hang-up, or a child whose exit cannot be known (its fork server gone: multiprocessing says 255),
+    says nothing about the document: the request is worth trying again (a 503 at intake, a retry in the
+    stamping tier), where PDF_MALFORMED would end it. A crash (abort) is still the document's."""
+    for fork_server_gone in (False, True):
+        child = (await sandbox.run(tasks.whoami))["pid"]
+        running = asyncio.create_task(sandbox.run(tasks.sleep, 5.0))
+        await asyncio.sleep(0.3)
+        if fork_server_gone:
+            os.kill(_forkserver_pid(), signal.SIGKILL)
+        os.kill(child, signal.SIGHUP)
+        with pytest.raises(errors.BubuhError) as stopped:
+            await running
+        assert stopped.value.code is errors.UNAVAILABLE and stopped.value.code.retryable, stopped.value.detail
+    with pytest.raises(errors.BubuhError) as crashed:
+        await sandbox.run(tasks.crash)
+    assert crashed.value.code is errors.PDF_MALFORMED
+    assert (await sandbox.run(tasks.whoami))["label"] == "key"      # a fresh child (and fork server) took over
+
+
+async def test_a_task_cut_short_by_the_sandbox_stopping_is_retryable():
+    """``stop`` kills a busy child (SIGKILL, which otherwise means the kernel's OOM killer: PDF_TOO_COMPLEX)."""
+    box = await Sandbox("stopping", size=1, budget=ProcessLimits(cpu_s=5, memory_bytes=0, wall_s=30)).start()
+    running = asyncio.create_task(box.run(tasks.sleep, 5.0))
+    await asyncio.sleep(0.3)
+    await box.stop()
+    with pytest.raises(errors.BubuhError) as stopped:
+        await running
+    assert stopped.value.code is errors.UNAVAILABLE, stopped.value.detail
