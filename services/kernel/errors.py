@@ -51,7 +51,8 @@ HANDLER_CRASHED = _code("HANDLER_CRASHED", 500, "A consumer raised an unexpected
                         "Operations: read the dead-letter entry's detail, fix, then `bubuh replay`.")
 INTERNAL = _code("INTERNAL", 500, "An unexpected error in the platform.",
                  "Retry later with the same idempotency key; report the `trace_id` if it persists.")
-UNAVAILABLE = _code("UNAVAILABLE", 503, "A dependency (Kafka or PostgreSQL) cannot serve this request now.",
+UNAVAILABLE = _code("UNAVAILABLE", 503, "A dependency (Kafka, PostgreSQL, a document reader) cannot serve this "
+                    "request now, or the platform is stopping.",
                     "Retry with the same idempotency key after `Retry-After` seconds.", retryable=True)
 
 # --- purchases -----------------------------------------------------------------------------
