@@ -176,7 +176,7 @@ class Sandbox:
         self._setup_args = setup_args
         self._nice = nice
         self._max_waiting = max_waiting
-        self._idle: asyncio.Queue[_Child] = asyncio.Queue()
+        self._idle: asyncio.Queue[_Child | None] = asyncio.Queue()   # None: the sandbox stopped
         self._children: set[_Child] = set()
         self._waiting = 0
         self._closed = False
@@ -221,6 +221,8 @@ class Sandbox:
             child = await self._idle.get()
         finally:
             self._waiting -= 1
+        if child is None:                    # ``stop`` wakes those waiting for a child that will not come
+            raise errors.BubuhError(errors.UNAVAILABLE, f"{self.name}: shutting down")
         started = time.perf_counter()
         try:
             kind, value = await asyncio.wait_for(
@@ -315,7 +317,10 @@ class Sandbox:
             task.cancel()
         idle: list[_Child] = []
         while not self._idle.empty():
-            idle.append(self._idle.get_nowait())
+            if (child := self._idle.get_nowait()) is not None:
+                idle.append(child)
+        for _ in range(self._waiting):      # each waiting caller gets its answer now, not a cancel at the end
+            self._idle.put_nowait(None)
         busy = [c for c in self._children if c not in idle]
         self._children = set()
         for child in idle:

@@ -156,3 +156,20 @@ async def test_a_task_cut_short_by_the_sandbox_stopping_is_retryable():
     with pytest.raises(errors.BubuhError) as stopped:
         await running
     assert stopped.value.code is errors.UNAVAILABLE, stopped.value.detail
+
+
+async def test_callers_waiting_for_a_child_when_the_sandbox_stops_are_answered_at_once():
+    """A graceful stop under load: uploads waiting for an intake child were left waiting until the server's
+    shutdown cancelled them, 10 s later, and answered 500 INTERNAL (seen at 04:38 today)."""
+    box = await Sandbox("stopping", size=1, budget=ProcessLimits(cpu_s=5, memory_bytes=0, wall_s=30)).start()
+    busy = asyncio.create_task(box.run(tasks.sleep, 5.0))
+    await asyncio.sleep(0.3)
+    waiting = [asyncio.create_task(box.run(tasks.whoami)) for _ in range(3)]
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    await box.stop()
+    for task in [busy, *waiting]:
+        with pytest.raises(errors.BubuhError) as stopped:
+            await asyncio.wait_for(task, 5)
+        assert stopped.value.code is errors.UNAVAILABLE
+    assert time.monotonic() - started < 4
