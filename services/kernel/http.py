@@ -167,6 +167,9 @@ class BodyLimits:
     def _limit_for(self, scope: Scope) -> tuple[int, errors.ErrorCode, str | None, int]:
         for route, limit, code, bound in self._table:
             if route.matches(scope)[0] is Match.FULL:
+                # named now, for the metrics and the log (TraceAndMeasure): an answer given here, before the
+                # router runs (a 413, a 503 at the admission bound), was counted as route "unmatched"
+                scope.setdefault("route", route)
                 return limit, code, route.path, bound
         return self._default, errors.BODY_TOO_LARGE, None, 0
 

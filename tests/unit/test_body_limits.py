@@ -8,7 +8,7 @@ from unittest.mock import MagicMock
 
 from fastapi import APIRouter, Request
 
-from services.kernel import errors, http
+from services.kernel import errors, http, metrics
 from services.kernel.settings import Settings
 from services.purchase import api as purchase_api
 from services.stamping import api as stamping_api
@@ -80,9 +80,12 @@ class _Harness:
 
 async def test_a_declared_length_over_the_limit_never_reaches_the_route():
     h = _Harness()
+    before = metrics.HTTP_REQUESTS.labels("/upload", "413")._value.get()
     status, headers, body, taken = await h.post({"content-length": "101"}, [b"x" * 101])
     assert (status, body["code"], headers.get("connection")) == (413, "BODY_TOO_LARGE", "close")
     assert taken == 0 and not h.read
+    # counted under its route, though the router never ran (it was "unmatched")
+    assert metrics.HTTP_REQUESTS.labels("/upload", "413")._value.get() == before + 1
 
 
 async def test_a_streamed_body_stops_at_the_limit():
@@ -199,6 +202,7 @@ async def test_callers_turned_away_together_are_told_to_come_back_at_different_t
         await release.wait()
         return {"ok": True}
 
+    refused_before = metrics.HTTP_REQUESTS.labels("/slow", "503")._value.get()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=http.create_app("t", [r])),
                                  base_url="http://t") as c:
         held = asyncio.create_task(c.post("/slow", content=b"x"))
@@ -214,3 +218,5 @@ async def test_callers_turned_away_together_are_told_to_come_back_at_different_t
     assert {a.status_code for a in away} == {503}
     assert all(int(a.headers["retry-after"]) >= 1 for a in away)
     assert max(int(a.headers["retry-after"]) for a in away) > 1     # the same route's spread: 60 just refused
+    # the 60 turned away at the bound count under the route, with the 5 the route itself answered 503
+    assert metrics.HTTP_REQUESTS.labels("/slow", "503")._value.get() == refused_before + 65
