@@ -128,6 +128,22 @@ def _healthy(settings: Settings) -> bool:
         return False
 
 
+# At `up`, a process's log past this size becomes <name>.log.1 (the one before it is dropped): the logs of
+# a box that runs benchmarks day after day grew to hundreds of MB, every start appending to the same file.
+LOG_ROTATE_BYTES = 64 * 1024 * 1024
+
+
+def log_file(settings: Settings, name: str) -> Path:
+    """Where process ``name`` writes, its last log set aside first when it has grown past ``LOG_ROTATE_BYTES``."""
+    path = settings.local_dir / "logs" / f"{name}.log"
+    try:
+        if path.stat().st_size > LOG_ROTATE_BYTES:
+            os.replace(path, path.with_name(f"{name}.log.1"))
+    except FileNotFoundError:
+        pass
+    return path
+
+
 def up(settings: Settings, timeout: float = 90) -> None:
     run = _run_dir(settings)
     wanted = processes(settings)
@@ -143,7 +159,7 @@ def up(settings: Settings, timeout: float = 90) -> None:
         ready = run / f"{name}.ready"
         ready.unlink(missing_ok=True)
         env = {**os.environ, **process_env(settings, name)}
-        with open(settings.local_dir / "logs" / f"{name}.log", "ab") as log:
+        with open(log_file(settings, name), "ab") as log:
             started[name] = subprocess.Popen(
                 [sys.executable, "-m", "services.operator.cli", "serve", *args, "--ready-file", str(ready)],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
