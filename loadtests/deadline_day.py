@@ -54,6 +54,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests import corpus  # noqa: E402
+from loadtests.load_client import TRANSPORT_ERRORS, Answer, LoadClient  # noqa: E402
 from loadtests.open_loop import rate_arguments, sustainable_rate  # noqa: E402
 from loadtests.readme import measure_and_publish  # noqa: E402
 from loadtests.surge import _bubuh, _channel, log  # noqa: E402
@@ -62,7 +63,6 @@ SHARES = (0.55, 0.25, 0.12, 0.08)    # channels of unequal size: a national one 
 RAMP_FROM, PLATEAU_SHARE, SPIKE_FACTOR = 0.1, 0.8, 3.0   # of the sustainable rate
 TIMEOUT_S = 30.0                     # the client's timeout, the same for the platform and the baseline
 SENDERS = 256                        # requests in flight at most (each on its own connection) ...
-SHARDS = 16                          # ... spread over this many clients (``Clients``)
 READERS = 16                         # status reads in flight at most
 SCRAPE_EVERY_S = 5.0
 BUCKET_S = 10.0                      # the plots' and the tables' time resolution
@@ -319,38 +319,14 @@ class Sent:
     late: str | None = None           # no answer in time: the status the channel's later retry was answered with
 
 
-class Clients:
-    """``SHARDS`` httpx clients of ``SENDERS / SHARDS`` connections each, picked by a request's number.
-
-    One client of 256 connections made the load generator the bottleneck: httpcore matches every
-    waiting request against every connection of its pool at each step, and once the platform slowed
-    down (connections closed by 503s, requests waiting) py-spy showed the generator at 100% of a core
-    in ``_assign_requests_to_connections`` while the platform waited for requests it never got."""
-
-    def __init__(self, base_url: str) -> None:
-        per = max(1, SENDERS // SHARDS)
-        self._clients = [httpx.AsyncClient(base_url=base_url, timeout=TIMEOUT_S,
-                                           limits=httpx.Limits(max_connections=per, max_keepalive_connections=per))
-                         for _ in range(SHARDS)]
-
-    def __getitem__(self, i: int) -> httpx.AsyncClient:
-        return self._clients[i % len(self._clients)]
-
-    async def __aenter__(self) -> Clients:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await asyncio.gather(*(c.aclose() for c in self._clients))
-
-
-async def _send(gate: asyncio.Semaphore, t0: float, sent: Sent, request) -> httpx.Response | None:
+async def _send(gate: asyncio.Semaphore, t0: float, sent: Sent, request) -> Answer | None:
     """One arrival, sent at its time and retried on 429/503 as the answer's Retry-After says, within
     TIMEOUT_S of the arrival (the client's total budget); the latency runs from the scheduled time.
 
-    ``request(timeout)`` sends once with httpx's own timeout: an httpx request is never cancelled from
-    outside. Cancelled while it waits for a pool connection, httpcore can keep that connection's slot
-    for good (encode/httpcore#1093), and the fourth deadline-day run had 131 resends waiting minutes for
-    slots that were never freed while the platform sat idle."""
+    ``request(timeout_s)`` sends once within ``timeout_s`` (``load_client.py``: its timeout cancels the
+    request cleanly; with httpx a request cancelled while it waited for a pool connection could keep that
+    connection's slot for good, encode/httpcore#1093, and the fourth deadline-day run had 131 resends
+    waiting minutes for slots that were never freed)."""
     scheduled = t0 + sent.t
     deadline = scheduled + TIMEOUT_S
     await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
@@ -364,7 +340,7 @@ async def _send(gate: asyncio.Semaphore, t0: float, sent: Sent, request) -> http
             async with asyncio.timeout(remaining):      # only the wait for a sender: a semaphore, safe to cancel
                 await gate.acquire()
             try:
-                r = await request(httpx.Timeout(max(0.1, deadline - time.perf_counter())))
+                r = await request(max(0.1, deadline - time.perf_counter()))
             finally:
                 gate.release()
             if time.perf_counter() > deadline:           # answered, but after the client had given up
@@ -373,10 +349,10 @@ async def _send(gate: asyncio.Semaphore, t0: float, sent: Sent, request) -> http
                 break
             pause = float(r.headers.get("Retry-After") or 1)     # as docs/channels.md says, within the budget
             await asyncio.sleep(min(pause, max(0.0, deadline - time.perf_counter())))
-    except (TimeoutError, httpx.TimeoutException):
+    except TimeoutError:
         sent.status, sent.error = None, f"no answer within {TIMEOUT_S:g} s"
         return None
-    except httpx.HTTPError as exc:
+    except TRANSPORT_ERRORS as exc:
         sent.error = repr(exc)[:200]
         return None
     finally:
@@ -399,9 +375,8 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
     from services.operator import local_processes
 
     scrapes = Scrapes({name: port for name, (_, port) in local_processes.metrics_targets(settings).items()})
-    async with Clients(base_url) as clients, \
-            httpx.AsyncClient(base_url=base_url, timeout=TIMEOUT_S,
-                              limits=httpx.Limits(max_connections=READERS)) as reading:
+    async with LoadClient(base_url, max_connections=SENDERS, timeout_s=TIMEOUT_S) as client, \
+            LoadClient(base_url, max_connections=READERS, timeout_s=TIMEOUT_S) as reading:
 
         def auth(c: int) -> dict:
             return {"Authorization": f"Bearer {creds[c]['api_key']}"}
@@ -414,8 +389,8 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
                                                          dt.UTC).isoformat()}
             start = t0
             for _ in range(10):    # not accepted (no answer, the database away): the same order sent again
-                r = await _send(gate, start, b, lambda timeout: clients[c + int(when * 1000)].post(
-                    "/v1/purchases", json=body, headers=auth(c), timeout=timeout))
+                r = await _send(gate, start, b, lambda timeout_s: client.post(
+                    "/v1/purchases", json=body, headers=auth(c), timeout_s=timeout_s))
                 if r is not None and r.status_code == 202:
                     break
                 start = time.perf_counter() - b.t
@@ -431,15 +406,13 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
         t0_wall = time.time()
 
         run_id = secrets.token_hex(4)
-        number: dict[int, int] = {}
         for i, s in enumerate(sent):   # each request a key of its own: a retry is the same request (docs/channels.md)
             s.key = f"deadline-{run_id}-{i}"
-            number[id(s)] = i
 
         def stamp(s: Sent):
-            return lambda timeout: clients[number[id(s)]].post(
-                "/v1/stamps", headers=auth(s.channel) | {"Idempotency-Key": s.key}, data={"meta": META},
-                files={"file": ("letter.pdf", letter, "application/pdf")}, timeout=timeout)
+            return lambda timeout_s: client.post(
+                "/v1/stamps", headers=auth(s.channel) | {"Idempotency-Key": s.key}, form={"meta": META},
+                file=("letter.pdf", letter, "application/pdf"), timeout_s=timeout_s)
 
         async def arrive(s: Sent) -> None:
             r = await _send(gate, t0, s, stamp(s))
@@ -468,7 +441,7 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
                 s = by_id[rid]
                 try:
                     r = await reading.get(f"/v1/stamps/{rid}", headers=auth(s.channel))
-                except httpx.HTTPError:
+                except TRANSPORT_ERRORS:
                     reads["error"] = reads.get("error", 0) + 1
                     heapq.heappush(due, (time.perf_counter() + 1.0, rid))
                     continue
@@ -531,7 +504,7 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
             "drained_s": drained, "t0_wall": t0_wall}
 
 
-async def settled(client: httpx.AsyncClient, channel: dict, headers: dict, timeout: float = 60) -> dict:
+async def settled(client: LoadClient, channel: dict, headers: dict, timeout: float = 60) -> dict:
     """The channel's account as the quota ledger shows it once nothing is pending (or after ``timeout``)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -546,13 +519,12 @@ async def play_baseline(url: str, arrivals: list[Arrival]) -> list[Sent]:
     letter = corpus.a4_text(7)
     sent = [Sent(a.t, a.phase, a.channel) for a in arrivals]
     gate = asyncio.Semaphore(SENDERS)
-    async with Clients(url) as clients:
+    async with LoadClient(url, max_connections=SENDERS, timeout_s=TIMEOUT_S) as client:
         t0 = time.perf_counter()
 
-        async def arrive(i: int, s: Sent) -> None:
-            r = await _send(gate, t0, s, lambda timeout: clients[i].post(
-                "/stamp", data={"meta": META}, files={"file": ("letter.pdf", letter, "application/pdf")},
-                timeout=timeout))
+        async def arrive(s: Sent) -> None:
+            r = await _send(gate, t0, s, lambda timeout_s: client.post(
+                "/stamp", form={"meta": META}, file=("letter.pdf", letter, "application/pdf"), timeout_s=timeout_s))
             if r is not None and r.status_code == 200:
                 s.outcome, s.ended_s = "completed", time.perf_counter() - t0
 
@@ -563,7 +535,7 @@ async def play_baseline(url: str, arrivals: list[Arrival]) -> list[Sent]:
                     f"timed out {sum(s.error.startswith('no answer') for s in sent)} of {len(sent)}")
 
         watcher = asyncio.ensure_future(progress())
-        await asyncio.gather(*(arrive(i, s) for i, s in enumerate(sent)))
+        await asyncio.gather(*(arrive(s) for s in sent))
         watcher.cancel()
     return sent
 

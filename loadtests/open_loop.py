@@ -38,12 +38,11 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests import corpus  # noqa: E402
+from loadtests.load_client import TRANSPORT_ERRORS, LoadClient  # noqa: E402
 from loadtests.readme import measure_and_publish  # noqa: E402
 from loadtests.surge import Route, _channel, _quantile, eta_accuracy, run  # noqa: E402
 
@@ -86,16 +85,13 @@ async def play(base_url: str, env: dict, *, rate: float, plateau_s: float, spike
     spike_positions: list[int] = []
     due: list[tuple[float, str]] = []       # (monotonic time to read it, request id)
     results: dict[str, dict] = {}
-    # Requests in flight are bounded here, with a semaphore, and httpx's pool has a connection for each:
-    # requests left waiting inside httpx's pool cost the client time quadratic in their number
-    # (httpcore matches every waiting request against every connection at each step), and the first
-    # spike runs measured that, at 100% of a core in the load generator, not the platform. Senders and
-    # readers use separate clients: a read does not wait behind the spike's uploads.
+    # Requests in flight are bounded here, with a semaphore, and the client has a connection for each (the
+    # first spike runs, with httpx, spent a core matching waiting requests against its pool's connections;
+    # load_client.py says why the client is aiohttp's now). Senders and readers use separate clients: a read
+    # does not wait behind the spike's uploads.
     in_flight = asyncio.Semaphore(SENDERS)
-    limits = httpx.Limits(max_connections=SENDERS, max_keepalive_connections=SENDERS)
-    async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client, \
-            httpx.AsyncClient(base_url=base_url, timeout=30,
-                              limits=httpx.Limits(max_connections=READERS)) as reading:
+    async with LoadClient(base_url, max_connections=SENDERS) as client, \
+            LoadClient(base_url, max_connections=READERS) as reading:
         for c in creds:                      # the quota first: stamps beyond it would be refused
             left = need
             while left:
@@ -130,9 +126,8 @@ async def play(base_url: str, env: dict, *, rate: float, plateau_s: float, spike
             try:
                 async with in_flight:   # a wait here counts: the latency runs from the scheduled time
                     r = await client.post("/v1/stamps", headers={"Authorization": f"Bearer {c['api_key']}"},
-                                          data={"meta": meta},
-                                          files={"file": ("letter.pdf", letter, "application/pdf")})
-            except httpx.HTTPError as exc:
+                                          form={"meta": meta}, file=("letter.pdf", letter, "application/pdf"))
+            except TRANSPORT_ERRORS as exc:
                 rec.record(scheduled, None, repr(exc))
                 return
             rec.record(scheduled, r.status_code, "" if r.status_code < 500 else r.text[:200])
@@ -158,7 +153,7 @@ async def play(base_url: str, env: dict, *, rate: float, plateau_s: float, spike
                 try:
                     r = await reading.get(f"/v1/stamps/{rid}",
                                          headers={"Authorization": f"Bearer {accepted[rid]['channel']['api_key']}"})
-                except httpx.HTTPError as exc:
+                except TRANSPORT_ERRORS as exc:
                     rec.record(started, None, repr(exc))
                     heapq.heappush(due, (time.perf_counter() + 1.0, rid))
                     continue

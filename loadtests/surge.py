@@ -44,12 +44,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests import corpus  # noqa: E402
+from loadtests.load_client import TRANSPORT_ERRORS, Answer, LoadClient  # noqa: E402
 from loadtests.readme import publish, update_readme  # noqa: E402
 
 TARGET_RATIO = 0.85          # issue 13: B-LT keeps at least 85% of B-B's end-to-end stamps/s
@@ -111,14 +110,13 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
         # whenever a request starts or ends, so one pool of every channel's connections cost the load
         # generator (on the platform's two cores) a third of its CPU in that scan (py-spy)
         for c, (_, inflight) in zip(creds, sizes, strict=True):
-            c["client"] = await clients.enter_async_context(httpx.AsyncClient(
-                base_url=base_url, timeout=30, limits=httpx.Limits(max_connections=inflight)))
+            c["client"] = await clients.enter_async_context(LoadClient(base_url, max_connections=inflight))
 
-        async def call(c: dict, route: str, method: str, url: str, **kw) -> httpx.Response | None:
+        async def call(c: dict, route: str, method: str, url: str, **kw) -> Answer | None:
             started = time.perf_counter()
             try:
                 r = await c["client"].request(method, url, **kw)
-            except httpx.HTTPError as exc:
+            except TRANSPORT_ERRORS as exc:
                 routes[route].record(started, None, repr(exc))
                 return None
             routes[route].record(started, r.status_code, "" if r.status_code < 500 else r.text[:200])
@@ -144,8 +142,8 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
             auth = {"Authorization": f"Bearer {c['api_key']}"}
             meta = json.dumps({"account_id": "applicants", "page": 1, "llx": 400, "lly": 60, "urx": 540, "ury": 200})
             for _ in range(n):
-                r = await call(c, "POST /v1/stamps", "POST", "/v1/stamps", headers=auth, data={"meta": meta},
-                               files={"file": ("letter.pdf", letter, "application/pdf")})
+                r = await call(c, "POST /v1/stamps", "POST", "/v1/stamps", headers=auth, form={"meta": meta},
+                               file=("letter.pdf", letter, "application/pdf"))
                 if r is not None and r.status_code == 202:
                     body = r.json()
                     accepted.append((c, body["request_id"], body))

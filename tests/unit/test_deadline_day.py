@@ -164,18 +164,18 @@ def test_open_requests_count_what_was_accepted_and_not_yet_seen_ended():
 
 
 async def test_a_client_that_gave_up_under_contention_can_still_send(monkeypatch):
-    """The load generator's ``_send`` keeps the client's budget without cancelling httpx requests: a
-    request cancelled while it waits for a pool connection can keep that slot for good (httpcore#1093),
-    and the fourth run's resends then waited for slots that never came back. Here twenty arrivals share
+    """The load generator's ``_send`` keeps the client's budget, and a request that gave up gives its
+    connection back: with httpx a request cancelled while it waited for a pool connection could keep that
+    slot for good (httpcore#1093), and the fourth run's resends then waited for slots that never came
+    back. The generator's client is now ``load_client.LoadClient`` (aiohttp). Here twenty arrivals share
     two connections to a server slower than their budget; every one gives up within its budget, and the
     same client then gets answers again."""
     import asyncio
     import time
 
-    import httpx
-
     from loadtests import deadline_day
     from loadtests.deadline_day import Sent, _send
+    from loadtests.load_client import LoadClient
 
     monkeypatch.setattr(deadline_day, "TIMEOUT_S", 0.6)
     slow = True
@@ -198,17 +198,16 @@ async def test_a_client_that_gave_up_under_contention_can_still_send(monkeypatch
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     gate = asyncio.Semaphore(20)
-    async with server, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
-                                         limits=httpx.Limits(max_connections=2)) as client:
+    async with server, LoadClient(f"http://127.0.0.1:{port}", max_connections=2) as client:
         t0 = time.perf_counter()
         crowd = [Sent(0.0, "spike", 0) for _ in range(20)]
-        answers = await asyncio.gather(*(_send(gate, t0, s, lambda timeout: client.get("/", timeout=timeout))
+        answers = await asyncio.gather(*(_send(gate, t0, s, lambda timeout_s: client.get("/", timeout_s=timeout_s))
                                          for s in crowd))
         assert answers == [None] * 20
         assert all(s.status is None and s.latency_s < 0.6 + 0.3 for s in crowd), [s.latency_s for s in crowd]
         slow = False
         t1 = time.perf_counter()
         later = [Sent(0.0, "drain", 0) for _ in range(6)]
-        answers = await asyncio.gather(*(_send(gate, t1, s, lambda timeout: client.get("/", timeout=timeout))
+        answers = await asyncio.gather(*(_send(gate, t1, s, lambda timeout_s: client.get("/", timeout_s=timeout_s))
                                          for s in later))
         assert [r.status_code if r is not None else s.error for r, s in zip(answers, later, strict=True)] == [200] * 6
