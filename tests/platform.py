@@ -87,11 +87,15 @@ class PlatformProcess:
     async def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            for _ in range(200):
-                if self.proc.poll() is not None:
-                    break
-                await asyncio.sleep(0.1)
-            self.kill()
+            await self._ended_or_killed(20)
+
+    async def _ended_or_killed(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the process to end after a stop signal, then SIGKILL it."""
+        for _ in range(int(timeout * 10)):
+            if self.proc.poll() is not None:
+                return
+            await asyncio.sleep(0.1)
+        self.kill()
 
     def group(self) -> list[int]:
         """The live processes of its process group (``own_group``): itself, its fork server, its children."""
@@ -112,11 +116,7 @@ class PlatformProcess:
         """SIGTERM to the whole process group, as `bubuh down` and systemd stop a service: a graceful stop."""
         assert self.own_group and self.proc is not None
         os.killpg(self.proc.pid, signal.SIGTERM)
-        for _ in range(int(timeout * 10)):
-            if self.proc.poll() is not None:
-                return
-            await asyncio.sleep(0.1)
-        self.kill()
+        await self._ended_or_killed(timeout)
 
     def tail(self, n: int = 15) -> str:
         try:

@@ -201,14 +201,15 @@ def down(settings: Settings, quiet: bool = False) -> None:
 
 
 def status(settings: Settings) -> bool:
-    pids = {name: _pid(settings, name) for name in processes(settings)}
+    wanted = processes(settings)
+    pids = {name: _pid(settings, name) for name in wanted}
     healthy = _healthy(settings)
     for name, pid in pids.items():
         print(f"bubuh: {name} " + (f"running (pid {pid})" if pid else "stopped"))
     if all(pids.values()) and healthy:
         print(f"bubuh: API on {settings.public_url}")
         return True
-    if any(pid for name, pid in pids.items() if _serves_api(processes(settings)[name])) and not healthy:
+    if any(pid for name, pid in pids.items() if _serves_api(wanted[name])) and not healthy:
         print("bubuh: running but the API does not answer")
     return False
 
