@@ -43,9 +43,10 @@ import asyncio
 import bisect
 import contextlib
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -91,28 +92,63 @@ INSERT INTO schedule (request_id, channel_id, start_tag, topic, "partition", "of
                       enqueued_at, crashes)
 SELECT $1, $2, coalesce((SELECT max(start_tag) FROM schedule), $3) + 1, $4, $5, $6, $7, $8, $9, $10, $11
 """
-# the queue's order (every queued row's place), and one row's place in it
-_ORDER = ("SELECT coalesce(array_agg(start_tag ORDER BY start_tag, seq), '{}'), "
-          "coalesce(array_agg(seq ORDER BY start_tag, seq), '{}') FROM schedule")
-_PLACE = "SELECT start_tag, seq FROM schedule WHERE request_id = $1"
-# where channel $1's next request would go: its start tag after the ones still on quota ($3 of them)
-_AHEAD_OF_NEW = """
-WITH head AS (SELECT coalesce((SELECT start_tag FROM schedule ORDER BY start_tag, seq LIMIT 1), 0) AS v),
-     last AS (SELECT max(start_tag) AS tag FROM schedule WHERE channel_id = $1),
-     tag AS (SELECT greatest(head.v, coalesce(last.tag + 1.0 / $2, head.v)) + $3 / $2 AS t FROM head, last)
-SELECT count(*) FROM schedule, tag WHERE start_tag < tag.t
+# the queue at one moment, in one statement: every queued row's place (start tag, then arrival), each
+# channel's last tag, and each channel's requests still waiting for their reservation (status 'queued': they
+# join the queue as the quota tier reserves them, at tags that follow from the same rule)
+_ORDER = """
+WITH q AS (SELECT channel_id, start_tag, seq FROM schedule)
+SELECT (SELECT coalesce(array_agg(start_tag ORDER BY start_tag, seq), '{}') FROM q) AS tags,
+       (SELECT coalesce(array_agg(seq ORDER BY start_tag, seq), '{}') FROM q) AS seqs,
+       (SELECT coalesce(jsonb_object_agg(channel_id, tag), '{}') FROM
+           (SELECT channel_id, max(start_tag) AS tag FROM q GROUP BY channel_id) AS l) AS last_tags,
+       (SELECT coalesce(jsonb_object_agg(channel_id, n), '{}') FROM
+           (SELECT channel_id, count(*) AS n FROM requests WHERE status = 'queued' GROUP BY channel_id) AS w)
+         AS on_quota
 """
+_PLACE = "SELECT start_tag, seq FROM schedule WHERE request_id = $1"
+_TIE = 1e-9          # tags are sums of 1/w steps: equal in exact arithmetic, a hair apart in floating point
 
 
 @dataclass(frozen=True)
 class QueueOrder:
-    """The queue's order at one moment: every queued row's place (start tag, then arrival), sorted."""
+    """The queue at one moment: every queued row's place (start tag, then arrival), sorted; each channel's
+    last tag; and each channel's requests on quota (accepted, not yet reserved), which join the queue next."""
 
     places: list[tuple[float, int]]
+    last_tags: Mapping[str, float] = field(default_factory=dict)
+    on_quota: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def head(self) -> float:
+        """V, the smallest start tag queued (0 for an empty queue, as the enqueue statement has it)."""
+        return self.places[0][0] if self.places else 0.0
 
     def ahead_of(self, place: tuple[float, int]) -> int:
         """Rows that go before ``place`` (a row's own place is not before itself)."""
         return bisect.bisect_left(self.places, place)
+
+    def next_tag(self, channel_id: str, weight: float) -> float:
+        """The start tag ``channel_id``'s next reserved request gets (the enqueue statement's rule)."""
+        last = self.last_tags.get(channel_id)
+        return self.head if last is None else max(self.head, last + 1.0 / weight)
+
+    def ahead_of_new(self, channel_id: str, own_on_quota: int, weight: Callable[[str], float]) -> int:
+        """Requests that go before a new request of ``channel_id`` whose channel has ``own_on_quota``
+        requests on quota before it: the queued rows with a tag up to its tag (equal tags: they were
+        there first), the channel's own on quota, and every other channel's requests on quota whose
+        tags will come before it once reserved (they were accepted first; leaving them out put the 202s
+        of a surge's first seconds a third to two thirds short of their true place)."""
+        w = weight(channel_id)
+        tag = self.next_tag(channel_id, w) + own_on_quota / w
+        ahead = bisect.bisect_right(self.places, (tag + _TIE, float("inf"))) + own_on_quota
+        for other, waiting in self.on_quota.items():
+            if other == channel_id or waiting <= 0:
+                continue
+            w_other = weight(other)
+            first = self.next_tag(other, w_other)
+            if first <= tag + _TIE:
+                ahead += min(waiting, math.floor((tag - first) * w_other + _TIE) + 1)
+        return ahead
 
 
 class FairQueue:
@@ -151,9 +187,9 @@ class FairQueue:
 
     @staticmethod
     async def order(conn) -> QueueOrder:
-        """The queue's order now: one statement for every position read against it (``ahead_of``)."""
-        tags, seqs = await conn.fetchrow(_ORDER)
-        return QueueOrder(list(zip(tags, seqs, strict=True)))
+        """The queue now: one statement for every position read against it (``ahead_of``, ``ahead_of_new``)."""
+        tags, seqs, last_tags, on_quota = await conn.fetchrow(_ORDER)
+        return QueueOrder(list(zip(tags, seqs, strict=True)), json.loads(last_tags), json.loads(on_quota))
 
     async def ahead_of(self, conn, request_id: str, order: QueueOrder | None = None) -> int | None:
         """Queued requests that go before ``request_id`` in ``order`` (a moment ago; default: now); None
@@ -164,10 +200,10 @@ class FairQueue:
             return None
         return (order or await self.order(conn)).ahead_of((place["start_tag"], place["seq"]))
 
-    async def ahead_of_new(self, conn, channel_id: str, on_quota: int = 0) -> int:
-        """Queued requests that go before a new request of ``channel_id``, with ``on_quota`` of the
-        channel's requests still waiting for their reservation (they will be queued before it)."""
-        return await conn.fetchval(_AHEAD_OF_NEW, channel_id, self.weight(channel_id), float(on_quota))
+    async def ahead_of_new(self, conn, channel_id: str, on_quota: int = 0, order: QueueOrder | None = None) -> int:
+        """Requests that go before a new request of ``channel_id`` in ``order`` (default: now), with
+        ``on_quota`` of the channel's own requests still waiting for their reservation before it."""
+        return (order or await self.order(conn)).ahead_of_new(channel_id, on_quota, self.weight)
 
 
 class Enqueue:

@@ -133,7 +133,7 @@ class StampIntake:
         if not recorded:
             await self._mark_accepted(request_id)
         facts_now = await self._queue.facts()
-        position = await self._queue.position_for_new(channel.channel_id)
+        position = await self._queue.position_for_new(channel.channel_id, accepted_at)
         log.info("stamp accepted", request_id=request_id, channel_id=channel.channel_id, account_id=meta.account_id,
                  profile=profile, bytes=len(data), position=position)
         return Accepted(request_id, "queued", position,

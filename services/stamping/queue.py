@@ -2,22 +2,22 @@
 
 Back-pressure shows here instead of as timeouts: intake answers at once with where the request
 stands. Position = the requests that will be stamped before it, in the fair queue's order
-(``fair_queue.py``): for a reserved request the queued rows with a smaller start tag, for one still
+(``fair_queue.py``): for a reserved request the queued rows with a smaller start tag; for one still
 waiting on quota (and for a new one, at its 202) where its channel's next tag would go, behind the
-channel's own requests still on quota. So positions and times are per channel: a small channel's
-request says "next" while a flood's says "behind its own backlog". Being signed: 0.
+channel's own requests still on quota and the rows and other channels' requests on quota whose tags
+come first. So positions and times are per channel: a small channel's request says "next" while a
+flood's says "behind its own backlog". Being signed: 0.
 
 Expected time = the pipeline's own time (the median of the last 500 stamps, accepted to completed
 less their wait in the fair queue) + position / the tier's pace: stamps finished per busy second in
 the last ``window``, or, before the window has seen one finish (a surge's first seconds), the pace
 the last 500 stamps kept when the tier was busy. The window's rate comes from the stream (faust windows over
 ``stamp.events``, ``throughput.py``) when this process counts some of its partitions, else from a
-count in the schema. Facts are cached for a second, and so is a channel's position for new
-requests (each 202 in that second adds one), so a surge of intake calls costs a few queries per
-second, not one per call. A reserved request's position is its place counted against the queue's
-order as read at most a second ago (a row taken since still counts): one statement a second for the
-order, and one index lookup a read, where counting the rows ahead in each read cost PostgreSQL work
-in proportion to the position.
+count in the schema. Facts are cached for a second, and so is the queue (``QueueOrder``: the rows'
+order, each channel's last tag and requests on quota), read in one statement: a 202's position is
+counted against it in memory (the 202s given for its channel since the read count as on quota), a
+reserved request's is its place (one index lookup) counted against it, so a surge of intake calls
+and status reads costs a few statements a second, not work in proportion to positions per call.
 """
 
 from __future__ import annotations
@@ -68,20 +68,20 @@ class QueueFacts:
 
 _ON_QUOTA_BEFORE = ("SELECT count(*) FROM requests WHERE channel_id = $1 AND status = 'queued' "
                     "AND accepted_at < $2")
-_ON_QUOTA = "SELECT count(*) FROM requests WHERE channel_id = $1 AND status = 'queued'"
 
 
 class QueueView:
     def __init__(self, pool: asyncpg.Pool, window_s: float, throughput: Throughput | None = None,
-                 fair: FairQueue | None = None) -> None:
+                 fair: FairQueue | None = None, order_s: float = 1.0) -> None:
         self._pool = pool
         self._window_s = window_s
         self._throughput = throughput
         self._fair = fair or FairQueue()
         self._cached: tuple[float, QueueFacts] | None = None
-        self._new: dict[str, tuple[float, int, int]] = {}   # channel -> (when, position, 202s given since)
-        self._order: tuple[float, QueueOrder] | None = None
+        self._order_s = order_s                             # how long a read of the queue serves
+        self._order: tuple[float, dt.datetime, QueueOrder] | None = None   # (monotonic, wall clock, the queue)
         self._order_read = asyncio.Lock()                   # one read of the order at a time, shared
+        self._new: dict[str, int] = {}                      # channel -> 202s given against the order read
 
     async def facts(self) -> QueueFacts | None:
         now = time.monotonic()
@@ -130,43 +130,48 @@ class QueueView:
 
     async def _position(self, request_id: str, channel_id: str, status: str, accepted_at: dt.datetime) -> int:
         async with self._pool.acquire() as conn:
+            order = await self._queue_order(conn)
             if status == "reserved":
-                ahead = await self._fair.ahead_of(conn, request_id, await self._queue_order(conn))
+                ahead = await self._fair.ahead_of(conn, request_id, order)
                 if ahead is not None:
                     return ahead
-            return await self._behind_channel(conn, channel_id,
-                                              await conn.fetchval(_ON_QUOTA_BEFORE, channel_id, accepted_at))
+            # on quota (or taken since the order was read): behind its channel's earlier requests on quota
+            own = await conn.fetchval(_ON_QUOTA_BEFORE, channel_id, accepted_at)
+            return order.ahead_of_new(channel_id, own, self._fair.weight)
 
     async def _queue_order(self, conn) -> QueueOrder:
-        """The fair queue's order, read at most once a second (by one caller; the others wait for it)."""
+        """The queue, read at most once a second (by one caller; the others wait for it)."""
         async with self._order_read:
             now = time.monotonic()
-            if self._order is None or now - self._order[0] >= 1.0:
-                self._order = (now, await self._fair.order(conn))
-            return self._order[1]
+            if self._order is None or now - self._order[0] >= self._order_s:
+                read_at = dt.datetime.now(dt.UTC)
+                self._order = (now, read_at, await self._fair.order(conn))
+                self._new.clear()
+            return self._order[2]
 
-    async def _behind_channel(self, conn, channel_id: str, on_quota: int) -> int:
-        """Where the channel's next request goes: behind its ``on_quota`` requests still on quota."""
-        return await self._fair.ahead_of_new(conn, channel_id, on_quota) + on_quota
-
-    async def _new_position(self, channel_id: str) -> int:
+    async def _fresh_order(self) -> QueueOrder:
+        if self._order is not None and time.monotonic() - self._order[0] < self._order_s:
+            return self._order[2]            # no connection taken for a read a second's 202s share
         async with self._pool.acquire() as conn:
-            return await self._behind_channel(conn, channel_id, await conn.fetchval(_ON_QUOTA, channel_id))
+            return await self._queue_order(conn)
 
-    async def position_for_new(self, channel_id: str) -> int | None:
-        """The position of a request of ``channel_id`` accepted now (at its 202)."""
-        now = time.monotonic()
-        cached = self._new.get(channel_id)
-        if cached and now - cached[0] < 1.0:
-            self._new[channel_id] = (cached[0], cached[1], cached[2] + 1)
-            return cached[1] + cached[2] + 1
+    async def position_for_new(self, channel_id: str, accepted_at: dt.datetime | None = None) -> int | None:
+        """The position of a request of ``channel_id`` accepted at ``accepted_at`` (now, at its 202): where
+        its channel's next tag goes, behind the channel's requests on quota. Counted against the queue
+        read at most a second ago, with each 202 given for the channel since then added to the channel's
+        requests on quota (so a surge of intake calls costs one statement a second, and each 202 of a
+        backlogged channel lands one step of its tag further, past every channel sharing that step)."""
         try:
-            position = await asyncio.wait_for(self._new_position(channel_id), 0.5)
+            order = await asyncio.wait_for(self._fresh_order(), 0.5)
         except Exception as exc:  # noqa: BLE001
             if failures.classify(exc).waits:
                 return None
             raise
+        given = self._new.get(channel_id, 0)
         if len(self._new) > 10_000:   # channels are few; never grow without bound
             self._new.clear()
-        self._new[channel_id] = (now, position, 0)
-        return position
+        self._new[channel_id] = given + 1
+        own = order.on_quota.get(channel_id, 0) + given
+        if accepted_at is not None and self._order and accepted_at < self._order[1]:
+            own -= 1                  # its own row was on quota when the queue was read: not ahead of itself
+        return order.ahead_of_new(channel_id, max(0, own), self._fair.weight)

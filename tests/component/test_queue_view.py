@@ -66,7 +66,8 @@ async def test_stamps_finishing_in_the_window_give_the_rate(pool):
 
 async def test_positions_follow_the_fair_queue_per_channel(pool):
     """A small channel's request is near the head while a flood's is behind the flood's own backlog; a new
-    request's position (the 202's) is cached a second per channel and counts the 202s given since."""
+    request's position (the 202's) is counted against the queue read once a second, and each 202 given for
+    the channel since that read lands one step of its tag further."""
     import datetime as dt
 
     from services.contracts.bubuh.v1 import quota_pb2
@@ -81,7 +82,7 @@ async def test_positions_follow_the_fair_queue_per_channel(pool):
     await Enqueue(pool, fair).process(flood)
     await Enqueue(pool, fair).process(small)
     now = dt.datetime.now(dt.UTC)
-    view = QueueView(pool, window_s=60.0, fair=fair)
+    view = QueueView(pool, window_s=60.0, fair=fair, order_s=0.0)       # every call reads the queue
     assert await view.position_of("s0", "small", "reserved", now) == 1
     assert await view.position_of("f39", "flood", "reserved", now) == 40
     assert await view.position_of("s0", "small", "stamping", now) == 0
@@ -93,8 +94,33 @@ async def test_positions_follow_the_fair_queue_per_channel(pool):
     assert await view.position_for_new("small") <= 3
     first = await view.position_for_new("flood")
     assert first == 41 + 2
-    assert await view.position_for_new("flood") == first + 1      # the next 202 in the same second
+    cached = QueueView(pool, window_s=60.0, fair=fair)                  # the queue read once a second
+    assert await cached.position_for_new("flood") == first
+    assert await cached.position_for_new("flood") == first + 1          # the next 202 in the same second
     await pool.execute("DELETE FROM schedule")
+    await pool.execute("DELETE FROM requests")
+
+
+async def test_a_new_requests_position_counts_other_channels_requests_still_on_quota(pool):
+    """A surge's first seconds: most accepted requests are still on quota (not yet in the queue), and each
+    channel's go before the later ones of the others by the same fair rule. Counting only the queued rows
+    and the channel's own on quota told the first 202s a third of their true place (make surge-tiers:
+    position 11 against 34 stamped first, 61 against 94)."""
+    from services.stamping.fair_queue import FairQueue
+
+    await pool.execute("DELETE FROM requests")
+    await pool.execute("DELETE FROM schedule")
+    await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status) "
+                       "SELECT c || i, c, 'a', 'queued' FROM generate_series(1, 10) AS i, "
+                       "unnest(ARRAY['a', 'b', 'c']) AS c")
+    view = QueueView(pool, window_s=60.0, fair=FairQueue(), order_s=0.0)
+    # a's 11th: behind its own 10 and the first 10 of b and of c (tags 0..9 each, all before its tag 10)
+    assert await view.position_for_new("a") == 30
+    # a fourth channel's first: tag 0, after the first of a, b and c (equal tags: they were accepted first)
+    assert await view.position_for_new("d") == 3
+    weighted = QueueView(pool, window_s=60.0, fair=FairQueue({"a": 2.0}), order_s=0.0)
+    # a at twice the weight: its 11th at tag 5, after b's and c's tags 0..5
+    assert await weighted.position_for_new("a") == 10 + 6 + 6
     await pool.execute("DELETE FROM requests")
 
 
