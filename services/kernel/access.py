@@ -78,8 +78,7 @@ SERVICES: dict[str, Rights] = {
                     groups=("quota.ledger", _replay(T.QUOTA_DLQ))),
     # intake (stamp.requested), workers, tracker, and the faust throughput tables (internal topics)
     "stamping": Rights(writes=(T.STAMP_REQUESTED, T.STAMP_EVENTS, T.STAMP_RETRY, T.STAMP_DLQ),
-                       reads=(T.CHANNEL, T.QUOTA_EVENTS, T.STAMP_RETRY, T.STAMP_EVENTS, T.STAMP_REQUESTED,
-                              T.STAMP_DLQ),
+                       reads=(T.CHANNEL, T.QUOTA_EVENTS, T.STAMP_RETRY, T.STAMP_EVENTS, T.STAMP_DLQ),
                        groups=("stamping.worker", "stamping.tracker", _replay(T.STAMP_DLQ)),
                        library_prefixes=(FAUST_APP,)),
     "notification": Rights(writes=(T.NOTIFICATION_DLQ,),
@@ -92,7 +91,7 @@ SERVICES: dict[str, Rights] = {
 # (purchase intake and its rejections, stamp intake, the faust throughput behind queue positions)
 TIERS: dict[str, Rights] = {
     "api": Rights(writes=(T.PURCHASE_SUBMITTED, T.PURCHASE_EVENTS, T.STAMP_REQUESTED),
-                  reads=(T.CHANNEL, T.STAMP_EVENTS, T.STAMP_REQUESTED), groups=(),
+                  reads=(T.CHANNEL, T.STAMP_EVENTS), groups=(),
                   library_prefixes=(FAUST_APP,)),
 }
 

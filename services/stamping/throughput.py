@@ -1,14 +1,15 @@
 """Windowed throughput from the event stream (faust-streaming): the stateful part behind queue ETAs.
 
-Two faust agents count events into tumbling one-second windows:
-
-* ``stamp.events`` (StampCompleted, StampFailed) -> terminal events per second per tier (``stamping``);
-* ``stamp.requested`` (StampRequested)            -> accepted requests per second per channel.
+A faust agent counts the terminal events on ``stamp.events`` (StampCompleted, StampFailed) into
+tumbling one-second windows: stamps finished per second by the tier (``stamping``). It counted the
+accepted requests per channel on ``stamp.requested`` too, until 2 December: nothing read those
+counts (the fair queue needs no rate, ``fair_queue.py``), and the agent cost a changelog write or
+two per request on the API process and the broker.
 
 Rates are read back with :class:`Throughput` (``rates()`` -> :class:`Rates`), summed over the last
 ``window_s`` complete seconds, so QueueView can compute an ETA without a PostgreSQL count.
 
-Partitioning. The source topics are keyed by request id, so no repartition topic is needed: every
+Partitioning. The source topic is keyed by request id, so no repartition topic is needed: every
 table key carries the *source partition* (``"stamping|2"``), which keeps a key's changelog partition
 equal to the partition it was counted from (faust writes a table update to the current event's
 partition). A process therefore owns the counts of exactly the partitions assigned to it. Request ids
@@ -34,7 +35,7 @@ import contextlib
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import faust
@@ -51,7 +52,6 @@ APP_NAME = "bubuh-throughput"
 TIER = "stamping"
 BUCKET_S = 1.0          # tumbling window size: one bucket per second
 _TERMINAL = (events.type_name(stamp_pb2.StampCompleted), events.type_name(stamp_pb2.StampFailed))
-_REQUESTED = events.type_name(stamp_pb2.StampRequested)
 # the changelogs' segments: a restart replays about one segment beside what compaction and retention keep
 CHANGELOG_SEGMENTS = {"segment.ms": str(60_000), "segment.bytes": str(1 << 20)}
 
@@ -65,11 +65,9 @@ class Rates:
     """
 
     rate_per_s: float                                  # terminal stamp events per second (the tier)
-    per_channel_rates: dict[str, float] = field(default_factory=dict)   # accepted requests per second
     window_s: float = 60.0
     coverage: float = 0.0                              # share of partitions this process counted (0..1)
     completed: float = 0.0                             # terminal events in the window (extrapolated)
-    per_channel_accepted: dict[str, float] = field(default_factory=dict)  # accepted in the window
 
     @property
     def known(self) -> bool:
@@ -117,19 +115,14 @@ class Throughput:
         )
         expires = timedelta(seconds=self.window_s + 10 * BUCKET_S)
         self.completed = self._table("completed-per-s", topics.STAMP_EVENTS).tumbling(BUCKET_S, expires=expires)
-        self.accepted = self._table("accepted-per-s", topics.STAMP_REQUESTED).tumbling(BUCKET_S, expires=expires)
         # the next source offset per partition whose count is in the tables (see _fresh)
         self.progress_events = self._table("progress-events", topics.STAMP_EVENTS)
-        self.progress_requested = self._table("progress-requested", topics.STAMP_REQUESTED)
         self._events_topic = self.app.topic(settings.topic(topics.STAMP_EVENTS.name),
                                             value_serializer="raw", key_serializer="raw")
-        self._requested_topic = self.app.topic(settings.topic(topics.STAMP_REQUESTED.name),
-                                               value_serializer="raw", key_serializer="raw")
         self.malformed = 0
-        self.read = 0          # source records the agents were handed (counted or not)
+        self.read = 0          # source records the agent was handed (counted or not)
         self.skipped = 0       # source records passed over at start-up, too old for any window
         self.app.agent(self._events_topic, name="count-terminal")(self._count_terminal)
-        self.app.agent(self._requested_topic, name="count-accepted")(self._count_accepted)
         self._started = False
 
     def _table(self, name: str, source: topics.Topic):
@@ -143,44 +136,33 @@ class Throughput:
     # --- agents -------------------------------------------------------------------------------------
 
     @staticmethod
-    def _fresh(progress, event) -> bool:
+    def _fresh(progress, message) -> bool:
         """False for a record whose count the (changelog-recovered) table already holds.
 
         With at-least-once, a table's changelog runs ahead of the committed source offsets: after a
         rebalance or restart the new owner recovers the counts *and* re-reads the records since the last
-        commit. Remembering the next offset per partition, in a table on the same changelog partition,
-        makes the re-read a no-op instead of a double count (no transactions needed).
+        commit. Remembering the next offset per partition after each *counted* record, in a table on the
+        same changelog partition, makes the re-read a no-op instead of a double count (no transactions
+        needed). A record that counts nothing moves nothing: re-read, it counts nothing again. (Writing
+        the offset after every record cost a changelog record for each of a stamp's non-terminal events.)
         """
-        key = str(event.message.partition)
-        offset = event.message.offset
-        if offset < progress[key]:
+        key = str(message.partition)
+        if message.offset < progress[key]:
             return False
-        progress[key] = offset + 1
+        progress[key] = message.offset + 1
         return True
 
     async def _count_terminal(self, stream) -> None:
-        async for env, _, message in self._decoded(stream, self.progress_events):
-            if env.type in _TERMINAL:
-                self.completed[_key(TIER, message.partition)] += 1
-
-    async def _count_accepted(self, stream) -> None:
-        async for env, payload, message in self._decoded(stream, self.progress_requested):
-            if env.type == _REQUESTED:
-                channel = payload.channel_id or "-"
-                self.accepted[_key(channel, message.partition)] += 1
-
-    async def _decoded(self, stream, progress):
-        """The records not yet counted (see ``_fresh``), decoded; a malformed one is counted apart."""
         async for event in stream.events():
             self.read += 1
-            if not self._fresh(progress, event):
-                continue
             try:
-                env, payload = events.decode(event.value)
+                env, _ = events.decode(event.value)
             except errors.BubuhError:
                 self.malformed += 1
                 continue
-            yield env, payload, event.message
+            message = event.message
+            if env.type in _TERMINAL and self._fresh(self.progress_events, message):
+                self.completed[_key(TIER, message.partition)] += 1
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -211,8 +193,8 @@ class Throughput:
 
         s = self._settings
         since_ms = int((time.time() - self.window_s - 10 * BUCKET_S) * 1000)
-        tps = [TopicPartition(s.topic(t.name), p) for t in (topics.STAMP_EVENTS, topics.STAMP_REQUESTED)
-               for p in range(self._partitions(t))]
+        tps = [TopicPartition(s.topic(topics.STAMP_EVENTS.name), p)
+               for p in range(self._partitions(topics.STAMP_EVENTS))]
         admin = build_admin(s, client_id=f"{self.app.conf.id}-skip")
         consumer = build_consumer(s, group_id=self.app.conf.id, client_id=f"{self.app.conf.id}-skip")
         await admin.start()
@@ -292,7 +274,7 @@ class Throughput:
         """Sum the buckets of the last ``window_s`` *complete* seconds per name, over ``partitions``,
         and for how many seconds of the window each name counted something (its busy seconds).
 
-        One scan of the table (keys are ``(name|partition, (start, end))``); it also finds the channels
+        One scan of the table (keys are ``(name|partition, (start, end))``); it also finds the names
         a changelog recovery brought back, which a windowed table cannot list by itself. The span is
         the busy seconds, not the window: 300 stamps in a tier's first 5 s are 60/s, not 5/s, and a
         surge after a quiet minute is measured at the pace it goes, not diluted by the quiet seconds
@@ -318,16 +300,9 @@ class Throughput:
         total = self._partitions(topics.STAMP_EVENTS)
         scale = total / len(done_parts) if done_parts else 0.0
         done, done_span = self._window_sums(self.completed, done_parts, now)
-        acc_parts = self.assigned(topics.STAMP_REQUESTED)
-        acc_total = self._partitions(topics.STAMP_REQUESTED)
-        acc_scale = acc_total / len(acc_parts) if acc_parts else 0.0
-        per_channel, channel_span = self._window_sums(self.accepted, acc_parts, now)
         return Rates(
             completed=done.get(TIER, 0) * scale,
-            per_channel_accepted={c: n * acc_scale for c, n in sorted(per_channel.items()) if n},
             rate_per_s=round(done.get(TIER, 0) * scale / done_span.get(TIER, window), 3),
-            per_channel_rates={c: round(n * acc_scale / channel_span[c], 3)
-                               for c, n in sorted(per_channel.items()) if n},
             window_s=window,
             coverage=len(done_parts) / total if total else 0.0,
         )
