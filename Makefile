@@ -116,12 +116,12 @@ bench: setup system-packages ## the purchase pipeline on the local stack vs Post
 	-$(STACK) down
 	$(PY) -m loadtests.bench_engine --out loadtests/results/engine.json --readme README.md
 
-surge: up ## the deadline day (surge-deadline), then the PAdES levels (surge-levels): about 35 minutes; loadtests/results/surge.json, its PNG plots and README.md
+surge: up ## the deadline day (surge-deadline, 3 rounds), then the PAdES levels (surge-levels): about 75 minutes; loadtests/results/surge.json, its PNG plots and README.md
 	$(MAKE) surge-deadline
 	$(MAKE) surge-levels
 
-surge-deadline: up ## a compressed CPNS peak (ramp, plateau, late spike; channels of unequal size; purchases beside stamps) with a worker SIGKILLed, PostgreSQL read-only 10 s and the broker restarted mid-run, then the same arrivals against a synchronous baseline: loadtests/results/surge.json, surge-*.png, README.md
-	$(PY) -m loadtests.deadline_day --out loadtests/results/surge.json --readme README.md
+surge-deadline: up ## a compressed CPNS peak (ramp, plateau, late spike; channels of unequal size; purchases beside stamps) with a worker SIGKILLed, PostgreSQL read-only 10 s and the broker restarted mid-run, then the same arrivals against a synchronous baseline; 3 rounds, medians reported: loadtests/results/surge.json, surge-*.png, README.md
+	$(PY) -m loadtests.deadline_day --rounds 3 --out loadtests/results/surge.json --readme README.md
 
 surge-levels: up ## the closed-loop surge at PAdES B-B and B-LT (platform restarted per level, 3 rounds): B-LT >= 85% of B-B's stamps/s? Figures in loadtests/results/surge-levels.json and README.md
 	$(PY) -m loadtests.surge --levels b-b,b-lt --rounds 3 --out loadtests/results/surge-levels.json --readme README.md

@@ -12,6 +12,7 @@ from loadtests.deadline_day import (
     Sent,
     buckets,
     channel_times,
+    combine,
     eta_check,
     ledger_check,
     markdown,
@@ -154,6 +155,34 @@ def test_the_verdict_and_the_report_say_what_held(tmp_path: Path):
     assert sorted(Path(p).name for p in r["plots"].values()) == sorted(f"surge-{n}.png" for n in PLOTS)
     for p in r["plots"].values():
         assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rounds_report_their_medians_the_median_round_in_full_and_a_check_held_only_if_it_held_in_each():
+    """Issue 12: the figures hold as medians of 3 runs. Three days: the one in the middle by requests left
+    unanswered is shown in full, every round's headline and their medians above it."""
+    shape = phases(20, 40, 10)
+    fault = {"kind": "worker_killed", "name": "stamping worker SIGKILLed", "began_s": 30.0, "ended_s": 35.0,
+             "seen": True, "evidence": "pid 1 gone, pid 2 serving"}
+    days = []
+    for unanswered, rate in ((5, 30.0), (0, 34.0), (2, 32.0)):
+        sent = [_sent(25.0 + i, i % 4, took=6.0) for i in range(8)]
+        late = [_sent(1.0 + i, 1, status=None, outcome=None, eta=None, took=None) for i in range(unanswered)]
+        for x in late:
+            x.error = "no answer in 30 s"
+        sent += late
+        base = [Sent(x.t, x.phase, x.channel, status=200, latency_s=0.02) for x in sent]
+        r = {**_result(sent, base, [fault], shape), "rate_per_s": rate}
+        r["verdict"] = verdict(r)
+        days.append(r)
+    r = combine(days)
+    assert r["median_round"] == 3 and r["rate_per_s"] == 32.0          # 2 unanswered: between 0 and 5
+    assert [h["unanswered"] for h in r["rounds"]] == [5, 0, 2]
+    assert r["medians"]["unanswered"] == 2 and r["medians"]["stamps_per_s"] == 32.0
+    check = "outside fault windows (+30 s), every request answered within 30 s"
+    assert days[1]["verdict"][check] and not r["verdict"][check]       # held in one round of three: not held
+    assert r["verdict"]["every fault was seen"]
+    text = markdown(r)
+    assert "| **median** | 32.0 |" in text and "round 3 in full" in text and "| ramp |" in text
 
 
 def test_open_requests_count_what_was_accepted_and_not_yet_seen_ended():
