@@ -129,8 +129,8 @@ class QueueView:
             raise
 
     async def _position(self, request_id: str, channel_id: str, status: str, accepted_at: dt.datetime) -> int:
+        order = await self._queue_order()
         async with self._pool.acquire() as conn:
-            order = await self._queue_order(conn)
             if status == "reserved":
                 ahead = await self._fair.ahead_of(conn, request_id, order)
                 if ahead is not None:
@@ -139,21 +139,20 @@ class QueueView:
             own = await conn.fetchval(_ON_QUOTA_BEFORE, channel_id, accepted_at)
             return order.ahead_of_new(channel_id, own, self._fair.weight)
 
-    async def _queue_order(self, conn) -> QueueOrder:
-        """The queue, read at most once a second (by one caller; the others wait for it)."""
-        async with self._order_read:
-            now = time.monotonic()
-            if self._order is None or now - self._order[0] >= self._order_s:
-                read_at = dt.datetime.now(dt.UTC)
-                self._order = (now, read_at, await self._fair.order(conn))
-                self._new.clear()
-            return self._order[2]
+    def _order_is_fresh(self) -> bool:
+        return self._order is not None and time.monotonic() - self._order[0] < self._order_s
 
-    async def _fresh_order(self) -> QueueOrder:
-        if self._order is not None and time.monotonic() - self._order[0] < self._order_s:
-            return self._order[2]            # no connection taken for a read a second's 202s share
-        async with self._pool.acquire() as conn:
-            return await self._queue_order(conn)
+    async def _queue_order(self) -> QueueOrder:
+        """The queue, read at most once a second (by one caller, the others wait for it); no connection is
+        taken while the last read serves."""
+        if not self._order_is_fresh():
+            async with self._order_read:
+                if not self._order_is_fresh():
+                    read_at = dt.datetime.now(dt.UTC)
+                    async with self._pool.acquire() as conn:
+                        self._order = (time.monotonic(), read_at, await self._fair.order(conn))
+                    self._new.clear()
+        return self._order[2]
 
     async def position_for_new(self, channel_id: str, accepted_at: dt.datetime | None = None) -> int | None:
         """The position of a request of ``channel_id`` accepted at ``accepted_at`` (now, at its 202): where
@@ -162,7 +161,7 @@ class QueueView:
         requests on quota (so a surge of intake calls costs one statement a second, and each 202 of a
         backlogged channel lands one step of its tag further, past every channel sharing that step)."""
         try:
-            order = await asyncio.wait_for(self._fresh_order(), 0.5)
+            order = await asyncio.wait_for(self._queue_order(), 0.5)
         except Exception as exc:  # noqa: BLE001
             if failures.classify(exc).waits:
                 return None
