@@ -50,6 +50,7 @@ if __package__ in (None, ""):
 from loadtests import corpus  # noqa: E402
 from loadtests.load_client import TRANSPORT_ERRORS, Answer, LoadClient  # noqa: E402
 from loadtests.readme import publish, update_readme  # noqa: E402
+from services.operator import process_tree  # noqa: E402
 
 TARGET_RATIO = 0.85          # issue 13: B-LT keeps at least 85% of B-B's end-to-end stamps/s
 MEMBERS_TARGET_RATIO = 0.90  # issue 12: two stamping members on two cores within 10% of one
@@ -389,24 +390,6 @@ def pinned_key(env: dict) -> dict:
             "subject": cert.subject.human_friendly}
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live process below ``pid`` (a worker's fork server and its signing or inspection children)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                text = (d / "stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(text[text.rindex(")") + 2:].split()[1]), []).append(int(d.name))
-    out, todo = [], list(children.get(pid, ()))
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, ()))
-    return out
-
-
 def cpu_snapshot(settings) -> dict[str, float]:
     """CPU seconds so far of everything on the box a surge uses, by part: each platform process and,
     apart, its children (signing and document sandboxes); the test PKI; this stack's PostgreSQL
@@ -422,7 +405,7 @@ def cpu_snapshot(settings) -> dict[str, float]:
     for name, pid in local_processes.pids(settings).items():
         if pid is not None:
             out[f"{name} process"] = proc_cpu_s(pid) or 0.0
-            out[f"{name} sandboxes"] = sum(proc_cpu_s(c) or 0.0 for c in _descendants(pid))
+            out[f"{name} sandboxes"] = sum(proc_cpu_s(c) or 0.0 for c in process_tree.descendants([pid]))
     try:
         pki = int((dev_pki.default_root(settings.local_dir) / "pki.pid").read_text())
         out["test PKI (TSA, OCSP, CRL)"] = proc_cpu_s(pki) or 0.0

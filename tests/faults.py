@@ -44,6 +44,8 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from services.operator import process_tree
+
 PROBE_APP = "faults-probe"          # never matches the platform's 'bubuh-%'
 STORM_APP = "faults-cancel-storm"
 
@@ -555,31 +557,10 @@ def _default_dsn() -> str:
 # --- helpers: whose connections, and what the server logged -------------------------------------------
 
 
-def _descendants(pids: Iterable[int]) -> set[int]:
-    wanted = set(pids)
-    children: dict[int, set[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, set()).add(int(entry.name))
-    todo = list(wanted)
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            if child not in wanted:
-                wanted.add(child)
-                todo.append(child)
-    return wanted
-
-
 def client_ports(pids: Iterable[int], server_port: int) -> set[int]:
     """Local TCP ports of the connections to ``server_port`` that processes ``pids`` (or children) hold."""
     inodes: set[str] = set()
-    for pid in _descendants(pids):
+    for pid in {*pids, *process_tree.descendants(pids)}:
         fd_dir = Path(f"/proc/{pid}/fd")
         try:
             fds = list(fd_dir.iterdir())

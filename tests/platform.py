@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from services.kernel.settings import REPO_ROOT, Settings
+from services.operator import process_tree
 from tests.stack import free_port
 
 __all__ = ["PlatformProcess", "add_channel", "cli", "env_for", "free_port"]
@@ -100,17 +101,7 @@ class PlatformProcess:
     def group(self) -> list[int]:
         """The live processes of its process group (``own_group``): itself, its fork server, its children."""
         assert self.own_group and self.proc is not None
-        out = []
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    stat = (d / "stat").read_text()
-                except OSError:
-                    continue
-                fields = stat[stat.rindex(")") + 2:].split()
-                if fields[0] != "Z" and int(fields[2]) == self.proc.pid:
-                    out.append(int(d.name))
-        return out
+        return process_tree.group(self.proc.pid)
 
     async def stop_group(self, timeout: float = 20) -> None:
         """SIGTERM to the whole process group, as `bubuh down` and systemd stop a service: a graceful stop."""

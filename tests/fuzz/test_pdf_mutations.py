@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from loadtests import corpus
 from services.kernel import errors
+from services.operator import process_tree
 from tests.flows import auth, stamp_meta
 from tests.platform import PlatformProcess, add_channel
 
@@ -85,23 +86,6 @@ def mutated(draw) -> tuple[str, bytes]:
     return kind, seed
 
 
-def _tree(pid: int) -> list[int]:
-    """``pid`` and every descendant, from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
 def _peak_rss(pids: list[int]) -> dict[int, int]:
     """VmHWM (peak resident set) of each process still alive, in bytes."""
     out = {}
@@ -151,7 +135,7 @@ def _run(base_url: str, channel: dict, pid: int) -> tuple[list[str], list[str], 
             started = time.monotonic()
             r = api.post("/v1/verify", files={"file": ("f.pdf", data, "application/pdf")})
             problems.append(_check("verify", kind, r, time.monotonic() - started) or "")
-        for p, rss in _peak_rss(_tree(pid)).items():
+        for p, rss in _peak_rss([pid, *process_tree.descendants([pid])]).items():
             peaks[p] = max(peaks.get(p, 0), rss)
     one()
     return [p for p in problems if p], seen, peaks
