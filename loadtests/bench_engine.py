@@ -56,11 +56,20 @@ def _document(name: str) -> bytes:
     return corpus.a4_text(1) if name == "a4-1page" else corpus.scan_800k(1)
 
 
-def _stamper(path: str, ca: dev_ca.DevCA, node: int):
+def _dev_config(ca: dev_ca.DevCA) -> SignerConfig:
+    return SignerConfig(p12_path=str(ca.p12_path), p12_password=ca.password)
+
+
+def _engine_stamper(config: SignerConfig, node: int):
     issuer = SerialIssuer(node)
+    engine = StampingEngine(config, VERIFY_BASE)
+    return lambda data: engine.stamp(data, StampRequest(issuer.next(), 1, BOX))
+
+
+def _stamper(path: str, ca: dev_ca.DevCA, node: int):
     if path == "engine":
-        engine = StampingEngine(SignerConfig(p12_path=str(ca.p12_path), p12_password=ca.password), VERIFY_BASE)
-        return lambda data: engine.stamp(data, StampRequest(issuer.next(), 1, BOX))
+        return _engine_stamper(_dev_config(ca), node)
+    issuer = SerialIssuer(node)
     return lambda data: stamp_reference(data, StampRequest(issuer.next(), 1, BOX), ca.p12_path, ca.password,
                                         VERIFY_BASE)
 
@@ -97,9 +106,8 @@ def measure(stamp, data: bytes, iterations: int, warmup: int, min_seconds: float
     }
 
 
-def _worker(ca: dev_ca.DevCA, node: int, seconds: float, barrier, results) -> None:
-    stamp = _stamper("engine", ca, node)
-    data = _document("a4-1page")
+def _worker(config: SignerConfig, data: bytes, node: int, seconds: float, barrier, results) -> None:
+    stamp = _engine_stamper(config, node)
     for _ in range(30):
         stamp(data)
     barrier.wait()
@@ -110,11 +118,17 @@ def _worker(ca: dev_ca.DevCA, node: int, seconds: float, barrier, results) -> No
     results.put((count, time.perf_counter() - start, time.process_time() - cpu0))
 
 
-def measure_processes(ca: dev_ca.DevCA, processes: int, seconds: float) -> dict:
+def measure_processes(config: SignerConfig, processes: int, seconds: float, data: bytes | None = None) -> dict:
+    """``processes`` engines stamping ``data`` (the one-page letter by default) side by side for ``seconds``,
+    each as a worker's signing child does: one engine, one key, one stamp at a time. With ``config`` at B-T
+    and above each stamp fetches its time-stamp from ``config.tsa_url``, and B-LT embeds the revocation
+    data, cached as the worker caches it: the engine at that level, the TSA's work included."""
+    data = _document("a4-1page") if data is None else data
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(processes)
     results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(ca, 100 + i, seconds, barrier, results)) for i in range(processes)]
+    procs = [ctx.Process(target=_worker, args=(config, data, 100 + i, seconds, barrier, results))
+             for i in range(processes)]
     for p in procs:
         p.start()
     outcomes = [results.get(timeout=seconds * 10 + 120) for _ in procs]
@@ -183,7 +197,7 @@ def run(quick: bool) -> dict:
         runs: dict[int, list[dict]] = {1: [], 2: []}
         for _ in range(rounds):
             for n in (1, 2):
-                runs[n].append(measure_processes(cas["rsa2048"], n, two_proc_seconds))
+                runs[n].append(measure_processes(_dev_config(cas["rsa2048"]), n, two_proc_seconds))
         for n in (1, 2):
             best = max(runs[n], key=lambda r: r["stamps_per_s"])
             cases[f"{one}/{n}proc"] = {**best, "rounds": [r["stamps_per_s"] for r in runs[n]]}

@@ -17,6 +17,11 @@ is read. Then the same arrivals (same seed, same times) are sent to the synchron
 (``loadtests/sync_baseline.py``: the same engine stamping inside the request, one process per core,
 no queue, no database) with the same 30 s client timeout: what a central issuer gets from the day.
 
+After the closed loop that measures the sustainable rate, the engine alone stamps the same letter at the
+platform's PAdES level (its key, TSA and revocation sources) in two processes for a few seconds, so each
+round states the platform's end-to-end rate as a share of its engine's, measured in the same run (issue
+12, point 1 asks >= 30%).
+
 ``--rounds N`` plays the whole day N times (each with its sustainable rate measured first, faults
 and baseline included): the report gives every round's headline figures and their medians, the
 details and plots of the median round (by requests left unanswered), and a check holds only if it
@@ -60,6 +65,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests import corpus  # noqa: E402
+from loadtests.bench_engine import measure_processes  # noqa: E402
 from loadtests.load_client import TRANSPORT_ERRORS, Answer, LoadClient  # noqa: E402
 from loadtests.open_loop import rate_arguments, sustainable_rate  # noqa: E402
 from loadtests.readme import measure_and_publish  # noqa: E402
@@ -75,6 +81,8 @@ BUCKET_S = 10.0                      # the plots' and the tables' time resolutio
 PURCHASE_UNITS = 10                  # an applicant group's purchase: 10 stamps' worth
 PURCHASE_LEAD_S = 40.0               # bought this long before the stamps that use it arrive
 ETA_WITHIN = 0.25
+ENGINE_PROCESSES = 2                 # the engine's rate that point 1 compares with: one process a core ...
+OF_ENGINE = 0.30                     # ... of which the platform's end-to-end stamps/s should reach this share
 # what is injected, when (a fraction of the plateau), for how long the fault itself lasts
 FAULTS = (("worker_killed", 1 / 8, 5.0), ("postgres_read_only", 3 / 8, 10.0), ("broker_restarted", 5 / 8, 0.0))
 FAULT_NAMES = {"worker_killed": "stamping worker SIGKILLed", "postgres_read_only": "PostgreSQL read-only 10 s",
@@ -851,7 +859,8 @@ def headline(r: dict) -> dict:
     p = r["platform"]["summary"]
     biggest = max(range(len(r["shares"])), key=lambda c: r["shares"][c])
     small = [c["p90_s"] for c in r["channels"] if c["channel"] != biggest and c["p90_s"] is not None]
-    return {"stamps_per_s": r["rate_per_s"], "arrivals": p["arrivals"], "unanswered": p["timeouts"],
+    return {"stamps_per_s": r["rate_per_s"], "engine_stamps_per_s": r.get("engine", {}).get("stamps_per_s"),
+            "of_engine": r.get("of_engine"), "arrivals": p["arrivals"], "unanswered": p["timeouts"],
             "unanswered_outside_faults": p["unanswered_outside_faults"],
             "plateau_p99_ms": p["phases"].get("plateau", {}).get("p99_ms"),
             "spike_p99_ms": p["phases"].get("spike", {}).get("p99_ms"),
@@ -882,14 +891,16 @@ def combine(rounds: list[dict]) -> dict:
 def rounds_markdown(r: dict) -> list[str]:
     if len(r.get("rounds", [])) < 2:
         return []
-    lines = ["| round | stamps/s (closed loop) | arrivals | unanswered in 30 s (outside faults) | plateau p99 ms "
-             "| spike p99 ms | first ETA median s, within 25% | small channels' worst p90 s, biggest's "
-             "| baseline unanswered | checks held |", "|---|---:|---:|---|---:|---:|---|---|---:|---|"]
+    lines = ["| round | stamps/s (closed loop) | engine alone, share | arrivals | unanswered in 30 s (outside faults) "
+             "| plateau p99 ms | spike p99 ms | first ETA median s, within 25% | small channels' worst p90 s, "
+             "biggest's | baseline unanswered | checks held |", "|---|---:|---|---:|---|---:|---:|---|---|---:|---|"]
     rows = [*((str(i), h) for i, h in enumerate(r["rounds"], 1)), ("**median**", r["medians"])]
     for name, h in rows:
         eta = h.get("eta_within_25_percent")
         held = h.get("checks_held")
-        lines.append(f"| {name} | {h.get('stamps_per_s')} | {h.get('arrivals')} | {h.get('unanswered')} "
+        share = h.get("of_engine")
+        lines.append(f"| {name} | {h.get('stamps_per_s')} | {h.get('engine_stamps_per_s', '-')}, "
+                     f"{f'{share:.0%}' if share is not None else '-'} | {h.get('arrivals')} | {h.get('unanswered')} "
                      f"({h.get('unanswered_outside_faults')}) | {h.get('plateau_p99_ms')} | {h.get('spike_p99_ms')} | "
                      f"{h.get('median_first_eta_s')}, {f'{eta:.0%}' if eta is not None else '-'} | "
                      f"{h.get('small_channels_worst_p90_s')}, {h.get('biggest_channel_p90_s')} | "
@@ -924,6 +935,12 @@ def markdown(r: dict) -> str:
               f"{b['transport_errors']} transport errors; the last stamped {b['last_completed_s']} s into the day.",
               f"- Sustainable rate: **{r['rate_per_s']} stamps/s** ({r['rate_source']}); channels' shares "
               f"{', '.join(f'{s:.0%}' for s in r['shares'])}."]
+    e = r.get("engine")
+    if e and r.get("of_engine") is not None:
+        lines.append(f"- The engine alone at the same level ({e['level'].upper()}, the same key, letter and TSA), "
+                     f"measured in this round: **{e['stamps_per_s']} stamps/s** with {e['processes']} processes "
+                     f"({e['cores_used']} cores busy); the platform's closed loop is **{r['of_engine']:.0%}** of it "
+                     f"(issue 12 asks >= {OF_ENGINE:.0%}: {'yes' if r['of_engine'] >= OF_ENGINE else '**no**'}).")
     e = r["eta"]
     if e.get("requests"):
         lines.append(f"- First ETAs (outside fault windows, the biggest channel excluded): median "
@@ -952,6 +969,19 @@ def purchase_summary(bought: list[dict]) -> dict:
 
 def _sent_json(sent: list[Sent]) -> list[dict]:
     return [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.__dict__.items()} for s in sent]
+
+
+def engine_rate(settings, seconds: float) -> dict:
+    """Issue 12, point 1: the engine alone at the platform's PAdES level, measured in the same round as the
+    platform's closed loop: two processes (one a core) stamping the same letter with the platform's key, TSA
+    and revocation sources (``signer_config``), nothing else but the idle platform on the box."""
+    from services.stamping.service import signer_config
+
+    config = signer_config(settings)
+    r = measure_processes(config, ENGINE_PROCESSES, seconds, corpus.a4_text(7))
+    log(f"the engine alone at {config.pades_level.upper()}: {r['stamps_per_s']} stamps/s with "
+        f"{ENGINE_PROCESSES} processes")
+    return {**r, "level": config.pades_level}
 
 
 async def measure(args, env: dict) -> dict:
@@ -984,6 +1014,7 @@ async def measure_day(args, env: dict, out_dir: Path, stem: str) -> dict:
     settings = Settings()
     machine = {"cores": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
     rate, source = await sustainable_rate(args, env)
+    engine = await asyncio.to_thread(engine_rate, settings, args.engine_seconds)
     shares = tuple(float(x) for x in args.shares.split(","))
     shape = phases(args.ramp, args.plateau, args.spike)
     arrivals = schedule(shape, rate, shares, args.seed)
@@ -1001,7 +1032,9 @@ async def measure_day(args, env: dict, out_dir: Path, stem: str) -> dict:
     windows = [(f["began_s"], f["ended_s"]) for f in raw["faults"]]
     result = {
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "rate_per_s": rate, "rate_source": source, "shares": shares, "seed": args.seed, "machine": machine,
+        "rate_per_s": rate, "rate_source": source, "engine": engine,
+        "of_engine": round(rate / engine["stamps_per_s"], 3) if engine.get("stamps_per_s") else None,
+        "shares": shares, "seed": args.seed, "machine": machine,
         "shape": [{"name": p.name, "seconds": p.seconds, "from_per_s": round(rate * p.start, 1),
                    "to_per_s": round(rate * p.end, 1)} for p in shape],
         "arrivals_end_s": horizon, "faults": raw["faults"], "reconcile": recon, "ledger": ledger_check(raw),
@@ -1042,6 +1075,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-port", type=int, default=int(os.environ.get("BUBUH_BASELINE_PORT", "8090")))
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--rounds", type=int, default=1, help="days played one after the other; medians reported")
+    p.add_argument("--engine-seconds", type=float, default=5.0,
+                   help="seconds the engine alone stamps at the platform's level after the closed loop")
     p.add_argument("--out", type=Path, default=Path("loadtests/results/surge.json"))
     p.add_argument("--readme", type=Path)
     args = p.parse_args(argv)

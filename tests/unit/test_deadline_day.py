@@ -240,3 +240,39 @@ async def test_a_client_that_gave_up_under_contention_can_still_send(monkeypatch
         answers = await asyncio.gather(*(_send(gate, t1, s, lambda timeout_s: client.get("/", timeout_s=timeout_s))
                                          for s in later))
         assert [r.status_code if r is not None else s.error for r, s in zip(answers, later, strict=True)] == [200] * 6
+
+
+def test_each_round_states_its_closed_loop_as_a_share_of_the_engine_measured_beside_it():
+    """Issue 12, point 1: the platform's stamps/s against the engine's at the same PAdES level, in the same run."""
+    shape = phases(20, 40, 10)
+    sent = [_sent(25.0 + i, i % 4, took=6.0) for i in range(8)]
+    base = [Sent(x.t, x.phase, x.channel, status=200, latency_s=0.02) for x in sent]
+    days = []
+    for rate, engine in ((30.0, 600.0), (40.0, 400.0), (33.0, 110.0)):
+        r = {**_result(sent, base, [], shape), "rate_per_s": rate, "of_engine": round(rate / engine, 3),
+             "engine": {"level": "b-lt", "processes": 2, "stamps_per_s": engine, "cores_used": 1.9}}
+        r["verdict"] = verdict(r)
+        days.append(r)
+    one = markdown(days[0])
+    assert "B-LT" in one and "**600.0 stamps/s** with 2 processes" in one and "**5%** of it" in one
+    assert ">= 30%: **no**" in one
+    assert ">= 30%: yes" in markdown(days[2])                       # 33 of 110
+    r = combine(days)
+    assert [h["of_engine"] for h in r["rounds"]] == [0.05, 0.1, 0.3]
+    assert r["medians"]["engine_stamps_per_s"] == 400.0 and r["medians"]["of_engine"] == 0.1
+    assert "| **median** | 33.0 | 400.0, 10% |" in markdown(r)
+
+
+def test_the_engine_alone_is_measured_at_the_platforms_level_with_its_key(tmp_path: Path, monkeypatch):
+    """The engine's rate comes from real stamping with the platform's signer settings (B-B here: no TSA)."""
+    from loadtests.deadline_day import engine_rate
+    from services.kernel.settings import Settings
+    from services.stamping.signing import dev_ca
+
+    ca = dev_ca.dev_ca(str(tmp_path), "rsa2048")
+    monkeypatch.setenv("BUBUH_PADES_LEVEL", "b-b")
+    monkeypatch.setenv("BUBUH_SIGNING_P12_PATH", str(ca.p12_path))
+    monkeypatch.setenv("BUBUH_SIGNING_P12_PASSWORD", ca.password)
+    r = engine_rate(Settings(), 0.5)
+    assert r["level"] == "b-b" and r["processes"] == 2
+    assert r["stamps"] > 10 and r["stamps_per_s"] > 0
