@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     # several API processes on one port: each binds BUBUH_HTTP_PORT with SO_REUSEPORT and the kernel
     # spreads new connections over them; each also serves /metrics on its own BUBUH_METRICS_PORT
     http_reuse_port: bool = False
-    local_layout: Literal["shared", "tiers"] = "shared"   # `bubuh up`: API + light workers in one, or one per tier
+    # `bubuh up`: a process per tier as production's pods (default), or the API and the light workers in one
+    local_layout: Literal["shared", "tiers"] = "tiers"
     local_tier_members: int = 1       # `bubuh up` with BUBUH_LOCAL_LAYOUT=tiers: processes per tier, API included
     local_stamping_members: int = 1   # `bubuh up`: stamping worker processes on the local stack (stamping-1..N)
     # body limits, enforced while the body arrives (kernel/http.py BodyLimits); routes that take a body

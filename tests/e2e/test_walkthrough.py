@@ -38,7 +38,9 @@ def test_up_demo_down(settings, tmp_path):
     assert keys.returncode == 0 and (tmp_path / "keys" / "issuer-rsa2048.p12").exists()
     up = _run(env, "up")
     assert up.returncode == 0, up.stderr
-    pids = [int((tmp_path / "run" / f"{name}.pid").read_text()) for name in ("bubuh", "stamping-1")]
+    # a process per tier, as production's pods (BUBUH_LOCAL_LAYOUT's default)
+    names = ("api-1", "purchase-1", "quota-1", "notification-1", "stamping-1")
+    pids = [int((tmp_path / "run" / f"{name}.pid").read_text()) for name in names]
     assert all(_alive(pid) for pid in pids)
     again = _run(env, "up")
     assert "already running" in again.stdout
@@ -62,7 +64,7 @@ def test_up_demo_down(settings, tmp_path):
     assert not any(_alive(pid) for pid in pids)
     assert _run(env, "status").returncode == 3
     # the JSON log of the run carries trace ids
-    log = (tmp_path / "logs" / "bubuh.log").read_text()
+    log = (tmp_path / "logs" / "api-1.log").read_text()
     assert '"trace_id"' in log
 
 
