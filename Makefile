@@ -66,7 +66,7 @@ contract-baseline: $(BUF) ## rewrite proto/baseline.binpb from proto/: only for 
 system-packages: ## Debian packages the platform and its tests use (PostgreSQL, poppler, NSS tools, SoftHSM2)
 	deploy/local/system-packages.sh
 
-up: setup ## start Kafka (SASL/SCRAM + ACLs, credentials in .local/kafka/credentials), PostgreSQL, the test PKI (CRL, OCSP, TSA) and the platform in the background; OPS=1 also Prometheus + Alertmanager
+up: setup ## start Kafka (SASL/SCRAM + ACLs, credentials in .local/kafka/credentials), PostgreSQL, the test PKI (CRL, OCSP, TSA) and the platform in the background (a process per tier, as production; BUBUH_LOCAL_LAYOUT=shared: API + light workers in one); OPS=1 also Prometheus + Alertmanager
 	$(STACK) up
 	$(BUBUH) up
 	$(if $(filter 1 yes true,$(OPS)),$(OPS_SH) start)
