@@ -56,8 +56,10 @@ def test_pkcs11_signer_from_softhsm(softhsm_token, dev_ca_rsa):
     _verify(key.signing_cert.dump(), key.sign_raw(b"stamp me", "sha256"), b"stamp me")
 
 
-def _open_token_in_a_fresh_process(conf: str, module: str, label: str, pin: str, out) -> None:
-    """A signing child's start: open the token (counting attempts), sign once, report."""
+def _open_token_in_a_fresh_process(conf: str, module: str, label: str, pin: str, out, together) -> None:
+    """A signing child's start: open the token (counting attempts), sign once, report. ``together`` (a
+    barrier) lines the crowd up so they open at once even on a loaded box, where started one after
+    another they would drift apart and not overlap."""
     import os
 
     os.environ["SOFTHSM2_CONF"] = conf
@@ -72,6 +74,7 @@ def _open_token_in_a_fresh_process(conf: str, module: str, label: str, pin: str,
 
     sk.Pkcs11Key = Counting
     try:
+        together.wait(timeout=120)
         key = sk.open_pkcs11(module, label, pin, "issuer")
         key.sign_raw(b"data", "sha256")
         out.put(("ok", len(attempts)))
@@ -104,9 +107,10 @@ def test_a_token_opened_by_many_processes_at_once_opens_in_each(dev_ca_rsa, tmp_
     ctx.set_forkserver_preload(["pyhanko.sign.pkcs11", "services.stamping.signing.signing_key"])
     outcomes: list[tuple[str, int]] = []
     for _round in range(15):
-        out = ctx.Queue()
+        out, together = ctx.Queue(), ctx.Barrier(8)
         crowd = [ctx.Process(target=_open_token_in_a_fresh_process,
-                             args=(conf, softhsm.softhsm_module(), "crowd", "1234", out)) for _ in range(8)]
+                             args=(conf, softhsm.softhsm_module(), "crowd", "1234", out, together))
+                 for _ in range(8)]
         for p in crowd:
             p.start()
         outcomes += [out.get(timeout=120) for _ in crowd]
