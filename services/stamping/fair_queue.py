@@ -187,7 +187,8 @@ class FairQueue:
 
     @staticmethod
     async def order(conn) -> QueueOrder:
-        """The queue now: one statement for every position read against it (``ahead_of``, ``ahead_of_new``)."""
+        """The queue now: one statement for every position read against it (``ahead_of``, and
+        ``QueueOrder.ahead_of_new`` for a request not reserved yet)."""
         tags, seqs, last_tags, on_quota = await conn.fetchrow(_ORDER)
         return QueueOrder(list(zip(tags, seqs, strict=True)), json.loads(last_tags), json.loads(on_quota))
 
@@ -199,11 +200,6 @@ class FairQueue:
         if place is None:
             return None
         return (order or await self.order(conn)).ahead_of((place["start_tag"], place["seq"]))
-
-    async def ahead_of_new(self, conn, channel_id: str, on_quota: int = 0, order: QueueOrder | None = None) -> int:
-        """Requests that go before a new request of ``channel_id`` in ``order`` (default: now), with
-        ``on_quota`` of the channel's own requests still waiting for their reservation before it."""
-        return (order or await self.order(conn)).ahead_of_new(channel_id, on_quota, self.weight)
 
 
 class Enqueue:

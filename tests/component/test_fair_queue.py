@@ -87,10 +87,11 @@ async def test_positions_are_per_channel(settings, pool):
         assert await queue.ahead_of(conn, flood[-1].payload.request_id) == 51
         assert await queue.ahead_of(conn, "not-queued") is None
         # a new request: a small channel's goes near the head, the flood's behind its own backlog
-        assert await queue.ahead_of_new(conn, "other") <= 2
-        assert await queue.ahead_of_new(conn, "small") <= 5
-        assert await queue.ahead_of_new(conn, "flood") == 52
-        assert await queue.ahead_of_new(conn, "flood", on_quota=10) == 52 + 10   # and behind its own on quota
+        order = await queue.order(conn)
+        assert order.ahead_of_new("other", 0, queue.weight) <= 2
+        assert order.ahead_of_new("small", 0, queue.weight) <= 5
+        assert order.ahead_of_new("flood", 0, queue.weight) == 52
+        assert order.ahead_of_new("flood", 10, queue.weight) == 52 + 10   # and behind its own on quota
 
 
 async def test_a_request_queued_twice_keeps_its_place(settings, pool):
