@@ -1,6 +1,6 @@
-"""Every panel shows what it claims: the platform runs as ``bubuh up`` runs it (the api process with the
-light workers, the stamping worker in a process of its own), deploy/local/ops.sh starts Prometheus on
-free ports in a directory of the test's own, scraping both processes every second with
+"""Every panel shows what it claims: the platform runs as ``BUBUH_LOCAL_LAYOUT=shared bubuh up`` runs it
+(the api process with the light workers, the stamping worker in a process of its own), deploy/local/ops.sh
+starts Prometheus on free ports in a directory of the test's own, scraping both processes every second with
 deploy/prometheus/rules.yml (its groups evaluated every second here), and a small surge with faults
 goes through: purchases over HTTP and Kafka, a forged Kafka record (purchase dead letter), stamps over
 HTTP, an upload that is no PDF (refused at intake), a stamp without quota, a stamp request over Kafka
@@ -180,7 +180,8 @@ async def test_every_panel_returns_series_from_a_real_prometheus(settings, tmp_p
     good, refusing = await asyncio.gather(asyncio.to_thread(add_channel, settings, "panels-good", ok.url),
                                           asyncio.to_thread(add_channel, settings, "panels-refusing",
                                                             refusing_hook.url))
-    # as `bubuh up` runs them (services/local_processes.py), so `bubuh scrape-targets` names both
+    # as `bubuh up` runs them in the shared layout (services/local_processes.py): two processes rather than
+    # a process per tier, so `bubuh scrape-targets` (told the layout below) names both
     api_proc = PlatformProcess(settings, api="all", workers="purchase,quota,notification", name="bubuh",
                                BUBUH_CONSUMER_DLQ_MAX_CONSECUTIVE=1, **FAST_FAULTS)     # the ledger stops last
     stamping = PlatformProcess(settings, api="none", workers="stamping", name="stamping-1",
@@ -188,7 +189,8 @@ async def test_every_panel_returns_series_from_a_real_prometheus(settings, tmp_p
     ops_env = {**os.environ, "BUBUH_OPS_DIR": str(tmp_path / "ops"), "BUBUH_OPS_RULES": fast_rules(tmp_path),
                "BUBUH_OPS_PROMETHEUS_PORT": str(prom), "BUBUH_OPS_ALERTMANAGER_PORT": str(free_port()),
                "BUBUH_OPS_SCRAPE_INTERVAL": "1s", "BUBUH_PYTHON": sys.executable,
-               "BUBUH_HTTP_PORT": str(settings.http_port), "BUBUH_METRICS_PORT": str(metrics_port)}
+               "BUBUH_HTTP_PORT": str(settings.http_port), "BUBUH_METRICS_PORT": str(metrics_port),
+               "BUBUH_LOCAL_LAYOUT": "shared"}
     started_at = time.monotonic()
     try:
         await asyncio.gather(api_proc.start(), stamping.start())
