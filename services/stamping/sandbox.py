@@ -209,6 +209,11 @@ class Sandbox:
             raise RuntimeError(f"{self.name}: {value}")
         return _Child(process, parent_end, value)
 
+    @property
+    def stopping(self) -> bool:
+        """``stop`` has begun: a task that fails from now on failed because of it, not of its document."""
+        return self._closed
+
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(state, *args)`` in an idle child, within the budget. ``fn`` is a module-level function."""
         if self._closed:

@@ -18,7 +18,8 @@ Why the steps are in this order:
 - Transient failures (storage, TSA, token busy) do not sleep here: the record is scheduled again on
   ``stamp.retry`` with exponential backoff (``kernel/retry.py``); after ``stamp_max_attempts`` it goes
   to ``stamp.dead-letter`` with its attempt history, keeping its unit reserved until ``bubuh replay``
-  or the reservation's expiry.
+  or the reservation's expiry. A stop of the worker itself mid-signing (its signing pool stopping) is
+  scheduled again the same way but spends no attempt: five restarts in a row dead-letter nothing.
 """
 
 from __future__ import annotations
@@ -239,24 +240,29 @@ class StampWorker:
                          reserved: quota_pb2.QuotaReserved, exc: errors.BubuhError) -> None:
         rid = reserved.request_id
         attempt = int(event.headers.get(HEADER_ATTEMPT, b"1"))
+        # this worker stopping (its signing pool stopped mid-task: `bubuh down`, a pod's SIGTERM) is no attempt
+        # of the request's: taken again with the same attempt number, however often workers stop
+        spent = not (exc.code is errors.UNAVAILABLE and self._signing is not None and self._signing.stopping)
         async with self._pool.acquire() as conn, conn.transaction():
             await self._ensure_row(conn, rid, reserved.channel_id, reserved.account_id, "")
-            await conn.execute("INSERT INTO attempts (request_id, attempt, code, detail) VALUES ($1, $2, $3, $4) "
-                               "ON CONFLICT DO NOTHING", rid, attempt, exc.code.code, exc.detail[:2000])
+            if spent:
+                await conn.execute("INSERT INTO attempts (request_id, attempt, code, detail) VALUES ($1, $2, $3, $4) "
+                                   "ON CONFLICT DO NOTHING", rid, attempt, exc.code.code, exc.detail[:2000])
             # a transient failure is not a crash: it does not count toward the crash guard
             await conn.execute("UPDATE requests SET deliveries = greatest(deliveries - 1, 0), status = 'reserved', "
                                "code = $2, detail = $3 "
                                "WHERE request_id = $1 AND status NOT IN ('signed', 'completed', 'failed')",
                                rid, exc.code.code, exc.detail[:2000])
             headers = [(k, v) for k, v in event.headers.items() if k not in (HEADER_ATTEMPT, HEADER_REPLAY)]
-            if attempt < self._settings.stamp_max_attempts:
+            if not spent or attempt < self._settings.stamp_max_attempts:
                 delay = self._backoff.delay(attempt)
+                following = attempt + 1 if spent else attempt
                 await retry.schedule(conn, Outgoing(self._retry_topic, rid.encode(), event.raw,
-                                                    headers + [(HEADER_ATTEMPT, str(attempt + 1).encode())],
+                                                    headers + [(HEADER_ATTEMPT, str(following).encode())],
                                                     event.event_id), delay)
                 STAMP_OUTCOMES.labels("retried", exc.code.code).inc()
                 log.info("stamp retry scheduled", request_id=rid, attempt=attempt, code=exc.code.code,
-                         delay_s=round(delay, 2))
+                         delay_s=round(delay, 2), attempt_spent=spent)
                 return
             history = [dict(attempt=r["attempt"], at=r["at"].isoformat(), code=r["code"], detail=r["detail"])
                        for r in await conn.fetch("SELECT * FROM attempts WHERE request_id = $1 ORDER BY attempt", rid)]

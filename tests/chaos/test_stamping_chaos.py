@@ -117,6 +117,10 @@ async def test_a_graceful_stop_of_the_whole_worker_group_mid_signing_fails_no_st
         failed = [(f["request_id"], f.get("code"), f.get("detail")) for f in finals if f["status"] != "completed"]
         assert not failed, failed
         assert len({f["sn"] for f in finals}) == n
+        # a stop is the worker's, not the request's: no attempt of any request was spent on it
+        spent = await db.val("stamping", "SELECT count(*) FROM attempts WHERE request_id = any($1) "
+                                         "AND code = 'UNAVAILABLE'", ids)
+        assert spent == 0, f"{spent} attempts spent on the worker's own stops"
     finally:
         await worker.stop()
         await front.stop()

@@ -167,9 +167,11 @@ async def test_callers_waiting_for_a_child_when_the_sandbox_stops_are_answered_a
     waiting = [asyncio.create_task(box.run(tasks.whoami)) for _ in range(3)]
     await asyncio.sleep(0.1)
     started = time.monotonic()
+    assert not box.stopping
     await box.stop()
     for task in [busy, *waiting]:
         with pytest.raises(errors.BubuhError) as stopped:
             await asyncio.wait_for(task, 5)
         assert stopped.value.code is errors.UNAVAILABLE
+        assert box.stopping         # what the worker reads: this failure spends none of the request's attempts
     assert time.monotonic() - started < 4
