@@ -242,7 +242,7 @@ class StampWorker:
         attempt = int(event.headers.get(HEADER_ATTEMPT, b"1"))
         # this worker stopping (its signing pool stopped mid-task: `bubuh down`, a pod's SIGTERM) is no attempt
         # of the request's: taken again with the same attempt number, however often workers stop
-        spent = not (exc.code is errors.UNAVAILABLE and self._signing is not None and self._signing.stopping)
+        spent = not (exc.code is errors.UNAVAILABLE and self._signing.stopping)
         async with self._pool.acquire() as conn, conn.transaction():
             await self._ensure_row(conn, rid, reserved.channel_id, reserved.account_id, "")
             if spent:
