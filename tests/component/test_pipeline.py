@@ -140,9 +140,10 @@ class Rig:
 
     # --- members, records, relay -----------------------------------------------------------------
     def member(self, *, limit: DlqLimit | None = None, exempt: frozenset[str] = frozenset(),
-               settings=None, max_batch: int = 100) -> Member:
+               settings=None, max_batch: int = 100, name: str | None = None) -> Member:
+        """A member of the rig's group; ``name``: its consumer name in metrics (another process's series)."""
         source = self.broker.source(self.group, [self.topic], max_batch=max_batch)
-        loop = ConsumerLoop(settings or self.settings, self.producer, name=self.name, topics=[self.topic],
+        loop = ConsumerLoop(settings or self.settings, self.producer, name=name or self.name, topics=[self.topic],
                             handler=self.handler(), dead_letter_topic=self.dlq, pool=self.pool, max_batch=max_batch,
                             group_id=self.group, source=source, limit=limit, limit_exempt=exempt)
         stop = asyncio.Event()
@@ -383,6 +384,33 @@ async def test_an_outage_pauses_only_that_partition_and_resumes_the_same_record(
         where = await rig.pool.fetchval('SELECT "offset" FROM inbox WHERE event_id = $1', victim.event_id)
         assert where == rig.offset_of(victim.event_id), "not the same record"
     assert metric("bubuh_consumer_outage_pauses_total", consumer=rig.name) >= 1
+
+
+async def test_a_member_stops_exporting_the_lag_of_a_partition_it_gave_up_in_a_rebalance(rig):
+    """Partition 1 is held up by an outage (its lag stays above 0); a second member joins and takes it.
+    The first member's series for it is gone, the second's carries the lag: before, the first kept its
+    last value for as long as it lived, and the lag alerts' `sum by (consumer)` counted both."""
+    healed = asyncio.Event()
+    stuck = await rig.publish(1, 2, 3, key=rig.key_on(1))
+    rig.faults[stuck[0].event_id] = until(healed, lambda: asyncpg.exceptions.ReadOnlySQLTransactionError("read-only"))
+    first = rig.member()
+    lag = "bubuh_consumer_lag_records"
+
+    def series(name: str) -> float | None:
+        return REGISTRY.get_sample_value(lag, {"consumer": name, "topic": rig.topic, "partition": "1"})
+
+    await eventually(lambda: (series(rig.name) or 0) > 0, what="the first member reports partition 1's lag")
+    second = rig.member(name=f"{rig.name}-b")         # another process's series, as in production
+    await eventually(lambda: rig.tp(1) in second.source.assignment(), what="the second member took partition 1")
+    assert rig.tp(1) not in first.source.assignment()
+    await eventually(lambda: (series(f"{rig.name}-b") or 0) > 0, what="the second member reports its lag")
+    await eventually(lambda: series(rig.name) is None, timeout=3.0,
+                     what="the first member's series for the partition it gave up removed")
+    assert REGISTRY.get_sample_value(lag, {"consumer": rig.name, "topic": rig.topic, "partition": "0"}) is not None, \
+        "the first member's own partitions are still reported"
+    healed.set()
+    await eventually(lambda: rig.all_committed(), what="resumed after the outage")
+    await eventually(lambda: series(f"{rig.name}-b") == 0, what="the drained partition reads 0")
 
 
 async def test_a_serialization_failure_is_retried_in_place(rig):

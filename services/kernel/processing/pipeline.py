@@ -78,6 +78,11 @@ HEADER_ATTEMPT = "bubuh-attempt"               # a handler's own count of its du
 HEADER_REPLAY = "bubuh-replay"                 # sent again by `bubuh replay`: attempt counts start over
 
 
+# which consumer loop of this process last set each lag series: a loop removes only its own (two members
+# of one group can share a process, in tests and in the shared local layout)
+_LAG_SET_BY: dict[tuple[str, str, str], int] = {}
+
+
 class _Halt(Exception):
     """Stop this partition at ``offset``: an outage (wait and resume there) or the dead-letter limit."""
 
@@ -398,8 +403,16 @@ class ConsumerLoop:
         log.warning("dead-lettered", consumer=self.name, reason=code, detail=detail[:300], offset=offset)
 
     async def _report_lag(self, source: Source) -> None:
-        for tp, lag in (await source.lag()).items():
-            LAG.labels(self.name, tp.topic, str(tp.partition)).set(lag)
+        """The lag of each partition this member holds, and none of those it gave up: a member that lost a
+        partition in a rebalance kept exporting its last lag for it, so `sum by (consumer)` (the lag
+        alerts' rule) counted a backlog another member had drained, for as long as the process lived."""
+        held = {(self.name, tp.topic, str(tp.partition)): lag for tp, lag in (await source.lag()).items()}
+        for labels, lag in held.items():
+            LAG.labels(*labels).set(lag)
+            _LAG_SET_BY[labels] = id(self)
+        for labels in [labels for labels, loop in _LAG_SET_BY.items() if loop == id(self) and labels not in held]:
+            del _LAG_SET_BY[labels]
+            LAG.remove(*labels)
 
 
 def _record_of(event: Event) -> Record:
