@@ -5,6 +5,10 @@ median of the recent stamps' times with their wait in the fair queue left out.""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
+import asyncpg
 import pytest
 
 from services.stamping.queue import QueueView
@@ -189,3 +193,56 @@ async def test_a_reserved_requests_position_is_counted_against_the_order_read_on
     assert await view.position_of("o29", "c", "reserved", now) == 24     # read again: the taken are gone
     assert await view.position_of("gone", "c", "reserved", now) == 25     # not queued here: behind its channel
     await pool.execute("DELETE FROM schedule")
+
+
+class _Counted:
+    """The real pool, counting the statements run through it."""
+
+    def __init__(self, pool) -> None:
+        self._pool, self.statements = pool, 0
+
+    async def fetchrow(self, *args, **kwargs):
+        self.statements += 1
+        return await self._pool.fetchrow(*args, **kwargs)
+
+    async def fetchval(self, *args, **kwargs):
+        self.statements += 1
+        return await self._pool.fetchval(*args, **kwargs)
+
+
+async def test_callers_that_find_the_facts_stale_at_once_share_one_read(pool):
+    """A surge's intake and status calls found the cached facts stale in the same moment and each read
+    them again: 289 reads of the last 500 stamps in a 45 s surge, six a second, for one a second."""
+    await pool.execute("DELETE FROM requests")
+    await _finished(pool, 30, 30, 2.0, ago_s=40)
+    counted = _Counted(pool)
+    view = QueueView(counted, window_s=60.0)
+    answers = await asyncio.gather(*(view.facts() for _ in range(40)))
+    assert counted.statements == 2, f"{counted.statements} statements for 40 callers"
+    assert len({id(a) for a in answers}) == 1 and answers[0].per_second == pytest.approx(30 / 60)
+
+
+async def test_a_database_that_does_not_answer_is_waited_for_once_a_second_not_by_every_caller():
+    """A database that accepts connections and never answers (a failover in progress): the first read
+    gives up after its timeout and every caller gets no facts (intake still answers, without a position);
+    for the rest of that second callers are answered at once instead of each waiting out its own timeout."""
+    silent: list[asyncio.StreamWriter] = []
+
+    async def accept(_reader, writer):
+        silent.append(writer)                         # holds the connection open, says nothing
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    away = await asyncpg.create_pool(f"postgresql://bubuh@127.0.0.1:{port}/none", min_size=0, max_size=2)
+    try:
+        view = QueueView(away, window_s=60.0)
+        assert await asyncio.gather(*(view.facts() for _ in range(20))) == [None] * 20
+        assert silent, "the pool never reached the silent server: the test proves nothing"
+        started = time.monotonic()
+        assert await view.facts() is None
+        assert time.monotonic() - started < 0.2, "the next caller waited out its own timeout"
+    finally:
+        for writer in silent:
+            writer.close()
+        server.close()
+        await asyncio.wait_for(away.close(), 5)
