@@ -59,6 +59,7 @@ from services.kernel.processing.deadletter import dead_letter_headers
 from services.kernel.processing.handler import Rejection
 from services.kernel.settings import Settings
 from services.kernel.waiting import Pause, sleep_or_stop, wait_any
+from services.stamping.metrics import STAGE_SECONDS
 
 log = logs.get(__name__)
 
@@ -202,8 +203,22 @@ class FairQueue:
         return (order or await self.order(conn)).ahead_of((place["start_tag"], place["seq"]))
 
 
+# the queued requests of a batch show 'reserved' in the transaction that queues them; a row another
+# transaction holds (a retry's own update, a failure being recorded) is skipped, not waited for
+_SHOW_RESERVED = """
+UPDATE requests SET status = 'reserved', reserved_at = now()
+ WHERE request_id IN (SELECT request_id FROM requests WHERE request_id = ANY($1::text[]) AND status = 'queued'
+                       ORDER BY request_id FOR UPDATE SKIP LOCKED)
+RETURNING extract(epoch FROM now() - accepted_at)::float8 AS waited_s
+"""
+
+
 class Enqueue:
-    """The stamping worker's consumer handler: ``QuotaReserved`` into the fair queue, a batch a statement."""
+    """The stamping worker's consumer handler: ``QuotaReserved`` into the fair queue, a batch a statement,
+    and the queued requests' status ``reserved`` (``reserved_at``: the moment they joined the queue) in
+    the same transaction. The status tracker did that, a statement and a commit per request in a group of
+    its own (the largest statement of a surge by time, pg_stat_statements), and its ``reserved_at`` was the
+    tracker's moment, not the queue's."""
 
     batched = True
     types = frozenset({RESERVED})
@@ -217,6 +232,9 @@ class Enqueue:
         if reserved:
             async with self._pool.acquire() as conn, conn.transaction():
                 await self._queue.enqueue(conn, reserved)
+                shown = await conn.fetch(_SHOW_RESERVED, [e.payload.request_id for e in reserved])
+            for row in shown:
+                STAGE_SECONDS.labels("queued").observe(max(0.0, row["waited_s"]))
         return []
 
 

@@ -38,6 +38,7 @@ from services.stamping.serial import MAX_NODE, SerialIssuer
 from services.stamping.signing.engine import LEVELS, SignerConfig, StampingEngine
 from services.stamping.throughput import Throughput
 from services.stamping.tracker import CONSUMER as TRACKER
+from services.stamping.tracker import TYPES as TRACKED
 from services.stamping.tracker import StatusTracker
 from services.stamping.worker import CONSUMER as WORKER
 from services.stamping.worker import StampWorker
@@ -135,7 +136,7 @@ async def workers(rt: Runtime) -> list[Task]:
     takers = Takers(s, claims, worker.handle, s.stamping_concurrency, consumer=WORKER,
                     dead_letter_topic=s.topic(topics.STAMP_DLQ.name))
     track_loop = ConsumerLoop(s, rt.producer, name=TRACKER, topics=[s.topic(topics.QUOTA_EVENTS.name)],
-                              handler=PerRecord(tracker.handle), pool=pool,
+                              handler=PerRecord(tracker.handle, TRACKED), pool=pool,
                               dead_letter_topic=s.topic(topics.STAMP_DLQ.name))
     relay = Relay(pool, rt.producer, s, NAME)
     return [stamp_loop.run, takers.run, track_loop.run, relay.run, signing.serve, Backlog(pool, rt.channels).run]

@@ -1,8 +1,9 @@
-"""What the ledger decided, reflected in each request's status: reserved, refused, expired, and
-whether a signed stamp may be released.
+"""What the ledger decided, reflected in each request's status: refused, expired, and whether a signed
+stamp may be released.
 
-A light consumer of ``quota.events`` in its own group, apart from the workers: a request shows
-``reserved`` as soon as its unit is held, even while the workers are a long queue behind.
+A light consumer of ``quota.events`` in its own group, apart from the workers, reading only the types
+it acts on (``TYPES``). ``QuotaReserved`` is not one since 2 December: the worker's consumer shows a
+request ``reserved`` in the transaction that puts it in the fair queue (``fair_queue.Enqueue``).
 
 A signed stamp is released here and only here: ``QuotaCommitted`` (the unit is posted) makes the
 request ``completed`` and publishes ``StampCompleted``; a refused commit (``QuotaRefused``: the
@@ -19,11 +20,13 @@ from services.kernel import errors, events, logs, outbox, topics
 from services.kernel.events import Event
 from services.kernel.settings import Settings
 from services.stamping import NAME, store
-from services.stamping.metrics import CHANNEL_COMPLETED, STAGE_SECONDS, STAMP_OUTCOMES
+from services.stamping.metrics import CHANNEL_COMPLETED, STAMP_OUTCOMES
 from services.stamping.worker import finish_failed, terminal_event_id
 
 log = logs.get(__name__)
 CONSUMER = "stamping.tracker"
+TYPES = frozenset(events.type_name(t) for t in (quota_pb2.QuotaRejected, quota_pb2.QuotaCommitted,
+                                                quota_pb2.QuotaRefused, quota_pb2.QuotaReleased))
 
 
 class StatusTracker:
@@ -34,16 +37,7 @@ class StatusTracker:
 
     async def handle(self, event: Event) -> None:
         m = event.payload
-        if isinstance(m, quota_pb2.QuotaReserved):
-            # a status nicety: when the worker holds the row it is taking the request past 'reserved'
-            # (its own update sets reserved_at), so the row is skipped rather than waited for
-            waited = await self._pool.fetchval(
-                "UPDATE requests SET status = 'reserved', reserved_at = now() WHERE request_id = "
-                "(SELECT request_id FROM requests WHERE request_id = $1 AND status = 'queued' "
-                "FOR UPDATE SKIP LOCKED) RETURNING extract(epoch FROM now() - accepted_at)", m.request_id)
-            if waited is not None:
-                STAGE_SECONDS.labels("queued").observe(max(0.0, float(waited)))
-        elif isinstance(m, quota_pb2.QuotaRejected):
+        if isinstance(m, quota_pb2.QuotaRejected):
             await self._fail(event, m, m.code or errors.QUOTA_INSUFFICIENT.code, m.detail or "no available unit")
         elif isinstance(m, quota_pb2.QuotaCommitted):
             await self._release_stamp(event, m)

@@ -12,8 +12,9 @@ import uuid
 import pytest
 
 from services.contracts.bubuh.v1 import quota_pb2
-from services.kernel import database
+from services.kernel import database, events
 from services.stamping.fair_queue import Enqueue, FairQueue, Takers
+from services.stamping.tracker import TYPES
 from tests.component import handler_support as hs
 
 WHERE = {"consumer": "stamping.worker", "dead_letter_topic": "stamp.dead-letter"}   # as service.py names them
@@ -207,3 +208,24 @@ async def test_enqueueing_reads_each_channels_last_tag_not_its_whole_backlog(set
         [1.0] * 3, ["t"] * 3, [0] * 3, [0] * 3, [b""] * 3, ["{}"] * 3, [e.raw for e in batch]))
     assert _rows_read(plan["Plan"], "schedule") <= 10, plan
     assert await pool.fetchval("SELECT count(*) FROM schedule") == 3003
+
+
+async def test_queued_requests_show_reserved_in_the_transaction_that_queues_them(settings, pool):
+    """The worker's consumer marks its batch's requests 'reserved' (reserved_at: when they joined the queue)
+    as it queues them; the status tracker no longer reads QuotaReserved at all. A request already past
+    'queued' is left alone, and a row another transaction holds is skipped, not waited for."""
+    assert events.type_name(quota_pb2.QuotaReserved) not in TYPES
+    batch = _reserved("ch", 4)
+    ids = [e.payload.request_id for e in batch]
+    await pool.executemany("INSERT INTO requests (request_id, channel_id, account_id, status) "
+                           "VALUES ($1, 'ch', 'acct', $2)",
+                           [(ids[0], "queued"), (ids[1], "queued"), (ids[2], "stamping"), (ids[3], "queued")])
+    async with pool.acquire() as holder, holder.transaction():
+        await holder.execute("SELECT 1 FROM requests WHERE request_id = $1 FOR UPDATE", ids[3])
+        await asyncio.wait_for(_enqueue(pool, FairQueue(), batch), 5)      # not waiting for the held row
+    rows = {r["request_id"]: r for r in await pool.fetch(
+        "SELECT r.request_id, r.status, r.reserved_at, s.enqueued_at FROM requests r "
+        "LEFT JOIN schedule s USING (request_id) WHERE r.request_id = ANY($1::text[])", ids)}
+    assert [rows[i]["status"] for i in ids] == ["reserved", "reserved", "stamping", "queued"]
+    assert rows[ids[0]]["reserved_at"] == rows[ids[0]]["enqueued_at"], "not the queueing transaction's moment"
+    assert rows[ids[2]]["reserved_at"] is None and rows[ids[3]]["enqueued_at"] is not None
