@@ -12,7 +12,10 @@ the row with the smallest start tag. The tags are start-time fair queueing (Goya
     start = max(V, start of c's last queued request + 1/w),   V = the smallest start tag queued
 
 so a backlogged channel's requests are 1/w apart, a channel that had nothing queued starts at the
-head, and with several backlogged channels each is served in proportion to its weight. The queue
+head, and with several backlogged channels each is served in proportion to its weight. Enqueues take
+turns (a transaction-scoped advisory lock): each reads its channels' last tags, and batches queued at
+once (a poll's partitions, two workers) did not see each other's rows, so a flood spread over four
+partitions had four rows a tag. The queue
 needs no clock and no rate, and two workers (members) share it: a taker claims the head by deleting
 it (``SKIP LOCKED``: rows other takers hold are passed over) in a transaction that stays open while
 it signs, so the others skip it, its commit ends it, and a killed taker's row is back the moment its
@@ -177,6 +180,10 @@ class FairQueue:
             ks.append(float(seen.get(cid, 0)))
             seen[cid] = seen.get(cid, 0) + 1
             ws.append(self.weight(cid))
+        # one enqueue at a time, across the consumer's partitions and the workers: each reads its channels'
+        # last tags, which a concurrent enqueue's rows (not committed yet) would leave out, so a flood whose
+        # events came in four partition batches at once got four rows a tag and four times its share
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema()), hashtext('schedule'))")
         await conn.execute(
             _ENQUEUE, [e.payload.request_id for e in reserved], [e.payload.channel_id for e in reserved], ks, ws,
             [e.topic for e in reserved], [e.partition for e in reserved], [e.offset for e in reserved],

@@ -229,3 +229,20 @@ async def test_queued_requests_show_reserved_in_the_transaction_that_queues_them
     assert [rows[i]["status"] for i in ids] == ["reserved", "reserved", "stamping", "queued"]
     assert rows[ids[0]]["reserved_at"] == rows[ids[0]]["enqueued_at"], "not the queueing transaction's moment"
     assert rows[ids[2]]["reserved_at"] is None and rows[ids[3]]["enqueued_at"] is not None
+
+
+async def test_batches_queued_at_once_give_each_channel_one_tag_per_request(settings, pool):
+    """The worker's consumer queues the batches of a poll's partitions at once, and two workers share the
+    queue. Each batch read its channels' last tags without the others' rows (not committed yet): a flood
+    whose events came in four batches at once got four rows a tag, four times a small channel's share."""
+    queue = FairQueue()
+    await _enqueue(pool, queue, _reserved("flood", 4))                      # a backlog to follow
+    await asyncio.gather(*(_enqueue(pool, queue, _reserved("flood", 10)) for _ in range(5)))
+    tags = [r["start_tag"] for r in await pool.fetch(
+        "SELECT start_tag FROM schedule WHERE channel_id = 'flood' ORDER BY start_tag")]
+    assert len(tags) == 54
+    assert len(set(tags)) == 54, f"{54 - len(set(tags))} rows share a tag with another of their channel"
+    assert tags == [tags[0] + i for i in range(54)]                         # 1/w apart
+    await _enqueue(pool, queue, _reserved("small", 1))
+    order = await _take_all(settings, pool, limit=3)
+    assert "small" in order[:2], order                                       # right behind the head
