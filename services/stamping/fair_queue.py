@@ -238,8 +238,9 @@ class Enqueue:
         reserved = [e for e in batch if isinstance(e.payload, quota_pb2.QuotaReserved)]
         if reserved:
             async with self._pool.acquire() as conn, conn.transaction():
-                await self._queue.enqueue(conn, reserved)
+                # the status first: the enqueue's turn (its advisory lock) lasts from there to the commit
                 shown = await conn.fetch(_SHOW_RESERVED, [e.payload.request_id for e in reserved])
+                await self._queue.enqueue(conn, reserved)
             for row in shown:
                 STAGE_SECONDS.labels("queued").observe(max(0.0, row["waited_s"]))
         return []
