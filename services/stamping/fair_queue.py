@@ -12,10 +12,12 @@ the row with the smallest start tag. The tags are start-time fair queueing (Goya
     start = max(V, start of c's last queued request + 1/w),   V = the smallest start tag queued
 
 so a backlogged channel's requests are 1/w apart, a channel that had nothing queued starts at the
-head, and with several backlogged channels each is served in proportion to its weight. Enqueues take
-turns (a transaction-scoped advisory lock): each reads its channels' last tags, and batches queued at
-once (a poll's partitions, two workers) did not see each other's rows, so a flood spread over four
-partitions had four rows a tag. The queue
+head, and with several backlogged channels each is served in proportion to its weight. A worker's
+enqueues take turns (``FairQueue.turn``, in the process): each reads its channels' last tags, and the
+batches of a poll's partitions, queued at once, did not see each other's rows, so a flood spread over
+four partitions had four rows a tag. (A transaction-scoped advisory lock did the same across workers,
+but its waits passed 50 ms under a surge: 20-39 in ``make surge-members``, which allows none. Two
+workers enqueueing in the same moment can still give one channel two rows a tag.) The queue
 needs no clock and no rate, and two workers (members) share it: a taker claims the head by deleting
 it (``SKIP LOCKED``: rows other takers hold are passed over) in a transaction that stays open while
 it signs, so the others skip it, its commit ends it, and a killed taker's row is back the moment its
@@ -160,6 +162,9 @@ class FairQueue:
 
     def __init__(self, weights: Mapping[str, float] | None = None) -> None:
         self._weights = dict(weights or {})
+        # this process's enqueues take turns (see the module's docstring): each reads its channels' last
+        # tags, which an enqueue running beside it (its rows not committed yet) would leave out
+        self.turn = asyncio.Lock()
         bad = {c: w for c, w in self._weights.items() if not w > 0}
         if bad:
             raise ValueError(f"stamp channel weights must be above 0: {bad}")
@@ -180,10 +185,6 @@ class FairQueue:
             ks.append(float(seen.get(cid, 0)))
             seen[cid] = seen.get(cid, 0) + 1
             ws.append(self.weight(cid))
-        # one enqueue at a time, across the consumer's partitions and the workers: each reads its channels'
-        # last tags, which a concurrent enqueue's rows (not committed yet) would leave out, so a flood whose
-        # events came in four partition batches at once got four rows a tag and four times its share
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema()), hashtext('schedule'))")
         await conn.execute(
             _ENQUEUE, [e.payload.request_id for e in reserved], [e.payload.channel_id for e in reserved], ks, ws,
             [e.topic for e in reserved], [e.partition for e in reserved], [e.offset for e in reserved],
@@ -237,10 +238,9 @@ class Enqueue:
     async def process(self, batch: Sequence[Event]) -> list[Rejection]:
         reserved = [e for e in batch if isinstance(e.payload, quota_pb2.QuotaReserved)]
         if reserved:
-            async with self._pool.acquire() as conn, conn.transaction():
-                # the status first: the enqueue's turn (its advisory lock) lasts from there to the commit
-                shown = await conn.fetch(_SHOW_RESERVED, [e.payload.request_id for e in reserved])
+            async with self._queue.turn, self._pool.acquire() as conn, conn.transaction():
                 await self._queue.enqueue(conn, reserved)
+                shown = await conn.fetch(_SHOW_RESERVED, [e.payload.request_id for e in reserved])
             for row in shown:
                 STAGE_SECONDS.labels("queued").observe(max(0.0, row["waited_s"]))
         return []
