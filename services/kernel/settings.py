@@ -174,6 +174,8 @@ class Settings(BaseSettings):
     verify_cpu_s: float = 5.0
     verify_wall_s: float = 30.0
     verify_nice: int = 10
+    # SCHED_IDLE for the verification children: CPU only when nothing else wants it (false: nice alone)
+    verify_sched_idle: bool = True
     verify_max_waiting: int = 8                  # more waiting uploads: BUSY (503 + Retry-After)
     verify_rate_per_client_per_s: float = 1.0    # per client address, with a burst of verify_rate_burst
     verify_rate_burst: int = 5

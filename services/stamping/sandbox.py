@@ -90,7 +90,7 @@ def _cpu_used() -> float:
 
 
 def _serve(conn: Connection, setup: Callable[..., Any] | None, setup_args: tuple, memory_bytes: int,
-           nice: int) -> None:
+           nice: int, idle: bool = False) -> None:
     """The child: set its limits, build its state once, then run tasks until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)          # Ctrl-C is the parent's; it stops us
     # so is a stop sent to the whole process group (`bubuh down`, systemd's cgroup): the parent finishes
@@ -102,6 +102,10 @@ def _serve(conn: Connection, setup: Callable[..., Any] | None, setup_args: tuple
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     if nice:
         os.nice(nice)
+    if idle:
+        # SCHED_IDLE: runs on what CPU nothing else wants, and any other task that wakes takes the core at
+        # once (at nice 10 a waking task could still wait out the child's slice: intake's hops each did)
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     try:
         state = setup(*setup_args) if setup is not None else None
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which refuses to start
@@ -168,13 +172,14 @@ def _exchange(conn: Connection, task: tuple) -> tuple[str, Any]:
 
 class Sandbox:
     def __init__(self, name: str, *, size: int, budget: ProcessLimits, setup: Callable[..., Any] | None = None,
-                 setup_args: tuple = (), nice: int = 0, max_waiting: int | None = None) -> None:
+                 setup_args: tuple = (), nice: int = 0, idle: bool = False, max_waiting: int | None = None) -> None:
         self.name = name
         self.size = size
         self.budget = budget
         self._setup = setup
         self._setup_args = setup_args
         self._nice = nice
+        self._idle_class = idle
         self._max_waiting = max_waiting
         self._idle: asyncio.Queue[_Child | None] = asyncio.Queue()   # None: the sandbox stopped
         self._children: set[_Child] = set()
@@ -194,7 +199,7 @@ class Sandbox:
         parent_end, child_end = multiprocessing.Pipe()
         process = _context().Process(target=_serve, name=f"bubuh-{self.name}",
                                      args=(child_end, self._setup, self._setup_args, self.budget.memory_bytes,
-                                           self._nice), daemon=True)
+                                           self._nice, self._idle_class), daemon=True)
         process.start()
         child_end.close()
         if not parent_end.poll(_START_TIMEOUT_S):

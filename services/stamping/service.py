@@ -95,7 +95,8 @@ async def router(rt: Runtime) -> APIRouter:
     docs = documents(s)
     inspector = await Sandbox("intake", size=s.intake_processes,
                               budget=ProcessLimits.of(s.intake_cpu_s, s.intake_wall_s, s.document_memory_mib)).start()
-    checker = await Sandbox("verify", size=s.verify_processes, nice=s.verify_nice, max_waiting=s.verify_max_waiting,
+    checker = await Sandbox("verify", size=s.verify_processes, nice=s.verify_nice, idle=s.verify_sched_idle,
+                            max_waiting=s.verify_max_waiting,
                             budget=ProcessLimits.of(s.verify_cpu_s, s.verify_wall_s, s.document_memory_mib)).start()
     rt.background += [inspector.serve, checker.serve]
     intake = StampIntake(s, rt.producer, pool, docs, queue, inspector)

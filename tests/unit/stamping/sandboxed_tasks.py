@@ -40,3 +40,8 @@ def crash(state) -> None:
 
 def cannot_open(label: str) -> None:
     raise OSError(f"no key at {label}")
+
+
+def scheduling(state) -> tuple[int, int]:
+    """The child's scheduling policy and nice value."""
+    return os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
