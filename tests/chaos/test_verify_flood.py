@@ -5,8 +5,8 @@ Stamp intake's p99 during the flood stays within 2x its quiet p99 measured just 
 
 Why it holds: verification runs in its own pool of children under SCHED_IDLE (any other task that
 wakes takes the core at once; at nice 10 alone the outside CI saw flooded p99 91 ms against 28 ms
-quiet, after the whole suite) with at most 8 waiting (BUSY beyond), and each address has a token bucket (RATE_LIMITED), checked before the upload is
-parsed; intake has its own children.
+quiet, after the whole suite) with at most 8 waiting (BUSY beyond), and each address has a token
+bucket (RATE_LIMITED), checked before the upload is parsed; intake has its own children.
 """
 
 from __future__ import annotations
