@@ -77,12 +77,11 @@ class QueueView:
         self._window_s = window_s
         self._throughput = throughput
         self._fair = fair or FairQueue()
-        self._cached: tuple[float, QueueFacts] | None = None
+        self._cached: tuple[float, QueueFacts | None] | None = None   # (monotonic, facts; None: the read failed)
         self._order_s = order_s                             # how long a read of the queue serves
         self._order: tuple[float, dt.datetime, QueueOrder] | None = None   # (monotonic, wall clock, the queue)
         self._order_read = asyncio.Lock()                   # one read of the order at a time, shared
         self._facts_read = asyncio.Lock()                   # one read of the facts at a time, shared
-        self._facts_failed = float("-inf")                  # monotonic time of the last failed read
         self._new: dict[str, int] = {}                      # channel -> 202s given against the order read
 
     async def facts(self) -> QueueFacts | None:
@@ -90,23 +89,12 @@ class QueueView:
         them wait for that read (a surge's intake and status calls all found the cache stale in the same
         moment and each ran the three statements: six reads a second, not one); a failed read answers
         None to every caller for that second instead of being tried again by each in turn."""
-        cached = self._fresh_facts()
-        if cached is not None:
-            return cached[0]
+        if self._cached and time.monotonic() - self._cached[0] < 1.0:
+            return self._cached[1]
         async with self._facts_read:
-            cached = self._fresh_facts()
-            if cached is not None:
-                return cached[0]
+            if self._cached and time.monotonic() - self._cached[0] < 1.0:
+                return self._cached[1]
             return await self._read_facts()
-
-    def _fresh_facts(self) -> tuple[QueueFacts | None] | None:
-        """(facts,) read within the last second, (None,) when the last read within it failed, else None."""
-        now = time.monotonic()
-        if self._cached and now - self._cached[0] < 1.0:
-            return (self._cached[1],)
-        if now - self._facts_failed < 1.0:
-            return (None,)
-        return None
 
     async def _read_facts(self) -> QueueFacts | None:
         now = time.monotonic()
@@ -127,7 +115,7 @@ class QueueView:
                 per_second = pace      # nothing finished in the window yet: the pace the tier last kept
         except Exception as exc:  # noqa: BLE001 - no database: no position, intake still answers
             if failures.classify(exc).waits:
-                self._facts_failed = time.monotonic()
+                self._cached = (time.monotonic(), None)      # the rest of this second answers None at once
                 return None
             raise
         facts = QueueFacts(open_requests, per_second, base_s)

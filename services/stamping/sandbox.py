@@ -179,7 +179,7 @@ class Sandbox:
         self._setup = setup
         self._setup_args = setup_args
         self._nice = nice
-        self._idle_class = idle
+        self._sched_idle = idle
         self._max_waiting = max_waiting
         self._idle: asyncio.Queue[_Child | None] = asyncio.Queue()   # None: the sandbox stopped
         self._children: set[_Child] = set()
@@ -199,7 +199,7 @@ class Sandbox:
         parent_end, child_end = multiprocessing.Pipe()
         process = _context().Process(target=_serve, name=f"bubuh-{self.name}",
                                      args=(child_end, self._setup, self._setup_args, self.budget.memory_bytes,
-                                           self._nice, self._idle_class), daemon=True)
+                                           self._nice, self._sched_idle), daemon=True)
         process.start()
         child_end.close()
         if not parent_end.poll(_START_TIMEOUT_S):
