@@ -497,13 +497,16 @@ async def compare_levels(args, env: dict) -> dict:
                 producer_log = work / f"producers-{rnd}-{label.replace(' ', '')}.jsonl"
                 run_env = {**env, "BUBUH_PADES_LEVEL": pades, "BUBUH_LOCAL_STAMPING_MEMBERS": str(n_members),
                            "BUBUH_LOCAL_TIER_MEMBERS": str(n_members if by_tier else 1),
+                           # members of every tier compared: the API's too (by default one per core)
+                           **({"BUBUH_LOCAL_API_MEMBERS": str(n_members)} if by_tier else {}),
                            "BUBUH_BENCH_PRODUCER_LOG": str(producer_log),
                            "PYTHONPATH": os.pathsep.join(filter(None, [str(work / "hook"), env.get("PYTHONPATH")]))}
                 log(f"round {rnd}, {label}: restarting the platform with BUBUH_PADES_LEVEL={pades}, "
                     f"{'BUBUH_LOCAL_TIER_MEMBERS' if by_tier else 'BUBUH_LOCAL_STAMPING_MEMBERS'}={n_members}")
                 restart(run_env)
                 shape = settings.model_copy(update={"local_stamping_members": n_members,
-                                                    "local_tier_members": n_members if by_tier else 1})
+                                                    "local_tier_members": n_members if by_tier else 1,
+                                                    **({"local_api_members": n_members} if by_tier else {})})
                 ports = {name: port for name, (_, port) in metrics_targets(shape).items()}
                 member_ports = [port for name, (_, port) in metrics_targets(shape).items()
                                 if name.startswith("stamping-")]

@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     # `bubuh up`: a process per tier as production's pods (default), or the API and the light workers in one
     local_layout: Literal["shared", "tiers"] = "tiers"
     local_tier_members: int = 1       # `bubuh up` with BUBUH_LOCAL_LAYOUT=tiers: processes per tier, API included
+    local_api_members: int = 0        # `bubuh up` with the tiers layout: API processes (0: one per core, up to 4)
+    # `bubuh up`: the nice value of every process that serves no API route (the workers, their signing
+    # children): on one box the front door takes the CPU first, the back end runs on what is left (0: equal)
+    local_worker_nice: int = 10
     local_stamping_members: int = 1   # `bubuh up`: stamping worker processes on the local stack (stamping-1..N)
     # body limits, enforced while the body arrives (kernel/http.py BodyLimits); routes that take a body
     # name their own below; this one holds every other route

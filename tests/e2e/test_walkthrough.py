@@ -6,15 +6,30 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from services.kernel.settings import REPO_ROOT, Settings
-from services.operator import dss_validator
+from services.operator import dss_validator, local_processes, process_tree
 from tests.platform import env_for
 
 
 def _run(env, *args, timeout=120):
     return subprocess.run([sys.executable, "-m", "services.operator.cli", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def _nices(pids) -> set[int]:
+    """The nice values of every thread of ``pids`` (``/proc/<pid>/task/<tid>/stat``, field 19); a process
+    that ends meanwhile is left out."""
+    out = set()
+    for pid in pids:
+        try:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                text = (task / "stat").read_text()
+                out.add(int(text[text.rindex(")") + 2:].split()[16]))
+        except FileNotFoundError:
+            continue
+    return out
 
 
 def _alive(pid: int) -> bool:
@@ -27,7 +42,7 @@ def _alive(pid: int) -> bool:
         return fh.read().split(") ", 1)[1][0] != "Z"
 
 
-def test_up_demo_down(settings, tmp_path):
+def test_up_demo_down(settings, tmp_path, request):
     # at the platform's default level, B-LT, with the stack's test PKI (its signer, TSA, OCSP and CRLs)
     pki = Settings().pki_dir
     env = env_for(settings, BUBUH_LOCAL_DIR=str(tmp_path), BUBUH_PADES_LEVEL="b-lt",
@@ -36,10 +51,13 @@ def test_up_demo_down(settings, tmp_path):
     dss_validator.ensure()   # the demo's outside validator: built once for the suite, not per local dir
     (tmp_path / "dss").symlink_to(dss_validator.home())
     assert keys.returncode == 0 and (tmp_path / "keys" / "issuer-rsa2048.p12").exists()
+    request.addfinalizer(lambda: _run(env, "down"))     # a failed assertion leaves no platform running
     up = _run(env, "up")
     assert up.returncode == 0, up.stderr
-    # a process per tier, as production's pods (BUBUH_LOCAL_LAYOUT's default)
-    names = ("api-1", "purchase-1", "quota-1", "notification-1", "stamping-1")
+    # a process per tier, as production's pods (BUBUH_LOCAL_LAYOUT's default), the API one per core
+    apis = tuple(f"api-{i}" for i in range(1, min(local_processes.API_MEMBERS_MAX, len(os.sched_getaffinity(0))) + 1))
+    names = (*apis, "purchase-1", "quota-1", "notification-1", "stamping-1")
+    assert sorted(p.stem for p in (tmp_path / "run").glob("*.pid")) == sorted(names)
     pids = [int((tmp_path / "run" / f"{name}.pid").read_text()) for name in names]
     assert all(_alive(pid) for pid in pids)
     again = _run(env, "up")
@@ -56,6 +74,19 @@ def test_up_demo_down(settings, tmp_path):
     assert "TOTAL_PASSED (PAdES-BASELINE-LT)" in demo.stdout, demo.stdout
     written = [ln.split(": ", 1)[1] for ln in demo.stdout.splitlines() if ln.startswith("== 6. the stamped PDF: ")]
     assert written and (tmp_path / "demo").exists() and open(written[0], "rb").read(5) == b"%PDF-"
+    # the front door first: the API's processes at nice 0, every thread and child of the workers (the
+    # signing children that made the demo's stamp among them) at BUBUH_LOCAL_WORKER_NICE's default
+    worker_nice = Settings.model_fields["local_worker_nice"].default
+    assert worker_nice > 0
+    for name, pid in zip(names, pids, strict=True):
+        own = _nices([pid])
+        children = _nices(process_tree.descendants([pid]))
+        if name.startswith("api-"):   # its verification children alone run lower (nice 10, SCHED_IDLE)
+            assert own == {0} and children <= {0, Settings().verify_nice}, (name, own, children)
+        else:
+            assert own | children == {worker_nice}, (name, own, children)
+    signing = process_tree.descendants([pids[names.index("stamping-1")]])
+    assert signing and _nices(signing) == {worker_nice}
     down = _run(env, "down")
     assert down.returncode == 0 and "stopped" in down.stdout
     deadline = time.monotonic() + 10

@@ -3,6 +3,10 @@ every process has a port of its own, so a scrape never lands on another process.
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
 from services.kernel.settings import Settings
 from services.operator import local_processes
 
@@ -37,15 +41,40 @@ def test_local_stamping_members_each_get_a_process_and_a_port():
     assert list(local_processes.processes(Settings(local_layout="shared"))) == list(local_processes.PROCESSES)
 
 
-def test_bubuh_up_runs_a_process_per_tier_unless_told_to_share():
+def test_bubuh_up_runs_a_process_per_tier_unless_told_to_share(monkeypatch):
     """The default is production's shape (a pod per tier): a flood's intake shares no event loop with
     other channels' quota hop (make surge-fairness: x2.0-2.2 per tier, x3.8-4.5 shared)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})         # a one-core box
     assert list(local_processes.processes(Settings())) == ["api-1", "purchase-1", "quota-1", "notification-1",
                                                            "stamping-1"]
 
 
+@pytest.mark.parametrize("cores, api", [(1, 1), (2, 2), (3, 3), (16, local_processes.API_MEMBERS_MAX)])
+def test_the_api_runs_one_process_per_core_by_default_and_they_share_the_port(monkeypatch, cores, api):
+    """One API process is one core at most: the front door's spike needs every core it can get."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    s = Settings(http_port=18080, metrics_port=0)
+    names = list(local_processes.processes(s))
+    assert [n for n in names if n.startswith("api-")] == [f"api-{i}" for i in range(1, api + 1)]
+    assert [n for n in names if not n.startswith("api-")] == ["purchase-1", "quota-1", "notification-1",
+                                                              "stamping-1"]
+    shared = api > 1
+    assert all(("BUBUH_HTTP_REUSE_PORT" in local_processes.process_env(s, f"api-{i}")) == shared
+               for i in range(1, api + 1))
+    ports = [port for _, port in local_processes.metrics_targets(s).values()]
+    assert len(set(ports)) == len(ports)                                # still one /metrics port each
+
+
+def test_api_members_can_be_set_and_never_fall_below_the_tier_members(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert local_processes.api_members(Settings(local_api_members=1)) == 1
+    assert local_processes.api_members(Settings(local_api_members=3)) == 3
+    assert local_processes.api_members(Settings(local_tier_members=3)) == 3
+
+
 def test_the_tiers_layout_runs_each_tier_in_a_process_of_its_own_with_its_own_port():
-    s = Settings(http_port=18080, metrics_port=0, local_layout="tiers", local_stamping_members=2)
+    s = Settings(http_port=18080, metrics_port=0, local_layout="tiers", local_stamping_members=2,
+                 local_api_members=1)
     assert list(local_processes.processes(s)) == ["api-1", "purchase-1", "quota-1", "notification-1",
                                                   "stamping-1", "stamping-2"]
     targets = local_processes.metrics_targets(s)
