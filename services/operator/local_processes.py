@@ -12,6 +12,7 @@ API answers ``/healthz``.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -57,6 +58,9 @@ def processes(settings: Settings) -> dict[str, list[str]]:
     return out
 
 
+API_MEMBERS_MAX = 4
+
+
 def api_members(settings: Settings) -> int:
     """API processes in the tiers layout: ``BUBUH_LOCAL_API_MEMBERS``, or by default one per core this
     process may run on (at most ``API_MEMBERS_MAX``, at least ``BUBUH_LOCAL_TIER_MEMBERS``). One API
@@ -65,16 +69,6 @@ def api_members(settings: Settings) -> int:
     if settings.local_api_members > 0:
         return settings.local_api_members
     return max(1, settings.local_tier_members, min(API_MEMBERS_MAX, len(os.sched_getaffinity(0))))
-
-
-API_MEMBERS_MAX = 4
-
-
-def _lower_priority(nice: int):
-    """For Popen's preexec_fn: the child (and every thread and process it starts) runs at ``nice``."""
-    def lower() -> None:
-        os.nice(nice)
-    return lower
 
 
 def metrics_targets(settings: Settings) -> dict[str, tuple[str, int]]:
@@ -184,13 +178,14 @@ def up(settings: Settings, timeout: float = 90) -> None:
         ready = run / f"{name}.ready"
         ready.unlink(missing_ok=True)
         env = {**os.environ, **process_env(settings, name)}
-        # the front door first: worker-only processes yield the CPU to the API's (invariant 6)
+        # the front door first: worker-only processes yield the CPU to the API's (invariant 6); set before
+        # the exec, so every thread and child of the process inherits it
         nice = 0 if _serves_api(args) else settings.local_worker_nice
         with open(log_file(settings, name), "ab") as log:
             started[name] = subprocess.Popen(
                 [sys.executable, "-m", "services.operator.cli", "serve", *args, "--ready-file", str(ready)],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True, env=env,
-                preexec_fn=_lower_priority(nice) if nice > 0 else None)
+                preexec_fn=functools.partial(os.nice, nice) if nice > 0 else None)
         (run / f"{name}.pid").write_text(str(started[name].pid))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

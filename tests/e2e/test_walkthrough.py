@@ -55,7 +55,7 @@ def test_up_demo_down(settings, tmp_path, request):
     up = _run(env, "up")
     assert up.returncode == 0, up.stderr
     # a process per tier, as production's pods (BUBUH_LOCAL_LAYOUT's default), the API one per core
-    apis = tuple(f"api-{i}" for i in range(1, min(local_processes.API_MEMBERS_MAX, len(os.sched_getaffinity(0))) + 1))
+    apis = tuple(f"api-{i}" for i in range(1, local_processes.api_members(Settings()) + 1))
     names = (*apis, "purchase-1", "quota-1", "notification-1", "stamping-1")
     assert sorted(p.stem for p in (tmp_path / "run").glob("*.pid")) == sorted(names)
     pids = [int((tmp_path / "run" / f"{name}.pid").read_text()) for name in names]
