@@ -51,6 +51,17 @@ SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (
   FROM recent
 """
 
+# The schema's count of the window (BUBUH_STAMP_RATES_FROM=database, or a process that counts none of
+# stamp.events' partitions yet): stamps finished per *busy* second, as the stream counts them
+# (throughput.py). Divided by the whole window it was diluted by the quiet seconds before a surge: right
+# after a restart the ETAs read about 4 times the actual time (README, 2 December), and in an open-loop
+# A/B on 2 December 4-5% of first ETAs were within 25% of the actual time against 41-62% from the stream.
+_OPEN_AND_WINDOW = f"""
+SELECT ({_OPEN}) AS open,
+       (SELECT count(*)::float8 / nullif(count(DISTINCT date_trunc('second', finished_at)), 0) FROM requests
+         WHERE status IN ('completed', 'failed') AND finished_at > now() - make_interval(secs => $1)) AS per_busy_s
+"""
+
 # before any completion was seen, assume this many seconds per stamp per the whole tier
 COLD_SECONDS_PER_STAMP = 0.05
 
@@ -106,11 +117,8 @@ class QueueView:
                 open_requests = await asyncio.wait_for(self._pool.fetchval(_OPEN), 0.5)
                 per_second = rates.rate_per_s
             else:
-                row = await asyncio.wait_for(self._pool.fetchrow(
-                    f"SELECT ({_OPEN}) AS open, (SELECT count(*) FROM requests WHERE status IN "
-                    "('completed', 'failed') AND finished_at > now() - make_interval(secs => $1)) AS recent",
-                    self._window_s), 0.5)
-                open_requests, per_second = row["open"], row["recent"] / self._window_s
+                row = await asyncio.wait_for(self._pool.fetchrow(_OPEN_AND_WINDOW, self._window_s), 0.5)
+                open_requests, per_second = row["open"], float(row["per_busy_s"] or 0.0)
             if per_second <= 0:
                 per_second = pace      # nothing finished in the window yet: the pace the tier last kept
         except Exception as exc:  # noqa: BLE001 - no database: no position, intake still answers

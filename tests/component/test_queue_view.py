@@ -61,11 +61,20 @@ async def test_the_pipelines_own_time_leaves_out_the_wait_in_the_queue(pool):
     assert facts.eta_seconds(0) == pytest.approx(1.0, abs=0.1)
 
 
-async def test_stamps_finishing_in_the_window_give_the_rate(pool):
+async def test_stamps_finishing_in_the_window_give_the_rate_per_busy_second(pool):
+    """The schema's count (no stream in this process) is a rate per busy second, as the stream's is: a
+    surge's first seconds after a quiet minute are measured at their pace. Divided by the whole window it
+    read 100 stamps in 2 s as 1.7/s, and the ETAs were many times the actual time."""
     await pool.execute("DELETE FROM requests")
-    await _finished(pool, 30, 30, 2.0, ago_s=40)                   # one a second over the last minute
+    await _finished(pool, 30, 30, 2.0, ago_s=40)                   # one a second for 30 of the last 60 s
     facts = await QueueView(pool, window_s=60.0).facts()
-    assert facts.per_second == pytest.approx(30 / 60)              # the schema's count over the window
+    assert facts.per_second == pytest.approx(30 / 30)
+    await pool.execute("DELETE FROM requests")
+    await _finished(pool, 100, 2, 0.5, ago_s=4)                    # a surge's first two seconds: 50/s
+    await _finished(pool, 500, 10, 0.5, ago_s=600, offset=1000)    # long before the window: not counted
+    facts = await QueueView(pool, window_s=60.0).facts()
+    assert facts.per_second == pytest.approx(50.0)
+    assert facts.eta_seconds(500) == pytest.approx(0.5 + 500 / 50, abs=0.1)
 
 
 async def test_positions_follow_the_fair_queue_per_channel(pool):
@@ -219,7 +228,7 @@ async def test_callers_that_find_the_facts_stale_at_once_share_one_read(pool):
     view = QueueView(counted, window_s=60.0)
     answers = await asyncio.gather(*(view.facts() for _ in range(40)))
     assert counted.statements == 2, f"{counted.statements} statements for 40 callers"
-    assert len({id(a) for a in answers}) == 1 and answers[0].per_second == pytest.approx(30 / 60)
+    assert len({id(a) for a in answers}) == 1 and answers[0].per_second == pytest.approx(30 / 30)
 
 
 async def test_a_database_that_does_not_answer_is_waited_for_once_a_second_not_by_every_caller():
