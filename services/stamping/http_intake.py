@@ -113,8 +113,8 @@ class StampIntake:
                     position = await self._queue.position_of(request_id, channel.channel_id, earlier["status"],
                                                              earlier["accepted_at"])
                     facts = await self._queue.facts()
-                    return Accepted(request_id, earlier["status"], position,
-                                    facts.eta_seconds(position) if facts and position is not None else None, True)
+                    eta = facts.eta_seconds(position, reserved=True) if facts and position is not None else None
+                    return Accepted(request_id, earlier["status"], position, eta, True)
         self._producer.refuse_while_away()     # before storing anything: it would be refused after all
         accepted_at = dt.datetime.now(dt.UTC)
         msg.accepted_at.FromDatetime(accepted_at)

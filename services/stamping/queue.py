@@ -8,10 +8,13 @@ channel's own requests still on quota and the rows and other channels' requests 
 come first. So positions and times are per channel: a small channel's request says "next" while a
 flood's says "behind its own backlog". Being signed: 0.
 
-Expected time = the pipeline's own time (the median of the last 500 stamps, accepted to completed
-less their wait in the fair queue) + position / the tier's pace: stamps finished per busy second in
-the last ``window``, or, before the window has seen one finish (a surge's first seconds), the pace
-the last 500 stamps kept when the tier was busy. The window's rate comes from the stream (faust windows over
+Expected time = the wait for the requests ahead (position / the tier's pace), or for a request still
+on quota its reservation (the last 500 stamps' median, accepted to reserved) when that is longer, the
+two overlapping; plus its own signing (their median, started to completed). The pace is the one the
+last 500 stamps kept in the seconds when the tier had a backlog (every stamp finishing in them had
+waited in the fair queue): the pace a queue drains at. Before there are such seconds, stamps finished
+per busy second in the last ``window``, or, before the window has seen one finish, the pace the last
+500 stamps kept when the tier was busy. The window's rate comes from the stream (faust windows over
 ``stamp.events``, ``throughput.py``) when this process counts some of its partitions, else from a
 count in the schema. Facts are cached for a second, and so is the queue (``QueueOrder``: the rows'
 order, each channel's last tag and requests on quota), read in one statement: a 202's position is
@@ -36,19 +39,32 @@ from services.stamping.metrics import QUEUE_DEPTH
 from services.stamping.throughput import Throughput
 
 _OPEN = "SELECT count(*) FROM requests WHERE status IN ('queued', 'reserved', 'stamping', 'signed')"
-# From the last 500 finished stamps: the pipeline's own time (the median, accepted to completed less the
-# wait in the fair queue, reserved to started: that wait is what position / rate stands for, and a surge's
-# stamps all waited, so counting it here counted it twice), and the tier's pace when busy (stamps per
-# second that saw one finish), which stands in for the window's rate until the window has counted a
-# completion (a surge's first seconds).
-_HISTORY = """
+# From the last 500 finished stamps: the pipeline's own time in its two parts, medians: accepted to reserved
+# (the quota tier's round trip) and started to completed (signing, storing, the status update). The wait in
+# the fair queue between them (reserved to started) is what position / rate stands for, and a surge's
+# stamps all waited, so counting it here counted it twice. The tier's pace when busy (stamps per second
+# that saw one finish), which stands in for the window's rate until the window has counted a completion
+# (a surge's first seconds); and its pace *with a backlog*: stamps per second over the seconds in which every
+# stamp that finished had waited in the fair queue (more than 0.1 s), so the tier was never idle in them.
+# That is the pace a queue drains at. A second that saw a finish is not one: when fewer requests came than
+# the tier could sign (a quiet hour, a surge's first seconds) it counts what came, and the ETAs of the
+# next queue read the tier as slow as that (3 December, loadtests/held_queue.py after a small run, 2
+# rounds each: while the queue filled, took/ETA medians 0.63 and 0.84 and 10% and 48% within 25%, against
+# 0.79 and 1.02, 28% and 68% with this pace).
+BACKLOG_WAIT_S = 0.1
+BACKLOG_SECONDS = 3       # seconds with a backlog needed before their pace is used
+_HISTORY = f"""
 WITH recent AS (SELECT status, accepted_at, reserved_at, started_at, finished_at FROM requests
-                 WHERE status IN ('completed', 'failed') ORDER BY finished_at DESC LIMIT 500)
-SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (
-           ORDER BY finished_at - accepted_at - greatest(started_at - reserved_at, interval '0'))   -- null: 0
-           FILTER (WHERE status = 'completed')) AS base_s,
-       count(*)::float8 / greatest(1, count(DISTINCT date_trunc('second', finished_at))) AS pace
-  FROM recent
+                 WHERE status IN ('completed', 'failed') ORDER BY finished_at DESC LIMIT 500),
+     seconds AS (SELECT count(*) AS n, bool_and(started_at - reserved_at > interval '{BACKLOG_WAIT_S} s') AS backlog
+                   FROM recent GROUP BY date_trunc('second', finished_at))
+SELECT (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY reserved_at - accepted_at))
+          FROM recent WHERE status = 'completed') AS reserve_s,
+       (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY finished_at - started_at))
+          FROM recent WHERE status = 'completed') AS finish_s,
+       (SELECT sum(n)::float8 / greatest(1, count(*)) FROM seconds) AS pace,
+       (SELECT CASE WHEN count(*) >= {BACKLOG_SECONDS} THEN sum(n)::float8 / count(*) END
+          FROM seconds WHERE backlog) AS backlog_pace
 """
 
 # The schema's count of the window (BUBUH_STAMP_RATES_FROM=database, or a process that counts none of
@@ -70,11 +86,20 @@ COLD_SECONDS_PER_STAMP = 0.05
 class QueueFacts:
     open_requests: int
     per_second: float
-    base_s: float = 0.0       # the pipeline's own time for a stamp with nothing ahead of it
+    reserve_s: float = 0.0    # accepted to reserved: the quota tier's round trip
+    finish_s: float = 0.0     # started to completed: signing, storing, the status update
 
-    def eta_seconds(self, position: int) -> float:
+    @property
+    def base_s(self) -> float:
+        """The pipeline's own time for a stamp with nothing ahead of it."""
+        return self.reserve_s + self.finish_s
+
+    def eta_seconds(self, position: int, reserved: bool = False) -> float:
+        """Until completed: the wait for the ``position`` requests ahead, or, for one not yet ``reserved``, its
+        quota reservation when that takes longer (the queue ahead drains while the reservation is under
+        way: the two overlap; added together, held-queue ETAs read 15-25% long), then its own signing."""
         rate = self.per_second if self.per_second > 0 else 1 / COLD_SECONDS_PER_STAMP
-        return round(self.base_s + position / rate, 1)
+        return round(max(position / rate, 0.0 if reserved else self.reserve_s) + self.finish_s, 1)
 
 
 _ON_QUOTA_BEFORE = ("SELECT count(*) FROM requests WHERE channel_id = $1 AND status = 'queued' "
@@ -112,8 +137,12 @@ class QueueView:
         rates = self._throughput.rates() if self._throughput else None
         try:
             history = await asyncio.wait_for(self._pool.fetchrow(_HISTORY), 0.5)
-            base_s, pace = float(history["base_s"] or 0.0), float(history["pace"] or 0.0)
-            if rates is not None and rates.known:
+            reserve_s, finish_s = float(history["reserve_s"] or 0.0), float(history["finish_s"] or 0.0)
+            pace = float(history["pace"] or 0.0)
+            if history["backlog_pace"] is not None:        # the pace the queue drains at
+                open_requests = await asyncio.wait_for(self._pool.fetchval(_OPEN), 0.5)
+                per_second = float(history["backlog_pace"])
+            elif rates is not None and rates.known:
                 open_requests = await asyncio.wait_for(self._pool.fetchval(_OPEN), 0.5)
                 per_second = rates.rate_per_s
             else:
@@ -126,7 +155,7 @@ class QueueView:
                 self._cached = (time.monotonic(), None)      # the rest of this second answers None at once
                 return None
             raise
-        facts = QueueFacts(open_requests, per_second, base_s)
+        facts = QueueFacts(open_requests, per_second, reserve_s, finish_s)
         QUEUE_DEPTH.set(facts.open_requests)
         self._cached = (now, facts)
         return facts

@@ -46,7 +46,8 @@ class RequestStatus:
             position = await self._queue.position_of(request_id, channel_id, row["status"], row["accepted_at"])
             facts = await self._queue.facts()
             out["position"] = position
-            out["eta_seconds"] = facts.eta_seconds(position) if facts and position is not None else None
+            out["eta_seconds"] = (facts.eta_seconds(position, reserved=row["status"] != "queued")
+                                  if facts and position is not None else None)
         return out
 
     async def _accepted_without_row(self, channel_id: str, request_id: str) -> dict:

@@ -1,5 +1,6 @@
-"""The expected time a 202 and a status read carry: the pipeline's own time plus the position over
-the tier's pace, with the pace measured over the seconds the tier was busy (issue 12, point 4)."""
+"""The expected time a 202 and a status read carry: the position over the tier's pace (or the wait for
+a reservation, when longer) plus the stamp's own signing, with the pace measured over the seconds the
+tier was busy (issue 12, point 4)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from services.stamping.queue import COLD_SECONDS_PER_STAMP, QueueFacts
 from services.stamping.throughput import Throughput
 
 
-def test_eta_is_the_pipelines_own_time_plus_the_queue_ahead_at_the_tiers_pace():
-    assert QueueFacts(open_requests=120, per_second=40.0, base_s=1.5).eta_seconds(120) == 4.5
-    assert QueueFacts(open_requests=0, per_second=40.0, base_s=1.5).eta_seconds(0) == 1.5
+def test_eta_is_the_queue_ahead_at_the_tiers_pace_plus_the_stamps_own_signing():
+    assert QueueFacts(open_requests=120, per_second=40.0, reserve_s=1.0, finish_s=0.5).eta_seconds(120) == 3.5
+    assert QueueFacts(open_requests=0, per_second=40.0, reserve_s=1.0, finish_s=0.5).eta_seconds(0) == 1.5
     # nothing measured yet: the cold pace
     assert QueueFacts(open_requests=10, per_second=0.0).eta_seconds(10) == round(10 * COLD_SECONDS_PER_STAMP, 1)
 
