@@ -13,7 +13,7 @@ PROTOS := $(wildcard proto/bubuh/v1/*.proto)
 GEN    := services/contracts/bubuh/v1/.generated
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: help setup system-packages proto contract contract-baseline imports up ops rules down run status test test-fast bench surge surge-deadline surge-levels surge-members surge-fairness surge-open surge-tiers surge-tier-members capacity lint docs clean distclean
+.PHONY: help setup system-packages proto contract contract-baseline imports up ops rules down run status test test-fast bench surge surge-deadline surge-levels surge-members surge-fairness surge-eta surge-open surge-tiers surge-tier-members capacity lint docs clean distclean
 
 help: ## list the verbs
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -132,6 +132,9 @@ surge-members: up ## the same surge at B-LT with one and with two stamping worke
 
 surge-fairness: up ## one channel flooding (320 stamps, 80%) beside two small ones (40 each), against a small one alone, 3 rounds on the running platform: each small channel's p99 within 2x of its p99 alone? loadtests/results/surge-fairness.json and README.md
 	$(PY) -m loadtests.surge --fairness --rounds 3 --stamps 40 --flood 320 --concurrency 8 --out loadtests/results/surge-fairness.json --readme README.md
+
+surge-eta: up ## ETAs people can plan by (issue 12, point 4): 3 channels each keep 200 requests unfinished (1,000 stamps each), 3 rounds: of the requests that joined the standing queue, >= 90% completed within 25% of their first ETA? loadtests/results/surge-eta.json and README.md
+	$(PY) -m loadtests.held_queue --rounds 3 --out loadtests/results/surge-eta.json --readme README.md
 
 surge-open: up ## the front door open loop (issue 12, point 2): a closed-loop surge measures the sustainable stamps/s, then Poisson arrivals at 80% of it for 10 min and 3x for 60 s: intake and status p99 per phase, the spike's queue, the drain. loadtests/results/surge-open.json and README.md
 	$(PY) -m loadtests.open_loop --plateau 600 --spike 60 --out loadtests/results/surge-open.json --readme README.md
