@@ -36,6 +36,10 @@ SENDERS = 16              # stamp requests in flight at most, per channel
 READERS = 16              # status reads in flight at most, at the end
 
 
+def _median(values: list[int]) -> int | None:
+    return sorted(values)[len(values) // 2] if values else None
+
+
 async def _committed(client: LoadClient, auth: dict) -> int | None:
     try:
         r = await client.get("/v1/accounts/applicants/quota", headers=auth)
@@ -52,7 +56,6 @@ async def play(base_url: str, env: dict, *, channels: int, depth: int, stamps: i
     meta = json.dumps({"account_id": "applicants", "page": 1, "llx": 400, "lly": 60, "urx": 540, "ury": 200})
     first: dict[str, dict] = {}              # request id -> the 202's body, and its channel
     refused: dict[int, int] = {}             # status -> count, for anything but 202
-    started = time.perf_counter()
     async with LoadClient(base_url, max_connections=channels * SENDERS + READERS) as client:
         for c in creds:
             auth = {"Authorization": f"Bearer {c['api_key']}"}
@@ -65,6 +68,7 @@ async def play(base_url: str, env: dict, *, channels: int, depth: int, stamps: i
             else:
                 raise SystemExit(f"channel {c['channel_id']}: purchase not accepted")
         await asyncio.sleep(3)               # the credits land before the first stamp would need them
+        started = time.perf_counter()        # "seconds": from the first stamp request to the last commit
 
         async def send(c: dict, auth: dict, phase: str) -> bool:
             try:
@@ -117,8 +121,8 @@ async def play(base_url: str, env: dict, *, channels: int, depth: int, stamps: i
             "refused": refused, "outcomes": outcomes, "seconds": round(took_s, 1),
             "eta": {phase: eta_accuracy({rid: a["eta"] for rid, a in first.items() if phase in (a["phase"], "run")},
                                         results) for phase in ("fill", "held", "run")},
-            "positions": {"median": sorted(a["position"] or 0 for a in first.values())[len(first) // 2]
-                          if first else None},
+            "positions": {phase: _median([a["position"] or 0 for a in first.values() if phase in (a["phase"], "run")])
+                          for phase in ("fill", "held", "run")},
             "first": {rid: {k: a[k] for k in ("eta", "position", "phase")} for rid, a in first.items()},
             "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
 
