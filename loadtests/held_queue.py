@@ -28,16 +28,12 @@ if __package__ in (None, ""):
 from loadtests import corpus  # noqa: E402
 from loadtests.load_client import TRANSPORT_ERRORS, LoadClient  # noqa: E402
 from loadtests.readme import measure_and_publish  # noqa: E402
-from loadtests.surge import _channel, eta_accuracy  # noqa: E402
+from loadtests.surge import _channel, _quantile, eta_accuracy  # noqa: E402
 
 README_BEGIN = "<!-- surge:eta:begin (make surge-eta writes this table) -->"
 README_END = "<!-- surge:eta:end -->"
 SENDERS = 16              # stamp requests in flight at most, per channel
 READERS = 16              # status reads in flight at most, at the end
-
-
-def _median(values: list[int]) -> int | None:
-    return sorted(values)[len(values) // 2] if values else None
 
 
 async def _committed(client: LoadClient, auth: dict) -> int | None:
@@ -121,7 +117,8 @@ async def play(base_url: str, env: dict, *, channels: int, depth: int, stamps: i
             "refused": refused, "outcomes": outcomes, "seconds": round(took_s, 1),
             "eta": {phase: eta_accuracy({rid: a["eta"] for rid, a in first.items() if phase in (a["phase"], "run")},
                                         results) for phase in ("fill", "held", "run")},
-            "positions": {phase: _median([a["position"] or 0 for a in first.values() if phase in (a["phase"], "run")])
+            "positions": {phase: _quantile(sorted(a["position"] or 0 for a in first.values()
+                                                   if phase in (a["phase"], "run")), 0.5)
                           for phase in ("fill", "held", "run")},
             "first": {rid: {k: a[k] for k in ("eta", "position", "phase")} for rid, a in first.items()},
             "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}

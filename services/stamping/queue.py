@@ -139,12 +139,11 @@ class QueueView:
             history = await asyncio.wait_for(self._pool.fetchrow(_HISTORY), 0.5)
             reserve_s, finish_s = float(history["reserve_s"] or 0.0), float(history["finish_s"] or 0.0)
             pace = float(history["pace"] or 0.0)
-            if history["backlog_pace"] is not None:        # the pace the queue drains at
+            known = rates is not None and rates.known
+            if history["backlog_pace"] is not None or known:   # the pace the queue drains at, else the stream's
                 open_requests = await asyncio.wait_for(self._pool.fetchval(_OPEN), 0.5)
-                per_second = float(history["backlog_pace"])
-            elif rates is not None and rates.known:
-                open_requests = await asyncio.wait_for(self._pool.fetchval(_OPEN), 0.5)
-                per_second = rates.rate_per_s
+                per_second = (float(history["backlog_pace"]) if history["backlog_pace"] is not None
+                              else rates.rate_per_s)
             else:
                 row = await asyncio.wait_for(self._pool.fetchrow(_OPEN_AND_WINDOW, self._window_s), 0.5)
                 open_requests, per_second = row["open"], float(row["per_busy_s"] or 0.0)
