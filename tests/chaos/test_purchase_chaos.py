@@ -93,7 +93,12 @@ async def test_quota_service_killed_three_times_while_purchases_flow(settings):
             rng = random.Random()
             accepted_at_kills = []
             for _ in range(3):
-                await asyncio.sleep(rng.uniform(1.0, 4.0))
+                # each kill lands while purchases flow: after 20 more were accepted (on a box busy with the
+                # parallel suite the first 1-4 s once saw none), then at a random moment
+                seen = accepted_at_kills[-1] if accepted_at_kills else 0
+                while len(load.accepted) < seen + 20 and not flow.done():
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(rng.uniform(0.2, 2.0))
                 quota.kill()
                 accepted_at_kills.append(len(load.accepted))
                 await asyncio.sleep(rng.uniform(0.2, 1.5))
