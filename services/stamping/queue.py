@@ -51,31 +51,44 @@ _OPEN = "SELECT count(*) FROM requests WHERE status IN ('queued', 'reserved', 's
 # next queue read the tier as slow as that (3 December, loadtests/held_queue.py after a small run, 2
 # rounds each: while the queue filled, took/ETA medians 0.63 and 0.84 and 10% and 48% within 25%, against
 # 0.79 and 1.02, 28% and 68% with this pace).
+# Both paces count whole seconds only: the second under way is still filling, and the oldest of the 500 is
+# cut by the LIMIT. Counted, each was a second with a fraction of its stamps, and with ~12 s in 500 stamps the
+# paces read about 8% slow: a held queue's stamps took 0.88-0.90 of their first ETAs (make surge-eta, 3
+# December; a replay of seven recorded runs moved that to 0.92-1.08 and held 3 of them within 25% more often).
 BACKLOG_WAIT_S = 0.1
 BACKLOG_SECONDS = 3       # seconds with a backlog needed before their pace is used
+HISTORY_STAMPS = 500
 _HISTORY = f"""
 WITH recent AS (SELECT status, accepted_at, reserved_at, started_at, finished_at FROM requests
-                 WHERE status IN ('completed', 'failed') ORDER BY finished_at DESC LIMIT 500),
-     seconds AS (SELECT count(*) AS n, bool_and(started_at - reserved_at > interval '{BACKLOG_WAIT_S} s') AS backlog
-                   FROM recent GROUP BY date_trunc('second', finished_at))
+                 WHERE status IN ('completed', 'failed') ORDER BY finished_at DESC LIMIT {HISTORY_STAMPS}),
+     seconds AS (SELECT date_trunc('second', finished_at) AS at, count(*) AS n,
+                        bool_and(started_at - reserved_at > interval '{BACKLOG_WAIT_S} s') AS backlog
+                   FROM recent GROUP BY 1),
+     whole AS (SELECT n, backlog FROM seconds
+                WHERE at < date_trunc('second', now())
+                  AND (at > (SELECT min(at) FROM seconds) OR (SELECT count(*) FROM recent) < {HISTORY_STAMPS}))
 SELECT (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY reserved_at - accepted_at))
           FROM recent WHERE status = 'completed') AS reserve_s,
        (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY finished_at - started_at))
           FROM recent WHERE status = 'completed') AS finish_s,
-       (SELECT sum(n)::float8 / greatest(1, count(*)) FROM seconds) AS pace,
+       coalesce((SELECT sum(n)::float8 / nullif(count(*), 0) FROM whole),
+                (SELECT sum(n)::float8 / nullif(count(*), 0) FROM seconds)) AS pace,
        (SELECT CASE WHEN count(*) >= {BACKLOG_SECONDS} THEN sum(n)::float8 / count(*) END
-          FROM seconds WHERE backlog) AS backlog_pace
+          FROM whole WHERE backlog) AS backlog_pace
 """
 
 # The schema's count of the window (BUBUH_STAMP_RATES_FROM=database, or a process that counts none of
 # stamp.events' partitions yet): stamps finished per *busy* second, as the stream counts them
-# (throughput.py). Divided by the whole window it was diluted by the quiet seconds before a surge: right
-# after a restart the ETAs read about 4 times the actual time (README, 2 December), and in an open-loop
-# A/B on 2 December 4-5% of first ETAs were within 25% of the actual time against 41-62% from the stream.
+# (throughput.py), over the window's whole seconds (as the paces above). Divided by the whole window it was
+# diluted by the quiet seconds before a surge: right after a restart the ETAs read about 4 times the actual
+# time (README, 2 December), and in an open-loop A/B on 2 December 4-5% of first ETAs were within 25% of
+# the actual time against 41-62% from the stream.
 _OPEN_AND_WINDOW = f"""
 SELECT ({_OPEN}) AS open,
        (SELECT count(*)::float8 / nullif(count(DISTINCT date_trunc('second', finished_at)), 0) FROM requests
-         WHERE status IN ('completed', 'failed') AND finished_at > now() - make_interval(secs => $1)) AS per_busy_s
+         WHERE status IN ('completed', 'failed')
+           AND finished_at >= date_trunc('second', now()) - make_interval(secs => $1)
+           AND finished_at < date_trunc('second', now())) AS per_busy_s
 """
 
 # before any completion was seen, assume this many seconds per stamp per the whole tier

@@ -110,6 +110,22 @@ async def test_a_queue_drains_at_the_pace_the_tier_kept_with_a_backlog_not_at_wh
     await pool.execute("DELETE FROM requests")
 
 
+async def test_the_pace_counts_whole_seconds_only(pool):
+    """The second under way is still filling and the oldest of the last 500 stamps is cut by the limit:
+    counted, each is a second with a fraction of its stamps. A steady 40 a second read as 500 stamps over
+    14 seconds, 35.7/s, and a held queue's ETAs came out about 10% long (make surge-eta, 3 December)."""
+    await pool.execute("DELETE FROM requests")
+    await _finished(pool, 520, 13, 6.0, ago_s=14, queued_s=5.0)     # 13 whole seconds at 40/s, with a backlog
+    # 10 in a second still under way (the one after the insert's, so it still is when the facts are read)
+    await _finished(pool, 10, 1, 6.0, ago_s=-1, offset=1000, queued_s=5.0)
+    facts = await QueueView(pool, window_s=60.0).facts()
+    assert facts.per_second == pytest.approx(40.0)     # 480 stamps over the 12 whole seconds the 500 hold
+    await pool.execute("UPDATE requests SET started_at = reserved_at")    # no second with a backlog now
+    facts = await QueueView(pool, window_s=60.0).facts()
+    assert facts.per_second == pytest.approx(40.0)     # the window's 520 over its 13 whole busy seconds
+    await pool.execute("DELETE FROM requests")
+
+
 async def test_positions_follow_the_fair_queue_per_channel(pool):
     """A small channel's request is near the head while a flood's is behind the flood's own backlog; a new
     request's position (the 202's) is counted against the queue read once a second, and each 202 given for
