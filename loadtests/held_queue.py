@@ -140,14 +140,22 @@ async def measure(args, env: dict) -> dict:
               f"{100 * held.get('within_25_percent', 0):.0f}% within 25%", flush=True)
         await asyncio.sleep(5)
     median = sorted(rounds, key=lambda r: r["eta"]["held"].get("within_25_percent", 0))[len(rounds) // 2]
-    held = median["eta"]["held"]
-    verdict = {f"held: median first ETA >= {HELD_ETA_MIN_S:g} s":
-               (held.get("median_first_eta_s") or 0) >= HELD_ETA_MIN_S,
-               f"held: >= {WITHIN_SHARE:.0%} within 25% of their first ETA":
-               held.get("within_25_percent", 0) >= WITHIN_SHARE}
-    return {"rounds": rounds, "median_round": rounds.index(median), "verdict": verdict,
+    return {"rounds": rounds, "median_round": rounds.index(median), "verdict": verdict(rounds, median),
             "machine": {"cores": os.cpu_count()},
             "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+
+
+def verdict(rounds: list[dict], median: dict) -> dict[str, bool]:
+    """Issue 12's check on the held requests of the median round, and on every request of a run (the queue's
+    fill included: a burst into an empty queue is part of a deadline day too), median of the rounds."""
+    held = median["eta"]["held"]
+    run = sorted(r["eta"]["run"].get("within_25_percent", 0) for r in rounds)[len(rounds) // 2]
+    return {f"held: median first ETA >= {HELD_ETA_MIN_S:g} s":
+            (held.get("median_first_eta_s") or 0) >= HELD_ETA_MIN_S,
+            f"held: >= {WITHIN_SHARE:.0%} within 25% of their first ETA":
+            held.get("within_25_percent", 0) >= WITHIN_SHARE,
+            f"run, the fill included (median of the rounds: {100 * run:.0f}%): >= {WITHIN_SHARE:.0%} within 25%":
+            run >= WITHIN_SHARE}
 
 
 def markdown(r: dict) -> str:

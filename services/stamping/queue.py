@@ -54,7 +54,7 @@ _OPEN = "SELECT count(*) FROM requests WHERE status IN ('queued', 'reserved', 's
 # Both paces count whole seconds only: the second under way is still filling, and the oldest of the 500 is
 # cut by the LIMIT. Counted, each was a second with a fraction of its stamps, and with ~12 s in 500 stamps the
 # paces read about 8% slow: a held queue's stamps took 0.88-0.90 of their first ETAs (make surge-eta, 3
-# December; a replay of seven recorded runs moved that to 0.92-1.08 and held 3 of them within 25% more often).
+# December), 0.83-1.01 after (README, "ETAs people can plan by").
 BACKLOG_WAIT_S = 0.1
 BACKLOG_SECONDS = 3       # seconds with a backlog needed before their pace is used
 HISTORY_STAMPS = 500
