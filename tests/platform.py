@@ -5,7 +5,9 @@ A test can kill one with SIGKILL and start it again, exactly as an operator's ma
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -131,6 +133,19 @@ def cli(settings: Settings, *args: str, check: bool = True) -> subprocess.Comple
                           capture_output=True, text=True, timeout=120, check=check)
 
 
-def add_channel(settings: Settings, name: str = "test-channel", webhook: str = "") -> dict:
-    args = ["channel", "add", name, "--json"] + (["--webhook", webhook] if webhook else [])
-    return json.loads(cli(settings, *args).stdout)
+def add_channel(settings: Settings, name: str = "test-channel", webhook: str = "", *, by_cli: bool = False) -> dict:
+    """``bubuh channel add NAME --json``: its output. By default the command's own code runs in this
+    process (on a loop of its own, so a test's running loop may call it): a ``bubuh`` subprocess costs
+    ~2 s of CPU to import and connect, and the suite adds a channel for most of its tests. ``by_cli``
+    runs the real command (``test_channel_door_java`` does, with the credential it prints)."""
+    if by_cli:
+        args = ["channel", "add", name, "--json"] + (["--webhook", webhook] if webhook else [])
+        return json.loads(cli(settings, *args).stdout)
+    from services.purchase import admin
+    # the settings the command would read from env_for's environment (local_dir, keys and the sealing
+    # key from this process's, as a child's): the test's object may carry a broker's own local dir
+    as_child = Settings(**{k.removeprefix("BUBUH_").lower(): v for k, v in env_for(settings).items()
+                           if k.startswith("BUBUH_")})
+    command = argparse.Namespace(channel_command="add", name=name, webhook=webhook, profile="standard", json=True)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="channel-add") as own_loop:
+        return json.loads(own_loop.submit(asyncio.run, admin.channel_change(as_child, command)).result(timeout=120))

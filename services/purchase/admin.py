@@ -25,6 +25,11 @@ from services.purchase.registry import Registry, RegistryError
 
 
 async def channel_command(settings: Settings, args) -> None:
+    print(await channel_change(settings, args))
+
+
+async def channel_change(settings: Settings, args) -> str:
+    """The command's work, its output returned (what ``bubuh channel ...`` prints)."""
     pool = await runtime.connect_database(settings, NAME)
     try:
         await migrations.migrate(pool, settings.schema(NAME), migrations.files_for(NAME))
@@ -36,7 +41,7 @@ async def channel_command(settings: Settings, args) -> None:
         if args.channel_command != "list":
             await _publish_now(settings, pool)
             out = _with_kafka_credential(out, args, await _kafka_door(settings, args))
-        print(out)
+        return out
     finally:
         await pool.close()
 

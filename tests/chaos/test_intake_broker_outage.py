@@ -127,6 +127,7 @@ async def test_a_broker_restart_costs_intake_a_quick_503_and_a_retry_with_the_sa
         await asyncio.to_thread(broker.stop)
 
 
+@pytest.mark.shared_platform       # this and the next: one platform, a channel each
 async def test_a_retry_after_a_503_whose_event_reached_the_broker_anyway_is_the_same_request(
         platform, api, channel, settings):
     """The 503 removed the request's row, but the event got out of the producer's buffer after all and
@@ -160,6 +161,7 @@ async def test_a_retry_after_a_503_whose_event_reached_the_broker_anyway_is_the_
     assert (r.json()["request_id"], r.json()["status"]) == (request_id, status)
 
 
+@pytest.mark.shared_platform
 async def test_a_row_without_fingerprint_still_tells_another_document_from_the_same(platform, api, channel,
                                                                                     settings):
     """When the row the pipeline wrote has no fingerprint and no document hash (a request refused at the

@@ -24,7 +24,7 @@ from services.kernel.settings import REPO_ROOT
 from tests import channeldoc
 from tests.flows import auth, read_topic, wait_for
 from tests.javaproducer import run_java
-from tests.platform import PlatformProcess
+from tests.platform import PlatformProcess, add_channel
 
 CLIENT = REPO_ROOT / "tests" / "tools" / "ChannelClient.java"
 ORDERS = 50
@@ -75,7 +75,9 @@ def _order(i: int) -> tuple:
             paid_at.isoformat(timespec="seconds"), f"VA-{i}")
 
 
-async def test_purchases_published_by_the_java_client_are_credited_once(java_kafka, settings, channel):
+async def test_purchases_published_by_the_java_client_are_credited_once(java_kafka, settings):
+    # the credential exactly as the command prints it (tests elsewhere add channels in process)
+    channel = await asyncio.to_thread(add_channel, settings, "java-door", by_cli=True)
     proc = await PlatformProcess(settings, api="purchase,quota", workers="purchase,quota").start()
     try:
         orders = [_order(i) for i in range(ORDERS)]
