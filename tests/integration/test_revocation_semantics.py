@@ -173,10 +173,11 @@ def test_dss_agrees_revoked_after_passes_revoked_before_does_not(revoked_after, 
     """DSS 6.x, default policy, offline: what ETSI EN 319 102-1 § 5.5 says for a signature with time."""
     pki, _ = throwaway
     _, with_revocation = revoked_after
-    (after,) = dss.validate(with_revocation, pki.trust_anchor).signatures
+    judged_after, judged_before = dss.validate_many([with_revocation, revoked_before], pki.trust_anchor)
+    (after,) = judged_after.signatures
     assert (after.indication, after.subindication, after.format) == \
         ("TOTAL_PASSED", None, "PAdES-BASELINE-LT"), after
-    (before,) = dss.validate(revoked_before, pki.trust_anchor).signatures
+    (before,) = judged_before.signatures
     assert (before.indication, before.subindication) == ("INDETERMINATE", "REVOKED_NO_POE"), before
     assert "The certificate is revoked!" in before.errors
     assert "The revocation time is not after best-signature-time!" in before.errors
