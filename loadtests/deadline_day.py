@@ -69,7 +69,7 @@ from loadtests.bench_engine import measure_processes  # noqa: E402
 from loadtests.load_client import TRANSPORT_ERRORS, Answer, LoadClient  # noqa: E402
 from loadtests.open_loop import rate_arguments, sustainable_rate  # noqa: E402
 from loadtests.readme import measure_and_publish  # noqa: E402
-from loadtests.surge import _bubuh, _channel, log  # noqa: E402
+from loadtests.surge import _bubuh, add_channels, log  # noqa: E402
 
 SHARES = (0.55, 0.25, 0.12, 0.08)    # channels of unequal size: a national one down to a small one
 RAMP_FROM, PLATEAU_SHARE, SPIKE_FACTOR = 0.1, 0.8, 3.0   # of the sustainable rate
@@ -378,7 +378,7 @@ async def _send(gate: asyncio.Semaphore, t0: float, sent: Sent, request) -> Answ
 async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arrival], buys: list[tuple[float, int, int]],
                         shape: list[Phase], channels: int, faults_on: bool, drain_s: float) -> dict:
     drain_by = sum(p.seconds for p in shape) + drain_s     # readers give up on what has not ended by then
-    creds = [await _channel(env, f"deadline-{i}-{secrets.token_hex(2)}") for i in range(channels)]
+    creds = await add_channels(env, "deadline", channels)
     letter = corpus.a4_text(7)
     sent = [Sent(a.t, a.phase, a.channel) for a in arrivals]
     bought: list[dict] = []

@@ -28,7 +28,7 @@ if __package__ in (None, ""):
 from loadtests import corpus  # noqa: E402
 from loadtests.load_client import TRANSPORT_ERRORS, LoadClient  # noqa: E402
 from loadtests.readme import measure_and_publish  # noqa: E402
-from loadtests.surge import _channel, _quantile, eta_accuracy  # noqa: E402
+from loadtests.surge import _quantile, add_channels, eta_accuracy  # noqa: E402
 
 README_BEGIN = "<!-- surge:eta:begin (make surge-eta writes this table) -->"
 README_END = "<!-- surge:eta:end -->"
@@ -47,7 +47,7 @@ async def _committed(client: LoadClient, auth: dict) -> int | None:
 async def play(base_url: str, env: dict, *, channels: int, depth: int, stamps: int,
                timeout_s: float = 600.0) -> dict:
     """``channels`` channels of ``stamps`` stamps each, each keeping ``depth`` unfinished."""
-    creds = [await _channel(env, f"held-{i}-{secrets.token_hex(2)}") for i in range(channels)]
+    creds = await add_channels(env, "held", channels)
     letter = corpus.a4_text(7)
     meta = json.dumps({"account_id": "applicants", "page": 1, "llx": 400, "lly": 60, "urx": 540, "ury": 200})
     first: dict[str, dict] = {}              # request id -> the 202's body, and its channel

@@ -44,7 +44,7 @@ if __package__ in (None, ""):
 from loadtests import corpus  # noqa: E402
 from loadtests.load_client import TRANSPORT_ERRORS, LoadClient  # noqa: E402
 from loadtests.readme import measure_and_publish  # noqa: E402
-from loadtests.surge import Route, _channel, _quantile, eta_accuracy, run  # noqa: E402
+from loadtests.surge import Route, _quantile, add_channels, eta_accuracy, run  # noqa: E402
 
 PLATEAU_SHARE = 0.8       # issue 12: the plateau at 80% of the sustainable rate
 SPIKE_FACTOR = 3.0        # ... and a spike at 3x
@@ -77,7 +77,7 @@ async def play(base_url: str, env: dict, *, rate: float, plateau_s: float, spike
     phases = [("plateau", rate * PLATEAU_SHARE, plateau_s), ("spike", rate * SPIKE_FACTOR, spike_s)]
     schedule = arrivals(phases, seed)
     lat = {(phase, route): Route() for phase in ("plateau", "spike", "drain") for route in ROUTES}
-    creds = [await _channel(env, f"open-{i}-{secrets.token_hex(2)}") for i in range(channels)]
+    creds = await add_channels(env, "open", channels)
     need = len(schedule) // channels + 50
     letter = corpus.a4_text(7)
     meta = json.dumps({"account_id": "applicants", "page": 1, "llx": 400, "lly": 60, "urx": 540, "ury": 200})

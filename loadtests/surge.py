@@ -92,6 +92,11 @@ async def _channel(base_env: dict, name: str) -> dict:
     return json.loads(out.stdout)
 
 
+async def add_channels(base_env: dict, prefix: str, n: int) -> list[dict]:
+    """``n`` new channels (``bubuh channel add``, at once: each command is ~2 s of a process start)."""
+    return list(await asyncio.gather(*(_channel(base_env, f"{prefix}-{i}-{secrets.token_hex(2)}") for i in range(n))))
+
+
 async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency: int, env: dict,
               completed: list[tuple[str, str]] | None = None, sizes: list[tuple[int, int]] | None = None) -> dict:
     """One surge; ``completed`` (if given) receives (api key, request id) of every completed stamp. ``sizes``:
@@ -99,7 +104,7 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
     routes = {"POST /v1/purchases": Route(), "POST /v1/stamps": Route(), "GET /v1/stamps/{id}": Route()}
     sizes = sizes or [(stamps_per_channel, concurrency)] * channels
     channels = len(sizes)
-    creds = [await _channel(env, f"surge-{i}-{secrets.token_hex(2)}") for i in range(channels)]
+    creds = await add_channels(env, "surge", channels)
     for i, (c, (n, _)) in enumerate(zip(creds, sizes, strict=True)):
         c["stamps"], c["index"] = n, i
     letter = corpus.a4_text(7)

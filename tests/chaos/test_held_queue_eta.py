@@ -13,6 +13,7 @@ than after it, which no ETA given in the burst can know (README, "ETAs people ca
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 
@@ -30,11 +31,12 @@ QUEUE_S, HELD_S = 14.0, 35.0             # or more: the standing queue, and the 
 
 
 async def test_requests_joining_a_standing_queue_complete_within_a_quarter_of_their_first_eta(settings):
-    front = await PlatformProcess(settings, api="all", workers="purchase,quota,notification", name="front").start()
-    worker = await PlatformProcess(settings, api="none", workers="stamping", name="worker",
-                                   BUBUH_SIGNING_PROCESSES="1", BUBUH_STAMPING_CONCURRENCY="1").start()
+    front = PlatformProcess(settings, api="all", workers="purchase,quota,notification", name="front")
+    worker = PlatformProcess(settings, api="none", workers="stamping", name="worker",
+                             BUBUH_SIGNING_PROCESSES="1", BUBUH_STAMPING_CONCURRENCY="1")
     base, env = f"http://127.0.0.1:{settings.http_port}", env_for(settings)
     try:
+        await asyncio.gather(front.start(), worker.start())     # as an orchestrator starts pods: together
         # how fast this tier signs today (38-60 stamps/s on this box): a small held run, which also gives
         # the estimate a history, as a deadline day's queue does not meet a cold platform
         calibration = await held_queue.play(base, env, channels=CHANNELS, depth=40, stamps=100)
