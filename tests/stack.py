@@ -94,7 +94,10 @@ class OwnKafka:
             libs.symlink_to(stack_local / "kafka" / "libs")
         self.port, controller_port = free_port(), free_port()
         self._env = {"BUBUH_LOCAL_DIR": str(self.local), "BUBUH_LOCAL_KAFKA_PORT": str(self.port),
-                     "BUBUH_LOCAL_KAFKA_CONTROLLER_PORT": str(controller_port), "BUBUH_LOCAL_KAFKA_HEAP": "384m"}
+                     "BUBUH_LOCAL_KAFKA_CONTROLLER_PORT": str(controller_port), "BUBUH_LOCAL_KAFKA_HEAP": "384m",
+                     # started and stopped within one test: C1 alone (measured: 5.8 -> 4.0 s of CPU to start,
+                     # 6.6 -> 3.8 s to restart)
+                     "BUBUH_LOCAL_KAFKA_JVM_OPTS": "-XX:TieredStopAtLevel=1"}
 
     def start(self) -> None:
         sh("kafka.sh", "start", env=self._env, timeout=180)
