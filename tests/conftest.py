@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 
 import asyncpg
 import pytest
@@ -93,6 +94,9 @@ def settings(request):
 
 
 async def _cleanup(s) -> None:
+    # faust keeps a data directory per app id (the test's prefix): remove the test's own
+    for leftover in (s.local_dir / "faust").glob(f"{s.topic_prefix}*") if s.topic_prefix else ():
+        shutil.rmtree(leftover, ignore_errors=True)
     with contextlib.suppress(Exception):
         conn = await asyncpg.connect(s.database_url)
         try:
