@@ -86,15 +86,14 @@ class Route:
                 "statuses": self.statuses, "errors": len(self.errors), "first_errors": self.errors[:3]}
 
 
-async def _channel(base_env: dict, name: str) -> dict:
-    command = [sys.executable, "-m", "services.operator.cli", "channel", "add", name, "--json"]
-    out = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, check=True, env=base_env)
-    return json.loads(out.stdout)
-
-
 async def add_channels(base_env: dict, prefix: str, n: int) -> list[dict]:
     """``n`` new channels (``bubuh channel add``, at once: each command is ~2 s of a process start)."""
-    return list(await asyncio.gather(*(_channel(base_env, f"{prefix}-{i}-{secrets.token_hex(2)}") for i in range(n))))
+    async def one(name: str) -> dict:
+        command = [sys.executable, "-m", "services.operator.cli", "channel", "add", name, "--json"]
+        out = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, check=True,
+                                      env=base_env)
+        return json.loads(out.stdout)
+    return list(await asyncio.gather(*(one(f"{prefix}-{i}-{secrets.token_hex(2)}") for i in range(n))))
 
 
 async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency: int, env: dict,

@@ -5,7 +5,6 @@ A test can kill one with SIGKILL and start it again, exactly as an operator's ma
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import concurrent.futures
 import json
@@ -146,6 +145,5 @@ def add_channel(settings: Settings, name: str = "test-channel", webhook: str = "
     # key from this process's, as a child's): the test's object may carry a broker's own local dir
     as_child = Settings(**{k.removeprefix("BUBUH_").lower(): v for k, v in env_for(settings).items()
                            if k.startswith("BUBUH_")})
-    command = argparse.Namespace(channel_command="add", name=name, webhook=webhook, profile="standard", json=True)
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="channel-add") as own_loop:
-        return json.loads(own_loop.submit(asyncio.run, admin.channel_change(as_child, command)).result(timeout=120))
+        return own_loop.submit(asyncio.run, admin.add_channel(as_child, name, webhook=webhook)).result(timeout=120)

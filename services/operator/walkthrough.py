@@ -7,9 +7,7 @@ printed as the curl command a channel developer would type.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import io
 import json
@@ -28,11 +26,7 @@ from services.stamping.document import signature_validation
 async def run(settings: Settings) -> int:
     base = settings.public_url
     print("== 1. register a channel (bubuh channel add demo-pos --json)")
-    args = argparse.Namespace(channel_command="add", name="demo-pos", webhook="", profile="standard", json=True)
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        await admin.channel_command(settings, args)
-    creds = json.loads(buf.getvalue())
+    creds = await admin.add_channel(settings, "demo-pos")
     print(f"   channel {creds['channel_id']}, api key {creds['api_key'][:10]}...")
     auth = {"Authorization": f"Bearer {creds['api_key']}"}
     order = {"channel_order_id": f"POS-{secrets.token_hex(4)}", "account_id": "applicant-3171",

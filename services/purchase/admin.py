@@ -12,6 +12,7 @@ only after the broker accepts it; the admin principal's credential makes these c
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime as dt
@@ -44,6 +45,12 @@ async def channel_change(settings: Settings, args) -> str:
         return out
     finally:
         await pool.close()
+
+
+async def add_channel(settings: Settings, name: str, *, webhook: str = "", profile: str = "standard") -> dict:
+    """``bubuh channel add NAME --json``, in process: the new channel's credentials."""
+    args = argparse.Namespace(channel_command="add", name=name, webhook=webhook, profile=profile, json=True)
+    return json.loads(await channel_change(settings, args))
 
 
 async def _dispatch(registry: Registry, args) -> str:
