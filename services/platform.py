@@ -46,6 +46,11 @@ def parse_names(value: str) -> list[str]:
 
 async def serve(settings: Settings, api: list[str], workers: list[str],
                 on_ready: Callable[[], None] | None = None) -> None:
+    for name in dict.fromkeys(api + workers):
+        # what a service refuses in its settings is said before a connection is tried (seconds, with SCRAM)
+        check = getattr(SERVICES[name], "check", None)
+        if check:
+            check(settings, worker=name in workers)
     if api:
         runtime.check_port_free(settings.http_host, settings.http_port, shared=settings.http_reuse_port)
     if settings.metrics_port and (not api or settings.http_reuse_port):

@@ -89,9 +89,13 @@ class EmailSender(Sender):
     name = "email"
     table = Table("emails", "email_id", "'mailto:' || recipient")
 
-    def __init__(self, settings: Settings) -> None:
+    @staticmethod
+    def check(settings: Settings) -> None:
         if settings.smtp_security not in SECURITY:
             raise ConfigError(f"BUBUH_SMTP_SECURITY={settings.smtp_security!r}: choose from {', '.join(SECURITY)}")
+
+    def __init__(self, settings: Settings) -> None:
+        self.check(settings)
         self._s = settings
         self.concurrency = settings.email_concurrency
         self.lease_s = settings.smtp_timeout_s * 3 + 10      # outlasts an attempt (smtp_timeout_s * 3)

@@ -23,6 +23,7 @@ from services.kernel.outbox import Relay
 from services.kernel.processing.handler import Transactional
 from services.kernel.processing.pipeline import ConsumerLoop
 from services.kernel.runtime import ConfigError, Runtime, Task
+from services.kernel.settings import Settings
 from services.kernel.waiting import wait_or_stop
 from services.notification import NAME, api, payloads, templates
 from services.notification.deliveries import DeliveryLog
@@ -33,14 +34,22 @@ from services.notification.housekeeping import Housekeeping
 from services.notification.webhook_sender import WebhookSender
 
 
+def check(s: Settings, *, worker: bool) -> None:
+    """The settings this service refuses, said before the process connects to anything."""
+    if worker:
+        if s.email_locale not in templates.LOCALES:
+            raise ConfigError(f"BUBUH_EMAIL_LOCALE={s.email_locale!r}: choose from {', '.join(templates.LOCALES)}")
+        EmailSender.check(s)
+        WebhookSender.check(s)
+
+
 async def router(rt: Runtime) -> APIRouter:
     return api.router(rt.channels, DeliveryLog(rt.settings, await rt.pool(NAME)))
 
 
 async def workers(rt: Runtime) -> list[Task]:
     s = rt.settings
-    if s.email_locale not in templates.LOCALES:
-        raise ConfigError(f"BUBUH_EMAIL_LOCALE={s.email_locale!r}: choose from {', '.join(templates.LOCALES)}")
+    check(s, worker=True)
     pool = await rt.pool(NAME)
     wakeup = Listener(s, wake_channel(s))      # new work committed: wakes both workers at once
     webhooks = DueWorker(pool, s, WebhookSender(rt.channels, s), wakeup.subscribe())

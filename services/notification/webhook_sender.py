@@ -131,14 +131,18 @@ class WebhookSender(Sender):
     name = "webhook"
     table = Table("deliveries", "delivery_id", "url")
 
-    def __init__(self, channels: ChannelView, settings: Settings,
-                 resolver: webhook_targets.Resolver | None = None) -> None:
-        s = settings
+    @staticmethod
+    def check(s: Settings) -> None:
         if s.webhook_lease_s <= s.webhook_timeout_s:
             raise ConfigError(f"BUBUH_WEBHOOK_LEASE_S ({s.webhook_lease_s}) must exceed BUBUH_WEBHOOK_TIMEOUT_S "
                               f"({s.webhook_timeout_s}): a lease may not expire while its request can still run")
         if s.webhook_concurrency < 1 or s.webhook_per_endpoint < 1:
             raise ConfigError("BUBUH_WEBHOOK_CONCURRENCY and BUBUH_WEBHOOK_PER_ENDPOINT must be at least 1")
+
+    def __init__(self, channels: ChannelView, settings: Settings,
+                 resolver: webhook_targets.Resolver | None = None) -> None:
+        s = settings
+        self.check(s)
         self._channels = channels
         self._s = s
         self.concurrency = s.webhook_concurrency

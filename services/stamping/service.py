@@ -44,6 +44,20 @@ from services.stamping.worker import CONSUMER as WORKER
 from services.stamping.worker import StampWorker
 
 
+def check(s: Settings, *, worker: bool) -> None:
+    """The settings this service refuses, said before the process connects to anything."""
+    fair_queue(s)
+    rates_from(s)
+    if worker:
+        signer_config(s)
+
+
+def rates_from(s: Settings) -> str:
+    if s.stamp_rates_from not in ("stream", "database"):
+        raise ConfigError(f"BUBUH_STAMP_RATES_FROM={s.stamp_rates_from!r}: choose stream or database")
+    return s.stamp_rates_from
+
+
 def fair_queue(s: Settings) -> FairQueue:
     try:
         return FairQueue(s.stamp_channel_weights)
@@ -85,11 +99,9 @@ async def router(rt: Runtime) -> APIRouter:
     s = rt.settings
     pool = await rt.pool(NAME)
     throughput = None
-    if s.stamp_rates_from == "stream":
+    if rates_from(s) == "stream":
         throughput = Throughput(s, window_s=s.stamp_eta_window_s)
         rt.background.append(throughput.run)
-    elif s.stamp_rates_from != "database":
-        raise ConfigError(f"BUBUH_STAMP_RATES_FROM={s.stamp_rates_from!r}: choose stream or database")
     queue = QueueView(pool, s.stamp_eta_window_s, throughput, fair_queue(s))
     rt.background.append(queue.run)
     docs = documents(s)

@@ -75,3 +75,22 @@ def test_a_channel_weight_that_cannot_be_a_share(settings, weights, says):
     proc = subprocess.run([os.sys.executable, "-m", "services.operator.cli", "serve", "--api", "none", "--workers",
                            "stamping"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     _one_clear_line(proc, says)
+
+
+@pytest.mark.parametrize(("setting", "value", "service", "says"), [
+    ("BUBUH_STAMP_CHANNEL_WEIGHTS", '{"ch_a": 0}', "stamping", "BUBUH_STAMP_CHANNEL_WEIGHTS"),
+    ("BUBUH_STAMP_RATES_FROM", "guess", "stamping", "BUBUH_STAMP_RATES_FROM='guess'"),
+    ("BUBUH_PADES_LEVEL", "b-x", "stamping", "BUBUH_PADES_LEVEL='b-x'"),
+    ("BUBUH_EMAIL_LOCALE", "xx", "notification", "BUBUH_EMAIL_LOCALE='xx'"),
+    ("BUBUH_WEBHOOK_LEASE_S", "1", "notification", "BUBUH_WEBHOOK_LEASE_S (1.0) must exceed"),
+])
+def test_a_service_refuses_its_settings_before_it_connects(settings, setting, value, service, says):
+    """Kafka and PostgreSQL at closed ports: the answer is the setting, not the connection (which costs
+    seconds of retries and SCRAM before it would have been said)."""
+    from tests.platform import REPO_ROOT, env_for
+
+    env = env_for(settings) | {setting: value, "BUBUH_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+                               "BUBUH_DATABASE_URL": "postgresql://bubuh:x@127.0.0.1:1/bubuh"}
+    proc = subprocess.run([os.sys.executable, "-m", "services.operator.cli", "serve", "--api", "none", "--workers",
+                           service], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    _one_clear_line(proc, says)
