@@ -38,8 +38,11 @@ def _purchase_rejected(m: purchase_pb2.PurchaseRejected) -> dict:
 
 
 def _stamp_completed(m: stamp_pb2.StampCompleted) -> dict:
-    return {"channel_id": m.channel_id, "account_id": m.account_id, "request_id": m.request_id,
+    data = {"channel_id": m.channel_id, "account_id": m.account_id, "request_id": m.request_id,
             "sn": m.sn, "output_sha256": m.output_sha256}
+    if m.rewritten_sha256:     # as the status read: present only when the stamp went onto a rewrite
+        data["rewritten_sha256"] = m.rewritten_sha256
+    return data
 
 
 def _stamp_failed(m: stamp_pb2.StampFailed) -> dict:

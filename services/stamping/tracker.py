@@ -64,13 +64,16 @@ class StatusTracker:
 
         What ``StampCompleted`` says is read first: a signed row's SN and output never change (from
         'signed' a request only ends), so the release is one guarded statement with its event."""
-        row = await self._pool.fetchrow("SELECT channel_id, account_id, sn, output_ref, output_sha256 FROM requests "
-                                        "WHERE request_id = $1 AND status = 'signed'", m.request_id)
+        row = await self._pool.fetchrow("SELECT channel_id, account_id, sn, output_ref, output_sha256, "
+                                        "rewritten_sha256 FROM requests WHERE request_id = $1 AND status = 'signed'",
+                                        m.request_id)
         if row is None:
             return
         msg = stamp_pb2.StampCompleted(request_id=m.request_id, channel_id=row["channel_id"],
                                        account_id=row["account_id"], sn=row["sn"], output_ref=row["output_ref"],
-                                       output_sha256=row["output_sha256"], email=await self._email(m.request_id))
+                                       output_sha256=row["output_sha256"],
+                                       rewritten_sha256=row["rewritten_sha256"] or "",
+                                       email=await self._email(m.request_id))
         env = events.envelope(msg, producer=NAME, event_id=terminal_event_id(m.request_id, "completed"),
                               causation_id=event.event_id, trace_id=event.envelope.trace_id)
         async with self._pool.acquire() as conn:

@@ -49,9 +49,10 @@ def _credited(cid: str, email: str = "") -> Event:
     return hs.event(msg, producer="quota")
 
 
-def _completed(cid: str, email: str = "") -> Event:
+def _completed(cid: str, email: str = "", rewritten: str = "") -> Event:
     msg = stamp_pb2.StampCompleted(request_id=str(uuid.uuid4()), channel_id=cid, account_id="acct-1",
-                                   sn="1ABC0000000000000000000", output_sha256="ab" * 32, email=email)
+                                   sn="1ABC0000000000000000000", output_sha256="ab" * 32, email=email,
+                                   rewritten_sha256=rewritten)
     return hs.event(msg, producer="stamping")
 
 
@@ -94,7 +95,9 @@ async def test_news_makes_one_webhook_each_and_an_email_when_there_is_an_address
                                      "balance": {"credited": 2, "pending": 0, "committed": 0, "available": 2}}
     assert "buyer_email" not in credited_body["data"]            # the buyer's address stays internal
     completed_body = json.loads(deliveries[completed_mail.event_id]["body"])
-    assert completed_body["data"]["sn"] == "1ABC0000000000000000000"
+    assert completed_body["data"] == {"channel_id": cid, "account_id": "acct-1",
+                                      "request_id": completed_mail.payload.request_id,
+                                      "sn": "1ABC0000000000000000000", "output_sha256": "ab" * 32}
 
     emails = await _emails(pool, cid)
     assert {k: v["recipient"] for k, v in emails.items()} == {
@@ -111,6 +114,16 @@ async def test_news_makes_one_webhook_each_and_an_email_when_there_is_an_address
     assert len(again) == len(batch) + 1
     assert {k: again[k] for k in deliveries} == deliveries
     assert await _emails(pool, cid) == emails
+
+
+async def test_a_stamp_on_a_rewrite_says_so_in_its_webhook(notification):
+    """docs/webhooks.md: ``rewritten_sha256`` only when the stamp went onto a rewrite of the document."""
+    pool, view, transactional = notification
+    cid = _channel(view, HOOK)
+    rewritten = _completed(cid, rewritten="cd" * 32)
+    assert await transactional.process([rewritten]) == []
+    data = json.loads((await _deliveries(pool, cid))[rewritten.event_id]["body"])["data"]
+    assert (data["output_sha256"], data["rewritten_sha256"]) == ("ab" * 32, "cd" * 32)
 
 
 async def test_events_that_are_not_news_schedule_nothing(notification):

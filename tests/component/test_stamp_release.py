@@ -47,8 +47,18 @@ async def test_a_committed_unit_releases_its_signed_stamp_once(pool, tracker):
     [(event_id, done)] = await hs.outbox(pool)
     assert event_id == terminal_event_id("r1", "completed")
     assert isinstance(done, stamp_pb2.StampCompleted)
-    assert (done.sn, done.output_ref, done.output_sha256, done.channel_id, done.email) == (
-        "1SN", store.output_key("r1"), "cafe", "ch", "a@example.test")
+    assert (done.sn, done.output_ref, done.output_sha256, done.channel_id, done.email, done.rewritten_sha256) == (
+        "1SN", store.output_key("r1"), "cafe", "ch", "a@example.test", "")
+
+
+async def test_the_release_names_the_rewrite_the_stamp_went_onto(pool, tracker):
+    """A document rewritten before stamping (document/repair.py): ``StampCompleted`` carries the rewrite's
+    hash, as the status read does, so a channel's webhook can tell its file does not begin with the upload."""
+    await _at(pool, "r1", "signed")
+    await pool.execute("UPDATE requests SET rewritten_sha256 = 'beef' WHERE request_id = 'r1'")
+    await tracker.handle(_committed("r1"))
+    [(_, done)] = await hs.outbox(pool)
+    assert (done.output_sha256, done.rewritten_sha256) == ("cafe", "beef")
 
 
 @pytest.mark.parametrize("status", ["stamping", "failed", "completed"])
