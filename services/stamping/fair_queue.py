@@ -33,7 +33,8 @@ so a small channel's 202 says "next" while the flood's says "behind my own backl
 
 Failure policy of a taker: the stamp itself is the worker's (``worker.py``: transient failures go to
 ``stamp.retry``, which enqueues again when due; permanent ones fail the request). An outage (the
-database or the store away: ``failures.classify``) rolls the claim back, so the row stays queued, and
+database or the store away: ``failures.classify``; or the worker's own signing pool stopping under it,
+which ``worker.py`` raises as one) rolls the claim back, so the row stays queued at its place, and
 the taker pauses with growing backoff; the request is taken again, and the worker's status guards
 make that safe. Any other exception is a crash: the row goes to the back of the queue with its crash
 counted, and after ``BUBUH_CONSUMER_CRASH_RETRIES`` crashes it is dead-lettered (``HANDLER_CRASHED``

@@ -18,8 +18,9 @@ Why the steps are in this order:
 - Transient failures (storage, TSA, token busy) do not sleep here: the record is scheduled again on
   ``stamp.retry`` with exponential backoff (``kernel/retry.py``); after ``stamp_max_attempts`` it goes
   to ``stamp.dead-letter`` with its attempt history, keeping its unit reserved until ``bubuh replay``
-  or the reservation's expiry. A stop of the worker itself mid-signing (its signing pool stopping) is
-  scheduled again the same way but spends no attempt: five restarts in a row dead-letter nothing.
+  or the reservation's expiry. A stop of the worker itself mid-signing (its signing pool stopping) spends
+  no attempt and goes nowhere: the fair queue's taker rolls its claim back, so the request stays queued
+  at its place (``fair_queue.py``); five restarts in a row dead-letter nothing.
 """
 
 from __future__ import annotations
@@ -253,30 +254,44 @@ class StampWorker:
                                "code = $2, detail = $3 "
                                "WHERE request_id = $1 AND status NOT IN ('signed', 'completed', 'failed')",
                                rid, exc.code.code, exc.detail[:2000])
-            headers = [(k, v) for k, v in event.headers.items() if k not in (HEADER_ATTEMPT, HEADER_REPLAY)]
-            if not spent or attempt < self._settings.stamp_max_attempts:
-                delay = self._backoff.delay(attempt)
-                following = attempt + 1 if spent else attempt
-                await retry.schedule(conn, Outgoing(self._retry_topic, rid.encode(), event.raw,
-                                                    headers + [(HEADER_ATTEMPT, str(following).encode())],
-                                                    event.event_id), delay)
-                STAMP_OUTCOMES.labels("retried", exc.code.code).inc()
-                log.info("stamp retry scheduled", request_id=rid, attempt=attempt, code=exc.code.code,
-                         delay_s=round(delay, 2), attempt_spent=spent)
-                return
-            history = [dict(attempt=r["attempt"], at=r["at"].isoformat(), code=r["code"], detail=r["detail"])
-                       for r in await conn.fetch("SELECT * FROM attempts WHERE request_id = $1 ORDER BY attempt", rid)]
-            await conn.execute("UPDATE requests SET status = 'dead_lettered' WHERE request_id = $1 "
-                               "AND status NOT IN ('signed', 'completed', 'failed')", rid)
-            dlq = Outgoing(self._settings.topic(topics.STAMP_DLQ.name), rid.encode(), event.raw,
-                           dead_letter_headers(headers, code=exc.code.code, detail=exc.detail,
-                                                        source=f"{self._retry_topic}/-1/-1", consumer=CONSUMER,
-                                                        extra=[(HEADER_DLQ_ATTEMPTS, json.dumps(history).encode())]),
-                           event.event_id)
-            await outbox.add(conn, [dlq])
-        STAMP_OUTCOMES.labels("dead_lettered", exc.code.code).inc()
-        log.warning("stamp dead-lettered; its unit stays reserved until replay or expiry", request_id=rid,
-                    code=exc.code.code, attempts=attempt)
+            if spent:
+                outcome = await self._schedule_again(conn, event, rid, attempt, exc)
+        if not spent:
+            # raised to the fair queue's taker, which rolls its claim back (an outage of the worker's own): the
+            # request stays queued at its place for this worker's next start or another member, rather than
+            # going round stamp.retry and joining its channel's line again at the back
+            STAMP_OUTCOMES.labels("requeued", exc.code.code).inc()
+            log.info("worker stopping mid-signing; the request keeps its place in the fair queue", request_id=rid,
+                     code=exc.code.code)
+            raise exc
+        STAMP_OUTCOMES.labels(outcome, exc.code.code).inc()
+        if outcome == "dead_lettered":
+            log.warning("stamp dead-lettered; its unit stays reserved until replay or expiry", request_id=rid,
+                        code=exc.code.code, attempts=attempt)
+
+    async def _schedule_again(self, conn: asyncpg.Connection, event: Event, rid: str, attempt: int,
+                              exc: errors.BubuhError) -> str:
+        """``stamp.retry`` with the next attempt number, or ``stamp.dead-letter`` after the last one."""
+        headers = [(k, v) for k, v in event.headers.items() if k not in (HEADER_ATTEMPT, HEADER_REPLAY)]
+        if attempt < self._settings.stamp_max_attempts:
+            delay = self._backoff.delay(attempt)
+            await retry.schedule(conn, Outgoing(self._retry_topic, rid.encode(), event.raw,
+                                                headers + [(HEADER_ATTEMPT, str(attempt + 1).encode())],
+                                                event.event_id), delay)
+            log.info("stamp retry scheduled", request_id=rid, attempt=attempt, code=exc.code.code,
+                     delay_s=round(delay, 2))
+            return "retried"
+        history = [dict(attempt=r["attempt"], at=r["at"].isoformat(), code=r["code"], detail=r["detail"])
+                   for r in await conn.fetch("SELECT * FROM attempts WHERE request_id = $1 ORDER BY attempt", rid)]
+        await conn.execute("UPDATE requests SET status = 'dead_lettered' WHERE request_id = $1 "
+                           "AND status NOT IN ('signed', 'completed', 'failed')", rid)
+        dlq = Outgoing(self._settings.topic(topics.STAMP_DLQ.name), rid.encode(), event.raw,
+                       dead_letter_headers(headers, code=exc.code.code, detail=exc.detail,
+                                           source=f"{self._retry_topic}/-1/-1", consumer=CONSUMER,
+                                           extra=[(HEADER_DLQ_ATTEMPTS, json.dumps(history).encode())]),
+                       event.event_id)
+        await outbox.add(conn, [dlq])
+        return "dead_lettered"
 
     @staticmethod
     async def _ensure_row(conn: asyncpg.Connection, rid: str, channel_id: str, account_id: str, sha256: str,
