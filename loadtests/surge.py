@@ -162,22 +162,22 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
                     if c["index"] in held:
                         await until_ended(c, body["request_id"])
 
-        async def read_status(c: dict, rid: str) -> Answer | None:
-            """One status read; an ended request's answer is recorded and None returned, else the answer."""
+        async def read_status(c: dict, rid: str) -> tuple[bool, Answer | None]:
+            """One status read: (ended, the answer); an ended request's answer is recorded."""
             r = await call(c, "GET /v1/stamps/{id}", "GET", f"/v1/stamps/{rid}",
                            headers={"Authorization": f"Bearer {c['api_key']}"})
-            if r is not None and r.status_code == 200 and r.json()["status"] in ("completed", "failed"):
+            ended = r is not None and r.status_code == 200 and r.json()["status"] in ("completed", "failed")
+            if ended:
                 results.append(r.json())
                 if completed is not None and r.json()["status"] == "completed":
                     completed.append((c["api_key"], rid))
-                return None
-            return r or Answer(0, {}, b"")
+            return ended, r
 
         async def until_ended(c: dict, rid: str) -> None:
             """A held channel's request, read every 0.2 s until it ends (its time is the server's finish)."""
             while True:
                 await asyncio.sleep(0.2)
-                if await read_status(c, rid) is None:
+                if (await read_status(c, rid))[0]:
                     return
 
         await asyncio.gather(*(stamper(c, n // inflight) for c, (n, inflight) in zip(creds, sizes, strict=True)
@@ -199,13 +199,12 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
                 wait = when - time.perf_counter()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                r = await read_status(c, rid)
-                if r is not None:
-                    eta = (r.json().get("eta_seconds") if r.status_code == 200 else None) or 1.0
+                ended, r = await read_status(c, rid)
+                if not ended:
+                    eta = (r.json().get("eta_seconds") if r is not None and r.status_code == 200 else None) or 1.0
                     heapq.heappush(due, (time.perf_counter() + min(3.0, max(0.5, eta)), i, c, rid))
 
-        await asyncio.wait_for(asyncio.gather(*(poller() for _ in range(max(1, min(16, sum(c for _, c in sizes)))))),
-                               1800)
+        await asyncio.wait_for(asyncio.gather(*(poller() for _ in range(min(16, sum(c for _, c in sizes))))), 1800)
         finished = [dt.datetime.fromisoformat(r["finished_at"]).timestamp() for r in results if r.get("finished_at")]
         drained = time.perf_counter() - t0
         last_finish = (max(finished) - t0_wall) if finished else drained   # the server's clock: same box

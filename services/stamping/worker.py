@@ -254,17 +254,15 @@ class StampWorker:
                                "code = $2, detail = $3 "
                                "WHERE request_id = $1 AND status NOT IN ('signed', 'completed', 'failed')",
                                rid, exc.code.code, exc.detail[:2000])
-            if spent:
-                outcome = await self._schedule_again(conn, event, rid, attempt, exc)
+            outcome = await self._schedule_again(conn, event, rid, attempt, exc) if spent else "requeued"
+        STAMP_OUTCOMES.labels(outcome, exc.code.code).inc()
         if not spent:
             # raised to the fair queue's taker, which rolls its claim back (an outage of the worker's own): the
             # request stays queued at its place for this worker's next start or another member, rather than
             # going round stamp.retry and joining its channel's line again at the back
-            STAMP_OUTCOMES.labels("requeued", exc.code.code).inc()
             log.info("worker stopping mid-signing; the request keeps its place in the fair queue", request_id=rid,
                      code=exc.code.code)
             raise exc
-        STAMP_OUTCOMES.labels(outcome, exc.code.code).inc()
         if outcome == "dead_lettered":
             log.warning("stamp dead-lettered; its unit stays reserved until replay or expiry", request_id=rid,
                         code=exc.code.code, attempts=attempt)
