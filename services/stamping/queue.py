@@ -11,8 +11,8 @@ flood's says "behind its own backlog". Being signed: 0.
 Expected time = the wait for the requests ahead (position / the tier's pace), or for a request still
 on quota its reservation (the last 500 stamps' median, accepted to reserved) when that is longer, the
 two overlapping; plus its own signing (their median, started to completed). The pace is the one the
-last 500 stamps kept in the seconds when the tier had a backlog (every stamp finishing in them had
-waited in the fair queue): the pace a queue drains at. Before there are such seconds, stamps finished
+tier kept in the latest 15 seconds (of the last 500 stamps) when it had a backlog (every stamp finishing
+in them had waited in the fair queue): the pace a queue drains at now. Before there are such seconds, stamps finished
 per busy second in the last ``window``, or, before the window has seen one finish, the pace the last
 500 stamps kept when the tier was busy. The window's rate comes from the stream (faust windows over
 ``stamp.events``, ``throughput.py``) when this process counts some of its partitions, else from a
@@ -55,8 +55,13 @@ _OPEN = "SELECT count(*) FROM requests WHERE status IN ('queued', 'reserved', 's
 # cut by the LIMIT. Counted, each was a second with a fraction of its stamps, and with ~12 s in 500 stamps the
 # paces read about 8% slow: a held queue's stamps took 0.88-0.90 of their first ETAs (make surge-eta, 3
 # December), 0.83-1.01 after (README, "ETAs people can plan by").
+# The backlog pace is that of the latest BACKLOG_PACE_SECONDS such seconds, not of all the 500 hold: 500 stamps
+# are 10 s at 50/s but 70 s at 7/s, and over 70 s a tier that warmed up or got its cores back was read at
+# the pace it had left behind (CI, 3 December: a held queue on a starved box signed at 7/s, then 13-19/s;
+# its stamps took 0.71 of their first ETAs and 35% were within 25%).
 BACKLOG_WAIT_S = 0.1
 BACKLOG_SECONDS = 3       # seconds with a backlog needed before their pace is used
+BACKLOG_PACE_SECONDS = 15
 HISTORY_STAMPS = 500
 _HISTORY = f"""
 WITH recent AS (SELECT status, accepted_at, reserved_at, started_at, finished_at FROM requests
@@ -64,7 +69,7 @@ WITH recent AS (SELECT status, accepted_at, reserved_at, started_at, finished_at
      seconds AS (SELECT date_trunc('second', finished_at) AS at, count(*) AS n,
                         bool_and(started_at - reserved_at > interval '{BACKLOG_WAIT_S} s') AS backlog
                    FROM recent GROUP BY 1),
-     whole AS (SELECT n, backlog FROM seconds
+     whole AS (SELECT at, n, backlog FROM seconds
                 WHERE at < date_trunc('second', now())
                   AND (at > (SELECT min(at) FROM seconds) OR (SELECT count(*) FROM recent) < {HISTORY_STAMPS}))
 SELECT (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY reserved_at - accepted_at))
@@ -74,7 +79,8 @@ SELECT (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY re
        coalesce((SELECT sum(n)::float8 / nullif(count(*), 0) FROM whole),
                 (SELECT sum(n)::float8 / nullif(count(*), 0) FROM seconds)) AS pace,
        (SELECT CASE WHEN count(*) >= {BACKLOG_SECONDS} THEN sum(n)::float8 / count(*) END
-          FROM whole WHERE backlog) AS backlog_pace
+          FROM (SELECT n FROM whole WHERE backlog ORDER BY at DESC LIMIT {BACKLOG_PACE_SECONDS}) AS latest)
+         AS backlog_pace
 """
 
 # The schema's count of the window (BUBUH_STAMP_RATES_FROM=database, or a process that counts none of

@@ -126,6 +126,19 @@ async def test_the_pace_counts_whole_seconds_only(pool):
     await pool.execute("DELETE FROM requests")
 
 
+async def test_a_queue_drains_at_the_pace_of_the_latest_seconds_with_a_backlog(pool):
+    """500 stamps are 10 s of a tier at 50/s but 70 s of one at 7/s: read over all of them, a tier that had
+    warmed up or got its cores back was read at the pace it had left behind for a minute (CI, 3 December:
+    a held queue's stamps took 0.71 of their first ETAs). The latest 15 seconds with a backlog count."""
+    await pool.execute("DELETE FROM requests")
+    await _finished(pool, 100, 10, 6.0, ago_s=27, queued_s=5.0)                  # 10 s at 10/s, then
+    await _finished(pool, 300, 15, 6.0, ago_s=16, offset=1000, queued_s=5.0)     # 15 s at 20/s
+    facts = await QueueView(pool, window_s=60.0).facts()
+    assert facts.per_second == pytest.approx(20.0)     # over all 25 seconds: 16/s, ETAs 25% long
+    assert facts.eta_seconds(400) == pytest.approx(20.0 + facts.finish_s, abs=0.06)
+    await pool.execute("DELETE FROM requests")
+
+
 async def test_positions_follow_the_fair_queue_per_channel(pool):
     """A small channel's request is near the head while a flood's is behind the flood's own backlog; a new
     request's position (the 202's) is counted against the queue read once a second, and each 202 given for
