@@ -274,6 +274,11 @@ def eta_accuracy(first_eta: dict[str, float | None], results: list[dict], within
         if eta and r.get("finished_at") and r.get("status") == "completed":
             took = (dt.datetime.fromisoformat(r["finished_at"]) - dt.datetime.fromisoformat(r["accepted_at"]))
             pairs.append((eta, took.total_seconds()))
+    return accuracy(pairs, within)
+
+
+def accuracy(pairs: list[tuple[float, float]], within: float = 0.25) -> dict:
+    """(ETA, time taken) pairs: how many within ``within`` of their ETA, and took/ETA's spread."""
     if not pairs:
         return {"requests": 0}
     ratios = sorted(took / eta for eta, took in pairs)

@@ -1,0 +1,55 @@
+"""The held queue's measure of the estimate apart from the machine under it (loadtests/held_queue.py):
+each first ETA against the time its wait would have taken at the pace the tier kept in the 15 s before
+its 202."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from loadtests.held_queue import at_the_pace_before
+from loadtests.surge import eta_accuracy
+
+T0 = dt.datetime(2026, 12, 3, 10, 0, tzinfo=dt.UTC)
+
+
+def _at(s: float) -> str:
+    return (T0 + dt.timedelta(seconds=s)).isoformat()
+
+
+def _tier(paces: list[tuple[float, float]]) -> list[float]:
+    """Completion times of a tier that keeps each (pace per second, seconds) in turn."""
+    out, t = [], 0.0
+    for pace, seconds in paces:
+        end = t + seconds
+        while t < end - 1e-9:
+            t += 1 / pace
+            out.append(t)
+    return out
+
+
+def test_a_wait_the_machine_sped_up_is_held_to_the_pace_before_its_202_not_to_its_end():
+    """10 stamps/s for 27 s, then 20/s: a request sent at 25 s with 100 ahead was rightly told 10 s; it
+    took 6 s (20 at 10/s, then 80 at 20/s). Against its end it was 67% long; at the pace before, right."""
+    ends = _tier([(10, 27), (20, 33)])
+    results = [{"request_id": f"x{i}", "status": "completed", "accepted_at": _at(0), "finished_at": _at(t)}
+               for i, t in enumerate(ends)]
+    ahead = sum(1 for t in ends if 25 < t < 31)
+    results.append({"request_id": "r", "status": "completed", "accepted_at": _at(25), "finished_at": _at(31)})
+    first = {"r": {"eta": ahead / 10}}
+    assert eta_accuracy({"r": ahead / 10}, results)["within_25_percent"] == 0.0
+    f = at_the_pace_before(first, results)
+    assert f["requests"] == 1 and f["within_25_percent"] == 1.0
+    assert abs(f["actual_over_eta"]["median"] - 1.0) < 0.05
+    # an estimate that read the pace wrong (all 100 ahead at 5/s: 20 s) is wrong at the pace before too
+    assert at_the_pace_before({"r": {"eta": 20.0}}, results)["within_25_percent"] == 0.0
+
+
+def test_requests_sent_before_the_run_had_15_seconds_of_pace_are_left_out():
+    ends = _tier([(10, 40)])
+    results = [{"request_id": f"x{i}", "status": "completed", "accepted_at": _at(0), "finished_at": _at(t)}
+               for i, t in enumerate(ends)]
+    results += [{"request_id": "early", "status": "completed", "accepted_at": _at(5), "finished_at": _at(10)},
+                {"request_id": "late", "status": "completed", "accepted_at": _at(20), "finished_at": _at(25)},
+                {"request_id": "lost", "status": "failed", "accepted_at": _at(20)}]
+    f = at_the_pace_before({"early": {"eta": 5.0}, "late": {"eta": 5.0}, "lost": {"eta": 5.0}}, results)
+    assert f["requests"] == 1 and f["within_25_percent"] == 1.0
