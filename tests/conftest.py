@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import shutil
 
 import asyncpg
@@ -12,6 +13,50 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from services.kernel import kafka_auth, logs
 from tests import stack
+
+# The suite is CPU-bound on two shared cores, so a test's cost to the run is its CPU, not its wall time:
+# each report carries the CPU its phase used in the test process and in the processes it started and
+# waited for (a platform and its fork server's children, a JVM, a `bubuh` command), and the summary
+# lists the tests that used the most, beside pytest's slowest by wall time. A process counts when it is
+# reaped: a module's shared platform lands on the test whose teardown stops it; a process not waited for
+# (an orphaned grandchild) does not count.
+CPU_SUMMARY = 15
+
+
+def _cpu_s() -> float:
+    me, waited = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + waited.ru_utime + waited.ru_stime
+
+
+_CPU_MARK = pytest.StashKey[float]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item.stash[_CPU_MARK] = _cpu_s()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    now = _cpu_s()
+    report.user_properties.append(("cpu_s", now - item.stash.get(_CPU_MARK, now)))
+    item.stash[_CPU_MARK] = now
+
+
+def pytest_terminal_summary(terminalreporter):
+    cpu: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            for key, value in getattr(report, "user_properties", ()):
+                if key == "cpu_s":
+                    cpu[report.nodeid] = cpu.get(report.nodeid, 0.0) + value
+    if not cpu:
+        return
+    terminalreporter.write_sep("=", f"most CPU, {CPU_SUMMARY} tests (in the test process and the processes it "
+                                    f"waited for; all tests: {sum(cpu.values()):.0f} s)")
+    for nodeid, seconds in sorted(cpu.items(), key=lambda kv: -kv[1])[:CPU_SUMMARY]:
+        terminalreporter.write_line(f"{seconds:7.1f}s  {nodeid}")
 
 
 @pytest.fixture(scope="session")
