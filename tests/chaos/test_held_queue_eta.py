@@ -1,10 +1,11 @@
 """Issue 12's ETA check at a size that fits CI: three channels each keep a set number of stamp requests
 unfinished (``loadtests/held_queue.py``: a new one for each the ledger commits, about 35 s of them), so the
 stamping tier, made the bottleneck (one signing child, one taker), works through a standing queue of
-about 14 s of its pace (measured first; 450 requests or more), as on a deadline day. The requests sent
+about 14 s of its pace (measured first; 300 requests or more), as on a deadline day. The requests sent
 once the queue stands ("held") must have a median first ETA of 10 s or more (else the check does not
-apply: issue 12 asks it of such a run), and complete close to the first ETA their 202 gave (the bounds
-below).
+apply: issue 12 asks it of such a run), and their first ETAs must be right at the pace the tier kept
+before each 202 (the bounds below; the time they took is held to them loosely: the machine's pace moves
+under a wait).
 
 The first of each channel ("fill", sent at once into an empty queue) are reported, not asserted:
 their ETAs are short, and the tier signs slower while the door takes that burst on the same two cores
