@@ -180,8 +180,8 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
                 if (await read_status(c, rid))[0]:
                     return
 
-        await asyncio.gather(*(stamper(c, n // inflight) for c, (n, inflight) in zip(creds, sizes, strict=True)
-                               for _ in range(inflight)))
+        await asyncio.gather(*(stamper(c, share) for c, (n, inflight) in zip(creds, sizes, strict=True)
+                               for share in split(n, inflight)))
         intake_done = time.perf_counter() - t0
 
         # follow every request to its end, as channels poll: a bounded set of pollers, and each request read
@@ -262,6 +262,12 @@ def completion_times(sizes: list[tuple[int, int]], channel_of: dict[str, int], r
         out.append({"stamps": n, "in_flight": inflight, "completed": len(times), "p50_s": _quantile(times, 0.5),
                     "p99_s": _quantile(times, 0.99), "max_s": _quantile(times, 1.0)})
     return out
+
+
+def split(n: int, parts: int) -> list[int]:
+    """``n`` stamps among ``parts`` stampers, counts that differ by at most one and sum to ``n`` (80 among 32:
+    sixteen of 3 and sixteen of 2; ``n // parts`` each sent 64 of the 80)."""
+    return [n // parts + (1 if k < n % parts else 0) for k in range(parts)]
 
 
 def eta_accuracy(first_eta: dict[str, float | None], results: list[dict], within: float = 0.25) -> dict:

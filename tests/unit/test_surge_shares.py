@@ -36,3 +36,11 @@ def test_eta_accuracy_compares_the_first_eta_with_the_servers_own_times():
     assert e["within_25_percent"] == round(2 / 3, 3)  # a (+10%) and c (-20%) are within; b (+30%) is not
     assert e["median_first_eta_s"] == 10.0 and e["actual_over_eta"]["median"] == 1.1
     assert eta_accuracy(first, []) == {"requests": 0}
+
+
+def test_a_channels_stamps_are_split_among_its_stampers_without_a_remainder_lost():
+    from loadtests.surge import split
+
+    assert split(80, 32) == [3] * 16 + [2] * 16        # n // in_flight each sent 64 of the 80
+    assert sum(split(1_600, 32)) == 1_600 and set(split(1_600, 32)) == {50}
+    assert split(1, 2) == [1, 0]
