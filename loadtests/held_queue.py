@@ -125,7 +125,6 @@ async def play(base_url: str, env: dict, *, channels: int, depth: int, stamps: i
             "at_pace_before": {phase: at_the_pace_before({rid: a for rid, a in first.items()
                                                           if phase in (a["phase"], "run")}, results)
                                for phase in ("fill", "held", "run")},
-            "timeline": [(r["request_id"], r["accepted_at"], r.get("finished_at")) for r in results],
             "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
 
 
@@ -170,7 +169,7 @@ async def measure(args, env: dict) -> dict:
     rounds = []
     for i in range(args.rounds):
         r = await play(args.base_url, env, channels=args.channels, depth=args.depth, stamps=args.stamps)
-        r.pop("first"), r.pop("timeline")
+        r.pop("first")
         rounds.append(r)
         held = r["eta"]["held"]
         print(f"round {i + 1}: held median first ETA {held.get('median_first_eta_s')} s, "
