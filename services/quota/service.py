@@ -33,8 +33,10 @@ async def workers(rt: Runtime) -> list[Task]:
     pool = await rt.pool(NAME)
     handlers = QuotaHandlers(pool, s)
     loop = ConsumerLoop(s, rt.producer, name=CONSUMER,
-                        topics=[s.topic(t.name) for t in (topics.PURCHASE_EVENTS, topics.STAMP_REQUESTED,
-                                                          topics.STAMP_EVENTS)],
+                        # a poll is one batch, in this order: credits and stamp outcomes (which free
+                        # units) before the new reservations that may need them
+                        topics=[s.topic(t.name) for t in (topics.PURCHASE_EVENTS, topics.STAMP_EVENTS,
+                                                          topics.STAMP_REQUESTED)],
                         handler=Transactional(pool, CONSUMER, handlers.apply, handlers.TYPES,
                                               serialize_by=handlers.accounts_of), pool=pool,
                         dead_letter_topic=s.topic(topics.QUOTA_DLQ.name))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -238,7 +239,7 @@ async def any_rig(request, settings, pool, broker):
 
 # --- batches, the inbox, redelivery -----------------------------------------------------------------
 
-async def test_a_partition_batch_is_one_transaction_and_the_inbox_records_where_each_event_was_read(rig):
+async def test_a_polls_partitions_are_one_transaction_and_the_inbox_records_where_each_event_was_read(rig):
     k0, k1 = rig.key_on(0), rig.key_on(1)
     await rig.publish(*range(1, 7), key=k0)
     await rig.publish(*range(7, 13), key=k1)
@@ -251,8 +252,58 @@ async def test_a_partition_batch_is_one_transaction_and_the_inbox_records_where_
              for r in rig.broker.records(rig.topic)}
     assert {(r["topic"], r["partition"], r["offset"]): r["event_id"] for r in rows} == where
     txids = {p: {r["txid"] for r in rows if r["partition"] == p} for p in (0, 1)}
-    assert len(txids[0]) == len(txids[1]) == 1, f"a partition batch took several transactions: {txids}"
-    assert txids[0] != txids[1]
+    assert txids[0] == txids[1] and len(txids[0]) == 1, f"one poll took several transactions: {txids}"
+    assert rig.delivered == Counter({e: 1 for e in where.values()}), "handed over more than once"
+
+
+async def test_a_polls_batch_takes_the_topics_in_the_consumers_order_each_partition_in_order(settings, pool, broker):
+    """The quota ledger names credits and outcomes before reservations: a reservation sees the units
+    they free in the same poll. The batch follows the ``topics`` list, not the order of the fetch."""
+    rig = await Rig(settings, pool, broker).setup()
+    later = settings.topic("rig.first")
+    broker.create_topic(later)
+    batches: list[list[tuple[str, int, int]]] = []
+
+    async def apply(conn, batch):
+        batches.append([(e.topic, e.partition, e.payload.quantity) for e in batch])
+        await rig.apply(conn, batch)
+
+    source = broker.source(rig.group, [rig.topic, later], max_batch=100)
+    loop = ConsumerLoop(settings, rig.producer, name=rig.name, topics=[later, rig.topic],
+                        handler=Transactional(pool, rig.name, apply), dead_letter_topic=rig.dlq, pool=pool,
+                        group_id=rig.group, source=source)
+    try:
+        await rig.publish(1, 2, key=rig.key_on(1))
+        await rig.publish(3, key=rig.key_on(0))
+        first = [dataclasses.replace(rig.record(q, rig.key_on(2)), topic=later) for q in (4, 5)]
+        await rig.producer.publish_many(first)
+        stop = asyncio.Event()
+        rig.members.append(Member(loop, source, stop, asyncio.create_task(loop.run(stop))))
+        await eventually(lambda: sum(map(len, batches)) == 5, what="five records applied")
+        assert len(batches) == 1, f"one poll, several batches: {batches}"
+        part = broker.partition_for(later, rig.key_on(2))
+        assert batches[0] == [(later, part, 4), (later, part, 5), (rig.topic, 0, 3), (rig.topic, 1, 1),
+                              (rig.topic, 1, 2)]
+    finally:
+        await rig.close()
+
+
+async def test_a_poll_batch_that_fails_is_redone_partition_by_partition_and_only_its_partition_waits(rig):
+    """A bug in one record's effect fails the poll's batch: the other partition lands as its own batch,
+    and the failing one goes the record-by-record way (its neighbours land, the record is retried)."""
+    healthy = await rig.publish(1, 2, key=rig.key_on(1))
+    sick = await rig.publish(3, 4, key=rig.key_on(0))
+    rig.faults[sick[0].event_id] = always(lambda: ZeroDivisionError("a bug"))
+    rig.member()
+    await eventually(lambda: rig.all_committed(), what="both partitions committed")
+    applied = await rig.applied()
+    assert sorted(applied) == sorted(r.event_id for r in healthy + [sick[1]]), "lost or applied twice"
+    assert rig.delivered[healthy[0].event_id] == 2, "not redone on its own after the poll's batch failed"
+    assert rig.delivered[sick[1].event_id] == 3, "not redone record by record after its partition's batch"
+    # counted each time it failed: in the poll's batch, its partition's batch, and on its own
+    assert metric("bubuh_failures_total", component=rig.name, kind="crash", sqlstate="") == 3
+    assert await rig.pool.fetchval("SELECT count(*) FROM outbox") == 1, "the crash was not scheduled for a retry"
+    assert rig.dead_letters() == []
 
 
 async def test_redelivery_after_a_rebalance_applies_nothing_twice(rig):

@@ -5,8 +5,11 @@ Why it looks like this:
   re-reads, and the inbox turns the re-read into a no-op.
 - Back-pressure is the fetch itself: the next poll happens only when the current one is done, so at
   most ``max_batch`` records are in memory, whatever the lag. A paused partition is not fetched.
-- The records of one partition are handled in order, as one batch (one transaction for a
-  ``Transactional`` handler); partitions of a poll run concurrently. A ``PerRecord`` handler may
+- The records of one partition are handled in order. A batched handler gets a poll's partitions as
+  one batch (one transaction for a ``Transactional`` handler), each partition's records in order and
+  the partitions in the order of the consumer's ``topics``; a partition holding a record to
+  dead-letter, or any poll whose batch fails, is handled partition by partition, concurrently, one
+  batch each, so a failure holds up only its own partition. A ``PerRecord`` handler may
   declare ``concurrency``: then records of different chains (``chain_key``) run at once, at most that
   many in the whole consumer, and each chain in order. A partition rewound after an outage is rewound
   to its earliest unfinished record, so later records that did finish are handled again: only for
@@ -145,8 +148,12 @@ class ConsumerLoop:
         commits: dict[TopicPartition, int] = {}
         halts: dict[TopicPartition, _Halt] = {}
         tps = list(records)
-        results = await asyncio.gather(*(self._partition(records[tp]) for tp in tps), return_exceptions=True)
-        for tp, result in zip(tps, results, strict=True):
+        outcome = await self._together(records) if self._handler.batched and len(tps) > 1 else {}
+        rest = [tp for tp in tps if tp not in outcome]
+        results = await asyncio.gather(*(self._partition(records[tp]) for tp in rest), return_exceptions=True)
+        outcome.update(zip(rest, results, strict=True))
+        for tp in tps:
+            result = outcome[tp]
             first = records[tp][0].offset
             if isinstance(result, _Halt):
                 halts[tp] = result
@@ -203,13 +210,74 @@ class ConsumerLoop:
             log.error("consumer stopped by its dead-letter limit: fix the cause, then restart; nothing past "
                       "this point was committed", consumer=self.name, why=why)
 
+    # --- a poll's partitions, as one batch --------------------------------------------------------
+    async def _together(self, records: dict[TopicPartition, list[Record]]) -> dict[TopicPartition, _Halt | None]:
+        """The partitions of a poll whose records all decode, handed to a batched handler as one batch:
+        one transaction for the poll instead of one per partition. Issue 12: a flooding channel's
+        account was in every partition's batch of the quota ledger, so a poll's batches took turns, a
+        commit each, and a small channel's event waited for all of them. Each partition's records stay
+        in order, and the partitions follow the order of the consumer's ``topics`` (the quota ledger
+        names credits and stamp outcomes before new reservations, so a reservation sees the units they
+        free). Returns each partition it handled (None, or the ``_Halt`` of a dead-letter that could not
+        be written); if the batch fails for any reason, nothing is returned and every partition takes
+        its own path, so a failure still holds up only its own partition."""
+        runs: dict[TopicPartition, list[Event]] = {}
+        skipped: dict[TopicPartition, int] = {}
+        rank = {t: i for i, t in enumerate(self._topics)}
+        for tp in sorted(records, key=lambda tp: (rank.get(tp.topic, len(rank)), tp.topic, tp.partition)):
+            try:
+                runs[tp], skipped[tp] = self._events(records[tp])
+            except errors.BubuhError:
+                continue                  # a record to dead-letter in its place: the partition's own path
+        batch = [e for run in runs.values() for e in run]
+        if sum(1 for run in runs.values() if run) < 2:
+            return {}
+        started = time.perf_counter()
+        try:
+            rejected = await self._attempt(batch)
+        except Exception as exc:  # noqa: BLE001 - redone partition by partition, where the policy applies
+            failure = failures.observe(self.name, exc)
+            log.info("poll batch failed; redoing it partition by partition", consumer=self.name,
+                     partitions=len(runs), records=len(batch), kind=failure.kind.value, error=repr(exc)[:300])
+            return {}
+        self._observe(batch, time.perf_counter() - started)
+        outcome: dict[TopicPartition, _Halt | None] = {}
+        for tp, run in runs.items():
+            mine = [r for r in rejected if (r.event.topic, r.event.partition) == (tp.topic, tp.partition)]
+            try:
+                await self._settle(run, mine)
+                outcome[tp] = None
+            except _Halt as halt:
+                outcome[tp] = halt
+            if skipped[tp]:
+                CONSUMED.labels(self.name, tp.topic, "skipped").inc(skipped[tp])
+        return outcome
+
+    def _events(self, records: list[Record]) -> tuple[list[Event], int]:
+        """A partition's records as events, and how many were skipped; raises at a record to dead-letter."""
+        run: list[Event] = []
+        skipped = 0
+        for record in records:
+            if self._skip(record):
+                skipped += 1
+                continue
+            event = self._decode(record)
+            if self._types is not None and event.type not in self._types:
+                skipped += 1
+                continue
+            run.append(event)
+        return run, skipped
+
+    def _skip(self, record: Record) -> bool:
+        return self._foreign_retry(record) or (self._types is not None and self._other_type(record, self._types))
+
     # --- one partition's records, in order ----------------------------------------------------
     async def _partition(self, records: list[Record]) -> None:
         run: list[Event] = []
         types = self._types
         skipped = 0
         for record in records:
-            if self._foreign_retry(record) or (types is not None and self._other_type(record, types)):
+            if self._skip(record):
                 skipped += 1
                 continue
             try:
