@@ -22,7 +22,6 @@ from fastapi import APIRouter
 
 from services.kernel import database, topics
 from services.kernel.outbox import Relay
-from services.kernel.processing.handler import PerRecord
 from services.kernel.processing.pipeline import ConsumerLoop
 from services.kernel.runtime import ConfigError, Runtime, Task
 from services.kernel.settings import Settings
@@ -38,7 +37,6 @@ from services.stamping.serial import MAX_NODE, SerialIssuer
 from services.stamping.signing.engine import LEVELS, SignerConfig, StampingEngine
 from services.stamping.throughput import Throughput
 from services.stamping.tracker import CONSUMER as TRACKER
-from services.stamping.tracker import TYPES as TRACKED
 from services.stamping.tracker import StatusTracker
 from services.stamping.worker import CONSUMER as WORKER
 from services.stamping.worker import StampWorker
@@ -149,7 +147,7 @@ async def workers(rt: Runtime) -> list[Task]:
     takers = Takers(s, claims, worker.handle, s.stamping_concurrency, consumer=WORKER,
                     dead_letter_topic=s.topic(topics.STAMP_DLQ.name))
     track_loop = ConsumerLoop(s, rt.producer, name=TRACKER, topics=[s.topic(topics.QUOTA_EVENTS.name)],
-                              handler=PerRecord(tracker.handle, TRACKED), pool=pool,
+                              handler=tracker, pool=pool,
                               dead_letter_topic=s.topic(topics.STAMP_DLQ.name))
     relay = Relay(pool, rt.producer, s, NAME)
     return [stamp_loop.run, takers.run, track_loop.run, relay.run, signing.serve, Backlog(pool, rt.channels).run]

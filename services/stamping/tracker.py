@@ -6,18 +6,25 @@ it acts on (``TYPES``). ``QuotaReserved`` is not one since 2 December: the worke
 request ``reserved`` in the transaction that puts it in the fair queue (``fair_queue.Enqueue``).
 
 A signed stamp is released here and only here: ``QuotaCommitted`` (the unit is posted) makes the
-request ``completed`` and publishes ``StampCompleted``; a refused commit (``QuotaRefused``: the
+request ``completed`` and publishes ``StampCompleted``. A poll's commits are released together: one
+read and one transaction for the lot (issue 12: a read, a statement and a commit per stamp, one at a
+time, made this hop the slowest of a small channel's request while a flood was being stamped). The
+rarer outcomes are handled one by one, in order, before them. A refused commit (``QuotaRefused``: the
 reservation was voided while the document was being signed) fails it with RESERVATION_EXPIRED,
 voids its SN (the registry answers "not issued") and deletes the stamped file. A stamp is never free.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+
 import asyncpg
 
 from services.contracts.bubuh.v1 import quota_pb2, stamp_pb2
 from services.kernel import errors, events, logs, outbox, topics
 from services.kernel.events import Event
+from services.kernel.processing.handler import Rejection
 from services.kernel.settings import Settings
 from services.stamping import NAME, store
 from services.stamping.metrics import CHANNEL_COMPLETED, STAMP_OUTCOMES
@@ -30,17 +37,35 @@ TYPES = frozenset(events.type_name(t) for t in (quota_pb2.QuotaRejected, quota_p
 
 
 class StatusTracker:
+    """The tracker's consumer handler (batched: a poll's records at once; the pipeline redoes a failed
+    batch record by record). Idempotent without an inbox: every change is guarded by the status."""
+
+    batched = True
+    types = TYPES
+
     def __init__(self, settings: Settings, pool: asyncpg.Pool, documents: store.DocumentStore) -> None:
         self._settings = settings
         self._pool = pool
         self._documents = documents
 
+    async def process(self, batch: Sequence[Event]) -> list[Rejection]:
+        committed = []
+        for event in batch:
+            if isinstance(event.payload, quota_pb2.QuotaCommitted):
+                committed.append(event)
+            else:
+                await self._other(event)
+        await self._release_stamps(committed)
+        return []
+
     async def handle(self, event: Event) -> None:
+        """One record (what a batch of one does)."""
+        await self.process([event])
+
+    async def _other(self, event: Event) -> None:
         m = event.payload
         if isinstance(m, quota_pb2.QuotaRejected):
             await self._fail(event, m, m.code or errors.QUOTA_INSUFFICIENT.code, m.detail or "no available unit")
-        elif isinstance(m, quota_pb2.QuotaCommitted):
-            await self._release_stamp(event, m)
         elif isinstance(m, quota_pb2.QuotaRefused) and m.operation == "commit":
             await self._withhold_stamp(event, m)
         elif isinstance(m, quota_pb2.QuotaReleased) and m.code == errors.RESERVATION_EXPIRED.code:
@@ -59,32 +84,46 @@ class StatusTracker:
             await finish_failed(conn, self._settings, request_id=m.request_id, channel_id=m.channel_id,
                                 account_id=m.account_id, code=code, detail=detail, cause=event)
 
-    async def _release_stamp(self, event: Event, m: quota_pb2.QuotaCommitted) -> None:
-        """The unit is posted: the signed stamp becomes the channel's (idempotent: only from 'signed').
+    async def _release_stamps(self, committed: list[Event]) -> None:
+        """The units are posted: the signed stamps become the channels' (idempotent: only from 'signed').
 
-        What ``StampCompleted`` says is read first: a signed row's SN and output never change (from
-        'signed' a request only ends), so the release is one guarded statement with its event."""
-        row = await self._pool.fetchrow("SELECT channel_id, account_id, sn, output_ref, output_sha256, "
-                                        "rewritten_sha256 FROM requests WHERE request_id = $1 AND status = 'signed'",
-                                        m.request_id)
-        if row is None:
+        What each ``StampCompleted`` says is read first: a signed row's SN and output never change (from
+        'signed' a request only ends). Then one transaction releases every stamp still signed and queues
+        the events of those it released, and only those."""
+        if not committed:
             return
-        msg = stamp_pb2.StampCompleted(request_id=m.request_id, channel_id=row["channel_id"],
-                                       account_id=row["account_id"], sn=row["sn"], output_ref=row["output_ref"],
-                                       output_sha256=row["output_sha256"],
-                                       rewritten_sha256=row["rewritten_sha256"] or "",
-                                       email=await self._email(m.request_id))
-        env = events.envelope(msg, producer=NAME, event_id=terminal_event_id(m.request_id, "completed"),
-                              causation_id=event.event_id, trace_id=event.envelope.trace_id)
-        async with self._pool.acquire() as conn:
-            if not await outbox.add_if(
-                    conn, "UPDATE requests SET status = 'completed', finished_at = now(), code = NULL, detail = NULL "
-                          "WHERE request_id = $1 AND status = 'signed' RETURNING 1", [m.request_id],
-                    [events.outgoing(self._settings.topic(topics.STAMP_EVENTS.name), m.request_id, env)]):
-                return
-        STAMP_OUTCOMES.labels("completed", "").inc()
-        CHANNEL_COMPLETED.labels(row["channel_id"]).inc()
-        log.info("stamp completed", request_id=m.request_id, sn=row["sn"], channel_id=row["channel_id"])
+        ids = list(dict.fromkeys(e.payload.request_id for e in committed))
+        rows = await self._pool.fetch("SELECT request_id, channel_id, account_id, sn, output_ref, output_sha256, "
+                                      "rewritten_sha256 FROM requests WHERE request_id = ANY($1::text[]) "
+                                      "AND status = 'signed'", ids)
+        if not rows:
+            return
+        cause = {e.payload.request_id: e for e in committed}
+        emails = await asyncio.gather(*(self._email(r["request_id"]) for r in rows))
+        outgoing = {}
+        for row, email in zip(rows, emails, strict=True):
+            rid = row["request_id"]
+            msg = stamp_pb2.StampCompleted(request_id=rid, channel_id=row["channel_id"],
+                                           account_id=row["account_id"], sn=row["sn"], output_ref=row["output_ref"],
+                                           output_sha256=row["output_sha256"],
+                                           rewritten_sha256=row["rewritten_sha256"] or "", email=email)
+            env = events.envelope(msg, producer=NAME, event_id=terminal_event_id(rid, "completed"),
+                                  causation_id=cause[rid].event_id, trace_id=cause[rid].envelope.trace_id)
+            outgoing[rid] = events.outgoing(self._settings.topic(topics.STAMP_EVENTS.name), rid, env)
+        async with self._pool.acquire() as conn, conn.transaction():
+            released = [r["request_id"] for r in await conn.fetch(
+                "UPDATE requests SET status = 'completed', finished_at = now(), code = NULL, detail = NULL "
+                "WHERE request_id = ANY($1::text[]) AND status = 'signed' RETURNING request_id", list(outgoing))]
+            # in the order the ledger posted them: the relay publishes rows in id order
+            released_set = set(released)
+            await outbox.add(conn, [outgoing[rid] for rid in ids if rid in released_set])
+        by_id = {r["request_id"]: r for r in rows}
+        STAMP_OUTCOMES.labels("completed", "").inc(len(released))
+        for rid in released:
+            row = by_id[rid]
+            CHANNEL_COMPLETED.labels(row["channel_id"]).inc()
+            log.info("stamp completed", request_id=rid, sn=row["sn"], channel_id=row["channel_id"],
+                     trace_id=cause[rid].envelope.trace_id)
 
     async def _withhold_stamp(self, event: Event, m: quota_pb2.QuotaRefused) -> None:
         """The ledger refused to post the unit of a signed stamp: the stamp is withheld, its SN void.

@@ -29,8 +29,8 @@ async def tracker(settings, pool, tmp_path):
 
 async def _at(pool, rid: str, status: str) -> None:
     await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status, sn, output_ref, "
-                       "output_sha256) VALUES ($1, 'ch', 'acct', $2, '1SN', $3, 'cafe')",
-                       rid, status, store.output_key(rid))
+                       "output_sha256) VALUES ($1, 'ch', 'acct', $2, $4, $3, 'cafe')",
+                       rid, status, store.output_key(rid), "1SN" if rid == "r1" else f"1SN-{rid}")
 
 
 def _committed(rid: str):
@@ -67,3 +67,35 @@ async def test_only_a_signed_stamp_is_released(pool, tracker, status):
     await tracker.handle(_committed("r1"))
     assert await pool.fetchval("SELECT status FROM requests WHERE request_id = 'r1'") == status
     assert await hs.outbox(pool) == []
+
+
+async def test_a_polls_commits_are_released_in_one_transaction_each_signed_stamp_once(pool, tracker):
+    """The tracker takes a poll's records as one batch: the commits of signed stamps are released together
+    (one ``now()``: one transaction), in the order the ledger posted them; a commit for a stamp that is
+    not signed, or one delivered twice in the batch, releases nothing more."""
+    for rid in ("r3", "r1", "r2"):
+        await _at(pool, rid, "signed")
+    await _at(pool, "r4", "stamping")
+    batch = [_committed(r) for r in ("r3", "r4", "r1", "r3", "r2")]
+    assert tracker.batched
+    await tracker.process(batch)
+    rows = await pool.fetch("SELECT request_id, status, finished_at FROM requests ORDER BY request_id")
+    assert {r["request_id"]: r["status"] for r in rows} == {"r1": "completed", "r2": "completed", "r3": "completed",
+                                                            "r4": "stamping"}
+    assert len({r["finished_at"] for r in rows if r["status"] == "completed"}) == 1, "not one transaction"
+    queued = await hs.outbox(pool)
+    assert [e for e, _ in queued] == [terminal_event_id(r, "completed") for r in ("r3", "r1", "r2")]
+    assert [m.email for _, m in queued] == ["", "a@example.test", ""]
+    await tracker.process(batch)                                 # the poll read again: nothing more
+    assert len(await hs.outbox(pool)) == 3
+
+
+async def test_a_refusal_in_a_batch_is_handled_beside_the_commits(pool, tracker):
+    await _at(pool, "r1", "signed")
+    rejected = hs.event(quota_pb2.QuotaRejected(request_id="r9", channel_id="ch", account_id="acct",
+                                                code="QUOTA_INSUFFICIENT", detail="no available unit"),
+                        producer="quota", topic="quota.events")
+    await tracker.process([rejected, _committed("r1")])
+    status = dict(await pool.fetch("SELECT request_id, status FROM requests"))
+    assert status == {"r1": "completed", "r9": "failed"}
+    assert [type(m).__name__ for _, m in await hs.outbox(pool)] == ["StampFailed", "StampCompleted"]
