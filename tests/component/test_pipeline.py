@@ -28,7 +28,7 @@ from services.kernel import errors, events, inbox
 from services.kernel.events import Event, Outgoing
 from services.kernel.outbox import Relay
 from services.kernel.processing.deadletter import DLQ_MARKER, DLQ_REASON, DLQ_SOURCE, DlqLimit
-from services.kernel.processing.handler import PerRecord, Transactional
+from services.kernel.processing.handler import PerRecord, Rejection, Transactional
 from services.kernel.processing.memory import MemoryBroker, MemorySource
 from services.kernel.processing.pipeline import HEADER_CRASH_ATTEMPT, HEADER_RETRY_FOR, ConsumerLoop
 from services.kernel.processing.source import TopicPartition
@@ -304,6 +304,35 @@ async def test_a_poll_batch_that_fails_is_redone_partition_by_partition_and_only
     assert metric("bubuh_failures_total", component=rig.name, kind="crash", sqlstate="") == 3
     assert await rig.pool.fetchval("SELECT count(*) FROM outbox") == 1, "the crash was not scheduled for a retry"
     assert rig.dead_letters() == []
+
+
+async def test_a_record_the_handler_rejects_in_a_polls_batch_is_dead_lettered_from_its_own_partition(rig):
+    """A handler's rejection (a forgery, say) in a poll's batch: the rest of the poll lands in the one
+    transaction, the rejected record is dead-lettered once, with where it was read, and not claimed."""
+    batches: list[int] = []
+
+    async def apply(conn, batch):
+        batches.append(len(batch))
+        keep = [e for e in batch if e.payload.quantity != 12]
+        await rig.apply(conn, keep)
+        return [Rejection(e, errors.BubuhError(errors.EVENT_MALFORMED, "rejected by the handler"))
+                for e in batch if e.payload.quantity == 12]
+
+    sent = await rig.publish(10, 11, key=rig.key_on(0)) + await rig.publish(12, 13, key=rig.key_on(1))
+    source = rig.broker.source(rig.group, [rig.topic], max_batch=100)
+    loop = ConsumerLoop(rig.settings, rig.producer, name=rig.name, topics=[rig.topic],
+                        handler=Transactional(rig.pool, rig.name, apply), dead_letter_topic=rig.dlq,
+                        pool=rig.pool, group_id=rig.group, source=source)
+    stop = asyncio.Event()
+    rig.members.append(Member(loop, source, stop, asyncio.create_task(loop.run(stop))))
+    await eventually(rig.all_committed, what="every record committed")
+    assert batches == [4], f"not one batch for the poll: {batches}"
+    assert sorted(await rig.applied()) == sorted(r.event_id for r in sent if r is not sent[2])
+    ((dead, value),) = rig.dead_letters()
+    assert value == sent[2].value and dead[DLQ_REASON] == errors.EVENT_MALFORMED.code.encode()
+    assert dead[DLQ_SOURCE] == f"{rig.topic}/1/{rig.offset_of(sent[2].event_id)}".encode()
+    claimed = {r["event_id"] for r in await rig.pool.fetch("SELECT event_id FROM inbox WHERE consumer = $1", rig.name)}
+    assert sent[2].event_id not in claimed and len(claimed) == 3
 
 
 async def test_redelivery_after_a_rebalance_applies_nothing_twice(rig):
