@@ -54,7 +54,8 @@ class Intake:
         self._wake_channel = wake_channel(settings)
 
     async def apply(self, conn: asyncpg.Connection, batch: list[Event]) -> None:
-        """One partition batch, in the pipeline's transaction (the inbox has claimed it already)."""
+        """One poll's batch (each partition's records in order), in the pipeline's transaction (the inbox
+        has claimed it already)."""
         now = dt.datetime.now(dt.UTC)
         webhook_horizon = now + dt.timedelta(seconds=self._settings.webhook_horizon_s)
         email_horizon = now + dt.timedelta(seconds=self._settings.email_horizon_s)

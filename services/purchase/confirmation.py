@@ -72,7 +72,8 @@ class Confirmation:
         return Transactional(self._pool, CONSUMER, self.apply, inbox_key=inbox.by_content)
 
     async def apply(self, conn: asyncpg.Connection, batch: list[Event]) -> list[Rejection]:
-        """One partition batch, in the pipeline's transaction (the inbox has claimed it already).
+        """One poll's batch (each partition's records in order), in the pipeline's transaction (the inbox
+        has claimed it already).
 
         Set-based: one query reads (and locks) what is known of the batch's orders, one statement
         writes every decision, one the outbox rows. The decisions themselves are taken in the order

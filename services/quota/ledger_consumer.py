@@ -70,7 +70,8 @@ class QuotaHandlers:
                               m.code if name == "release" else "", event_id)
 
     async def apply(self, conn: asyncpg.Connection, batch: list[Event]) -> None:
-        """One partition batch, in the pipeline's transaction (the inbox has claimed it already).
+        """One poll's batch (each partition's records in order), in the pipeline's transaction (the inbox
+        has claimed it already).
 
         ``ledger.apply`` locks the batch's accounts first, in one fixed order, so two batches that
         share accounts wait for each other instead of deadlocking, and applies the whole batch in a
