@@ -59,6 +59,23 @@ async def add(conn: asyncpg.Connection, records: list[Outgoing], *, available_at
         await database.notify(conn, "_outbox", in_schema=True)
 
 
+async def add_with(conn: asyncpg.Connection, writes: Sequence[str], args: Sequence, records: list[Outgoing]) -> None:
+    """Queue ``records`` in the same statement as the caller's own ``writes``, inside its transaction.
+
+    ``writes`` are data-modifying common table expressions (``name AS (INSERT ...)``) with parameters
+    ``$1..$n`` (``args``); PostgreSQL runs each once, whether or not anything reads it. One round trip
+    for the caller's rows and the records: what a transaction holding row locks sends between its
+    last read and its commit (the quota ledger's). The relay's wake-up follows the commit, as ``add``.
+    """
+    if not writes:
+        await add(conn, records)
+        return
+    body = _insert(len(args) + 1) if records else "SELECT"
+    await conn.execute(f"WITH {', '.join(writes)} {body}", *args, *(_rows(records, None) if records else ()))
+    if records:
+        await database.notify(conn, "_outbox", in_schema=True)
+
+
 async def add_if(conn: asyncpg.Connection, guard: str, guard_args: Sequence, records: list[Outgoing]) -> bool:
     """Queue ``records`` only if ``guard`` changed a row, in one statement: False (nothing queued) when not.
 

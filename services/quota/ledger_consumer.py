@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from services.contracts.bubuh.v1 import purchase_pb2, quota_pb2, stamp_pb2
-from services.kernel import derived_ids, events, logs, outbox, topics
+from services.kernel import derived_ids, events, logs, topics
 from services.kernel.events import Event
 from services.kernel.settings import Settings
 from services.kernel.waiting import sleep_or_stop
@@ -73,9 +73,9 @@ class QuotaHandlers:
         """One poll's batch (each partition's records in order), in the pipeline's transaction (the inbox
         has claimed it already).
 
-        ``ledger.apply`` locks the batch's accounts first, in one fixed order, so two batches that
-        share accounts wait for each other instead of deadlocking, and applies the whole batch in a
-        fixed number of statements.
+        ``ledger.apply`` works the batch out, then locks its accounts in one fixed order (two batches
+        that share accounts wait for each other instead of deadlocking) and writes the ledger's rows
+        and this batch's events in one statement.
         """
         started = time.perf_counter()
         base = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self._settings.reservation_ttl_s)
@@ -83,18 +83,20 @@ class QuotaHandlers:
         # PurchaseRejected and other events on these topics are not the ledger's business.
         # The deadlines of one batch are a microsecond apart, so the expiry sweep (oldest deadline
         # first) releases reservations in the order they were made, as with one clock read each.
+
+        def announce(outcomes: list[ledger.Outcome]) -> list[events.Outgoing]:
+            return [o for (name, event), out in zip(ours, outcomes, strict=True)
+                    for o in self._events_of(name, event, out)]
+
         outcomes = await ledger.apply(conn, [self._operation(name, e.payload, e.event_id,
                                                              base + dt.timedelta(microseconds=i))
-                                             for i, (name, e) in enumerate(ours)])
+                                             for i, (name, e) in enumerate(ours)], announce)
         each = (time.perf_counter() - started) / max(1, len(ours))
-        outgoing: list[events.Outgoing] = []
         done: Counter[tuple[str, str]] = Counter()     # (operation, result) -> how many
         self._debug = log.is_enabled_for(logging.DEBUG)
         for (name, event), out in zip(ours, outcomes, strict=True):
-            outgoing.extend(self._events_of(name, event, out))
             LEDGER_SECONDS.labels(name).observe(each)
             self._record(name, out, event, done)
-        await outbox.add(conn, outgoing)
         for (operation, result), n in done.items():
             LEDGER_OPERATIONS.labels(operation, result).inc(n)
         if done:
@@ -108,7 +110,8 @@ class QuotaHandlers:
         refused = outcome.result == "refused"
         if not (refused or self._debug):
             return
-        (log.info if refused else log.debug)(
+        # a refused commit or release is an anomaly (a reservation unknown or resolved the other way)
+        (log.debug if not refused else log.info if operation in ("credit", "reserve") else log.warning)(
             "ledger", operation=operation, result=outcome.result, code=outcome.code or None,
             subject=getattr(event.payload, "request_id", "") or getattr(event.payload, "purchase_id", ""),
             balance=outcome.balance.as_dict() if outcome.balance else None, trace_id=event.envelope.trace_id)
@@ -158,8 +161,7 @@ class QuotaHandlers:
                                               balance=_balance(out.balance))
             return [self._outgoing(msg, key, derived_event_id(m.request_id, operation), cause)]
         if out.result == "refused":
-            # reported, never silently applied
-            log.warning("ledger refused", operation=operation, request_id=m.request_id, code=out.code)
+            # reported, never silently applied (and logged by whoever applied it: this only builds)
             refused = quota_pb2.QuotaRefused(channel_id=m.channel_id, account_id=m.account_id,
                                              request_id=m.request_id, operation=operation, code=out.code)
             cause_id = cause.event_id if cause else ""
@@ -172,15 +174,19 @@ class QuotaHandlers:
         now = now or dt.datetime.now(dt.UTC)
         async with self._pool.acquire() as conn, conn.transaction():
             due = await ledger.due_expiries(conn, now)
+
+            def announce(outcomes: list[ledger.Outcome]) -> list[events.Outgoing]:
+                return [o for r, out in zip(due, outcomes, strict=True) for o in self._after_resolution(
+                    None, stamp_pb2.StampFailed(request_id=r.request_id, channel_id=r.channel_id,
+                                                account_id=r.account_id), out, "release", code="RESERVATION_EXPIRED")]
+
             outcomes = await ledger.apply(conn, [
                 ledger.Resolve("void", r.request_id, r.channel_id, r.account_id, "RESERVATION_EXPIRED",
-                               derived_event_id(r.request_id, "expired")) for r in due])
-            outgoing: list[events.Outgoing] = []
+                               derived_event_id(r.request_id, "expired")) for r in due], announce)
             for r, out in zip(due, outcomes, strict=True):
-                m = stamp_pb2.StampFailed(request_id=r.request_id, channel_id=r.channel_id, account_id=r.account_id)
-                outgoing.extend(self._after_resolution(None, m, out, "release", code="RESERVATION_EXPIRED"))
                 LEDGER_OPERATIONS.labels("expire", out.result).inc()
-            await outbox.add(conn, outgoing)
+                if out.result == "refused":
+                    log.warning("ledger refused", operation="expire", request_id=r.request_id, code=out.code)
         if due:
             log.info("reservations expired", count=len(due))
         return len(due)

@@ -4,6 +4,9 @@ LEDGER_OPERATIONS = Counter("bubuh_ledger_operations_total", "Ledger operations 
                             ["operation", "outcome"])
 LEDGER_SECONDS = Histogram("bubuh_ledger_operation_seconds", "Time of one ledger transaction", ["operation"],
                            buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+STALE_READS = Counter("bubuh_ledger_stale_reads_total", "Ledger batches whose accounts changed between their "
+                      "unlocked read and their lock, so worked out again under the lock (another member's "
+                      "batch on the same accounts)")
 PENDING_UNITS = Gauge("bubuh_ledger_pending_units", "Units reserved and neither posted nor voided yet "
                       "(open reservations); refreshed by reservations.py")
 

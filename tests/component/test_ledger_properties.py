@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from services.contracts.bubuh.v1 import purchase_pb2, stamp_pb2
 from services.kernel import database, errors
-from services.kernel.events import Event
+from services.kernel.events import Event, Outgoing
 from services.kernel.processing.handler import Transactional
 from services.quota import ledger
 from services.quota.ledger_consumer import CONSUMER, QuotaHandlers
@@ -461,3 +462,129 @@ async def test_batches_sharing_an_account_take_turns_in_process_never_on_the_row
     assert cold < 0.4, f"the batch over another account waited for the hot one's turns ({cold:.2f} s)"
     row = await pool.fetchrow("SELECT credited, pending FROM accounts WHERE account_id = 'hot'")
     assert (row["credited"], row["pending"]) == (6, 6)
+
+
+# --- the lock comes last -------------------------------------------------------------------------
+
+def _stale_reads() -> float:
+    return REGISTRY.get_sample_value("bubuh_ledger_stale_reads_total") or 0.0
+
+
+def _other_member_first(monkeypatch, other) -> None:
+    """Run ``other`` (another member's whole batch, committed) between the next batch's unlocked read
+    and its lock: the interleaving two quota members on one account produce now and then."""
+    lock = ledger._lock
+    pending = [other]
+
+    async def lock_after_the_other(conn, accounts, *, create):
+        if pending:
+            await pending.pop()()
+        return await lock(conn, accounts, create=create)
+
+    monkeypatch.setattr(ledger, "_lock", lock_after_the_other)
+
+
+async def test_a_batch_whose_account_changed_before_its_lock_works_itself_out_again(quota, monkeypatch):
+    """Two members reserve an account's last unit at once. The ledger reads without a lock and locks
+    last; here the other member commits in between. The batch must see the account's new row version,
+    read again under the lock, and be refused: one unit, one reservation, and the balance what the
+    transfers say (a batch trusting its unlocked read would write its stale balance over the other's)."""
+    pool, handlers, transactional = quota
+    await _reset(pool)
+    account = ("ch-f", "acct-1")
+    await transactional.process([hs.event(purchase_pb2.PurchaseConfirmed(
+        purchase_id="p-last", channel_id=account[0], account_id=account[1], quantity=1), producer="purchase")])
+
+    async def other():
+        assert await Transactional(pool, CONSUMER, handlers.apply).process(
+            [_stamp_event("reserve", "second", account)]) == []
+
+    _other_member_first(monkeypatch, other)
+    stale = _stale_reads()
+    assert await transactional.process([_stamp_event("reserve", "first", account)]) == []
+
+    kinds = dict(await pool.fetch("SELECT id, kind FROM transfers WHERE id IN ('first', 'second')"))
+    assert kinds == {"second": "pending", "first": "rejected"}
+    row = await pool.fetchrow("SELECT credited, pending, committed FROM accounts WHERE channel_id = 'ch-f'")
+    assert tuple(row) == (1, 1, 0)
+    out = [(type(m).__name__, m.request_id) for _, m in await hs.outbox(pool) if hasattr(m, "request_id")]
+    assert out == [("QuotaReserved", "second"), ("QuotaRejected", "first")]
+    assert _stale_reads() == stale + 1
+
+
+async def test_a_refusal_alone_is_a_new_version_of_its_account(quota, monkeypatch):
+    """A refused reservation moves no balance but writes a transfer. If it left the account's row as it
+    was, a batch that read before it would not see it, and would write its own refusal of the same
+    request (published again with another event id) over it: a key violation, the batch failing. The
+    refusal rewrites the row, so the batch reads again and finds the request answered already."""
+    pool, handlers, transactional = quota
+    await _reset(pool)
+    account = ("ch-g", "acct-1")
+    await transactional.process([hs.event(purchase_pb2.PurchaseConfirmed(
+        purchase_id="p-one", channel_id=account[0], account_id=account[1], quantity=1), producer="purchase")])
+    await transactional.process([_stamp_event("reserve", "holds-it", account)])      # nothing left
+
+    async def other():
+        assert await Transactional(pool, CONSUMER, handlers.apply).process(
+            [_stamp_event("reserve", "again", account)]) == []
+
+    _other_member_first(monkeypatch, other)
+    stale = _stale_reads()
+    assert await transactional.process([_stamp_event("reserve", "again", account)]) == []   # another event id
+
+    assert _stale_reads() == stale + 1
+    assert await pool.fetchval("SELECT count(*) FROM transfers WHERE id = 'again'") == 1
+    out = [(type(m).__name__, m.request_id) for _, m in await hs.outbox(pool) if hasattr(m, "request_id")]
+    assert out == [("QuotaReserved", "holds-it"), ("QuotaRejected", "again")]
+
+
+class _Recording:
+    """A connection that notes every statement sent through it."""
+
+    def __init__(self, conn) -> None:
+        self._conn = conn
+        self.sent: list[str] = []
+
+    def __getattr__(self, name):
+        attr = getattr(self._conn, name)
+        if name not in ("execute", "fetch", "fetchrow", "fetchval"):
+            return attr
+
+        async def send(query, *args):
+            self.sent.append(query)
+            return await attr(query, *args)
+        return send
+
+
+async def test_from_its_lock_to_its_commit_a_batch_sends_one_statement(quota):
+    """What another member waits for is this one's time from locking an account to committing. The
+    batch reads and works itself out first; after the lock it sends one statement, writing the
+    ledger's rows and its events together, and then commits (it used to send six: the transfers'
+    read and five writes)."""
+    pool, _, transactional = quota
+    await _reset(pool)
+    account = ("ch-h", "acct-1")
+    await transactional.process([hs.event(purchase_pb2.PurchaseConfirmed(
+        purchase_id="p-first", channel_id=account[0], account_id=account[1], quantity=5), producer="purchase")])
+    await transactional.process([_stamp_event("reserve", "to-post", account)])
+    deadline = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    operations = [ledger.Credit("p-more", *account, 2, "e-1"), ledger.Reserve("r-new", *account, deadline, "e-2"),
+                  ledger.Resolve("post", "to-post", *account, "", "e-3")]
+
+    def announce(outcomes):
+        return [Outgoing("quota.events", b"k", f"{o.result}".encode(), [], f"out-{i}") for i, o in enumerate(outcomes)]
+
+    async with pool.acquire() as conn, conn.transaction():
+        recording = _Recording(conn)
+        outcomes = await ledger.apply(recording, operations, announce)
+    assert [o.result for o in outcomes] == ["applied"] * 3
+    locking = [i for i, q in enumerate(recording.sent) if "FOR UPDATE" in q]
+    assert len(locking) == 1, recording.sent
+    after = recording.sent[locking[0] + 1:]
+    assert len(after) == 1, after
+    assert all(f"INSERT INTO {t}" in after[0] for t in ("transfers", "open_reservations", "outbox"))
+    assert "UPDATE accounts" in after[0] and "DELETE FROM open_reservations" in after[0]
+    row = await pool.fetchrow("SELECT credited, pending, committed FROM accounts WHERE channel_id = 'ch-h'")
+    assert tuple(row) == (7, 1, 1)
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE event_id LIKE 'out-%'") == 3
+    assert await pool.fetchval("SELECT count(*) FROM open_reservations WHERE request_id IN ('r-new', 'to-post')") == 1
