@@ -27,3 +27,5 @@ SANDBOX_OUTCOMES = Counter("bubuh_document_sandbox_tasks_total",
                            ["sandbox", "outcome"])
 SANDBOX_SECONDS = Histogram("bubuh_document_sandbox_task_seconds", "Elapsed time of one sandboxed task",
                             ["sandbox"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+THROUGHPUT_RESTARTS = Counter("bubuh_throughput_app_restarts_total", "faust throughput apps (the ETAs' rates) "
+                              "started anew after the one running crashed or stopped by itself")

@@ -45,6 +45,8 @@ from services.contracts.bubuh.v1 import stamp_pb2
 from services.kernel import errors, events, kafka_auth, logs, readiness, topics
 from services.kernel.kafka_clients import build_admin, build_consumer
 from services.kernel.settings import Settings
+from services.kernel.waiting import sleep_or_stop
+from services.stamping.metrics import THROUGHPUT_RESTARTS
 
 log = logs.get(__name__)
 
@@ -94,7 +96,19 @@ class Throughput:
                  offset_reset: str = "latest") -> None:
         self._settings = settings
         self.window_s = float(window_s or settings.stamp_eta_window_s)
+        self._offset_reset = offset_reset
         (settings.local_dir / "faust").mkdir(parents=True, exist_ok=True)
+        self.malformed = 0
+        self.read = 0          # source records the agent was handed (counted or not)
+        self.skipped = 0       # source records passed over at start-up, too old for any window
+        self.restarts = 0      # faust apps started anew after one crashed (``run``)
+        self._started = False
+        self._build()
+
+    def _build(self) -> None:
+        """A new faust app with its tables and agent (at start, and after a crash: an app does not
+        start twice)."""
+        settings, offset_reset = self._settings, self._offset_reset
         self.app = faust.App(
             settings.group(APP_NAME),                     # app id: consumer group and internal topic prefix
             broker=[f"kafka://{h}" for h in settings.kafka_bootstrap.split(",")],
@@ -119,11 +133,7 @@ class Throughput:
         self.progress_events = self._table("progress-events", topics.STAMP_EVENTS)
         self._events_topic = self.app.topic(settings.topic(topics.STAMP_EVENTS.name),
                                             value_serializer="raw", key_serializer="raw")
-        self.malformed = 0
-        self.read = 0          # source records the agent was handed (counted or not)
-        self.skipped = 0       # source records passed over at start-up, too old for any window
         self.app.agent(self._events_topic, name="count-terminal")(self._count_terminal)
-        self._started = False
 
     def _table(self, name: str, source: topics.Topic):
         """A count per key, its changelog partitioned like ``source`` (see Partitioning above)."""
@@ -248,18 +258,38 @@ class Throughput:
             await asyncio.wait_for(self.app.stop(), 30)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """A runtime task: count until ``stop`` is set."""
-        await self.start()
-        try:
-            crashed = asyncio.ensure_future(self.app.wait_until_stopped())
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({crashed, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            crashed.cancel()
-            if not stop.is_set() and self.app.crash_reason is not None:
-                raise self.app.crash_reason
-        finally:
-            await self.stop()
+        """A runtime task: count until ``stop`` is set.
+
+        The counts shape ETAs only, so the app's crash does not stop the process it runs in (the API's:
+        the front door). faust's changelog recovery can crash the app in a rebalance (``ValueError:
+        Offset must be a positive integer`` from its seek, with two API members in ``make
+        surge-tier-members``), and the crash used to end the API process. Now the crashed app is
+        stopped and a new one started after a pause (1 s, doubling up to 30 s), counted in
+        ``bubuh_throughput_app_restarts_total``; meanwhile the rates read as unknown and the ETAs
+        fall back to the queue's own figures. A failure to start still fails the task, as before.
+        """
+        pause = 1.0
+        while True:
+            await self.start()
+            try:
+                ended = asyncio.ensure_future(self.app.wait_until_stopped())
+                stopper = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({ended, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                ended.cancel()
+                reason = self.app.crash_reason
+            finally:
+                await self.stop()
+            if stop.is_set():
+                return
+            self.restarts += 1
+            THROUGHPUT_RESTARTS.inc()
+            log.warning("throughput: the faust app stopped, starting a new one", reason=repr(reason),
+                        in_s=pause, restarts=self.restarts)
+            if await sleep_or_stop(stop, pause):
+                return
+            pause = min(2 * pause, 30.0)
+            self._build()
 
     # --- read API -----------------------------------------------------------------------------------
 

@@ -279,3 +279,25 @@ async def test_a_restart_skips_records_too_old_for_any_window(settings):
         assert await _until(lambda: tp.rates().completed == 5), tp.rates()
         assert tp.read == 5, f"read {tp.read} records: the old ones were not skipped"
         assert tp.skipped == 200
+
+
+async def test_a_crashed_app_is_started_again_and_counts_on(settings):
+    """faust's changelog recovery crashed the app in a rebalance (``ValueError: Offset must be a
+    positive integer``, with two API members in ``make surge-tier-members``), and the crash ended the
+    API process it ran in. The app only feeds ETAs: the task now starts a new app and counts on. The
+    crash goes the way faust's own went: its recovery service crashes, through mode's ``crash``."""
+    await topics.ensure(settings)
+    async with Running(settings) as tp:
+        first = tp.app
+        await first.tables.recovery.crash(ValueError("Offset must be a positive integer"))
+        assert await _until(lambda: first.crash_reason is not None, 10), "the crash was not seen by the app"
+        assert await _until(lambda: tp.app is not first and tp.assigned(topics.STAMP_EVENTS), 60), \
+            "no new app took the partitions"
+        assert tp.restarts == 1
+        n = 12
+        p = await _producer(settings)
+        try:
+            await p.publish_many([_completed(settings, 10_000 + i) for i in range(n)])
+        finally:
+            await p.stop()
+        assert await _until(lambda: tp.rates().completed >= n, 30), tp.rates()
