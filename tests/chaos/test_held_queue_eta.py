@@ -1,7 +1,7 @@
 """Issue 12's ETA check at a size that fits CI: three channels each keep a set number of stamp requests
 unfinished (``loadtests/held_queue.py``: a new one for each the ledger commits, about 35 s of them), so the
 stamping tier, made the bottleneck (one signing child, one taker), works through a standing queue of
-about 14 s of its pace (measured first; 300 requests or more), as on a deadline day. The requests sent
+about 20 s of its pace (measured first; 300 requests or more), as on a deadline day. The requests sent
 once the queue stands ("held") must have a median first ETA of 10 s or more (else the check does not
 apply: issue 12 asks it of such a run), and their first ETAs must be right at the pace the tier kept
 before each 202 (the bounds below; the time they took is held to them loosely: the machine's pace moves
@@ -26,9 +26,12 @@ from tests.platform import PlatformProcess, env_for
 pytestmark = [pytest.mark.slow, pytest.mark.exclusive]   # it times the tier: alone on the cores
 
 CHANNELS, DEPTH, HELD = 3, 100, 150     # each channel keeps at least DEPTH unfinished, then sends HELD more
-QUEUE_S, HELD_S = 14.0, 35.0             # or more: the standing queue, and the held phase, in seconds of the
+QUEUE_S, HELD_S = 20.0, 35.0             # or more: the standing queue, and the held phase, in seconds of the
                                          # calibration's pace (a held phase of 1-2 queues read the tier's
-                                         # speed-up after the fill as ETA error: took/ETA 0.67-0.74)
+                                         # speed-up after the fill as ETA error: took/ETA 0.67-0.74). The
+                                         # calibration reads low (its own fill and drain): 14 s of it gave
+                                         # a median first ETA of 9.8 s when the tier then signed at 59/s
+                                         # against 41 (CI, 3 December, night)
 
 
 async def test_requests_joining_a_standing_queue_complete_within_a_quarter_of_their_first_eta(settings):
