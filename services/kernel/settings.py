@@ -55,8 +55,10 @@ class Settings(BaseSettings):
     local_tier_members: int = 1       # `bubuh up` with BUBUH_LOCAL_LAYOUT=tiers: processes per tier, API included
     local_api_members: int = 0        # `bubuh up` with the tiers layout: API processes (0: one per core, up to 4)
     # `bubuh up`: the nice value of every process that serves no API route (the workers, their signing
-    # children): on one box the front door takes the CPU first, the back end runs on what is left (0: equal)
-    local_worker_nice: int = 10
+    # children), and of its session's autogroup (local_processes.lower_priority), so the front door takes
+    # the CPU first on one box. 0 (equal shares): with it at 10 a flood's intake starved the small
+    # channels' stamps, x8 their p99 alone against x3-4 at 0 (README, "One box, equal shares")
+    local_worker_nice: int = 0
     local_stamping_members: int = 1   # `bubuh up`: stamping worker processes on the local stack (stamping-1..N)
     # body limits, enforced while the body arrives (kernel/http.py BodyLimits); routes that take a body
     # name their own below; this one holds every other route

@@ -92,6 +92,27 @@ def metrics_targets(settings: Settings) -> dict[str, tuple[str, int]]:
     return targets
 
 
+AUTOGROUP = Path("/proc/self/autogroup")
+
+
+def lower_priority(nice: int) -> None:
+    """Run at ``nice`` against the other processes of the box: the process's own nice value, and its
+    session's autogroup's (it runs in a child after ``setsid``, before the exec).
+
+    Each process ``up`` starts leads a session of its own, and with the kernel's autogroups
+    (``/proc/sys/kernel/sched_autogroup_enabled``, on by default) each session is a scheduling group
+    whose weight its tasks' nice values do not change: sched(7), "the nice value is now relative only to
+    other threads in the same autogroup". Until 4 December the workers ran at nice 10 that way, and
+    took the same CPU share as at 0 (two busy loops in sessions of their own, one at nice 19: 43% and
+    45% of a core each). The group's own nice (``/proc/<pid>/autogroup``) is what weighs; without
+    autogroups (disabled, or the process in a cgroup of its own) the nice value does."""
+    os.nice(nice)
+    try:
+        AUTOGROUP.write_text(str(nice))
+    except OSError:      # no autogroups here: the nice value above is the one that counts
+        pass
+
+
 def _serves_api(args: list[str]) -> bool:
     return args[args.index("--api") + 1] != "none"
 
@@ -178,14 +199,14 @@ def up(settings: Settings, timeout: float = 90) -> None:
         ready = run / f"{name}.ready"
         ready.unlink(missing_ok=True)
         env = {**os.environ, **process_env(settings, name)}
-        # the front door first: worker-only processes yield the CPU to the API's (invariant 6); set before
-        # the exec, so every thread and child of the process inherits it
+        # BUBUH_LOCAL_WORKER_NICE: worker-only processes yield the CPU to the API's; set before the exec, so
+        # every thread and child of the process inherits it (default 0: equal shares, see lower_priority)
         nice = 0 if _serves_api(args) else settings.local_worker_nice
         with open(log_file(settings, name), "ab") as log:
             started[name] = subprocess.Popen(
                 [sys.executable, "-m", "services.operator.cli", "serve", *args, "--ready-file", str(ready)],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True, env=env,
-                preexec_fn=functools.partial(os.nice, nice) if nice > 0 else None)
+                preexec_fn=functools.partial(lower_priority, nice) if nice > 0 else None)
         (run / f"{name}.pid").write_text(str(started[name].pid))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

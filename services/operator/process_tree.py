@@ -42,3 +42,12 @@ def descendants(pids: Iterable[int]) -> set[int]:
 def group(pgid: int) -> list[int]:
     """The live members of process group ``pgid`` (zombies, already ended, left out)."""
     return [pid for pid, state, _, pgrp in _stats() if pgrp == pgid and state != "Z"]
+
+
+def autogroup_nice(pid: int) -> int | None:
+    """The nice value of ``pid``'s scheduling autogroup (``/proc/<pid>/autogroup``: "/autogroup-N nice K"),
+    which weighs its session against the others; None without autogroups or when ``pid`` has ended."""
+    try:
+        return int(Path(f"/proc/{pid}/autogroup").read_text().split("nice")[1])
+    except (OSError, IndexError, ValueError):
+        return None

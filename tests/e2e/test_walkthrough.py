@@ -12,6 +12,8 @@ from services.kernel.settings import REPO_ROOT, Settings
 from services.operator import dss_validator, local_processes, process_tree
 from tests.platform import env_for
 
+WORKER_NICE = 10
+
 
 def _run(env, *args, timeout=120):
     return subprocess.run([sys.executable, "-m", "services.operator.cli", *args], cwd=REPO_ROOT, env=env,
@@ -45,8 +47,10 @@ def _alive(pid: int) -> bool:
 def test_up_demo_down(settings, tmp_path, request):
     # at the platform's default level, B-LT, with the stack's test PKI (its signer, TSA, OCSP and CRLs)
     pki = Settings().pki_dir
+    # the workers at a lower priority than the front door (BUBUH_LOCAL_WORKER_NICE; 0, equal, by default)
     env = env_for(settings, BUBUH_LOCAL_DIR=str(tmp_path), BUBUH_PADES_LEVEL="b-lt",
-                  BUBUH_SIGNING_P12_PATH=str(pki / "signer.p12"), BUBUH_TRUST_ROOTS=str(pki / "trust-anchor.pem"))
+                  BUBUH_SIGNING_P12_PATH=str(pki / "signer.p12"), BUBUH_TRUST_ROOTS=str(pki / "trust-anchor.pem"),
+                  BUBUH_LOCAL_WORKER_NICE=str(WORKER_NICE))
     keys = _run(env, "keys", "dev-ca", "--if-missing")   # what `make setup` does
     dss_validator.ensure()   # the demo's outside validator: built once for the suite, not per local dir
     (tmp_path / "dss").symlink_to(dss_validator.home())
@@ -74,19 +78,23 @@ def test_up_demo_down(settings, tmp_path, request):
     assert "TOTAL_PASSED (PAdES-BASELINE-LT)" in demo.stdout, demo.stdout
     written = [ln.split(": ", 1)[1] for ln in demo.stdout.splitlines() if ln.startswith("== 6. the stamped PDF: ")]
     assert written and (tmp_path / "demo").exists() and open(written[0], "rb").read(5) == b"%PDF-"
-    # the front door first: the API's processes at nice 0, every thread and child of the workers (the
-    # signing children that made the demo's stamp among them) at BUBUH_LOCAL_WORKER_NICE's default
-    worker_nice = Settings.model_fields["local_worker_nice"].default
-    assert worker_nice > 0
+    # the API's processes at nice 0, every thread and child of the workers (the signing children that made
+    # the demo's stamp among them) at BUBUH_LOCAL_WORKER_NICE, and so is each worker's session (its autogroup:
+    # a nice value alone weighs nothing against the other sessions, tests/unit/test_local_priority.py)
+    autogroups = Path("/proc/sys/kernel/sched_autogroup_enabled")
+    grouped = autogroups.exists() and autogroups.read_text().strip() == "1"
     for name, pid in zip(names, pids, strict=True):
         own = _nices([pid])
         children = _nices(process_tree.descendants([pid]))
+        group = process_tree.autogroup_nice(pid) if grouped else None
         if name.startswith("api-"):   # its verification children alone run lower (nice 10, SCHED_IDLE)
             assert own == {0} and children <= {0, Settings().verify_nice}, (name, own, children)
+            assert group in (None, 0), (name, group)
         else:
-            assert own | children == {worker_nice}, (name, own, children)
+            assert own | children == {WORKER_NICE}, (name, own, children)
+            assert group in (None, WORKER_NICE) and (group is not None or not grouped), (name, group)
     signing = process_tree.descendants([pids[names.index("stamping-1")]])
-    assert signing and _nices(signing) == {worker_nice}
+    assert signing and _nices(signing) == {WORKER_NICE}
     down = _run(env, "down")
     assert down.returncode == 0 and "stopped" in down.stdout
     deadline = time.monotonic() + 10
