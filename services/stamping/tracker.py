@@ -58,10 +58,6 @@ class StatusTracker:
         await self._release_stamps(committed)
         return []
 
-    async def handle(self, event: Event) -> None:
-        """One record (what a batch of one does)."""
-        await self.process([event])
-
     async def _other(self, event: Event) -> None:
         m = event.payload
         if isinstance(m, quota_pb2.QuotaRejected):

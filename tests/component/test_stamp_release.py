@@ -40,8 +40,8 @@ def _committed(rid: str):
 
 async def test_a_committed_unit_releases_its_signed_stamp_once(pool, tracker):
     await _at(pool, "r1", "signed")
-    await tracker.handle(_committed("r1"))
-    await tracker.handle(_committed("r1"))                     # redelivered: nothing more
+    await tracker.process([_committed("r1")])
+    await tracker.process([_committed("r1")])                     # redelivered: nothing more
     row = await pool.fetchrow("SELECT status, finished_at FROM requests WHERE request_id = 'r1'")
     assert row["status"] == "completed" and row["finished_at"] is not None
     [(event_id, done)] = await hs.outbox(pool)
@@ -56,7 +56,7 @@ async def test_the_release_names_the_rewrite_the_stamp_went_onto(pool, tracker):
     hash, as the status read does, so a channel's webhook can tell its file does not begin with the upload."""
     await _at(pool, "r1", "signed")
     await pool.execute("UPDATE requests SET rewritten_sha256 = 'beef' WHERE request_id = 'r1'")
-    await tracker.handle(_committed("r1"))
+    await tracker.process([_committed("r1")])
     [(_, done)] = await hs.outbox(pool)
     assert (done.output_sha256, done.rewritten_sha256) == ("cafe", "beef")
 
@@ -64,7 +64,7 @@ async def test_the_release_names_the_rewrite_the_stamp_went_onto(pool, tracker):
 @pytest.mark.parametrize("status", ["stamping", "failed", "completed"])
 async def test_only_a_signed_stamp_is_released(pool, tracker, status):
     await _at(pool, "r1", status)
-    await tracker.handle(_committed("r1"))
+    await tracker.process([_committed("r1")])
     assert await pool.fetchval("SELECT status FROM requests WHERE request_id = 'r1'") == status
     assert await hs.outbox(pool) == []
 
