@@ -80,6 +80,7 @@ SCRAPE_EVERY_S = 5.0
 BUCKET_S = 10.0                      # the plots' and the tables' time resolution
 PURCHASE_UNITS = 10                  # an applicant group's purchase: 10 stamps' worth
 PURCHASE_LEAD_S = 40.0               # bought this long before the stamps that use it arrive
+CREDIT_WAIT_S = 60.0                 # a stamp short of credit waits this long past its channel's last purchase
 ETA_WITHIN = 0.25
 ENGINE_PROCESSES = 2                 # the engine's rate that point 1 compares with: one process a core ...
 OF_ENGINE = 0.30                     # ... of which the platform's end-to-end stamps/s should reach this share
@@ -168,6 +169,68 @@ def purchases(arrivals: list[Arrival], channels: int, units: int = PURCHASE_UNIT
                 out.append((when, a.channel, units))
         count[a.channel] += 1
     return sorted([(0.0, c, n) for c, n in enumerate(upfront) if n] + out)
+
+
+def units_needed(arrivals: list[Arrival], channels: int) -> list[int]:
+    """Per arrival, the units its channel must have credited before it is sent: one more than the
+    channel's stamps before it (each takes one unit)."""
+    count = [0] * channels
+    out = []
+    for a in arrivals:
+        count[a.channel] += 1
+        out.append(count[a.channel])
+    return out
+
+
+class Credits:
+    """What a channel does before it sends a stamp: it waits until the account holds the unit the stamp
+    will take (``GET /v1/accounts/{id}/quota``, docs/channels.md). A purchase is accepted (202) before it
+    is credited, and when the broker was down its retries ran for minutes; sent at its time regardless,
+    a stamp whose purchase had not landed was refused ``QUOTA_INSUFFICIENT`` (846 of round 1's stamps,
+    1 December). The quota is read only while a stamp is short, once at a time per channel; a stamp
+    waits at most ``give_up_s`` past the end of the day's purchases of its channel, then goes anyway
+    (and is refused, which the report shows)."""
+
+    def __init__(self, client: LoadClient, headers: list[dict], give_up_s: float = CREDIT_WAIT_S,
+                 every_s: float = 0.5) -> None:
+        self._client = client
+        self._headers = headers
+        self._credited = [0] * len(headers)
+        self._reading = [asyncio.Lock() for _ in headers]
+        self._buying = [0] * len(headers)          # purchases of the channel not yet ended
+        self._bought_at: list[float | None] = [None] * len(headers)
+        self._give_up_s = give_up_s
+        self._every_s = every_s
+
+    def buying(self, c: int) -> None:
+        self._buying[c] += 1
+
+    def bought(self, c: int) -> None:
+        self._buying[c] -= 1
+        self._bought_at[c] = time.monotonic()
+
+    def _given_up(self, c: int) -> bool:
+        done = self._bought_at[c]
+        return self._buying[c] == 0 and done is not None and time.monotonic() - done > self._give_up_s
+
+    async def _read(self, c: int) -> None:
+        try:
+            r = await self._client.get("/v1/accounts/applicants/quota", headers=self._headers[c])
+        except TRANSPORT_ERRORS:
+            return
+        if r.status_code == 200:
+            self._credited[c] = max(self._credited[c], int(r.json().get("credited") or 0))
+
+    async def wait(self, c: int, need: int) -> float:
+        """Until channel ``c`` has ``need`` units credited (or gives up); the seconds waited."""
+        started = time.monotonic()
+        while self._credited[c] < need and not self._given_up(c):
+            async with self._reading[c]:
+                if self._credited[c] < need:
+                    await self._read(c)
+                    if self._credited[c] < need:
+                        await asyncio.sleep(self._every_s)
+        return time.monotonic() - started
 
 
 # --- the platform's metrics, scraped --------------------------------------------------------------
@@ -331,6 +394,7 @@ class Sent:
     took_s: float | None = None       # the server's finished_at - accepted_at
     key: str = ""                     # its Idempotency-Key
     late: str | None = None           # no answer in time: the status the channel's later retry was answered with
+    held_s: float = 0.0               # how long the channel held it past its time, until its units were credited
 
 
 async def _send(gate: asyncio.Semaphore, t0: float, sent: Sent, request) -> Answer | None:
@@ -341,7 +405,7 @@ async def _send(gate: asyncio.Semaphore, t0: float, sent: Sent, request) -> Answ
     request cleanly; with httpx a request cancelled while it waited for a pool connection could keep that
     connection's slot for good, encode/httpcore#1093, and the fourth deadline-day run had 131 resends
     waiting minutes for slots that were never freed)."""
-    scheduled = t0 + sent.t
+    scheduled = t0 + sent.t + sent.held_s
     deadline = scheduled + TIMEOUT_S
     await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
     r = None
@@ -396,6 +460,12 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
             return {"Authorization": f"Bearer {creds[c]['api_key']}"}
 
         async def buy(when: float, c: int, n: int, t0: float) -> None:
+            try:
+                await _buy(when, c, n, t0)
+            finally:
+                credits.bought(c)
+
+        async def _buy(when: float, c: int, n: int, t0: float) -> None:
             b = Sent(when, rate_at(shape, 0, when)[1], c)
             body = {"channel_order_id": f"deadline-{secrets.token_hex(8)}", "account_id": "applicants",
                     "quantity": n, "amount": n * 10_000,
@@ -413,6 +483,9 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
                            "quantity": n, "amount": body["amount"], "status": b.status,
                            "latency_s": round(b.latency_s or 0, 3), "attempts": b.attempts, "error": b.error})
 
+        credits = Credits(reading, [auth(c) for c in range(channels)])
+        for _, c, _ in buys:
+            credits.buying(c)
         # what is due before the clock starts, then a few seconds for the credits to land
         await asyncio.gather(*(buy(0.0, c, n, time.perf_counter()) for when, c, n in buys if when == 0.0))
         await asyncio.sleep(3)
@@ -428,7 +501,9 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
                 "/v1/stamps", headers=auth(s.channel) | {"Idempotency-Key": s.key}, form={"meta": META},
                 file=("letter.pdf", letter, "application/pdf"), timeout_s=timeout_s)
 
-        async def arrive(s: Sent) -> None:
+        async def arrive(s: Sent, need: int) -> None:
+            await asyncio.sleep(max(0.0, t0 + s.t - time.perf_counter()))
+            s.held_s = await credits.wait(s.channel, need)     # a channel sends only what is paid for
             r = await _send(gate, t0, s, stamp(s))
             if r is not None and r.status_code == 202:
                 body = r.json()
@@ -482,7 +557,8 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
         watcher = asyncio.ensure_future(progress())
         injecting = asyncio.ensure_future(inject(env, settings, shape, t0, fault_log)) if faults_on else None
         sending = asyncio.ensure_future(asyncio.gather(
-            *(arrive(s) for s in sent), *(buy(when, c, n, t0) for when, c, n in buys if when > 0)))
+            *(arrive(s, need) for s, need in zip(sent, units_needed(arrivals, channels), strict=True)),
+            *(buy(when, c, n, t0) for when, c, n in buys if when > 0)))
         await asyncio.gather(sending, *(reader() for _ in range(READERS)))
         if injecting is not None:
             await injecting
@@ -633,7 +709,7 @@ def buckets(sent: list[Sent], horizon: float) -> list[dict]:
 
 def unanswered_outside(sent: list[Sent], windows: list[tuple[float, float]]) -> int:
     """Requests that got no answer in 30 s though they arrived outside every fault window (+30 s)."""
-    return sum(1 for s in sent if s.status is None and not any(a <= s.t <= b + 30 for a, b in windows))
+    return sum(1 for s in sent if s.status is None and not any(a <= s.t + s.held_s <= b + 30 for a, b in windows))
 
 
 def summarise(sent: list[Sent], shape: list[Phase], windows: list[tuple[float, float]] = ()) -> dict:
@@ -661,6 +737,8 @@ def summarise(sent: list[Sent], shape: list[Phase], windows: list[tuple[float, f
             "accepted_in_the_end": sum(s.request_id is not None for s in sent),
             "unanswered_outside_faults": unanswered_outside(sent, list(windows)),
             "sent_again_answered": {k: sum(s.late == k for s in sent) for k in {s.late for s in sent if s.late}},
+            "held_for_credit": {"requests": sum(s.held_s > 0.05 for s in sent),
+                                "max_s": round(max((s.held_s for s in sent), default=0.0), 1)},
             "last_completed_s": round(max(done), 1) if done else None}
 
 
@@ -911,6 +989,14 @@ def rounds_markdown(r: dict) -> list[str]:
     return lines
 
 
+def held_for_credit(summary: dict) -> str:
+    h = summary.get("held_for_credit") or {}
+    if not h.get("requests"):
+        return "no stamp waited for its units to be credited"
+    return (f"{h['requests']} stamps held by their channel until their units were credited "
+            f"(at most {h['max_s']} s; their intake times count from when they were sent)")
+
+
 def markdown(r: dict) -> str:
     p, b = r["platform"]["summary"], r["baseline"]["summary"]
     lines = [*rounds_markdown(r),
@@ -929,7 +1015,8 @@ def markdown(r: dict) -> str:
               f"else had been accepted all along); outcomes "
               f"{p['outcomes']}; the last completed {p['last_completed_s']} s into the day "
               f"(the arrivals end at {r['arrivals_end_s']:g} s); {r['purchases']['count']} purchases beside them "
-              f"({r['purchases']['accepted']} accepted, {r['purchases']['retried']} after a retry).",
+              f"({r['purchases']['accepted']} accepted, {r['purchases']['retried']} after a retry); "
+              f"{held_for_credit(p)}.",
               f"- **Synchronous baseline**, the same arrivals: {b['accepted_or_stamped']} stamped, "
               f"**{b['timeouts']} without an answer in 30 s** ({b['timeouts'] / max(1, b['arrivals']):.0%}), "
               f"{b['transport_errors']} transport errors; the last stamped {b['last_completed_s']} s into the day.",

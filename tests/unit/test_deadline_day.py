@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
 from pathlib import Path
 
 from loadtests.deadline_day import (
     PLOTS,
     SCRAPE_EVERY_S,
+    Credits,
     Scrapes,
     Sent,
     buckets,
@@ -24,8 +27,10 @@ from loadtests.deadline_day import (
     schedule,
     summarise,
     tier_rates,
+    units_needed,
     verdict,
 )
+from loadtests.load_client import Answer
 
 SHARES = (0.55, 0.25, 0.12, 0.08)
 
@@ -276,3 +281,48 @@ def test_the_engine_alone_is_measured_at_the_platforms_level_with_its_key(tmp_pa
     r = engine_rate(Settings(), 0.5)
     assert r["level"] == "b-b" and r["processes"] == 2
     assert r["stamps"] > 10 and r["stamps_per_s"] > 0
+
+
+def test_each_stamp_needs_one_more_unit_than_its_channel_sent_before_it():
+    day = schedule(phases(30, 60, 10), 20.0, SHARES, seed=7)
+    need = units_needed(day, len(SHARES))
+    for c in range(len(SHARES)):
+        assert [n for a, n in zip(day, need, strict=True) if a.channel == c] == list(
+            range(1, sum(a.channel == c for a in day) + 1))
+
+
+class _Ledger:
+    """The quota route as the generator reads it: ``credited`` rises as the purchase service confirms."""
+
+    def __init__(self, credited: list[int]) -> None:
+        self.credited = credited
+        self.reads = 0
+
+    async def get(self, path: str, headers: dict):
+        self.reads += 1
+        c = headers["c"]
+        return Answer(200, {}, json.dumps({"credited": self.credited[c]}).encode())
+
+
+async def test_a_stamp_waits_until_its_unit_is_credited_and_reads_only_while_short():
+    ledger = _Ledger([10, 0])
+    credits = Credits(ledger, [{"c": 0}, {"c": 1}], give_up_s=30, every_s=0.01)
+    credits.buying(1)
+    assert await credits.wait(0, 10) < 0.05 and ledger.reads == 1     # paid: one read, no wait
+    assert await credits.wait(0, 3) < 0.01 and ledger.reads == 1      # known to be paid: no read at all
+    waiting = asyncio.ensure_future(credits.wait(1, 1))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()                                          # bought, not credited yet: held
+    ledger.credited[1] = 10
+    assert 0.1 <= await asyncio.wait_for(waiting, 1) < 0.5
+
+
+async def test_a_stamp_whose_units_never_come_goes_once_its_channel_gave_up_buying():
+    ledger = _Ledger([0])
+    credits = Credits(ledger, [{"c": 0}], give_up_s=0.2, every_s=0.01)
+    credits.buying(0)
+    waiting = asyncio.ensure_future(credits.wait(0, 1))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()                         # its purchase still being sent: held
+    credits.bought(0)                                 # the purchase ended (refused, or never answered)
+    assert 0.25 <= await asyncio.wait_for(waiting, 2) < 1.0     # then at most give_up_s more
