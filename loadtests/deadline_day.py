@@ -187,7 +187,7 @@ class Credits:
     will take (``GET /v1/accounts/{id}/quota``, docs/channels.md). A purchase is accepted (202) before it
     is credited, and when the broker was down its retries ran for minutes; sent at its time regardless,
     a stamp whose purchase had not landed was refused ``QUOTA_INSUFFICIENT`` (846 of round 1's stamps,
-    1 December). The quota is read only while a stamp is short, once at a time per channel; a stamp
+    3 December). The quota is read only while a stamp is short, once at a time per channel; a stamp
     waits at most ``give_up_s`` past the end of the day's purchases of its channel, then goes anyway
     (and is refused, which the report shows)."""
 
