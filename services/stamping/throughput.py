@@ -45,7 +45,7 @@ from services.contracts.bubuh.v1 import stamp_pb2
 from services.kernel import errors, events, kafka_auth, logs, readiness, topics
 from services.kernel.kafka_clients import build_admin, build_consumer
 from services.kernel.settings import Settings
-from services.kernel.waiting import sleep_or_stop
+from services.kernel.waiting import Pause, sleep_or_stop
 from services.stamping.metrics import THROUGHPUT_RESTARTS
 
 log = logs.get(__name__)
@@ -268,7 +268,7 @@ class Throughput:
         ``bubuh_throughput_app_restarts_total``; meanwhile the rates read as unknown and the ETAs
         fall back to the queue's own figures. A failure to start still fails the task, as before.
         """
-        pause = 1.0
+        pause = Pause(first_s=1.0, max_s=30.0)
         while True:
             await self.start()
             try:
@@ -284,11 +284,11 @@ class Throughput:
                 return
             self.restarts += 1
             THROUGHPUT_RESTARTS.inc()
+            wait_s = pause.next()
             log.warning("throughput: the faust app stopped, starting a new one", reason=repr(reason),
-                        in_s=pause, restarts=self.restarts)
-            if await sleep_or_stop(stop, pause):
+                        in_s=wait_s, restarts=self.restarts)
+            if await sleep_or_stop(stop, wait_s):
                 return
-            pause = min(2 * pause, 30.0)
             self._build()
 
     # --- read API -----------------------------------------------------------------------------------

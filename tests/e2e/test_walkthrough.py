@@ -91,10 +91,10 @@ def test_up_demo_down(settings, tmp_path, request):
         group = process_tree.autogroup_nice(pid) if grouped else None
         if name.startswith("api-"):   # its verification children alone run lower (nice 10, SCHED_IDLE)
             assert own == {0} and children <= {0, Settings().verify_nice}, (name, own, children)
-            assert group in (None, 0), (name, group)
+            assert group == (0 if grouped else None), (name, group)
         else:
             assert own | children == {WORKER_NICE}, (name, own, children)
-            assert group in (None, WORKER_NICE) and (group is not None or not grouped), (name, group)
+            assert group == (WORKER_NICE if grouped else None), (name, group)
     signing = process_tree.descendants([pids[names.index("stamping-1")]])
     assert signing and _nices(signing) == {WORKER_NICE}
     down = _run(env, "down")

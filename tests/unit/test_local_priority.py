@@ -12,19 +12,12 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+from loadtests.bench_pipeline import proc_cpu_s
 from services.operator import process_tree
 from services.operator.local_processes import lower_priority
 
 BUSY = "while True: pass"
-
-
-def _cpu_s(pid: int) -> float:
-    """User and system CPU seconds of ``pid`` (``/proc/<pid>/stat``, fields 14 and 15)."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _on_one_core(cpu: int, nice: int) -> None:
@@ -41,10 +34,10 @@ def test_a_process_at_nice_10_in_a_session_of_its_own_yields_the_core():
              for nice in (0, 10)}
     try:
         time.sleep(0.3)                     # both running before the count starts
-        before = {n: _cpu_s(p.pid) for n, p in loops.items()}
+        before = {n: proc_cpu_s(p.pid) for n, p in loops.items()}
         t0 = time.monotonic()
         time.sleep(2.0)
-        used = {n: _cpu_s(p.pid) - before[n] for n, p in loops.items()}
+        used = {n: proc_cpu_s(p.pid) - before[n] for n, p in loops.items()}
         elapsed = time.monotonic() - t0
         groups = {n: process_tree.autogroup_nice(p.pid) for n, p in loops.items()}
     finally:
