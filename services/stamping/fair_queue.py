@@ -9,16 +9,24 @@ durable in the queue before Kafka forgets it), and ``stamping_concurrency`` take
 the row with the smallest start tag. The tags are start-time fair queueing (Goyal, Vin and Cheng,
 1996), per channel ``c`` with weight ``w`` (``BUBUH_STAMP_CHANNEL_WEIGHTS``, default 1):
 
-    start = max(V, start of c's last queued request + 1/w),   V = the smallest start tag queued
+    start = max(V, c's last start tag given out + 1/w),   V = the smallest start tag queued
+                                                            (none queued: the largest given out)
 
 so a backlogged channel's requests are 1/w apart, a channel that had nothing queued starts at the
-head, and with several backlogged channels each is served in proportion to its weight. A worker's
-enqueues take turns (``FairQueue.turn``, in the process): each reads its channels' last tags, and the
-batches of a poll's partitions, queued at once, did not see each other's rows, so a flood spread over
-four partitions had four rows a tag. (A transaction-scoped advisory lock did the same across workers,
-but its waits passed 50 ms under a surge: 20-39 in ``make surge-members``, which allows none. Two
-workers enqueueing in the same moment can still give one channel two rows a tag.) The queue
-needs no clock and no rate, and two workers (members) share it: a taker claims the head by deleting
+head, and with several backlogged channels each is served in proportion to its weight. A batch takes
+its channels' tags before the transaction that queues its rows, in one short statement of its own
+(``_TAGS``: each channel's last tag given out, in ``channel_tags``, moved on by the batch's count), so two
+workers (members), or the batches of one poll's partitions, queueing one channel's requests in the same
+moment get tags that follow each other. Read from the queued rows inside the queueing transaction
+instead, each saw none of the other's rows (not committed yet) and both gave the channel the same
+tags: a flood spread over four partitions had four rows a tag. An in-process turn fixed that within a
+worker only; a transaction-scoped advisory lock fixed it across workers, but its waits passed 50 ms
+under a surge (20-39 in ``make surge-members``, which allows none). The statement holds a channel's row
+only while it runs, and takes the rows in channel order, so two members never deadlock on it. A
+request queued again by a redelivered batch (after a crash) keeps its place, and its channel's tags
+move on by one step for it all the same.
+
+The queue needs no clock and no rate, and two workers (members) share it: a taker claims the head by deleting
 it (``SKIP LOCKED``: rows other takers hold are passed over) in a transaction that stays open while
 it signs, so the others skip it, its commit ends it, and a killed taker's row is back the moment its
 connection ends (one statement claims; none more finishes).
@@ -72,18 +80,26 @@ log = logs.get(__name__)
 RESERVED = events.type_name(quota_pb2.QuotaReserved)
 IDLE_POLL_S = 1.0        # a lost NOTIFY costs at most this
 
-# ``last``: each channel's last tag, one index probe per channel in the batch (a max() per channel; a
-# GROUP BY over the channels' rows read every queued row of theirs: 6 ms at 20,000 queued, per batch)
+# each channel's next ``n`` tags, taken in one autocommitted statement: start = max(V, its last tag + 1/w), then
+# 1/w apart; V, the smallest tag queued (rows being signed included: their deletion is not committed), or
+# with nothing queued the largest tag given out (every one of them was served), so a channel that was
+# served last does not go back to the head behind channels that were not. Rows in channel order: two
+# members' statements lock the same channels in the same order. Returns each channel's last tag.
+_TAGS = """
+WITH want AS (SELECT cid, n, w FROM unnest($1::text[], $2::int[], $3::float8[]) AS u(cid, n, w)),
+     head AS (SELECT coalesce((SELECT start_tag FROM schedule ORDER BY start_tag, seq LIMIT 1),
+                              (SELECT max(last_tag) FROM channel_tags), 0) AS v)
+INSERT INTO channel_tags AS t (channel_id, last_tag)
+SELECT want.cid, head.v + (want.n - 1) / want.w FROM want CROSS JOIN head ORDER BY want.cid
+ON CONFLICT (channel_id) DO UPDATE
+   SET last_tag = greatest(EXCLUDED.last_tag, t.last_tag + (SELECT n / w FROM want WHERE want.cid = t.channel_id))
+RETURNING channel_id, last_tag
+"""
 _ENQUEUE = """
-WITH head AS (SELECT coalesce((SELECT start_tag FROM schedule ORDER BY start_tag, seq LIMIT 1), 0) AS v),
-     last AS (SELECT c.cid AS channel_id, (SELECT max(start_tag) FROM schedule s WHERE s.channel_id = c.cid) AS tag
-                FROM (SELECT DISTINCT cid FROM unnest($2::text[]) AS u(cid)) AS c)
 INSERT INTO schedule (request_id, channel_id, start_tag, topic, "partition", "offset", record_key, headers, event)
-SELECT u.rid, u.cid, greatest(head.v, coalesce(last.tag + 1.0 / u.w, head.v)) + u.k / u.w,
-       u.t, u.p, u.o, u.rk, u.h::jsonb, u.ev
-  FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::text[], $6::int[], $7::bigint[],
-              $8::bytea[], $9::text[], $10::bytea[]) AS u(rid, cid, k, w, t, p, o, rk, h, ev)
- CROSS JOIN head LEFT JOIN last ON last.channel_id = u.cid
+SELECT u.rid, u.cid, u.tag, u.t, u.p, u.o, u.rk, u.h::jsonb, u.ev
+  FROM unnest($1::text[], $2::text[], $3::float8[], $4::text[], $5::int[], $6::bigint[], $7::bytea[], $8::text[],
+              $9::bytea[]) AS u(rid, cid, tag, t, p, o, rk, h, ev)
 ON CONFLICT (request_id) DO NOTHING
 """
 # the head of the queue no other taker holds, deleted by the claiming transaction: others skip it while that
@@ -163,9 +179,6 @@ class FairQueue:
 
     def __init__(self, weights: Mapping[str, float] | None = None) -> None:
         self._weights = dict(weights or {})
-        # this process's enqueues take turns (see the module's docstring): each reads its channels' last
-        # tags, which an enqueue running beside it (its rows not committed yet) would leave out
-        self.turn = asyncio.Lock()
         bad = {c: w for c, w in self._weights.items() if not w > 0}
         if bad:
             raise ValueError(f"stamp channel weights must be above 0: {bad}")
@@ -175,19 +188,30 @@ class FairQueue:
 
     # -- the consumer's side ---------------------------------------------------------------
 
-    async def enqueue(self, conn: asyncpg.Connection, reserved: Sequence[Event]) -> None:
-        """Queue ``QuotaReserved`` events (in order; a request already queued stays where it is)."""
-        if not reserved:
-            return
-        seen: dict[str, int] = {}
-        ks, ws = [], []
+    async def tags(self, pool: asyncpg.Pool, reserved: Sequence[Event]) -> list[float]:
+        """The start tag of each of ``reserved`` (in order), taken for good before they are queued (``_TAGS``)."""
+        counts: dict[str, int] = {}
+        for e in reserved:
+            counts[e.payload.channel_id] = counts.get(e.payload.channel_id, 0) + 1
+        channels = sorted(counts)
+        rows = await pool.fetch(_TAGS, channels, [counts[c] for c in channels], [self.weight(c) for c in channels])
+        # the channel's first tag of this batch, then 1/w apart in the batch's order
+        following = {r["channel_id"]: r["last_tag"] - (counts[r["channel_id"]] - 1) / self.weight(r["channel_id"])
+                     for r in rows}
+        out = []
         for e in reserved:
             cid = e.payload.channel_id
-            ks.append(float(seen.get(cid, 0)))
-            seen[cid] = seen.get(cid, 0) + 1
-            ws.append(self.weight(cid))
+            out.append(following[cid])
+            following[cid] += 1.0 / self.weight(cid)
+        return out
+
+    async def enqueue(self, conn: asyncpg.Connection, reserved: Sequence[Event], tags: Sequence[float]) -> None:
+        """Queue ``QuotaReserved`` events at their ``tags`` (``FairQueue.tags``; a request already queued stays
+        where it is)."""
+        if not reserved:
+            return
         await conn.execute(
-            _ENQUEUE, [e.payload.request_id for e in reserved], [e.payload.channel_id for e in reserved], ks, ws,
+            _ENQUEUE, [e.payload.request_id for e in reserved], [e.payload.channel_id for e in reserved], list(tags),
             [e.topic for e in reserved], [e.partition for e in reserved], [e.offset for e in reserved],
             [e.key for e in reserved], [json.dumps({k: v.hex() for k, v in e.headers.items()}) for e in reserved],
             [e.raw for e in reserved])
@@ -239,8 +263,9 @@ class Enqueue:
     async def process(self, batch: Sequence[Event]) -> list[Rejection]:
         reserved = [e for e in batch if isinstance(e.payload, quota_pb2.QuotaReserved)]
         if reserved:
-            async with self._queue.turn, self._pool.acquire() as conn, conn.transaction():
-                await self._queue.enqueue(conn, reserved)
+            tags = await self._queue.tags(self._pool, reserved)     # before the transaction, committed at once
+            async with self._pool.acquire() as conn, conn.transaction():
+                await self._queue.enqueue(conn, reserved, tags)
                 shown = await conn.fetch(_SHOW_RESERVED, [e.payload.request_id for e in reserved])
             for row in shown:
                 STAGE_SECONDS.labels("queued").observe(max(0.0, row["waited_s"]))

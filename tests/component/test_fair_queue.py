@@ -195,19 +195,25 @@ def _rows_read(plan: dict, table: str) -> int:
 
 async def test_enqueueing_reads_each_channels_last_tag_not_its_whole_backlog(settings, pool):
     """A GROUP BY over the channels' queued rows read every one of them for each batch (6 ms at 20,000
-    queued); a batch now costs an index probe per channel, however long the queue."""
+    queued); a batch's tags now cost the queue's head (an index probe) and a row per channel, and its
+    insert reads no queued row, however long the queue."""
     from services.stamping import fair_queue
 
     queue = FairQueue()
     await _enqueue(pool, queue, _reserved("flood", 3000))
     await pool.execute("ANALYZE schedule")
     batch = _reserved("flood", 2) + _reserved("small", 1)
+    [tags_plan] = json.loads(await pool.fetchval(     # ANALYZE runs it: the tags are taken
+        "EXPLAIN (ANALYZE, FORMAT JSON) " + fair_queue._TAGS, ["flood", "small"], [2, 1], [1.0, 1.0]))
+    assert _rows_read(tags_plan["Plan"], "schedule") <= 10, tags_plan
+    assert _rows_read(tags_plan["Plan"], "channel_tags") <= 10, tags_plan
     [plan] = json.loads(await pool.fetchval(          # ANALYZE runs it: the batch is queued
         "EXPLAIN (ANALYZE, FORMAT JSON) " + fair_queue._ENQUEUE,
-        [e.payload.request_id for e in batch], [e.payload.channel_id for e in batch], [0.0, 1.0, 0.0],
-        [1.0] * 3, ["t"] * 3, [0] * 3, [0] * 3, [b""] * 3, ["{}"] * 3, [e.raw for e in batch]))
+        [e.payload.request_id for e in batch], [e.payload.channel_id for e in batch], [3000.0, 3001.0, 0.0],
+        ["t"] * 3, [0] * 3, [0] * 3, [b""] * 3, ["{}"] * 3, [e.raw for e in batch]))
     assert _rows_read(plan["Plan"], "schedule") <= 10, plan
     assert await pool.fetchval("SELECT count(*) FROM schedule") == 3003
+    assert await pool.fetchval("SELECT last_tag FROM channel_tags WHERE channel_id = 'flood'") == 3001.0
 
 
 async def test_queued_requests_show_reserved_in_the_transaction_that_queues_them(settings, pool):
@@ -246,3 +252,49 @@ async def test_batches_queued_at_once_give_each_channel_one_tag_per_request(sett
     await _enqueue(pool, queue, _reserved("small", 1))
     order = await _take_all(settings, pool, limit=3)
     assert "small" in order[:2], order                                       # right behind the head
+
+
+async def test_two_members_queueing_one_channel_at_once_give_it_one_tag_per_request(settings, pool):
+    """Two stamping workers (members) share the queue, each with a FairQueue of its own. Member A's insert is
+    held up (another transaction holds one of its request ids, as a redelivered batch does), and member B
+    queues the same channel meanwhile. When each read the channel's last tag from the queued rows inside its
+    own transaction, B saw none of A's rows and gave the channel the same tags: two rows a tag, twice its
+    share beside a small channel."""
+    a, b = FairQueue(), FairQueue()
+    await _enqueue(pool, a, _reserved("flood", 3))                                  # a backlog to follow
+    batch_a, batch_b = _reserved("flood", 5), _reserved("flood", 5)
+    async with pool.acquire() as holder:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("INSERT INTO schedule (request_id, channel_id, start_tag, topic, \"partition\", "
+                             "\"offset\", headers, event) VALUES ($1, 'flood', 0, 't', 0, 0, '{}', '')",
+                             batch_a[-1].payload.request_id)
+        member_a = asyncio.create_task(_enqueue(pool, a, batch_a))
+        for _ in range(100):                          # A's insert waits for the holder's row
+            if await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND query LIKE '%INSERT INTO schedule%'"):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("member A's insert never waited: the interleaving was not produced")
+        await asyncio.wait_for(_enqueue(pool, b, batch_b), 5)                        # B, while A waits
+        await tx.rollback()
+    await asyncio.wait_for(member_a, 5)
+    tags = [r["start_tag"] for r in await pool.fetch(
+        "SELECT start_tag FROM schedule WHERE channel_id = 'flood' ORDER BY start_tag")]
+    assert len(tags) == 13
+    assert len(set(tags)) == 13, f"{13 - len(set(tags))} rows share a tag with another of their channel"
+    assert tags == [tags[0] + i for i in range(13)]                                  # 1/w apart, no gap
+    await _enqueue(pool, b, _reserved("small", 1))
+    assert "small" in (await _take_all(settings, pool, limit=2)), "a small channel goes right behind the head"
+
+
+async def test_a_channel_served_last_does_not_go_back_to_the_head_of_an_emptied_queue(settings, pool):
+    """With nothing queued, a channel's next tag follows the tags given out so far (V: the largest of them),
+    so a channel served just now does not jump ahead of one that was not, once the queue has emptied."""
+    queue = FairQueue()
+    await _enqueue(pool, queue, _reserved("early", 4))
+    assert len(await _take_all(settings, pool)) == 4                                 # emptied
+    await _enqueue(pool, queue, _reserved("early", 2) + _reserved("late", 2))
+    order = await _take_all(settings, pool)
+    assert order == ["late", "early", "late", "early"], order
