@@ -391,6 +391,33 @@ async def test_an_undecodable_record_and_stretch_are_dead_lettered_and_the_recor
     assert not marker_value
 
 
+async def test_a_poll_with_a_record_to_dead_letter_decodes_each_record_once(rig, monkeypatch):
+    """A poll of two partitions goes to the batched handler as one batch unless a partition holds a record
+    to dead-letter; that partition then takes its own path. It was decoded up to that record for the
+    batch, then all over again on its own path: every record before a poison one, twice."""
+    from services.kernel.processing import pipeline
+
+    decoded: Counter[bytes] = Counter()
+    real = pipeline.events.decode
+
+    def counting(value, *a, **kw):
+        decoded[bytes(value or b"")] += 1
+        return real(value, *a, **kw)
+
+    monkeypatch.setattr(pipeline.events, "decode", counting)
+    k0, k1 = rig.key_on(0), rig.key_on(1)
+    good = await rig.publish(1, 2, 3, key=k0)
+    await rig.producer.publish(Outgoing(rig.topic, k0, b"\x00not an envelope"))
+    good += await rig.publish(4, key=k0)
+    good += await rig.publish(5, 6, key=k1)
+    rig.member()
+    await eventually(lambda: rig.all_committed(), what="both partitions committed")
+    assert sorted(await rig.applied()) == sorted(r.event_id for r in good)
+    assert len(rig.dead_letters()) == 1
+    ours = {r.value: decoded[r.value] for r in good}
+    assert set(ours.values()) == {1}, f"decoded more than once: {sorted(ours.values())}"
+
+
 async def test_a_stretch_behind_a_record_waiting_out_an_outage_is_dead_lettered_once_after_it(rig):
     healed = asyncio.Event()
     key = rig.key_on(1)

@@ -80,6 +80,9 @@ HEADER_RETRY_FOR = "bubuh-retry-for"           # a durable retry meant for one c
 HEADER_ATTEMPT = "bubuh-attempt"               # a handler's own count of its durable retries (a TSA, an HSM away)
 HEADER_REPLAY = "bubuh-replay"                 # sent again by `bubuh replay`: attempt counts start over
 
+# a record as the loop decoded it: its event, None when this consumer skips it, or why it is dead-lettered
+Decoded = Event | errors.BubuhError | None
+
 
 # which consumer loop of this process last set each lag series: a loop removes only its own (two members
 # of one group can share a process, in tests and in the shared local layout)
@@ -148,9 +151,11 @@ class ConsumerLoop:
         commits: dict[TopicPartition, int] = {}
         halts: dict[TopicPartition, _Halt] = {}
         tps = list(records)
-        outcome = await self._together(records) if self._handler.batched and len(tps) > 1 else {}
+        decoded = {tp: self._decoded(records[tp]) for tp in tps}     # once, whichever path a partition takes
+        outcome = await self._together(decoded) if self._handler.batched and len(tps) > 1 else {}
         rest = [tp for tp in tps if tp not in outcome]
-        results = await asyncio.gather(*(self._partition(records[tp]) for tp in rest), return_exceptions=True)
+        results = await asyncio.gather(*(self._partition(records[tp], decoded[tp]) for tp in rest),
+                                       return_exceptions=True)
         outcome.update(zip(rest, results, strict=True))
         for tp in tps:
             result = outcome[tp]
@@ -211,7 +216,7 @@ class ConsumerLoop:
                       "this point was committed", consumer=self.name, why=why)
 
     # --- a poll's partitions, as one batch --------------------------------------------------------
-    async def _together(self, records: dict[TopicPartition, list[Record]]) -> dict[TopicPartition, _Halt | None]:
+    async def _together(self, decoded: dict[TopicPartition, list[Decoded]]) -> dict[TopicPartition, _Halt | None]:
         """The partitions of a poll whose records all decode, handed to a batched handler as one batch:
         one transaction for the poll instead of one per partition. Issue 12: a flooding channel's
         account was in every partition's batch of the quota ledger, so a poll's batches took turns, a
@@ -224,11 +229,11 @@ class ConsumerLoop:
         runs: dict[TopicPartition, list[Event]] = {}
         skipped: dict[TopicPartition, int] = {}
         rank = {t: i for i, t in enumerate(self._topics)}
-        for tp in sorted(records, key=lambda tp: (rank.get(tp.topic, len(rank)), tp.topic, tp.partition)):
-            try:
-                runs[tp], skipped[tp] = self._events(records[tp])
-            except errors.BubuhError:
+        for tp in sorted(decoded, key=lambda tp: (rank.get(tp.topic, len(rank)), tp.topic, tp.partition)):
+            if any(isinstance(d, errors.BubuhError) for d in decoded[tp]):
                 continue                  # a record to dead-letter in its place: the partition's own path
+            runs[tp] = [d for d in decoded[tp] if isinstance(d, Event)]
+            skipped[tp] = sum(1 for d in decoded[tp] if d is None)
         batch = [e for run in runs.values() for e in run]
         if sum(1 for run in runs.values() if run) < 2:
             return {}
@@ -253,44 +258,39 @@ class ConsumerLoop:
                 CONSUMED.labels(self.name, tp.topic, "skipped").inc(skipped[tp])
         return outcome
 
-    def _events(self, records: list[Record]) -> tuple[list[Event], int]:
-        """A partition's records as events, and how many were skipped; raises at a record to dead-letter."""
-        run: list[Event] = []
-        skipped = 0
+    def _decoded(self, records: list[Record]) -> list[Decoded]:
+        """Each of a partition's records decoded, once: its event, None when this consumer skips it (another
+        consumer's retry, a type its handler does not act on), or the error of a record to dead-letter."""
+        out: list[Decoded] = []
         for record in records:
             if self._skip(record):
-                skipped += 1
+                out.append(None)
                 continue
-            event = self._decode(record)
-            if self._types is not None and event.type not in self._types:
-                skipped += 1
+            try:
+                event = self._decode(record)
+            except errors.BubuhError as exc:
+                out.append(exc)
                 continue
-            run.append(event)
-        return run, skipped
+            out.append(None if self._types is not None and event.type not in self._types else event)
+        return out
 
     def _skip(self, record: Record) -> bool:
         return self._foreign_retry(record) or (self._types is not None and self._other_type(record, self._types))
 
     # --- one partition's records, in order ----------------------------------------------------
-    async def _partition(self, records: list[Record]) -> None:
+    async def _partition(self, records: list[Record], decoded: list[Decoded]) -> None:
         run: list[Event] = []
-        types = self._types
         skipped = 0
-        for record in records:
-            if self._skip(record):
+        for record, d in zip(records, decoded, strict=True):
+            if d is None:
                 skipped += 1
-                continue
-            try:
-                event = self._decode(record)
-                if types is not None and event.type not in types:
-                    skipped += 1
-                    continue
-                run.append(event)
-            except errors.BubuhError as exc:
+            elif isinstance(d, Event):
+                run.append(d)
+            else:
                 await self._run(run)
                 run = []
-                await self._dead_letter(dead_letter_record(record, self._dlq, self.name, exc.code.code, exc.detail),
-                                        exc.code.code, record.offset, exc.detail)
+                await self._dead_letter(dead_letter_record(record, self._dlq, self.name, d.code.code, d.detail),
+                                        d.code.code, record.offset, d.detail)
                 CONSUMED.labels(self.name, record.topic, "dead_lettered").inc()
         await self._run(run)
         if skipped:
