@@ -2,11 +2,13 @@
 while two small ones stamp beside it. The stamping tier is made the bottleneck (one signing child, one
 taker), so the flood builds a backlog there; the small channels' requests must not wait behind it.
 
-What this asserts is the fair queue's part: how long requests stay in it, read from its table. With
-first come first served (ORDER BY seq) a small channel's p90 there was 2.3-2.5 s against the flood's p90
-of 2.0-2.3 s, and this test fails. The whole time from 202 to completed also grows under the flood, at
-every shared hop (intake, the quota tier's partitions, the ledger's commit): `make surge-fairness`
-measures it (x2.7 of alone; issue 12 asks for x2), so it is reported there rather than asserted here.
+What this asserts: the fair queue's part, how long requests stay in it, read from its table (with first
+come first served, ORDER BY seq, a small channel's p90 there was 2.3-2.5 s against the flood's p90 of
+2.0-2.3 s, and this test fails); and the whole time from 202 to completed, every hop counted, a small
+channel's median against the flood's in the same run (0.28-0.30 of it; first come first served 1.30).
+Issue 12's own measure, a small channel's p99 beside the flood against its p99 alone, compares two
+moments of a shared machine: `make surge-fairness` measures it at full size (x2.7-4 of alone; issue 12
+asks for x2), so it is printed here, not asserted.
 """
 
 from __future__ import annotations
@@ -97,3 +99,11 @@ async def test_a_flood_does_not_hold_up_small_channels(settings):
         print(f"small p90 {p90:.2f} median {channel_waits[len(channel_waits) // 2]:.2f}; flood median "
               f"{median_flood_wait:.2f} p90 {p90_flood:.2f}")
         assert p90 <= 0.75 * p90_flood, (channel_waits, flood_waits)
+    # and from 202 to completed, every hop counted (the quota tier's partitions, the ledger's commit, the
+    # status update): a small channel's p50 against the flood's p50 in the same run. Here 0.28-0.30 (0.78-0.83 s
+    # against 2.79 s; alone p99 0.8 s, beside the flood 1.14-1.23 s); first come first served in the queue
+    # made it 1.30 (4.13 s against 3.19 s), and this fails.
+    for times in small:
+        print(f"small 202 to completed p50 {times['p50_s']} p99 {times['p99_s']}; alone p99 {alone_times['p99_s']}; "
+              f"flood p50 {flood['p50_s']}")
+        assert times["p50_s"] <= 0.6 * flood["p50_s"], (small, flood)
