@@ -5,8 +5,8 @@ Consumes: ``quota.events`` (QuotaReserved -> the fair queue, then stamp; QuotaRe
           ``stamp.retry`` (transient failures, at their due time).
 Publishes: ``stamp.requested`` (intake), ``stamp.events`` (StampSigned, StampCompleted, StampFailed),
            ``stamp.retry`` and ``stamp.dead-letter`` (through the outbox).
-Stores:   schema ``stamping``: ``requests``, ``attempts``, ``schedule`` (the fair queue), inbox, outbox;
-          documents in the document store.
+Stores:   schema ``stamping``: ``requests``, ``attempts``, ``schedule`` and ``channel_tags`` (the fair queue),
+          inbox, outbox; documents in the document store.
 HTTP:     ``POST /v1/stamps``, ``GET /v1/stamps/{id}``, ``GET /v1/stamps/{id}/document``,
           ``GET /v1/verify/{sn}``, ``POST /v1/verify``.
 Workers are CPU-bound: run one process per core (``bubuh serve --api none --workers stamping``),
