@@ -22,9 +22,12 @@ instead, each saw none of the other's rows (not committed yet) and both gave the
 tags: a flood spread over four partitions had four rows a tag. An in-process turn fixed that within a
 worker only; a transaction-scoped advisory lock fixed it across workers, but its waits passed 50 ms
 under a surge (20-39 in ``make surge-members``, which allows none). The statement holds a channel's row
-only while it runs, and takes the rows in channel order, so two members never deadlock on it. A
-request queued again by a redelivered batch (after a crash) keeps its place, and its channel's tags
-move on by one step for it all the same.
+only while it runs, and takes the rows in channel order, so two members never deadlock on it. Tags
+taken are spent: a request queued again by a redelivered batch (after a crash) keeps its place, and a
+batch whose transaction fails after its tags were taken (it is redone) takes new ones, so its channel
+moves back by a step per such request, never ahead. Tags only grow (an emptied queue does not start
+again at 0, which would put a batch whose tags were taken just before behind every channel that
+started again); at 10^10 stamps, float8 still tells tags 10^-5 apart.
 
 The queue needs no clock and no rate, and two workers (members) share it: a taker claims the head by deleting
 it (``SKIP LOCKED``: rows other takers hold are passed over) in a transaction that stays open while
