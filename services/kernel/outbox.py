@@ -59,21 +59,28 @@ async def add(conn: asyncpg.Connection, records: list[Outgoing], *, available_at
         await database.notify(conn, "_outbox", in_schema=True)
 
 
-async def add_with(conn: asyncpg.Connection, writes: Sequence[str], args: Sequence, records: list[Outgoing]) -> None:
+async def add_with(conn: asyncpg.Connection, writes: Sequence[str], args: Sequence, records: list[Outgoing], *,
+                   guard: str = "", answer: str = "SELECT") -> list[asyncpg.Record]:
     """Queue ``records`` in the same statement as the caller's own ``writes``, inside its transaction.
 
-    ``writes`` are data-modifying common table expressions (``name AS (INSERT ...)``) with parameters
-    ``$1..$n`` (``args``); PostgreSQL runs each once, whether or not anything reads it. One round trip
-    for the caller's rows and the records: what a transaction holding row locks sends between its
-    last read and its commit (the quota ledger's). The relay's wake-up follows the commit, as ``add``.
+    ``writes`` are common table expressions (``name AS (INSERT ...)``) with parameters ``$1..$n``
+    (``args``); PostgreSQL runs each data-modifying one once, whether or not anything reads it. One
+    round trip for the caller's rows and the records: what a transaction holding row locks sends
+    between its last read and its commit (the quota ledger's). ``guard``, an SQL condition over the
+    writes, queues the records only where it holds (the caller's writes carry it themselves);
+    ``answer`` is the statement's own query, whose rows are returned. The relay's wake-up follows the
+    commit, as ``add`` (one that finds nothing when a guard did not hold).
     """
     if not writes:
         await add(conn, records)
-        return
-    body = _insert(len(args) + 1) if records else "SELECT"
-    await conn.execute(f"WITH {', '.join(writes)} {body}", *args, *(_rows(records, None) if records else ()))
+        return []
+    ctes = list(writes)
+    if records:
+        ctes.append(f"queued AS ({_insert(len(args) + 1)}{f' WHERE {guard}' if guard else ''})")
+    rows = await conn.fetch(f"WITH {', '.join(ctes)} {answer}", *args, *(_rows(records, None) if records else ()))
     if records:
         await database.notify(conn, "_outbox", in_schema=True)
+    return rows
 
 
 async def add_if(conn: asyncpg.Connection, guard: str, guard_args: Sequence, records: list[Outgoing]) -> bool:

@@ -16,12 +16,14 @@ stayed locked).
 Concurrency: the account rows are locked (``FOR UPDATE``, sorted) until the transaction ends, so
 concurrent batches from several instances serialise per account and never oversell; the
 ``available_never_negative`` constraint is the last line of defence. The lock is taken *after* the
-batch was read and worked out, as late as it can be: the locking read returns each row's version
-(``xmin``), and a batch whose accounts changed since its unlocked read reads its transfers again
-under the lock and works the batch out again. Every transfer written rewrites its account's row (a
-refused reservation too), so a new version is the sign of any change to an account's ledger. From
-the lock to the commit there are two round trips (the write and ``COMMIT``) instead of seven: with
-two quota members on one account, the other waits that much less (issue 12's 50 ms lock bound).
+batch was read and worked out, as late as it can be: by the statement that writes the batch, which
+locks the accounts first and writes only if each row is still the version (``xmin``) the batch read.
+A batch whose accounts changed since its unlocked read writes nothing there; it reads its transfers
+again under the lock that statement took and works the batch out again. Every transfer written
+rewrites its account's row (a refused reservation too), so a new version is the sign of any change
+to an account's ledger. From the lock to the commit there is one round trip (``COMMIT``) instead of
+seven (three before the lock moved into the write): with two quota members on one account, the
+other waits that much less (issue 12's 50 ms lock bound).
 """
 
 from __future__ import annotations
@@ -94,8 +96,9 @@ async def lock_accounts(conn: asyncpg.Connection, accounts: set[Account]) -> dic
 
 
 Versions = dict[Account, tuple[str, Balance]]      # account -> (row version, balance)
-_ACCOUNTS = ("SELECT channel_id, account_id, xmin::text AS version, credited, pending, committed FROM accounts "
-             "WHERE (channel_id, account_id) IN (SELECT c, a FROM unnest($1::text[], $2::text[]) AS u(c, a))")
+_ACCOUNTS_IN = ("SELECT channel_id, account_id, xmin::text AS version, credited, pending, committed FROM accounts "
+                "WHERE (channel_id, account_id) IN (SELECT c, a FROM unnest({}, {}) AS w(c, a))")
+_ACCOUNTS = _ACCOUNTS_IN.format("$1::text[]", "$2::text[]")
 
 
 def _versions(rows) -> Versions:
@@ -232,37 +235,61 @@ class _Batch:
             self.closed.append(op.request_id)
         return Outcome("applied", self.move(account, pending=-1, committed=1 if op.kind == "post" else 0), op.code)
 
-    async def write(self, conn: asyncpg.Connection, records: list[Outgoing]) -> None:
-        """The batch's rows and the caller's outbox ``records``, in one statement."""
+    async def write(self, conn: asyncpg.Connection, records: list[Outgoing], *,
+                    unless_changed: Versions | None = None) -> Versions | None:
+        """The batch's rows and the caller's outbox ``records``, in one statement.
+
+        With ``unless_changed`` (accounts and the versions the batch was worked out from, none of them
+        locked yet), the same statement first locks those accounts (sorted, as ``_lock``) and writes only
+        if each is still that version. Returns None when written, or the accounts as locked when one
+        had changed: nothing was written, and the locks are held for the caller to work out again.
+        """
         writes: list[str] = []
         args: list = []
+        when = ""          # the condition every write carries (none: the accounts are locked already)
 
         def arrays(columns: list[list], types: str) -> str:
             start = len(args) + 1
             args.extend(columns)
             return ", ".join(f"${start + i}::{t}[]" for i, t in enumerate(types.split()))
 
+        if unless_changed is not None:
+            ordered = sorted(unless_changed)
+            c, a, v = arrays([[k[0] for k in ordered], [k[1] for k in ordered],
+                              [unless_changed[k][0] for k in ordered]], "text text text").split(", ")
+            writes.append(f"held AS MATERIALIZED ({_ACCOUNTS_IN.format(c, a)} ORDER BY channel_id, account_id "
+                          "FOR UPDATE)")
+            writes.append(f"fresh AS (SELECT count(*) FILTER (WHERE h.version = e.v) = {len(ordered)} AS ok "
+                          f"FROM held AS h JOIN unnest({c}, {a}, {v}) AS e(c, a, v) "
+                          "ON h.channel_id = e.c AND h.account_id = e.a)")
+            when = "(SELECT ok FROM fresh)"
+        where, and_ = (f" WHERE {when}", f" AND {when}") if when else ("", "")
         if self.transfers:
             columns = list(map(list, zip(*self.transfers, strict=True)))
             writes.append("t AS (INSERT INTO transfers "
                           "(id, kind, channel_id, account_id, amount, pending_id, deadline, code, event_id) "
                           "SELECT * FROM unnest("
-                          f"{arrays(columns, 'text text text text bigint text timestamptz text text')}))")
+                          f"{arrays(columns, 'text text text text bigint text timestamptz text text')}){where})")
         if self.opened:
             columns = list(map(list, zip(*self.opened.values(), strict=True)))
             writes.append("o AS (INSERT INTO open_reservations (request_id, channel_id, account_id, deadline) "
-                          f"SELECT * FROM unnest({arrays(columns, 'text text text timestamptz')}))")
+                          f"SELECT * FROM unnest({arrays(columns, 'text text text timestamptz')}){where})")
         if self.closed:
             closed = arrays([self.closed], "text")
-            writes.append(f"d AS (DELETE FROM open_reservations WHERE request_id = ANY({closed}))")
+            writes.append(f"d AS (DELETE FROM open_reservations WHERE request_id = ANY({closed}){and_})")
         if self.touched:
             keys = sorted(self.touched)
             columns = [[k[0] for k in keys], [k[1] for k in keys],
                        *([self.balances[k][i] for k in keys] for i in range(3))]
             writes.append("u AS (UPDATE accounts AS a SET credited = u.c, pending = u.p, committed = u.m "
                           f"FROM unnest({arrays(columns, 'text text bigint bigint bigint')}) AS u(ch, ac, c, p, m) "
-                          "WHERE a.channel_id = u.ch AND a.account_id = u.ac)")
-        await outbox.add_with(conn, writes, args, records)
+                          f"WHERE a.channel_id = u.ch AND a.account_id = u.ac{and_})")
+        if not when:
+            await outbox.add_with(conn, writes, args, records)
+            return None
+        rows = await outbox.add_with(conn, writes, args, records, guard=when,
+                                     answer="SELECT (SELECT ok FROM fresh) AS ok, held.* FROM held")
+        return None if rows and rows[0]["ok"] else _versions(rows)
 
 
 def _work_out(operations: list[Operation], accounts: Versions, rows) -> tuple[_Batch, list[Outcome]]:
@@ -297,10 +324,13 @@ async def apply(conn: asyncpg.Connection, operations: list[Operation], announce:
     as the ledger's rows; it is called again when the accounts changed before the lock, so it must
     only build records.
 
-    The balances are read before the transfers, both without a lock; then the accounts are locked
-    (sorted). If every locked row is the version read, nothing in these accounts' ledger changed in
-    between (every writer of an account's transfers rewrites its row under its lock), and the work
-    stands; otherwise the transfers are read again under the lock and the batch worked out again.
+    The balances are read before the transfers, both without a lock, and the batch is worked out;
+    then one statement locks the accounts (sorted) and writes, if every locked row is the version
+    read: nothing in these accounts' ledger changed in between (every writer of an account's
+    transfers rewrites its row under its lock), and the work stands. Otherwise that statement wrote
+    nothing, the transfers are read again under the lock it took, and the batch is worked out again.
+    A batch naming an account that does not exist yet (or resolving another account's reservation)
+    locks first and works out under the lock.
     """
     if not operations:
         return []
@@ -319,18 +349,19 @@ async def apply(conn: asyncpg.Connection, operations: list[Operation], announce:
     seen = await _read(conn, accounts)
     rows = await transfers()          # after the balances: a change in between shows as a new version
     wanted = accounts | _elsewhere(rows, accounts)
-    # all read: work out now; else (a new account, or one of another's reservation) under the lock
-    settled = settle(seen, rows) if wanted <= seen.keys() else None
-    locked = await _lock(conn, wanted, create=settled is None)
-    if settled is None or any(seen.get(a) != v for a, v in locked.items()):
-        if settled is not None:
-            STALE_READS.inc()
-        rows = await transfers()
-        more = _elsewhere(rows, set(locked))
-        if more:
-            locked.update(await _lock(conn, more, create=True))
-        settled = settle(locked, rows)
-    batch, outcomes, records = settled
+    if wanted <= seen.keys():
+        batch, outcomes, records = settle(seen, rows)
+        locked = await batch.write(conn, records, unless_changed={a: seen[a] for a in wanted})
+        if locked is None:
+            return outcomes
+        STALE_READS.inc()
+    else:                             # a new account, or one of another's reservation: all under the lock
+        locked = await _lock(conn, wanted, create=True)
+    rows = await transfers()
+    more = _elsewhere(rows, set(locked))
+    if more:
+        locked.update(await _lock(conn, more, create=True))
+    batch, outcomes, records = settle(locked, rows)
     await batch.write(conn, records)
     return outcomes
 

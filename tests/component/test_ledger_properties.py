@@ -472,16 +472,16 @@ def _stale_reads() -> float:
 
 def _other_member_first(monkeypatch, other) -> None:
     """Run ``other`` (another member's whole batch, committed) between the next batch's unlocked read
-    and its lock: the interleaving two quota members on one account produce now and then."""
-    lock = ledger._lock
+    and its locking write: the interleaving two quota members on one account produce now and then."""
+    write = ledger._Batch.write
     pending = [other]
 
-    async def lock_after_the_other(conn, accounts, *, create):
-        if pending:
+    async def write_after_the_other(batch, conn, records, *, unless_changed=None):
+        if pending and unless_changed is not None:
             await pending.pop()()
-        return await lock(conn, accounts, create=create)
+        return await write(batch, conn, records, unless_changed=unless_changed)
 
-    monkeypatch.setattr(ledger, "_lock", lock_after_the_other)
+    monkeypatch.setattr(ledger._Batch, "write", write_after_the_other)
 
 
 async def test_a_batch_whose_account_changed_before_its_lock_works_itself_out_again(quota, monkeypatch):
@@ -510,6 +510,34 @@ async def test_a_batch_whose_account_changed_before_its_lock_works_itself_out_ag
     out = [(type(m).__name__, m.request_id) for _, m in await hs.outbox(pool) if hasattr(m, "request_id")]
     assert out == [("QuotaReserved", "second"), ("QuotaRejected", "first")]
     assert _stale_reads() == stale + 1
+
+
+async def test_members_racing_for_an_accounts_last_units_never_oversell_it(quota):
+    """Eight members (a handler each, no turns between them) each reserve three units of an account
+    holding ten, all at once (four at a time: the pool's connections). Batches read before others
+    write, so some find the account changed when they lock it, and work themselves out again: exactly
+    ten reservations, fourteen refusals, the balance what the transfers say, and each request answered
+    once on the outbox."""
+    pool, handlers, transactional = quota
+    await _reset(pool)
+    account = ("ch-r", "acct-1")
+    await transactional.process([hs.event(purchase_pb2.PurchaseConfirmed(
+        purchase_id="p-ten", channel_id=account[0], account_id=account[1], quantity=10), producer="purchase")])
+    stale = _stale_reads()
+    members = [Transactional(pool, CONSUMER, handlers.apply) for _ in range(8)]
+    results = await asyncio.wait_for(asyncio.gather(*(
+        m.process([_stamp_event("reserve", f"m{i}-{j}", account) for j in range(3)])
+        for i, m in enumerate(members))), timeout=20)
+    assert results == [[]] * 8
+    assert _stale_reads() > stale, "no batch found its account changed: the race was not run"
+
+    kinds = [r["kind"] for r in await pool.fetch("SELECT kind FROM transfers WHERE id LIKE 'm%'")]
+    assert sorted(kinds) == ["pending"] * 10 + ["rejected"] * 14
+    row = await pool.fetchrow("SELECT credited, pending, committed FROM accounts WHERE channel_id = 'ch-r'")
+    assert tuple(row) == (10, 10, 0)
+    out = [(type(m).__name__, m.request_id) for _, m in await hs.outbox(pool) if hasattr(m, "request_id")]
+    assert sorted(name for name, _ in out) == ["QuotaRejected"] * 14 + ["QuotaReserved"] * 10
+    assert len({rid for _, rid in out}) == 24
 
 
 async def test_a_refusal_alone_is_a_new_version_of_its_account(quota, monkeypatch):
@@ -556,11 +584,12 @@ class _Recording:
         return send
 
 
-async def test_from_its_lock_to_its_commit_a_batch_sends_one_statement(quota):
+async def test_a_batch_locks_its_accounts_in_the_statement_before_its_commit(quota):
     """What another member waits for is this one's time from locking an account to committing. The
-    batch reads and works itself out first; after the lock it sends one statement, writing the
-    ledger's rows and its events together, and then commits (it used to send six: the transfers'
-    read and five writes)."""
+    batch reads and works itself out first; its accounts are locked by the one statement that writes
+    the ledger's rows and its events together, the last before the commit: from the lock to the
+    commit, only ``COMMIT``'s round trip. (It used to send six statements after the lock: the
+    transfers' read and five writes; then one after a locking read of its own.)"""
     pool, _, transactional = quota
     await _reset(pool)
     account = ("ch-h", "acct-1")
@@ -579,11 +608,10 @@ async def test_from_its_lock_to_its_commit_a_batch_sends_one_statement(quota):
         outcomes = await ledger.apply(recording, operations, announce)
     assert [o.result for o in outcomes] == ["applied"] * 3
     locking = [i for i, q in enumerate(recording.sent) if "FOR UPDATE" in q]
-    assert len(locking) == 1, recording.sent
-    after = recording.sent[locking[0] + 1:]
-    assert len(after) == 1, after
-    assert all(f"INSERT INTO {t}" in after[0] for t in ("transfers", "open_reservations", "outbox"))
-    assert "UPDATE accounts" in after[0] and "DELETE FROM open_reservations" in after[0]
+    assert locking == [len(recording.sent) - 1], recording.sent
+    last = recording.sent[-1]
+    assert all(f"INSERT INTO {t}" in last for t in ("transfers", "open_reservations", "outbox"))
+    assert "UPDATE accounts" in last and "DELETE FROM open_reservations" in last
     row = await pool.fetchrow("SELECT credited, pending, committed FROM accounts WHERE channel_id = 'ch-h'")
     assert tuple(row) == (7, 1, 1)
     assert await pool.fetchval("SELECT count(*) FROM outbox WHERE event_id LIKE 'out-%'") == 3
