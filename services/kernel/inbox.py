@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -62,6 +63,44 @@ async def claim_batch(conn: asyncpg.Connection, consumer: str, events: Sequence[
             fresh.discard(k)              # a second copy in the same batch is a duplicate too
             out.append(e)
     return out
+
+
+async def unapplied(conn: asyncpg.Connection, consumer: str, events: Sequence[Event],
+                    key: Callable[[Event], str] | None = None) -> list[Event]:
+    """The events of a batch not applied before, in order, each key once, read without claiming them:
+    for a handler that writes the claims with its effects in one statement (``Claims``)."""
+    keys = [key(e) if key else e.event_id for e in events]
+    done = {r["event_id"] for r in await conn.fetch(
+        "SELECT event_id FROM inbox WHERE consumer = $1 AND event_id = ANY($2::text[])", consumer, keys)}
+    out: list[Event] = []
+    for e, k in zip(events, keys, strict=True):
+        if k not in done:
+            done.add(k)                   # a second copy in the same batch is a duplicate too
+            out.append(e)
+    return out
+
+
+@dataclass(frozen=True)
+class Claims:
+    """A batch's inbox rows, written by the statement that applies the batch (``Transactional``'s
+    ``at_once``), with no transaction around it. Without ``ON CONFLICT``: an event claimed since it
+    was read as unapplied (another member applied it) fails that statement with a unique violation,
+    so nothing of it is written, rather than being applied twice."""
+
+    consumer: str
+    events: Sequence[Event]
+    keys: Sequence[str]
+
+    def cte(self, first: int, when: str = "") -> tuple[str, list]:
+        """``claimed AS (INSERT INTO inbox ...)`` with parameters from ``$first``, writing only where
+        the SQL condition ``when`` holds; and its arguments."""
+        c, e, t, p, o = (f"${first + i}" for i in range(5))
+        where = f" WHERE {when}" if when else ""
+        return ('claimed AS (INSERT INTO inbox (consumer, event_id, topic, "partition", "offset") '
+                f"SELECT {c}::text, e, t, p, o FROM unnest({e}::text[], {t}::text[], {p}::int[], {o}::bigint[]) "
+                f"AS c(e, t, p, o){where})",
+                [self.consumer, list(self.keys), [ev.topic for ev in self.events],
+                 [ev.partition for ev in self.events], [ev.offset for ev in self.events]])
 
 
 def by_content(event: Event) -> str:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from services.kernel import errors, outbox, runtime
+from services.kernel import errors, inbox, outbox, runtime
 from services.kernel.events import Outgoing
 from services.kernel.settings import Settings
 from services.quota import NAME
@@ -236,13 +236,14 @@ class _Batch:
         return Outcome("applied", self.move(account, pending=-1, committed=1 if op.kind == "post" else 0), op.code)
 
     async def write(self, conn: asyncpg.Connection, records: list[Outgoing], *,
-                    unless_changed: Versions | None = None) -> Versions | None:
-        """The batch's rows and the caller's outbox ``records``, in one statement.
+                    unless_changed: Versions | None = None, claims: inbox.Claims | None = None) -> Versions | None:
+        """The batch's rows and the caller's outbox ``records`` (and inbox ``claims``), in one statement.
 
         With ``unless_changed`` (accounts and the versions the batch was worked out from, none of them
         locked yet), the same statement first locks those accounts (sorted, as ``_lock``) and writes only
         if each is still that version. Returns None when written, or the accounts as locked when one
-        had changed: nothing was written, and the locks are held for the caller to work out again.
+        had changed: nothing was written, and in a transaction the locks are held for the caller to
+        work out again.
         """
         writes: list[str] = []
         args: list = []
@@ -284,6 +285,10 @@ class _Batch:
             writes.append("u AS (UPDATE accounts AS a SET credited = u.c, pending = u.p, committed = u.m "
                           f"FROM unnest({arrays(columns, 'text text bigint bigint bigint')}) AS u(ch, ac, c, p, m) "
                           f"WHERE a.channel_id = u.ch AND a.account_id = u.ac{and_})")
+        if claims is not None:
+            claimed, claim_args = claims.cte(len(args) + 1, when)
+            writes.append(claimed)
+            args.extend(claim_args)
         if not when:
             await outbox.add_with(conn, writes, args, records)
             return None
@@ -316,6 +321,35 @@ def _nothing(_: list[Outcome]) -> list[Outgoing]:
     return []
 
 
+class _Reads:
+    """What a batch of operations reads: its accounts' balances (with their versions), then the
+    transfers it names, and how it is worked out from them."""
+
+    def __init__(self, conn: asyncpg.Connection, operations: list[Operation], announce: Announce) -> None:
+        self._conn = conn
+        self._operations = operations
+        self._announce = announce
+        self.accounts = {(op.channel_id, op.account_id) for op in operations}
+        self._ids = [op.purchase_id if isinstance(op, Credit) else op.request_id for op in operations]
+        self._resolving = [op.request_id for op in operations if isinstance(op, Resolve)]
+
+    async def transfers(self):
+        return await self._conn.fetch("SELECT id, kind, channel_id, account_id, code, deadline, pending_id "
+                                      "FROM transfers WHERE id = ANY($1::text[]) OR pending_id = ANY($2::text[])",
+                                      self._ids, self._resolving)
+
+    async def unlocked(self) -> tuple[Versions, list, set[Account]]:
+        """The balances, then the transfers (a change in between shows as a new version), without a
+        lock; and every account the batch must lock (its own and those of the reservations it resolves)."""
+        seen = await _read(self._conn, self.accounts)
+        rows = await self.transfers()
+        return seen, rows, self.accounts | _elsewhere(rows, self.accounts)
+
+    def settle(self, balances: Versions, rows) -> tuple[_Batch, list[Outcome], list[Outgoing]]:
+        batch, outcomes = _work_out(self._operations, balances, rows)
+        return batch, outcomes, self._announce(outcomes)
+
+
 async def apply(conn: asyncpg.Connection, operations: list[Operation], announce: Announce = _nothing) -> list[Outcome]:
     """Apply a run of operations in the caller's transaction, in a fixed number of statements.
 
@@ -334,36 +368,51 @@ async def apply(conn: asyncpg.Connection, operations: list[Operation], announce:
     """
     if not operations:
         return []
-    accounts = {(op.channel_id, op.account_id) for op in operations}
-    ids = [op.purchase_id if isinstance(op, Credit) else op.request_id for op in operations]
-    resolving = [op.request_id for op in operations if isinstance(op, Resolve)]
-
-    async def transfers():
-        return await conn.fetch("SELECT id, kind, channel_id, account_id, code, deadline, pending_id FROM transfers "
-                                "WHERE id = ANY($1::text[]) OR pending_id = ANY($2::text[])", ids, resolving)
-
-    def settle(balances: Versions, rows) -> tuple[_Batch, list[Outcome], list[Outgoing]]:
-        batch, outcomes = _work_out(operations, balances, rows)
-        return batch, outcomes, announce(outcomes)
-
-    seen = await _read(conn, accounts)
-    rows = await transfers()          # after the balances: a change in between shows as a new version
-    wanted = accounts | _elsewhere(rows, accounts)
+    reads = _Reads(conn, operations, announce)
+    seen, rows, wanted = await reads.unlocked()
     if wanted <= seen.keys():
-        batch, outcomes, records = settle(seen, rows)
+        batch, outcomes, records = reads.settle(seen, rows)
         locked = await batch.write(conn, records, unless_changed={a: seen[a] for a in wanted})
         if locked is None:
             return outcomes
         STALE_READS.inc()
     else:                             # a new account, or one of another's reservation: all under the lock
         locked = await _lock(conn, wanted, create=True)
-    rows = await transfers()
+    rows = await reads.transfers()
     more = _elsewhere(rows, set(locked))
     if more:
         locked.update(await _lock(conn, more, create=True))
-    batch, outcomes, records = settle(locked, rows)
+    batch, outcomes, records = reads.settle(locked, rows)
     await batch.write(conn, records)
     return outcomes
+
+
+async def apply_at_once(conn: asyncpg.Connection, operations: list[Operation], announce: Announce,
+                        claims: inbox.Claims, *, attempts: int = 3) -> list[Outcome] | None:
+    """Apply a run of operations and write the caller's inbox ``claims`` in one autocommitted statement
+    (no transaction open: ``Transactional``'s ``at_once``); None when nothing was written and the run
+    must go through ``apply`` in a transaction instead.
+
+    As ``apply``, the batch is read and worked out without a lock, and the statement locks its
+    accounts and writes only if none changed; the lock lasts as long as that statement, never a round
+    trip to this process. When an account changed, the statement wrote nothing and its locks are
+    gone with it: the batch is read and worked out again, up to ``attempts`` times. An account that
+    does not exist yet needs ``apply``'s lock (creating it is a write of its own): None.
+    """
+    if conn.is_in_transaction():
+        raise RuntimeError("apply_at_once runs outside a transaction: its statement is the transaction")
+    if not operations:
+        return None
+    reads = _Reads(conn, operations, announce)
+    for _ in range(attempts):
+        seen, rows, wanted = await reads.unlocked()
+        if not wanted <= seen.keys():
+            return None
+        batch, outcomes, records = reads.settle(seen, rows)
+        if await batch.write(conn, records, unless_changed={a: seen[a] for a in wanted}, claims=claims) is None:
+            return outcomes
+        STALE_READS.inc()
+    return None
 
 
 @dataclass(frozen=True)

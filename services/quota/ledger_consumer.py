@@ -18,8 +18,9 @@ from collections.abc import Sequence
 import asyncpg
 
 from services.contracts.bubuh.v1 import purchase_pb2, quota_pb2, stamp_pb2
-from services.kernel import derived_ids, events, logs, topics
+from services.kernel import derived_ids, events, inbox, logs, topics
 from services.kernel.events import Event
+from services.kernel.processing.handler import Transactional
 from services.kernel.settings import Settings
 from services.kernel.waiting import sleep_or_stop
 from services.quota import NAME, ledger
@@ -55,6 +56,13 @@ class QuotaHandlers:
         self._topic = settings.topic(topics.QUOTA_EVENTS.name)
         self._debug = False         # per-record ledger lines (set per batch from the log level)
 
+    def handler(self) -> Transactional:
+        """How the pipeline applies this consumer's batches: in one statement when it can
+        (``apply_at_once``), else in a transaction (``apply``); a process's batches that share an
+        account take turns."""
+        return Transactional(self._pool, CONSUMER, self.apply, self.TYPES, serialize_by=self.accounts_of,
+                             at_once=self.apply_at_once)
+
     @staticmethod
     def accounts_of(batch: Sequence[Event]) -> set[tuple[str, str]]:
         """The accounts a batch will lock (``Transactional(serialize_by=...)``)."""
@@ -78,6 +86,25 @@ class QuotaHandlers:
         and this batch's events in one statement.
         """
         started = time.perf_counter()
+        ours, operations, announce = self._prepare(batch)
+        self._done(batch, ours, await ledger.apply(conn, operations, announce), started)
+
+    async def apply_at_once(self, conn: asyncpg.Connection, batch: list[Event], claims: inbox.Claims) -> bool:
+        """The same batch in one autocommitted statement with its inbox ``claims`` (``Transactional``'s
+        ``at_once``, tried first): no account stays locked while this process is away. False when
+        nothing was written (a new account, or accounts changed under every attempt): ``apply`` then."""
+        started = time.perf_counter()
+        ours, operations, announce = self._prepare(batch)
+        if len(ours) != len(batch):
+            return False           # an event that is not the ledger's: claimed by the transaction
+        outcomes = await ledger.apply_at_once(conn, operations, announce, claims)
+        if outcomes is None:
+            return False
+        self._done(batch, ours, outcomes, started)
+        return True
+
+    def _prepare(self, batch: list[Event]):
+        """The ledger's operations of a batch, and what announces their outcomes."""
         base = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self._settings.reservation_ttl_s)
         ours = [(name, e) for e in batch for name in (self._OPERATION.get(type(e.payload)),) if name]
         # PurchaseRejected and other events on these topics are not the ledger's business.
@@ -88,9 +115,11 @@ class QuotaHandlers:
             return [o for (name, event), out in zip(ours, outcomes, strict=True)
                     for o in self._events_of(name, event, out)]
 
-        outcomes = await ledger.apply(conn, [self._operation(name, e.payload, e.event_id,
-                                                             base + dt.timedelta(microseconds=i))
-                                             for i, (name, e) in enumerate(ours)], announce)
+        operations = [self._operation(name, e.payload, e.event_id, base + dt.timedelta(microseconds=i))
+                      for i, (name, e) in enumerate(ours)]
+        return ours, operations, announce
+
+    def _done(self, batch: list[Event], ours, outcomes: list[ledger.Outcome], started: float) -> None:
         each = (time.perf_counter() - started) / max(1, len(ours))
         done: Counter[tuple[str, str]] = Counter()     # (operation, result) -> how many
         self._debug = log.is_enabled_for(logging.DEBUG)

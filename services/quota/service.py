@@ -16,7 +16,6 @@ from fastapi import APIRouter
 
 from services.kernel import topics
 from services.kernel.outbox import Relay
-from services.kernel.processing.handler import Transactional
 from services.kernel.processing.pipeline import ConsumerLoop
 from services.kernel.runtime import Runtime, Task
 from services.quota import NAME, api, ledger
@@ -37,8 +36,7 @@ async def workers(rt: Runtime) -> list[Task]:
                         # units) before the new reservations that may need them
                         topics=[s.topic(t.name) for t in (topics.PURCHASE_EVENTS, topics.STAMP_EVENTS,
                                                           topics.STAMP_REQUESTED)],
-                        handler=Transactional(pool, CONSUMER, handlers.apply, handlers.TYPES,
-                                              serialize_by=handlers.accounts_of), pool=pool,
+                        handler=handlers.handler(), pool=pool,
                         dead_letter_topic=s.topic(topics.QUOTA_DLQ.name))
     relay = Relay(pool, rt.producer, s, NAME)
     return [loop.run, relay.run, handlers.run_expiry, ReservationGauges(pool).run]

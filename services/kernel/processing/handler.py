@@ -3,7 +3,9 @@
 ``Transactional``: the records of one partition batch are applied in one database transaction:
 the inbox claims the batch in one statement (recording where each event was read), the service's
 ``apply`` does the effects and writes outbox rows, and the commit makes it all durable at once
-(one fsync for the batch instead of one per record). When the batch fails, the pipeline redoes it
+(one fsync for the batch instead of one per record). A service whose batch can be worked out before
+it writes may instead write claims, effects and outbox rows in one autocommitted statement
+(``at_once``): then no row lock is held across a round trip. When the batch fails, the pipeline redoes it
 record by record, so the others still land and only the failing one meets the failure policy.
 
 ``PerRecord``: for work that is not one transaction (the stamping worker signs between two), the
@@ -47,6 +49,7 @@ class Handler(Protocol):
 
 
 Apply = Callable[[asyncpg.Connection, list[Event]], Awaitable[list[Rejection] | None]]
+AtOnce = Callable[[asyncpg.Connection, list[Event], inbox.Claims], Awaitable[bool]]
 
 
 class KeyedLocks:
@@ -81,16 +84,29 @@ class Transactional:
     """``serialize_by``: the keys (e.g. the accounts) whose rows a batch will lock in the database.
     Batches of concurrent partitions that share a key then take turns in this process, before their
     transactions open, instead of queueing on the row lock while holding a connection and their
-    other locks (PostgreSQL's lock waits, issue 12)."""
+    other locks (PostgreSQL's lock waits, issue 12).
+
+    ``at_once``: a way to apply a batch in one autocommitted statement, tried first. It is given the
+    events the inbox has not seen (read, not claimed) and their ``inbox.Claims``, which it writes in
+    that statement with the effects; it returns True when it wrote them, False when it wrote nothing
+    and the batch should go through the transaction instead (``apply``). No transaction is open across
+    a round trip, so no row lock it takes is held while this process is away: another member waits
+    for one statement at most, however busy the box (issue 12's 50 ms bound). It rejects nothing (a
+    batch with a record to reject goes through ``apply``); an event claimed meanwhile by another
+    member fails its statement (a unique violation) and the batch goes through ``apply`` too, which
+    sees it as a duplicate.
+    """
 
     batched = True
 
     def __init__(self, pool: asyncpg.Pool, consumer: str, apply: Apply,
                  types: frozenset[str] | None = None, inbox_key: Callable[[Event], str] | None = None,
-                 serialize_by: Callable[[Sequence[Event]], Iterable[tuple]] | None = None) -> None:
+                 serialize_by: Callable[[Sequence[Event]], Iterable[tuple]] | None = None,
+                 at_once: AtOnce | None = None) -> None:
         self._pool = pool
         self._consumer = consumer
         self._apply = apply
+        self._at_once = at_once
         self.types = types
         self._key = inbox_key or (lambda e: e.event_id)
         self._serialize_by = serialize_by
@@ -103,6 +119,8 @@ class Transactional:
             return await self._process(events)
 
     async def _process(self, events: Sequence[Event]) -> list[Rejection]:
+        if self._at_once is not None and await self._applied_at_once(events):
+            return []
         async with self._pool.acquire() as conn, conn.transaction():
             fresh = await inbox.claim_batch(conn, self._consumer, events, self._key)
             if not fresh:
@@ -111,6 +129,18 @@ class Transactional:
             # a rejected event is dead-lettered, not applied: a replay after the fix must apply it
             await inbox.unclaim(conn, self._consumer, [self._key(r.event) for r in rejected])
             return rejected
+
+
+    async def _applied_at_once(self, events: Sequence[Event]) -> bool:
+        async with self._pool.acquire() as conn:
+            fresh = await inbox.unapplied(conn, self._consumer, events, self._key)
+            if not fresh:
+                return True
+            claims = inbox.Claims(self._consumer, fresh, [self._key(e) for e in fresh])
+            try:
+                return await self._at_once(conn, fresh, claims)
+            except asyncpg.UniqueViolationError:
+                return False          # claimed meanwhile: the transaction tells which, and skips it
 
 
 class PerRecord:
