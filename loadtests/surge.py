@@ -352,6 +352,30 @@ def work_done(port: int) -> float:
     return total
 
 
+def ledger_ways(port: int) -> dict[str, float]:
+    """How one quota process applied its batches so far (``bubuh_ledger_batches_total`` by way) and
+    how many it worked out again because an account changed (``bubuh_ledger_stale_reads_total``)."""
+    import httpx
+
+    body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for line in body.splitlines():
+        m = re.match(r'^bubuh_ledger_batches_total\{way="([a-z_]+)"\} (\S+)$', line)
+        if m:
+            out[m[1]] = out.get(m[1], 0.0) + float(m[2])
+        elif line.startswith("bubuh_ledger_stale_reads_total "):
+            out["stale_reads"] = out.get("stale_reads", 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _added(before: list[dict[str, float]], after: list[dict[str, float]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for b, a in zip(before, after, strict=True):
+        for key, value in a.items():
+            out[key] = out.get(key, 0) + round(value - b.get(key, 0.0))
+    return out
+
+
 def tier_shares(before: dict[str, float], after: dict[str, float], least: int = 100) -> dict[str, dict]:
     """Per tier with several members (``<tier>-<i>``): each member's share of the tier's work over the
     run, and how much work that was; a tier that did fewer than ``least`` units is marked too small
@@ -549,6 +573,8 @@ async def compare_levels(args, env: dict) -> dict:
                 await run(args.base_url, 1, args.warmup, min(args.warmup, 4), env, warm)
                 before = [stamping_metrics(port) for port in member_ports]
                 work_before = {name: work_done(port) for name, port in ports.items()}
+                quota_ports = [port for name, port in ports.items() if name.startswith("quota")]
+                ledger_before = [ledger_ways(port) for port in quota_ports]
                 load = [round(x, 2) for x in os.getloadavg()]
                 completed: list[tuple[str, str]] = []
                 cpu_before = cpu_snapshot(shape)
@@ -559,6 +585,7 @@ async def compare_levels(args, env: dict) -> dict:
                 after = [stamping_metrics(port) for port in member_ports]
                 r["tier_shares"] = tier_shares(work_before, {name: work_done(port) for name, port in ports.items()})
                 r["lock_waits_over_deadlock_timeout"] = lock_waits_since(pg_log, pg_log_at)[:20]
+                r["ledger_batches"] = _added(ledger_before, [ledger_ways(port) for port in quota_ports])
                 r.pop("queue", None)
                 r.pop("ledger", None)
                 r.update({"round": rnd, "level": level, "pades_level": pades, "stamping_members": n_members,
@@ -685,6 +712,9 @@ def markdown(result: dict) -> str:
     row(f"PostgreSQL lock waits over {logging.get('deadlock_timeout', '?')} (log_lock_waits="
         f"{logging.get('log_lock_waits', '?')}), all runs", [str(sum(len(r.get("lock_waits_over_deadlock_timeout", []))
                                                   for r in result["runs"] if r["level"] == lv)) for lv in levels])
+    row("quota ledger batches: at once / in a transaction / worked out again (all runs)",
+        [" / ".join(str(sum(r.get("ledger_batches", {}).get(k, 0) for r in result["runs"] if r["level"] == lv))
+                    for k in ("at_once", "transaction", "stale_reads")) for lv in levels])
     if result.get("compares") == "stamping members":
         row("each stamping member's share of the stamps signed (per run)",
             ["; ".join("/".join(f"{100 * x:.0f}%" for x in shares) for shares in per[lv]["member_shares_runs"])

@@ -24,7 +24,7 @@ from services.kernel.processing.handler import Transactional
 from services.kernel.settings import Settings
 from services.kernel.waiting import sleep_or_stop
 from services.quota import NAME, ledger
-from services.quota.metrics import LEDGER_OPERATIONS, LEDGER_SECONDS
+from services.quota.metrics import LEDGER_BATCHES, LEDGER_OPERATIONS, LEDGER_SECONDS
 
 log = logs.get(__name__)
 CONSUMER = "quota.ledger"
@@ -88,6 +88,7 @@ class QuotaHandlers:
         started = time.perf_counter()
         ours, operations, announce = self._prepare(batch)
         self._done(batch, ours, await ledger.apply(conn, operations, announce), started)
+        LEDGER_BATCHES.labels("transaction").inc()
 
     async def apply_at_once(self, conn: asyncpg.Connection, batch: list[Event], claims: inbox.Claims) -> bool:
         """The same batch in one autocommitted statement with its inbox ``claims`` (``Transactional``'s
@@ -101,6 +102,7 @@ class QuotaHandlers:
         if outcomes is None:
             return False
         self._done(batch, ours, outcomes, started)
+        LEDGER_BATCHES.labels("at_once").inc()
         return True
 
     def _prepare(self, batch: list[Event]):

@@ -470,6 +470,10 @@ def _stale_reads() -> float:
     return REGISTRY.get_sample_value("bubuh_ledger_stale_reads_total") or 0.0
 
 
+def _batches(way: str) -> float:
+    return REGISTRY.get_sample_value("bubuh_ledger_batches_total", {"way": way}) or 0.0
+
+
 def _other_member_first(monkeypatch, other) -> None:
     """Run ``other`` (another member's whole batch, committed) between the next batch's unlocked read
     and its locking write: the interleaving two quota members on one account produce now and then."""
@@ -635,11 +639,13 @@ async def test_a_batch_is_claimed_and_applied_by_one_statement_with_no_transacti
         purchase_id="p-i", channel_id=account[0], account_id=account[1], quantity=5), producer="purchase")])
     await transactional.process([_stamp_event("reserve", "i-to-post", account)])
     batch = [_stamp_event("reserve", "i-new", account), _stamp_event("commit", "i-to-post", account)]
+    at_once = _batches("at_once")
     async with pool.acquire() as conn:
         recording = _Recording(conn)
         claims = inbox.Claims(CONSUMER, batch, [e.event_id for e in batch])
         assert await handlers.apply_at_once(recording, batch, claims) is True
     assert not any(recording.in_transaction), recording.sent
+    assert _batches("at_once") == at_once + 1
     locking = [q for q in recording.sent if "FOR UPDATE" in q]
     assert len(locking) == 1, recording.sent
     assert all(f"INSERT INTO {t}" in locking[0] for t in ("inbox", "transfers", "open_reservations", "outbox"))
@@ -671,7 +677,9 @@ async def test_an_event_another_member_applied_meanwhile_is_not_applied_twice(qu
         assert await handlers.handler().process([reserve]) == []
 
     _other_member_first(monkeypatch, other)
+    in_transaction = _batches("transaction")
     assert await transactional.process([reserve]) == []
+    assert _batches("transaction") == in_transaction         # nothing left to apply: a duplicate
 
     assert await pool.fetchval("SELECT count(*) FROM transfers WHERE id = 'j-once'") == 1
     assert tuple(await pool.fetchrow("SELECT credited, pending, committed FROM accounts "
