@@ -236,8 +236,13 @@ PURCHASES_PER_ACCOUNT = 3
 @given(quantities=st.lists(st.integers(1, 3), min_size=PURCHASES_PER_ACCOUNT * len(ACCOUNTS),
                            max_size=PURCHASES_PER_ACCOUNT * len(ACCOUNTS)),
        length=st.integers(10, 60), data=st.data())
-async def test_ledger_invariants_hold_over_any_history(quota, quantities, length, data):
+@pytest.mark.parametrize("way", ["at once, else in a transaction", "in a transaction only"])
+async def test_ledger_invariants_hold_over_any_history(quota, way, quantities, length, data):
+    """The service's way (``QuotaHandlers.handler``), and ``apply`` alone: the way a batch takes when
+    its statement cannot (a new account, accounts that kept changing, an event claimed meanwhile)."""
     pool, handlers, transactional = quota
+    if way == "in a transaction only":
+        transactional = Transactional(pool, CONSUMER, handlers.apply, handlers.TYPES)
     await _reset(pool)
     model = Model(purchases={f"p{a}.{k}": (account, quantities[a * PURCHASES_PER_ACCOUNT + k])
                              for a, account in enumerate(ACCOUNTS) for k in range(PURCHASES_PER_ACCOUNT)},
@@ -516,7 +521,8 @@ async def test_a_batch_whose_account_changed_before_its_lock_works_itself_out_ag
     assert _stale_reads() == stale + 1
 
 
-async def test_members_racing_for_an_accounts_last_units_never_oversell_it(quota):
+@pytest.mark.parametrize("way", ["at once, else in a transaction", "in a transaction only"])
+async def test_members_racing_for_an_accounts_last_units_never_oversell_it(quota, way):
     """Eight members (a handler each, no turns between them) each reserve three units of an account
     holding ten, all at once (four at a time: the pool's connections). Batches read before others
     write, so some find the account changed when they lock it, and work themselves out again: exactly
@@ -528,7 +534,8 @@ async def test_members_racing_for_an_accounts_last_units_never_oversell_it(quota
     await transactional.process([hs.event(purchase_pb2.PurchaseConfirmed(
         purchase_id="p-ten", channel_id=account[0], account_id=account[1], quantity=10), producer="purchase")])
     stale = _stale_reads()
-    members = [handlers.handler() for _ in range(8)]
+    members = [handlers.handler() if way.startswith("at once")
+               else Transactional(pool, CONSUMER, handlers.apply, handlers.TYPES) for _ in range(8)]
     results = await asyncio.wait_for(asyncio.gather(*(
         m.process([_stamp_event("reserve", f"m{i}-{j}", account) for j in range(3)])
         for i, m in enumerate(members))), timeout=20)
