@@ -222,6 +222,17 @@ def _stamp_event(kind: str, rid: str, account: tuple[str, str]) -> Event:
     return hs.event(msg, producer="stamping", key=rid)
 
 
+async def _credited(pool, transactional, account: tuple[str, str], purchase_id: str, quantity: int,
+                    reserved: str = "") -> None:
+    """An emptied ledger, then ``quantity`` units credited to ``account`` (and one reserved for ``reserved``)."""
+    await _reset(pool)
+    await transactional.process([hs.event(purchase_pb2.PurchaseConfirmed(
+        purchase_id=purchase_id, channel_id=account[0], account_id=account[1], quantity=quantity),
+        producer="purchase")])
+    if reserved:
+        await transactional.process([_stamp_event("reserve", reserved, account)])
+
+
 # The history is drawn step by step (``st.data``), so later steps can aim at what earlier ones made: a
 # commit or release names a request made before (or, now and then, one never made), a reservation is
 # mostly a new request and sometimes one made before (the same request published again, another event
@@ -529,10 +540,8 @@ async def test_members_racing_for_an_accounts_last_units_never_oversell_it(quota
     ten reservations, fourteen refusals, the balance what the transfers say, and each request answered
     once on the outbox."""
     pool, handlers, transactional = quota
-    await _reset(pool)
     account = ("ch-r", "acct-1")
-    await transactional.process([hs.event(purchase_pb2.PurchaseConfirmed(
-        purchase_id="p-ten", channel_id=account[0], account_id=account[1], quantity=10), producer="purchase")])
+    await _credited(pool, transactional, account, "p-ten", 10)
     stale = _stale_reads()
     members = [handlers.handler() if way.startswith("at once")
                else Transactional(pool, CONSUMER, handlers.apply, handlers.TYPES) for _ in range(8)]
@@ -604,11 +613,8 @@ async def test_a_batch_locks_its_accounts_in_the_statement_before_its_commit(quo
     commit, only ``COMMIT``'s round trip. (It used to send six statements after the lock: the
     transfers' read and five writes; then one after a locking read of its own.)"""
     pool, _, transactional = quota
-    await _reset(pool)
     account = ("ch-h", "acct-1")
-    await transactional.process([hs.event(purchase_pb2.PurchaseConfirmed(
-        purchase_id="p-first", channel_id=account[0], account_id=account[1], quantity=5), producer="purchase")])
-    await transactional.process([_stamp_event("reserve", "to-post", account)])
+    await _credited(pool, transactional, account, "p-first", 5, reserved="to-post")
     deadline = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
     operations = [ledger.Credit("p-more", *account, 2, "e-1"), ledger.Reserve("r-new", *account, deadline, "e-2"),
                   ledger.Resolve("post", "to-post", *account, "", "e-3")]
@@ -640,11 +646,8 @@ async def test_a_batch_is_claimed_and_applied_by_one_statement_with_no_transacti
     while this process is away (at a load average of 5, a lock held across one round trip still
     passed 50 ms now and then)."""
     pool, handlers, transactional = quota
-    await _reset(pool)
     account = ("ch-i", "acct-1")
-    await transactional.process([hs.event(purchase_pb2.PurchaseConfirmed(
-        purchase_id="p-i", channel_id=account[0], account_id=account[1], quantity=5), producer="purchase")])
-    await transactional.process([_stamp_event("reserve", "i-to-post", account)])
+    await _credited(pool, transactional, account, "p-i", 5, reserved="i-to-post")
     batch = [_stamp_event("reserve", "i-new", account), _stamp_event("commit", "i-to-post", account)]
     at_once = _batches("at_once")
     async with pool.acquire() as conn:
@@ -674,10 +677,8 @@ async def test_an_event_another_member_applied_meanwhile_is_not_applied_twice(qu
     violation) and nothing of it is written; the batch goes through the transaction, whose claim
     sees a duplicate. One reservation, one QuotaReserved, and no error."""
     pool, handlers, transactional = quota
-    await _reset(pool)
     account = ("ch-j", "acct-1")
-    await transactional.process([hs.event(purchase_pb2.PurchaseConfirmed(
-        purchase_id="p-j", channel_id=account[0], account_id=account[1], quantity=5), producer="purchase")])
+    await _credited(pool, transactional, account, "p-j", 5)
     reserve = _stamp_event("reserve", "j-once", account)
 
     async def other():
