@@ -13,6 +13,7 @@ event for ever: several rows per stamp.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -66,18 +67,22 @@ async def claim_batch(conn: asyncpg.Connection, consumer: str, events: Sequence[
 
 
 async def unapplied(conn: asyncpg.Connection, consumer: str, events: Sequence[Event],
-                    key: Callable[[Event], str] | None = None) -> list[Event]:
+                    key: Callable[[Event], str] | None = None) -> tuple[list[Event], dt.datetime]:
     """The events of a batch not applied before, in order, each key once, read without claiming them:
-    for a handler that writes the claims with its effects in one statement (``Claims``)."""
+    for a handler that writes the claims with its effects in one statement (``Claims``); and the
+    database's time of the read, which those claims record as applied at. As a transaction's claim
+    records its start, an event is applied at a time before the events it causes occurred, and
+    ``bubuh trace`` shows them in that order."""
     keys = [key(e) if key else e.event_id for e in events]
-    done = {r["event_id"] for r in await conn.fetch(
-        "SELECT event_id FROM inbox WHERE consumer = $1 AND event_id = ANY($2::text[])", consumer, keys)}
+    row = await conn.fetchrow("SELECT now() AS at, ARRAY(SELECT event_id FROM inbox WHERE consumer = $1 "
+                              "AND event_id = ANY($2::text[])) AS done", consumer, keys)
+    done = set(row["done"])
     out: list[Event] = []
     for e, k in zip(events, keys, strict=True):
         if k not in done:
             done.add(k)                   # a second copy in the same batch is a duplicate too
             out.append(e)
-    return out
+    return out, row["at"]
 
 
 @dataclass(frozen=True)
@@ -90,17 +95,18 @@ class Claims:
     consumer: str
     events: Sequence[Event]
     keys: Sequence[str]
+    at: dt.datetime               # applied at: when they were read as unapplied (``unapplied``)
 
     def cte(self, first: int, when: str = "") -> tuple[str, list]:
         """``claimed AS (INSERT INTO inbox ...)`` with parameters from ``$first``, writing only where
         the SQL condition ``when`` holds; and its arguments."""
-        c, e, t, p, o = (f"${first + i}" for i in range(5))
+        c, e, t, p, o, at = (f"${first + i}" for i in range(6))
         where = f" WHERE {when}" if when else ""
-        return ('claimed AS (INSERT INTO inbox (consumer, event_id, topic, "partition", "offset") '
-                f"SELECT {c}::text, e, t, p, o FROM unnest({e}::text[], {t}::text[], {p}::int[], {o}::bigint[]) "
-                f"AS c(e, t, p, o){where})",
+        return ('claimed AS (INSERT INTO inbox (consumer, event_id, topic, "partition", "offset", applied_at) '
+                f"SELECT {c}::text, e, t, p, o, {at}::timestamptz "
+                f"FROM unnest({e}::text[], {t}::text[], {p}::int[], {o}::bigint[]) AS c(e, t, p, o){where})",
                 [self.consumer, list(self.keys), [ev.topic for ev in self.events],
-                 [ev.partition for ev in self.events], [ev.offset for ev in self.events]])
+                 [ev.partition for ev in self.events], [ev.offset for ev in self.events], self.at])
 
 
 def by_content(event: Event) -> str:

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from services.contracts.bubuh.v1 import purchase_pb2, stamp_pb2
-from services.kernel import database, errors, inbox
+from services.kernel import database, errors, events, inbox
 from services.kernel.events import Event, Outgoing
 from services.kernel.processing.handler import Transactional
 from services.quota import ledger
@@ -652,7 +652,9 @@ async def test_a_batch_is_claimed_and_applied_by_one_statement_with_no_transacti
     at_once = _batches("at_once")
     async with pool.acquire() as conn:
         recording = _Recording(conn)
-        claims = inbox.Claims(CONSUMER, batch, [e.event_id for e in batch])
+        fresh, at = await inbox.unapplied(conn, CONSUMER, batch)
+        assert fresh == batch
+        claims = inbox.Claims(CONSUMER, batch, [e.event_id for e in batch], at)
         assert await handlers.apply_at_once(recording, batch, claims) is True
     assert not any(recording.in_transaction), recording.sent
     assert _batches("at_once") == at_once + 1
@@ -662,8 +664,13 @@ async def test_a_batch_is_claimed_and_applied_by_one_statement_with_no_transacti
     assert "UPDATE accounts" in locking[0]
     row = await pool.fetchrow("SELECT credited, pending, committed FROM accounts WHERE channel_id = 'ch-i'")
     assert tuple(row) == (5, 1, 1)
-    claimed = {r["event_id"] for r in await pool.fetch("SELECT event_id FROM inbox WHERE consumer = $1", CONSUMER)}
-    assert {e.event_id for e in batch} <= claimed
+    claimed = {r["event_id"]: r["applied_at"] for r in await pool.fetch(
+        "SELECT event_id, applied_at FROM inbox WHERE consumer = $1", CONSUMER)}
+    assert {e.event_id for e in batch} <= claimed.keys()
+    # applied before what they caused occurred, as a transaction's claims (bubuh trace's order)
+    occurred = [events.utc_datetime(events.decode(r["value"])[0].occurred_at) for r in await pool.fetch(
+        "SELECT value FROM outbox ORDER BY id DESC LIMIT 2")]
+    assert all(claimed[e.event_id] <= min(occurred) for e in batch), (claimed, occurred)
     out = [type(m).__name__ for _, m in await hs.outbox(pool)]
     assert out.count("QuotaReserved") == 2 and out.count("QuotaCommitted") == 1
     assert await transactional.process(batch) == []          # delivered again: the inbox has it

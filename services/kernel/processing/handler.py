@@ -133,10 +133,10 @@ class Transactional:
 
     async def _applied_at_once(self, events: Sequence[Event]) -> bool:
         async with self._pool.acquire() as conn:
-            fresh = await inbox.unapplied(conn, self._consumer, events, self._key)
+            fresh, at = await inbox.unapplied(conn, self._consumer, events, self._key)
             if not fresh:
                 return True
-            claims = inbox.Claims(self._consumer, fresh, [self._key(e) for e in fresh])
+            claims = inbox.Claims(self._consumer, fresh, [self._key(e) for e in fresh], at)
             try:
                 return await self._at_once(conn, fresh, claims)
             except asyncpg.UniqueViolationError:
