@@ -115,12 +115,19 @@ async def _read(conn: asyncpg.Connection, accounts: set[Account]) -> Versions:
 async def _lock(conn: asyncpg.Connection, accounts: set[Account], *, create: bool) -> Versions:
     """Lock the accounts in (channel, account) order, creating them first if ``create``; their versions
     and balances as locked (the newest committed, whatever the statement's snapshot)."""
-    ordered = sorted(accounts)
-    channels, ids = [c for c, _ in ordered], [a for _, a in ordered]
     if create:
-        await conn.execute("INSERT INTO accounts (channel_id, account_id) SELECT c, a FROM unnest($1::text[], "
-                           "$2::text[]) AS u(c, a) ORDER BY c, a ON CONFLICT DO NOTHING", channels, ids)
-    return _versions(await conn.fetch(_ACCOUNTS + " ORDER BY channel_id, account_id FOR UPDATE", channels, ids))
+        await _create(conn, accounts)
+    ordered = sorted(accounts)
+    return _versions(await conn.fetch(_ACCOUNTS + " ORDER BY channel_id, account_id FOR UPDATE",
+                                      [c for c, _ in ordered], [a for _, a in ordered]))
+
+
+async def _create(conn: asyncpg.Connection, accounts: set[Account]) -> None:
+    """The accounts that do not exist yet, empty, in (channel, account) order."""
+    ordered = sorted(accounts)
+    await conn.execute("INSERT INTO accounts (channel_id, account_id) SELECT c, a FROM unnest($1::text[], "
+                       "$2::text[]) AS u(c, a) ORDER BY c, a ON CONFLICT DO NOTHING",
+                       [c for c, _ in ordered], [a for _, a in ordered])
 
 
 # --- operations ----------------------------------------------------------------------------------
@@ -397,7 +404,8 @@ async def apply_at_once(conn: asyncpg.Connection, operations: list[Operation], a
     accounts and writes only if none changed; the lock lasts as long as that statement, never a round
     trip to this process. When an account changed, the statement wrote nothing and its locks are
     gone with it: the batch is read and worked out again, up to ``attempts`` times. An account that
-    does not exist yet needs ``apply``'s lock (creating it is a write of its own): None.
+    does not exist yet is first created, empty, by a statement of its own (as ``apply`` creates it
+    under its lock: an account exists once an operation named it), then the batch is read again.
     """
     if conn.is_in_transaction():
         raise RuntimeError("apply_at_once runs outside a transaction: its statement is the transaction")
@@ -407,7 +415,10 @@ async def apply_at_once(conn: asyncpg.Connection, operations: list[Operation], a
     for _ in range(attempts):
         seen, rows, wanted = await reads.unlocked()
         if not wanted <= seen.keys():
-            return None
+            await _create(conn, wanted - seen.keys())
+            seen, rows, wanted = await reads.unlocked()
+            if not wanted <= seen.keys():       # a resolution naming yet another account: not worth a loop
+                return None
         batch, outcomes, records = reads.settle(seen, rows)
         if await batch.write(conn, records, unless_changed={a: seen[a] for a in wanted}, claims=claims) is None:
             return outcomes

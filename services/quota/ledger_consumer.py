@@ -93,7 +93,7 @@ class QuotaHandlers:
     async def apply_at_once(self, conn: asyncpg.Connection, batch: list[Event], claims: inbox.Claims) -> bool:
         """The same batch in one autocommitted statement with its inbox ``claims`` (``Transactional``'s
         ``at_once``, tried first): no account stays locked while this process is away. False when
-        nothing was written (a new account, or accounts changed under every attempt): ``apply`` then."""
+        nothing was written (accounts changed under every attempt): ``apply`` then."""
         started = time.perf_counter()
         ours, operations, announce = self._prepare(batch)
         if len(ours) != len(batch):

@@ -8,8 +8,8 @@ STALE_READS = Counter("bubuh_ledger_stale_reads_total", "Ledger batches whose ac
                       "unlocked read and their lock, so worked out again under the lock (another member's "
                       "batch on the same accounts)")
 LEDGER_BATCHES = Counter("bubuh_ledger_batches_total", "Consumer batches the ledger applied, by way: at_once (one "
-                         "autocommitted statement, no lock held across a round trip) or transaction (a new "
-                         "account, accounts changed under every attempt, or an event claimed meanwhile)",
+                         "autocommitted statement, no lock held across a round trip) or transaction (accounts "
+                         "changed under every attempt, or an event claimed meanwhile)",
                          ["way"])
 PENDING_UNITS = Gauge("bubuh_ledger_pending_units", "Units reserved and neither posted nor voided yet "
                       "(open reservations); refreshed by reservations.py")
