@@ -261,6 +261,10 @@ class _Batch:
             args.extend(columns)
             return ", ".join(f"${start + i}::{t}[]" for i, t in enumerate(types.split()))
 
+        def value(v, type_: str) -> str:
+            args.append(v)
+            return f"${len(args)}::{type_}"
+
         if unless_changed is not None:
             ordered = sorted(unless_changed)
             c, a, v = arrays([[k[0] for k in ordered], [k[1] for k in ordered],
@@ -274,10 +278,13 @@ class _Batch:
         where, and_ = (f" WHERE {when}", f" AND {when}") if when else ("", "")
         if self.transfers:
             columns = list(map(list, zip(*self.transfers, strict=True)))
-            writes.append("t AS (INSERT INTO transfers "
-                          "(id, kind, channel_id, account_id, amount, pending_id, deadline, code, event_id) "
-                          "SELECT * FROM unnest("
-                          f"{arrays(columns, 'text text text text bigint text timestamptz text text')}){where})")
+            unnested = arrays(columns, 'text text text text bigint text timestamptz text text')
+            # made when the batch's application began, as a transaction's now(): before the events
+            # it announces occurred (``bubuh trace``'s order), also when written by one statement
+            at = value(claims.at if claims is not None else None, "timestamptz")
+            writes.append("t AS (INSERT INTO transfers (id, kind, channel_id, account_id, amount, pending_id, "
+                          "deadline, code, event_id, created_at) "
+                          f"SELECT *, COALESCE({at}, now()) FROM unnest({unnested}){where})")
         if self.opened:
             columns = list(map(list, zip(*self.opened.values(), strict=True)))
             writes.append("o AS (INSERT INTO open_reservations (request_id, channel_id, account_id, deadline) "

@@ -667,10 +667,14 @@ async def test_a_batch_is_claimed_and_applied_by_one_statement_with_no_transacti
     claimed = {r["event_id"]: r["applied_at"] for r in await pool.fetch(
         "SELECT event_id, applied_at FROM inbox WHERE consumer = $1", CONSUMER)}
     assert {e.event_id for e in batch} <= claimed.keys()
-    # applied before what they caused occurred, as a transaction's claims (bubuh trace's order)
+    # applied, and the transfers made, before what they caused occurred, as in a transaction (bubuh
+    # trace's order)
     occurred = [events.utc_datetime(events.decode(r["value"])[0].occurred_at) for r in await pool.fetch(
         "SELECT value FROM outbox ORDER BY id DESC LIMIT 2")]
     assert all(claimed[e.event_id] <= min(occurred) for e in batch), (claimed, occurred)
+    made = [r["created_at"] for r in await pool.fetch("SELECT created_at FROM transfers WHERE id IN "
+                                                      "('i-new', 'i-to-post:post')")]
+    assert len(made) == 2 and max(made) <= min(occurred), (made, occurred)
     out = [type(m).__name__ for _, m in await hs.outbox(pool)]
     assert out.count("QuotaReserved") == 2 and out.count("QuotaCommitted") == 1
     assert await transactional.process(batch) == []          # delivered again: the inbox has it
