@@ -58,31 +58,33 @@ async def claim_batch(conn: asyncpg.Connection, consumer: str, events: Sequence[
         "ON CONFLICT DO NOTHING RETURNING event_id",
         consumer, keys, [e.topic for e in events], [e.partition for e in events], [e.offset for e in events])
     fresh = {r["event_id"] for r in rows}
-    out: list[Event] = []
+    return [e for e, _ in _first_copies(events, keys, lambda k: k in fresh)]
+
+
+def _first_copies(events: Sequence[Event], keys: Sequence[str], new: Callable[[str], bool]) -> list[tuple[Event, str]]:
+    """Each event whose key is ``new``, in order, once: a second copy in the same batch is a duplicate too."""
+    seen: set[str] = set()
+    out = []
     for e, k in zip(events, keys, strict=True):
-        if k in fresh:
-            fresh.discard(k)              # a second copy in the same batch is a duplicate too
-            out.append(e)
+        if k not in seen and new(k):
+            seen.add(k)
+            out.append((e, k))
     return out
 
 
 async def unapplied(conn: asyncpg.Connection, consumer: str, events: Sequence[Event],
-                    key: Callable[[Event], str] | None = None) -> tuple[list[Event], dt.datetime]:
-    """The events of a batch not applied before, in order, each key once, read without claiming them:
-    for a handler that writes the claims with its effects in one statement (``Claims``); and the
-    database's time of the read, which those claims record as applied at. As a transaction's claim
-    records its start, an event is applied at a time before the events it causes occurred, and
-    ``bubuh trace`` shows them in that order."""
+                    key: Callable[[Event], str] | None = None) -> Claims:
+    """The claims of the events of a batch not applied before, in order, each key once, read without
+    writing them: for a handler that writes them with its effects in one statement (``Claims``). They
+    are applied at the database's time of this read: as a transaction's claim records its start, an
+    event is applied at a time before the events it causes occurred, and ``bubuh trace`` shows them in
+    that order."""
     keys = [key(e) if key else e.event_id for e in events]
     row = await conn.fetchrow("SELECT now() AS at, ARRAY(SELECT event_id FROM inbox WHERE consumer = $1 "
                               "AND event_id = ANY($2::text[])) AS done", consumer, keys)
     done = set(row["done"])
-    out: list[Event] = []
-    for e, k in zip(events, keys, strict=True):
-        if k not in done:
-            done.add(k)                   # a second copy in the same batch is a duplicate too
-            out.append(e)
-    return out, row["at"]
+    fresh = _first_copies(events, keys, lambda k: k not in done)
+    return Claims(consumer, [e for e, _ in fresh], [k for _, k in fresh], row["at"])
 
 
 @dataclass(frozen=True)

@@ -652,9 +652,8 @@ async def test_a_batch_is_claimed_and_applied_by_one_statement_with_no_transacti
     at_once = _batches("at_once")
     async with pool.acquire() as conn:
         recording = _Recording(conn)
-        fresh, at = await inbox.unapplied(conn, CONSUMER, batch)
-        assert fresh == batch
-        claims = inbox.Claims(CONSUMER, batch, [e.event_id for e in batch], at)
+        claims = await inbox.unapplied(conn, CONSUMER, batch)
+        assert list(claims.events) == batch
         assert await handlers.apply_at_once(recording, batch, claims) is True
     assert not any(recording.in_transaction), recording.sent
     assert _batches("at_once") == at_once + 1

@@ -130,15 +130,13 @@ class Transactional:
             await inbox.unclaim(conn, self._consumer, [self._key(r.event) for r in rejected])
             return rejected
 
-
     async def _applied_at_once(self, events: Sequence[Event]) -> bool:
         async with self._pool.acquire() as conn:
-            fresh, at = await inbox.unapplied(conn, self._consumer, events, self._key)
-            if not fresh:
+            claims = await inbox.unapplied(conn, self._consumer, events, self._key)
+            if not claims.events:
                 return True
-            claims = inbox.Claims(self._consumer, fresh, [self._key(e) for e in fresh], at)
             try:
-                return await self._at_once(conn, fresh, claims)
+                return await self._at_once(conn, list(claims.events), claims)
             except asyncpg.UniqueViolationError:
                 return False          # claimed meanwhile: the transaction tells which, and skips it
 
