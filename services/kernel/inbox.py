@@ -100,14 +100,13 @@ class Claims:
     at: dt.datetime               # applied at: when they were read as unapplied (``unapplied``)
 
     def cte(self, first: int, when: str = "") -> tuple[str, list]:
-        """``claimed AS (INSERT INTO inbox ... RETURNING 1)`` with parameters from ``$first``, writing only where
+        """``claimed AS (INSERT INTO inbox ...)`` with parameters from ``$first``, writing only where
         the SQL condition ``when`` holds; and its arguments."""
         c, e, t, p, o, at = (f"${first + i}" for i in range(6))
         where = f" WHERE {when}" if when else ""
         return ('claimed AS (INSERT INTO inbox (consumer, event_id, topic, "partition", "offset", applied_at) '
                 f"SELECT {c}::text, e, t, p, o, {at}::timestamptz "
-                f"FROM unnest({e}::text[], {t}::text[], {p}::int[], {o}::bigint[]) AS c(e, t, p, o){where} "
-                "RETURNING 1)",
+                f"FROM unnest({e}::text[], {t}::text[], {p}::int[], {o}::bigint[]) AS c(e, t, p, o){where})",
                 [self.consumer, list(self.keys), [ev.topic for ev in self.events],
                  [ev.partition for ev in self.events], [ev.offset for ev in self.events], self.at])
 

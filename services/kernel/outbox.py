@@ -59,39 +59,28 @@ async def add(conn: asyncpg.Connection, records: list[Outgoing], *, available_at
         await database.notify(conn, "_outbox", in_schema=True)
 
 
-def cte(first: int, records: list[Outgoing], when: str = "") -> tuple[str, list]:
-    """``queued AS (INSERT INTO outbox ... RETURNING 1)`` for ``records``, with parameters from ``$first``,
-    writing only where the SQL condition ``when`` holds; and its arguments. For a caller that writes
-    its own rows and its records in one statement (the quota ledger's batch); the relay's wake-up is
-    the caller's too (``WAKE`` in the same statement, or ``database.notify``)."""
-    return (f"queued AS ({_insert(first)}{f' WHERE {when}' if when else ''} RETURNING 1)",
-            _rows(records, None))
-
-
-# the relay's wake-up as an SQL expression, for a statement that queues records (delivered at its commit)
-WAKE = "pg_notify(current_schema() || '_outbox', '')"
-
-
-async def add_with(conn: asyncpg.Connection, writes: Sequence[str], args: Sequence, records: list[Outgoing]) -> None:
+async def add_with(conn: asyncpg.Connection, writes: Sequence[str], args: Sequence, records: list[Outgoing], *,
+                   guard: str = "", answer: str = "SELECT") -> list[asyncpg.Record]:
     """Queue ``records`` in the same statement as the caller's own ``writes``, inside its transaction.
 
     ``writes`` are common table expressions (``name AS (INSERT ...)``) with parameters ``$1..$n``
     (``args``); PostgreSQL runs each data-modifying one once, whether or not anything reads it. One
     round trip for the caller's rows and the records: what a transaction holding row locks sends
-    between its last read and its commit (the quota ledger's). The relay's wake-up follows the
-    commit, as ``add``.
+    between its last read and its commit (the quota ledger's). ``guard``, an SQL condition over the
+    writes, queues the records only where it holds (the caller's writes carry it themselves);
+    ``answer`` is the statement's own query, whose rows are returned. The relay's wake-up follows the
+    commit, as ``add`` (one that finds nothing when a guard did not hold).
     """
     if not writes:
         await add(conn, records)
-        return
+        return []
     ctes = list(writes)
-    queued_args: list = []
     if records:
-        queued, queued_args = cte(len(args) + 1, records)
-        ctes.append(queued)
-    await conn.execute(f"WITH {', '.join(ctes)} SELECT", *args, *queued_args)
+        ctes.append(f"queued AS ({_insert(len(args) + 1)}{f' WHERE {guard}' if guard else ''})")
+    rows = await conn.fetch(f"WITH {', '.join(ctes)} {answer}", *args, *(_rows(records, None) if records else ()))
     if records:
         await database.notify(conn, "_outbox", in_schema=True)
+    return rows
 
 
 async def add_if(conn: asyncpg.Connection, guard: str, guard_args: Sequence, records: list[Outgoing]) -> bool:

@@ -17,18 +17,13 @@ Concurrency: the account rows are locked (``FOR UPDATE``, sorted) until the tran
 concurrent batches from several instances serialise per account and never oversell; the
 ``available_never_negative`` constraint is the last line of defence. The lock is taken *after* the
 batch was read and worked out, as late as it can be: by the statement that writes the batch, which
-locks the accounts and writes only if each row is still the version (``xmin``) the batch read.
+locks the accounts first and writes only if each row is still the version (``xmin``) the batch read.
 A batch whose accounts changed since its unlocked read writes nothing there; it reads its transfers
-again and works the batch out again. Every transfer written rewrites its account's row (a refused
-reservation too), so a new version is the sign of any change to an account's ledger.
-
-The service's way (``apply_at_once``) is one autocommitted statement per batch, with its inbox
-claims, and there the lock comes last within the statement too: it checks the versions in its own
-snapshot, writes the claims, transfers, reservations and outbox rows, and only then locks the
-accounts to update them. Another member of the tier waits on an account for that update and the
-commit, not for the rows (issue 12's 50 ms lock bound: on a loaded box, a statement holding a lock
-is sometimes off the CPU for longer than that). If an account changed between the snapshot and the
-lock, the statement fails whole (``batch_went_stale``) and the batch is read again.
+again under the lock that statement took and works the batch out again. Every transfer written
+rewrites its account's row (a refused reservation too), so a new version is the sign of any change
+to an account's ledger. From the lock to the commit there is one round trip (``COMMIT``) instead of
+seven (three before the lock moved into the write): with two quota members on one account, the
+other waits that much less (issue 12's 50 ms lock bound).
 """
 
 from __future__ import annotations
@@ -39,7 +34,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from services.kernel import database, errors, inbox, outbox, runtime
+from services.kernel import errors, inbox, outbox, runtime
 from services.kernel.events import Outgoing
 from services.kernel.settings import Settings
 from services.quota import NAME
@@ -250,154 +245,70 @@ class _Batch:
     async def write(self, conn: asyncpg.Connection, records: list[Outgoing], *,
                     unless_changed: Versions | None = None, claims: inbox.Claims | None = None) -> Versions | None:
         """The batch's rows and the caller's outbox ``records`` (and inbox ``claims``), in one statement.
-        Returns None when written.
 
-        Without ``unless_changed`` the accounts are locked already (the caller's transaction holds them).
         With ``unless_changed`` (accounts and the versions the batch was worked out from, none of them
-        locked yet), the statement locks those accounts (sorted, as ``_lock``) and writes only if each is
-        still that version; when one had changed, nothing was written, and the accounts as locked are
-        returned (in a transaction, the locks are held for the caller to work out again).
-
-        With ``claims`` too, there is no transaction: the statement is one (``apply_at_once``), and its
-        lock comes last. It checks the versions in its own snapshot first (a change committed since the
-        batch was read: nothing written, an empty answer, no lock taken); then writes the inbox claims,
-        transfers, reservations and outbox records; then locks the accounts and updates them. Another
-        member waits on them only for that update and the commit, not for the rows written before. An
-        account that changed between the snapshot and the lock makes the statement fail whole
-        (``batch_went_stale``), and that too answers as a change.
+        locked yet), the same statement first locks those accounts (sorted, as ``_lock``) and writes only
+        if each is still that version. Returns None when written, or the accounts as locked when one
+        had changed: nothing was written, and in a transaction the locks are held for the caller to
+        work out again.
         """
-        st = _Statement()
-        if claims is not None:
-            if unless_changed is None:
-                raise ValueError("a batch written with its claims checks the versions it was worked out from")
-            return await self._write_last_locked(conn, st, records, unless_changed, claims)
-        if unless_changed is None:
-            self._rows(st, "", None)
-            self._balances(st, "")
-            await outbox.add_with(conn, st.ctes, st.args, records)
-            return None
-        when = st.held(unless_changed)
-        self._rows(st, when, None)
-        self._balances(st, when)
-        if records:
-            st.add(*outbox.cte(st.next, records, when))
-        rows = await conn.fetch(st.sql("SELECT (SELECT ok FROM fresh) AS ok, held.* FROM held"), *st.args)
-        if records:
-            await database.notify(conn, "_outbox", in_schema=True)
-        return None if rows and rows[0]["ok"] else _versions(rows)
+        writes: list[str] = []
+        args: list = []
+        when = ""          # the condition every write carries (none: the accounts are locked already)
 
-    async def _write_last_locked(self, conn: asyncpg.Connection, st: _Statement, records: list[Outgoing],
-                                 expected: Versions, claims: inbox.Claims) -> Versions | None:
-        ordered = sorted(expected)
-        c, a, v = st.arrays([[k[0] for k in ordered], [k[1] for k in ordered],
-                             [expected[k][0] for k in ordered]], "text text text")
-        st.add(f"seen AS MATERIALIZED (SELECT count(*) = {len(ordered)} AS ok FROM accounts AS h "
-               f"JOIN unnest({c}, {a}, {v}) AS e(c, a, v) ON h.channel_id = e.c AND h.account_id = e.a "
-               "WHERE h.xmin::text = e.v)")
-        seen = "(SELECT ok FROM seen)"
-        written = self._rows(st, seen, claims.at)
-        st.add(*claims.cte(st.next, seen))
-        written.append("claimed")
-        if records:
-            st.add(*outbox.cte(st.next, records, seen))
-            written.append("queued")
-        # the lock waits until every row above is written: the scan's condition counts them first
-        before = " + ".join(f"(SELECT count(*) FROM {name})" for name in written)
-        fresh = st.held(expected, gate=f"{before} >= 0 AND {seen}")
-        self._balances(st, fresh)
-        wake = f", CASE WHEN {fresh} THEN {outbox.WAKE}::text END AS woken" if records else ""
-        try:
-            ok = await conn.fetchval(st.sql(f"SELECT CASE WHEN NOT {seen} THEN false WHEN {fresh} THEN true "
-                                            f"ELSE batch_went_stale() END AS ok{wake}"), *st.args)
-        except asyncpg.PostgresError as e:
-            if e.sqlstate != STALE_SQLSTATE:
-                raise
-            ok = False
-        return None if ok else {}
+        def arrays(columns: list[list], types: str) -> str:
+            start = len(args) + 1
+            args.extend(columns)
+            return ", ".join(f"${start + i}::{t}[]" for i, t in enumerate(types.split()))
 
-    def _rows(self, st: _Statement, when: str, at: dt.datetime | None) -> list[str]:
-        """The transfers and reservation rows, written where ``when`` holds; the names of their CTEs."""
+        def value(v, type_: str) -> str:
+            args.append(v)
+            return f"${len(args)}::{type_}"
+
+        if unless_changed is not None:
+            ordered = sorted(unless_changed)
+            c, a, v = arrays([[k[0] for k in ordered], [k[1] for k in ordered],
+                              [unless_changed[k][0] for k in ordered]], "text text text").split(", ")
+            writes.append(f"held AS MATERIALIZED ({_ACCOUNTS_IN.format(c, a)} ORDER BY channel_id, account_id "
+                          "FOR UPDATE)")
+            writes.append(f"fresh AS (SELECT count(*) FILTER (WHERE h.version = e.v) = {len(ordered)} AS ok "
+                          f"FROM held AS h JOIN unnest({c}, {a}, {v}) AS e(c, a, v) "
+                          "ON h.channel_id = e.c AND h.account_id = e.a)")
+            when = "(SELECT ok FROM fresh)"
         where, and_ = (f" WHERE {when}", f" AND {when}") if when else ("", "")
-        names = []
         if self.transfers:
             columns = list(map(list, zip(*self.transfers, strict=True)))
-            unnested = ", ".join(st.arrays(columns, "text text text text bigint text timestamptz text text"))
+            unnested = arrays(columns, 'text text text text bigint text timestamptz text text')
             # made when the batch's application began, as a transaction's now(): before the events
             # it announces occurred (``bubuh trace``'s order), also when written by one statement
-            made = st.value(at, "timestamptz")
-            st.add("t AS (INSERT INTO transfers (id, kind, channel_id, account_id, amount, pending_id, "
-                   "deadline, code, event_id, created_at) "
-                   f"SELECT *, COALESCE({made}, now()) FROM unnest({unnested}){where} RETURNING 1)")
-            names.append("t")
+            at = value(claims.at if claims is not None else None, "timestamptz")
+            writes.append("t AS (INSERT INTO transfers (id, kind, channel_id, account_id, amount, pending_id, "
+                          "deadline, code, event_id, created_at) "
+                          f"SELECT *, COALESCE({at}, now()) FROM unnest({unnested}){where})")
         if self.opened:
             columns = list(map(list, zip(*self.opened.values(), strict=True)))
-            unnested = ", ".join(st.arrays(columns, "text text text timestamptz"))
-            st.add("o AS (INSERT INTO open_reservations (request_id, channel_id, account_id, deadline) "
-                   f"SELECT * FROM unnest({unnested}){where} RETURNING 1)")
-            names.append("o")
+            writes.append("o AS (INSERT INTO open_reservations (request_id, channel_id, account_id, deadline) "
+                          f"SELECT * FROM unnest({arrays(columns, 'text text text timestamptz')}){where})")
         if self.closed:
-            (closed,) = st.arrays([self.closed], "text")
-            st.add(f"d AS (DELETE FROM open_reservations WHERE request_id = ANY({closed}){and_} RETURNING 1)")
-            names.append("d")
-        return names
-
-    def _balances(self, st: _Statement, when: str) -> None:
-        """The touched accounts' new balances, written where ``when`` holds."""
-        if not self.touched:
-            return
-        keys = sorted(self.touched)
-        columns = [[k[0] for k in keys], [k[1] for k in keys], *([self.balances[k][i] for k in keys] for i in range(3))]
-        unnested = ", ".join(st.arrays(columns, "text text bigint bigint bigint"))
-        st.add("u AS (UPDATE accounts AS a SET credited = u.c, pending = u.p, committed = u.m "
-               f"FROM unnest({unnested}) AS u(ch, ac, c, p, m) "
-               f"WHERE a.channel_id = u.ch AND a.account_id = u.ac{f' AND {when}' if when else ''})")
-
-
-STALE_SQLSTATE = "BQ409"       # batch_went_stale(): the quota schema's migration 0002
-
-
-class _Statement:
-    """One statement being built: its common table expressions (``name AS (...)``) and their parameters."""
-
-    def __init__(self) -> None:
-        self.ctes: list[str] = []
-        self.args: list = []
-
-    @property
-    def next(self) -> int:
-        """The number of the next parameter."""
-        return len(self.args) + 1
-
-    def add(self, cte: str, args: list | None = None) -> None:
-        self.ctes.append(cte)
-        self.args.extend(args or ())
-
-    def arrays(self, columns: list[list], types: str) -> list[str]:
-        """Parameters for ``columns``, one array each, cast to ``types``."""
-        first = self.next
-        self.args.extend(columns)
-        return [f"${first + i}::{t}[]" for i, t in enumerate(types.split())]
-
-    def value(self, v, type_: str) -> str:
-        self.args.append(v)
-        return f"${len(self.args)}::{type_}"
-
-    def held(self, expected: Versions, gate: str = "") -> str:
-        """Lock the ``expected`` accounts (sorted, as ``_lock``; once ``gate`` holds, when given) and check
-        that each is still the version expected: the condition ``(SELECT ok FROM fresh)``."""
-        ordered = sorted(expected)
-        c, a, v = self.arrays([[k[0] for k in ordered], [k[1] for k in ordered],
-                               [expected[k][0] for k in ordered]], "text text text")
-        where = f" AND {gate}" if gate else ""
-        self.add(f"held AS MATERIALIZED ({_ACCOUNTS_IN.format(c, a)}{where} ORDER BY channel_id, account_id "
-                 "FOR UPDATE)")
-        self.add(f"fresh AS (SELECT count(*) FILTER (WHERE h.version = e.v) = {len(ordered)} AS ok "
-                 f"FROM held AS h JOIN unnest({c}, {a}, {v}) AS e(c, a, v) "
-                 "ON h.channel_id = e.c AND h.account_id = e.a)")
-        return "(SELECT ok FROM fresh)"
-
-    def sql(self, query: str) -> str:
-        return f"WITH {', '.join(self.ctes)} {query}" if self.ctes else query
+            closed = arrays([self.closed], "text")
+            writes.append(f"d AS (DELETE FROM open_reservations WHERE request_id = ANY({closed}){and_})")
+        if self.touched:
+            keys = sorted(self.touched)
+            columns = [[k[0] for k in keys], [k[1] for k in keys],
+                       *([self.balances[k][i] for k in keys] for i in range(3))]
+            writes.append("u AS (UPDATE accounts AS a SET credited = u.c, pending = u.p, committed = u.m "
+                          f"FROM unnest({arrays(columns, 'text text bigint bigint bigint')}) AS u(ch, ac, c, p, m) "
+                          f"WHERE a.channel_id = u.ch AND a.account_id = u.ac{and_})")
+        if claims is not None:
+            claimed, claim_args = claims.cte(len(args) + 1, when)
+            writes.append(claimed)
+            args.extend(claim_args)
+        if not when:
+            await outbox.add_with(conn, writes, args, records)
+            return None
+        rows = await outbox.add_with(conn, writes, args, records, guard=when,
+                                     answer="SELECT (SELECT ok FROM fresh) AS ok, held.* FROM held")
+        return None if rows and rows[0]["ok"] else _versions(rows)
 
 
 def _work_out(operations: list[Operation], accounts: Versions, rows) -> tuple[_Batch, list[Outcome]]:

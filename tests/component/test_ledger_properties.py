@@ -24,7 +24,6 @@ import datetime as dt
 import uuid
 from dataclasses import dataclass, field
 
-import asyncpg
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -651,26 +650,17 @@ async def test_a_batch_is_claimed_and_applied_by_one_statement_with_no_transacti
     await _credited(pool, transactional, account, "p-i", 5, reserved="i-to-post")
     batch = [_stamp_event("reserve", "i-new", account), _stamp_event("commit", "i-to-post", account)]
     at_once = _batches("at_once")
-    woken = asyncio.Event()
-    listening = await database.connect(hs.settings())
-    await listening.add_listener(f"{await pool.fetchval('SELECT current_schema()')}_outbox",
-                                 lambda *_: woken.set())
-    try:
-        async with pool.acquire() as conn:
-            recording = _Recording(conn)
-            claims = await inbox.unapplied(conn, CONSUMER, batch)
-            assert list(claims.events) == batch
-            assert await handlers.apply_at_once(recording, batch, claims) is True
-        await asyncio.wait_for(woken.wait(), timeout=5)       # the relay is woken by the same statement
-    finally:
-        await listening.close()
+    async with pool.acquire() as conn:
+        recording = _Recording(conn)
+        claims = await inbox.unapplied(conn, CONSUMER, batch)
+        assert list(claims.events) == batch
+        assert await handlers.apply_at_once(recording, batch, claims) is True
     assert not any(recording.in_transaction), recording.sent
     assert _batches("at_once") == at_once + 1
     locking = [q for q in recording.sent if "FOR UPDATE" in q]
     assert len(locking) == 1, recording.sent
     assert all(f"INSERT INTO {t}" in locking[0] for t in ("inbox", "transfers", "open_reservations", "outbox"))
-    assert "UPDATE accounts" in locking[0] and "pg_notify" in locking[0]
-    assert recording.sent[-1] is locking[0], "a statement after the batch's: its wake-up rides in it"
+    assert "UPDATE accounts" in locking[0]
     row = await pool.fetchrow("SELECT credited, pending, committed FROM accounts WHERE channel_id = 'ch-i'")
     assert tuple(row) == (5, 1, 1)
     claimed = {r["event_id"]: r["applied_at"] for r in await pool.fetch(
@@ -735,47 +725,3 @@ async def test_an_event_another_member_applied_meanwhile_is_not_applied_twice(qu
                                      "WHERE channel_id = 'ch-j'")) == (5, 1, 0)
     out = [(type(m).__name__, m.request_id) for _, m in await hs.outbox(pool) if hasattr(m, "request_id")]
     assert out == [("QuotaReserved", "j-once")]
-
-
-async def test_a_statement_writes_its_rows_before_it_locks_its_accounts_and_fails_whole_if_one_changed(quota):
-    """Another member waits on an account only for what the holder does after locking it. The batch's
-    statement writes its inbox claims, transfers, reservations and outbox rows first, and locks the
-    account last, to update it and commit. Here another transaction holds the account, changed but
-    not committed, while the statement runs: the statement has already written its transfer when it
-    waits for the lock (a third writer of that transfer id is kept waiting by it). The holder then
-    commits its change, so the statement finds the account changed under the lock: it fails whole
-    (nothing of it stays), and the batch is read and worked out again and applied once."""
-    pool, handlers, transactional = quota
-    account = ("ch-l", "acct-1")
-    await _credited(pool, transactional, account, "p-l", 5)
-    stale = _stale_reads()
-    at_once = _batches("at_once")
-    async with pool.acquire() as holder, pool.acquire() as third:
-        changing = holder.transaction()
-        await changing.start()
-        await holder.execute("UPDATE accounts SET credited = credited + 1 WHERE channel_id = 'ch-l'")
-        applying = asyncio.create_task(transactional.process([_stamp_event("reserve", "l-late", account)]))
-        try:
-            for _ in range(200):          # until the statement waits for the account's lock
-                if await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                       "AND query LIKE 'WITH %'"):
-                    break
-                await asyncio.sleep(0.02)
-            else:
-                pytest.fail("the batch's statement never waited for the account's lock")
-            await third.execute("SET lock_timeout = '200ms'")
-            with pytest.raises(asyncpg.LockNotAvailableError):
-                await third.execute("INSERT INTO transfers (id, kind, channel_id, account_id, amount) "
-                                    "VALUES ('l-late', 'pending', 'ch-l', 'acct-1', 1)")
-            await third.execute("RESET lock_timeout")
-        finally:
-            await changing.commit()
-            result = await asyncio.wait_for(applying, timeout=10)
-    assert result == []
-    assert _stale_reads() == stale + 1, "the statement did not find the account changed under its lock"
-    assert _batches("at_once") == at_once + 1
-    assert await pool.fetchval("SELECT count(*) FROM transfers WHERE id = 'l-late'") == 1
-    assert tuple(await pool.fetchrow("SELECT credited, pending, committed FROM accounts "
-                                     "WHERE channel_id = 'ch-l'")) == (6, 1, 0)
-    out = [(type(m).__name__, m.request_id) for _, m in await hs.outbox(pool) if hasattr(m, "request_id")]
-    assert out == [("QuotaReserved", "l-late")]
