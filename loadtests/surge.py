@@ -495,14 +495,64 @@ def postgres_log(settings) -> Path | None:
     return logs[-1] if logs else None
 
 
-def lock_waits_since(log: Path | None, offset: int) -> list[str]:
+_PG_LINE = re.compile(r"^\S+ \S+ \S+ \[(\d+)\] (?:\S+ )?(LOG|DETAIL|CONTEXT|STATEMENT):\s+(.*)$")
+_WAITING = re.compile(r"process \d+ still waiting for (.+) after ([\d.]+) ms")
+_ACQUIRED = re.compile(r"process \d+ acquired (.+) after ([\d.]+) ms")
+
+
+def lock_waits_since(log: Path | None, offset: int) -> list[dict]:
     """Lock waits PostgreSQL logged after ``offset`` (log_lock_waits: waits longer than deadlock_timeout)."""
     if log is None:
         return []
     with open(log, "rb") as f:
         f.seek(offset)
-        text = f.read().decode(errors="replace")
-    return [line[:300] for line in text.splitlines() if "still waiting for" in line]
+        return lock_waits(f.read().decode(errors="replace"))
+
+
+def lock_waits(text: str) -> list[dict]:
+    """Each lock wait in PostgreSQL's log text (the default ``log_line_prefix``, ``%m [%p] %q%u@%d``): the
+    lock, what the waiting backend was doing (``in``, from CONTEXT: the relation), its statement (the
+    first 120 characters), the holder, and how long it waited in all (``waited_ms``: from its
+    "acquired" line, or the "still waiting" one when it never got the lock in the log)."""
+    waits: list[dict] = []
+    open_wait: dict[str, dict] = {}          # pid -> its wait being described (the lines that follow it)
+    for line in text.splitlines():
+        m = _PG_LINE.match(line)
+        if not m:
+            continue
+        pid, kind, message = m.groups()
+        if kind == "LOG":
+            if w := _WAITING.match(message):
+                open_wait[pid] = {"lock": w.group(1), "waited_ms": float(w.group(2)), "in": "", "statement": "",
+                                  "holder": ""}
+                waits.append(open_wait[pid])
+                continue
+            current = open_wait.pop(pid, None)
+            if (a := _ACQUIRED.match(message)) and current is not None and a.group(1) == current["lock"]:
+                current["waited_ms"] = float(a.group(2))
+        elif pid in open_wait:
+            field = {"DETAIL": "holder", "CONTEXT": "in", "STATEMENT": "statement"}[kind]
+            if not open_wait[pid][field]:
+                open_wait[pid][field] = message.strip()[:120]
+    return waits
+
+
+def _logged_line(line: str) -> dict:
+    m = _WAITING.search(line)
+    return {"lock": m.group(1), "waited_ms": float(m.group(2))} if m else {"lock": line[:80], "waited_ms": 0.0}
+
+
+def described_waits(waits: list[dict], at_most: int = 4) -> str:
+    """``n`` and, for the first few, how long and on what: ``2 (60.1 ms, accounts; 52.1 ms, channel_tags)``."""
+    if not waits:
+        return "0"
+    waits = [w if isinstance(w, dict) else _logged_line(w) for w in waits]   # results from before waits were described
+
+    def one(w: dict) -> str:
+        relation = re.search(r'relation "([^"]+)"', w.get("in", ""))
+        return f"{w['waited_ms']:.1f} ms, {relation.group(1) if relation else w['lock']}"
+    more = f"; {len(waits) - at_most} more" if len(waits) > at_most else ""
+    return f"{len(waits)} ({'; '.join(one(w) for w in waits[:at_most])}{more})"
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -710,8 +760,9 @@ def markdown(result: dict) -> str:
             [f"{per[lv]['cpu_ms_per_stamp_of_median_run'].get(part, 0):.1f}" for lv in levels])
     logging = result.get("lock_wait_logging", {})
     row(f"PostgreSQL lock waits over {logging.get('deadlock_timeout', '?')} (log_lock_waits="
-        f"{logging.get('log_lock_waits', '?')}), all runs", [str(sum(len(r.get("lock_waits_over_deadlock_timeout", []))
-                                                  for r in result["runs"] if r["level"] == lv)) for lv in levels])
+        f"{logging.get('log_lock_waits', '?')}), all runs: how long, on what",
+        [described_waits([w for r in result["runs"] if r["level"] == lv
+                          for w in r.get("lock_waits_over_deadlock_timeout", [])]) for lv in levels])
     row("quota ledger batches: at once / in a transaction / worked out again (all runs)",
         [" / ".join(str(sum(r.get("ledger_batches", {}).get(k, 0) for r in result["runs"] if r["level"] == lv))
                     for k in ("at_once", "transaction", "stale_reads")) for lv in levels])
