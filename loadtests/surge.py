@@ -319,11 +319,16 @@ def restart(env: dict) -> None:
     log(_bubuh(env, "up"))
 
 
-def stamping_metrics(port: int) -> dict[str, tuple[float, float]]:
-    """(sum, count) of the stamping worker's stage histograms and of its signing child's tasks."""
+def scrape(port: int) -> str:
+    """One process's ``/metrics`` text."""
     import httpx
 
-    body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def stamping_metrics(port: int) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the stamping worker's stage histograms and of its signing child's tasks."""
+    body = scrape(port)
     out: dict[str, tuple[float, float]] = {}
     pattern = re.compile(r'^bubuh_(stamp_stage_seconds|document_sandbox_task_seconds)_(sum|count)'
                          r'\{(?:stage|sandbox)="([^"]+)"\} (\S+)$')
@@ -336,12 +341,9 @@ def stamping_metrics(port: int) -> dict[str, tuple[float, float]]:
     return out
 
 
-def work_done(port: int) -> float:
-    """What one process has done so far: records its consumers handled plus HTTP requests it answered
-    (/metrics and /healthz not counted)."""
-    import httpx
-
-    body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+def work_done(body: str) -> float:
+    """What one process has done so far (its ``/metrics`` text): records its consumers handled plus HTTP
+    requests it answered (/metrics and /healthz not counted)."""
     total = 0.0
     for line in body.splitlines():
         if line.startswith("bubuh_consumer_records_total{"):
@@ -352,12 +354,10 @@ def work_done(port: int) -> float:
     return total
 
 
-def ledger_ways(port: int) -> dict[str, float]:
-    """How one quota process applied its batches so far (``bubuh_ledger_batches_total`` by way) and
-    how many it worked out again because an account changed (``bubuh_ledger_stale_reads_total``)."""
-    import httpx
-
-    body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+def ledger_ways(body: str) -> dict[str, float]:
+    """How one quota process (its ``/metrics`` text) applied its batches so far
+    (``bubuh_ledger_batches_total`` by way) and how many it worked out again because an account
+    changed (``bubuh_ledger_stale_reads_total``)."""
     out: dict[str, float] = {}
     for line in body.splitlines():
         m = re.match(r'^bubuh_ledger_batches_total\{way="([a-z_]+)"\} (\S+)$', line)
@@ -622,9 +622,7 @@ async def compare_levels(args, env: dict) -> dict:
                 warm: list[tuple[str, str]] = []
                 await run(args.base_url, 1, args.warmup, min(args.warmup, 4), env, warm)
                 before = [stamping_metrics(port) for port in member_ports]
-                work_before = {name: work_done(port) for name, port in ports.items()}
-                quota_ports = [port for name, port in ports.items() if name.startswith("quota")]
-                ledger_before = [ledger_ways(port) for port in quota_ports]
+                metrics_before = {name: scrape(port) for name, port in ports.items()}   # once a process
                 load = [round(x, 2) for x in os.getloadavg()]
                 completed: list[tuple[str, str]] = []
                 cpu_before = cpu_snapshot(shape)
@@ -633,9 +631,13 @@ async def compare_levels(args, env: dict) -> dict:
                 r = await run(args.base_url, args.channels, args.stamps, args.concurrency, env, completed)
                 r["cpu_ms_per_stamp"] = cpu_per_stamp(cpu_before, cpu_snapshot(shape), r["stamps_accepted"])
                 after = [stamping_metrics(port) for port in member_ports]
-                r["tier_shares"] = tier_shares(work_before, {name: work_done(port) for name, port in ports.items()})
+                metrics_after = {name: scrape(port) for name, port in ports.items()}
+                r["tier_shares"] = tier_shares({n: work_done(t) for n, t in metrics_before.items()},
+                                               {n: work_done(t) for n, t in metrics_after.items()})
                 r["lock_waits_over_deadlock_timeout"] = lock_waits_since(pg_log, pg_log_at)[:20]
-                r["ledger_batches"] = _added(ledger_before, [ledger_ways(port) for port in quota_ports])
+                quota = [name for name in ports if name.startswith("quota")]
+                r["ledger_batches"] = _added([ledger_ways(metrics_before[n]) for n in quota],
+                                             [ledger_ways(metrics_after[n]) for n in quota])
                 r.pop("queue", None)
                 r.pop("ledger", None)
                 r.update({"round": rnd, "level": level, "pades_level": pades, "stamping_members": n_members,
