@@ -98,17 +98,26 @@ async def add_channels(base_env: dict, prefix: str, n: int) -> list[dict]:
 
 async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency: int, env: dict,
               completed: list[tuple[str, str]] | None = None, sizes: list[tuple[int, int]] | None = None,
-              held: frozenset[int] = frozenset()) -> dict:
+              held: frozenset[int] = frozenset(), applicants: int = 1) -> dict:
     """One surge; ``completed`` (if given) receives (api key, request id) of every completed stamp. ``sizes``:
     channels of unequal size, (stamps, requests in flight) each, instead of ``channels`` equal ones. A channel
     whose index is in ``held`` keeps its requests in flight *until they end* (it sends the next one when one
-    completes, as a channel of few applicants does); the others count a request in flight until its 202."""
+    completes, as a channel of few applicants does); the others count a request in flight until its 202.
+
+    ``applicants``: the accounts of each channel. With 1, a channel buys all its stamps into one account
+    (``applicants``) and stamps from it: every reservation and post of the channel writes that one row,
+    the worst case for the ledger's row locks. With more, each applicant (``applicant-<k>``) buys its own
+    share of the channel's stamps in a purchase of its own and stamps from its own account, as on the
+    deadline day (3.5 million applicants, a stamp or two each). ``ledger`` is each channel's accounts summed."""
     routes = {"POST /v1/purchases": Route(), "POST /v1/stamps": Route(), "GET /v1/stamps/{id}": Route()}
     sizes = sizes or [(stamps_per_channel, concurrency)] * channels
     channels = len(sizes)
     creds = await add_channels(env, "surge", channels)
     for i, (c, (n, _)) in enumerate(zip(creds, sizes, strict=True)):
         c["stamps"], c["index"] = n, i
+        c["accounts"] = applicant_accounts(n, applicants)
+        # the account of each of the channel's stamps in turn (popped from the end): an applicant's together
+        c["stamp_accounts"] = [a for a, units in c["accounts"].items() for _ in range(units)][::-1]
     letter = corpus.a4_text(7)
     accepted: list[tuple[dict, str, dict]] = []
     positions: list[tuple[float, int, float]] = []
@@ -130,29 +139,53 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
             routes[route].record(started, r.status_code, "" if r.status_code < 500 else r.text[:200])
             return r
 
-        async def buy(c: dict) -> None:
-            auth = {"Authorization": f"Bearer {c['api_key']}"}
-            body = {"channel_order_id": f"surge-{secrets.token_hex(6)}", "account_id": "applicants",
-                    "quantity": c["stamps"], "amount": c["stamps"] * 10_000,
-                    "paid_at": dt.datetime.now(dt.UTC).isoformat()}
+        def auth(c: dict) -> dict[str, str]:
+            return {"Authorization": f"Bearer {c['api_key']}"}
+
+        async def buy(c: dict, account: str) -> None:
+            units = c["accounts"][account]
+            body = {"channel_order_id": f"surge-{secrets.token_hex(6)}", "account_id": account,
+                    "quantity": units, "amount": units * 10_000, "paid_at": dt.datetime.now(dt.UTC).isoformat()}
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:   # a new channel reaches the intake's view within moments
-                r = await call(c, "POST /v1/purchases", "POST", "/v1/purchases", json=body, headers=auth)
+                r = await call(c, "POST /v1/purchases", "POST", "/v1/purchases", json=body, headers=auth(c))
                 if r is not None and r.status_code == 202:
                     return
                 await asyncio.sleep(0.2)
-            raise SystemExit(f"channel {c['channel_id']}: purchase not accepted")
+            raise SystemExit(f"channel {c['channel_id']}: purchase for {account} not accepted")
 
-        await asyncio.gather(*(buy(c) for c in creds))
-        await asyncio.sleep(2)   # let the credits land; stamping beyond the quota would be refused
+        async def quota(c: dict, account: str) -> dict:
+            r = await c["client"].get(f"/v1/accounts/{account}/quota", headers=auth(c))
+            return r.json() if r.status_code == 200 else {}
+
+        async def each_account(work, accounts: list[tuple[dict, str]], at_once: int = 16) -> list:
+            """``work(channel, account)`` for every account, at most ``at_once`` at a time, in order."""
+            gate = asyncio.Semaphore(at_once)
+
+            async def one(c: dict, account: str):
+                async with gate:
+                    return await work(c, account)
+            return list(await asyncio.gather(*(one(c, a) for c, a in accounts)))
+
+        # each channel's purchases, with as many in flight as its stamps will have
+        await asyncio.gather(*(each_account(buy, [(c, a) for a in c["accounts"]], at_once=inflight)
+                               for c, (_, inflight) in zip(creds, sizes, strict=True)))
+        # stamping beyond the quota would be refused: wait until every account is credited (a minute at most)
+        short = [(c, a) for c in creds for a in c["accounts"]]
+        credit_deadline = time.perf_counter() + 60
+        while short and time.perf_counter() < credit_deadline:
+            seen = await each_account(quota, short)
+            short = [(c, a) for (c, a), q in zip(short, seen, strict=True) if q.get("credited", 0) < c["accounts"][a]]
+            if short:
+                await asyncio.sleep(0.2)
 
         results: list[dict] = []
 
         async def stamper(c: dict, n: int) -> None:
-            auth = {"Authorization": f"Bearer {c['api_key']}"}
-            meta = json.dumps({"account_id": "applicants", "page": 1, "llx": 400, "lly": 60, "urx": 540, "ury": 200})
             for _ in range(n):
-                r = await call(c, "POST /v1/stamps", "POST", "/v1/stamps", headers=auth, form={"meta": meta},
+                meta = json.dumps({"account_id": c["stamp_accounts"].pop(), "page": 1, "llx": 400, "lly": 60,
+                                   "urx": 540, "ury": 200})
+                r = await call(c, "POST /v1/stamps", "POST", "/v1/stamps", headers=auth(c), form={"meta": meta},
                                file=("letter.pdf", letter, "application/pdf"))
                 if r is not None and r.status_code == 202:
                     body = r.json()
@@ -211,15 +244,18 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
         # the ledger commits a unit when it consumes the stamp's outcome, a moment after the status shows it:
         # read the accounts once nothing is pending any more (or report what stands after a minute)
         settle_deadline = time.perf_counter() + 60
-        while True:
-            quotas = []
-            for c in creds:
-                r = await c["client"].get("/v1/accounts/applicants/quota",
-                                     headers={"Authorization": f"Bearer {c['api_key']}"})
-                quotas.append(r.json())
-            if all(q.get("pending") == 0 for q in quotas) or time.perf_counter() > settle_deadline:
+        pending = [(c, a) for c in creds for a in c["accounts"]]
+        balances: dict[tuple[str, str], dict] = {}
+        while pending:
+            seen = await each_account(quota, pending)
+            balances.update({(c["channel_id"], a): q for (c, a), q in zip(pending, seen, strict=True)})
+            pending = [(c, a) for (c, a), q in zip(pending, seen, strict=True) if q.get("pending") != 0]
+            if not pending or time.perf_counter() > settle_deadline:
                 break
             await asyncio.sleep(0.2)
+        quotas = [{"accounts": len(c["accounts"]),
+                   **{k: sum(balances.get((c["channel_id"], a), {}).get(k, 0) for a in c["accounts"])
+                      for k in ("credited", "pending", "committed", "available")}} for c in creds]
         ledger_settled = time.perf_counter() - t0
     outcomes: dict[str, int] = {}
     for r in results:
@@ -262,6 +298,14 @@ def completion_times(sizes: list[tuple[int, int]], channel_of: dict[str, int], r
         out.append({"stamps": n, "in_flight": inflight, "completed": len(times), "p50_s": _quantile(times, 0.5),
                     "p99_s": _quantile(times, 0.99), "max_s": _quantile(times, 1.0)})
     return out
+
+
+def applicant_accounts(stamps: int, applicants: int) -> dict[str, int]:
+    """A channel's accounts and the units each buys: one account (``applicants``) for all ``stamps``, or
+    ``applicant-<k>`` with shares that differ by at most one (none with nothing to buy)."""
+    if applicants <= 1:
+        return {"applicants": stamps}
+    return {f"applicant-{k}": units for k, units in enumerate(split(stamps, applicants)) if units}
 
 
 def split(n: int, parts: int) -> list[int]:
@@ -588,6 +632,7 @@ async def compare_levels(args, env: dict) -> dict:
     result: dict = {
         "levels": [label for label, _, _ in variants], "rounds": args.rounds, "channels": args.channels,
         "stamps_per_channel": args.stamps, "concurrency_per_channel": args.concurrency, "target_ratio": target,
+        "applicants_per_channel": args.applicants,
         "compares": ("tier members" if by_tier else "stamping members") if len(members) > 1 else "PAdES levels",
         "pinned": {"signing_key": pinned_key(env),
                    "document": {"what": "loadtests.corpus.a4_text(7), one A4 page of text", "bytes": len(letter),
@@ -628,7 +673,8 @@ async def compare_levels(args, env: dict) -> dict:
                 cpu_before = cpu_snapshot(shape)
                 pg_log = postgres_log(settings)
                 pg_log_at = pg_log.stat().st_size if pg_log else 0
-                r = await run(args.base_url, args.channels, args.stamps, args.concurrency, env, completed)
+                r = await run(args.base_url, args.channels, args.stamps, args.concurrency, env, completed,
+                              applicants=args.applicants)
                 r["cpu_ms_per_stamp"] = cpu_per_stamp(cpu_before, cpu_snapshot(shape), r["stamps_accepted"])
                 after = [stamping_metrics(port) for port in member_ports]
                 metrics_after = {name: scrape(port) for name, port in ports.items()}
@@ -730,6 +776,16 @@ def summarise(result: dict, levels: list[str]) -> dict:
     return {"per_level": per_level, "ratios": ratios}
 
 
+def applicants_words(result: dict) -> str:
+    """Whose accounts the stamps came from (``--applicants``; runs from before it had one account a channel)."""
+    n = result.get("applicants_per_channel", 1)
+    if n <= 1:
+        return "all of a channel's stamps from one account (every reservation of a channel writes one row)"
+    each = result["stamps_per_channel"] / n
+    return (f"{n} applicants a channel, each buying its {each:g} stamp{'s' if each != 1 else ''} and stamping "
+            "from its own account")
+
+
 def markdown(result: dict) -> str:
     levels = result["levels"]
     per = result["summary"]["per_level"]
@@ -793,7 +849,8 @@ def markdown(result: dict) -> str:
     doc = result["pinned"]["document"]
     rows.append(f"- Pinned: key {key.get('type', key.get('source'))}; document {doc['what']} ({doc['bytes']:,} "
                 f"bytes); {result['channels']} channels x {result['stamps_per_channel']} stamps, "
-                f"{result['concurrency_per_channel']} in flight each; PostgreSQL fsync={g['server']['fsync']}, "
+                f"{result['concurrency_per_channel']} in flight each, {applicants_words(result)}; "
+                f"PostgreSQL fsync={g['server']['fsync']}, "
                 f"synchronous_commit={g['server']['synchronous_commit']} (before and after: "
                 f"{'unchanged' if g['verdict']['fsync_on'] and g['verdict']['synchronous_commit_on'] else 'CHANGED'}"
                 f"); the platform's producers (`bubuh-*`) acks=all: "
@@ -863,6 +920,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--stamps", type=int, default=200, help="stamps per channel")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight per channel")
+    p.add_argument("--applicants", type=int, default=1,
+                   help="accounts per channel: 1 buys and stamps all of a channel's stamps from one account (one "
+                        "row every reservation writes); more spread them over applicants who buy their own")
     p.add_argument("--out", type=Path, default=Path("loadtests/results/surge-levels.json"))
     p.add_argument("--levels", default="", help="compare PAdES levels, e.g. b-b,b-lt (the first is the base); "
                                                 "restarts the platform for each")
@@ -912,7 +972,8 @@ def main(argv: list[str] | None = None) -> int:
                                            for x in v["shares"])
                                    and not any(r.get("lock_waits_over_deadlock_timeout") for r in result["runs"]))))
         return 0 if ok else 1
-    result = asyncio.run(run(args.base_url, args.channels, args.stamps, args.concurrency, dict(os.environ)))
+    result = asyncio.run(run(args.base_url, args.channels, args.stamps, args.concurrency, dict(os.environ),
+                             applicants=args.applicants))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "queue"}, indent=2))

@@ -44,3 +44,17 @@ def test_a_channels_stamps_are_split_among_its_stampers_without_a_remainder_lost
     assert split(80, 32) == [3] * 16 + [2] * 16        # n // in_flight each sent 64 of the 80
     assert sum(split(1_600, 32)) == 1_600 and set(split(1_600, 32)) == {50}
     assert split(1, 2) == [1, 0]
+
+
+def test_applicants_buy_shares_that_add_up_and_one_applicant_is_the_pooled_account():
+    from loadtests.surge import applicant_accounts, applicants_words
+
+    assert applicant_accounts(200, 1) == {"applicants": 200}          # the one row every reservation writes
+    spread = applicant_accounts(200, 100)
+    assert len(spread) == 100 and set(spread.values()) == {2} and sum(spread.values()) == 200
+    uneven = applicant_accounts(7, 3)
+    assert uneven == {"applicant-0": 3, "applicant-1": 2, "applicant-2": 2}
+    assert applicant_accounts(2, 5) == {"applicant-0": 1, "applicant-1": 1}   # nobody buys nothing
+    assert "one account" in applicants_words({"stamps_per_channel": 200})       # runs from before --applicants
+    assert applicants_words({"stamps_per_channel": 200, "applicants_per_channel": 100}).startswith(
+        "100 applicants a channel, each buying its 2 stamps")
