@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -289,6 +290,42 @@ async def _no_body() -> Message:
     return {"type": "http.disconnect"}
 
 
+class KeepAliveLimit:
+    """ASGI middleware: a connection is closed after ``limit`` requests, with ``Connection: close`` on the
+    answer to the last one (as nginx's ``keepalive_requests``); the client opens a new one.
+
+    Several API members behind one port (``SO_REUSEPORT``), or pods behind a Kubernetes Service, are
+    chosen per connection, never per request. A client that keeps a few connections alive for a whole
+    surge would leave the members' shares to the luck of those few choices (one run: 63/37); a new
+    connection every ``limit`` requests is placed again. A connection is known by its client address
+    and port; the most recent ``remembered`` are counted (a closed one is forgotten in time, and a port
+    reused by a new connection only brings its close forward)."""
+
+    def __init__(self, app: ASGIApp, limit: int, remembered: int = 65_536) -> None:
+        self.app, self.limit, self._remembered = app, limit, remembered
+        self._served: OrderedDict[tuple, int] = OrderedDict()     # connection -> requests so far, oldest first
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.limit <= 0 or not scope.get("client"):
+            await self.app(scope, receive, send)
+            return
+        key = tuple(scope["client"])
+        served = self._served.pop(key, 0) + 1
+        if served < self.limit:
+            self._served[key] = served
+            if len(self._served) > self._remembered:
+                self._served.popitem(last=False)
+            await self.app(scope, receive, send)
+            return
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": _with_close(message.get("headers", []))}
+            await send(message)
+
+        await self.app(scope, receive, closing_send)
+
+
 class TraceAndMeasure:
     """ASGI middleware, outermost of ours: binds the trace id, answers an exception no route turned
     into an answer (``_unexpected``), sets ``traceparent`` on the answer, and counts, times and logs
@@ -342,7 +379,7 @@ class TraceAndMeasure:
 
 
 def create_app(title: str, routers: Sequence[APIRouter], lifespan=None, version: str = "0.1.0",
-               default_max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               default_max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, keepalive_requests: int = 0) -> FastAPI:
     app = FastAPI(title=title, version=version, lifespan=lifespan,
                   description="Bubuh e-Meterai platform API. Error codes: see docs/errors.md. Every route "
                               "that takes a body names its size limit (`x-max-body-bytes`); a route with an "
@@ -353,6 +390,8 @@ def create_app(title: str, routers: Sequence[APIRouter], lifespan=None, version:
     app.state.retry_after = {}
     app.add_middleware(BodyLimits, routers=routers, default_limit=default_max_body_bytes,
                        spreads=app.state.retry_after)
+    if keepalive_requests > 0:
+        app.add_middleware(KeepAliveLimit, limit=keepalive_requests)
     app.add_middleware(TraceAndMeasure)
 
     @app.exception_handler(errors.BubuhError)

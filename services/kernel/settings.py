@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     # several API processes on one port: each binds BUBUH_HTTP_PORT with SO_REUSEPORT and the kernel
     # spreads new connections over them; each also serves /metrics on its own BUBUH_METRICS_PORT
     http_reuse_port: bool = False
+    # an API connection is closed after this many requests (``Connection: close`` on the last answer; 0:
+    # never), as nginx's keepalive_requests: SO_REUSEPORT and an L4 load balancer (a Kubernetes Service)
+    # place connections, not requests, so a few long-lived ones would pin the traffic to one member
+    http_keepalive_requests: int = 100
     # `bubuh up`: a process per tier as production's pods (default), or the API and the light workers in one
     local_layout: Literal["shared", "tiers"] = "tiers"
     local_tier_members: int = 1       # `bubuh up` with BUBUH_LOCAL_LAYOUT=tiers: processes per tier, API included

@@ -1,6 +1,7 @@
 """Several API processes behind one port (BUBUH_HTTP_REUSE_PORT): the kernel spreads connections
-over them, each shows its own work on its own /metrics port, and a process that did not ask to
-share still finds the port taken."""
+over them, a connection kept alive is closed after BUBUH_HTTP_KEEPALIVE_REQUESTS so it is spread
+again, each shows its own work on its own /metrics port, and a process that did not ask to share
+still finds the port taken."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def _answered(metrics_port: int) -> float:
 async def test_two_api_members_share_one_port_and_both_answer(settings):
     ports = [stack.free_port(), stack.free_port()]
     members = [PlatformProcess(settings, api="stamping", workers="none", name=f"api-{i}",
-                               BUBUH_HTTP_REUSE_PORT="true", BUBUH_METRICS_PORT=str(port))
+                               BUBUH_HTTP_REUSE_PORT="true", BUBUH_METRICS_PORT=str(port),
+                               BUBUH_HTTP_KEEPALIVE_REQUESTS="5")
                for i, port in enumerate(ports, start=1)]
     try:
         await asyncio.gather(*(m.start() for m in members))
@@ -38,6 +40,15 @@ async def test_two_api_members_share_one_port_and_both_answer(settings):
         answered = [_answered(p) for p in ports]
         assert sum(answered) == 60, answered
         assert all(n >= 10 for n in answered), f"one member took (nearly) all connections: {answered}"
+
+        # one client keeping one connection alive: each member closes it after 5 requests, and each new
+        # connection is placed again (20 of them: both members answer, whatever the kernel's luck)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=10,
+                                     limits=httpx.Limits(max_connections=1)) as c:
+            kept = [await c.get("/v1/stamps/not-a-request") for _ in range(100)]
+        assert sum(r.headers.get("connection") == "close" for r in kept) == 20
+        more = [_answered(p) - before for p, before in zip(ports, answered, strict=True)]
+        assert sum(more) == 100 and all(n >= 10 for n in more), f"one kept-alive client stuck to one member: {more}"
 
         # sharing is opt-in: a process that did not ask for it is refused the port, in one clear line
         alone = cli(settings, "serve", "--api", "stamping", "--workers", "none", check=False)
