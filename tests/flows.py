@@ -152,7 +152,7 @@ def stamp_requested(settings: Settings, channel_id: str, account_id: str, reques
     rid = request_id or str(uuid.uuid4())
     msg = stamp_pb2.StampRequested(request_id=rid, channel_id=channel_id, account_id=account_id)
     env = events.envelope(msg, producer="stamping")
-    return events.outgoing(settings.topic(topics.STAMP_REQUESTED.name), rid, env)
+    return events.outgoing(settings.topic(topics.STAMP_REQUESTED.name), events.account_key(channel_id, account_id), env)
 
 
 def stamp_outcome(settings: Settings, channel_id: str, account_id: str, request_id: str, *, completed: bool):

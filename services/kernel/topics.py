@@ -44,7 +44,11 @@ PURCHASE_SUBMITTED = Topic("purchase.submitted", "channels, purchase (HTTP intak
 PURCHASE_EVENTS = Topic("purchase.events", "purchase", "account", "PurchaseConfirmed, PurchaseRejected")
 PURCHASE_DLQ = Topic("purchase.dead-letter", "purchase", "as the source record",
                      "rejected records of purchase.submitted (forged, malformed) with bubuh-dlq-* headers")
-STAMP_REQUESTED = Topic("stamp.requested", "stamping (intake)", "request id", "StampRequested")
+# by account, as purchase.events: an account's reservations on one partition, in the order accepted, so one quota
+# member makes them and two never reserve on one account row at once. By request id, an applicant's two stamps
+# often reached both quota members together, and one waited for the other's lock (README, "Two members of every
+# tier"). The price: one account's reservations are one member's work, which its row's lock made them anyway.
+STAMP_REQUESTED = Topic("stamp.requested", "stamping (intake)", "account", "StampRequested")
 QUOTA_EVENTS = Topic("quota.events", "quota", "account (QuotaCredited); request id (a reservation's events)",
                      "QuotaCredited, QuotaReserved, QuotaRejected, QuotaCommitted, QuotaReleased, QuotaRefused")
 QUOTA_DLQ = Topic("quota.dead-letter", "quota", "as the source record", "records quota could not apply")

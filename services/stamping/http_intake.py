@@ -124,7 +124,10 @@ class StampIntake:
         env = events.envelope(msg, producer=NAME, event_id=str(uuid.uuid5(_NS, f"{request_id}\x1frequested")))
         try:
             # within the intake's budget: without Kafka's acknowledgement the request is not accepted (503, retry)
-            await self._producer.publish(events.outgoing(self._topic, request_id, env),
+            # keyed by account, as its credits on purchase.events: one partition holds an account's
+            # reservations in the order accepted, so one quota member makes them (topics.STAMP_REQUESTED)
+            await self._producer.publish(events.outgoing(self._topic, events.account_key(msg.channel_id,
+                                                                                         msg.account_id), env),
                                          timeout_s=self._publish_timeout_s)
         except BaseException:       # not accepted (503), or the caller went away (the task cancelled)
             if recorded:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import httpx
 import pytest
@@ -87,16 +88,15 @@ async def test_expired_reservation_is_voided_and_a_late_commit_is_refused(settin
             producer = Producer(settings)
             await producer.start()
             try:
-                late = stamp_requested(settings, channel["channel_id"], "slow")
-                on_time = stamp_requested(settings, channel["channel_id"], "slow")
+                late_id, on_time_id = str(uuid.uuid4()), str(uuid.uuid4())
+                late = stamp_requested(settings, channel["channel_id"], "slow", late_id)
+                on_time = stamp_requested(settings, channel["channel_id"], "slow", on_time_id)
                 await producer.publish(late)
                 await producer.publish(on_time)
-                on_time_id = on_time.key.decode()
                 await wait_for(lambda: _pending_is(api, channel, 2), what="two reservations")
                 await producer.publish(stamp_outcome(settings, channel["channel_id"], "slow", on_time_id,
                                                      completed=True))
                 await wait_for(lambda: _pending_is(api, channel, 0), timeout=20, what="expiry of the other")
-                late_id = late.key.decode()
                 await producer.publish(stamp_outcome(settings, channel["channel_id"], "slow", late_id, completed=True))
             finally:
                 await producer.stop()
@@ -134,10 +134,10 @@ async def test_release_returns_the_unit_and_redelivered_outcomes_change_nothing(
     producer = Producer(settings)
     await producer.start()
     try:
-        a, b = (stamp_requested(settings, channel["channel_id"], "r") for _ in range(2))
+        a_id, b_id = str(uuid.uuid4()), str(uuid.uuid4())
+        a, b = (stamp_requested(settings, channel["channel_id"], "r", rid) for rid in (a_id, b_id))
         for rec in (a, a, b):       # a delivered twice: one reservation
             await producer.publish(rec)
-        a_id, b_id = a.key.decode(), b.key.decode()
         # outcomes follow reservations, as in the real flow (the worker acts on QuotaReserved); the two
         # topics are not ordered against each other, so wait rather than race them
         await wait_for(lambda: _pending_is(api, channel, 2, "r"), what="two reservations")

@@ -155,7 +155,9 @@ async def test_the_same_events_delivered_twice_give_one_sn_and_one_charge(platfo
     rid = r.json()["request_id"]
     first = await stamp_finished(api, channel, rid)
     requested = [rec for rec in await read_topic(settings, topics.STAMP_REQUESTED.name, at_least=1)
-                 if rec.key.decode() == rid]
+                 if decoded([rec])[0].request_id == rid]
+    # keyed by account (docs/topics.md): an account's reservations on one partition, in the order accepted
+    assert [rec.key.decode() for rec in requested] == [f"{channel['channel_id']}/twice"]
     reserved = [rec for rec in await read_topic(settings, topics.QUOTA_EVENTS.name, at_least=2)
                 if type(decoded([rec])[0]).__name__ == "QuotaReserved" and decoded([rec])[0].request_id == rid]
     producer = Producer(settings)
