@@ -33,6 +33,13 @@ async def _balance(api, channel, account):
     return r.json() if r.status_code == 200 else None
 
 
+async def _credited(api, channel, account):
+    """The balance once the ledger credited the account (it may read empty for a moment before:
+    docs/channels.md), else None."""
+    bal = await _balance(api, channel, account)
+    return bal if bal and bal["credited"] > 0 else None
+
+
 async def _group_members(settings, group: str) -> int:
     admin = AIOKafkaAdminClient(**kafka_auth.aiokafka_options(settings))
     await admin.start()
@@ -51,7 +58,7 @@ async def test_200_concurrent_reservations_against_50_units_on_two_instances(set
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30) as api:
             await post_until_accepted(api, channel, order_body(quantity=50, account="surge"))
-            await wait_for(lambda: _balance(api, channel, "surge"), what="credit")
+            await wait_for(lambda: _credited(api, channel, "surge"), what="credit")
             await wait_for(lambda: _members_are(settings, 2), what="two quota members in the group")
             producer = Producer(settings)
             await producer.start()
@@ -84,7 +91,7 @@ async def test_expired_reservation_is_voided_and_a_late_commit_is_refused(settin
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30) as api:
             await post_until_accepted(api, channel, order_body(quantity=2, account="slow"))
-            await wait_for(lambda: _balance(api, channel, "slow"), what="credit")
+            await wait_for(lambda: _credited(api, channel, "slow"), what="credit")
             producer = Producer(settings)
             await producer.start()
             try:
@@ -130,7 +137,7 @@ async def ledger_api(settings):
 async def test_release_returns_the_unit_and_redelivered_outcomes_change_nothing(ledger_api, channel, settings):
     api = ledger_api
     await post_until_accepted(api, channel, order_body(quantity=3, account="r"))
-    await wait_for(lambda: _balance(api, channel, "r"), what="credit")
+    await wait_for(lambda: _credited(api, channel, "r"), what="credit")
     producer = Producer(settings)
     await producer.start()
     try:
