@@ -12,6 +12,7 @@ leaves every other host to the URL's ``sslmode`` (libpq's default, ``prefer``). 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 from typing import Any
@@ -128,6 +129,15 @@ def connect_kwargs(settings: Settings) -> dict[str, Any]:
 async def connect(settings: Settings, **kw) -> asyncpg.Connection:
     """One connection outside any pool (LISTEN, probes, tools), with the same TLS choice as the pools."""
     return await asyncpg.connect(settings.database_url, connection_class=Connection, **connect_kwargs(settings), **kw)
+
+
+async def close_quietly(conn: asyncpg.Connection) -> None:
+    """Close a connection of its own (LISTEN, a leadership lock) within 2 s; the server gone, drop the socket."""
+    try:
+        await asyncio.wait_for(conn.close(), 2)
+    except Exception:  # noqa: BLE001 - the server is gone; drop the socket
+        with contextlib.suppress(Exception):
+            conn.terminate()
 
 
 async def create_pool(settings: Settings, service: str, *, min_size: int | None = None,

@@ -10,7 +10,6 @@ transaction owes its wake-ups, and its connection sends them after the commit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import asyncpg
 
@@ -55,12 +54,5 @@ class Listener:
                 await sleep_or_stop(stop, pause.next())
             finally:
                 if conn is not None:
-                    await _close(conn)
+                    await database.close_quietly(conn)
 
-
-async def _close(conn: asyncpg.Connection) -> None:
-    try:
-        await asyncio.wait_for(conn.close(), 2)
-    except Exception:  # noqa: BLE001 - the server is gone; drop the socket
-        with contextlib.suppress(Exception):
-            conn.terminate()

@@ -20,6 +20,7 @@ import orjson
 
 from services.kernel import database, failures, logs
 from services.kernel.events import Outgoing
+from services.kernel.leadership import Leadership
 from services.kernel.listener import Listener
 from services.kernel.metrics import OUTBOX_LAG_SECONDS, OUTBOX_PUBLISHED
 from services.kernel.producer import Producer
@@ -104,10 +105,17 @@ async def add_if(conn: asyncpg.Connection, guard: str, guard_args: Sequence, rec
 
 
 class Relay:
-    """Publishes a service's outbox. Several instances may run: rows are claimed with SKIP LOCKED.
+    """Publishes a service's outbox, each key's events in the order they were written.
 
-    It wakes on NOTIFY (``listener.py``: a LISTEN connection of its own), and polls every
-    ``idle_poll_s`` anyway, for due retries and lost notifications.
+    Several members of a tier run one each, and one of them publishes: the leader of the schema's
+    outbox (``leadership.py``, a session advisory lock). Two relays claiming rows side by side with
+    SKIP LOCKED would each publish its own rows as soon as Kafka took them, so a key's later event could
+    land before its earlier one; and every commit's NOTIFY woke both, one of them for an empty
+    transaction. The leader wakes on NOTIFY (``listener.py``: a LISTEN connection of its own) and polls
+    every ``idle_poll_s`` anyway, for due retries and lost notifications; the others stand by, and one
+    takes over within ``outbox_leader_retry_s`` of the leader's end. Each publish also holds a
+    transaction-scoped lock (``publish_due``), so two never overlap, even while a leader that lost its
+    lock's connection has not yet noticed.
     """
 
     def __init__(self, pool: asyncpg.Pool, producer: Producer, settings: Settings, service: str) -> None:
@@ -119,8 +127,15 @@ class Relay:
         self._idle_poll_s = settings.outbox_idle_poll_s
         self._listener = Listener(settings, f"{self._schema}_outbox")
         self._wake = self._listener.subscribe()
+        self.leadership = Leadership(settings, f"outbox relay {self._schema}",
+                                     retry_s=settings.outbox_leader_retry_s, check_s=settings.outbox_leader_retry_s)
+        self._publishing = f"outbox publish {self._schema}"
 
     async def run(self, stop: asyncio.Event) -> None:
+        await self.leadership.lead(stop, self._relay)
+
+    async def _relay(self, stop: asyncio.Event) -> None:
+        """The leader's loop: publish what is due, then wait for a NOTIFY or ``idle_poll_s``."""
         listening = asyncio.create_task(self._listener.run(stop), name=f"outbox-listener-{self._schema}")
         pause = Pause()
         try:
@@ -141,7 +156,12 @@ class Relay:
             await asyncio.gather(listening, return_exceptions=True)
 
     async def publish_due(self) -> int:
+        """Publish the due rows, up to a batch, in id order: how many (0 also while another relay of this
+        outbox is publishing; it takes what is due next, as every commit's NOTIFY wakes it)."""
         async with self._pool.acquire() as conn, conn.transaction():
+            # one publish at a time per outbox: a later batch never overtakes an earlier one in flight
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))", self._publishing):
+                return 0
             # claimed and deleted in one statement; the deletion counts only if Kafka acknowledges
             # (otherwise the transaction rolls back and the rows are there again). `= ANY(ARRAY(...))`,
             # not `IN (...)`: with IN the planner may hash-join a sequential scan of the whole outbox

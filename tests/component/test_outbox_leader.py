@@ -1,0 +1,158 @@
+"""Several relays on one outbox (a tier's members) publish each key's events in the order written: one leads
+(kernel/leadership.py), the others stand by and take over when it ends; each publish holds the outbox's
+publish lock, so two never overlap. On real PostgreSQL, with the in-memory broker's producer taking a
+random moment to acknowledge, as Kafka does."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+
+import asyncpg
+
+from services.kernel import outbox
+from services.kernel.events import Outgoing
+from services.kernel.metrics import LEADING
+from services.kernel.outbox import Relay
+from services.kernel.processing.memory import MemoryBroker
+
+TOPIC = "ordered"
+KEYS = [f"k{i}".encode() for i in range(5)]
+
+
+class AckingProducer:
+    """The in-memory producer, acknowledging each batch after a random 0-20 ms; notes who published what."""
+
+    def __init__(self, broker: MemoryBroker, name: str, log: list[tuple[str, bytes, int]]) -> None:
+        self._inner = broker.producer()
+        self._name = name
+        self._log = log
+
+    async def publish(self, record: Outgoing) -> None:
+        await self.publish_many([record])
+
+    async def publish_many(self, records: list[Outgoing]) -> None:
+        await asyncio.sleep(random.uniform(0, 0.02))
+        await self._inner.publish_many(records)
+        self._log.extend((self._name, r.key, int(r.value)) for r in records)
+
+
+class Member:
+    def __init__(self, pool, settings, broker: MemoryBroker, name: str, log: list) -> None:
+        self.name = name
+        self.relay = Relay(pool, AckingProducer(broker, name, log), settings, "component")
+        self.stop = asyncio.Event()
+        self.task = asyncio.create_task(self.relay.run(self.stop))
+
+    async def close(self) -> None:
+        self.stop.set()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(self.task, 10)
+
+
+async def _write(pool, sequence: dict[bytes, int], transactions: int, turn: asyncio.Lock) -> None:
+    """``transactions`` commits of 1-3 events each, keys at random, each key's values counting up in the
+    order of the commits (``turn``: as the row lock of an account orders a service's writes for it)."""
+    for _ in range(transactions):
+        async with turn, pool.acquire() as conn, conn.transaction():
+            records = []
+            for _ in range(random.randint(1, 3)):
+                key = random.choice(KEYS)
+                sequence[key] += 1
+                records.append(Outgoing(TOPIC, key, str(sequence[key]).encode(), [],
+                                        f"{key.decode()}-{sequence[key]}"))
+            await outbox.add(conn, records)
+        await asyncio.sleep(random.uniform(0, 0.004))
+
+
+async def _drained(pool, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while await pool.fetchval("SELECT count(*) FROM outbox"):
+        assert time.monotonic() < deadline, "the outbox was not drained"
+        await asyncio.sleep(0.05)
+
+
+def _in_order(broker: MemoryBroker, sequence: dict[bytes, int]) -> None:
+    """Each key's events on the topic are 1, 2, 3, ... exactly once, in that order."""
+    seen: dict[bytes, list[int]] = {k: [] for k in KEYS}
+    for r in broker.records(TOPIC):
+        seen[r.key].append(int(r.value))
+    for key in KEYS:
+        assert seen[key] == list(range(1, sequence[key] + 1)), (key, seen[key][:40])
+
+
+async def _leaders(members: list[Member], timeout: float = 5.0) -> list[Member]:
+    deadline = time.monotonic() + timeout
+    while not any(m.relay.leadership.leading.is_set() for m in members):
+        assert time.monotonic() < deadline, "no relay took the lead"
+        await asyncio.sleep(0.02)
+    return [m for m in members if m.relay.leadership.leading.is_set()]
+
+
+async def test_two_relays_publish_each_keys_events_in_order_and_one_of_them_publishes(pool, settings, broker):
+    log: list[tuple[str, bytes, int]] = []
+    members = [Member(pool, settings, broker, name, log) for name in ("a", "b")]
+    try:
+        leaders = await _leaders(members)
+        assert len(leaders) == 1
+        sequence = dict.fromkeys(KEYS, 0)
+        turn = asyncio.Lock()
+        await asyncio.gather(*(_write(pool, sequence, 60, turn) for _ in range(4)))   # four writers
+        await _drained(pool)
+        _in_order(broker, sequence)
+        assert {name for name, _, _ in log} == {leaders[0].name}       # the standby published nothing
+        assert LEADING.labels(leaders[0].relay.leadership.name)._value.get() == 1
+    finally:
+        for m in members:
+            await m.close()
+
+
+async def test_a_standby_takes_over_when_the_leaders_session_ends_and_order_holds(pool, settings, broker):
+    """The leader's lock session ended by the server (as a SIGKILLed member's is): the standby leads
+    within moments and publishes what follows, and what the old leader still had in flight comes first."""
+    log: list[tuple[str, bytes, int]] = []
+    members = [Member(pool, settings, broker, name, log) for name in ("a", "b")]
+    try:
+        (leader,) = await _leaders(members)
+        standby = next(m for m in members if m is not leader)
+        sequence = dict.fromkeys(KEYS, 0)
+        turn = asyncio.Lock()
+        writing = asyncio.gather(*(_write(pool, sequence, 80, turn) for _ in range(3)))
+        await asyncio.sleep(0.2)
+        # the fault: the session holding the lead is terminated, as PostgreSQL ends a dead client's
+        ended = await pool.fetchval(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = hashtext($1)::bigint",
+            leader.relay.leadership.name)
+        assert ended is True                                            # the fault happened
+        taken = time.monotonic()
+        while not standby.relay.leadership.leading.is_set():
+            assert time.monotonic() - taken < 3, "the standby did not take over"
+            await asyncio.sleep(0.02)
+        await writing
+        await _drained(pool)
+        _in_order(broker, sequence)
+        assert {name for name, _, _ in log} == {"a", "b"}               # both published: one, then the other
+        assert not leader.relay.leadership.leading.is_set()             # the old leader noticed, and stands by
+    finally:
+        for m in members:
+            await m.close()
+
+
+async def test_a_publish_waits_for_none_while_another_holds_the_outbox(pool, settings, broker):
+    """publish_due takes the outbox's publish lock or publishes nothing: two publishes never overlap."""
+    relay = Relay(pool, broker.producer(), settings, "component")
+    async with pool.acquire() as conn:
+        await outbox.add(conn, [Outgoing(TOPIC, b"k0", b"1", [], "k0-1")])
+    holder: asyncpg.Connection
+    async with pool.acquire() as holder, holder.transaction():
+        assert await holder.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))",
+                                     f"outbox publish {settings.schema('component')}")
+        started = time.monotonic()
+        assert await relay.publish_due() == 0
+        assert time.monotonic() - started < 1                           # it did not wait for the lock
+        assert broker.records(TOPIC) == []
+    assert await relay.publish_due() == 1
+    assert [r.value for r in broker.records(TOPIC)] == [b"1"]
