@@ -145,8 +145,8 @@ surge-open: up ## the front door open loop (issue 12, point 2): a closed-loop su
 surge-tiers: up ## the surge at B-LT with a process per tier (BUBUH_LOCAL_LAYOUT=tiers, 3 rounds): each tier's CPU ms per stamp, in loadtests/results/surge-tiers.json for docs/capacity.md
 	BUBUH_LOCAL_LAYOUT=tiers $(PY) -m loadtests.surge --levels b-lt --members 1 --rounds 3 --out loadtests/results/surge-tiers.json
 
-surge-tier-members: up ## the surge at B-LT with one and with two members of every tier (a process per tier; the API's share one port), 3 rounds, 100 applicants a channel buying 2 stamps each: two within 10% of one, each 40-60% of its tier's work, no lock wait over 50 ms? loadtests/results/surge-tier-members.json and README.md
-	$(PY) -m loadtests.surge --levels b-lt --tier-members 1,2 --rounds 3 --applicants 100 --out loadtests/results/surge-tier-members.json --readme README.md
+surge-tier-members: up ## the surge at B-LT with one and with two members of every tier (a process per tier; the API's share one port), 3 rounds of 4 x 500 stamps, 100 applicants a channel buying 5 stamps each: two within 10% of one, each 40-60% of its tier's work, no lock wait over 50 ms? loadtests/results/surge-tier-members.json and README.md
+	$(PY) -m loadtests.surge --levels b-lt --tier-members 1,2 --rounds 3 --stamps 500 --applicants 100 --out loadtests/results/surge-tier-members.json --readme README.md
 
 capacity: setup ## docs/capacity.md: pods, partitions and KEDA lag thresholds for 1,000,000 stamps an hour, from the measured CPU; fails when deploy/k8s differs
 	$(PY) -m loadtests.capacity
