@@ -5,9 +5,10 @@ the order they were written) runs in whichever member holds the lock. The others
 the lock every ``retry_s`` with one statement on their own connection, and do nothing else, so a second
 member adds no wake-ups, no polls and no empty transactions to the work. The lock is the session's: a
 leader that dies (SIGKILL, its host gone) loses its connection and with it the lock, and a standby takes
-over within ``retry_s``. A leader whose connection breaks stops its work (``until`` is set) at the next
-check, ``check_s`` at most; work that must never overlap, even in that window, guards each step as well
-(the relay takes a transaction-scoped lock around each publish: ``outbox.Relay.publish_due``).
+over within ``retry_s`` (``BUBUH_LEADER_RETRY_S``, 1 s). A leader whose connection breaks stops its work
+(``until`` is set) at its next check of the connection, as often; work that must never overlap, even in
+that window, guards each step as well (the relay takes a transaction-scoped lock around each publish:
+``outbox.Relay.publish_due``).
 
 ``pg_try_advisory_lock``, never the blocking form: a standby waiting on the lock would be a lock wait
 that ``log_lock_waits`` reports every ``deadlock_timeout`` (issue 12's check: none over 50 ms).
@@ -30,11 +31,10 @@ log = logs.get(__name__)
 
 
 class Leadership:
-    def __init__(self, settings: Settings, name: str, *, retry_s: float, check_s: float = 5.0) -> None:
+    def __init__(self, settings: Settings, name: str) -> None:
         self._settings = settings
         self.name = name
-        self._retry_s = retry_s
-        self._check_s = check_s
+        self._retry_s = self._check_s = settings.leader_retry_s
         self.leading = asyncio.Event()      # set while this process holds the lock and its work runs
         LEADING.labels(name).set(0)
 

@@ -113,7 +113,7 @@ class Relay:
     land before its earlier one; and every commit's NOTIFY woke both, one of them for an empty
     transaction. The leader wakes on NOTIFY (``listener.py``: a LISTEN connection of its own) and polls
     every ``idle_poll_s`` anyway, for due retries and lost notifications; the others stand by, and one
-    takes over within ``outbox_leader_retry_s`` of the leader's end. Each publish also holds a
+    takes over within ``leader_retry_s`` of the leader's end. Each publish also holds a
     transaction-scoped lock (``publish_due``), so two never overlap, even while a leader that lost its
     lock's connection has not yet noticed.
     """
@@ -127,8 +127,7 @@ class Relay:
         self._idle_poll_s = settings.outbox_idle_poll_s
         self._listener = Listener(settings, f"{self._schema}_outbox")
         self._wake = self._listener.subscribe()
-        self.leadership = Leadership(settings, f"outbox relay {self._schema}",
-                                     retry_s=settings.outbox_leader_retry_s, check_s=settings.outbox_leader_retry_s)
+        self.leadership = Leadership(settings, f"outbox relay {self._schema}")
         self._publishing = f"outbox publish {self._schema}"
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -129,9 +129,10 @@ class Settings(BaseSettings):
     # --- outbox relay ---
     outbox_batch: int = 500
     outbox_idle_poll_s: float = 0.5
-    # a standby relay (another member leads the outbox: kernel/leadership.py) tries the lead this often, and
-    # the leader checks its lock's connection as often: a leader's end is its successor's start at most this late
-    outbox_leader_retry_s: float = 1.0
+    # work one member of a tier does at a time (kernel/leadership.py: an outbox's relay, quota's expiry sweep):
+    # a standby tries the lead this often, and the leader checks its lock's connection as often, so a
+    # leader's end is its successor's start at most this late
+    leader_retry_s: float = 1.0
 
     # --- stamping --- (services/stamping)
     # uploads: the largest profile's document (10 MB) plus multipart framing and the meta field

@@ -6,15 +6,19 @@ Consumes: ``purchase.events`` (PurchaseConfirmed -> credit), ``stamp.requested``
 Publishes: ``quota.events`` (QuotaCredited, QuotaReserved, QuotaRejected, QuotaCommitted,
            QuotaReleased, QuotaRefused), ``quota.dead-letter``.
 Stores:   schema ``quota``: ``accounts``, ``transfers``, ``open_reservations``, inbox, outbox.
-Timers:   the expiry sweep voids reservations past their deadline; the pending-units gauge.
+Timers:   the expiry sweep voids reservations past their deadline (in one member of the tier at a time:
+          kernel/leadership.py); the pending-units gauge.
 HTTP:     ``GET /v1/accounts/{account_id}/quota``.
 """
 
 from __future__ import annotations
 
+import functools
+
 from fastapi import APIRouter
 
 from services.kernel import topics
+from services.kernel.leadership import Leadership
 from services.kernel.outbox import Relay
 from services.kernel.processing.pipeline import ConsumerLoop
 from services.kernel.runtime import Runtime, Task
@@ -39,4 +43,8 @@ async def workers(rt: Runtime) -> list[Task]:
                         handler=handlers.handler(), pool=pool,
                         dead_letter_topic=s.topic(topics.QUOTA_DLQ.name))
     relay = Relay(pool, rt.producer, s, NAME)
-    return [loop.run, relay.run, handlers.run_expiry, ReservationGauges(pool).run]
+    # one sweeper per tier: two members' sweeps found the same due reservations and locked the same
+    # accounts, one waiting for the other's transaction to find them voided
+    sweep = Leadership(s, f"quota expiry sweep {s.schema(NAME)}")
+    return [loop.run, relay.run, functools.partial(sweep.lead, work=handlers.run_expiry),
+            ReservationGauges(pool).run]

@@ -21,7 +21,7 @@ FAST = {
     "consumer_crash_retry_base_s": 0.05,
     "consumer_suspect_retries": 1,
     "outbox_idle_poll_s": 0.05,
-    "outbox_leader_retry_s": 0.1,
+    "leader_retry_s": 0.1,
     "db_pool_min": 1,
 }
 
