@@ -12,9 +12,11 @@ import time
 import httpx
 import pytest
 
+from services.contracts.bubuh.v1 import quota_pb2
+from services.kernel import events, topics
 from tests import faults
-from tests.flows import Db, auth, order_body, post_until_accepted, wait_for
-from tests.platform import PlatformProcess, add_channel
+from tests.flows import Db, auth, order_body, post_until_accepted, read_topic, wait_for
+from tests.platform import PlatformProcess, add_channel, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -115,6 +117,72 @@ async def test_quota_service_killed_three_times_while_purchases_flow(settings):
             await assert_credited_exactly_once(db, load)
     finally:
         await quota.stop()
+        await front.stop()
+
+
+async def test_the_quota_member_leading_its_outbox_sigkilled_the_other_takes_over_in_order(settings):
+    """Two quota members: one leads the quota outbox's relay (kernel/leadership.py), the other stands by.
+    The leader is SIGKILLed while purchases flow; the other takes the lead (its log says so) and publishes
+    what follows and what the dead one left. Every purchase is credited once, and each account's
+    QuotaCredited events on quota.events come in the order the ledger wrote them (their balances rise)."""
+    lock = f"outbox relay {settings.schema('quota')}"
+    front = await PlatformProcess(settings, api="all", workers="purchase", name="front").start()
+    members = [await PlatformProcess(settings, api="none", workers="quota", name=f"quota-{n}",
+                                     BUBUH_METRICS_PORT=free_port()).start() for n in ("a", "b")]
+    channel = add_channel(settings)
+    db = Db(settings)
+
+    def leading(p: PlatformProcess) -> list[dict]:
+        return [r for r in p.log_records() if r.get("event") == "leading" and r.get("lock") == lock]
+
+    try:
+        async def one_leads():
+            return [p for p in members if leading(p)]
+        (leader,) = await wait_for(one_leads, timeout=30, what="a quota member leading the outbox relay")
+        (survivor,) = [p for p in members if p is not leader]
+        assert any(r.get("event") == "standing by: another member leads" and r.get("lock") == lock
+                   for r in survivor.log_records())
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30,
+                                     limits=httpx.Limits(max_connections=32)) as api:
+            await post_until_accepted(api, channel, order_body(quantity=1, account="warmup"))
+            load = Load(api, channel, accounts=20)
+            enough = asyncio.Event()
+            flow = asyncio.create_task(load.run(5000, concurrency=16, stop=enough))
+            while len(load.accepted) < 60 and not flow.done():
+                await asyncio.sleep(0.05)
+            leader.kill()
+            assert leader.proc.returncode == -9                        # the fault: SIGKILLed
+            killed_at = len(load.accepted)
+
+            async def took_over():
+                return [r for r in leading(survivor) if r.get("took_over")]
+            await wait_for(took_over, timeout=15, interval=0.1, what="the standby taking the lead")
+            while len(load.accepted) < killed_at + 60 and not flow.done():
+                await asyncio.sleep(0.05)
+            assert not flow.done(), "the purchases were all in before the standby took over"
+            enough.set()
+            await flow
+            assert load.other == [], load.other[:5]
+            load.accepted.append({"account_id": "warmup", "quantity": 1})
+            await assert_credited_exactly_once(db, load)
+
+        async def outbox_drained():
+            return await db.val("quota", "SELECT count(*) FROM outbox") == 0
+        await wait_for(outbox_drained, timeout=30, what="the quota outbox drained by the new leader")
+        records = await read_topic(settings, topics.QUOTA_EVENTS.name, at_least=len(load.accepted))
+        credited: dict[str, list[int]] = {}
+        seen: set[str] = set()
+        for record in records:        # a partition's records in order; an account is on one partition
+            env, payload = events.decode(record.value)
+            if isinstance(payload, quota_pb2.QuotaCredited) and env.event_id not in seen:
+                seen.add(env.event_id)     # at least once: a copy sent again by the new leader comes later
+                credited.setdefault(payload.account_id, []).append(payload.balance.credited)
+        assert sum(len(v) for v in credited.values()) == len(load.accepted)
+        for account, balances in credited.items():
+            assert balances == sorted(balances) and len(set(balances)) == len(balances), (account, balances)
+    finally:
+        for p in members:
+            await p.stop()
         await front.stop()
 
 
