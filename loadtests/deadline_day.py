@@ -66,7 +66,7 @@ if __package__ in (None, ""):
 
 from loadtests import corpus  # noqa: E402
 from loadtests.bench_engine import measure_processes  # noqa: E402
-from loadtests.load_client import TRANSPORT_ERRORS, Answer, LoadClient  # noqa: E402
+from loadtests.load_client import TRANSPORT_ERRORS, Answer, LoadClient, bearer  # noqa: E402
 from loadtests.open_loop import rate_arguments, sustainable_rate  # noqa: E402
 from loadtests.readme import measure_and_publish  # noqa: E402
 from loadtests.surge import _bubuh, add_channels, log  # noqa: E402
@@ -457,7 +457,7 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
             LoadClient(base_url, max_connections=READERS, timeout_s=TIMEOUT_S) as reading:
 
         def auth(c: int) -> dict:
-            return {"Authorization": f"Bearer {creds[c]['api_key']}"}
+            return bearer(creds[c]["api_key"])
 
         async def buy(when: float, c: int, n: int, t0: float) -> None:
             try:

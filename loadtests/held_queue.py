@@ -27,7 +27,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtests import corpus  # noqa: E402
-from loadtests.load_client import TRANSPORT_ERRORS, LoadClient  # noqa: E402
+from loadtests.load_client import TRANSPORT_ERRORS, LoadClient, bearer  # noqa: E402
 from loadtests.readme import measure_and_publish  # noqa: E402
 from loadtests.surge import _quantile, accuracy, add_channels, eta_accuracy  # noqa: E402
 
@@ -55,7 +55,7 @@ async def play(base_url: str, env: dict, *, channels: int, depth: int, stamps: i
     refused: dict[int, int] = {}             # status -> count, for anything but 202
     async with LoadClient(base_url, max_connections=channels * SENDERS + READERS) as client:
         for c in creds:
-            auth = {"Authorization": f"Bearer {c['api_key']}"}
+            auth = bearer(c["api_key"])
             body = {"channel_order_id": f"held-{secrets.token_hex(6)}", "account_id": "applicants",
                     "quantity": stamps, "amount": stamps * 10_000, "paid_at": dt.datetime.now(dt.UTC).isoformat()}
             for _ in range(150):             # a new channel reaches the intake's view within moments
@@ -83,7 +83,7 @@ async def play(base_url: str, env: dict, *, channels: int, depth: int, stamps: i
             return True
 
         async def hold(c: dict) -> None:
-            auth = {"Authorization": f"Bearer {c['api_key']}"}
+            auth = bearer(c["api_key"])
             sent, deadline, phase = 0, time.monotonic() + timeout_s, "fill"
             while time.monotonic() < deadline:
                 done = await _committed(client, auth)
@@ -106,7 +106,7 @@ async def play(base_url: str, env: dict, *, channels: int, depth: int, stamps: i
 
         async def read(rid: str, c: dict) -> None:
             async with reading:
-                r = await client.get(f"/v1/stamps/{rid}", headers={"Authorization": f"Bearer {c['api_key']}"})
+                r = await client.get(f"/v1/stamps/{rid}", headers=bearer(c["api_key"]))
             if r.status_code == 200:
                 results.append(r.json())
 

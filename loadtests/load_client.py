@@ -24,6 +24,11 @@ import aiohttp
 TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
+def bearer(api_key: str) -> dict[str, str]:
+    """A channel's request headers: its API key as the bearer token (docs/channels.md)."""
+    return {"Authorization": f"Bearer {api_key}"}
+
+
 @dataclass(frozen=True)
 class Answer:
     status_code: int

@@ -42,7 +42,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests import corpus  # noqa: E402
-from loadtests.load_client import TRANSPORT_ERRORS, LoadClient  # noqa: E402
+from loadtests.load_client import TRANSPORT_ERRORS, LoadClient, bearer  # noqa: E402
 from loadtests.readme import measure_and_publish  # noqa: E402
 from loadtests.surge import Route, _quantile, add_channels, eta_accuracy, run  # noqa: E402
 
@@ -100,7 +100,7 @@ async def play(base_url: str, env: dict, *, rate: float, plateau_s: float, spike
                         "quantity": n, "amount": n * 10_000, "paid_at": dt.datetime.now(dt.UTC).isoformat()}
                 for _ in range(150):
                     r = await client.post("/v1/purchases", json=body,
-                                          headers={"Authorization": f"Bearer {c['api_key']}"})
+                                          headers=bearer(c["api_key"]))
                     if r.status_code == 202:
                         break
                     await asyncio.sleep(0.2)
@@ -125,7 +125,7 @@ async def play(base_url: str, env: dict, *, rate: float, plateau_s: float, spike
             rec = lat[(phase, "POST /v1/stamps")]
             try:
                 async with in_flight:   # a wait here counts: the latency runs from the scheduled time
-                    r = await client.post("/v1/stamps", headers={"Authorization": f"Bearer {c['api_key']}"},
+                    r = await client.post("/v1/stamps", headers=bearer(c["api_key"]),
                                           form={"meta": meta}, file=("letter.pdf", letter, "application/pdf"))
             except TRANSPORT_ERRORS as exc:
                 rec.record(scheduled, None, repr(exc))
@@ -152,7 +152,7 @@ async def play(base_url: str, env: dict, *, rate: float, plateau_s: float, spike
                 started = time.perf_counter()
                 try:
                     r = await reading.get(f"/v1/stamps/{rid}",
-                                         headers={"Authorization": f"Bearer {accepted[rid]['channel']['api_key']}"})
+                                         headers=bearer(accepted[rid]["channel"]["api_key"]))
                 except TRANSPORT_ERRORS as exc:
                     rec.record(started, None, repr(exc))
                     heapq.heappush(due, (time.perf_counter() + 1.0, rid))

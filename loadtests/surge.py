@@ -48,7 +48,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests import corpus  # noqa: E402
-from loadtests.load_client import TRANSPORT_ERRORS, Answer, LoadClient  # noqa: E402
+from loadtests.load_client import TRANSPORT_ERRORS, Answer, LoadClient, bearer  # noqa: E402
 from loadtests.readme import publish, update_readme  # noqa: E402
 from services.operator import process_tree  # noqa: E402
 
@@ -140,7 +140,7 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
             return r
 
         def auth(c: dict) -> dict[str, str]:
-            return {"Authorization": f"Bearer {c['api_key']}"}
+            return bearer(c["api_key"])
 
         async def buy(c: dict, account: str) -> None:
             units = c["accounts"][account]
@@ -198,7 +198,7 @@ async def run(base_url: str, channels: int, stamps_per_channel: int, concurrency
         async def read_status(c: dict, rid: str) -> tuple[bool, Answer | None]:
             """One status read: (ended, the answer); an ended request's answer is recorded."""
             r = await call(c, "GET /v1/stamps/{id}", "GET", f"/v1/stamps/{rid}",
-                           headers={"Authorization": f"Bearer {c['api_key']}"})
+                           headers=auth(c))
             ended = r is not None and r.status_code == 200 and r.json()["status"] in ("completed", "failed")
             if ended:
                 results.append(r.json())
@@ -474,7 +474,7 @@ async def delivered_levels(base_url: str, completed: list[tuple[str, str]], n: i
     levels = []
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
         for key, rid in picks:
-            r = await client.get(f"/v1/stamps/{rid}/document", headers={"Authorization": f"Bearer {key}"})
+            r = await client.get(f"/v1/stamps/{rid}/document", headers=bearer(key))
             levels.append(pades_level(r.content) if r.status_code == 200 else f"HTTP {r.status_code}")
     return levels
 
