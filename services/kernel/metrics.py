@@ -39,8 +39,8 @@ INBOX_PRUNED = Counter("bubuh_inbox_pruned_rows_total", "Inbox claims deleted af
 OUTBOX_PUBLISHED = Counter("bubuh_outbox_published_records_total", "Outbox rows published to Kafka", ["schema"])
 OUTBOX_LAG_SECONDS = Histogram("bubuh_outbox_lag_seconds", "Age of the oldest row of a published outbox batch",
                                ["schema"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
-LEADING = Gauge("bubuh_leader", "1 while this process holds the named leadership lock (an outbox's relay), else 0",
-                ["lock"])
+LEADING = Gauge("bubuh_leader", "1 while this process holds the named leadership lock (kernel/leadership.py: an "
+                "outbox's relay, quota's expiry sweep), else 0", ["lock"])
 PRODUCER_RENEWALS = Counter("bubuh_kafka_producer_renewals_total",
                             "Kafka producers replaced after a fatal idempotence error", ["client"])
 HTTP_REQUESTS = Counter("bubuh_http_requests_total", "HTTP requests by route and status", ["route", "status"])
