@@ -191,11 +191,20 @@ async def stamp_finished(api: httpx.AsyncClient, channel: dict, request_id: str,
     return await wait_for(done, timeout=timeout, what=f"stamp {request_id} finished")
 
 
+async def account_quota(api: httpx.AsyncClient, channel: dict, account: str) -> dict | None:
+    """The account's quota as its channel reads it, or None while the ledger does not know the account."""
+    r = await api.get(f"/v1/accounts/{account}/quota", headers=auth(channel))
+    return r.json() if r.status_code == 200 else None
+
+
+async def credited_quota(api: httpx.AsyncClient, channel: dict, account: str, at_least: int = 1) -> dict | None:
+    """The account's quota once at least ``at_least`` units are credited, else None: a new account reads
+    empty for a moment before its first credit (docs/channels.md)."""
+    q = await account_quota(api, channel, account)
+    return q if q and q["credited"] >= at_least else None
+
+
 async def buy(api: httpx.AsyncClient, channel: dict, account: str, quantity: int) -> None:
     """Credit ``quantity`` units to ``account`` and wait until the ledger shows them."""
     await post_until_accepted(api, channel, order_body(quantity=quantity, account=account))
-
-    async def credited():
-        r = await api.get(f"/v1/accounts/{account}/quota", headers=auth(channel))
-        return r.status_code == 200 and r.json()["credited"] >= quantity
-    await wait_for(credited, what="credit")
+    await wait_for(lambda: credited_quota(api, channel, account, quantity), what="credit")

@@ -6,15 +6,10 @@ import datetime as dt
 
 import pytest
 
-from tests.flows import Db, auth, order_body, post_until_accepted, wait_for
+from tests.flows import Db, auth, credited_quota, order_body, post_until_accepted, wait_for
 from tests.platform import add_channel
 
 pytestmark = pytest.mark.shared_platform   # one platform for the module; every test has its own channel
-
-
-async def quota(api, channel, account="acct-1"):
-    r = await api.get(f"/v1/accounts/{account}/quota", headers=auth(channel))
-    return r.json() if r.status_code == 200 else None
 
 
 async def test_purchase_is_accepted_visible_at_once_and_credited(api, channel):
@@ -30,16 +25,9 @@ async def test_purchase_is_accepted_visible_at_once_and_credited(api, channel):
     await wait_for(lambda: _status_is(api, channel, accepted["purchase_id"], "confirmed"), what="confirmed")
     # the ledger credits a confirmed purchase moments later (docs/channels.md): until then the account is
     # not found, or reads empty for the moment between the ledger opening it and crediting it
-    q = await wait_for(lambda: _credited(api, channel), what="the credit")
+    q = await wait_for(lambda: credited_quota(api, channel, "acct-1"), what="the credit")
     assert q == {"account_id": "acct-1", "credited": 3, "pending": 0, "committed": 0, "available": 3}
     assert r.headers["traceparent"].startswith("00-")
-
-
-async def _credited(api, channel, account="acct-1"):
-    """The account's quota once the ledger credited it (it may read empty for a moment before:
-    docs/channels.md), else None."""
-    q = await quota(api, channel, account)
-    return q if q and q["credited"] > 0 else None
 
 
 async def _status_is(api, channel, purchase_id, status):
@@ -56,7 +44,7 @@ async def test_same_order_same_body_gets_the_original_answer_other_body_409(api,
     changed = dict(body, quantity=5, amount=50_000)
     r3 = await api.post("/v1/purchases", json=changed, headers=auth(channel))
     assert r3.status_code == 409 and r3.json()["code"] == "IDEMPOTENCY_MISMATCH"
-    q = await wait_for(lambda: _credited(api, channel), what="the credit")
+    q = await wait_for(lambda: credited_quota(api, channel, "acct-1"), what="the credit")
     assert q["credited"] == 2
 
 
@@ -91,7 +79,7 @@ async def test_validation_answers_with_stable_codes_and_moves_nothing(api, chann
     r = await api.post("/v1/purchases", json=order_body())
     assert (r.status_code, r.json()["code"]) == (401, "UNAUTHENTICATED")
     # nothing else moved: only the first, valid purchase was credited
-    q = await wait_for(lambda: _credited(api, channel), what="the credit")
+    q = await wait_for(lambda: credited_quota(api, channel, "acct-1"), what="the credit")
     assert q["credited"] == 1
     assert await Db(settings).val("purchase", "SELECT count(*) FROM purchases WHERE channel_id = $1",
                                   channel["channel_id"]) == 1
@@ -101,7 +89,7 @@ async def test_a_channel_sees_only_its_own_purchases_and_accounts(api, channel, 
     other = add_channel(settings, "other-channel")
     r = await post_until_accepted(api, channel, order_body(account="shared-name"))
     pid = r.json()["purchase_id"]
-    await wait_for(lambda: _credited(api, channel, "shared-name"), what="the credit")
+    await wait_for(lambda: credited_quota(api, channel, "shared-name"), what="the credit")
     await post_until_accepted(api, other, order_body(quantity=1, account="unrelated"))
     assert (await api.get(f"/v1/purchases/{pid}", headers=auth(other))).status_code == 404
     r = await api.get("/v1/accounts/shared-name/quota", headers=auth(other))
@@ -137,7 +125,7 @@ async def test_one_trace_id_follows_a_purchase_through_every_service(platform, a
     r = await api.post("/v1/purchases", json=body, headers={**auth(channel),
                                                            "traceparent": f"00-{trace}-00f067aa0ba902b7-01"})
     assert r.status_code == 202 and r.headers["traceparent"].split("-")[1] == trace
-    await wait_for(lambda: _credited(api, channel, "traced"), what="the credit")
+    await wait_for(lambda: credited_quota(api, channel, "traced"), what="the credit")
 
     async def logged():
         lines = [rec for rec in platform.log_records() if rec.get("trace_id") == trace]

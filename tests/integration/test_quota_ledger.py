@@ -13,7 +13,8 @@ from services.kernel import kafka_auth, topics
 from services.kernel.producer import Producer
 from tests.flows import (
     Db,
-    auth,
+    account_quota,
+    credited_quota,
     decoded,
     order_body,
     post_until_accepted,
@@ -26,18 +27,6 @@ from tests.platform import PlatformProcess, add_channel
 
 # the stamping worker would answer the tests' own stamp requests (and fail them: no stored document)
 LEDGER_ONLY = "purchase,quota"
-
-
-async def _balance(api, channel, account):
-    r = await api.get(f"/v1/accounts/{account}/quota", headers=auth(channel))
-    return r.json() if r.status_code == 200 else None
-
-
-async def _credited(api, channel, account):
-    """The balance once the ledger credited the account (it may read empty for a moment before:
-    docs/channels.md), else None."""
-    bal = await _balance(api, channel, account)
-    return bal if bal and bal["credited"] > 0 else None
 
 
 async def _group_members(settings, group: str) -> int:
@@ -58,7 +47,7 @@ async def test_200_concurrent_reservations_against_50_units_on_two_instances(set
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30) as api:
             await post_until_accepted(api, channel, order_body(quantity=50, account="surge"))
-            await wait_for(lambda: _credited(api, channel, "surge"), what="credit")
+            await wait_for(lambda: credited_quota(api, channel, "surge"), what="credit")
             await wait_for(lambda: _members_are(settings, 2), what="two quota members in the group")
             producer = Producer(settings)
             await producer.start()
@@ -72,7 +61,7 @@ async def test_200_concurrent_reservations_against_50_units_on_two_instances(set
             assert kinds.count("QuotaReserved") == 50
             assert kinds.count("QuotaRejected") == 150
             assert {m.code for m in decoded(outcomes) if type(m).__name__ == "QuotaRejected"} == {"QUOTA_INSUFFICIENT"}
-            bal = await _balance(api, channel, "surge")
+            bal = await account_quota(api, channel, "surge")
             assert bal == {"account_id": "surge", "credited": 50, "pending": 50, "committed": 0, "available": 0}
     finally:
         for p in quotas + [front]:
@@ -91,7 +80,7 @@ async def test_expired_reservation_is_voided_and_a_late_commit_is_refused(settin
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30) as api:
             await post_until_accepted(api, channel, order_body(quantity=2, account="slow"))
-            await wait_for(lambda: _credited(api, channel, "slow"), what="credit")
+            await wait_for(lambda: credited_quota(api, channel, "slow"), what="credit")
             producer = Producer(settings)
             await producer.start()
             try:
@@ -112,7 +101,7 @@ async def test_expired_reservation_is_voided_and_a_late_commit_is_refused(settin
             assert [(m.request_id, m.code) for m in released] == [(late_id, "RESERVATION_EXPIRED")]
             refused = [m for m in evs if type(m).__name__ == "QuotaRefused"]
             assert [(m.request_id, m.operation, m.code) for m in refused] == [(late_id, "commit", "RESERVATION_VOIDED")]
-            bal = await _balance(api, channel, "slow")
+            bal = await account_quota(api, channel, "slow")
             assert bal == {"account_id": "slow", "credited": 2, "pending": 0, "committed": 1, "available": 1}
             kinds = await db.fetch("quota", "SELECT kind FROM transfers WHERE pending_id = $1", late_id)
             assert [r["kind"] for r in kinds] == ["void"]
@@ -121,7 +110,7 @@ async def test_expired_reservation_is_voided_and_a_late_commit_is_refused(settin
 
 
 async def _pending_is(api, channel, n, account="slow"):
-    bal = await _balance(api, channel, account)
+    bal = await account_quota(api, channel, account)
     return bal is not None and bal["pending"] == n
 
 
@@ -137,7 +126,7 @@ async def ledger_api(settings):
 async def test_release_returns_the_unit_and_redelivered_outcomes_change_nothing(ledger_api, channel, settings):
     api = ledger_api
     await post_until_accepted(api, channel, order_body(quantity=3, account="r"))
-    await wait_for(lambda: _credited(api, channel, "r"), what="credit")
+    await wait_for(lambda: credited_quota(api, channel, "r"), what="credit")
     producer = Producer(settings)
     await producer.start()
     try:
@@ -158,12 +147,12 @@ async def test_release_returns_the_unit_and_redelivered_outcomes_change_nothing(
         await producer.stop()
     await wait_for(lambda: _committed(api, channel), what="commit")
     await asyncio.sleep(1.0)
-    assert await _balance(api, channel, "r") == {"account_id": "r", "credited": 3, "pending": 0, "committed": 1,
+    assert await account_quota(api, channel, "r") == {"account_id": "r", "credited": 3, "pending": 0, "committed": 1,
                                                  "available": 2}
 
 
 async def _committed(api, channel):
-    bal = await _balance(api, channel, "r")
+    bal = await account_quota(api, channel, "r")
     return bal and bal["committed"] == 1 and bal["pending"] == 0
 
 
