@@ -2,13 +2,13 @@
 
 Work that must be done by one process at a time (an outbox's relay: it publishes each key's events in
 the order they were written) runs in whichever member holds the lock. The others stand by: they try
-the lock every ``retry_s`` with one statement on their own connection, and do nothing else, so a second
-member adds no wake-ups, no polls and no empty transactions to the work. The lock is the session's: a
-leader that dies (SIGKILL, its host gone) loses its connection and with it the lock, and a standby takes
-over within ``retry_s`` (``BUBUH_LEADER_RETRY_S``, 1 s). A leader whose connection breaks stops its work
-(``until`` is set) at its next check of the connection, as often; work that must never overlap, even in
-that window, guards each step as well (the relay takes a transaction-scoped lock around each publish:
-``outbox.Relay.publish_due``).
+the lock every ``BUBUH_LEADER_RETRY_S`` (1 s) with one statement on their own connection, and do
+nothing else, so a second member adds no wake-ups, no polls and no empty transactions to the work.
+The lock is the session's: a leader that dies (SIGKILL, its host gone) loses its connection and with
+it the lock, and a standby takes over within that time. A leader whose connection breaks stops its
+work (``until`` is set) at its next check of the connection, as often; work that must never overlap,
+even in that window, guards each step as well (the relay takes a transaction-scoped lock around each
+publish: ``outbox.Relay.publish_due``).
 
 ``pg_try_advisory_lock``, never the blocking form: a standby waiting on the lock would be a lock wait
 that ``log_lock_waits`` reports every ``deadlock_timeout`` (issue 12's check: none over 50 ms).
@@ -17,7 +17,6 @@ that ``log_lock_waits`` reports every ``deadlock_timeout`` (issue 12's check: no
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 
 import asyncpg
@@ -34,7 +33,7 @@ class Leadership:
     def __init__(self, settings: Settings, name: str) -> None:
         self._settings = settings
         self.name = name
-        self._retry_s = self._check_s = settings.leader_retry_s
+        self._every_s = settings.leader_retry_s     # a standby's tries, and the leader's checks
         self.leading = asyncio.Event()      # set while this process holds the lock and its work runs
         LEADING.labels(name).set(0)
 
@@ -59,7 +58,7 @@ class Leadership:
                     await database.close_quietly(conn)
 
     async def _acquire(self, conn: asyncpg.Connection, stop: asyncio.Event) -> bool:
-        """Try the lock every ``retry_s`` until it is ours (True) or ``stop`` (False)."""
+        """Try the lock every ``BUBUH_LEADER_RETRY_S`` until it is ours (True) or ``stop`` (False)."""
         standing_by = False
         while not stop.is_set():
             if await asyncio.wait_for(conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", self.name), 5):
@@ -68,7 +67,7 @@ class Leadership:
             if not standing_by:
                 log.info("standing by: another member leads", lock=self.name)
                 standing_by = True
-            await sleep_or_stop(stop, self._retry_s)
+            await sleep_or_stop(stop, self._every_s)
         return False
 
     async def _hold(self, conn: asyncpg.Connection, stop: asyncio.Event,
@@ -78,14 +77,14 @@ class Leadership:
         self.leading.set()
         LEADING.labels(self.name).set(1)
         try:
-            while not working.done() and not await sleep_or_stop(stop, self._check_s):
+            while not working.done() and not await sleep_or_stop(stop, self._every_s):
                 await asyncio.wait_for(conn.execute("SELECT 1"), 5)     # raises once the connection is lost
         finally:
             until.set()
             self.leading.clear()
             LEADING.labels(self.name).set(0)
-            with contextlib.suppress(Exception):
+            try:
                 await working
-            if working.done() and not working.cancelled() and working.exception() is not None:
-                log.error("leader's work failed", lock=self.name, error=repr(working.exception()))
+            except Exception as exc:  # noqa: BLE001 - the lock is given up and sought again
+                log.error("leader's work failed", lock=self.name, error=repr(exc))
 
