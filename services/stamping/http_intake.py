@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from services.kernel.settings import Settings
 from services.stamping import NAME, store
 from services.stamping.document import inspection
 from services.stamping.document.budget import Budget
-from services.stamping.metrics import INTAKE_REJECTED
+from services.stamping.metrics import INTAKE_REJECTED, INTAKE_STAGE_SECONDS
 from services.stamping.queue import QueueView
 from services.stamping.sandbox import Sandbox
 
@@ -57,6 +58,21 @@ class Accepted:
     replayed: bool = False
 
 
+class _StageClock:
+    """Each stage of one intake into ``bubuh_stamp_intake_stage_seconds``, timed from the previous one's end."""
+
+    _stages = {name: INTAKE_STAGE_SECONDS.labels(name)
+               for name in ("inspect", "idempotency", "store", "record", "publish", "position")}
+
+    def __init__(self) -> None:
+        self._since = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self._stages[stage].observe(now - self._since)
+        self._since = now
+
+
 def request_fingerprint(data: bytes, meta: StampMeta) -> str:
     h = hashlib.sha256(data)
     h.update(repr(sorted(vars(meta).items())).encode())
@@ -83,12 +99,14 @@ class StampIntake:
     async def accept(self, channel: ChannelInfo, data: bytes, meta: StampMeta,
                      idempotency_key: str | None) -> Accepted:
         profile = meta.profile or channel.default_profile or "standard"
+        clock = _StageClock()
         try:
             facts = await self._inspector.run(inspect_upload, data, profile, meta.page,
                                               (meta.llx, meta.lly, meta.urx, meta.ury), self._budget)
         except errors.BubuhError as exc:
             INTAKE_REJECTED.labels(exc.code.code).inc()
             raise
+        clock.lap("inspect")
         fingerprint = request_fingerprint(data, meta)
         request_id = (str(uuid.uuid5(_NS, f"{channel.channel_id}\x1f{idempotency_key}")) if idempotency_key
                       else str(uuid.uuid4()))
@@ -115,12 +133,15 @@ class StampIntake:
                     facts = await self._queue.facts()
                     eta = facts.eta_seconds(position, reserved=True) if facts and position is not None else None
                     return Accepted(request_id, earlier["status"], position, eta, True)
+            clock.lap("idempotency")
         self._producer.refuse_while_away()     # before storing anything: it would be refused after all
         accepted_at = dt.datetime.now(dt.UTC)
         msg.accepted_at.FromDatetime(accepted_at)
         await self._store.put_all([(store.input_key(request_id), data),
                                    (store.meta_key(request_id), msg.SerializeToString())])
+        clock.lap("store")
         recorded = await self._record(msg, idempotency_key, fingerprint, accepted_at)
+        clock.lap("record")
         env = events.envelope(msg, producer=NAME, event_id=str(uuid.uuid5(_NS, f"{request_id}\x1frequested")))
         try:
             # within the intake's budget: without Kafka's acknowledgement the request is not accepted (503, retry)
@@ -135,8 +156,10 @@ class StampIntake:
             raise
         if not recorded:
             await self._mark_accepted(request_id)
+        clock.lap("publish")
         facts_now = await self._queue.facts()
         position = await self._queue.position_for_new(channel.channel_id, accepted_at)
+        clock.lap("position")
         log.info("stamp accepted", request_id=request_id, channel_id=channel.channel_id, account_id=meta.account_id,
                  profile=profile, bytes=len(data), position=position)
         return Accepted(request_id, "queued", position,

@@ -4,6 +4,7 @@ output's validity (pyHanko's validator and poppler's pdfsig), redelivery, and pu
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 
@@ -54,10 +55,22 @@ async def settled_quota(api, channel, account: str) -> dict:
     return await wait_for(settled, what=f"{account}: no pending unit")
 
 
+async def intake_stages(api) -> dict[str, float]:
+    """``bubuh_stamp_intake_stage_seconds``' count per stage, from the API's /metrics."""
+    body = (await api.get("/metrics")).text
+    return {m[1]: float(m[2]) for m in re.finditer(
+        r'^bubuh_stamp_intake_stage_seconds_count\{stage="(\w+)"\} (\S+)$', body, re.M)}
+
+
 async def test_a_stamp_is_issued_charged_once_and_verifies(platform, api, channel, settings, tmp_path):
     await buy(api, channel, "acct-1", 2)
+    stages_before = await intake_stages(api)
     r = await post_stamp(api, channel, corpus.a4_text(1), stamp_meta())
     assert r.status_code == 202, r.text
+    # each stage of the 202's path timed once (no Idempotency-Key: no lookup of an earlier attempt)
+    stages = await intake_stages(api)
+    assert {k: stages[k] - stages_before.get(k, 0.0) for k in stages} == {
+        "inspect": 1, "idempotency": 0, "store": 1, "record": 1, "publish": 1, "position": 1}
     accepted = r.json()
     # position: the requests signed before it (0 with nothing ahead; it counted itself before 7ea311e)
     assert accepted["status"] == "queued" and accepted["position"] >= 0 and accepted["eta_seconds"] >= 0
