@@ -293,6 +293,87 @@ async def test_callers_that_find_the_facts_stale_at_once_share_one_read(pool):
     assert len({id(a) for a in answers}) == 1 and answers[0].per_second == pytest.approx(30 / 30)
 
 
+class _Held(_Counted):
+    """The real pool, each statement held until ``go`` is set (a read under way in a busy database)."""
+
+    def __init__(self, pool) -> None:
+        super().__init__(pool)
+        self.go = asyncio.Event()
+        self.go.set()
+
+    async def fetchrow(self, *args, **kwargs):
+        await self.go.wait()
+        return await super().fetchrow(*args, **kwargs)
+
+    async def fetchval(self, *args, **kwargs):
+        await self.go.wait()
+        return await super().fetchval(*args, **kwargs)
+
+
+async def test_while_the_facts_are_read_again_callers_get_the_last_ones_at_once(pool):
+    """In a surge's spike each 202 waited for the read of the second (44 ms on average); now one caller
+    reads and the rest are answered from the last read, while it is at most STALE_SERVES_S old."""
+    from services.stamping import queue as module
+
+    await pool.execute("DELETE FROM requests")
+    await _finished(pool, 30, 30, 2.0, ago_s=40)
+    held = _Held(pool)
+    view = QueueView(held, window_s=60.0)
+    first = await view.facts()
+    await asyncio.sleep(1.05)                                   # stale now
+    held.go.clear()
+    reader = asyncio.create_task(view.facts())                  # reads again, held
+    await asyncio.sleep(0.05)
+    assert not reader.done()
+    started = time.monotonic()
+    assert await asyncio.gather(*(view.facts() for _ in range(20))) == [first] * 20
+    assert time.monotonic() - started < 0.1, "callers waited for the read under way"
+    held.go.set()
+    assert (await reader) is not first and held.statements == 4          # two reads of two statements
+    # too old to serve: a caller waits for the read, as the first ever did
+    view._cached = (time.monotonic() - module.STALE_SERVES_S - 1, first)
+    held.go.clear()
+    reader = asyncio.create_task(view.facts())
+    await asyncio.sleep(0.05)
+    waiting = asyncio.create_task(view.facts())
+    await asyncio.sleep(0.1)
+    assert not waiting.done(), "facts older than STALE_SERVES_S were served"
+    held.go.set()
+    assert (await waiting) is (await reader)
+
+
+async def test_while_the_order_is_read_again_new_requests_get_positions_from_the_last_read_at_once(pool):
+    """The same for the queue order behind a new request's position (``position_for_new``)."""
+    from services.stamping.fair_queue import FairQueue
+
+    class HeldOrder(FairQueue):
+        go = asyncio.Event()
+        reads = 0
+
+        async def order(self, conn):
+            await self.go.wait()
+            HeldOrder.reads += 1
+            return await FairQueue.order(conn)
+
+    await pool.execute("DELETE FROM schedule")
+    await pool.execute("DELETE FROM requests")
+    fair = HeldOrder()
+    fair.go.set()
+    view = QueueView(pool, window_s=60.0, fair=fair)
+    assert await view.position_for_new("c") == 0
+    await asyncio.sleep(1.05)                                   # stale now
+    fair.go.clear()
+    reader = asyncio.create_task(view.position_for_new("c"))    # reads again, held
+    await asyncio.sleep(0.05)
+    assert not reader.done()
+    started = time.monotonic()
+    # each 202 since the last read lands one step further back, as with a fresh read
+    assert [await view.position_for_new("c") for _ in range(3)] == [1, 2, 3]
+    assert time.monotonic() - started < 0.1, "callers waited for the read under way"
+    fair.go.set()
+    assert await reader == 0 and HeldOrder.reads == 2           # the new read: nothing on quota in the table
+
+
 async def test_a_database_that_does_not_answer_is_waited_for_once_a_second_not_by_every_caller():
     """A database that accepts connections and never answers (a failover in progress): the first read
     gives up after its timeout and every caller gets no facts (intake still answers, without a position);
