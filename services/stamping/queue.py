@@ -126,6 +126,12 @@ class QueueFacts:
 # on average for their position, most of it behind the read of the second)
 STALE_SERVES_S = 5.0
 
+
+def _last_read_serves(reading: asyncio.Lock, last: tuple | None) -> bool:
+    """Another caller is reading again, and the last read (``(monotonic time, ...)``) may answer meanwhile."""
+    return reading.locked() and last is not None and time.monotonic() - last[0] < STALE_SERVES_S
+
+
 _ON_QUOTA_BEFORE = ("SELECT count(*) FROM requests WHERE channel_id = $1 AND status = 'queued' "
                     "AND accepted_at < $2")
 
@@ -152,7 +158,7 @@ class QueueView:
         for that second instead of being tried again by each in turn."""
         if self._cached and time.monotonic() - self._cached[0] < 1.0:
             return self._cached[1]
-        if self._facts_read.locked() and self._cached and time.monotonic() - self._cached[0] < STALE_SERVES_S:
+        if _last_read_serves(self._facts_read, self._cached):
             return self._cached[1]
         async with self._facts_read:
             if self._cached and time.monotonic() - self._cached[0] < 1.0:
@@ -221,8 +227,7 @@ class QueueView:
         """The queue, read at most once a second (by one caller; the others are answered from the last read
         meanwhile, up to ``STALE_SERVES_S`` old); no connection is taken while the last read serves."""
         if not self._order_is_fresh():
-            if (self._order_read.locked() and self._order is not None
-                    and time.monotonic() - self._order[0] < STALE_SERVES_S):
+            if _last_read_serves(self._order_read, self._order):
                 return self._order[2]
             async with self._order_read:
                 if not self._order_is_fresh():
