@@ -54,12 +54,13 @@ _START_TIMEOUT_S = 60.0
 # The request is retryable (UNAVAILABLE), not PDF_MALFORMED. A crash (abort, segfault) is the document's.
 _STOPPED = frozenset({-signal.SIGHUP, -signal.SIGTERM, -signal.SIGINT, 255})
 # A task or an answer up to this size crosses on the event loop: the task in one write that cannot block
-# (the child waits in ``recv``, and a Unix socket's buffer holds several times this), the answer read once
-# it has arrived whole. Larger ones (a 10 MiB upload, a signed scan) go through a thread as before. Each
+# (the child waits in ``recv``, and a Unix socket's buffer holds several times this), the answer read as
+# its parts arrive. Larger ones (a 10 MiB upload, a signed scan) go through a thread as before. Each
 # thread hop waited for a pool thread and for the GIL: in a surge, an intake check of 0.3 ms of CPU took
 # 20 ms to come back, and uploads queued behind the two children for 200 ms on average.
 _ON_LOOP_BYTES = 64 * 1024
 _HEADER = struct.Struct("!i")    # multiprocessing's framing: a message's length, then its bytes
+_LONG_HEADER = struct.Struct("!Q")    # after a length of -1: the length of a message of 2 GiB or more
 
 
 @dataclass(frozen=True)
@@ -158,22 +159,8 @@ class _Child:
         self.process = process
         self.conn = conn
         self.pid = pid
-        # the same socket (``Pipe()`` is a socket pair), to see how much of an answer has arrived
-        self._peek = socket.socket(fileno=os.dup(conn.fileno()))
-
-    def answer_arrived(self) -> bool:
-        """The child's next answer is here whole and small (``recv`` will not wait), or the child is gone
-        (``recv`` raises at once)."""
-        try:
-            head = self._peek.recv(_HEADER.size + _ON_LOOP_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
-        if len(head) < _HEADER.size:
-            return not head                  # nothing: the child closed its end
-        size = _HEADER.unpack_from(head)[0]
-        return 0 <= size <= len(head) - _HEADER.size
+        # the same socket (``Pipe()`` is a socket pair), read here frame by frame in multiprocessing's framing
+        self._socket = socket.socket(fileno=os.dup(conn.fileno()))
 
     def kill(self) -> None:
         try:
@@ -184,7 +171,7 @@ class _Child:
     def reap(self) -> int | None:
         """The child's exit code once it is gone (negative: the signal that ended it)."""
         self.process.join(timeout=5)
-        for end in (self.conn, self._peek):
+        for end in (self.conn, self._socket):
             try:
                 end.close()
             except OSError:
@@ -192,16 +179,45 @@ class _Child:
         return self.process.exitcode
 
     async def exchange(self, task: tuple) -> tuple[str, Any]:
-        """Send ``task``, return the child's answer: on the event loop when both are small."""
+        """Send ``task``, return the child's answer: on the event loop when each is small."""
         payload = ForkingPickler.dumps(task)
         if len(payload) <= _ON_LOOP_BYTES:
             self.conn.send_bytes(payload)
         else:
             await asyncio.to_thread(self.conn.send_bytes, payload)
-        await _readable(self.conn.fileno())
-        if self.answer_arrived():
-            return self.conn.recv()
-        return await asyncio.to_thread(self.conn.recv)
+        size = _HEADER.unpack(await self._read_on_loop(_HEADER.size))[0]
+        if size == -1:                                     # multiprocessing's mark for 2 GiB and more
+            size = _LONG_HEADER.unpack(await self._read_on_loop(_LONG_HEADER.size))[0]
+        if size <= _ON_LOOP_BYTES:
+            answer = await self._read_on_loop(size)
+        else:
+            answer = await asyncio.to_thread(self._read_waiting, size)
+        return ForkingPickler.loads(answer)
+
+    async def _read_on_loop(self, size: int) -> bytes:
+        """Exactly ``size`` bytes, read as they arrive: the child may write a frame in two parts, and a
+        reader woken by the first waits for the second instead of falling back to a thread."""
+        got = bytearray()
+        while len(got) < size:
+            try:
+                part = self._socket.recv(size - len(got), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                await _readable(self._socket.fileno())
+                continue
+            if not part:
+                raise EOFError("the child closed its end")
+            got += part
+        return bytes(got)
+
+    def _read_waiting(self, size: int) -> bytes:
+        """Exactly ``size`` bytes in a thread, waiting in ``recv``: for the large answers."""
+        got = bytearray()
+        while len(got) < size:
+            part = self._socket.recv(min(size - len(got), 1 << 20))
+            if not part:
+                raise EOFError("the child closed its end")
+            got += part
+        return bytes(got)
 
 
 async def _readable(fd: int) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import struct
 import time
 
 import pytest
@@ -210,9 +212,9 @@ async def _every_size_crosses(monkeypatch) -> None:
             hops.clear()
             data = os.urandom(size)
             assert await box.run(tasks.echo, data) == data, size
-            if size <= 16_384:    # one write each way: never a thread
+            if size <= 64 * 1024 - 200:    # task and answer under the limit, in one write or two: no thread
                 assert hops == [], size
-            elif size > 64 * 1024:
+            else:
                 assert len(hops) == 2, (size, hops)    # the task's send and the answer's receive
         assert (await box.run(tasks.whoami))["pid"] == pid, "one child answered all: no exchange out of step"
     finally:
@@ -230,3 +232,54 @@ def test_tasks_and_answers_of_every_size_cross_whole_and_only_large_ones_through
     factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(_every_size_crosses(monkeypatch))
+
+
+async def test_an_answer_that_arrives_in_two_parts_is_read_whole_on_the_loop(monkeypatch):
+    """multiprocessing writes an answer over 16 KiB as its length, then its bytes. A reader woken by the
+    length alone used to fall back to a thread (the outside CI of 5 December caught it at 16,384 bytes,
+    whose pickle is just over); now it waits on the loop for the rest, however late it comes."""
+    from multiprocessing.connection import Connection
+    from multiprocessing.reduction import ForkingPickler
+
+    from services.stamping import sandbox as module
+    hops = []
+    monkeypatch.setattr(module.asyncio, "to_thread", lambda fn, *args: hops.append(fn))
+    ours, theirs = socket.socketpair()
+    child = module._Child(process=None, conn=Connection(os.dup(ours.fileno())), pid=0)
+    ours.close()
+    answer = ("ok", os.urandom(40_000))
+    frame = ForkingPickler.dumps(answer)
+    theirs.sendall(struct.pack("!i", len(frame)) + frame[:100])
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.2, theirs.sendall, frame[100:])
+    started = time.monotonic()
+    try:
+        assert await child.exchange(("task",)) == answer
+        assert time.monotonic() - started >= 0.2, "answered before its second part was written"
+        assert hops == []
+        assert ForkingPickler.loads(theirs.recv(1024)[4:]) == ("task",)      # the task went out whole
+    finally:
+        theirs.close()
+        child.conn.close()
+        child._socket.close()
+
+
+async def test_a_child_that_closes_midway_through_an_answer_is_an_eof_not_a_hang():
+    from multiprocessing.connection import Connection
+
+    from services.stamping import sandbox as module
+    ours, theirs = socket.socketpair()
+    child = module._Child(process=None, conn=Connection(os.dup(ours.fileno())), pid=0)
+    ours.close()
+    theirs.sendall(struct.pack("!i", 1000) + b"x" * 10)
+
+    def die() -> None:             # takes the task, then goes after 10 bytes of a 1,000-byte answer
+        theirs.recv(1024)
+        theirs.close()
+    asyncio.get_running_loop().call_later(0.2, die)
+    try:
+        with pytest.raises(EOFError):
+            await asyncio.wait_for(child.exchange(("task",)), 5)
+    finally:
+        child.conn.close()
+        child._socket.close()
