@@ -96,7 +96,7 @@ run: setup ## the platform in the foreground on the local stack, with the walkth
 	deploy/local/run.sh
 
 # Tests isolate themselves by topic and schema prefixes, so most run on TEST_WORKERS workers at once
-# (whole files per worker); the one marked `exclusive` (it compares latencies) runs alone first, on a
+# (whole files per worker); those marked `exclusive` (they compare latencies or CPU shares) run alone first, on a
 # stack the suite has not yet filled with hundreds of test topics and schemas (after them it failed:
 # README, "The suite"). pytest's exit code 5 (nothing collected) in both phases fails.
 TEST_WORKERS ?= 3
