@@ -137,10 +137,17 @@ class StampIntake:
         self._producer.refuse_while_away()     # before storing anything: it would be refused after all
         accepted_at = dt.datetime.now(dt.UTC)
         msg.accepted_at.FromDatetime(accepted_at)
-        await self._store.put_all([(store.input_key(request_id), data),
-                                   (store.meta_key(request_id), msg.SerializeToString())])
-        clock.lap("store")
-        recorded = await self._record(msg, idempotency_key, fingerprint, accepted_at)
+        # the queued row is written while the document and the request are fsynced: the two waits overlap
+        # (a 202 waited for the sum, about 28 + 19 ms). Nothing is published before both are done.
+        recording = asyncio.ensure_future(self._record(msg, idempotency_key, fingerprint, accepted_at))
+        try:
+            await self._store.put_all([(store.input_key(request_id), data),
+                                       (store.meta_key(request_id), msg.SerializeToString())])
+            clock.lap("store")
+            recorded = await asyncio.shield(recording)
+        except BaseException:       # not stored (503), or the caller went away: no row is left behind
+            await asyncio.shield(self._undo_record(recording, request_id))
+            raise
         clock.lap("record")
         env = events.envelope(msg, producer=NAME, event_id=str(uuid.uuid5(_NS, f"{request_id}\x1frequested")))
         try:
@@ -202,6 +209,15 @@ class StampIntake:
                 raise
             log.warning("stamp request not recorded yet (database away)", request_id=msg.request_id)
             return False
+
+    async def _undo_record(self, recording: asyncio.Future[bool], request_id: str) -> None:
+        """Once the row's write has ended, the row of a request refused before publishing is removed."""
+        try:
+            recorded = await recording
+        except BaseException:  # noqa: BLE001 - its failure is the caller's to report, if it reports one
+            return
+        if recorded:
+            await self._forget(request_id)
 
     async def _mark_accepted(self, request_id: str) -> None:
         """Without its row, a status read would call the request unknown until the stamping tier writes

@@ -22,8 +22,9 @@ SIGNING_CERT_REVOKED = Gauge("bubuh_signing_certificate_revoked",
 # the 202's path, stage by stage (http_intake.StampIntake.accept): where a surge's intake latency goes
 INTAKE_STAGE_SECONDS = Histogram("bubuh_stamp_intake_stage_seconds", "Time of one stage of a stamp intake: "
                                  "inspect (the sandboxed check, waiting for a child included), store (document "
-                                 "and request on disk), record (the queued row), publish (Kafka's "
-                                 "acknowledgement), position (queue position and ETA)", ["stage"],
+                                 "and request on disk), record (the queued row, written while the store's files "
+                                 "are fsynced: its wait beyond the store), publish (Kafka's acknowledgement), "
+                                 "position (queue position and ETA)", ["stage"],
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
 INTAKE_REJECTED = Counter("bubuh_stamp_intake_rejected_total", "Uploads refused at intake, by code", ["code"])
 SANDBOX_OUTCOMES = Counter("bubuh_document_sandbox_tasks_total",
