@@ -21,6 +21,7 @@ line (beyond it: ``BUSY``, retryable), so a flood of one kind of work cannot que
 from __future__ import annotations
 
 import asyncio
+import collections
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -178,12 +179,21 @@ class _Child:
                 pass
         return self.process.exitcode
 
-    async def exchange(self, task: tuple) -> tuple[str, Any]:
-        """Send ``task``, return the child's answer: on the event loop when each is small."""
-        payload = ForkingPickler.dumps(task)
-        if len(payload) <= _ON_LOOP_BYTES:
+    def send_now(self, payload: bytes) -> bool:
+        """Send a small task from a callback, without waiting: False when it is large (or the child is gone),
+        and the caller's own ``exchange`` sends it."""
+        if len(payload) > _ON_LOOP_BYTES:
+            return False
+        try:
             self.conn.send_bytes(payload)
-        else:
+        except OSError:
+            return False              # the caller's exchange meets the same end and reports it
+        return True
+
+    async def exchange(self, payload: bytes, *, sent: bool = False) -> tuple[str, Any]:
+        """Send the pickled task (unless it was ``sent`` already), return the child's answer: on the event
+        loop when each is small."""
+        if not sent and not self.send_now(payload):
             await asyncio.to_thread(self.conn.send_bytes, payload)
         size = _HEADER.unpack(await self._read_on_loop(_HEADER.size))[0]
         if size == -1:                                     # multiprocessing's mark for 2 GiB and more
@@ -233,6 +243,14 @@ async def _readable(fd: int) -> None:
         os.set_blocking(fd, True)
 
 
+@dataclass(eq=False)
+class _Waiter:
+    """A caller waiting for a child, with its task ready to send."""
+    payload: bytes
+    child: asyncio.Future[_Child | None]     # None: the sandbox stopped
+    sent: bool = False                       # the child that freed up has the task already
+
+
 class Sandbox:
     def __init__(self, name: str, *, size: int, budget: ProcessLimits, setup: Callable[..., Any] | None = None,
                  setup_args: tuple = (), nice: int = 0, idle: bool = False, max_waiting: int | None = None) -> None:
@@ -244,9 +262,9 @@ class Sandbox:
         self._nice = nice
         self._sched_idle = idle
         self._max_waiting = max_waiting
-        self._idle: asyncio.Queue[_Child | None] = asyncio.Queue()   # None: the sandbox stopped
+        self._idle: collections.deque[_Child] = collections.deque()
+        self._waiters: collections.deque[_Waiter] = collections.deque()
         self._children: set[_Child] = set()
-        self._waiting = 0
         self._closed = False
         self._replacing: set[asyncio.Task] = set()
 
@@ -255,7 +273,7 @@ class Sandbox:
         children = await asyncio.gather(*(asyncio.to_thread(self._spawn) for _ in range(self.size)))
         for child in children:
             self._children.add(child)
-            self._idle.put_nowait(child)
+            self._release(child)
         return self
 
     def _spawn(self) -> _Child:
@@ -286,19 +304,17 @@ class Sandbox:
         """``fn(state, *args)`` in an idle child, within the budget. ``fn`` is a module-level function."""
         if self._closed:
             raise errors.BubuhError(errors.UNAVAILABLE, f"{self.name}: shutting down")
-        if self._max_waiting is not None and self._waiting >= self._max_waiting:
-            SANDBOX_OUTCOMES.labels(self.name, "busy").inc()
-            raise errors.BubuhError(errors.BUSY, f"{self.name}: {self._waiting} documents already wait")
-        self._waiting += 1
-        try:
-            child = await self._idle.get()
-        finally:
-            self._waiting -= 1
+        payload = ForkingPickler.dumps((fn, args, self.budget.cpu_s))
+        sent = False
+        if self._idle:
+            child: _Child | None = self._idle.popleft()
+        else:
+            child, sent = await self._wait_for_child(payload)
         if child is None:                    # ``stop`` wakes those waiting for a child that will not come
             raise errors.BubuhError(errors.UNAVAILABLE, f"{self.name}: shutting down")
         started = time.perf_counter()
         try:
-            kind, value = await asyncio.wait_for(child.exchange((fn, args, self.budget.cpu_s)), self.budget.wall_s)
+            kind, value = await asyncio.wait_for(child.exchange(payload, sent=sent), self.budget.wall_s)
         except TimeoutError:
             child.kill()
             self._replace(child)
@@ -317,7 +333,7 @@ class Sandbox:
             self._replace(child)
             SANDBOX_OUTCOMES.labels(self.name, "memory").inc()
             raise errors.BubuhError(errors.PDF_TOO_COMPLEX, f"needs more than {self._mib} MiB of memory")
-        self._idle.put_nowait(child)
+        self._release(child)
         if kind == "ok":
             SANDBOX_OUTCOMES.labels(self.name, "ok").inc()
             return value
@@ -327,6 +343,37 @@ class Sandbox:
             raise errors.BubuhError(errors.lookup(code), detail)
         SANDBOX_OUTCOMES.labels(self.name, "error").inc()
         raise RuntimeError(f"{self.name}: {value}")
+
+    async def _wait_for_child(self, payload: bytes) -> tuple[_Child | None, bool]:
+        if self._max_waiting is not None and len(self._waiters) >= self._max_waiting:
+            SANDBOX_OUTCOMES.labels(self.name, "busy").inc()
+            raise errors.BubuhError(errors.BUSY, f"{self.name}: {len(self._waiters)} documents already wait")
+        waiter = _Waiter(payload, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        try:
+            return await waiter.child, waiter.sent
+        except asyncio.CancelledError:
+            if not waiter.child.done():
+                self._waiters.remove(waiter)
+            elif (child := waiter.child.result()) is not None:     # handed over as the caller went away
+                if waiter.sent:
+                    self._replace(child)     # it works on a task nobody will read: its answer would be out of step
+                else:
+                    self._release(child)
+            raise
+
+    def _release(self, child: _Child) -> None:
+        """A free child goes to the first caller waiting, with that caller's task sent at once: the child
+        starts on it now, not once the caller's turn on the event loop comes (in a surge, a turn of the
+        loop took longer than the check itself, and the children sat idle between tasks)."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if waiter.child.done():
+                continue
+            waiter.sent = child.send_now(waiter.payload)
+            waiter.child.set_result(child)
+            return
+        self._idle.append(child)
 
     @property
     def _mib(self) -> int:
@@ -379,7 +426,7 @@ class Sandbox:
                 await asyncio.to_thread(child.reap)
                 return
             self._children.add(child)
-            self._idle.put_nowait(child)
+            self._release(child)
             return
 
     async def stop(self) -> None:
@@ -387,12 +434,11 @@ class Sandbox:
         self._closed = True
         for task in list(self._replacing):
             task.cancel()
-        idle: list[_Child] = []
-        while not self._idle.empty():
-            if (child := self._idle.get_nowait()) is not None:
-                idle.append(child)
-        for _ in range(self._waiting):      # each waiting caller gets its answer now, not a cancel at the end
-            self._idle.put_nowait(None)
+        idle = list(self._idle)
+        self._idle.clear()
+        while self._waiters:                # each waiting caller gets its answer now, not a cancel at the end
+            if not (waiter := self._waiters.popleft()).child.done():
+                waiter.child.set_result(None)
         busy = [c for c in self._children if c not in idle]
         self._children = set()
         for child in idle:

@@ -49,3 +49,8 @@ def scheduling(state) -> tuple[int, int]:
 
 def echo(state, data: bytes) -> bytes:
     return data
+
+
+def started_at(state) -> float:
+    """When the child began this task (the parent's clock too: one machine)."""
+    return time.time()

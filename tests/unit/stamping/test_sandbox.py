@@ -160,6 +160,55 @@ async def test_a_task_cut_short_by_the_sandbox_stopping_is_retryable():
     assert stopped.value.code is errors.UNAVAILABLE, stopped.value.detail
 
 
+async def test_a_waiting_task_starts_in_the_child_while_its_caller_still_waits_for_the_event_loop(sandbox):
+    """The task of a caller waiting for a child is sent as the child's last answer is read, not on the
+    caller's turn of the loop: in a surge a turn took longer than an intake check, and the children sat
+    idle between checks. Here the loop is held for 0.5 s right after the first answer; the second task
+    has begun in the child well before the hold ends (on the old code, only after)."""
+    first = asyncio.create_task(sandbox.run(tasks.sleep, 0.2))
+    await asyncio.sleep(0.05)
+    second = asyncio.create_task(sandbox.run(tasks.started_at))
+    assert await first == "slept"
+    time.sleep(0.5)  # noqa: ASYNC251 - the event loop held on purpose, as by a surge's other requests
+    held_until = time.time()
+    assert await second < held_until - 0.3
+
+
+async def test_a_caller_gone_after_its_task_was_handed_over_costs_the_child_and_nothing_else(sandbox):
+    """The task had reached the child already: its answer would be read by the next caller, so the child
+    is replaced, and the next task gets its own answer from a fresh child."""
+    before = (await sandbox.run(tasks.whoami))["pid"]
+
+    async def first_then_cancel() -> str:
+        answer = await sandbox.run(tasks.sleep, 0.2)
+        gone.cancel()                # in the same step as the hand-over: sent, and its caller not yet resumed
+        return answer
+    first = asyncio.create_task(first_then_cancel())
+    await asyncio.sleep(0.05)
+    gone = asyncio.create_task(sandbox.run(tasks.sleep, 0.3))
+    await asyncio.sleep(0.05)
+    assert await first == "slept"
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    after = await asyncio.wait_for(sandbox.run(tasks.whoami), 10)
+    assert after["pid"] != before and after["label"] == "key"
+    assert await sandbox.run(tasks.echo, b"mine") == b"mine"
+
+
+async def test_a_caller_gone_while_waiting_leaves_no_task_behind(sandbox):
+    before = (await sandbox.run(tasks.whoami))["pid"]
+    first = asyncio.create_task(sandbox.run(tasks.sleep, 0.2))
+    await asyncio.sleep(0.05)
+    gone = asyncio.create_task(sandbox.run(tasks.echo, b"never"))
+    await asyncio.sleep(0.05)
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert await first == "slept"
+    assert await sandbox.run(tasks.echo, b"mine") == b"mine"
+    assert (await sandbox.run(tasks.whoami))["pid"] == before, "the same child, kept"
+
+
 async def test_callers_waiting_for_a_child_when_the_sandbox_stops_are_answered_at_once():
     """A graceful stop under load: uploads waiting for an intake child were left waiting until the server's
     shutdown cancelled them, 10 s later, and answered 500 INTERNAL (seen at 04:38 today)."""
@@ -254,7 +303,7 @@ async def test_an_answer_that_arrives_in_two_parts_is_read_whole_on_the_loop(mon
     loop.call_later(0.2, theirs.sendall, frame[100:])
     started = time.monotonic()
     try:
-        assert await child.exchange(("task",)) == answer
+        assert await child.exchange(ForkingPickler.dumps(("task",))) == answer
         assert time.monotonic() - started >= 0.2, "answered before its second part was written"
         assert hops == []
         assert ForkingPickler.loads(theirs.recv(1024)[4:]) == ("task",)      # the task went out whole
@@ -266,6 +315,7 @@ async def test_an_answer_that_arrives_in_two_parts_is_read_whole_on_the_loop(mon
 
 async def test_a_child_that_closes_midway_through_an_answer_is_an_eof_not_a_hang():
     from multiprocessing.connection import Connection
+    from multiprocessing.reduction import ForkingPickler
 
     from services.stamping import sandbox as module
     ours, theirs = socket.socketpair()
@@ -279,7 +329,7 @@ async def test_a_child_that_closes_midway_through_an_answer_is_an_eof_not_a_hang
     asyncio.get_running_loop().call_later(0.2, die)
     try:
         with pytest.raises(EOFError):
-            await asyncio.wait_for(child.exchange(("task",)), 5)
+            await asyncio.wait_for(child.exchange(ForkingPickler.dumps(("task",))), 5)
     finally:
         child.conn.close()
         child._socket.close()
