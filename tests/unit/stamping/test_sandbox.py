@@ -14,6 +14,7 @@ import signal
 import socket
 import struct
 import time
+from multiprocessing.reduction import ForkingPickler
 
 import pytest
 
@@ -283,53 +284,50 @@ def test_tasks_and_answers_of_every_size_cross_whole_and_only_large_ones_through
         runner.run(_every_size_crosses(monkeypatch))
 
 
-async def test_an_answer_that_arrives_in_two_parts_is_read_whole_on_the_loop(monkeypatch):
+@pytest.fixture
+def child_on_a_socket_pair():
+    """The parent's end of a child (``_Child``) over a socket pair, and the other end, where the test
+    writes the child's answers by hand, in parts, or stops midway."""
+    from multiprocessing.connection import Connection
+
+    from services.stamping import sandbox as module
+    ours, theirs = socket.socketpair()
+    child = module._Child(process=None, conn=Connection(os.dup(ours.fileno())), pid=0)
+    ours.close()
+    yield child, theirs
+    for end in (theirs, child.conn, child._socket):
+        end.close()
+
+
+TASK = ForkingPickler.dumps(("task",))
+
+
+async def test_an_answer_that_arrives_in_two_parts_is_read_whole_on_the_loop(monkeypatch, child_on_a_socket_pair):
     """multiprocessing writes an answer over 16 KiB as its length, then its bytes. A reader woken by the
     length alone used to fall back to a thread (the outside CI of 5 December caught it at 16,384 bytes,
     whose pickle is just over); now it waits on the loop for the rest, however late it comes."""
-    from multiprocessing.connection import Connection
-    from multiprocessing.reduction import ForkingPickler
-
     from services.stamping import sandbox as module
+    child, theirs = child_on_a_socket_pair
     hops = []
     monkeypatch.setattr(module.asyncio, "to_thread", lambda fn, *args: hops.append(fn))
-    ours, theirs = socket.socketpair()
-    child = module._Child(process=None, conn=Connection(os.dup(ours.fileno())), pid=0)
-    ours.close()
     answer = ("ok", os.urandom(40_000))
     frame = ForkingPickler.dumps(answer)
     theirs.sendall(struct.pack("!i", len(frame)) + frame[:100])
-    loop = asyncio.get_running_loop()
-    loop.call_later(0.2, theirs.sendall, frame[100:])
+    asyncio.get_running_loop().call_later(0.2, theirs.sendall, frame[100:])
     started = time.monotonic()
-    try:
-        assert await child.exchange(ForkingPickler.dumps(("task",))) == answer
-        assert time.monotonic() - started >= 0.2, "answered before its second part was written"
-        assert hops == []
-        assert ForkingPickler.loads(theirs.recv(1024)[4:]) == ("task",)      # the task went out whole
-    finally:
-        theirs.close()
-        child.conn.close()
-        child._socket.close()
+    assert await child.exchange(TASK) == answer
+    assert time.monotonic() - started >= 0.2, "answered before its second part was written"
+    assert hops == []
+    assert ForkingPickler.loads(theirs.recv(1024)[4:]) == ("task",)      # the task went out whole
 
 
-async def test_a_child_that_closes_midway_through_an_answer_is_an_eof_not_a_hang():
-    from multiprocessing.connection import Connection
-    from multiprocessing.reduction import ForkingPickler
-
-    from services.stamping import sandbox as module
-    ours, theirs = socket.socketpair()
-    child = module._Child(process=None, conn=Connection(os.dup(ours.fileno())), pid=0)
-    ours.close()
+async def test_a_child_that_closes_midway_through_an_answer_is_an_eof_not_a_hang(child_on_a_socket_pair):
+    child, theirs = child_on_a_socket_pair
     theirs.sendall(struct.pack("!i", 1000) + b"x" * 10)
 
     def die() -> None:             # takes the task, then goes after 10 bytes of a 1,000-byte answer
         theirs.recv(1024)
-        theirs.close()
+        theirs.shutdown(socket.SHUT_RDWR)
     asyncio.get_running_loop().call_later(0.2, die)
-    try:
-        with pytest.raises(EOFError):
-            await asyncio.wait_for(child.exchange(ForkingPickler.dumps(("task",))), 5)
-    finally:
-        child.conn.close()
-        child._socket.close()
+    with pytest.raises(EOFError):
+        await asyncio.wait_for(child.exchange(TASK), 5)
