@@ -210,24 +210,24 @@ class _Child:
         got = bytearray()
         while len(got) < size:
             try:
-                part = self._socket.recv(size - len(got), socket.MSG_DONTWAIT)
+                self._read_part(got, size, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 await _readable(self._socket.fileno())
-                continue
-            if not part:
-                raise EOFError("the child closed its end")
-            got += part
         return bytes(got)
 
     def _read_waiting(self, size: int) -> bytes:
         """Exactly ``size`` bytes in a thread, waiting in ``recv``: for the large answers."""
         got = bytearray()
         while len(got) < size:
-            part = self._socket.recv(min(size - len(got), 1 << 20))
-            if not part:
-                raise EOFError("the child closed its end")
-            got += part
+            self._read_part(got, size, 0)
         return bytes(got)
+
+    def _read_part(self, got: bytearray, size: int, flags: int) -> None:
+        """Adds to ``got`` what has arrived of the ``size`` bytes (at most 1 MiB at a time)."""
+        part = self._socket.recv(min(size - len(got), 1 << 20), flags)
+        if not part:
+            raise EOFError("the child closed its end")
+        got += part
 
 
 async def _readable(fd: int) -> None:
