@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import uvicorn
 
-from services.kernel import http, inbox, logs, runtime
+from services.kernel import http, http_protocol, inbox, logs, runtime
 from services.kernel.dead_letter_sizes import DeadLetterSizes
 from services.kernel.runtime import ConfigError, Runtime
 from services.kernel.settings import Settings
@@ -106,8 +106,10 @@ def _http_task(rt: Runtime, routers, port: int, shared: bool = False) -> runtime
     async def run_http(stop: asyncio.Event) -> None:
         await wait_or_stop(rt.channels.loaded, stop)   # authenticate only once the channel view is whole
         # log_config=None: uvicorn's records reach the root handler (kernel/logs.py), in the platform's format
+        # http: httptools with a bounded request head (kernel/http_protocol.py), not uvicorn's h11
         config = uvicorn.Config(app, host=rt.settings.http_host, port=port, log_level="warning", log_config=None,
-                                access_log=False, lifespan="off", timeout_keep_alive=30, backlog=4096)
+                                access_log=False, lifespan="off", timeout_keep_alive=30, backlog=4096,
+                                http=http_protocol.BoundedHead)
         server = uvicorn.Server(config)
         server.install_signal_handlers = lambda: None
         sockets = [_shared_socket(rt.settings.http_host, port, config.backlog)] if shared else None

@@ -42,6 +42,9 @@ NOT_FOUND = _code("NOT_FOUND", 404, "No such resource for this channel.", "Check
 BODY_INVALID = _code("BODY_INVALID", 422, "The body is not valid JSON of the documented shape.",
                      "Fix the field named in `detail`; do not retry unchanged.")
 BODY_TOO_LARGE = _code("BODY_TOO_LARGE", 413, "The body exceeds the route's size limit.", "Send a smaller body.")
+REQUEST_HEAD_TOO_LARGE = _code("REQUEST_HEAD_TOO_LARGE", 431,
+                               "The request line and headers exceed 32 KiB; the connection is closed.",
+                               "Send fewer or shorter headers.")
 UNSUPPORTED_MEDIA_TYPE = _code("UNSUPPORTED_MEDIA_TYPE", 415, "Wrong Content-Type for this route.",
                                "Send `application/json` (or multipart for stamps).")
 IDEMPOTENCY_MISMATCH = _code("IDEMPOTENCY_MISMATCH", 409,

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 
 from services.kernel import http
 from services.kernel.http import KeepAliveLimit
+from services.kernel.http_protocol import BoundedHead
 
 
 def _app(limit: int):
@@ -28,7 +29,8 @@ def _app(limit: int):
 async def _served(app):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="off", timeout_keep_alive=30))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="off", timeout_keep_alive=30,
+                                           http=BoundedHead))      # the platform's protocol
     server.install_signal_handlers = lambda: None
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
