@@ -6,9 +6,9 @@ httptools does the same work in C. It buffers a request head of any size, though
 a 20 MB header gets it buffered, where h11 refused about 16 KiB beyond one read with a plain 400.
 ``BoundedHead`` counts the bytes of each request's head as they arrive and answers one that passes
 ``HEAD_LIMIT_BYTES`` with 431 ``REQUEST_HEAD_TOO_LARGE`` (the catalogue's JSON body,
-``Connection: close``), then closes the connection: the rest is never read. The count starts with the
-read after the one in which a request begins, so a head is refused at most one read (up to 256 KiB)
-past the limit; a well-formed head is never refused under it.
+``Connection: close``), then closes the connection: the rest is never read. A read counts when the
+head began before it and is still unfinished after it (so every byte of it is head): a head under the
+limit is never refused, and one over it is refused at most one read (up to 256 KiB) past it.
 """
 
 from __future__ import annotations
@@ -29,31 +29,34 @@ class BoundedHead(HttpToolsProtocol):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._in_head = True          # between a request's first byte and the end of its headers
-        self._head_bytes = 0
+        self._head_bytes: int | None = None     # of the unfinished head, counted so far; None: no head under way
+        self._begun_in_read = False             # the head under way began in the read being parsed
 
     def data_received(self, data: bytes) -> None:
-        if self.transport.is_closing():     # refused below: what still arrives is dropped
+        if self.transport.is_closing():          # refused (431, 400): what still arrives is dropped
             return
-        if self._in_head:
-            self._head_bytes += len(data)
-            if self._head_bytes > HEAD_LIMIT_BYTES:
-                self._refuse_head()
-                return
+        self._begun_in_read = False
         super().data_received(data)
+        # a read is counted only when the head began before it and is still unfinished after it: every
+        # byte of it is then head (a read may also hold a body's end, or the next request's start)
+        if self._head_bytes is None or self._begun_in_read or self.transport.is_closing():
+            return
+        self._head_bytes += len(data)
+        if self._head_bytes > HEAD_LIMIT_BYTES:
+            self._refuse_head()
 
     def on_message_begin(self) -> None:
-        self._in_head, self._head_bytes = True, 0
+        self._head_bytes, self._begun_in_read = 0, True
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._head_bytes = None
         super().on_headers_complete()
 
     def _refuse_head(self) -> None:
         code = errors.REQUEST_HEAD_TOO_LARGE
         trace_id = tracing.new_trace_id()
-        detail = f"the request head passed {HEAD_LIMIT_BYTES} bytes ({self._head_bytes} received)"
+        detail = f"the request head passed {HEAD_LIMIT_BYTES} bytes ({self._head_bytes} of it received)"
         body = orjson.dumps({"code": code.code, "message": code.meaning, "detail": detail, "trace_id": trace_id})
         self.transport.write(b"".join([
             f"HTTP/1.1 {code.http_status} Request Header Fields Too Large\r\n".encode(),

@@ -23,7 +23,11 @@ def _app():
     @r.get("/head")
     async def head(request: Request):
         return {"x_big": len(request.headers.get("x-big", ""))}
-    return http.create_app("t", [r])
+
+    @r.post("/body")
+    async def body(request: Request):
+        return {"bytes": len(await request.body())}
+    return http.create_app("t", [r], default_max_body_bytes=1_000_000)
 
 
 @contextlib.asynccontextmanager
@@ -67,6 +71,18 @@ async def test_heads_under_the_limit_are_served_one_after_another_on_one_connect
             status, headers, body = await _answer(reader)
             assert (status, json.loads(body)) == (200, {"x_big": size})
             assert headers.get("connection") != "close"
+        writer.close()
+
+
+async def test_a_small_head_and_a_large_body_in_one_write_are_served():
+    """The body's bytes arriving in the head's read are not head: only a head unfinished after a read counts."""
+    async with _served() as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = b"z" * 200_000
+        writer.write(b"POST /body HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        status, _, answer = await _answer(reader)
+        assert (status, json.loads(answer)) == (200, {"bytes": len(body)})
         writer.close()
 
 
