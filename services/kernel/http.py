@@ -35,13 +35,14 @@ from services.kernel.retry_after import Spread
 log = logs.get(__name__)
 
 
+def error_body(code: errors.ErrorCode, detail: str = "", trace_id: str | None = None) -> dict[str, str]:
+    """The one shape of an error answer (``ErrorBody``), also where no route answers (http_protocol.py)."""
+    return {"code": code.code, "message": code.meaning, "detail": detail or code.meaning,
+            "trace_id": trace_id or tracing.current()}
+
+
 def error_response(code: errors.ErrorCode, detail: str = "", headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(
-        status_code=code.http_status,
-        content={"code": code.code, "message": code.meaning, "detail": detail or code.meaning,
-                 "trace_id": tracing.current()},
-        headers=headers,
-    )
+    return JSONResponse(status_code=code.http_status, content=error_body(code, detail), headers=headers)
 
 
 def retry_after(request: Request) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from services.kernel import errors, logs, metrics, tracing
+from services.kernel import errors, http, logs, metrics, tracing
 
 log = logs.get(__name__)
 
@@ -57,7 +57,7 @@ class BoundedHead(HttpToolsProtocol):
         code = errors.REQUEST_HEAD_TOO_LARGE
         trace_id = tracing.new_trace_id()
         detail = f"the request head passed {HEAD_LIMIT_BYTES} bytes ({self._head_bytes} of it received)"
-        body = orjson.dumps({"code": code.code, "message": code.meaning, "detail": detail, "trace_id": trace_id})
+        body = orjson.dumps(http.error_body(code, detail, trace_id))
         self.transport.write(b"".join([
             f"HTTP/1.1 {code.http_status} Request Header Fields Too Large\r\n".encode(),
             b"content-type: application/json\r\n",
