@@ -454,7 +454,11 @@ class Sandbox:
             if child.process.exitcode is None:
                 child.kill()
             child.reap()
-        await asyncio.gather(*(asyncio.to_thread(finish, c) for c in idle + busy))
+        # a busy child's socket is its caller's to close, once it has read the end there (``_died``): closed
+        # here, under the caller's wait for it to turn readable, that wait never ended (the loop stops
+        # watching a closed socket), and the caller hung until its wall-clock budget
+        await asyncio.gather(*(asyncio.to_thread(finish, c) for c in idle),
+                             *(asyncio.to_thread(c.process.join, 3) for c in busy))
 
     async def serve(self, stop: asyncio.Event) -> None:
         """A runtime task: the children live until ``stop``."""

@@ -229,6 +229,23 @@ async def test_callers_waiting_for_a_child_when_the_sandbox_stops_are_answered_a
     assert time.monotonic() - started < 4
 
 
+async def test_a_busy_caller_is_answered_when_the_stop_ends_its_child_before_the_loop_sees_the_end():
+    """The outside CI's order (5 December): ``stop`` killed the busy child and its thread joined it and closed
+    its socket before the loop had run the caller's wake-up; the caller then waited for a socket nobody watched."""
+    box = await Sandbox("stopping", size=1, budget=ProcessLimits(cpu_s=5, memory_bytes=0, wall_s=30)).start()
+    busy = asyncio.create_task(box.run(tasks.sleep, 5.0))
+    await asyncio.sleep(0.3)
+    stopping = asyncio.create_task(box.stop())
+    await asyncio.sleep(0)            # ``stop`` runs to its wait: the child killed, the tasks for its threads made
+    # queued behind those tasks' first steps (which start the threads): the loop held before it next polls, so
+    # the threads have ended the child before the loop can see the end on its socket
+    asyncio.get_running_loop().call_soon(time.sleep, 1.0)
+    with pytest.raises(errors.BubuhError) as stopped:
+        await asyncio.wait_for(busy, 5)
+    assert stopped.value.code is errors.UNAVAILABLE
+    await stopping
+
+
 async def test_an_idle_class_sandbox_runs_its_children_under_sched_idle_and_a_plain_one_does_not():
     """Public verification's children (``BUBUH_VERIFY_SCHED_IDLE``): any other task that wakes takes the
     core at once; at nice 10 alone stamp intake's hops waited out the verifier's slices (issue 11's flood
