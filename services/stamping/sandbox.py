@@ -353,7 +353,9 @@ class Sandbox:
         try:
             return await waiter.child, waiter.sent
         except asyncio.CancelledError:
-            if not waiter.child.done():
+            # still in line: the caller's cancel cancelled its future too (so it was ``done``, and it kept its
+            # place, counted against ``max_waiting``, until a child came free)
+            if waiter.child.cancelled() or not waiter.child.done():
                 self._waiters.remove(waiter)
             elif (child := waiter.child.result()) is not None:     # handed over as the caller went away
                 if waiter.sent:

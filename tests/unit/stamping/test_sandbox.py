@@ -95,6 +95,24 @@ async def test_busy_beyond_max_waiting():
         await box.stop()
 
 
+async def test_a_caller_that_leaves_the_line_frees_its_place_at_once():
+    """An upload whose client went away while it waited for a child no longer counts against ``max_waiting``."""
+    box = await Sandbox("queue", size=1, max_waiting=1,
+                        budget=ProcessLimits(cpu_s=5, memory_bytes=0, wall_s=30)).start()
+    try:
+        running = asyncio.create_task(box.run(tasks.sleep, 1.0))
+        await asyncio.sleep(0.2)
+        gone = asyncio.create_task(box.run(tasks.sleep, 0))
+        await asyncio.sleep(0.1)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert await box.run(tasks.sleep, 0) == "slept"      # waits for the child, not BUSY
+        assert await running == "slept"
+    finally:
+        await box.stop()
+
+
 async def test_a_child_waiting_on_the_network_does_not_hold_up_the_next_task():
     # a signing child waits for the TSA's answer; with two children the next stamp signs meanwhile
     box = await Sandbox("signing-like", size=2, budget=ProcessLimits(cpu_s=5, memory_bytes=0, wall_s=30)).start()
