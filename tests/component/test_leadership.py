@@ -11,6 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from services.kernel.leadership import Leadership
 from services.kernel.metrics import LEADING
+from tests.component.leadership_watch import sole_leader
 
 
 class Contender:
@@ -31,17 +32,6 @@ class Contender:
             await asyncio.wait_for(self.task, 5)
 
 
-async def _leader(contenders: list[Contender], timeout: float = 3.0) -> Contender:
-    deadline = time.monotonic() + timeout
-    while True:
-        leading = [c for c in contenders if c.leadership.leading.is_set()]
-        assert len(leading) <= 1, [c.name for c in leading]
-        if leading:
-            return leading[0]
-        assert time.monotonic() < deadline, "nobody took the lead"
-        await asyncio.sleep(0.01)
-
-
 async def test_one_member_works_at_a_time_and_the_next_takes_over_when_it_stops(settings, pool):
     lock = f"test leadership {settings.schema('component')}"
     spans: list[tuple[str, float, float]] = []
@@ -49,7 +39,7 @@ async def test_one_member_works_at_a_time_and_the_next_takes_over_when_it_stops(
     try:
         order = []
         for _ in range(3):
-            leader = await _leader(contenders)
+            leader = await sole_leader(contenders, timeout=3.0)
             assert LEADING.labels(lock)._value.get() == 1
             await asyncio.sleep(0.3)                            # the others keep standing by meanwhile
             assert [c for c in contenders if c.leadership.leading.is_set()] == [leader]
@@ -61,7 +51,7 @@ async def test_one_member_works_at_a_time_and_the_next_takes_over_when_it_stops(
             order.append(leader.name)
             contenders.remove(leader)
             if contenders:
-                nxt = await _leader(contenders)
+                nxt = await sole_leader(contenders, timeout=3.0)
                 assert time.monotonic() - stopped < 1.0         # within a few retries of 0.1 s
                 assert nxt.name not in order
         assert sorted(order) == ["a", "b", "c"]
@@ -90,6 +80,6 @@ async def test_without_postgresql_it_retries_and_leads_once_it_can(settings):
     assert c.task.done() and c.task.exception() is None
     back = Contender(settings, "b", lock, spans)
     try:
-        await _leader([back])
+        await sole_leader([back], timeout=3.0)
     finally:
         await back.close()

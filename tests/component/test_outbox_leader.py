@@ -17,6 +17,7 @@ from services.kernel.events import Outgoing
 from services.kernel.metrics import LEADING
 from services.kernel.outbox import Relay
 from services.kernel.processing.memory import MemoryBroker
+from tests.component.leadership_watch import sole_leader
 
 TOPIC = "ordered"
 KEYS = [f"k{i}".encode() for i in range(5)]
@@ -45,6 +46,10 @@ class Member:
         self.relay = Relay(pool, AckingProducer(broker, name, log), settings, "component")
         self.stop = asyncio.Event()
         self.task = asyncio.create_task(self.relay.run(self.stop))
+
+    @property
+    def leadership(self):
+        return self.relay.leadership
 
     async def close(self) -> None:
         self.stop.set()
@@ -83,27 +88,18 @@ def _in_order(broker: MemoryBroker, sequence: dict[bytes, int]) -> None:
         assert seen[key] == list(range(1, sequence[key] + 1)), (key, seen[key][:40])
 
 
-async def _leaders(members: list[Member], timeout: float = 5.0) -> list[Member]:
-    deadline = time.monotonic() + timeout
-    while not any(m.relay.leadership.leading.is_set() for m in members):
-        assert time.monotonic() < deadline, "no relay took the lead"
-        await asyncio.sleep(0.02)
-    return [m for m in members if m.relay.leadership.leading.is_set()]
-
-
 async def test_two_relays_publish_each_keys_events_in_order_and_one_of_them_publishes(pool, settings, broker):
     log: list[tuple[str, bytes, int]] = []
     members = [Member(pool, settings, broker, name, log) for name in ("a", "b")]
     try:
-        leaders = await _leaders(members)
-        assert len(leaders) == 1
+        leader = await sole_leader(members)
         sequence = dict.fromkeys(KEYS, 0)
         turn = asyncio.Lock()
         await asyncio.gather(*(_write(pool, sequence, 60, turn) for _ in range(4)))   # four writers
         await _drained(pool)
         _in_order(broker, sequence)
-        assert {name for name, _, _ in log} == {leaders[0].name}       # the standby published nothing
-        assert LEADING.labels(leaders[0].relay.leadership.name)._value.get() == 1
+        assert {name for name, _, _ in log} == {leader.name}       # the standby published nothing
+        assert LEADING.labels(leader.leadership.name)._value.get() == 1
     finally:
         for m in members:
             await m.close()
@@ -115,7 +111,7 @@ async def test_a_standby_takes_over_when_the_leaders_session_ends_and_order_hold
     log: list[tuple[str, bytes, int]] = []
     members = [Member(pool, settings, broker, name, log) for name in ("a", "b")]
     try:
-        (leader,) = await _leaders(members)
+        leader = await sole_leader(members)
         standby = next(m for m in members if m is not leader)
         sequence = dict.fromkeys(KEYS, 0)
         turn = asyncio.Lock()
@@ -125,17 +121,17 @@ async def test_a_standby_takes_over_when_the_leaders_session_ends_and_order_hold
         ended = await pool.fetchval(
             "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
             "AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = hashtext($1)::bigint",
-            leader.relay.leadership.name)
+            leader.leadership.name)
         assert ended is True                                            # the fault happened
         taken = time.monotonic()
-        while not standby.relay.leadership.leading.is_set():
+        while not standby.leadership.leading.is_set():
             assert time.monotonic() - taken < 3, "the standby did not take over"
             await asyncio.sleep(0.02)
         await writing
         await _drained(pool)
         _in_order(broker, sequence)
         assert {name for name, _, _ in log} == {"a", "b"}               # both published: one, then the other
-        assert not leader.relay.leadership.leading.is_set()             # the old leader noticed, and stands by
+        assert not leader.leadership.leading.is_set()             # the old leader noticed, and stands by
     finally:
         for m in members:
             await m.close()
