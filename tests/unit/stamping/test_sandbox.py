@@ -9,6 +9,7 @@ child while the key-holding state of a healthy child stays open across tasks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -79,7 +80,9 @@ async def test_coded_refusals_pass_through_and_a_crash_is_contained(sandbox):
     assert (await sandbox.run(tasks.whoami))["label"] == "key"
 
 
-async def test_busy_beyond_max_waiting():
+@contextlib.asynccontextmanager
+async def _line_of_one():
+    """A sandbox of one child with one place in its line: the child busy for 1 s, a second caller waiting."""
     box = await Sandbox("queue", size=1, max_waiting=1,
                         budget=ProcessLimits(cpu_s=5, memory_bytes=0, wall_s=30)).start()
     try:
@@ -87,30 +90,27 @@ async def test_busy_beyond_max_waiting():
         await asyncio.sleep(0.2)
         waiting = asyncio.create_task(box.run(tasks.sleep, 0))
         await asyncio.sleep(0.1)
-        with pytest.raises(errors.BubuhError) as busy:
-            await box.run(tasks.sleep, 0)
-        assert busy.value.code is errors.BUSY
-        assert await running == "slept" and await waiting == "slept"
+        yield box, running, waiting
     finally:
         await box.stop()
 
 
+async def test_busy_beyond_max_waiting():
+    async with _line_of_one() as (box, running, waiting):
+        with pytest.raises(errors.BubuhError) as busy:
+            await box.run(tasks.sleep, 0)
+        assert busy.value.code is errors.BUSY
+        assert await running == "slept" and await waiting == "slept"
+
+
 async def test_a_caller_that_leaves_the_line_frees_its_place_at_once():
     """An upload whose client went away while it waited for a child no longer counts against ``max_waiting``."""
-    box = await Sandbox("queue", size=1, max_waiting=1,
-                        budget=ProcessLimits(cpu_s=5, memory_bytes=0, wall_s=30)).start()
-    try:
-        running = asyncio.create_task(box.run(tasks.sleep, 1.0))
-        await asyncio.sleep(0.2)
-        gone = asyncio.create_task(box.run(tasks.sleep, 0))
-        await asyncio.sleep(0.1)
+    async with _line_of_one() as (box, running, gone):
         gone.cancel()
         with pytest.raises(asyncio.CancelledError):
             await gone
         assert await box.run(tasks.sleep, 0) == "slept"      # waits for the child, not BUSY
         assert await running == "slept"
-    finally:
-        await box.stop()
 
 
 async def test_a_child_waiting_on_the_network_does_not_hold_up_the_next_task():
