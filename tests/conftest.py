@@ -12,6 +12,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from services.kernel import kafka_auth, logs
+from tests import platform as platform_processes
 from tests import stack
 
 # The suite is CPU-bound on two shared cores, so a test's cost to the run is its CPU, not its wall time:
@@ -57,6 +58,13 @@ def pytest_terminal_summary(terminalreporter):
                                     f"waited for; all tests: {sum(cpu.values()):.0f} s)")
     for nodeid, seconds in sorted(cpu.items(), key=lambda kv: -kv[1])[:CPU_SUMMARY]:
         terminalreporter.write_line(f"{seconds:7.1f}s  {nodeid}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _platform_logs(tmp_path_factory):
+    """Platform processes keep their logs for a failing test's report, under pytest's temporary
+    directory: pytest keeps the last three runs' and removes older ones."""
+    platform_processes.LOG_ROOT = tmp_path_factory.mktemp("platform-logs")
 
 
 @pytest.fixture(scope="session")

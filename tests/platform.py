@@ -22,6 +22,11 @@ from tests.stack import free_port
 
 __all__ = ["PlatformProcess", "add_channel", "cli", "env_for", "free_port"]
 
+# Where each process's log directory goes. The suite points it at pytest's temporary directory
+# (tests/conftest.py), which pytest prunes to its last three runs; left as None (the system's temporary
+# directory), nothing removes the logs.
+LOG_ROOT: Path | None = None
+
 
 def env_for(settings: Settings, **extra) -> dict[str, str]:
     env = dict(os.environ)
@@ -60,7 +65,7 @@ class PlatformProcess:
         self.api, self.workers, self.name = api, workers, name
         self.env = env_for(settings, **env)
         self.proc: subprocess.Popen | None = None
-        self._dir = Path(tempfile.mkdtemp(prefix="bubuh-test-"))
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=LOG_ROOT))
         self.log_path = self._dir / f"{name}.log"
 
     async def start(self, timeout: float = 60) -> PlatformProcess:
