@@ -1,5 +1,10 @@
 """Where documents live between intake and worker, and where stamped outputs are kept.
 
+An upload (``input_key``) is deleted once its stamp is completed (``tracker.py``): only the worker
+reads it, and a completed request is never signed again. The stamped file and the request's record
+stay (a status read, a download, ``bubuh renew-timestamps``), and so does the upload of a request that
+did not complete (``bubuh replay`` of a dead-lettered record signs it again).
+
 "Accepted means durable": intake answers 202 only after ``put`` returned, and ``put`` returns only
 after the bytes are on disk (fsync of the file and of its directory). The interface is small so an
 S3-compatible store can implement it (``put`` = PutObject, ``get`` = GetObject).
@@ -20,6 +25,7 @@ class DocumentStore(Protocol):
     async def put_all(self, items: list[tuple[str, bytes]]) -> None: ...
     async def get(self, key: str) -> bytes: ...
     async def delete(self, key: str) -> None: ...
+    async def delete_all(self, keys: list[str]) -> None: ...
 
 
 class FilesystemStore:
@@ -61,10 +67,15 @@ class FilesystemStore:
 
     async def delete(self, key: str) -> None:
         """Gone, or never there."""
+        await self.delete_all([key])
+
+    async def delete_all(self, keys: list[str]) -> None:
+        """Each gone, or never there, in one trip to a thread."""
+        paths = [self._path(key) for key in keys]
         try:
-            await asyncio.to_thread(self._path(key).unlink, True)
+            await asyncio.to_thread(lambda: [path.unlink(missing_ok=True) for path in paths])
         except OSError as exc:
-            raise errors.BubuhError(errors.STORAGE_UNAVAILABLE, f"cannot delete {key}: {exc}") from exc
+            raise errors.BubuhError(errors.STORAGE_UNAVAILABLE, f"cannot delete {', '.join(keys)}: {exc}") from exc
 
     @staticmethod
     def _put_all(items: list[tuple[Path, bytes]]) -> None:

@@ -114,12 +114,25 @@ class StatusTracker:
             released_set = set(released)
             await outbox.add(conn, [outgoing[rid] for rid in ids if rid in released_set])
         by_id = {r["request_id"]: r for r in rows}
+        await self._drop_uploads(released)
         STAMP_OUTCOMES.labels("completed", "").inc(len(released))
         for rid in released:
             row = by_id[rid]
             CHANNEL_COMPLETED.labels(row["channel_id"]).inc()
             log.info("stamp completed", request_id=rid, sn=row["sn"], channel_id=row["channel_id"],
                      trace_id=cause[rid].envelope.trace_id)
+
+    async def _drop_uploads(self, completed: list[str]) -> None:
+        """The uploads of stamps just completed are deleted (store.py says why that is safe). After the
+        commit, and only by the transaction that completed them: a redelivery releases nothing and
+        deletes nothing. A store that fails here, or a crash between the commit and the delete, leaves the
+        files behind (the failure logged): the stamps are done either way."""
+        if not completed:
+            return
+        try:
+            await self._documents.delete_all([store.input_key(rid) for rid in completed])
+        except errors.BubuhError as exc:
+            log.warning("uploads of completed stamps not deleted", count=len(completed), detail=exc.detail)
 
     async def _withhold_stamp(self, event: Event, m: quota_pb2.QuotaRefused) -> None:
         """The ledger refused to post the unit of a signed stamp: the stamp is withheld, its SN void.

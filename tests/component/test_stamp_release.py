@@ -1,6 +1,6 @@
 """The tracker's release of a signed stamp (``StatusTracker`` on ``QuotaCommitted``) on real PostgreSQL: the
 request completed and ``StampCompleted`` queued with the signed row's SN and output, once, and only from
-'signed'."""
+'signed'; then its upload deleted."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ async def tracker(settings, pool, tmp_path):
     documents = store.FilesystemStore(tmp_path)
     await documents.put(store.meta_key("r1"), stamp_pb2.StampRequested(request_id="r1", email="a@example.test")
                         .SerializeToString())
+    await documents.put(store.input_key("r1"), b"%PDF- the upload")
     return StatusTracker(settings, pool, documents)
 
 
@@ -38,7 +39,7 @@ def _committed(rid: str):
                     producer="quota", topic="quota.events")
 
 
-async def test_a_committed_unit_releases_its_signed_stamp_once(pool, tracker):
+async def test_a_committed_unit_releases_its_signed_stamp_once(pool, tracker, tmp_path):
     await _at(pool, "r1", "signed")
     await tracker.process([_committed("r1")])
     await tracker.process([_committed("r1")])                     # redelivered: nothing more
@@ -49,6 +50,18 @@ async def test_a_committed_unit_releases_its_signed_stamp_once(pool, tracker):
     assert isinstance(done, stamp_pb2.StampCompleted)
     assert (done.sn, done.output_ref, done.output_sha256, done.channel_id, done.email, done.rewritten_sha256) == (
         "1SN", store.output_key("r1"), "cafe", "ch", "a@example.test", "")
+    # the upload is gone (only the worker reads it); the request's record stays
+    assert not (tmp_path / store.input_key("r1")).exists()
+    assert (tmp_path / store.meta_key("r1")).exists()
+
+
+async def test_a_store_that_cannot_delete_the_upload_does_not_hold_the_release_back(pool, tracker, tmp_path):
+    (tmp_path / store.input_key("r1")).unlink()
+    (tmp_path / store.input_key("r1")).mkdir()                      # cannot be unlinked: STORAGE_UNAVAILABLE
+    await _at(pool, "r1", "signed")
+    await tracker.process([_committed("r1")])
+    assert await pool.fetchval("SELECT status FROM requests WHERE request_id = 'r1'") == "completed"
+    assert len(await hs.outbox(pool)) == 1
 
 
 async def test_the_release_names_the_rewrite_the_stamp_went_onto(pool, tracker):
@@ -62,11 +75,12 @@ async def test_the_release_names_the_rewrite_the_stamp_went_onto(pool, tracker):
 
 
 @pytest.mark.parametrize("status", ["stamping", "failed", "completed"])
-async def test_only_a_signed_stamp_is_released(pool, tracker, status):
+async def test_only_a_signed_stamp_is_released(pool, tracker, status, tmp_path):
     await _at(pool, "r1", status)
     await tracker.process([_committed("r1")])
     assert await pool.fetchval("SELECT status FROM requests WHERE request_id = 'r1'") == status
     assert await hs.outbox(pool) == []
+    assert (tmp_path / store.input_key("r1")).exists()          # a request not completed here keeps it
 
 
 async def test_a_polls_commits_are_released_in_one_transaction_each_signed_stamp_once(pool, tracker):

@@ -68,3 +68,19 @@ def test_a_new_request_directory_is_synced_into_its_parents_before_put_all_retur
     other = "0123ffff-0000-4000-8000-000000000000"                      # ab/ exists now: only its new entry
     asyncio.run(docs.put(store.input_key(other), b"%PDF"))
     assert str(tmp_path) not in synced and str(prefix_dir) in synced, synced
+
+
+def test_delete_all_removes_the_named_files_only_and_a_missing_one_is_no_error(tmp_path: Path) -> None:
+    docs = store.FilesystemStore(tmp_path)
+    a, b = "0123abcd-0000-4000-8000-00000000000a", "0123abcd-0000-4000-8000-00000000000b"
+    asyncio.run(docs.put_all([(store.input_key(a), b"a"), (store.meta_key(a), b"ma"), (store.input_key(b), b"b")]))
+    asyncio.run(docs.delete_all([store.input_key(a), store.input_key(b), store.input_key("ab-never-stored")]))
+    assert sorted(p.name for p in (tmp_path / a[:2] / a).iterdir()) == ["request.pb"]
+    assert list((tmp_path / b[:2] / b).iterdir()) == []
+
+
+def test_a_delete_the_disk_refuses_is_storage_unavailable_naming_the_keys(tmp_path: Path) -> None:
+    (tmp_path / "ab" / "r" / "input.pdf").mkdir(parents=True)     # a directory cannot be unlinked
+    with pytest.raises(store.errors.BubuhError) as caught:
+        asyncio.run(store.FilesystemStore(tmp_path).delete_all(["ab/r/input.pdf"]))
+    assert caught.value.code.code == "STORAGE_UNAVAILABLE" and "ab/r/input.pdf" in caught.value.detail
