@@ -206,6 +206,24 @@ def cmd_renew_timestamps(args) -> None:
         raise SystemExit(1)
 
 
+def cmd_prune_uploads(args) -> None:
+    import asyncio
+    import time
+
+    from services.stamping import uploads
+    from services.stamping.service import documents
+    s = _settings()
+    shown = [0.0]
+
+    def progress(walked: int, total: int, deleted: int) -> None:
+        if time.monotonic() - shown[0] >= 2 or walked >= total:
+            shown[0] = time.monotonic()
+            print(f"  {walked} of {total} completed requests, {deleted} uploads deleted", flush=True)
+    print(f"deleting the uploads of completed stamps from {s.documents_root}", flush=True)
+    done = asyncio.run(uploads.prune(s, documents(s), progress=progress))
+    print(f"{done.completed} completed requests, {done.deleted} uploads deleted")
+
+
 def cmd_replay(args) -> None:
     from services.kernel import replay
     s = _settings()
@@ -295,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="renew when that certificate expires within this many days (default 365)")
     sp.add_argument("--dry-run", action="store_true", help="list what is due, change nothing")
     sp.set_defaults(func=cmd_renew_timestamps)
+
+    sub.add_parser("prune-uploads", help="delete the uploads of completed stamps left on the document store "
+                   "(kept by versions that did not delete them at completion); safe while the platform runs"
+                   ).set_defaults(func=cmd_prune_uploads)
 
     sp = sub.add_parser("kafka", help="Kafka access, as the admin principal: topics, principals, ACLs")
     ksub = sp.add_subparsers(dest="kafka_command", required=True)

@@ -25,7 +25,7 @@ class DocumentStore(Protocol):
     async def put_all(self, items: list[tuple[str, bytes]]) -> None: ...
     async def get(self, key: str) -> bytes: ...
     async def delete(self, key: str) -> None: ...
-    async def delete_all(self, keys: list[str]) -> None: ...
+    async def delete_all(self, keys: list[str]) -> int: ...
 
 
 class FilesystemStore:
@@ -69,13 +69,24 @@ class FilesystemStore:
         """Gone, or never there."""
         await self.delete_all([key])
 
-    async def delete_all(self, keys: list[str]) -> None:
-        """Each gone, or never there, in one trip to a thread."""
+    async def delete_all(self, keys: list[str]) -> int:
+        """Each gone, or never there, in one trip to a thread: how many were there."""
         paths = [self._path(key) for key in keys]
         try:
-            await asyncio.to_thread(lambda: [path.unlink(missing_ok=True) for path in paths])
+            return await asyncio.to_thread(self._delete_all, paths)
         except OSError as exc:
             raise errors.BubuhError(errors.STORAGE_UNAVAILABLE, f"cannot delete {', '.join(keys)}: {exc}") from exc
+
+    @staticmethod
+    def _delete_all(paths: list[Path]) -> int:
+        there = 0
+        for path in paths:
+            try:
+                path.unlink()
+                there += 1
+            except FileNotFoundError:
+                pass
+        return there
 
     @staticmethod
     def _put_all(items: list[tuple[Path, bytes]]) -> None:
