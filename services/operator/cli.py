@@ -213,11 +213,12 @@ def cmd_prune_uploads(args) -> None:
     from services.stamping import uploads
     from services.stamping.service import documents
     s = _settings()
-    shown = [0.0]
+    shown = 0.0             # when progress was last printed: every 2 s, and at the end
 
     def progress(walked: int, total: int, deleted: int) -> None:
-        if time.monotonic() - shown[0] >= 2 or walked >= total:
-            shown[0] = time.monotonic()
+        nonlocal shown
+        if time.monotonic() - shown >= 2 or walked >= total:
+            shown = time.monotonic()
             print(f"  {walked} of {total} completed requests, {deleted} uploads deleted", flush=True)
     print(f"deleting the uploads of completed stamps from {s.documents_root}", flush=True)
     done = asyncio.run(uploads.prune(s, documents(s), progress=progress))
