@@ -13,7 +13,7 @@ PROTOS := $(wildcard proto/bubuh/v1/*.proto)
 GEN    := services/contracts/bubuh/v1/.generated
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: help setup system-packages proto contract contract-baseline imports up ops rules down run status test test-fast bench surge surge-deadline surge-levels surge-members surge-fairness surge-eta surge-open surge-tiers surge-tier-members capacity lint docs clean distclean
+.PHONY: help setup system-packages proto contract contract-baseline imports up ops rules down run status test test-fast bench surge surge-deadline surge-sustained surge-levels surge-members surge-fairness surge-eta surge-open surge-tiers surge-tier-members capacity lint docs clean distclean
 
 help: ## list the verbs
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -126,6 +126,9 @@ surge: up ## the deadline day (surge-deadline, 3 rounds), then the PAdES levels 
 
 surge-deadline: up ## a compressed CPNS peak (ramp, plateau, late spike; channels of unequal size; purchases beside stamps) with a worker SIGKILLed, PostgreSQL read-only 10 s and the broker restarted mid-run, then the same arrivals against a synchronous baseline; 3 rounds, medians reported: loadtests/results/surge.json, surge-*.png, README.md
 	$(PY) -m loadtests.deadline_day --rounds 3 --out loadtests/results/surge.json --readme README.md
+
+surge-sustained: up ## issue 12, point 1 as written: the engine alone measured on the idle platform, then Poisson arrivals at 1.05 x 30% of it for 10 min with purchases beside them, 3 rounds: stamps completed in the window per second, >= 30% of the engine? All completed, ledger exact? loadtests/results/surge-sustained.json and README.md
+	$(PY) -m loadtests.sustained --rounds 3 --out loadtests/results/surge-sustained.json --readme README.md
 
 surge-levels: up ## the closed-loop surge at PAdES B-B and B-LT (platform restarted per level, 3 rounds): B-LT >= 85% of B-B's stamps/s? Figures in loadtests/results/surge-levels.json and README.md
 	$(PY) -m loadtests.surge --levels b-b,b-lt --rounds 3 --out loadtests/results/surge-levels.json --readme README.md
