@@ -536,13 +536,7 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
                     continue
                 reads[str(r.status_code)] = reads.get(str(r.status_code), 0) + 1
                 body = r.json() if r.status_code == 200 else {}
-                if body.get("status") in ("completed", "failed"):
-                    s.ended_s = time.perf_counter() - t0
-                    s.outcome = body["status"] if body["status"] == "completed" else f"failed:{body.get('code')}"
-                    if body.get("finished_at") and body.get("accepted_at"):
-                        s.took_s = (dt.datetime.fromisoformat(body["finished_at"])
-                                    - dt.datetime.fromisoformat(body["accepted_at"])).total_seconds()
-                else:
+                if not seen_ended(s, body, time.perf_counter() - t0):
                     heapq.heappush(due, (time.perf_counter() + max(1.0, body.get("eta_seconds") or 1.0), rid))
 
         async def progress() -> None:
@@ -592,6 +586,19 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
     return {"sent": sent, "purchases": bought, "faults": fault_log, "scrapes": scrapes, "reads": reads,
             "ledgers": ledgers, "channels": creds,
             "drained_s": drained, "t0_wall": t0_wall}
+
+
+def seen_ended(s: Sent, body: dict, at_s: float) -> bool:
+    """Records what a status read (``body``, ``at_s`` seconds into the day) says if the request has ended:
+    its outcome, and how long it took by the platform's own ``accepted_at`` and ``finished_at``."""
+    if body.get("status") not in ("completed", "failed"):
+        return False
+    s.ended_s = at_s
+    s.outcome = body["status"] if body["status"] == "completed" else f"failed:{body.get('code')}"
+    if body.get("finished_at") and body.get("accepted_at"):
+        s.took_s = (dt.datetime.fromisoformat(body["finished_at"])
+                    - dt.datetime.fromisoformat(body["accepted_at"])).total_seconds()
+    return True
 
 
 async def settled(client: LoadClient, channel: dict, headers: dict, timeout: float = 60) -> dict:

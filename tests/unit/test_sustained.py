@@ -40,7 +40,8 @@ def test_only_stamps_completed_inside_the_window_count_and_the_rest_is_backlog()
     assert s["per_minute"] == [0.1]
     assert s["unanswered"] == 1 and s["accepted"] == 6
     assert s["outcomes"] == {"completed": 5, "failed:PDF_MALFORMED": 1, "none": 1}
-    assert s["drained_after_s"] == 20.0
+    assert s["drained_after_s"] == 11.0                     # the last completion, 71 s, by the platform's times
+    assert s["last_seen_ended_after_s"] == 20.0             # when the channels' reads had seen every end
 
 
 def test_the_verdict_holds_only_at_30_percent_of_the_engine_with_everything_completed_and_exact():
