@@ -199,6 +199,41 @@ async def test_a_new_requests_position_counts_other_channels_requests_still_on_q
     await pool.execute("DELETE FROM requests")
 
 
+async def _buffers(pool, statement: str, *args) -> int:
+    """Shared buffers the statement touched, as EXPLAIN (ANALYZE, BUFFERS) counts them."""
+    import json
+
+    (plan,) = json.loads(await pool.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {statement}", *args))
+    top = plan["Plan"]
+    return top["Shared Hit Blocks"] + top["Shared Read Blocks"]
+
+
+async def test_counting_the_requests_on_quota_reads_them_not_the_backlog_behind_them(pool):
+    """Behind a surge 30,000 requests were queued and 20 on quota; the queue order (once a second per API
+    process) and a channel's earlier requests on quota (per status read of one) were counted by reading
+    every open request: 29,000 heap pages, 130-430 ms a read (make surge-sustained, 5 December). With the
+    requests on quota indexed apart (migration 0007), the reads stay small whatever the backlog."""
+    import datetime as dt
+
+    from services.stamping.fair_queue import _ORDER, FairQueue
+    from services.stamping.queue import _ON_QUOTA_BEFORE
+
+    await pool.execute("DELETE FROM requests")
+    await pool.execute("DELETE FROM schedule")
+    await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status, reserved_at) "
+                       "SELECT 'r' || i, 'ch' || (i % 4), 'a', 'reserved', now() FROM generate_series(1, 20000) AS i")
+    await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status) "
+                       "SELECT 'q' || i, 'ch1', 'a', 'queued' FROM generate_series(1, 3) AS i")
+    await pool.execute("ANALYZE requests")
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+    assert await pool.fetchval(_ON_QUOTA_BEFORE, "ch1", later) == 3
+    assert await _buffers(pool, _ON_QUOTA_BEFORE, "ch1", later) < 20          # about 200 before
+    async with pool.acquire() as conn:
+        assert (await FairQueue.order(conn)).on_quota == {"ch1": 3}
+    assert await _buffers(pool, _ORDER) < 20
+    await pool.execute("DELETE FROM requests")
+
+
 async def test_the_depth_gauge_follows_the_queue_without_anyone_asking(pool):
     """An idle API process kept the depth of its last intake call; dashboards read the max over
     processes, so a stale high depth hid a drained queue. ``run`` reads it on its own timer."""
