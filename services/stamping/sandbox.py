@@ -5,8 +5,14 @@ inflate to gigabytes. A thread cannot be stopped, a process can. So intake check
 verification each run in their own small pool of pre-forked children, each child with
 - an address-space limit (``RLIMIT_AS``) set once: an allocation past it fails in the child
   (``MemoryError``), never in the API process;
-- a CPU budget per task (``RLIMIT_CPU``'s soft limit moved to "CPU used so far + budget" before
-  each task): past it the kernel ends the child with SIGXCPU, even inside C++ (qpdf) code;
+- a CPU budget per task (a profiling timer, ``ITIMER_PROF``, armed with the budget before each task):
+  past it the kernel ends the child with SIGPROF, even inside C++ (qpdf) code. Until 5 December this
+  was ``RLIMIT_CPU``'s soft limit moved to "CPU used so far + budget", but the kernel checks that
+  limit against its own tick-sampled count of the process's CPU time, while ``getrusage`` reads a
+  total adjusted to the precise runtime, and in a long-lived child the two can drift apart by more
+  than the budget: after 39 minutes of a surge both signing children were ended within 23 s of each
+  other while signing the one-page letter, "needs more than 10 s of CPU" (make surge-sustained, 5
+  December). The timer counts the task's CPU from the task's start, on the kernel's own clock;
 - a wall-clock limit per task, enforced by the parent: past it the child is killed. That one is
   not a verdict on the document (a saturated box is slow for everyone): it is a retryable
   ``PROCESSING_TIMEOUT``; CPU and memory budgets are ``PDF_TOO_COMPLEX``.
@@ -96,11 +102,6 @@ def start_fork_server() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
-def _cpu_used() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def _serve(conn: Connection, setup: Callable[..., Any] | None, setup_args: tuple, memory_bytes: int,
            nice: int, idle: bool = False) -> None:
     """The child: set its limits, build its state once, then run tasks until told to stop."""
@@ -108,7 +109,7 @@ def _serve(conn: Connection, setup: Callable[..., Any] | None, setup_args: tuple
     # so is a stop sent to the whole process group (`bubuh down`, systemd's cgroup): the parent finishes
     # the task in hand, then stops us; dying here failed a paid stamp as a crash of the reader
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGXCPU, signal.SIG_DFL)         # past the CPU budget: the kernel ends us
+    signal.signal(signal.SIGPROF, signal.SIG_DFL)         # past the task's CPU budget: the kernel ends us
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if memory_bytes:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
@@ -124,7 +125,6 @@ def _serve(conn: Connection, setup: Callable[..., Any] | None, setup_args: tuple
         conn.send(("setup-failed", f"{type(exc).__name__}: {exc}"[:1000]))
         return
     conn.send(("ready", os.getpid()))
-    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
     while True:
         try:
             task = conn.recv()
@@ -133,10 +133,7 @@ def _serve(conn: Connection, setup: Callable[..., Any] | None, setup_args: tuple
         if task is None:
             return
         fn, args, cpu_s = task
-        soft = int(_cpu_used() + cpu_s) + 1   # RLIMIT_CPU counts whole seconds: a task gets cpu_s to cpu_s + 1
-        if hard != resource.RLIM_INFINITY:
-            soft = min(soft, hard)
-        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+        signal.setitimer(signal.ITIMER_PROF, cpu_s)       # this task's CPU (user and system), from now
         try:
             reply = ("ok", fn(state, *args))
         except MemoryError:
@@ -148,6 +145,7 @@ def _serve(conn: Connection, setup: Callable[..., Any] | None, setup_args: tuple
             reply = ("bubuh", (errors.PDF_MALFORMED.code, "object nesting is too deep"))
         except BaseException as exc:  # noqa: BLE001 - the task's failure, reported as such
             reply = ("error", f"{type(exc).__name__}: {exc}"[:1000])
+        signal.setitimer(signal.ITIMER_PROF, 0)            # disarmed between tasks
         try:
             conn.send(reply)
         except MemoryError:
@@ -390,7 +388,7 @@ class Sandbox:
                         exit_code=exit_code)
             return errors.BubuhError(errors.UNAVAILABLE, f"{self.name}: the reader was stopped (exit {exit_code}), "
                                                          "not by the document; try again")
-        if exit_code == -signal.SIGXCPU:
+        if exit_code == -signal.SIGPROF:
             SANDBOX_OUTCOMES.labels(self.name, "cpu").inc()
             return errors.BubuhError(errors.PDF_TOO_COMPLEX, f"needs more than {self.budget.cpu_s:g} s of CPU")
         if exit_code == -signal.SIGKILL:        # not ours (we only kill on timeout): the kernel's OOM killer

@@ -21,6 +21,14 @@ def spin(state) -> None:
         pass
 
 
+def burn(state, cpu_s: float) -> float:
+    """Spends ``cpu_s`` of this process's CPU, then answers its CPU time so far."""
+    start = time.process_time()
+    while time.process_time() - start < cpu_s:
+        pass
+    return time.process_time()
+
+
 def allocate(state, n: int) -> int:
     return len(bytearray(n))
 

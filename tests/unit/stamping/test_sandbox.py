@@ -52,6 +52,22 @@ async def test_over_the_cpu_budget_is_pdf_too_complex_and_a_fresh_child_takes_ov
     assert after["pid"] != before["pid"] and after["label"] == "key"
 
 
+async def test_each_task_gets_the_whole_cpu_budget_however_long_the_child_has_run(sandbox):
+    """The budget is the task's: a child that has already spent many budgets' worth of CPU on earlier
+    tasks still gives the next one its full budget, and still ends one that goes over. (The budget was an
+    absolute RLIMIT_CPU computed from getrusage's count; the kernel checks its own count, and after 39
+    minutes of a surge the two were 10 s apart: the one-page letter failed as too complex.)"""
+    before = await sandbox.run(tasks.whoami)
+    used = 0.0
+    for _ in range(4):                          # 2.8 s of CPU in one child, against a budget of 1 s
+        used = await sandbox.run(tasks.burn, 0.7)
+    assert used >= 2.8
+    assert (await sandbox.run(tasks.whoami))["pid"] == before["pid"], "a task within its budget ended the child"
+    with pytest.raises(errors.BubuhError) as refused:
+        await sandbox.run(tasks.burn, 5.0)
+    assert refused.value.code is errors.PDF_TOO_COMPLEX and "CPU" in refused.value.detail
+
+
 async def test_over_the_memory_budget_is_pdf_too_complex(sandbox):
     with pytest.raises(errors.BubuhError) as refused:
         await sandbox.run(tasks.allocate, 2 * 1024 ** 3)
