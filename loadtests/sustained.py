@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-url", default=f"http://127.0.0.1:{os.environ.get('BUBUH_HTTP_PORT', '8080')}")
     p.add_argument("--seconds", type=float, default=600.0, help="the window the rate must hold for")
     p.add_argument("--rate", type=float, default=0.0,
-                   help=f"arrivals/s to offer; by default {OFFER} x {OF_ENGINE:.0%} of the engine measured first")
+                   help=f"arrivals/s to offer; by default {OFFER} x {OF_ENGINE:.0%}% of the engine measured first")
     p.add_argument("--shares", default=",".join(str(s) for s in SHARES), help="each channel's share of the arrivals")
     p.add_argument("--read-for", type=float, default=300.0,
                    help="seconds after the window the channels go on reading at their ETAs")
