@@ -40,7 +40,10 @@ fair order needs no rate, only the tags; the rates stay for the expected times (
 
 Positions follow the same order: a request's position is the number of queued rows with a smaller
 tag (``ahead_of``), and a new request's is where its channel's next tag would go (``ahead_of_new``),
-so a small channel's 202 says "next" while the flood's says "behind my own backlog".
+so a small channel's 202 says "next" while the flood's says "behind my own backlog". The counts are made
+against the queue as one statement read it (``QueueOrder``): every row of its head (``ORDER_HEAD``), exact,
+and every ``ORDER_STRIDE``-th row beyond it with its rank, the rows between two of them counted by tag, so
+a read costs one pass over the index and ships a few thousand places at 60,000 queued, not all of them.
 
 Failure policy of a taker: the stamp itself is the worker's (``worker.py``: transient failures go to
 ``stamp.retry``, which enqueues again when due; permanent ones fail the request). An outage (the
@@ -118,16 +121,26 @@ INSERT INTO schedule (request_id, channel_id, start_tag, topic, "partition", "of
                       enqueued_at, crashes)
 SELECT $1, $2, coalesce((SELECT max(start_tag) FROM schedule), $3) + 1, $4, $5, $6, $7, $8, $9, $10, $11
 """
-# the queue at one moment, in one statement: every queued row's place (start tag, then arrival), each
-# channel's last tag, and each channel's requests still waiting for their reservation (status 'queued': they
-# join the queue as the quota tier reserves them, at tags that follow from the same rule)
-_ORDER = """
-WITH q AS (SELECT channel_id, start_tag, seq FROM schedule)
-SELECT (SELECT coalesce(array_agg(start_tag ORDER BY start_tag, seq), '{}') FROM q) AS tags,
-       (SELECT coalesce(array_agg(seq ORDER BY start_tag, seq), '{}') FROM q) AS seqs,
-       (SELECT coalesce(jsonb_object_agg(channel_id, tag), '{}') FROM
-           (SELECT channel_id, max(start_tag) AS tag FROM q GROUP BY channel_id) AS l) AS last_tags,
-       (SELECT coalesce(jsonb_object_agg(channel_id, n), '{}') FROM
+# the queue at one moment, in one statement: the places (start tag, then arrival) of the first ORDER_HEAD queued rows
+# and of every ORDER_STRIDE-th row beyond them and the last, each with its rank (the rows before it); each channel's
+# last tag (an index lookup per channel, channels being few); and each channel's requests still waiting for their
+# reservation (status 'queued': they join the queue as the quota tier reserves them, at tags that follow from the
+# same rule). It shipped every row's place, sorted twice: at 30,000 queued 70-120 ms a read, at 60,000 220-250 ms,
+# once a second in each API process, and the tier slowed as its backlog grew (make surge-sustained, 5 December);
+# this reads the index in order once (about 27 ms at 60,000) and ships about n / ORDER_STRIDE places.
+ORDER_HEAD = 1000
+ORDER_STRIDE = 25
+_ORDER = f"""
+WITH ranked AS (SELECT start_tag, seq, row_number() OVER (ORDER BY start_tag, seq) AS rn FROM schedule),
+     kept AS (SELECT start_tag, seq, rn FROM ranked
+               WHERE rn <= {ORDER_HEAD} OR rn % {ORDER_STRIDE} = 0 OR rn = (SELECT count(*) FROM schedule))
+SELECT (SELECT coalesce(array_agg(start_tag ORDER BY rn), '{{}}') FROM kept) AS tags,
+       (SELECT coalesce(array_agg(seq ORDER BY rn), '{{}}') FROM kept) AS seqs,
+       (SELECT coalesce(array_agg(rn - 1 ORDER BY rn), '{{}}') FROM kept) AS ranks,
+       (SELECT coalesce(jsonb_object_agg(t.channel_id, l.tag), '{{}}') FROM channel_tags AS t
+           CROSS JOIN LATERAL (SELECT max(s.start_tag) AS tag FROM schedule AS s WHERE s.channel_id = t.channel_id) AS l
+          WHERE l.tag IS NOT NULL) AS last_tags,
+       (SELECT coalesce(jsonb_object_agg(channel_id, n), '{{}}') FROM
            (SELECT channel_id, count(*) AS n FROM requests WHERE status = 'queued' GROUP BY channel_id) AS w)
          AS on_quota
 """
@@ -137,21 +150,50 @@ _TIE = 1e-9          # tags are sums of 1/w steps: equal in exact arithmetic, a 
 
 @dataclass(frozen=True)
 class QueueOrder:
-    """The queue at one moment: every queued row's place (start tag, then arrival), sorted; each channel's
-    last tag; and each channel's requests on quota (accepted, not yet reserved), which join the queue next."""
+    """The queue at one moment: the places (start tag, then arrival) of some queued rows, sorted, with each one's
+    rank (the rows before it): every row of the head, then every ``ORDER_STRIDE``-th and the last (``_ORDER``);
+    each channel's last tag; and each channel's requests on quota (accepted, not yet reserved), which join the
+    queue next. ``ranks`` left out: ``places`` is every row (rank = index)."""
 
     places: list[tuple[float, int]]
     last_tags: Mapping[str, float] = field(default_factory=dict)
     on_quota: Mapping[str, int] = field(default_factory=dict)
+    ranks: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.ranks is not None and len(self.ranks) != len(self.places):
+            raise ValueError("a rank for each place")
 
     @property
     def head(self) -> float:
         """V, the smallest start tag queued (0 for an empty queue, as the enqueue statement has it)."""
         return self.places[0][0] if self.places else 0.0
 
+    def _rank(self, i: int) -> int:
+        return i if self.ranks is None else self.ranks[i]
+
+    def before(self, place: tuple[float, int | float]) -> int:
+        """Rows whose place comes before ``place``: exact in the head and at each place read; between two places
+        read, the rows between them counted in proportion to ``place``'s start tag (a backlogged channel's
+        rows are 1/w apart, so the tags between two places read are near evenly filled): at most
+        ``ORDER_STRIDE`` - 1 off."""
+        i = bisect.bisect_left(self.places, place)
+        if i < len(self.places) and self.places[i] == place:
+            return self._rank(i)
+        if i == 0:
+            return 0
+        if i == len(self.places):
+            return self._rank(i - 1) + 1            # the last row is always read: after it, every row
+        lo, hi = self._rank(i - 1) + 1, self._rank(i)   # rows up to the place before; rows before the next
+        if hi <= lo:
+            return lo
+        (t0, _), (t1, _) = self.places[i - 1], self.places[i]
+        fraction = 0.5 if t1 <= t0 else min(1.0, max(0.0, (place[0] - t0) / (t1 - t0)))
+        return lo + round(fraction * (hi - lo))
+
     def ahead_of(self, place: tuple[float, int]) -> int:
         """Rows that go before ``place`` (a row's own place is not before itself)."""
-        return bisect.bisect_left(self.places, place)
+        return self.before(place)
 
     def next_tag(self, channel_id: str, weight: float) -> float:
         """The start tag ``channel_id``'s next reserved request gets (the enqueue statement's rule)."""
@@ -166,7 +208,7 @@ class QueueOrder:
         of a surge's first seconds a third to two thirds short of their true place)."""
         w = weight(channel_id)
         tag = self.next_tag(channel_id, w) + own_on_quota / w
-        ahead = bisect.bisect_right(self.places, (tag + _TIE, float("inf"))) + own_on_quota
+        ahead = self.before((tag + _TIE, math.inf)) + own_on_quota
         for other, waiting in self.on_quota.items():
             if other == channel_id or waiting <= 0:
                 continue
@@ -226,8 +268,9 @@ class FairQueue:
     async def order(conn) -> QueueOrder:
         """The queue now: one statement for every position read against it (``ahead_of``, and
         ``QueueOrder.ahead_of_new`` for a request not reserved yet)."""
-        tags, seqs, last_tags, on_quota = await conn.fetchrow(_ORDER)
-        return QueueOrder(list(zip(tags, seqs, strict=True)), json.loads(last_tags), json.loads(on_quota))
+        tags, seqs, ranks, last_tags, on_quota = await conn.fetchrow(_ORDER)
+        return QueueOrder(list(zip(tags, seqs, strict=True)), json.loads(last_tags), json.loads(on_quota),
+                          ranks=list(ranks))
 
     async def ahead_of(self, conn, request_id: str, order: QueueOrder | None = None) -> int | None:
         """Queued requests that go before ``request_id`` in ``order`` (a moment ago; default: now); None
