@@ -33,12 +33,9 @@ from dataclasses import dataclass
 import asyncpg
 
 from services.kernel import failures
-from services.kernel.waiting import every
 from services.stamping.fair_queue import FairQueue, QueueOrder
-from services.stamping.metrics import QUEUE_DEPTH
 from services.stamping.throughput import Throughput
 
-_OPEN = "SELECT count(*) FROM requests WHERE status IN ('queued', 'reserved', 'stamping', 'signed')"
 # From the last 500 finished stamps: the pipeline's own time in its two parts, medians: accepted to reserved
 # (the quota tier's round trip) and started to completed (signing, storing, the status update). The wait in
 # the fair queue between them (reserved to started) is what position / rate stands for, and a surge's
@@ -89,12 +86,11 @@ SELECT (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY re
 # diluted by the quiet seconds before a surge: right after a restart the ETAs read about 4 times the actual
 # time (README, 2 December), and in an open-loop A/B on 2 December 4-5% of first ETAs were within 25% of
 # the actual time against 41-62% from the stream.
-_OPEN_AND_WINDOW = f"""
-SELECT ({_OPEN}) AS open,
-       (SELECT count(*)::float8 / nullif(count(DISTINCT date_trunc('second', finished_at)), 0) FROM requests
-         WHERE status IN ('completed', 'failed')
-           AND finished_at >= date_trunc('second', now()) - make_interval(secs => $1)
-           AND finished_at < date_trunc('second', now())) AS per_busy_s
+_WINDOW = """
+SELECT count(*)::float8 / nullif(count(DISTINCT date_trunc('second', finished_at)), 0) FROM requests
+ WHERE status IN ('completed', 'failed')
+   AND finished_at >= date_trunc('second', now()) - make_interval(secs => $1)
+   AND finished_at < date_trunc('second', now())
 """
 
 # before any completion was seen, assume this many seconds per stamp per the whole tier
@@ -103,7 +99,11 @@ COLD_SECONDS_PER_STAMP = 0.05
 
 @dataclass(frozen=True)
 class QueueFacts:
-    open_requests: int
+    """What an expected time needs besides a position. No count of open requests: positions come from the
+    fair queue's order, and the depth gauge from the worker's backlog reading (``backlog.py``). Counted
+    here, once a second in each API process, it read every open request: 112 ms a read at 23,000 open
+    (make surge-sustained, 5 December), for a gauge."""
+
     per_second: float
     reserve_s: float = 0.0    # accepted to reserved: the quota tier's round trip
     finish_s: float = 0.0     # started to completed: signing, storing, the status update
@@ -173,13 +173,12 @@ class QueueView:
             reserve_s, finish_s = float(history["reserve_s"] or 0.0), float(history["finish_s"] or 0.0)
             pace = float(history["pace"] or 0.0)
             known = rates is not None and rates.known
-            if history["backlog_pace"] is not None or known:   # the pace the queue drains at, else the stream's
-                open_requests = await asyncio.wait_for(self._pool.fetchval(_OPEN), 0.5)
-                per_second = (float(history["backlog_pace"]) if history["backlog_pace"] is not None
-                              else rates.rate_per_s)
+            if history["backlog_pace"] is not None:            # the pace the queue drains at, else the stream's
+                per_second = float(history["backlog_pace"])
+            elif known:
+                per_second = rates.rate_per_s
             else:
-                row = await asyncio.wait_for(self._pool.fetchrow(_OPEN_AND_WINDOW, self._window_s), 0.5)
-                open_requests, per_second = row["open"], float(row["per_busy_s"] or 0.0)
+                per_second = float(await asyncio.wait_for(self._pool.fetchval(_WINDOW, self._window_s), 0.5) or 0.0)
             if per_second <= 0:
                 per_second = pace      # nothing finished in the window yet: the pace the tier last kept
         except Exception as exc:  # noqa: BLE001 - no database: no position, intake still answers
@@ -187,15 +186,9 @@ class QueueView:
                 self._cached = (time.monotonic(), None)      # the rest of this second answers None at once
                 return None
             raise
-        facts = QueueFacts(open_requests, per_second, reserve_s, finish_s)
-        QUEUE_DEPTH.set(facts.open_requests)
+        facts = QueueFacts(per_second, reserve_s, finish_s)
         self._cached = (now, facts)
         return facts
-
-    async def run(self, stop: asyncio.Event, interval_s: float = 5.0) -> None:
-        """Keeps ``bubuh_stamp_queue_depth_requests`` current when nobody asks: an idle API process kept
-        the depth of its last intake call, and dashboards and alerts read the max over processes."""
-        await every(stop, interval_s, self.facts, "queue depth reading")
 
     async def position_of(self, request_id: str, channel_id: str, status: str,
                           accepted_at: dt.datetime) -> int | None:

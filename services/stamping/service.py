@@ -101,7 +101,6 @@ async def router(rt: Runtime) -> APIRouter:
         throughput = Throughput(s, window_s=s.stamp_eta_window_s)
         rt.background.append(throughput.run)
     queue = QueueView(pool, s.stamp_eta_window_s, throughput, fair_queue(s))
-    rt.background.append(queue.run)
     docs = documents(s)
     inspector = await Sandbox("intake", size=s.intake_processes,
                               budget=ProcessLimits.of(s.intake_cpu_s, s.intake_wall_s, s.document_memory_mib)).start()

@@ -44,7 +44,6 @@ async def test_before_the_window_counts_a_finish_the_recent_busy_pace_stands_in(
     await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status) "
                        "SELECT 'q' || i, 'ch', 'acct', 'queued' FROM generate_series(1, 60) AS i")
     facts = await QueueView(pool, window_s=60.0).facts()
-    assert facts.open_requests == 60
     assert facts.per_second == pytest.approx(103 / 3)              # 103 stamps over 3 busy seconds
     assert facts.base_s == pytest.approx(0.4, abs=0.01)            # 1.5 s, less 1.1 s in the queue
     assert facts.reserve_s == pytest.approx(0.1, abs=0.01)         # of which 0.1 s to be reserved
@@ -68,7 +67,7 @@ def test_the_wait_for_a_reservation_overlaps_the_wait_for_the_requests_ahead():
     reserved, only the requests ahead; being signed (position 0), only its own signing."""
     from services.stamping.queue import QueueFacts
 
-    facts = QueueFacts(open_requests=500, per_second=40.0, reserve_s=3.0, finish_s=0.5)
+    facts = QueueFacts(per_second=40.0, reserve_s=3.0, finish_s=0.5)
     assert facts.eta_seconds(400) == pytest.approx(10.0 + 0.5)                 # 10 s ahead > 3 s to reserve
     assert facts.eta_seconds(40) == pytest.approx(3.0 + 0.5)                   # 1 s ahead < 3 s to reserve
     assert facts.eta_seconds(40, reserved=True) == pytest.approx(1.0 + 0.5)
@@ -236,16 +235,20 @@ async def test_counting_the_requests_on_quota_reads_them_not_the_backlog_behind_
 
 async def test_the_depth_gauge_follows_the_queue_without_anyone_asking(pool):
     """An idle API process kept the depth of its last intake call; dashboards read the max over
-    processes, so a stale high depth hid a drained queue. ``run`` reads it on its own timer."""
+    processes, so a stale high depth hid a drained queue. The worker's backlog reading keeps it on its own
+    timer (and the API processes no longer count every open request each second for it)."""
     import asyncio
 
+    from services.kernel.channels import ChannelView
+    from services.stamping.backlog import Backlog
     from services.stamping.metrics import QUEUE_DEPTH
 
     await pool.execute("DELETE FROM requests")
     await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status) "
-                       "SELECT 'd' || i, 'ch', 'acct', 'queued' FROM generate_series(1, 40) AS i")
+                       "SELECT 'd' || i, 'ch', 'acct', CASE WHEN i % 2 = 0 THEN 'queued' ELSE 'reserved' END "
+                       "  FROM generate_series(1, 40) AS i")
     stop = asyncio.Event()
-    running = asyncio.ensure_future(QueueView(pool, window_s=60.0).run(stop, interval_s=0.1))
+    running = asyncio.ensure_future(Backlog(pool, ChannelView(hs.settings()), interval_s=0.1).run(stop))
     try:
         async def depth_is(n: float) -> None:
             for _ in range(100):
@@ -253,7 +256,7 @@ async def test_the_depth_gauge_follows_the_queue_without_anyone_asking(pool):
                     return
                 await asyncio.sleep(0.05)
             raise AssertionError(f"depth {QUEUE_DEPTH._value.get()}, expected {n}")
-        await depth_is(40)
+        await depth_is(40)         # queued on quota and reserved alike
         await pool.execute("UPDATE requests SET status = 'completed', finished_at = now() WHERE request_id LIKE 'd%'")
         await depth_is(0)          # drained, and nobody called intake or read a status
     finally:

@@ -11,10 +11,10 @@ from services.stamping.throughput import Throughput
 
 
 def test_eta_is_the_queue_ahead_at_the_tiers_pace_plus_the_stamps_own_signing():
-    assert QueueFacts(open_requests=120, per_second=40.0, reserve_s=1.0, finish_s=0.5).eta_seconds(120) == 3.5
-    assert QueueFacts(open_requests=0, per_second=40.0, reserve_s=1.0, finish_s=0.5).eta_seconds(0) == 1.5
+    assert QueueFacts(per_second=40.0, reserve_s=1.0, finish_s=0.5).eta_seconds(120) == 3.5
+    assert QueueFacts(per_second=40.0, reserve_s=1.0, finish_s=0.5).eta_seconds(0) == 1.5
     # nothing measured yet: the cold pace
-    assert QueueFacts(open_requests=10, per_second=0.0).eta_seconds(10) == round(10 * COLD_SECONDS_PER_STAMP, 1)
+    assert QueueFacts(per_second=0.0).eta_seconds(10) == round(10 * COLD_SECONDS_PER_STAMP, 1)
 
 
 def _table(counts: dict[tuple[str, int, float], int]) -> SimpleNamespace:
