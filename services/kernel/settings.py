@@ -66,7 +66,8 @@ class Settings(BaseSettings):
     # the CPU first on one box. 0 (equal shares): with it at 10 a flood's intake starved the small
     # channels' stamps, x8 their p99 alone against x3-4 at 0 (README, "One box, equal shares")
     local_worker_nice: int = 0
-    local_stamping_members: int = 1   # `bubuh up`: stamping worker processes on the local stack (stamping-1..N)
+    # `bubuh up`: stamping worker processes on the local stack (stamping-1..N; 0: one per core, up to 4)
+    local_stamping_members: int = 0
     # body limits, enforced while the body arrives (kernel/http.py BodyLimits); routes that take a body
     # name their own below; this one holds every other route
     http_max_body_bytes: int = 16 * 1024

@@ -60,9 +60,10 @@ def test_up_demo_down(settings, tmp_path, request):
     request.addfinalizer(lambda: _run(env, "down"))     # a failed assertion leaves no platform running
     up = _run(env, "up")
     assert up.returncode == 0, up.stderr
-    # a process per tier, as production's pods (BUBUH_LOCAL_LAYOUT's default), the API one per core
+    # a process per tier, as production's pods (BUBUH_LOCAL_LAYOUT's default), the API and stamping one per core
     apis = tuple(f"api-{i}" for i in range(1, local_processes.api_members(Settings()) + 1))
-    names = (*apis, "purchase-1", "quota-1", "notification-1", "stamping-1")
+    stampers = tuple(f"stamping-{i}" for i in range(1, local_processes.stamping_members(Settings()) + 1))
+    names = (*apis, "purchase-1", "quota-1", "notification-1", *stampers)
     assert sorted(p.stem for p in (tmp_path / "run").glob("*.pid")) == sorted(names)
     pids = [int((tmp_path / "run" / f"{name}.pid").read_text()) for name in names]
     assert all(_alive(pid) for pid in pids)

@@ -38,7 +38,8 @@ def test_local_stamping_members_each_get_a_process_and_a_port():
     assert list(local_processes.processes(s)) == ["bubuh", "stamping-1", "stamping-2", "stamping-3"]
     targets = local_processes.metrics_targets(s)
     assert [targets[f"stamping-{i}"] for i in (1, 2, 3)] == [("bubuh-stamping", 18081 + i) for i in range(3)]
-    assert list(local_processes.processes(Settings(local_layout="shared"))) == list(local_processes.PROCESSES)
+    assert list(local_processes.processes(Settings(local_layout="shared", local_stamping_members=1))) == list(
+        local_processes.PROCESSES)
 
 
 def test_bubuh_up_runs_a_process_per_tier_unless_told_to_share(monkeypatch):
@@ -47,17 +48,23 @@ def test_bubuh_up_runs_a_process_per_tier_unless_told_to_share(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})         # a one-core box
     assert list(local_processes.processes(Settings())) == ["api-1", "purchase-1", "quota-1", "notification-1",
                                                            "stamping-1"]
+    assert local_processes.stamping_members(Settings(local_stamping_members=3)) == 3
+    assert local_processes.stamping_members(Settings(local_tier_members=2)) == 2
 
 
 @pytest.mark.parametrize("cores, api", [(1, 1), (2, 2), (3, 3), (16, local_processes.API_MEMBERS_MAX)])
-def test_the_api_runs_one_process_per_core_by_default_and_they_share_the_port(monkeypatch, cores, api):
-    """One API process is one core at most: the front door's spike needs every core it can get."""
+def test_the_api_and_stamping_run_one_process_per_core_by_default_and_the_apis_share_the_port(monkeypatch, cores,
+                                                                                            api):
+    """One API process is one core at most: the front door's spike needs every core it can get. One stamping
+    worker (a session, so one autogroup's CPU share, with its signing children) took as much CPU as one API
+    process while the two API processes took intake at 125 arrivals/s: one worker per core."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     s = Settings(http_port=18080, metrics_port=0)
     names = list(local_processes.processes(s))
     assert [n for n in names if n.startswith("api-")] == [f"api-{i}" for i in range(1, api + 1)]
-    assert [n for n in names if not n.startswith("api-")] == ["purchase-1", "quota-1", "notification-1",
-                                                              "stamping-1"]
+    stamping = min(cores, local_processes.STAMPING_MEMBERS_MAX)
+    assert [n for n in names if not n.startswith("api-")] == ["purchase-1", "quota-1", "notification-1", *(
+        f"stamping-{i}" for i in range(1, stamping + 1))]
     shared = api > 1
     assert all(("BUBUH_HTTP_REUSE_PORT" in local_processes.process_env(s, f"api-{i}")) == shared
                for i in range(1, api + 1))
