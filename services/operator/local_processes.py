@@ -79,7 +79,7 @@ def stamping_members(settings: Settings) -> int:
     may run on (at most ``STAMPING_MEMBERS_MAX``, at least ``BUBUH_LOCAL_TIER_MEMBERS``). Each process leads
     a session of its own, and with the kernel's autogroups a session is what shares the CPU: one worker with
     its signing children took the share of one API process (make surge-sustained, 5 December: 40% of a
-    core at 125 arrivals/s, 47.6 stamps/s over the first 300 s); two took 62% and signed 61.5/s."""
+    core at 125 arrivals/s, 47.6 stamps/s over the first 300 s); two took 62% and signed 62.0/s over 300 s."""
     if settings.local_stamping_members > 0:
         return settings.local_stamping_members
     return max(1, settings.local_tier_members, min(STAMPING_MEMBERS_MAX, len(os.sched_getaffinity(0))))

@@ -225,16 +225,18 @@ class QueueView:
         return self._order is not None and time.monotonic() - self._order[0] < self._order_serves_s
 
     async def _queue_order(self) -> QueueOrder:
-        """The queue, read at most once a second (by one caller; the others are answered from the last read
-        meanwhile, up to ``STALE_SERVES_S`` old); no connection is taken while the last read serves."""
+        """The queue, read at most once a second, less often when a read is slow (``ORDER_SHARE``), by one
+        caller; the others are answered from the last read meanwhile (up to ``STALE_SERVES_S`` old while
+        a read is under way); no connection is taken while the last read serves."""
         if not self._order_is_fresh():
             if _last_read_serves(self._order_read, self._order):
                 return self._order[2]
             async with self._order_read:
                 if not self._order_is_fresh():
-                    read_at, started = dt.datetime.now(dt.UTC), time.monotonic()
+                    read_at = dt.datetime.now(dt.UTC)
                     async with self._pool.acquire() as conn:
-                        self._order = (time.monotonic(), read_at, await self._fair.order(conn))
+                        started = time.monotonic()          # the read's own time, not the wait for a connection
+                        self._order = (started, read_at, await self._fair.order(conn))
                     took = time.monotonic() - started
                     self._order_serves_s = max(self._order_s, took / ORDER_SHARE) if self._order_s > 0 else 0.0
                     self._new.clear()
