@@ -93,8 +93,19 @@ def _run(cmd: list[str], timeout: float = 60, check: bool = True, stdin: str | N
     return out
 
 
-def clusters() -> list[dict]:
-    return json.loads(_run(["pg_lsclusters", "--json"], timeout=30).stdout or "[]")
+def clusters(attempts: int = 20) -> list[dict]:
+    """Every local Debian cluster. Tests make clusters of their own (``stack.own_postgres``) and drop them,
+    in parallel with this read: for a moment a cluster's configuration directory exists without its
+    ``postgresql.conf`` settings, and ``pg_lsclusters`` fails on it as a whole ("Use of uninitialized value
+    $data_directory", the outside CI of 5 December, one chaos test of 915). Read again then, for a few
+    seconds: the other cluster is made or gone by then."""
+    out = None
+    for _ in range(attempts):
+        out = _run(["pg_lsclusters", "--json"], timeout=30, check=False)
+        if out.returncode == 0:
+            return json.loads(out.stdout or "[]")
+        time.sleep(0.25)
+    raise FaultError(f"pg_lsclusters --json failed ({out.returncode}): {(out.stderr or out.stdout).strip()}")
 
 
 def find_cluster(dsn: str) -> Cluster:
