@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 
 import pytest
 
@@ -25,13 +24,10 @@ from tests.platform import PlatformProcess, env_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.exclusive]   # it times the tier: alone on the cores
 
-CHANNELS, DEPTH, HELD = 3, 100, 150     # each channel keeps at least DEPTH unfinished, then sends HELD more
-QUEUE_S, HELD_S = 20.0, 35.0             # or more: the standing queue, and the held phase, in seconds of the
-                                         # calibration's pace (a held phase of 1-2 queues read the tier's
-                                         # speed-up after the fill as ETA error: took/ETA 0.67-0.74). The
-                                         # calibration reads low (its own fill and drain): 14 s of it gave
-                                         # a median first ETA of 9.8 s when the tier then signed at 59/s
-                                         # against 41 (CI, 3 December, night)
+CHANNELS = 3
+HELD_S = 35.0       # the held phase in seconds of the calibration's pace (held_queue.sized; the benchmark: 60 s).
+                    # A held phase of 1-2 queues read the tier's speed-up after the fill as ETA error: took/ETA
+                    # 0.67-0.74
 
 
 async def test_requests_joining_a_standing_queue_complete_within_a_quarter_of_their_first_eta(settings):
@@ -43,11 +39,9 @@ async def test_requests_joining_a_standing_queue_complete_within_a_quarter_of_th
         await asyncio.gather(front.start(), worker.start())     # as an orchestrator starts pods: together
         # how fast this tier signs today (38-60 stamps/s on this box): a small held run, which also gives
         # the estimate a history, as a deadline day's queue does not meet a cold platform
-        calibration = await held_queue.play(base, env, channels=CHANNELS, depth=40, stamps=100)
-        pace = calibration["accepted"] / calibration["seconds"]     # low: it includes its own fill and drain
-        depth = max(DEPTH, math.ceil(pace * QUEUE_S / CHANNELS))
-        held_each = max(HELD, math.ceil(pace * HELD_S / CHANNELS))
-        stamps = depth + held_each
+        pace = await held_queue.calibrate(base, env, CHANNELS)
+        depth, stamps = held_queue.sized(pace, CHANNELS, held_s=HELD_S)
+        held_each = stamps - depth
         run = await held_queue.play(base, env, channels=CHANNELS, depth=depth, stamps=stamps)
     finally:
         await worker.stop()

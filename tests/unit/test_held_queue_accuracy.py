@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from loadtests.held_queue import at_the_pace_before
+from loadtests.held_queue import HELD_S, QUEUE_S, at_the_pace_before, sized
 from loadtests.surge import eta_accuracy
 
 T0 = dt.datetime(2026, 12, 3, 10, 0, tzinfo=dt.UTC)
@@ -53,3 +53,13 @@ def test_requests_sent_before_the_run_had_15_seconds_of_pace_are_left_out():
                 {"request_id": "lost", "status": "failed", "accepted_at": _at(20)}]
     f = at_the_pace_before({"early": {"eta": 5.0}, "late": {"eta": 5.0}, "lost": {"eta": 5.0}}, results)
     assert f["requests"] == 1 and f["within_25_percent"] == 1.0
+
+
+def test_the_queue_is_sized_from_the_tiers_pace_so_the_check_applies_on_a_fast_tier_too():
+    # two stamping workers signed 105-121 stamps/s on 5 December: a fixed 3 x 300 stood for 8 s of them
+    depth, stamps = sized(120.0, 3)
+    assert 3 * depth / 120.0 >= QUEUE_S >= 10.0            # the standing queue: the 10 s check applies
+    assert 3 * (stamps - depth) / 120.0 >= HELD_S > 15.0   # the held phase outlasts the pace's 15 s window
+    slow_depth, slow_stamps = sized(40.0, 3)
+    assert slow_depth < depth and slow_stamps < stamps
+    assert sized(1.0, 3) == (100, 250)                     # a crawling tier still gets a queue to measure
