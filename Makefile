@@ -139,7 +139,7 @@ surge-members: up ## the same surge at B-LT with one and with two stamping worke
 surge-fairness: up ## one channel flooding (1,600 stamps) beside two small ones (200 each, 2 in flight until each ends: the flood is 80% of the stamps, as issue 12 says), against a small one alone, 3 rounds on the running platform: each small channel's p99 within 2x of its p99 alone? loadtests/results/surge-fairness.json and README.md
 	$(PY) -m loadtests.surge --fairness --rounds 3 --stamps 200 --flood 1600 --concurrency 8 --out loadtests/results/surge-fairness.json --readme README.md
 
-surge-eta: up ## ETAs people can plan by (issue 12, point 4): 3 channels each keep 300 requests unfinished (1,000 stamps each), 3 rounds: of the requests that joined the standing queue, >= 90% completed within 25% of their first ETA? loadtests/results/surge-eta.json and README.md
+surge-eta: up ## ETAs people can plan by (issue 12, point 4): 3 channels each keep 20 s of the tier's pace unfinished (measured first) and send 60 s of it more, 3 rounds: of the requests that joined the standing queue, >= 90% completed within 25% of their first ETA? loadtests/results/surge-eta.json and README.md
 	$(PY) -m loadtests.held_queue --rounds 3 --out loadtests/results/surge-eta.json --readme README.md
 
 surge-open: up ## the front door open loop (issue 12, point 2): a closed-loop surge measures the sustainable stamps/s, then Poisson arrivals at 80% of it for 10 min and 3x for 60 s: intake and status p99 per phase, the spike's queue, the drain. loadtests/results/surge-open.json and README.md
