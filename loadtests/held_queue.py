@@ -175,12 +175,13 @@ HELD_S = 60.0      # the held phase, in seconds of that pace: longer than the 15
                    # median first ETA was 7.7-8.4 s: the check did not apply.
 
 
-def sized(pace: float, channels: int, *, queue_s: float = QUEUE_S, held_s: float = HELD_S,
-          depth_min: int = 100, held_min: int = 150) -> tuple[int, int]:
+def sized(pace: float, channels: int, *, depth: int = 0, stamps: int = 0, queue_s: float = QUEUE_S,
+          held_s: float = HELD_S, depth_min: int = 100, held_min: int = 150) -> tuple[int, int]:
     """``(depth, stamps)`` per channel for a tier signing ``pace`` stamps/s: ``queue_s`` of it held
-    unfinished and ``held_s`` of it sent once the queue stands, at least ``depth_min`` and ``held_min``."""
-    depth = max(depth_min, math.ceil(pace * queue_s / channels))
-    return depth, depth + max(held_min, math.ceil(pace * held_s / channels))
+    unfinished and ``held_s`` of it sent once the queue stands, at least ``depth_min`` and ``held_min``.
+    A ``depth`` or ``stamps`` given (not 0) stays as given; the held phase is added to a given depth."""
+    depth = depth or max(depth_min, math.ceil(pace * queue_s / channels))
+    return depth, stamps or depth + max(held_min, math.ceil(pace * held_s / channels))
 
 
 async def calibrate(base_url: str, env: dict, channels: int) -> float:
@@ -201,8 +202,7 @@ async def measure(args, env: dict) -> dict:
     depth, stamps, calibration = args.depth, args.stamps, None
     if not (depth and stamps):
         pace = await calibrate(args.base_url, env, args.channels)
-        depth, stamps = sized(pace, args.channels)
-        depth, stamps = args.depth or depth, max(args.stamps or stamps, (args.depth or depth) + 1)
+        depth, stamps = sized(pace, args.channels, depth=args.depth, stamps=args.stamps)
         calibration = {"stamps_per_s": round(pace, 1), "depth": depth, "stamps_per_channel": stamps}
         print(f"calibration: the tier signed {pace:.1f} stamps/s; each channel keeps {depth} unfinished "
               f"of {stamps}", flush=True)

@@ -63,3 +63,5 @@ def test_the_queue_is_sized_from_the_tiers_pace_so_the_check_applies_on_a_fast_t
     slow_depth, slow_stamps = sized(40.0, 3)
     assert slow_depth < depth and slow_stamps < stamps
     assert sized(1.0, 3) == (100, 250)                     # a crawling tier still gets a queue to measure
+    assert sized(120.0, 3, depth=1000) == (1000, 3400)     # --depth alone: the held phase comes on top of it
+    assert sized(120.0, 3, stamps=900) == (depth, 900)     # --stamps alone: as given
