@@ -6,8 +6,11 @@ This reading runs on its own timer in the workers, so a dashboard sees where req
 names the tier: queued on quota, reserved / stamping on the workers, signed on the ledger's commit) and
 for whom, also when no intake call comes. One grouped query over the ``requests_open`` partial index
 every ``interval_s`` (5 s): it reads every open request (about 150 ms at 23,000 open, most of it heap
-visits: the rows are hot), so it runs in one place, not in every API process every second as the depth
-did until 5 December.
+visits: the rows are hot), so it runs in one place: not in every API process every second (the depth, until
+5 December), and not in every stamping member either: the member that holds the tier's backlog lock
+(``Leadership``) reads it, the others stand by with their gauges at 0. A member that stops reading (it
+loses the lock, or stops) sets its gauges back to 0, so the max over processes never shows its last
+figure after the reading has moved to another member.
 Every registered channel (the channel view) has its series in every status, at 0 while it has nothing
 waiting there: a drained queue reads 0, and the label stays bounded by the registered channels.
 """
@@ -47,5 +50,15 @@ class Backlog:
                                                   for r in rows}, self._shown_age)
         QUEUE_DEPTH.set(sum(r["open"] for r in rows))
 
+    def clear(self) -> None:
+        """Every series this reading showed back to 0: another member reads the backlog now (or none)."""
+        set_snapshot(OPEN_REQUESTS, {}, self._shown)
+        set_snapshot(OLDEST_OPEN_SECONDS, {}, self._shown_age)
+        QUEUE_DEPTH.set(0)
+
     async def run(self, stop: asyncio.Event) -> None:
-        await every(stop, self._interval_s, self.read, "stamping backlog reading")
+        """Read every ``interval_s`` until ``stop``; then leave the gauges at 0."""
+        try:
+            await every(stop, self._interval_s, self.read, "stamping backlog reading")
+        finally:
+            self.clear()

@@ -15,12 +15,14 @@ each a member of the ``stamping.worker`` consumer group; they share one fair que
 
 from __future__ import annotations
 
+import functools
 import secrets
 from pathlib import Path
 
 from fastapi import APIRouter
 
 from services.kernel import database, topics
+from services.kernel.leadership import Leadership
 from services.kernel.outbox import Relay
 from services.kernel.processing.pipeline import ConsumerLoop
 from services.kernel.runtime import ConfigError, Runtime, Task
@@ -149,4 +151,7 @@ async def workers(rt: Runtime) -> list[Task]:
                               handler=tracker, pool=pool,
                               dead_letter_topic=s.topic(topics.STAMP_DLQ.name))
     relay = Relay(pool, rt.producer, s, NAME)
-    return [stamp_loop.run, takers.run, track_loop.run, relay.run, signing.serve, Backlog(pool, rt.channels).run]
+    # one member reads the backlog for the tier's gauges (an O(open requests) statement every 5 s)
+    backlog = Leadership(s, f"stamping backlog {s.schema(NAME)}")
+    return [stamp_loop.run, takers.run, track_loop.run, relay.run, signing.serve,
+            functools.partial(backlog.lead, work=Backlog(pool, rt.channels).run)]
