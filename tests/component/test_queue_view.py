@@ -138,6 +138,18 @@ async def test_a_queue_drains_at_the_pace_of_the_latest_seconds_with_a_backlog(p
     await pool.execute("DELETE FROM requests")
 
 
+async def test_a_fast_tiers_pace_is_read_over_15_seconds_not_over_its_last_500_stamps(pool):
+    """Two stamping workers signed 105-135 stamps/s: the last 500 stamps were 4-5 s of them, and the pace of
+    those few seconds (it moves by a third from one 5 s to the next) set every ETA of the next second. The
+    latest 15 seconds count, however many stamps they hold."""
+    await pool.execute("DELETE FROM requests")
+    await _finished(pool, 320, 8, 6.0, ago_s=13, queued_s=5.0)                   # 8 s at 40/s, then
+    await _finished(pool, 600, 4, 6.0, ago_s=5, offset=1000, queued_s=5.0)       # 4 s at 150/s: 600 > 500
+    facts = await QueueView(pool, window_s=60.0).facts()
+    assert facts.per_second == pytest.approx(920 / 12, rel=0.02)     # the last 500 alone: 150/s, ETAs half
+    await pool.execute("DELETE FROM requests")
+
+
 async def test_positions_follow_the_fair_queue_per_channel(pool):
     """A small channel's request is near the head while a flood's is behind the flood's own backlog; a new
     request's position (the 202's) is counted against the queue read once a second, and each 202 given for
