@@ -37,17 +37,20 @@ class Leadership:
         self.leading = asyncio.Event()      # set while this process holds the lock and its work runs
         LEADING.labels(name).set(0)
 
-    async def lead(self, stop: asyncio.Event, work: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    async def lead(self, stop: asyncio.Event, work: Callable[[asyncio.Event], Awaitable[None]],
+                   on_standby: Callable[[], None] | None = None) -> None:
         """Until ``stop``: take the lock, then run ``work(until)`` while it is held. ``until`` is set on
         ``stop`` or when the lock's connection is lost, and ``work`` returns when it is; then the lock is
-        sought again. PostgreSQL away: a warning, and the next attempt after a growing pause."""
+        sought again. PostgreSQL away: a warning, and the next attempt after a growing pause.
+        ``on_standby`` is called each time this member finds another leading (a former leader hands
+        over what it showed: its gauges, say)."""
         pause = Pause()
         while not stop.is_set():
             conn: asyncpg.Connection | None = None
             try:
                 conn = await asyncio.wait_for(database.connect(self._settings), 5)
                 pause.reset()
-                if not await self._acquire(conn, stop):
+                if not await self._acquire(conn, stop, on_standby):
                     return
                 await self._hold(conn, stop, work)
             except Exception as exc:  # noqa: BLE001 - PostgreSQL away or the lock's connection lost
@@ -57,7 +60,8 @@ class Leadership:
                 if conn is not None:
                     await database.close_quietly(conn)
 
-    async def _acquire(self, conn: asyncpg.Connection, stop: asyncio.Event) -> bool:
+    async def _acquire(self, conn: asyncpg.Connection, stop: asyncio.Event,
+                       on_standby: Callable[[], None] | None = None) -> bool:
         """Try the lock every ``BUBUH_LEADER_RETRY_S`` until it is ours (True) or ``stop`` (False)."""
         standing_by = False
         while not stop.is_set():
@@ -67,6 +71,8 @@ class Leadership:
             if not standing_by:
                 log.info("standing by: another member leads", lock=self.name)
                 standing_by = True
+                if on_standby is not None:
+                    on_standby()
             await sleep_or_stop(stop, self._every_s)
         return False
 

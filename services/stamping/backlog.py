@@ -8,9 +8,12 @@ for whom, also when no intake call comes. One grouped query over the ``requests_
 every ``interval_s`` (5 s): it reads every open request (about 150 ms at 23,000 open, most of it heap
 visits: the rows are hot), so it runs in one place: not in every API process every second (the depth, until
 5 December), and not in every stamping member either: the member that holds the tier's backlog lock
-(``Leadership``) reads it, the others stand by with their gauges at 0. A member that stops reading (it
-loses the lock, or stops) sets its gauges back to 0, so the max over processes never shows its last
-figure after the reading has moved to another member.
+(``Leadership``) reads it, the others stand by with their gauges at 0. A member that finds another
+leading sets its gauges back to 0 (``clear``, on standing by), so the max over processes does not keep a
+former leader's figure once the reading has moved: at most until that member's next try of the lock
+(``BUBUH_LEADER_RETRY_S``, or its reconnection pause of up to 5 s). A leader that loses its lock's
+connection (PostgreSQL away, a failover) keeps its last figures meanwhile: the queue is still there,
+and an alert on a depth with no completions should keep firing while the database is away.
 Every registered channel (the channel view) has its series in every status, at 0 while it has nothing
 waiting there: a drained queue reads 0, and the label stays bounded by the registered channels.
 """
@@ -57,8 +60,4 @@ class Backlog:
         QUEUE_DEPTH.set(0)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Read every ``interval_s`` until ``stop``; then leave the gauges at 0."""
-        try:
-            await every(stop, self._interval_s, self.read, "stamping backlog reading")
-        finally:
-            self.clear()
+        await every(stop, self._interval_s, self.read, "stamping backlog reading")

@@ -151,7 +151,8 @@ async def workers(rt: Runtime) -> list[Task]:
                               handler=tracker, pool=pool,
                               dead_letter_topic=s.topic(topics.STAMP_DLQ.name))
     relay = Relay(pool, rt.producer, s, NAME)
-    # one member reads the backlog for the tier's gauges (an O(open requests) statement every 5 s)
-    backlog = Leadership(s, f"stamping backlog {s.schema(NAME)}")
+    # one member reads the backlog for the tier's gauges (an O(open requests) statement every 5 s); one that
+    # finds another leading clears what it showed
+    backlog, backlog_lock = Backlog(pool, rt.channels), Leadership(s, f"stamping backlog {s.schema(NAME)}")
     return [stamp_loop.run, takers.run, track_loop.run, relay.run, signing.serve,
-            functools.partial(backlog.lead, work=Backlog(pool, rt.channels).run)]
+            functools.partial(backlog_lock.lead, work=backlog.run, on_standby=backlog.clear)]

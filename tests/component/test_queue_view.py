@@ -276,63 +276,117 @@ async def test_the_depth_gauge_follows_the_queue_without_anyone_asking(pool):
         await running
 
 
-async def test_one_stamping_member_reads_the_backlog_and_its_gauges_fall_to_zero_when_it_stops(pool):
-    """The backlog statement reads every open request (about 150 ms at 23,000 open) and ran in every
-    stamping member every 5 s. Under the tier's backlog lock one member reads it; when that member stops,
-    its gauges go back to 0 before another member's reading takes over (dashboards read the max over
-    processes: a stale figure would outlive the queue it counted)."""
+class _BacklogMember:
+    """A stamping member's backlog reading under the tier's lock, its reads and clears logged in ``events``
+    as (member, what, the depth gauge just after)."""
+
+    def __init__(self, pool, settings, lock: str, name: str, events: list) -> None:
+        import asyncio
+
+        from services.kernel.channels import ChannelView
+        from services.kernel.leadership import Leadership
+        from services.stamping.backlog import Backlog
+        from services.stamping.metrics import QUEUE_DEPTH
+
+        class Logged(Backlog):
+            async def read(self) -> None:
+                await super().read()
+                events.append((name, "read", QUEUE_DEPTH._value.get()))
+
+            def clear(self) -> None:
+                super().clear()
+                events.append((name, "cleared", QUEUE_DEPTH._value.get()))
+
+        self.name, self.stop = name, asyncio.Event()
+        self.backlog = Logged(pool, ChannelView(settings), interval_s=0.05)
+        self.leadership = Leadership(settings, lock)
+        self.task = None
+
+    def start(self) -> None:
+        import asyncio
+
+        self.task = asyncio.ensure_future(self.leadership.lead(self.stop, self.backlog.run,
+                                                                on_standby=self.backlog.clear))
+
+    async def close(self) -> None:
+        import asyncio
+
+        self.stop.set()
+        if self.task is not None:
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def _until(check, what: str, seconds: float = 5.0) -> None:
     import asyncio
 
-    from services.kernel.channels import ChannelView
-    from services.kernel.leadership import Leadership
-    from services.stamping.backlog import Backlog
-    from services.stamping.metrics import QUEUE_DEPTH
+    for _ in range(int(seconds / 0.05)):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(what)
 
+
+async def test_one_stamping_member_reads_the_backlog_and_one_that_finds_another_leading_clears_its_gauges(pool):
+    """The backlog statement reads every open request (about 150 ms at 23,000 open) and ran in every
+    stamping member every 5 s. Under the tier's backlog lock one member reads it. A member that finds
+    another leading sets what it showed back to 0: dashboards read the max over processes, and a former
+    leader's figure would outlive the queue it counted."""
     settings = hs.settings(leader_retry_s=0.1)
     await pool.execute("DELETE FROM requests")
     await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status) "
                        "SELECT 'm' || i, 'ch', 'acct', 'queued' FROM generate_series(1, 30) AS i")
     events: list[tuple[str, str, float]] = []
-
-    class Member(Backlog):
-        def __init__(self, name: str) -> None:
-            super().__init__(pool, ChannelView(settings), interval_s=0.05)
-            self.name, self.stop = name, asyncio.Event()
-            self.task = asyncio.ensure_future(
-                Leadership(settings, f"stamping backlog test {id(events)}").lead(self.stop, self.run))
-
-        async def read(self) -> None:
-            await super().read()
-            events.append((self.name, "read", QUEUE_DEPTH._value.get()))
-
-        def clear(self) -> None:
-            super().clear()
-            events.append((self.name, "cleared", QUEUE_DEPTH._value.get()))
-
-    members = [Member("a"), Member("b")]
+    lock = f"stamping backlog test {id(events)}"
+    a, b = _BacklogMember(pool, settings, lock, "a", events), _BacklogMember(pool, settings, lock, "b", events)
     try:
-        for _ in range(100):
-            if len(events) >= 5:
-                break
-            await asyncio.sleep(0.05)
-        readers = {name for name, what, _ in events if what == "read"}
-        assert len(readers) == 1, events                    # one member reads; the other stands by
-        leader = next(m for m in members if m.name in readers)
-        other = next(m for m in members if m is not leader)
-        assert events[-1][2] == 30
-        leader.stop.set()
-        await asyncio.wait_for(leader.task, 5)
-        assert events[-1] == (leader.name, "cleared", 0)    # its figure is gone with its reading
-        for _ in range(100):
-            if (other.name, "read", 30) in events:
-                break
-            await asyncio.sleep(0.05)
-        assert (other.name, "read", 30) in events, events   # the standby took the reading over
+        a.start()
+        await _until(lambda: ("a", "read", 30) in events, f"a never read: {events}")
+        await b.backlog.read()              # b showed a figure of its own (a former leader, say)
+        b.start()
+        await _until(lambda: ("b", "cleared", 0) in events, f"b kept its figure on standing by: {events}")
+        await _until(lambda: events[-1] == ("a", "read", 30), f"a stopped reading: {events}")
+        later = events[events.index(("b", "cleared", 0)):]
+        assert {name for name, what, _ in later if what == "read"} == {"a"}    # b stands by, reading nothing
+        assert a.leadership.leading.is_set() and not b.leadership.leading.is_set()
+        await a.close()
+        await _until(lambda: ("b", "read", 30) in events[len(later):], f"b did not take over: {events}")
     finally:
-        for m in members:
-            m.stop.set()
-        await asyncio.gather(*(m.task for m in members), return_exceptions=True)
+        await a.close()
+        await b.close()
         await pool.execute("DELETE FROM requests WHERE request_id LIKE 'm%'")     # no queue left for the next test
+
+
+async def test_a_backlog_leader_that_loses_its_lock_connection_keeps_its_figures_until_it_reads_again(pool):
+    """While PostgreSQL is away the queue is still there, and an alert on a depth with no completions
+    should keep firing: the leader whose lock connection is cut keeps its last figures (it does not fall
+    to 0), and reads again once it holds the lock again."""
+    from services.stamping.metrics import QUEUE_DEPTH
+
+    settings = hs.settings(leader_retry_s=0.1)
+    await pool.execute("DELETE FROM requests")
+    await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status) "
+                       "SELECT 'm' || i, 'ch', 'acct', 'queued' FROM generate_series(1, 20) AS i")
+    events: list[tuple[str, str, float]] = []
+    lock = f"stamping backlog test {id(events)}"
+    a = _BacklogMember(pool, settings, lock, "a", events)
+    try:
+        a.start()
+        await _until(lambda: ("a", "read", 20) in events, f"a never read: {events}")
+        cut = await pool.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND classid::bigint = (hashtext($1)::bigint >> 32) & 4294967295 "
+            "AND objid::bigint = hashtext($1)::bigint & 4294967295", lock)
+        assert cut == 1                                         # the lock's session, and only it
+        await _until(lambda: not a.leadership.leading.is_set(), "the cut connection was never noticed")
+        depth_while_away = QUEUE_DEPTH._value.get()
+        seen = len(events)
+        await _until(lambda: a.leadership.leading.is_set(), "a never led again")
+        await _until(lambda: ("a", "read", 20) in events[seen:], f"a did not read again: {events}")
+        assert depth_while_away == 20
+        assert ("a", "cleared", 0) not in events
+    finally:
+        await a.close()
+        await pool.execute("DELETE FROM requests WHERE request_id LIKE 'm%'")
 
 
 async def test_a_reserved_requests_position_is_counted_against_the_order_read_once_a_second(pool):
