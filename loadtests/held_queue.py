@@ -131,10 +131,36 @@ async def play(base_url: str, env: dict, *, channels: int, depth: int, stamps: i
             "at_pace_before": {phase: at_the_pace_before({rid: a for rid, a in first.items()
                                                           if phase in (a["phase"], "run")}, results)
                                for phase in ("fill", "held", "run")},
+            "held_by_time": by_time({rid: a["eta"] for rid, a in first.items() if a["phase"] == "held"}, results),
             "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
 
 
 TRAILING_S = 15.0         # the tier's pace before a 202: what an estimate made at the 202 can know
+BUCKET_S = 10.0           # by_time's buckets
+
+
+def by_time(first_eta: dict[str, float | None], results: list[dict], bucket_s: float = BUCKET_S) -> list[dict]:
+    """The held requests' ETAs by when their 202 came, in ``bucket_s`` buckets from the round's first
+    request: where in a round the misses are. On 5 December they were at both ends of the held phase: its
+    first 15 s, whose pace window still held the fill's slower seconds, and its last 15 s, whose waits
+    outlasted the channels' sending (the tier then signs faster: the door's share of the cores is free)."""
+    accepted = {r["request_id"]: dt.datetime.fromisoformat(r["accepted_at"]).timestamp()
+                for r in results if r.get("request_id") and r.get("accepted_at")}
+    if not accepted:
+        return []
+    start = min(accepted.values())
+    buckets: dict[int, dict[str, float | None]] = {}
+    for rid, eta in first_eta.items():
+        if rid in accepted:
+            buckets.setdefault(int((accepted[rid] - start) // bucket_s), {})[rid] = eta
+    out = []
+    for k in sorted(buckets):
+        e = eta_accuracy(buckets[k], results)
+        if e.get("requests"):
+            out.append({"from_s": round(k * bucket_s), "requests": e["requests"],
+                        "within_25_percent": e["within_25_percent"],
+                        "took_over_eta_median": e["actual_over_eta"]["median"]})
+    return out
 
 
 def at_the_pace_before(first: dict[str, dict], results: list[dict]) -> dict:
@@ -253,6 +279,12 @@ def markdown(r: dict) -> str:
                          f"{100 * e['within_25_percent']:.0f}% | {a['p10']} / {a['median']} / {a['p90']} | "
                          f"{foreseen} |")
     lines.append("")
+    for i, rnd in enumerate(r["rounds"], 1):
+        if rnd.get("held_by_time"):
+            lines.append(f"- Round {i}, held, by when the 202 came (s into the round: within 25%, took/ETA median): "
+                         + "; ".join(f"{b['from_s']}-{b['from_s'] + BUCKET_S:g} s: "
+                                     f"{100 * b['within_25_percent']:.0f}%, {b['took_over_eta_median']}"
+                                     for b in rnd["held_by_time"]) + ".")
     first = r["rounds"][0]
     lines.append(f"- {first['channels']} channels, each keeping {first['depth']} requests unfinished, "
                  f"{first['stamps_per_channel']} stamps each; the median round is round {r['median_round'] + 1}."

@@ -65,3 +65,20 @@ def test_the_queue_is_sized_from_the_tiers_pace_so_the_check_applies_on_a_fast_t
     assert sized(1.0, 3) == (100, 250)                     # a crawling tier still gets a queue to measure
     assert sized(120.0, 3, depth=1000) == (1000, 3400)     # --depth alone: the held phase comes on top of it
     assert sized(120.0, 3, stamps=900) == (depth, 900)     # --stamps alone: as given
+
+
+def test_the_held_requests_are_broken_down_by_when_their_202_came():
+    """Where in a round the misses are: 10 s buckets from the round's first request, each with its share
+    within 25% and its took/ETA median; requests without a completion are left out."""
+    from loadtests.held_queue import by_time
+
+    results = [{"request_id": "a", "status": "completed", "accepted_at": _at(0), "finished_at": _at(10)},
+               {"request_id": "b", "status": "completed", "accepted_at": _at(3), "finished_at": _at(13)},
+               {"request_id": "c", "status": "completed", "accepted_at": _at(12), "finished_at": _at(18)},
+               {"request_id": "d", "status": "completed", "accepted_at": _at(25), "finished_at": _at(35)},
+               {"request_id": "e", "status": "failed", "accepted_at": _at(26)}]
+    out = by_time({"b": 10.0, "c": 10.0, "d": 10.0, "e": 10.0}, results)     # "a" was the fill
+    assert out == [{"from_s": 0, "requests": 1, "within_25_percent": 1.0, "took_over_eta_median": 1.0},
+                   {"from_s": 10, "requests": 1, "within_25_percent": 0.0, "took_over_eta_median": 0.6},
+                   {"from_s": 20, "requests": 1, "within_25_percent": 1.0, "took_over_eta_median": 1.0}]
+    assert by_time({}, []) == []
