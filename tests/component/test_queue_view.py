@@ -316,6 +316,16 @@ class _BacklogMember:
             await asyncio.gather(self.task, return_exceptions=True)
 
 
+async def _backlog_of(pool, n: int) -> tuple:
+    """``n`` requests queued on quota (ids ``m1``...), settings that retry the lock every 0.1 s, a lock name
+    of the test's own and its event log."""
+    await pool.execute("DELETE FROM requests")
+    await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status) "
+                       "SELECT 'm' || i, 'ch', 'acct', 'queued' FROM generate_series(1, $1) AS i", n)
+    events: list[tuple[str, str, float]] = []
+    return hs.settings(leader_retry_s=0.1), f"stamping backlog test {id(events)}", events
+
+
 async def _until(check, what: str, seconds: float = 5.0) -> None:
     import asyncio
 
@@ -331,12 +341,7 @@ async def test_one_stamping_member_reads_the_backlog_and_one_that_finds_another_
     stamping member every 5 s. Under the tier's backlog lock one member reads it. A member that finds
     another leading sets what it showed back to 0: dashboards read the max over processes, and a former
     leader's figure would outlive the queue it counted."""
-    settings = hs.settings(leader_retry_s=0.1)
-    await pool.execute("DELETE FROM requests")
-    await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status) "
-                       "SELECT 'm' || i, 'ch', 'acct', 'queued' FROM generate_series(1, 30) AS i")
-    events: list[tuple[str, str, float]] = []
-    lock = f"stamping backlog test {id(events)}"
+    settings, lock, events = await _backlog_of(pool, 30)
     a, b = _BacklogMember(pool, settings, lock, "a", events), _BacklogMember(pool, settings, lock, "b", events)
     try:
         a.start()
@@ -362,12 +367,7 @@ async def test_a_backlog_leader_that_loses_its_lock_connection_keeps_its_figures
     to 0), and reads again once it holds the lock again."""
     from services.stamping.metrics import QUEUE_DEPTH
 
-    settings = hs.settings(leader_retry_s=0.1)
-    await pool.execute("DELETE FROM requests")
-    await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status) "
-                       "SELECT 'm' || i, 'ch', 'acct', 'queued' FROM generate_series(1, 20) AS i")
-    events: list[tuple[str, str, float]] = []
-    lock = f"stamping backlog test {id(events)}"
+    settings, lock, events = await _backlog_of(pool, 20)
     a = _BacklogMember(pool, settings, lock, "a", events)
     try:
         a.start()
