@@ -281,8 +281,6 @@ class _BacklogMember:
     as (member, what, the depth gauge just after)."""
 
     def __init__(self, pool, settings, lock: str, name: str, events: list) -> None:
-        import asyncio
-
         from services.kernel.channels import ChannelView
         from services.kernel.leadership import Leadership
         from services.stamping.backlog import Backlog
@@ -297,20 +295,16 @@ class _BacklogMember:
                 super().clear()
                 events.append((name, "cleared", QUEUE_DEPTH._value.get()))
 
-        self.name, self.stop = name, asyncio.Event()
+        self.stop = asyncio.Event()
         self.backlog = Logged(pool, ChannelView(settings), interval_s=0.05)
         self.leadership = Leadership(settings, lock)
         self.task = None
 
     def start(self) -> None:
-        import asyncio
-
         self.task = asyncio.ensure_future(self.leadership.lead(self.stop, self.backlog.run,
                                                                 on_standby=self.backlog.clear))
 
     async def close(self) -> None:
-        import asyncio
-
         self.stop.set()
         if self.task is not None:
             await asyncio.gather(self.task, return_exceptions=True)
@@ -327,8 +321,6 @@ async def _backlog_of(pool, n: int) -> tuple:
 
 
 async def _until(check, what: str, seconds: float = 5.0) -> None:
-    import asyncio
-
     for _ in range(int(seconds / 0.05)):
         if check():
             return
