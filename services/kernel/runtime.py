@@ -45,7 +45,7 @@ class Runtime:
         """The service's pool on its own schema, migrated on first use."""
         if service not in self._pools:
             pool = await connect_database(self.settings, service)
-            await migrations.migrate(pool, self.settings.schema(service), migrations.files_for(service))
+            await migrations.migrate_service(pool, self.settings, service)
             self._pools[service] = pool
         return self._pools[service]
 

@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     db_command_timeout_s: float = 10.0
     # auto: no TLS to a loopback server, the URL's sslmode elsewhere; or disable|prefer|require|verify-ca|verify-full
     database_ssl: str = "auto"
+    # migrations (kernel/migrations.py) as a process starts: each try waits this long for a lock, then gives
+    # way to the platform's traffic and tries again, until it has waited migration_lock_wait_s in all (then
+    # the process stops, naming the transactions in the way: before a Kubernetes startup probe's 2 minutes)
+    migration_lock_timeout_s: float = 2.0
+    migration_lock_wait_s: float = 90.0
 
     # --- consumers (kernel/processing): failure policy, docs in README "Failure policy" ---
     consumer_crash_retries: int = 3             # durable retries after a handler crash, then HANDLER_CRASHED

@@ -33,7 +33,7 @@ async def channel_change(settings: Settings, args) -> str:
     """The command's work, its output returned (what ``bubuh channel ...`` prints)."""
     pool = await runtime.connect_database(settings, NAME)
     try:
-        await migrations.migrate(pool, settings.schema(NAME), migrations.files_for(NAME))
+        await migrations.migrate_service(pool, settings, NAME)
         registry = Registry(pool, settings)
         try:
             out = await _dispatch(registry, args)
