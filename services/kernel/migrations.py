@@ -75,6 +75,11 @@ def statements(sql: str) -> list[str]:
     return [p for p in parts if any(line.strip() and not line.strip().startswith("--") for line in p.splitlines())]
 
 
+def schema_lock_key(schema: str) -> int:
+    """The advisory lock that one instance at a time holds while it migrates ``schema``."""
+    return int.from_bytes(hashlib.sha256(schema.encode()).digest()[:8], "big", signed=True)
+
+
 async def migrate_service(pool: asyncpg.Pool, settings: Settings, service: str) -> list[str]:
     """A service's migrations on its schema, with the waits ``settings`` gives."""
     return await migrate(pool, settings.schema(service), files_for(service),
@@ -85,7 +90,7 @@ async def migrate(pool: asyncpg.Pool, schema: str, files: list[Path], *, lock_ti
                   lock_wait_s: float = 90.0) -> list[str]:
     """Apply what is missing; returns the names applied now."""
     applied_now: list[str] = []
-    lock = int.from_bytes(hashlib.sha256(schema.encode()).digest()[:8], "big", signed=True)
+    lock = schema_lock_key(schema)
     async with pool.acquire() as conn:
         await _lock_schema(conn, lock, schema)
         try:

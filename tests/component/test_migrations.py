@@ -183,6 +183,25 @@ async def test_a_migration_longer_than_the_pools_command_timeout_completes(setti
         await pool.close()
 
 
+async def test_a_second_instance_waits_for_the_first_ones_migrations_past_its_command_timeout(settings, tmp_path):
+    """Two members starting together: the second waits for the schema's migration lock as long as the first's
+    migrations take, instead of failing after the pool's command timeout (10 s in production)."""
+    schema = settings.schema("migrating")
+    lock = migrations.schema_lock_key(schema)
+    first = await database.connect(settings)
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1, command_timeout=0.3)
+    try:
+        await first.execute("SELECT pg_advisory_lock($1)", lock)       # the first instance, migrating
+        second = asyncio.create_task(migrations.migrate(pool, schema, _files(tmp_path, TABLE)))
+        await asyncio.sleep(1.0)
+        assert not second.done()                                      # waiting, past its 0.3 s
+        await first.execute("SELECT pg_advisory_unlock($1)", lock)
+        assert await asyncio.wait_for(second, 10) == ["0001.sql"]
+    finally:
+        await first.close()
+        await pool.close()
+
+
 def test_a_no_transaction_file_is_split_where_a_line_ends_with_a_semicolon():
     sql = ("-- bubuh:no-transaction\n-- a comment; with a semicolon\n"
            "CREATE INDEX CONCURRENTLY IF NOT EXISTS a ON t (x)\n  WHERE x > 0;\n"
