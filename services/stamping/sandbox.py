@@ -51,7 +51,8 @@ log = logs.get(__name__)
 
 # loaded once in the fork server, inherited by every child
 # (this module too: every child unpickles its entry point, ``_serve``, from here)
-PRELOAD = ["pikepdf", "pyhanko.sign", "pyhanko.sign.validation", "services.stamping.document.inspection",
+# ``services`` first: its import silences cryptography's DSA warning at pyhanko's import (services/__init__.py)
+PRELOAD = ["services", "pikepdf", "pyhanko.sign", "pyhanko.sign.validation", "services.stamping.document.inspection",
            "services.stamping.document.signature_validation", "services.stamping.signing.engine",
            "services.stamping.sandbox"]
 _START_TIMEOUT_S = 60.0
