@@ -354,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # A command's stdout is its output (``--json`` is parsed by scripts): what the code under it logs goes to
+    # stderr, warnings and worse (unconfigured, structlog prints every line to stdout). ``serve`` sets its own.
+    logs.configure("bubuh", "warning")
     try:
         args.func(args)
     except ConfigError as exc:

@@ -69,16 +69,24 @@ async def _insert_within(settings, schema: str, row: int, budget_s: float) -> fl
         await conn.close()
 
 
+async def _held(db, tmp_path, migration: str, holding: str):
+    """The table as its first migration, ``migration`` as the next file (the files returned), and ``holding``
+    run on the other connection in a transaction left open (returned): a batch or a read in progress."""
+    pool, schema, other = db
+    await migrations.migrate(pool, schema, _files(tmp_path, TABLE))
+    files = _files(tmp_path, TABLE, migration)
+    open_tx = other.transaction()
+    await open_tx.start()
+    await other.execute(holding)
+    return files, open_tx
+
+
 async def test_an_index_is_built_concurrently_while_a_transaction_holds_the_table_and_writers_go_on(db, settings,
                                                                                                      tmp_path):
     pool, schema, other = db
-    await migrations.migrate(pool, schema, _files(tmp_path, TABLE))
     index = ("-- bubuh:no-transaction\n-- an index on a table in use\n"
              "CREATE INDEX CONCURRENTLY IF NOT EXISTS t_x ON t (x);\n")
-    files = _files(tmp_path, TABLE, index)
-    open_tx = other.transaction()
-    await open_tx.start()
-    await other.execute("INSERT INTO t VALUES (5000, 5000)")        # a batch in progress on the table
+    files, open_tx = await _held(db, tmp_path, index, "INSERT INTO t VALUES (5000, 5000)")   # a batch in progress
     migrating = asyncio.create_task(migrations.migrate(pool, schema, files))
     try:
         # the build waits for that transaction
@@ -96,12 +104,8 @@ async def test_a_plain_create_index_would_have_held_up_the_writers(db, settings,
     """The other half of the test above: the same build in a transaction waits for the open transaction too,
     and the writer behind it waits for it, until the build gives way (lock_timeout); so a concurrent build
     is what keeps intake going, and the lock timeout what bounds the rest."""
-    pool, schema, other = db
-    await migrations.migrate(pool, schema, _files(tmp_path, TABLE))
-    files = _files(tmp_path, TABLE, "CREATE INDEX t_x ON t (x);\n")
-    open_tx = other.transaction()
-    await open_tx.start()
-    await other.execute("INSERT INTO t VALUES (5000, 5000)")
+    pool, schema, _ = db
+    files, open_tx = await _held(db, tmp_path, "CREATE INDEX t_x ON t (x);\n", "INSERT INTO t VALUES (5000, 5000)")
     migrating = asyncio.create_task(migrations.migrate(pool, schema, files, lock_timeout_s=1.5))
     try:
         await _waiting_on_lock(settings, "CREATE INDEX t_x%")
@@ -116,11 +120,8 @@ async def test_a_plain_create_index_would_have_held_up_the_writers(db, settings,
 async def test_a_migration_that_cannot_take_its_lock_gives_way_then_applies_once_the_table_is_free(db, settings,
                                                                                                   tmp_path):
     pool, schema, other = db
-    await migrations.migrate(pool, schema, _files(tmp_path, TABLE))
-    files = _files(tmp_path, TABLE, "ALTER TABLE t ADD COLUMN y int;\n")
-    open_tx = other.transaction()
-    await open_tx.start()
-    await other.execute("SELECT count(*) FROM t")                   # a long read: AccessShare until it ends
+    # a long read: AccessShare until it ends
+    files, open_tx = await _held(db, tmp_path, "ALTER TABLE t ADD COLUMN y int;\n", "SELECT count(*) FROM t")
     migrating = asyncio.create_task(migrations.migrate(pool, schema, files, lock_timeout_s=0.2))
     try:
         await _waiting_on_lock(settings, "ALTER TABLE t ADD COLUMN y%")
@@ -137,11 +138,7 @@ async def test_a_migration_that_cannot_take_its_lock_gives_way_then_applies_once
 
 async def test_a_migration_blocked_past_its_wait_stops_with_the_transaction_that_holds_it(db, tmp_path):
     pool, schema, other = db
-    await migrations.migrate(pool, schema, _files(tmp_path, TABLE))
-    files = _files(tmp_path, TABLE, "ALTER TABLE t ADD COLUMN y int;\n")
-    open_tx = other.transaction()
-    await open_tx.start()
-    await other.execute("SELECT count(*) FROM t")
+    files, open_tx = await _held(db, tmp_path, "ALTER TABLE t ADD COLUMN y int;\n", "SELECT count(*) FROM t")
     holder = await other.fetchval("SELECT pg_backend_pid()")
     try:
         with pytest.raises(migrations.MigrationBlocked) as blocked:
