@@ -190,6 +190,27 @@ def _dev_pki(args) -> None:
     print("  test keys only: never use them for real stamps")
 
 
+def cmd_migrate(args) -> None:
+    """Each service's schema migrated, as its processes do when they start: run once before a rollout whose
+    migrations may outlast the startup probe (deploy/README.md, "PostgreSQL")."""
+    import asyncio
+
+    from services import platform
+    from services.kernel import migrations, runtime
+    s = _settings()
+    names = platform.parse_names(args.services)
+
+    async def run() -> None:
+        for name in names:
+            pool = await runtime.connect_database(s, name)
+            try:
+                applied = await migrations.migrate_service(pool, s, name)
+            finally:
+                await pool.close()
+            print(f"{name} (schema {s.schema(name)}): {', '.join(applied) if applied else 'up to date'}", flush=True)
+    asyncio.run(run())
+
+
 def cmd_renew_timestamps(args) -> None:
     import asyncio
 
@@ -307,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--if-missing", action="store_true", help="dev-ca, dev-pki: keep an existing one")
     sp.set_defaults(func=cmd_keys)
 
+    sp = sub.add_parser("migrate", help="apply what each service's schema lacks and exit (what a process does as it "
+                                        "starts; run it first when a migration may outlast a startup probe)")
+    sp.add_argument("--services", default="all", help="comma-separated services (default: all)")
+    sp.set_defaults(func=cmd_migrate)
     sp = sub.add_parser("renew-timestamps",
                         help="add an archive time-stamp (PAdES B-LTA) to stored stamps whose last time-stamp's "
                              "certificate expires soon")
