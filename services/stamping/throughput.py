@@ -93,7 +93,7 @@ class Throughput:
     """
 
     def __init__(self, settings: Settings, *, window_s: float | None = None,
-                 offset_reset: str = "latest") -> None:
+                 offset_reset: str = "earliest") -> None:
         self._settings = settings
         self.window_s = float(window_s or settings.stamp_eta_window_s)
         self._offset_reset = offset_reset
@@ -121,6 +121,11 @@ class Throughput:
             topic_replication_factor=settings.replication_factor,
             topic_partitions=settings.default_partitions,
             topic_allow_declare=True,
+            # earliest, for the changelogs: faust's recovery seeks each to its first offset minus one, which
+            # is out of range once retention has trimmed the log (CHANGELOG_SEGMENTS); at `latest` the reader
+            # then jumped to the end and waited for records that never came, and the windows stayed in
+            # recovery until the process stopped (2-8 minutes, after each restart that followed load, in
+            # the API processes on 5-6 December). The source topic's start is set by _skip_expired.
             consumer_auto_offset_reset=offset_reset,
             table_cleanup_interval=5.0,
             producer_acks=1,                             # statistics, not money: no acks=all
@@ -195,6 +200,9 @@ class Throughput:
         commit, and faust leaves partitions uncommitted for long stretches (the group was 94,000
         records behind after a day of surges: a minute of a core at start-up, for no count).
 
+        A group with no offset yet (a new prefix, a first start) gets one too, at its first fresh record:
+        the consumer's reset is ``earliest`` (``__init__``), which would otherwise read the whole topic.
+
         Only while the group has no member: a running member owns its offsets, and the broker
         refuses a commit from outside the group (the catch-up then costs this member what it did
         before). Returns how many records were skipped.
@@ -215,15 +223,16 @@ class Throughput:
             committed = await admin.list_consumer_group_offsets(self.app.conf.id, partitions=tps)
             found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
             ends = await consumer.end_offsets(tps)
-            moves = {}
+            moves, skipped = {}, 0
             for tp in tps:
                 first_fresh = found[tp].offset if found.get(tp) is not None else ends[tp]
                 at = committed[tp].offset if tp in committed and committed[tp].offset >= 0 else None
-                if at is not None and first_fresh > at:
+                if at is None or first_fresh > at:
                     moves[tp] = first_fresh
+                    skipped += first_fresh - at if at is not None else 0
             if moves:
                 await consumer.commit(moves)
-            return sum(offset - committed[tp].offset for tp, offset in moves.items())
+            return skipped
         except KafkaError as exc:        # a member is running, or the broker is busy: faust reads as before
             log.info("throughput: old records not skipped", reason=type(exc).__name__)
             return 0

@@ -40,7 +40,7 @@ class Running:
     """A Throughput app run as a runtime task (``run(stop)``), the way the platform runs it."""
 
     def __init__(self, settings, window_s: float = WINDOW_S) -> None:
-        self.tp = Throughput(settings, window_s=window_s, offset_reset="earliest")
+        self.tp = Throughput(settings, window_s=window_s)
         self.stop = asyncio.Event()
 
     async def __aenter__(self) -> Throughput:
@@ -301,3 +301,53 @@ async def test_a_crashed_app_is_started_again_and_counts_on(settings):
         finally:
             await p.stop()
         assert await _until(lambda: tp.rates().completed >= n, 30), tp.rates()
+
+
+async def test_a_restart_recovers_changelogs_that_retention_has_trimmed(settings):
+    """faust's recovery seeks each changelog partition to its first offset minus one. Once the broker has
+    trimmed the log (the changelogs roll a segment a minute, and windows expire), that offset is out of
+    range; with the consumer's reset at ``latest`` the reader jumped to the end and waited for records that
+    never came: the windows stayed in recovery, counting nothing, until the process stopped (2-8 minutes
+    after each restart that followed load, in the API processes on 5-6 December). Trimmed here as
+    retention trims (the log's start moved past its first records, some left), then the app restarts."""
+    from aiokafka import TopicPartition
+    from aiokafka.admin import RecordsToDelete
+
+    from services.kernel.kafka_clients import build_admin, build_consumer
+
+    await topics.ensure(settings)
+    n = 40
+    async with Running(settings) as tp:
+        changelog = tp.completed.table.changelog_topic.get_topic_name()
+        p = await _producer(settings)
+        try:
+            await p.publish_many([_completed(settings, 20_000 + i) for i in range(n)])
+        finally:
+            await p.stop()
+        assert await _until(lambda: tp.rates().completed >= n, 30), tp.rates()
+    tps = [TopicPartition(changelog, i) for i in range(tp.completed.table.partitions)]
+    reader = build_consumer(settings, group_id=None, client_id="test-trim")
+    admin = build_admin(settings, client_id="test-trim")
+    await reader.start()
+    await admin.start()
+    try:
+        ends = await reader.end_offsets(tps)
+        trim = {t: RecordsToDelete(before_offset=ends[t] - 1) for t in tps if ends[t] >= 2}
+        assert trim, f"no changelog partition holds two records: {ends}"
+        await admin.delete_records(trim)
+        starts = await reader.beginning_offsets(list(trim))
+        assert all(starts[t] == ends[t] - 1 for t in trim), (starts, ends)       # the log's start moved
+    finally:
+        await reader.stop()
+        await admin.close()
+    async with Running(settings) as again:
+        recovery = again.app.tables.recovery
+        assert await _until(lambda: recovery.completed.is_set() and not recovery.in_recovery, 30), \
+            "the changelog recovery did not finish"
+        m = 12
+        p = await _producer(settings)
+        try:
+            await p.publish_many([_completed(settings, 30_000 + i) for i in range(m)])
+        finally:
+            await p.stop()
+        assert await _until(lambda: again.rates().completed >= m, 30), again.rates()    # counting again
