@@ -22,6 +22,15 @@ async def _producer(settings) -> Producer:
     return p
 
 
+async def _publish_completed(settings, first: int, n: int) -> None:
+    """``n`` StampCompleted on stamp.events, request ids from ``first``."""
+    p = await _producer(settings)
+    try:
+        await p.publish_many([_completed(settings, first + i) for i in range(n)])
+    finally:
+        await p.stop()
+
+
 def _completed(settings, i: int, *, failed: bool = False) -> events.Outgoing:
     rid = f"req-{i}"
     msg = (stamp_pb2.StampFailed(request_id=rid, channel_id="ch", code="X", permanent=True) if failed
@@ -162,11 +171,7 @@ async def test_rebalance_keeps_counts(settings):
     t0 = time.monotonic()
     async with Running(settings, window) as a:
         a_start = time.monotonic() - t0
-        p = await _producer(settings)
-        try:
-            await p.publish_many([_completed(settings, i) for i in range(n)])
-        finally:
-            await p.stop()
+        await _publish_completed(settings, 0, n)
         assert await _until(lambda: a.rates().completed == n)
         print(f"a started in {a_start:.2f} s")
         t_join = time.monotonic()
@@ -270,11 +275,7 @@ async def test_a_restart_skips_records_too_old_for_any_window(settings):
         await behind.commit({tp: 0 for tp in tps})            # the group is 200 records behind
     finally:
         await behind.stop()
-    p = await _producer(settings)
-    try:
-        await p.publish_many([_completed(settings, 1000 + i) for i in range(5)])
-    finally:
-        await p.stop()
+    await _publish_completed(settings, 1000, 5)
     async with Running(settings) as tp:
         assert await _until(lambda: tp.rates().completed == 5), tp.rates()
         assert tp.read == 5, f"read {tp.read} records: the old ones were not skipped"
@@ -295,11 +296,7 @@ async def test_a_crashed_app_is_started_again_and_counts_on(settings):
             "no new app took the partitions"
         assert tp.restarts == 1
         n = 12
-        p = await _producer(settings)
-        try:
-            await p.publish_many([_completed(settings, 10_000 + i) for i in range(n)])
-        finally:
-            await p.stop()
+        await _publish_completed(settings, 10_000, n)
         assert await _until(lambda: tp.rates().completed >= n, 30), tp.rates()
 
 
@@ -319,11 +316,7 @@ async def test_a_restart_recovers_changelogs_that_retention_has_trimmed(settings
     n = 40
     async with Running(settings) as tp:
         changelog = tp.completed.table.changelog_topic.get_topic_name()
-        p = await _producer(settings)
-        try:
-            await p.publish_many([_completed(settings, 20_000 + i) for i in range(n)])
-        finally:
-            await p.stop()
+        await _publish_completed(settings, 20_000, n)
         assert await _until(lambda: tp.rates().completed >= n, 30), tp.rates()
     tps = [TopicPartition(changelog, i) for i in range(tp.completed.table.partitions)]
     reader = build_consumer(settings, group_id=None, client_id="test-trim")
@@ -345,9 +338,5 @@ async def test_a_restart_recovers_changelogs_that_retention_has_trimmed(settings
         assert await _until(lambda: recovery.completed.is_set() and not recovery.in_recovery, 30), \
             "the changelog recovery did not finish"
         m = 12
-        p = await _producer(settings)
-        try:
-            await p.publish_many([_completed(settings, 30_000 + i) for i in range(m)])
-        finally:
-            await p.stop()
+        await _publish_completed(settings, 30_000, m)
         assert await _until(lambda: again.rates().completed >= m, 30), again.rates()    # counting again
