@@ -92,11 +92,9 @@ class Throughput:
     no web server); ``run(stop)`` is the same as a runtime task.
     """
 
-    def __init__(self, settings: Settings, *, window_s: float | None = None,
-                 offset_reset: str = "earliest") -> None:
+    def __init__(self, settings: Settings, *, window_s: float | None = None) -> None:
         self._settings = settings
         self.window_s = float(window_s or settings.stamp_eta_window_s)
-        self._offset_reset = offset_reset
         (settings.local_dir / "faust").mkdir(parents=True, exist_ok=True)
         self.malformed = 0
         self.read = 0          # source records the agent was handed (counted or not)
@@ -108,7 +106,7 @@ class Throughput:
     def _build(self) -> None:
         """A new faust app with its tables and agent (at start, and after a crash: an app does not
         start twice)."""
-        settings, offset_reset = self._settings, self._offset_reset
+        settings = self._settings
         self.app = faust.App(
             settings.group(APP_NAME),                     # app id: consumer group and internal topic prefix
             broker=[f"kafka://{h}" for h in settings.kafka_bootstrap.split(",")],
@@ -126,7 +124,7 @@ class Throughput:
             # then jumped to the end and waited for records that never came, and the windows stayed in
             # recovery until the process stopped (2-8 minutes, after each restart that followed load, in
             # the API processes on 5-6 December). The source topic's start is set by _skip_expired.
-            consumer_auto_offset_reset=offset_reset,
+            consumer_auto_offset_reset="earliest",
             table_cleanup_interval=5.0,
             producer_acks=1,                             # statistics, not money: no acks=all
             processing_guarantee="at_least_once",
@@ -201,7 +199,7 @@ class Throughput:
         records behind after a day of surges: a minute of a core at start-up, for no count).
 
         A group with no offset yet (a new prefix, a first start) gets one too, at its first fresh record:
-        the consumer's reset is ``earliest`` (``__init__``), which would otherwise read the whole topic.
+        the consumer's reset is ``earliest`` (``_build``), which would otherwise read the whole topic.
 
         Only while the group has no member: a running member owns its offsets, and the broker
         refuses a commit from outside the group (the catch-up then costs this member what it did
