@@ -36,3 +36,6 @@ SANDBOX_SECONDS = Histogram("bubuh_document_sandbox_task_seconds", "Elapsed time
                             ["sandbox"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
 THROUGHPUT_RESTARTS = Counter("bubuh_throughput_app_restarts_total", "faust throughput apps (the ETAs' rates) "
                               "started anew after the one running crashed or stopped by itself")
+DOOR_COST = Gauge("bubuh_stamp_pace_door_cost_ratio",
+                  "Stamps/s the stamping tier signs fewer per stamp request/s the door takes, fitted over the "
+                  "last 10 minutes' backlogged seconds (0: the door does not take the tier's cores); ETAs count it")

@@ -12,7 +12,8 @@ Expected time = the wait for the requests ahead (position / the tier's pace), or
 on quota its reservation (the last 500 stamps' median, accepted to reserved) when that is longer, the
 two overlapping; plus its own signing (their median, started to completed). The pace is the one the
 tier kept in the latest 15 seconds (reaching back over the last 500 stamps) when it had a backlog (every stamp finishing
-in them had waited in the fair queue): the pace a queue drains at now. Before there are such seconds, stamps finished
+in them had waited in the fair queue): the pace a queue drains at now, forecast at what the door takes now where the
+door's intake slows the tier (``pace.py``: the two share cores). Before there are such seconds, stamps finished
 per busy second in the last ``window``, or, before the window has seen one finish, the pace the last
 500 stamps kept when the tier was busy. The window's rate comes from the stream (faust windows over
 ``stamp.events``, ``throughput.py``) when this process counts some of its partitions, else from a
@@ -34,6 +35,8 @@ import asyncpg
 
 from services.kernel import failures
 from services.stamping.fair_queue import FairQueue, QueueOrder
+from services.stamping.metrics import DOOR_COST
+from services.stamping.pace import READ_AT_MOST_S, REREAD_S, Forecast, Second, TierPace
 from services.stamping.throughput import Throughput
 
 # From the last 500 finished stamps: the pipeline's own time in its two parts, medians: accepted to reserved
@@ -69,23 +72,41 @@ HISTORY_STAMPS = 500
 _HISTORY = f"""
 WITH recent AS (SELECT status, accepted_at, reserved_at, started_at, finished_at FROM requests
                  WHERE status IN ('completed', 'failed') ORDER BY finished_at DESC LIMIT {HISTORY_STAMPS}),
+     bounds AS (SELECT date_trunc('second', now()) AS now_s,
+                       least(date_trunc('second', (SELECT min(finished_at) FROM recent)),
+                             date_trunc('second', now()) - interval '{BACKLOG_PACE_SECONDS} s') AS pace_from),
+     span AS (SELECT least(pace_from, greatest(to_timestamp($1) - interval '{REREAD_S} s',
+                                               now_s - interval '{READ_AT_MOST_S} s')) AS from_s FROM bounds),
      seconds AS (SELECT date_trunc('second', finished_at) AS at, count(*) AS n,
                         bool_and(started_at - reserved_at > interval '{BACKLOG_WAIT_S} s') AS backlog
                    FROM requests
-                  WHERE status IN ('completed', 'failed')
-                    AND finished_at >= least(date_trunc('second', (SELECT min(finished_at) FROM recent)),
-                                             date_trunc('second', now()) - interval '{BACKLOG_PACE_SECONDS} s')
+                  WHERE status IN ('completed', 'failed') AND finished_at >= (SELECT from_s FROM span)
                   GROUP BY 1),
-     whole AS (SELECT at, n, backlog FROM seconds WHERE at < date_trunc('second', now()))
+     paced AS (SELECT at, n FROM seconds WHERE at >= (SELECT pace_from FROM bounds)),
+     whole AS (SELECT at, n FROM paced WHERE at < (SELECT now_s FROM bounds)),
+     came AS (SELECT date_trunc('second', accepted_at) AS at, count(*) AS n
+                FROM (SELECT accepted_at FROM requests
+                       WHERE status IN ('queued', 'reserved', 'stamping', 'signed')
+                         AND accepted_at >= (SELECT from_s FROM span)
+                      UNION ALL
+                      SELECT accepted_at FROM requests
+                       WHERE status IN ('completed', 'failed') AND finished_at >= (SELECT from_s FROM span)
+                         AND accepted_at >= (SELECT from_s FROM span)) AS accepted
+               GROUP BY 1)
 SELECT (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY reserved_at - accepted_at))
           FROM recent WHERE status = 'completed') AS reserve_s,
        (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY finished_at - started_at))
           FROM recent WHERE status = 'completed') AS finish_s,
        coalesce((SELECT sum(n)::float8 / nullif(count(*), 0) FROM whole),
-                (SELECT sum(n)::float8 / nullif(count(*), 0) FROM seconds)) AS pace,
-       (SELECT CASE WHEN count(*) >= {BACKLOG_SECONDS} THEN sum(n)::float8 / count(*) END
-          FROM (SELECT n FROM whole WHERE backlog ORDER BY at DESC LIMIT {BACKLOG_PACE_SECONDS}) AS latest)
-         AS backlog_pace
+                (SELECT sum(n)::float8 / nullif(count(*), 0) FROM paced)) AS pace,
+       (SELECT extract(epoch FROM now_s)::bigint FROM bounds) AS now_s,
+       (SELECT extract(epoch FROM pace_from)::bigint FROM bounds) AS pace_from,
+       (SELECT extract(epoch FROM from_s)::bigint FROM span) AS from_s,
+       ARRAY(SELECT extract(epoch FROM at)::bigint FROM seconds ORDER BY at) AS done_at,
+       ARRAY(SELECT n FROM seconds ORDER BY at) AS done,
+       ARRAY(SELECT backlog FROM seconds ORDER BY at) AS backlog,
+       ARRAY(SELECT extract(epoch FROM at)::bigint FROM came ORDER BY at) AS came_at,
+       ARRAY(SELECT n FROM came ORDER BY at) AS came
 """
 
 # The schema's count of the window (BUBUH_STAMP_RATES_FROM=database, or a process that counts none of
@@ -165,6 +186,7 @@ class QueueView:
         self._order_read = asyncio.Lock()                   # one read of the order at a time, shared
         self._facts_read = asyncio.Lock()                   # one read of the facts at a time, shared
         self._new: dict[str, int] = {}                      # channel -> 202s given against the order read
+        self._pace = TierPace()                             # each second's intake and finishes: the pace ahead
 
     async def facts(self) -> QueueFacts | None:
         """The queue's facts, read at most once a second: callers that find them stale while another reads
@@ -185,12 +207,13 @@ class QueueView:
         now = time.monotonic()
         rates = self._throughput.rates() if self._throughput else None
         try:
-            history = await asyncio.wait_for(self._pool.fetchrow(_HISTORY), 0.5)
+            history = await asyncio.wait_for(self._pool.fetchrow(_HISTORY, self._pace.read_until or 0), 0.5)
             reserve_s, finish_s = float(history["reserve_s"] or 0.0), float(history["finish_s"] or 0.0)
             pace = float(history["pace"] or 0.0)
             known = rates is not None and rates.known
-            if history["backlog_pace"] is not None:            # the pace the queue drains at, else the stream's
-                per_second = float(history["backlog_pace"])
+            forecast = self._record(history)
+            if forecast is not None:                            # the pace the queue drains at, else the stream's
+                per_second = forecast.per_second
             elif known:
                 per_second = rates.rate_per_s
             else:
@@ -205,6 +228,17 @@ class QueueView:
         facts = QueueFacts(per_second, reserve_s, finish_s)
         self._cached = (now, facts)
         return facts
+
+    def _record(self, history: asyncpg.Record) -> Forecast | None:
+        """The read's seconds into the tier's pace, and the pace a queue drains at from now on."""
+        now, came = history["now_s"], dict(zip(history["came_at"], history["came"], strict=True))
+        done = {at: (n, backlog) for at, n, backlog in zip(history["done_at"], history["done"], history["backlog"],
+                                                          strict=True)}
+        self._pace.record(history["from_s"], now,
+                          ((at, Second(came.get(at, 0), *done.get(at, (0, False)))) for at in set(came) | set(done)))
+        forecast = self._pace.forecast(history["pace_from"], now, BACKLOG_SECONDS, BACKLOG_PACE_SECONDS)
+        DOOR_COST.set(forecast.door_cost if forecast else self._pace.door_cost())
+        return forecast
 
     async def position_of(self, request_id: str, channel_id: str, status: str,
                           accepted_at: dt.datetime) -> int | None:

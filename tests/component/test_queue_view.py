@@ -6,11 +6,13 @@ median of the recent stamps' times with their wait in the fair queue left out.""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 
 import asyncpg
 import pytest
 
+from services.stamping.metrics import DOOR_COST
 from services.stamping.queue import QueueView
 from tests.component import handler_support as hs
 
@@ -591,3 +593,51 @@ async def test_a_slow_read_of_the_order_serves_longer_so_reading_it_stays_a_smal
         await view.position_for_new("c")
     assert SlowOrder.reads == 4                      # and it is read again, once it has served its time
     assert time.monotonic() - read_at >= 0.1 / ORDER_SHARE - 0.1
+
+
+async def _second(pool, base, ago: int, came: int, done: int, offset: int) -> None:
+    """In the second ``ago`` seconds before ``base``: ``came`` stamp requests accepted (still queued) and
+    ``done`` stamps finished after a wait in the fair queue (accepted long before the read)."""
+    at = base - dt.timedelta(seconds=ago - 0.5)
+    await pool.execute(
+        "INSERT INTO requests (request_id, channel_id, account_id, status, accepted_at) "
+        "SELECT 'c' || ($3 + i), 'ch', 'acct', 'queued', $1 FROM generate_series(1, $2) AS i", at, came, offset)
+    await pool.execute(
+        "INSERT INTO requests (request_id, channel_id, account_id, status, accepted_at, reserved_at, started_at, "
+        "finished_at) SELECT 'd' || ($3 + i), 'ch', 'acct', 'completed', $4, $5, $6, $1 "
+        "FROM generate_series(1, $2) AS i", at, done, offset,
+        at - dt.timedelta(seconds=100), at - dt.timedelta(seconds=99.9), at - dt.timedelta(seconds=0.3))
+
+
+async def _shared_box(pool, came_now: int, cost: float) -> None:
+    """37 backlogged seconds, the door taking 40 and 160 a second in turn, the tier signing 120 stamps/s less
+    ``cost`` per request/s; then the door taking ``came_now`` a second (in the whole seconds before the
+    read, however many seconds the inserts take)."""
+    await pool.execute("DELETE FROM requests")
+    base = await pool.fetchval("SELECT date_trunc('second', now())")
+    for ago in range(4, 41):
+        came = 40 if ago % 2 else 160
+        await _second(pool, base, ago, came, round(120 - cost * came), offset=ago * 1000)
+    for ago in range(-3, 4):
+        await _second(pool, base, ago, came_now, 0, offset=100_000 + ago * 1000)
+
+
+@pytest.mark.parametrize(("came_now", "expected"), [(0, 120.0), (40, 100.0), (300, 80.0)])
+async def test_a_pace_read_while_the_door_took_a_burst_is_forecast_at_the_doors_intake_now(pool, came_now, expected):
+    """On a box where the door and the tier share the cores, the tier signs fewer while the door takes more
+    (here 120 stamps/s less half a stamp per request/s). The pace read over the latest seconds (70/s) is
+    forecast at what the door takes now, and at most at the tier's own pace (80/s: as many coming as leaving)."""
+    await _shared_box(pool, came_now, cost=0.5)
+    facts = await QueueView(pool, window_s=60.0).facts()
+    assert facts.per_second == pytest.approx(expected, abs=1.0)
+    assert facts.eta_seconds(1200, reserved=True) == pytest.approx(1200 / expected + facts.finish_s, rel=0.02)
+    assert DOOR_COST._value.get() == pytest.approx(0.5, abs=0.01)
+    await pool.execute("DELETE FROM requests")
+
+
+async def test_where_the_doors_intake_does_not_slow_the_tier_the_pace_is_the_one_read(pool):
+    await _shared_box(pool, 0, cost=0.0)
+    facts = await QueueView(pool, window_s=60.0).facts()
+    assert facts.per_second == pytest.approx(120.0)
+    assert DOOR_COST._value.get() == 0.0
+    await pool.execute("DELETE FROM requests")

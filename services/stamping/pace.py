@@ -1,0 +1,107 @@
+"""The pace a queue will drain at when the door shares the stamping tier's cores.
+
+An ETA is the requests ahead over the tier's pace. The pace is read from the latest seconds in which
+the tier had a backlog (``queue.py``), and on a box where the API processes and the stamping workers
+share the cores, that pace depends on how many requests the door took in those seconds: on the
+2-core box, a burst of 200 uploads a second held the tier to 55-65 stamps/s, a standing queue (as
+many coming as leaving) let it sign 90-100, and once the channels stopped sending it signed 130-140.
+Read in the burst and told to the requests that came just after it, the pace made their ETAs 1.4x
+their time; read in a standing queue and told to a request whose wait outlasted the sending, 1.3x.
+
+So the pace is modelled, per second, as ``P0 - k * intake``: ``P0`` the tier's pace with an idle
+door, ``k`` the stamps per second it signs fewer for each request per second the door takes (the
+door's cost in the tier's stamps). ``k`` is fitted, a least-squares line through the backlogged
+seconds of the last ``FIT_SPAN_S`` (completions against stamp requests accepted); 0 until
+``FIT_MIN_SECONDS`` of them are known, or where the fit finds no cost (a door with cores of its own:
+then the pace is the one read, as before). From the latest backlogged seconds' pace and intake it
+gives ``P0``, and the forecast is the pace at the intake of the last ``INTAKE_NOW_S`` seconds, but at
+no more intake than the tier's own pace (``P0 / (1 + k)``: the door taking as many as the tier
+signs). A wait of many seconds outlasts a burst: a surge's arrivals end, and a channel holding a set
+number of requests unfinished sends one when one completes; the door taking more than the tier signs
+for the whole of a wait is a queue growing without end, and its requests' ETAs are read again.
+
+Replayed over the database's 15 held-queue rounds of 5 and 6 December (each request's time from 202
+to completed against the stamps finished meanwhile over the pace it would have been told): the held
+requests within 25% of their ETA, median round, 80% with the pace as read, 85% with the intake of the
+last 3 s unbounded, 92-96% bounded (``k`` fitted over 300-600 s; it came out 0.1-0.37), the fills
+included 71% against 83-84%. In the three sustained rounds of 5 December (arrivals at twice the tier's
+pace for 600 s, waits of minutes), 29-51% against 56-70% (took/ETA medians 0.66-0.75 against 0.79-0.92).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+FIT_SPAN_S = 600          # the seconds the door's cost is fitted over
+FIT_MIN_SECONDS = 30      # backlogged seconds needed before it is
+INTAKE_NOW_S = 3          # the door's intake now: the mean of the latest whole seconds
+# a read of the seconds covers those since the last read and REREAD_S before (rows commit a moment after their
+# times), at most READ_AT_MOST_S (the first read of a process, or after the database was away)
+REREAD_S = 3
+READ_AT_MOST_S = 60
+MAX_DOOR_COST = 1.0       # a stamp request at the door costs the tier at most one stamp
+
+
+@dataclass(frozen=True)
+class Second:
+    came: int             # stamp requests accepted in it
+    done: int             # stamps finished in it
+    backlog: bool         # every stamp finishing in it had waited in the fair queue
+
+
+@dataclass(frozen=True)
+class Forecast:
+    per_second: float     # the pace to divide the requests ahead by
+    read: float           # the pace the latest backlogged seconds kept (the estimate before the door's cost)
+    door_cost: float      # k: stamps/s fewer per stamp request/s at the door
+
+
+class TierPace:
+    """Each second's intake and completions, as read (``record``), over the last ``FIT_SPAN_S``; the pace a
+    queue will drain at (``forecast``)."""
+
+    def __init__(self, span_s: int = FIT_SPAN_S, min_seconds: int = FIT_MIN_SECONDS) -> None:
+        self._span_s, self._min_seconds = span_s, min_seconds
+        self._seconds: dict[int, Second] = {}
+        self.read_until: int | None = None        # the first second not yet whole at the latest read (epoch s)
+
+    def record(self, since: int, now: int, seconds: Iterable[tuple[int, Second]]) -> None:
+        """The seconds ``[since, now)`` as read (epoch seconds; one absent had neither intake nor a finish),
+        replacing what was recorded of them; seconds older than the span are forgotten."""
+        for at in [at for at in self._seconds if at >= since or at < now - self._span_s]:
+            del self._seconds[at]
+        for at, second in seconds:
+            if since <= at < now:
+                self._seconds[at] = second
+        self.read_until = now
+
+    def door_cost(self) -> float:
+        """``k``: minus the slope of completions on intake over the backlogged seconds recorded, within
+        ``[0, MAX_DOOR_COST]``; 0 until ``min_seconds`` of them."""
+        busy = [s for s in self._seconds.values() if s.backlog and s.done]
+        if len(busy) < self._min_seconds:
+            return 0.0
+        mx = sum(s.came for s in busy) / len(busy)
+        my = sum(s.done for s in busy) / len(busy)
+        sxx = sum((s.came - mx) ** 2 for s in busy)
+        if sxx <= 0:
+            return 0.0
+        slope = sum((s.came - mx) * (s.done - my) for s in busy) / sxx
+        return min(max(-slope, 0.0), MAX_DOOR_COST)
+
+    def forecast(self, since: int, now: int, least: int, most: int) -> Forecast | None:
+        """The pace for a wait starting at ``now``, read over the latest ``most`` backlogged whole seconds
+        from ``since`` (the queue's pace window); None when fewer than ``least`` are recorded."""
+        latest = sorted(at for at, s in self._seconds.items() if since <= at < now and s.backlog and s.done)[-most:]
+        if len(latest) < max(least, 1):
+            return None
+        used = [self._seconds[at] for at in latest]
+        read = sum(s.done for s in used) / len(used)
+        k = self.door_cost()
+        if k <= 0:
+            return Forecast(read, read, 0.0)
+        idle = read + k * sum(s.came for s in used) / len(used)           # P0: the pace with an idle door
+        intake = sum(self._seconds[at].came for at in range(now - INTAKE_NOW_S, now)
+                     if at in self._seconds) / INTAKE_NOW_S
+        return Forecast(idle - k * min(intake, idle / (1 + k)), read, k)

@@ -1,0 +1,84 @@
+"""The pace a queue drains at when the door shares the tier's cores (``stamping/pace.py``): each second's
+completions against the stamp requests the door accepted in it give the door's cost in the tier's stamps
+(``k``), and the pace read over the latest backlogged seconds is forecast at the door's intake now, at
+most the tier's own pace (a standing queue)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.stamping.pace import FIT_MIN_SECONDS, Second, TierPace
+
+NOW = 10_000
+
+
+def _busy(pace: TierPace, seconds: dict[int, tuple[int, int]], now: int = NOW) -> None:
+    pace.record(min(seconds), now, ((at, Second(came, done, True)) for at, (came, done) in seconds.items()))
+
+
+def _shared_box(idle: float = 120.0, k: float = 0.5, first: int = NOW - 40, last: int = NOW - 4):
+    """A tier that signs ``idle`` stamps/s with the door idle and ``k`` fewer per request/s the door takes:
+    the door's intake alternates between 40 and 160 a second."""
+    return {at: (came, round(idle - k * came)) for at in range(first, last + 1)
+            for came in [40 if at % 2 else 160]}
+
+
+def test_the_doors_cost_is_fitted_from_the_backlogged_seconds():
+    pace = TierPace()
+    _busy(pace, _shared_box())
+    assert pace.door_cost() == pytest.approx(0.5)
+    # seconds without a backlog say what came, not what the tier could sign: not fitted
+    pace.record(NOW - 100, NOW, ((at, Second(came, 3, False)) for at, (came, _) in _shared_box().items()))
+    assert pace.door_cost() == 0.0
+
+
+def test_a_door_with_cores_of_its_own_costs_nothing_and_the_pace_is_the_one_read():
+    pace = TierPace()
+    _busy(pace, {at: (40 if at % 2 else 160, 70) for at in range(NOW - 40, NOW - 3)})
+    assert pace.door_cost() == 0.0
+    forecast = pace.forecast(NOW - 15, NOW, 3, 15)
+    assert forecast.per_second == forecast.read == 70.0
+
+
+def test_too_few_backlogged_seconds_fit_nothing():
+    pace = TierPace()
+    _busy(pace, _shared_box(first=NOW - FIT_MIN_SECONDS + 2))
+    assert pace.door_cost() == 0.0
+    assert pace.forecast(NOW - 15, NOW, 3, 15).per_second == pace.forecast(NOW - 15, NOW, 3, 15).read
+
+
+@pytest.mark.parametrize(("intake_now", "expected"), [
+    (0, 120.0),          # the burst is over and nothing comes: the tier's pace with an idle door
+    (40, 100.0),         # 120 - 0.5 x 40
+    (80, 80.0),          # a standing queue: the door takes as many as the tier signs (80 = 120 - 0.5 x 80)
+    (300, 80.0),         # more than the tier signs: not for the whole of a wait (a surge ends), read as 80
+])
+def test_the_pace_read_in_a_burst_is_forecast_at_the_doors_intake_now(intake_now, expected):
+    pace = TierPace()
+    seconds = _shared_box()
+    seconds.update({at: (intake_now, 0) for at in range(NOW - 3, NOW)})
+    pace.record(NOW - 40, NOW, ((at, Second(c, d, d > 0)) for at, (c, d) in seconds.items()))
+    forecast = pace.forecast(NOW - 15, NOW, 3, 15)
+    assert forecast.door_cost == pytest.approx(0.5)
+    assert forecast.read == pytest.approx(70.0, abs=3)                  # what the latest seconds signed
+    assert forecast.per_second == pytest.approx(expected, abs=0.5)
+
+
+def test_fewer_backlogged_seconds_than_asked_give_no_forecast():
+    pace = TierPace()
+    _busy(pace, {NOW - 2: (10, 10), NOW - 1: (10, 10)})
+    assert pace.forecast(NOW - 15, NOW, 3, 15) is None
+    assert pace.forecast(NOW - 15, NOW, 2, 15).per_second == 10.0
+    # the second under way is not whole: never counted
+    _busy(pace, {NOW - 2: (10, 10), NOW - 1: (10, 10), NOW: (10, 99)}, now=NOW + 1)
+    assert pace.forecast(NOW - 15, NOW, 2, 15).per_second == 10.0
+
+
+def test_a_read_replaces_the_seconds_it_covers_and_older_ones_are_forgotten():
+    pace = TierPace(span_s=60)
+    _busy(pace, {NOW - 10: (5, 5), NOW - 5: (5, 5), NOW - 1: (5, 5)})
+    pace.record(NOW - 6, NOW, [(NOW - 1, Second(7, 8, True))])          # NOW - 5 had nothing, as read again
+    assert pace.forecast(NOW - 15, NOW, 1, 15).per_second == pytest.approx((5 + 8) / 2)
+    pace.record(NOW + 60, NOW + 61, [])                                  # a minute on: all of them are past the span
+    assert pace.forecast(NOW - 15, NOW + 61, 1, 15) is None
+    assert pace.read_until == NOW + 61
