@@ -36,8 +36,9 @@ from dataclasses import dataclass
 FIT_SPAN_S = 600          # the seconds the door's cost is fitted over
 FIT_MIN_SECONDS = 30      # backlogged seconds needed before it is
 INTAKE_NOW_S = 3          # the door's intake now: the mean of the latest whole seconds
-# a read of the seconds covers those since the last read and REREAD_S before (rows commit a moment after their
-# times), at most READ_AT_MOST_S (the first read of a process, or after the database was away)
+# a read of the intake covers the seconds since the last read and REREAD_S before (rows commit a moment after
+# their times), at most READ_AT_MOST_S (the first read of a process, or after the database was away); the
+# finishes are read over the pace's window too, as before
 REREAD_S = 3
 READ_AT_MOST_S = 60
 MAX_DOOR_COST = 1.0       # a stamp request at the door costs the tier at most one stamp
@@ -66,14 +67,22 @@ class TierPace:
         self._seconds: dict[int, Second] = {}
         self.read_until: int | None = None        # the first second not yet whole at the latest read (epoch s)
 
-    def record(self, since: int, now: int, seconds: Iterable[tuple[int, Second]]) -> None:
+    def record(self, since: int, came_since: int, now: int, seconds: Iterable[tuple[int, Second]]) -> None:
         """The seconds ``[since, now)`` as read (epoch seconds; one absent had neither intake nor a finish),
-        replacing what was recorded of them; seconds older than the span are forgotten."""
-        for at in [at for at in self._seconds if at >= since or at < now - self._span_s]:
+        their intake only from ``came_since`` (earlier seconds keep the intake recorded before: a read
+        re-reads the finishes of the pace's window, and the intake only since the last read); seconds older
+        than the span are forgotten."""
+        read = dict(seconds)
+        for at in [at for at in self._seconds if at < now - self._span_s]:
             del self._seconds[at]
-        for at, second in seconds:
-            if since <= at < now:
-                self._seconds[at] = second
+        for at in range(max(since, now - self._span_s), now):
+            second, kept = read.get(at), self._seconds.get(at)
+            came = (second.came if second else 0) if at >= came_since else (kept.came if kept else 0)
+            done, backlog = (second.done, second.backlog) if second else (0, False)
+            if came or done:
+                self._seconds[at] = Second(came, done, backlog)
+            else:
+                self._seconds.pop(at, None)
         self.read_until = now
 
     def door_cost(self) -> float:

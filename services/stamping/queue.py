@@ -75,8 +75,9 @@ WITH recent AS (SELECT status, accepted_at, reserved_at, started_at, finished_at
      bounds AS (SELECT date_trunc('second', now()) AS now_s,
                        least(date_trunc('second', (SELECT min(finished_at) FROM recent)),
                              date_trunc('second', now()) - interval '{BACKLOG_PACE_SECONDS} s') AS pace_from),
-     span AS (SELECT least(pace_from, greatest(to_timestamp($1) - interval '{REREAD_S} s',
-                                               now_s - interval '{READ_AT_MOST_S} s')) AS from_s FROM bounds),
+     span AS (SELECT least(pace_from, came_from) AS from_s, came_from
+                FROM (SELECT pace_from, greatest(to_timestamp($1) - interval '{REREAD_S} s',
+                                                 now_s - interval '{READ_AT_MOST_S} s') AS came_from FROM bounds) AS b),
      seconds AS (SELECT date_trunc('second', finished_at) AS at, count(*) AS n,
                         bool_and(started_at - reserved_at > interval '{BACKLOG_WAIT_S} s') AS backlog
                    FROM requests
@@ -87,11 +88,11 @@ WITH recent AS (SELECT status, accepted_at, reserved_at, started_at, finished_at
      came AS (SELECT date_trunc('second', accepted_at) AS at, count(*) AS n
                 FROM (SELECT accepted_at FROM requests
                        WHERE status IN ('queued', 'reserved', 'stamping', 'signed')
-                         AND accepted_at >= (SELECT from_s FROM span)
+                         AND accepted_at >= (SELECT came_from FROM span)
                       UNION ALL
                       SELECT accepted_at FROM requests
-                       WHERE status IN ('completed', 'failed') AND finished_at >= (SELECT from_s FROM span)
-                         AND accepted_at >= (SELECT from_s FROM span)) AS accepted
+                       WHERE status IN ('completed', 'failed') AND finished_at >= (SELECT came_from FROM span)
+                         AND accepted_at >= (SELECT came_from FROM span)) AS accepted
                GROUP BY 1)
 SELECT (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY reserved_at - accepted_at))
           FROM recent WHERE status = 'completed') AS reserve_s,
@@ -102,6 +103,7 @@ SELECT (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY re
        (SELECT extract(epoch FROM now_s)::bigint FROM bounds) AS now_s,
        (SELECT extract(epoch FROM pace_from)::bigint FROM bounds) AS pace_from,
        (SELECT extract(epoch FROM from_s)::bigint FROM span) AS from_s,
+       (SELECT extract(epoch FROM came_from)::bigint FROM span) AS came_from,
        ARRAY(SELECT extract(epoch FROM at)::bigint FROM seconds ORDER BY at) AS done_at,
        ARRAY(SELECT n FROM seconds ORDER BY at) AS done,
        ARRAY(SELECT backlog FROM seconds ORDER BY at) AS backlog,
@@ -234,7 +236,7 @@ class QueueView:
         now, came = history["now_s"], dict(zip(history["came_at"], history["came"], strict=True))
         done = {at: (n, backlog) for at, n, backlog in zip(history["done_at"], history["done"], history["backlog"],
                                                           strict=True)}
-        self._pace.record(history["from_s"], now,
+        self._pace.record(history["from_s"], history["came_from"], now,
                           ((at, Second(came.get(at, 0), *done.get(at, (0, False)))) for at in set(came) | set(done)))
         forecast = self._pace.forecast(history["pace_from"], now, BACKLOG_SECONDS, BACKLOG_PACE_SECONDS)
         DOOR_COST.set(forecast.door_cost if forecast else self._pace.door_cost())

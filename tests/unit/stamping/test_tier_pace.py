@@ -13,7 +13,8 @@ NOW = 10_000
 
 
 def _busy(pace: TierPace, seconds: dict[int, tuple[int, int]], now: int = NOW) -> None:
-    pace.record(min(seconds), now, ((at, Second(came, done, True)) for at, (came, done) in seconds.items()))
+    first = min(seconds)
+    pace.record(first, first, now, ((at, Second(came, done, True)) for at, (came, done) in seconds.items()))
 
 
 def _shared_box(idle: float = 120.0, k: float = 0.5, first: int = NOW - 40, last: int = NOW - 4):
@@ -28,7 +29,7 @@ def test_the_doors_cost_is_fitted_from_the_backlogged_seconds():
     _busy(pace, _shared_box())
     assert pace.door_cost() == pytest.approx(0.5)
     # seconds without a backlog say what came, not what the tier could sign: not fitted
-    pace.record(NOW - 100, NOW, ((at, Second(came, 3, False)) for at, (came, _) in _shared_box().items()))
+    pace.record(NOW - 100, NOW - 100, NOW, ((at, Second(came, 3, False)) for at, (came, _) in _shared_box().items()))
     assert pace.door_cost() == 0.0
 
 
@@ -57,7 +58,7 @@ def test_the_pace_read_in_a_burst_is_forecast_at_the_doors_intake_now(intake_now
     pace = TierPace()
     seconds = _shared_box()
     seconds.update({at: (intake_now, 0) for at in range(NOW - 3, NOW)})
-    pace.record(NOW - 40, NOW, ((at, Second(c, d, d > 0)) for at, (c, d) in seconds.items()))
+    pace.record(NOW - 40, NOW - 40, NOW, ((at, Second(c, d, d > 0)) for at, (c, d) in seconds.items()))
     forecast = pace.forecast(NOW - 15, NOW, 3, 15)
     assert forecast.door_cost == pytest.approx(0.5)
     assert forecast.read == pytest.approx(70.0, abs=3)                  # what the latest seconds signed
@@ -77,8 +78,24 @@ def test_fewer_backlogged_seconds_than_asked_give_no_forecast():
 def test_a_read_replaces_the_seconds_it_covers_and_older_ones_are_forgotten():
     pace = TierPace(span_s=60)
     _busy(pace, {NOW - 10: (5, 5), NOW - 5: (5, 5), NOW - 1: (5, 5)})
-    pace.record(NOW - 6, NOW, [(NOW - 1, Second(7, 8, True))])          # NOW - 5 had nothing, as read again
+    pace.record(NOW - 6, NOW - 6, NOW, [(NOW - 1, Second(7, 8, True))])     # NOW - 5 had nothing, as read again
     assert pace.forecast(NOW - 15, NOW, 1, 15).per_second == pytest.approx((5 + 8) / 2)
-    pace.record(NOW + 60, NOW + 61, [])                                  # a minute on: all of them are past the span
+    pace.record(NOW + 60, NOW + 60, NOW + 61, [])                   # a minute on: all of them are past the span
     assert pace.forecast(NOW - 15, NOW + 61, 1, 15) is None
     assert pace.read_until == NOW + 61
+
+
+def test_a_read_of_the_finishes_alone_keeps_the_intake_recorded_before():
+    """Each read re-reads the finishes over the pace's window (15 s) and the intake only since the last read."""
+    pace = TierPace()
+    _busy(pace, {NOW - 3: (50, 10), NOW - 2: (60, 10), NOW - 1: (70, 10)})
+    pace.record(NOW - 3, NOW - 1, NOW, [(NOW - 3, Second(0, 20, True)), (NOW - 1, Second(5, 20, True))])
+    assert [pace._seconds[at] for at in range(NOW - 3, NOW)] == [
+        Second(50, 20, True), Second(60, 0, False), Second(5, 20, True)]
+
+
+def test_a_pace_window_reaching_back_days_reads_only_the_span():
+    pace = TierPace(span_s=60)
+    week = NOW - 7 * 86_400
+    pace.record(week, NOW - 60, NOW, [(week, Second(1, 1, True)), (NOW - 5, Second(1, 1, True))])
+    assert list(pace._seconds) == [NOW - 5]
