@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import secrets
 import sys
 import time
@@ -117,6 +118,7 @@ async def play(base_url: str, env: dict, *, channels: int, depth: int, stamps: i
                 results.append(r.json())
 
         await asyncio.gather(*(read(rid, a["channel"]) for rid, a in first.items()))
+        door_cost = await _door_cost(client)
     outcomes: dict[str, int] = {}
     for body in results:
         outcomes[body["status"]] = outcomes.get(body["status"], 0) + 1
@@ -132,7 +134,19 @@ async def play(base_url: str, env: dict, *, channels: int, depth: int, stamps: i
                                                           if phase in (a["phase"], "run")}, results)
                                for phase in ("fill", "held", "run")},
             "held_by_time": by_time({rid: a["eta"] for rid, a in first.items() if a["phase"] == "held"}, results),
+            "door_cost": door_cost,
             "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+
+
+async def _door_cost(client: LoadClient) -> float | None:
+    """The door's cost the ETAs count (``bubuh_stamp_pace_door_cost_ratio``: stamps/s the tier signs fewer per
+    request/s the door takes, ``stamping/pace.py``) as the API process that answers the scrape has fitted it;
+    None when it cannot be read."""
+    r = await client.get("/metrics")
+    if r.status_code != 200:
+        return None
+    found = re.search(r"^bubuh_stamp_pace_door_cost_ratio (\S+)$", r.text, re.MULTILINE)
+    return round(float(found.group(1)), 3) if found else None
 
 
 TRAILING_S = 15.0         # the tier's pace before a 202: what an estimate made at the 202 can know
@@ -285,6 +299,11 @@ def markdown(r: dict) -> str:
                          + "; ".join(f"{b['from_s']}-{b['from_s'] + BUCKET_S:g} s: "
                                      f"{100 * b['within_25_percent']:.0f}%, {b['took_over_eta_median']}"
                                      for b in rnd["held_by_time"]) + ".")
+    costs = [rnd.get("door_cost") for rnd in r["rounds"]]
+    if any(c is not None for c in costs):
+        lines.append("- The door's cost the ETAs counted at each round's end (`bubuh_stamp_pace_door_cost_ratio`, "
+                     "stamps/s the tier signs fewer per request/s the door takes; one API process): "
+                     + ", ".join("-" if c is None else f"{c:g}" for c in costs) + ".")
     first = r["rounds"][0]
     lines.append(f"- {first['channels']} channels, each keeping {first['depth']} requests unfinished, "
                  f"{first['stamps_per_channel']} stamps each; the median round is round {r['median_round'] + 1}."

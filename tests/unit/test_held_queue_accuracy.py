@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from loadtests import held_queue
 from loadtests.held_queue import HELD_S, QUEUE_S, at_the_pace_before, sized
 from loadtests.surge import eta_accuracy
 
@@ -82,3 +83,24 @@ def test_the_held_requests_are_broken_down_by_when_their_202_came():
                    {"from_s": 10, "requests": 1, "within_25_percent": 0.0, "took_over_eta_median": 0.6},
                    {"from_s": 20, "requests": 1, "within_25_percent": 1.0, "took_over_eta_median": 1.0}]
     assert by_time({}, []) == []
+
+
+async def test_each_round_records_the_doors_cost_the_etas_counted():
+    """The report shows the door's cost as an API process fitted it (stamping/pace.py), read from its /metrics."""
+    from loadtests.load_client import Answer
+
+    class Scrape:
+        """The client's answer to the scrape, as LoadClient gives it."""
+
+        def __init__(self, status: int, body: str) -> None:
+            self.answer = Answer(status_code=status, headers={}, content=body.encode())
+
+        async def get(self, path: str):
+            assert path == "/metrics"
+            return self.answer
+
+    body = ("# HELP bubuh_stamp_pace_door_cost_ratio ...\n# TYPE bubuh_stamp_pace_door_cost_ratio gauge\n"
+            "bubuh_stamp_pace_door_cost_ratio 0.2841517\nbubuh_stamp_queue_depth_requests 0.0\n")
+    assert await held_queue._door_cost(Scrape(200, body)) == 0.284
+    assert await held_queue._door_cost(Scrape(200, "bubuh_other 1.0\n")) is None
+    assert await held_queue._door_cost(Scrape(503, "")) is None
