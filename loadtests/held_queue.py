@@ -142,7 +142,10 @@ async def _door_cost(client: LoadClient) -> float | None:
     """The door's cost the ETAs count (``bubuh_stamp_pace_door_cost_ratio``: stamps/s the tier signs fewer per
     request/s the door takes, ``stamping/pace.py``) as the API process that answers the scrape has fitted it;
     None when it cannot be read."""
-    r = await client.get("/metrics")
+    try:
+        r = await client.get("/metrics")
+    except TRANSPORT_ERRORS:
+        return None
     if r.status_code != 200:
         return None
     found = re.search(r"^bubuh_stamp_pace_door_cost_ratio (\S+)$", r.text, re.MULTILINE)
