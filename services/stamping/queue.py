@@ -83,8 +83,6 @@ WITH recent AS (SELECT status, accepted_at, reserved_at, started_at, finished_at
                    FROM requests
                   WHERE status IN ('completed', 'failed') AND finished_at >= (SELECT from_s FROM span)
                   GROUP BY 1),
-     paced AS (SELECT at, n FROM seconds WHERE at >= (SELECT pace_from FROM bounds)),
-     whole AS (SELECT at, n FROM paced WHERE at < (SELECT now_s FROM bounds)),
      came AS (SELECT date_trunc('second', accepted_at) AS at, count(*) AS n
                 FROM (SELECT accepted_at FROM requests
                        WHERE status IN ('queued', 'reserved', 'stamping', 'signed')
@@ -98,8 +96,6 @@ SELECT (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY re
           FROM recent WHERE status = 'completed') AS reserve_s,
        (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY finished_at - started_at))
           FROM recent WHERE status = 'completed') AS finish_s,
-       coalesce((SELECT sum(n)::float8 / nullif(count(*), 0) FROM whole),
-                (SELECT sum(n)::float8 / nullif(count(*), 0) FROM paced)) AS pace,
        (SELECT extract(epoch FROM now_s)::bigint FROM bounds) AS now_s,
        (SELECT extract(epoch FROM pace_from)::bigint FROM bounds) AS pace_from,
        (SELECT extract(epoch FROM from_s)::bigint FROM span) AS from_s,
@@ -110,6 +106,15 @@ SELECT (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY re
        ARRAY(SELECT extract(epoch FROM at)::bigint FROM came ORDER BY at) AS came_at,
        ARRAY(SELECT n FROM came ORDER BY at) AS came
 """
+
+def _busy_pace(history: asyncpg.Record) -> float:
+    """Stamps finished per busy second since the pace window's start (``pace_from``), over its whole seconds, or
+    with the second under way when no whole one saw a finish; 0 when none did."""
+    since, now = history["pace_from"], history["now_s"]
+    seconds = [(at, n) for at, n in zip(history["done_at"], history["done"], strict=True) if at >= since]
+    counted = [n for at, n in seconds if at < now] or [n for _, n in seconds]
+    return sum(counted) / len(counted) if counted else 0.0
+
 
 # The schema's count of the window (BUBUH_STAMP_RATES_FROM=database, or a process that counts none of
 # stamp.events' partitions yet): stamps finished per *busy* second, as the stream counts them
@@ -211,7 +216,7 @@ class QueueView:
         try:
             history = await asyncio.wait_for(self._pool.fetchrow(_HISTORY, self._pace.read_until or 0), 0.5)
             reserve_s, finish_s = float(history["reserve_s"] or 0.0), float(history["finish_s"] or 0.0)
-            pace = float(history["pace"] or 0.0)
+            pace = _busy_pace(history)
             known = rates is not None and rates.known
             forecast = self._record(history)
             if forecast is not None:                            # the pace the queue drains at, else the stream's
