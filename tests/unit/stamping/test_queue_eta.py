@@ -38,11 +38,13 @@ def test_the_pace_is_counted_over_busy_seconds_not_the_quiet_ones_before_a_surge
     assert Throughput._window_sums(me, _table(counts), {0, 1}, now)[0]["stamping"] == 508
 
 
-def test_before_a_backlog_the_rate_comes_from_the_schema_unless_the_stream_is_asked_for():
+def test_before_a_backlog_the_rate_comes_from_the_schema_unless_the_stream_is_asked_for(monkeypatch):
     """faust's windows cost about 3 ms of CPU a stamp on the API processes and the broker (README,
     "faust-streaming"), for the one number the schema's count gives as well: it runs on request only."""
     from services.kernel.settings import Settings
     from services.stamping.service import rates_from
 
+    monkeypatch.delenv("BUBUH_STAMP_RATES_FROM", raising=False)     # the default, not this shell's choice
     assert rates_from(Settings()) == "database"
-    assert rates_from(Settings(stamp_rates_from="stream")) == "stream"
+    monkeypatch.setenv("BUBUH_STAMP_RATES_FROM", "stream")
+    assert rates_from(Settings()) == "stream"
