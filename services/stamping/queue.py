@@ -15,13 +15,14 @@ tier kept in the latest 15 seconds (reaching back over the last 500 stamps) when
 in them had waited in the fair queue): the pace a queue drains at now, forecast at what the door takes now where the
 door's intake slows the tier (``pace.py``: the two share cores). Before there are such seconds, stamps finished
 per busy second in the last ``window``, or, before the window has seen one finish, the pace the last
-500 stamps kept when the tier was busy. The window's rate comes from the stream (faust windows over
-``stamp.events``, ``throughput.py``) when this process counts some of its partitions, else from a
-count in the schema. Facts are cached for a second, and so is the queue (``QueueOrder``: the head's rows
-and a sample beyond in order, each channel's last tag and requests on quota), read in one statement: a 202's position is
-counted against it in memory (the 202s given for its channel since the read count as on quota), a
-reserved request's is its place (one index lookup) counted against it, so a surge of intake calls
-and status reads costs a few statements a second, not work in proportion to positions per call.
+500 stamps kept when the tier was busy. The window's rate is a count in the schema (``_WINDOW``), or,
+with ``BUBUH_STAMP_RATES_FROM=stream``, faust windows over ``stamp.events`` (``throughput.py``) once
+this process counts some of its partitions. Facts are cached for a second, and so is the queue
+(``QueueOrder``: the head's rows and a sample beyond in order, each channel's last tag and requests on quota),
+read in one statement: a 202's position is counted against it in memory (the 202s given for its channel since
+the read count as on quota), a reserved request's is its place (one index lookup) counted against it, so a
+surge of intake calls and status reads costs a few statements a second, not work in proportion to positions
+per call.
 """
 
 from __future__ import annotations
