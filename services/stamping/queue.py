@@ -30,7 +30,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
@@ -178,6 +180,19 @@ ORDER_SHARE = 0.05
 
 _ON_QUOTA_BEFORE = ("SELECT count(*) FROM requests WHERE channel_id = $1 AND status = 'queued' "
                     "AND accepted_at < $2")
+# A status read in one statement: the request's row with what its position needs, its place in the fair queue
+# while it waits there, or else its channel's requests on quota before it (``_ON_QUOTA_BEFORE``, evaluated only
+# for such a row). Read apart, the place was a second statement for every waiting request's read: in a closed
+# loop (4 x 500 stamps, 16 in flight) the status reads sent 7 of the 17.5 statements a stamp cost PostgreSQL.
+STATUS_ROW = """
+SELECT r.*, s.start_tag AS queue_tag, s.seq AS queue_seq,
+       CASE WHEN s.request_id IS NULL AND r.status IN ('queued', 'reserved')
+            THEN (SELECT count(*) FROM requests AS q
+                   WHERE q.channel_id = r.channel_id AND q.status = 'queued' AND q.accepted_at < r.accepted_at)
+       END AS on_quota_before
+  FROM requests AS r LEFT JOIN schedule AS s ON s.request_id = r.request_id
+ WHERE r.request_id = $1 AND r.channel_id = $2
+"""
 
 
 class QueueView:
@@ -248,20 +263,26 @@ class QueueView:
         DOOR_COST.set(forecast.door_cost if forecast else self._pace.door_cost())
         return forecast
 
-    async def position_of(self, request_id: str, channel_id: str, status: str,
-                          accepted_at: dt.datetime) -> int | None:
-        """Requests stamped before this one (0 while it is being signed); None when the database is away."""
+    async def position_of(self, request_id: str, channel_id: str, status: str, accepted_at: dt.datetime, *,
+                          waiting: Mapping[str, Any] | None = None) -> int | None:
+        """Requests stamped before this one (0 while it is being signed); None when the database is away.
+        ``waiting``: the request's row as ``STATUS_ROW`` read it, whose place and count save their statements."""
         if status not in ("queued", "reserved"):
             return 0
         try:
-            return await asyncio.wait_for(self._position(request_id, channel_id, status, accepted_at), 0.5)
+            return await asyncio.wait_for(self._position(request_id, channel_id, status, accepted_at, waiting), 0.5)
         except Exception as exc:  # noqa: BLE001
             if failures.classify(exc).waits:
                 return None
             raise
 
-    async def _position(self, request_id: str, channel_id: str, status: str, accepted_at: dt.datetime) -> int:
+    async def _position(self, request_id: str, channel_id: str, status: str, accepted_at: dt.datetime,
+                        waiting: Mapping[str, Any] | None) -> int:
         order = await self._queue_order()
+        if waiting is not None:
+            if status == "reserved" and waiting["queue_tag"] is not None:
+                return order.ahead_of((waiting["queue_tag"], waiting["queue_seq"]))
+            return order.ahead_of_new(channel_id, waiting["on_quota_before"], self._fair.weight)
         async with self._pool.acquire() as conn:
             if status == "reserved":
                 ahead = await self._fair.ahead_of(conn, request_id, order)

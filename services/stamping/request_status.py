@@ -14,7 +14,7 @@ from services.contracts.bubuh.v1 import stamp_pb2
 from services.kernel import errors
 from services.kernel.settings import Settings
 from services.stamping import store
-from services.stamping.queue import QueueView
+from services.stamping.queue import STATUS_ROW, QueueView
 
 # dead-lettered waits for a replay with its unit reserved; signed waits for the ledger to post the unit
 _SHOWN_AS = {"dead_lettered": "reserved", "signed": "stamping"}
@@ -26,8 +26,7 @@ class RequestStatus:
         self._settings, self._pool, self._documents, self._queue = settings, pool, documents, queue
 
     async def status(self, channel_id: str, request_id: str) -> dict:
-        row = await self._pool.fetchrow("SELECT * FROM requests WHERE request_id = $1 AND channel_id = $2",
-                                        request_id, channel_id)
+        row = await self._pool.fetchrow(STATUS_ROW, request_id, channel_id)
         if row is None:
             return await self._accepted_without_row(channel_id, request_id)
         status = _SHOWN_AS.get(row["status"], row["status"])
@@ -43,7 +42,8 @@ class RequestStatus:
         if row["finished_at"]:
             out["finished_at"] = row["finished_at"].isoformat()
         if status in ("queued", "reserved", "stamping"):
-            position = await self._queue.position_of(request_id, channel_id, row["status"], row["accepted_at"])
+            position = await self._queue.position_of(request_id, channel_id, row["status"], row["accepted_at"],
+                                                      waiting=row)
             facts = await self._queue.facts()
             out["position"] = position
             out["eta_seconds"] = (facts.eta_seconds(position, reserved=row["status"] != "queued")

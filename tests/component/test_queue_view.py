@@ -189,6 +189,48 @@ async def test_positions_follow_the_fair_queue_per_channel(pool):
     await pool.execute("DELETE FROM requests")
 
 
+async def test_a_status_reads_position_comes_with_its_row_and_matches_the_position_read_apart(pool):
+    """A status read is one statement (``STATUS_ROW``): the row, its place in the fair queue, or its channel's
+    requests on quota before it. The position from it is the one read apart, for a request queued in the fair
+    queue, one reserved but taken from it since, and one still on quota; a row not waiting needs neither."""
+    from services.contracts.bubuh.v1 import quota_pb2
+    from services.stamping.fair_queue import Enqueue, FairQueue
+    from services.stamping.queue import STATUS_ROW
+
+    await pool.execute("DELETE FROM requests")
+    await pool.execute("DELETE FROM schedule")
+    fair = FairQueue()
+    now = dt.datetime.now(dt.UTC)
+    reserved = [hs.event(quota_pb2.QuotaReserved(request_id=f"f{i}", channel_id="flood", account_id="a"),
+                         producer="quota") for i in range(30)]
+    await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status, accepted_at) "
+                       "SELECT 'f' || i, 'flood', 'a', 'queued', $1 FROM generate_series(0, 29) AS i",
+                       now - dt.timedelta(seconds=10))
+    await Enqueue(pool, fair).process(reserved)
+    await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status, accepted_at) "
+                       "SELECT 'q' || i, 'flood', 'a', 'queued', $1::timestamptz + make_interval(secs => i) "
+                       "FROM generate_series(1, 5) AS i", now - dt.timedelta(seconds=8))
+    await pool.execute("DELETE FROM schedule WHERE request_id = 'f0'")          # taken by a worker since
+    view = QueueView(pool, window_s=60.0, fair=fair, order_s=0.0)
+    seen = {}
+    for rid in ("f7", "f29", "f0", "q1", "q4"):
+        row = await pool.fetchrow(STATUS_ROW, rid, "flood")
+        assert row["request_id"] == rid and row["status"] in ("reserved", "queued")
+        assert (row["queue_tag"] is None) == (rid in ("f0", "q1", "q4"))
+        assert (row["on_quota_before"] is None) == (row["queue_tag"] is not None)
+        seen[rid] = await view.position_of(rid, "flood", row["status"], row["accepted_at"], waiting=row)
+        assert seen[rid] == await view.position_of(rid, "flood", row["status"], row["accepted_at"])
+    assert seen["f7"] == 6 and seen["f29"] == 28                 # f0 is out of the queue: 29 queued before q's
+    assert seen["q1"] == 29 and seen["q4"] == 29 + 3              # behind the queue and their channel's on quota
+    assert await pool.fetchrow(STATUS_ROW, "f7", "another-channel") is None     # a channel reads only its own
+    await pool.execute("UPDATE requests SET status = 'stamping' WHERE request_id = 'f7'")
+    row = await pool.fetchrow(STATUS_ROW, "f7", "flood")
+    assert row["on_quota_before"] is None
+    assert await view.position_of("f7", "flood", row["status"], row["accepted_at"], waiting=row) == 0
+    await pool.execute("DELETE FROM schedule")
+    await pool.execute("DELETE FROM requests")
+
+
 async def test_a_new_requests_position_counts_other_channels_requests_still_on_quota(pool):
     """A surge's first seconds: most accepted requests are still on quota (not yet in the queue), and each
     channel's go before the later ones of the others by the same fair rule. Counting only the queued rows
