@@ -125,6 +125,7 @@ class Relay:
         self._schema = settings.schema(service)
         self._batch = settings.outbox_batch
         self._idle_poll_s = settings.outbox_idle_poll_s
+        self._linger_s = settings.outbox_linger_ms / 1000
         self._listener = Listener(settings, f"{self._schema}_outbox")
         self._wake = self._listener.subscribe()
         self.leadership = Leadership(settings, f"outbox relay {self._schema}")
@@ -134,7 +135,8 @@ class Relay:
         await self.leadership.lead(stop, self._relay)
 
     async def _relay(self, stop: asyncio.Event) -> None:
-        """The leader's loop: publish what is due, then wait for a NOTIFY or ``idle_poll_s``."""
+        """The leader's loop: publish what is due, then wait for a NOTIFY or ``idle_poll_s``; woken by a NOTIFY,
+        wait ``outbox_linger_ms`` more, so the commits landing meanwhile go out in the same publish."""
         listening = asyncio.create_task(self._listener.run(stop), name=f"outbox-listener-{self._schema}")
         pause = Pause()
         try:
@@ -146,6 +148,8 @@ class Relay:
                     if published >= self._batch:
                         continue
                     await wait_any(stop, self._wake, self._idle_poll_s)
+                    if self._linger_s > 0 and self._wake.is_set():
+                        await asyncio.sleep(self._linger_s)
                 except Exception as exc:  # noqa: BLE001 - an outage of Kafka or PostgreSQL: wait and go on
                     log.warning("outbox relay waiting", schema=self._schema, error=repr(exc),
                                 outage=failures.classify(exc).waits)

@@ -135,6 +135,10 @@ class Settings(BaseSettings):
     # --- outbox relay ---
     outbox_batch: int = 500
     outbox_idle_poll_s: float = 0.5
+    # after a wake-up, how long the relay lets more commits land before it publishes (as a producer's linger.ms):
+    # a publish is five round trips (BEGIN, the publish lock, the claim, Kafka's acks=all, COMMIT) whatever it
+    # carries, and under load each one carried 3-4 rows; 0: publish at once
+    outbox_linger_ms: float = 5.0
     # work one member of a tier does at a time (kernel/leadership.py: an outbox's relay, quota's expiry sweep):
     # a standby tries the lead this often, and the leader checks its lock's connection as often, so a
     # leader's end is its successor's start at most this late

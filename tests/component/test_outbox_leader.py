@@ -152,3 +152,50 @@ async def test_a_publish_waits_for_none_while_another_holds_the_outbox(pool, set
         assert broker.records(TOPIC) == []
     assert await relay.publish_due() == 1
     assert [r.value for r in broker.records(TOPIC)] == [b"1"]
+
+
+async def test_a_woken_relay_lingers_so_commits_close_together_go_out_in_one_publish(pool, settings, broker):
+    """Woken by a commit's NOTIFY, the relay waits ``outbox_linger_ms`` before it publishes: five commits
+    within the linger go out in one publish (each publish is five round trips whatever it carries), the
+    first of them no sooner than the linger after its commit; without a linger, each commit has its own."""
+    async def publishes(linger_ms: float) -> tuple[list[int], float, float]:
+        sizes: list[int] = []
+        first_out = asyncio.get_running_loop().create_future()
+
+        class Counting(AckingProducer):
+            async def publish_many(self, records: list[Outgoing]) -> None:
+                sizes.append(len(records))
+                if not first_out.done():
+                    first_out.set_result(time.monotonic())
+                await self._inner.publish_many(records)
+
+        relay = Relay(pool, Counting(broker, "a", []), settings.model_copy(update={"outbox_linger_ms": linger_ms,
+                                                                              "outbox_idle_poll_s": 5.0}),
+                      "component")
+        stop = asyncio.Event()
+        task = asyncio.create_task(relay.run(stop))
+        try:
+            await asyncio.wait_for(relay.leadership.leading.wait(), 5)
+            # the listener is up (its start wakes the relay once, for what it may have missed, and that linger
+            # has passed): each commit's NOTIFY wakes the relay, and nothing else does (the idle poll, which
+            # publishes what is due at once, is 5 s away)
+            await asyncio.sleep(linger_ms / 1000 + 0.2)
+            committed = time.monotonic()
+            for i in range(5):
+                async with pool.acquire() as conn, conn.transaction():
+                    await outbox.add(conn, [Outgoing(TOPIC, b"k", str(i).encode(), [], f"e-{linger_ms}-{i}")])
+                await asyncio.sleep(0.015)
+            wrote_s = time.monotonic() - committed
+            await _drained(pool)
+            return sizes, await first_out - committed, wrote_s
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+
+    lingering, waited, wrote_s = await publishes(1000.0)
+    assert wrote_s < 1.0                              # the five commits landed within the linger (fsync each)
+    assert lingering == [5]                           # one publish carried all five
+    assert waited >= 1.0                              # not before the linger had passed
+    at_once, _, _ = await publishes(0.0)
+    assert len(at_once) >= 4                          # each commit (nearly) its own publish
+    assert sum(at_once) == 5
