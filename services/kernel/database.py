@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -60,11 +62,12 @@ class Connection(asyncpg.Connection):
     latency, never work; a rolled-back transaction owes nothing.
     """
 
-    __slots__ = ("_owed_wakes",)
+    __slots__ = ("_owed_wakes", "schema")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._owed_wakes: set[tuple[str, bool]] = set()
+        self.schema: str | None = None          # a pool's connections: the service schema its search_path names
 
     def get_reset_query(self) -> str:
         """Nothing for the pool to reset on release, so no round trip: asyncpg's default sends
@@ -88,6 +91,8 @@ class Connection(asyncpg.Connection):
         if self.is_in_transaction():
             return                          # a savepoint ended; the wake-ups wait for the outermost commit
         owed, self._owed_wakes = self._owed_wakes, set()
+        if committed:
+            owed = {(c, s) for c, s in owed if not wake_here(self, c, s)}
         if committed and owed:
             with contextlib.suppress(Exception):
                 wakes = sorted(owed)
@@ -116,9 +121,42 @@ async def notify(conn: asyncpg.Connection, channel: str, *, in_schema: bool = Fa
     owe = getattr(conn, "owe_wake", None)      # through a pool's proxy too
     if owe is not None and conn.is_in_transaction():
         owe(channel, in_schema)
-    else:
+    elif not wake_here(conn, channel, in_schema):
         await conn.execute("SELECT pg_notify(CASE WHEN $2 THEN current_schema() || $1 ELSE $1 END, '')",
                            channel, in_schema)
+
+
+# The listeners of this process that are the only ones of their channel anywhere: an outbox's channel is heard by
+# its relay's leader alone (kernel/outbox.py), and while that leader is in this process a wake-up sent from here is
+# a call, not a round trip to PostgreSQL (and back through its LISTEN connection). Registered by ``Listener.run``.
+_SOLE_LISTENERS: dict[str, Callable[[], None]] = {}
+
+
+def hear_alone(channel: str, poke: Callable[[], None]) -> Callable[[], None]:
+    """``poke`` is this process's listener of ``channel``, and no other process listens to it: wake-ups sent from
+    here for it call ``poke`` instead of NOTIFY. Returns the undo (call it when the listener stops)."""
+    _SOLE_LISTENERS[channel] = poke
+
+    def undo() -> None:
+        if _SOLE_LISTENERS.get(channel) is poke:
+            del _SOLE_LISTENERS[channel]
+    return undo
+
+
+def wake_here(conn: asyncpg.Connection, channel: str, in_schema: bool) -> bool:
+    """Wake ``channel``'s sole listener if it is in this process (True); False: NOTIFY it."""
+    if not _SOLE_LISTENERS:
+        return False
+    if in_schema:
+        schema = getattr(conn, "schema", None)
+        if schema is None:
+            return False
+        channel = schema + channel
+    poke = _SOLE_LISTENERS.get(channel)
+    if poke is None:
+        return False
+    poke()
+    return True
 
 
 def connect_kwargs(settings: Settings) -> dict[str, Any]:
@@ -150,8 +188,13 @@ async def create_pool(settings: Settings, service: str, *, min_size: int | None 
         command_timeout=settings.db_command_timeout_s,
         server_settings={"search_path": schema, "application_name": f"bubuh-{service}"},
         connection_class=Connection,
+        init=functools.partial(_know_schema, schema),
         **connect_kwargs(settings),
     )
+
+
+async def _know_schema(schema: str, conn: Connection) -> None:
+    conn.schema = schema
 
 
 async def healthy(pool: asyncpg.Pool, timeout_s: float = 2.0) -> bool:

@@ -4,7 +4,8 @@ One LISTEN connection per ``Listener``, of its own (not from a pool: it lives as
 process). Nothing may depend on it: its subscribers also poll, so a lost notification (the
 connection was down) costs latency, never work. After every (re)connect it wakes everyone once,
 for whatever was committed while nobody listened. The sending side is ``database.notify``: a
-transaction owes its wake-ups, and its connection sends them after the commit.
+transaction owes its wake-ups, and its connection sends them after the commit; to a listener that is
+the only one of its channel and runs in the sending process (``alone``), as a call instead.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ HEALTH_CHECK_S = 5.0      # a dead socket shows at the next check
 
 
 class Listener:
-    def __init__(self, settings: Settings, channel: str) -> None:
+    def __init__(self, settings: Settings, channel: str, *, alone: bool = False) -> None:
+        """``alone``: no other process listens to ``channel`` while this one runs (an outbox's relay leader):
+        wake-ups sent from this process then call ``poke`` instead of a NOTIFY (``database.hear_alone``)."""
         self._settings = settings
         self.channel = channel
+        self._alone = alone
         self._events: list[asyncio.Event] = []
 
     def subscribe(self) -> asyncio.Event:
@@ -39,6 +43,14 @@ class Listener:
             event.set()
 
     async def run(self, stop: asyncio.Event) -> None:
+        undo = database.hear_alone(self.channel, self.poke) if self._alone else None
+        try:
+            await self._listen(stop)
+        finally:
+            if undo is not None:
+                undo()
+
+    async def _listen(self, stop: asyncio.Event) -> None:
         pause = Pause()
         while not stop.is_set():
             conn: asyncpg.Connection | None = None

@@ -126,7 +126,8 @@ class Relay:
         self._batch = settings.outbox_batch
         self._idle_poll_s = settings.outbox_idle_poll_s
         self._linger_s = settings.outbox_linger_ms / 1000
-        self._listener = Listener(settings, f"{self._schema}_outbox")
+        # heard by the leader alone (the others stand by without listening): a leader's own commits wake it in-process
+        self._listener = Listener(settings, f"{self._schema}_outbox", alone=True)
         self._wake = self._listener.subscribe()
         self.leadership = Leadership(settings, f"outbox relay {self._schema}")
         self._publishing = f"outbox publish {self._schema}"

@@ -199,3 +199,51 @@ async def test_a_woken_relay_lingers_so_commits_close_together_go_out_in_one_pub
     at_once, _, _ = await publishes(0.0)
     assert len(at_once) >= 4                          # each commit (nearly) its own publish
     assert sum(at_once) == 5
+
+
+async def test_a_leaders_own_process_wakes_it_without_a_notify_and_others_still_notify(pool, settings, broker):
+    """Only an outbox's relay leader listens to its channel, so a commit in the leader's own process wakes it
+    with a call, not a NOTIFY (a round trip to PostgreSQL and back through the LISTEN connection). With no
+    leader in the process, the commit's NOTIFY goes out as before; a relay that stops leading takes its
+    in-process wake-up with it."""
+    from services.kernel import database
+
+    heard: list[str] = []
+    spy = await database.connect(settings)                 # a second listener: it hears every NOTIFY sent
+    channel = settings.schema("component") + "_outbox"
+    await spy.add_listener(channel, lambda *args: heard.append(args[3]))
+
+    async def commit(n: int) -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            await outbox.add(conn, [Outgoing(TOPIC, b"k", str(n).encode(), [], f"wake-{n}")])
+
+    async def heard_one() -> None:
+        deadline = time.monotonic() + 3
+        while not heard:
+            assert time.monotonic() < deadline, "no NOTIFY"
+            await asyncio.sleep(0.02)
+
+    try:
+        await commit(1)                                    # no relay in this process: a NOTIFY
+        await heard_one()
+        await pool.execute("DELETE FROM outbox")
+        heard.clear()
+        relay = Relay(pool, AckingProducer(broker, "a", []), settings.model_copy(update={"outbox_idle_poll_s": 5.0}),
+                      "component")
+        stop = asyncio.Event()
+        task = asyncio.create_task(relay.run(stop))
+        await asyncio.wait_for(relay.leadership.leading.wait(), 5)
+        await asyncio.sleep(0.3)                           # its start's own wake-up and linger have passed
+        started = time.monotonic()
+        await commit(2)
+        await _drained(pool, timeout=3)
+        assert time.monotonic() - started < 1.0            # woken (the idle poll is 5 s away)
+        await asyncio.sleep(0.2)
+        assert heard == []                                 # and no NOTIFY went out for it
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await commit(3)                                    # the relay stopped: NOTIFY again
+        await heard_one()
+        await pool.execute("DELETE FROM outbox")
+    finally:
+        await spy.close()
