@@ -91,11 +91,11 @@ class Connection(asyncpg.Connection):
         if self.is_in_transaction():
             return                          # a savepoint ended; the wake-ups wait for the outermost commit
         owed, self._owed_wakes = self._owed_wakes, set()
-        if committed:
-            owed = {(c, s) for c, s in owed if not wake_here(self, c, s)}
-        if committed and owed:
+        if not committed:
+            return
+        wakes = sorted((c, s) for c, s in owed if not wake_here(self, c, s))   # the rest are NOTIFYs
+        if wakes:
             with contextlib.suppress(Exception):
-                wakes = sorted(owed)
                 await self.execute("SELECT pg_notify(CASE WHEN s THEN current_schema() || c ELSE c END, '') "
                                    "FROM unnest($1::text[], $2::bool[]) AS u(c, s)",
                                    [c for c, _ in wakes], [s for _, s in wakes])

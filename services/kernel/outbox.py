@@ -136,8 +136,9 @@ class Relay:
         await self.leadership.lead(stop, self._relay)
 
     async def _relay(self, stop: asyncio.Event) -> None:
-        """The leader's loop: publish what is due, then wait for a NOTIFY or ``idle_poll_s``; woken by a NOTIFY,
-        wait ``outbox_linger_ms`` more, so the commits landing meanwhile go out in the same publish."""
+        """The leader's loop: publish what is due, then wait for a wake-up (a NOTIFY, or a call from a commit in
+        this process) or ``idle_poll_s``; woken, wait ``outbox_linger_ms`` more, so the commits landing meanwhile
+        go out in the same publish."""
         listening = asyncio.create_task(self._listener.run(stop), name=f"outbox-listener-{self._schema}")
         pause = Pause()
         try:
