@@ -283,10 +283,13 @@ class FairQueue:
 
 
 # the queued requests of a batch show 'reserved' in the transaction that queues them; a row another
-# transaction holds (a retry's own update, a failure being recorded) is skipped, not waited for
+# transaction holds (a retry's own update, a failure being recorded) is skipped, not waited for. The rows
+# come from the primary key: ``IS NOT DISTINCT FROM`` keeps the partial indexes on status out of the plan
+# (tracker.py, ``_SIGNED_ROWS``: with ``=`` this read all of ``requests_open``, 7.5 ms a call in a surge)
 _SHOW_RESERVED = """
 UPDATE requests SET status = 'reserved', reserved_at = now()
- WHERE request_id IN (SELECT request_id FROM requests WHERE request_id = ANY($1::text[]) AND status = 'queued'
+ WHERE request_id IN (SELECT request_id FROM requests
+                       WHERE request_id = ANY($1::text[]) AND status IS NOT DISTINCT FROM 'queued'
                        ORDER BY request_id FOR UPDATE SKIP LOCKED)
 RETURNING extract(epoch FROM now() - accepted_at)::float8 AS waited_s
 """

@@ -30,6 +30,9 @@ from services.stamping.sandbox import Sandbox
 
 log = logs.get(__name__)
 _NS = uuid.UUID("a3c1f1de-5d0e-4a8e-9a43-2b8f5b1e7c20")
+# the row of a request refused after all, while still queued; found by its primary key, not by a scan of the
+# open requests (tracker.py, ``_SIGNED_ROWS``)
+FORGET = "DELETE FROM requests WHERE request_id = $1 AND status IS NOT DISTINCT FROM 'queued'"
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,6 @@ class StampIntake:
         the queue depth, the oldest-open-request age and the count behind every position. Should the event
         reach the broker later all the same, the stamping tier writes the row again as it moves on."""
         try:
-            await asyncio.shield(asyncio.wait_for(self._pool.execute(
-                "DELETE FROM requests WHERE request_id = $1 AND status = 'queued'", request_id), 0.5))
+            await asyncio.shield(asyncio.wait_for(self._pool.execute(FORGET, request_id), 0.5))
         except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - the refusal stands either way
             log.warning("queued row of a refused request not removed", request_id=request_id, error=repr(exc))
