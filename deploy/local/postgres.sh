@@ -41,6 +41,9 @@ online() { pg_lsclusters -h 2>/dev/null | awk -v c=$cluster '$2==c {print $4}' |
 # still returns only after its WAL is on disk. In a surge the door's commits mostly waited for WAL
 # flushes (pg_stat_activity: LWLock:WALWrite and IO:WALSync), and with the delay the same load took
 # fewer of them (README, "The front door, open loop").
+# autovacuum_naptime 5 s (1 min by default): the queue tables (every outbox, the fair queue's schedule) hold
+# a few live rows and churn thousands a minute; autovacuum removes their dead rows only when it looks, and
+# until then each claim walks the index past them (README, "Benchmarks").
 write_conf() {
   cat >"$1" <<CONF
 listen_addresses = '127.0.0.1'
@@ -53,6 +56,7 @@ commit_delay = 1000
 jit = off
 log_lock_waits = on
 deadlock_timeout = 50ms
+autovacuum_naptime = 5s
 CONF
 }
 

@@ -36,15 +36,14 @@ TYPES = frozenset(events.type_name(t) for t in (quota_pb2.QuotaRejected, quota_p
                                                 quota_pb2.QuotaRefused, quota_pb2.QuotaReleased))
 
 
-
 # Requests found by their ids, the status checked as ``IS NOT DISTINCT FROM``, not ``=``: the same test on a
 # column that is never null, but one the planner cannot match to the partial indexes on status
 # (``requests_open``, ``requests_on_quota``), so the rows come from the primary key, a few probes. With
-# ``status = 'signed'`` it read the whole of ``requests_open`` and kept the ids asked for: that index's
-# row count in ``pg_class`` is the one of the last vacuum or analyze, taken when the queue was empty, so the scan
-# was costed as nothing. Under a surge it held every open request and the dead entries of those that had
-# moved on: 22 ms for 4 ids beside 1,327 open requests (EXPLAIN ANALYZE, 1,735 buffers), 2.2 ms and 2.8 ms
-# a call on average over a closed loop (pg_stat_statements), and a scan that grows with the backlog.
+# ``status = 'signed'`` it read the whole of ``requests_open`` and kept the ids asked for: that index's row
+# count in ``pg_class`` is the one of the last vacuum or analyze, taken when the queue was empty, so the
+# scan was costed as nothing. Under a surge it held every open request and the dead entries of those that
+# had moved on: 22 ms for 4 ids beside 1,327 open requests (EXPLAIN ANALYZE, 1,735 buffers), 2.2 ms and
+# 2.8 ms a call on average over a closed loop (pg_stat_statements), and a scan that grows with the backlog.
 _SIGNED_ROWS = """
 SELECT request_id, channel_id, account_id, sn, output_ref, output_sha256, rewritten_sha256 FROM requests
  WHERE request_id = ANY($1::text[]) AND status IS NOT DISTINCT FROM 'signed'

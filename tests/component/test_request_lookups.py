@@ -4,8 +4,9 @@ The stamping schema's partial indexes on status (``requests_open``, ``requests_o
 that want every open request. A lookup of a few ids that also tests the status could be planned over them
 instead: their row count in ``pg_class`` is the one of the last vacuum or analyze, and taken while the queue
 was empty it costs a scan of them as nothing, however many requests a surge has opened since. Then each call
-read every open request (22 ms for 4 ids beside 1,327 open ones, 6 December). Here the schema is vacuumed
-empty, a surge's worth of requests is opened, and each lookup's plan is read with its buffers."""
+read every open request (22 ms for 4 ids beside 1,327 open ones, 6 December). Here a table of finished
+requests is vacuumed with none open, a surge's worth of requests is opened, and each lookup's generic plan is
+read with its buffers."""
 
 from __future__ import annotations
 
