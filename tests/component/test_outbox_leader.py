@@ -12,7 +12,7 @@ import time
 
 import asyncpg
 
-from services.kernel import outbox
+from services.kernel import database, outbox
 from services.kernel.events import Outgoing
 from services.kernel.metrics import LEADING
 from services.kernel.outbox import Relay
@@ -206,8 +206,6 @@ async def test_a_leaders_own_process_wakes_it_without_a_notify_and_others_still_
     with a call, not a NOTIFY (a round trip to PostgreSQL and back through the LISTEN connection). With no
     leader in the process, the commit's NOTIFY goes out as before; a relay that stops leading takes its
     in-process wake-up with it."""
-    from services.kernel import database
-
     heard: list[str] = []
     spy = await database.connect(settings)                 # a second listener: it hears every NOTIFY sent
     channel = settings.schema("component") + "_outbox"
@@ -223,6 +221,8 @@ async def test_a_leaders_own_process_wakes_it_without_a_notify_and_others_still_
             assert time.monotonic() < deadline, "no NOTIFY"
             await asyncio.sleep(0.02)
 
+    stop = asyncio.Event()
+    task: asyncio.Task | None = None
     try:
         await commit(1)                                    # no relay in this process: a NOTIFY
         await heard_one()
@@ -230,7 +230,6 @@ async def test_a_leaders_own_process_wakes_it_without_a_notify_and_others_still_
         heard.clear()
         relay = Relay(pool, AckingProducer(broker, "a", []), settings.model_copy(update={"outbox_idle_poll_s": 5.0}),
                       "component")
-        stop = asyncio.Event()
         task = asyncio.create_task(relay.run(stop))
         await asyncio.wait_for(relay.leadership.leading.wait(), 5)
         await asyncio.sleep(0.3)                           # its start's own wake-up and linger have passed
@@ -246,4 +245,7 @@ async def test_a_leaders_own_process_wakes_it_without_a_notify_and_others_still_
         await heard_one()
         await pool.execute("DELETE FROM outbox")
     finally:
+        stop.set()                                         # a failed assertion does not leave the relay running
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
         await spy.close()
