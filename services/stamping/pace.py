@@ -20,6 +20,11 @@ signs). A wait of many seconds outlasts a burst: a surge's arrivals end, and a c
 number of requests unfinished sends one when one completes; the door taking more than the tier signs
 for the whole of a wait is a queue growing without end, and its requests' ETAs are read again.
 
+What this does not see (README, "ETAs people can plan by", 6 December 13:07): a wait that outlasts the
+sending. When channels hold a set number unfinished, intake follows completions second by second, so the
+fitted line comes out flatter than the door's cost (0.19-0.29 where the tier then signed 1.6 times as fast
+once the sending stopped), and the forecast, the pace at the intake now, cannot know the sending will stop.
+
 Replayed over the database's 15 held-queue rounds of 5 and 6 December (each request's time from 202
 to completed against the stamps finished meanwhile over the pace it would have been told): the held
 requests within 25% of their ETA, median round, 80% with the pace as read, 85% with the intake of the
