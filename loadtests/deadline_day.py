@@ -47,6 +47,7 @@ import contextlib
 import datetime as dt
 import heapq
 import json
+import math
 import os
 import random
 import secrets
@@ -77,6 +78,7 @@ TIMEOUT_S = 30.0                     # the client's timeout, the same for the pl
 SENDERS = 256                        # requests in flight at most (each on its own connection) ...
 READERS = 16                         # status reads in flight at most
 SCRAPE_EVERY_S = 5.0
+SCRAPE_TIMEOUT_S = 4.0                # below SCRAPE_EVERY_S: a round never runs into the next
 BUCKET_S = 10.0                      # the plots' and the tables' time resolution
 PURCHASE_UNITS = 10                  # an applicant group's purchase: 10 stamps' worth
 PURCHASE_LEAD_S = 40.0               # bought this long before the stamps that use it arrive
@@ -260,17 +262,26 @@ class Scrapes:
             self.samples.append((t, process, tier, value))
 
     async def run(self, t0: float, stop: asyncio.Event) -> None:
-        async with httpx.AsyncClient(timeout=3) as client:
+        """A round every ``SCRAPE_EVERY_S`` on the clock, each process scraped at once (not one after the
+        other: in the spike an API process's /metrics took seconds, and in turn seven of them spaced the
+        samples 25 s apart on 6 December); a process that does not answer within ``SCRAPE_TIMEOUT_S`` is
+        a failure of that round, and its rate is read across the gap from its next sample."""
+        async with httpx.AsyncClient(timeout=SCRAPE_TIMEOUT_S) as client:
+            due = time.perf_counter()
             while not stop.is_set():
                 t = time.perf_counter() - t0
-                for process, port in self.targets.items():
-                    try:
-                        r = await client.get(f"http://127.0.0.1:{port}/metrics")
-                        self.take(t, process, r.text)
-                    except httpx.HTTPError:
-                        self.failed += 1          # a killed or restarting process: its counters restart
+                await asyncio.gather(*(self._scrape(client, t, process, port)
+                                       for process, port in self.targets.items()))
+                due = max(due + SCRAPE_EVERY_S, time.perf_counter())    # a round over its time: the next at once
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), SCRAPE_EVERY_S)
+                    await asyncio.wait_for(stop.wait(), due - time.perf_counter())
+
+    async def _scrape(self, client: httpx.AsyncClient, t: float, process: str, port: int) -> None:
+        try:
+            r = await client.get(f"http://127.0.0.1:{port}/metrics")
+            self.take(t, process, r.text)
+        except httpx.HTTPError:
+            self.failed += 1          # slow, killed or restarting: its counters are read again next round
 
     @property
     def depth(self) -> list[tuple[float, float]]:
@@ -817,6 +828,20 @@ def open_requests(sent: list[Sent], step: float = 1.0) -> tuple[list[float], lis
 # --- the plots ----------------------------------------------------------------------------------------
 
 
+def with_gaps(series: list[tuple[float, float]], every_s: float) -> tuple[list[float], list[float]]:
+    """x and y of a series sampled every ``every_s``, with a break (NaN) where samples are missing, so a
+    plot leaves the gap empty instead of drawing a straight line across it."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for t, v in series:
+        if xs and t - xs[-1] > 1.5 * every_s:
+            xs.append((xs[-1] + t) / 2)
+            ys.append(math.nan)
+        xs.append(t)
+        ys.append(v)
+    return xs, ys
+
+
 def plot(result: dict, raw: dict, out_dir: Path, stem: str) -> dict[str, str]:
     """The five PNGs issue 12 asks for, beside the JSON; returns {plot: path}."""
     import matplotlib
@@ -841,7 +866,7 @@ def plot(result: dict, raw: dict, out_dir: Path, stem: str) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(11, 5))
     for tier, series in result["tier_rates"].items():
         if series:
-            ax.plot([t for t, _ in series], [v for _, v in series], label=tier, lw=1.2)
+            ax.plot(*with_gaps(series, SCRAPE_EVERY_S), label=tier, lw=1.2)
     arr = result["platform"]["buckets"]
     ax.step([b["t"] for b in arr], [b["arrivals"] / BUCKET_S for b in arr], where="post", color="black", lw=1,
             ls="--", label="stamp arrivals (offered)")
@@ -870,7 +895,7 @@ def plot(result: dict, raw: dict, out_dir: Path, stem: str) -> dict[str, str]:
     # 3. queue depth and ETA error
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
     depth = raw["scrapes"].depth
-    a1.plot([t for t, _ in depth], [v for _, v in depth],
+    a1.plot(*with_gaps(depth, SCRAPE_EVERY_S),
             label="bubuh_stamp_queue_depth_requests (scraped, all channels)")
     a1.plot(*open_requests(raw["sent"]), label="this day's requests accepted, not yet seen ended (the channels' view)")
     a1.set(ylabel="requests not yet finished", title="Queue depth")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
+import time
 from pathlib import Path
 
 from loadtests.deadline_day import (
@@ -29,6 +31,7 @@ from loadtests.deadline_day import (
     tier_rates,
     units_needed,
     verdict,
+    with_gaps,
 )
 from loadtests.load_client import Answer
 
@@ -94,6 +97,60 @@ def test_scrapes_read_the_tiers_and_the_queue_depth_from_the_text_format():
     got = {tier: v for _, _, tier, v in scrapes.samples}
     assert got == {"stamping (completed)": 40.0, "quota (reservations)": 8.0}
     assert scrapes.depth == [(5.0, 12.0)]                                 # the process that keeps it
+
+
+async def _metrics_server(delay_s: float, counter: str) -> asyncio.Server:
+    """A /metrics on loopback answering after ``delay_s``: a platform process, busy or not."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while (await reader.readline()) not in (b"\r\n", b""):
+                pass
+            await asyncio.sleep(delay_s)
+            body = f"# TYPE bubuh_stamp_outcomes_total counter\n{counter}\n".encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(answer, "127.0.0.1", 0)
+
+
+async def test_a_slow_process_does_not_space_out_the_others_samples(monkeypatch):
+    """6 December: the report scraped seven processes one after the other, and in the spike the API
+    processes' slow /metrics spaced every sample 25 s apart. Each round now scrapes them at once, on
+    the clock, and a process over the timeout only misses that round."""
+    import loadtests.deadline_day as day
+
+    monkeypatch.setattr(day, "SCRAPE_EVERY_S", 0.4)
+    monkeypatch.setattr(day, "SCRAPE_TIMEOUT_S", 0.3)
+    fast = await _metrics_server(0.0, 'bubuh_stamp_outcomes_total{code="",outcome="completed"} 5.0')
+    slow = await _metrics_server(1.0, 'bubuh_stamp_outcomes_total{code="",outcome="completed"} 7.0')
+    scrapes = Scrapes({f"p{i}": fast.sockets[0].getsockname()[1] for i in range(3)}
+                      | {"slow": slow.sockets[0].getsockname()[1]})
+    stop = asyncio.Event()
+    try:
+        running = asyncio.ensure_future(scrapes.run(time.perf_counter(), stop))
+        await asyncio.sleep(2.1)
+        stop.set()
+        await asyncio.wait_for(running, 2)
+    finally:
+        for server in (fast, slow):
+            server.close()
+    rounds = sorted({t for t, process, _, _ in scrapes.samples if process == "p0"})
+    assert len(rounds) >= 4, rounds                                # one every 0.4 s, not one per 1 s + 0.3 s x 3
+    assert max(b - a for a, b in zip(rounds, rounds[1:], strict=False)) < 0.6, rounds
+    assert {p for _, p, _, _ in scrapes.samples} == {"p0", "p1", "p2"}     # the slow one never in time ...
+    assert scrapes.failed >= len(rounds)                                   # ... and counted as failed
+
+
+def test_a_plotted_series_breaks_where_samples_are_missing():
+    xs, ys = with_gaps([(0.0, 1.0), (5.0, 2.0), (30.0, 3.0), (35.0, 4.0)], 5.0)
+    assert xs == [0.0, 5.0, 17.5, 30.0, 35.0]
+    assert ys[:2] == [1.0, 2.0] and math.isnan(ys[2]) and ys[3:] == [3.0, 4.0]
+    assert with_gaps([(0.0, 1.0), (5.0, 2.0)], 5.0) == ([0.0, 5.0], [1.0, 2.0])
 
 
 def _sent(t: float, channel: int, *, eta: float | None = 10.0, took: float | None = 10.0, status: int | None = 202,
