@@ -67,7 +67,7 @@ if __package__ in (None, ""):
 
 from loadtests import corpus  # noqa: E402
 from loadtests.bench_engine import measure_processes  # noqa: E402
-from loadtests.load_client import TRANSPORT_ERRORS, Answer, LoadClient, bearer  # noqa: E402
+from loadtests.load_client import TICKET_HEADER, TRANSPORT_ERRORS, Answer, LoadClient, bearer  # noqa: E402
 from loadtests.open_loop import rate_arguments, sustainable_rate  # noqa: E402
 from loadtests.readme import measure_and_publish  # noqa: E402
 from loadtests.surge import _bubuh, add_channels, log  # noqa: E402
@@ -406,16 +406,19 @@ class Sent:
     key: str = ""                     # its Idempotency-Key
     late: str | None = None           # no answer in time: the status the channel's later retry was answered with
     held_s: float = 0.0               # how long the channel held it past its time, until its units were credited
+    ticket: str = ""                  # the last Bubuh-Queue-Ticket a 503 gave it, sent back with each retry
 
 
 async def _send(gate: asyncio.Semaphore, t0: float, sent: Sent, request) -> Answer | None:
     """One arrival, sent at its time and retried on 429/503 as the answer's Retry-After says, within
-    TIMEOUT_S of the arrival (the client's total budget); the latency runs from the scheduled time.
+    TIMEOUT_S of the arrival (the client's total budget), with the ``Bubuh-Queue-Ticket`` of the last 503
+    that gave one (docs/channels.md: it keeps the request's place in line); the latency runs from the
+    scheduled time.
 
-    ``request(timeout_s)`` sends once within ``timeout_s`` (``load_client.py``: its timeout cancels the
-    request cleanly; with httpx a request cancelled while it waited for a pool connection could keep that
-    connection's slot for good, encode/httpcore#1093, and the fourth deadline-day run had 131 resends
-    waiting minutes for slots that were never freed)."""
+    ``request(timeout_s, headers)`` sends once within ``timeout_s``, with ``headers`` beside its own
+    (``load_client.py``: its timeout cancels the request cleanly; with httpx a request cancelled while it
+    waited for a pool connection could keep that connection's slot for good, encode/httpcore#1093, and
+    the fourth deadline-day run had 131 resends waiting minutes for slots that were never freed)."""
     scheduled = t0 + sent.t + sent.held_s
     deadline = scheduled + TIMEOUT_S
     await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
@@ -429,13 +432,15 @@ async def _send(gate: asyncio.Semaphore, t0: float, sent: Sent, request) -> Answ
             async with asyncio.timeout(remaining):      # only the wait for a sender: a semaphore, safe to cancel
                 await gate.acquire()
             try:
-                r = await request(max(0.1, deadline - time.perf_counter()))
+                r = await request(max(0.1, deadline - time.perf_counter()),
+                                  {TICKET_HEADER: sent.ticket} if sent.ticket else {})
             finally:
                 gate.release()
             if time.perf_counter() > deadline:           # answered, but after the client had given up
                 raise TimeoutError
             if r.status_code not in (429, 503):
                 break
+            sent.ticket = r.header(TICKET_HEADER) or sent.ticket
             pause = float(r.headers.get("Retry-After") or 1)     # as docs/channels.md says, within the budget
             await asyncio.sleep(min(pause, max(0.0, deadline - time.perf_counter())))
     except TimeoutError:
@@ -484,8 +489,8 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
                                                          dt.UTC).isoformat()}
             start = t0
             for _ in range(10):    # not accepted (no answer, the database away): the same order sent again
-                r = await _send(gate, start, b, lambda timeout_s: client.post(
-                    "/v1/purchases", json=body, headers=auth(c), timeout_s=timeout_s))
+                r = await _send(gate, start, b, lambda timeout_s, more: client.post(
+                    "/v1/purchases", json=body, headers=auth(c) | more, timeout_s=timeout_s))
                 if r is not None and r.status_code == 202:
                     break
                 start = time.perf_counter() - b.t
@@ -508,8 +513,8 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
             s.key = f"deadline-{run_id}-{i}"
 
         def stamp(s: Sent):
-            return lambda timeout_s: client.post(
-                "/v1/stamps", headers=auth(s.channel) | {"Idempotency-Key": s.key}, form={"meta": META},
+            return lambda timeout_s, more: client.post(
+                "/v1/stamps", headers=auth(s.channel) | {"Idempotency-Key": s.key} | more, form={"meta": META},
                 file=("letter.pdf", letter, "application/pdf"), timeout_s=timeout_s)
 
         async def arrive(s: Sent, need: int) -> None:
@@ -572,7 +577,7 @@ async def play_platform(base_url: str, env: dict, settings, arrivals: list[Arriv
         async def resend(s: Sent) -> None:
             """What a channel does with a request that got no answer: send it again with its key, until
             answered. A 202 saying other than ``queued`` means the platform had accepted it all along."""
-            again = Sent(time.perf_counter() - t0, "drain", s.channel)
+            again = Sent(time.perf_counter() - t0, "drain", s.channel, ticket=s.ticket)
             for _ in range(20):
                 r = await _send(gate, t0, again, stamp(s))
                 if r is not None:
@@ -631,7 +636,7 @@ async def play_baseline(url: str, arrivals: list[Arrival]) -> list[Sent]:
         t0 = time.perf_counter()
 
         async def arrive(s: Sent) -> None:
-            r = await _send(gate, t0, s, lambda timeout_s: client.post(
+            r = await _send(gate, t0, s, lambda timeout_s, _: client.post(
                 "/stamp", form={"meta": META}, file=("letter.pdf", letter, "application/pdf"), timeout_s=timeout_s))
             if r is not None and r.status_code == 200:
                 s.outcome, s.ended_s = "completed", time.perf_counter() - t0

@@ -24,6 +24,10 @@ import aiohttp
 TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
+# docs/channels.md, "When POST /v1/stamps answers 503": sent back with the retry, it keeps the request's place
+TICKET_HEADER = "Bubuh-Queue-Ticket"
+
+
 def bearer(api_key: str) -> dict[str, str]:
     """A channel's request headers: its API key as the bearer token (docs/channels.md)."""
     return {"Authorization": f"Bearer {api_key}"}
@@ -34,6 +38,11 @@ class Answer:
     status_code: int
     headers: dict[str, str]
     content: bytes
+
+    def header(self, name: str) -> str | None:
+        """One header of the answer, its name in any case."""
+        name = name.lower()
+        return next((v for k, v in self.headers.items() if k.lower() == name), None)
 
     @property
     def text(self) -> str:

@@ -14,6 +14,8 @@ FastAPI's ``File``/``Form``/model parameters, which parse the whole body before 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -30,7 +32,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.kernel import errors, failures, logs, metrics, tracing
-from services.kernel.retry_after import Spread
+from services.kernel.retry_after import TICKET_EARLY_S, TICKET_HEADER, Spread, Tickets
 
 log = logs.get(__name__)
 
@@ -95,7 +97,9 @@ def body_limit(limit: int, too_large: errors.ErrorCode = errors.BODY_TOO_LARGE,
         extra[MAX_IN_FLIGHT] = max_in_flight
     if request_body is not None:
         busy = (f" When {max_in_flight} are already in progress, the answer is 503 `UNAVAILABLE` with "
-                f"`Retry-After`, before the body is read." if max_in_flight else "")
+                f"`Retry-After`, before the body is read; for a request with an `Idempotency-Key`, also with a "
+                f"`Bubuh-Queue-Ticket` to send back with the retry, which keeps its place in line "
+                f"(docs/channels.md)." if max_in_flight else "")
         extra["requestBody"] = {**request_body, "description": (
             request_body.get("description", "") + f" At most {limit} bytes (chunked or not): a larger "
             f"declared `Content-Length` is refused at once, a larger streamed body as soon as it passes the "
@@ -146,7 +150,7 @@ class BodyLimits:
     """
 
     def __init__(self, app: ASGIApp, routers: Sequence[APIRouter], default_limit: int = DEFAULT_MAX_BODY_BYTES,
-                 spreads: dict[str, Spread] | None = None) -> None:
+                 spreads: dict[str, Spread] | None = None, tickets: Tickets | None = None) -> None:
         self.app = app
         self._default = default_limit
         # the routers' own routes (the app mounts them without a prefix), read once: matching a
@@ -162,6 +166,8 @@ class BodyLimits:
         self._in_flight: dict[str, int] = {}
         # and how long those turned away should wait: spread over the time the route needs to take them
         self._spreads = spreads if spreads is not None else {}
+        # ... and their places in line, for those whose retry is the same request (kernel/retry_after.py)
+        self._tickets = tickets or Tickets()
         for route, _, _, bound in self._table:
             if bound:
                 self._spreads.setdefault(route.path, Spread())
@@ -182,17 +188,18 @@ class BodyLimits:
         limit, code, path, bound = self._limit_for(scope)
         if bound:
             spread = self._spreads[path]
-            if self._in_flight.get(path, 0) >= bound:
+            refused = self._admission(scope, path, bound, spread)
+            if refused is not None:
                 # the body is read and dropped (within the route's limit), not parsed: an answer sent
                 # while a client still uploads is often lost to the reset that closing causes
-                log.info("busy: body dropped unparsed", path=scope["path"], in_flight=bound)
-                wait = {"Retry-After": str(spread.refused())}
+                log.info("busy: body dropped unparsed", path=scope["path"], in_flight=self._in_flight.get(path, 0),
+                         ticket=TICKET_HEADER in refused)
                 if await _dropped(receive, limit):
                     response = error_response(errors.UNAVAILABLE, f"{bound} requests in progress here; retry "
-                                              "after Retry-After", wait)
+                                              "after Retry-After", refused)
                     await response(scope, _no_body, send)
                 else:
-                    await _refuse(scope, send, errors.UNAVAILABLE, f"{bound} requests in progress here", wait)
+                    await _refuse(scope, send, errors.UNAVAILABLE, f"{bound} requests in progress here", refused)
                 return
             self._in_flight[path] = self._in_flight.get(path, 0) + 1
             status = 0
@@ -210,6 +217,39 @@ class BodyLimits:
                     spread.completed()
             return
         await self._limited(scope, receive, send, limit, code)
+
+    def _admission(self, scope: Scope, path: str, bound: int, spread: Spread) -> dict[str, str] | None:
+        """None: let the request in. Else the headers of its 503: ``Retry-After``, and for a request that
+        can come back as itself (an ``Idempotency-Key``) its place in line, ``Bubuh-Queue-Ticket``.
+
+        First turned away, first taken: a request with a ticket whose time has come is let in ahead of
+        newcomers, up to half the bound over it; while callers are booked for times still to come,
+        newcomers are let in only below half the bound (the door keeps working when booked callers do
+        not come back) and are otherwise booked behind them. A ticket that came back early keeps its
+        place and is told the rest of its wait; one that is not this request's, or expired, counts for
+        nothing (the request is a newcomer)."""
+        held = self._in_flight.get(path, 0)
+        binding = _ticket_binding(scope)
+        shown = _header(scope, b"bubuh-queue-ticket") if binding is not None else None
+        due_in = self._tickets.due_in(path, binding, shown) if shown else None
+        if shown and due_in is None:
+            metrics.QUEUE_TICKETS.labels(path, "invalid").inc()
+        if due_in is not None and due_in > TICKET_EARLY_S:
+            metrics.QUEUE_TICKETS.labels(path, "early").inc()
+            return {"Retry-After": str(math.ceil(due_in)), TICKET_HEADER: shown}
+        if due_in is not None:
+            if held < bound + max(1, bound // 2):
+                metrics.QUEUE_TICKETS.labels(path, "honoured").inc()
+                return None
+            metrics.QUEUE_TICKETS.labels(path, "full").inc()       # its turn, but full even for it: at the front
+            return {"Retry-After": "1", TICKET_HEADER: self._tickets.issue(path, binding, 1.0)}
+        if held < (max(1, bound // 2) if spread.booked_ahead() else bound):
+            return None
+        if binding is None:
+            return {"Retry-After": str(spread.refused())}
+        wait = spread.book()
+        metrics.QUEUE_TICKETS.labels(path, "issued").inc()
+        return {"Retry-After": str(max(1, math.ceil(wait))), TICKET_HEADER: self._tickets.issue(path, binding, wait)}
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send, limit: int, code: errors.ErrorCode) -> None:
         headers = dict(scope["headers"])
@@ -258,6 +298,21 @@ class BodyLimits:
             await send(message)
 
         await self.app(scope, limited_receive, closing_send)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    value = next((v for k, v in scope["headers"] if k == name), None)
+    return value.decode("latin-1") if value is not None else None
+
+
+def _ticket_binding(scope: Scope) -> bytes | None:
+    """What a queue ticket is signed for: one request (its ``Idempotency-Key``) of one caller (its
+    credentials, hashed); None without a key, as a retry without one is another request."""
+    key = next((v for k, v in scope["headers"] if k == b"idempotency-key"), None)
+    if not key:
+        return None
+    credentials = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+    return key + b"\x1f" + hashlib.sha256(credentials).digest()[:16]
 
 
 def _with_close(headers) -> list[tuple[bytes, bytes]]:
@@ -380,7 +435,10 @@ class TraceAndMeasure:
 
 
 def create_app(title: str, routers: Sequence[APIRouter], lifespan=None, version: str = "0.1.0",
-               default_max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, keepalive_requests: int = 0) -> FastAPI:
+               default_max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, keepalive_requests: int = 0,
+               ticket_key: bytes | None = None) -> FastAPI:
+    """``ticket_key``: the platform key, so every API process honours the others' queue tickets
+    (kernel/retry_after.py); without it, tickets hold in this process only."""
     app = FastAPI(title=title, version=version, lifespan=lifespan,
                   description="Bubuh e-Meterai platform API. Error codes: see docs/errors.md. Every route "
                               "that takes a body names its size limit (`x-max-body-bytes`); a route with an "
@@ -390,7 +448,7 @@ def create_app(title: str, routers: Sequence[APIRouter], lifespan=None, version:
     # added before the trace middleware, so it runs inside it: its refusals are traced and measured too
     app.state.retry_after = {}
     app.add_middleware(BodyLimits, routers=routers, default_limit=default_max_body_bytes,
-                       spreads=app.state.retry_after)
+                       spreads=app.state.retry_after, tickets=Tickets(ticket_key))
     if keepalive_requests > 0:
         app.add_middleware(KeepAliveLimit, limit=keepalive_requests)
     app.add_middleware(TraceAndMeasure)

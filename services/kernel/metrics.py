@@ -44,6 +44,11 @@ LEADING = Gauge("bubuh_leader", "1 while this process holds the named leadership
 PRODUCER_RENEWALS = Counter("bubuh_kafka_producer_renewals_total",
                             "Kafka producers replaced after a fatal idempotence error", ["client"])
 HTTP_REQUESTS = Counter("bubuh_http_requests_total", "HTTP requests by route and status", ["route", "status"])
+# a route's admission bound (kernel/http.py, BodyLimits): callers given a place in line, and what their
+# tickets met when they came back: "issued", "honoured" (let in at their time), "early" (told to wait on),
+# "full" (their time, but the route was full even for them), "invalid" (forged, another request's, expired)
+QUEUE_TICKETS = Counter("bubuh_http_queue_tickets_total", "Bubuh-Queue-Tickets by route and outcome",
+                        ["route", "outcome"])
 HTTP_SECONDS = Histogram("bubuh_http_request_seconds", "HTTP request latency by route", ["route"],
                          buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 
 import httpx
 import pytest
@@ -48,3 +49,53 @@ async def test_uploads_beyond_the_bound_are_answered_at_once_and_the_bound_frees
         for _ in range(2 * BOUND + 1):          # one at a time: every slot came back
             r = await post_stamp(api, channel, scan, stamp_meta())
             assert r.status_code == 202, r.text
+
+
+@pytest.mark.platform_env(BUBUH_INTAKE_MAX_IN_FLIGHT=BOUND)
+async def test_a_request_turned_away_keeps_its_place_with_the_ticket_the_503_gave(platform, settings, channel):
+    """docs/channels.md, "Keep your place in line": a request with an Idempotency-Key turned away at the
+    bound gets a Bubuh-Queue-Ticket, and its Retry-After is its turn, later for those turned away later.
+    Sent back at its turn with the ticket (and the same key), it is taken; with the ticket on another
+    request, the ticket counts for nothing."""
+    import json
+
+    scan = corpus.scan_800k(4)
+    meta = json.dumps(stamp_meta())
+    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=60,
+                                 limits=limits) as api:
+        def post(key: str, ticket: str | None = None) -> Awaitable[httpx.Response]:
+            headers = {"Authorization": f"Bearer {channel['api_key']}", "Idempotency-Key": key}
+            return api.post("/v1/stamps", headers=headers | ({"Bubuh-Queue-Ticket": ticket} if ticket else {}),
+                            files={"file": ("doc.pdf", scan, "application/pdf")}, data={"meta": meta})
+
+        keys = [f"ticket-{time.time_ns()}-{i}" for i in range(16)]
+        answers = dict(zip(keys, await asyncio.gather(*(post(k) for k in keys)), strict=True))
+        busy = {k: r for k, r in answers.items() if r.status_code == 503}
+        assert busy, f"16 uploads at once with a bound of {BOUND}: none was turned away"
+        assert all(answers[k].status_code == 202 for k in keys if k not in busy)
+        tickets = {k: r.headers["Bubuh-Queue-Ticket"] for k, r in busy.items()}
+        turns = sorted((int(t.split(".")[0]), k) for k, t in tickets.items())
+        assert len({t for t, _ in turns}) == len(turns)                  # a turn each
+        for _, k in turns:
+            assert 1 <= int(busy[k].headers["Retry-After"]) <= 30
+
+        stranger = await post(f"stranger-{time.time_ns()}", tickets[turns[0][1]])   # someone else's ticket
+        if stranger.status_code == 503:                            # judged as a newcomer: booked anew
+            assert stranger.headers["Bubuh-Queue-Ticket"] != tickets[turns[0][1]]
+        else:
+            assert stranger.status_code == 202, stranger.text
+
+        async def at_its_turn(k: str) -> tuple[str, int, int]:
+            ticket, tries = tickets[k], 0
+            while True:
+                await asyncio.sleep(max(0.0, int(ticket.split(".")[0]) / 1000 - time.time()))
+                r = await post(k, ticket)
+                tries += 1
+                if r.status_code != 503 or tries >= 5:
+                    return k, r.status_code, tries
+                ticket = r.headers.get("Bubuh-Queue-Ticket", ticket)
+
+        back = await asyncio.gather(*(at_its_turn(k) for _, k in turns))
+        assert all(status == 202 for _, status, _ in back), back
+        assert sum(tries for _, _, tries in back) <= len(back) + 2, back      # at its turn, nearly always in

@@ -220,3 +220,61 @@ async def test_callers_turned_away_together_are_told_to_come_back_at_different_t
     assert max(int(a.headers["retry-after"]) for a in away) > 1     # the same route's spread: 60 just refused
     # the 60 turned away at the bound count under the route, with the 5 the route itself answered 503
     assert metrics.HTTP_REQUESTS.labels("/slow", "503")._value.get() == refused_before + 65
+
+
+async def test_first_turned_away_first_taken_with_the_ticket_the_503_gave():
+    """At the admission bound, a request with an Idempotency-Key is given its place in line as well as
+    its Retry-After (Bubuh-Queue-Ticket, kernel/retry_after.py). Sent back at its time, the ticket lets it
+    in ahead of newcomers, which are booked behind it; early, it keeps its place; on another request, or
+    altered, it counts for nothing. (6 December: with a spread alone, 550-1,056 deadline-day requests a
+    round were turned away again and again past their client's 30 s, while later ones got in.)"""
+    import asyncio
+    import time
+
+    import httpx
+
+    r = APIRouter()
+    release = asyncio.Event()
+    taken: list[str] = []
+
+    @r.post("/slow", openapi_extra=http.body_limit(100, max_in_flight=2))
+    async def slow(request: Request):
+        await request.body()
+        taken.append(request.headers.get("idempotency-key", ""))
+        await release.wait()
+        return {"ok": True}
+
+    def sent(key: str, ticket: str | None = None, caller: str = "Bearer a") -> dict[str, str]:
+        return {"Idempotency-Key": key, "Authorization": caller} | ({"Bubuh-Queue-Ticket": ticket} if ticket else {})
+
+    counted = {o: metrics.QUEUE_TICKETS.labels("/slow", o)._value.get() for o in ("issued", "honoured", "early",
+                                                                                 "invalid")}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=http.create_app("t", [r])),
+                                 base_url="http://t") as c:
+        held = [asyncio.create_task(c.post("/slow", content=b"x", headers=sent(f"held-{i}"))) for i in range(2)]
+        await asyncio.sleep(0.05)
+        first, second, third = [await c.post("/slow", content=b"x", headers=sent(k)) for k in ("a", "b", "c")]
+        keyless = await c.post("/slow", content=b"x")
+        assert {x.status_code for x in (first, second, third, keyless)} == {503}
+        tickets = [x.headers["bubuh-queue-ticket"] for x in (first, second, third)]
+        times = [int(t.split(".")[0]) for t in tickets]
+        assert times == sorted(times) and len(set(times)) == 3            # in the order turned away
+        assert int(first.headers["retry-after"]) >= 1
+        assert "bubuh-queue-ticket" not in keyless.headers                # no key: a retry is another request
+        early = await c.post("/slow", content=b"x", headers=sent("c", tickets[2]))
+        assert early.status_code == 503 and early.headers["bubuh-queue-ticket"] == tickets[2]   # its place kept
+        assert int(early.headers["retry-after"]) >= 2
+        await asyncio.sleep(max(0.0, times[0] / 1000 - time.time() - 0.3))     # the first ticket's time
+        # while "a" is booked: a newcomer is booked behind it, a ticket on another request counts for nothing
+        newcomer = await c.post("/slow", content=b"x", headers=sent("d"))
+        borrowed = await c.post("/slow", content=b"x", headers=sent("e", tickets[0]))
+        other_caller = await c.post("/slow", content=b"x", headers=sent("a", tickets[0], "Bearer b"))
+        assert (newcomer.status_code, borrowed.status_code, other_caller.status_code) == (503, 503, 503)
+        assert int(newcomer.headers["bubuh-queue-ticket"].split(".")[0]) > times[2]
+        back = asyncio.create_task(c.post("/slow", content=b"x", headers=sent("a", tickets[0])))
+        await asyncio.sleep(0.05)
+        assert taken == ["held-0", "held-1", "a"]                        # in, over the bound, ahead of "d"
+        release.set()
+        assert [(await t).status_code for t in (*held, back)] == [200, 200, 200]
+    got = {o: metrics.QUEUE_TICKETS.labels("/slow", o)._value.get() - counted[o] for o in counted}
+    assert got == {"issued": 6, "honoured": 1, "early": 1, "invalid": 2}

@@ -290,17 +290,18 @@ async def test_a_client_that_gave_up_under_contention_can_still_send(monkeypatch
     port = server.sockets[0].getsockname()[1]
     gate = asyncio.Semaphore(20)
     async with server, LoadClient(f"http://127.0.0.1:{port}", max_connections=2) as client:
+        def get(timeout_s: float, more: dict[str, str]):
+            return client.get("/", headers=more, timeout_s=timeout_s)
+
         t0 = time.perf_counter()
         crowd = [Sent(0.0, "spike", 0) for _ in range(20)]
-        answers = await asyncio.gather(*(_send(gate, t0, s, lambda timeout_s: client.get("/", timeout_s=timeout_s))
-                                         for s in crowd))
+        answers = await asyncio.gather(*(_send(gate, t0, s, get) for s in crowd))
         assert answers == [None] * 20
         assert all(s.status is None and s.latency_s < 0.6 + 0.3 for s in crowd), [s.latency_s for s in crowd]
         slow = False
         t1 = time.perf_counter()
         later = [Sent(0.0, "drain", 0) for _ in range(6)]
-        answers = await asyncio.gather(*(_send(gate, t1, s, lambda timeout_s: client.get("/", timeout_s=timeout_s))
-                                         for s in later))
+        answers = await asyncio.gather(*(_send(gate, t1, s, get) for s in later))
         assert [r.status_code if r is not None else s.error for r, s in zip(answers, later, strict=True)] == [200] * 6
 
 
