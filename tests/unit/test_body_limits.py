@@ -234,21 +234,21 @@ async def test_first_turned_away_first_taken_with_the_ticket_the_503_gave():
     import httpx
 
     r = APIRouter()
-    release = asyncio.Event()
+    release = asyncio.Semaphore(0)           # one request finishes per release()
     taken: list[str] = []
 
     @r.post("/slow", openapi_extra=http.body_limit(100, max_in_flight=2))
     async def slow(request: Request):
         await request.body()
         taken.append(request.headers.get("idempotency-key", ""))
-        await release.wait()
+        await release.acquire()
         return {"ok": True}
 
     def sent(key: str, ticket: str | None = None, caller: str = "Bearer a") -> dict[str, str]:
         return {"Idempotency-Key": key, "Authorization": caller} | ({"Bubuh-Queue-Ticket": ticket} if ticket else {})
 
-    counted = {o: metrics.QUEUE_TICKETS.labels("/slow", o)._value.get() for o in ("issued", "honoured", "early",
-                                                                                 "invalid")}
+    counted = {o: metrics.QUEUE_TICKETS.labels("/slow", o)._value.get()
+               for o in ("issued", "honoured", "early", "full", "invalid")}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=http.create_app("t", [r])),
                                  base_url="http://t") as c:
         held = [asyncio.create_task(c.post("/slow", content=b"x", headers=sent(f"held-{i}"))) for i in range(2)]
@@ -271,10 +271,20 @@ async def test_first_turned_away_first_taken_with_the_ticket_the_503_gave():
         other_caller = await c.post("/slow", content=b"x", headers=sent("a", tickets[0], "Bearer b"))
         assert (newcomer.status_code, borrowed.status_code, other_caller.status_code) == (503, 503, 503)
         assert int(newcomer.headers["bubuh-queue-ticket"].split(".")[0]) > times[2]
-        back = asyncio.create_task(c.post("/slow", content=b"x", headers=sent("a", tickets[0])))
+        full = await c.post("/slow", content=b"x", headers=sent("a", tickets[0]))     # its turn, but still full
+        assert full.status_code == 503 and full.headers["retry-after"] == "1"
+        again = full.headers["bubuh-queue-ticket"]                     # a turn a second on, ahead of "d"
+        assert int(again.split(".")[0]) < int(newcomer.headers["bubuh-queue-ticket"].split(".")[0])
+        release.release()                                              # one of the two held ends: a slot
+        assert (await held[0]).status_code == 200
+        await asyncio.sleep(max(0.0, int(again.split(".")[0]) / 1000 - time.time() - 0.3))
+        late_newcomer = await c.post("/slow", content=b"x", headers=sent("f"))
+        back = asyncio.create_task(c.post("/slow", content=b"x", headers=sent("a", again)))
         await asyncio.sleep(0.05)
-        assert taken == ["held-0", "held-1", "a"]                        # in, over the bound, ahead of "d"
-        release.set()
-        assert [(await t).status_code for t in (*held, back)] == [200, 200, 200]
+        assert late_newcomer.status_code == 503                        # below the bound, but a line stands
+        assert taken == ["held-0", "held-1", "a"]                      # the slot went to "a", not to "f"
+        for _ in range(2):
+            release.release()
+        assert [(await t).status_code for t in (held[1], back)] == [200, 200]
     got = {o: metrics.QUEUE_TICKETS.labels("/slow", o)._value.get() - counted[o] for o in counted}
-    assert got == {"issued": 6, "honoured": 1, "early": 1, "invalid": 2}
+    assert got == {"issued": 7, "honoured": 1, "early": 1, "full": 1, "invalid": 2}
