@@ -74,6 +74,13 @@ class ChannelView:
             raise errors.BubuhError(errors.CHANNEL_INACTIVE, f"channel {info.channel_id} is {info.status}")
         return info
 
+    def channel_of(self, authorization: str | None) -> str | None:
+        """The active channel behind ``Authorization``, or None (the front door's queue tickets, kernel/http.py)."""
+        try:
+            return self.authenticate(authorization).channel_id
+        except errors.BubuhError:
+            return None
+
     def hmac_secrets(self, channel_id: str, now: float | None = None) -> list[bytes]:
         """The secrets a channel may sign with now: the current one, and the previous during its grace."""
         rec = self._records.get(channel_id)

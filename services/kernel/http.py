@@ -18,7 +18,7 @@ import hashlib
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -150,7 +150,8 @@ class BodyLimits:
     """
 
     def __init__(self, app: ASGIApp, routers: Sequence[APIRouter], default_limit: int = DEFAULT_MAX_BODY_BYTES,
-                 spreads: dict[str, Spread] | None = None, tickets: Tickets | None = None) -> None:
+                 spreads: dict[str, Spread] | None = None, tickets: Tickets | None = None,
+                 caller: Callable[[str | None], str | None] | None = None) -> None:
         self.app = app
         self._default = default_limit
         # the routers' own routes (the app mounts them without a prefix), read once: matching a
@@ -167,7 +168,10 @@ class BodyLimits:
         # and how long those turned away should wait: spread over the time the route needs to take them
         self._spreads = spreads if spreads is not None else {}
         # ... and their places in line, for those whose retry is the same request (kernel/retry_after.py)
+        # booked only for a known caller (``caller``: its channel from its Authorization header, or None),
+        # so requests with made-up keys cannot fill the line ahead of real ones
         self._tickets = tickets or Tickets()
+        self._caller = caller
         for route, _, _, bound in self._table:
             if bound:
                 self._spreads.setdefault(route.path, Spread())
@@ -232,8 +236,8 @@ class BodyLimits:
         progress, the slower each (deadline day, same arrivals: 390 requests of the spike unanswered in
         30 s, against 75 at the bound)."""
         held = self._in_flight.get(path, 0)
-        binding = _ticket_binding(scope)
-        shown = _header(scope, b"bubuh-queue-ticket") if binding is not None else None
+        binding = self._ticket_binding(scope)
+        shown = _header(scope, _TICKET_NAME) if binding is not None else None
         due_in = self._tickets.due_in(path, binding, shown) if shown else None
         if shown and due_in is None:
             metrics.QUEUE_TICKETS.labels(path, "invalid").inc()
@@ -253,6 +257,20 @@ class BodyLimits:
         wait = spread.book()
         metrics.QUEUE_TICKETS.labels(path, "issued").inc()
         return {"Retry-After": str(max(1, math.ceil(wait))), TICKET_HEADER: self._tickets.issue(path, binding, wait)}
+
+    def _ticket_binding(self, scope: Scope) -> bytes | None:
+        """What a queue ticket is signed for: one request (its ``Idempotency-Key``) of one caller (its
+        channel, or without ``caller`` its credentials, hashed); None without a key (a retry without one
+        is another request) or from an unknown caller."""
+        key = _header(scope, b"idempotency-key")
+        if not key:
+            return None
+        credentials = _header(scope, b"authorization")
+        if self._caller is None:
+            who = hashlib.sha256((credentials or "").encode("latin-1")).hexdigest()[:32]
+        elif (who := self._caller(credentials)) is None:
+            return None
+        return f"{key}\x1f{who}".encode("latin-1", "replace")
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send, limit: int, code: errors.ErrorCode) -> None:
         headers = dict(scope["headers"])
@@ -303,19 +321,12 @@ class BodyLimits:
         await self.app(scope, limited_receive, closing_send)
 
 
+_TICKET_NAME = TICKET_HEADER.lower().encode()
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     value = next((v for k, v in scope["headers"] if k == name), None)
     return value.decode("latin-1") if value is not None else None
-
-
-def _ticket_binding(scope: Scope) -> bytes | None:
-    """What a queue ticket is signed for: one request (its ``Idempotency-Key``) of one caller (its
-    credentials, hashed); None without a key, as a retry without one is another request."""
-    key = next((v for k, v in scope["headers"] if k == b"idempotency-key"), None)
-    if not key:
-        return None
-    credentials = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-    return key + b"\x1f" + hashlib.sha256(credentials).digest()[:16]
 
 
 def _with_close(headers) -> list[tuple[bytes, bytes]]:
@@ -439,9 +450,10 @@ class TraceAndMeasure:
 
 def create_app(title: str, routers: Sequence[APIRouter], lifespan=None, version: str = "0.1.0",
                default_max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, keepalive_requests: int = 0,
-               ticket_key: bytes | None = None) -> FastAPI:
+               ticket_key: bytes | None = None, caller: Callable[[str | None], str | None] | None = None) -> FastAPI:
     """``ticket_key``: the platform key, so every API process honours the others' queue tickets
-    (kernel/retry_after.py); without it, tickets hold in this process only."""
+    (kernel/retry_after.py); without it, tickets hold in this process only. ``caller``: the channel an
+    ``Authorization`` header names, or None; only known callers are given a place in line."""
     app = FastAPI(title=title, version=version, lifespan=lifespan,
                   description="Bubuh e-Meterai platform API. Error codes: see docs/errors.md. Every route "
                               "that takes a body names its size limit (`x-max-body-bytes`); a route with an "
@@ -451,7 +463,7 @@ def create_app(title: str, routers: Sequence[APIRouter], lifespan=None, version:
     # added before the trace middleware, so it runs inside it: its refusals are traced and measured too
     app.state.retry_after = {}
     app.add_middleware(BodyLimits, routers=routers, default_limit=default_max_body_bytes,
-                       spreads=app.state.retry_after, tickets=Tickets(ticket_key))
+                       spreads=app.state.retry_after, tickets=Tickets(ticket_key), caller=caller)
     if keepalive_requests > 0:
         app.add_middleware(KeepAliveLimit, limit=keepalive_requests)
     app.add_middleware(TraceAndMeasure)

@@ -288,3 +288,40 @@ async def test_first_turned_away_first_taken_with_the_ticket_the_503_gave():
         assert [(await t).status_code for t in (held[1], back)] == [200, 200]
     got = {o: metrics.QUEUE_TICKETS.labels("/slow", o)._value.get() - counted[o] for o in counted}
     assert got == {"issued": 7, "honoured": 1, "early": 1, "full": 1, "invalid": 2}
+
+
+async def test_only_a_known_caller_is_given_a_place_in_line():
+    """Requests with made-up keys and credentials must not fill the line ahead of real callers: with the
+    platform's ``caller`` (the channel an Authorization header names), an unknown one gets a spread
+    Retry-After and no ticket, and a ticket is bound to the channel, not to the header's text."""
+    import asyncio
+
+    import httpx
+
+    r = APIRouter()
+    release = asyncio.Event()
+
+    @r.post("/slow", openapi_extra=http.body_limit(100, max_in_flight=1))
+    async def slow(request: Request):
+        await request.body()
+        await release.wait()
+        return {"ok": True}
+
+    known = {"Bearer good": "channel-a", "Bearer also-a": "channel-a"}
+    app = http.create_app("t", [r], caller=known.get)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        held = asyncio.create_task(c.post("/slow", content=b"x"))
+        await asyncio.sleep(0.05)
+        stranger = await c.post("/slow", content=b"x", headers={"Authorization": "Bearer made-up",
+                                                                 "Idempotency-Key": "k1"})
+        member = await c.post("/slow", content=b"x", headers={"Authorization": "Bearer good", "Idempotency-Key": "k2"})
+        ticket = member.headers["bubuh-queue-ticket"]
+        early = await c.post("/slow", content=b"x", headers={"Authorization": "Bearer also-a", "Idempotency-Key": "k2",
+                                                              "Bubuh-Queue-Ticket": ticket})
+        release.set()
+        assert (await held).status_code == 200
+    assert stranger.status_code == 503 and "bubuh-queue-ticket" not in stranger.headers
+    assert 1 <= int(stranger.headers["retry-after"]) <= 30
+    assert member.status_code == 503
+    # the channel's other key reads the same ticket as the channel's: kept in line, not judged anew
+    assert early.status_code == 503 and early.headers["bubuh-queue-ticket"] == member.headers["bubuh-queue-ticket"]
