@@ -175,6 +175,8 @@ class BodyLimits:
         for route, _, _, bound in self._table:
             if bound:
                 self._spreads.setdefault(route.path, Spread())
+                for outcome in TICKET_OUTCOMES:      # each series from the start, at 0 (a panel reads the rate)
+                    metrics.QUEUE_TICKETS.labels(route.path, outcome)
 
     def _limit_for(self, scope: Scope) -> tuple[int, errors.ErrorCode, str | None, int]:
         for route, limit, code, bound in self._table:
@@ -322,6 +324,7 @@ class BodyLimits:
 
 
 _TICKET_NAME = TICKET_HEADER.lower().encode()
+TICKET_OUTCOMES = ("issued", "honoured", "early", "full", "invalid")   # bubuh_http_queue_tickets_total{outcome}
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
