@@ -1,7 +1,7 @@
 """How long a caller the front door turns away should wait: the ``Retry-After`` of a route's 503s.
 
 A fixed ``Retry-After: 1`` brings every refused caller back at once, a second later, to be refused
-again. In the deadline-day run (README, 1 December) the front door never recovered from the broker
+again. In the deadline-day run (docs/surge-journal.md, 1 December) the front door never recovered from the broker
 restart: the callers refused during the outage came back together on top of the new arrivals, and
 kept coming back. ``Spread`` spreads them instead over the time the door needs to take them:
 
@@ -14,7 +14,7 @@ away) it completes nothing, and the rate it will have once the broker is back is
 before. One ``Spread`` per route with an admission bound, in each API process.
 
 A spread is a lottery all the same: a caller coming back finds newcomers and other returning callers
-at the door, and is turned away again at random. In the deadline day's spike (README, 6 December),
+at the door, and is turned away again at random. In the deadline day's spike (docs/surge-journal.md, 6 December),
 half the requests needed two to seven tries, and 550-1,056 a round got no answer within a client's 30 s
 while others that came later were taken at once. So a caller turned away with an ``Idempotency-Key``
 is also given its place in line: ``book`` gives it the next free second of the route's completions

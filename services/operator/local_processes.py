@@ -65,7 +65,7 @@ def api_members(settings: Settings) -> int:
     """API processes in the tiers layout: ``BUBUH_LOCAL_API_MEMBERS``, or by default one per core this
     process may run on (at most ``API_MEMBERS_MAX``, at least ``BUBUH_LOCAL_TIER_MEMBERS``). One API
     process is one core at most: in an open-loop spike at 3x the sustainable rate it answered 503 (64 in
-    flight) to 2,224 of 3,960 arrivals on this 2-core box, two 0-497 (README: "The front door first")."""
+    flight) to 2,224 of 3,960 arrivals on this 2-core box, two 0-497 (docs/surge-journal.md: "The front door first")."""
     if settings.local_api_members > 0:
         return settings.local_api_members
     return max(1, settings.local_tier_members, min(API_MEMBERS_MAX, len(os.sched_getaffinity(0))))

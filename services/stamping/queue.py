@@ -123,7 +123,7 @@ def _busy_pace(history: asyncpg.Record) -> float:
 # stamp.events' partitions yet): stamps finished per *busy* second, as the stream counts them
 # (throughput.py), over the window's whole seconds (as the paces above). Divided by the whole window it was
 # diluted by the quiet seconds before a surge: right after a restart the ETAs read about 4 times the actual
-# time (README, 2 December), and in an open-loop A/B on 2 December 4-5% of first ETAs were within 25% of
+# time (docs/surge-journal.md, 2 December), and in an open-loop A/B on 2 December 4-5% of first ETAs were within 25% of
 # the actual time against 41-62% from the stream.
 _WINDOW = """
 SELECT count(*)::float8 / nullif(count(DISTINCT date_trunc('second', finished_at)), 0) FROM requests
