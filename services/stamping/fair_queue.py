@@ -123,23 +123,27 @@ SELECT $1, $2, coalesce((SELECT max(start_tag) FROM schedule), $3) + 1, $4, $5, 
 """
 # the queue at one moment, in one statement: the places (start tag, then arrival) of the first ORDER_HEAD queued rows
 # and of every ORDER_STRIDE-th row beyond them and the last, each with its rank (the rows before it); each channel's
-# last tag (an index lookup per channel, channels being few); and each channel's requests still waiting for their
-# reservation (status 'queued': they join the queue as the quota tier reserves them, at tags that follow from the
-# same rule). It shipped every row's place, sorted twice: at 30,000 queued 70-120 ms a read, at 60,000 220-250 ms,
-# once a second in each API process, and the tier slowed as its backlog grew (make surge-sustained, 5 December);
-# this reads the index in order once (about 27 ms at 60,000) and ships about n / ORDER_STRIDE places.
+# last tag queued; and each channel's requests still waiting for their reservation (status 'queued': they join the
+# queue as the quota tier reserves them, at tags that follow from the same rule). It shipped every row's place,
+# sorted twice: at 30,000 queued 70-120 ms a read, at 60,000 220-250 ms, once a second in each API process, and the
+# tier slowed as its backlog grew (make surge-sustained, 5 December); this reads the queue once and ships about
+# n / ORDER_STRIDE places. The channels' last tags come from that one pass (``ranked``, materialized), not from a
+# lookup per channel in ``channel_tags``: that table keeps every channel that ever stamped (539 on the development
+# database), and the queue's table swings between empty and thousands of rows faster than autoanalyze follows, so
+# the planner, counting it empty, made each lookup a scan of the whole queue: 130 ms a read at 1,500 queued, up to
+# 866 ms (pg_stat_statements, 6 December evening), against 8.5 ms (at most 23) for the same rows read this way.
 ORDER_HEAD = 1000
 ORDER_STRIDE = 25
 _ORDER = f"""
-WITH ranked AS (SELECT start_tag, seq, row_number() OVER (ORDER BY start_tag, seq) AS rn FROM schedule),
+WITH ranked AS MATERIALIZED (SELECT channel_id, start_tag, seq, row_number() OVER (ORDER BY start_tag, seq) AS rn
+                               FROM schedule),
      kept AS (SELECT start_tag, seq, rn FROM ranked
-               WHERE rn <= {ORDER_HEAD} OR rn % {ORDER_STRIDE} = 0 OR rn = (SELECT count(*) FROM schedule))
+               WHERE rn <= {ORDER_HEAD} OR rn % {ORDER_STRIDE} = 0 OR rn = (SELECT count(*) FROM ranked))
 SELECT (SELECT coalesce(array_agg(start_tag ORDER BY rn), '{{}}') FROM kept) AS tags,
        (SELECT coalesce(array_agg(seq ORDER BY rn), '{{}}') FROM kept) AS seqs,
        (SELECT coalesce(array_agg(rn - 1 ORDER BY rn), '{{}}') FROM kept) AS ranks,
-       (SELECT coalesce(jsonb_object_agg(t.channel_id, l.tag), '{{}}') FROM channel_tags AS t
-           CROSS JOIN LATERAL (SELECT max(s.start_tag) AS tag FROM schedule AS s WHERE s.channel_id = t.channel_id) AS l
-          WHERE l.tag IS NOT NULL) AS last_tags,
+       (SELECT coalesce(jsonb_object_agg(channel_id, tag), '{{}}') FROM
+           (SELECT channel_id, max(start_tag) AS tag FROM ranked GROUP BY channel_id) AS l) AS last_tags,
        (SELECT coalesce(jsonb_object_agg(channel_id, n), '{{}}') FROM
            (SELECT channel_id, count(*) AS n FROM requests WHERE status = 'queued' GROUP BY channel_id) AS w)
          AS on_quota
