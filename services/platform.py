@@ -102,7 +102,8 @@ def _shared_socket(host: str, port: int, backlog: int) -> socket.socket:
 def _http_task(rt: Runtime, routers, port: int, shared: bool = False) -> runtime.Task:
     app = http.create_app("Bubuh", routers, default_max_body_bytes=rt.settings.http_max_body_bytes,
                           keepalive_requests=rt.settings.http_keepalive_requests,
-                          ticket_key=rt.settings.platform_key(), caller=rt.channels.channel_of)
+                          ticket_key=rt.settings.platform_key(), caller=rt.channels.channel_of,
+                          door_busy_file=rt.settings.door_busy_file)
 
     async def run_http(stop: asyncio.Event) -> None:
         await wait_or_stop(rt.channels.loaded, stop)   # authenticate only once the channel view is whole

@@ -32,6 +32,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.kernel import errors, failures, logs, metrics, tracing
+from services.kernel.door_pressure import DoorMark
 from services.kernel.retry_after import TICKET_EARLY_S, TICKET_HEADER, Spread, Tickets
 
 log = logs.get(__name__)
@@ -151,9 +152,10 @@ class BodyLimits:
 
     def __init__(self, app: ASGIApp, routers: Sequence[APIRouter], default_limit: int = DEFAULT_MAX_BODY_BYTES,
                  spreads: dict[str, Spread] | None = None, tickets: Tickets | None = None,
-                 caller: Callable[[str | None], str | None] | None = None) -> None:
+                 caller: Callable[[str | None], str | None] | None = None, door: DoorMark | None = None) -> None:
         self.app = app
         self._default = default_limit
+        self._door = door       # marks the door busy for the stamping workers sharing this box (door_pressure.py)
         # the routers' own routes (the app mounts them without a prefix), read once: matching a
         # request against them is what the router does next anyway
         self._table = [(r, int(r.openapi_extra[MAX_BODY]),
@@ -208,6 +210,8 @@ class BodyLimits:
                     await _refuse(scope, send, errors.UNAVAILABLE, f"{bound} requests in progress here", refused)
                 return
             self._in_flight[path] = self._in_flight.get(path, 0) + 1
+            if self._door is not None:
+                self._door.busy(self._in_flight[path], bound)
             status = 0
 
             async def seen_send(message: Message) -> None:
@@ -453,10 +457,12 @@ class TraceAndMeasure:
 
 def create_app(title: str, routers: Sequence[APIRouter], lifespan=None, version: str = "0.1.0",
                default_max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, keepalive_requests: int = 0,
-               ticket_key: bytes | None = None, caller: Callable[[str | None], str | None] | None = None) -> FastAPI:
+               ticket_key: bytes | None = None, caller: Callable[[str | None], str | None] | None = None,
+               door_busy_file: str = "") -> FastAPI:
     """``ticket_key``: the platform key, so every API process honours the others' queue tickets
     (kernel/retry_after.py); without it, tickets hold in this process only. ``caller``: the channel an
-    ``Authorization`` header names, or None; only known callers are given a place in line."""
+    ``Authorization`` header names, or None; only known callers are given a place in line. ``door_busy_file``:
+    where this process marks the door busy for the stamping workers on its box (kernel/door_pressure.py)."""
     app = FastAPI(title=title, version=version, lifespan=lifespan,
                   description="Bubuh e-Meterai platform API. Error codes: see docs/errors.md. Every route "
                               "that takes a body names its size limit (`x-max-body-bytes`); a route with an "
@@ -466,7 +472,8 @@ def create_app(title: str, routers: Sequence[APIRouter], lifespan=None, version:
     # added before the trace middleware, so it runs inside it: its refusals are traced and measured too
     app.state.retry_after = {}
     app.add_middleware(BodyLimits, routers=routers, default_limit=default_max_body_bytes,
-                       spreads=app.state.retry_after, tickets=Tickets(ticket_key), caller=caller)
+                       spreads=app.state.retry_after, tickets=Tickets(ticket_key), caller=caller,
+                       door=DoorMark(door_busy_file) if door_busy_file else None)
     if keepalive_requests > 0:
         app.add_middleware(KeepAliveLimit, limit=keepalive_requests)
     app.add_middleware(TraceAndMeasure)

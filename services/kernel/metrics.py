@@ -49,6 +49,8 @@ HTTP_REQUESTS = Counter("bubuh_http_requests_total", "HTTP requests by route and
 # "full" (their time, but the route was full even for them), "invalid" (forged, another request's, expired)
 QUEUE_TICKETS = Counter("bubuh_http_queue_tickets_total", "Bubuh-Queue-Tickets by route and outcome",
                         ["route", "outcome"])
+DOOR_FIRST = Gauge("bubuh_stamp_yielding_to_door", "1 while this stamping worker runs at a lower CPU priority because "
+                   "the front door on its box is busy (kernel/door_pressure.py), else 0")
 HTTP_SECONDS = Histogram("bubuh_http_request_seconds", "HTTP request latency by route", ["route"],
                          buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
 

@@ -138,7 +138,10 @@ def _shares_port(settings: Settings) -> bool:
 
 def process_env(settings: Settings, name: str) -> dict[str, str]:
     """The settings ``up`` gives one process on top of the environment."""
-    env = {"BUBUH_METRICS_PORT": str(metrics_targets(settings)[name][1])}
+    env = {"BUBUH_METRICS_PORT": str(metrics_targets(settings)[name][1]),
+           # every process of the local stack shares this box's cores: the stamping workers yield them to a busy
+           # front door (kernel/door_pressure.py)
+           "BUBUH_DOOR_BUSY_FILE": settings.door_busy_file or str(_run_dir(settings) / "door-busy")}
     if _serves_api(processes(settings)[name]) and _shares_port(settings):
         env["BUBUH_HTTP_REUSE_PORT"] = "true"
     return env

@@ -22,6 +22,7 @@ from pathlib import Path
 from fastapi import APIRouter
 
 from services.kernel import database, topics
+from services.kernel.door_pressure import YieldToDoor
 from services.kernel.leadership import Leadership
 from services.kernel.outbox import Relay
 from services.kernel.processing.pipeline import ConsumerLoop
@@ -154,5 +155,10 @@ async def workers(rt: Runtime) -> list[Task]:
     # one member reads the backlog for the tier's gauges (an O(open requests) statement every 5 s); one that
     # finds another leading clears what it showed
     backlog, backlog_lock = Backlog(pool, rt.channels), Leadership(s, f"stamping backlog {s.schema(NAME)}")
-    return [stamp_loop.run, takers.run, track_loop.run, relay.run, signing.serve,
-            functools.partial(backlog_lock.lead, work=backlog.run, on_standby=backlog.clear)]
+    tasks = [stamp_loop.run, takers.run, track_loop.run, relay.run, signing.serve,
+             functools.partial(backlog_lock.lead, work=backlog.run, on_standby=backlog.clear)]
+    if s.door_busy_file and s.door_busy_nice > 0:
+        # sharing a box's cores with the front door: this worker and its signing children yield them while the
+        # door is busy, and only then (kernel/door_pressure.py)
+        tasks.append(YieldToDoor(s.door_busy_file, s.door_busy_nice).run)
+    return tasks
