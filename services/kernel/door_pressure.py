@@ -11,10 +11,13 @@ the tier's pace. With the workers at a lower priority for good, a spike's intake
 (docs/surge-journal.md, "The front door first again, at nice 5").
 
 So the priority moves only while the door is busy:
-- an API process whose requests in progress on a route with an admission bound pass half that bound
-  marks the door busy (``DoorMark.busy``: the modification time of one file, at most every ``MARK_EVERY_S``);
-  a flood sent with a fixed number in flight (32 in ``make surge-fairness``) stays below it, a spike that
-  the door cannot keep up with climbs past it;
+- an API process whose requests in progress on a route with an admission bound pass half that bound, or
+  that turns a request away at the bound, marks the door busy (``DoorMark.busy``, ``DoorMark.turned_away``:
+  the modification time of one file, at most every ``MARK_EVERY_S``); a flood sent with a fixed number in
+  flight (32 in ``make surge-fairness``) stays below it, a spike that the door cannot keep up with climbs
+  past it. Turned away counts too: while callers hold queue tickets the door lets newcomers in only below
+  half its bound (kernel/http.py), so a spike then waits in the line of tickets, not in progress, and
+  the deadline day's spike of 181 arrivals/s passed half the bound in only 20 of its 60 seconds;
 - each stamping worker looks at the mark every ``LOOK_EVERY_S`` (``YieldToDoor``) and, while it is younger
   than ``HOLD_S``, runs its session's autogroup (itself, its threads and its signing children) at
   ``BUBUH_DOOR_BUSY_NICE``; once the mark is older, at the nice value it started with.
@@ -45,15 +48,21 @@ AUTOGROUP = Path("/proc/self/autogroup")
 
 
 class DoorMark:
-    """The API side: ``busy`` when a route's requests in progress pass ``BUSY_SHARE`` of its bound."""
+    """The API side: the door is busy when a route's requests in progress pass ``BUSY_SHARE`` of its bound,
+    or when it turns one away."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self._path = Path(path)
         self._marked = float("-inf")
 
     def busy(self, in_flight: int, bound: int) -> None:
-        if in_flight <= bound * BUSY_SHARE:
-            return
+        if in_flight > bound * BUSY_SHARE:
+            self._mark()
+
+    def turned_away(self) -> None:
+        self._mark()
+
+    def _mark(self) -> None:
         now = time.monotonic()
         if now - self._marked < MARK_EVERY_S:
             return

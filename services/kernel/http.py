@@ -198,6 +198,8 @@ class BodyLimits:
             spread = self._spreads[path]
             refused = self._admission(scope, path, bound, spread)
             if refused is not None:
+                if self._door is not None:
+                    self._door.turned_away()
                 # the body is read and dropped (within the route's limit), not parsed: an answer sent
                 # while a client still uploads is often lost to the reset that closing causes
                 log.info("busy: body dropped unparsed", path=scope["path"], in_flight=self._in_flight.get(path, 0),

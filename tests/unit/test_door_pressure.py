@@ -80,6 +80,52 @@ async def test_requests_in_progress_past_half_the_bound_mark_the_door(tmp_path):
     assert await asyncio.gather(*held) == [200, 200, 200]
 
 
+async def test_a_request_turned_away_at_the_bound_marks_the_door(tmp_path):
+    """While callers hold queue tickets, newcomers get in only below half the bound: the spike waits in
+    the line of tickets, not in progress, and only the turning away says the door is busy."""
+    mark = tmp_path / "door-busy"
+    r = APIRouter()
+    release = asyncio.Event()
+
+    @r.post("/upload", openapi_extra=http.body_limit(1000, max_in_flight=1))
+    async def upload():
+        await release.wait()
+        return {}
+
+    app = http.create_app("t", [r], door_busy_file=str(mark))
+    statuses = []
+
+    async def post():
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+        await app({"type": "http", "method": "POST", "path": "/upload", "raw_path": b"/upload", "headers": [],
+                   "query_string": b"", "client": ("127.0.0.1", 1), "server": ("t", 80), "scheme": "http",
+                   "root_path": "", "http_version": "1.1"}, receive, send)
+        statuses.append(sent[0]["status"])
+
+    first = asyncio.create_task(post())
+    await asyncio.sleep(0.05)
+    mark.unlink(missing_ok=True)                # 1 of 1 in progress marked it: forget that mark
+    door_pressure_marked_long_ago(app)
+    await post()                                # turned away at the bound
+    assert statuses == [503] and mark.exists()
+    release.set()
+    await first
+
+
+def door_pressure_marked_long_ago(app) -> None:
+    """The app's door mark, as if its last mark were long ago (marks are at most every MARK_EVERY_S)."""
+    layer = app.middleware_stack
+    while not isinstance(layer, http.BodyLimits):
+        layer = layer.app
+    layer._door._marked = float("-inf")
+
+
 _CHILD = """
 import asyncio, sys
 from services.kernel.door_pressure import YieldToDoor
