@@ -67,8 +67,9 @@ class Settings(BaseSettings):
     # channels' stamps, x8 their p99 alone against x3-4 at 0 (README, "One box, equal shares")
     local_worker_nice: int = 0
     # the front door first only while it is busy (kernel/door_pressure.py): API processes whose uploads in progress
-    # pass half the admission bound touch this file, and stamping workers sharing the box run their session's
-    # autogroup at door_busy_nice while it was touched in the last second. Empty: off (`bubuh up` sets it)
+    # pass half the admission bound, or that turn one away, touch this file, and stamping workers sharing the box
+    # run their session's autogroup at door_busy_nice while it was touched in the last second. Empty: off (`bubuh
+    # up` sets it in its run directory; deploy/ leaves it off: pods have cores of their own)
     door_busy_file: str = ""
     door_busy_nice: int = 10
     # `bubuh up`: stamping worker processes on the local stack (stamping-1..N; 0: one per core, up to 4)

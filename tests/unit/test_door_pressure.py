@@ -45,6 +45,21 @@ def test_a_mark_is_busy_for_a_second_then_not(tmp_path):
     assert not watch.door_busy(now + HOLD_S + 0.01)
 
 
+async def _post(app) -> int:
+    """One POST /upload through the app at the ASGI level; its status."""
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+    await app({"type": "http", "method": "POST", "path": "/upload", "raw_path": b"/upload", "headers": [],
+               "query_string": b"", "client": ("127.0.0.1", 1), "server": ("t", 80), "scheme": "http",
+               "root_path": "", "http_version": "1.1"}, receive, send)
+    return sent[0]["status"]
+
+
 async def test_requests_in_progress_past_half_the_bound_mark_the_door(tmp_path):
     mark = tmp_path / "door-busy"
     r = APIRouter()
@@ -56,24 +71,10 @@ async def test_requests_in_progress_past_half_the_bound_mark_the_door(tmp_path):
         return {}
 
     app = http.create_app("t", [r], door_busy_file=str(mark))
-
-    async def post():
-        sent = []
-
-        async def receive():
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message):
-            sent.append(message)
-        await app({"type": "http", "method": "POST", "path": "/upload", "raw_path": b"/upload", "headers": [],
-                   "query_string": b"", "client": ("127.0.0.1", 1), "server": ("t", 80), "scheme": "http",
-                   "root_path": "", "http_version": "1.1"}, receive, send)
-        return sent[0]["status"]
-
-    held = [asyncio.create_task(post()) for _ in range(2)]
+    held = [asyncio.create_task(_post(app)) for _ in range(2)]
     await asyncio.sleep(0.05)
     assert not mark.exists()                    # 2 of 4 in progress: not past half
-    held.append(asyncio.create_task(post()))
+    held.append(asyncio.create_task(_post(app)))
     await asyncio.sleep(0.05)
     assert mark.exists()                        # 3 of 4
     release.set()
@@ -93,29 +94,14 @@ async def test_a_request_turned_away_at_the_bound_marks_the_door(tmp_path):
         return {}
 
     app = http.create_app("t", [r], door_busy_file=str(mark))
-    statuses = []
-
-    async def post():
-        sent = []
-
-        async def receive():
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message):
-            sent.append(message)
-        await app({"type": "http", "method": "POST", "path": "/upload", "raw_path": b"/upload", "headers": [],
-                   "query_string": b"", "client": ("127.0.0.1", 1), "server": ("t", 80), "scheme": "http",
-                   "root_path": "", "http_version": "1.1"}, receive, send)
-        statuses.append(sent[0]["status"])
-
-    first = asyncio.create_task(post())
+    first = asyncio.create_task(_post(app))
     await asyncio.sleep(0.05)
     mark.unlink(missing_ok=True)                # 1 of 1 in progress marked it: forget that mark
     door_pressure_marked_long_ago(app)
-    await post()                                # turned away at the bound
-    assert statuses == [503] and mark.exists()
+    assert await _post(app) == 503              # turned away at the bound
+    assert mark.exists()
     release.set()
-    await first
+    assert await first == 200
 
 
 def door_pressure_marked_long_ago(app) -> None:
