@@ -36,7 +36,6 @@ from pathlib import Path
 
 from services.kernel import logs
 from services.kernel.metrics import DOOR_FIRST
-from services.operator.process_tree import autogroup_nice
 
 log = logs.get(__name__)
 
@@ -45,6 +44,15 @@ MARK_EVERY_S = 0.25     # an API process touches the mark at most this often
 LOOK_EVERY_S = 0.1      # a worker looks at the mark this often
 HOLD_S = 1.0            # the door counts as busy this long after its latest mark
 AUTOGROUP = Path("/proc/self/autogroup")
+
+
+def autogroup_nice(pid: int) -> int | None:
+    """The nice value of ``pid``'s scheduling autogroup (``/proc/<pid>/autogroup``: "/autogroup-N nice K"),
+    which weighs its session against the others; None without autogroups or when ``pid`` has ended."""
+    try:
+        return int(Path(f"/proc/{pid}/autogroup").read_text().split("nice")[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class DoorMark:

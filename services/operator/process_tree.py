@@ -44,10 +44,3 @@ def group(pgid: int) -> list[int]:
     return [pid for pid, state, _, pgrp in _stats() if pgrp == pgid and state != "Z"]
 
 
-def autogroup_nice(pid: int) -> int | None:
-    """The nice value of ``pid``'s scheduling autogroup (``/proc/<pid>/autogroup``: "/autogroup-N nice K"),
-    which weighs its session against the others; None without autogroups or when ``pid`` has ended."""
-    try:
-        return int(Path(f"/proc/{pid}/autogroup").read_text().split("nice")[1])
-    except (OSError, IndexError, ValueError):
-        return None

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from services.kernel.door_pressure import autogroup_nice
 from services.kernel.settings import REPO_ROOT, Settings
 from services.operator import dss_validator, local_processes, process_tree
 from tests.platform import env_for
@@ -89,7 +90,7 @@ def test_up_demo_down(settings, tmp_path, request):
     for name, pid in zip(names, pids, strict=True):
         own = _nices([pid])
         children = _nices(process_tree.descendants([pid]))
-        group = process_tree.autogroup_nice(pid) if grouped else None
+        group = autogroup_nice(pid) if grouped else None
         if name.startswith("api-"):   # its verification children alone run lower (nice 10, SCHED_IDLE)
             assert own == {0} and children <= {0, Settings().verify_nice}, (name, own, children)
             assert group == (0 if grouped else None), (name, group)

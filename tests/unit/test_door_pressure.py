@@ -14,8 +14,7 @@ import pytest
 from fastapi import APIRouter
 
 from services.kernel import door_pressure, http
-from services.kernel.door_pressure import HOLD_S, DoorMark, YieldToDoor
-from services.operator import process_tree
+from services.kernel.door_pressure import HOLD_S, DoorMark, YieldToDoor, autogroup_nice
 
 
 def test_the_door_is_marked_busy_only_past_half_its_bound_and_not_on_every_request(tmp_path, monkeypatch):
@@ -126,13 +125,13 @@ asyncio.run(main())
 def _autogroup_becomes(pid: int, nice: int, within_s: float) -> bool:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        if process_tree.autogroup_nice(pid) == nice:
+        if autogroup_nice(pid) == nice:
             return True
         time.sleep(0.05)
-    return process_tree.autogroup_nice(pid) == nice
+    return autogroup_nice(pid) == nice
 
 
-@pytest.mark.skipif(process_tree.autogroup_nice(os.getpid()) is None, reason="no autogroups on this kernel")
+@pytest.mark.skipif(autogroup_nice(os.getpid()) is None, reason="no autogroups on this kernel")
 def test_a_worker_session_yields_while_the_door_is_busy_and_takes_its_share_back_after(tmp_path):
     """In a session of its own (as `bubuh up` starts a worker): its autogroup, which weighs the session
     against the API's, goes to nice 10 while the mark is fresh and back to 0 within a second or two of the
@@ -142,12 +141,12 @@ def test_a_worker_session_yields_while_the_door_is_busy_and_takes_its_share_back
                              start_new_session=True, cwd=os.getcwd())
     try:
         time.sleep(0.5)
-        assert process_tree.autogroup_nice(child.pid) == 0
+        assert autogroup_nice(child.pid) == 0
         until = time.monotonic() + 1.0
         while time.monotonic() < until:         # a door busy for a second: marked as an API process marks it
             mark.touch()
             time.sleep(0.2)
-        assert process_tree.autogroup_nice(child.pid) == 10
+        assert autogroup_nice(child.pid) == 10
         assert _autogroup_becomes(child.pid, 0, HOLD_S + 1.5)
         mark.touch()
         assert _autogroup_becomes(child.pid, 10, 1.0)

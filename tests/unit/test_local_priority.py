@@ -16,7 +16,7 @@ import time
 import pytest
 
 from loadtests.bench_pipeline import proc_cpu_s
-from services.operator import process_tree
+from services.kernel.door_pressure import autogroup_nice
 from services.operator.local_processes import lower_priority
 
 # it measures two processes' shares of one core: alone, or the rest of the suite takes the core (the outside
@@ -45,7 +45,7 @@ def test_a_process_at_nice_10_in_a_session_of_its_own_yields_the_core():
         time.sleep(2.0)
         used = {n: proc_cpu_s(p.pid) - before[n] for n, p in loops.items()}
         elapsed = time.monotonic() - t0
-        groups = {n: process_tree.autogroup_nice(p.pid) for n, p in loops.items()}
+        groups = {n: autogroup_nice(p.pid) for n, p in loops.items()}
     finally:
         for p in loops.values():
             p.kill()
