@@ -21,6 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from services.kernel.door_pressure import AUTOGROUP
 from services.kernel.runtime import ConfigError
 from services.kernel.settings import Settings
 
@@ -105,8 +106,6 @@ def metrics_targets(settings: Settings) -> dict[str, tuple[str, int]]:
             base += 1
     return targets
 
-
-AUTOGROUP = Path("/proc/self/autogroup")
 
 
 def lower_priority(nice: int) -> None:
