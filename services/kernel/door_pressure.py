@@ -22,6 +22,9 @@ So the priority moves only while the door is busy:
   than ``HOLD_S``, runs its session's autogroup (itself, its threads and its signing children) at
   ``BUBUH_DOOR_BUSY_NICE``; once the mark is older, at the nice value it started with.
 
+The ETAs' pace (stamping/pace.py) leaves out the seconds the tier yielded in: an API process looks at
+the mark each time it reads the tier's pace (``DoorWatch``).
+
 A file, not an event: the mark means something only to processes sharing the box's cores, and only they
 share the file. Off unless ``BUBUH_DOOR_BUSY_FILE`` names it (`bubuh up` gives every process the one in its
 run directory); pods on separate nodes have nothing to yield to one another.
@@ -52,6 +55,14 @@ def autogroup_nice(pid: int) -> int | None:
     try:
         return int(Path(f"/proc/{pid}/autogroup").read_text().split("nice")[1])
     except (OSError, IndexError, ValueError):
+        return None
+
+
+def marked_at(path: Path) -> float | None:
+    """The mark's latest time (epoch seconds), None when it was never made."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
         return None
 
 
@@ -91,11 +102,8 @@ class YieldToDoor:
         self.yielding = False
 
     def door_busy(self, now: float | None = None) -> bool:
-        try:
-            marked = self._path.stat().st_mtime
-        except FileNotFoundError:
-            return False
-        return (time.time() if now is None else now) - marked < HOLD_S
+        marked = marked_at(self._path)
+        return marked is not None and (time.time() if now is None else now) - marked < HOLD_S
 
     def _set(self, yielding: bool) -> bool:
         value = self._nice if yielding else self._base
@@ -126,3 +134,23 @@ class YieldToDoor:
         finally:
             if self.yielding:
                 self._set(False)
+
+
+class DoorWatch:
+    """A reader of the tier's pace: when, since its last look, the stamping tier yielded to the door. The mark
+    holds only its latest time, and the tier yields until ``HOLD_S`` after it; a reader looking about once
+    a second (the queue's facts while requests come) sees each stretch of a busy door."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._path = Path(path)
+        self._looked = time.time()
+
+    def yielded_since_last_look(self, now: float | None = None) -> tuple[float, float] | None:
+        """The stretch (epoch seconds) since the last look in which the tier yielded, at most ``HOLD_S``
+        before the latest mark, up to ``HOLD_S`` after it; None when it did not yield since."""
+        now = time.time() if now is None else now
+        looked, self._looked = self._looked, now
+        marked = marked_at(self._path)
+        if marked is None or marked + HOLD_S <= looked:
+            return None
+        return max(looked, marked - HOLD_S), min(now, marked + HOLD_S)

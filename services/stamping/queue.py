@@ -37,6 +37,7 @@ from typing import Any
 import asyncpg
 
 from services.kernel import failures
+from services.kernel.door_pressure import DoorWatch
 from services.stamping.fair_queue import FairQueue, QueueOrder
 from services.stamping.metrics import DOOR_COST
 from services.stamping.pace import READ_AT_MOST_S, REREAD_S, Forecast, Second, TierPace
@@ -197,8 +198,9 @@ SELECT r.*, s.start_tag AS queue_tag, s.seq AS queue_seq,
 
 class QueueView:
     def __init__(self, pool: asyncpg.Pool, window_s: float, throughput: Throughput | None = None,
-                 fair: FairQueue | None = None, order_s: float = 1.0) -> None:
+                 fair: FairQueue | None = None, order_s: float = 1.0, door: DoorWatch | None = None) -> None:
         self._pool = pool
+        self._door = door                                   # where the tier yields to a busy door: when it did
         self._window_s = window_s
         self._throughput = throughput
         self._fair = fair or FairQueue()
@@ -259,6 +261,8 @@ class QueueView:
                                                           strict=True)}
         self._pace.record(history["from_s"], history["came_from"], now,
                           ((at, Second(came.get(at, 0), *done.get(at, (0, False)))) for at in set(came) | set(done)))
+        if self._door is not None and (stretch := self._door.yielded_since_last_look()) is not None:
+            self._pace.yielded(int(stretch[0]), int(stretch[1]))
         forecast = self._pace.forecast(history["pace_from"], now, BACKLOG_SECONDS, BACKLOG_PACE_SECONDS)
         DOOR_COST.set(forecast.door_cost if forecast else self._pace.door_cost())
         return forecast

@@ -22,7 +22,7 @@ from pathlib import Path
 from fastapi import APIRouter
 
 from services.kernel import database, topics
-from services.kernel.door_pressure import YieldToDoor
+from services.kernel.door_pressure import DoorWatch, YieldToDoor
 from services.kernel.leadership import Leadership
 from services.kernel.outbox import Relay
 from services.kernel.processing.pipeline import ConsumerLoop
@@ -96,6 +96,11 @@ def documents(s: Settings) -> store.DocumentStore:
     return store.FilesystemStore(s.documents_root)
 
 
+def yields_to_door(s: Settings) -> bool:
+    """The stamping workers share the box's cores with the front door and yield them while it is busy."""
+    return bool(s.door_busy_file) and s.door_busy_nice > 0
+
+
 async def router(rt: Runtime) -> APIRouter:
     s = rt.settings
     pool = await rt.pool(NAME)
@@ -103,7 +108,8 @@ async def router(rt: Runtime) -> APIRouter:
     if rates_from(s) == "stream":
         throughput = Throughput(s, window_s=s.stamp_eta_window_s)
         rt.background.append(throughput.run)
-    queue = QueueView(pool, s.stamp_eta_window_s, throughput, fair_queue(s))
+    queue = QueueView(pool, s.stamp_eta_window_s, throughput, fair_queue(s),
+                      door=DoorWatch(s.door_busy_file) if yields_to_door(s) else None)
     docs = documents(s)
     inspector = await Sandbox("intake", size=s.intake_processes,
                               budget=ProcessLimits.of(s.intake_cpu_s, s.intake_wall_s, s.document_memory_mib)).start()
@@ -157,7 +163,7 @@ async def workers(rt: Runtime) -> list[Task]:
     backlog, backlog_lock = Backlog(pool, rt.channels), Leadership(s, f"stamping backlog {s.schema(NAME)}")
     tasks = [stamp_loop.run, takers.run, track_loop.run, relay.run, signing.serve,
              functools.partial(backlog_lock.lead, work=backlog.run, on_standby=backlog.clear)]
-    if s.door_busy_file and s.door_busy_nice > 0:
+    if yields_to_door(s):
         # sharing a box's cores with the front door: this worker and its signing children yield them while the
         # door is busy, and only then (kernel/door_pressure.py)
         tasks.append(YieldToDoor(s.door_busy_file, s.door_busy_nice).run)

@@ -14,7 +14,7 @@ import pytest
 from fastapi import APIRouter
 
 from services.kernel import door_pressure, http
-from services.kernel.door_pressure import HOLD_S, DoorMark, YieldToDoor, autogroup_nice
+from services.kernel.door_pressure import HOLD_S, DoorMark, DoorWatch, YieldToDoor, autogroup_nice
 
 
 def test_the_door_is_marked_busy_only_past_half_its_bound_and_not_on_every_request(tmp_path, monkeypatch):
@@ -42,6 +42,19 @@ def test_a_mark_is_busy_for_a_second_then_not(tmp_path):
     now = mark.stat().st_mtime
     assert watch.door_busy(now + HOLD_S / 2)
     assert not watch.door_busy(now + HOLD_S + 0.01)
+
+
+def test_a_reader_of_the_pace_sees_each_stretch_the_tier_yielded_in_once(tmp_path):
+    mark = tmp_path / "door-busy"
+    watch = DoorWatch(mark)
+    t0 = time.time()
+    assert watch.yielded_since_last_look(t0 + 1) is None              # never marked
+    mark.touch()
+    marked = mark.stat().st_mtime
+    os.utime(mark, (marked + 5, marked + 5))                            # a mark 5 s on: the tier yields till +6
+    assert watch.yielded_since_last_look(marked + 5.5) == (marked + 4, marked + 5.5)
+    assert watch.yielded_since_last_look(marked + 6.5) == (marked + 5.5, marked + 6)
+    assert watch.yielded_since_last_look(marked + 7.5) is None        # the mark is older than HOLD_S: quiet
 
 
 async def _post(app) -> int:

@@ -99,3 +99,23 @@ def test_a_pace_window_reaching_back_days_reads_only_the_span():
     week = NOW - 7 * 86_400
     pace.record(week, NOW - 60, NOW, [(week, Second(1, 1, True)), (NOW - 5, Second(1, 1, True))])
     assert list(pace._seconds) == [NOW - 5]
+
+
+def test_the_seconds_the_tier_yielded_in_are_left_out_and_the_window_reaches_back_past_them():
+    """A spike marks the door busy and the tier yields its cores (kernel/door_pressure.py): the 10 seconds of
+    it sign 20 a second at a high intake, which the line through the seconds before does not foretell."""
+    pace = TierPace()
+    seconds = {at: (60, 90) for at in range(NOW - 40, NOW - 10)}       # no cost at the door: a flat line
+    seconds.update({at: (150, 20) for at in range(NOW - 10, NOW)})      # the spike, yielding
+    pace.record(NOW - 40, NOW - 40, NOW, ((at, Second(c, d, True)) for at, (c, d) in seconds.items()))
+    as_read = pace.forecast(NOW - 15, NOW, 3, 15)
+    assert as_read.read < 50 and as_read.door_cost > 0.5              # the spike's seconds: a slow pace, a door's cost
+    pace.yielded(NOW - 10, NOW - 1)
+    forecast = pace.forecast(NOW - 15, NOW, 3, 15)
+    assert forecast.door_cost == 0.0
+    assert forecast.per_second == forecast.read == 90.0                # the 15 s before the spike
+    # a door busy for longer than the span: no other seconds; the yielded pace, as read
+    pace = TierPace(span_s=20)
+    pace.record(NOW - 20, NOW - 20, NOW, ((at, Second(150, 20, True)) for at in range(NOW - 20, NOW)))
+    pace.yielded(NOW - 20, NOW - 1)
+    assert pace.forecast(NOW - 15, NOW, 3, 15).per_second == 20.0
