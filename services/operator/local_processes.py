@@ -107,7 +107,6 @@ def metrics_targets(settings: Settings) -> dict[str, tuple[str, int]]:
     return targets
 
 
-
 def lower_priority(nice: int) -> None:
     """Run at ``nice`` against the other processes of the box: the process's own nice value, and its
     session's autogroup's (it runs in a child after ``setsid``, before the exec).

@@ -42,5 +42,3 @@ def descendants(pids: Iterable[int]) -> set[int]:
 def group(pgid: int) -> list[int]:
     """The live members of process group ``pgid`` (zombies, already ended, left out)."""
     return [pid for pid, state, _, pgrp in _stats() if pgrp == pgid and state != "Z"]
-
-
