@@ -5,18 +5,22 @@ front door slows the load down and hides itself. Here every arrival has its time
 (a Poisson process with a fixed seed) and is sent then, whatever the earlier ones are doing; its
 latency counts from that time, so a client-side backlog counts against the platform, not for it.
 
-One run against the running platform (``make up`` first):
+``--rounds`` rounds against the running platform (``make up`` first; ``make surge-open`` plays 3, as
+issue 12 asks its figures as medians of 3 runs):
 
-1. **sustainable**: the end-to-end stamps/s of a closed-loop surge played first (or ``--rate``);
+1. **sustainable**: the end-to-end stamps/s of a closed-loop surge played first, once for every round
+   (or ``--rate``);
 2. **plateau**: arrivals at 80% of it for ``--plateau`` seconds (issue 12: 10 minutes);
 3. **spike**: 3x for ``--spike`` seconds (60), the excess to show as queue (positions in the 202s);
-4. **drain**: until every accepted request has ended.
+4. **drain**: until every accepted request has ended; then ``--pause`` seconds before the next round,
+   whose arrivals come from the next seed.
 
 Each accepted request is then read as a channel that plans by its ETA would read it: again when its
 last answer's ETA says, at least 1 s later. What is checked (issue 12, point 2): in the plateau,
 intake p99 <= 300 ms and status reads p99 <= 100 ms; in the spike, intake p99 <= 1 s, no 5xx and no
 transport error; the queue visible during the spike; every accepted request ended, completed. Latencies are grouped by
-the phase the request was sent in.
+the phase the request was sent in. Each check is made on the median of the rounds' figures (the p99s,
+the spike's 5xx and transport errors); the queue and the drain must hold in every round.
 
     make up && python -m loadtests.open_loop --plateau 600 --spike 60 --readme README.md
 
@@ -54,6 +58,7 @@ README_BEGIN = "<!-- surge:open-loop:begin (make surge-open writes this table) -
 README_END = "<!-- surge:open-loop:end -->"
 ROUTES = ("POST /v1/stamps", "GET /v1/stamps/{id}")
 READERS = 16              # status reads in flight at most
+EVERY_ROUND = ("spike: the excess visible as queue", "drained: every accepted request completed")
 SENDERS = 256             # stamp requests in flight at most (each on its own connection)
 
 
@@ -182,7 +187,8 @@ async def play(base_url: str, env: dict, *, rate: float, plateau_s: float, spike
         outcomes[key] = outcomes.get(key, 0) + 1
     return {
         "rate_sustainable_per_s": rate,
-        "phases": [{"name": n, "arrivals_per_s": round(r, 1), "seconds": s} for n, r, s in phases],
+        "phases": [{"name": n, "arrivals_per_s": round(r, 1), "seconds": s,
+                    "arrivals": sum(1 for _, phase in schedule if phase == n)} for n, r, s in phases],
         "arrivals": len(schedule), "accepted": len(accepted), "ended": len(results), "outcomes": outcomes,
         "drained_after_s": round(drained_s - plateau_s - spike_s, 1),
         "latency": {phase: {route: lat[(phase, route)].summary() for route in ROUTES}
@@ -195,19 +201,48 @@ async def play(base_url: str, env: dict, *, rate: float, plateau_s: float, spike
     }
 
 
-def verdict(r: dict) -> dict[str, bool]:
+def _median(values: list) -> float | None:
+    """The median of the rounds' figures (the middle one of an odd count; None when no round has one)."""
+    known = sorted(v for v in values if v is not None)
+    if not known:
+        return None
+    mid = len(known) // 2
+    return known[mid] if len(known) % 2 else round((known[mid - 1] + known[mid]) / 2, 1)
+
+
+def figures(r: dict) -> dict:
+    """One round's checked figures."""
     lat = r["latency"]
-    out = {f"{phase}: {route} p99 <= {limit:g} ms": (lat[phase][route]["p99_ms"] or 0) <= limit
-           for phase, routes in TARGETS_MS.items() for route, limit in routes.items()}
     spike_post = lat["spike"]["POST /v1/stamps"]
-    out["spike: no 5xx, no transport error"] = (not spike_post["errors"]
-                                               and not any(s >= 500 for s in spike_post["statuses"]))
-    out["spike: the excess visible as queue"] = (r["spike_queue"]["max_position"] or 0) > 0
-    out["drained: every accepted request completed"] = r["outcomes"].get("completed", 0) == r["accepted"] > 0
+    out = {f"{phase}: {route} p99 ms": lat[phase][route]["p99_ms"]
+           for phase, routes in TARGETS_MS.items() for route in routes}
+    out["spike: 5xx"] = sum(n for s, n in spike_post["statuses"].items() if int(s) >= 500)
+    out["spike: transport errors"] = spike_post["errors"]
+    out["spike: largest position"] = r["spike_queue"]["max_position"] or 0
+    out["drained"] = r["outcomes"].get("completed", 0) == r["accepted"] > 0
     return out
 
 
-def markdown(r: dict) -> str:
+def verdict_of(rounds: list[dict]) -> tuple[dict[str, float | None], dict[str, bool]]:
+    """The rounds' median figures, and the checks on them: each p99 and the spike's errors at the median of the
+    rounds (issue 12: medians of 3 runs); the queue visible and every request drained in every round."""
+    each = [figures(r) for r in rounds]
+    median = {k: _median([f[k] for f in each]) for k in each[0] if k != "drained"}
+    out = {f"{phase}: {route} p99 <= {limit:g} ms": (median[f"{phase}: {route} p99 ms"] or 0) <= limit
+           for phase, routes in TARGETS_MS.items() for route, limit in routes.items()}
+    out["spike: no 5xx, no transport error"] = median["spike: 5xx"] == 0 and median["spike: transport errors"] == 0
+    queue, drained = EVERY_ROUND
+    out[queue] = all(f["spike: largest position"] > 0 for f in each)
+    out[drained] = all(f["drained"] for f in each)
+    return median, out
+
+
+def verdict(r: dict) -> dict[str, bool]:
+    """One round's checks."""
+    return verdict_of([r])[1]
+
+
+def _phase_table(r: dict) -> list[str]:
     lines = ["| phase | arrivals/s | seconds | `POST /v1/stamps` p50 / p99 / max ms | status reads p50 / p99 ms |",
              "|---|---:|---:|---|---|"]
     for p in r["phases"] + [{"name": "drain", "arrivals_per_s": 0, "seconds": r["drained_after_s"]}]:
@@ -216,8 +251,45 @@ def markdown(r: dict) -> str:
         lines.append(f"| {p['name']} | {p['arrivals_per_s']} | {p['seconds']} | "
                      f"{post['p50_ms']} / {post['p99_ms']} / {post['max_ms']} ({codes or '-'}) | "
                      f"{get['p50_ms']} / {get['p99_ms']} |")
+    return lines
+
+
+def _rounds_table(result: dict) -> list[str]:
+    lines = ["| round | plateau intake p50 / p99 ms | plateau status p99 ms | spike intake p50 / p99 ms | "
+             "spike 5xx / transport errors | spike's first ETA median s, within 25% | drained after s |",
+             "|---:|---|---:|---|---|---|---:|"]
+    for i, r in enumerate(result["rounds"], 1):
+        lat = r["latency"]
+        pp, pg = lat["plateau"]["POST /v1/stamps"], lat["plateau"]["GET /v1/stamps/{id}"]
+        sp = lat["spike"]["POST /v1/stamps"]
+        f = figures(r)
+        e = r["eta"]["spike"]
+        eta = f"{e['median_first_eta_s']}, {e['within_25_percent']:.0%}" if e.get("requests") else "-"
+        spike_arrivals = r["phases"][1].get("arrivals", "?")
+        lines.append(f"| {i} | {pp['p50_ms']} / {pp['p99_ms']} | {pg['p99_ms']} | {sp['p50_ms']} / {sp['p99_ms']} | "
+                     f"{f['spike: 5xx']} of {spike_arrivals} / {f['spike: transport errors']} | {eta} | "
+                     f"{r['drained_after_s']} |")
+    m = result["median"]
+    lines.append(f"| **median** | {m['plateau: POST /v1/stamps p99 ms']} (p99) | "
+                 f"{m['plateau: GET /v1/stamps/{id} p99 ms']} | {m['spike: POST /v1/stamps p99 ms']} (p99) | "
+                 f"{m['spike: 5xx']} / {m['spike: transport errors']} | | |")
+    return lines
+
+
+def markdown(result: dict) -> str:
+    rounds = result["rounds"]
+    lines = _rounds_table(result) if len(rounds) > 1 else []
+    lines += [""] if lines else []
+    middle = sorted(range(len(rounds)), key=lambda i: rounds[i]["latency"]["plateau"]["POST /v1/stamps"]["p99_ms"] or 0)
+    shown = middle[len(middle) // 2]
+    if len(rounds) > 1:
+        lines.append(f"Round {shown + 1} (the median plateau), phase by phase:")
+        lines.append("")
+    r = rounds[shown]
+    lines += _phase_table(r)
     lines.append("")
-    lines.append(f"- Sustainable rate: **{r['rate_sustainable_per_s']} stamps/s** ({r['rate_source']}); "
+    lines.append(f"- Sustainable rate: **{result['rate_sustainable_per_s']} stamps/s** ({result['rate_source']}); "
+                 f"{len(rounds)} round(s), {result['pause_s']:g} s apart; round {shown + 1}: "
                  f"{r['arrivals']} arrivals, {r['accepted']} accepted, outcomes {r['outcomes']}; drained "
                  f"{r['drained_after_s']} s after the spike; positions in the spike's 202s up to "
                  f"{r['spike_queue']['max_position']} (median {r['spike_queue']['median_position']}).")
@@ -226,10 +298,11 @@ def markdown(r: dict) -> str:
         if e.get("requests"):
             lines.append(f"- First ETAs, {phase}: median {e['median_first_eta_s']} s, "
                          f"{e['within_25_percent']:.0%} completed within 25% of it.")
-    for check, ok in r["verdict"].items():
-        lines.append(f"- {check}: {'met' if ok else '**NOT met**'}")
-    lines.append(f"- Machine: {r['machine']['cores']} cores shared with the platform, Kafka and PostgreSQL; "
-                 f"load average {r['machine']['loadavg_at_start']} at the start.")
+    for check, ok in result["verdict"].items():
+        at = "" if len(rounds) == 1 else " (in every round)" if check in EVERY_ROUND else " (at the rounds' median)"
+        lines.append(f"- {check}{at}: {'met' if ok else '**NOT met**'}")
+    lines.append(f"- Machine: {result['machine']['cores']} cores shared with the platform, Kafka and PostgreSQL; "
+                 f"load average at each round's start: {', '.join(str(r['loadavg_at_start']) for r in rounds)}.")
     return "\n".join(lines)
 
 
@@ -251,14 +324,24 @@ async def sustainable_rate(args, env: dict) -> tuple[float, str]:
 
 
 async def measure(args, env: dict) -> dict:
-    machine = {"cores": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
+    machine = {"cores": os.cpu_count()}
     rate, source = await sustainable_rate(args, env)
-    r = await play(args.base_url, env, rate=rate, plateau_s=args.plateau, spike_s=args.spike,
-                   channels=args.channels, seed=args.seed)
-    r.update({"rate_source": source, "machine": machine,
-              "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
-    r["verdict"] = verdict(r)
-    return r
+    rounds = []
+    for i in range(args.rounds):
+        if i:
+            print(f"[{time.strftime('%H:%M:%S')}] round {i} drained; round {i + 1} of {args.rounds} in "
+                  f"{args.pause:g} s", flush=True)
+            await asyncio.sleep(args.pause)
+        loadavg = [round(x, 2) for x in os.getloadavg()]
+        r = await play(args.base_url, env, rate=rate, plateau_s=args.plateau, spike_s=args.spike,
+                       channels=args.channels, seed=args.seed + i)
+        r["loadavg_at_start"] = loadavg
+        r["verdict"] = verdict(r)
+        rounds.append(r)
+    median, checks = verdict_of(rounds)
+    return {"rate_sustainable_per_s": rate, "rate_source": source, "machine": machine, "pause_s": args.pause,
+            "rounds": rounds, "median": median, "verdict": checks,
+            "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plateau", type=float, default=600.0, help="seconds at 80%% of the sustainable rate")
     p.add_argument("--spike", type=float, default=60.0, help="seconds at 3x the sustainable rate")
     p.add_argument("--channels", type=int, default=4)
-    p.add_argument("--seed", type=int, default=12)
+    p.add_argument("--seed", type=int, default=12, help="the first round's arrivals; round n uses seed + n - 1")
+    p.add_argument("--rounds", type=int, default=1, help="rounds at the same rate; the checks take their medians")
+    p.add_argument("--pause", type=float, default=30.0, help="seconds between a round's drain and the next round")
     p.add_argument("--out", type=Path, default=Path("loadtests/results/surge-open.json"))
     p.add_argument("--readme", type=Path)
     args = p.parse_args(argv)

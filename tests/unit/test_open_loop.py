@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loadtests.open_loop import arrivals, verdict
+from loadtests.open_loop import arrivals, markdown, verdict, verdict_of
 
 
 def test_arrivals_follow_each_phases_rate_and_stay_inside_it():
@@ -29,6 +29,20 @@ def _run(plateau_post: float, plateau_get: float, spike_post: float, *, statuses
             "accepted": accepted}
 
 
+def _shown(r: dict, loadavg: list[float]) -> dict:
+    """A round as ``play`` returns it, with what ``markdown`` reads beside the checked figures."""
+    for phase in ("plateau", "spike", "drain"):
+        for route in ("POST /v1/stamps", "GET /v1/stamps/{id}"):
+            r["latency"].setdefault(phase, {}).setdefault(route, {"p99_ms": None, "statuses": {}, "errors": 0})
+            r["latency"][phase][route].update(p50_ms=1.0, max_ms=2.0)
+    r.update(phases=[{"name": "plateau", "arrivals_per_s": 36.0, "seconds": 600, "arrivals": 21600},
+                     {"name": "spike", "arrivals_per_s": 135.0, "seconds": 60, "arrivals": 8100}],
+             arrivals=29700, drained_after_s=120.0, loadavg_at_start=loadavg,
+             eta={"plateau": {}, "spike": {"requests": 10, "median_first_eta_s": 40.0, "within_25_percent": 0.3}})
+    r["spike_queue"]["median_position"] = 20
+    return r
+
+
 def test_verdict_holds_each_target_on_its_own():
     assert all(verdict(_run(250, 90, 900)).values())
     assert not verdict(_run(301, 90, 900))["plateau: POST /v1/stamps p99 <= 300 ms"]
@@ -38,3 +52,38 @@ def test_verdict_holds_each_target_on_its_own():
     assert not verdict(_run(250, 90, 900, errors=1))["spike: no 5xx, no transport error"]
     assert not verdict(_run(250, 90, 900, max_position=0))["spike: the excess visible as queue"]
     assert not verdict(_run(250, 90, 900, completed=99))["drained: every accepted request completed"]
+
+
+def test_three_rounds_are_checked_at_their_medians_and_the_drain_in_every_round():
+    rounds = [_run(250, 90, 900), _run(400, 120, 1400, statuses={202: 9, 503: 174}), _run(280, 95, 950)]
+    median, checks = verdict_of(rounds)
+    assert median["plateau: POST /v1/stamps p99 ms"] == 280 and median["plateau: GET /v1/stamps/{id} p99 ms"] == 95
+    assert median["spike: POST /v1/stamps p99 ms"] == 950 and median["spike: 5xx"] == 0
+    assert all(checks.values())                     # one bad round of three does not decide it
+    two_bad = [_run(250, 90, 900), _run(400, 120, 1400, statuses={503: 174}), _run(310, 101, 950, statuses={503: 3})]
+    median, checks = verdict_of(two_bad)
+    assert median["plateau: POST /v1/stamps p99 ms"] == 310 and median["spike: 5xx"] == 3
+    assert verdict_of(two_bad[:2])[0]["plateau: POST /v1/stamps p99 ms"] == 325      # an even count: the middle two
+    assert not checks["plateau: POST /v1/stamps p99 <= 300 ms"]
+    assert not checks["plateau: GET /v1/stamps/{id} p99 <= 100 ms"]
+    assert not checks["spike: no 5xx, no transport error"]
+    assert checks["spike: POST /v1/stamps p99 <= 1000 ms"]
+    # the queue and the drain are not medians: a round that lost a request fails the run
+    assert not verdict_of([_run(250, 90, 900), _run(250, 90, 900, completed=99), _run(250, 90, 900)])[1][
+        "drained: every accepted request completed"]
+    assert not verdict_of([_run(250, 90, 900, max_position=0), _run(250, 90, 900), _run(250, 90, 900)])[1][
+        "spike: the excess visible as queue"]
+
+
+def test_the_report_shows_each_round_the_medians_and_the_median_plateau_round_phase_by_phase():
+    rounds = [_shown(_run(250, 90, 900), [1.0]), _shown(_run(400, 120, 1400, statuses={202: 9, 503: 174}), [2.0]),
+              _shown(_run(280, 95, 950), [3.0])]
+    median, checks = verdict_of(rounds)
+    text = markdown({"rounds": rounds, "median": median, "verdict": checks, "rate_sustainable_per_s": 45.0,
+                     "rate_source": "given with --rate", "pause_s": 30.0, "machine": {"cores": 2}})
+    assert "| 2 | 1.0 / 400 | 120 | 1.0 / 1400 | 174 of 8100 / 0 | 40.0, 30% | 120.0 |" in text
+    assert "| **median** | 280 (p99) | 95 | 950 (p99) | 0 / 0 | | |" in text
+    assert "Round 3 (the median plateau), phase by phase:" in text
+    assert "- plateau: POST /v1/stamps p99 <= 300 ms (at the rounds' median): met" in text
+    assert "- drained: every accepted request completed (in every round): met" in text
+    assert "load average at each round's start: [1.0], [2.0], [3.0]." in text
