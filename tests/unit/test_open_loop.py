@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from loadtests.open_loop import arrivals, markdown, verdict, verdict_of
+import datetime as dt
+
+from loadtests.open_loop import _last_completion, arrivals, figures, markdown, verdict, verdict_of
 
 
 def test_arrivals_follow_each_phases_rate_and_stay_inside_it():
@@ -21,7 +23,8 @@ def test_arrivals_follow_each_phases_rate_and_stay_inside_it():
 def _run(plateau_post: float, plateau_get: float, spike_post: float, *, statuses=None, errors=0,
          max_position=40, completed=100, accepted=100) -> dict:
     def route(p99, st=None, err=0):
-        return {"p99_ms": p99, "statuses": st or {202: 10}, "errors": err}
+        st = st or {202: 10}     # as Route.summary counts them: each 5xx answer is kept among the errors too
+        return {"p99_ms": p99, "statuses": st, "errors": err + sum(n for s, n in st.items() if s >= 500)}
     return {"latency": {"plateau": {"POST /v1/stamps": route(plateau_post), "GET /v1/stamps/{id}": route(plateau_get)},
                         "spike": {"POST /v1/stamps": route(spike_post, statuses, errors),
                                   "GET /v1/stamps/{id}": route(50)}},
@@ -37,7 +40,7 @@ def _shown(r: dict, loadavg: list[float]) -> dict:
             r["latency"][phase][route].update(p50_ms=1.0, max_ms=2.0)
     r.update(phases=[{"name": "plateau", "arrivals_per_s": 36.0, "seconds": 600, "arrivals": 21600},
                      {"name": "spike", "arrivals_per_s": 135.0, "seconds": 60, "arrivals": 8100}],
-             arrivals=29700, drained_after_s=120.0, loadavg_at_start=loadavg,
+             arrivals=29700, drained_after_s=120.0, completed_after_s=95.5, loadavg_at_start=loadavg,
              eta={"plateau": {}, "spike": {"requests": 10, "median_first_eta_s": 40.0, "within_25_percent": 0.3}})
     r["spike_queue"]["median_position"] = 20
     return r
@@ -59,6 +62,8 @@ def test_three_rounds_are_checked_at_their_medians_and_the_drain_in_every_round(
     median, checks = verdict_of(rounds)
     assert median["plateau: POST /v1/stamps p99 ms"] == 280 and median["plateau: GET /v1/stamps/{id} p99 ms"] == 95
     assert median["spike: POST /v1/stamps p99 ms"] == 950 and median["spike: 5xx"] == 0
+    assert figures(rounds[1])["spike: 5xx"] == 174 and figures(rounds[1])["spike: transport errors"] == 0
+    assert figures(_run(250, 90, 900, statuses={202: 9, 503: 2}, errors=3))["spike: transport errors"] == 3
     assert all(checks.values())                     # one bad round of three does not decide it
     two_bad = [_run(250, 90, 900), _run(400, 120, 1400, statuses={503: 174}), _run(310, 101, 950, statuses={503: 3})]
     median, checks = verdict_of(two_bad)
@@ -81,9 +86,17 @@ def test_the_report_shows_each_round_the_medians_and_the_median_plateau_round_ph
     median, checks = verdict_of(rounds)
     text = markdown({"rounds": rounds, "median": median, "verdict": checks, "rate_sustainable_per_s": 45.0,
                      "rate_source": "given with --rate", "pause_s": 30.0, "machine": {"cores": 2}})
-    assert "| 2 | 1.0 / 400 | 120 | 1.0 / 1400 | 174 of 8100 / 0 | 40.0, 30% | 120.0 |" in text
+    assert "| 2 | 1.0 / 400 | 120 | 1.0 / 1400 | 174 of 8100 / 0 | 40.0, 30% | 95.5 / 120.0 |" in text
     assert "| **median** | 280 (p99) | 95 | 950 (p99) | 0 / 0 | | |" in text
     assert "Round 3 (the median plateau), phase by phase:" in text
     assert "- plateau: POST /v1/stamps p99 <= 300 ms (at the rounds' median): met" in text
     assert "- drained: every accepted request completed (in every round): met" in text
     assert "load average at each round's start: [1.0], [2.0], [3.0]." in text
+
+
+def test_the_drain_is_timed_by_the_servers_last_completion_not_by_the_last_read():
+    bodies = [{"status": "completed", "finished_at": "2026-12-07T01:00:10+00:00"},
+              {"status": "completed", "finished_at": "2026-12-07T01:01:40.5+00:00"}, {"status": "failed"}]
+    spike_end = dt.datetime(2026, 12, 7, 1, 0, 0, tzinfo=dt.UTC).timestamp()
+    assert _last_completion(bodies, spike_end) == 100.5
+    assert _last_completion([{"status": "failed"}], spike_end) is None
