@@ -142,7 +142,7 @@ surge-fairness: up ## one channel flooding (1,600 stamps) beside two small ones 
 surge-eta: up ## ETAs people can plan by (issue 12, point 4): 3 channels each keep 20 s of the tier's pace unfinished (measured first) and send 60 s of it more, 3 rounds: of the requests that joined the standing queue, >= 90% completed within 25% of their first ETA? loadtests/results/surge-eta.json and README.md
 	$(PY) -m loadtests.held_queue --rounds 3 --out loadtests/results/surge-eta.json --readme README.md
 
-surge-open: up ## the front door open loop (issue 12, point 2): a closed-loop surge measures the sustainable stamps/s, then 3 rounds of Poisson arrivals at 80% of it for 10 min and 3x for 60 s: intake and status p99 per phase at the rounds' median, the spike's queue, the drain. loadtests/results/surge-open.json and README.md
+surge-open: up ## the front door open loop (issue 12, point 2), about an hour: a closed-loop surge measures the sustainable stamps/s, then 3 rounds of Poisson arrivals at 80% of it for 10 min and 3x for 60 s: intake and status p99 per phase at the rounds' median, the spike's queue, the drain. loadtests/results/surge-open.json and README.md
 	$(PY) -m loadtests.open_loop --plateau 600 --spike 60 --rounds 3 --out loadtests/results/surge-open.json --readme README.md
 
 surge-tiers: up ## the surge at B-LT with a process per tier (BUBUH_LOCAL_LAYOUT=tiers, 3 rounds): each tier's CPU ms per stamp, in loadtests/results/surge-tiers.json for docs/capacity.md
