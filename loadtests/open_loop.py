@@ -38,6 +38,7 @@ import json
 import os
 import random
 import secrets
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -210,12 +211,9 @@ def _last_completion(bodies, spike_end: float) -> float | None:
 
 
 def _median(values: list) -> float | None:
-    """The median of the rounds' figures (the middle one of an odd count; None when no round has one)."""
-    known = sorted(v for v in values if v is not None)
-    if not known:
-        return None
-    mid = len(known) // 2
-    return known[mid] if len(known) % 2 else round((known[mid - 1] + known[mid]) / 2, 1)
+    """The median of the rounds' figures that are known (None when no round has one)."""
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 1) if known else None
 
 
 def figures(r: dict) -> dict:
@@ -313,7 +311,7 @@ def markdown(result: dict) -> str:
         at = "" if len(rounds) == 1 else " (in every round)" if check in EVERY_ROUND else " (at the rounds' median)"
         lines.append(f"- {check}{at}: {'met' if ok else '**NOT met**'}")
     lines.append(f"- Machine: {result['machine']['cores']} cores shared with the platform, Kafka and PostgreSQL; "
-                 f"load average at each round's start: {', '.join(str(r['loadavg_at_start']) for r in rounds)}.")
+                 f"load average at each round's start: {', '.join(str(each['loadavg_at_start']) for each in rounds)}.")
     return "\n".join(lines)
 
 
