@@ -32,6 +32,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.kernel import errors, failures, logs, metrics, tracing
+from services.kernel.direct_lane import DirectLane
 from services.kernel.door_pressure import DoorMark
 from services.kernel.retry_after import TICKET_EARLY_S, TICKET_HEADER, Spread, Tickets
 
@@ -46,6 +47,12 @@ def error_body(code: errors.ErrorCode, detail: str = "", trace_id: str | None = 
 
 def error_response(code: errors.ErrorCode, detail: str = "", headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(status_code=code.http_status, content=error_body(code, detail), headers=headers)
+
+
+def bubuh_error_response(request: Request, exc: errors.BubuhError) -> JSONResponse:
+    """The answer to a ``BubuhError`` a route raised: its catalogued status, with ``Retry-After`` when retryable."""
+    headers = {"Retry-After": retry_after(request)} if exc.code.retryable else None
+    return error_response(exc.code, exc.detail, headers)
 
 
 def retry_after(request: Request) -> str:
@@ -471,6 +478,8 @@ def create_app(title: str, routers: Sequence[APIRouter], lifespan=None, version:
                               "API key checks it before reading the body.")
     for router in routers:
         app.include_router(router)
+    # innermost of ours: the routes served directly (kernel/direct_lane.py) pass every check below first
+    app.add_middleware(DirectLane, routers=routers, answer_error=bubuh_error_response)
     # added before the trace middleware, so it runs inside it: its refusals are traced and measured too
     app.state.retry_after = {}
     app.add_middleware(BodyLimits, routers=routers, default_limit=default_max_body_bytes,
@@ -482,8 +491,7 @@ def create_app(title: str, routers: Sequence[APIRouter], lifespan=None, version:
 
     @app.exception_handler(errors.BubuhError)
     async def bubuh_error(request: Request, exc: errors.BubuhError):
-        headers = {"Retry-After": retry_after(request)} if exc.code.retryable else None
-        return error_response(exc.code, exc.detail, headers)
+        return bubuh_error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_request: Request, exc: RequestValidationError):

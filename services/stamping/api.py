@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.kernel import errors, http
+from services.kernel import direct_lane, errors, http
 from services.kernel.channels import ChannelView
 from services.kernel.document_profiles import MAX_BYTES_ANY_PROFILE
 from services.kernel.settings import Settings
@@ -104,20 +104,10 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, reque
             raise errors.BubuhError(errors.PDF_TOO_LARGE, f"more than {MAX_BYTES_ANY_PROFILE} bytes")
         return data
 
-    @r.post("/v1/stamps", status_code=202, openapi_extra=stamp_body,
-            responses=http.error_responses(401, 403, 409, 413, 415, 422, 503))
-    async def request_stamp(request: Request, authorization: str | None = Header(None),
-                            idempotency_key: str | None = Header(None, alias="Idempotency-Key")):
-        """Stamp a PDF. 202 once the document is stored and the request is durable in Kafka; the answer
-        carries the queue position (the requests signed before this one: the queue is fair between
-        channels, so it is this channel's place, see docs/channels.md) and the expected completion
-        time. Safe to retry with `Idempotency-Key`.
-
-        The API key is checked before the body is read; the body is held to `x-max-body-bytes` as it
-        arrives, and the document is inspected within budgets (decompressed bytes, objects, nesting:
-        over one is 422 `PDF_TOO_COMPLEX`)."""
-        channel = channels.authenticate(authorization)
+    async def stamp_request(request: Request) -> Response:
+        channel = channels.authenticate(request.headers.get("authorization"))
         _multipart(request)
+        idempotency_key = request.headers.get("idempotency-key")
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 128:
             raise errors.BubuhError(errors.BODY_INVALID, "Idempotency-Key: 1-128 characters")
         form = await _form(request, ("file", "meta"))
@@ -133,8 +123,30 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, reque
             "status_url": f"{settings.public_url}/v1/stamps/{accepted.request_id}",
             "position": accepted.position, "eta_seconds": accepted.eta_seconds})
 
+    # The two hottest routes are answered in the direct lane (kernel/direct_lane.py) by ``stamp_request``
+    # and ``stamp_status``; the operations declared here are their OpenAPI contract, and call them too.
+    @r.post("/v1/stamps", status_code=202, openapi_extra=stamp_body,
+            responses=http.error_responses(401, 403, 409, 413, 415, 422, 503))
+    async def request_stamp(request: Request, authorization: str | None = Header(None),
+                            idempotency_key: str | None = Header(None, alias="Idempotency-Key")):
+        """Stamp a PDF. 202 once the document is stored and the request is durable in Kafka; the answer
+        carries the queue position (the requests signed before this one: the queue is fair between
+        channels, so it is this channel's place, see docs/channels.md) and the expected completion
+        time. Safe to retry with `Idempotency-Key`.
+
+        The API key is checked before the body is read; the body is held to `x-max-body-bytes` as it
+        arrives, and the document is inspected within budgets (decompressed bytes, objects, nesting:
+        over one is 422 `PDF_TOO_COMPLEX`)."""
+        return await stamp_request(request)
+
+    direct_lane.serve_directly(r, stamp_request)
+
+    async def status_of(request: Request) -> Response:
+        channel = channels.authenticate(request.headers.get("authorization"))
+        return JSONResponse(await requests.status(channel.channel_id, request.path_params["request_id"]))
+
     @r.get("/v1/stamps/{request_id}")
-    async def stamp_status(request_id: str, authorization: str | None = Header(None)):
+    async def stamp_status(request: Request, request_id: str, authorization: str | None = Header(None)):
         """`queued`, `reserved`, `stamping`, `completed` (with `sn`) or `failed` (with `code`).
 
         `document_sha256` is the sha256 of the PDF as uploaded. `rewritten_sha256`, present only when the
@@ -142,8 +154,9 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, reque
         the signing library could not read as it was, is rewritten by qpdf (same objects, a fresh table)
         and stamped; the stamped file then starts with the rewrite, not with the upload. A signed PDF is
         never rewritten (that would break its signature): it fails with `PDF_MALFORMED`."""
-        channel = channels.authenticate(authorization)
-        return await requests.status(channel.channel_id, request_id)
+        return await status_of(request)
+
+    direct_lane.serve_directly(r, status_of)
 
     @r.get("/v1/stamps/{request_id}/document", response_class=Response)
     async def stamped_document(request_id: str, authorization: str | None = Header(None)):
