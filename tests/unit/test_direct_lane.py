@@ -53,6 +53,11 @@ class _Items:
         return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
                                  headers={"traceparent": f"00-{TRACE}-00f067aa0ba902b7-01"})
 
+    async def answers(self, *requests: tuple[str, str]) -> list[httpx.Response]:
+        """Each ``(method, path)`` through the app ``create_app`` builds, in turn."""
+        async with self.client() as c:
+            return [await c.request(method, path) for method, path in requests]
+
 
 async def test_a_direct_route_is_answered_by_its_handler_traced_and_counted_under_its_route():
     items = _Items()
@@ -66,11 +71,8 @@ async def test_a_direct_route_is_answered_by_its_handler_traced_and_counted_unde
 
 
 async def test_its_errors_are_the_catalogued_answers_and_a_bug_is_a_coded_500():
-    items = _Items()
-    async with items.client() as c:
-        busy = await c.get("/items/a1?fail=busy")
-        key = await c.get("/items/a1?fail=key")
-        bug = await c.get("/items/a1?fail=bug")
+    busy, key, bug = await _Items().answers(("GET", "/items/a1?fail=busy"), ("GET", "/items/a1?fail=key"),
+                                            ("GET", "/items/a1?fail=bug"))
     assert (busy.status_code, busy.json()["code"], busy.json()["detail"]) == (503, "UNAVAILABLE", "try later")
     assert busy.headers["retry-after"] == "2" and busy.json()["trace_id"] == TRACE
     assert (key.status_code, key.json()["code"], "retry-after" in key.headers) == (401, "UNAUTHENTICATED", False)
@@ -79,10 +81,8 @@ async def test_its_errors_are_the_catalogued_answers_and_a_bug_is_a_coded_500():
 
 async def test_routing_stays_fastapis_an_earlier_route_keeps_its_path_and_other_methods_are_refused():
     items = _Items()
-    async with items.client() as c:
-        special = await c.get("/items/special")
-        post = await c.post("/items/a1")
-        deeper = await c.get("/items/a1/more")
+    special, post, deeper = await items.answers(("GET", "/items/special"), ("POST", "/items/a1"),
+                                                ("GET", "/items/a1/more"))
     assert (special.status_code, special.json()) == (200, {"special": True})
     assert (post.status_code, post.json()["code"]) == (405, "METHOD_NOT_ALLOWED")
     assert (deeper.status_code, deeper.json()["code"]) == (404, "NOT_FOUND")
