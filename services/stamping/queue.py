@@ -73,7 +73,13 @@ BACKLOG_WAIT_S = 0.1
 BACKLOG_SECONDS = 3       # seconds with a backlog needed before their pace is used
 BACKLOG_PACE_SECONDS = 15
 HISTORY_STAMPS = 500
-_HISTORY = f"""
+# The pace's history is read in two statements. The first reads the latest 500 stamps (by index, backwards) and
+# from them and the clock the window's bounds; the second reads the seconds from those bounds on, given as
+# values. Read in one statement, the bounds were a sub-select the planner could not see into: it costed the
+# window as a third of the registry, and once the registry held 3.1 million stamps (and their rows were no longer
+# in finishing order on disk) it read the whole table for it, 2.1 s a read, past the read's 0.5 s budget, and
+# every 202 and status read went without an ETA (make surge-eta, 7 December: 0% within 25%).
+_RECENT = f"""
 WITH recent AS (SELECT status, accepted_at, reserved_at, started_at, finished_at FROM requests
                  WHERE status IN ('completed', 'failed') ORDER BY finished_at DESC LIMIT {HISTORY_STAMPS}),
      bounds AS (SELECT date_trunc('second', now()) AS now_s,
@@ -81,21 +87,7 @@ WITH recent AS (SELECT status, accepted_at, reserved_at, started_at, finished_at
                              date_trunc('second', now()) - interval '{BACKLOG_PACE_SECONDS} s') AS pace_from),
      span AS (SELECT least(pace_from, came_from) AS from_s, came_from
                 FROM (SELECT pace_from, greatest(to_timestamp($1) - interval '{REREAD_S} s',
-                                                 now_s - interval '{READ_AT_MOST_S} s') AS came_from FROM bounds) AS b),
-     seconds AS (SELECT date_trunc('second', finished_at) AS at, count(*) AS n,
-                        bool_and(started_at - reserved_at > interval '{BACKLOG_WAIT_S} s') AS backlog
-                   FROM requests
-                  WHERE status IN ('completed', 'failed') AND finished_at >= (SELECT from_s FROM span)
-                  GROUP BY 1),
-     came AS (SELECT date_trunc('second', accepted_at) AS at, count(*) AS n
-                FROM (SELECT accepted_at FROM requests
-                       WHERE status IN ('queued', 'reserved', 'stamping', 'signed')
-                         AND accepted_at >= (SELECT came_from FROM span)
-                      UNION ALL
-                      SELECT accepted_at FROM requests
-                       WHERE status IN ('completed', 'failed') AND finished_at >= (SELECT came_from FROM span)
-                         AND accepted_at >= (SELECT came_from FROM span)) AS accepted
-               GROUP BY 1)
+                                                 now_s - interval '{READ_AT_MOST_S} s') AS came_from FROM bounds) AS b)
 SELECT (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY reserved_at - accepted_at))
           FROM recent WHERE status = 'completed') AS reserve_s,
        (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY finished_at - started_at))
@@ -103,15 +95,32 @@ SELECT (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY re
        (SELECT extract(epoch FROM now_s)::bigint FROM bounds) AS now_s,
        (SELECT extract(epoch FROM pace_from)::bigint FROM bounds) AS pace_from,
        (SELECT extract(epoch FROM from_s)::bigint FROM span) AS from_s,
-       (SELECT extract(epoch FROM came_from)::bigint FROM span) AS came_from,
-       ARRAY(SELECT extract(epoch FROM at)::bigint FROM seconds ORDER BY at) AS done_at,
+       (SELECT extract(epoch FROM came_from)::bigint FROM span) AS came_from
+"""
+# $1: from_s, $2: came_from (epoch seconds, as _RECENT gives them)
+_SECONDS = f"""
+WITH seconds AS (SELECT date_trunc('second', finished_at) AS at, count(*) AS n,
+                        bool_and(started_at - reserved_at > interval '{BACKLOG_WAIT_S} s') AS backlog
+                   FROM requests
+                  WHERE status IN ('completed', 'failed') AND finished_at >= to_timestamp($1::float8)
+                  GROUP BY 1),
+     came AS (SELECT date_trunc('second', accepted_at) AS at, count(*) AS n
+                FROM (SELECT accepted_at FROM requests
+                       WHERE status IN ('queued', 'reserved', 'stamping', 'signed')
+                         AND accepted_at >= to_timestamp($2::float8)
+                      UNION ALL
+                      SELECT accepted_at FROM requests
+                       WHERE status IN ('completed', 'failed') AND finished_at >= to_timestamp($2::float8)
+                         AND accepted_at >= to_timestamp($2::float8)) AS accepted
+               GROUP BY 1)
+SELECT ARRAY(SELECT extract(epoch FROM at)::bigint FROM seconds ORDER BY at) AS done_at,
        ARRAY(SELECT n FROM seconds ORDER BY at) AS done,
        ARRAY(SELECT backlog FROM seconds ORDER BY at) AS backlog,
        ARRAY(SELECT extract(epoch FROM at)::bigint FROM came ORDER BY at) AS came_at,
        ARRAY(SELECT n FROM came ORDER BY at) AS came
 """
 
-def _busy_pace(history: asyncpg.Record) -> float:
+def _busy_pace(history: Mapping[str, Any]) -> float:
     """Stamps finished per busy second since the pace window's start (``pace_from``), over its whole seconds, or
     with the second under way when no whole one saw a finish; 0 when none did."""
     since, now = history["pace_from"], history["now_s"]
@@ -232,7 +241,7 @@ class QueueView:
         now = time.monotonic()
         rates = self._throughput.rates() if self._throughput else None
         try:
-            history = await asyncio.wait_for(self._pool.fetchrow(_HISTORY, self._pace.read_until or 0), 0.5)
+            history = await asyncio.wait_for(self._history(), 0.5)
             reserve_s, finish_s = float(history["reserve_s"] or 0.0), float(history["finish_s"] or 0.0)
             pace = _busy_pace(history)
             known = rates is not None and rates.known
@@ -254,7 +263,14 @@ class QueueView:
         self._cached = (now, facts)
         return facts
 
-    def _record(self, history: asyncpg.Record) -> Forecast | None:
+    async def _history(self) -> dict[str, Any]:
+        """The latest stamps' times and the window's bounds (``_RECENT``), and the seconds within them
+        (``_SECONDS``)."""
+        recent = await self._pool.fetchrow(_RECENT, self._pace.read_until or 0)
+        seconds = await self._pool.fetchrow(_SECONDS, recent["from_s"], recent["came_from"])
+        return {**recent, **seconds}
+
+    def _record(self, history: Mapping[str, Any]) -> Forecast | None:
         """The read's seconds into the tier's pace, and the pace a queue drains at from now on."""
         now, came = history["now_s"], dict(zip(history["came_at"], history["came"], strict=True))
         done = {at: (n, backlog) for at, n, backlog in zip(history["done_at"], history["done"], history["backlog"],
