@@ -13,7 +13,8 @@ on quota its reservation (the last 500 stamps' median, accepted to reserved) whe
 two overlapping; plus its own signing (their median, started to completed). The pace is the one the
 tier kept in the latest 15 seconds (reaching back over the last 500 stamps) when it had a backlog (every stamp finishing
 in them had waited in the fair queue): the pace a queue drains at now, forecast at what the door takes now where the
-door's intake slows the tier (``pace.py``: the two share cores). Before there are such seconds, stamps finished
+door's intake slows the tier (``pace.py``: the two share cores; a burst at the door, for its next seconds).
+Before there are such seconds, stamps finished
 per busy second in the last ``window``, or, before the window has seen one finish, the pace the last
 500 stamps kept when the tier was busy. The window's rate is a count in the schema (``_WINDOW``), or,
 with ``BUBUH_STAMP_RATES_FROM=stream``, faust windows over ``stamp.events`` (``throughput.py``) once
@@ -156,6 +157,8 @@ class QueueFacts:
     per_second: float
     reserve_s: float = 0.0    # accepted to reserved: the quota tier's round trip
     finish_s: float = 0.0     # started to completed: signing, storing, the status update
+    burst_per_second: float = 0.0   # the pace for the first burst_s of a wait, while the door's burst goes on
+    burst_s: float = 0.0            # (pace.py; 0: the door is in none, the whole wait at per_second)
 
     @property
     def base_s(self) -> float:
@@ -165,9 +168,19 @@ class QueueFacts:
     def eta_seconds(self, position: int, reserved: bool = False) -> float:
         """Until completed: the wait for the ``position`` requests ahead, or, for one not yet ``reserved``, its
         quota reservation when that takes longer (the queue ahead drains while the reservation is under
-        way: the two overlap; added together, held-queue ETAs read 15-25% long), then its own signing."""
+        way: the two overlap; added together, held-queue ETAs read 15-25% long), then its own signing. Where
+        the door is in a burst, the wait's first ``burst_s`` go at the burst's pace, the rest at ``per_second``."""
+        return round(max(self.wait_s(position), 0.0 if reserved else self.reserve_s) + self.finish_s, 1)
+
+    def wait_s(self, position: int) -> float:
+        """The time the tier takes to sign ``position`` requests from now."""
         rate = self.per_second if self.per_second > 0 else 1 / COLD_SECONDS_PER_STAMP
-        return round(max(position / rate, 0.0 if reserved else self.reserve_s) + self.finish_s, 1)
+        if self.burst_s <= 0 or self.burst_per_second <= 0:
+            return position / rate
+        in_burst = self.burst_per_second * self.burst_s
+        if position <= in_burst:
+            return position / self.burst_per_second
+        return self.burst_s + (position - in_burst) / rate
 
 
 # how long the last read of the facts or of the order serves callers while the next read is under way: they
@@ -246,8 +259,10 @@ class QueueView:
             pace = _busy_pace(history)
             known = rates is not None and rates.known
             forecast = self._record(history)
+            burst = (0.0, 0.0)
             if forecast is not None:                            # the pace the queue drains at, else the stream's
                 per_second = forecast.per_second
+                burst = (forecast.burst_per_second, forecast.burst_s)
             elif known:
                 per_second = rates.rate_per_s
             else:
@@ -259,7 +274,7 @@ class QueueView:
                 self._cached = (time.monotonic(), None)      # the rest of this second answers None at once
                 return None
             raise
-        facts = QueueFacts(per_second, reserve_s, finish_s)
+        facts = QueueFacts(per_second, reserve_s, finish_s, *burst)
         self._cached = (now, facts)
         return facts
 

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from services.stamping.metrics import DOOR_COST
+from services.stamping.pace import BURST_HOLDS_S
 from services.stamping.queue import QueueView
 from tests.component import handler_support as hs
 
@@ -736,15 +737,25 @@ async def _shared_box(pool, came_now: int, cost: float) -> None:
         await _second(pool, base, ago, came_now, 0, offset=100_000 + ago * 1000)
 
 
-@pytest.mark.parametrize(("came_now", "expected"), [(0, 120.0), (40, 100.0), (300, 80.0)])
-async def test_a_pace_read_while_the_door_took_a_burst_is_forecast_at_the_doors_intake_now(pool, came_now, expected):
+@pytest.mark.parametrize(("came_now", "expected", "in_burst"), [(0, 120.0, None), (40, 100.0, None), (300, 80.0, 24.0)])
+async def test_a_pace_read_while_the_door_took_a_burst_is_forecast_at_the_doors_intake_now(pool, came_now, expected,
+                                                                                          in_burst):
     """On a box where the door and the tier share the cores, the tier signs fewer while the door takes more
     (here 120 stamps/s less half a stamp per request/s). The pace read over the latest seconds (70/s) is
-    forecast at what the door takes now, and at most at the tier's own pace (80/s: as many coming as leaving)."""
+    forecast at what the door takes now, and at most at the tier's own pace (80/s: as many coming as leaving)
+    beyond the burst's next seconds (``BURST_HOLDS_S``), in which it is the pace at the burst's intake (here
+    under the floor: a fifth of 120)."""
     await _shared_box(pool, came_now, cost=0.5)
     facts = await QueueView(pool, window_s=60.0).facts()
     assert facts.per_second == pytest.approx(expected, abs=1.0)
-    assert facts.eta_seconds(1200, reserved=True) == pytest.approx(1200 / expected + facts.finish_s, rel=0.02)
+    wait = 1200 / expected
+    if in_burst is not None:
+        assert facts.burst_per_second == pytest.approx(in_burst, abs=1.0)
+        assert facts.burst_s == BURST_HOLDS_S
+        wait = BURST_HOLDS_S + (1200 - in_burst * BURST_HOLDS_S) / expected
+    else:
+        assert facts.burst_s == 0.0
+    assert facts.eta_seconds(1200, reserved=True) == pytest.approx(wait + facts.finish_s, rel=0.02)
     assert DOOR_COST._value.get() == pytest.approx(0.5, abs=0.01)
     await pool.execute("DELETE FROM requests")
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.stamping.pace import FIT_MIN_SECONDS, Second, TierPace
+from services.stamping.pace import BURST_FLOOR, BURST_HOLDS_S, FIT_MIN_SECONDS, Second, TierPace
+from services.stamping.queue import QueueFacts
 
 NOW = 10_000
 
@@ -48,13 +49,14 @@ def test_too_few_backlogged_seconds_fit_nothing():
     assert pace.forecast(NOW - 15, NOW, 3, 15).per_second == pace.forecast(NOW - 15, NOW, 3, 15).read
 
 
-@pytest.mark.parametrize(("intake_now", "expected"), [
-    (0, 120.0),          # the burst is over and nothing comes: the tier's pace with an idle door
-    (40, 100.0),         # 120 - 0.5 x 40
-    (80, 80.0),          # a standing queue: the door takes as many as the tier signs (80 = 120 - 0.5 x 80)
-    (300, 80.0),         # more than the tier signs: not for the whole of a wait (a surge ends), read as 80
+@pytest.mark.parametrize(("intake_now", "expected", "in_burst"), [
+    (0, 120.0, None),     # the burst is over and nothing comes: the tier's pace with an idle door
+    (40, 100.0, None),    # 120 - 0.5 x 40
+    (80, 80.0, None),     # a standing queue: the door takes as many as the tier signs (80 = 120 - 0.5 x 80)
+    (140, 80.0, 50.0),    # more than the tier signs: 120 - 0.5 x 140 while the burst goes on, then 80
+    (300, 80.0, BURST_FLOOR * 120),   # not for the whole of a wait (a surge ends); in it, never under the floor
 ])
-def test_the_pace_read_in_a_burst_is_forecast_at_the_doors_intake_now(intake_now, expected):
+def test_the_pace_read_in_a_burst_is_forecast_at_the_doors_intake_now(intake_now, expected, in_burst):
     pace = TierPace()
     seconds = _shared_box()
     seconds.update({at: (intake_now, 0) for at in range(NOW - 3, NOW)})
@@ -63,6 +65,24 @@ def test_the_pace_read_in_a_burst_is_forecast_at_the_doors_intake_now(intake_now
     assert forecast.door_cost == pytest.approx(0.5)
     assert forecast.read == pytest.approx(70.0, abs=3)                  # what the latest seconds signed
     assert forecast.per_second == pytest.approx(expected, abs=0.5)
+    if in_burst is None:
+        assert (forecast.burst_per_second, forecast.burst_s) == (0.0, 0.0)
+    else:
+        assert forecast.burst_per_second == pytest.approx(in_burst, abs=0.5)
+        assert forecast.burst_s == BURST_HOLDS_S
+
+
+def test_a_wait_spends_the_bursts_seconds_at_its_pace_then_the_pace_after():
+    """A held queue's fill (7 December): the door took 100-150 uploads a second for 8 s and the tier signed
+    20-35 a second in them, 45-60 after; told the pace of after for the whole wait, the fill's requests took
+    1.2-1.5 times their first ETAs."""
+    facts = QueueFacts(per_second=50.0, finish_s=0.5, burst_per_second=25.0, burst_s=8.0)
+    assert facts.eta_seconds(100) == 4.5                   # within the burst: 100 at 25/s
+    assert facts.eta_seconds(400) == 8 + (400 - 200) / 50 + 0.5      # 200 in the burst's 8 s, 200 at 50/s
+    assert QueueFacts(per_second=50.0, finish_s=0.5).eta_seconds(400) == 8.5   # no burst: all at 50/s
+    # a position's wait never shrinks as it grows (the two paces meet at the burst's end)
+    waits = [facts.wait_s(n) for n in range(0, 600, 7)]
+    assert waits == sorted(waits)
 
 
 def test_fewer_backlogged_seconds_than_asked_give_no_forecast():
