@@ -204,16 +204,20 @@ class QueueOrder:
         last = self.last_tags.get(channel_id)
         return self.head if last is None else max(self.head, last + 1.0 / weight)
 
-    def ahead_of_new(self, channel_id: str, own_on_quota: int, weight: Callable[[str], float]) -> int:
+    def ahead_of_new(self, channel_id: str, own_on_quota: int, weight: Callable[[str], float],
+                     accepted_since: Mapping[str, int] | None = None) -> int:
         """Requests that go before a new request of ``channel_id`` whose channel has ``own_on_quota``
         requests on quota before it: the queued rows with a tag up to its tag (equal tags: they were
         there first), the channel's own on quota, and every other channel's requests on quota whose
         tags will come before it once reserved (they were accepted first; leaving them out put the 202s
-        of a surge's first seconds a third to two thirds short of their true place)."""
+        of a surge's first seconds a third to two thirds short of their true place). ``accepted_since``:
+        each other channel's requests known accepted since the queue was read, on quota too."""
         w = weight(channel_id)
         tag = self.next_tag(channel_id, w) + own_on_quota / w
         ahead = self.before((tag + _TIE, math.inf)) + own_on_quota
-        for other, waiting in self.on_quota.items():
+        since = accepted_since or {}
+        for other in self.on_quota.keys() | since.keys():
+            waiting = self.on_quota.get(other, 0) + since.get(other, 0)
             if other == channel_id or waiting <= 0:
                 continue
             w_other = weight(other)

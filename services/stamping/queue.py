@@ -232,7 +232,8 @@ class QueueView:
         self._order: tuple[float, dt.datetime, QueueOrder] | None = None   # (monotonic, wall clock, the queue)
         self._order_read = asyncio.Lock()                   # one read of the order at a time, shared
         self._facts_read = asyncio.Lock()                   # one read of the facts at a time, shared
-        self._new: dict[str, int] = {}                      # channel -> 202s given against the order read
+        self._new: dict[str, int] = {}                      # channel -> 202s given here since the order read
+                                                            # (requests accepted after it: on quota, not in it)
         self._pace = TierPace()                             # each second's intake and finishes: the pace ahead
 
     async def facts(self) -> QueueFacts | None:
@@ -317,7 +318,7 @@ class QueueView:
         if waiting is not None:
             if status == "reserved" and waiting["queue_tag"] is not None:
                 return order.ahead_of((waiting["queue_tag"], waiting["queue_seq"]))
-            return order.ahead_of_new(channel_id, waiting["on_quota_before"], self._fair.weight)
+            return order.ahead_of_new(channel_id, waiting["on_quota_before"], self._fair.weight, self._new)
         async with self._pool.acquire() as conn:
             if status == "reserved":
                 ahead = await self._fair.ahead_of(conn, request_id, order)
@@ -325,7 +326,7 @@ class QueueView:
                     return ahead
             # on quota (or taken since the order was read): behind its channel's earlier requests on quota
             own = await conn.fetchval(_ON_QUOTA_BEFORE, channel_id, accepted_at)
-            return order.ahead_of_new(channel_id, own, self._fair.weight)
+            return order.ahead_of_new(channel_id, own, self._fair.weight, self._new)
 
     def _order_is_fresh(self) -> bool:
         return self._order is not None and time.monotonic() - self._order[0] < self._order_serves_s
@@ -351,20 +352,25 @@ class QueueView:
     async def position_for_new(self, channel_id: str, accepted_at: dt.datetime | None = None) -> int | None:
         """The position of a request of ``channel_id`` accepted at ``accepted_at`` (now, at its 202): where
         its channel's next tag goes, behind the channel's requests on quota. Counted against the queue
-        read at most a second ago, with each 202 given for the channel since then added to the channel's
-        requests on quota (so a surge of intake calls costs one statement a second, and each 202 of a
-        backlogged channel lands one step of its tag further, past every channel sharing that step)."""
+        read at most a second ago, with each 202 given here since then, for a request accepted after the
+        read, added to its channel's requests on quota, this channel's and every other's (so a surge of
+        intake calls costs one statement a second, and each 202 of a backlogged channel lands one step of
+        its tag further, past every channel sharing that step). Before, the other channels' 202s since the
+        read were left out, and those accepted before it counted twice: a held queue's fill (three channels
+        sending at once, the door taking 125 a second) was told positions a tenth short (medians 295 and
+        279, where 328 and 308 requests accepted before them were signed before them; 7 December)."""
         try:
             order = await asyncio.wait_for(self._queue_order(), 0.5)
         except Exception as exc:  # noqa: BLE001
             if failures.classify(exc).waits:
                 return None
             raise
-        given = self._new.get(channel_id, 0)
         if len(self._new) > 10_000:   # channels are few; never grow without bound
             self._new.clear()
-        self._new[channel_id] = given + 1
-        own = order.on_quota.get(channel_id, 0) + given
-        if accepted_at is not None and self._order and accepted_at < self._order[1]:
+        read_before = accepted_at is not None and self._order is not None and accepted_at < self._order[1]
+        own = order.on_quota.get(channel_id, 0) + self._new.get(channel_id, 0)
+        if read_before:
             own -= 1                  # its own row was on quota when the queue was read: not ahead of itself
-        return order.ahead_of_new(channel_id, max(0, own), self._fair.weight)
+        else:
+            self._new[channel_id] = self._new.get(channel_id, 0) + 1
+        return order.ahead_of_new(channel_id, max(0, own), self._fair.weight, self._new)

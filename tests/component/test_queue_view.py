@@ -292,6 +292,29 @@ async def test_a_new_requests_position_counts_other_channels_requests_still_on_q
     await pool.execute("DELETE FROM requests")
 
 
+async def test_the_202s_given_since_the_queue_was_read_count_for_every_channel(pool):
+    """The queue is read once a second; the 202s given since, for requests accepted after the read, are on
+    quota and not in the read. Each goes before later requests of the other channels by the fair rule: left
+    out, a held queue's fill (three channels sending at once) was told positions a tenth short (7 December).
+    One accepted before the read is in it already, and is not counted again."""
+    from services.stamping.fair_queue import FairQueue
+
+    await pool.execute("DELETE FROM requests")
+    await pool.execute("DELETE FROM schedule")
+    await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status, accepted_at) "
+                       "SELECT c || i, c, 'a', 'queued', now() - interval '1 minute' "
+                       "FROM generate_series(1, 10) AS i, unnest(ARRAY['a', 'b', 'c']) AS c")
+    view = QueueView(pool, window_s=60.0, fair=FairQueue(), order_s=30.0)   # one read serves the test
+    assert await view.position_for_new("a") == 30                       # as read: 10 of each before its tag 10
+    assert await view.position_for_new("b") == 31                       # and a's 11th, given since the read
+    assert await view.position_for_new("c") == 32                       # a's and b's 11th
+    assert await view.position_for_new("a") == 33                       # its own 11th, b's and c's
+    earlier = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30)       # a row the read counted on quota
+    assert await view.position_for_new("b", earlier) == 10 + 11 + 11   # its channel's 11 less itself: 10
+    assert await view.position_for_new("c") == 11 + 12 + 11             # b's count did not grow for it
+    await pool.execute("DELETE FROM requests")
+
+
 async def _buffers(pool, statement: str, *args) -> int:
     """Shared buffers the statement touched, as EXPLAIN (ANALYZE, BUFFERS) counts them."""
     import json
