@@ -111,6 +111,9 @@ def _serve(conn: Connection, setup: Callable[..., Any] | None, setup_args: tuple
     # the task in hand, then stops us; dying here failed a paid stamp as a crash of the reader
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGPROF, signal.SIG_DFL)         # past the task's CPU budget: the kernel ends us
+    # a hang-up ends us (the parent reads it as a stop: retryable), whatever our launcher set: under nohup
+    # the fork server inherited SIGHUP ignored and handed that on, and a hung-up child ran its task to the end
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if memory_bytes:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))

@@ -14,8 +14,12 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
+import textwrap
 import time
 from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
 
 import pytest
 
@@ -182,6 +186,48 @@ async def test_a_child_ended_by_a_stop_signal_or_an_unknown_exit_is_retryable_no
         await sandbox.run(tasks.crash)
     assert crashed.value.code is errors.PDF_MALFORMED
     assert (await sandbox.run(tasks.whoami))["label"] == "key"      # a fresh child (and fork server) took over
+
+
+_UNDER_NOHUP = textwrap.dedent("""
+    import asyncio, os, signal
+    from services.kernel import errors
+    from services.stamping.sandbox import ProcessLimits, Sandbox
+    from tests.unit.stamping import sandboxed_tasks as tasks
+
+    def ignored(pid):
+        mask = next(line for line in open(f"/proc/{pid}/status") if line.startswith("SigIgn:"))
+        return bool(int(mask.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+
+    async def main():
+        box = await Sandbox("nohup", size=1, budget=ProcessLimits(cpu_s=5, memory_bytes=0, wall_s=30),
+                            setup=tasks.opened, setup_args=("key",)).start()
+        child = (await box.run(tasks.whoami))["pid"]
+        print("launcher ignores SIGHUP:", ignored(os.getpid()), "child:", ignored(child))
+        running = asyncio.create_task(box.run(tasks.sleep, 10.0))
+        await asyncio.sleep(0.5)
+        os.kill(child, signal.SIGHUP)
+        try:
+            print("answer:", await running)
+        except errors.BubuhError as exc:
+            print("answer:", exc.code.code)
+        await box.stop()
+
+    asyncio.run(main())
+""")
+
+
+def test_a_hang_up_ends_a_child_whose_launcher_ignored_it():
+    """Started under nohup, SIGHUP is ignored in the process, in the fork server it starts and in every child
+    that server forks: a hung-up child ran its task to the end (a CI run launched under nohup, 7 December:
+    "DID NOT RAISE" in the test above). A child sets SIGHUP's default itself."""
+    root = Path(__file__).resolve().parents[3]
+    done = subprocess.run([sys.executable, "-c", _UNDER_NOHUP], cwd=root, capture_output=True, text=True,
+                          timeout=120, check=False,
+                          preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    lines = done.stdout.splitlines()
+    assert "launcher ignores SIGHUP: True" in "".join(lines), done.stderr[-3000:]      # the fault, produced
+    assert lines[-1] == "answer: UNAVAILABLE", done.stdout + done.stderr[-3000:]
+    assert "child: False" in lines[0]
 
 
 async def test_a_task_cut_short_by_the_sandbox_stopping_is_retryable():
