@@ -355,10 +355,12 @@ class QueueView:
         read at most a second ago, with each 202 given here since then, for a request accepted after the
         read, added to its channel's requests on quota, this channel's and every other's (so a surge of
         intake calls costs one statement a second, and each 202 of a backlogged channel lands one step of
-        its tag further, past every channel sharing that step). Before, the other channels' 202s since the
-        read were left out, and those accepted before it counted twice: a held queue's fill (three channels
-        sending at once, the door taking 125 a second) was told positions a tenth short (medians 295 and
-        279, where 328 and 308 requests accepted before them were signed before them; 7 December)."""
+        its tag further, past every channel sharing that step). Until 7 December the other channels' 202s
+        since the read were left out, and those accepted before it counted twice. Neither is what keeps a
+        held queue's fill (three channels sending at once, the door taking 125 a second) a tenth short of its
+        place: its 202s' positions were 0.88-0.91 of the requests signed before them both before and after
+        (make surge-eta, 08:10-08:44). What this process cannot count is the 202s another API process gave
+        since the read."""
         try:
             order = await asyncio.wait_for(self._queue_order(), 0.5)
         except Exception as exc:  # noqa: BLE001

@@ -294,9 +294,8 @@ async def test_a_new_requests_position_counts_other_channels_requests_still_on_q
 
 async def test_the_202s_given_since_the_queue_was_read_count_for_every_channel(pool):
     """The queue is read once a second; the 202s given since, for requests accepted after the read, are on
-    quota and not in the read. Each goes before later requests of the other channels by the fair rule: left
-    out, a held queue's fill (three channels sending at once) was told positions a tenth short (7 December).
-    One accepted before the read is in it already, and is not counted again."""
+    quota and not in the read. Each goes before later requests of the other channels by the fair rule, not
+    only of its own. One accepted before the read is in it already, and is not counted again."""
     from services.stamping.fair_queue import FairQueue
 
     await pool.execute("DELETE FROM requests")
