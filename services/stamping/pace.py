@@ -122,6 +122,16 @@ class TierPace:
                 self._seconds.pop(at, None)
         self.read_until = now
 
+    def backfill(self, before: int, seconds: Iterable[tuple[int, Second]]) -> None:
+        """Seconds older than ``before`` (epoch s) and within the span, read once after the process started
+        (``queue.py``): its first read covers ``READ_AT_MOST_S``, and the door's cost is fitted over
+        ``FIT_MIN_SECONDS`` backlogged seconds, so until a process had seen them its forecasts counted no
+        cost. Seconds already recorded are kept; nothing is forgotten here."""
+        horizon = (self.read_until or before) - self._span_s
+        for at, second in seconds:
+            if horizon <= at < before and at not in self._seconds and (second.came or second.done):
+                self._seconds[at] = second
+
     def yielded(self, first: int, last: int) -> None:
         """The seconds ``[first, last]`` (epoch s) in which the tier yielded its cores to a busy door."""
         self._yielded.update(range(first, last + 1))

@@ -583,7 +583,8 @@ async def test_callers_that_find_the_facts_stale_at_once_share_one_read(pool):
     counted = _Counted(pool)
     view = QueueView(counted, window_s=60.0)
     answers = await asyncio.gather(*(view.facts() for _ in range(40)))
-    assert counted.statements == 3, f"{counted.statements} statements for 40 callers"
+    await view._backfill                        # the span before the first read: once a process, aside
+    assert counted.statements == 3 + 1, f"{counted.statements} statements for 40 callers"
     assert len({id(a) for a in answers}) == 1 and answers[0].per_second == pytest.approx(30 / 30)
 
 
@@ -623,7 +624,8 @@ async def test_while_the_facts_are_read_again_callers_get_the_last_ones_at_once(
     assert await asyncio.gather(*(view.facts() for _ in range(20))) == [first] * 20
     assert time.monotonic() - started < 0.1, "callers waited for the read under way"
     held.go.set()
-    assert (await reader) is not first and held.statements == 6          # two reads of three statements
+    assert view._backfill.done()
+    assert (await reader) is not first and held.statements == 3 + 1 + 3  # two reads of three, the span before once
     # too old to serve: a caller waits for the read, as the first ever did
     view._cached = (time.monotonic() - module.STALE_SERVES_S - 1, first)
     held.go.clear()
@@ -779,6 +781,33 @@ async def test_a_pace_read_while_the_door_took_a_burst_is_forecast_at_the_doors_
         assert facts.burst_s == 0.0
     assert facts.eta_seconds(1200, reserved=True) == pytest.approx(wait + facts.finish_s, rel=0.02)
     assert DOOR_COST._value.get() == pytest.approx(0.5, abs=0.01)
+    await pool.execute("DELETE FROM requests")
+
+
+async def test_a_process_reads_the_fits_span_before_its_first_read_once(pool):
+    """A process's first read covers the last 60 s, and the door's cost is fitted over 30 backlogged seconds:
+    after `bubuh up` the first round of make surge-eta read the fill's slow pace into the held queue (86% and
+    72% held, 7 December). The seconds of the fit's span before the first read are read once, aside, and
+    the door's cost counts them; recent seconds as read are kept as read."""
+    await pool.execute("DELETE FROM requests")
+    base = await pool.fetchval("SELECT date_trunc('second', now())")
+    for ago in range(200, 280):                      # a shared box minutes ago: 120 - 0.5 x intake (each stamp
+                                                     # accepted 100 s before it finished: not in these seconds)
+        came = 40 if ago % 2 else 160
+        await _second(pool, base, ago, came, round(120 - 0.5 * came), offset=ago * 1000)
+    for ago in range(4, 21):                         # the last seconds: a steady door, no cost to read in them
+        await _second(pool, base, ago, 60, 90, offset=ago * 1000)
+    view = QueueView(pool, window_s=60.0)
+    facts = await view.facts()
+    assert facts.per_second == pytest.approx(90.0)   # the first read: no cost fitted (17 seconds), the pace read
+    await view._backfill
+    assert view._pace.door_cost() == pytest.approx(0.5, abs=0.02)
+    assert all(view._pace._seconds[at].done == 90 for at in range(int(base.timestamp()) - 20,
+                                                                  int(base.timestamp()) - 4))
+    view._cached = None
+    # nothing came in the last 3 s: the pace with an idle door, P0 = 90 read at 60 a second, + 0.5 x 60
+    assert (await view.facts()).per_second == pytest.approx(90 + 0.5 * 60, abs=1.0)
+    assert DOOR_COST._value.get() == pytest.approx(0.5, abs=0.02)
     await pool.execute("DELETE FROM requests")
 
 
