@@ -123,6 +123,14 @@ SELECT ARRAY(SELECT extract(epoch FROM at)::bigint FROM seconds ORDER BY at) AS 
        ARRAY(SELECT n FROM came ORDER BY at) AS came
 """
 
+def _seconds_of(history: Mapping[str, Any]) -> list[tuple[int, Second]]:
+    """``_SECONDS``'s row as the seconds it read: intake, finishes and backlog per epoch second."""
+    came = dict(zip(history["came_at"], history["came"], strict=True))
+    done = {at: (n, backlog) for at, n, backlog in zip(history["done_at"], history["done"], history["backlog"],
+                                                      strict=True)}
+    return [(at, Second(came.get(at, 0), *done.get(at, (0, False)))) for at in set(came) | set(done)]
+
+
 def _busy_pace(history: Mapping[str, Any]) -> float:
     """Stamps finished per busy second since the pace window's start (``pace_from``), over its whole seconds, or
     with the second under way when no whole one saw a finish; 0 when none did."""
@@ -307,19 +315,12 @@ class QueueView:
             log.warning("the pace's earlier seconds were not read; the door's cost is fitted as they come",
                         error=repr(exc)[:300])
             return
-        came = dict(zip(history["came_at"], history["came"], strict=True))
-        done = {at: (n, backlog) for at, n, backlog in zip(history["done_at"], history["done"], history["backlog"],
-                                                          strict=True)}
-        self._pace.backfill(before, ((at, Second(came.get(at, 0), *done.get(at, (0, False))))
-                                     for at in set(came) | set(done)))
+        self._pace.backfill(before, _seconds_of(history))
 
     def _record(self, history: Mapping[str, Any]) -> Forecast | None:
         """The read's seconds into the tier's pace, and the pace a queue drains at from now on."""
-        now, came = history["now_s"], dict(zip(history["came_at"], history["came"], strict=True))
-        done = {at: (n, backlog) for at, n, backlog in zip(history["done_at"], history["done"], history["backlog"],
-                                                          strict=True)}
-        self._pace.record(history["from_s"], history["came_from"], now,
-                          ((at, Second(came.get(at, 0), *done.get(at, (0, False)))) for at in set(came) | set(done)))
+        now = history["now_s"]
+        self._pace.record(history["from_s"], history["came_from"], now, _seconds_of(history))
         self._backfill_once(min(history["from_s"], history["came_from"]))
         if self._door is not None and (stretch := self._door.yielded_since_last_look()) is not None:
             self._pace.yielded(int(stretch[0]), int(stretch[1]))
