@@ -35,7 +35,10 @@ A burst is not bounded away for its first seconds, though. When the door takes m
 (a channel filling its window, a spike's start), the forecast is two paces: for the next
 ``BURST_HOLDS_S`` the pace at the intake now (never under ``BURST_FLOOR`` of ``P0``: the line is fitted
 over intakes up to about twice the tier's pace, and read far beyond them it reaches zero), and after
-them the bounded pace above. ``QueueFacts.eta_seconds`` (``queue.py``) spends a wait in that order. With
+them the bounded pace above. A burst shows first in the second under way (``UNDER_WAY_BURST``): read only
+from whole seconds, a fill's 202s of its first two seconds were told no burst, and took 1.4-1.8 times
+their ETAs (0-3% within 25%, replayed over make surge-eta, 7 December, 08:58; told of it at once, 58-100%).
+``QueueFacts.eta_seconds`` (``queue.py``) spends a wait in that order. With
 the bound alone, a held queue's fill (three channels sending 334 requests each at once: the door took
 100-150 a second for 8 s, and the tier signed 20-35 a second in them, 45-60 after) was told the pace of
 after the fill for the whole of its wait, and its requests took 1.2-1.5 times their first ETAs. Replayed
@@ -75,6 +78,11 @@ READ_AT_MOST_S = 60
 MAX_DOOR_COST = 1.0       # a stamp request at the door costs the tier at most one stamp
 BURST_HOLDS_S = 8.0       # a burst at the door (more than the tier signs) is forecast to go on this long from now
 BURST_FLOOR = 0.2         # the pace in a burst, at least: this share of the tier's pace with an idle door
+# the second under way, read as a rate (its intake so far over the time gone, at least UNDER_WAY_MIN_S), shows a
+# burst before a whole second does, once it passes UNDER_WAY_BURST times what the tier signs (a held queue's
+# seconds swing around that line; a fill's first second is 2-3 times past it)
+UNDER_WAY_MIN_S = 0.25
+UNDER_WAY_BURST = 2.0
 
 
 @dataclass(frozen=True)
@@ -164,10 +172,11 @@ class TierPace:
         slope = sum((s.came - mx) * (s.done - my) for s in busy) / sxx
         return min(max(-slope, 0.0), MAX_DOOR_COST)
 
-    def forecast(self, since: int, now: int, least: int, most: int) -> Forecast | None:
+    def forecast(self, since: int, now: int, least: int, most: int, under_way: float = 0.0) -> Forecast | None:
         """The pace for a wait starting at ``now``, read over the latest ``most`` backlogged whole seconds
         from ``since`` (the queue's pace window; reaching back past the seconds the tier yielded in, which
-        are read only when too few others are); None when fewer than ``least`` are recorded."""
+        are read only when too few others are); None when fewer than ``least`` are recorded. ``under_way``:
+        the door's intake in the second under way, per second, as read so far (0: not known)."""
         reach = self._reach(since, now)
         latest = sorted(at for at in self._seconds if reach <= at < now and self._drained(at))[-most:]
         if len(latest) < max(least, 1):
@@ -184,6 +193,9 @@ class TierPace:
                      if at in self._seconds) / INTAKE_NOW_S
         bound = idle / (1 + k)                                            # the door taking what the tier signs
         after = idle - k * min(intake, bound)
-        if intake <= bound:
+        burst = intake if intake > bound else 0.0
+        if under_way > UNDER_WAY_BURST * bound:
+            burst = max(burst, under_way)
+        if burst <= 0:
             return Forecast(after, read, k)
-        return Forecast(after, read, k, max(idle - k * intake, BURST_FLOOR * idle), BURST_HOLDS_S)
+        return Forecast(after, read, k, max(idle - k * burst, BURST_FLOOR * idle), BURST_HOLDS_S)

@@ -11,12 +11,12 @@ flood's says "behind its own backlog". Being signed: 0.
 Expected time = the wait for the requests ahead (position / the tier's pace), or for a request still
 on quota its reservation (the last 500 stamps' median, accepted to reserved) when that is longer, the
 two overlapping; plus its own signing (their median, started to completed). The pace is the one the
-tier kept in the latest 15 seconds (reaching back over the last 500 stamps) when it had a backlog (every stamp finishing
-in them had waited in the fair queue): the pace a queue drains at now, forecast at what the door takes now where the
-door's intake slows the tier (``pace.py``: the two share cores; a burst at the door, for its next seconds).
-Before there are such seconds, stamps finished
-per busy second in the last ``window``, or, before the window has seen one finish, the pace the last
-500 stamps kept when the tier was busy. The window's rate is a count in the schema (``_WINDOW``), or,
+tier kept in the latest 15 seconds (reaching back over the last 500 stamps) when it had a backlog (every
+stamp finishing in them had waited in the fair queue): the pace a queue drains at now, forecast at what
+the door takes now where the door's intake slows the tier (``pace.py``: the two share cores; a burst at
+the door, for its next seconds). Before there are such seconds, stamps finished per busy second in the
+last ``window``, or, before the window has seen one finish, the pace the last 500 stamps kept when the
+tier was busy. The window's rate is a count in the schema (``_WINDOW``), or,
 with ``BUBUH_STAMP_RATES_FROM=stream``, faust windows over ``stamp.events`` (``throughput.py``) once
 this process counts some of its partitions. Facts are cached for a second, and so is the queue
 (``QueueOrder``: the head's rows and a sample beyond in order, each channel's last tag and requests on quota),
@@ -41,7 +41,7 @@ from services.kernel import failures, logs
 from services.kernel.door_pressure import DoorWatch
 from services.stamping.fair_queue import FairQueue, QueueOrder
 from services.stamping.metrics import DOOR_COST
-from services.stamping.pace import FIT_SPAN_S, READ_AT_MOST_S, REREAD_S, Forecast, Second, TierPace
+from services.stamping.pace import FIT_SPAN_S, READ_AT_MOST_S, REREAD_S, UNDER_WAY_MIN_S, Forecast, Second, TierPace
 from services.stamping.throughput import Throughput
 
 log = logs.get(__name__)
@@ -96,6 +96,7 @@ SELECT (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY re
        (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY finished_at - started_at))
           FROM recent WHERE status = 'completed') AS finish_s,
        (SELECT extract(epoch FROM now_s)::bigint FROM bounds) AS now_s,
+       extract(epoch FROM now())::float8 AS read_at,
        (SELECT extract(epoch FROM pace_from)::bigint FROM bounds) AS pace_from,
        (SELECT extract(epoch FROM from_s)::bigint FROM span) AS from_s,
        (SELECT extract(epoch FROM came_from)::bigint FROM span) AS came_from
@@ -324,7 +325,11 @@ class QueueView:
         self._backfill_once(min(history["from_s"], history["came_from"]))
         if self._door is not None and (stretch := self._door.yielded_since_last_look()) is not None:
             self._pace.yielded(int(stretch[0]), int(stretch[1]))
-        forecast = self._pace.forecast(history["pace_from"], now, BACKLOG_SECONDS, BACKLOG_PACE_SECONDS)
+        # the second under way as read so far: its intake per second gone (rows not yet committed are not in it)
+        under_way = dict(zip(history["came_at"], history["came"], strict=True)).get(now, 0)
+        gone = max(float(history["read_at"]) - now, UNDER_WAY_MIN_S)
+        forecast = self._pace.forecast(history["pace_from"], now, BACKLOG_SECONDS, BACKLOG_PACE_SECONDS,
+                                       under_way / gone)
         DOOR_COST.set(forecast.door_cost if forecast else self._pace.door_cost())
         return forecast
 

@@ -72,6 +72,24 @@ def test_the_pace_read_in_a_burst_is_forecast_at_the_doors_intake_now(intake_now
         assert forecast.burst_s == BURST_HOLDS_S
 
 
+@pytest.mark.parametrize(("under_way", "in_burst"), [
+    (0.0, None),                # not known: the whole seconds say no burst
+    (150.0, None),              # under twice what the tier signs (80): a held queue's second swings that far
+    (300.0, BURST_FLOOR * 120), # a fill's first second: a burst before any whole second shows one
+])
+def test_a_burst_shows_first_in_the_second_under_way(under_way, in_burst):
+    pace = TierPace()
+    seconds = _shared_box()
+    seconds.update({at: (40, 0) for at in range(NOW - 3, NOW)})         # the whole seconds: a quiet door
+    pace.record(NOW - 40, NOW - 40, NOW, ((at, Second(c, d, d > 0)) for at, (c, d) in seconds.items()))
+    forecast = pace.forecast(NOW - 15, NOW, 3, 15, under_way)
+    assert forecast.per_second == pytest.approx(100.0, abs=0.5)          # after it: 120 - 0.5 x 40, as before
+    if in_burst is None:
+        assert forecast.burst_s == 0.0
+    else:
+        assert forecast.burst_per_second == pytest.approx(in_burst) and forecast.burst_s == BURST_HOLDS_S
+
+
 def test_a_wait_spends_the_bursts_seconds_at_its_pace_then_the_pace_after():
     """A held queue's fill (7 December): the door took 100-150 uploads a second for 8 s and the tier signed
     20-35 a second in them, 45-60 after; told the pace of after for the whole wait, the fill's requests took
