@@ -320,13 +320,13 @@ class QueueView:
 
     def _record(self, history: Mapping[str, Any]) -> Forecast | None:
         """The read's seconds into the tier's pace, and the pace a queue drains at from now on."""
-        now = history["now_s"]
-        self._pace.record(history["from_s"], history["came_from"], now, _seconds_of(history))
+        now, seconds = history["now_s"], dict(_seconds_of(history))
+        self._pace.record(history["from_s"], history["came_from"], now, seconds.items())
         self._backfill_once(min(history["from_s"], history["came_from"]))
         if self._door is not None and (stretch := self._door.yielded_since_last_look()) is not None:
             self._pace.yielded(int(stretch[0]), int(stretch[1]))
         # the second under way as read so far: its intake per second gone (rows not yet committed are not in it)
-        under_way = dict(zip(history["came_at"], history["came"], strict=True)).get(now, 0)
+        under_way = seconds[now].came if now in seconds else 0
         gone = max(float(history["read_at"]) - now, UNDER_WAY_MIN_S)
         forecast = self._pace.forecast(history["pace_from"], now, BACKLOG_SECONDS, BACKLOG_PACE_SECONDS,
                                        under_way / gone)
