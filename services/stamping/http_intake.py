@@ -25,7 +25,7 @@ from services.stamping import NAME, store
 from services.stamping.document import inspection
 from services.stamping.document.budget import Budget
 from services.stamping.metrics import INTAKE_REJECTED, INTAKE_STAGE_SECONDS
-from services.stamping.queue import QueueView
+from services.stamping.queue import AcceptedSince, QueueView
 from services.stamping.sandbox import Sandbox
 
 log = logs.get(__name__)
@@ -33,6 +33,29 @@ _NS = uuid.UUID("a3c1f1de-5d0e-4a8e-9a43-2b8f5b1e7c20")
 # the row of a request refused after all, while still queued; found by its primary key, not by a scan of the
 # open requests (tracker.py, ``_SIGNED_ROWS``)
 FORGET = "DELETE FROM requests WHERE request_id = $1 AND status IS NOT DISTINCT FROM 'queued'"
+# The queued row ($1-$7), and in the same statement the requests still open that any API process accepted
+# since this process read the queue's order ($8; none when it has not) and before this one, per channel: its
+# position counts them (queue.py, ``AcceptedSince``). The queue is read once a second per process, so without
+# them a 202 counted only its own process's 202s since: a held queue's fill (three channels sending at once,
+# two API processes) was told 0.71-0.78 of its place in its first two seconds, and took twice its first ETA.
+# A range of the open requests' index over at most the seconds since the read: no statement of its own.
+RECORD = """
+WITH recorded AS (INSERT INTO requests (request_id, channel_id, account_id, idempotency_key, idempotency_fingerprint,
+                                        document_sha256, status, accepted_at)
+                  VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7) ON CONFLICT (request_id) DO NOTHING RETURNING 1),
+     since AS (SELECT channel_id, count(*) AS n FROM requests
+                WHERE status IN ('queued', 'reserved', 'stamping')
+                  AND accepted_at >= $8::timestamptz AND accepted_at < $7
+                GROUP BY 1)
+SELECT EXISTS (SELECT FROM recorded) AS recorded, ARRAY(SELECT channel_id FROM since ORDER BY 1) AS channels,
+       ARRAY(SELECT n FROM since ORDER BY channel_id) AS counts
+"""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    row: bool                              # this call wrote the queued row
+    before: AcceptedSince | None = None    # requests accepted before it since the queue's order was read
 
 
 @dataclass(frozen=True)
@@ -161,14 +184,14 @@ class StampIntake:
                                                                                          msg.account_id), env),
                                          timeout_s=self._publish_timeout_s)
         except BaseException:       # not accepted (503), or the caller went away (the task cancelled)
-            if recorded:
+            if recorded.row:
                 await self._forget(request_id)
             raise
-        if not recorded:
+        if not recorded.row:
             await self._mark_accepted(request_id)
         clock.lap("publish")
         facts_now = await self._queue.facts()
-        position = await self._queue.position_for_new(channel.channel_id, accepted_at)
+        position = await self._queue.position_for_new(channel.channel_id, accepted_at, recorded.before)
         clock.lap("position")
         log.info("stamp accepted", request_id=request_id, channel_id=channel.channel_id, account_id=meta.account_id,
                  profile=profile, bytes=len(data), position=position)
@@ -197,29 +220,29 @@ class StampIntake:
             raise
 
     async def _record(self, msg: stamp_pb2.StampRequested, idempotency_key: str | None, fingerprint: str,
-                      accepted_at: dt.datetime) -> bool:
-        """The queued row makes the request readable at once; the worker creates it if this could not.
-        True when this call wrote it."""
+                      accepted_at: dt.datetime) -> Recorded:
+        """The queued row makes the request readable at once; the worker creates it if this could not. With
+        it, the requests every API process accepted before it since this one read the queue (``RECORD``)."""
+        read_at = self._queue.order_read_at
         try:
-            return await asyncio.wait_for(self._pool.execute(
-                "INSERT INTO requests (request_id, channel_id, account_id, idempotency_key, idempotency_fingerprint, "
-                "document_sha256, status, accepted_at) VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7) "
-                "ON CONFLICT (request_id) DO NOTHING",
-                msg.request_id, msg.channel_id, msg.account_id, idempotency_key, fingerprint, msg.document_sha256,
-                accepted_at), 0.5) == "INSERT 0 1"
+            row = await asyncio.wait_for(self._pool.fetchrow(
+                RECORD, msg.request_id, msg.channel_id, msg.account_id, idempotency_key, fingerprint,
+                msg.document_sha256, accepted_at, read_at), 0.5)
         except Exception as exc:  # noqa: BLE001
             if not failures.classify(exc).waits:
                 raise
             log.warning("stamp request not recorded yet (database away)", request_id=msg.request_id)
-            return False
+            return Recorded(False)
+        return Recorded(row["recorded"], AcceptedSince(read_at, dict(zip(row["channels"], row["counts"], strict=True)))
+                        if read_at is not None else None)
 
-    async def _undo_record(self, recording: asyncio.Future[bool], request_id: str) -> None:
+    async def _undo_record(self, recording: asyncio.Future[Recorded], request_id: str) -> None:
         """Once the row's write has ended, the row of a request refused before publishing is removed."""
         try:
             recorded = await recording
         except BaseException:  # noqa: BLE001 - its failure is the caller's to report, if it reports one
             return
-        if recorded:
+        if recorded.row:
             await self._forget(request_id)
 
     async def _mark_accepted(self, request_id: str) -> None:

@@ -20,10 +20,10 @@ tier was busy. The window's rate is a count in the schema (``_WINDOW``), or,
 with ``BUBUH_STAMP_RATES_FROM=stream``, faust windows over ``stamp.events`` (``throughput.py``) once
 this process counts some of its partitions. Facts are cached for a second, and so is the queue
 (``QueueOrder``: the head's rows and a sample beyond in order, each channel's last tag and requests on quota),
-read in one statement: a 202's position is counted against it in memory (the 202s given for its channel since
-the read count as on quota), a reserved request's is its place (one index lookup) counted against it, so a
-surge of intake calls and status reads costs a few statements a second, not work in proportion to positions
-per call.
+read in one statement: a 202's position is counted against it in memory (the 202s every API process gave
+since the read, counted as its row is written, are on quota), a reserved request's is its place (one index
+lookup) counted against it, so a surge of intake calls and status reads costs a few statements a second, not
+work in proportion to positions per call.
 """
 
 from __future__ import annotations
@@ -229,6 +229,16 @@ SELECT r.*, s.start_tag AS queue_tag, s.seq AS queue_seq,
 """
 
 
+@dataclass(frozen=True)
+class AcceptedSince:
+    """The requests still open that every API process accepted after the queue's order was read (at
+    ``read_at``) and before a new one, per channel: counted in the statement that records the new one
+    (``http_intake.RECORD``)."""
+
+    read_at: dt.datetime
+    counts: Mapping[str, int]
+
+
 class QueueView:
     def __init__(self, pool: asyncpg.Pool, window_s: float, throughput: Throughput | None = None,
                  fair: FairQueue | None = None, order_s: float = 1.0, door: DoorWatch | None = None) -> None:
@@ -243,7 +253,7 @@ class QueueView:
         self._order: tuple[float, dt.datetime, QueueOrder] | None = None   # (monotonic, wall clock, the queue)
         self._order_read = asyncio.Lock()                   # one read of the order at a time, shared
         self._facts_read = asyncio.Lock()                   # one read of the facts at a time, shared
-        self._new: dict[str, int] = {}                      # channel -> 202s given here since the order read
+        self._new: dict[str, int] = {}                      # channel -> 202s known given since the order read
                                                             # (requests accepted after it: on quota, not in it)
         self._pace = TierPace()                             # each second's intake and finishes: the pace ahead
         self._backfill: asyncio.Task | None = None          # the span before the first read, read once, aside
@@ -383,18 +393,24 @@ class QueueView:
                     self._new.clear()
         return self._order[2]
 
-    async def position_for_new(self, channel_id: str, accepted_at: dt.datetime | None = None) -> int | None:
+    @property
+    def order_read_at(self) -> dt.datetime | None:
+        """When the queue's order the positions are counted against was read (wall clock; None: not yet)."""
+        return self._order[1] if self._order is not None else None
+
+    async def position_for_new(self, channel_id: str, accepted_at: dt.datetime | None = None,
+                               before: AcceptedSince | None = None) -> int | None:
         """The position of a request of ``channel_id`` accepted at ``accepted_at`` (now, at its 202): where
         its channel's next tag goes, behind the channel's requests on quota. Counted against the queue
-        read at most a second ago, with each 202 given here since then, for a request accepted after the
-        read, added to its channel's requests on quota, this channel's and every other's (so a surge of
-        intake calls costs one statement a second, and each 202 of a backlogged channel lands one step of
-        its tag further, past every channel sharing that step). Until 7 December the other channels' 202s
-        since the read were left out, and those accepted before it counted twice. Neither is what keeps a
-        held queue's fill (three channels sending at once, the door taking 125 a second) a tenth short of its
-        place: its 202s' positions were 0.88-0.91 of the requests signed before them both before and after
-        (make surge-eta, 08:10-08:44). What this process cannot count is the 202s another API process gave
-        since the read."""
+        read at most a second ago, with the 202s given since then, for a request accepted after the read,
+        added to its channel's requests on quota, this channel's and every other's (so a surge of intake
+        calls reads the queue once a second, and each 202 of a backlogged channel lands one step of its tag
+        further, past every channel sharing that step). The 202s since the read are this process's own as it
+        gives them, and ``before``: every API process's accepted before this one, per channel, as the
+        statement that recorded it counted them (``http_intake.RECORD``), when that was against the same
+        read. With its own alone, a process counted none of the other's: a held queue's fill (three channels
+        sending at once, two API processes, make surge-eta 7 December 10:44) was told 0.71-0.78 of its place
+        in its first two seconds and took twice its first ETA there, and 0.80-0.92 after."""
         try:
             order = await asyncio.wait_for(self._queue_order(), 0.5)
         except Exception as exc:  # noqa: BLE001
@@ -404,6 +420,9 @@ class QueueView:
         if len(self._new) > 10_000:   # channels are few; never grow without bound
             self._new.clear()
         read_before = accepted_at is not None and self._order is not None and accepted_at < self._order[1]
+        if before is not None and self._order is not None and before.read_at == self._order[1]:
+            for other, n in before.counts.items():     # every API process's, where this one counted its own
+                self._new[other] = max(self._new.get(other, 0), n)
         own = order.on_quota.get(channel_id, 0) + self._new.get(channel_id, 0)
         if read_before:
             own -= 1                  # its own row was on quota when the queue was read: not ahead of itself
