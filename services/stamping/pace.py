@@ -35,9 +35,13 @@ A burst is not bounded away for its first seconds, though. When the door takes m
 (a channel filling its window, a spike's start), the forecast is two paces: for the next
 ``BURST_HOLDS_S`` the pace at the intake now (never under ``BURST_FLOOR`` of ``P0``: the line is fitted
 over intakes up to about twice the tier's pace, and read far beyond them it reaches zero), and after
-them the bounded pace above. A burst shows first in the second under way (``UNDER_WAY_BURST``): read only
-from whole seconds, a fill's 202s of its first two seconds were told no burst, and took 1.4-1.8 times
-their ETAs (0-3% within 25%, replayed over make surge-eta, 7 December, 08:58; told of it at once, 58-100%).
+them the bounded pace above. A burst shows first in the door's intake over its last half second
+(``LATELY_S``, ``LATELY_BURST``): read only from whole seconds, a fill's 202s of its first two seconds were
+told no burst, and took 1.4-1.8 times their ETAs (0-3% within 25%, replayed over make surge-eta, 7
+December, 08:58; told of it at once, 58-100%). Read from the second under way (b2a5493), a burst that
+began late in a second showed only in the next, and the facts a 202 was told were up to a second old:
+the first half second of the fills took 1.5-2.1 times its ETAs (10:39); the facts are now read again
+early where a process gives many 202s (``queue.py``, ``FACTS_GIVEN_SHARE``).
 ``QueueFacts.eta_seconds`` (``queue.py``) spends a wait in that order. With
 the bound alone, a held queue's fill (three channels sending 334 requests each at once: the door took
 100-150 a second for 8 s, and the tier signed 20-35 a second in them, 45-60 after) was told the pace of
@@ -76,13 +80,28 @@ INTAKE_NOW_S = 3          # the door's intake now: the mean of the latest whole 
 REREAD_S = 3
 READ_AT_MOST_S = 60
 MAX_DOOR_COST = 1.0       # a stamp request at the door costs the tier at most one stamp
-BURST_HOLDS_S = 8.0       # a burst at the door (more than the tier signs) is forecast to go on this long from now
-BURST_FLOOR = 0.2         # the pace in a burst, at least: this share of the tier's pace with an idle door
-# the second under way, read as a rate (its intake so far over the time gone, at least UNDER_WAY_MIN_S), shows a
-# burst before a whole second does, once it passes UNDER_WAY_BURST times what the tier signs (a held queue's
-# seconds swing around that line; a fill's first second is 2-3 times past it)
-UNDER_WAY_MIN_S = 0.25
-UNDER_WAY_BURST = 2.0
+# a burst at the door (more than the tier signs) is forecast to last this long in all: the whole seconds it has
+# gone on count against it, and while it goes on at least BURST_LEFT_S is left. Held 8 s from every read, the
+# fills' later requests and the held queue's first were told its slow pace past the fill's end (took/ETA
+# 0.72-0.78 in the held queue's first seconds, make surge-eta, 7 December 11:15)
+BURST_HOLDS_S = 8.0
+BURST_LEFT_S = 1.0
+# the pace in a burst, at least: this share of the tier's pace with an idle door. In make surge-eta's fills the
+# tier signed 20-35 stamps a second while the door took 100-150, 45-60 after (the door and the tier share two
+# cores); the line, fitted over intakes up to about twice the tier's pace, reaches far lower beyond them, and
+# read at the door's intake over its last half second (LATELY_S: a fill's first requests land together) it
+# reaches zero. At a fifth, with the
+# intake lately, the fills' requests after their first second took 0.63-0.78 of their first ETAs (make surge-eta,
+# 7 December 10:56); replayed over eleven runs' fills, 0.4 met 68-93% of them within 25%, a fifth 50-89%.
+BURST_FLOOR = 0.4
+# the door's intake over the last LATELY_S, as a rate, shows a burst before a whole second does, once it passes
+# LATELY_BURST times what the tier signs (a held queue's seconds swing around that line; a fill's first second
+# is 2-3 times past it)
+LATELY_S = 0.5
+LATELY_BURST = 2.0
+# ... and a burst the whole seconds still show is over once the intake lately is back under LATELY_ENDS times it
+# (the three whole seconds the intake is read over show a fill for up to three seconds after its end)
+LATELY_ENDS = 1.5
 
 
 @dataclass(frozen=True)
@@ -90,6 +109,9 @@ class Second:
     came: int             # stamp requests accepted in it
     done: int             # stamps finished in it
     backlog: bool         # every stamp finishing in it had waited in the fair queue
+
+
+_NONE = Second(0, 0, False)
 
 
 @dataclass(frozen=True)
@@ -172,11 +194,11 @@ class TierPace:
         slope = sum((s.came - mx) * (s.done - my) for s in busy) / sxx
         return min(max(-slope, 0.0), MAX_DOOR_COST)
 
-    def forecast(self, since: int, now: int, least: int, most: int, under_way: float = 0.0) -> Forecast | None:
+    def forecast(self, since: int, now: int, least: int, most: int, lately: float | None = None) -> Forecast | None:
         """The pace for a wait starting at ``now``, read over the latest ``most`` backlogged whole seconds
         from ``since`` (the queue's pace window; reaching back past the seconds the tier yielded in, which
-        are read only when too few others are); None when fewer than ``least`` are recorded. ``under_way``:
-        the door's intake in the second under way, per second, as read so far (0: not known)."""
+        are read only when too few others are); None when fewer than ``least`` are recorded. ``lately``: the
+        door's intake over the last ``LATELY_S``, per second (None: not known)."""
         reach = self._reach(since, now)
         latest = sorted(at for at in self._seconds if reach <= at < now and self._drained(at))[-most:]
         if len(latest) < max(least, 1):
@@ -194,8 +216,14 @@ class TierPace:
         bound = idle / (1 + k)                                            # the door taking what the tier signs
         after = idle - k * min(intake, bound)
         burst = intake if intake > bound else 0.0
-        if under_way > UNDER_WAY_BURST * bound:
-            burst = max(burst, under_way)
+        if lately is not None and lately > LATELY_BURST * bound:
+            burst = max(burst, lately)
+        elif lately is not None and lately < LATELY_ENDS * bound:
+            burst = 0.0                                                   # the door has gone quiet since
         if burst <= 0:
             return Forecast(after, read, k)
-        return Forecast(after, read, k, max(idle - k * burst, BURST_FLOOR * idle), BURST_HOLDS_S)
+        gone = 0                                                          # the burst's whole seconds so far
+        while gone < BURST_HOLDS_S and self._seconds.get(now - 1 - gone, _NONE).came > bound:
+            gone += 1
+        return Forecast(after, read, k, max(idle - k * burst, BURST_FLOOR * idle),
+                        max(BURST_HOLDS_S - gone, BURST_LEFT_S))

@@ -41,7 +41,7 @@ from services.kernel import failures, logs
 from services.kernel.door_pressure import DoorWatch
 from services.stamping.fair_queue import FairQueue, QueueOrder
 from services.stamping.metrics import DOOR_COST
-from services.stamping.pace import FIT_SPAN_S, READ_AT_MOST_S, REREAD_S, UNDER_WAY_MIN_S, Forecast, Second, TierPace
+from services.stamping.pace import FIT_SPAN_S, LATELY_S, READ_AT_MOST_S, REREAD_S, Forecast, Second, TierPace
 from services.stamping.throughput import Throughput
 
 log = logs.get(__name__)
@@ -96,7 +96,12 @@ SELECT (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY re
        (SELECT extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY finished_at - started_at))
           FROM recent WHERE status = 'completed') AS finish_s,
        (SELECT extract(epoch FROM now_s)::bigint FROM bounds) AS now_s,
-       extract(epoch FROM now())::float8 AS read_at,
+       (SELECT count(*) FROM requests WHERE status IN ('queued', 'reserved', 'stamping', 'signed')
+                                        AND accepted_at >= now() - interval '{LATELY_S} s' AND accepted_at < now())
+     + (SELECT count(*) FROM requests WHERE status IN ('completed', 'failed')
+                                        AND finished_at >= now() - interval '{LATELY_S} s'
+                                        AND accepted_at >= now() - interval '{LATELY_S} s' AND accepted_at < now())
+         AS came_lately,
        (SELECT extract(epoch FROM pace_from)::bigint FROM bounds) AS pace_from,
        (SELECT extract(epoch FROM from_s)::bigint FROM span) AS from_s,
        (SELECT extract(epoch FROM came_from)::bigint FROM span) AS came_from
@@ -194,6 +199,14 @@ class QueueFacts:
         return self.burst_s + (position - in_burst) / rate
 
 
+# The facts serve for a second, or, once this process has given 202s worth FACTS_GIVEN_SHARE of a second of the
+# tier's pace since they were read, for FACTS_EARLY_S: a burst at the door shows in its intake lately (pace.py),
+# and read a second late, the 202s of a held queue's first second were told no burst (took/ETA 1.5-2.1 for the
+# first half second of make surge-eta's fills, 7 December, 10:39). A held queue gives each of two API processes
+# about half the tier's pace a second: read once a second, as before.
+FACTS_EARLY_S = 0.25
+FACTS_GIVEN_SHARE = 0.5
+
 # how long the last read of the facts or of the order serves callers while the next read is under way: they
 # are answered at once from it instead of waiting for that read (in a surge's spike the 202s waited 44 ms
 # on average for their position, most of it behind the read of the second)
@@ -257,6 +270,18 @@ class QueueView:
                                                             # (requests accepted after it: on quota, not in it)
         self._pace = TierPace()                             # each second's intake and finishes: the pace ahead
         self._backfill: asyncio.Task | None = None          # the span before the first read, read once, aside
+        self._given_since_facts = 0                         # 202s given here since the facts' read began
+
+    def _facts_are_fresh(self) -> bool:
+        """Read less than a second ago, and this process has not given, since, 202s worth ``FACTS_GIVEN_SHARE``
+        of a second of the tier's pace (at least ``FACTS_EARLY_S`` after the read)."""
+        if self._cached is None:
+            return False
+        age, facts = time.monotonic() - self._cached[0], self._cached[1]
+        if age >= 1.0:
+            return False
+        return not (facts is not None and age >= FACTS_EARLY_S
+                    and self._given_since_facts > FACTS_GIVEN_SHARE * facts.per_second)
 
     async def facts(self) -> QueueFacts | None:
         """The queue's facts, read at most once a second: callers that find them stale while another reads
@@ -264,17 +289,18 @@ class QueueView:
         their own (a surge's intake and status calls all found the cache stale in the same moment and each
         ran the three statements: six reads a second, not one); a failed read answers None to every caller
         for that second instead of being tried again by each in turn."""
-        if self._cached and time.monotonic() - self._cached[0] < 1.0:
+        if self._facts_are_fresh():
             return self._cached[1]
         if _last_read_serves(self._facts_read, self._cached):
             return self._cached[1]
         async with self._facts_read:
-            if self._cached and time.monotonic() - self._cached[0] < 1.0:
+            if self._facts_are_fresh():
                 return self._cached[1]
             return await self._read_facts()
 
     async def _read_facts(self) -> QueueFacts | None:
         now = time.monotonic()
+        self._given_since_facts = 0
         rates = self._throughput.rates() if self._throughput else None
         try:
             history = await asyncio.wait_for(self._history(), 0.5)
@@ -335,11 +361,9 @@ class QueueView:
         self._backfill_once(min(history["from_s"], history["came_from"]))
         if self._door is not None and (stretch := self._door.yielded_since_last_look()) is not None:
             self._pace.yielded(int(stretch[0]), int(stretch[1]))
-        # the second under way as read so far: its intake per second gone (rows not yet committed are not in it)
-        under_way = seconds[now].came if now in seconds else 0
-        gone = max(float(history["read_at"]) - now, UNDER_WAY_MIN_S)
+        # the door's intake lately, per second (rows not yet committed are not in it)
         forecast = self._pace.forecast(history["pace_from"], now, BACKLOG_SECONDS, BACKLOG_PACE_SECONDS,
-                                       under_way / gone)
+                                       history["came_lately"] / LATELY_S)
         DOOR_COST.set(forecast.door_cost if forecast else self._pace.door_cost())
         return forecast
 
@@ -428,4 +452,5 @@ class QueueView:
             own -= 1                  # its own row was on quota when the queue was read: not ahead of itself
         else:
             self._new[channel_id] = self._new.get(channel_id, 0) + 1
+        self._given_since_facts += 1
         return order.ahead_of_new(channel_id, max(0, own), self._fair.weight, self._new)

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from services.stamping.metrics import DOOR_COST
-from services.stamping.pace import BURST_HOLDS_S
+from services.stamping.pace import BURST_FLOOR, BURST_HOLDS_S
 from services.stamping.queue import QueueView
 from tests.component import handler_support as hs
 
@@ -738,9 +738,10 @@ async def _second(pool, base, ago: int, came: int, done: int, offset: int) -> No
     """In the second ``ago`` seconds before ``base``: ``came`` stamp requests accepted (still queued) and
     ``done`` stamps finished after a wait in the fair queue (accepted long before the read)."""
     at = base - dt.timedelta(seconds=ago - 0.5)
-    await pool.execute(
+    await pool.execute(                                     # spread over the second, as a door takes them
         "INSERT INTO requests (request_id, channel_id, account_id, status, accepted_at) "
-        "SELECT 'c' || ($3 + i), 'ch', 'acct', 'queued', $1 FROM generate_series(1, $2) AS i", at, came, offset)
+        "SELECT 'c' || ($3 + i), 'ch', 'acct', 'queued', $1::timestamptz + ((i - 0.5) / $2 - 0.5) * interval '1 s' "
+        "FROM generate_series(1, $2) AS i", at, came, offset)
     await pool.execute(
         "INSERT INTO requests (request_id, channel_id, account_id, status, accepted_at, reserved_at, started_at, "
         "finished_at) SELECT 'd' || ($3 + i), 'ch', 'acct', 'completed', $4, $5, $6, $1 "
@@ -761,22 +762,23 @@ async def _shared_box(pool, came_now: int, cost: float) -> None:
         await _second(pool, base, ago, came_now, 0, offset=100_000 + ago * 1000)
 
 
-@pytest.mark.parametrize(("came_now", "expected", "in_burst"), [(0, 120.0, None), (40, 100.0, None), (300, 80.0, 24.0)])
+@pytest.mark.parametrize(("came_now", "expected", "in_burst"), [(0, 120.0, None), (40, 100.0, None), (300, 80.0, 48.0)])
 async def test_a_pace_read_while_the_door_took_a_burst_is_forecast_at_the_doors_intake_now(pool, came_now, expected,
                                                                                           in_burst):
     """On a box where the door and the tier share the cores, the tier signs fewer while the door takes more
     (here 120 stamps/s less half a stamp per request/s). The pace read over the latest seconds (70/s) is
     forecast at what the door takes now, and at most at the tier's own pace (80/s: as many coming as leaving)
     beyond the burst's next seconds (``BURST_HOLDS_S``), in which it is the pace at the burst's intake (here
-    under the floor: a fifth of 120)."""
+    under the floor: 0.4 of 120)."""
     await _shared_box(pool, came_now, cost=0.5)
     facts = await QueueView(pool, window_s=60.0).facts()
     assert facts.per_second == pytest.approx(expected, abs=1.0)
     wait = 1200 / expected
     if in_burst is not None:
         assert facts.burst_per_second == pytest.approx(in_burst, abs=1.0)
-        assert facts.burst_s == BURST_HOLDS_S
-        wait = BURST_HOLDS_S + (1200 - in_burst * BURST_HOLDS_S) / expected
+        held = BURST_HOLDS_S - 4                            # its three seconds and the 160 before them have gone
+        assert facts.burst_s == held
+        wait = held + (1200 - in_burst * held) / expected
     else:
         assert facts.burst_s == 0.0
     assert facts.eta_seconds(1200, reserved=True) == pytest.approx(wait + facts.finish_s, rel=0.02)
@@ -848,3 +850,41 @@ async def test_the_seconds_the_tier_yielded_to_the_door_in_are_left_out_of_the_p
     facts = await QueueView(pool, window_s=60.0, door=_Yielded(spike - 10, spike + 3)).facts()
     assert facts.per_second == pytest.approx(90.0)
     await pool.execute("DELETE FROM requests")
+
+
+async def test_the_doors_intake_lately_shows_a_burst_before_a_whole_second_does(pool):
+    """A held queue's fill: three channels send at once into a quiet door. Its first second's 202s were told
+    no burst until a whole second showed one (took/ETA 1.5-2.1 in the first half second, 7 December): the
+    requests accepted in the last half second show it at the read."""
+    await _shared_box(pool, 40, cost=0.5)                   # whole seconds: a quiet door, 100/s after them
+    assert (await QueueView(pool, window_s=60.0).facts()).burst_s == 0.0
+    await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status, accepted_at) "
+                       "SELECT 'late' || i, 'ch', 'acct', 'queued', now() - interval '0.1 s' "
+                       "FROM generate_series(1, 150) AS i")   # 300 a second over the last half second
+    facts = await QueueView(pool, window_s=60.0).facts()
+    assert facts.burst_s == BURST_HOLDS_S and facts.burst_per_second == pytest.approx(BURST_FLOOR * 120, abs=1.0)
+    assert facts.per_second == pytest.approx(100.0, abs=1.0)     # after the burst: as the whole seconds say
+    await pool.execute("DELETE FROM requests")
+
+
+async def test_a_process_giving_many_202s_reads_the_facts_again_before_their_second_is_out(pool):
+    """The facts serve for a second; a process that has given half a second of the tier's pace in 202s since
+    they were read reads them again after FACTS_EARLY_S: a burst shows in them (the test above) only once
+    read."""
+    from services.stamping.queue import FACTS_EARLY_S
+
+    await _shared_box(pool, 40, cost=0.5)
+    view = QueueView(pool, window_s=60.0)
+    first = await view.facts()
+    read = time.monotonic()
+    assert first.per_second == pytest.approx(100.0, abs=1.0)
+    for _ in range(10):
+        await view.position_for_new("ch")
+    await asyncio.sleep(FACTS_EARLY_S + 0.05)
+    assert await view.facts() is first                     # ten 202s: a tenth of a second's pace
+    for _ in range(45):
+        await view.position_for_new("ch")
+    assert await view.facts() is not first                 # 55: over half of it
+    assert time.monotonic() - read < 1.0, "the facts were a second old: read again for that alone"
+    await pool.execute("DELETE FROM requests")
+

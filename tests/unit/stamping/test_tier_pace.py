@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.stamping.pace import BURST_FLOOR, BURST_HOLDS_S, FIT_MIN_SECONDS, Second, TierPace
+from services.stamping.pace import BURST_FLOOR, BURST_HOLDS_S, BURST_LEFT_S, FIT_MIN_SECONDS, Second, TierPace
 from services.stamping.queue import QueueFacts
 
 NOW = 10_000
@@ -69,20 +69,51 @@ def test_the_pace_read_in_a_burst_is_forecast_at_the_doors_intake_now(intake_now
         assert (forecast.burst_per_second, forecast.burst_s) == (0.0, 0.0)
     else:
         assert forecast.burst_per_second == pytest.approx(in_burst, abs=0.5)
-        assert forecast.burst_s == BURST_HOLDS_S
+        assert forecast.burst_s == BURST_HOLDS_S - 4    # its three seconds and the 160 before them have gone
 
 
-@pytest.mark.parametrize(("under_way", "in_burst"), [
+@pytest.mark.parametrize(("seconds_so_far", "left"), [(1, BURST_HOLDS_S - 1), (3, BURST_HOLDS_S - 3),
+                                                      (6, BURST_HOLDS_S - 6), (12, BURST_LEFT_S)])
+def test_a_burst_is_forecast_to_last_its_hold_in_all(seconds_so_far, left):
+    """Held 8 s from every read, the fills' later requests and the held queue's first were told the burst's
+    slow pace past the fill's end (took/ETA 0.72-0.78, 7 December 11:15): the burst's whole seconds so far
+    count against its hold; while it goes on, at least BURST_LEFT_S is left."""
+    pace = TierPace()
+    seconds = _shared_box(last=NOW - 20)
+    seconds.update({at: (40, 100) for at in range(NOW - 19, NOW)})       # a quiet door, a backlogged tier
+    seconds.update({at: (150, 45) for at in range(NOW - seconds_so_far, NOW)})
+    pace.record(NOW - 40, NOW - 40, NOW, ((at, Second(c, d, d > 0)) for at, (c, d) in seconds.items()))
+    forecast = pace.forecast(NOW - 15, NOW, 3, 15, lately=300.0)         # and the door still busy lately
+    assert forecast.burst_per_second > 0 and forecast.burst_s == left
+
+
+@pytest.mark.parametrize(("lately", "burst"), [
+    (None, True),       # not known: the whole seconds say a burst
+    (130.0, True),      # still past 1.5 times what the tier signs (80)
+    (100.0, False),     # back under it: the door has gone quiet since the whole seconds
+    (0.0, False),
+])
+def test_a_burst_the_whole_seconds_show_is_over_once_the_door_is_quiet_lately(lately, burst):
+    pace = TierPace()
+    seconds = _shared_box()
+    seconds.update({at: (300, 0) for at in range(NOW - 3, NOW)})
+    pace.record(NOW - 40, NOW - 40, NOW, ((at, Second(c, d, d > 0)) for at, (c, d) in seconds.items()))
+    forecast = pace.forecast(NOW - 15, NOW, 3, 15, lately)
+    assert (forecast.burst_s > 0) is burst
+    assert forecast.per_second == pytest.approx(80.0, abs=0.5)        # after it: the bound, either way
+
+
+@pytest.mark.parametrize(("lately", "in_burst"), [
     (0.0, None),                # not known: the whole seconds say no burst
     (150.0, None),              # under twice what the tier signs (80): a held queue's second swings that far
     (300.0, BURST_FLOOR * 120), # a fill's first second: a burst before any whole second shows one
 ])
-def test_a_burst_shows_first_in_the_second_under_way(under_way, in_burst):
+def test_a_burst_shows_first_in_the_doors_intake_lately(lately, in_burst):
     pace = TierPace()
     seconds = _shared_box()
     seconds.update({at: (40, 0) for at in range(NOW - 3, NOW)})         # the whole seconds: a quiet door
     pace.record(NOW - 40, NOW - 40, NOW, ((at, Second(c, d, d > 0)) for at, (c, d) in seconds.items()))
-    forecast = pace.forecast(NOW - 15, NOW, 3, 15, under_way)
+    forecast = pace.forecast(NOW - 15, NOW, 3, 15, lately)
     assert forecast.per_second == pytest.approx(100.0, abs=0.5)          # after it: 120 - 0.5 x 40, as before
     if in_burst is None:
         assert forecast.burst_s == 0.0
