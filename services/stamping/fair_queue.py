@@ -195,9 +195,10 @@ class QueueOrder:
         fraction = 0.5 if t1 <= t0 else min(1.0, max(0.0, (place[0] - t0) / (t1 - t0)))
         return lo + round(fraction * (hi - lo))
 
-    def ahead_of(self, place: tuple[float, int]) -> int:
-        """Rows that go before ``place`` (a row's own place is not before itself)."""
-        return self.before(place)
+    def ahead_of(self, place: tuple[float, int], taken: int = 0) -> int:
+        """Rows that go before ``place`` (a row's own place is not before itself), less ``taken``: rows the tier
+        has taken from the head since the order was read (they were the first)."""
+        return max(0, self.before(place) - taken)
 
     def next_tag(self, channel_id: str, weight: float) -> float:
         """The start tag ``channel_id``'s next reserved request gets (the enqueue statement's rule)."""
@@ -205,16 +206,17 @@ class QueueOrder:
         return self.head if last is None else max(self.head, last + 1.0 / weight)
 
     def ahead_of_new(self, channel_id: str, own_on_quota: int, weight: Callable[[str], float],
-                     accepted_since: Mapping[str, int] | None = None) -> int:
+                     accepted_since: Mapping[str, int] | None = None, taken: int = 0) -> int:
         """Requests that go before a new request of ``channel_id`` whose channel has ``own_on_quota``
         requests on quota before it: the queued rows with a tag up to its tag (equal tags: they were
         there first), the channel's own on quota, and every other channel's requests on quota whose
         tags will come before it once reserved (they were accepted first; leaving them out put the 202s
         of a surge's first seconds a third to two thirds short of their true place). ``accepted_since``:
-        each other channel's requests known accepted since the queue was read, on quota too."""
+        each other channel's requests known accepted since the queue was read, on quota too. ``taken``: rows
+        the tier has taken from the head since the read, no longer before it."""
         w = weight(channel_id)
         tag = self.next_tag(channel_id, w) + own_on_quota / w
-        ahead = self.before((tag + _TIE, math.inf)) + own_on_quota
+        ahead = max(0, self.before((tag + _TIE, math.inf)) - taken) + own_on_quota
         since = accepted_since or {}
         for other in self.on_quota.keys() | since.keys():
             waiting = self.on_quota.get(other, 0) + since.get(other, 0)
@@ -280,14 +282,14 @@ class FairQueue:
         return QueueOrder(list(zip(tags, seqs, strict=True)), json.loads(last_tags), json.loads(on_quota),
                           ranks=list(ranks))
 
-    async def ahead_of(self, conn, request_id: str, order: QueueOrder | None = None) -> int | None:
+    async def ahead_of(self, conn, request_id: str, order: QueueOrder | None = None, taken: int = 0) -> int | None:
         """Queued requests that go before ``request_id`` in ``order`` (a moment ago; default: now); None
         when it is not queued here. Its own place is one lookup; the count is in memory, not a scan of
         every row ahead per read."""
         place = await conn.fetchrow(_PLACE, request_id)
         if place is None:
             return None
-        return (order or await self.order(conn)).ahead_of((place["start_tag"], place["seq"]))
+        return (order or await self.order(conn)).ahead_of((place["start_tag"], place["seq"]), taken)
 
 
 # the queued requests of a batch show 'reserved' in the transaction that queues them; a row another

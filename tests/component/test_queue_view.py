@@ -888,3 +888,30 @@ async def test_a_process_giving_many_202s_reads_the_facts_again_before_their_sec
     assert time.monotonic() - read < 1.0, "the facts were a second old: read again for that alone"
     await pool.execute("DELETE FROM requests")
 
+
+async def test_positions_leave_out_what_the_tier_took_from_the_head_since_the_queue_was_read(pool):
+    """The order is read once a second and positions are counted against it: the rows the tier signed since
+    stayed ahead of every position, and a held queue's fill was told 1.07-1.12 of its place (7 December,
+    11:05). Since the read, the tier has taken about its pace times the time gone."""
+    from services.contracts.bubuh.v1 import quota_pb2
+    from services.stamping.fair_queue import Enqueue, FairQueue
+
+    await _shared_box(pool, 40, cost=0.5)                   # the tier's pace after: 100 stamps/s
+    await pool.execute("DELETE FROM schedule")
+    fair = FairQueue()
+    await Enqueue(pool, fair).process([hs.event(quota_pb2.QuotaReserved(request_id=f"o{i}", channel_id="c",
+                                                                        account_id="a"), producer="quota")
+                                       for i in range(300)])
+    view = QueueView(pool, window_s=60.0, fair=fair, order_s=30.0)     # one read of the order serves the test
+    assert (await view.facts()).per_second == pytest.approx(100.0, abs=1.0)
+    now = dt.datetime.now(dt.UTC)
+    first = await view.position_of("o299", "c", "reserved", now)
+    read = view._order[0]
+    assert 299 - 10 <= first <= 299                         # read a moment ago: at most a tenth of a second taken
+    await asyncio.sleep(0.5)
+    later = await view.position_of("o299", "c", "reserved", now)
+    gone = time.monotonic() - read
+    assert view._order[0] == read                           # the same read of the order
+    assert later == pytest.approx(299 - 100 * gone, abs=2)  # 50 or so taken in half a second at 100/s
+    await pool.execute("DELETE FROM schedule")
+    await pool.execute("DELETE FROM requests")
