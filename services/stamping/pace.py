@@ -32,8 +32,8 @@ spike of 135/s) 1.12 times, and 28% within 25%. The first requests of a spike st
 pace for as long as it lasts, which no ETA given in it can know.
 
 A burst is not bounded away for its first seconds, though. When the door takes more than the tier signs
-(a channel filling its window, a spike's start), the forecast is two paces: for the next
-``BURST_HOLDS_S`` the pace at the intake now (never under ``BURST_FLOOR`` of ``P0``: the line is fitted
+(a channel filling its window, a spike's start), the forecast is two paces: until the burst has lasted
+``BURST_HOLDS_S`` in all the pace at the intake now (never under ``BURST_FLOOR`` of ``P0``: the line is fitted
 over intakes up to about twice the tier's pace, and read far beyond them it reaches zero), and after
 them the bounded pace above. A burst shows first in the door's intake over its last half second
 (``LATELY_S``, ``LATELY_BURST``): read only from whole seconds, a fill's 202s of its first two seconds were
