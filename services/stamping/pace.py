@@ -90,9 +90,9 @@ BURST_LEFT_S = 1.0
 # tier signed 20-35 stamps a second while the door took 100-150, 45-60 after (the door and the tier share two
 # cores); the line, fitted over intakes up to about twice the tier's pace, reaches far lower beyond them, and
 # read at the door's intake over its last half second (LATELY_S: a fill's first requests land together) it
-# reaches zero. At a fifth, with the
-# intake lately, the fills' requests after their first second took 0.63-0.78 of their first ETAs (make surge-eta,
-# 7 December 10:56); replayed over eleven runs' fills, 0.4 met 68-93% of them within 25%, a fifth 50-89%.
+# reaches zero. At a fifth, with the intake lately, the fills' requests after their first second took
+# 0.63-0.78 of their first ETAs (make surge-eta, 7 December 10:56); replayed over eleven runs' fills, 0.4 met
+# 68-93% of them within 25%, a fifth 50-89%.
 BURST_FLOOR = 0.4
 # the door's intake over the last LATELY_S, as a rate, shows a burst before a whole second does, once it passes
 # LATELY_BURST times what the tier signs (a held queue's seconds swing around that line; a fill's first second

@@ -356,8 +356,8 @@ class QueueView:
 
     def _record(self, history: Mapping[str, Any]) -> Forecast | None:
         """The read's seconds into the tier's pace, and the pace a queue drains at from now on."""
-        now, seconds = history["now_s"], dict(_seconds_of(history))
-        self._pace.record(history["from_s"], history["came_from"], now, seconds.items())
+        now = history["now_s"]
+        self._pace.record(history["from_s"], history["came_from"], now, _seconds_of(history))
         self._backfill_once(min(history["from_s"], history["came_from"]))
         if self._door is not None and (stretch := self._door.yielded_since_last_look()) is not None:
             self._pace.yielded(int(stretch[0]), int(stretch[1]))
