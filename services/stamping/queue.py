@@ -190,13 +190,23 @@ class QueueFacts:
 
     def wait_s(self, position: int) -> float:
         """The time the tier takes to sign ``position`` requests from now."""
-        rate = self.per_second if self.per_second > 0 else 1 / COLD_SECONDS_PER_STAMP
+        rate = self._rate()
         if self.burst_s <= 0 or self.burst_per_second <= 0:
             return position / rate
         in_burst = self.burst_per_second * self.burst_s
         if position <= in_burst:
             return position / self.burst_per_second
         return self.burst_s + (position - in_burst) / rate
+
+    def signed_in(self, seconds: float) -> float:
+        """The requests the tier signs in ``seconds`` from now: ``wait_s`` the other way round."""
+        if self.burst_s <= 0 or self.burst_per_second <= 0 or seconds <= self.burst_s:
+            pace = self.burst_per_second if self.burst_s > 0 and self.burst_per_second > 0 else self._rate()
+            return pace * seconds
+        return self.burst_per_second * self.burst_s + (seconds - self.burst_s) * self._rate()
+
+    def _rate(self) -> float:
+        return self.per_second if self.per_second > 0 else 1 / COLD_SECONDS_PER_STAMP
 
 
 # The facts serve for a second, or, once this process has given 202s worth FACTS_GIVEN_SHARE of a second of the
@@ -406,8 +416,7 @@ class QueueView:
         facts = self._cached[1] if self._cached else None
         if self._order is None or facts is None:
             return 0
-        pace = facts.burst_per_second if facts.burst_s > 0 and facts.burst_per_second > 0 else facts.per_second
-        return int(pace * max(0.0, time.monotonic() - self._order[0]))
+        return int(facts.signed_in(max(0.0, time.monotonic() - self._order[0])))
 
     def _order_is_fresh(self) -> bool:
         return self._order is not None and time.monotonic() - self._order[0] < self._order_serves_s

@@ -134,6 +134,16 @@ def test_a_wait_spends_the_bursts_seconds_at_its_pace_then_the_pace_after():
     assert waits == sorted(waits)
 
 
+def test_the_requests_signed_in_a_time_are_the_wait_the_other_way_round():
+    """Positions leave out what the tier signed since the queue was read (``QueueView``): the same two paces
+    a wait is spent at."""
+    facts = QueueFacts(per_second=50.0, finish_s=0.5, burst_per_second=25.0, burst_s=8.0)
+    for seconds in (0.0, 0.5, 8.0, 11.0):
+        assert facts.wait_s(facts.signed_in(seconds)) == pytest.approx(seconds)
+    assert facts.signed_in(11.0) == 25 * 8 + 50 * 3
+    assert QueueFacts(per_second=50.0).signed_in(0.5) == 25.0
+
+
 def test_fewer_backlogged_seconds_than_asked_give_no_forecast():
     pace = TierPace()
     _busy(pace, {NOW - 2: (10, 10), NOW - 1: (10, 10)})
