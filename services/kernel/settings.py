@@ -190,6 +190,9 @@ class Settings(BaseSettings):
     # stamp uploads one API process works on at once; the next is answered 503 with Retry-After before its
     # body is read, rather than queued inside the server past the caller's patience (kernel/http.py)
     intake_max_in_flight: int = 64
+    # ... counted in uploads of the largest size (stamp_max_body_bytes: the most a process buffers); a smaller
+    # upload counts as its Content-Length, at least this share of the largest: up to 256 letters at once
+    intake_smallest_share: float = Field(0.25, gt=0.0, le=1.0)
     intake_cpu_s: float = 5.0
     intake_wall_s: float = 30.0
     # signing children per stamping worker process, each with its own key or PKCS#11 session. At B-T and above

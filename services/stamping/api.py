@@ -44,12 +44,13 @@ class StampMetaBody(http.StrictBody):
     email: str = Field("", description="Optional: where to send the buyer the outcome.")
 
 
-def _upload_body(limit: int, fields: dict, required: list[str], what: str, max_in_flight: int | None = None) -> dict:
+def _upload_body(limit: int, fields: dict, required: list[str], what: str, max_in_flight: int | None = None,
+                 smallest_share: float = 1.0) -> dict:
     """The multipart request body as OpenAPI states it, with the route's size limit (and admission bound)."""
     return http.body_limit(limit, errors.PDF_TOO_LARGE, {
         "required": True, "description": what,
         "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": required, "properties": fields}}}}, max_in_flight)
+            "type": "object", "required": required, "properties": fields}}}}, max_in_flight, smallest_share)
 
 
 _FILE = {"type": "string", "format": "binary", "maxLength": MAX_BYTES_ANY_PROFILE,
@@ -64,7 +65,7 @@ def router(settings: Settings, channels: ChannelView, intake: StampIntake, reque
         {"file": _FILE, "meta": {"type": "string", "contentMediaType": "application/json",
                                  "description": "JSON: " + json.dumps(StampMetaBody.model_json_schema())}},
         ["file", "meta"], "`file`: the PDF (the profile's limit applies to it); `meta`: JSON, see its schema.",
-        settings.intake_max_in_flight)
+        settings.intake_max_in_flight, settings.intake_smallest_share)
     verify_body = _upload_body(settings.verify_max_body_bytes, {"file": _FILE}, ["file"],
                                "`file`: the stamped PDF.")
 

@@ -3,8 +3,10 @@
 Found by the deadline-day report (``loadtests/deadline_day.py``): in the spike, uploads queued inside
 the API process past the channels' 30 s budget were still parsed, checked, stored and published for
 callers long gone (10,242 of 15,650 requests got no answer in time), while the next ones waited
-behind them. With ``BUBUH_INTAKE_MAX_IN_FLIGHT`` uploads in progress, the next gets 503 ``UNAVAILABLE``
-with ``Retry-After`` before its body is read, and a slot is free again as soon as an upload ends.
+behind them. With uploads worth ``BUBUH_INTAKE_MAX_IN_FLIGHT`` of the largest in progress, the next gets 503
+``UNAVAILABLE`` with ``Retry-After`` before its body is read, and a slot is free again as soon as an upload
+ends. An 800 KB scan counts as a quarter of the largest upload (``BUBUH_INTAKE_SMALLEST_SHARE``), so a bound
+of 2 holds 8 of them (the weights themselves: tests/unit/test_body_limits.py).
 """
 
 from __future__ import annotations

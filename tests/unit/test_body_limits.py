@@ -325,3 +325,66 @@ async def test_only_a_known_caller_is_given_a_place_in_line():
     assert member.status_code == 503
     # the channel's other key reads the same ticket as the channel's: kept in line, not judged anew
     assert early.status_code == 503 and early.headers["bubuh-queue-ticket"] == member.headers["bubuh-queue-ticket"]
+
+
+async def test_a_bound_in_largest_uploads_lets_small_ones_in_by_their_share(tmp_path):
+    """With ``smallest_share`` (the stamp route's, ``BUBUH_INTAKE_SMALLEST_SHARE``), the admission bound is
+    that many of the route's largest uploads: a smaller one counts as its Content-Length, at least the
+    share of the largest; a chunked one (no length) as the largest. The door's busy mark still counts
+    requests (kernel/door_pressure.py). A spike of 1.5 KB letters met a bound of 64 requests while the
+    process held 100 KB of bodies of the 640 MiB it may (make surge-open, 7 December: 24-104 503s)."""
+    import asyncio
+
+    import httpx
+
+    from services.kernel import door_pressure
+
+    r = APIRouter()
+    release = asyncio.Event()
+
+    @r.post("/slow", openapi_extra=http.body_limit(1000, max_in_flight=2, smallest_share=0.25))
+    async def slow(request: Request):
+        await request.body()
+        await release.wait()
+        return {"ok": True}
+
+    async def chunks():
+        yield b"y" * 10
+
+    mark = tmp_path / "door-busy"
+    app = http.create_app("t", [r], door_busy_file=str(mark))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        small = [asyncio.create_task(c.post("/slow", content=b"x" * 10)) for _ in range(7)]
+        await asyncio.sleep(0.05)
+        assert door_pressure.marked_at(mark) is not None        # 7 requests past half of 2: busy
+        whole = await c.post("/slow", content=b"x" * 600)         # 1,750 held of 2,000: 600 does not fit
+        streamed = await c.post("/slow", content=chunks())        # no length: the largest, 1,000
+        eighth = asyncio.create_task(c.post("/slow", content=b"x" * 10))     # 250 more: 2,000, the bound
+        await asyncio.sleep(0.05)
+        ninth = await c.post("/slow", content=b"x")
+        release.set()
+        answers = [await t for t in (*small, eighth)]
+    assert (whole.status_code, streamed.status_code, ninth.status_code) == (503, 503, 503)
+    assert ninth.json()["code"] == "UNAVAILABLE" and "2 x 1000 bytes" in ninth.json()["detail"]
+    assert [a.status_code for a in answers] == [200] * 8
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        release.clear()
+        large = asyncio.create_task(c.post("/slow", content=b"x" * 1000))    # one of the largest: half the bound
+        await asyncio.sleep(0.05)
+        smalls = [asyncio.create_task(c.post("/slow", content=b"x" * 300)) for _ in range(3)]   # 900 more: fits
+        await asyncio.sleep(0.05)
+        over = await c.post("/slow", content=b"x" * 300)                     # 2,200: over
+        release.set()
+        assert [(await t).status_code for t in (large, *smalls)] == [200] * 4
+    assert over.status_code == 503
+
+
+def test_the_stamp_routes_bound_is_stated_in_largest_uploads():
+    settings = Settings()
+    doc = http.create_app("Bubuh", _routers(settings)).openapi()
+    op = doc["paths"]["/v1/stamps"]["post"]
+    assert op["x-max-in-flight"] == settings.intake_max_in_flight
+    assert op["x-smallest-share"] == settings.intake_smallest_share == 0.25
+    text = op["requestBody"]["description"]
+    assert f"up to {int(settings.intake_max_in_flight / 0.25)} small uploads" in text, text
