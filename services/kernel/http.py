@@ -114,8 +114,8 @@ def body_limit(limit: int, too_large: errors.ErrorCode = errors.BODY_TOO_LARGE,
             extra[SMALLEST_SHARE] = smallest_share
     if request_body is not None:
         full = (f"{max_in_flight} are already in progress" if smallest_share >= 1.0 else
-                f"the uploads in progress add up to {max_in_flight} of {limit} bytes (a smaller one counts as "
-                f"its `Content-Length`, at least {limit * smallest_share:.0f} bytes, so up to "
+                f"the uploads in progress add up to {max_in_flight} x {limit} bytes (each counts as its "
+                f"`Content-Length`, at least {math.ceil(limit * smallest_share)} bytes, so up to "
                 f"{int(max_in_flight / smallest_share)} small uploads; one without `Content-Length` as {limit})")
         busy = (f" When {full}, the answer is 503 `UNAVAILABLE` with "
                 f"`Retry-After`, before the body is read; for a request with an `Idempotency-Key`, also with a "
