@@ -272,10 +272,10 @@ class BodyLimits:
             return limit
         return min(limit, max(int(declared), math.ceil(limit * smallest)))
 
-    def _admission(self, scope: Scope, path: str, bound: int, spread: Spread) -> dict[str, str] | None:
+    def _admission(self, scope: Scope, path: str, room: int, spread: Spread) -> dict[str, str] | None:
         """None: let the request in. Else the headers of its 503: ``Retry-After``, and for a request that
         can come back as itself (an ``Idempotency-Key``) its place in line, ``Bubuh-Queue-Ticket``.
-        ``bound``: the most the route's requests in progress may weigh before this one (``_weight``).
+        ``room``: the most the route's requests in progress may weigh for this one to fit (``_weight``).
 
         First turned away, first taken: a request with a ticket whose time has come is let in ahead of
         newcomers, up to the bound (at it, it is given a turn a second on, still ahead of those booked
@@ -296,12 +296,12 @@ class BodyLimits:
             metrics.QUEUE_TICKETS.labels(path, "early").inc()
             return {"Retry-After": str(math.ceil(due_in)), TICKET_HEADER: shown}
         if due_in is not None:
-            if held <= bound:
+            if held <= room:
                 metrics.QUEUE_TICKETS.labels(path, "honoured").inc()
                 return None
             metrics.QUEUE_TICKETS.labels(path, "full").inc()       # its turn, but full even for it: at the front
             return {"Retry-After": "1", TICKET_HEADER: self._tickets.issue(path, binding, 1.0)}
-        if held <= (bound // 2 if spread.booked_ahead() else bound):
+        if held <= (room // 2 if spread.booked_ahead() else room):
             return None
         if binding is None:
             return {"Retry-After": str(spread.refused())}
