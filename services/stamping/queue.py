@@ -191,7 +191,7 @@ class QueueFacts:
     def wait_s(self, position: int) -> float:
         """The time the tier takes to sign ``position`` requests from now."""
         rate = self._rate()
-        if self.burst_s <= 0 or self.burst_per_second <= 0:
+        if not self._bursting():
             return position / rate
         in_burst = self.burst_per_second * self.burst_s
         if position <= in_burst:
@@ -200,10 +200,12 @@ class QueueFacts:
 
     def signed_in(self, seconds: float) -> float:
         """The requests the tier signs in ``seconds`` from now: ``wait_s`` the other way round."""
-        if self.burst_s <= 0 or self.burst_per_second <= 0 or seconds <= self.burst_s:
-            pace = self.burst_per_second if self.burst_s > 0 and self.burst_per_second > 0 else self._rate()
-            return pace * seconds
-        return self.burst_per_second * self.burst_s + (seconds - self.burst_s) * self._rate()
+        if not self._bursting():
+            return self._rate() * seconds
+        return self.burst_per_second * min(seconds, self.burst_s) + max(0.0, seconds - self.burst_s) * self._rate()
+
+    def _bursting(self) -> bool:
+        return self.burst_s > 0 and self.burst_per_second > 0
 
     def _rate(self) -> float:
         return self.per_second if self.per_second > 0 else 1 / COLD_SECONDS_PER_STAMP
