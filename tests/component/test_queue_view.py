@@ -763,11 +763,11 @@ async def _shared_box(pool, came_now: int, cost: float):
     return base
 
 
-async def _facts_within_one_second(pool, view_s: float = 60.0):
+async def _facts_within_one_second(pool):
     """A fresh view's facts and the whole second they were read in (read again when the read crossed one)."""
     for _ in range(5):
         before = await pool.fetchval("SELECT date_trunc('second', now())")
-        facts = await QueueView(pool, window_s=view_s).facts()
+        facts = await QueueView(pool, window_s=60.0).facts()
         if await pool.fetchval("SELECT date_trunc('second', now())") == before:
             return facts, before
     pytest.fail("five reads of the queue's facts each crossed a whole second")
