@@ -53,6 +53,15 @@ within 25%: 29-51% bounded, 67-72% with the burst held 8 s; the held requests mo
 one round's fill read long (27%); 12 s, 15%: a fill's burst lasts as long as its size at the door's pace,
 which the door cannot know, so the hold is the shortest that met every fill replayed, not the longest.
 
+How slow the tier goes in a burst is then read from the bursts themselves, once the span holds a few
+(``BURST_SEEN_SECONDS`` backlogged seconds with the door past twice what the tier signs): the line and the
+floor are the door's cost as the held seconds show it, and how far past them a burst reaches depends on
+how fast the box takes uploads. On the faster box of 7 December's afternoon the fills came in at about 260
+a second, twice the intakes the line was fitted over; the tier signed about 40 a second in them, 0.29 of
+its pace after, where the line (``k`` 0.24-0.26) and the floor told 0.4-0.55, and the fills' requests took
+1.12-1.27 times their first ETAs at the median (make surge-eta, 16:18-16:24). The first burst a process
+sees is still told the line's pace.
+
 What this does not see (README, "ETAs people can plan by", 6 December 13:07): a wait that outlasts the
 sending. When channels hold a set number unfinished, intake follows completions second by second, so the
 fitted line comes out flatter than the door's cost (0.19-0.29 where the tier then signed 1.6 times as fast
@@ -94,6 +103,15 @@ BURST_LEFT_S = 1.0
 # 0.63-0.78 of their first ETAs (make surge-eta, 7 December 10:56); replayed over eleven runs' fills, 0.4 met
 # 68-93% of them within 25%, a fifth 50-89%.
 BURST_FLOOR = 0.4
+# ... until the tier has been seen in bursts: once the span holds BURST_SEEN_SECONDS backlogged seconds in which
+# the door took more than LATELY_BURST times what the tier signs, a burst's pace is the pace the tier kept in
+# them (their mean), at least BURST_SEEN_LEAST of P0 and at most the pace after the burst. The line and the
+# floor are the door's cost read from held seconds; how far a burst slows the tier depends on how fast this box
+# takes uploads: on a faster one (7 December, afternoon) the fills came in at about 260 a second, twice the
+# intakes the line was fitted over, and the tier signed about 40 a second in them, 0.29 of its 140 after, where
+# line and floor told 0.4-0.55 of it (the fills' requests took 1.12-1.27 times their first ETAs at the median)
+BURST_SEEN_SECONDS = 3
+BURST_SEEN_LEAST = 0.1
 # the door's intake over the last LATELY_S, as a rate, shows a burst before a whole second does, once it passes
 # LATELY_BURST times what the tier signs (a held queue's seconds swing around that line; a fill's first second
 # is 2-3 times past it)
@@ -194,6 +212,14 @@ class TierPace:
         slope = sum((s.came - mx) * (s.done - my) for s in busy) / sxx
         return min(max(-slope, 0.0), MAX_DOOR_COST)
 
+    def burst_pace(self, bound: float) -> float | None:
+        """The tier's pace in the bursts the span holds: the mean of the backlogged seconds (not those the tier
+        yielded in) in which the door took more than ``LATELY_BURST`` times ``bound``; None with fewer than
+        ``BURST_SEEN_SECONDS`` of them."""
+        past = round(LATELY_BURST * bound)                  # in whole requests: a second's intake is one
+        seen = [s.done for at, s in self._seconds.items() if s.came > past and self._drained(at)]
+        return sum(seen) / len(seen) if len(seen) >= BURST_SEEN_SECONDS else None
+
     def forecast(self, since: int, now: int, least: int, most: int, lately: float | None = None) -> Forecast | None:
         """The pace for a wait starting at ``now``, read over the latest ``most`` backlogged whole seconds
         from ``since`` (the queue's pace window; reaching back past the seconds the tier yielded in, which
@@ -225,5 +251,7 @@ class TierPace:
         gone = 0                                                          # the burst's whole seconds so far
         while gone < BURST_HOLDS_S and self._seconds.get(now - 1 - gone, _NONE).came > bound:
             gone += 1
-        return Forecast(after, read, k, max(idle - k * burst, BURST_FLOOR * idle),
-                        max(BURST_HOLDS_S - gone, BURST_LEFT_S))
+        seen = self.burst_pace(bound)
+        in_burst = (max(idle - k * burst, BURST_FLOOR * idle) if seen is None else
+                    min(max(seen, BURST_SEEN_LEAST * idle), after))
+        return Forecast(after, read, k, in_burst, max(BURST_HOLDS_S - gone, BURST_LEFT_S))

@@ -800,6 +800,20 @@ async def test_a_pace_read_while_the_door_took_a_burst_is_forecast_at_the_doors_
     await pool.execute("DELETE FROM requests")
 
 
+async def test_a_burst_at_the_door_is_told_the_pace_the_tier_kept_in_the_bursts_before_it(pool):
+    """A faster box's fills came in at twice the intakes the door's cost was fitted over, and the tier signed
+    0.29 of its pace after in them, where the line and its floor told 0.4-0.55 (make surge-eta, 7 December):
+    once the span holds three backlogged seconds of a burst, a burst is told the pace the tier kept in them."""
+    base = await _shared_box(pool, 300, cost=0.5)
+    for ago, done in ((44, 30), (43, 40), (42, 50)):        # an earlier burst: 260 a second, 40 signed in each
+        await _second(pool, base, ago, 260, done, offset=200_000 + ago * 1000)
+    facts, _ = await _facts_within_one_second(pool)
+    assert facts.burst_s > 0
+    assert facts.burst_per_second == pytest.approx(40.0, abs=0.5)
+    assert facts.per_second > 60                            # after the burst: the line's pace, as before
+    await pool.execute("DELETE FROM requests")
+
+
 async def test_a_process_reads_the_fits_span_before_its_first_read_once(pool):
     """A process's first read covers the last 60 s, and the door's cost is fitted over 30 backlogged seconds:
     after `bubuh up` the first round of make surge-eta read the fill's slow pace into the held queue (86% and

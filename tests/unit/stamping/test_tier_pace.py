@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import pytest
 
-from services.stamping.pace import BURST_FLOOR, BURST_HOLDS_S, BURST_LEFT_S, FIT_MIN_SECONDS, Second, TierPace
+from services.stamping.pace import (
+    BURST_FLOOR,
+    BURST_HOLDS_S,
+    BURST_LEFT_S,
+    BURST_SEEN_LEAST,
+    BURST_SEEN_SECONDS,
+    FIT_MIN_SECONDS,
+    Second,
+    TierPace,
+)
 from services.stamping.queue import QueueFacts
 
 NOW = 10_000
@@ -198,3 +207,54 @@ def test_the_seconds_the_tier_yielded_in_are_left_out_and_the_window_reaches_bac
     pace.record(NOW - 20, NOW - 20, NOW, ((at, Second(150, 20, True)) for at in range(NOW - 20, NOW)))
     pace.yielded(NOW - 20, NOW - 1)
     assert pace.forecast(NOW - 15, NOW, 3, 15).per_second == 20.0
+
+
+def _with_bursts_seen(bursts: dict[int, tuple[int, int]], *, yielded: bool = False) -> TierPace:
+    """The shared box's line (idle 120, k 0.5: the tier signs 80 once the door takes as many), bursts the span
+    holds (intake, finishes; backlogged), a quiet second, and a burst at the door now (its intake lately)."""
+    pace = TierPace()
+    seconds = _shared_box(first=NOW - 80, last=NOW - 30)   # its 160 a second: twice 80, not past it
+    seconds.update(bursts)
+    seconds.update({at: (40, 100) for at in range(NOW - 20, NOW)})
+    pace.record(NOW - 80, NOW - 80, NOW, ((at, Second(c, d, True)) for at, (c, d) in seconds.items()))
+    if yielded:
+        pace.yielded(min(bursts), max(bursts))
+    return pace
+
+
+def test_a_bursts_pace_is_the_pace_the_tier_kept_in_the_bursts_seen():
+    """A faster box's fills (7 December, afternoon): the door took about 260 a second, twice the intakes the
+    line was fitted over, and the tier signed about 40 a second in them, 0.29 of its pace after; the line and
+    the floor told 0.4-0.55 of it, and the fills' requests took 1.12-1.27 times their first ETAs."""
+    assert BURST_SEEN_SECONDS == 3
+    told = _with_bursts_seen({}).forecast(NOW - 15, NOW, 3, 15, lately=300.0)
+    assert told.burst_per_second == pytest.approx(BURST_FLOOR * 120)      # none seen: the line, the floor
+    seen = {NOW - 29: (260, 30), NOW - 28: (250, 40), NOW - 27: (270, 50)}
+    forecast = _with_bursts_seen(seen).forecast(NOW - 15, NOW, 3, 15, lately=300.0)
+    assert forecast.burst_per_second == pytest.approx(40.0)               # their mean
+    assert forecast.per_second == pytest.approx(100.0, abs=0.5)           # after the burst: as before
+    assert forecast.burst_s == BURST_HOLDS_S
+    # two seconds are not yet a burst seen; a second under twice what the tier signs (80) is not one at all
+    two = {NOW - 29: (260, 30), NOW - 28: (250, 40), NOW - 27: (150, 50)}
+    forecast = _with_bursts_seen(two).forecast(NOW - 15, NOW, 3, 15, lately=300.0)
+    idle = forecast.per_second + forecast.door_cost * 40                  # (the three join the line's fit)
+    assert forecast.burst_per_second == pytest.approx(max(idle - forecast.door_cost * 300, BURST_FLOOR * idle))
+    assert forecast.burst_per_second > 45
+
+
+@pytest.mark.parametrize(("done", "expected"), [
+    (2, BURST_SEEN_LEAST * 120),   # a tier all but stopped in them: at least a tenth of its pace with an idle door
+    (110, 100.0),                  # faster than the pace after a burst: no faster than that
+])
+def test_a_bursts_pace_seen_is_held_between_a_tenth_of_the_idle_pace_and_the_pace_after(done, expected):
+    seen = {at: (260, done) for at in range(NOW - 29, NOW - 25)}
+    forecast = _with_bursts_seen(seen).forecast(NOW - 15, NOW, 3, 15, lately=300.0)
+    assert forecast.burst_per_second == pytest.approx(expected, abs=0.5)
+
+
+def test_the_seconds_the_tier_yielded_in_are_no_burst_seen():
+    """In a spike the tier yields its cores to the door (kernel/door_pressure.py) and signs at a share it keeps
+    only while the door is busy; a burst without the yield does not go that slow."""
+    seen = {at: (260, 10) for at in range(NOW - 29, NOW - 25)}
+    forecast = _with_bursts_seen(seen, yielded=True).forecast(NOW - 15, NOW, 3, 15, lately=300.0)
+    assert forecast.burst_per_second == pytest.approx(BURST_FLOOR * 120)
