@@ -107,11 +107,7 @@ BURST_LEFT_S = 1.0
 BURST_FLOOR = 0.4
 # ... until the tier has been seen in bursts: once the span holds BURST_SEEN_SECONDS backlogged seconds in which
 # the door took more than LATELY_BURST times what the tier signs, a burst's pace is the pace the tier kept in
-# them (their mean), at least BURST_SEEN_LEAST of P0 and at most the pace after the burst. The line and the
-# floor are the door's cost read from held seconds; how far a burst slows the tier depends on how fast this box
-# takes uploads: on a faster one (7 December, afternoon) the fills came in at about 260 a second, twice the
-# intakes the line was fitted over, and the tier signed about 40 a second in them, 0.29 of its 140 after, where
-# line and floor told 0.4-0.55 of it (the fills' requests took 1.12-1.27 times their first ETAs at the median)
+# them (their mean), at least BURST_SEEN_LEAST of P0 and at most the pace after the burst (why: the docstring)
 BURST_SEEN_SECONDS = 3
 BURST_SEEN_LEAST = 0.1
 # the door's intake over the last LATELY_S, as a rate, shows a burst before a whole second does, once it passes
@@ -214,7 +210,7 @@ class TierPace:
         slope = sum((s.came - mx) * (s.done - my) for s in busy) / sxx
         return min(max(-slope, 0.0), MAX_DOOR_COST)
 
-    def burst_pace(self, bound: float) -> float | None:
+    def _burst_pace(self, bound: float) -> float | None:
         """The tier's pace in the bursts the span holds: the mean of the backlogged seconds (not those the tier
         yielded in) in which the door took more than ``LATELY_BURST`` times ``bound``; None with fewer than
         ``BURST_SEEN_SECONDS`` of them."""
@@ -253,7 +249,7 @@ class TierPace:
         gone = 0                                                          # the burst's whole seconds so far
         while gone < BURST_HOLDS_S and self._seconds.get(now - 1 - gone, _NONE).came > bound:
             gone += 1
-        seen = self.burst_pace(bound)
+        seen = self._burst_pace(bound)
         in_burst = (max(idle - k * burst, BURST_FLOOR * idle) if seen is None else
                     min(max(seen, BURST_SEEN_LEAST * idle), after))
         return Forecast(after, read, k, in_burst, max(BURST_HOLDS_S - gone, BURST_LEFT_S))
