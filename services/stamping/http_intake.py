@@ -25,6 +25,7 @@ from services.stamping import NAME, store
 from services.stamping.document import inspection
 from services.stamping.document.budget import Budget
 from services.stamping.metrics import INTAKE_REJECTED, INTAKE_STAGE_SECONDS
+from services.stamping.pace import LATELY_AT_DOOR_S
 from services.stamping.queue import AcceptedSince, QueueView
 from services.stamping.sandbox import Sandbox
 
@@ -39,7 +40,9 @@ FORGET = "DELETE FROM requests WHERE request_id = $1 AND status IS NOT DISTINCT 
 # them a 202 counted only its own process's 202s since: a held queue's fill (three channels sending at once,
 # two API processes) was told 0.71-0.78 of its place in its first two seconds, and took twice its first ETA.
 # A range of the open requests' index over at most the seconds since the read: no statement of its own.
-RECORD = """
+# With them, every API process's requests accepted in the LATELY_AT_DOOR_S before this one ("lately"): a burst at
+# the door shows in it at once (queue.py, ``QueueView.facts``), another range of the same index.
+RECORD = f"""
 WITH recorded AS (INSERT INTO requests (request_id, channel_id, account_id, idempotency_key, idempotency_fingerprint,
                                         document_sha256, status, accepted_at)
                   VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7) ON CONFLICT (request_id) DO NOTHING RETURNING 1),
@@ -48,7 +51,10 @@ WITH recorded AS (INSERT INTO requests (request_id, channel_id, account_id, idem
                   AND accepted_at >= $8::timestamptz AND accepted_at < $7
                 GROUP BY 1)
 SELECT EXISTS (SELECT FROM recorded) AS recorded, ARRAY(SELECT channel_id FROM since ORDER BY 1) AS channels,
-       ARRAY(SELECT n FROM since ORDER BY channel_id) AS counts
+       ARRAY(SELECT n FROM since ORDER BY channel_id) AS counts,
+       (SELECT count(*) FROM requests
+         WHERE status IN ('queued', 'reserved', 'stamping', 'signed')
+           AND accepted_at >= $7 - interval '{LATELY_AT_DOOR_S} s' AND accepted_at < $7) AS lately
 """
 
 
@@ -56,6 +62,7 @@ SELECT EXISTS (SELECT FROM recorded) AS recorded, ARRAY(SELECT channel_id FROM s
 class Recorded:
     row: bool                              # this call wrote the queued row
     before: AcceptedSince | None = None    # requests accepted before it since the queue's order was read
+    came_lately: int | None = None         # requests accepted in the LATELY_AT_DOOR_S before it (None: not read)
 
 
 @dataclass(frozen=True)
@@ -190,7 +197,7 @@ class StampIntake:
         if not recorded.row:
             await self._mark_accepted(request_id)
         clock.lap("publish")
-        facts_now = await self._queue.facts()
+        facts_now = await self._queue.facts(recorded.came_lately)
         position = await self._queue.position_for_new(channel.channel_id, accepted_at, recorded.before)
         clock.lap("position")
         log.info("stamp accepted", request_id=request_id, channel_id=channel.channel_id, account_id=meta.account_id,
@@ -234,7 +241,7 @@ class StampIntake:
             log.warning("stamp request not recorded yet (database away)", request_id=msg.request_id)
             return Recorded(False)
         return Recorded(row["recorded"], AcceptedSince(read_at, dict(zip(row["channels"], row["counts"], strict=True)))
-                        if read_at is not None else None)
+                        if read_at is not None else None, row["lately"])
 
     async def _undo_record(self, recording: asyncio.Future[Recorded], request_id: str) -> None:
         """Once the row's write has ended, the row of a request refused before publishing is removed."""

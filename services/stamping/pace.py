@@ -41,7 +41,12 @@ told no burst, and took 1.4-1.8 times their ETAs (0-3% within 25%, replayed over
 December, 08:58; told of it at once, 58-100%). Read from the second under way (b2a5493), a burst that
 began late in a second showed only in the next, and the facts a 202 was told were up to a second old:
 the first half second of the fills took 1.5-2.1 times its ETAs (10:39); the facts are now read again
-early where a process gives many 202s (``queue.py``, ``FACTS_GIVEN_SHARE``).
+early where a process gives many 202s (``queue.py``, ``FACTS_GIVEN_SHARE``). Read so, a fill's burst
+showed in the facts 0.3-0.6 s into it (make surge-eta, 7 December 19:56), and a 202 now counts the door's
+intake itself: the statement that records it counts every API process's requests accepted in the
+``LATELY_AT_DOOR_S`` before it, and past the line the burst is forecast from the seconds the last read
+recorded, with no read of its own (``queue.py``, ``QueueView._burst_at_the_door``); the fills' ETAs then
+rose 0.1-0.2 s into them.
 ``QueueFacts.eta_seconds`` (``queue.py``) spends a wait in that order. With
 the bound alone, a held queue's fill (three channels sending 334 requests each at once: the door took
 100-150 a second for 8 s, and the tier signed 20-35 a second in them, 45-60 after) was told the pace of
@@ -115,6 +120,10 @@ BURST_SEEN_LEAST = 0.1
 # is 2-3 times past it)
 LATELY_S = 0.5
 LATELY_BURST = 2.0
+# a 202's own count of the door's intake (http_intake.RECORD: every API process's requests accepted just before it)
+# covers the LATELY_AT_DOOR_S before it: a fill's first 48 requests (three channels, 16 in flight each) land
+# within a tenth of a second, and counted over half a second they read as 96 a second, at the line
+LATELY_AT_DOOR_S = 0.25
 # ... and a burst the whole seconds still show is over once the intake lately is back under LATELY_ENDS times it
 # (the three whole seconds the intake is read over show a fill for up to three seconds after its end)
 LATELY_ENDS = 1.5
@@ -137,6 +146,7 @@ class Forecast:
     door_cost: float      # k: stamps/s fewer per stamp request/s at the door
     burst_per_second: float = 0.0   # the pace while the door's burst goes on (0: the door is in none)
     burst_s: float = 0.0            # how long from now it is forecast to go on (0: none)
+    burst_from: float = float("inf")  # the door's intake lately (per second) past which it is in a burst
 
 
 class TierPace:
@@ -245,11 +255,11 @@ class TierPace:
         elif lately is not None and lately < LATELY_ENDS * bound:
             burst = 0.0                                                   # the door has gone quiet since
         if burst <= 0:
-            return Forecast(after, read, k)
+            return Forecast(after, read, k, burst_from=LATELY_BURST * bound)
         gone = 0                                                          # the burst's whole seconds so far
         while gone < BURST_HOLDS_S and self._seconds.get(now - 1 - gone, _NONE).came > bound:
             gone += 1
         seen = self._burst_pace(bound)
         in_burst = (max(idle - k * burst, BURST_FLOOR * idle) if seen is None else
                     min(max(seen, BURST_SEEN_LEAST * idle), after))
-        return Forecast(after, read, k, in_burst, max(BURST_HOLDS_S - gone, BURST_LEFT_S))
+        return Forecast(after, read, k, in_burst, max(BURST_HOLDS_S - gone, BURST_LEFT_S), LATELY_BURST * bound)

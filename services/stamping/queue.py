@@ -32,7 +32,7 @@ import asyncio
 import datetime as dt
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
@@ -41,7 +41,16 @@ from services.kernel import failures, logs
 from services.kernel.door_pressure import DoorWatch
 from services.stamping.fair_queue import FairQueue, QueueOrder
 from services.stamping.metrics import DOOR_COST
-from services.stamping.pace import FIT_SPAN_S, LATELY_S, READ_AT_MOST_S, REREAD_S, Forecast, Second, TierPace
+from services.stamping.pace import (
+    FIT_SPAN_S,
+    LATELY_AT_DOOR_S,
+    LATELY_S,
+    READ_AT_MOST_S,
+    REREAD_S,
+    Forecast,
+    Second,
+    TierPace,
+)
 from services.stamping.throughput import Throughput
 
 log = logs.get(__name__)
@@ -161,6 +170,8 @@ SELECT count(*)::float8 / nullif(count(DISTINCT date_trunc('second', finished_at
 
 # before any completion was seen, assume this many seconds per stamp per the whole tier
 COLD_SECONDS_PER_STAMP = 0.05
+# the pipeline's own hops in a burst at the door: at most this many times their time before it
+HOPS_STRETCH_AT_MOST = 4.0
 
 
 @dataclass(frozen=True)
@@ -185,8 +196,30 @@ class QueueFacts:
         """Until completed: the wait for the ``position`` requests ahead, or, for one not yet ``reserved``, its
         quota reservation when that takes longer (the queue ahead drains while the reservation is under
         way: the two overlap; added together, held-queue ETAs read 15-25% long), then its own signing. Where
-        the door is in a burst, the wait's first ``burst_s`` go at the burst's pace, the rest at ``per_second``."""
-        return round(max(self.wait_s(position), 0.0 if reserved else self.reserve_s) + self.finish_s, 1)
+        the door is in a burst, the wait's first ``burst_s`` go at the burst's pace, the rest at ``per_second``,
+        and the pipeline's own hops within the burst are slowed as the tier is (``hop_stretch``)."""
+        wait = max(self.wait_s(position), 0.0 if reserved else self._hop_s(0.0, self.reserve_s))
+        return round(wait + self._hop_s(wait, self.finish_s), 1)
+
+    def _hop_s(self, start: float, took_s: float) -> float:
+        """How long a hop that took ``took_s`` before the burst takes from ``start`` seconds on: ``hop_stretch``
+        times as long for its part within the burst's ``burst_s`` (so an ETA never shrinks as its position
+        grows)."""
+        stretch = self.hop_stretch()
+        within = max(self.burst_s - start, 0.0)
+        if took_s * stretch <= within:
+            return took_s * stretch
+        return within + (took_s - within / stretch)
+
+    def hop_stretch(self) -> float:
+        """How much slower the pipeline's own hops (``reserve_s``, ``finish_s``: the latest stamps' medians,
+        mostly from before a burst) go while the door's burst goes on: as much as the tier's pace, at most
+        ``HOPS_STRETCH_AT_MOST``. They share the cores the door takes: in make surge-eta's fills (7 December,
+        20:03-20:15) the first requests' reservations took 0.33-0.5 s and their signing 0.6-0.8 s, against
+        0.23-0.27 and 0.35-0.45 s after, and the tier signed 1.5-2 times slower in them than after."""
+        if not self._bursting():
+            return 1.0
+        return min(max(self._rate() / self.burst_per_second, 1.0), HOPS_STRETCH_AT_MOST)
 
     def wait_s(self, position: int) -> float:
         """The time the tier takes to sign ``position`` requests from now."""
@@ -283,6 +316,7 @@ class QueueView:
         self._pace = TierPace()                             # each second's intake and finishes: the pace ahead
         self._backfill: asyncio.Task | None = None          # the span before the first read, read once, aside
         self._given_since_facts = 0                         # 202s given here since the facts' read began
+        self._forecast: tuple[int, int, Forecast] | None = None   # the last read's (pace_from, now, forecast)
 
     def _facts_are_fresh(self) -> bool:
         """Read less than a second ago, and this process has not given, since, 202s worth ``FACTS_GIVEN_SHARE``
@@ -295,12 +329,17 @@ class QueueView:
         return not (facts is not None and age >= FACTS_EARLY_S
                     and self._given_since_facts > FACTS_GIVEN_SHARE * facts.per_second)
 
-    async def facts(self) -> QueueFacts | None:
+    async def facts(self, came_lately: int | None = None) -> QueueFacts | None:
         """The queue's facts, read at most once a second: callers that find them stale while another reads
         them get the last ones (up to ``STALE_SERVES_S`` old; the first read is waited for), not a read of
         their own (a surge's intake and status calls all found the cache stale in the same moment and each
         ran the three statements: six reads a second, not one); a failed read answers None to every caller
-        for that second instead of being tried again by each in turn."""
+        for that second instead of being tried again by each in turn. ``came_lately``: the stamp requests
+        every API process accepted in the ``LATELY_AT_DOOR_S`` before a 202's own (``http_intake.RECORD``
+        counts them), which shows a burst at the door before the facts are read again (``_burst_at_the_door``)."""
+        return self._burst_at_the_door(await self._facts(), came_lately)
+
+    async def _facts(self) -> QueueFacts | None:
         if self._facts_are_fresh():
             return self._cached[1]
         if _last_read_serves(self._facts_read, self._cached):
@@ -309,6 +348,28 @@ class QueueView:
             if self._facts_are_fresh():
                 return self._cached[1]
             return await self._read_facts()
+
+    def _burst_at_the_door(self, facts: QueueFacts | None, came_lately: int | None) -> QueueFacts | None:
+        """The facts as read, or, where a 202's own count of the door's intake lately shows a burst they do not,
+        the same facts with the burst forecast from the seconds the last read recorded (no read of its own;
+        they then serve as read, for the rest of their time). Read once a second, or early once a process
+        has given many 202s (``FACTS_GIVEN_SHARE``), the facts showed a fill's burst 0.4-0.6 s into it, and
+        the 202s before that were told the pace of the quiet door before it: took/ETA 1.1-1.3 at the median
+        and 1.6-2.7 at p90 in those seconds, 37-56% within 25% (make surge-eta's fills, 7 December 19:56)."""
+        if (facts is None or came_lately is None or facts.burst_s > 0 or self._forecast is None
+                or self._cached is None or self._cached[1] is not facts):
+            return facts
+        since, now, last = self._forecast
+        lately = came_lately / LATELY_AT_DOOR_S
+        if lately <= last.burst_from:
+            return facts
+        forecast = self._pace.forecast(since, now, BACKLOG_SECONDS, BACKLOG_PACE_SECONDS, lately)
+        if forecast is None or forecast.burst_s <= 0:
+            return facts
+        burst = replace(facts, burst_per_second=forecast.burst_per_second, burst_s=forecast.burst_s)
+        self._forecast = (since, now, forecast)
+        self._cached = (self._cached[0], burst)
+        return burst
 
     async def _read_facts(self) -> QueueFacts | None:
         now = time.monotonic()
@@ -376,6 +437,7 @@ class QueueView:
         # the door's intake lately, per second (rows not yet committed are not in it)
         forecast = self._pace.forecast(history["pace_from"], now, BACKLOG_SECONDS, BACKLOG_PACE_SECONDS,
                                        history["came_lately"] / LATELY_S)
+        self._forecast = (history["pace_from"], now, forecast) if forecast is not None else None
         DOOR_COST.set(forecast.door_cost if forecast else self._pace.door_cost())
         return forecast
 

@@ -77,6 +77,25 @@ def test_the_wait_for_a_reservation_overlaps_the_wait_for_the_requests_ahead():
     assert facts.eta_seconds(0, reserved=True) == pytest.approx(0.5)
 
 
+def test_in_a_burst_at_the_door_the_pipelines_own_hops_are_slowed_as_the_tier_is():
+    """The reservation and the signing share the cores the door takes: while its burst goes on they take as
+    much longer as the tier's pace is slower (here 40 against 20 a second: twice), at most
+    ``HOPS_STRETCH_AT_MOST`` times; a signing that falls after the burst takes its time as before, and one
+    across its end, its part within it slowed."""
+    from services.stamping.queue import HOPS_STRETCH_AT_MOST, QueueFacts
+
+    quiet = QueueFacts(per_second=40.0, reserve_s=0.3, finish_s=0.5)
+    burst = QueueFacts(per_second=40.0, reserve_s=0.3, finish_s=0.5, burst_per_second=20.0, burst_s=8.0)
+    assert burst.hop_stretch() == 2.0 and quiet.hop_stretch() == 1.0
+    assert quiet.eta_seconds(2) == pytest.approx(0.3 + 0.5)
+    assert burst.eta_seconds(2) == pytest.approx(0.6 + 1.0)                # 0.1 s ahead < 0.6 s to reserve
+    assert burst.eta_seconds(100) == pytest.approx(5.0 + 1.0)              # signed within the burst's 8 s
+    assert burst.eta_seconds(150) == pytest.approx(7.5 + 0.5 + 0.25, abs=0.06)   # half its signing in it, slowed
+    assert burst.eta_seconds(200) == pytest.approx(8.0 + 40 / 40 + 0.5)    # after it: 160 in it, 40 at 40/s
+    crawl = QueueFacts(per_second=40.0, reserve_s=0.3, finish_s=0.5, burst_per_second=2.0, burst_s=8.0)
+    assert crawl.hop_stretch() == HOPS_STRETCH_AT_MOST
+
+
 async def test_stamps_finishing_in_the_window_give_the_rate_per_busy_second(pool):
     """The schema's count (no stream in this process) is a rate per busy second, as the stream's is: a
     surge's first seconds after a quiet minute are measured at their pace. Divided by the whole window it
@@ -894,6 +913,45 @@ async def test_the_doors_intake_lately_shows_a_burst_before_a_whole_second_does(
     facts = await QueueView(pool, window_s=60.0).facts()
     assert facts.burst_s == BURST_HOLDS_S and facts.burst_per_second == pytest.approx(BURST_FLOOR * 120, abs=1.0)
     assert facts.per_second == pytest.approx(100.0, abs=1.0)     # after the burst: as the whole seconds say
+    await pool.execute("DELETE FROM requests")
+
+
+async def test_a_202s_own_count_of_the_doors_intake_lately_shows_a_burst_without_a_read(pool):
+    """The facts are read once a second (earlier for a process giving many 202s), and a fill's burst showed
+    in them 0.4-0.6 s into it: the 202s before were told the quiet door's pace, and took 1.1-1.3 times their
+    ETAs at the median (make surge-eta, 7 December 19:56). Each 202's own statement counts every API
+    process's requests accepted in the quarter second before it (``http_intake.RECORD``): past the burst's
+    line (twice the tier's own pace, here 80 a second) the facts show the burst at once, from the seconds the
+    last read recorded, with no read of their own; under it they stay as read."""
+    await _shared_box(pool, 40, cost=0.5)                   # whole seconds: a quiet door, 100/s after them
+    view = QueueView(pool, window_s=60.0)
+    read = await view.facts()
+    assert read.burst_s == 0.0 and read.per_second == pytest.approx(100.0, abs=1.0)
+    await pool.execute("DELETE FROM requests")              # a read from here on would find no pace at all
+    assert await view.facts(came_lately=38) is read         # 152 a second: under 160
+    assert await view.facts(came_lately=None) is read
+    burst = await view.facts(came_lately=75)                # 300 a second
+    assert burst.burst_s == BURST_HOLDS_S and burst.burst_per_second == pytest.approx(BURST_FLOOR * 120, abs=1.0)
+    assert burst.per_second == read.per_second and burst.finish_s == read.finish_s
+    assert await view.facts() is burst                      # and they serve as read, for the rest of their time
+    assert burst.eta_seconds(100) > read.eta_seconds(100) * 1.5
+
+
+async def test_the_202s_statement_counts_every_processs_requests_accepted_in_the_quarter_second_before_it(pool):
+    """``lately`` in ``http_intake.RECORD``: open requests of any channel accepted in the ``LATELY_AT_DOOR_S`` before
+    the one it records; not those before that, not those finished, not the one recorded."""
+    from services.stamping.http_intake import RECORD
+
+    await pool.execute("DELETE FROM requests")
+    at = await pool.fetchval("SELECT now()")
+    for i, (ago_s, status) in enumerate([(0.05, "queued"), (0.1, "reserved"), (0.15, "stamping"), (0.2, "signed"),
+                                         (0.24, "queued"), (0.1, "completed"), (0.3, "queued"), (1.0, "reserved")]):
+        await pool.execute("INSERT INTO requests (request_id, channel_id, account_id, status, accepted_at) "
+                           "VALUES ($1, $2, 'acct', $3, $4)", f"r{i}", f"ch{i % 2}", status,
+                           at - dt.timedelta(seconds=ago_s))
+    row = await pool.fetchrow(RECORD, "new", "ch0", "acct", None, None, "", at, None)
+    assert row["recorded"] and row["lately"] == 5
+    assert await pool.fetchval("SELECT count(*) FROM requests WHERE request_id = 'new'") == 1
     await pool.execute("DELETE FROM requests")
 
 

@@ -135,12 +135,15 @@ def test_a_wait_spends_the_bursts_seconds_at_its_pace_then_the_pace_after():
     20-35 a second in them, 45-60 after; told the pace of after for the whole wait, the fill's requests took
     1.2-1.5 times their first ETAs."""
     facts = QueueFacts(per_second=50.0, finish_s=0.5, burst_per_second=25.0, burst_s=8.0)
-    assert facts.eta_seconds(100) == 4.5                   # within the burst: 100 at 25/s
+    assert facts.eta_seconds(100) == 5.0                   # within the burst: 100 at 25/s, its signing slowed x2
     assert facts.eta_seconds(400) == 8 + (400 - 200) / 50 + 0.5      # 200 in the burst's 8 s, 200 at 50/s
     assert QueueFacts(per_second=50.0, finish_s=0.5).eta_seconds(400) == 8.5   # no burst: all at 50/s
-    # a position's wait never shrinks as it grows (the two paces meet at the burst's end)
+    # a position's wait never shrinks as it grows (the two paces meet at the burst's end), nor its ETA (the
+    # signing slowed within the burst and not after it)
     waits = [facts.wait_s(n) for n in range(0, 600, 7)]
     assert waits == sorted(waits)
+    etas = [facts.eta_seconds(n) for n in range(0, 600)]
+    assert etas == sorted(etas)
 
 
 def test_the_requests_signed_in_a_time_are_the_wait_the_other_way_round():
