@@ -134,6 +134,8 @@ async def play(base_url: str, env: dict, *, channels: int, depth: int, stamps: i
                                                           if phase in (a["phase"], "run")}, results)
                                for phase in ("fill", "held", "run")},
             "held_by_time": by_time({rid: a["eta"] for rid, a in first.items() if a["phase"] == "held"}, results),
+            "fill_by_time": by_time({rid: a["eta"] for rid, a in first.items() if a["phase"] == "fill"}, results,
+                                    bucket_s=FILL_BUCKET_S),
             "door_cost": door_cost,
             "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
 
@@ -154,6 +156,7 @@ async def _door_cost(client: LoadClient) -> float | None:
 
 TRAILING_S = 15.0         # the tier's pace before a 202: what an estimate made at the 202 can know
 BUCKET_S = 10.0           # by_time's buckets
+FILL_BUCKET_S = 1.0       # ... and the fill's: it lasts 5-12 s, and its misses are in its first seconds
 
 
 def by_time(first_eta: dict[str, float | None], results: list[dict], bucket_s: float = BUCKET_S) -> list[dict]:
@@ -302,6 +305,11 @@ def markdown(r: dict) -> str:
                          + "; ".join(f"{b['from_s']}-{b['from_s'] + BUCKET_S:g} s: "
                                      f"{100 * b['within_25_percent']:.0f}%, {b['took_over_eta_median']}"
                                      for b in rnd["held_by_time"]) + ".")
+        if rnd.get("fill_by_time"):
+            lines.append(f"- Round {i}, fill, by when the 202 came (s into the round: within 25%, took/ETA median): "
+                         + "; ".join(f"{b['from_s']}-{b['from_s'] + FILL_BUCKET_S:g} s: "
+                                     f"{100 * b['within_25_percent']:.0f}%, {b['took_over_eta_median']}"
+                                     for b in rnd["fill_by_time"]) + ".")
     costs = [rnd.get("door_cost") for rnd in r["rounds"]]
     if any(c is not None for c in costs):
         lines.append("- The door's cost the ETAs counted at each round's end (`bubuh_stamp_pace_door_cost_ratio`, "

@@ -83,6 +83,27 @@ def test_the_held_requests_are_broken_down_by_when_their_202_came():
                    {"from_s": 10, "requests": 1, "within_25_percent": 0.0, "took_over_eta_median": 0.6},
                    {"from_s": 20, "requests": 1, "within_25_percent": 1.0, "took_over_eta_median": 1.0}]
     assert by_time({}, []) == []
+    # the fill's, by the second: where its misses are (its first second or two, 7 December)
+    assert [b["from_s"] for b in by_time({"a": 10.0, "b": 10.0}, results, bucket_s=1.0)] == [0, 3]
+
+
+def test_the_report_shows_each_rounds_fill_and_held_requests_by_when_their_202_came():
+    from loadtests.held_queue import markdown
+
+    def phase(n: int) -> dict:
+        return {"requests": n, "median_first_eta_s": 12.0, "within_25_percent": 0.9,
+                "actual_over_eta": {"p10": 0.8, "median": 1.0, "p90": 1.2}}
+
+    rnd = {"accepted": 30, "seconds": 10.0, "channels": 3, "depth": 5, "stamps_per_channel": 10,
+           "eta": {"fill": phase(15), "held": phase(15), "run": phase(30)},
+           "held_by_time": [{"from_s": 0, "requests": 15, "within_25_percent": 0.9, "took_over_eta_median": 1.0}],
+           "fill_by_time": [{"from_s": 0, "requests": 9, "within_25_percent": 0.33, "took_over_eta_median": 1.6},
+                            {"from_s": 1, "requests": 6, "within_25_percent": 1.0, "took_over_eta_median": 1.02}]}
+    text = markdown({"rounds": [rnd], "median_round": 0, "verdict": {}, "generated_at": "now"})
+    assert ("- Round 1, held, by when the 202 came (s into the round: within 25%, took/ETA median): "
+            "0-10 s: 90%, 1.0.") in text
+    assert ("- Round 1, fill, by when the 202 came (s into the round: within 25%, took/ETA median): "
+            "0-1 s: 33%, 1.6; 1-2 s: 100%, 1.02.") in text
 
 
 async def test_each_round_records_the_doors_cost_the_etas_counted():
