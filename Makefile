@@ -13,7 +13,7 @@ PROTOS := $(wildcard proto/bubuh/v1/*.proto)
 GEN    := services/contracts/bubuh/v1/.generated
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: help setup system-packages proto contract contract-baseline imports up ops rules down run status test test-fast bench surge surge-deadline surge-sustained surge-levels surge-members surge-fairness surge-eta surge-open surge-tiers surge-tier-members capacity lint docs clean distclean
+.PHONY: help setup system-packages proto contract contract-baseline imports up ops rules down run status test test-fast bench surge surge-deadline surge-sustained surge-levels surge-members surge-fairness surge-eta eta-replay surge-open surge-tiers surge-tier-members capacity lint docs clean distclean
 
 help: ## list the verbs
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -141,6 +141,9 @@ surge-fairness: up ## one channel flooding (1,600 stamps) beside two small ones 
 
 surge-eta: up ## ETAs people can plan by (issue 12, point 4): 3 channels each keep 20 s of the tier's pace unfinished (measured first) and send 60 s of it more, 3 rounds: of the requests that joined the standing queue, >= 90% completed within 25% of their first ETA? loadtests/results/surge-eta.json and README.md
 	$(PY) -m loadtests.held_queue --rounds 3 --out loadtests/results/surge-eta.json --readme README.md
+
+eta-replay: ## replay the ETA forecast in the working tree over the last make surge-eta's requests (.local/results/surge-eta-requests.jsonl, with the stamping schema's times; the local stack's PostgreSQL up): told and replayed, within 25% per round and phase
+	$(PY) -m loadtests.eta_replay
 
 surge-open: up ## the front door open loop (issue 12, point 2), about an hour: a closed-loop surge measures the sustainable stamps/s, then 3 rounds of Poisson arrivals at 80% of it for 10 min and 3x for 60 s: intake and status p99 per phase at the rounds' median, the spike's queue, the drain. loadtests/results/surge-open.json and README.md
 	$(PY) -m loadtests.open_loop --plateau 600 --spike 60 --rounds 3 --out loadtests/results/surge-open.json --readme README.md

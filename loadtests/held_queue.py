@@ -34,6 +34,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtests import corpus  # noqa: E402
+from loadtests.eta_replay import REQUESTS_FILE  # noqa: E402
 from loadtests.load_client import TRANSPORT_ERRORS, LoadClient, bearer  # noqa: E402
 from loadtests.readme import measure_and_publish  # noqa: E402
 from loadtests.surge import _quantile, accuracy, add_channels, eta_accuracy  # noqa: E402
@@ -130,6 +131,7 @@ async def play(base_url: str, env: dict, *, channels: int, depth: int, stamps: i
                                                    if phase in (a["phase"], "run")), 0.5)
                           for phase in ("fill", "held", "run")},
             "first": {rid: {k: a[k] for k in ("eta", "position", "phase")} for rid, a in first.items()},
+            "requests": _requests(first, results),
             "at_pace_before": {phase: at_the_pace_before({rid: a for rid, a in first.items()
                                                           if phase in (a["phase"], "run")}, results)
                                for phase in ("fill", "held", "run")},
@@ -138,6 +140,20 @@ async def play(base_url: str, env: dict, *, channels: int, depth: int, stamps: i
                                     bucket_s=FILL_BUCKET_S),
             "door_cost": door_cost,
             "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+
+
+def _requests(first: dict[str, dict], results: list[dict]) -> list[dict]:
+    """Each request's first ETA, position and phase with its times (epoch seconds), for ``eta_replay``."""
+    ended = {r["request_id"]: r for r in results if r.get("request_id")}
+    out = []
+    for rid, a in first.items():
+        r = ended.get(rid, {})
+        times = {k: dt.datetime.fromisoformat(r[k]).timestamp() if r.get(k) else None
+                 for k in ("accepted_at", "finished_at")}
+        if times["accepted_at"] is not None:
+            out.append({"request_id": rid, "phase": a["phase"], "position": a["position"], "eta": a["eta"],
+                        "status": r.get("status"), **times})
+    return out
 
 
 async def _door_cost(client: LoadClient) -> float | None:
@@ -238,6 +254,15 @@ async def calibrate(base_url: str, env: dict, channels: int) -> float:
     return r["accepted"] / r["seconds"]
 
 
+def write_requests(requests: list[dict], path: Path) -> None:
+    """Each request of the rounds, a JSON object a line (``eta_replay`` reads them with the stamping schema's
+    times); beside the local stack, not in the repository: a run writes thousands."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(q) + "\n" for q in requests))
+    print(f"each request's first ETA: {path} (python -m loadtests.eta_replay replays the forecast over them)",
+          flush=True)
+
+
 HELD_ETA_MIN_S = 10.0     # issue 12, point 4: the check applies to a run whose median first ETA is this or more
 WITHIN_SHARE = 0.90       # ... and asks that this share complete within 25% of their first ETA
 
@@ -252,15 +277,18 @@ async def measure(args, env: dict) -> dict:
         calibration = {"stamps_per_s": round(pace, 1), "depth": depth, "stamps_per_channel": stamps}
         print(f"calibration: the tier signed {pace:.1f} stamps/s; each channel keeps {depth} unfinished "
               f"of {stamps}", flush=True)
-    rounds = []
+    rounds: list[dict] = []
+    requests: list[dict] = []
     for i in range(args.rounds):
         r = await play(args.base_url, env, channels=args.channels, depth=depth, stamps=stamps)
         r.pop("first")
+        requests += [{"round": i + 1, **q} for q in r.pop("requests")]
         rounds.append(r)
         held = r["eta"]["held"]
         print(f"round {i + 1}: held median first ETA {held.get('median_first_eta_s')} s, "
               f"{100 * held.get('within_25_percent', 0):.0f}% within 25%", flush=True)
         await asyncio.sleep(5)
+    write_requests(requests, args.requests_out)
     median = sorted(rounds, key=lambda r: r["eta"]["held"].get("within_25_percent", 0))[len(rounds) // 2]
     return {"rounds": rounds, "median_round": rounds.index(median), "verdict": verdict(rounds, median),
             "calibration": calibration,
@@ -337,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("loadtests/results/surge-eta.json"))
     p.add_argument("--readme", type=Path)
+    p.add_argument("--requests-out", type=Path, default=REQUESTS_FILE,
+                   help=f"each request's first ETA, position and times, for eta_replay (default {REQUESTS_FILE})")
     args = p.parse_args(argv)
     return measure_and_publish(measure, markdown, args, begin=README_BEGIN, end=README_END)
 
