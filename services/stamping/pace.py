@@ -59,7 +59,9 @@ one round's fill read long (27%); 12 s, 15%: a fill's burst lasts as long as its
 which the door cannot know, so the hold is the shortest that met every fill replayed, not the longest.
 
 How slow the tier goes in a burst is then read from the bursts themselves, once the span holds a few
-(``BURST_SEEN_SECONDS`` backlogged seconds with the door past twice what the tier signs): the line and the
+(``BURST_SEEN_SECONDS`` backlogged seconds in which the door took more than twice what the tier signed in
+the same second, and more than the tier's own pace; until 7 December 20:50, past twice the line's bound,
+which a pace read from a drain raised past the fills that came after it): the line and the
 floor are the door's cost as the held seconds show it, and how far past them a burst reaches depends on
 how fast the box takes uploads. On the faster box of 7 December's afternoon the fills came in at about 260
 a second, twice the intakes the line was fitted over; the tier signed about 40 a second in them, 0.29 of
@@ -111,13 +113,16 @@ BURST_LEFT_S = 1.0
 # 68-93% of them within 25%, a fifth 50-89%.
 BURST_FLOOR = 0.4
 # ... until the tier has been seen in bursts: once the span holds BURST_SEEN_SECONDS backlogged seconds in which
-# the door took more than LATELY_BURST times what the tier signs, a burst's pace is the pace the tier kept in
-# them (their mean), at least BURST_SEEN_LEAST of P0 and at most the pace after the burst (why: the docstring)
+# the door took more than LATELY_BURST times what the tier signed in the same second (and more than its own
+# pace), a burst's pace is the pace the tier kept in them (their mean), at least BURST_SEEN_LEAST of P0 and at
+# most the pace after the burst (why: the docstring)
 BURST_SEEN_SECONDS = 3
 BURST_SEEN_LEAST = 0.1
 # the door's intake over the last LATELY_S, as a rate, shows a burst before a whole second does, once it passes
 # LATELY_BURST times what the tier signs (a held queue's seconds swing around that line; a fill's first second
-# is 2-3 times past it)
+# is 2-3 times past it), or, where the door took less in the whole seconds before, LATELY_BURST times what it
+# took in them, at least what the tier signs: after a drain the tier's pace read is its fastest, and a fill at
+# 140-180 a second stayed under twice it while the tier signed 26-40 a second (make surge-eta, 7 December 20:32)
 LATELY_S = 0.5
 LATELY_BURST = 2.0
 # a 202's own count of the door's intake (http_intake.RECORD: every API process's requests accepted just before it)
@@ -222,10 +227,13 @@ class TierPace:
 
     def _burst_pace(self, bound: float) -> float | None:
         """The tier's pace in the bursts the span holds: the mean of the backlogged seconds (not those the tier
-        yielded in) in which the door took more than ``LATELY_BURST`` times ``bound``; None with fewer than
-        ``BURST_SEEN_SECONDS`` of them."""
-        past = round(LATELY_BURST * bound)                  # in whole requests: a second's intake is one
-        seen = [s.done for at, s in self._seconds.items() if s.came > past and self._drained(at)]
+        yielded in) in which the door took more than ``LATELY_BURST`` times what the tier signed in the same
+        second, and more than ``bound``; None with fewer than ``BURST_SEEN_SECONDS`` of them. Counted against
+        ``LATELY_BURST`` times ``bound`` (until 7 December, 20:50), a pace read from a drain (the tier at 122
+        stamps/s once the door was quiet) put the later fills' seconds (100-170 a second, the tier signing
+        26-40) under the line: none was seen, and the line told them 1.5-2 times the pace they kept."""
+        seen = [s.done for at, s in self._seconds.items()
+                if s.came > LATELY_BURST * s.done and s.came > bound and self._drained(at)]
         return sum(seen) / len(seen) if len(seen) >= BURST_SEEN_SECONDS else None
 
     def forecast(self, since: int, now: int, least: int, most: int, lately: float | None = None) -> Forecast | None:
@@ -250,16 +258,17 @@ class TierPace:
         bound = idle / (1 + k)                                            # the door taking what the tier signs
         after = idle - k * min(intake, bound)
         burst = intake if intake > bound else 0.0
-        if lately is not None and lately > LATELY_BURST * bound:
+        line = min(LATELY_BURST * bound, max(bound, LATELY_BURST * intake))   # where the door lately is in a burst
+        if lately is not None and lately > line:
             burst = max(burst, lately)
         elif lately is not None and lately < LATELY_ENDS * bound:
             burst = 0.0                                                   # the door has gone quiet since
         if burst <= 0:
-            return Forecast(after, read, k, burst_from=LATELY_BURST * bound)
+            return Forecast(after, read, k, burst_from=line)
         gone = 0                                                          # the burst's whole seconds so far
         while gone < BURST_HOLDS_S and self._seconds.get(now - 1 - gone, _NONE).came > bound:
             gone += 1
         seen = self._burst_pace(bound)
         in_burst = (max(idle - k * burst, BURST_FLOOR * idle) if seen is None else
                     min(max(seen, BURST_SEEN_LEAST * idle), after))
-        return Forecast(after, read, k, in_burst, max(BURST_HOLDS_S - gone, BURST_LEFT_S), LATELY_BURST * bound)
+        return Forecast(after, read, k, in_burst, max(BURST_HOLDS_S - gone, BURST_LEFT_S), line)

@@ -769,13 +769,14 @@ async def _second(pool, base, ago: int, came: int, done: int, offset: int) -> No
 
 
 async def _shared_box(pool, came_now: int, cost: float):
-    """37 backlogged seconds, the door taking 40 and 160 a second in turn, the tier signing 120 stamps/s less
-    ``cost`` per request/s; then the door taking ``came_now`` a second (in the whole seconds before the
-    read, however many seconds the inserts take: up to 8 past the start). Returns the start's second."""
+    """37 backlogged seconds, the door taking 40 and 120 a second in turn, the tier signing 120 stamps/s less
+    ``cost`` per request/s (no burst seen in them: at 120, twice what it signs at most); then the door taking
+    ``came_now`` a second (in the whole seconds before the read, however many seconds the inserts take: up to
+    8 past the start). Returns the start's second."""
     await pool.execute("DELETE FROM requests")
     base = await pool.fetchval("SELECT date_trunc('second', now())")
     for ago in range(4, 41):
-        came = 40 if ago % 2 else 160
+        came = 40 if ago % 2 else 120
         await _second(pool, base, ago, came, round(120 - cost * came), offset=ago * 1000)
     for ago in range(-8, 4):
         await _second(pool, base, ago, came_now, 0, offset=100_000 + ago * 1000)
@@ -921,14 +922,15 @@ async def test_a_202s_own_count_of_the_doors_intake_lately_shows_a_burst_without
     in them 0.4-0.6 s into it: the 202s before were told the quiet door's pace, and took 1.1-1.3 times their
     ETAs at the median (make surge-eta, 7 December 19:56). Each 202's own statement counts every API
     process's requests accepted in the quarter second before it (``http_intake.RECORD``): past the burst's
-    line (twice the tier's own pace, here 80 a second) the facts show the burst at once, from the seconds the
-    last read recorded, with no read of their own; under it they stay as read."""
+    line (here the tier's own pace, 80 a second: twice the 40 the door took in the whole seconds before is as
+    much) the facts show the burst at once, from the seconds the last read recorded, with no read of their
+    own; under it they stay as read."""
     await _shared_box(pool, 40, cost=0.5)                   # whole seconds: a quiet door, 100/s after them
     view = QueueView(pool, window_s=60.0)
     read = await view.facts()
     assert read.burst_s == 0.0 and read.per_second == pytest.approx(100.0, abs=1.0)
     await pool.execute("DELETE FROM requests")              # a read from here on would find no pace at all
-    assert await view.facts(came_lately=38) is read         # 152 a second: under 160
+    assert await view.facts(came_lately=18) is read         # 72 a second: under 80
     assert await view.facts(came_lately=None) is read
     burst = await view.facts(came_lately=75)                # 300 a second
     assert burst.burst_s == BURST_HOLDS_S and burst.burst_per_second == pytest.approx(BURST_FLOOR * 120, abs=1.0)

@@ -29,9 +29,10 @@ def _busy(pace: TierPace, seconds: dict[int, tuple[int, int]], now: int = NOW) -
 
 def _shared_box(idle: float = 120.0, k: float = 0.5, first: int = NOW - 40, last: int = NOW - 4):
     """A tier that signs ``idle`` stamps/s with the door idle and ``k`` fewer per request/s the door takes:
-    the door's intake alternates between 40 and 160 a second."""
+    the door's intake alternates between 40 and 120 a second (at 120 the tier signs 60: twice that, not past
+    it, so no second of the line is a burst seen)."""
     return {at: (came, round(idle - k * came)) for at in range(first, last + 1)
-            for came in [40 if at % 2 else 160]}
+            for came in [40 if at % 2 else 120]}
 
 
 def test_the_doors_cost_is_fitted_from_the_backlogged_seconds():
@@ -72,13 +73,13 @@ def test_the_pace_read_in_a_burst_is_forecast_at_the_doors_intake_now(intake_now
     pace.record(NOW - 40, NOW - 40, NOW, ((at, Second(c, d, d > 0)) for at, (c, d) in seconds.items()))
     forecast = pace.forecast(NOW - 15, NOW, 3, 15)
     assert forecast.door_cost == pytest.approx(0.5)
-    assert forecast.read == pytest.approx(70.0, abs=3)                  # what the latest seconds signed
+    assert forecast.read == pytest.approx(80.0, abs=3)                  # what the latest seconds signed
     assert forecast.per_second == pytest.approx(expected, abs=0.5)
     if in_burst is None:
         assert (forecast.burst_per_second, forecast.burst_s) == (0.0, 0.0)
     else:
         assert forecast.burst_per_second == pytest.approx(in_burst, abs=0.5)
-        assert forecast.burst_s == BURST_HOLDS_S - 4    # its three seconds and the 160 before them have gone
+        assert forecast.burst_s == BURST_HOLDS_S - 4    # its three seconds and the 120 before them have gone
 
 
 @pytest.mark.parametrize(("seconds_so_far", "left"), [(1, BURST_HOLDS_S - 1), (3, BURST_HOLDS_S - 3),
@@ -112,18 +113,27 @@ def test_a_burst_the_whole_seconds_show_is_over_once_the_door_is_quiet_lately(la
     assert forecast.per_second == pytest.approx(80.0, abs=0.5)        # after it: the bound, either way
 
 
-@pytest.mark.parametrize(("lately", "in_burst"), [
-    (0.0, None),                # not known: the whole seconds say no burst
-    (150.0, None),              # under twice what the tier signs (80): a held queue's second swings that far
-    (300.0, BURST_FLOOR * 120), # a fill's first second: a burst before any whole second shows one
+@pytest.mark.parametrize(("whole", "lately", "in_burst"), [
+    (40, 0.0, None),                # the whole seconds say no burst, and so does lately
+    (80, 150.0, None),              # a standing queue (as many come as the tier signs, 80): under twice it, a
+                                    # held queue's second swings that far
+    (80, 300.0, BURST_FLOOR * 120), # a fill's first second: a burst before any whole second shows one
+    (40, 110.0, 120 - 0.5 * 110),   # a quieter door before (40 a second): past twice that, and past the
+                                    # tier's own pace (80), a burst too
+    (40, 75.0, None),               # ... but not under the tier's own pace
+    (0, 100.0, 120 - 0.5 * 100),    # after a drain (nothing came): past the tier's own pace
 ])
-def test_a_burst_shows_first_in_the_doors_intake_lately(lately, in_burst):
+def test_a_burst_shows_first_in_the_doors_intake_lately(whole, lately, in_burst):
+    """After a drain the pace read is the tier's fastest, and a fill at 140-180 a second stayed under twice
+    the line's bound, told no burst while the tier signed 26-40 a second (7 December, 20:32): where the door
+    took less in the whole seconds before, the line is twice what it took in them (at least the bound)."""
     pace = TierPace()
     seconds = _shared_box()
-    seconds.update({at: (40, 0) for at in range(NOW - 3, NOW)})         # the whole seconds: a quiet door
+    seconds.update({at: (whole, 0) for at in range(NOW - 3, NOW)})      # the whole seconds before
     pace.record(NOW - 40, NOW - 40, NOW, ((at, Second(c, d, d > 0)) for at, (c, d) in seconds.items()))
     forecast = pace.forecast(NOW - 15, NOW, 3, 15, lately)
-    assert forecast.per_second == pytest.approx(100.0, abs=0.5)          # after it: 120 - 0.5 x 40, as before
+    assert forecast.per_second == pytest.approx(120 - 0.5 * whole, abs=0.5)   # after it, as before
+    assert forecast.burst_from == pytest.approx(min(160.0, max(80.0, 2 * whole)), abs=0.5)
     if in_burst is None:
         assert forecast.burst_s == 0.0
     else:
@@ -216,7 +226,7 @@ def _with_bursts_seen(bursts: dict[int, tuple[int, int]], *, yielded: bool = Fal
     """The shared box's line (idle 120, k 0.5: the tier signs 80 once the door takes as many), bursts the span
     holds (intake, finishes; backlogged), a quiet second, and a burst at the door now (its intake lately)."""
     pace = TierPace()
-    seconds = _shared_box(first=NOW - 80, last=NOW - 30)   # its 160 a second: twice 80, not past it
+    seconds = _shared_box(first=NOW - 80, last=NOW - 30)   # its 120 a second: twice the 60 signed, not past it
     seconds.update(bursts)
     seconds.update({at: (40, 100) for at in range(NOW - 20, NOW)})
     pace.record(NOW - 80, NOW - 80, NOW, ((at, Second(c, d, True)) for at, (c, d) in seconds.items()))
@@ -237,12 +247,23 @@ def test_a_bursts_pace_is_the_pace_the_tier_kept_in_the_bursts_seen():
     assert forecast.burst_per_second == pytest.approx(40.0)               # their mean
     assert forecast.per_second == pytest.approx(100.0, abs=0.5)           # after the burst: as before
     assert forecast.burst_s == BURST_HOLDS_S
-    # two seconds are not yet a burst seen; a second under twice what the tier signs (80) is not one at all
-    two = {NOW - 29: (260, 30), NOW - 28: (250, 40), NOW - 27: (150, 50)}
+    # two seconds are not yet a burst seen; a second the door took under twice what the tier signed in it is
+    # not one at all, nor one it took under the tier's own pace (80), however little the tier signed
+    two = {NOW - 29: (260, 30), NOW - 28: (250, 40), NOW - 27: (150, 80), NOW - 26: (70, 5)}
     forecast = _with_bursts_seen(two).forecast(NOW - 15, NOW, 3, 15, lately=300.0)
     idle = forecast.per_second + forecast.door_cost * 40                  # (the three join the line's fit)
     assert forecast.burst_per_second == pytest.approx(max(idle - forecast.door_cost * 300, BURST_FLOOR * idle))
     assert forecast.burst_per_second > 45
+
+
+def test_a_burst_seen_is_a_second_in_which_the_door_took_twice_what_the_tier_signed():
+    """Counted against twice the line's bound, a pace read from a drain (the tier at its fastest) left the
+    fills' seconds under the line (100-170 a second, the tier signing 26-40 in them; 7 December, 20:32): none
+    was seen, and the line told the next fill 1.5-2 times the pace it kept. A second is a burst seen by what
+    the tier signed in it: here 110-130 came, under twice the bound (160), and the tier signed 25-35."""
+    seen = {NOW - 29: (110, 30), NOW - 28: (120, 25), NOW - 27: (130, 35)}
+    forecast = _with_bursts_seen(seen).forecast(NOW - 15, NOW, 3, 15, lately=300.0)
+    assert forecast.burst_per_second == pytest.approx(30.0)
 
 
 @pytest.mark.parametrize(("done", "expected"), [
