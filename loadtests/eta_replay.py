@@ -110,8 +110,7 @@ def facts_at(registry: Registry, at: float) -> QueueFacts | None:
     if forecast is None:
         return None
     at_door = registry.came(at - LATELY_AT_DOOR_S, at) / LATELY_AT_DOOR_S   # the 202's own count (QueueView)
-    if forecast.burst_s <= 0 and at_door > forecast.burst_from:
-        forecast = pace.forecast(pace_from, now, BACKLOG_SECONDS, BACKLOG_PACE_SECONDS, at_door)
+    forecast = pace.at_the_door(pace_from, now, BACKLOG_SECONDS, BACKLOG_PACE_SECONDS, forecast, at_door)
     return QueueFacts(forecast.per_second, reserve_s, finish_s, forecast.burst_per_second, forecast.burst_s)
 
 

@@ -236,6 +236,15 @@ class TierPace:
                 if s.came > LATELY_BURST * s.done and s.came > bound and self._drained(at)]
         return sum(seen) / len(seen) if len(seen) >= BURST_SEEN_SECONDS else None
 
+    def at_the_door(self, since: int, now: int, least: int, most: int, last: Forecast, at_door: float) -> Forecast:
+        """``last`` (``forecast``'s for the same window), or, where it tells no burst and the door's intake a 202
+        counted itself (``at_door``, per second) is past its line, the forecast at that intake when it tells
+        one (``queue.py``, ``QueueView._burst_at_the_door``; ``loadtests/eta_replay.py`` replays it)."""
+        if last.burst_s > 0 or at_door <= last.burst_from:
+            return last
+        again = self.forecast(since, now, least, most, at_door)
+        return again if again is not None and again.burst_s > 0 else last
+
     def forecast(self, since: int, now: int, least: int, most: int, lately: float | None = None) -> Forecast | None:
         """The pace for a wait starting at ``now``, read over the latest ``most`` backlogged whole seconds
         from ``since`` (the queue's pace window; reaching back past the seconds the tier yielded in, which

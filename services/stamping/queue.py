@@ -356,15 +356,13 @@ class QueueView:
         has given many 202s (``FACTS_GIVEN_SHARE``), the facts showed a fill's burst 0.4-0.6 s into it, and
         the 202s before that were told the pace of the quiet door before it: took/ETA 1.1-1.3 at the median
         and 1.6-2.7 at p90 in those seconds, 37-56% within 25% (make surge-eta's fills, 7 December 19:56)."""
-        if (facts is None or came_lately is None or facts.burst_s > 0 or self._forecast is None
+        if (facts is None or came_lately is None or self._forecast is None
                 or self._cached is None or self._cached[1] is not facts):
             return facts
         since, now, last = self._forecast
-        lately = came_lately / LATELY_AT_DOOR_S
-        if lately <= last.burst_from:
-            return facts
-        forecast = self._pace.forecast(since, now, BACKLOG_SECONDS, BACKLOG_PACE_SECONDS, lately)
-        if forecast is None or forecast.burst_s <= 0:
+        forecast = self._pace.at_the_door(since, now, BACKLOG_SECONDS, BACKLOG_PACE_SECONDS, last,
+                                          came_lately / LATELY_AT_DOOR_S)
+        if forecast is last:
             return facts
         burst = replace(facts, burst_per_second=forecast.burst_per_second, burst_s=forecast.burst_s)
         self._forecast = (since, now, forecast)
