@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.stamping.pace import FIT_SPAN_S, LATELY_AT_DOOR_S, LATELY_S, Second, TierPace
+from services.stamping.pace import DOOR_COST_ONE_BOX, FIT_SPAN_S, LATELY_AT_DOOR_S, LATELY_S, Second, TierPace
 from services.stamping.queue import (
     BACKLOG_PACE_SECONDS,
     BACKLOG_SECONDS,
@@ -103,7 +103,7 @@ def facts_at(registry: Registry, at: float) -> QueueFacts | None:
     reserve_s = statistics.median(s.reserved - s.accepted for s in done) if done else 0.0
     finish_s = statistics.median(s.finished - s.started for s in done) if done else 0.0
     pace_from = min(int(latest[0].finished), now - BACKLOG_PACE_SECONDS)
-    pace = TierPace()
+    pace = TierPace(unfitted_cost=DOOR_COST_ONE_BOX)    # make surge-eta's platform: the door shares the tier's cores
     pace.record(now - FIT_SPAN_S, now - FIT_SPAN_S, now, registry.seconds(now))
     lately = registry.came(at - LATELY_S, at) / LATELY_S
     forecast = pace.forecast(pace_from, now, BACKLOG_SECONDS, BACKLOG_PACE_SECONDS, lately)

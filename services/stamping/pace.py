@@ -11,9 +11,16 @@ their time; read in a standing queue and told to a request whose wait outlasted 
 So the pace is modelled, per second, as ``P0 - k * intake``: ``P0`` the tier's pace with an idle
 door, ``k`` the stamps per second it signs fewer for each request per second the door takes (the
 door's cost in the tier's stamps). ``k`` is fitted, a least-squares line through the backlogged
-seconds of the last ``FIT_SPAN_S`` (completions against stamp requests accepted); 0 until
-``FIT_MIN_SECONDS`` of them are known, or where the fit finds no cost (a door with cores of its own:
-then the pace is the one read, as before). From the latest backlogged seconds' pace and intake it
+seconds of the last ``FIT_SPAN_S`` (completions against stamp requests accepted); where the fit finds no
+cost, 0 (a door with cores of its own: then the pace is the one read, as before, and a burst is told only
+at a pace the bursts seen kept, below). Until
+``FIT_MIN_SECONDS`` of them are known it is the cost a queue of the same box is built with
+(``unfitted_cost``): ``DOOR_COST_ONE_BOX`` where the door shares the tier's cores (``queue.py``: the tier
+yields to that door, kernel/door_pressure.py), else 0. Counted as 0 there, as until 7 December, a first
+fill after a quiet spell was told no burst at all: the span held only make surge-eta's calibration (11
+backlogged seconds), the tier signed 20-37 a second while the door took 84-123, and 35% of the fill
+finished within 25% of its first ETA (20:53, round 1); replayed with the one-box cost, 76% (0.2: 70%,
+0.3 and 0.35: 78%), one other of the 21 rounds of seven runs one point better, the rest unmoved. From the latest backlogged seconds' pace and intake it
 gives ``P0``, and the forecast is the pace at the intake of the last ``INTAKE_NOW_S`` seconds, but at
 no more intake than the tier's own pace (``P0 / (1 + k)``: the door taking as many as the tier
 signs). A wait of many seconds outlasts a burst: a surge's arrivals end, and a channel holding a set
@@ -91,6 +98,7 @@ from dataclasses import dataclass
 
 FIT_SPAN_S = 600          # the seconds the door's cost is fitted over
 FIT_MIN_SECONDS = 30      # backlogged seconds needed before it is
+DOOR_COST_ONE_BOX = 0.25  # k until then, where the door shares the tier's cores: fitted 0.19-0.37 over make surge-eta
 INTAKE_NOW_S = 3          # the door's intake now: the mean of the latest whole seconds
 # a read of the intake covers the seconds since the last read and REREAD_S before (rows commit a moment after
 # their times), at most READ_AT_MOST_S (the first read of a process, or after the database was away); the
@@ -129,8 +137,12 @@ LATELY_BURST = 2.0
 # covers the LATELY_AT_DOOR_S before it: a fill's first 48 requests (three channels, 16 in flight each) land
 # within a tenth of a second, and counted over half a second they read as 96 a second, at the line
 LATELY_AT_DOOR_S = 0.25
-# ... and a burst the whole seconds still show is over once the intake lately is back under LATELY_ENDS times it
-# (the three whole seconds the intake is read over show a fill for up to three seconds after its end)
+# ... and a burst the whole seconds still show is over once the intake lately and in the last whole second are
+# back under LATELY_ENDS times it (the three whole seconds the intake is read over show a fill for up to three
+# seconds after its end). The intake lately alone ended fills that went on: between the load generator's
+# batches a fill at 1.2-2 times the bound dipped under the line for half a second (make surge-eta, 7 December
+# 20:53, round 2); with the last whole second too, the fills of 21 rounds (seven runs) replayed 71% within 25% at
+# the mean against 68% (better in 11, worse in none), the held requests unmoved
 LATELY_ENDS = 1.5
 
 
@@ -158,8 +170,11 @@ class TierPace:
     """Each second's intake and completions, as read (``record``), over the last ``FIT_SPAN_S``; the pace a
     queue will drain at (``forecast``)."""
 
-    def __init__(self, span_s: int = FIT_SPAN_S, min_seconds: int = FIT_MIN_SECONDS) -> None:
-        self._span_s, self._min_seconds = span_s, min_seconds
+    def __init__(self, span_s: int = FIT_SPAN_S, min_seconds: int = FIT_MIN_SECONDS,
+                 unfitted_cost: float = 0.0) -> None:
+        """``unfitted_cost``: ``k`` until ``min_seconds`` backlogged seconds are recorded (``DOOR_COST_ONE_BOX``
+        where the door shares the tier's cores)."""
+        self._span_s, self._min_seconds, self._unfitted_cost = span_s, min_seconds, unfitted_cost
         self._seconds: dict[int, Second] = {}
         self._yielded: set[int] = set()           # seconds in which the tier yielded its cores to a busy door
         self.read_until: int | None = None        # the first second not yet whole at the latest read (epoch s)
@@ -213,10 +228,10 @@ class TierPace:
 
     def door_cost(self) -> float:
         """``k``: minus the slope of completions on intake over the backlogged seconds recorded (not those
-        the tier yielded in), within ``[0, MAX_DOOR_COST]``; 0 until ``min_seconds`` of them."""
+        the tier yielded in), within ``[0, MAX_DOOR_COST]``; the unfitted cost until ``min_seconds`` of them."""
         busy = [self._seconds[at] for at in self._seconds if self._drained(at)]
         if len(busy) < self._min_seconds:
-            return 0.0
+            return self._unfitted_cost
         mx = sum(s.came for s in busy) / len(busy)
         my = sum(s.done for s in busy) / len(busy)
         sxx = sum((s.came - mx) ** 2 for s in busy)
@@ -259,8 +274,6 @@ class TierPace:
         used = [self._seconds[at] for at in latest]
         read = sum(s.done for s in used) / len(used)
         k = self.door_cost()
-        if k <= 0:
-            return Forecast(read, read, 0.0)
         idle = read + k * sum(s.came for s in used) / len(used)           # P0: the pace with an idle door
         intake = sum(self._seconds[at].came for at in range(now - INTAKE_NOW_S, now)
                      if at in self._seconds) / INTAKE_NOW_S
@@ -270,14 +283,15 @@ class TierPace:
         line = min(LATELY_BURST * bound, max(bound, LATELY_BURST * intake))   # where the door lately is in a burst
         if lately is not None and lately > line:
             burst = max(burst, lately)
-        elif lately is not None and lately < LATELY_ENDS * bound:
+        elif (lately is not None and lately < LATELY_ENDS * bound
+              and self._seconds.get(now - 1, _NONE).came < LATELY_ENDS * bound):
             burst = 0.0                                                   # the door has gone quiet since
-        if burst <= 0:
+        seen = self._burst_pace(bound) if burst > 0 else None
+        in_burst = (max(idle - k * burst, BURST_FLOOR * idle) if seen is None else
+                    min(max(seen, BURST_SEEN_LEAST * idle), after))
+        if burst <= 0 or in_burst >= after:                               # no burst, or one that costs the tier nothing
             return Forecast(after, read, k, burst_from=line)
         gone = 0                                                          # the burst's whole seconds so far
         while gone < BURST_HOLDS_S and self._seconds.get(now - 1 - gone, _NONE).came > bound:
             gone += 1
-        seen = self._burst_pace(bound)
-        in_burst = (max(idle - k * burst, BURST_FLOOR * idle) if seen is None else
-                    min(max(seen, BURST_SEEN_LEAST * idle), after))
         return Forecast(after, read, k, in_burst, max(BURST_HOLDS_S - gone, BURST_LEFT_S), line)

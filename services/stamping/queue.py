@@ -42,6 +42,7 @@ from services.kernel.door_pressure import DoorWatch
 from services.stamping.fair_queue import FairQueue, QueueOrder
 from services.stamping.metrics import DOOR_COST
 from services.stamping.pace import (
+    DOOR_COST_ONE_BOX,
     FIT_SPAN_S,
     LATELY_AT_DOOR_S,
     LATELY_S,
@@ -313,7 +314,9 @@ class QueueView:
         self._facts_read = asyncio.Lock()                   # one read of the facts at a time, shared
         self._new: dict[str, int] = {}                      # channel -> 202s known given since the order read
                                                             # (requests accepted after it: on quota, not in it)
-        self._pace = TierPace()                             # each second's intake and finishes: the pace ahead
+        # each second's intake and finishes: the pace ahead; where the door shares the tier's cores (the tier yields
+        # to it), its cost until fitted is the one-box cost (pace.py)
+        self._pace = TierPace(unfitted_cost=DOOR_COST_ONE_BOX if door is not None else 0.0)
         self._backfill: asyncio.Task | None = None          # the span before the first read, read once, aside
         self._given_since_facts = 0                         # 202s given here since the facts' read began
         self._forecast: tuple[int, int, Forecast] | None = None   # the last read's (pace_from, now, forecast)

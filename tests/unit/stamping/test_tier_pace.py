@@ -13,6 +13,7 @@ from services.stamping.pace import (
     BURST_LEFT_S,
     BURST_SEEN_LEAST,
     BURST_SEEN_SECONDS,
+    DOOR_COST_ONE_BOX,
     FIT_MIN_SECONDS,
     Second,
     TierPace,
@@ -59,6 +60,47 @@ def test_too_few_backlogged_seconds_fit_nothing():
     assert pace.forecast(NOW - 15, NOW, 3, 15).per_second == pace.forecast(NOW - 15, NOW, 3, 15).read
 
 
+def _first_fill(pace: TierPace) -> TierPace:
+    """A first fill after a quiet spell (make surge-eta, 7 December 20:53, round 1): the span holds a
+    calibration's 11 backlogged seconds (the tier at 50 a second, little coming) and the fill's first two
+    seconds (the door taking 100 a second, the tier signing 30: fewer than a burst's pace is read from)."""
+    seconds = {at: (10, 50) for at in range(NOW - 20, NOW - 9)}
+    seconds.update({at: (100, 30) for at in range(NOW - 2, NOW)})
+    pace.record(NOW - 20, NOW - 20, NOW, ((at, Second(c, d, True)) for at, (c, d) in seconds.items()))
+    return pace
+
+
+def test_until_fitted_the_door_costs_what_a_queue_of_its_box_is_built_with():
+    """Counted as 0 until fitted, the first fill after a quiet spell was told no burst at all; where the door
+    shares the tier's cores (queue.py builds that queue's pace with DOOR_COST_ONE_BOX), it is told one."""
+    apart, one_box = _first_fill(TierPace()), _first_fill(TierPace(unfitted_cost=DOOR_COST_ONE_BOX))
+    assert (apart.door_cost(), one_box.door_cost()) == (0.0, DOOR_COST_ONE_BOX)
+    forecast = apart.forecast(NOW - 20, NOW, 3, 15, lately=100.0)
+    assert (forecast.door_cost, forecast.burst_s) == (0.0, 0.0)
+    forecast = one_box.forecast(NOW - 20, NOW, 3, 15, lately=100.0)
+    assert forecast.door_cost == DOOR_COST_ONE_BOX and forecast.burst_s > 0
+    assert forecast.burst_per_second < forecast.per_second
+    # once fitted, the fit: a door with cores of its own costs nothing on either
+    for pace in (TierPace(), TierPace(unfitted_cost=DOOR_COST_ONE_BOX)):
+        _busy(pace, {at: (40 if at % 2 else 160, 70) for at in range(NOW - 40, NOW - 3)})
+        assert pace.door_cost() == 0.0
+
+
+def test_a_door_that_costs_nothing_tells_a_burst_at_the_pace_the_bursts_seen_kept():
+    """No cost (a door apart, too few seconds to fit), but the span holds bursts in which the tier signed 30 a
+    second: a burst at the door now is told at that pace; where the bursts seen signed as fast as the pace, none."""
+    for done, slowed in [(30, True), (70, False)]:
+        pace = TierPace()
+        seconds = {at: (40 if at % 2 else 100, 70) for at in range(NOW - 40, NOW - 20)}
+        seconds.update({at: (200, done) for at in range(NOW - 12, NOW - 8)})
+        pace.record(NOW - 40, NOW - 40, NOW, ((at, Second(c, d, True)) for at, (c, d) in seconds.items()))
+        forecast = pace.forecast(NOW - 30, NOW, 3, 15, lately=300.0)
+        assert forecast.door_cost == 0.0
+        assert (forecast.burst_s > 0) is slowed
+        if slowed:
+            assert forecast.burst_per_second == pytest.approx(30.0)
+
+
 @pytest.mark.parametrize(("intake_now", "expected", "in_burst"), [
     (0, 120.0, None),     # the burst is over and nothing comes: the tier's pace with an idle door
     (40, 100.0, None),    # 120 - 0.5 x 40
@@ -97,16 +139,20 @@ def test_a_burst_is_forecast_to_last_its_hold_in_all(seconds_so_far, left):
     assert forecast.burst_per_second > 0 and forecast.burst_s == left
 
 
-@pytest.mark.parametrize(("lately", "burst"), [
-    (None, True),       # not known: the whole seconds say a burst
-    (130.0, True),      # still past 1.5 times what the tier signs (80)
-    (100.0, False),     # back under it: the door has gone quiet since the whole seconds
-    (0.0, False),
+@pytest.mark.parametrize(("last_second", "lately", "burst"), [
+    (300, None, True),  # not known: the whole seconds say a burst
+    (300, 130.0, True), # still past 1.5 times what the tier signs (80)
+    (300, 100.0, True), # back under it lately, but not in the last whole second: a fill's dip between the load
+    (300, 0.0, True),   # generator's batches ended its burst (make surge-eta, 7 December 20:53, round 2)
+    (100, 130.0, True), # the last whole second under it, but not lately
+    (100, 100.0, False),  # both back under it: the door has gone quiet since the whole seconds' burst
+    (100, 0.0, False),
 ])
-def test_a_burst_the_whole_seconds_show_is_over_once_the_door_is_quiet_lately(lately, burst):
+def test_a_burst_the_whole_seconds_show_is_over_once_the_door_is_quiet_lately(last_second, lately, burst):
     pace = TierPace()
     seconds = _shared_box()
-    seconds.update({at: (300, 0) for at in range(NOW - 3, NOW)})
+    seconds.update({at: (300, 0) for at in range(NOW - 3, NOW - 1)})
+    seconds[NOW - 1] = (last_second, 0)
     pace.record(NOW - 40, NOW - 40, NOW, ((at, Second(c, d, d > 0)) for at, (c, d) in seconds.items()))
     forecast = pace.forecast(NOW - 15, NOW, 3, 15, lately)
     assert (forecast.burst_s > 0) is burst
@@ -268,12 +314,15 @@ def test_a_burst_seen_is_a_second_in_which_the_door_took_twice_what_the_tier_sig
 
 @pytest.mark.parametrize(("done", "expected"), [
     (2, BURST_SEEN_LEAST * 120),   # a tier all but stopped in them: at least a tenth of its pace with an idle door
-    (110, 100.0),                  # faster than the pace after a burst: no faster than that
+    (110, None),                   # faster than the pace after a burst: no burst told, the pace after (100)
 ])
 def test_a_bursts_pace_seen_is_held_between_a_tenth_of_the_idle_pace_and_the_pace_after(done, expected):
     seen = {at: (260, done) for at in range(NOW - 29, NOW - 25)}
     forecast = _with_bursts_seen(seen).forecast(NOW - 15, NOW, 3, 15, lately=300.0)
-    assert forecast.burst_per_second == pytest.approx(expected, abs=0.5)
+    if expected is None:
+        assert (forecast.burst_per_second, forecast.burst_s, forecast.per_second) == (0.0, 0.0, pytest.approx(100.0))
+    else:
+        assert forecast.burst_per_second == pytest.approx(expected, abs=0.5)
 
 
 def test_the_seconds_the_tier_yielded_in_are_no_burst_seen():
