@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import resource
 import shutil
 
@@ -21,7 +22,7 @@ from tests import stack
 # lists the tests that used the most, beside pytest's slowest by wall time. A process counts when it is
 # reaped: a module's shared platform lands on the test whose teardown stops it; a process not waited for
 # (an orphaned grandchild) does not count.
-CPU_SUMMARY = 15
+CPU_SUMMARY = int(os.environ.get("BUBUH_TEST_CPU_SUMMARY", "15"))   # how many: all of them for a per-file sum
 
 
 def _cpu_s() -> float:

@@ -44,6 +44,8 @@ def env_for(settings: Settings, **extra) -> dict[str, str]:
         "BUBUH_WEBHOOK_HOSTS": settings.webhook_hosts,
         "BUBUH_PADES_LEVEL": settings.pades_level,
         "BUBUH_SIGNING_P12_PATH": settings.signing_p12_path,
+        "BUBUH_CONSUMER_FETCH_MIN_BYTES": str(settings.consumer_fetch_min_bytes),
+        "BUBUH_CONSUMER_FETCH_MAX_WAIT_MS": str(settings.consumer_fetch_max_wait_ms),
     })
     if settings.kafka_security_protocol.upper() != "PLAINTEXT":
         # resolved here: a child may get a BUBUH_LOCAL_DIR of its own, without the stack's credential files
