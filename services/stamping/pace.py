@@ -8,24 +8,24 @@ many coming as leaving) let it sign 90-100, and once the channels stopped sendin
 Read in the burst and told to the requests that came just after it, the pace made their ETAs 1.4x
 their time; read in a standing queue and told to a request whose wait outlasted the sending, 1.3x.
 
-So the pace is modelled, per second, as ``P0 - k * intake``: ``P0`` the tier's pace with an idle
-door, ``k`` the stamps per second it signs fewer for each request per second the door takes (the
-door's cost in the tier's stamps). ``k`` is fitted, a least-squares line through the backlogged
-seconds of the last ``FIT_SPAN_S`` (completions against stamp requests accepted); where the fit finds no
-cost, 0 (a door with cores of its own: then the pace is the one read, as before, and a burst is told only
-at a pace the bursts seen kept, below). Until
-``FIT_MIN_SECONDS`` of them are known it is the cost a queue of the same box is built with
-(``unfitted_cost``): ``DOOR_COST_ONE_BOX`` where the door shares the tier's cores (``queue.py``: the tier
-yields to that door, kernel/door_pressure.py), else 0. Counted as 0 there, as until 7 December, a first
-fill after a quiet spell was told no burst at all: the span held only make surge-eta's calibration (11
-backlogged seconds), the tier signed 20-37 a second while the door took 84-123, and 35% of the fill
-finished within 25% of its first ETA (20:53, round 1); replayed with the one-box cost, 76% (0.2: 70%,
-0.3 and 0.35: 78%), one other of the 21 rounds of seven runs one point better, the rest unmoved. From the latest backlogged seconds' pace and intake it
-gives ``P0``, and the forecast is the pace at the intake of the last ``INTAKE_NOW_S`` seconds, but at
-no more intake than the tier's own pace (``P0 / (1 + k)``: the door taking as many as the tier
-signs). A wait of many seconds outlasts a burst: a surge's arrivals end, and a channel holding a set
-number of requests unfinished sends one when one completes; the door taking more than the tier signs
-for the whole of a wait is a queue growing without end, and its requests' ETAs are read again.
+So the pace is modelled, per second, as ``P0 - k * intake``: ``P0`` the tier's pace with an idle door,
+``k`` the stamps per second it signs fewer for each request per second the door takes (the door's cost in
+the tier's stamps). ``k`` is fitted, a least-squares line through the backlogged seconds of the last
+``FIT_SPAN_S`` (completions against stamp requests accepted); where the fit finds no cost, 0 (a door with
+cores of its own: then the pace is the one read, as before, and a burst is told only at a pace the bursts
+seen kept, below). Until ``FIT_MIN_SECONDS`` of them are known it is the cost a queue of the same box is
+built with (``unfitted_cost``): ``DOOR_COST_ONE_BOX`` where the door shares the tier's cores
+(``queue.py``: the tier yields to that door, kernel/door_pressure.py), else 0. Counted as 0 there, as
+until 7 December, a first fill after a quiet spell was told no burst at all: the span held only make
+surge-eta's calibration (11 backlogged seconds), the tier signed 20-37 a second while the door took
+84-123, and 35% of the fill finished within 25% of its first ETA (20:53, round 1); replayed with the
+one-box cost, 76% (0.2: 70%, 0.3 and 0.35: 78%), one other of the 21 rounds of seven runs one point
+better, the rest unmoved. From the latest backlogged seconds' pace and intake it gives ``P0``, and the
+forecast is the pace at the intake of the last ``INTAKE_NOW_S`` seconds, but at no more intake than the
+tier's own pace (``P0 / (1 + k)``: the door taking as many as the tier signs). A wait of many seconds
+outlasts a burst: a surge's arrivals end, and a channel holding a set number of requests unfinished sends
+one when one completes; the door taking more than the tier signs for the whole of a wait is a queue
+growing without end, and its requests' ETAs are read again.
 
 Where the stamping tier yields the cores to a busy door (kernel/door_pressure.py: one box, a spike past
 what the door takes beside the tier), the seconds it yielded in (``yielded``) are left out of both the
