@@ -10,6 +10,7 @@ import shutil
 
 import asyncpg
 import pytest
+import structlog
 from aiokafka.admin import AIOKafkaAdminClient
 
 from services.kernel import kafka_auth, logs
@@ -59,6 +60,19 @@ def pytest_terminal_summary(terminalreporter):
                                     f"waited for; all tests: {sum(cpu.values()):.0f} s)")
     for nodeid, seconds in sorted(cpu.items(), key=lambda kv: -kv[1])[:CPU_SUMMARY]:
         terminalreporter.write_line(f"{seconds:7.1f}s  {nodeid}")
+
+
+@pytest.fixture(autouse=True)
+def _suite_logging():
+    """A test that reconfigures logging leaves the suite's as it found it. ``cli.main`` run in-process
+    configures it on the ``sys.stderr`` pytest's capture gives the test, which is closed once the test ends,
+    and a logger first used later in the same worker wrote to it: ``ValueError: I/O operation on closed
+    file`` in an integration test that ran after tests/unit/test_kafka_cli.py (fresh-clone CI, 7 December
+    23:39)."""
+    before = structlog.get_config()["logger_factory"]
+    yield
+    if structlog.get_config()["logger_factory"] is not before:
+        logs.configure("tests", level="warning", fmt="console")
 
 
 @pytest.fixture(scope="session", autouse=True)
