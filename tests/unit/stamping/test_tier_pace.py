@@ -66,7 +66,7 @@ def _first_fill(pace: TierPace) -> TierPace:
     seconds (the door taking 100 a second, the tier signing 30: fewer than a burst's pace is read from)."""
     seconds = {at: (10, 50) for at in range(NOW - 20, NOW - 9)}
     seconds.update({at: (100, 30) for at in range(NOW - 2, NOW)})
-    pace.record(NOW - 20, NOW - 20, NOW, ((at, Second(c, d, True)) for at, (c, d) in seconds.items()))
+    _busy(pace, seconds)
     return pace
 
 
@@ -93,7 +93,7 @@ def test_a_door_that_costs_nothing_tells_a_burst_at_the_pace_the_bursts_seen_kep
         pace = TierPace()
         seconds = {at: (40 if at % 2 else 100, 70) for at in range(NOW - 40, NOW - 20)}
         seconds.update({at: (200, done) for at in range(NOW - 12, NOW - 8)})
-        pace.record(NOW - 40, NOW - 40, NOW, ((at, Second(c, d, True)) for at, (c, d) in seconds.items()))
+        _busy(pace, seconds)
         forecast = pace.forecast(NOW - 30, NOW, 3, 15, lately=300.0)
         assert forecast.door_cost == 0.0
         assert (forecast.burst_s > 0) is slowed
